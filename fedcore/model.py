@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcore.parts import Part, PartLayout, PartRule, prefix_rule
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -165,9 +167,26 @@ class UpStage(nn.Module):
         self.resample = nn.ConvTranspose2d(dim_out, dim_out, 4, 2, 1)
 
 
+UNET_PART_RULE: PartRule = prefix_rule(
+    {
+        "init_conv": Part.ENCODER,
+        "time_mlp": Part.ENCODER,
+        "downs": Part.ENCODER,
+        "mid_block1": Part.BOTTLENECK,
+        "mid_attn": Part.BOTTLENECK,
+        "mid_block2": Part.BOTTLENECK,
+        "ups": Part.DECODER,
+        "final_block": Part.DECODER,
+        "final_conv": Part.DECODER,
+    }
+)
+
+
 class UNet(nn.Module):
-    """Noise-prediction UNet. Parameter name prefixes define the parts (see `unet_part_of`):
+    """Noise-prediction UNet. Parameter name prefixes define the parts (UNET_PART_RULE):
     encoder = init_conv, time_mlp, downs; bottleneck = mid_*; decoder = ups, final_*."""
+
+    part_rule: PartRule = staticmethod(UNET_PART_RULE)  # type: ignore[assignment]
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -225,6 +244,11 @@ def build_model(cfg: UNetConfig | str, *, seed: int | None = None) -> UNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet(cfg)
+
+
+def layout_of(model: nn.Module) -> PartLayout:
+    """The part schema of a model, from its own part rule."""
+    return PartLayout.of(model.state_dict(), model.part_rule)  # type: ignore[arg-type]
 
 
 def with_overrides(cfg: UNetConfig, **changes: object) -> UNetConfig:

@@ -1,0 +1,35 @@
+# feddiff: `make demo` runs a real federated job on loopback; `make test` runs the suite.
+# Both install what is missing first (a .venv at the repository root, torch pinned to the CPU wheel).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install dataset proto test smoke demo soak bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package (needs root; CI runs as root).
+dataset: $(FMNIST)
+$(FMNIST):
+	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)) \
+	  || { echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; }
+
+proto: install
+	$(PY) -m tools.gen_proto
+
+test: install dataset
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,108 @@
+"""Run checkpoints: the global model and the round state, written so a crash at any point leaves a valid one.
+
+Layout of a checkpoint directory:
+  global-r0003.safetensors   global model after 3 completed rounds (the last two are kept)
+  state.json                 the commit point: completed rounds, config, ledger, which file is current
+  clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
+A round is committed when state.json names its files; files of an uncommitted round are ignored."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedcore.atomic import atomic_write_json
+from fedcore.serialization import load_file, save_file
+
+STATE_FILE = "state.json"
+KEEP = 2
+
+
+@dataclass(frozen=True)
+class RunState:
+    completed_rounds: int
+    config: dict[str, object]  # FederationConfig.as_json() of the run
+    contacted: tuple[str, ...]  # clients that hold a model (got the initial broadcast)
+    ledger: dict[str, object]  # Ledger.as_json()
+    global_file: str  # file name of the current global model
+
+
+def _versioned(stem: str, round_count: int) -> str:
+    return f"{stem}-r{round_count:04d}.safetensors"
+
+
+def _versions(folder: Path, stem: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(stem)}-r(\d{{4}})\.safetensors$")
+    return sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
+
+
+def _prune(folder: Path, stem: str) -> None:
+    """Keep the newest KEEP versions: the committed one survives a crash during the next write."""
+    for v in _versions(folder, stem)[:-KEEP]:
+        (folder / _versioned(stem, v)).unlink(missing_ok=True)
+
+
+def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state: RunState) -> None:
+    """Write the global model, then commit state.json; the previous checkpoint stays valid until then."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(directory / state.global_file, global_state, {"completed_rounds": str(state.completed_rounds)})
+    atomic_write_json(
+        directory / STATE_FILE,
+        {
+            "completed_rounds": state.completed_rounds,
+            "config": state.config,
+            "contacted": sorted(state.contacted),
+            "ledger": state.ledger,
+            "global_file": state.global_file,
+        },
+    )
+    _prune(directory, "global")
+
+
+def global_file_name(completed_rounds: int) -> str:
+    return _versioned("global", completed_rounds)
+
+
+def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] | None:
+    """The last committed checkpoint, or None when the directory holds none."""
+    directory = Path(directory)
+    try:
+        raw = json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    state = RunState(
+        completed_rounds=int(raw["completed_rounds"]),
+        config=dict(raw["config"]),
+        contacted=tuple(raw["contacted"]),
+        ledger=dict(raw["ledger"]),
+        global_file=str(raw["global_file"]),
+    )
+    tensors, _ = load_file(directory / state.global_file)
+    return tensors, state
+
+
+def save_private(directory: str | Path, client: str, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> None:
+    """A client's private parts after `completed_rounds` rounds; older versions beyond KEEP are pruned."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(directory / _versioned(client, completed_rounds), tensors, {"completed_rounds": str(completed_rounds)})
+    _prune(directory, client)
+
+
+def load_private(directory: str | Path, client: str, completed_rounds: int | None = None) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The client's private parts at `completed_rounds` (or the newest), with the round count they belong to."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    versions = _versions(directory, client)
+    if completed_rounds is not None:
+        versions = [v for v in versions if v <= completed_rounds]
+    if not versions:
+        return None
+    tensors, _ = load_file(directory / _versioned(client, versions[-1]))
+    return tensors, versions[-1]

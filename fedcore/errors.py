@@ -1,0 +1,79 @@
+"""Typed domain errors; each carries the `reason` that labels it in metrics. gRPC codes are mapped elsewhere."""
+
+from __future__ import annotations
+
+
+class FeddiffError(Exception):
+    """Base of every error feddiff raises on purpose."""
+
+    reason = "error"
+
+
+class PayloadError(FeddiffError):
+    """A weights payload that cannot be used (the sender's fault)."""
+
+    reason = "bad_payload"
+
+
+class NotSafetensors(PayloadError):
+    reason = "not_safetensors"
+
+
+class SchemaError(PayloadError):
+    """Unknown, missing, mis-shaped or mis-typed tensors."""
+
+    reason = "bad_schema"
+
+
+class NonFiniteTensor(PayloadError):
+    reason = "non_finite"
+
+
+class StreamError(FeddiffError):
+    """A chunked stream that does not match its header."""
+
+    reason = "bad_stream"
+
+
+class HeaderError(StreamError):
+    reason = "bad_header"
+
+
+class SizeMismatch(StreamError):
+    reason = "bad_size"
+
+
+class HashMismatch(StreamError):
+    reason = "bad_hash"
+
+
+class StreamTooLong(StreamError):
+    reason = "too_large"
+
+
+class RoundError(FeddiffError):
+    """An update that does not fit the round in progress."""
+
+    reason = "bad_round"
+
+
+class WrongRound(RoundError):
+    reason = "wrong_round"
+
+
+class DuplicateUpdate(RoundError):
+    reason = "duplicate"
+
+
+class NotAssigned(RoundError):
+    """Parts, or a task, that were not given to this worker."""
+
+    reason = "not_assigned"
+
+
+class LateUpdate(RoundError):
+    reason = "late"
+
+
+class UnknownWorker(FeddiffError):
+    reason = "unauthenticated"

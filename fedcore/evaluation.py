@@ -1,0 +1,339 @@
+"""Frechet distance between generated and real images, on features of a pinned Fashion-MNIST CNN or Inception-v3.
+
+FD (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule", eq. 6): for Gaussians fitted to two
+feature sets, d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}). The formula and its numerical
+guards follow pytorch-fid's `calculate_frechet_distance`; the matrix square root is scipy's `sqrtm`.
+
+Two feature extractors:
+- `load_fmnist_classifier`: the project's own small CNN (trained by tools/train_fd_classifier.py), whose
+  weights are committed in fedcore/assets/ with their sha256, so every run on every machine measures with
+  the same features. 28x28 inputs, 128-d features, cheap on CPU.
+- `load_inception`: the pytorch-fid Inception-v3 (fedcore/inception.py), from a weights file the user
+  supplies; never downloaded. Numbers comparable to published FIDs only in the loose sense that the
+  feature network is the same; Fashion-MNIST is far from ImageNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from scipy import linalg
+from torch import nn
+
+from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
+
+ASSET_DIR = Path(__file__).parent / "assets"
+CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
+CLASSIFIER_MANIFEST = "fmnist_classifier.json"  # {"sha256", "test_accuracy", "epochs", "seed", ...}
+DEFAULT_BATCH_SIZE = 256
+
+
+class AssetIntegrityError(RuntimeError):
+    """A committed weights file does not match the sha256 recorded beside it."""
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Fashion-MNIST classifier
+
+
+class FMNISTClassifier(nn.Module):
+    """conv32-conv32-pool-conv64-conv64-pool-fc128-fc10 with BatchNorm; inputs (B, 1, 28, 28) in [-1, 1].
+
+    The fc128 activations (after ReLU) are the FD features.
+    """
+
+    feature_dim = 128
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+
+        def conv(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.trunk = nn.Sequential(
+            *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2),  # (B, 32, 14, 14)
+            *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Flatten(),  # (B, 3136)
+            nn.Linear(64 * 7 * 7, self.feature_dim), nn.ReLU(),  # (B, 128)
+        )  # fmt: skip
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 1, 28, 28) -> (B, 128)
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 1, 28, 28) -> (B, 10) logits
+        return self.head(self.dropout(self.features(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature extractors
+
+
+class FeatureExtractor(Protocol):
+    """Maps images in the model's range [-1, 1], (N, C, H, W), to features (N, dim) on the CPU."""
+
+    name: str  # identifies the network and its weights; reference statistics are keyed by it
+    dim: int  # feature width
+
+    def features(self, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor: ...
+
+
+@dataclass
+class ModuleFeatureExtractor:
+    """A `FeatureExtractor` around a network in eval mode; `embed` maps a batch on `device` to features."""
+
+    name: str
+    dim: int
+    network: nn.Module
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"images have shape {tuple(images.shape)}, expected (N, C, H, W)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}, expected >= 1")
+        self.network.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(self.device, torch.float32)
+            out.append(self.embed(batch).float().cpu())
+        if not out:
+            return torch.empty(0, self.dim)
+        return torch.cat(out)  # (N, dim)
+
+
+def load_fmnist_classifier(
+    device: str | torch.device = "cpu", asset_dir: Path | str | None = None
+) -> ModuleFeatureExtractor:
+    """The committed Fashion-MNIST CNN as a 128-d feature extractor, after checking its sha256."""
+    directory = Path(asset_dir) if asset_dir is not None else ASSET_DIR
+    weights_path, manifest_path = directory / CLASSIFIER_WEIGHTS, directory / CLASSIFIER_MANIFEST
+    for path in (weights_path, manifest_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"classifier asset {str(path)!r} is missing; run tools/train_fd_classifier.py to create it"
+            )
+    manifest = json.loads(manifest_path.read_text())
+    expected = manifest.get("sha256")
+    actual = sha256_of_file(weights_path)
+    if actual != expected:
+        raise AssetIntegrityError(
+            f"{str(weights_path)!r} has sha256 {actual}, but {str(manifest_path)!r} records {expected}; "
+            "the weights were changed or corrupted (retrain with tools/train_fd_classifier.py)"
+        )
+    model = FMNISTClassifier()
+    model.load_state_dict(load_file(weights_path, device="cpu"))
+    device = torch.device(device)
+    model.to(device).eval()
+    return ModuleFeatureExtractor(
+        name=f"fmnist-cnn:{actual[:12]}", dim=FMNISTClassifier.feature_dim, network=model,
+        embed=model.features, device=device,
+    )  # fmt: skip
+
+
+def classifier_metadata(asset_dir: Path | str | None = None) -> dict[str, str]:
+    """The safetensors metadata of the committed classifier (test_accuracy, seed, epochs as strings)."""
+    directory = Path(asset_dir) if asset_dir is not None else ASSET_DIR
+    with safe_open(directory / CLASSIFIER_WEIGHTS, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _read_inception_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path, device="cpu")
+    # The original pytorch-fid file is a pickle. It is a local file the user named on the command line, never
+    # bytes from the network, and weights_only=True refuses anything but tensors and plain containers.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_inception(weights_path: Path | str, device: str | torch.device = "cpu") -> ModuleFeatureExtractor:
+    """pytorch-fid's Inception-v3 pool3 (2048-d) from `pt_inception-2015-12-05-6726825d.pth` or a safetensors copy.
+
+    Images (N, 1 or 3, H, W) in [-1, 1] are repeated to RGB and resized to 299x299 bilinearly.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception weights {str(path)!r} not found; pass the pytorch-fid file "
+            "pt_inception-2015-12-05-6726825d.pth (this project never downloads it)"
+        )
+    state = _read_inception_state_dict(path)
+    model = FIDInceptionV3()
+    wanted = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    given = {k for k in state if not k.endswith("num_batches_tracked")}
+    if wanted != given:
+        missing, unexpected = sorted(wanted - given), sorted(given - wanted)
+        raise ValueError(
+            f"{str(path)!r} is not a pytorch-fid Inception-v3 state dict: "
+            f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    model.load_state_dict(state, strict=False)  # strict on names (checked above) and, by torch, on shapes
+    device = torch.device(device)
+    model.to(device).eval()
+    return ModuleFeatureExtractor(
+        name=f"inception-v3-fid:{sha256_of_file(path)[:12]}", dim=FID_FEATURE_DIM, network=model,
+        embed=model, device=device,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics and the distance
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D)."""
+    x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    x = x.astype(np.float64, copy=False)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features have shape {x.shape}, expected (N, D) with N >= 2")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
+
+    As pytorch-fid: if sqrtm(sigma1 @ sigma2) is not finite (near-singular product), retry with eps added to
+    both diagonals; imaginary parts from rounding are dropped when small and raise when not.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"means have shapes {mu1.shape} and {mu2.shape}, expected equal")
+    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
+        raise ValueError(
+            f"covariances have shapes {sigma1.shape} and {sigma2.shape}, expected {(mu1.shape[0],) * 2}"
+        )
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(sigma1 @ sigma2) has imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fd_between(
+    extractor: FeatureExtractor,
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> float:
+    """FD between two image sets (N, C, H, W) in [-1, 1] on `extractor`'s features."""
+    mu_a, sigma_a = feature_statistics(extractor.features(images_a, batch_size))
+    mu_b, sigma_b = feature_statistics(extractor.features(images_b, batch_size))
+    return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference statistics of the real data
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Feature statistics of a real dataset, computed once and compared against many generated sets."""
+
+    extractor: str  # FeatureExtractor.name the statistics were computed with
+    dataset: str  # what the images were, e.g. "fashion-mnist/train"
+    count: int  # number of images
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+
+    @classmethod
+    def compute(
+        cls, extractor: FeatureExtractor, images: torch.Tensor, dataset: str, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> ReferenceStats:
+        mu, sigma = feature_statistics(extractor.features(images, batch_size))
+        return cls(extractor=extractor.name, dataset=dataset, count=len(images), mu=mu, sigma=sigma)
+
+    def frechet_distance_to(
+        self, extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> float:
+        """FD between `images` (N, C, H, W) in [-1, 1] and this reference, on the same extractor."""
+        if extractor.name != self.extractor:
+            raise ValueError(f"reference was computed with {self.extractor!r}, not {extractor.name!r}")
+        mu, sigma = feature_statistics(extractor.features(images, batch_size))
+        return frechet_distance(mu, sigma, self.mu, self.sigma)
+
+    def save(self, path: Path | str) -> None:
+        np.savez(
+            path, mu=self.mu, sigma=self.sigma, extractor=np.array(self.extractor),
+            dataset=np.array(self.dataset), count=np.array(self.count),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path | str) -> ReferenceStats:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(
+                extractor=str(f["extractor"]), dataset=str(f["dataset"]), count=int(f["count"]),
+                mu=f["mu"].astype(np.float64), sigma=f["sigma"].astype(np.float64),
+            )  # fmt: skip
+
+
+class ReferenceStatsCache:
+    """Owns the reference statistics per (extractor, dataset): computed on first use, then reused.
+
+    With `directory`, statistics also persist as `<extractor>__<dataset>.npz` files across processes.
+    """
+
+    def __init__(self, directory: Path | str | None = None):
+        self._directory = Path(directory) if directory is not None else None
+        self._stats: dict[tuple[str, str], ReferenceStats] = {}
+
+    def _path(self, extractor: str, dataset: str) -> Path | None:
+        if self._directory is None:
+            return None
+        stem = f"{extractor}__{dataset}".replace("/", "-").replace(":", "-")
+        return self._directory / f"{stem}.npz"
+
+    def get(
+        self,
+        extractor: FeatureExtractor,
+        dataset: str,
+        images: Callable[[], torch.Tensor],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> ReferenceStats:
+        """The statistics of `dataset`; `images()` (N, C, H, W) in [-1, 1] is called only on a miss."""
+        key = (extractor.name, dataset)
+        if key in self._stats:
+            return self._stats[key]
+        path = self._path(*key)
+        if path is not None and path.is_file():
+            stats = ReferenceStats.load(path)
+        else:
+            stats = ReferenceStats.compute(extractor, images(), dataset, batch_size)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stats.save(path)
+        self._stats[key] = stats
+        return stats

@@ -1,0 +1,326 @@
+"""The server side of federated rounds without any transport: global model, round plans, payloads, aggregation.
+
+Both the gRPC coordinator and the in-process simulation drive this class, so they compute the same model."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedcore import serialization
+from fedcore.aggregate import RunningAggregate
+from fedcore.client import TrainTask
+from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned
+from fedcore.model import build_model, layout_of, preset
+from fedcore.parts import PART_ORDER, Part, PartLayout
+from fedcore.serialization import PayloadMeta
+from fedcore.strategies import (
+    RoundPlan,
+    Strategy,
+    Traffic,
+    plan_round,
+    plan_traffic,
+    round_rng,
+    select_clients,
+)
+from fedcore.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: Strategy
+    model: str = "paper-fmnist"  # model preset
+    rounds: int = 15  # R
+    clients_per_round: int = 0  # 0 = every available client, else a seeded sample
+    seed: int = 0  # seeds the initial model, the plans, the samples and every client's training
+    train: TrainConfig = TrainConfig()  # sent to the clients with each task
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "strategy": self.strategy.value,
+            "model": self.model,
+            "rounds": self.rounds,
+            "clients_per_round": self.clients_per_round,
+            "seed": self.seed,
+            "epochs": self.train.epochs,
+            "batch_size": self.train.batch_size,
+            "lr": self.train.lr,
+            "loss": self.train.loss,
+        }
+
+
+def task_seed(seed: int, round_index: int, client: str) -> int:
+    """The training seed of one client in one round, the same wherever that client runs."""
+    seq = np.random.SeedSequence([seed, round_index, zlib.crc32(client.encode())])
+    return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass
+class Ledger:
+    """Cumulative communication of a run: the paper's parameter count and the bytes that carried it."""
+
+    traffic: Traffic = field(default_factory=Traffic.zero)
+    full_fedavg: int = 0  # what plain FedAvg would have exchanged with the same transfers
+    bytes_down: dict[Part, int] = field(default_factory=lambda: {p: 0 for p in PART_ORDER})
+    bytes_up: dict[Part, int] = field(default_factory=lambda: {p: 0 for p in PART_ORDER})
+
+    @property
+    def reduction_vs_full(self) -> float:
+        return 1.0 - self.traffic.total / self.full_fedavg if self.full_fedavg else 0.0
+
+    def add(self, other: Ledger) -> None:
+        self.traffic = self.traffic + other.traffic
+        self.full_fedavg += other.full_fedavg
+        for p in PART_ORDER:
+            self.bytes_down[p] += other.bytes_down[p]
+            self.bytes_up[p] += other.bytes_up[p]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "parameters": {
+                "down": {p.value: self.traffic.down[p] for p in PART_ORDER},
+                "up": {p.value: self.traffic.up[p] for p in PART_ORDER},
+            },
+            "bytes": {
+                "down": {p.value: self.bytes_down[p] for p in PART_ORDER},
+                "up": {p.value: self.bytes_up[p] for p in PART_ORDER},
+            },
+            "parameters_total": self.traffic.total,
+            "full_fedavg_parameters": self.full_fedavg,
+            "reduction_vs_full": self.reduction_vs_full,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, object]) -> Ledger:
+        params, nbytes = obj["parameters"], obj["bytes"]
+        return cls(
+            traffic=Traffic(
+                down={p: int(params["down"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+                up={p: int(params["up"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+            ),
+            full_fedavg=int(obj["full_fedavg_parameters"]),  # type: ignore[arg-type]
+            bytes_down={p: int(nbytes["down"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+            bytes_up={p: int(nbytes["up"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+        )
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    client: str
+    parts: frozenset[Part]
+    weight: int  # images the client trained on (its FedAvg weight)
+    mean_loss: float
+    images_seen: int
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int  # 0-based index of the round that closed
+    planned: tuple[str, ...]
+    accepted: tuple[AcceptedUpdate, ...]
+    averaged_parts: frozenset[Part]
+    ledger: Ledger  # this round's communication
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean local loss, weighted by images seen."""
+        seen = sum(u.images_seen for u in self.accepted)
+        return sum(u.mean_loss * u.images_seen for u in self.accepted) / seen if seen else float("nan")
+
+
+def payload_bytes_by_part(payload: bytes | bytearray, layout: PartLayout) -> dict[Part, int]:
+    """Split a payload's size over its parts: each part's tensor bytes, plus a share of the safetensors
+    header in proportion to its number of tensors (the last part takes the rounding), so the parts add up
+    to the payload's exact size."""
+    _, entries, _ = serialization.read_header(payload)
+    data = {p: 0 for p in PART_ORDER}
+    counts = {p: 0 for p in PART_ORDER}
+    for name, e in entries.items():
+        part = layout.part_of(name)
+        data[part] += e.end - e.begin
+        counts[part] += 1
+    header = len(payload) - sum(data.values())
+    present = [p for p in PART_ORDER if counts[p]]
+    shares = {p: header * counts[p] // len(entries) for p in present}
+    if present:
+        shares[present[-1]] += header - sum(shares.values())
+    return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
+
+
+class Federation:
+    """Owns the global model, which clients have held a model, and the cumulative ledger."""
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        *,
+        global_state: Mapping[str, torch.Tensor] | None = None,
+        completed_rounds: int = 0,
+        contacted: Collection[str] = (),
+        ledger: Ledger | None = None,
+    ):
+        preset(cfg.model)  # validates the name
+        self.config = cfg
+        model = build_model(cfg.model, seed=cfg.seed)
+        self.layout = layout_of(model)
+        initial = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        if global_state is not None:
+            serialization.check_schema({k: (v.dtype, tuple(v.shape)) for k, v in global_state.items()}, self.layout.specs(PART_ORDER))
+            initial = {k: v.detach().float().clone() for k, v in global_state.items()}
+        self.global_state: dict[str, torch.Tensor] = initial
+        self.completed_rounds = completed_rounds
+        self.contacted: set[str] = set(contacted)
+        self.ledger = ledger or Ledger()
+
+    @property
+    def finished(self) -> bool:
+        return self.completed_rounds >= self.config.rounds
+
+    def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:
+        """Plan the next round over the available clients; `lost_state` ones get the whole model again."""
+        r = self.completed_rounds
+        clients = select_clients(available, self.config.clients_per_round, self.config.seed, r)
+        first = [c for c in clients if c not in self.contacted or c in lost_state]
+        return plan_round(self.config.strategy, r, clients, round_rng(self.config.seed, r), first_contact=first)
+
+    def open_round(self, plan: RoundPlan, weights: Mapping[str, int]) -> OpenRound:
+        if plan.round != self.completed_rounds:
+            raise ValueError(f"plan for round {plan.round}, but round {self.completed_rounds} is next")
+        return OpenRound(self, plan, weights)
+
+    def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
+        aggregate.apply_to(self.global_state)
+        self.completed_rounds += 1
+        self.ledger.add(outcome.ledger)
+
+
+class OpenRound:
+    """One round in progress: payloads serialized once, updates checked and folded as they arrive.
+
+    Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
+
+    def __init__(self, federation: Federation, plan: RoundPlan, weights: Mapping[str, int]):
+        self.federation = federation
+        self.plan = plan
+        self.weights = dict(weights)
+        missing = [c for c in plan.clients if self.weights.get(c, 0) <= 0]
+        if missing:
+            raise ValueError(f"clients {missing} have no positive image count")
+        self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
+        self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
+        self._accepted: dict[str, AcceptedUpdate] = {}
+        self._ledger = Ledger()
+        self._lock = threading.Lock()
+        self._fold_lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def round(self) -> int:
+        return self.plan.round
+
+    def task(self, client: str) -> TrainTask:
+        a = self.plan.assignment(client)
+        cfg = self.federation.config
+        return TrainTask(
+            round=self.round,
+            task_id=f"r{self.round}-{client}",
+            receives=a.receives,
+            returns=a.returns,
+            private=a.private,
+            train=cfg.train,
+            seed=task_seed(cfg.seed, self.round, client),
+        )
+
+    def payload(self, parts: frozenset[Part]) -> bytes:
+        """The weights payload for a set of parts; serialized once per round, whatever the number of clients."""
+        return self._payload(parts)[0]
+
+    def _payload(self, parts: frozenset[Part]) -> tuple[bytes, dict[Part, int]]:
+        with self._lock:
+            cached = self._payloads.get(parts)
+            if cached is None:
+                fed = self.federation
+                meta = PayloadMeta(kind="weights", model=fed.config.model, round=self.round, parts=parts)
+                tensors = {n: fed.global_state[n] for n in fed.layout.names(parts)}
+                data = serialization.encode(tensors, meta)
+                cached = self._payloads[parts] = (data, payload_bytes_by_part(data, fed.layout))
+            return cached
+
+    def mark_sent(self, client: str) -> None:
+        """Count a completed download; a client that got the whole model now holds one."""
+        a = self.plan.assignment(client)
+        _, by_part = self._payload(a.receives)
+        sizes = self.federation.layout.sizes
+        with self._lock:
+            for p in PART_ORDER:
+                self._ledger.bytes_down[p] += by_part[p]
+            self._ledger.traffic = self._ledger.traffic + Traffic(
+                down={p: sizes[p] if p in a.receives else 0 for p in PART_ORDER}, up={p: 0 for p in PART_ORDER}
+            )
+            self._ledger.full_fedavg += sum(sizes.values())
+            if a.receives == frozenset(PART_ORDER):
+                self.federation.contacted.add(client)
+
+    def accept(self, client: str, payload: bytes | bytearray, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+        """Check one client's delta and fold it in; a refused update leaves the aggregate untouched."""
+        try:
+            a = self.plan.assignment(client)
+        except KeyError:
+            raise NotAssigned(f"client {client!r} has no task in round {self.round}") from None
+        with self._lock:
+            if client in self._accepted:
+                raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
+        fed = self.federation
+        tensors = serialization.decode(
+            payload, fed.layout, kind="delta", parts=a.returns, round_index=self.round, model=fed.config.model
+        )
+        update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen))
+        with self._fold_lock:
+            with self._lock:
+                if client in self._accepted:
+                    raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
+                if self.closed:
+                    raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
+            self.aggregate.fold(tensors, a.returns, float(update.weight))
+            sizes = fed.layout.sizes
+            by_part = payload_bytes_by_part(payload, fed.layout)
+            with self._lock:
+                self._accepted[client] = update
+                for p in PART_ORDER:
+                    self._ledger.bytes_up[p] += by_part[p]
+                self._ledger.traffic = self._ledger.traffic + Traffic(
+                    down={p: 0 for p in PART_ORDER}, up={p: sizes[p] if p in a.returns else 0 for p in PART_ORDER}
+                )
+                self._ledger.full_fedavg += sum(sizes.values())
+        return update
+
+    @property
+    def accepted(self) -> list[str]:
+        with self._lock:
+            return list(self._accepted)
+
+    def close(self) -> RoundOutcome:
+        """Apply the aggregate to the global model and advance the federation by one round."""
+        with self._fold_lock, self._lock:
+            if self.closed:
+                raise ValueError(f"round {self.round} is already closed")
+            self.closed = True
+            outcome = RoundOutcome(
+                round=self.round,
+                planned=tuple(self.plan.clients),
+                accepted=tuple(self._accepted[c] for c in self.plan.clients if c in self._accepted),
+                averaged_parts=self.aggregate.reported_parts,
+                ledger=self._ledger,
+            )
+            self.federation._commit(outcome, self.aggregate)
+            return outcome
+
+
+def expected_round_traffic(plan: RoundPlan, layout: PartLayout) -> Traffic:
+    """The paper's count for a plan in which every client completes (for checks against the ledger)."""
+    return plan_traffic(plan, layout.sizes)

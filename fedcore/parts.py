@@ -1,0 +1,105 @@
+"""The three UNet parts that strategies share or keep private, and the rule that assigns each parameter to one."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+class Part(enum.StrEnum):
+    ENCODER = "encoder"  # input conv, time embedding, down path
+    BOTTLENECK = "bottleneck"  # the lowest-resolution blocks ("latent", "mid")
+    DECODER = "decoder"  # up path and output head
+
+
+ALL_PARTS: frozenset[Part] = frozenset(Part)
+PART_ORDER: tuple[Part, ...] = (Part.ENCODER, Part.BOTTLENECK, Part.DECODER)
+
+
+def parse_parts(names: Iterable[str]) -> frozenset[Part]:
+    try:
+        return frozenset(Part(n) for n in names)
+    except ValueError as e:
+        raise ValueError(f"unknown part in {list(names)!r}; parts are {[p.value for p in PART_ORDER]}") from e
+
+
+def sorted_parts(parts: Iterable[Part]) -> list[Part]:
+    return [p for p in PART_ORDER if p in set(parts)]
+
+
+PartRule = Callable[[str], Part]
+"""Maps a parameter name to its part; a backbone is added by giving its own rule."""
+
+
+def prefix_rule(prefixes: Mapping[str, Part]) -> PartRule:
+    """A rule keyed on the first component of the parameter name (`downs.0.block1...` -> `downs`)."""
+
+    def part_of(name: str) -> Part:
+        head = name.split(".", 1)[0]
+        try:
+            return prefixes[head]
+        except KeyError:
+            raise KeyError(f"parameter {name!r} belongs to no part (known prefixes: {sorted(prefixes)})") from None
+
+    return part_of
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """Which tensors make up each part of one model: the schema every payload is checked against."""
+
+    tensors: Mapping[Part, Mapping[str, TensorSpec]]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor], rule: PartRule) -> PartLayout:
+        by_part: dict[Part, dict[str, TensorSpec]] = {p: {} for p in PART_ORDER}
+        for name, t in state.items():
+            by_part[rule(name)][name] = TensorSpec(tuple(t.shape), t.dtype)
+        return cls(by_part)
+
+    def specs(self, parts: Iterable[Part]) -> dict[str, TensorSpec]:
+        out: dict[str, TensorSpec] = {}
+        for p in sorted_parts(parts):
+            out.update(self.tensors[p])
+        return out
+
+    def names(self, parts: Iterable[Part]) -> list[str]:
+        return list(self.specs(parts))
+
+    def numel(self, part: Part) -> int:
+        return sum(s.numel for s in self.tensors[part].values())
+
+    @property
+    def sizes(self) -> dict[Part, int]:
+        return {p: self.numel(p) for p in PART_ORDER}
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def part_of(self, name: str) -> Part:
+        for p, specs in self.tensors.items():
+            if name in specs:
+                return p
+        raise KeyError(name)
+
+
+def select(state: Mapping[str, torch.Tensor], layout: PartLayout, parts: Iterable[Part]) -> dict[str, torch.Tensor]:
+    """The tensors of `state` that belong to `parts`, in the layout's order."""
+    return {name: state[name] for name in layout.names(parts)}

@@ -1,0 +1,197 @@
+"""Whole federated experiments in one process: the same planning, training, bytes and aggregation as the
+gRPC system, with every payload serialized, chunked, reassembled and checked on its way."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedcore import checkpoint
+from fedcore.chunking import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
+from fedcore.client import ClientRuntime
+from fedcore.data import ImageDataset, load_fashion_mnist, to_model_range
+from fedcore.diffusion import Schedule
+from fedcore.federation import Federation, FederationConfig, Ledger, RoundOutcome
+from fedcore.model import build_model
+from fedcore.splits import SplitKind, split_indices
+from fedcore.strategies import private_parts
+from fedcore.training import LocalTrainer, SpeedConfig
+
+ROUNDS_LOG = "rounds.jsonl"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    num_clients: int = 5  # K
+    split: SplitKind = "iid"
+    beta: float = 0.5  # Dirichlet concentration of the skewed splits
+    split_seed: int = 2023
+    max_images: int = 0  # 0 = all 60,000; else the first n of a seeded shuffle (small experiments, tests)
+    root: str | None = None  # Fashion-MNIST directory (default: Debian's dataset-fashion-mnist)
+
+
+def client_ids(num_clients: int) -> list[str]:
+    return [f"client-{i}" for i in range(num_clients)]
+
+
+def load_training_pool(cfg: DataConfig) -> ImageDataset:
+    """The training images every client's shard is cut from (the same on every machine for a config)."""
+    ds = load_fashion_mnist(train=True, root=cfg.root)
+    if 0 < cfg.max_images < len(ds):
+        rng = torch.Generator().manual_seed(cfg.split_seed)
+        keep = torch.randperm(len(ds), generator=rng)[: cfg.max_images].sort().values.numpy()
+        ds = ds.subset(keep)
+    return ds
+
+
+def client_shard(cfg: DataConfig, index: int, pool: ImageDataset | None = None) -> ImageDataset:
+    """Client `index`'s private images under the split of `cfg`."""
+    pool = pool if pool is not None else load_training_pool(cfg)
+    if not 0 <= index < cfg.num_clients:
+        raise ValueError(f"client index {index} is outside 0..{cfg.num_clients - 1}")
+    parts = split_indices(pool.labels, cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
+    return pool.subset(parts[index])
+
+
+def transfer(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytearray:
+    """Send a payload through the chunked stream format and back, with all the receiver's checks."""
+    header = StreamHeader.of(payload)
+    receiver = Reassembler(header, max_bytes=len(payload))
+    for chunk in iter_chunks(payload, chunk_size):
+        receiver.feed(chunk)
+    return receiver.finish()
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    federation: FederationConfig
+    data: DataConfig = DataConfig()
+    speed: SpeedConfig = SpeedConfig()
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+@dataclass
+class Simulation:
+    """A resumable run: the federation, K client runtimes over one shared trainer, and the output folder."""
+
+    config: SimulationConfig
+    out_dir: Path
+    federation: Federation
+    clients: dict[str, ClientRuntime]
+    log: Callable[[str], None] = print
+    records: list[dict[str, object]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, cfg: SimulationConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> Simulation:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fcfg = cfg.federation
+        saved = checkpoint.load_run(out) if resume else None
+        if saved is None:
+            federation = Federation(fcfg)
+            (out / ROUNDS_LOG).write_text("")
+        else:
+            weights, state = saved
+            if state.config != fcfg.as_json():
+                raise ValueError(f"--resume with a different configuration: saved {state.config}, now {fcfg.as_json()}")
+            federation = Federation(
+                fcfg,
+                global_state=weights,
+                completed_rounds=state.completed_rounds,
+                contacted=state.contacted,
+                ledger=Ledger.from_json(state.ledger),
+            )
+            _truncate_log(out / ROUNDS_LOG, state.completed_rounds)
+        trainer = LocalTrainer(build_model(fcfg.model, seed=fcfg.seed), Schedule(), cfg.speed)
+        pool = load_training_pool(cfg.data)
+        shards = split_indices(pool.labels, cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
+        clients = {}
+        for cid, idx in zip(client_ids(cfg.data.num_clients), shards):
+            private = None
+            if saved is not None and private_parts(fcfg.strategy):
+                found = checkpoint.load_private(out / "clients", cid, federation.completed_rounds)
+                private = found[0] if found else None
+            data = trainer.prepare_data(to_model_range(pool.images[idx]))
+            clients[cid] = ClientRuntime(cid, fcfg.model, trainer, data, private)
+        return cls(cfg, out, federation, clients, log)
+
+    def run_round(self) -> RoundOutcome:
+        fed = self.federation
+        started = time.perf_counter()
+        plan = fed.plan(list(self.clients))
+        open_round = fed.open_round(plan, {c: self.clients[c].num_examples for c in plan.clients})
+        for cid in plan.clients:
+            client = self.clients[cid]
+            task = open_round.task(cid)
+            client.load(transfer(open_round.payload(task.receives), self.config.chunk_size), task)
+            open_round.mark_sent(cid)
+            result = client.train(task)
+            update = transfer(client.update(task), self.config.chunk_size)
+            open_round.accept(cid, update, mean_loss=result.mean_loss, images_seen=result.images_seen)
+            if task.private:
+                checkpoint.save_private(self.out_dir / "clients", cid, task.round + 1, client.private)
+        outcome = open_round.close()
+        self._checkpoint()
+        record = round_record(outcome, fed.ledger, time.perf_counter() - started)
+        with open(self.out_dir / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        self.log(format_round(record))
+        return outcome
+
+    def run(self) -> list[dict[str, object]]:
+        while not self.federation.finished:
+            self.run_round()
+        return self.records
+
+    def _checkpoint(self) -> None:
+        fed = self.federation
+        state = checkpoint.RunState(
+            completed_rounds=fed.completed_rounds,
+            config=fed.config.as_json(),
+            contacted=tuple(sorted(fed.contacted)),
+            ledger=fed.ledger.as_json(),
+            global_file=checkpoint.global_file_name(fed.completed_rounds),
+        )
+        checkpoint.save_run(self.out_dir, fed.global_state, state)
+
+
+def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, object]:
+    """One JSON line of the round log; the coordinator writes the same shape."""
+    return {
+        "round": outcome.round + 1,
+        "participants": [u.client for u in outcome.accepted],
+        "planned": list(outcome.planned),
+        "mean_loss": outcome.mean_loss,
+        "client_loss": {u.client: u.mean_loss for u in outcome.accepted},
+        **{k: v for k, v in outcome.ledger.as_json().items() if k != "reduction_vs_full"},
+        "cumulative_parameters": cumulative.traffic.total,
+        "cumulative_full_fedavg_parameters": cumulative.full_fedavg,
+        "reduction_so_far": cumulative.reduction_vs_full,
+        "seconds": round(seconds, 3),
+    }
+
+
+def format_round(record: dict[str, object]) -> str:
+    nbytes = record["bytes"]
+    down = sum(nbytes["down"].values())  # type: ignore[index]
+    up = sum(nbytes["up"].values())  # type: ignore[index]
+    return (
+        f"round {record['round']}: {len(record['participants'])}/{len(record['planned'])} clients, "  # type: ignore[arg-type]
+        f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record['reduction_so_far']:.1%}, "
+        f"loss {record['mean_loss']:.4f}, {record['seconds']:.1f}s"
+    )
+
+
+def _truncate_log(path: Path, completed_rounds: int) -> None:
+    """Drop log lines of rounds that were not committed (a crash between a round and its checkpoint)."""
+    if not path.exists():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= completed_rounds]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,147 @@
+"""Seeded partitions of a labelled dataset over K clients: IID, quantity skew and Dirichlet label skew."""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+import numpy as np
+
+SplitKind = Literal["iid", "quantity", "label"]
+
+MAX_REDRAWS: Final = 1000  # Dirichlet draws tried before giving up on reaching min_size for every client
+
+
+def split_indices(
+    labels: np.ndarray,
+    num_clients: int,
+    kind: SplitKind,
+    *,
+    beta: float = 0.5,
+    seed: int = 2023,
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Partition the indices of `labels` (N,) over `num_clients` clients, as the paper's "Data splits" say.
+
+    Returns one sorted int64 index array per client; the arrays are disjoint and together hold every
+    index. The same arguments always give the same partition (numpy `default_rng(seed)`).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels have shape {labels.shape} and dtype {labels.dtype}, expected (N,) integers")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels hold {labels.min()}, expected class ids >= 0")
+    if kind not in get_args(SplitKind):
+        raise ValueError(f"split kind is {kind!r}, expected one of {get_args(SplitKind)}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients is {num_clients}, expected >= 1")
+    if not beta > 0:
+        raise ValueError(f"beta is {beta}, expected > 0")
+    if min_size < 0:
+        raise ValueError(f"min_size is {min_size}, expected >= 0")
+    if len(labels) < num_clients * min_size:
+        raise ValueError(
+            f"{len(labels)} images cannot give {num_clients} clients min_size={min_size} each "
+            f"(needs {num_clients * min_size})"
+        )
+
+    if num_clients == 1:
+        return [np.arange(len(labels), dtype=np.int64)]
+    rng = np.random.default_rng(seed)
+    if kind == "iid":
+        parts = _split_iid(len(labels), num_clients, rng)
+    elif kind == "quantity":
+        parts = _split_quantity_skew(labels, num_clients, beta, min_size, rng)
+    else:
+        parts = _split_label_skew(labels, num_clients, beta, min_size, rng)
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _split_iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """IID: a random permutation cut into equal shares (sizes differ by at most one)."""
+    return np.array_split(rng.permutation(n), num_clients)
+
+
+def _split_quantity_skew(
+    labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Quantity skew with balanced labels.
+
+    Client sizes follow NIID-Bench's "iid-diff-quantity" (Li et al. 2022, "Federated Learning on Non-IID
+    Data Silos: An Experimental Study", `partition_data`): proportions q ~ Dir(beta), cut points
+    floor(cumsum(q) * N), redrawn until every client has >= min_size images. Unlike NIID-Bench, whose
+    clients take a plain random slice, each client's images are stratified over the classes, so every
+    class appears in it in proportion to its share of the dataset (within one image).
+    """
+    n = len(labels)
+    for _ in range(MAX_REDRAWS):
+        proportions = rng.dirichlet(np.full(num_clients, beta))
+        cuts = (np.cumsum(proportions) * n).astype(np.int64)[:-1]
+        sizes = np.diff(np.concatenate([[0], cuts, [n]]))
+        if sizes.min() >= min_size:
+            break
+    else:
+        raise _redraws_exhausted("quantity", num_clients, beta, min_size)
+
+    # A stratified order of all images: image j (of m_c, shuffled) of class c sits at (j + 0.5) / m_c, so
+    # any run of consecutive images holds every class in proportion, within one image per class.
+    # Ties (equal class sizes) are broken by class, which makes the order a round-robin over classes.
+    positions = np.empty(n, dtype=np.float64)
+    shuffled = rng.permutation(n)
+    for c in np.unique(labels):
+        members = shuffled[labels[shuffled] == c]
+        positions[members] = (np.arange(len(members)) + 0.5) / len(members)
+    stratified = np.lexsort((labels, positions))
+    return np.split(stratified, cuts)
+
+
+def _split_label_skew(
+    labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Dirichlet label skew: NIID-Bench's "noniid-labeldir" (Li et al. 2022, `partition_data`; FedLab's
+    `hetero_dir_partition`), after Yurochkin et al. 2019 / Hsu et al. 2019.
+
+    For every class in ascending order, shares over the clients are drawn from Dir(beta); a client that
+    already holds >= N/K images gets a zero share of this and all later classes (the rest renormalised).
+    The whole split is redrawn until every client has >= min_size images.
+    """
+    n = len(labels)
+    capacity = n / num_clients
+    classes = np.unique(labels)
+    for _ in range(MAX_REDRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients, dtype=np.int64)
+        for c in classes:
+            members = rng.permutation(np.flatnonzero(labels == c))
+            proportions = rng.dirichlet(np.full(num_clients, beta))
+            proportions = proportions * (sizes < capacity)
+            # The clients' sizes so far sum to less than N, so some client is below N/K and the sum is > 0.
+            proportions = proportions / proportions.sum()
+            cuts = (np.cumsum(proportions) * len(members)).astype(np.int64)[:-1]
+            for client, share in enumerate(np.split(members, cuts)):
+                parts[client].append(share)
+                sizes[client] += len(share)
+        if sizes.min() >= min_size:
+            return [np.concatenate(p) for p in parts]
+    raise _redraws_exhausted("label", num_clients, beta, min_size)
+
+
+def _redraws_exhausted(kind: SplitKind, num_clients: int, beta: float, min_size: int) -> ValueError:
+    return ValueError(
+        f"{kind!r} split: {MAX_REDRAWS} Dirichlet draws (beta={beta}) left some of {num_clients} clients "
+        f"below min_size={min_size}; raise beta or lower num_clients or min_size"
+    )
+
+
+def describe_split(labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None = None) -> list[dict]:
+    """Per client `{"client": i, "size": n, "classes": [count of class 0, class 1, ...]}`, for logs and tests."""
+    labels = np.asarray(labels)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.size else 0
+    return [
+        {
+            "client": i,
+            "size": len(part),
+            "classes": np.bincount(labels[part], minlength=num_classes).tolist(),
+        }
+        for i, part in enumerate(parts)
+    ]

@@ -1,0 +1,215 @@
+"""The four sharing strategies of de Goede et al. 2024 as pure round planning, and the paper's parameter accounting."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+
+
+class Strategy(enum.StrEnum):
+    FULL = "full"  # plain FedAvg: everything travels both ways
+    USPLIT = "usplit"  # whole model down; each client of a random pair returns one half (+ maybe the bottleneck)
+    UDEC = "udec"  # after the first broadcast only the decoder travels; encoder + bottleneck stay private
+    ULATDEC = "ulatdec"  # bottleneck and decoder travel; the encoder stays private
+
+
+def shared_parts(strategy: Strategy) -> frozenset[Part]:
+    """Parts that travel every round once a client holds a model."""
+    if strategy is Strategy.UDEC:
+        return frozenset({Part.DECODER})
+    if strategy is Strategy.ULATDEC:
+        return frozenset({Part.BOTTLENECK, Part.DECODER})
+    return ALL_PARTS
+
+
+def private_parts(strategy: Strategy) -> frozenset[Part]:
+    """Parts each client keeps for good (personalised), never sent after the first broadcast nor averaged."""
+    return ALL_PARTS - shared_parts(strategy)
+
+
+@dataclass(frozen=True)
+class ClientAssignment:
+    client: str  # stable client identity
+    receives: frozenset[Part]  # parts the server sends this round
+    returns: frozenset[Part]  # parts whose delta the client sends back
+    private: frozenset[Part]  # parts the client keeps for good
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int  # 0-based round index
+    strategy: Strategy
+    assignments: tuple[ClientAssignment, ...]
+
+    @property
+    def clients(self) -> list[str]:
+        return [a.client for a in self.assignments]
+
+    def assignment(self, client: str) -> ClientAssignment:
+        for a in self.assignments:
+            if a.client == client:
+                return a
+        raise KeyError(f"client {client!r} is not in round {self.round}")
+
+    def reporters(self, part: Part) -> list[str]:
+        """Clients whose update carries `part`: the part is averaged over these alone."""
+        return [a.client for a in self.assignments if part in a.returns]
+
+    @property
+    def averaged_parts(self) -> frozenset[Part]:
+        return frozenset().union(*(a.returns for a in self.assignments))
+
+    @property
+    def receive_sets(self) -> set[frozenset[Part]]:
+        """The distinct payloads this round needs: each is serialized once, whatever the number of clients."""
+        return {a.receives for a in self.assignments}
+
+
+def round_rng(seed: int, round_index: int) -> np.random.Generator:
+    """The planning RNG of one round; the same (seed, round) gives the same plan on every machine."""
+    return np.random.default_rng([seed, round_index, 0x5EED])
+
+
+def select_clients(available: Sequence[str], per_round: int, seed: int, round_index: int) -> list[str]:
+    """All available clients (per_round <= 0 or >= len), else a seeded uniform sample; sorted."""
+    ids = sorted(available)
+    if per_round <= 0 or per_round >= len(ids):
+        return ids
+    rng = np.random.default_rng([seed, round_index, 0x5E1EC7])
+    return sorted(rng.choice(ids, size=per_round, replace=False).tolist())
+
+
+def _usplit_returns(clients: Sequence[str], rng: np.random.Generator) -> dict[str, frozenset[Part]]:
+    """USplit pairing: random pairs; one returns the encoder, the other the decoder, and a coin flip
+    gives the bottleneck to one of them. With odd K the last client returns the bottleneck plus a random
+    half; a lone client returns everything."""
+    if len(clients) == 1:
+        return {clients[0]: ALL_PARTS}
+    order = [clients[i] for i in rng.permutation(len(clients))]
+    returns: dict[str, frozenset[Part]] = {}
+    for a, b in zip(order[0::2], order[1::2]):
+        enc = {Part.ENCODER}
+        dec = {Part.DECODER}
+        (enc if rng.random() < 0.5 else dec).add(Part.BOTTLENECK)
+        returns[a] = frozenset(enc)
+        returns[b] = frozenset(dec)
+    if len(order) % 2:
+        half = Part.ENCODER if rng.random() < 0.5 else Part.DECODER
+        returns[order[-1]] = frozenset({Part.BOTTLENECK, half})
+    return returns
+
+
+def plan_round(
+    strategy: Strategy,
+    round_index: int,
+    clients: Sequence[str],
+    rng: np.random.Generator,
+    *,
+    first_contact: Collection[str] = (),
+) -> RoundPlan:
+    """Which parts each selected client receives, returns and keeps private this round.
+
+    `first_contact` holds the clients that have never received a model: they get the whole model once
+    (the initial broadcast), whatever the strategy."""
+    if not clients:
+        raise ValueError(f"round {round_index}: no clients to plan for")
+    if len(set(clients)) != len(clients):
+        raise ValueError(f"round {round_index}: duplicate client ids in {list(clients)}")
+    shared = shared_parts(strategy)
+    private = private_parts(strategy)
+    if strategy is Strategy.USPLIT:
+        returns = _usplit_returns(list(clients), rng)
+    else:
+        returns = {c: shared for c in clients}
+    assignments = tuple(
+        ClientAssignment(
+            client=c,
+            receives=ALL_PARTS if c in first_contact else shared,
+            returns=returns[c],
+            private=private,
+        )
+        for c in clients
+    )
+    return RoundPlan(round=round_index, strategy=strategy, assignments=assignments)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Parameters (float32 values) exchanged, by direction and part."""
+
+    down: Mapping[Part, int]
+    up: Mapping[Part, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.down.values()) + sum(self.up.values())
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            down={p: self.down.get(p, 0) + other.down.get(p, 0) for p in PART_ORDER},
+            up={p: self.up.get(p, 0) + other.up.get(p, 0) for p in PART_ORDER},
+        )
+
+    @classmethod
+    def zero(cls) -> Traffic:
+        return cls({p: 0 for p in PART_ORDER}, {p: 0 for p in PART_ORDER})
+
+
+def plan_traffic(plan: RoundPlan, sizes: Mapping[Part, int]) -> Traffic:
+    """The paper's count for one round: every part sent to and returned by every client."""
+    down = {p: sum(sizes[p] for a in plan.assignments if p in a.receives) for p in PART_ORDER}
+    up = {p: sum(sizes[p] for a in plan.assignments if p in a.returns) for p in PART_ORDER}
+    return Traffic(down, up)
+
+
+def full_fedavg_parameters(num_clients: int, sizes: Mapping[Part, int]) -> int:
+    """What plain FedAvg exchanges in a round with these participants: the whole model, both ways."""
+    return 2 * num_clients * sum(sizes.values())
+
+
+@dataclass(frozen=True)
+class AccountingSummary:
+    strategy: Strategy
+    clients: int
+    rounds: int
+    traffic: Traffic
+    full_fedavg: int  # plain FedAvg over the same rounds and participants
+
+    @property
+    def reduction_vs_full(self) -> float:
+        return 1.0 - self.traffic.total / self.full_fedavg
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "strategy": self.strategy.value,
+            "clients": self.clients,
+            "rounds": self.rounds,
+            "parameters_total": self.traffic.total,
+            "parameters_down": sum(self.traffic.down.values()),
+            "parameters_up": sum(self.traffic.up.values()),
+            "parameters_by_part": {
+                "down": {p.value: self.traffic.down[p] for p in PART_ORDER},
+                "up": {p.value: self.traffic.up[p] for p in PART_ORDER},
+            },
+            "full_fedavg_parameters": self.full_fedavg,
+            "reduction_vs_full": round(self.reduction_vs_full, 6),
+        }
+
+
+def account(strategy: Strategy, sizes: Mapping[Part, int], clients: int, rounds: int, seed: int = 0) -> AccountingSummary:
+    """Parameters exchanged when `clients` clients take part in all `rounds` rounds (the paper's setting)."""
+    ids = [f"client-{i}" for i in range(clients)]
+    seen: set[str] = set()
+    traffic = Traffic.zero()
+    full = 0
+    for r in range(rounds):
+        plan = plan_round(strategy, r, ids, round_rng(seed, r), first_contact=[c for c in ids if c not in seen])
+        seen.update(ids)
+        traffic = traffic + plan_traffic(plan, sizes)
+        full += full_fedavg_parameters(len(ids), sizes)
+    return AccountingSummary(strategy, clients, rounds, traffic, full)

@@ -1,0 +1,7 @@
+"""`python -m feddiff`."""
+
+import sys
+
+from feddiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""Frechet distance: the pinned classifier, the formula on known Gaussians, and sanity checks on real images."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fedcore.data import load_fashion_mnist, to_model_range
+from fedcore.evaluation import (
+    ASSET_DIR,
+    CLASSIFIER_MANIFEST,
+    CLASSIFIER_WEIGHTS,
+    AssetIntegrityError,
+    ReferenceStats,
+    ReferenceStatsCache,
+    classifier_metadata,
+    fd_between,
+    feature_statistics,
+    frechet_distance,
+    load_fmnist_classifier,
+    load_inception,
+    sha256_of_file,
+)
+from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
+
+N_IMAGES = 2000  # images per set in the sanity checks
+
+# Measured with the committed classifier, seed 0, N_IMAGES per set (see the module's report):
+# FD(test, train) ~ REAL_VS_REAL; thresholds leave about 2x headroom.
+REAL_VS_REAL_MAX = 1.0
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.set_num_threads(2)
+    return load_fmnist_classifier()
+
+
+@pytest.fixture(scope="module")
+def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_fashion_mnist(train=False)
+    idx = np.random.default_rng(0).choice(len(data), N_IMAGES, replace=False)
+    return to_model_range(data.images[idx]), torch.from_numpy(data.labels[idx])
+
+
+@pytest.fixture(scope="module")
+def train_subset() -> torch.Tensor:
+    data = load_fashion_mnist(train=True)
+    idx = np.random.default_rng(1).choice(len(data), N_IMAGES, replace=False)
+    return to_model_range(data.images[idx])
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W) with edge replication."""
+    radius = math.ceil(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # along W
+    return F.conv2d(out, kernel.view(1, 1, -1, 1))  # along H
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The committed classifier
+
+
+def test_committed_weights_match_their_manifest():
+    manifest = json.loads((ASSET_DIR / CLASSIFIER_MANIFEST).read_text())
+
+    assert sha256_of_file(ASSET_DIR / CLASSIFIER_WEIGHTS) == manifest["sha256"]
+    assert manifest["test_accuracy"] >= 0.90
+    assert (ASSET_DIR / CLASSIFIER_WEIGHTS).stat().st_size < 2 * 1024 * 1024
+    assert float(classifier_metadata()["test_accuracy"]) == pytest.approx(manifest["test_accuracy"], abs=1e-4)
+
+
+def test_classifier_accuracy_on_test_images(classifier, test_subset):
+    images, labels = test_subset
+
+    with torch.no_grad():
+        predictions = classifier.network(images).argmax(dim=1)
+
+    assert (predictions == labels).float().mean().item() >= 0.89
+
+
+def test_classifier_features_shape(classifier, test_subset):
+    features = classifier.features(test_subset[0][:10], batch_size=4)
+
+    assert features.shape == (10, classifier.dim) == (10, 128)
+    assert torch.isfinite(features).all()
+
+
+def test_changed_weights_are_refused(tmp_path):
+    for name in (CLASSIFIER_WEIGHTS, CLASSIFIER_MANIFEST):
+        shutil.copy(ASSET_DIR / name, tmp_path / name)
+    weights = bytearray((tmp_path / CLASSIFIER_WEIGHTS).read_bytes())
+    weights[-1] ^= 0x01
+    (tmp_path / CLASSIFIER_WEIGHTS).write_bytes(bytes(weights))
+
+    with pytest.raises(AssetIntegrityError, match="sha256"):
+        load_fmnist_classifier(asset_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The formula on Gaussians with a closed form
+
+
+def random_covariance(dim: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def test_identical_statistics_have_zero_distance():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=16), random_covariance(16, rng)
+
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_diagonal_covariances_match_closed_form():
+    # For diagonal S1, S2: d^2 = ||mu1 - mu2||^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2.
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    s1, s2 = rng.uniform(0.1, 4.0, size=8), rng.uniform(0.1, 4.0, size=8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+    # 1-D: (mu1 - mu2)^2 + (sd1 - sd2)^2
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[1.0]])) == (
+        pytest.approx(9.0 + 1.0)
+    )
+
+
+def test_distance_is_invariant_to_a_common_rotation():
+    # Rotating both Gaussians makes the covariances non-diagonal but keeps the distance.
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    s1, s2 = np.diag(rng.uniform(0.1, 4.0, size=8)), np.diag(rng.uniform(0.1, 4.0, size=8))
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+
+    rotated = frechet_distance(q @ mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T)
+
+    assert rotated == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-6)
+
+
+def test_singular_covariances_give_a_finite_distance():
+    rng = np.random.default_rng(3)
+    mu, sigma = feature_statistics(rng.normal(size=(5, 32)))  # rank 4 covariance in 32 dimensions
+
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+    assert frechet_distance(mu, sigma, mu + 1.0, sigma) == pytest.approx(32.0, abs=1e-2)
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sanity checks on real images: a broken metric fails at least one of these
+
+
+@pytest.fixture(scope="module")
+def reference(classifier, test_subset) -> ReferenceStats:
+    return ReferenceStats.compute(classifier, test_subset[0], dataset="fashion-mnist/test[2000]")
+
+
+@pytest.fixture(scope="module")
+def real_vs_real(classifier, reference, train_subset) -> float:
+    return reference.frechet_distance_to(classifier, train_subset)
+
+
+def test_real_test_and_train_images_are_close(real_vs_real):
+    assert 0.0 <= real_vs_real < REAL_VS_REAL_MAX
+
+
+def test_uniform_noise_is_far_from_real_images(classifier, reference, real_vs_real):
+    noise = torch.rand((N_IMAGES, 1, 28, 28), generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    fd_noise = reference.frechet_distance_to(classifier, noise)
+
+    assert fd_noise > 20 * real_vs_real
+    assert fd_noise > 20 * REAL_VS_REAL_MAX
+
+
+def test_distance_grows_with_blur(classifier, reference, train_subset, real_vs_real):
+    fds = [reference.frechet_distance_to(classifier, gaussian_blur(train_subset, s)) for s in (0.5, 1.0, 2.0)]
+
+    assert real_vs_real < fds[0] < fds[1] < fds[2], fds
+
+
+def test_fd_between_matches_reference_path(classifier, test_subset, train_subset, reference, real_vs_real):
+    assert fd_between(classifier, train_subset, test_subset[0]) == pytest.approx(real_vs_real, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference statistics cache
+
+
+def test_reference_stats_are_computed_once_and_persist(classifier, test_subset, tmp_path):
+    calls = []
+
+    def images() -> torch.Tensor:
+        calls.append(1)
+        return test_subset[0][:200]
+
+    cache = ReferenceStatsCache(tmp_path)
+    first = cache.get(classifier, "fashion-mnist/test[200]", images)
+    again = cache.get(classifier, "fashion-mnist/test[200]", images)
+    reloaded = ReferenceStatsCache(tmp_path).get(classifier, "fashion-mnist/test[200]", images)
+
+    assert len(calls) == 1
+    assert again is first
+    assert reloaded.extractor == first.extractor and reloaded.count == 200
+    np.testing.assert_array_equal(reloaded.mu, first.mu)
+    np.testing.assert_array_equal(reloaded.sigma, first.sigma)
+
+
+def test_reference_from_another_extractor_is_refused(classifier, reference, test_subset):
+    other = ReferenceStats(
+        extractor="inception-v3-fid:000000000000", dataset="x", count=2, mu=reference.mu, sigma=reference.sigma
+    )
+
+    with pytest.raises(ValueError, match="computed with"):
+        other.frechet_distance_to(classifier, test_subset[0][:4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception-v3 (random weights: the architecture and the key names, not the published features)
+
+
+def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}
+    save_file(state, tmp_path / "inception.safetensors")
+    torch.save(state, tmp_path / "pt_inception.pth")
+    images = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    from_safetensors = load_inception(tmp_path / "inception.safetensors")
+    from_pth = load_inception(tmp_path / "pt_inception.pth")
+    features = from_safetensors.features(images)
+
+    assert "Conv2d_1a_3x3.bn.running_var" in state and "Mixed_7c.branch3x3dbl_3b.conv.weight" in state
+    assert state["fc.weight"].shape == (1008, FID_FEATURE_DIM)
+    assert features.shape == (2, FID_FEATURE_DIM) and from_safetensors.dim == FID_FEATURE_DIM
+    assert torch.isfinite(features).all()
+    torch.testing.assert_close(from_pth.network.state_dict()["fc.weight"], state["fc.weight"])
+
+
+def test_inception_refuses_a_foreign_state_dict(tmp_path):
+    save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet.safetensors")
+
+    with pytest.raises(ValueError, match="not a pytorch-fid Inception-v3"):
+        load_inception(tmp_path / "resnet.safetensors")

@@ -1,0 +1,141 @@
+"""Tests for fedcore.splits on the real Fashion-MNIST training labels (the paper's three splits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcore.data import DEFAULT_FASHION_MNIST_DIR, read_idx
+from fedcore.splits import describe_split, split_indices
+
+KINDS = ["iid", "quantity", "label"]
+CLIENT_COUNTS = [5, 10]
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    path = DEFAULT_FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"
+    if not path.is_file():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return read_idx(path).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def splits(labels: np.ndarray) -> dict[tuple[str, int], list[np.ndarray]]:
+    return {
+        (kind, k): split_indices(labels, k, kind)  # type: ignore[arg-type]
+        for kind in KINDS
+        for k in CLIENT_COUNTS
+    }
+
+
+@pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_partition_is_disjoint_and_complete(
+    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str, num_clients: int
+) -> None:
+    parts = splits[kind, num_clients]
+
+    assert len(parts) == num_clients
+    for part in parts:
+        assert part.dtype == np.int64
+        assert np.all(np.diff(part) > 0)  # sorted, no repeats
+        assert len(part) >= 10
+    everything = np.concatenate(parts)
+    assert len(everything) == len(labels)  # disjoint ...
+    np.testing.assert_array_equal(np.sort(everything), np.arange(len(labels)))  # ... and complete
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str) -> None:
+    again = split_indices(labels, 5, kind, seed=2023)  # type: ignore[arg-type]
+    other = split_indices(labels, 5, kind, seed=7)  # type: ignore[arg-type]
+
+    assert all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], again))
+    assert not all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], other))
+
+
+@pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
+def test_iid_equal_sizes(splits: dict[tuple[str, int], list[np.ndarray]], num_clients: int) -> None:
+    sizes = [len(p) for p in splits["iid", num_clients]]
+
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
+def test_quantity_skew_sizes_vary_labels_balanced(
+    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
+) -> None:
+    stats = describe_split(labels, splits["quantity", num_clients], num_classes=10)
+
+    sizes = np.array([s["size"] for s in stats])
+    assert sizes.max() > 3 * sizes.min()  # Dirichlet(0.5) sizes, far from equal
+    assert sizes.std() / sizes.mean() > 0.3
+    for s in stats:
+        # Fashion-MNIST's classes are equal, so every client holds each class within one image.
+        assert max(s["classes"]) - min(s["classes"]) <= 1
+
+
+@pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
+def test_label_skew_histograms_skewed(
+    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
+) -> None:
+    stats = describe_split(labels, splits["label", num_clients])
+
+    top_class_share = np.mean([max(s["classes"]) / s["size"] for s in stats])
+    assert top_class_share > 0.3  # 0.1 for balanced clients
+    assert sum(min(s["classes"]) == 0 for s in stats) >= 1  # some client lacks a class entirely
+
+
+@pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
+def test_label_skew_stops_filling_full_clients(
+    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
+) -> None:
+    capacity = len(labels) / num_clients
+
+    # Classes are dealt in ascending order: before the last class a client received, it held < N/K.
+    for s in describe_split(labels, splits["label", num_clients]):
+        counts = np.array(s["classes"])
+        last = np.flatnonzero(counts)[-1]
+        assert counts[:last].sum() < capacity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_client_gets_everything(labels: np.ndarray, kind: str) -> None:
+    (part,) = split_indices(labels, 1, kind)  # type: ignore[arg-type]
+
+    np.testing.assert_array_equal(part, np.arange(len(labels)))
+
+
+def test_describe_split_counts() -> None:
+    toy = np.array([0, 0, 1, 2, 2, 2])
+
+    stats = describe_split(toy, [np.array([0, 3]), np.array([1, 2, 4, 5])])
+
+    assert stats == [
+        {"client": 0, "size": 2, "classes": [1, 0, 1]},
+        {"client": 1, "size": 4, "classes": [1, 1, 2]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_clients": 0}, "num_clients is 0"),
+        ({"beta": 0.0}, "beta is 0.0"),
+        ({"beta": -1.0}, "beta is -1.0"),
+        ({"num_clients": 3, "min_size": 40}, "100 images cannot give 3 clients min_size=40"),
+        ({"kind": "feature"}, "'feature'"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, message: str) -> None:
+    arguments = {"num_clients": 2, "kind": "iid"} | kwargs
+
+    with pytest.raises(ValueError, match=message):
+        split_indices(np.arange(100) % 10, **arguments)
+
+
+def test_redraw_cap_raises() -> None:
+    # 10 clients from 100 images at beta 0.01: min_size=10 would need exactly 10 images each.
+    with pytest.raises(ValueError, match="1000 Dirichlet draws"):
+        split_indices(np.arange(100) % 10, 10, "quantity", beta=0.01, min_size=10)
