@@ -1,0 +1,1 @@
+"""The feddiff coordinator: gRPC server, round loop, checkpoints."""

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy import linalg
+import torch.nn.functional as F
 from torch import nn
 
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
@@ -34,7 +35,6 @@ from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
 ASSET_DIR = Path(__file__).parent / "assets"
 CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
 CLASSIFIER_MANIFEST = "fmnist_classifier.json"  # {"sha256", "test_accuracy", "epochs", "seed", ...}
-DEFAULT_BATCH_SIZE = 256
 
 
 class AssetIntegrityError(RuntimeError):
@@ -56,7 +56,8 @@ def sha256_of_file(path: Path) -> str:
 class FMNISTClassifier(nn.Module):
     """conv32-conv32-pool-conv64-conv64-pool-fc128-fc10 with BatchNorm; inputs (B, 1, 28, 28) in [-1, 1].
 
-    The fc128 activations (after ReLU) are the FD features.
+    The FD features are the fc128 outputs before their ReLU: after it, about a quarter of the units are zero
+    on every test image, which would make the feature covariance singular.
     """
 
     feature_dim = 128
@@ -72,7 +73,7 @@ class FMNISTClassifier(nn.Module):
             *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2),  # (B, 32, 14, 14)
             *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),  # (B, 64, 7, 7)
             nn.Flatten(),  # (B, 3136)
-            nn.Linear(64 * 7 * 7, self.feature_dim), nn.ReLU(),  # (B, 128)
+            nn.Linear(64 * 7 * 7, self.feature_dim),  # (B, 128)
         )  # fmt: skip
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(self.feature_dim, self.num_classes)
@@ -83,7 +84,7 @@ class FMNISTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, 1, 28, 28) -> (B, 10) logits
-        return self.head(self.dropout(self.features(x)))
+        return self.head(self.dropout(F.relu(self.features(x))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,21 +97,23 @@ class FeatureExtractor(Protocol):
     name: str  # identifies the network and its weights; reference statistics are keyed by it
     dim: int  # feature width
 
-    def features(self, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor: ...
+    def features(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor: ...
 
 
 @dataclass
 class ModuleFeatureExtractor:
     """A `FeatureExtractor` around a network in eval mode; `embed` maps a batch on `device` to features."""
 
-    name: str
-    dim: int
-    network: nn.Module
-    embed: Callable[[torch.Tensor], torch.Tensor]
+    name: str  # network and weights, e.g. "fmnist-cnn:8120e5f0dddc"
+    dim: int  # feature width
+    network: nn.Module  # in eval mode, on `device`
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) in [-1, 1] on `device` -> (B, dim)
+    default_batch_size: int  # images per forward pass when the caller does not say
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    def features(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        batch_size = self.default_batch_size if batch_size is None else batch_size
         if images.ndim != 4:
             raise ValueError(f"images have shape {tuple(images.shape)}, expected (N, C, H, W)")
         if batch_size < 1:
@@ -150,7 +153,7 @@ def load_fmnist_classifier(
     model.to(device).eval()
     return ModuleFeatureExtractor(
         name=f"fmnist-cnn:{actual[:12]}", dim=FMNISTClassifier.feature_dim, network=model,
-        embed=model.features, device=device,
+        embed=model.features, default_batch_size=512, device=device,
     )  # fmt: skip
 
 
@@ -198,7 +201,7 @@ def load_inception(weights_path: Path | str, device: str | torch.device = "cpu")
     model.to(device).eval()
     return ModuleFeatureExtractor(
         name=f"inception-v3-fid:{sha256_of_file(path)[:12]}", dim=FID_FEATURE_DIM, network=model,
-        embed=model, device=device,
+        embed=model, default_batch_size=32, device=device,
     )  # fmt: skip
 
 
@@ -247,7 +250,7 @@ def fd_between(
     extractor: FeatureExtractor,
     images_a: torch.Tensor,
     images_b: torch.Tensor,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
 ) -> float:
     """FD between two image sets (N, C, H, W) in [-1, 1] on `extractor`'s features."""
     mu_a, sigma_a = feature_statistics(extractor.features(images_a, batch_size))
@@ -271,13 +274,13 @@ class ReferenceStats:
 
     @classmethod
     def compute(
-        cls, extractor: FeatureExtractor, images: torch.Tensor, dataset: str, batch_size: int = DEFAULT_BATCH_SIZE
+        cls, extractor: FeatureExtractor, images: torch.Tensor, dataset: str, batch_size: int | None = None
     ) -> ReferenceStats:
         mu, sigma = feature_statistics(extractor.features(images, batch_size))
         return cls(extractor=extractor.name, dataset=dataset, count=len(images), mu=mu, sigma=sigma)
 
     def frechet_distance_to(
-        self, extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
+        self, extractor: FeatureExtractor, images: torch.Tensor, batch_size: int | None = None
     ) -> float:
         """FD between `images` (N, C, H, W) in [-1, 1] and this reference, on the same extractor."""
         if extractor.name != self.extractor:
@@ -321,7 +324,7 @@ class ReferenceStatsCache:
         extractor: FeatureExtractor,
         dataset: str,
         images: Callable[[], torch.Tensor],
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
     ) -> ReferenceStats:
         """The statistics of `dataset`; `images()` (N, C, H, W) in [-1, 1] is called only on a miss."""
         key = (extractor.name, dataset)

@@ -116,6 +116,7 @@ class AcceptedUpdate:
     weight: int  # images the client trained on (its FedAvg weight)
     mean_loss: float
     images_seen: int
+    ledger: Ledger  # the communication this upload adds
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,19 @@ def payload_bytes_by_part(payload: bytes | bytearray, layout: PartLayout) -> dic
     return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
 
 
+def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mapping[Part, int], *, down: bool) -> Ledger:
+    """One payload's worth of communication, and what plain FedAvg would have sent instead (the whole model)."""
+    sizes = layout.sizes
+    params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
+    zeros = {p: 0 for p in PART_ORDER}
+    return Ledger(
+        traffic=Traffic(down=params, up=zeros) if down else Traffic(down=zeros, up=params),
+        full_fedavg=layout.total,
+        bytes_down=dict(by_part) if down else dict(zeros),
+        bytes_up=dict(zeros) if down else dict(by_part),
+    )
+
+
 class Federation:
     """Owns the global model, which clients have held a model, and the cumulative ledger."""
 
@@ -176,6 +190,7 @@ class Federation:
         self.completed_rounds = completed_rounds
         self.contacted: set[str] = set(contacted)
         self.ledger = ledger or Ledger()
+        self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
 
     @property
     def finished(self) -> bool:
@@ -191,11 +206,13 @@ class Federation:
     def open_round(self, plan: RoundPlan, weights: Mapping[str, int]) -> OpenRound:
         if plan.round != self.completed_rounds:
             raise ValueError(f"plan for round {plan.round}, but round {self.completed_rounds} is next")
-        return OpenRound(self, plan, weights)
+        self._attempts += 1
+        return OpenRound(self, plan, weights, attempt=self._attempts)
 
     def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
         aggregate.apply_to(self.global_state)
         self.completed_rounds += 1
+        self._attempts = 0
         self.ledger.add(outcome.ledger)
 
 
@@ -204,8 +221,9 @@ class OpenRound:
 
     Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
 
-    def __init__(self, federation: Federation, plan: RoundPlan, weights: Mapping[str, int]):
+    def __init__(self, federation: Federation, plan: RoundPlan, weights: Mapping[str, int], *, attempt: int = 1):
         self.federation = federation
+        self.attempt = attempt
         self.plan = plan
         self.weights = dict(weights)
         missing = [c for c in plan.clients if self.weights.get(c, 0) <= 0]
@@ -228,7 +246,7 @@ class OpenRound:
         cfg = self.federation.config
         return TrainTask(
             round=self.round,
-            task_id=f"r{self.round}-{client}",
+            task_id=f"r{self.round}.{self.attempt}-{client}",
             receives=a.receives,
             returns=a.returns,
             private=a.private,
@@ -251,20 +269,16 @@ class OpenRound:
                 cached = self._payloads[parts] = (data, payload_bytes_by_part(data, fed.layout))
             return cached
 
-    def mark_sent(self, client: str) -> None:
-        """Count a completed download; a client that got the whole model now holds one."""
+    def mark_sent(self, client: str) -> Ledger:
+        """Count a completed download (returned: what it adds); a client that got the whole model holds one."""
         a = self.plan.assignment(client)
         _, by_part = self._payload(a.receives)
-        sizes = self.federation.layout.sizes
+        event = _transfer_ledger(self.federation.layout, a.receives, by_part, down=True)
         with self._lock:
-            for p in PART_ORDER:
-                self._ledger.bytes_down[p] += by_part[p]
-            self._ledger.traffic = self._ledger.traffic + Traffic(
-                down={p: sizes[p] if p in a.receives else 0 for p in PART_ORDER}, up={p: 0 for p in PART_ORDER}
-            )
-            self._ledger.full_fedavg += sum(sizes.values())
+            self._ledger.add(event)
             if a.receives == frozenset(PART_ORDER):
                 self.federation.contacted.add(client)
+        return event
 
     def accept(self, client: str, payload: bytes | bytearray, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         """Check one client's delta and fold it in; a refused update leaves the aggregate untouched."""
@@ -279,7 +293,8 @@ class OpenRound:
         tensors = serialization.decode(
             payload, fed.layout, kind="delta", parts=a.returns, round_index=self.round, model=fed.config.model
         )
-        update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen))
+        event = _transfer_ledger(fed.layout, a.returns, payload_bytes_by_part(payload, fed.layout), down=False)
+        update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event)
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:
@@ -287,16 +302,9 @@ class OpenRound:
                 if self.closed:
                     raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
             self.aggregate.fold(tensors, a.returns, float(update.weight))
-            sizes = fed.layout.sizes
-            by_part = payload_bytes_by_part(payload, fed.layout)
             with self._lock:
                 self._accepted[client] = update
-                for p in PART_ORDER:
-                    self._ledger.bytes_up[p] += by_part[p]
-                self._ledger.traffic = self._ledger.traffic + Traffic(
-                    down={p: 0 for p in PART_ORDER}, up={p: sizes[p] if p in a.returns else 0 for p in PART_ORDER}
-                )
-                self._ledger.full_fedavg += sum(sizes.values())
+                self._ledger.add(event)
         return update
 
     @property

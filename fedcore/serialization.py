@@ -103,7 +103,7 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
         raise NotSafetensors(f"safetensors header length {n} is impossible for a payload of {len(view)} bytes")
     try:
         header = json.loads(bytes(view[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise NotSafetensors(f"safetensors header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise NotSafetensors("safetensors header is not a JSON object")
@@ -117,7 +117,7 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
             dtype = _DTYPES[e["dtype"]]
             shape = tuple(int(d) for d in e["shape"])
             begin, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e400 -> int(inf)
             raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}") from None
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len:
             raise NotSafetensors(f"tensor {name!r} has shape {shape} / byte range [{begin}, {end}) outside the payload")

@@ -1,0 +1,1 @@
+"""The feddiff command line."""

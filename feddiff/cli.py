@@ -119,6 +119,99 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the federated system ----------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@_command("coordinator")
+def _coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import from_args
+    from coordinator.server import serve
+
+    _setup_logging()
+    return serve(from_args(args))
+
+
+@_command("worker")
+def _worker(args: argparse.Namespace) -> int:
+    from worker.config import from_args
+    from worker.daemon import run_worker
+
+    _setup_logging()
+    return run_worker(from_args(args, _speed_config(args)))
+
+
+def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
+    import grpc
+
+    if args.tls_ca:
+        from pathlib import Path
+
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+        return grpc.secure_channel(args.address, creds, options=options)
+    return grpc.insecure_channel(args.address)
+
+
+@_command("health")
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _tool_channel(args) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{args.address}: {status}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+@_command("status")
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+    from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+
+    with _tool_channel(args) as channel:
+        try:
+            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
+        return 0
+    connected = sum(w.connected for w in s.workers)
+    print(f"{s.state}: round {s.completed_rounds}/{s.rounds} ({s.strategy}, {s.model})")
+    if s.round_selected:
+        print(f"  current round: {s.round_done}/{s.round_selected} updates in")
+    print(f"  workers: {connected} connected of {len(s.workers)} known")
+    for w in s.workers:
+        gpu = f" {w.gpu_name}" if w.gpu_name else ""
+        print(f"    {w.worker_id:<20} {'up' if w.connected else 'down':<5} {w.device}{gpu}, {w.num_examples} images, seen {w.last_seen_seconds_ago:.0f}s ago")
+    print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up")
+    print(f"  parameters: {s.parameters_exchanged:,} exchanged, plain FedAvg {s.full_fedavg_parameters:,}: {s.reduction_vs_full:.1%} less")
+    return 0
+
+
 # --- argument parsing ---------------------------------------------------------------------------------------
 
 
@@ -185,6 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/simulate", help="output folder: rounds.jsonl and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
+    from coordinator import config as coordinator_config
+    from worker import config as worker_config
+
+    p = sub.add_parser("coordinator", help="run the coordinator (gRPC server, round loop, checkpoints, metrics)")
+    coordinator_config.add_arguments(p)
+
+    p = sub.add_parser("worker", help="run a worker daemon that trains on this host's private images")
+    worker_config.add_arguments(p)
+    add_speed_args(p)
+
+    for name, text in (("health", "exit 0 when the coordinator's gRPC health service says SERVING"), ("status", "round, workers, bytes and reduction of a coordinator")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--address", "--coordinator", dest="address", required=True, help="HOST:PORT")
+        p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-ca)")
+        p.add_argument("--tls-ca", default="")
+        p.add_argument("--tls-cert", default="")
+        p.add_argument("--tls-key", default="")
+        p.add_argument("--tls-server-name", default="")
+        if name == "health":
+            p.add_argument("--service", default="", help="service name to check ('' = the server)")
+        else:
+            p.add_argument("--json", action="store_true")
     return parser
 
 

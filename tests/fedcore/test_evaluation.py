@@ -32,9 +32,10 @@ from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
 
 N_IMAGES = 2000  # images per set in the sanity checks
 
-# Measured with the committed classifier, seed 0, N_IMAGES per set (see the module's report):
-# FD(test, train) ~ REAL_VS_REAL; thresholds leave about 2x headroom.
-REAL_VS_REAL_MAX = 1.0
+# Measured with the committed classifier (sha256 8120e5f0...), N_IMAGES per set: FD(test, train) is 13.2 here
+# and 14.5-16.4 for other train samples (the finite-sample bias of 128-d statistics); uniform noise 4,279;
+# train images blurred with sigma 0.5 / 1 / 2: 109 / 1,483 / 3,766.
+REAL_VS_REAL_MAX = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,12 @@ def test_classifier_accuracy_on_test_images(classifier, test_subset):
     assert (predictions == labels).float().mean().item() >= 0.89
 
 
-def test_classifier_features_shape(classifier, test_subset):
+def test_classifier_features_do_not_depend_on_batching(classifier, test_subset):
     features = classifier.features(test_subset[0][:10], batch_size=4)
 
     assert features.shape == (10, classifier.dim) == (10, 128)
     assert torch.isfinite(features).all()
+    torch.testing.assert_close(features, classifier.features(test_subset[0][:10]), rtol=1e-4, atol=1e-4)
 
 
 def test_changed_weights_are_refused(tmp_path):
@@ -234,6 +236,12 @@ def test_reference_from_another_extractor_is_refused(classifier, reference, test
 
 # ---------------------------------------------------------------------------------------------------------
 # Inception-v3 (random weights: the architecture and the key names, not the published features)
+
+
+def test_inception_parameter_count_matches_torchvision():
+    # torchvision's inception_v3 has 27,161,264 parameters; without AuxLogits (3,326,696) and with the TF
+    # graph's 1008-way fc (+16,392) that is 23,850,960.
+    assert sum(p.numel() for p in FIDInceptionV3().parameters()) == 23_850_960
 
 
 def test_inception_loads_a_pytorch_fid_state_dict(tmp_path):

@@ -1,0 +1,92 @@
+"""The worker registry: who has joined, with which session, and who is connected now. Owned here alone."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from fedcore.errors import UnknownWorker
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    device: str
+    gpu_name: str
+    gpu_memory_bytes: int
+    num_examples: int  # FedAvg weight
+    software_version: str
+    has_private_state: bool
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    info: WorkerInfo
+    session_id: str
+    last_seen: float  # monotonic clock
+    left: bool = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+class WorkerRegistry:
+    def __init__(self, heartbeat_timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.heartbeat_timeout = heartbeat_timeout
+        self._clock = clock
+        self._by_id: dict[str, WorkerRecord] = {}
+        self._sessions: dict[str, str] = {}  # session id -> worker id
+        self._lock = threading.Lock()
+
+    def join(self, info: WorkerInfo) -> str:
+        """A new session for this identity; an older session of the same worker ends (it restarted)."""
+        session = secrets.token_hex(16)
+        with self._lock:
+            old = self._by_id.get(info.worker_id)
+            if old is not None:
+                self._sessions.pop(old.session_id, None)
+            self._by_id[info.worker_id] = WorkerRecord(info, session, self._clock())
+            self._sessions[session] = info.worker_id
+        return session
+
+    def touch(self, session_id: str) -> WorkerRecord:
+        """The worker behind a session, marked as seen now; UnknownWorker for an unknown or ended session."""
+        with self._lock:
+            worker_id = self._sessions.get(session_id)
+            if worker_id is None:
+                raise UnknownWorker(f"session {session_id[:12]!r} is unknown or has ended; join again")
+            record = replace(self._by_id[worker_id], last_seen=self._clock(), left=False)
+            self._by_id[worker_id] = record
+            return record
+
+    def leave(self, session_id: str) -> None:
+        with self._lock:
+            worker_id = self._sessions.pop(session_id, None)
+            if worker_id is not None:
+                self._by_id[worker_id] = replace(self._by_id[worker_id], left=True)
+
+    def mark_has_private_state(self, worker_id: str) -> None:
+        with self._lock:
+            r = self._by_id.get(worker_id)
+            if r is not None:
+                self._by_id[worker_id] = replace(r, info=replace(r.info, has_private_state=True))
+
+    def is_connected(self, record: WorkerRecord, now: float | None = None) -> bool:
+        now = self._clock() if now is None else now
+        return not record.left and now - record.last_seen <= self.heartbeat_timeout
+
+    def connected(self) -> list[WorkerRecord]:
+        now = self._clock()
+        with self._lock:
+            return sorted((r for r in self._by_id.values() if self.is_connected(r, now)), key=lambda r: r.worker_id)
+
+    def all(self) -> list[WorkerRecord]:
+        with self._lock:
+            return sorted(self._by_id.values(), key=lambda r: r.worker_id)
+
+    def seconds_since_seen(self, record: WorkerRecord) -> float:
+        return self._clock() - record.last_seen

@@ -1,0 +1,251 @@
+"""The round state machine: wait for workers, plan, hand out tasks, collect updates, close with quorum, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fedcore import checkpoint
+from fedcore.chunking import StreamHeader
+from fedcore.client import TrainTask
+from fedcore.errors import LateUpdate, NotAssigned, WrongRound
+from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
+from fedcore.metrics import Metrics
+from fedcore.parts import PART_ORDER, Part
+from fedcore.serialization import save_file
+from fedcore.simulation import ROUNDS_LOG, format_round, round_record
+
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import WorkerRegistry
+
+log = logging.getLogger("feddiff.coordinator")
+
+State = Literal["waiting_for_workers", "training", "done", "stopped"]
+FINAL_MODEL = "final.safetensors"
+HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
+
+
+@dataclass(frozen=True)
+class IssuedTask:
+    task: TrainTask
+    header: StreamHeader  # of the weights payload the worker downloads
+
+
+class RoundDriver:
+    """Owns the federation's progress. gRPC handlers call in from many threads; `run` is the one loop
+    that opens and closes rounds."""
+
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        federation: Federation,
+        registry: WorkerRegistry,
+        metrics: Metrics,
+    ):
+        self.cfg = cfg
+        self.federation = federation
+        self.registry = registry
+        self.metrics = metrics
+        self.checkpoint_dir = Path(cfg.checkpoint_dir)
+        self.state: State = "waiting_for_workers"
+        self._cond = threading.Condition()
+        self._round: OpenRound | None = None
+        self._issued: dict[str, IssuedTask] = {}
+        self._closed_task_ids: set[str] = set()  # tasks of rounds that already closed: uploads are late
+        self._stop = threading.Event()
+        self._round_started = 0.0
+        metrics.min_workers.set(cfg.min_workers)
+        metrics.rounds_planned.set(cfg.rounds)
+        metrics.round.set(federation.completed_rounds)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set() and not self.federation.finished:
+                if not self._wait_for_workers():
+                    break
+                self._run_round()
+            if self.federation.finished:
+                self._finish()
+        except Exception:
+            log.exception("round loop failed")
+            raise
+        finally:
+            with self._cond:
+                if self.state != "done":
+                    self.state = "stopped"
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait_for_workers(self) -> bool:
+        logged = False
+        while not self._stop.is_set():
+            connected = self.registry.connected()
+            self.metrics.workers_connected.set(len(connected))
+            if len(connected) >= self.cfg.min_workers:
+                return True
+            if not logged:
+                log.info("waiting for workers: %d of %d connected", len(connected), self.cfg.min_workers)
+                logged = True
+            with self._cond:
+                self.state = "waiting_for_workers"
+                self._cond.wait(timeout=0.2)
+        return False
+
+    def _run_round(self) -> None:
+        connected = self.registry.connected()
+        available = [r.worker_id for r in connected]
+        lost = [r.worker_id for r in connected if not r.info.has_private_state]
+        plan = self.federation.plan(available, lost_state=lost)
+        weights = {r.worker_id: r.info.num_examples for r in connected}
+        with self._cond:
+            open_round = self.federation.open_round(plan, weights)
+            self._issued = {}
+            for c in plan.clients:
+                task = open_round.task(c)
+                self._issued[c] = IssuedTask(task, StreamHeader.of(open_round.payload(task.receives)))
+            self._round = open_round
+            self.state = "training"
+            self._round_started = time.monotonic()
+            self._cond.notify_all()
+        log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
+        deadline = self._round_started + self.cfg.round_deadline
+        with self._cond:
+            while not self._stop.is_set() and len(open_round.accepted) < len(plan.clients):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 0.5))
+                self.metrics.workers_connected.set(len(self.registry.connected()))
+            needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
+            got = len(open_round.accepted)
+            self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
+            self._round = None
+            self._issued = {}
+            if self._stop.is_set():
+                return
+            if got < needed:
+                log.warning("round %d: %d of %d updates by the deadline, quorum %d: round re-run", plan.round + 1, got, len(plan.clients), needed)
+                return
+            outcome = open_round.close()
+        self._after_round(outcome)
+
+    def _after_round(self, outcome: RoundOutcome) -> None:
+        seconds = time.monotonic() - self._round_started
+        self.metrics.round_duration.observe(seconds)
+        self.metrics.round.set(self.federation.completed_rounds)
+        self.metrics.round_mean_loss.set(outcome.mean_loss)
+        record = round_record(outcome, self.federation.ledger, seconds)
+        try:
+            self._checkpoint()
+            with open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
+        log.info(format_round(record))
+
+    def _checkpoint(self) -> None:
+        fed = self.federation
+        state = checkpoint.RunState(
+            completed_rounds=fed.completed_rounds,
+            config=fed.config.as_json(),
+            contacted=tuple(sorted(fed.contacted)),
+            ledger=fed.ledger.as_json(),
+            global_file=checkpoint.global_file_name(fed.completed_rounds),
+        )
+        checkpoint.save_run(self.checkpoint_dir, fed.global_state, state)
+
+    def _finish(self) -> None:
+        try:
+            save_file(self.checkpoint_dir / FINAL_MODEL, self.federation.global_state, {"completed_rounds": str(self.federation.completed_rounds)})
+        except OSError as e:
+            log.error("writing the final model failed: %s", e)
+        with self._cond:
+            self.state = "done"
+            self._cond.notify_all()
+        ledger = self.federation.ledger
+        log.info(
+            "done: %d rounds, %d parameters exchanged, %.1f%% less than plain FedAvg",
+            self.federation.completed_rounds,
+            ledger.traffic.total,
+            100 * ledger.reduction_vs_full,
+        )
+
+    # --- called from gRPC handlers --------------------------------------------------------------------------
+    def wait_task(self, worker_id: str, timeout: float) -> IssuedTask | Literal["done", "idle"]:
+        """This worker's open task of the current round, waiting up to `timeout` for one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self.state == "done":
+                    return "done"
+                issued = self._issued.get(worker_id)
+                if issued is not None and self._round is not None and worker_id not in self._round.accepted:
+                    return issued
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return "idle"
+                self._cond.wait(timeout=remaining)
+
+    def _current(self, worker_id: str, task_id: str) -> tuple[OpenRound, IssuedTask]:
+        with self._cond:
+            issued = self._issued.get(worker_id)
+            if self._round is not None and issued is not None and issued.task.task_id == task_id:
+                return self._round, issued
+            if task_id in self._closed_task_ids:
+                raise LateUpdate(f"task {task_id!r} belongs to a round that has closed")
+            if self._round is not None and any(t.task.task_id == task_id for t in self._issued.values()):
+                raise NotAssigned(f"task {task_id!r} was not given to worker {worker_id!r}")
+            raise WrongRound(f"task {task_id!r} is not part of the round in progress")
+
+    def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        open_round, issued = self._current(worker_id, task_id)
+        return open_round.payload(issued.task.receives), issued
+
+    def download_complete(self, worker_id: str, task_id: str) -> Ledger:
+        open_round, _ = self._current(worker_id, task_id)
+        event = open_round.mark_sent(worker_id)
+        self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
+        return event
+
+    def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part]) -> int:
+        """The largest update payload this worker may send for this task, after checking the task and parts."""
+        _, issued = self._current(worker_id, task_id)
+        if parts != issued.task.returns:
+            got = sorted(p.value for p in parts)
+            want = sorted(p.value for p in issued.task.returns)
+            raise NotAssigned(f"update carries parts {got}, task {task_id!r} returns {want}")
+        layout = self.federation.layout
+        data = sum(spec.numel * 4 for spec in layout.specs(parts).values())
+        return data + HEADER_SLACK + 256 * len(layout.names(parts))
+
+    def accept(self, worker_id: str, task_id: str, payload: bytearray, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+        open_round, _ = self._current(worker_id, task_id)
+        update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
+        self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)
+        if open_round.plan.assignment(worker_id).private:
+            self.registry.mark_has_private_state(worker_id)
+        with self._cond:
+            self._cond.notify_all()
+        return update
+
+    def progress(self) -> tuple[int, int]:
+        """(selected, done) of the round in progress."""
+        with self._cond:
+            if self._round is None:
+                return 0, 0
+            return len(self._round.plan.clients), len(self._round.accepted)
+
+    def bytes_total(self) -> tuple[int, int]:
+        ledger = self.federation.ledger
+        return sum(ledger.bytes_down[p] for p in PART_ORDER), sum(ledger.bytes_up[p] for p in PART_ORDER)

@@ -1,0 +1,127 @@
+"""The coordinator process: gRPC server (with health checks), metrics endpoint, round loop, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedcore import checkpoint
+from fedcore.chunking import MAX_CHUNK_SIZE
+from fedcore.federation import Federation, Ledger
+from fedcore.metrics import Metrics
+from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import WorkerRegistry
+from coordinator.rounds import RoundDriver
+from coordinator.security import server_credentials
+from coordinator.servicer import CoordinatorServicer
+
+log = logging.getLogger("feddiff.coordinator")
+
+SERVICE_NAME = "feddiff.v1.Coordinator"
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_send_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def build_federation(cfg: CoordinatorConfig) -> Federation:
+    """A fresh federation, or the one in checkpoint_dir with --resume."""
+    fcfg = cfg.federation
+    saved = checkpoint.load_run(cfg.checkpoint_dir) if cfg.resume else None
+    if saved is None:
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
+        return Federation(fcfg)
+    weights, state = saved
+    if state.config != fcfg.as_json():
+        raise ValueError(f"--resume with a different run configuration: saved {state.config}, now {fcfg.as_json()}")
+    log.info("resuming after round %d from %s", state.completed_rounds, cfg.checkpoint_dir)
+    return Federation(
+        fcfg,
+        global_state=weights,
+        completed_rounds=state.completed_rounds,
+        contacted=state.contacted,
+        ledger=Ledger.from_json(state.ledger),
+    )
+
+
+class Coordinator:
+    """A running coordinator; `start` returns once it serves, `stop` shuts it down cleanly."""
+
+    def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
+        self.cfg = cfg
+        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        self.metrics = metrics or Metrics()
+        self.registry = WorkerRegistry(cfg.heartbeat_timeout)
+        self.federation = build_federation(cfg)
+        self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads), options=GRPC_OPTIONS)
+        servicer = CoordinatorServicer(cfg, self.driver, self.registry, self.metrics, cfg.max_concurrent_uploads)
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        creds = server_credentials(cfg)
+        self.port = self.server.add_secure_port(cfg.listen, creds) if creds else self.server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        self.metrics_port: int | None = None
+        self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host = self.cfg.listen.rsplit(":", 1)[0]
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
+
+    def start(self) -> Coordinator:
+        if self.cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop.start()
+        log.info(
+            "coordinator serving on %s (metrics on :%s), %s on %s for %d rounds",
+            self.address,
+            self.metrics_port,
+            self.cfg.strategy,
+            self.cfg.model,
+            self.cfg.rounds,
+        )
+        return self
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        self._loop.join(timeout)
+        return not self._loop.is_alive()
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.driver.stop()
+        self.server.stop(grace).wait()
+        self._loop.join(timeout=10)
+
+
+def serve(cfg: CoordinatorConfig) -> int:
+    """Run until SIGTERM/SIGINT (or, with exit_when_done, until the last round is checkpointed)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    coordinator = Coordinator(cfg).start()
+    while not stop.is_set():
+        if cfg.exit_when_done and coordinator.wait_done(timeout=0.2):
+            stop.wait(1.0)  # let the workers' pending long polls see "done"
+            break
+        stop.wait(0.2)
+    log.info("shutting down")
+    coordinator.stop()
+    return 0

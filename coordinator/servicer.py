@@ -1,0 +1,186 @@
+"""gRPC servicer: protobuf in, one call into the round driver or registry, protobuf or a mapped status out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from fedcore import wire
+from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
+from fedcore.metrics import Metrics
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.registry import WorkerInfo, WorkerRegistry
+from coordinator.rounds import IssuedTask, RoundDriver
+from coordinator.status import abort
+
+log = logging.getLogger("feddiff.coordinator")
+
+MAX_WAIT_MS = 60_000
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, upload_slots: int):
+        self.cfg = cfg
+        self.driver = driver
+        self.registry = registry
+        self.metrics = metrics
+        self._upload_slots = threading.BoundedSemaphore(max(1, upload_slots))
+
+    def _refuse(self, context: grpc.ServicerContext, error: FeddiffError) -> None:
+        self.metrics.updates.labels(error.reason).inc()
+        log.warning("refused: %s: %s", error.reason, error)
+        abort(context, error)
+
+    def _worker(self, session_id: str, context: grpc.ServicerContext) -> str:
+        try:
+            return self.registry.touch(session_id).worker_id
+        except UnknownWorker as e:
+            abort(context, e)
+
+    # --- membership ------------------------------------------------------------------------------------------
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        w = request.worker
+        if not w.worker_id or len(w.worker_id) > 128 or not w.worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
+        if w.num_examples < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")
+        info = WorkerInfo(
+            worker_id=w.worker_id,
+            device=w.device,
+            gpu_name=w.gpu_name,
+            gpu_memory_bytes=w.gpu_memory_bytes,
+            num_examples=w.num_examples,
+            software_version=w.software_version,
+            has_private_state=w.has_private_state,
+        )
+        session = self.registry.join(info)
+        log.info("worker %s joined (%s%s, %d images)", w.worker_id, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
+        fed = self.driver.federation.config
+        return pb.JoinResponse(
+            session_id=session,
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval * 1000),
+            model=fed.model,
+            strategy=fed.strategy.value,
+            chunk_size=self.cfg.chunk_size,
+            rounds=fed.rounds,
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        self._worker(request.session_id, context)
+        return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        self.registry.leave(request.session_id)
+        return pb.LeaveResponse()
+
+    # --- tasks -----------------------------------------------------------------------------------------------
+    def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.WaitTaskResponse:
+        worker_id = self._worker(request.session_id, context)
+        timeout = min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000
+        outcome = self.driver.wait_task(worker_id, timeout)
+        self.registry.touch(request.session_id)
+        if outcome == "done":
+            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds))
+        if outcome == "idle":
+            return pb.WaitTaskResponse(idle=pb.Idle())
+        assert isinstance(outcome, IssuedTask)
+        return pb.WaitTaskResponse(task=wire.task_to_proto(outcome.task, outcome.header))
+
+    def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
+        worker_id = self._worker(request.session_id, context)
+        try:
+            payload, issued = self.driver.weights_for(worker_id, request.task_id)
+        except FeddiffError as e:
+            abort(context, e)
+        header = pb.WeightsChunk(
+            header=wire.header_to_proto(issued.header, round_index=issued.task.round, task_id=issued.task.task_id, parts=issued.task.receives)
+        )
+        sent = header.ByteSize()
+        yield header
+        for msg in wire.chunk_messages(payload, self.cfg.chunk_size, lambda b: pb.WeightsChunk(data=b)):
+            sent += msg.ByteSize()
+            yield msg
+        # Reached only when the client drained the stream: count the transfer now, not when it started.
+        self.metrics.wire_bytes.labels("down").inc(sent)
+        try:
+            self.driver.download_complete(worker_id, request.task_id)
+        except FeddiffError as e:
+            log.info("download of %s completed after its round closed: %s", request.task_id, e)
+
+    def UploadUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.UploadResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            self._refuse(context, HeaderError("an update stream must start with its header"))
+        h = first.header
+        worker_id = self._worker(h.session_id, context)
+        self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
+        try:
+            parts = wire.parts_from_proto(h.stream.parts)
+            limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts)
+            stream_header = wire.header_from_proto(h.stream)
+            stream_header.check(max_bytes=limit)
+            if h.report.images_seen < 1 or not (h.report.mean_loss == h.report.mean_loss):
+                raise HeaderError(f"train report images_seen {h.report.images_seen} / mean_loss {h.report.mean_loss} is invalid")
+        except FeddiffError as e:
+            self._refuse(context, e)
+        # Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
+        # others wait here, unread, held by HTTP/2 flow control.
+        with self._upload_slots:
+            try:
+                payload = wire.reassemble(stream_header, self._data(request_iterator), max_bytes=limit)
+                self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+            except FeddiffError as e:
+                self._refuse(context, e)
+        self.metrics.updates.labels("accepted").inc()
+        return pb.UploadResponse(outcome="accepted")
+
+    def _data(self, request_iterator: Iterator[pb.UpdateChunk]) -> Iterator[bytes]:
+        for msg in request_iterator:
+            self.metrics.wire_bytes.labels("up").inc(msg.ByteSize())
+            if not msg.HasField("data"):
+                raise SizeMismatch("an update stream carries one header, then data only")
+            yield msg.data
+
+    def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
+        worker_id = self._worker(request.session_id, context)
+        self.metrics.fd.labels(worker_id).set(request.frechet_distance)
+        return pb.EvaluationAck()
+
+    # --- tools -----------------------------------------------------------------------------------------------
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        fed = self.driver.federation
+        ledger = fed.ledger
+        selected, done = self.driver.progress()
+        down, up = self.driver.bytes_total()
+        workers = [
+            pb.WorkerStatus(
+                worker_id=r.worker_id,
+                connected=self.registry.is_connected(r),
+                num_examples=r.info.num_examples,
+                device=r.info.device,
+                gpu_name=r.info.gpu_name,
+                last_seen_seconds_ago=self.registry.seconds_since_seen(r),
+            )
+            for r in self.registry.all()
+        ]
+        return pb.StatusResponse(
+            state=self.driver.state,
+            completed_rounds=fed.completed_rounds,
+            rounds=fed.config.rounds,
+            strategy=fed.config.strategy.value,
+            model=fed.config.model,
+            workers=workers,
+            round_selected=selected,
+            round_done=done,
+            payload_bytes_down=down,
+            payload_bytes_up=up,
+            parameters_exchanged=ledger.traffic.total,
+            full_fedavg_parameters=ledger.full_fedavg,
+            reduction_vs_full=ledger.reduction_vs_full,
+        )

@@ -1,0 +1,67 @@
+"""Prometheus metrics of both sides: communication volume by direction and part, rounds, workers, training."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fedcore.parts import PART_ORDER, Part
+
+ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
+
+
+class Metrics:
+    """One set of feddiff metrics in its own registry (a fresh one per test, the process's one in a server)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.payload_bytes = Counter(
+            "feddiff_payload_bytes", "Safetensors payload bytes exchanged", ["direction", "part"], registry=r
+        )
+        self.wire_bytes = Counter(
+            "feddiff_wire_bytes", "Bytes of weight-stream messages sent or received", ["direction"], registry=r
+        )
+        self.parameters = Counter(
+            "feddiff_parameters", "Parameters (float32 values) exchanged", ["direction", "part"], registry=r
+        )
+        self.full_fedavg_parameters = Counter(
+            "feddiff_full_fedavg_parameters",
+            "Parameters plain FedAvg would have exchanged for the same rounds and participants",
+            registry=r,
+        )
+        self.round = Gauge("feddiff_round", "Rounds completed", registry=r)
+        self.rounds_planned = Gauge("feddiff_rounds_planned", "Rounds the run is configured for", registry=r)
+        self.round_duration = Histogram(
+            "feddiff_round_duration_seconds", "Wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=r
+        )
+        self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
+        self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
+        self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
+        self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
+        self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
+        self.train_images = Counter("feddiff_train_images", "Images this worker trained on", registry=r)
+        self.train_images_per_second = Gauge(
+            "feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r
+        )
+        self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
+        for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
+            for d in ("down", "up"):
+                self.payload_bytes.labels(d, p.value)
+                self.parameters.labels(d, p.value)
+        for d in ("down", "up"):
+            self.wire_bytes.labels(d)
+
+    def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
+        for p in PART_ORDER:
+            if parameters.get(p):
+                self.parameters.labels(direction, p.value).inc(parameters[p])
+            if payload_bytes.get(p):
+                self.payload_bytes.labels(direction, p.value).inc(payload_bytes[p])
+        self.full_fedavg_parameters.inc(full_fedavg)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
+        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_port)

@@ -1,0 +1,113 @@
+"""Protobuf <-> domain objects for the v1 wire contract, with range checks, and chunked streams of messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from fedcore.chunking import Reassembler, StreamHeader, iter_chunks
+from fedcore.client import TrainTask
+from fedcore.errors import HeaderError
+from fedcore.parts import Part, parse_parts, sorted_parts
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.training import TrainConfig
+
+Msg = TypeVar("Msg")
+
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 16
+
+
+def parts_to_proto(parts: Iterable[Part]) -> list[str]:
+    return [p.value for p in sorted_parts(parts)]
+
+
+def parts_from_proto(names: Iterable[str]) -> frozenset[Part]:
+    try:
+        return parse_parts(list(names))
+    except ValueError as e:
+        raise HeaderError(str(e)) from None
+
+
+def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
+    return pb.Task(
+        kind=pb.Task.TRAIN,
+        round=task.round,
+        task_id=task.task_id,
+        receives=parts_to_proto(task.receives),
+        returns=parts_to_proto(task.returns),
+        private_parts=parts_to_proto(task.private),
+        train=pb.TrainSpec(
+            epochs=task.train.epochs,
+            batch_size=task.train.batch_size,
+            lr=task.train.lr,
+            loss=task.train.loss,
+            seed=task.seed,
+        ),
+        payload_bytes=header.total_bytes,
+        payload_sha256=header.sha256,
+    )
+
+
+def task_from_proto(msg: pb.Task) -> TrainTask:
+    """A train task as the worker will run it; out-of-range fields are refused, not clamped."""
+    spec = msg.train
+    if not 1 <= spec.epochs <= MAX_EPOCHS:
+        raise HeaderError(f"task {msg.task_id!r}: epochs {spec.epochs} outside 1..{MAX_EPOCHS}")
+    if not 1 <= spec.batch_size <= MAX_BATCH:
+        raise HeaderError(f"task {msg.task_id!r}: batch_size {spec.batch_size} outside 1..{MAX_BATCH}")
+    if not (math.isfinite(spec.lr) and 0 < spec.lr < 1):
+        raise HeaderError(f"task {msg.task_id!r}: lr {spec.lr} outside (0, 1)")
+    if spec.loss not in ("huber", "mse"):
+        raise HeaderError(f"task {msg.task_id!r}: loss {spec.loss!r} is not 'huber' or 'mse'")
+    receives = parts_from_proto(msg.receives)
+    returns = parts_from_proto(msg.returns)
+    if not receives or not returns <= receives:
+        raise HeaderError(f"task {msg.task_id!r}: returns {list(msg.returns)} must be part of receives {list(msg.receives)}")
+    return TrainTask(
+        round=msg.round,
+        task_id=msg.task_id,
+        receives=receives,
+        returns=returns,
+        private=parts_from_proto(msg.private_parts),
+        train=TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, loss=spec.loss),  # type: ignore[arg-type]
+        seed=spec.seed,
+    )
+
+
+def header_to_proto(header: StreamHeader, *, round_index: int, task_id: str, parts: Iterable[Part]) -> pb.StreamHeader:
+    return pb.StreamHeader(
+        round=round_index,
+        task_id=task_id,
+        parts=parts_to_proto(parts),
+        total_bytes=header.total_bytes,
+        sha256=header.sha256,
+        format_version=header.format_version,
+    )
+
+
+def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
+    return StreamHeader(total_bytes=msg.total_bytes, sha256=msg.sha256, format_version=msg.format_version)
+
+
+def chunk_messages(payload: bytes, chunk_size: int, wrap: Callable[[bytes], Msg]) -> Iterator[Msg]:
+    """The data messages of one payload (the caller sends the header message first)."""
+    for view in iter_chunks(payload, chunk_size):
+        yield wrap(bytes(view))
+
+
+def reassemble(
+    header: StreamHeader,
+    data_messages: Iterable[bytes],
+    *,
+    max_bytes: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> bytearray:
+    """Feed the data of a stream's messages into a checked buffer: refuses excess at once, then size and hash."""
+    receiver = Reassembler(header, max_bytes=max_bytes)
+    for data in data_messages:
+        if on_bytes is not None:
+            on_bytes(len(data))
+        receiver.feed(data)
+    return receiver.finish()

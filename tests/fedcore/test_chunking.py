@@ -1,0 +1,140 @@
+"""Tests for fedcore.chunking: chunked streams reassemble exactly, and every mismatch with the header is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from fedcore.chunking import (
+    FORMAT_VERSION,
+    MAX_CHUNK_SIZE,
+    Reassembler,
+    StreamHeader,
+    iter_chunks,
+)
+from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamError, StreamTooLong
+
+PAYLOAD = os.urandom(10_007)  # a prime length, so most chunk sizes leave a short last chunk
+
+
+def _receive(payload: bytes, header: StreamHeader, chunk_size: int, max_bytes: int | None = None) -> bytearray:
+    receiver = Reassembler(header, max_bytes=max_bytes or header.total_bytes)
+    for chunk in iter_chunks(payload, chunk_size):
+        receiver.feed(chunk)
+    return receiver.finish()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000, 10_006, 10_007, 10_008, MAX_CHUNK_SIZE])
+def test_roundtrip_over_chunk_sizes(chunk_size: int) -> None:
+    header = StreamHeader.of(PAYLOAD)
+
+    received = _receive(PAYLOAD, header, chunk_size)
+
+    assert bytes(received) == PAYLOAD
+    assert header.total_bytes == len(PAYLOAD)
+    assert header.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
+    assert header.format_version == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("chunk_size", [1, 1000, 4096])
+def test_chunks_are_bounded_views_covering_the_payload(chunk_size: int) -> None:
+    chunks = list(iter_chunks(PAYLOAD, chunk_size))
+
+    assert all(isinstance(c, memoryview) for c in chunks)
+    assert all(len(c) == chunk_size for c in chunks[:-1]) and 0 < len(chunks[-1]) <= chunk_size
+    assert b"".join(chunks) == PAYLOAD
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, MAX_CHUNK_SIZE + 1])
+def test_chunk_size_outside_the_bound_is_refused(chunk_size: int) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(iter_chunks(PAYLOAD, chunk_size))
+
+
+def test_truncated_stream_is_a_size_mismatch() -> None:
+    header = StreamHeader.of(PAYLOAD)
+
+    with pytest.raises(SizeMismatch, match="after 10000 of 10007"):
+        _receive(PAYLOAD[:10_000], header, 1000)
+
+
+def test_corrupted_chunk_is_a_hash_mismatch() -> None:
+    header = StreamHeader.of(PAYLOAD)
+    corrupted = bytearray(PAYLOAD)
+    corrupted[5_000] ^= 0xFF
+
+    with pytest.raises(HashMismatch, match=header.sha256):
+        _receive(bytes(corrupted), header, 1000)
+
+
+def test_excess_bytes_are_refused_at_the_chunk_that_exceeds() -> None:
+    header = StreamHeader.of(PAYLOAD)
+    receiver = Reassembler(header, max_bytes=1 << 20)
+    longer = PAYLOAD + b"x" * 3000
+    fed = 0
+
+    with pytest.raises(StreamTooLong) as excinfo:
+        for chunk in iter_chunks(longer, 1000):
+            receiver.feed(chunk)
+            fed += 1
+
+    assert fed == 10  # chunks 0..9 (10,000 bytes) fit; chunk 10 would end at 11,000 > 10,007
+    assert receiver.received == 10_000 <= header.total_bytes
+    assert excinfo.value.reason == "too_large"
+    # Further chunks are refused too and never grow the buffer past the declaration.
+    with pytest.raises(StreamTooLong):
+        receiver.feed(b"y" * 8)
+    assert receiver.received == 10_000
+
+
+def test_exact_fill_then_one_more_byte_is_refused() -> None:
+    header = StreamHeader.of(PAYLOAD)
+    receiver = Reassembler(header, max_bytes=len(PAYLOAD))
+    receiver.feed(PAYLOAD)
+
+    with pytest.raises(StreamTooLong):
+        receiver.feed(b"\x00")
+
+    assert receiver.received == len(PAYLOAD)
+    assert bytes(receiver.finish()) == PAYLOAD
+
+
+def test_absurd_declared_size_is_refused_at_construction() -> None:
+    header = StreamHeader(total_bytes=1 << 40, sha256="0" * 64)
+
+    with pytest.raises(StreamTooLong, match="exceeds the limit of 1048576"):
+        Reassembler(header, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        (StreamHeader(total_bytes=10, sha256="a" * 63), "64-character"),
+        (StreamHeader(total_bytes=10, sha256="A" * 64), "lowercase hex"),
+        (StreamHeader(total_bytes=10, sha256="g" * 64), "lowercase hex"),
+        (StreamHeader(total_bytes=10, sha256=""), "64-character"),
+        (StreamHeader(total_bytes=10, sha256="0" * 64, format_version=FORMAT_VERSION + 1), "format version"),
+        (StreamHeader(total_bytes=10, sha256="0" * 64, format_version=0), "format version"),
+        (StreamHeader(total_bytes=0, sha256="0" * 64), "must be positive"),
+        (StreamHeader(total_bytes=-5, sha256="0" * 64), "must be positive"),
+    ],
+)
+def test_bad_header_is_refused(header: StreamHeader, match: str) -> None:
+    with pytest.raises(HeaderError, match=match) as excinfo:
+        Reassembler(header, max_bytes=1 << 20)
+
+    assert excinfo.value.reason == "bad_header"
+
+
+def test_stream_errors_share_a_base_and_carry_reasons() -> None:
+    reasons = {cls: cls.reason for cls in (HeaderError, SizeMismatch, HashMismatch, StreamTooLong)}
+
+    assert all(issubclass(cls, StreamError) for cls in reasons)
+    assert reasons == {
+        HeaderError: "bad_header",
+        SizeMismatch: "bad_size",
+        HashMismatch: "bad_hash",
+        StreamTooLong: "too_large",
+    }

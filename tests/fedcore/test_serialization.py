@@ -1,0 +1,297 @@
+"""Tests for fedcore.serialization: payload roundtrips, and every malformed payload refused with a named reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+
+from fedcore.errors import (
+    NonFiniteTensor,
+    NotAssigned,
+    NotSafetensors,
+    PayloadError,
+    RoundError,
+    SchemaError,
+    WrongRound,
+)
+from fedcore.model import build_model
+from fedcore.parts import ALL_PARTS, Part, PartLayout, select
+from fedcore.serialization import PayloadMeta, decode, encode, load_file, read_meta, save_file
+
+ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
+DECODER_ONLY = frozenset({DEC})
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return build_model("tiny", seed=0).state_dict()
+
+
+def _meta(parts=DECODER_ONLY, kind="delta", round_index=3, model="tiny") -> PayloadMeta:
+    return PayloadMeta(kind=kind, model=model, round=round_index, parts=frozenset(parts))
+
+
+def _decode(data, layout: PartLayout, parts=DECODER_ONLY, kind="delta", round_index=3):
+    return decode(data, layout, kind=kind, parts=parts, round_index=round_index, model="tiny")
+
+
+def _raw(header: dict, body: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+# --- roundtrip -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [ALL_PARTS, frozenset({ENC}), frozenset({MID}), DECODER_ONLY, frozenset({MID, DEC}), frozenset({ENC, MID})],
+)
+def test_roundtrip_of_parts(parts: frozenset[Part], state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, parts)
+    data = encode(tensors, _meta(parts))
+
+    decoded = _decode(bytearray(data), tiny_layout, parts)
+
+    assert list(decoded) == tiny_layout.names(parts)
+    assert all(torch.equal(decoded[n], tensors[n]) for n in tensors)
+    assert read_meta(data) == _meta(parts)
+
+
+def test_decode_of_a_bytearray_shares_its_memory(state, tiny_layout: PartLayout) -> None:
+    buffer = bytearray(encode(select(state, tiny_layout, DECODER_ONLY), _meta()))
+
+    decoded = _decode(buffer, tiny_layout)
+
+    first = next(iter(decoded.values()))
+    assert buffer[0:8] and first.untyped_storage().data_ptr() == torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+
+
+def test_decode_of_read_only_bytes_copies(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta())
+
+    decoded = _decode(data, tiny_layout)
+    next(iter(decoded.values())).add_(1.0)  # writable, and the bytes are untouched
+
+    assert _decode(data, tiny_layout)[tiny_layout.names(DECODER_ONLY)[0]].equal(
+        state[tiny_layout.names(DECODER_ONLY)[0]]
+    )
+
+
+def test_metadata_names_format_kind_round_and_parts() -> None:
+    md = _meta(frozenset({DEC, MID}), kind="weights", round_index=7).as_metadata()
+
+    assert md == {
+        "format_version": "1",
+        "kind": "weights",
+        "model": "tiny",
+        "round": "7",
+        "parts": "bottleneck,decoder",
+        "dtype": "float32",
+    }
+
+
+def test_save_and_load_file(tmp_path, state) -> None:
+    save_file(tmp_path / "m.safetensors", state, {"completed_rounds": "2"})
+
+    loaded, metadata = load_file(tmp_path / "m.safetensors")
+
+    assert metadata == {"completed_rounds": "2"}
+    assert set(loaded) == set(state) and all(torch.equal(loaded[n], state[n]) for n in state)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+
+
+# --- not safetensors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01\x02\x03",
+        os.urandom(4096),
+        struct.pack("<Q", 1000) + b"{}",  # header longer than the payload
+        struct.pack("<Q", 1 << 62) + b"x" * 64,  # absurd header length
+        struct.pack("<Q", 10) + b"not json!!",
+        struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc",  # not UTF-8
+        _raw([1, 2, 3]),  # type: ignore[arg-type]
+        _raw({"__metadata__": ["a"]}),
+        _raw({"__metadata__": {"kind": 5}}),
+        _raw({"__metadata__": {}}),  # not feddiff's metadata
+        _raw({"__metadata__": {"kind": "delta", "model": "tiny", "round": "x", "parts": "decoder", "format_version": "1"}}),
+        _raw({"__metadata__": {"kind": "delta", "model": "tiny", "round": "3", "parts": "legs", "format_version": "1"}}),
+        _raw({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+        _raw({"w": {"dtype": "F32", "shape": 7, "data_offsets": [0, 4]}}, b"\x00" * 4),
+        _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, b"\x00" * 8),
+        _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\x00" * 4),  # range too short
+        _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\x00" * 4),  # past the end
+        _raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+        _raw({"w": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}, b"\x00" * 4),  # int(inf)
+        _raw({"w": "F32"}, b"\x00" * 4),
+        _raw(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},  # overlaps a
+            },
+            b"\x00" * 12,
+        ),
+        struct.pack("<Q", 200_000) + b"[" * 200_000,  # deeply nested JSON
+    ],
+    ids=lambda d: f"{len(d)}B",
+)
+def test_garbage_is_not_safetensors(data: bytes, tiny_layout: PartLayout) -> None:
+    with pytest.raises(NotSafetensors) as excinfo:
+        _decode(data, tiny_layout)
+
+    assert excinfo.value.reason == "not_safetensors"
+    assert isinstance(excinfo.value, PayloadError)
+
+
+def test_truncated_payload_is_not_safetensors(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta())
+
+    for cut in (4, 8, 20, len(data) // 2, len(data) - 1):
+        with pytest.raises(NotSafetensors):
+            _decode(data[:cut], tiny_layout)
+
+
+# --- schema ----------------------------------------------------------------------------------------------
+
+
+def _with(tensors: dict[str, torch.Tensor], **changes) -> dict[str, torch.Tensor]:
+    out = dict(tensors)
+    for name, value in changes.items():
+        if value is None:
+            del out[name]
+        else:
+            out[name] = value
+    return out
+
+
+def test_unknown_tensor_is_named(state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors["ups.9.sneaky.weight"] = torch.zeros(3)
+
+    with pytest.raises(SchemaError, match=r"unknown tensor 'ups\.9\.sneaky\.weight'") as excinfo:
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+    assert excinfo.value.reason == "bad_schema"
+
+
+def test_tensor_of_another_part_is_unknown(state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors["init_conv.weight"] = state["init_conv.weight"]
+
+    with pytest.raises(SchemaError, match=r"unknown tensor 'init_conv\.weight'"):
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+
+def test_missing_tensor_is_named(state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    del tensors["final_conv.bias"]
+
+    with pytest.raises(SchemaError, match=r"missing tensor 'final_conv\.bias'"):
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+
+def test_wrong_shape_is_named(state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    expected = tuple(tensors["final_conv.weight"].shape)
+    tensors["final_conv.weight"] = torch.zeros(2, *expected[1:])
+
+    with pytest.raises(SchemaError, match=rf"tensor 'final_conv\.weight' has shape \(2, .*expected \({expected[0]},"):
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16, torch.int32])
+def test_wrong_dtype_is_named(dtype: torch.dtype, state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors["final_conv.weight"] = tensors["final_conv.weight"].to(dtype)
+
+    with pytest.raises(SchemaError, match=rf"tensor 'final_conv\.weight' has dtype {dtype}, expected torch.float32"):
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_named(bad: float, state, tiny_layout: PartLayout) -> None:
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    poisoned = tensors["final_conv.weight"].clone()
+    poisoned.view(-1)[1] = bad
+    tensors["final_conv.weight"] = poisoned
+
+    with pytest.raises(NonFiniteTensor, match=r"tensor 'final_conv\.weight' holds 1 NaN/Inf") as excinfo:
+        _decode(encode(tensors, _meta()), tiny_layout)
+
+    assert excinfo.value.reason == "non_finite"
+
+
+# --- metadata --------------------------------------------------------------------------------------------
+
+
+def test_wrong_kind_is_refused(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(kind="weights"))
+
+    with pytest.raises(PayloadError, match="payload kind 'weights', expected 'delta'") as excinfo:
+        _decode(data, tiny_layout, kind="delta")
+
+    assert excinfo.value.reason == "not_safetensors"
+
+
+def test_wrong_model_is_refused(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(model="paper-fmnist"))
+
+    with pytest.raises(SchemaError, match="model 'paper-fmnist', expected 'tiny'"):
+        _decode(data, tiny_layout)
+
+
+def test_wrong_round_is_refused(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=2))
+
+    with pytest.raises(WrongRound, match="round 2, expected round 3") as excinfo:
+        _decode(data, tiny_layout, round_index=3)
+
+    assert excinfo.value.reason == "wrong_round"
+    assert isinstance(excinfo.value, RoundError)
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [(ALL_PARTS, DECODER_ONLY), (frozenset({MID, DEC}), DECODER_ONLY), (DECODER_ONLY, frozenset({MID, DEC}))],
+)
+def test_wrong_parts_are_not_assigned(sent, expected, state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, sent), _meta(sent))
+
+    with pytest.raises(NotAssigned, match="payload holds parts") as excinfo:
+        _decode(data, tiny_layout, parts=expected)
+
+    assert excinfo.value.reason == "not_assigned"
+
+
+def test_parts_metadata_must_match_the_tensors(state, tiny_layout: PartLayout) -> None:
+    # Metadata claims the decoder, but the tensors are the bottleneck's.
+    data = encode(select(state, tiny_layout, {MID}), _meta(DECODER_ONLY))
+
+    with pytest.raises(SchemaError, match="unknown tensor 'mid_"):
+        _decode(data, tiny_layout)
+
+
+def test_round_and_model_checks_are_optional(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=99, model="tiny"))
+
+    decoded = decode(data, tiny_layout, kind="delta", parts=DECODER_ONLY)
+
+    assert set(decoded) == set(tiny_layout.names(DECODER_ONLY))
+
+
+def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLayout) -> None:
+    tensors = {n: t.contiguous() for n, t in select(state, tiny_layout, DECODER_ONLY).items()}
+    data = safetensors.torch.save(tensors, metadata=_meta().as_metadata())
+
+    decoded = _decode(data, tiny_layout)
+
+    assert all(torch.equal(decoded[n], tensors[n]) for n in tensors)

@@ -1,0 +1,134 @@
+"""The worker's gRPC client: one channel, typed calls, chunked weight streams in both directions."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+import fedcore
+from fedcore import wire
+from fedcore.chunking import MAX_CHUNK_SIZE, StreamHeader
+from fedcore.client import TrainTask
+from fedcore.errors import HeaderError
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+
+from worker.config import WorkerConfig
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_send_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def open_channel(cfg: WorkerConfig) -> grpc.Channel:
+    """TLS (mutual with a client certificate) or, with --insecure, plain text."""
+    options = list(CHANNEL_OPTIONS)
+    if cfg.tls_ca:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(cfg.tls_ca).read_bytes(),
+            private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
+            certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
+        )
+        if cfg.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+        return grpc.secure_channel(cfg.coordinator, creds, options=options)
+    if not cfg.insecure:
+        raise ValueError("no --tls-ca given: pass TLS settings, or --insecure for plain-text gRPC")
+    return grpc.insecure_channel(cfg.coordinator, options=options)
+
+
+class CoordinatorClient:
+    """Typed calls to the coordinator; the session id is kept here once joined."""
+
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()):
+        self.stub = pb_grpc.CoordinatorStub(channel)
+        self.metadata = metadata
+        self.session_id = ""
+        self.chunk_size = 1 << 20
+        self.heartbeat_interval = 5.0
+
+    def join(self, info: pb.WorkerInfo, timeout: float = 30.0) -> pb.JoinResponse:
+        resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=timeout, metadata=self.metadata)
+        self.session_id = resp.session_id
+        self.chunk_size = min(max(resp.chunk_size, 1 << 16), MAX_CHUNK_SIZE)
+        self.heartbeat_interval = max(resp.heartbeat_interval_ms / 1000, 0.2)
+        return resp
+
+    def heartbeat(self) -> None:
+        self.stub.Heartbeat(pb.HeartbeatRequest(session_id=self.session_id), timeout=10, metadata=self.metadata)
+
+    def leave(self) -> None:
+        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id), timeout=5, metadata=self.metadata)
+
+    def wait_task(self, timeout: float) -> pb.WaitTaskResponse:
+        req = pb.WaitTaskRequest(session_id=self.session_id, timeout_ms=int(timeout * 1000))
+        return self.stub.WaitTask(req, timeout=timeout + 30, metadata=self.metadata)
+
+    def download(self, task: TrainTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> bytearray:
+        """The task's weights payload, checked against its header (size, hash) before it is returned."""
+        stream = self.stub.DownloadWeights(
+            pb.DownloadRequest(session_id=self.session_id, task_id=task.task_id), metadata=self.metadata
+        )
+        first = next(stream, None)
+        if first is None or not first.HasField("header"):
+            raise HeaderError("weights stream did not start with a header")
+        on_wire(first.ByteSize())
+        h = first.header
+        if h.task_id != task.task_id or h.round != task.round or wire.parts_from_proto(h.parts) != task.receives:
+            raise HeaderError(f"weights header for task {h.task_id!r} round {h.round}, expected {task.task_id!r}")
+
+        def data() -> Iterator[bytes]:
+            for msg in stream:
+                on_wire(msg.ByteSize())
+                if not msg.HasField("data"):
+                    raise HeaderError("weights stream carries one header, then data only")
+                yield msg.data
+
+        return wire.reassemble(wire.header_from_proto(h), data(), max_bytes=max_bytes)
+
+    def upload(self, task: TrainTask, payload: bytes, report: pb.TrainReport, *, on_wire: Callable[[int], None]) -> pb.UploadResponse:
+        header = StreamHeader.of(payload)
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            first = pb.UpdateChunk(
+                header=pb.UpdateHeader(
+                    session_id=self.session_id,
+                    stream=wire.header_to_proto(header, round_index=task.round, task_id=task.task_id, parts=task.returns),
+                    report=report,
+                )
+            )
+            on_wire(first.ByteSize())
+            yield first
+            for msg in wire.chunk_messages(payload, self.chunk_size, lambda b: pb.UpdateChunk(data=b)):
+                on_wire(msg.ByteSize())
+                yield msg
+
+        return self.stub.UploadUpdate(messages(), metadata=self.metadata)
+
+    def report_evaluation(self, report: pb.EvaluationReport) -> None:
+        report.session_id = self.session_id
+        self.stub.ReportEvaluation(report, timeout=60, metadata=self.metadata)
+
+
+def worker_info(worker_id: str, device: str, num_examples: int, has_private_state: bool) -> pb.WorkerInfo:
+    import torch
+
+    gpu_name, gpu_mem = "", 0
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        gpu_name, gpu_mem = props.name, props.total_memory
+    return pb.WorkerInfo(
+        worker_id=worker_id,
+        device=device,
+        gpu_name=gpu_name,
+        gpu_memory_bytes=gpu_mem,
+        num_examples=num_examples,
+        software_version=f"feddiff {fedcore.__version__} on {socket.gethostname()}",
+        has_private_state=has_private_state,
+    )

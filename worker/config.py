@@ -1,0 +1,103 @@
+"""The worker's configuration, built once from command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from fedcore.training import SpeedConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str  # HOST:PORT of the coordinator
+    worker_id: str = ""  # stable identity; default: the one saved in state_dir, else a new random one
+    # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
+    client_index: int = -1
+    num_clients: int = 1
+    split: str = "iid"
+    beta: float = 0.5
+    seed: int = 2023  # split seed
+    max_images: int = 0  # 0 = all training images (before splitting)
+    data_root: str | None = None  # Fashion-MNIST folder (default: Debian's package)
+    data_dir: str = ""  # a folder of PNG/JPEG images instead of Fashion-MNIST
+    image_size: int = 28  # size the --data-dir images are brought to (must match the model)
+    channels: int = 1  # 1 (grayscale) or 3 (RGB) for --data-dir images
+    state_dir: str = "runs/worker"  # identity and private parts, kept across restarts
+    speed: SpeedConfig = SpeedConfig()
+    metrics_port: int = -1  # Prometheus /metrics; -1 disables, 0 picks a free port
+    wait_timeout: float = 30.0  # long-poll duration of one WaitTask call
+    backoff_initial: float = 0.5  # first reconnect delay, doubled up to backoff_max
+    backoff_max: float = 30.0
+    exit_when_done: bool = True  # exit once the coordinator reports the last round done
+    progress: str = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
+    # Security
+    insecure: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token_file: str = ""
+    tls_server_name: str = ""  # override the name checked in the coordinator's certificate
+
+    def __post_init__(self) -> None:
+        if self.data_dir == "" and not 0 <= self.client_index < self.num_clients:
+            raise ValueError(
+                f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)"
+            )
+        if ":" not in self.coordinator:
+            raise ValueError(f"--coordinator {self.coordinator!r} must be HOST:PORT")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--worker-id", default="", help="stable identity (default: saved in --state-dir, else random)")
+    p.add_argument("--client-index", type=int, default=-1, help="this worker's Fashion-MNIST shard")
+    p.add_argument("--num-clients", type=int, default=1)
+    p.add_argument("--split", choices=["iid", "quantity", "label"], default="iid")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=2023, help="split seed")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
+    p.add_argument("--data-dir", default="", help="a folder of PNG/JPEG images to train on instead")
+    p.add_argument("--image-size", type=int, default=28, help="--data-dir images are resized to this")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    p.add_argument("--state-dir", default="runs/worker")
+    p.add_argument("--metrics-port", type=int, default=-1)
+    p.add_argument("--wait-timeout", type=float, default=30.0)
+    p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
+    p.add_argument("--insecure", action="store_true", help="plain-text gRPC")
+    p.add_argument("--tls-ca", default="")
+    p.add_argument("--tls-cert", default="")
+    p.add_argument("--tls-key", default="")
+    p.add_argument("--tls-server-name", default="")
+    p.add_argument("--token-file", default="")
+
+
+def from_args(args: argparse.Namespace, speed: SpeedConfig) -> WorkerConfig:
+    return WorkerConfig(
+        coordinator=args.coordinator,
+        worker_id=args.worker_id,
+        client_index=args.client_index,
+        num_clients=args.num_clients,
+        split=args.split,
+        beta=args.beta,
+        seed=args.seed,
+        max_images=args.max_images,
+        data_root=args.data_root,
+        data_dir=args.data_dir,
+        image_size=args.image_size,
+        channels=args.channels,
+        state_dir=args.state_dir,
+        speed=speed,
+        metrics_port=args.metrics_port,
+        wait_timeout=args.wait_timeout,
+        exit_when_done=not args.keep_running,
+        progress=args.progress,
+        insecure=args.insecure,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token_file=args.token_file,
+    )

@@ -1,0 +1,236 @@
+"""The worker daemon: join, wait for tasks, download, train, upload; reconnect with backoff; stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedcore import checkpoint
+from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
+from fedcore.data import ImageDataset, load_image_folder, to_model_range
+from fedcore.diffusion import Schedule
+from fedcore.errors import FeddiffError
+from fedcore.federation import payload_bytes_by_part
+from fedcore.metrics import Metrics
+from fedcore.model import build_model, preset
+from fedcore.parts import PART_ORDER
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.simulation import DataConfig, client_shard
+from fedcore.training import LocalTrainer, TrainingInterrupted, resolve_device
+from fedcore.wire import task_from_proto
+
+from worker.client import CoordinatorClient, open_channel, worker_info
+from worker.config import WorkerConfig
+from worker.progress import TrainingProgress
+
+log = logging.getLogger("feddiff.worker")
+
+PRIVATE_STEM = "private"
+IDENTITY_FILE = "identity.json"
+
+
+def load_identity(state_dir: Path, requested: str) -> str:
+    """The worker's stable id: the requested one, else the one saved in state_dir, else a new one (saved)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / IDENTITY_FILE
+    saved = json.loads(path.read_text())["worker_id"] if path.exists() else ""
+    worker_id = requested or saved or f"worker-{secrets.token_hex(4)}"
+    if worker_id != saved:
+        path.write_text(json.dumps({"worker_id": worker_id}) + "\n")
+    return worker_id
+
+
+def load_local_data(cfg: WorkerConfig) -> ImageDataset:
+    if cfg.data_dir:
+        return load_image_folder(cfg.data_dir, cfg.image_size, cfg.channels)
+    data_cfg = DataConfig(
+        num_clients=cfg.num_clients,
+        split=cfg.split,  # type: ignore[arg-type]
+        beta=cfg.beta,
+        split_seed=cfg.seed,
+        max_images=cfg.max_images,
+        root=cfg.data_root,
+    )
+    return client_shard(data_cfg, cfg.client_index)
+
+
+class WorkerDaemon:
+    def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.state_dir = Path(cfg.state_dir)
+        self.worker_id = load_identity(self.state_dir, cfg.worker_id)
+        self.stop_event = threading.Event()
+        self.images = load_local_data(cfg)
+        found = checkpoint.load_private(self.state_dir, PRIVATE_STEM)
+        self.private = found[0] if found else None
+        if found:
+            log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
+        self.runtime: ClientRuntime | None = None
+        self.progress = TrainingProgress(self.worker_id, cfg.progress)
+        self.rounds_done = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> int:
+        """Serve tasks until the federation is done (0), or until stopped (0); reconnect on failures."""
+        if self.cfg.metrics_port >= 0:
+            port = self.metrics.serve(self.cfg.metrics_port)
+            log.info("worker %s: metrics on :%d", self.worker_id, port)
+        backoff = self.cfg.backoff_initial
+        while not self.stop_event.is_set():
+            channel = open_channel(self.cfg)
+            client = CoordinatorClient(channel, self._metadata())
+            try:
+                done = self._session(client)
+                backoff = self.cfg.backoff_initial
+                if done and self.cfg.exit_when_done:
+                    log.info("worker %s: federation done after %d rounds here", self.worker_id, self.rounds_done)
+                    return 0
+            except TrainingInterrupted:
+                log.info("worker %s: training interrupted", self.worker_id)
+            except MissingPrivateState as e:
+                log.error("worker %s: %s; rejoining without private state", self.worker_id, e)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                log.warning("worker %s: coordinator unavailable (%s: %s); retrying in %.1fs", self.worker_id, code, getattr(e, "details", lambda: "")(), backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.backoff_max)
+            finally:
+                if self.stop_event.is_set() and client.session_id:
+                    try:
+                        client.leave()
+                    except grpc.RpcError:
+                        pass
+                channel.close()
+        log.info("worker %s: stopped", self.worker_id)
+        return 0
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.cfg.token_file:
+            token = Path(self.cfg.token_file).read_text().strip()
+            return (("authorization", f"Bearer {token}"),)
+        return ()
+
+    # --- one session ----------------------------------------------------------------------------------------
+    def _session(self, client: CoordinatorClient) -> bool:
+        """Join and serve tasks until done (True) or stopped (False); RpcError on connection trouble."""
+        joined = self._join(client)
+        session_over = threading.Event()
+        threading.Thread(target=self._heartbeats, args=(client, session_over), daemon=True).start()
+        try:
+            log.info("worker %s: joined %s (%s, %s, %d rounds)", self.worker_id, self.cfg.coordinator, joined.strategy, joined.model, joined.rounds)
+            while not self.stop_event.is_set():
+                resp = client.wait_task(self.cfg.wait_timeout)
+                kind = resp.WhichOneof("outcome")
+                if kind == "done":
+                    return True
+                if kind == "task":
+                    self._run_task(client, resp.task)
+            return False
+        finally:
+            session_over.set()
+
+    def _join(self, client: CoordinatorClient) -> pb.JoinResponse:
+        device = str(self.runtime.trainer.speed.device if self.runtime else resolve_device(self.cfg.speed.device))
+        has_private = bool(self.runtime.private if self.runtime else self.private)
+        joined = client.join(worker_info(self.worker_id, device, len(self.images), has_private))
+        if self.runtime is None or self.runtime.model_name != joined.model:
+            self._build(joined.model)
+        return joined
+
+    def _build(self, model_name: str) -> None:
+        """Model and trainer (compiled on GPU): built once per process and reused every round."""
+        mcfg = preset(model_name)
+        if self.images.images.shape[1:] != (mcfg.channels, mcfg.image_size, mcfg.image_size):
+            raise ValueError(f"local images {self.images.images.shape[1:]} do not fit model {model_name!r}")
+        trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed)
+        data = trainer.prepare_data(to_model_range(self.images.images))
+        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
+        log.info("worker %s: %d local images on %s", self.worker_id, len(self.images), trainer.speed.device)
+
+    def _heartbeats(self, client: CoordinatorClient, over: threading.Event) -> None:
+        while not over.wait(client.heartbeat_interval):
+            try:
+                client.heartbeat()
+            except grpc.RpcError:
+                pass
+
+    # --- one task -------------------------------------------------------------------------------------------
+    def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        try:
+            task = task_from_proto(msg)
+        except FeddiffError as e:
+            log.error("worker %s: refusing task %s: %s", self.worker_id, msg.task_id, e)
+            return
+        layout = runtime.layout
+        max_bytes = sum(s.numel * 4 for s in layout.specs(task.receives).values()) + (1 << 20)
+        wire_down = self.metrics.wire_bytes.labels("down")
+        payload = client.download(task, max_bytes=max_bytes, on_wire=wire_down.inc)
+        self._count("down", task.receives, payload)
+        try:
+            runtime.load(payload, task)
+        except MissingPrivateState:
+            runtime.private.clear()  # rejoin as a worker without private state: it gets the whole model again
+            raise
+        del payload
+        result = runtime.train(task, on_step=self.progress.step(task), should_stop=self.stop_event.is_set)
+        self.progress.done(task, result)
+        self.metrics.local_loss.set(result.mean_loss)
+        self.metrics.train_images.inc(result.images_seen)
+        self.metrics.train_images_per_second.set(result.images_per_second)
+        if task.private:
+            checkpoint.save_private(self.state_dir, PRIVATE_STEM, task.round + 1, runtime.private)
+        update = runtime.update(task)
+        report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
+        try:
+            client.upload(task, update, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                log.warning("worker %s: update for %s refused: %s", self.worker_id, task.task_id, e.details())
+                self.metrics.updates.labels("late").inc()
+                return
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                log.error("worker %s: update for %s refused: %s", self.worker_id, task.task_id, e.details())
+                self.metrics.updates.labels(e.code().name.lower()).inc()
+                return
+            raise
+        self._count("up", task.returns, update)
+        self.metrics.updates.labels("accepted").inc()
+        self.rounds_done += 1
+        log.info(
+            "worker %s: round %d: trained %d images at %.0f images/s, loss %.4f; sent %.2f MB",
+            self.worker_id,
+            task.round + 1,
+            result.images_seen,
+            result.images_per_second,
+            result.mean_loss,
+            len(update) / 1e6,
+        )
+
+    def _count(self, direction: str, parts: frozenset, payload: bytes | bytearray) -> None:
+        layout = self.runtime.layout  # type: ignore[union-attr]
+        sizes = layout.sizes
+        params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
+        self.metrics.count_transfer(direction, params, payload_bytes_by_part(payload, layout), layout.total)
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    import signal
+
+    torch.set_num_threads(cfg.speed.threads) if cfg.speed.threads > 0 else None
+    daemon = WorkerDaemon(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    return daemon.run()
