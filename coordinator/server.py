@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -12,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedcore import checkpoint
+from fedcore.atomic import atomic_write_json
 from fedcore.chunking import MAX_CHUNK_SIZE
 from fedcore.federation import Federation, Ledger
 from fedcore.metrics import Metrics
@@ -90,6 +92,8 @@ class Coordinator:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop.start()
+        if self.cfg.ready_file:
+            atomic_write_json(self.cfg.ready_file, {"address": self.address, "metrics_port": self.metrics_port, "pid": os.getpid()})
         log.info(
             "coordinator serving on %s (metrics on :%s), %s on %s for %d rounds",
             self.address,

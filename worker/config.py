@@ -30,6 +30,7 @@ class WorkerConfig:
     backoff_initial: float = 0.5  # first reconnect delay, doubled up to backoff_max
     backoff_max: float = 30.0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
+    ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
     progress: str = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
     # Security
     insecure: bool = False
@@ -65,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1)
     p.add_argument("--wait-timeout", type=float, default=30.0)
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
+    p.add_argument("--ready-file", default="", help="write the metrics port here once started (scripts, tests)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
     p.add_argument("--insecure", action="store_true", help="plain-text gRPC")
     p.add_argument("--tls-ca", default="")
@@ -94,6 +96,7 @@ def from_args(args: argparse.Namespace, speed: SpeedConfig) -> WorkerConfig:
         wait_timeout=args.wait_timeout,
         exit_when_done=not args.keep_running,
         progress=args.progress,
+        ready_file=args.ready_file,
         insecure=args.insecure,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -13,6 +14,7 @@ import grpc
 import torch
 
 from fedcore import checkpoint
+from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
 from fedcore.data import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
@@ -83,9 +85,11 @@ class WorkerDaemon:
 
     def run(self) -> int:
         """Serve tasks until the federation is done (0), or until stopped (0); reconnect on failures."""
-        if self.cfg.metrics_port >= 0:
-            port = self.metrics.serve(self.cfg.metrics_port)
+        port = self.metrics.serve(self.cfg.metrics_port) if self.cfg.metrics_port >= 0 else None
+        if port is not None:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
+        if self.cfg.ready_file:
+            atomic_write_json(self.cfg.ready_file, {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()})
         backoff = self.cfg.backoff_initial
         while not self.stop_event.is_set():
             channel = open_channel(self.cfg)

@@ -1,0 +1,181 @@
+"""Tests for fedcore.aggregate: streaming FedAvg equals the direct weighted mean, per part, refusals leave no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcore.aggregate import RunningAggregate, delta
+from fedcore.errors import NonFiniteTensor, NotAssigned, SchemaError
+from fedcore.model import build_model
+from fedcore.parts import ALL_PARTS, PART_ORDER, Part, PartLayout
+
+ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
+
+
+@pytest.fixture(scope="module")
+def global_state() -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in build_model("tiny", seed=0).state_dict().items()}
+
+
+def _local_models(global_state, k: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """K locally 'trained' models: the global plus a random perturbation."""
+    g = torch.Generator().manual_seed(seed)
+    return [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in global_state.items()} for _ in range(k)]
+
+
+def _direct_mean(models, weights, names) -> dict[str, torch.Tensor]:
+    """The FedAvg target computed independently, in float64: sum_k w_k x_k / sum_k w_k."""
+    total = float(sum(weights))
+    return {n: sum(w * m[n].double() for m, w in zip(models, weights)) / total for n in names}
+
+
+def _parts_of(layout: PartLayout, state, parts) -> dict[str, torch.Tensor]:
+    return {n: state[n] for n in layout.names(parts)}
+
+
+def test_delta_is_local_minus_received(global_state) -> None:
+    local = {n: t + 1.5 for n, t in global_state.items()}
+
+    d = delta(local, global_state)
+
+    assert set(d) == set(global_state)
+    assert all(torch.allclose(d[n], torch.full_like(t, 1.5), atol=1e-6) for n, t in global_state.items())
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in d.values())
+
+
+def test_weighted_mean_equals_the_direct_fedavg(global_state, tiny_layout: PartLayout) -> None:
+    models = _local_models(global_state, 4, seed=1)
+    weights = [12_000, 3, 700, 47_297]
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+
+    for m, w in zip(models, weights):
+        agg.fold(delta(m, global_state), ALL_PARTS, float(w))
+    new_global = {n: t.clone() for n, t in global_state.items()}
+    changed = agg.apply_to(new_global)
+
+    expected = _direct_mean(models, weights, global_state)
+    assert changed == ALL_PARTS
+    for n in global_state:
+        torch.testing.assert_close(new_global[n].double(), expected[n], rtol=0, atol=1e-6)
+    assert all(agg.weight(p) == sum(weights) and agg.reporters(p) == 4 for p in PART_ORDER)
+
+
+def test_mean_is_independent_of_arrival_order(global_state, tiny_layout: PartLayout) -> None:
+    models = _local_models(global_state, 5, seed=2)
+    weights = [10.0, 20.0, 30.0, 40.0, 1000.0]
+    deltas = [delta(m, global_state) for m in models]
+    means = []
+
+    for perm_seed in range(6):
+        order = torch.randperm(5, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+        agg = RunningAggregate(tiny_layout, ALL_PARTS)
+        for i in order:
+            agg.fold(deltas[i], ALL_PARTS, weights[i])
+        means.append(agg.mean())
+
+    for other in means[1:]:
+        for n in means[0]:
+            torch.testing.assert_close(other[n], means[0][n], rtol=0, atol=1e-7)
+
+
+def test_each_part_is_averaged_over_its_reporters_only(global_state, tiny_layout: PartLayout) -> None:
+    # USplit-like round: a returns encoder + bottleneck, b the decoder, c the encoder, d decoder + bottleneck.
+    models = _local_models(global_state, 4, seed=3)
+    weights = [100, 200, 300, 400]
+    returns = [{ENC, MID}, {DEC}, {ENC}, {DEC, MID}]
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+
+    for m, w, parts in zip(models, weights, returns):
+        agg.fold(_parts_of(tiny_layout, delta(m, global_state), parts), parts, float(w))
+    new_global = {n: t.clone() for n, t in global_state.items()}
+    agg.apply_to(new_global)
+
+    for part in PART_ORDER:
+        idx = [i for i, parts in enumerate(returns) if part in parts]
+        expected = _direct_mean([models[i] for i in idx], [weights[i] for i in idx], tiny_layout.names([part]))
+        for n, value in expected.items():
+            torch.testing.assert_close(new_global[n].double(), value, rtol=0, atol=1e-6)
+        assert agg.reporters(part) == len(idx)
+        assert agg.weight(part) == sum(weights[i] for i in idx)
+
+
+def test_unreported_parts_are_left_alone(global_state, tiny_layout: PartLayout) -> None:
+    (model,) = _local_models(global_state, 1, seed=4)
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+    agg.fold(_parts_of(tiny_layout, delta(model, global_state), {DEC}), {DEC}, 5.0)
+    new_global = {n: t.clone() for n, t in global_state.items()}
+
+    changed = agg.apply_to(new_global)
+
+    assert changed == {DEC} == agg.reported_parts
+    assert set(agg.mean()) == set(tiny_layout.names({DEC}))
+    assert all(torch.equal(new_global[n], global_state[n]) for n in tiny_layout.names({ENC, MID}))
+    assert not torch.equal(new_global["final_conv.weight"], global_state["final_conv.weight"])
+
+
+def _valid_update(global_state, layout: PartLayout, parts, seed: int = 5) -> dict[str, torch.Tensor]:
+    (model,) = _local_models(global_state, 1, seed=seed)
+    return _parts_of(layout, delta(model, global_state), parts)
+
+
+def _refusals(global_state, layout: PartLayout):
+    dec = _valid_update(global_state, layout, {DEC})
+    wrong_shape = dict(dec, **{"final_conv.weight": torch.zeros(2, 6, 1, 1)})
+    wrong_dtype = dict(dec, **{"final_conv.weight": dec["final_conv.weight"].double()})
+    missing = {n: t for n, t in dec.items() if n != "final_conv.bias"}
+    unknown = dict(dec, **{"init_conv.weight": global_state["init_conv.weight"]})
+    nan = dict(dec, **{"final_conv.bias": torch.tensor([float("nan")])})
+    return [
+        ("no parts", dec, set(), 1.0, NotAssigned),
+        ("part not averaged", _valid_update(global_state, layout, {ENC}), {ENC}, 1.0, NotAssigned),
+        ("zero weight", dec, {DEC}, 0.0, SchemaError),
+        ("negative weight", dec, {DEC}, -3.0, SchemaError),
+        ("nan weight", dec, {DEC}, float("nan"), SchemaError),
+        ("inf weight", dec, {DEC}, float("inf"), SchemaError),
+        ("wrong shape", wrong_shape, {DEC}, 1.0, SchemaError),
+        ("wrong dtype", wrong_dtype, {DEC}, 1.0, SchemaError),
+        ("missing tensor", missing, {DEC}, 1.0, SchemaError),
+        ("unknown tensor", unknown, {DEC}, 1.0, SchemaError),
+        ("parts claim more than sent", dec, {DEC, MID}, 1.0, SchemaError),
+        ("non-finite", nan, {DEC}, 1.0, NonFiniteTensor),
+    ]
+
+
+def test_refused_updates_leave_the_sums_untouched(global_state, tiny_layout: PartLayout) -> None:
+    agg = RunningAggregate(tiny_layout, {MID, DEC})
+    agg.fold(_valid_update(global_state, tiny_layout, {MID, DEC}, seed=6), {MID, DEC}, 10.0)
+    before = {n: t.clone() for n, t in agg.mean().items()}
+    weights_before = {p: agg.weight(p) for p in (MID, DEC)}
+
+    for label, update, parts, weight, error in _refusals(global_state, tiny_layout):
+        with pytest.raises(error):
+            agg.fold(update, parts, weight)
+        after = agg.mean()
+        assert set(after) == set(before), label
+        assert all(torch.equal(after[n], before[n]) for n in before), label
+        assert {p: agg.weight(p) for p in (MID, DEC)} == weights_before, label
+        assert agg.reporters(DEC) == agg.reporters(MID) == 1, label
+
+
+def test_memory_is_one_float32_copy_of_the_averaged_parts(global_state, tiny_layout: PartLayout) -> None:
+    parts = {MID, DEC}
+    agg = RunningAggregate(tiny_layout, parts)
+
+    for m in _local_models(global_state, 6, seed=7):
+        agg.fold(_parts_of(tiny_layout, delta(m, global_state), parts), parts, 1.0)
+
+    sums = agg._sums  # the aggregate's only per-tensor state
+    assert sum(t.numel() for t in sums.values()) == tiny_layout.numel(MID) + tiny_layout.numel(DEC)
+    assert all(t.dtype == torch.float32 for t in sums.values())
+    assert set(sums) == set(tiny_layout.names(parts))
+    assert len({t.untyped_storage().data_ptr() for t in sums.values()}) == len(sums)
+
+
+def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+    state = {"final_conv.bias": torch.zeros(1)}
+
+    assert agg.mean() == {}
+    assert agg.apply_to(state) == frozenset()
+    assert agg.reported_parts == frozenset()

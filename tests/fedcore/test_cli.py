@@ -1,0 +1,103 @@
+"""Tests for the fedcore commands of the `feddiff` CLI: model-info, strategies and split, with --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feddiff.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_json(capsys, argv: list[str]):
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0
+    return out, json.loads(out)
+
+
+def test_model_info_json_is_exact(capsys) -> None:
+    out, _ = _run_json(capsys, ["model-info", "--model", "paper-fmnist", "--json"])
+
+    assert out == (
+        '{"model": "paper-fmnist", "total": 2996315, '
+        '"parts": {"encoder": 1280642, "bottleneck": 999376, "decoder": 716297}}\n'
+    )
+
+
+def test_model_info_text_names_every_part(capsys) -> None:
+    assert main(["model-info", "--model", "tiny"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "tiny: 143,951 parameters"
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["encoder", "bottleneck", "decoder"]
+
+
+def test_model_info_of_an_unknown_preset_is_a_usage_error(capsys) -> None:
+    code = main(["model-info", "--model", "nope"])
+
+    assert code == 2
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+
+
+def test_strategies_json_has_the_golden_values(capsys) -> None:
+    _, rows = _run_json(capsys, ["strategies", "--model", "paper-fmnist", "--clients", "10", "--rounds", "15", "--json"])
+
+    by_name = {r["strategy"]: r for r in rows}
+    assert list(by_name) == ["full", "usplit", "udec", "ulatdec"]
+    assert {s: round(r["reduction_vs_full"], 3) for s, r in by_name.items()} == {
+        "full": 0.0,
+        "usplit": 0.25,
+        "udec": 0.736,
+        "ulatdec": 0.413,
+    }
+    n, u = 2_996_315, 716_297
+    assert by_name["full"]["parameters_total"] == by_name["full"]["full_fedavg_parameters"] == 2 * 10 * n * 15
+    assert by_name["udec"]["parameters_total"] == 10 * (n + u) + 10 * 14 * 2 * u
+    assert all(r["clients"] == 10 and r["rounds"] == 15 for r in rows)
+
+
+def test_split_json_sizes_sum_to_the_training_set(capsys, fashion_mnist_dir) -> None:
+    _, rows = _run_json(
+        capsys,
+        ["split", "--clients", "5", "--split", "label", "--beta", "0.5", "--seed", "2023", "--json",
+         "--data-root", str(fashion_mnist_dir)],
+    )
+
+    assert [r["client"] for r in rows] == [0, 1, 2, 3, 4]
+    assert sum(r["size"] for r in rows) == 60_000
+    assert all(r["size"] >= 10 and sum(r["classes"]) == r["size"] and len(r["classes"]) == 10 for r in rows)
+    # Label skew: the class mix differs between clients.
+    assert len({tuple(r["classes"]) for r in rows}) == 5
+
+
+def test_split_with_a_missing_dataset_is_an_error(capsys, tmp_path) -> None:
+    code = main(["split", "--data-root", str(tmp_path), "--json"])
+
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_python_dash_m_feddiff_runs(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "feddiff", "model-info", "--model", "tiny", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["total"] == 143_951
+
+
+def test_unknown_command_exits_with_usage() -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["frobnicate"])
+
+    assert excinfo.value.code == 2

@@ -1,0 +1,259 @@
+"""Tests for fedcore.federation and fedcore.client: one round driven by hand, payloads, refusals, the ledger."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcore.aggregate import delta
+from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
+from fedcore.diffusion import Schedule
+from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, SchemaError, WrongRound
+from fedcore.federation import Federation, FederationConfig, Ledger, payload_bytes_by_part, task_seed
+from fedcore.model import build_model
+from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.serialization import PayloadMeta, decode, encode
+from fedcore.strategies import Strategy, plan_traffic
+from fedcore.training import LocalTrainer, SpeedConfig, TrainConfig
+
+ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
+WEIGHTS = {"alice": 30, "bob": 10}
+
+
+def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
+    return Federation(FederationConfig(strategy=strategy, model="tiny", rounds=3, seed=3, **kw))
+
+
+def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 0.01) -> tuple[bytes, dict]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: scale * torch.randn(fed.global_state[n].shape, generator=g) for n in fed.layout.names(parts)}
+    meta = PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))
+    return encode(tensors, meta), tensors
+
+
+def test_a_two_client_full_round_by_hand() -> None:
+    fed = _federation()
+    initial = {n: t.clone() for n, t in fed.global_state.items()}
+    plan = fed.plan(["bob", "alice"])
+    round_ = fed.open_round(plan, WEIGHTS)
+
+    # One payload per receive set, whatever the number of clients.
+    payloads = {c: round_.payload(plan.assignment(c).receives) for c in plan.clients}
+    assert plan.clients == ["alice", "bob"]
+    assert payloads["alice"] is payloads["bob"]
+    weights = decode(payloads["alice"], fed.layout, kind="weights", parts=ALL_PARTS, round_index=0, model="tiny")
+    assert all(torch.equal(weights[n], initial[n]) for n in initial)
+
+    for c in plan.clients:
+        round_.mark_sent(c)
+    updates = {c: _delta_payload(fed, 0, ALL_PARTS, seed=i) for i, c in enumerate(plan.clients)}
+    for c, (data, _) in updates.items():
+        accepted = round_.accept(c, data, mean_loss=0.5, images_seen=2 * WEIGHTS[c])
+        assert accepted.weight == WEIGHTS[c] and accepted.parts == ALL_PARTS
+    outcome = round_.close()
+
+    # close applies the weighted mean: global += (30 d_alice + 10 d_bob) / 40
+    for n in initial:
+        expected = initial[n].double() + (
+            30 * updates["alice"][1][n].double() + 10 * updates["bob"][1][n].double()
+        ) / 40
+        torch.testing.assert_close(fed.global_state[n].double(), expected, rtol=0, atol=1e-6)
+    assert fed.completed_rounds == 1
+    assert fed.contacted == {"alice", "bob"}
+    assert outcome.averaged_parts == ALL_PARTS
+    assert [u.client for u in outcome.accepted] == ["alice", "bob"]
+    assert outcome.mean_loss == pytest.approx(0.5)
+    # The paper's count for the plan, and bytes that add up to the payloads.
+    assert outcome.ledger.traffic == plan_traffic(plan, fed.layout.sizes)
+    assert outcome.ledger.full_fedavg == 2 * 2 * fed.layout.total
+    assert sum(outcome.ledger.bytes_down.values()) == 2 * len(payloads["alice"])
+    assert sum(outcome.ledger.bytes_up.values()) == sum(len(d) for d, _ in updates.values())
+    assert fed.ledger.traffic == outcome.ledger.traffic
+
+
+def test_accept_refuses_duplicates_strangers_and_wrong_parts() -> None:
+    fed = _federation(Strategy.UDEC)
+    plan = fed.plan(["alice", "bob"])
+    round_ = fed.open_round(plan, WEIGHTS)
+    good, _ = _delta_payload(fed, 0, {DEC}, seed=0)
+    round_.accept("alice", good, mean_loss=0.1, images_seen=30)
+    sums_before = {n: t.clone() for n, t in round_.aggregate.mean().items()}
+
+    with pytest.raises(DuplicateUpdate, match="'alice' already delivered"):
+        round_.accept("alice", good, mean_loss=0.1, images_seen=30)
+    with pytest.raises(NotAssigned, match="'mallory' has no task in round 0"):
+        round_.accept("mallory", good, mean_loss=0.1, images_seen=30)
+    with pytest.raises(NotAssigned, match="payload holds parts"):
+        round_.accept("bob", _delta_payload(fed, 0, ALL_PARTS, seed=1)[0], mean_loss=0.1, images_seen=10)
+    with pytest.raises(WrongRound):
+        round_.accept("bob", _delta_payload(fed, 1, {DEC}, seed=1)[0], mean_loss=0.1, images_seen=10)
+
+    after = round_.aggregate.mean()
+    assert all(torch.equal(after[n], sums_before[n]) for n in sums_before)
+    assert round_.accepted == ["alice"]
+    assert round_.aggregate.reporters(DEC) == 1
+
+
+def test_late_update_after_close_is_refused() -> None:
+    fed = _federation()
+    plan = fed.plan(["alice", "bob"])
+    round_ = fed.open_round(plan, WEIGHTS)
+    round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
+    round_.close()
+
+    with pytest.raises(LateUpdate):
+        round_.accept("bob", _delta_payload(fed, 0, ALL_PARTS, seed=1)[0], mean_loss=0.1, images_seen=10)
+    with pytest.raises(ValueError, match="already closed"):
+        round_.close()
+
+
+def test_open_round_checks_the_plan_and_weights() -> None:
+    fed = _federation()
+    plan = fed.plan(["alice", "bob"])
+
+    with pytest.raises(ValueError, match=r"clients \['bob'\] have no positive image count"):
+        fed.open_round(plan, {"alice": 3, "bob": 0})
+    fed.open_round(plan, WEIGHTS).close()
+    with pytest.raises(ValueError, match="plan for round 0, but round 1 is next"):
+        fed.open_round(plan, WEIGHTS)
+
+
+def test_closing_with_no_updates_keeps_the_global_model() -> None:
+    fed = _federation()
+    before = {n: t.clone() for n, t in fed.global_state.items()}
+    round_ = fed.open_round(fed.plan(["alice"]), {"alice": 1})
+
+    outcome = round_.close()
+
+    assert outcome.averaged_parts == frozenset()
+    assert all(torch.equal(fed.global_state[n], before[n]) for n in before)
+    assert fed.completed_rounds == 1
+
+
+def test_udec_second_round_sends_only_the_decoder_except_to_newcomers() -> None:
+    fed = _federation(Strategy.UDEC)
+    first = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    for c in ("alice", "bob"):
+        first.mark_sent(c)
+    first.close()
+
+    plan = fed.plan(["alice", "bob", "carol"], lost_state=["bob"])
+    round_ = fed.open_round(plan, {**WEIGHTS, "carol": 5})
+
+    assert plan.assignment("alice").receives == {DEC}
+    assert plan.assignment("bob").receives == ALL_PARTS  # lost its private parts: the full model again
+    assert plan.assignment("carol").receives == ALL_PARTS
+    assert round_.payload(frozenset({DEC})) is round_.payload(frozenset({DEC}))
+    assert len(round_.payload(frozenset({DEC}))) < len(round_.payload(ALL_PARTS))
+    task = round_.task("alice")
+    assert task.round == 1 and task.private == {ENC, MID} and task.returns == {DEC}
+    assert task.seed == task_seed(3, 1, "alice") != task_seed(3, 1, "bob")
+
+
+def test_payload_bytes_by_part_add_up(tiny_layout) -> None:
+    fed = _federation(Strategy.ULATDEC)
+    round_ = fed.open_round(fed.plan(["alice"]), {"alice": 1})
+
+    for parts in (ALL_PARTS, frozenset({MID, DEC}), frozenset({DEC})):
+        data = round_.payload(parts)
+        by_part = payload_bytes_by_part(data, fed.layout)
+        assert sum(by_part.values()) == len(data)
+        for p in PART_ORDER:
+            if p in parts:
+                assert by_part[p] >= 4 * fed.layout.numel(p)
+            else:
+                assert by_part[p] == 0
+
+
+def test_ledger_json_roundtrip() -> None:
+    fed = _federation()
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_.mark_sent("alice")
+    round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
+    ledger = round_.close().ledger
+
+    again = Ledger.from_json(ledger.as_json())
+
+    assert again == ledger
+    assert ledger.reduction_vs_full == 0.0
+
+
+def test_federation_refuses_a_global_state_of_another_model() -> None:
+    other = build_model("paper-fmnist", seed=0).state_dict()
+
+    with pytest.raises(SchemaError, match="tensor"):
+        Federation(FederationConfig(strategy=Strategy.FULL, model="tiny"), global_state=other)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        Federation(FederationConfig(strategy=Strategy.FULL, model="huge"))
+
+
+# --- a real client ---------------------------------------------------------------------------------------
+
+
+def _runtime(client: str, seed: int, images: int = 16) -> ClientRuntime:
+    trainer = LocalTrainer(build_model("tiny", seed=123), Schedule(), SpeedConfig(device="cpu"))
+    data = torch.rand(images, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return ClientRuntime(client, "tiny", trainer, trainer.prepare_data(data))
+
+
+def test_client_round_trip_through_the_federation() -> None:
+    fed = _federation(Strategy.UDEC, train=TrainConfig(epochs=1, batch_size=16))
+    plan = fed.plan(["alice"])
+    round_ = fed.open_round(plan, {"alice": 16})
+    client = _runtime("alice", seed=0)
+    task = round_.task("alice")
+
+    client.load(round_.payload(task.receives), task)
+    loaded = client.model_state()
+    result = client.train(task)
+    update = client.update(task)
+    round_.accept("alice", update, mean_loss=result.mean_loss, images_seen=result.images_seen)
+    before = {n: t.clone() for n, t in fed.global_state.items()}
+    round_.close()
+
+    assert all(torch.equal(loaded[n], before[n]) for n in before)  # the payload replaced the client's own init
+    assert set(client.private) == set(fed.layout.names({ENC, MID}))
+    trained = client.model_state()
+    assert all(torch.equal(client.private[n], trained[n]) for n in client.private)
+    # One client: the global decoder becomes the client's decoder; the encoder is never averaged.
+    for n in fed.layout.names({DEC}):
+        torch.testing.assert_close(fed.global_state[n], trained[n], rtol=0, atol=1e-6)
+    assert all(torch.equal(fed.global_state[n], before[n]) for n in fed.layout.names({ENC, MID}))
+    assert result.images_seen == 16 and result.steps == 1
+
+
+def test_client_without_private_state_asks_for_the_full_model() -> None:
+    fed = _federation(Strategy.UDEC)
+    client = _runtime("alice", seed=0)
+    payload = encode(
+        {n: fed.global_state[n] for n in fed.layout.names({DEC})},
+        PayloadMeta(kind="weights", model="tiny", round=1, parts=frozenset({DEC})),
+    )
+    task = TrainTask(
+        round=1,
+        task_id="r1-alice",
+        receives=frozenset({DEC}),
+        returns=frozenset({DEC}),
+        private=frozenset({ENC, MID}),
+        train=TrainConfig(),
+        seed=0,
+    )
+
+    with pytest.raises(MissingPrivateState, match="needs the full model again"):
+        client.load(payload, task)
+
+
+def test_client_update_is_the_delta_of_its_returned_parts() -> None:
+    fed = _federation(Strategy.ULATDEC, train=TrainConfig(epochs=1, batch_size=8))
+    round_ = fed.open_round(fed.plan(["alice"]), {"alice": 8})
+    client = _runtime("alice", seed=1, images=8)
+    task = round_.task("alice")
+    client.load(round_.payload(task.receives), task)
+    client.train(task)
+
+    update = decode(client.update(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
+
+    expected = delta(client.model_state(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
+    assert set(update) == set(fed.layout.names({MID, DEC}))
+    assert all(torch.equal(update[n], expected[n]) for n in expected)
+    assert any(bool(t.abs().sum() > 0) for t in update.values())
