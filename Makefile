@@ -28,6 +28,12 @@ $(FMNIST):
 proto: install
 	$(PY) -m tools.gen_proto
 
+smoke: install dataset
+	$(PY) -m tools.smoke
+
+demo: install dataset
+	$(PY) -m tools.demo
+
 test: install dataset
 	$(PY) -m pytest -q
 

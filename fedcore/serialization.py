@@ -115,8 +115,8 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
     for name, e in header.items():
         try:
             dtype = _DTYPES[e["dtype"]]
-            shape = tuple(int(d) for d in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
+            shape = tuple(_strict_int(d) for d in e["shape"])
+            begin, end = (_strict_int(x) for x in e["data_offsets"])
         except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e400 -> int(inf)
             raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}") from None
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len:
@@ -133,6 +133,12 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
         if begin < prev_end:
             raise NotSafetensors("tensors overlap in the payload")
     return metadata, entries, 8 + n
+
+
+def _strict_int(value: object) -> int:
+    if type(value) is not int:
+        raise ValueError(f"{value!r} is not an integer")
+    return value
 
 
 def check_schema(names_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], expected: Mapping[str, TensorSpec]) -> None:
@@ -173,6 +179,8 @@ def decode(
     NonFiniteTensor. The tensors share memory with `data` when it is writable (a bytearray)."""
     metadata, entries, offset = read_header(data)
     meta = PayloadMeta.from_metadata(metadata)
+    if meta.format_version != FORMAT_VERSION:
+        raise NotSafetensors(f"payload format version {meta.format_version} is not supported (expected {FORMAT_VERSION})")
     parts = frozenset(parts)
     if meta.kind != kind:
         raise NotSafetensors(f"payload kind {meta.kind!r}, expected {kind!r}")
