@@ -40,9 +40,14 @@ class CoordinatorConfig:
     ready_file: str = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round instead of serving status
-    eval_every: int = 0  # evaluate every N rounds (0 = only at the end when evaluation is on)
+    eval_every: int = 0  # evaluate every N rounds (0 = only after the last round, when evaluation is on)
     eval_samples: int = 0  # samples per evaluated model (0 = no evaluation)
-    eval_steps: int = 50  # DDIM steps for evaluation during training
+    eval_steps: int = 100  # DDIM steps for evaluations during training
+    eval_final_sampler: str = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
+    share_samples: bool = False  # workers send a grid of their samples back (off: no image leaves a worker)
+    eval_device: str = "auto"  # where the coordinator scores the global model (full, usplit)
+    eval_data_root: str = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
+    inception_weights: str = ""  # pytorch-fid Inception weights file; default features: the bundled classifier
     # Security (mTLS / tokens): paths, empty = not used
     tls_cert: str = ""
     tls_key: str = ""
@@ -62,6 +67,8 @@ class CoordinatorConfig:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}, got {self.chunk_size}")
         if self.loss not in ("huber", "mse"):
             raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
+        if self.eval_final_sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"eval_final_sampler must be 'ddpm' or 'ddim', got {self.eval_final_sampler!r}")
         if self.round_deadline <= 0:
             raise ValueError(f"round_deadline must be positive, got {self.round_deadline}")
 

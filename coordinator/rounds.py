@@ -13,27 +13,31 @@ from typing import Literal
 
 from fedcore import checkpoint
 from fedcore.chunking import StreamHeader
-from fedcore.client import TrainTask
+from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import LateUpdate, NotAssigned, WrongRound
+from fedcore.evaluation import SamplingSpec
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
 from fedcore.parts import PART_ORDER, Part
 from fedcore.serialization import save_file
 from fedcore.simulation import ROUNDS_LOG, format_round, round_record
+from fedcore.strategies import private_parts
 
 from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import EvalPhase, GlobalEvaluator
 from coordinator.registry import WorkerRegistry
 
 log = logging.getLogger("feddiff.coordinator")
 
-State = Literal["waiting_for_workers", "training", "done", "stopped"]
+State = Literal["waiting_for_workers", "training", "evaluating", "done", "stopped"]
 FINAL_MODEL = "final.safetensors"
 HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
+MAX_GRID_BYTES = 8 << 20  # a shared sample grid (PNG) larger than this is ignored
 
 
 @dataclass(frozen=True)
 class IssuedTask:
-    task: TrainTask
+    task: TrainTask | EvalTask
     header: StreamHeader  # of the weights payload the worker downloads
 
 
@@ -56,7 +60,17 @@ class RoundDriver:
         self.state: State = "waiting_for_workers"
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
+        self._eval: EvalPhase | None = None
         self._issued: dict[str, IssuedTask] = {}
+        self._log_lock = threading.Lock()
+        self.last_fd: dict[str, float] = {}  # latest Frechet distance per evaluated model
+        self.global_evaluator = GlobalEvaluator(
+            cfg.model,
+            device=cfg.eval_device,
+            data_root=cfg.eval_data_root or None,
+            inception_weights=cfg.inception_weights,
+            out_dir=self.checkpoint_dir,
+        )
         self._closed_task_ids: set[str] = set()  # tasks of rounds that already closed: uploads are late
         self._stop = threading.Event()
         self._round_started = 0.0
@@ -70,7 +84,8 @@ class RoundDriver:
             while not self._stop.is_set() and not self.federation.finished:
                 if not self._wait_for_workers():
                     break
-                self._run_round()
+                if self._run_round() and self._evaluation_due():
+                    self._evaluate()
             if self.federation.finished:
                 self._finish()
         except Exception:
@@ -102,7 +117,8 @@ class RoundDriver:
                 self._cond.wait(timeout=0.2)
         return False
 
-    def _run_round(self) -> None:
+    def _run_round(self) -> bool:
+        """One attempt at the next round; True when it closed (False: no quorum, or stopped)."""
         connected = self.registry.connected()
         available = [r.worker_id for r in connected]
         lost = [r.worker_id for r in connected if not r.info.has_private_state]
@@ -133,12 +149,13 @@ class RoundDriver:
             self._round = None
             self._issued = {}
             if self._stop.is_set():
-                return
+                return False
             if got < needed:
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d: round re-run", plan.round + 1, got, len(plan.clients), needed)
-                return
+                return False
             outcome = open_round.close()
         self._after_round(outcome)
+        return True
 
     def _after_round(self, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self._round_started
@@ -148,11 +165,68 @@ class RoundDriver:
         record = round_record(outcome, self.federation.ledger, seconds)
         try:
             self._checkpoint()
-            with open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append_log(record)
         except OSError as e:
             log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
         log.info(format_round(record))
+
+    def _append_log(self, record: dict[str, object]) -> None:
+        with self._log_lock, open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def _evaluation_due(self) -> bool:
+        if self.cfg.eval_samples <= 0:
+            return False
+        done = self.federation.completed_rounds
+        return self.federation.finished or (self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0)
+
+    def _evaluate(self) -> None:
+        final = self.federation.finished
+        spec = SamplingSpec(
+            num_samples=self.cfg.eval_samples,
+            sampler="ddpm" if final and self.cfg.eval_final_sampler == "ddpm" else "ddim",  # type: ignore[arg-type]
+            steps=self.cfg.eval_steps,
+            seed=self.cfg.seed,
+        )
+        if private_parts(self.federation.config.strategy):
+            self._run_eval_phase(spec)
+        else:
+            self.global_evaluator.submit(self.federation.global_state, self.federation.completed_rounds, spec, self._record_evaluation)
+
+    def _run_eval_phase(self, spec: SamplingSpec) -> None:
+        """Ask every connected worker that holds private parts to score its own model; wait for the reports."""
+        workers = [r.worker_id for r in self.registry.connected() if r.worker_id in self.federation.contacted]
+        if not workers:
+            log.warning("evaluation after round %d: no connected worker holds a personalised model", self.federation.completed_rounds)
+            return
+        phase = EvalPhase.create(self.federation, workers, spec, self.cfg.share_samples)
+        with self._cond:
+            self._eval = phase
+            self._issued = {w: IssuedTask(t, phase.header) for w, t in phase.tasks.items()}
+            self.state = "evaluating"
+            self._cond.notify_all()
+            deadline = time.monotonic() + self.cfg.round_deadline
+            while not self._stop.is_set() and not phase.done and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.5)
+            self._closed_task_ids.update(t.task_id for t in phase.tasks.values())
+            self._eval = None
+            self._issued = {}
+        if phase.reports:
+            self._record_evaluation(phase.summary())
+
+    def _record_evaluation(self, summary: dict[str, object]) -> None:
+        for model, fd in summary["fd"].items():  # type: ignore[union-attr]
+            self.metrics.fd.labels(model).set(fd)
+            self.last_fd[model] = fd
+        try:
+            self._append_log(summary)
+        except OSError as e:
+            log.error("writing the evaluation to the round log failed: %s", e)
+        log.info(
+            "evaluation after round %s: FD %.2f +- %.2f over %s of %s models (%s)",
+            summary["round"], summary["fd_mean"], summary["fd_std"], summary["evaluated"], summary["asked"], summary["extractor"],
+        )
 
     def _checkpoint(self) -> None:
         fed = self.federation
@@ -166,6 +240,7 @@ class RoundDriver:
         checkpoint.save_run(self.checkpoint_dir, fed.global_state, state)
 
     def _finish(self) -> None:
+        self.global_evaluator.wait()
         try:
             save_file(self.checkpoint_dir / FINAL_MODEL, self.federation.global_state, {"completed_rounds": str(self.federation.completed_rounds)})
         except OSError as e:
@@ -190,29 +265,52 @@ class RoundDriver:
                 if self.state == "done":
                     return "done"
                 issued = self._issued.get(worker_id)
-                if issued is not None and self._round is not None and worker_id not in self._round.accepted:
+                if issued is not None and not self._finished(worker_id):
                     return issued
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
                     return "idle"
                 self._cond.wait(timeout=remaining)
 
-    def _current(self, worker_id: str, task_id: str) -> tuple[OpenRound, IssuedTask]:
+    def _finished(self, worker_id: str) -> bool:
+        """Whether this worker is through with the task of the phase in progress."""
+        if self._round is not None:
+            return worker_id in self._round.accepted
+        if self._eval is not None:
+            return worker_id in self._eval.reports
+        return True
+
+    def _issued_task(self, worker_id: str, task_id: str) -> IssuedTask:
         with self._cond:
             issued = self._issued.get(worker_id)
-            if self._round is not None and issued is not None and issued.task.task_id == task_id:
-                return self._round, issued
+            if issued is not None and issued.task.task_id == task_id:
+                return issued
             if task_id in self._closed_task_ids:
                 raise LateUpdate(f"task {task_id!r} belongs to a round that has closed")
-            if self._round is not None and any(t.task.task_id == task_id for t in self._issued.values()):
+            if any(t.task.task_id == task_id for t in self._issued.values()):
                 raise NotAssigned(f"task {task_id!r} was not given to worker {worker_id!r}")
             raise WrongRound(f"task {task_id!r} is not part of the round in progress")
 
+    def _current(self, worker_id: str, task_id: str) -> tuple[OpenRound, IssuedTask]:
+        with self._cond:
+            issued = self._issued_task(worker_id, task_id)
+            if self._round is None or not isinstance(issued.task, TrainTask):
+                raise WrongRound(f"task {task_id!r} is not a training task of the round in progress")
+            return self._round, issued
+
     def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        with self._cond:
+            issued = self._issued_task(worker_id, task_id)
+            if self._eval is not None:
+                return self._eval.payload, issued
         open_round, issued = self._current(worker_id, task_id)
         return open_round.payload(issued.task.receives), issued
 
-    def download_complete(self, worker_id: str, task_id: str) -> Ledger:
+    def download_complete(self, worker_id: str, task_id: str) -> Ledger | None:
+        """Count a drained download. Evaluation downloads are not part of the paper's accounting."""
+        with self._cond:
+            if self._eval is not None and self._issued_task(worker_id, task_id):
+                return None
         open_round, _ = self._current(worker_id, task_id)
         event = open_round.mark_sent(worker_id)
         self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
@@ -238,6 +336,22 @@ class RoundDriver:
         with self._cond:
             self._cond.notify_all()
         return update
+
+    def report_evaluation(self, worker_id: str, task_id: str, fd: float, extractor: str, num_samples: int, grid_png: bytes) -> None:
+        with self._cond:
+            if self._eval is None:
+                self._issued_task(worker_id, task_id)  # raises the right error for a stale or foreign task
+                raise WrongRound(f"no evaluation is in progress for task {task_id!r}")
+            phase = self._eval
+            phase.report(worker_id, task_id, fd, extractor, num_samples)
+            self._cond.notify_all()
+        if grid_png:
+            if not grid_png.startswith(b"\x89PNG\r\n\x1a\n") or len(grid_png) > MAX_GRID_BYTES:
+                log.warning("worker %s sent a sample grid that is not a PNG of at most %d bytes; ignored", worker_id, MAX_GRID_BYTES)
+                return
+            path = self.checkpoint_dir / "samples" / f"{worker_id}-r{phase.completed_rounds:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(grid_png)
 
     def progress(self) -> tuple[int, int]:
         """(selected, done) of the round in progress."""

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedcore import wire
+from fedcore.client import EvalTask
 from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -90,6 +91,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if outcome == "idle":
             return pb.WaitTaskResponse(idle=pb.Idle())
         assert isinstance(outcome, IssuedTask)
+        if isinstance(outcome.task, EvalTask):
+            return pb.WaitTaskResponse(task=wire.eval_task_to_proto(outcome.task, outcome.header))
         return pb.WaitTaskResponse(task=wire.task_to_proto(outcome.task, outcome.header))
 
     def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
@@ -98,9 +101,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             payload, issued = self.driver.weights_for(worker_id, request.task_id)
         except FeddiffError as e:
             abort(context, e)
-        header = pb.WeightsChunk(
-            header=wire.header_to_proto(issued.header, round_index=issued.task.round, task_id=issued.task.task_id, parts=issued.task.receives)
-        )
+        task = issued.task
+        header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
         yield header
         for msg in wire.chunk_messages(payload, self.cfg.chunk_size, lambda b: pb.WeightsChunk(data=b)):
@@ -149,7 +151,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
         worker_id = self._worker(request.session_id, context)
-        self.metrics.fd.labels(worker_id).set(request.frechet_distance)
+        try:
+            self.driver.report_evaluation(
+                worker_id, request.task_id, request.frechet_distance, request.feature_extractor, request.num_samples, request.sample_grid_png
+            )
+        except FeddiffError as e:
+            abort(context, e)
         return pb.EvaluationAck()
 
     # --- tools -----------------------------------------------------------------------------------------------
@@ -183,4 +190,5 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             parameters_exchanged=ledger.traffic.total,
             full_fedavg_parameters=ledger.full_fedavg,
             reduction_vs_full=ledger.reduction_vs_full,
+            frechet_distance=dict(self.driver.last_fd),
         )

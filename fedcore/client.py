@@ -10,6 +10,7 @@ import torch
 from fedcore import serialization
 from fedcore.aggregate import delta
 from fedcore.errors import FeddiffError
+from fedcore.evaluation import SamplingSpec
 from fedcore.model import layout_of
 from fedcore.parts import Part, PartLayout
 from fedcore.serialization import PayloadMeta
@@ -27,6 +28,19 @@ class TrainTask:
     private: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
     train: TrainConfig
     seed: int  # seeds the shuffling, timesteps and noise of this round's training
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Sample from this client's own model (shared parts as received, private parts its own) and score it."""
+
+    round: int  # rounds completed when the evaluation was asked for
+    task_id: str
+    receives: frozenset[Part]  # the shared parts, as the global model has them now
+    private: frozenset[Part]  # the client's own parts
+    spec: SamplingSpec
+    share_samples: bool = False  # send a sample grid back (off: no image leaves the client)
+    returns: frozenset[Part] = frozenset()  # nothing goes back but the score
 
 
 class MissingPrivateState(FeddiffError):
@@ -66,7 +80,7 @@ class ClientRuntime:
         return bool(self.private)
 
     @torch.no_grad()
-    def load(self, payload: bytes | bytearray, task: TrainTask) -> None:
+    def load(self, payload: bytes | bytearray, task: TrainTask | EvalTask) -> None:
         """Put the received parts and this client's private parts into the model."""
         received = serialization.decode(
             payload, self.layout, kind="weights", parts=task.receives, round_index=task.round, model=self.model_name
@@ -97,6 +111,10 @@ class ClientRuntime:
         local = {name: self._params[name] for name in self._base}
         meta = PayloadMeta(kind="delta", model=self.model_name, round=task.round, parts=task.returns)
         return serialization.encode(delta(local, self._base), meta)
+
+    def sampling_model(self) -> torch.nn.Module:
+        """The model as loaded (for evaluation after `load` of an EvalTask)."""
+        return self.trainer.model
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """This client's current full model (its personalised one under udec/ulatdec), on the CPU."""

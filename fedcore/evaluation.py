@@ -30,6 +30,8 @@ from scipy import linalg
 import torch.nn.functional as F
 from torch import nn
 
+from fedcore.diffusion import SamplerKind, Schedule
+from fedcore.diffusion import sample as generate
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -340,3 +342,50 @@ class ReferenceStatsCache:
                 stats.save(path)
         self._stats[key] = stats
         return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring a generator: sample, then FD against a reference
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    num_samples: int = 2000  # images generated per evaluated model
+    sampler: SamplerKind = "ddim"  # "ddim" during training, "ddpm" (all T steps) for the paper-protocol number
+    steps: int = 100  # DDIM steps
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GeneratorScore:
+    fd: float
+    samples: torch.Tensor  # (n, C, H, W) in [-1, 1], on the CPU
+    extractor: str  # FeatureExtractor.name
+    spec: SamplingSpec
+
+
+def score_generator(
+    model: nn.Module,
+    reference: ReferenceStats,
+    extractor: FeatureExtractor,
+    spec: SamplingSpec,
+    *,
+    device: torch.device | str = "cpu",
+    schedule: Schedule | None = None,
+) -> GeneratorScore:
+    """Sample `spec.num_samples` images from `model` and measure their FD to `reference`."""
+    samples = generate(
+        model, schedule or Schedule(), spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed, device=device
+    )
+    fd = reference.frechet_distance_to(extractor, samples)
+    return GeneratorScore(fd=fd, samples=samples, extractor=extractor.name, spec=spec)
+
+
+def fashion_mnist_reference(
+    extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None
+) -> ReferenceStats:
+    """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with)."""
+    from fedcore.data import load_fashion_mnist, to_model_range
+
+    cache = cache or ReferenceStatsCache()
+    return cache.get(extractor, "fashion-mnist/test", lambda: to_model_range(load_fashion_mnist(train=False, root=root).images))

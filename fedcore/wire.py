@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from fedcore.chunking import Reassembler, StreamHeader, iter_chunks
-from fedcore.client import TrainTask
+from fedcore.client import EvalTask, TrainTask
+from fedcore.evaluation import SamplingSpec
 from fedcore.errors import HeaderError
 from fedcore.parts import Part, parse_parts, sorted_parts
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -74,6 +75,57 @@ def task_from_proto(msg: pb.Task) -> TrainTask:
         train=TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, loss=spec.loss),  # type: ignore[arg-type]
         seed=spec.seed,
     )
+
+
+MAX_EVAL_SAMPLES = 100_000
+
+
+def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
+    return pb.Task(
+        kind=pb.Task.EVALUATE,
+        round=task.round,
+        task_id=task.task_id,
+        receives=parts_to_proto(task.receives),
+        private_parts=parts_to_proto(task.private),
+        eval=pb.EvalSpec(
+            sampler=task.spec.sampler,
+            steps=task.spec.steps,
+            num_samples=task.spec.num_samples,
+            seed=task.spec.seed,
+            share_samples=task.share_samples,
+        ),
+        payload_bytes=header.total_bytes,
+        payload_sha256=header.sha256,
+    )
+
+
+def eval_task_from_proto(msg: pb.Task) -> EvalTask:
+    spec = msg.eval
+    if spec.sampler not in ("ddim", "ddpm"):
+        raise HeaderError(f"task {msg.task_id!r}: sampler {spec.sampler!r} is not 'ddim' or 'ddpm'")
+    if not 1 <= spec.num_samples <= MAX_EVAL_SAMPLES:
+        raise HeaderError(f"task {msg.task_id!r}: num_samples {spec.num_samples} outside 1..{MAX_EVAL_SAMPLES}")
+    if spec.sampler == "ddim" and not 1 <= spec.steps <= 1000:
+        raise HeaderError(f"task {msg.task_id!r}: DDIM steps {spec.steps} outside 1..1000")
+    receives = parts_from_proto(msg.receives)
+    if not receives:
+        raise HeaderError(f"task {msg.task_id!r}: an evaluate task receives at least one part")
+    return EvalTask(
+        round=msg.round,
+        task_id=msg.task_id,
+        receives=receives,
+        private=parts_from_proto(msg.private_parts),
+        spec=SamplingSpec(num_samples=spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed),  # type: ignore[arg-type]
+        share_samples=spec.share_samples,
+    )
+
+
+def any_task_from_proto(msg: pb.Task) -> TrainTask | EvalTask:
+    if msg.kind == pb.Task.TRAIN:
+        return task_from_proto(msg)
+    if msg.kind == pb.Task.EVALUATE:
+        return eval_task_from_proto(msg)
+    raise HeaderError(f"task {msg.task_id!r} has unknown kind {msg.kind}")
 
 
 def header_to_proto(header: StreamHeader, *, round_index: int, task_id: str, parts: Iterable[Part]) -> pb.StreamHeader:

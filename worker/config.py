@@ -30,6 +30,7 @@ class WorkerConfig:
     backoff_initial: float = 0.5  # first reconnect delay, doubled up to backoff_max
     backoff_max: float = 30.0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
+    inception_weights: str = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
     ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
     progress: str = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
     # Security
@@ -66,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1)
     p.add_argument("--wait-timeout", type=float, default=30.0)
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
+    p.add_argument("--inception-weights", default="", help="pytorch-fid Inception weights file for FD (never downloaded)")
     p.add_argument("--ready-file", default="", help="write the metrics port here once started (scripts, tests)")
     p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
     p.add_argument("--insecure", action="store_true", help="plain-text gRPC")
@@ -97,6 +99,7 @@ def from_args(args: argparse.Namespace, speed: SpeedConfig) -> WorkerConfig:
         exit_when_done=not args.keep_running,
         progress=args.progress,
         ready_file=args.ready_file,
+        inception_weights=args.inception_weights,
         insecure=args.insecure,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

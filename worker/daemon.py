@@ -15,18 +15,20 @@ import torch
 
 from fedcore import checkpoint
 from fedcore.atomic import atomic_write_json
-from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
+from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
 from fedcore.errors import FeddiffError
+from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import payload_bytes_by_part
+from fedcore.images import png_bytes, save_grid
 from fedcore.metrics import Metrics
 from fedcore.model import build_model, preset
 from fedcore.parts import PART_ORDER
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.simulation import DataConfig, client_shard
 from fedcore.training import LocalTrainer, TrainingInterrupted, resolve_device
-from fedcore.wire import task_from_proto
+from fedcore.wire import any_task_from_proto
 
 from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig
@@ -78,6 +80,7 @@ class WorkerDaemon:
         self.runtime: ClientRuntime | None = None
         self.progress = TrainingProgress(self.worker_id, cfg.progress)
         self.rounds_done = 0
+        self._quality = None  # (feature extractor, reference statistics), loaded on the first evaluate task
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -170,18 +173,23 @@ class WorkerDaemon:
                 pass
 
     # --- one task -------------------------------------------------------------------------------------------
+    def _download(self, client: CoordinatorClient, task: TrainTask | EvalTask) -> bytearray:
+        specs = self.runtime.layout.specs(task.receives)  # type: ignore[union-attr]
+        max_bytes = sum(s.numel * 4 for s in specs.values()) + (1 << 20)
+        return client.download(task, max_bytes=max_bytes, on_wire=self.metrics.wire_bytes.labels("down").inc)
+
     def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:
         runtime = self.runtime
         assert runtime is not None
         try:
-            task = task_from_proto(msg)
+            task = any_task_from_proto(msg)
         except FeddiffError as e:
             log.error("worker %s: refusing task %s: %s", self.worker_id, msg.task_id, e)
             return
-        layout = runtime.layout
-        max_bytes = sum(s.numel * 4 for s in layout.specs(task.receives).values()) + (1 << 20)
-        wire_down = self.metrics.wire_bytes.labels("down")
-        payload = client.download(task, max_bytes=max_bytes, on_wire=wire_down.inc)
+        if isinstance(task, EvalTask):
+            self._run_evaluation(client, task)
+            return
+        payload = self._download(client, task)
         self._count("down", task.receives, payload)
         try:
             runtime.load(payload, task)
@@ -222,6 +230,40 @@ class WorkerDaemon:
             result.mean_loss,
             len(update) / 1e6,
         )
+
+    def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:
+        """Score this worker's own model: shared parts as received, private parts its own. Only the number
+        leaves the worker, unless the task asks for a sample grid (--share-samples on the coordinator)."""
+        runtime = self.runtime
+        assert runtime is not None
+        runtime.load(self._download(client, task), task)
+        extractor, reference = self._quality_reference()
+        score = score_generator(runtime.sampling_model(), reference, extractor, task.spec, device=runtime.trainer.speed.device)
+        grid = save_grid(score.samples[:64], self.state_dir / "samples" / f"r{task.round:04d}.png", nrow=8)
+        self.metrics.fd.labels(self.worker_id).set(score.fd)
+        client.report_evaluation(
+            pb.EvaluationReport(
+                task_id=task.task_id,
+                round=task.round,
+                frechet_distance=score.fd,
+                feature_extractor=score.extractor,
+                num_samples=task.spec.num_samples,
+                sample_grid_png=png_bytes(score.samples[:64], nrow=8) if task.share_samples else b"",
+            )
+        )
+        log.info("worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s", self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid)
+
+    def _quality_reference(self):  # -> (FeatureExtractor, ReferenceStats)
+        """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""
+        if self._quality is None:
+            device = self.runtime.trainer.speed.device  # type: ignore[union-attr]
+            extractor = load_inception(self.cfg.inception_weights, device) if self.cfg.inception_weights else load_fmnist_classifier(device)
+            if self.cfg.data_dir:
+                reference = ReferenceStats.compute(extractor, to_model_range(self.images.images), f"local:{self.cfg.data_dir}")
+            else:
+                reference = fashion_mnist_reference(extractor, root=self.cfg.data_root)
+            self._quality = (extractor, reference)
+        return self._quality
 
     def _count(self, direction: str, parts: frozenset, payload: bytes | bytearray) -> None:
         layout = self.runtime.layout  # type: ignore[union-attr]
