@@ -31,6 +31,7 @@ class CoordinatorConfig:
     seed: int = 0  # initial model, plans, client samples, training seeds
     checkpoint_dir: str = "runs/coordinator"
     listen: str = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
+    health_port: int = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
     metrics_port: int = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
     chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
     max_concurrent_uploads: int = 2  # updates received and decoded at once; the rest wait (back-pressure)

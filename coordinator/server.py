@@ -78,6 +78,15 @@ class Coordinator:
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
         self.metrics_port: int | None = None
+        # Probes (kubelet's native gRPC probe) speak plain text: a second server carries the health service
+        # alone, so the worker-facing port can require mutual TLS.
+        self.health_server: grpc.Server | None = None
+        self.health_port: int | None = None
+        if cfg.health_port >= 0:
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            host = cfg.listen.rsplit(":", 1)[0]
+            self.health_port = self.health_server.add_insecure_port(f"{host}:{cfg.health_port}")
         self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
 
     @property
@@ -89,11 +98,14 @@ class Coordinator:
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop.start()
         if self.cfg.ready_file:
-            atomic_write_json(self.cfg.ready_file, {"address": self.address, "metrics_port": self.metrics_port, "pid": os.getpid()})
+            ready = {"address": self.address, "metrics_port": self.metrics_port, "health_port": self.health_port, "pid": os.getpid()}
+            atomic_write_json(self.cfg.ready_file, ready)
         log.info(
             "coordinator serving on %s (metrics on :%s), %s on %s for %d rounds",
             self.address,
@@ -112,6 +124,8 @@ class Coordinator:
         self.health.enter_graceful_shutdown()
         self.driver.stop()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self._loop.join(timeout=10)
 
 

@@ -1,0 +1,455 @@
+"""The paper's experiment grid in simulation: protocols, cells, a resumable runner and its JSONL results file.
+
+A cell is one (strategy, split) pair trained with `Simulation` in its own folder; the centralised reference
+is plain FedAvg with K = 1 on all images. A finished cell appends one line to the results file; a cell whose
+line is there is skipped, and a half-trained one resumes from its last round checkpoint. Each cell's models
+are scored by the Frechet distance of their samples to the real Fashion-MNIST test images: the global model
+(centralised, full, usplit), or each client's personalised model (udec, ulatdec: K FDs, mean +- std).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fedcore import checkpoint, report
+from fedcore.data import load_fashion_mnist, to_model_range
+from fedcore.diffusion import SamplerKind, Schedule, sample
+from fedcore.evaluation import FeatureExtractor, ReferenceStats, ReferenceStatsCache, load_fmnist_classifier, load_inception
+from fedcore.federation import FederationConfig
+from fedcore.images import save_grid
+from fedcore.model import build_model
+from fedcore.simulation import ROUNDS_LOG, DataConfig, Simulation, SimulationConfig
+from fedcore.splits import SplitKind
+from fedcore.strategies import Strategy, private_parts
+from fedcore.training import ResolvedSpeed, SpeedConfig, TrainConfig
+
+ProtocolName = Literal["quick", "paper", "mini"]
+CENTRALISED = "centralised"
+STRATEGIES: tuple[str, ...] = (CENTRALISED, "full", "usplit", "ulatdec", "udec")  # table order
+SPLITS: tuple[SplitKind, ...] = ("iid", "label", "quantity")
+ALL_DATA = "all"  # the centralised cell's split: every image on one party
+CELL_SPEC = "cell.json"  # what a cell folder was trained with (checked on resume)
+EVALUATIONS = "evaluations.jsonl"  # FD curve points of a cell, one per evaluated round
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: ProtocolName
+    model: str  # model preset
+    rounds: int  # R
+    epochs: int  # E, local epochs per round
+    batch_size: int
+    max_images: int  # training images (0 = all 60,000)
+    sampler: SamplerKind
+    steps: int  # sampling steps (DDPM always uses all T = 1000)
+    samples: int  # images generated per model for the final FD
+    eval_every: int  # rounds between FD curve points (the last round always gets one)
+    curve_samples: int  # images per model for a curve point (the final point reuses the first of `samples`)
+    reference_images: int  # real test images in the reference statistics (0 = all 10,000)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # One GPU, minutes per cell: E = 1, FD on 2,000 DDIM-100 samples per model.
+    "quick": Protocol("quick", "paper-fmnist", 15, 1, 128, 0, "ddim", 100, 2000, 5, 500, 0),
+    # The paper's protocol: E = 5, ancestral sampling over all 1,000 steps, about 1,000 samples per model.
+    "paper": Protocol("paper", "paper-fmnist", 15, 5, 128, 0, "ddpm", 1000, 1000, 15, 1000, 0),
+    # The CI miniature: tiny UNet, 300 images, 2 rounds, a few hundred 10-step samples; CPU seconds.
+    "mini": Protocol("mini", "tiny", 2, 1, 32, 300, "ddim", 10, 200, 1, 200, 1000),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str  # one of STRATEGIES
+    split: str  # one of SPLITS, or ALL_DATA for the centralised reference
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}:{self.split}"
+
+    @property
+    def centralised(self) -> bool:
+        return self.strategy == CENTRALISED
+
+    @property
+    def federation_strategy(self) -> Strategy:
+        return Strategy.FULL if self.centralised else Strategy(self.strategy)
+
+    def num_clients(self, clients: int) -> int:
+        return 1 if self.centralised else clients
+
+    @property
+    def data_split(self) -> SplitKind:
+        return "iid" if self.centralised else self.split  # type: ignore[return-value]
+
+
+def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS) -> list[Cell]:
+    """The cells of the grid in run order: the centralised reference first, then split by split."""
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
+    cells = [Cell(CENTRALISED, ALL_DATA)] if CENTRALISED in strategies else []
+    cells += [Cell(st, sp) for sp in SPLITS if sp in splits for st in STRATEGIES if st in strategies and st != CENTRALISED]
+    return cells
+
+
+def parse_only(specs: Iterable[str]) -> set[str]:
+    """`udec:iid`, `centralised` (or `centralised:all`), comma lists allowed -> cell keys."""
+    keys = set()
+    for spec in specs:
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            strategy, _, split = item.partition(":")
+            if strategy == CENTRALISED:
+                split = split or ALL_DATA
+            if strategy not in STRATEGIES or split not in (*SPLITS, ALL_DATA) or (split == ALL_DATA) != (strategy == CENTRALISED):
+                raise ValueError(f"--only {item!r} is not a cell; expected strategy:split like 'udec:iid' or 'centralised'")
+            keys.add(f"{strategy}:{split}")
+    return keys
+
+
+def select_cells(strategies: Sequence[str], splits: Sequence[str], only: Iterable[str] = ()) -> list[Cell]:
+    cells = grid(strategies, splits)
+    keys = parse_only(only)
+    if keys:
+        cells = [c for c in cells if c.key in keys]
+        if not cells:
+            raise ValueError(f"--only {sorted(keys)} selects no cell of strategies {list(strategies)} x splits {list(splits)}")
+    return cells
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    protocol: Protocol
+    cells: tuple[Cell, ...]
+    out: Path  # run folder: one sub-folder per cell, reference statistics
+    results: Path  # JSONL, one line per finished cell
+    docs: Path | None  # where results.md and the plots go after each cell (None = do not render)
+    clients: int = 5  # K of the federated cells
+    beta: float = 0.5  # Dirichlet concentration of the skewed splits
+    split_seed: int = 2023
+    seed: int = 0  # model init, plans, training and the sampling noise
+    data_root: str | None = None  # Fashion-MNIST folder
+    inception_weights: str | None = None  # pytorch-fid Inception weights; None = the project's classifier
+    speed: SpeedConfig = SpeedConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results file
+
+
+def load_results(path: Path) -> list[dict]:
+    """Every complete line of a results file (a torn last line from a crash is ignored)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def result_key(protocol: str, cell: str, clients: int, max_images: int) -> tuple[str, str, int, int]:
+    return protocol, cell, clients, max_images
+
+
+def _key_of(row: Mapping) -> tuple[str, str, int, int]:
+    return result_key(row["protocol"], row["cell"], row["clients"], row["max_images"])
+
+
+def append_result(path: Path, row: Mapping) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return load_results(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class Evaluator:
+    """Samples models and scores them against the real test images: owns the feature extractor, the
+    reference statistics and one sampling network whose weights are swapped per model."""
+
+    extractor: FeatureExtractor
+    reference: ReferenceStats
+    network: torch.nn.Module  # sampling network on `device`, weights loaded per model
+    sampler_net: torch.nn.Module  # `network`, or its torch.compile wrapper
+    device: torch.device
+    bf16: bool
+    batch_size: int  # images per sampling batch
+    log: Callable[[str], None] = print
+
+    @classmethod
+    def create(cls, cfg: ReproduceConfig, log: Callable[[str], None] = print) -> Evaluator:
+        speed = ResolvedSpeed.of(cfg.speed)
+        if cfg.inception_weights:
+            extractor: FeatureExtractor = load_inception(cfg.inception_weights, speed.device)
+        else:
+            extractor = load_fmnist_classifier(speed.device)
+        n = cfg.protocol.reference_images
+        dataset = "fashion-mnist/test" if n <= 0 else f"fashion-mnist/test[:{n}]"
+
+        def test_images() -> torch.Tensor:
+            images = load_fashion_mnist(train=False, root=cfg.data_root).images
+            return to_model_range(images[:n] if n > 0 else images)
+
+        reference = ReferenceStatsCache(cfg.out / "reference").get(extractor, dataset, test_images)
+        network = build_model(cfg.protocol.model).to(speed.device)
+        if speed.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        network.eval()
+        sampler_net = torch.compile(network) if speed.compile else network
+        batch = 1000 if speed.device.type == "cuda" else 250
+        log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images)")
+        return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, log)
+
+    def generate(self, state: Mapping[str, torch.Tensor], protocol: Protocol, n: int, seed: int) -> torch.Tensor:
+        """n samples (n, C, H, W) in [-1, 1] on the CPU from a model state."""
+        self.network.load_state_dict(state)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            try:
+                return self._sample(self.sampler_net, protocol, n, seed)
+            except Exception as e:  # a compile failure must not cost a GPU run: fall back to eager
+                if self.sampler_net is self.network:
+                    raise
+                self.log(f"torch.compile of the sampler failed ({type(e).__name__}: {e}); sampling eagerly")
+                self.sampler_net = self.network
+                return self._sample(self.network, protocol, n, seed)
+
+    def _sample(self, net: torch.nn.Module, protocol: Protocol, n: int, seed: int) -> torch.Tensor:
+        steps = protocol.steps if protocol.sampler == "ddim" else Schedule().timesteps
+        return sample(net, Schedule(), n, sampler=protocol.sampler, steps=steps, seed=seed, device=self.device, batch_size=min(n, self.batch_size))
+
+    def fd(self, images: torch.Tensor) -> float:
+        return self.reference.frechet_distance_to(self.extractor, images)
+
+
+def cell_models(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
+    """The models a cell is judged by: the global one, or each client's personalised one (udec, ulatdec)."""
+    global_state = sim.federation.global_state
+    if not private_parts(sim.config.federation.strategy):
+        return {"global": global_state}
+    return {cid: checkpoint.personalised_state(global_state, c.private) for cid, c in sim.clients.items()}
+
+
+def _summary(fds: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (ddof = 0) over the evaluated models."""
+    return float(np.mean(fds)), float(np.std(fds))
+
+
+def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n: int, seed: int, curve_n: int) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """FD of every model of the cell on n samples, and on the first curve_n of them (the curve point);
+    every model draws the same noise (seed), so differences between cells are not sampling luck."""
+    started = time.perf_counter()
+    fds, curve_fds, images = {}, {}, {}
+    for name, state in cell_models(sim).items():
+        x = evaluator.generate(state, protocol, n, seed)
+        images[name] = x
+        fds[name] = evaluator.fd(x)
+        curve_fds[name] = fds[name] if curve_n >= n else evaluator.fd(x[:curve_n])
+    seconds = time.perf_counter() - started
+    record = sim.records[-1] if sim.records else _rounds_log(sim.out_dir)[-1]
+    final = {"samples": n, "fd_per_model": fds, "seconds": round(seconds, 3)}
+    point = {
+        "round": sim.federation.completed_rounds,
+        "cumulative_parameters": record["cumulative_parameters"],
+        "samples": min(curve_n, n),
+        "fd_mean": _summary(list(curve_fds.values()))[0],
+        "fd_std": _summary(list(curve_fds.values()))[1],
+        "fd_per_model": curve_fds,
+        "seconds": round(seconds, 3),
+    }
+    return final, point, images
+
+
+def _rounds_log(out_dir: Path) -> list[dict]:
+    return _read_jsonl(out_dir / ROUNDS_LOG)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One cell
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
+    p = cfg.protocol
+    return SimulationConfig(
+        federation=FederationConfig(
+            strategy=cell.federation_strategy,
+            model=p.model,
+            rounds=p.rounds,
+            seed=cfg.seed,
+            train=TrainConfig(epochs=p.epochs, batch_size=p.batch_size),
+        ),
+        data=DataConfig(
+            num_clients=cell.num_clients(cfg.clients),
+            split=cell.data_split,
+            beta=cfg.beta,
+            split_seed=cfg.split_seed,
+            max_images=p.max_images,
+            root=cfg.data_root,
+        ),
+        speed=cfg.speed,
+    )
+
+
+def _check_cell_folder(folder: Path, sim_cfg: SimulationConfig) -> None:
+    """A cell folder holds one training configuration; resuming it with another would mix two runs."""
+    spec = {"federation": sim_cfg.federation.as_json(), "data": {k: v for k, v in asdict(sim_cfg.data).items() if k != "root"}}
+    path = folder / CELL_SPEC
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != spec:
+            raise ValueError(f"{str(folder)!r} was trained with {saved}, not {spec}; use another --out or delete the folder")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) one cell, score its models, and return its results line."""
+    p = cfg.protocol
+    folder = cfg.out / f"{cell.strategy}-{cell.split}"
+    sim_cfg = simulation_config(cfg, cell)
+    _check_cell_folder(folder, sim_cfg)
+    sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"))
+    if sim.federation.completed_rounds:
+        log(f"[{cell.key}] resuming after round {sim.federation.completed_rounds}")
+    points = {pt["round"]: pt for pt in _read_jsonl(folder / EVALUATIONS)}
+
+    def curve_point_due() -> bool:
+        r = sim.federation.completed_rounds
+        return 0 < r < p.rounds and r % p.eval_every == 0 and r not in points
+
+    while True:
+        if curve_point_due():
+            _, point, _ = evaluate_round(sim, evaluator, p, p.curve_samples, cfg.seed, p.curve_samples)
+            points[point["round"]] = point
+            append_result(folder / EVALUATIONS, point)
+            log(f"[{cell.key}] round {point['round']}: FD {point['fd_mean']:.2f} +- {point['fd_std']:.2f} on {point['samples']} samples")
+        if sim.federation.finished:
+            break
+        sim.run_round()
+
+    final, point, images = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
+    points[point["round"]] = point
+    save_grid(next(iter(images.values()))[:64], folder / "samples.png")
+    rounds = _rounds_log(folder)
+    last = rounds[-1]
+    fds = final["fd_per_model"]
+    fd_mean, fd_std = _summary(list(fds.values()))
+    sizes = {cid: c.num_examples for cid, c in sim.clients.items()}
+    train_seconds = sum(r["seconds"] for r in rounds)
+    eval_seconds = final["seconds"] + sum(pt["seconds"] for r, pt in points.items() if r != p.rounds)
+    steps = p.steps if p.sampler == "ddim" else Schedule().timesteps
+    row = {
+        "protocol": p.name,
+        "cell": cell.key,
+        "strategy": cell.strategy,
+        "split": cell.split,
+        "clients": cell.num_clients(cfg.clients),
+        "model": p.model,
+        "rounds": p.rounds,
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "max_images": p.max_images,
+        "images": sum(sizes.values()),
+        "beta": cfg.beta,
+        "split_seed": cfg.split_seed,
+        "seed": cfg.seed,
+        "fd_mean": fd_mean,
+        "fd_std": fd_std,  # population std over the models evaluated
+        "fd_per_model": [{"model": name, "images": sizes.get(name, sum(sizes.values())), "fd": fd} for name, fd in fds.items()],
+        "feature_extractor": evaluator.extractor.name,
+        "reference": {"dataset": evaluator.reference.dataset, "count": evaluator.reference.count},
+        "samples": p.samples,
+        "sampler": f"{p.sampler}-{steps}",
+        "parameters_exchanged": last["cumulative_parameters"],
+        "full_fedavg_parameters": last["cumulative_full_fedavg_parameters"],
+        "reduction_vs_full": last["reduction_so_far"],
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "wall_seconds": round(train_seconds + eval_seconds, 1),
+        "device": device_name(evaluator.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "losses": [r["mean_loss"] for r in rounds],
+        "cumulative_parameters": [r["cumulative_parameters"] for r in rounds],
+        "curve": [{k: v for k, v in pt.items() if k != "fd_per_model"} for _, pt in sorted(points.items())],
+    }
+    if not all(math.isfinite(f) for f in fds.values()):
+        log(f"[{cell.key}] warning: non-finite FD {fds}")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every selected cell that the results file lacks, appending its line and re-rendering the docs."""
+    done = {_key_of(r) for r in load_results(cfg.results)}
+    todo = [c for c in cfg.cells if result_key(cfg.protocol.name, c.key, c.num_clients(cfg.clients), cfg.protocol.max_images) not in done]
+    skipped = len(cfg.cells) - len(todo)
+    log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
+    evaluator = Evaluator.create(cfg, log) if todo else None
+    new = []
+    for cell in todo:
+        started = time.perf_counter()
+        row = run_cell(cfg, cell, evaluator, log)  # type: ignore[arg-type]
+        append_result(cfg.results, row)
+        new.append(row)
+        log(f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
+            f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s")
+        _release_memory()
+        if cfg.docs is not None:
+            render(cfg)
+    if cfg.docs is not None and not todo:
+        render(cfg)
+    return new
+
+
+def render(cfg: ReproduceConfig) -> list[Path]:
+    """docs/results.md and the two plots from the whole results file."""
+    assert cfg.docs is not None
+    return report.render(load_results(cfg.results), cfg.docs, results_path=str(cfg.results))
+
+
+def with_overrides(p: Protocol, **changes: int | None) -> Protocol:
+    """The protocol with the CLI's overrides (max_images, samples, curve_samples, eval_every); None keeps it."""
+    for name, value in changes.items():
+        if value is not None and (value < 0 or (value == 0 and name != "max_images")):
+            raise ValueError(f"--{name.replace('_', '-')} is {value}, expected {'>= 0' if name == 'max_images' else '>= 1'}")
+    return replace(p, **{k: v for k, v in changes.items() if v is not None})
