@@ -1,11 +1,17 @@
-"""Transport security of the coordinator: TLS, mutual TLS, or explicit plain text."""
+"""Transport security and worker identity: TLS, mutual TLS (identity = certificate common name), per-worker
+tokens, or explicit plain text."""
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 from pathlib import Path
 
 import grpc
+import yaml
+
+from fedcore.errors import UnknownWorker
 
 from coordinator.config import CoordinatorConfig
 
@@ -23,3 +29,53 @@ def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
         raise ValueError("no TLS certificate given: pass --tls-cert/--tls-key (and --tls-ca for mutual TLS), or --insecure for plain text")
     log.warning("serving plain-text gRPC (--insecure): traffic and worker identities are not protected")
     return None
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """worker id -> token, from a YAML or JSON mapping."""
+    raw = yaml.safe_load(Path(path).read_text()) if str(path).endswith((".yaml", ".yml")) else json.loads(Path(path).read_text())
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()):
+        raise ValueError(f"{path}: expected a mapping of worker id to a non-empty token")
+    return raw
+
+
+class Authenticator:
+    """Who is calling: the common name of the client certificate (mutual TLS), else the worker whose token
+    the call carries (`authorization: Bearer ...`), else nobody can tell (plain text or one-way TLS)."""
+
+    def __init__(self, cfg: CoordinatorConfig):
+        self.mutual_tls = bool(cfg.tls_ca and cfg.tls_cert)
+        self.tokens = load_tokens(cfg.tokens_file) if cfg.tokens_file else {}
+        if not self.mutual_tls and not self.tokens:
+            log.warning("worker identities are not verified (no mutual TLS, no --tokens-file): any caller may claim any worker id")
+
+    @property
+    def verifies(self) -> bool:
+        return self.mutual_tls or bool(self.tokens)
+
+    def identity(self, context: grpc.ServicerContext) -> str | None:
+        """The verified identity of the caller; UnknownWorker when verification is on and fails."""
+        if self.mutual_tls:
+            names = context.auth_context().get("x509_common_name") or []
+            if not names:
+                raise UnknownWorker("the client certificate carries no common name")
+            return names[0].decode()
+        if self.tokens:
+            presented = ""
+            for key, value in context.invocation_metadata():
+                if key == "authorization" and value.startswith("Bearer "):
+                    presented = value[len("Bearer ") :]
+            found = None
+            for worker_id, token in self.tokens.items():  # compare against every token: no timing hint
+                if hmac.compare_digest(token.encode(), presented.encode()):
+                    found = worker_id
+            if found is None:
+                raise UnknownWorker("no valid worker token in the call's metadata")
+            return found
+        return None
+
+    def check(self, context: grpc.ServicerContext, claimed: str) -> None:
+        """The caller must be `claimed` whenever identities are verified."""
+        verified = self.identity(context)
+        if verified is not None and verified != claimed:
+            raise UnknownWorker(f"caller is {verified!r}, not worker {claimed!r}")

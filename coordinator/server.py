@@ -22,7 +22,7 @@ from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
-from coordinator.security import server_credentials
+from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer
 
 log = logging.getLogger("feddiff.coordinator")
@@ -70,7 +70,7 @@ class Coordinator:
         self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads), options=GRPC_OPTIONS)
-        servicer = CoordinatorServicer(cfg, self.driver, self.registry, self.metrics, cfg.max_concurrent_uploads)
+        servicer = CoordinatorServicer(cfg, self.driver, self.registry, self.metrics, Authenticator(cfg))
         pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         creds = server_credentials(cfg)

@@ -18,6 +18,7 @@ from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import WorkerInfo, WorkerRegistry
 from coordinator.rounds import IssuedTask, RoundDriver
+from coordinator.security import Authenticator
 from coordinator.status import abort
 
 log = logging.getLogger("feddiff.coordinator")
@@ -26,22 +27,29 @@ MAX_WAIT_MS = 60_000
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, upload_slots: int):
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, auth: Authenticator):
         self.cfg = cfg
+        self.auth = auth
         self.driver = driver
         self.registry = registry
         self.metrics = metrics
-        self._upload_slots = threading.BoundedSemaphore(max(1, upload_slots))
+        self._upload_slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_uploads))
 
     def _refuse(self, context: grpc.ServicerContext, error: FeddiffError) -> None:
         self.metrics.updates.labels(error.reason).inc()
         log.warning("refused: %s: %s", error.reason, error)
         abort(context, error)
 
-    def _worker(self, session_id: str, context: grpc.ServicerContext) -> str:
+    def _worker(self, session_id: str, context: grpc.ServicerContext, *, counted: bool = False) -> str:
+        """The worker behind a session, checked against the caller's verified identity; `counted` refusals
+        (uploads) show in feddiff_updates_total."""
         try:
-            return self.registry.touch(session_id).worker_id
+            worker_id = self.registry.touch(session_id).worker_id
+            self.auth.check(context, worker_id)
+            return worker_id
         except UnknownWorker as e:
+            if counted:
+                self.metrics.updates.labels(e.reason).inc()
             abort(context, e)
 
     # --- membership ------------------------------------------------------------------------------------------
@@ -51,6 +59,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
         if w.num_examples < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")
+        try:
+            self.auth.check(context, w.worker_id)
+        except UnknownWorker as e:
+            log.warning("refused join of %r: %s", w.worker_id, e)
+            abort(context, e)
         info = WorkerInfo(
             worker_id=w.worker_id,
             device=w.device,
@@ -120,7 +133,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if first is None or not first.HasField("header"):
             self._refuse(context, HeaderError("an update stream must start with its header"))
         h = first.header
-        worker_id = self._worker(h.session_id, context)
+        worker_id = self._worker(h.session_id, context, counted=True)
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
         try:
             parts = wire.parts_from_proto(h.stream.parts)

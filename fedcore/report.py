@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API renders with Agg and touches no pyplot global state
+from matplotlib.ticker import MaxNLocator
 
 from fedcore.atomic import atomic_write
 
@@ -134,7 +135,7 @@ def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True
         parts.append(f"Measured on {', '.join(devices)}, {dates[0]}{'' if len(dates) == 1 else ' to ' + dates[-1]}.\n")
     parts.append(f"## Reproduce\n\n```\n{GPU_COMMAND}\n```\n\n{GPU_NOTE}\n")
     if results_path:
-        parts.append(f"Rendered from `{results_path}` (one JSON line per finished cell, with per-round losses and FD curve points).\n")
+        parts.append(f"Source: `{results_path}` (one JSON line per finished cell, with per-round losses and FD curve points).\n")
     if not rows:
         parts.append(table([]))
     for group in _by_protocol(rows).values():
@@ -192,6 +193,7 @@ def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
             ax.plot(rounds, r["losses"], marker=".", color=_COLOURS.get(r["strategy"]), label=_label(r, many))
         ax.set_title(f"split: {split}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("mean local loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

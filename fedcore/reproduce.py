@@ -65,8 +65,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "quick": Protocol("quick", "paper-fmnist", 15, 1, 128, 0, "ddim", 100, 2000, 5, 500, 0),
     # The paper's protocol: E = 5, ancestral sampling over all 1,000 steps, about 1,000 samples per model.
     "paper": Protocol("paper", "paper-fmnist", 15, 5, 128, 0, "ddpm", 1000, 1000, 15, 1000, 0),
-    # The CI miniature: tiny UNet, 300 images, 2 rounds, a few hundred 10-step samples; CPU seconds.
-    "mini": Protocol("mini", "tiny", 2, 1, 32, 300, "ddim", 10, 200, 1, 200, 1000),
+    # The CI miniature: tiny UNet, 300 images, 2 rounds, 160 five-step samples per model; CPU seconds.
+    "mini": Protocol("mini", "tiny", 2, 1, 32, 300, "ddim", 5, 160, 1, 160, 1000),
 }
 
 

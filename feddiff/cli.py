@@ -212,6 +212,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("certs")
+def _certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedcore.certs import create_project
+
+    bad = [w for w in args.worker if not w.replace("-", "").replace("_", "").replace(".", "").isalnum() or w in ("ca", "coordinator")]
+    if bad:
+        raise ValueError(f"worker ids {bad} must be letters, digits, '-', '_' or '.', and not 'ca' or 'coordinator'")
+    for path in create_project(Path(args.out), args.coordinator_host, args.worker):
+        print(path)
+    return 0
+
+
 # --- argument parsing ---------------------------------------------------------------------------------------
 
 
@@ -287,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker daemon that trains on this host's private images")
     worker_config.add_arguments(p)
     add_speed_args(p)
+
+    p = sub.add_parser("certs", help="create a project CA, the coordinator's certificate and one per worker (mutual TLS)")
+    p.add_argument("--out", required=True, help="folder for ca.crt/ca.key (reused when present) and the issued pairs")
+    p.add_argument("--coordinator-host", action="append", default=[], help="DNS name or IP the workers dial (repeatable)")
+    p.add_argument("--worker", action="append", default=[], help="a worker id: its certificate's common name (repeatable)")
 
     for name, text in (("health", "exit 0 when the coordinator's gRPC health service says SERVING"), ("status", "round, workers, bytes and reduction of a coordinator")):
         p = sub.add_parser(name, help=text)

@@ -362,14 +362,16 @@ def test_coordinator_deployment(k8s_docs: list[dict[str, Any]], kustomization: d
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
 
     assert argv[0] == "coordinator"
-    assert ports == {"grpc": 50051, "metrics": 9100}
+    assert ports == {"grpc": 50051, "metrics": 9100, "health": 50052}
     assert flag_value(argv, "--listen") == "0.0.0.0:50051"
     assert flag_value(argv, "--metrics-port") == "9100"
+    assert flag_value(argv, "--health-port") == "50052"
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     assert spec["securityContext"]["runAsNonRoot"] is True
-    # probes: readiness asks the gRPC health service, liveness needs the gRPC port
-    assert container["readinessProbe"]["exec"]["command"][:2] == ["feddiff", "health"]
-    assert container["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+    # probes: the kubelet's native gRPC probe on the plain-text health port (the gRPC port needs mTLS)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["health"], probe
+    assert container["readinessProbe"]["grpc"]["service"] == "feddiff.v1.Coordinator"
     # TLS from Secrets, and the flags point into the mount
     secrets = mounted_secrets(spec, container)
     assert set(secrets) == {"feddiff-ca", "feddiff-coordinator-tls"}

@@ -1,0 +1,212 @@
+"""Tests for `feddiff reproduce`: the CPU miniature end to end (results, docs, plots), resume, --only, rendering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedcore import report
+from fedcore.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, load_results, parse_only, select_cells, with_overrides
+from fedcore.simulation import ROUNDS_LOG
+from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
+
+CELLS = "full:iid,udec:iid"
+K = 5
+
+
+def _reproduce(tmp: Path, *extra: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_reproduce_parser(parser.add_subparsers(dest="command"))
+    argv = ["reproduce", "--protocol", "mini", "--out", str(tmp / "run"), "--docs", str(tmp / "docs"), "--device", "cpu", "--threads", "1", *extra]
+    return run_reproduce(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory, fashion_mnist_dir) -> Path:
+    """The miniature with two strategies, run once through the CLI handler and shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    assert _reproduce(tmp, "--only", CELLS, "--clients", str(K)) == 0
+    return tmp
+
+
+def _rows(tmp: Path) -> dict[str, dict]:
+    return {r["cell"]: r for r in load_results(tmp / "run" / "results.jsonl")}
+
+
+# --- the miniature end to end -----------------------------------------------------------------------------
+
+
+def test_results_file_has_one_finite_line_per_cell(mini: Path) -> None:
+    lines = (mini / "run" / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+
+    assert [r["cell"] for r in rows] == ["full:iid", "udec:iid"]
+    for r in rows:
+        assert math.isfinite(r["fd_mean"]) and r["fd_mean"] > 0
+        assert math.isfinite(r["fd_std"])
+        assert r["protocol"] == "mini" and r["rounds"] == 2 and r["clients"] == K
+        assert r["device"] == "cpu" and r["sampler"] == "ddim-5" and r["samples"] == PROTOCOLS["mini"].samples
+        assert r["feature_extractor"].startswith("fmnist-cnn:")
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert r["wall_seconds"] > 0
+
+
+def test_parameters_follow_the_ledger(mini: Path) -> None:
+    rows = _rows(mini)
+    full, udec = rows["full:iid"], rows["udec:iid"]
+
+    assert full["parameters_exchanged"] == full["full_fedavg_parameters"] and full["reduction_vs_full"] == 0.0
+    assert udec["full_fedavg_parameters"] == full["full_fedavg_parameters"]
+    assert udec["parameters_exchanged"] < full["parameters_exchanged"]
+    assert udec["reduction_vs_full"] == pytest.approx(1 - udec["parameters_exchanged"] / udec["full_fedavg_parameters"])
+
+
+def test_udec_is_scored_per_client_and_full_once(mini: Path) -> None:
+    rows = _rows(mini)
+    full, udec = rows["full:iid"], rows["udec:iid"]
+    fds = [m["fd"] for m in udec["fd_per_model"]]
+
+    assert [m["model"] for m in full["fd_per_model"]] == ["global"] and full["fd_std"] == 0.0
+    assert [m["model"] for m in udec["fd_per_model"]] == [f"client-{i}" for i in range(K)]
+    assert sum(m["images"] for m in udec["fd_per_model"]) == udec["images"]
+    assert len(set(fds)) == K  # personalised encoders and bottlenecks: K different models
+    assert udec["fd_mean"] == pytest.approx(np.mean(fds)) and udec["fd_std"] == pytest.approx(np.std(fds))
+
+
+def test_curve_has_a_point_per_evaluated_round(mini: Path) -> None:
+    for r in _rows(mini).values():
+        assert [p["round"] for p in r["curve"]] == [1, 2]  # mini evaluates every round
+        assert [p["cumulative_parameters"] for p in r["curve"]] == r["cumulative_parameters"]
+        assert all(math.isfinite(p["fd_mean"]) for p in r["curve"])
+    assert _rows(mini)["udec:iid"]["curve"][-1]["fd_mean"] == pytest.approx(_rows(mini)["udec:iid"]["fd_mean"])
+
+
+def test_docs_hold_the_table_and_two_valid_plots(mini: Path) -> None:
+    md = (mini / "docs" / report.RESULTS_MD).read_text()
+
+    assert "CPU miniature, not the paper protocol" in md
+    assert report.GPU_COMMAND in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| full |") or line.startswith("| udec |")]
+    assert len(table_rows) == 2 and all("| cpu |" in line for line in table_rows)
+    for name in (report.FD_PLOT, report.LOSS_PLOT):
+        path = mini / "docs" / name
+        assert f"]({name})" in md
+        assert path.stat().st_size > 5_000
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width >= 300 and img.height >= 300
+            assert len(img.getcolors(1 << 16) or range(1 << 16)) > 10  # not a blank canvas
+
+
+def test_only_selected_cells_ran(mini: Path) -> None:
+    folders = sorted(p.name for p in (mini / "run").iterdir() if p.is_dir())
+
+    assert folders == ["full-iid", "reference", "udec-iid"]
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def test_second_invocation_trains_nothing(mini: Path) -> None:
+    results = (mini / "run" / "results.jsonl").read_bytes()
+    logs = {c: (mini / "run" / c / ROUNDS_LOG).read_bytes() for c in ("full-iid", "udec-iid")}
+
+    started = time.perf_counter()
+    assert _reproduce(mini, "--only", CELLS, "--clients", str(K)) == 0
+
+    assert time.perf_counter() - started < 10
+    assert (mini / "run" / "results.jsonl").read_bytes() == results
+    assert {c: (mini / "run" / c / ROUNDS_LOG).read_bytes() for c in logs} == logs
+
+
+def test_trained_cell_without_result_is_scored_from_its_checkpoint(mini: Path, tmp_path: Path) -> None:
+    """A crash after the last round but before the result line: the rerun evaluates, it does not retrain."""
+    for name in ("run/full-iid", "run/reference"):
+        src, dst = mini / name, tmp_path / name
+        dst.mkdir(parents=True)
+        for f in src.rglob("*"):
+            if f.is_file():
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                (dst / f.relative_to(src)).write_bytes(f.read_bytes())
+    rounds_log = (tmp_path / "run" / "full-iid" / ROUNDS_LOG).read_bytes()
+
+    assert _reproduce(tmp_path, "--only", "full:iid", "--clients", str(K)) == 0
+
+    [row] = load_results(tmp_path / "run" / "results.jsonl")
+    assert (tmp_path / "run" / "full-iid" / ROUNDS_LOG).read_bytes() == rounds_log
+    assert row["fd_mean"] == _rows(mini)["full:iid"]["fd_mean"]  # same weights, same sampling noise
+
+
+# --- cells, options, rendering ------------------------------------------------------------------------------
+
+
+def test_grid_runs_centralised_first_then_split_by_split() -> None:
+    cells = select_cells(["centralised", "full", "udec"], ["iid", "label"])
+
+    assert [c.key for c in cells] == ["centralised:all", "full:iid", "udec:iid", "full:label", "udec:label"]
+    assert cells[0].num_clients(5) == 1 and cells[1].num_clients(5) == 5
+
+
+def test_only_accepts_repeats_comma_lists_and_bare_centralised() -> None:
+    assert parse_only(["udec:iid,full:label", "centralised"]) == {"udec:iid", "full:label", f"{CENTRALISED}:{ALL_DATA}"}
+    cells = select_cells(["centralised", "full", "udec"], ["iid", "label"], ["udec:label", "centralised"])
+    assert cells == [Cell(CENTRALISED, ALL_DATA), Cell("udec", "label")]
+
+
+@pytest.mark.parametrize("spec", ["udec", "udec:noniid", "fedprox:iid", "centralised:iid"])
+def test_only_rejects_what_is_not_a_cell(spec: str) -> None:
+    with pytest.raises(ValueError, match="is not a cell"):
+        parse_only([spec])
+
+
+def test_only_outside_the_selected_splits_is_an_error() -> None:
+    with pytest.raises(ValueError, match="selects no cell"):
+        select_cells(["udec"], ["iid"], ["udec:label"])
+
+
+def test_protocols_follow_the_issue() -> None:
+    quick, paper = PROTOCOLS["quick"], PROTOCOLS["paper"]
+
+    assert (quick.rounds, quick.epochs, quick.sampler, quick.steps, quick.samples, quick.eval_every) == (15, 1, "ddim", 100, 2000, 5)
+    assert (paper.rounds, paper.epochs, paper.sampler, paper.eval_every) == (15, 5, "ddpm", 15)
+    assert with_overrides(quick, max_images=0, samples=None).samples == 2000
+    with pytest.raises(ValueError, match="--samples"):
+        with_overrides(quick, samples=0)
+
+
+def _row(strategy: str, split: str, fd: float) -> dict:
+    return {
+        "protocol": "quick", "cell": f"{strategy}:{split}", "strategy": strategy, "split": split,
+        "clients": 1 if strategy == "centralised" else 5, "model": "paper-fmnist", "rounds": 15, "epochs": 1,
+        "batch_size": 128, "images": 60000, "beta": 0.5, "split_seed": 2023, "samples": 2000, "sampler": "ddim-100",
+        "reference": {"dataset": "fashion-mnist/test", "count": 10000}, "feature_extractor": "fmnist-cnn:x",
+        "fd_mean": fd, "fd_std": 0.0, "fd_per_model": [{"model": "global", "fd": fd}], "parameters_exchanged": 10**8,
+        "reduction_vs_full": 0.5, "wall_seconds": 300.0, "device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01",
+        "losses": [0.1, 0.05], "curve": [{"round": 15, "cumulative_parameters": 10**8, "fd_mean": fd, "fd_std": 0.0}],
+    }  # fmt: skip
+
+
+def test_report_ratios_and_goal_against_centralised() -> None:
+    rows = [_row("udec", "iid", 11.0), _row("centralised", "all", 10.0), _row("full", "iid", 10.5)]
+
+    md = report.markdown(rows)
+
+    assert md.index("| centralised |") < md.index("| full |") < md.index("| udec |")
+    assert "| 1.10x |" in md and "| 1.05x |" in md and "| 1.00x |" in md
+    assert "Measured on NVIDIA H100 80GB HBM3, 2025-01-01" in md and "CPU miniature" not in md
+    assert "centralised FD: met" in md
+    assert "not met (udec 1.20x)" in report.goal_line([*rows[1:], _row("udec", "iid", 12.0)])
+
+
+def test_render_without_results_says_so_and_draws_nothing(tmp_path: Path) -> None:
+    written = report.render([], tmp_path, results_path="runs/reproduce/quick/results.jsonl")
+
+    assert written == [tmp_path / report.RESULTS_MD]
+    md = written[0].read_text()
+    assert "No GPU results yet" in md and report.GPU_COMMAND in md and "![" not in md

@@ -1,0 +1,154 @@
+"""Mutual TLS and worker identity: certificates from `feddiff certs`, tokens without mTLS, refusals with the
+right status codes, and plain text only when asked for."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography import x509
+
+from feddiff.local import LocalCluster
+from fedcore import serialization
+from fedcore.certs import create_project
+from fedcore.metrics import Metrics
+from fedcore.model import build_model, layout_of
+from fedcore.serialization import PayloadMeta
+from fedcore.wire import task_from_proto
+from coordinator.config import CoordinatorConfig
+from coordinator.server import Coordinator
+from tests.system.raw_client import RawWorker
+
+pytestmark = pytest.mark.security
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki")
+    create_project(out, ["localhost"], ["client-0", "client-1"])
+    other = out / "other-ca"
+    create_project(other, ["localhost"], ["client-0"])
+    return out
+
+
+def _coordinator(tmp_path: Path, **settings: object) -> Coordinator:
+    base = dict(model="tiny", strategy="udec", rounds=1, epochs=1, min_workers=2, listen="localhost:0", metrics_port=-1, checkpoint_dir=str(tmp_path / "ckpt"), round_deadline=60.0)
+    return Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
+
+
+def _mtls_channel(pki: Path, address: str, name: str, ca: Path | None = None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(ca or pki / "ca.crt").read_bytes(),
+        private_key=(pki / f"{name}.key").read_bytes(),
+        certificate_chain=(pki / f"{name}.crt").read_bytes(),
+    )
+    return grpc.secure_channel(address, creds)
+
+
+def test_certs_command_issues_a_ca_a_server_and_one_certificate_per_worker(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "feddiff", "certs", "--out", str(tmp_path), "--coordinator-host", "coord.example.org", "--worker", "hospital-3"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert sorted(Path(p).name for p in out) == ["ca.crt", "coordinator.crt", "hospital-3.crt"]
+    cert = x509.load_pem_x509_certificate((tmp_path / "hospital-3.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value == "hospital-3"
+    server = x509.load_pem_x509_certificate((tmp_path / "coordinator.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "coord.example.org" in names
+    assert (tmp_path / "hospital-3.key").stat().st_mode & 0o077 == 0, "private keys are readable by their owner only"
+
+
+def test_mutual_tls_identity_comes_from_the_certificate(pki: Path, tmp_path: Path) -> None:
+    coord = _coordinator(tmp_path, tls_cert=str(pki / "coordinator.crt"), tls_key=str(pki / "coordinator.key"), tls_ca=str(pki / "ca.crt"))
+    try:
+        with _mtls_channel(pki, coord.address, "client-0") as ch:
+            assert RawWorker(ch, "client-0").join().session_id
+            with pytest.raises(grpc.RpcError) as e:
+                RawWorker(ch, "client-1").join()  # claims another worker's identity
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with _mtls_channel(pki, coord.address, "client-0", ca=pki / "other-ca" / "ca.crt") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                RawWorker(ch, "client-0").join()  # does not trust our server, nor we its client cert
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        other = pki / "other-ca"
+        creds = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes(), (other / "client-0.key").read_bytes(), (other / "client-0.crt").read_bytes())
+        with grpc.secure_channel(coord.address, creds) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                RawWorker(ch, "client-0").join()  # a certificate from another CA is refused in the handshake
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(coord.address, grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes())) as ch:
+            with pytest.raises(grpc.RpcError):
+                RawWorker(ch, "client-0").join()  # no client certificate at all
+    finally:
+        coord.stop()
+
+
+def test_tokens_identify_workers_and_an_upload_for_another_identity_is_denied(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"client-0": "s3cret-zero", "client-1": "s3cret-one"}))
+    coord = _coordinator(tmp_path, insecure=True, tokens_file=str(tokens))
+    try:
+        with grpc.insecure_channel(coord.address) as ch:
+            bad = RawWorker(ch, "client-0", metadata=(("authorization", "Bearer wrong"),))
+            with pytest.raises(grpc.RpcError) as e:
+                bad.join()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            thief = RawWorker(ch, "client-1", metadata=(("authorization", "Bearer s3cret-zero"),))
+            with pytest.raises(grpc.RpcError) as e:
+                thief.join()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            w0 = RawWorker(ch, "client-0", metadata=(("authorization", "Bearer s3cret-zero"),))
+            w1 = RawWorker(ch, "client-1", metadata=(("authorization", "Bearer s3cret-one"),))
+            w0.join(), w1.join()
+            t0, t1 = task_from_proto(w0.wait_task()), task_from_proto(w1.wait_task())
+            # Worker 0 uploads a well-formed update for worker 1's task: not its task.
+            layout = layout_of(build_model("tiny"))
+            delta = {n: torch.zeros(s.shape) + 0.01 for n, s in layout.specs(t1.returns).items()}
+            payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", round=t1.round, parts=t1.returns))
+            with pytest.raises(grpc.RpcError) as e:
+                w0.upload_messages(w0.update_messages(t1, payload))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # A session used with another worker's token is refused as well.
+            hijack = RawWorker(ch, "client-1", metadata=(("authorization", "Bearer s3cret-zero"),), session_id=w1.session_id)
+            with pytest.raises(grpc.RpcError) as e:
+                hijack.wait_task(timeout=1)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert t0.task_id != t1.task_id
+    finally:
+        coord.stop()
+
+
+def test_plain_text_needs_insecure_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="--insecure"):
+        _coordinator(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="feddiff.coordinator"):
+        _coordinator(tmp_path, insecure=True).stop()
+    assert "plain-text" in caplog.text
+
+
+def test_a_federated_run_over_mutual_tls_with_real_worker_processes(pki: Path, tmp_path: Path) -> None:
+    tls = ["--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key"), "--tls-ca", str(pki / "ca.crt")]
+    with LocalCluster(tmp_path) as cluster:
+        coord = cluster.coordinator(*tls, "--model", "tiny", "--strategy", "udec", "--rounds", "1", "--epochs", "1", "--min-workers", "2", "--listen", "localhost:0")
+        address = coord.ready["address"].replace("127.0.0.1", "localhost")
+        workers = [
+            cluster.worker(address, f"client-{i}", "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"client-{i}.crt"), "--tls-key", str(pki / f"client-{i}.key"),
+                           "--client-index", str(i), "--num-clients", "2", "--max-images", "64", "--threads", "1", "--keep-running")
+            for i in range(2)
+        ]
+        import time
+
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "checkpoints" / "final.safetensors").exists():
+            assert time.monotonic() < deadline, coord.output()[-2000:]
+            for p in (coord, *workers):
+                assert p.proc.poll() is None, p.output()[-2000:]
+            time.sleep(0.2)
+    assert "joined" in coord.output() and "plain-text" not in coord.output()
