@@ -36,6 +36,16 @@ MAX_GRID_BYTES = 8 << 20  # a shared sample grid (PNG) larger than this is ignor
 
 
 @dataclass(frozen=True)
+class RoundProgress:
+    state: str
+    round: int  # 1-based number of the round in progress (or the last one completed)
+    selected: int  # workers given a task in this phase
+    done: int  # of them, finished
+    bytes_down: int  # payload bytes of this round so far
+    bytes_up: int
+
+
+@dataclass(frozen=True)
 class IssuedTask:
     task: TrainTask | EvalTask
     header: StreamHeader  # of the weights payload the worker downloads
@@ -353,12 +363,22 @@ class RoundDriver:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(grid_png)
 
-    def progress(self) -> tuple[int, int]:
-        """(selected, done) of the round in progress."""
+    def progress(self) -> RoundProgress:
+        """Where the round (or evaluation) in progress stands."""
         with self._cond:
-            if self._round is None:
-                return 0, 0
-            return len(self._round.plan.clients), len(self._round.accepted)
+            if self._round is not None:
+                ledger = self._round.ledger_so_far()
+                return RoundProgress(
+                    state=self.state,
+                    round=self._round.round + 1,
+                    selected=len(self._round.plan.clients),
+                    done=len(self._round.accepted),
+                    bytes_down=sum(ledger.bytes_down.values()),
+                    bytes_up=sum(ledger.bytes_up.values()),
+                )
+            if self._eval is not None:
+                return RoundProgress(self.state, self._eval.completed_rounds, len(self._eval.tasks), len(self._eval.reports), 0, 0)
+            return RoundProgress(self.state, self.federation.completed_rounds, 0, 0, 0, 0)
 
     def bytes_total(self) -> tuple[int, int]:
         ledger = self.federation.ledger

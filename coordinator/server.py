@@ -20,6 +20,7 @@ from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 from coordinator.config import CoordinatorConfig
+from coordinator.progress import ProgressReporter
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
@@ -88,6 +89,7 @@ class Coordinator:
             host = cfg.listen.rsplit(":", 1)[0]
             self.health_port = self.health_server.add_insecure_port(f"{host}:{cfg.health_port}")
         self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
+        self.progress = ProgressReporter(self.driver, cfg.progress)
 
     @property
     def address(self) -> str:
@@ -103,6 +105,7 @@ class Coordinator:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop.start()
+        self.progress.start()
         if self.cfg.ready_file:
             ready = {"address": self.address, "metrics_port": self.metrics_port, "health_port": self.health_port, "pid": os.getpid()}
             atomic_write_json(self.cfg.ready_file, ready)
@@ -121,6 +124,7 @@ class Coordinator:
         return not self._loop.is_alive()
 
     def stop(self, grace: float = 2.0) -> None:
+        self.progress.stop()
         self.health.enter_graceful_shutdown()
         self.driver.stop()
         self.server.stop(grace).wait()

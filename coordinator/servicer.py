@@ -176,7 +176,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         fed = self.driver.federation
         ledger = fed.ledger
-        selected, done = self.driver.progress()
+        progress = self.driver.progress()
         down, up = self.driver.bytes_total()
         workers = [
             pb.WorkerStatus(
@@ -196,8 +196,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             strategy=fed.config.strategy.value,
             model=fed.config.model,
             workers=workers,
-            round_selected=selected,
-            round_done=done,
+            round_selected=progress.selected,
+            round_done=progress.done,
             payload_bytes_down=down,
             payload_bytes_up=up,
             parameters_exchanged=ledger.traffic.total,

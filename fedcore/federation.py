@@ -307,6 +307,13 @@ class OpenRound:
                 self._ledger.add(event)
         return update
 
+    def ledger_so_far(self) -> Ledger:
+        """This round's communication up to now (a copy)."""
+        with self._lock:
+            copy = Ledger()
+            copy.add(self._ledger)
+            return copy
+
     @property
     def accepted(self) -> list[str]:
         with self._lock:

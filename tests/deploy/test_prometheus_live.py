@@ -1,0 +1,191 @@
+"""The real Prometheus server scrapes a smoke run on loopback: its recorded reduction equals fedcore's
+accounting, and every query of the Grafana dashboard runs against it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dashboard import dashboard_targets
+from feddiff.local import LocalCluster, scrape, wait_for_state
+from fedcore.model import build_model, layout_of
+from fedcore.strategies import Strategy, account
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "feddiff.json"
+PROMETHEUS = shutil.which("prometheus")
+
+COORDINATOR_JOB, WORKER_JOB = "feddiff-coordinator", "feddiff-workers"
+REDUCTION_RULE = "feddiff:reduction_vs_fedavg:ratio"
+REDUCTION_EXPR = (
+    f'1 - sum(feddiff_parameters_total{{job="{COORDINATOR_JOB}"}})'
+    f' / sum(feddiff_full_fedavg_parameters_total{{job="{COORDINATOR_JOB}"}})'
+)
+K, R, SEED = 2, 2, 0
+
+pytestmark = [
+    pytest.mark.prometheus,
+    pytest.mark.e2e,
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (Debian package prometheus)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prometheus_config(targets: dict[str, list[str]]) -> dict:
+    """deploy/prometheus/prometheus.yml with 1 s intervals, absolute rule files and loopback targets."""
+    cfg = yaml.safe_load(PROM_CONFIG.read_text())
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["rule_files"] = [str((PROM_CONFIG.parent / f).resolve()) for f in cfg["rule_files"]]
+    assert {job["job_name"] for job in cfg["scrape_configs"]} == set(targets)
+    for job in cfg["scrape_configs"]:
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+    return cfg
+
+
+@dataclass
+class PrometheusAPI:
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen
+    log: Path
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query's result vector; fails with Prometheus's own error for a bad query."""
+        request = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        try:
+            body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+        except urllib.error.HTTPError as e:  # 400/422 carry {"status": "error", "error": ...}
+            body = json.loads(e.read())
+        assert body["status"] == "success", f"{expr}: {body.get('errorType')}: {body.get('error')}"
+        return body["data"]["result"]
+
+    def scalar(self, expr: str) -> float | None:
+        """The single sample of `expr`, or None while it is empty."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr}: {len(result)} series"
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"{self.url}/-/ready", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"prometheus not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def wait_until(self, expr: str, timeout: float = 30.0) -> float:
+        """Poll until `expr` returns a sample; its value."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.scalar(expr)
+            if value is not None:
+                return value
+            time.sleep(0.25)
+        raise TimeoutError(f"{expr} still empty after {timeout}s")
+
+
+@dataclass
+class LiveRun:
+    prometheus: PrometheusAPI
+    coordinator_metrics: dict  # the coordinator's /metrics after the run, read directly
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
+    """A smoke run (tiny, udec, 2 rounds, 2 workers) scraped every second; yielded once Prometheus holds
+    the final counters and has evaluated the recording rules on them."""
+    tmp = tmp_path_factory.mktemp("prometheus-live")
+    run = ["--model", "tiny", "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--seed", str(SEED)]
+    with LocalCluster(tmp / "cluster") as cluster:
+        coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90")
+        address = coord.ready["address"]
+        workers = [
+            cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
+                           "--max-images", "256", "--threads", "1", "--keep-running")
+            for i in range(K)
+        ]
+        targets = {
+            COORDINATOR_JOB: [f"127.0.0.1:{coord.ready['metrics_port']}"],
+            WORKER_JOB: [f"127.0.0.1:{w.ready['metrics_port']}" for w in workers],
+        }
+        config = tmp / "prometheus.yml"
+        config.write_text(yaml.safe_dump(prometheus_config(targets)))
+        port = free_port()
+        log = tmp / "prometheus.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        api = PrometheusAPI(f"http://127.0.0.1:{port}", process, log)
+        try:
+            api.wait_ready()
+            wait_for_state(address, "done", timeout=120, procs=[coord, *workers])
+            done_at = time.time()
+            # A scrape that began after the run was done holds the final counters of both jobs ...
+            for job in (COORDINATOR_JOB, WORKER_JOB):
+                api.wait_until(f'min(timestamp(up{{job="{job}"}} == 1)) > {done_at}')
+            scraped_at = api.wait_until(f'max(timestamp(feddiff_round{{job="{COORDINATOR_JOB}"}}))')
+            # ... and a rule evaluation at or after it recorded the reduction from them.
+            api.wait_until(f"timestamp({REDUCTION_RULE}) >= {scraped_at}")
+            yield LiveRun(api, scrape(coord.ready["metrics_port"]))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_recorded_reduction_equals_fedcore_accounting(live: LiveRun) -> None:
+    acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
+    expected = 1 - acct.traffic.total / acct.full_fedavg
+
+    recorded = live.prometheus.scalar(REDUCTION_RULE)
+    computed = live.prometheus.scalar(REDUCTION_EXPR)
+    rounds = live.prometheus.scalar(f'feddiff_round{{job="{COORDINATOR_JOB}"}}')
+
+    print(f"\nrecording rule  {REDUCTION_RULE} = {recorded!r}")
+    print(f"PromQL          {REDUCTION_EXPR} = {computed!r}")
+    print(f"fedcore.strategies.account(udec, tiny, K={K}, R={R}): 1 - {acct.traffic.total}/{acct.full_fedavg} = {expected!r}")
+    assert rounds == R
+    assert recorded == pytest.approx(expected, abs=1e-9)
+    assert computed == pytest.approx(expected, abs=1e-9)
+
+
+def test_every_dashboard_query_runs_on_the_live_server(live: LiveRun) -> None:
+    targets = dashboard_targets(DASHBOARD)
+    assert targets
+
+    empty = []
+    for title, target in targets:
+        result = live.prometheus.query(target["expr"])  # fails on any PromQL or evaluation error
+        # No evaluation runs in the smoke run (no FD) and no update is refused or late.
+        may_be_empty = "feddiff_fd" in target["expr"] or "feddiff_updates_total" in target["expr"]
+        if not result and not may_be_empty:
+            empty.append(f"{title} [{target['refId']}]: {target['expr']}")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
