@@ -174,7 +174,7 @@ class RoundDriver:
         self.metrics.round_mean_loss.set(outcome.mean_loss)
         record = round_record(outcome, self.federation.ledger, seconds)
         try:
-            self._checkpoint()
+            self.federation.save(self.checkpoint_dir)
             self._append_log(record)
         except OSError as e:
             log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
@@ -237,17 +237,6 @@ class RoundDriver:
             "evaluation after round %s: FD %.2f +- %.2f over %s of %s models (%s)",
             summary["round"], summary["fd_mean"], summary["fd_std"], summary["evaluated"], summary["asked"], summary["extractor"],
         )
-
-    def _checkpoint(self) -> None:
-        fed = self.federation
-        state = checkpoint.RunState(
-            completed_rounds=fed.completed_rounds,
-            config=fed.config.as_json(),
-            contacted=tuple(sorted(fed.contacted)),
-            ledger=fed.ledger.as_json(),
-            global_file=checkpoint.global_file_name(fed.completed_rounds),
-        )
-        checkpoint.save_run(self.checkpoint_dir, fed.global_state, state)
 
     def _finish(self) -> None:
         self.global_evaluator.wait()

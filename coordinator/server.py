@@ -12,10 +12,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedcore import checkpoint
 from fedcore.atomic import atomic_write_json
 from fedcore.chunking import MAX_CHUNK_SIZE
-from fedcore.federation import Federation, Ledger
+from fedcore.federation import Federation
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
@@ -40,23 +39,13 @@ GRPC_OPTIONS = [
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation, or the one in checkpoint_dir with --resume."""
-    fcfg = cfg.federation
-    saved = checkpoint.load_run(cfg.checkpoint_dir) if cfg.resume else None
-    if saved is None:
-        if cfg.resume:
-            log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
-        return Federation(fcfg)
-    weights, state = saved
-    if state.config != fcfg.as_json():
-        raise ValueError(f"--resume with a different run configuration: saved {state.config}, now {fcfg.as_json()}")
-    log.info("resuming after round %d from %s", state.completed_rounds, cfg.checkpoint_dir)
-    return Federation(
-        fcfg,
-        global_state=weights,
-        completed_rounds=state.completed_rounds,
-        contacted=state.contacted,
-        ledger=Ledger.from_json(state.ledger),
-    )
+    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir) if cfg.resume else None
+    if federation is not None:
+        log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
+        return federation
+    if cfg.resume:
+        log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
+    return Federation(cfg.federation)
 
 
 class Coordinator:

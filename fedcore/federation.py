@@ -8,11 +8,12 @@ import threading
 import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedcore import serialization
+from fedcore import checkpoint, serialization
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned
@@ -195,6 +196,34 @@ class Federation:
     @property
     def finished(self) -> bool:
         return self.completed_rounds >= self.config.rounds
+
+    def save(self, directory: str | Path) -> None:
+        """Checkpoint the global model and the round state (atomically; see fedcore.checkpoint)."""
+        state = checkpoint.RunState(
+            completed_rounds=self.completed_rounds,
+            config=self.config.as_json(),
+            contacted=tuple(sorted(self.contacted)),
+            ledger=self.ledger.as_json(),
+            global_file=checkpoint.global_file_name(self.completed_rounds),
+        )
+        checkpoint.save_run(directory, self.global_state, state)
+
+    @classmethod
+    def restore(cls, cfg: FederationConfig, directory: str | Path) -> Federation | None:
+        """The federation checkpointed in `directory`, or None when it holds none; the configuration must match."""
+        saved = checkpoint.load_run(directory)
+        if saved is None:
+            return None
+        weights, state = saved
+        if state.config != cfg.as_json():
+            raise ValueError(f"cannot resume with a different configuration: saved {state.config}, now {cfg.as_json()}")
+        return cls(
+            cfg,
+            global_state=weights,
+            completed_rounds=state.completed_rounds,
+            contacted=state.contacted,
+            ledger=Ledger.from_json(state.ledger),
+        )
 
     def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:
         """Plan the next round over the available clients; `lost_state` ones get the whole model again."""

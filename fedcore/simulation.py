@@ -91,29 +91,19 @@ class Simulation:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         fcfg = cfg.federation
-        saved = checkpoint.load_run(out) if resume else None
-        if saved is None:
+        federation = Federation.restore(fcfg, out) if resume else None
+        if federation is None:
             federation = Federation(fcfg)
             (out / ROUNDS_LOG).write_text("")
         else:
-            weights, state = saved
-            if state.config != fcfg.as_json():
-                raise ValueError(f"--resume with a different configuration: saved {state.config}, now {fcfg.as_json()}")
-            federation = Federation(
-                fcfg,
-                global_state=weights,
-                completed_rounds=state.completed_rounds,
-                contacted=state.contacted,
-                ledger=Ledger.from_json(state.ledger),
-            )
-            _truncate_log(out / ROUNDS_LOG, state.completed_rounds)
+            _truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
         trainer = LocalTrainer(build_model(fcfg.model, seed=fcfg.seed), Schedule(), cfg.speed)
         pool = load_training_pool(cfg.data)
         shards = split_indices(pool.labels, cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
         clients = {}
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards):
             private = None
-            if saved is not None and private_parts(fcfg.strategy):
+            if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / "clients", cid, federation.completed_rounds)
                 private = found[0] if found else None
             data = trainer.prepare_data(to_model_range(pool.images[idx]))
@@ -136,7 +126,7 @@ class Simulation:
             if task.private:
                 checkpoint.save_private(self.out_dir / "clients", cid, task.round + 1, client.private)
         outcome = open_round.close()
-        self._checkpoint()
+        fed.save(self.out_dir)
         record = round_record(outcome, fed.ledger, time.perf_counter() - started)
         with open(self.out_dir / ROUNDS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -148,17 +138,6 @@ class Simulation:
         while not self.federation.finished:
             self.run_round()
         return self.records
-
-    def _checkpoint(self) -> None:
-        fed = self.federation
-        state = checkpoint.RunState(
-            completed_rounds=fed.completed_rounds,
-            config=fed.config.as_json(),
-            contacted=tuple(sorted(fed.contacted)),
-            ledger=fed.ledger.as_json(),
-            global_file=checkpoint.global_file_name(fed.completed_rounds),
-        )
-        checkpoint.save_run(self.out_dir, fed.global_state, state)
 
 
 def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, object]:
