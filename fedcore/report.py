@@ -19,15 +19,19 @@ PAPER_RATIO = (47.9, 42.5)  # the paper's UDec IID FID against its centralised F
 GPU_COMMAND = "feddiff reproduce --protocol quick --splits iid --device cuda"
 GPU_NOTE = """\
 One process on one GPU; resumable: after an interruption run the same command again (finished cells are
-skipped by their line in the results file, a half-trained cell continues from its last round). Expected
-on one H100 (an estimate, not yet a measurement: 5 cells x 15 rounds x 60,000 images = 4.5 M training
-images at the ~15,000 images/s the compiled bf16 loop reached on an H200, plus one torch.compile per cell;
-13 models sampled with 2,000 + 2 x 500 DDIM-100 samples = 3.9 M UNet forwards, each about a third of a
-training image): about 6-7 min of training and 2-3 min of sampling, 9-10 min in all. Where one call is
-capped near 8 minutes, split the row over two calls, each resuming the same results file:
-`--only centralised,full:iid,usplit:iid` (about 5-6 min), then `--only ulatdec:iid,udec:iid` (about 5 min).
-The paper protocol (`--protocol paper`: E = 5, 1,000-step DDPM sampling) costs about 5x the training and
-10x the sampling; run it cell by cell with `--only`."""
+skipped by their line in the results file, a half-trained cell continues from its last round checkpoint;
+keep the run folder `runs/reproduce/quick/` between calls, or at least its `results.jsonl`).
+
+Expected time on one H100, an estimate and not yet a measurement: training is 5 cells x 15 rounds x
+60,000 images = 4.5 M images at the ~15,000 images/s the compiled bf16 loop reached on an H200 (5 min),
+plus a torch.compile warm-up per cell (15-45 s each); sampling is 13 models (3 global, 2 x 5 personalised)
+x (2,000 + 2 x 500) DDIM-100 samples = 3.9 M UNet forwards, each about a third of a training image
+(2-3 min with the compiled bf16 sampler). About 8-11 min in all. Where one call is capped near 8 minutes,
+split the row over two calls on the same results file: `--only centralised,full:iid,usplit:iid`
+(about 5 min), then `--only ulatdec:iid,udec:iid` (about 5 min).
+The paper protocol (`--protocol paper`: E = 5, 1,000 ancestral DDPM steps, 1,000 samples per model) costs
+about 5x the training and 3.3x the sampling (13 M forwards for the IID row); run it one cell per call with
+`--only`, e.g. `--protocol paper --only udec:iid --device cuda`."""
 
 _STRATEGY_ORDER = ("centralised", "full", "usplit", "ulatdec", "udec")
 _SPLIT_ORDER = ("all", "iid", "label", "quantity")

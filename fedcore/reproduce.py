@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -181,10 +181,6 @@ def append_result(path: Path, row: Mapping) -> None:
         os.fsync(f.fileno())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return load_results(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -200,7 +196,8 @@ class Evaluator:
     sampler_net: torch.nn.Module  # `network`, or its torch.compile wrapper
     device: torch.device
     bf16: bool
-    batch_size: int  # images per sampling batch
+    batch_size: int  # images per sampling batch (one static shape for the compiled sampler)
+    schedule: Schedule = field(default_factory=Schedule)
     log: Callable[[str], None] = print
 
     @classmethod
@@ -223,9 +220,9 @@ class Evaluator:
             network = network.to(memory_format=torch.channels_last)
         network.eval()
         sampler_net = torch.compile(network) if speed.compile else network
-        batch = 1000 if speed.device.type == "cuda" else 250
+        batch = 500 if speed.device.type == "cuda" else 250  # 500 divides every protocol's sample counts
         log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images)")
-        return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, log)
+        return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, log=log)
 
     def generate(self, state: Mapping[str, torch.Tensor], protocol: Protocol, n: int, seed: int) -> torch.Tensor:
         """n samples (n, C, H, W) in [-1, 1] on the CPU from a model state."""
@@ -241,8 +238,10 @@ class Evaluator:
                 return self._sample(self.network, protocol, n, seed)
 
     def _sample(self, net: torch.nn.Module, protocol: Protocol, n: int, seed: int) -> torch.Tensor:
-        steps = protocol.steps if protocol.sampler == "ddim" else Schedule().timesteps
-        return sample(net, Schedule(), n, sampler=protocol.sampler, steps=steps, seed=seed, device=self.device, batch_size=min(n, self.batch_size))
+        return sample(
+            net, self.schedule, n, sampler=protocol.sampler, steps=protocol.steps, seed=seed, device=self.device,
+            batch_size=min(n, self.batch_size),
+        )  # fmt: skip
 
     def fd(self, images: torch.Tensor) -> float:
         return self.reference.frechet_distance_to(self.extractor, images)
@@ -274,12 +273,13 @@ def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n:
     seconds = time.perf_counter() - started
     record = sim.records[-1] if sim.records else _rounds_log(sim.out_dir)[-1]
     final = {"samples": n, "fd_per_model": fds, "seconds": round(seconds, 3)}
+    curve_mean, curve_std = _summary(list(curve_fds.values()))
     point = {
         "round": sim.federation.completed_rounds,
         "cumulative_parameters": record["cumulative_parameters"],
         "samples": min(curve_n, n),
-        "fd_mean": _summary(list(curve_fds.values()))[0],
-        "fd_std": _summary(list(curve_fds.values()))[1],
+        "fd_mean": curve_mean,
+        "fd_std": curve_std,
         "fd_per_model": curve_fds,
         "seconds": round(seconds, 3),
     }
@@ -287,7 +287,7 @@ def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n:
 
 
 def _rounds_log(out_dir: Path) -> list[dict]:
-    return _read_jsonl(out_dir / ROUNDS_LOG)
+    return load_results(out_dir / ROUNDS_LOG)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"))
     if sim.federation.completed_rounds:
         log(f"[{cell.key}] resuming after round {sim.federation.completed_rounds}")
-    points = {pt["round"]: pt for pt in _read_jsonl(folder / EVALUATIONS)}
+    points = {pt["round"]: pt for pt in load_results(folder / EVALUATIONS)}
 
     def curve_point_due() -> bool:
         r = sim.federation.completed_rounds
@@ -368,7 +368,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     sizes = {cid: c.num_examples for cid, c in sim.clients.items()}
     train_seconds = sum(r["seconds"] for r in rounds)
     eval_seconds = final["seconds"] + sum(pt["seconds"] for r, pt in points.items() if r != p.rounds)
-    steps = p.steps if p.sampler == "ddim" else Schedule().timesteps
+    steps = p.steps if p.sampler == "ddim" else evaluator.schedule.timesteps
     row = {
         "protocol": p.name,
         "cell": cell.key,

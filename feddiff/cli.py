@@ -7,8 +7,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
+
 Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Handler] = {}
+_COMMANDS: dict[str, Handler] = {"reproduce": run_reproduce}
 
 
 def _command(name: str) -> Callable[[Handler], Handler]:
@@ -84,7 +86,7 @@ def _federation_config(args: argparse.Namespace):  # -> FederationConfig
     )
 
 
-def _speed_config(args: argparse.Namespace):  # -> SpeedConfig
+def speed_config(args: argparse.Namespace):  # -> SpeedConfig
     from fedcore.training import SpeedConfig
 
     return SpeedConfig(
@@ -111,7 +113,7 @@ def _simulate(args: argparse.Namespace) -> int:
             max_images=args.max_images,
             root=args.data_root,
         ),
-        speed=_speed_config(args),
+        speed=speed_config(args),
     )
     sim = Simulation.create(cfg, args.out, resume=args.resume)
     sim.run()
@@ -147,7 +149,7 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.daemon import run_worker
 
     _setup_logging()
-    return run_worker(from_args(args, _speed_config(args)))
+    return run_worker(from_args(args, speed_config(args)))
 
 
 def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=5, help="K; --clients 1 --strategy full is the centralised baseline")
     p.add_argument("--out", default="runs/simulate", help="output folder: rounds.jsonl and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    add_reproduce_parser(sub)
 
     from coordinator import config as coordinator_config
     from worker import config as worker_config

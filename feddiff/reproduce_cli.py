@@ -44,8 +44,8 @@ def _list(text: str) -> list[str]:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
+    from feddiff.cli import speed_config
     from fedcore.reproduce import PROTOCOLS, ReproduceConfig, render, reproduce, select_cells, with_overrides
-    from fedcore.training import SpeedConfig
 
     protocol = with_overrides(
         PROTOCOLS[args.protocol],
@@ -69,14 +69,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_root=args.data_root,
         inception_weights=args.inception_weights,
-        speed=SpeedConfig(
-            device=args.device,
-            bf16=args.bf16,
-            channels_last=args.channels_last,
-            fused_adam=args.fused_adam,
-            compile="off" if args.no_compile else args.compile,
-            threads=args.threads,
-        ),
+        speed=speed_config(args),
     )
     if args.render:
         if cfg.docs is None:
