@@ -7,10 +7,11 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from feddiff import models_cli
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 
 Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Handler] = {"reproduce": run_reproduce}
+_COMMANDS: dict[str, Handler] = {"reproduce": run_reproduce, **models_cli.COMMANDS}
 
 
 def _command(name: str) -> Callable[[Handler], Handler]:
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--service", default="", help="service name to check ('' = the server)")
         else:
             p.add_argument("--json", action="store_true")
+    models_cli.add_parsers(sub)
     return parser
 
 

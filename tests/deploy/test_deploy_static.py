@@ -420,12 +420,16 @@ def test_worker_statefulset(k8s_docs: list[dict[str, Any]]) -> None:
     assert flag_value(argv, "--state-dir") == mounts[claim["metadata"]["name"]]
     # probes: no gRPC server on workers
     assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert container["readinessProbe"]["exec"]["command"][:2] == ["feddiff", "health"]
-    # TLS from Secrets
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["sh", "-c"] and probe[2].startswith("feddiff health ")
+    # TLS from Secrets; each pod presents its own certificate (identity = common name = pod name)
     secrets = mounted_secrets(spec, container)
     assert set(secrets) == {"feddiff-ca", "feddiff-worker-tls"}
     for flag in ("--tls-cert", "--tls-key", "--tls-ca"):
         assert flag_value(argv, flag).startswith(secrets["feddiff-ca"] + "/")
+    assert flag_value(argv, "--tls-cert").endswith("/$(POD_NAME).crt")
+    assert flag_value(argv, "--tls-key").endswith("/$(POD_NAME).key")
+    assert '"/etc/feddiff/tls/$POD_NAME.crt"' in probe[2]
     assert spec["securityContext"]["runAsNonRoot"] is True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from dashboard import dashboard_targets
-from feddiff.local import LocalCluster, scrape, wait_for_state
+from feddiff.local import LocalCluster, wait_for_state
 from fedcore.model import build_model, layout_of
 from fedcore.strategies import Strategy, account
 
@@ -106,84 +107,93 @@ class PrometheusAPI:
         raise TimeoutError(f"{expr} still empty after {timeout}s")
 
 
-@dataclass
-class LiveRun:
-    prometheus: PrometheusAPI
-    coordinator_metrics: dict  # the coordinator's /metrics after the run, read directly
+def start_prometheus(config: Path, workdir: Path) -> PrometheusAPI:
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    return PrometheusAPI(f"http://127.0.0.1:{port}", process, log)
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
-    """A smoke run (tiny, udec, 2 rounds, 2 workers) scraped every second; yielded once Prometheus holds
-    the final counters and has evaluated the recording rules on them."""
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusAPI]:
+    """A smoke run (tiny, udec, 2 rounds, 2 workers) scraped every second from before its first round; yielded
+    once Prometheus holds the final counters and has evaluated the recording rules on them."""
     tmp = tmp_path_factory.mktemp("prometheus-live")
+    config = tmp / "prometheus.yml"
     run = ["--model", "tiny", "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--seed", str(SEED)]
     with LocalCluster(tmp / "cluster") as cluster:
         coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90")
         address = coord.ready["address"]
-        workers = [
-            cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
-                           "--max-images", "256", "--threads", "1", "--keep-running")
-            for i in range(K)
-        ]
-        targets = {
-            COORDINATOR_JOB: [f"127.0.0.1:{coord.ready['metrics_port']}"],
-            WORKER_JOB: [f"127.0.0.1:{w.ready['metrics_port']}" for w in workers],
-        }
-        config = tmp / "prometheus.yml"
+        targets: dict[str, list[str]] = {COORDINATOR_JOB: [f"127.0.0.1:{coord.ready['metrics_port']}"], WORKER_JOB: []}
         config.write_text(yaml.safe_dump(prometheus_config(targets)))
-        port = free_port()
-        log = tmp / "prometheus.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        api = PrometheusAPI(f"http://127.0.0.1:{port}", process, log)
+        api = start_prometheus(config, tmp)
         try:
             api.wait_ready()
+            api.wait_until(f'up{{job="{COORDINATOR_JOB}"}} == 1')
+            workers = [
+                cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
+                               "--max-images", "256", "--threads", "1", "--keep-running")
+                for i in range(K)
+            ]
+            # The workers' metrics ports exist only now: add them and have Prometheus reload its config.
+            targets[WORKER_JOB] = [f"127.0.0.1:{w.ready['metrics_port']}" for w in workers]
+            config.write_text(yaml.safe_dump(prometheus_config(targets)))
+            api.process.send_signal(signal.SIGHUP)
+            api.wait_until(f'count(up{{job="{WORKER_JOB}"}} == 1) == {K}')
             wait_for_state(address, "done", timeout=120, procs=[coord, *workers])
             done_at = time.time()
-            # A scrape that began after the run was done holds the final counters of both jobs ...
-            for job in (COORDINATOR_JOB, WORKER_JOB):
-                api.wait_until(f'min(timestamp(up{{job="{job}"}} == 1)) > {done_at}')
-            scraped_at = api.wait_until(f'max(timestamp(feddiff_round{{job="{COORDINATOR_JOB}"}}))')
-            # ... and a rule evaluation at or after it recorded the reduction from them.
+            # A scrape that began after the run was done holds the final counters of every target ...
+            # (timestamp() of a plain selector is the sample's scrape time; of any other expression,
+            # the evaluation time.)
+            scraped_at = api.wait_until(f'timestamp(up{{job="{COORDINATOR_JOB}"}}) > {done_at}')
+            api.wait_until(f'min(timestamp(up{{job="{WORKER_JOB}"}})) > {done_at}')
+            # ... every target has the two samples a rate() needs ...
+            api.wait_until("min(count_over_time(up[5m])) >= 2")
+            # ... and a rule evaluation at or after that scrape recorded the reduction from them.
             api.wait_until(f"timestamp({REDUCTION_RULE}) >= {scraped_at}")
-            yield LiveRun(api, scrape(coord.ready["metrics_port"]))
+            yield api
         finally:
-            process.terminate()
+            api.process.terminate()
             try:
-                process.wait(timeout=15)
+                api.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                api.process.kill()
+                api.process.wait()
 
 
-def test_recorded_reduction_equals_fedcore_accounting(live: LiveRun) -> None:
+def test_recorded_reduction_equals_fedcore_accounting(prometheus: PrometheusAPI) -> None:
     acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
     expected = 1 - acct.traffic.total / acct.full_fedavg
 
-    recorded = live.prometheus.scalar(REDUCTION_RULE)
-    computed = live.prometheus.scalar(REDUCTION_EXPR)
-    rounds = live.prometheus.scalar(f'feddiff_round{{job="{COORDINATOR_JOB}"}}')
+    recorded = prometheus.scalar(REDUCTION_RULE)
+    computed = prometheus.scalar(REDUCTION_EXPR)
+    rounds = prometheus.scalar(f'feddiff_round{{job="{COORDINATOR_JOB}"}}')
 
-    print(f"\nrecording rule  {REDUCTION_RULE} = {recorded!r}")
+    rules = yaml.safe_load((PROM_CONFIG.parent / "rules" / "recording.yml").read_text())
+    rule_expr = next(r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == REDUCTION_RULE)
+    print(f"\nrecording rule  {REDUCTION_RULE} = {' '.join(rule_expr.split())}")
+    print(f"read back       {REDUCTION_RULE} = {recorded!r}")
     print(f"PromQL          {REDUCTION_EXPR} = {computed!r}")
     print(f"fedcore.strategies.account(udec, tiny, K={K}, R={R}): 1 - {acct.traffic.total}/{acct.full_fedavg} = {expected!r}")
+    up = {(r["metric"]["job"], r["metric"]["instance"]): r["value"][1] for r in prometheus.query("up")}
+    assert len(up) == 1 + K and set(up.values()) == {"1"}, up
     assert rounds == R
     assert recorded == pytest.approx(expected, abs=1e-9)
     assert computed == pytest.approx(expected, abs=1e-9)
 
 
-def test_every_dashboard_query_runs_on_the_live_server(live: LiveRun) -> None:
+def test_every_dashboard_query_runs_on_the_live_server(prometheus: PrometheusAPI) -> None:
     targets = dashboard_targets(DASHBOARD)
     assert targets
 
     empty = []
     for title, target in targets:
-        result = live.prometheus.query(target["expr"])  # fails on any PromQL or evaluation error
+        result = prometheus.query(target["expr"])  # fails on any PromQL or evaluation error
         # No evaluation runs in the smoke run (no FD) and no update is refused or late.
         may_be_empty = "feddiff_fd" in target["expr"] or "feddiff_updates_total" in target["expr"]
         if not result and not may_be_empty:

@@ -1,0 +1,276 @@
+"""`feddiff export` and `feddiff sample`: a trained model out of its checkpoint, as a file or as a grid of images.
+
+Where a model comes from:
+  a checkpoint dir    the coordinator's `final.safetensors`, else the committed `global-rNNNN` (state.json),
+                      else the newest `global-rNNNN`; the run's config in state.json names the model preset
+  a .safetensors file one written by `feddiff export` (its metadata carries the export config), or a
+                      `global-rNNNN` inside a checkpoint dir
+  --worker-state DIR  makes it personalised: the global model's shared parts with the private parts that a
+                      worker keeps in its --state-dir (udec, ulatdec); fedcore.checkpoint.personalised_state
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # torch is imported by the commands that run, so that `feddiff status` starts fast
+    import torch
+
+ModelKind = Literal["global", "personalised"]
+
+EXPORT_FORMAT = "feddiff-export"
+EXPORT_FORMAT_VERSION = 1
+EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export config as JSON
+WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
+WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
+FINAL_MODEL = "final.safetensors"  # the coordinator's model after the last round
+_GLOBAL_FILE = re.compile(r"^global-r(\d{4})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model's weights and what is known about where they came from."""
+
+    tensors: dict[str, torch.Tensor]  # the full state dict of the UNet
+    model: str  # model preset name
+    strategy: str | None  # the run's strategy, when recorded
+    completed_rounds: int | None  # rounds of the run behind these weights, when recorded
+    kind: ModelKind = "global"
+    worker: str | None = None  # whose private parts, for a personalised model
+    private_round: int | None = None  # the round count the private parts belong to
+
+    def describe(self) -> str:
+        who = f"{self.worker}'s personalised" if self.kind == "personalised" else "the global"
+        n = self.completed_rounds
+        rounds = f" after {n} round{'' if n == 1 else 's'}" if n is not None else ""
+        return f"{who} {self.model} model{rounds}" + (f" ({self.strategy})" if self.strategy else "")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def _run_state(directory: Path) -> dict[str, object] | None:
+    from fedcore.checkpoint import STATE_FILE
+
+    path = directory / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _preset_name(given: str, state: dict[str, object] | None, where: Path) -> str:
+    recorded = str(state["config"]["model"]) if state else ""  # type: ignore[index]
+    if given and recorded and given != recorded:
+        raise ValueError(f"--model {given!r}, but {where} holds a run of {recorded!r}")
+    if not (given or recorded):
+        raise ValueError(f"{where}: no state.json names the model preset; pass --model")
+    return given or recorded
+
+
+def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
+    from fedcore.serialization import load_file
+
+    state = _run_state(directory)
+    name = _preset_name(model, state, directory)
+    committed = int(state["completed_rounds"]) if state else None  # type: ignore[arg-type]
+    final = directory / FINAL_MODEL
+    if final.is_file():
+        tensors, md = load_file(final)
+        rounds = int(md["completed_rounds"]) if "completed_rounds" in md else committed
+        if committed is None or (rounds is not None and rounds >= committed):
+            return TrainedModel(tensors, name, _strategy(state), rounds)
+    if state is not None:
+        tensors, _ = load_file(directory / str(state["global_file"]))
+        return TrainedModel(tensors, name, _strategy(state), committed)
+    versions = sorted(int(m.group(1)) for f in directory.iterdir() if (m := _GLOBAL_FILE.match(f.name)))
+    if not versions:
+        raise FileNotFoundError(f"{directory}: no {FINAL_MODEL}, state.json or global-rNNNN.safetensors")
+    tensors, _ = load_file(directory / f"global-r{versions[-1]:04d}.safetensors")
+    return TrainedModel(tensors, name, None, versions[-1])
+
+
+def _strategy(state: dict[str, object] | None) -> str | None:
+    return str(state["config"]["strategy"]) if state else None  # type: ignore[index]
+
+
+def _from_file(path: Path, model: str) -> TrainedModel:
+    from fedcore.serialization import load_file
+
+    tensors, md = load_file(path)
+    if EXPORT_METADATA_KEY in md:  # written by `feddiff export`
+        cfg = json.loads(md[EXPORT_METADATA_KEY])
+        if model and model != cfg["model"]:
+            raise ValueError(f"--model {model!r}, but {path} holds a {cfg['model']!r} model")
+        return TrainedModel(tensors, cfg["model"], cfg["strategy"], cfg["completed_rounds"], cfg["kind"], cfg["worker"], cfg["private_round"])
+    state = _run_state(path.parent)  # a global-rNNNN or final.safetensors inside a checkpoint dir
+    rounds = int(md["completed_rounds"]) if "completed_rounds" in md else None
+    return TrainedModel(tensors, _preset_name(model, state, path), _strategy(state), rounds)
+
+
+def load_trained(checkpoint: str | Path, model: str = "") -> TrainedModel:
+    """The global model of a checkpoint dir, or the model of a .safetensors file; `model` names the preset
+    where nothing recorded it."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return _from_checkpoint_dir(path, model)
+    if path.is_file():
+        return _from_file(path, model)
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
+def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER_PRIVATE_STEM) -> TrainedModel:
+    """The global model's shared parts with a worker's private parts from its --state-dir."""
+    from fedcore.checkpoint import load_private, personalised_state
+    from fedcore.strategies import Strategy, private_parts
+
+    if trained.kind == "personalised":
+        raise ValueError(f"the model is already {trained.worker}'s personalised one")
+    if trained.strategy is not None and not private_parts(Strategy(trained.strategy)):
+        raise ValueError(f"strategy {trained.strategy!r} keeps no private parts: every worker's model is the global one")
+    state_dir = Path(state_dir)
+    found = load_private(state_dir, stem, trained.completed_rounds)
+    if found is None:
+        rounds = f" of round {trained.completed_rounds} or earlier" if trained.completed_rounds is not None else ""
+        raise FileNotFoundError(f"{state_dir}: no private parts {stem}-rNNNN.safetensors{rounds}")
+    private, private_round = found
+    identity = state_dir / WORKER_IDENTITY_FILE
+    worker = json.loads(identity.read_text())["worker_id"] if identity.is_file() else stem
+    tensors = personalised_state(trained.tensors, private)
+    return replace(trained, tensors=tensors, kind="personalised", worker=worker, private_round=private_round)
+
+
+def build_trained(trained: TrainedModel) -> torch.nn.Module:
+    """The UNet of the preset with these weights; every tensor's name and shape must match."""
+    from fedcore.model import build_model, layout_of
+    from fedcore.parts import PART_ORDER
+
+    model = build_model(trained.model)
+    expected = layout_of(model).specs(PART_ORDER)
+    missing = sorted(set(expected) - set(trained.tensors))
+    unknown = sorted(set(trained.tensors) - set(expected))
+    if missing or unknown:
+        what = f"tensor {missing[0]!r} is missing" if missing else f"tensor {unknown[0]!r} is not part of the model"
+        raise ValueError(f"not a {trained.model!r} model: {what}")
+    for name, spec in expected.items():
+        if tuple(trained.tensors[name].shape) != spec.shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(trained.tensors[name].shape)}, expected {spec.shape} for {trained.model!r}")
+    model.load_state_dict(trained.tensors)
+    return model
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+
+def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
+    """What `feddiff export` writes beside the weights (and into their metadata)."""
+    from fedcore.model import build_model, layout_of, preset
+    from fedcore.parts import PART_ORDER
+    from fedcore.strategies import Strategy, private_parts
+
+    layout = layout_of(build_model(trained.model))
+    private = private_parts(Strategy(trained.strategy)) if trained.kind == "personalised" and trained.strategy else frozenset()
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "weights": file_name,
+        "model": trained.model,
+        "unet": asdict(preset(trained.model)),  # UNetConfig fields
+        "strategy": trained.strategy,
+        "completed_rounds": trained.completed_rounds,
+        "kind": trained.kind,
+        "worker": trained.worker,
+        "private_round": trained.private_round,
+        "parameters": layout.total,
+        "parts": {
+            p.value: {"parameters": layout.numel(p), "from": "worker" if p in private else "global"} for p in PART_ORDER
+        },
+    }
+
+
+def export(args: argparse.Namespace) -> int:
+    from fedcore.serialization import save_file
+
+    trained = load_trained(args.checkpoint_dir, args.model)
+    if args.worker_state:
+        trained = personalise(trained, args.worker_state, args.client)
+    build_trained(trained)  # refuse to export weights that do not make the model
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    config = export_config(trained, out.name)
+    metadata = {EXPORT_METADATA_KEY: json.dumps(config, sort_keys=True), "model": trained.model, "kind": trained.kind}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, trained.tensors, metadata)
+    config_path = out.with_suffix(".json")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    print(f"exported {trained.describe()}: {out} and {config_path}")
+    return 0
+
+
+# --- sample -------------------------------------------------------------------------------------------------
+
+
+def sample(args: argparse.Namespace) -> int:
+    from fedcore.diffusion import Schedule
+    from fedcore.diffusion import sample as generate
+    from fedcore.images import save_grid
+    import torch
+
+    from fedcore.training import resolve_device
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    trained = load_trained(args.checkpoint, args.model)
+    if args.worker_state:
+        trained = personalise(trained, args.worker_state, args.client)
+    device = resolve_device(args.device)
+    model = build_trained(trained).to(device)
+    images = generate(model, Schedule(), args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, device=device)
+    nrow = args.nrow or math.ceil(math.sqrt(args.n))
+    out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
+    steps = "1000 steps" if args.sampler == "ddpm" else f"{args.steps} steps"
+    print(f"wrote {out}: {args.n} samples of {trained.describe()} ({args.sampler}, {steps}, seed {args.seed}, {device})")
+    return 0
+
+
+# --- argument parsing ---------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": export, "sample": sample}
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worker-state", default="", metavar="DIR",
+                   help="a worker's --state-dir: export its personalised model (the global shared parts + its private parts)")
+    p.add_argument("--client", default=WORKER_PRIVATE_STEM, metavar="STEM",
+                   help="name stem of the private-parts files: 'private' in a worker's --state-dir; "
+                        "client-N in `feddiff simulate`'s OUT/clients")
+    p.add_argument("--model", default="", help="model preset, where the checkpoint does not record it")
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="the global or a personalised model as safetensors + a JSON config")
+    p.add_argument("--checkpoint-dir", required=True, metavar="DIR_OR_FILE",
+                   help="the coordinator's (or `feddiff simulate`'s) checkpoint dir, or a .safetensors file")
+    _add_source_args(p)
+    p.add_argument("--out", required=True, help="FILE.safetensors; the config goes to FILE.json")
+
+    p = subparsers.add_parser("sample", help="a PNG grid of samples from a checkpoint or an exported model")
+    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
+                   help="a checkpoint dir (its final or newest global model) or a .safetensors file")
+    _add_source_args(p)
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="ddim (--steps steps) or ddpm (all 1000)")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--nrow", type=int, default=0, help="images per row (0 = a square grid)")
+    p.add_argument("--scale", type=int, default=2, help="enlarge each pixel this many times in the PNG")

@@ -1,0 +1,149 @@
+"""`feddiff export` and `feddiff sample` on the checkpoints of a real (tiny, one-round, udec) simulation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from feddiff.cli import main
+from fedcore.checkpoint import load_private, load_run, personalised_state
+from fedcore.model import build_model, layout_of, preset
+from fedcore.parts import Part
+from fedcore.serialization import load_file
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
+    """`feddiff simulate`: 2 clients, udec, 1 round on 128 images; encoders and bottlenecks stay with the clients."""
+    out = tmp_path_factory.mktemp("simulate") / "run"
+    code = main(["simulate", "--model", "tiny", "--strategy", "udec", "--clients", "2", "--rounds", "1", "--epochs", "1",
+                 "--max-images", "128", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def worker_state(run_dir: Path, tmp_path: Path) -> Path:
+    """client-1's private parts laid out as a worker daemon keeps them in its --state-dir."""
+    state = tmp_path / "worker-state"
+    state.mkdir()
+    shutil.copy(run_dir / "clients" / "client-1-r0001.safetensors", state / "private-r0001.safetensors")
+    (state / "identity.json").write_text(json.dumps({"worker_id": "hospital-1"}))
+    return state
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_export_writes_the_global_model_and_its_config(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export" / "global.safetensors"
+
+    code = main(["export", "--checkpoint-dir", str(run_dir), "--out", str(out)])
+
+    assert code == 0
+    tensors, metadata = load_file(out)
+    expected, state = load_run(run_dir)  # type: ignore[misc]
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    config = json.loads(out.with_suffix(".json").read_text())
+    assert json.loads(metadata["feddiff_export"]) == config and metadata["model"] == "tiny"
+    sizes = layout_of(build_model("tiny")).sizes
+    assert config["model"] == "tiny" and config["unet"] == json.loads(json.dumps(asdict(preset("tiny"))))
+    assert (config["strategy"], config["completed_rounds"], config["kind"], config["worker"]) == ("udec", state.completed_rounds, "global", None)
+    assert config["parts"] == {p.value: {"parameters": n, "from": "global"} for p, n in sizes.items()}
+    assert config["parameters"] == sum(sizes.values())
+
+
+def test_export_of_a_worker_state_dir_is_its_personalised_model(run_dir: Path, worker_state: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hospital-1.safetensors"
+
+    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(worker_state), "--out", str(out)])
+
+    assert code == 0
+    tensors, _ = load_file(out)
+    global_state, _ = load_run(run_dir)  # type: ignore[misc]
+    private, _ = load_private(worker_state, "private")  # type: ignore[misc]
+    expected = personalised_state(global_state, private)
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    layout = layout_of(build_model("tiny"))
+    encoder = layout.names([Part.ENCODER])
+    assert any(not torch.equal(tensors[k], global_state[k]) for k in encoder), "the encoder must be the worker's own"
+    assert all(torch.equal(tensors[k], global_state[k]) for k in layout.names([Part.DECODER]))
+    config = json.loads(out.with_suffix(".json").read_text())
+    assert (config["kind"], config["worker"], config["private_round"]) == ("personalised", "hospital-1", 1)
+    assert {p: v["from"] for p, v in config["parts"].items()} == {"encoder": "worker", "bottleneck": "worker", "decoder": "global"}
+
+
+def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "client-0.safetensors"
+
+    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(run_dir / "clients"), "--client", "client-0", "--out", str(out)])
+
+    assert code == 0
+    global_state, _ = load_run(run_dir)  # type: ignore[misc]
+    private, _ = load_private(run_dir / "clients", "client-0")  # type: ignore[misc]
+    tensors, _ = load_file(out)
+    expected = personalised_state(global_state, private)
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    assert json.loads(out.with_suffix(".json").read_text())["worker"] == "client-0"
+
+
+def test_export_refuses_a_state_dir_without_private_parts(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty-state"
+    empty.mkdir()
+
+    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(empty), "--out", str(tmp_path / "x.safetensors")])
+
+    assert code == 2
+    assert f"{empty}: no private parts private-rNNNN.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sample_writes_the_same_grid_from_a_checkpoint_dir_and_from_its_export(run_dir: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "global.safetensors"
+    assert main(["export", "--checkpoint-dir", str(run_dir), "--out", str(exported)]) == 0
+    common = ["--n", "4", "--steps", "5", "--seed", "3", "--device", "cpu", "--threads", "1"]
+
+    assert main(["sample", "--checkpoint", str(run_dir), *common, "--out", str(tmp_path / "dir.png")]) == 0
+    assert main(["sample", "--checkpoint", str(exported), *common, "--out", str(tmp_path / "file.png")]) == 0
+
+    from_dir, from_file = read_png(tmp_path / "dir.png"), read_png(tmp_path / "file.png")
+    side = 2 * (2 * (28 + 2) + 2)  # 2x2 grid of 28-pixel images, 2-pixel padding, scaled by 2
+    assert from_dir.shape == (side, side)
+    assert np.array_equal(from_dir, from_file)
+    assert from_dir.std() > 0
+
+
+def test_sample_of_a_personalised_model_differs_from_the_global_one(run_dir: Path, worker_state: Path, tmp_path: Path) -> None:
+    common = ["--checkpoint", str(run_dir), "--n", "4", "--steps", "5", "--device", "cpu", "--threads", "1"]
+
+    assert main(["sample", *common, "--out", str(tmp_path / "global.png")]) == 0
+    assert main(["sample", *common, "--worker-state", str(worker_state), "--out", str(tmp_path / "own.png")]) == 0
+
+    assert not np.array_equal(read_png(tmp_path / "global.png"), read_png(tmp_path / "own.png"))
+
+
+def test_a_coordinators_final_model_is_preferred_to_the_last_round_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    from fedcore.serialization import save_file
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run_dir, checkpoints)
+    global_state, state = load_run(run_dir)  # type: ignore[misc]
+    final = {k: v + 1 for k, v in global_state.items()}
+    save_file(checkpoints / "final.safetensors", final, {"completed_rounds": str(state.completed_rounds)})
+
+    assert main(["export", "--checkpoint-dir", str(checkpoints), "--out", str(tmp_path / "m.safetensors")]) == 0
+
+    tensors, _ = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(tensors[k], final[k]) for k in final)
