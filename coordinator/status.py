@@ -27,7 +27,16 @@ def code_for(error: errors.FeddiffError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Characters of a status message. It travels percent-encoded (up to 12 characters for one of ours) in the
+# trailers, which a client drops past its 8 KiB metadata limit: an echoed 10 KB task id would turn the code
+# into RESOURCE_EXHAUSTED "Stream removed".
+MAX_DETAILS = 512
+
+
 def abort(context: grpc.ServicerContext, error: errors.FeddiffError) -> NoReturn:
     """End the call with the error's status code and its message (which names the offending value)."""
-    context.abort(code_for(error), f"{error.reason}: {error}")
+    details = f"{error.reason}: {error}"
+    if len(details) > MAX_DETAILS:
+        details = details[: MAX_DETAILS - 3] + "..."
+    context.abort(code_for(error), details)
     raise AssertionError("unreachable: context.abort raises")
