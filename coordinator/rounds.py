@@ -161,8 +161,12 @@ class RoundDriver:
             if self._stop.is_set():
                 return False
             if got < needed:
+                self.metrics.round_attempts.labels("no_quorum").inc()
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d: round re-run", plan.round + 1, got, len(plan.clients), needed)
                 return False
+            if got < len(plan.clients):
+                log.info("round %d: closed at the deadline with %d of %d updates (quorum %d)", plan.round + 1, got, len(plan.clients), needed)
+            self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
             outcome = open_round.close()
         self._after_round(outcome)
         return True
@@ -315,9 +319,12 @@ class RoundDriver:
         self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
         return event
 
-    def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part]) -> int:
-        """The largest update payload this worker may send for this task, after checking the task and parts."""
+    def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part], round_index: int) -> int:
+        """The largest update payload this worker may send for this task, after checking the task, its round
+        (as the stream header states it) and the parts."""
         _, issued = self._current(worker_id, task_id)
+        if round_index != issued.task.round:
+            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.round}")
         if parts != issued.task.returns:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedcore.atomic import atomic_write_json
-from fedcore.chunking import MAX_CHUNK_SIZE
+from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
@@ -34,6 +34,11 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # A fixed receive window per stream instead of BDP-grown ones: an upload waiting for an upload slot then
+    # buffers at most 2 MiB here (with BDP, 32 waiting 256 MB uploads were buffered whole: 31x the update
+    # size; bench/coordinator_memory.py). The cost: one upload stream moves at most 2 MiB per round trip.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 2 * DEFAULT_CHUNK_SIZE),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterator
 
@@ -137,10 +138,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
         try:
             parts = wire.parts_from_proto(h.stream.parts)
-            limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts)
+            limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
             stream_header = wire.header_from_proto(h.stream)
             stream_header.check(max_bytes=limit)
-            if h.report.images_seen < 1 or not (h.report.mean_loss == h.report.mean_loss):
+            if h.report.images_seen < 1 or not (math.isfinite(h.report.mean_loss) and h.report.mean_loss >= 0):
                 raise HeaderError(f"train report images_seen {h.report.images_seen} / mean_loss {h.report.mean_loss} is invalid")
         except FeddiffError as e:
             self._refuse(context, e)
@@ -150,10 +151,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             try:
                 payload = wire.reassemble(stream_header, self._data(request_iterator), max_bytes=limit)
                 self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+            except grpc.RpcError:  # raised by the request iterator: the worker's end of the call is gone
+                self._cut_off(worker_id, h.stream.task_id)
+                raise
             except FeddiffError as e:
+                if not context.is_active():  # the stream ended early because its connection did
+                    self._cut_off(worker_id, h.stream.task_id)
+                    return pb.UploadResponse(outcome="aborted")
                 self._refuse(context, e)
         self.metrics.updates.labels("accepted").inc()
         return pb.UploadResponse(outcome="accepted")
+
+    def _cut_off(self, worker_id: str, task_id: str) -> None:
+        """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
+        self.metrics.updates.labels("aborted").inc()
+        log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
     def _data(self, request_iterator: Iterator[pb.UpdateChunk]) -> Iterator[bytes]:
         for msg in request_iterator:

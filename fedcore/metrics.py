@@ -36,6 +36,12 @@ class Metrics:
         self.round_duration = Histogram(
             "feddiff_round_duration_seconds", "Wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=r
         )
+        self.round_attempts = Counter(
+            "feddiff_round_attempts",
+            "How round attempts ended: complete (every update in), quorum (closed at the deadline), no_quorum (re-run)",
+            ["outcome"],
+            registry=r,
+        )
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
         self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
@@ -52,6 +58,8 @@ class Metrics:
                 self.parameters.labels(d, p.value)
         for d in ("down", "up"):
             self.wire_bytes.labels(d)
+        for outcome in ("complete", "quorum", "no_quorum"):
+            self.round_attempts.labels(outcome)
 
     def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
         for p in PART_ORDER:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,12 +44,46 @@ def open_channel(cfg: WorkerConfig) -> grpc.Channel:
     return grpc.insecure_channel(cfg.coordinator, options=options)
 
 
+MIN_PACED_CHUNK = 4096  # bytes: the smallest message a rate-limited upload is cut into
+
+
+class Pace:
+    """Holds one stream to at most `bytes_per_second` (0 = no limit): `spent(n)` after each message sleeps
+    until the bytes so far are due."""
+
+    def __init__(self, bytes_per_second: int, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.bytes_per_second = bytes_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._start: float | None = None
+        self._bytes = 0
+
+    def spent(self, n: int) -> None:
+        if self.bytes_per_second <= 0:
+            return
+        if self._start is None:
+            self._start = self._clock()
+        self._bytes += n
+        ahead = self._bytes / self.bytes_per_second - (self._clock() - self._start)
+        if ahead > 0:
+            self._sleep(ahead)
+
+
 class CoordinatorClient:
     """Typed calls to the coordinator; the session id is kept here once joined."""
 
-    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: tuple[tuple[str, str], ...] = (),
+        *,
+        upload_rate_limit: int = 0,
+        download_rate_limit: int = 0,
+    ):
         self.stub = pb_grpc.CoordinatorStub(channel)
         self.metadata = metadata
+        self.upload_rate_limit = upload_rate_limit  # bytes per second, 0 = none
+        self.download_rate_limit = download_rate_limit
         self.session_id = ""
         self.chunk_size = 1 << 20
         self.heartbeat_interval = 5.0
@@ -83,17 +118,24 @@ class CoordinatorClient:
         if h.task_id != task.task_id or h.round != task.round or wire.parts_from_proto(h.parts) != task.receives:
             raise HeaderError(f"weights header for task {h.task_id!r} round {h.round}, expected {task.task_id!r}")
 
+        pace = Pace(self.download_rate_limit)
+
         def data() -> Iterator[bytes]:
             for msg in stream:
                 on_wire(msg.ByteSize())
                 if not msg.HasField("data"):
                     raise HeaderError("weights stream carries one header, then data only")
                 yield msg.data
+                pace.spent(msg.ByteSize())
 
         return wire.reassemble(wire.header_from_proto(h), data(), max_bytes=max_bytes)
 
     def upload(self, task: TrainTask, payload: bytes, report: pb.TrainReport, *, on_wire: Callable[[int], None]) -> pb.UploadResponse:
         header = StreamHeader.of(payload)
+        pace = Pace(self.upload_rate_limit)
+        chunk_size = self.chunk_size
+        if self.upload_rate_limit > 0:  # paced in messages of about a tenth of a second, not one burst a chunk
+            chunk_size = min(chunk_size, max(MIN_PACED_CHUNK, self.upload_rate_limit // 10))
 
         def messages() -> Iterator[pb.UpdateChunk]:
             first = pb.UpdateChunk(
@@ -105,9 +147,10 @@ class CoordinatorClient:
             )
             on_wire(first.ByteSize())
             yield first
-            for msg in wire.chunk_messages(payload, self.chunk_size, lambda b: pb.UpdateChunk(data=b)):
+            for msg in wire.chunk_messages(payload, chunk_size, lambda b: pb.UpdateChunk(data=b)):
                 on_wire(msg.ByteSize())
                 yield msg
+                pace.spent(msg.ByteSize())
 
         return self.stub.UploadUpdate(messages(), metadata=self.metadata)
 

@@ -29,6 +29,10 @@ class WorkerConfig:
     wait_timeout: float = 30.0  # long-poll duration of one WaitTask call
     backoff_initial: float = 0.5  # first reconnect delay, doubled up to backoff_max
     backoff_max: float = 30.0
+    # Bandwidth caps in bytes per second (0 = none), for a worker on a shared or metered link: uploads are
+    # paced as they are sent; downloads as they are read, and HTTP/2 flow control slows the coordinator down.
+    upload_rate_limit: int = 0
+    download_rate_limit: int = 0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
     inception_weights: str = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
     ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
@@ -46,6 +50,8 @@ class WorkerConfig:
             raise ValueError(
                 f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)"
             )
+        if self.upload_rate_limit < 0 or self.download_rate_limit < 0:
+            raise ValueError(f"rate limits must be >= 0 bytes/s, got {self.upload_rate_limit} / {self.download_rate_limit}")
         if ":" not in self.coordinator:
             raise ValueError(f"--coordinator {self.coordinator!r} must be HOST:PORT")
 
@@ -66,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default="runs/worker")
     p.add_argument("--metrics-port", type=int, default=-1)
     p.add_argument("--wait-timeout", type=float, default=30.0)
+    p.add_argument("--upload-rate-limit", type=int, default=0, metavar="BYTES_PER_S", help="cap on update uploads (0 = none)")
+    p.add_argument("--download-rate-limit", type=int, default=0, metavar="BYTES_PER_S", help="cap on weight downloads (0 = none)")
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
     p.add_argument("--inception-weights", default="", help="pytorch-fid Inception weights file for FD (never downloaded)")
     p.add_argument("--ready-file", default="", help="write the metrics port here once started (scripts, tests)")
@@ -96,6 +104,8 @@ def from_args(args: argparse.Namespace, speed: SpeedConfig) -> WorkerConfig:
         speed=speed,
         metrics_port=args.metrics_port,
         wait_timeout=args.wait_timeout,
+        upload_rate_limit=args.upload_rate_limit,
+        download_rate_limit=args.download_rate_limit,
         exit_when_done=not args.keep_running,
         progress=args.progress,
         ready_file=args.ready_file,

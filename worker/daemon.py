@@ -96,7 +96,9 @@ class WorkerDaemon:
         backoff = self.cfg.backoff_initial
         while not self.stop_event.is_set():
             channel = open_channel(self.cfg)
-            client = CoordinatorClient(channel, self._metadata())
+            client = CoordinatorClient(
+                channel, self._metadata(), upload_rate_limit=self.cfg.upload_rate_limit, download_rate_limit=self.cfg.download_rate_limit
+            )
             try:
                 done = self._session(client)
                 backoff = self.cfg.backoff_initial
@@ -140,7 +142,11 @@ class WorkerDaemon:
                 resp = client.wait_task(self.cfg.wait_timeout)
                 kind = resp.WhichOneof("outcome")
                 if kind == "done":
-                    return True
+                    if self.cfg.exit_when_done:
+                        return True
+                    # --keep-running: stay joined and ask again now and then (a WaitTask after the last round
+                    # answers at once, so asking in a loop would flood the coordinator)
+                    self.stop_event.wait(self.cfg.wait_timeout)
                 if kind == "task":
                     self._run_task(client, resp.task)
             return False

@@ -1,0 +1,243 @@
+"""Faults with real processes: workers killed mid-stream and restarted, the coordinator killed and resumed,
+a worker slower than the deadline, and checkpoint writes that fail (a full or read-only filesystem)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from feddiff.local import LocalCluster, status, wait_for_state
+from fedcore import checkpoint
+from fedcore.parts import Part
+from fedcore.serialization import load_file
+
+from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+
+def _completed(address: str) -> int:
+    return int(status(address)["completed_rounds"])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- a worker killed mid-stream ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["download", "upload"])
+def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_its_private_parts(phase: str, tmp_path: Path) -> None:
+    """SIGKILL in round 2 while the victim's weight stream is half way; it is paced (--*-rate-limit) so that
+    "half way" lasts seconds instead of milliseconds."""
+    direction = {"download": "down", "upload": "up"}[phase]
+    pacing = {"download": ["--download-rate-limit", "150000"], "upload": ["--upload-rate-limit", "50000"]}[phase]
+    deadline = 12  # round 1 must fit the paced victim (~4 s of download or ~3 s of upload) on a loaded machine
+    ckpt = tmp_path / "checkpoints"
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator(
+            "--insecure", *RUN, "--rounds", "3", "--min-workers", "3", "--quorum", "0.6",
+            "--round-deadline", str(deadline), "--chunk-size", "16384", *LIVENESS,
+        )  # fmt: skip
+        address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
+        healthy_a, healthy_b, victim = start_workers(cluster, address, [["--keep-running"], ["--keep-running"], ["--keep-running", *pacing]])
+        alive = [coord, healthy_a, healthy_b]
+        wait_until(lambda: _completed(address) >= 1, "round 1", 90, [*alive, victim])
+        port = victim.ready["metrics_port"]
+        after_round_1 = metric(port, "feddiff_wire_bytes_total", direction=direction)
+        least = DECODER_BYTES // 10 if phase == "upload" else 1  # a tenth of an upload: the coordinator is reading it
+        streamed = wait_until(
+            lambda: (n := metric(port, "feddiff_wire_bytes_total", direction=direction) - after_round_1) >= least and n,
+            f"round 2 {phase}", 30, [*alive, victim], every=0.02,
+        )  # fmt: skip
+        assert _completed(address) == 1
+        victim.stop(signal.SIGKILL)
+        assert 0 < streamed < DECODER_BYTES, f"killed after {streamed} of ~{DECODER_BYTES} bytes: not mid-{phase}"
+
+        state_dir = tmp_path / "workers" / "client-2"
+        private = sorted(state_dir.glob("private-r*.safetensors"))
+        assert private, "the victim had private parts (round 1, or round 2 before its upload)"
+        kept_round = int(private[-1].stem.rsplit("-r", 1)[1])
+        assert kept_round == {"download": 1, "upload": 2}[phase]
+        kept_sha = _sha(private[-1])
+        kept_tensors, _ = load_file(private[-1])
+
+        wait_until(lambda: _completed(address) >= 2, "round 2 closed at its deadline", deadline + 30, alive)
+        coordinator_after_round_2 = (metric(coord_port, "feddiff_round_attempts_total", outcome="quorum"), metric(coord_port, "feddiff_updates_total", outcome="accepted"))
+        restarted = cluster.worker(address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "240", "--threads", "1", "--keep-running")
+        wait_for_state(address, "done", 90, [*alive, restarted])
+        coordinator_metrics = {
+            outcome: metric(coord_port, "feddiff_round_attempts_total", outcome=outcome) for outcome in ("complete", "quorum", "no_quorum")
+        }
+        accepted = metric(coord_port, "feddiff_updates_total", outcome="accepted")
+        # A cut upload is dropped; it is counted "aborted", or "bad_size" when gRPC reports the cut as an early end.
+        cut = sum(metric(coord_port, "feddiff_updates_total", outcome=o) for o in ("aborted", "bad_size"))
+        restarted_log = restarted.output()
+
+    rounds = rounds_log(ckpt)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[1]["planned"] == ["client-0", "client-1", "client-2"]
+    assert rounds[1]["participants"] == ["client-0", "client-1"], "round 2 closes at its deadline without the victim"
+    assert rounds[1]["seconds"] >= deadline
+    assert rounds[2]["participants"] == ["client-0", "client-1", "client-2"], "the restarted worker rejoins round 3"
+    # It joined with has_private_state: round 3 sent it (and the others) the decoder only.
+    down = rounds[2]["parameters"]["down"]
+    assert down == {"encoder": 0, "bottleneck": 0, "decoder": 3 * TINY.sizes[Part.DECODER]}
+    assert coordinator_after_round_2 == (1, 5)
+    assert coordinator_metrics == {"complete": 2, "quorum": 1, "no_quorum": 0}
+    assert accepted == 8
+    assert cut == (1 if phase == "upload" else 0)
+    # Its private parts survived the kill untouched and are the ones it restored.
+    assert f"private parts of round {kept_round} restored" in restarted_log
+    assert _sha(state_dir / private[-1].name) == kept_sha
+    newest = checkpoint.load_private(state_dir, "private")
+    assert newest is not None and newest[1] == 3, "it trained round 3 on its own encoder and saved it"
+    assert set(newest[0]) == set(kept_tensors)
+    assert all(name in TINY.names(frozenset({Part.ENCODER, Part.BOTTLENECK})) for name in kept_tensors)
+
+
+# --- the coordinator killed mid-round ------------------------------------------------------------------------
+
+
+def test_coordinator_killed_mid_round_resumes_after_the_last_round_and_workers_reconnect(tmp_path: Path) -> None:
+    rounds_total = 3
+    listen = ["--listen", f"127.0.0.1:{free_port()}"]  # the same address for both runs: workers redial it
+    args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "3", "--round-deadline", "60", *LIVENESS, *listen]
+    ckpt = tmp_path / "checkpoints"
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        first = cluster.coordinator(*args)
+        address = first.ready["address"]
+        workers = start_workers(cluster, address, [[], [], []])
+        pids = [w.proc.pid for w in workers]
+        # Round 2 is open once round 1 is committed and its tasks are out.
+        wait_until(lambda: (s := status(address))["completed_rounds"] == 1 and int(s["round_selected"]) == 3, "round 2 open", 120, [first, *workers], every=0.02)
+        first.stop(signal.SIGKILL)
+        saved = checkpoint.load_run(ckpt)
+        assert saved is not None and saved[1].completed_rounds == 1
+
+        resumed = cluster.coordinator(*args, "--resume", name="coordinator-resumed")
+        assert resumed.ready["address"] == address
+        wait_for_state(address, "done", 120, [resumed, *workers])
+        resumed_log = resumed.output()
+        for w in workers:
+            assert w.proc.wait(30) == 0, w.output()[-2000:]
+        worker_logs = [w.output() for w in workers]
+
+    assert [w.proc.pid for w in workers] == pids, "the workers were started once"
+    assert "resuming after round 1" in resumed_log
+    rounds = rounds_log(ckpt)
+    assert [r["round"] for r in rounds] == [1, 2, 3], "each round once in the round log"
+    assert all(r["participants"] == ["client-0", "client-1", "client-2"] for r in rounds)
+    assert rounds[1]["parameters"]["down"]["encoder"] == 0, "they rejoined with their private parts"
+    final = checkpoint.load_run(ckpt)
+    assert final is not None and final[1].completed_rounds == rounds_total
+    for log in worker_logs:
+        assert "coordinator unavailable" in log
+        assert log.count(": joined ") >= 2, "each worker joined the restarted coordinator by itself"
+
+
+# --- a worker slower than the deadline -----------------------------------------------------------------------
+
+
+def test_worker_slower_than_the_deadline_has_its_late_update_refused_and_counted(tmp_path: Path) -> None:
+    """Its update (12 kB/s on a ~150 kB decoder) is still streaming when the round closes at its deadline."""
+    deadline = 8
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator("--insecure", *RUN, "--rounds", "1", "--min-workers", "3", "--quorum", "0.6", "--round-deadline", str(deadline), *LIVENESS)
+        address, port = coord.ready["address"], coord.ready["metrics_port"]
+        fast_a, fast_b, slow = start_workers(cluster, address, [[], [], ["--upload-rate-limit", "12000", "--keep-running"]])
+        wait_for_state(address, "done", 90, [coord, fast_a, fast_b, slow])
+        wait_until(lambda: metric(port, "feddiff_updates_total", outcome="late"), "the late update", 60, [coord, slow])
+        coordinator_metrics = {
+            name: metric(port, "feddiff_updates_total", outcome=name) for name in ("accepted", "late")
+        } | {f"attempts_{o}": metric(port, "feddiff_round_attempts_total", outcome=o) for o in ("complete", "quorum")}
+        duration = metric(port, "feddiff_round_duration_seconds_sum")
+        slow_late = wait_until(lambda: metric(slow.ready["metrics_port"], "feddiff_updates_total", outcome="late"), "the slow worker's count", 10, [slow])
+        slow_log = slow.output()
+        joins = coord.output().count("worker client-2 joined")
+
+    assert coordinator_metrics == {"accepted": 2, "late": 1, "attempts_complete": 0, "attempts_quorum": 1}
+    assert duration >= deadline
+    assert slow_late == 1
+    assert "refused: late: task" in slow_log
+    assert joins == 1, "after the last round a --keep-running worker stays joined instead of rejoining in a loop"
+    (record,) = rounds_log(tmp_path / "checkpoints")
+    assert record["planned"] == ["client-0", "client-1", "client-2"] and record["participants"] == ["client-0", "client-1"]
+
+
+# --- a checkpoint write that fails -----------------------------------------------------------------------------
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def _fill(path: Path) -> Path:
+    """Write zeros until the filesystem is full (ENOSPC)."""
+    filler = path / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        block = bytes(16 << 10)
+        try:
+            while True:
+                f.write(block)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def _remount(path: Path, mode: str) -> None:
+    wait_until(lambda: subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True).returncode == 0, f"remount {mode}", 10)
+
+
+@pytest.mark.parametrize("failure", ["full", "read_only"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run_goes_on(failure: str, tmp_path: Path) -> None:
+    rounds_total = 4
+    ckpt = tmp_path / "checkpoints"
+    _mount_tmpfs(ckpt, "8m")
+    try:
+        with LocalCluster(tmp_path, env=ENV) as cluster:
+            coord = cluster.coordinator("--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS)
+            address = coord.ready["address"]
+            workers = start_workers(cluster, address, [["--keep-running"], ["--keep-running"]])
+            wait_until(lambda: (ckpt / checkpoint.STATE_FILE).exists(), "the first checkpoint", 90, [coord, *workers], every=0.02)
+            filler = _fill(ckpt) if failure == "full" else None
+            if failure == "read_only":
+                _remount(ckpt, "ro")
+            wait_until(lambda: "checkpoint failed" in coord.output(), "a failed checkpoint", 60, [coord, *workers])
+
+            # The committed checkpoint is the previous one, whole and consistent.
+            weights, state = checkpoint.load_run(ckpt)  # type: ignore[misc]
+            failed_round = int(coord.output().split("checkpoint failed")[0].rsplit("round ", 1)[1].split(":")[0])
+            assert state.completed_rounds == failed_round - 1 >= 1
+            _, meta = load_file(ckpt / state.global_file)
+            assert meta["completed_rounds"] == str(state.completed_rounds)
+            assert set(weights) == set(TINY.names(frozenset(Part)))
+            assert not [f.name for f in ckpt.iterdir() if ".tmp-" in f.name], "a failed write leaves no temporary file"
+            assert status(address)["state"] in ("training", "waiting_for_workers", "done"), "the coordinator keeps going"
+
+            # Space (or write access) comes back: the next rounds commit again.
+            if filler is not None:
+                filler.unlink()
+            else:
+                _remount(ckpt, "rw")
+            wait_for_state(address, "done", 120, [coord, *workers])
+            log = coord.output()
+        final = checkpoint.load_run(ckpt)
+        assert final is not None and final[1].completed_rounds == rounds_total
+        assert f"round {failed_round}: checkpoint failed, the previous one stays valid" in log
+        assert ("No space left on device" if failure == "full" else "Read-only file system") in log
+    finally:
+        if subprocess.run(["umount", str(ckpt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
