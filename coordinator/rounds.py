@@ -154,7 +154,7 @@ class RoundDriver:
                 self._cond.wait(timeout=min(remaining, 0.5))
                 self.metrics.workers_connected.set(len(self.registry.connected()))
             needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
-            got = len(open_round.accepted)
+            got = open_round.seal()
             self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
             self._round = None
             self._issued = {}

@@ -348,10 +348,17 @@ class OpenRound:
         with self._lock:
             return list(self._accepted)
 
-    def close(self) -> RoundOutcome:
-        """Apply the aggregate to the global model and advance the federation by one round."""
+    def seal(self) -> int:
+        """Accept nothing more (later uploads are late); returns how many updates are in. Deciding on quorum
+        after sealing means the decision and the aggregate see the same updates."""
         with self._fold_lock, self._lock:
-            if self.closed:
+            self.closed = True
+            return len(self._accepted)
+
+    def close(self) -> RoundOutcome:
+        """Seal the round, apply the aggregate to the global model and advance the federation by one round."""
+        with self._fold_lock, self._lock:
+            if self.federation.completed_rounds != self.round:
                 raise ValueError(f"round {self.round} is already closed")
             self.closed = True
             outcome = RoundOutcome(
