@@ -28,10 +28,10 @@ class SpeedConfig:
     """How fast a worker trains; none of it changes the function trained (beyond bf16 rounding)."""
 
     device: str = "auto"  # "auto" = CUDA when present, else CPU
-    bf16: Toggle = "auto"  # bf16 autocast: on where the GPU supports it
-    channels_last: Toggle = "auto"  # NHWC memory format: on CUDA
-    fused_adam: Toggle = "auto"  # fused Adam kernel: on CUDA
-    compile: Toggle = "auto"  # torch.compile with CUDA graphs: on CUDA
+    bf16: Toggle = "auto"  # bf16 autocast: on where the device runs bf16 natively (CUDA, or AVX512-BF16/AMX CPUs)
+    channels_last: Toggle = "auto"  # NHWC memory format: on (faster convs on CUDA and with oneDNN on CPU)
+    fused_adam: Toggle = "auto"  # fused Adam kernel: on (CUDA and CPU)
+    compile: Toggle = "auto"  # torch.compile, with CUDA graphs on CUDA: on CUDA only (on CPU it was slower)
     threads: int = 0  # CPU threads for torch (0 = leave torch's default)
 
 
@@ -44,12 +44,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: CPUs whose oneDNN kernels run bf16 natively; elsewhere bf16 is emulated and slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def _on(toggle: Toggle, default: bool) -> bool:
     return default if toggle == "auto" else toggle == "on"
 
 
 @dataclass(frozen=True)
 class ResolvedSpeed:
+    """The settings a trainer runs with. "auto" is what measured fastest on each device (docs/benchmarks.md):
+    on a 2-core AVX512-BF16 CPU, bf16 autocast ~1.7x, channels_last ~1.2x and fused Adam ~3x the optimizer
+    step, while torch.compile took ~4 minutes to compile and then ran slower than eager."""
+
     device: torch.device
     bf16: bool
     channels_last: bool
@@ -60,14 +70,20 @@ class ResolvedSpeed:
     def of(cls, cfg: SpeedConfig) -> ResolvedSpeed:
         device = resolve_device(cfg.device)
         cuda = device.type == "cuda"
-        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+        cpu = device.type == "cpu"
+        bf16_native = torch.cuda.is_bf16_supported() if cuda else cpu and cpu_has_native_bf16()
         return cls(
             device=device,
-            bf16=_on(cfg.bf16, bf16_ok) and (bf16_ok or device.type == "cpu"),
-            channels_last=_on(cfg.channels_last, cuda),
-            fused_adam=_on(cfg.fused_adam, cuda),
+            bf16=_on(cfg.bf16, bf16_native) and (bf16_native or cpu),  # "on" emulates bf16 on other CPUs
+            channels_last=_on(cfg.channels_last, cuda or cpu),
+            fused_adam=_on(cfg.fused_adam, cuda or cpu),
             compile=_on(cfg.compile, cuda),
         )
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Compiled with mode="reduce-overhead": the step replays CUDA graphs captured on the first calls."""
+        return self.compile and self.device.type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -91,23 +107,35 @@ StepCallback = Callable[[int, int, int, torch.Tensor], None]  # (epoch, step in 
 
 
 class LocalTrainer:
-    """Trains `model` in place. The optimizer is created once; `reset_optimizer` empties its state in place
-    (a fresh Adam, as the paper does every round) so anything captured around it (CUDA graphs) stays valid."""
+    """Trains `model` in place: the fast path of issue 4, built once per process and reused every round.
+
+    Data stays on the device (`prepare_data`), the step runs under bf16 autocast with channels_last tensors
+    and a fused Adam, and on CUDA the model is compiled once with CUDA graphs. Nothing here is re-created
+    between rounds: received weights are copied into the same parameters (ClientRuntime.load) and
+    `reset_optimizer` empties Adam's state in place (a fresh Adam, as the paper does every round), so the
+    captured graphs stay valid. Every batch is trained, the last partial one too (a second static shape,
+    compiled once), so the fast path trains the same function as the fp32 eager loop."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, speed: SpeedConfig = SpeedConfig()):
         self.speed = ResolvedSpeed.of(speed)
         if speed.threads > 0:
             torch.set_num_threads(speed.threads)
+        if self.speed.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
         self.schedule = schedule
-        memory_format = torch.channels_last if self.speed.channels_last else torch.contiguous_format
-        self.model = model.to(self.speed.device, memory_format=memory_format)
+        self.model = model.to(self.speed.device, memory_format=self._memory_format)
         self.model.train()
-        # The compiled module (CUDA graphs under "reduce-overhead") is built once per process and shares
-        # its parameters with `model`, so weights loaded in place are what the next round trains.
+        # The compiled module shares its parameters with `model`, so weights loaded in place are what the next
+        # round trains; "reduce-overhead" captures CUDA graphs, the default mode (CPU) only generates kernels.
+        mode = "reduce-overhead" if self.speed.cuda_graphs else None
         self.net: nn.Module = (
-            torch.compile(self.model, mode="reduce-overhead", dynamic=False) if self.speed.compile else self.model
+            torch.compile(self.model, mode=mode, dynamic=False) if self.speed.compile else self.model
         )  # type: ignore[assignment]
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=True if self.speed.fused_adam else None)
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.speed.channels_last else torch.contiguous_format
 
     # --- optimizer ------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float) -> None:
@@ -123,11 +151,11 @@ class LocalTrainer:
 
     # --- steps ----------------------------------------------------------------------------------------------
     def _step(self, x0: torch.Tensor, loss_kind: LossKind, generator: torch.Generator) -> torch.Tensor:
-        if self.speed.compile:
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.speed.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead from here
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.speed.device.type, dtype=torch.bfloat16, enabled=self.speed.bf16):
             loss = training_loss(self.net, self.schedule, x0, loss_kind, generator)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -135,8 +163,7 @@ class LocalTrainer:
     # --- public ---------------------------------------------------------------------------------------------
     def prepare_data(self, images: torch.Tensor) -> torch.Tensor:
         """Images in model range (N, C, H, W) float32, resident on the training device."""
-        memory_format = torch.channels_last if self.speed.channels_last else torch.contiguous_format
-        return images.to(self.speed.device, dtype=torch.float32).contiguous(memory_format=memory_format)
+        return images.to(self.speed.device, dtype=torch.float32).contiguous(memory_format=self._memory_format)
 
     def train(
         self,
@@ -155,11 +182,7 @@ class LocalTrainer:
         device = self.speed.device
         generator = torch.Generator(device=device).manual_seed(seed)
         steps_per_epoch = -(-n // cfg.batch_size)
-        # Full batches only when CUDA graphs are captured (static shapes); the paper's loop keeps the last one.
-        drop_last = self.speed.compile and n >= cfg.batch_size
-        if drop_last:
-            steps_per_epoch = n // cfg.batch_size
-        losses: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []  # stay on the device: no host sync per step
         start = time.perf_counter()
         images = 0
         for epoch in range(cfg.epochs):

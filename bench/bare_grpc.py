@@ -1,0 +1,89 @@
+"""A bare gRPC stream for reference: 1 MiB bytes messages with identity serializers (no protobuf fields, no
+header, no hash, no reassembly checks), served by its own process like the coordinator.
+
+`python -m bench.bare_grpc SIZE` serves /bare.Bare/Down (SIZE random bytes) and /bare.Bare/Up (drains a
+stream into a buffer), then prints its port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+CHUNK = 1 << 20
+OPTIONS = [("grpc.max_receive_message_length", 2 * CHUNK), ("grpc.max_send_message_length", 2 * CHUNK)]
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def serve(size: int) -> None:
+    payload = os.urandom(size)
+    sink = bytearray(size)
+
+    def down(request: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+        view = memoryview(payload)
+        for start in range(0, size, CHUNK):
+            yield bytes(view[start : start + CHUNK])
+
+    def up(requests, context: grpc.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
+        got = 0
+        for data in requests:
+            sink[got : got + len(data)] = data
+            got += len(data)
+        return b"ok"
+
+    handler = grpc.method_handlers_generic_handler(
+        "bare.Bare",
+        {
+            "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=_identity, response_serializer=_identity),
+            "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=_identity, response_serializer=_identity),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+class BareStream:
+    """Client of a bare server process: timed downloads into, and uploads from, preallocated buffers."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc", str(size)], stdout=subprocess.PIPE, text=True)
+        port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+        self._down = self.channel.unary_stream("/bare.Bare/Down", request_serializer=_identity, response_deserializer=_identity)
+        self._up = self.channel.stream_unary("/bare.Bare/Up", request_serializer=_identity, response_deserializer=_identity)
+        self.buffer = bytearray(size)
+        self.payload = os.urandom(size)
+
+    def download_seconds(self) -> float:
+        start, got = time.perf_counter(), 0
+        for data in self._down(b""):
+            self.buffer[got : got + len(data)] = data
+            got += len(data)
+        return time.perf_counter() - start
+
+    def upload_seconds(self) -> float:
+        view = memoryview(self.payload)
+        start = time.perf_counter()
+        self._up(bytes(view[s : s + CHUNK]) for s in range(0, self.size, CHUNK))
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

@@ -1,0 +1,113 @@
+"""Peak memory of the coordinator while K workers upload a large update at once.
+
+For each K (default 4, 16, 32) a fresh coordinator process (bench.coordinator_proc: the real server) runs one
+round of plain FedAvg on a synthetic model whose update is about 256 MB of float32. Once every worker holds
+its task, the coordinator's RSS is its idle level (the global model, the cached broadcast and the running
+sum are already there); its peak RSS is then reset (`/proc/PID/clear_refs`), the K workers upload at once,
+and the peak (VmHWM) is read after the round has closed and been checkpointed. The figure is
+(peak - idle) / update size: streaming aggregation with a bounded number of updates buffered at once keeps
+it flat in K, where holding every update (as Flower and OpenFL do) would need K.
+
+    python -m bench.coordinator_memory --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from bench.common import (
+    MB,
+    CoordinatorProcess,
+    LightWorker,
+    RssSampler,
+    delta_payload,
+    emit,
+    log,
+    machine,
+    meta_layout,
+    payload_bytes_of,
+    peak_rss_bytes,
+    random_delta,
+    reset_peak_rss,
+    rss_bytes,
+    synthetic_model,
+)
+from feddiff.local import sample
+from fedcore.parts import ALL_PARTS
+
+
+def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[str, float], bytes]:
+    layout = meta_layout(model)
+    settings = {"model": model, "strategy": "full", "rounds": 1, "min_workers": k, "epochs": 1, "max_concurrent_uploads": slots}
+    with CoordinatorProcess(settings) as coord:
+        workers = [LightWorker(coord.address, f"bench-{i}") for i in range(k)]
+        for w in workers:
+            w.join()
+        tasks = [w.next_task() for w in workers]
+        if update is None:
+            update = delta_payload(model, tasks[0], random_delta(layout, ALL_PARTS))  # same round and parts for all
+        time.sleep(1.0)  # let the round's setup settle
+        idle = rss_bytes(coord.pid)
+        exact = reset_peak_rss(coord.pid)
+        barrier = threading.Barrier(k + 1)
+
+        def send(i: int) -> None:
+            barrier.wait()
+            workers[i].upload(tasks[i], update)  # type: ignore[arg-type]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        with RssSampler(coord.pid) as sampler:
+            barrier.wait()
+            start = time.perf_counter()
+            for t in threads:
+                t.join()
+            upload_seconds = time.perf_counter() - start
+            during_uploads = peak_rss_bytes(coord.pid) if exact else sampler.peak
+            deadline = time.monotonic() + 120
+            while sample(coord.metrics(), "feddiff_round") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the checkpoint of the closed round
+        peak = peak_rss_bytes(coord.pid) if exact else sampler.peak
+        for w in workers:
+            w.close()
+    size = len(update)
+    log(
+        f"K={k}: idle {idle / MB:.0f} MB, peak {peak / MB:.0f} MB (until the last upload was accepted "
+        f"{during_uploads / MB:.0f} MB; sampled {sampler.peak / MB:.0f} MB), uploads took {upload_seconds:.1f}s"
+    )
+    return {
+        f"k{k}_idle_mb": idle / MB,
+        f"k{k}_peak_mb": peak / MB,
+        f"k{k}_peak_over_update": (peak - idle) / size,
+        f"k{k}_uploads_peak_over_update": (during_uploads - idle) / size,
+        f"k{k}_upload_mb_s": k * size / upload_seconds / MB,
+    }, update
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the same K and size (about 70 s on 2 CPU cores)")
+    p.add_argument("--update-mb", type=float, default=256.0)
+    p.add_argument("--k", type=int, nargs="+", default=[4, 16, 32])
+    p.add_argument("--slots", type=int, default=2, help="the coordinator's max_concurrent_uploads (its default: 2)")
+    args = p.parse_args()
+
+    model = synthetic_model(args.update_mb * MB)
+    size = payload_bytes_of(meta_layout(model))
+    log(f"model {model}: update of {size / MB:.0f} MB, K in {args.k}")
+    figures: dict[str, object] = {**machine(), "model": model, "update_mb": size / MB, "max_concurrent_uploads": args.slots}
+    update = None
+    for k in args.k:
+        result, update = one_k(model, k, update, args.slots)
+        figures.update(result)
+    figures["peak_over_update_max"] = max(float(v) for n, v in figures.items() if n.endswith("_peak_over_update"))  # type: ignore[arg-type]
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

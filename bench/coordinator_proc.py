@@ -1,0 +1,52 @@
+"""The real coordinator in its own process for benchmarks: bench-only model sizes, and a count of broadcast
+serializations exported on /metrics (`python -m bench.coordinator_proc '{"model": ..., ...}'`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+
+from prometheus_client import Counter
+
+from bench.common import ensure_preset
+from coordinator.config import CoordinatorConfig
+from coordinator.server import Coordinator
+from fedcore import serialization
+from fedcore.metrics import Metrics
+
+
+def count_weights_serializations(metrics: Metrics) -> None:
+    """Wrap fedcore.serialization.encode in this process so that every weights payload it builds is counted."""
+    counter = Counter("bench_weights_serializations", "Weights payloads serialized", registry=metrics.registry)
+    encode = serialization.encode
+
+    def counting_encode(tensors, meta):  # type: ignore[no-untyped-def]
+        if meta.kind == "weights":
+            counter.inc()
+        return encode(tensors, meta)
+
+    serialization.encode = counting_encode  # type: ignore[assignment]
+
+
+def main() -> int:
+    settings = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_preset(settings.get("model", "paper-fmnist"))
+    defaults = {"listen": "127.0.0.1:0", "metrics_port": 0, "insecure": True, "heartbeat_timeout": 600.0}
+    cfg = CoordinatorConfig(**{**defaults, **settings})
+    metrics = Metrics()
+    count_weights_serializations(metrics)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    coordinator = Coordinator(cfg, metrics).start()
+    stop.wait()
+    coordinator.stop(grace=0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Round overhead with many workers: what a round costs beyond the slowest worker's own work.
+
+The coordinator (bench.coordinator_proc, the real server) runs the tiny model; N light workers (default 200)
+live as threads in a few client processes, each with its own channel and the worker's own gRPC client: wait
+for a task, download the weights, "train" (sleep the local work time), upload a delta. A round's overhead
+is the coordinator's round time (feddiff_round_duration_seconds, from opening the round to closing it) less
+the longest local work of the round. Meanwhile a separate thread calls the gRPC health service every 10 ms
+and records how long each answer took.
+
+    python -m bench.rounds_scale --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, log, machine, median, meta_layout, payload_bytes_of, random_delta
+from feddiff.local import sample
+
+MODEL = "tiny"
+
+
+# --- the client processes -----------------------------------------------------------------------------------
+
+
+def run_clients(address: str, first: int, count: int, rounds: int, work: float, jitter: float) -> None:
+    """`count` light workers as threads of this process; prints one JSON line per (worker, round)."""
+    layout = meta_layout(MODEL)
+    max_bytes = payload_bytes_of(layout) + (1 << 20)
+    deltas: dict[tuple[int, frozenset], bytes] = {}
+    lock = threading.Lock()
+    out_lock = threading.Lock()
+
+    def delta_for(task) -> bytes:  # type: ignore[no-untyped-def]
+        key = (task.round, task.returns)
+        with lock:
+            if key not in deltas:
+                deltas[key] = delta_payload(MODEL, task, random_delta(layout, task.returns, seed=task.round))
+            return deltas[key]
+
+    def worker(i: int) -> None:
+        w = LightWorker(address, f"w{first + i:04d}")
+        w.join()
+        rng = __import__("random").Random(first + i)
+        for _ in range(rounds):
+            task = w.next_task(timeout=600)
+            if task is None:
+                break
+            got = time.monotonic()
+            w.download(task, max_bytes)
+            downloaded = time.monotonic()
+            local = work * (1 + jitter * rng.random())
+            time.sleep(local)
+            worked = time.monotonic()
+            w.upload(task, delta_for(task))
+            done = time.monotonic()
+            record = {"round": task.round, "worker": first + i, "work": local, "task": got, "down": downloaded, "worked": worked, "up": done}
+            with out_lock:
+                print(json.dumps(record), flush=True)
+        w.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# --- health checks during the rounds ------------------------------------------------------------------------
+
+
+class HealthProbe:
+    """Calls grpc.health.v1.Health/Check every `interval` seconds; keeps each answer's latency."""
+
+    def __init__(self, address: str, interval: float = 0.01):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = health_pb2_grpc.HealthStub(self.channel)
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            try:
+                resp = self.stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                    self.failures += 1
+            except grpc.RpcError:
+                self.failures += 1
+            self.latencies.append(time.perf_counter() - start)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.channel.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 rounds (CPU, under 3 minutes)")
+    p.add_argument("--workers", type=int, default=200)
+    p.add_argument("--processes", type=int, default=4, help="client processes the workers are spread over")
+    p.add_argument("--rounds", type=int, default=None, help="default 5, quick 3")
+    p.add_argument("--strategy", default="full", help="full (whole model both ways) is the heaviest")
+    p.add_argument("--work", type=float, default=2.0, help="seconds of local work per worker and round")
+    p.add_argument("--jitter", type=float, default=0.0, help="local work is work * (1 + jitter * U[0, 1))")
+    p.add_argument("--client", nargs=3, type=int, metavar=("FIRST", "COUNT", "ROUNDS"), help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.client:
+        first, count, rounds = args.client
+        run_clients(args.address, first, count, rounds, args.work, args.jitter)
+        return 0
+
+    rounds = args.rounds or (3 if args.quick else 5)
+    settings = {"model": MODEL, "strategy": args.strategy, "rounds": rounds, "min_workers": args.workers, "epochs": 1, "grpc_threads": max(256, 2 * args.workers + 16)}
+    per_process = -(-args.workers // args.processes)
+    durations: list[float] = []
+    records: list[dict] = []
+    with CoordinatorProcess(settings) as coord:
+        clients = []
+        for first in range(0, args.workers, per_process):
+            count = min(per_process, args.workers - first)
+            cmd = [sys.executable, "-m", "bench.rounds_scale", "--address", coord.address, "--client", str(first), str(count), str(rounds), "--work", str(args.work), "--jitter", str(args.jitter)]
+            clients.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        cpu = psutil.Process(coord.pid)
+        cpu_seconds: list[float] = []  # the coordinator's CPU time (all threads) between round closes
+        with HealthProbe(coord.address) as probe:
+            seen, total = 0, 0.0
+            last_cpu = sum(cpu.cpu_times()[:2])
+            deadline = time.monotonic() + 60 + rounds * (args.work * (1 + args.jitter) + 60)
+            while seen < rounds and time.monotonic() < deadline:
+                m = coord.metrics()
+                done = int(sample(m, "feddiff_round"))
+                if done > seen:
+                    s = sample(m, "feddiff_round_duration_seconds_sum")
+                    if done == seen + 1:
+                        durations.append(s - total)
+                        now_cpu = sum(cpu.cpu_times()[:2])
+                        cpu_seconds.append(now_cpu - last_cpu)
+                        last_cpu = now_cpu
+                        log(f"round {done}: {durations[-1] * 1000:.0f} ms, coordinator CPU {cpu_seconds[-1] * 1000:.0f} ms")
+                    seen, total = done, s
+                time.sleep(0.02)
+            health = list(probe.latencies)
+        for c in clients:
+            out, _ = c.communicate(timeout=120)
+            records.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
+    if len(durations) < rounds:
+        raise RuntimeError(f"only {len(durations)} of {rounds} rounds completed:\n{coord.output()[-3000:]}")
+    slowest = [max(r["work"] for r in records if r["round"] == i) for i in range(rounds)]
+    overhead = [d - w for d, w in zip(durations, slowest)]
+    phases = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
+    for i in range(rounds):
+        rs = [r for r in records if r["round"] == i]
+        phases["tasks_out"].append(max(r["task"] for r in rs) - min(r["task"] for r in rs))
+        phases["downloads"].append(max(r["down"] for r in rs) - min(r["task"] for r in rs))
+        phases["uploads"].append(max(r["up"] for r in rs) - min(r["worked"] for r in rs))
+        log(f"round {i + 1}: tasks handed out over {phases['tasks_out'][-1] * 1000:.0f} ms, downloads done after "
+            f"{phases['downloads'][-1] * 1000:.0f} ms, uploads took {phases['uploads'][-1] * 1000:.0f} ms")
+    figures: dict[str, object] = {
+        **machine(),
+        "model": MODEL,
+        "strategy": args.strategy,
+        "workers": args.workers,
+        "rounds": rounds,
+        "local_work_s": args.work,
+        "work_jitter": args.jitter,
+        "round_seconds_median": median(durations),
+        "coordinator_cpu_ms_per_round": median(cpu_seconds[1:] or cpu_seconds) * 1000,
+        "download_phase_ms": median(phases["downloads"]) * 1000,
+        "upload_phase_ms": median(phases["uploads"]) * 1000,
+        "round_overhead_ms_max": max(overhead) * 1000,
+        "health_checks": len(health),
+        "health_p50_ms": percentile(health, 0.5) * 1000,
+        "health_p99_ms": percentile(health, 0.99) * 1000,
+        "health_max_ms": max(health) * 1000 if health else float("nan"),
+        "round_overhead_ms": median(overhead) * 1000,
+    }
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

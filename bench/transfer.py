@@ -1,0 +1,193 @@
+"""Weights over the real gRPC path on loopback, against plain TCP on the same bytes.
+
+(a) One worker downloads the broadcast and uploads an update, for a large synthetic model (about 512 MB of
+    float32) and for paper-fmnist: payload MB/s per direction, the raw TCP loopback rate measured on the same
+    bytes in the same run, their ratio, and the wire overhead (weight-stream message bytes / payload bytes).
+(b) K workers (default 8) download the same broadcast and upload at once: aggregate MB/s, and how many times
+    the coordinator serialized the broadcast in the round (1 whatever K).
+
+The coordinator runs in its own process (bench.coordinator_proc: the real server, servicer, reassembly,
+decoding and streaming aggregation); the workers use the worker's own gRPC client. A download is timed from
+the request until the payload is reassembled and its sha256 checked; an upload until the coordinator has
+accepted it (reassembled, hash-checked, decoded, checked and folded into the running average).
+
+    python -m bench.transfer --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from bench.bare_grpc import BareStream
+from bench.common import (
+    MB,
+    CoordinatorProcess,
+    LightWorker,
+    delta_payload,
+    emit,
+    log,
+    machine,
+    median,
+    meta_layout,
+    payload_bytes_of,
+    random_delta,
+    raw_tcp_seconds,
+    synthetic_model,
+)
+from feddiff.local import sample
+from fedcore.parts import ALL_PARTS, PART_ORDER
+
+SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)
+
+
+def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, float]:
+    """One worker, `rounds` rounds of plain FedAvg (the whole model both ways); medians over the rounds. With
+    `bare`, a bare gRPC stream of the same size is timed in each round too (bench.bare_grpc)."""
+    layout = meta_layout(model)
+    max_bytes = payload_bytes_of(layout) + SLACK
+    tensors = random_delta(layout, ALL_PARTS)
+    down, up, raw_down, raw_up, bare_down, bare_up = [], [], [], [], [], []
+    reference = BareStream(payload_bytes_of(layout)) if bare else None
+    payload_down = payload_up = 0
+    settings = {"model": model, "strategy": "full", "rounds": rounds, "min_workers": 1, "epochs": 1}
+    with CoordinatorProcess(settings) as coord:
+        worker = LightWorker(coord.address, "bench-0")
+        worker.join()
+        for _ in range(rounds):
+            task = worker.next_task()
+            assert task is not None
+            start = time.perf_counter()
+            weights = worker.download(task, max_bytes)
+            down.append(time.perf_counter() - start)
+            payload_down += len(weights)
+            raw_down.append(raw_tcp_seconds(weights))
+            del weights
+            update = delta_payload(model, task, tensors)
+            start = time.perf_counter()
+            worker.upload(task, update)
+            up.append(time.perf_counter() - start)
+            payload_up += len(update)
+            raw_up.append(raw_tcp_seconds(update))
+            del update
+            if reference is not None:
+                bare_down.append(reference.download_seconds())
+                bare_up.append(reference.upload_seconds())
+        metrics = coord.metrics()
+        worker.close()
+    if reference is not None:
+        reference.close()
+    size = payload_down / rounds
+    size_up = payload_up / rounds
+    coord_payload = sum(sample(metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
+    coord_wire = sum(sample(metrics, "feddiff_wire_bytes_total", direction=d) for d in ("down", "up"))
+    figures = {
+        "payload_mb": size / MB,
+        "download_mb_s": size / median(down) / MB,
+        "upload_mb_s": size_up / median(up) / MB,
+        "raw_tcp_mb_s": (size + size_up) / (median(raw_down) + median(raw_up)) / MB,
+        "download_ratio_vs_raw_tcp": median(raw_down) / median(down),
+        "upload_ratio_vs_raw_tcp": median(raw_up) / median(up),
+        # both directions together: payload bytes over the time they took, against raw TCP for the same bytes
+        "ratio_vs_raw_tcp": (median(raw_down) + median(raw_up)) / (median(down) + median(up)),
+        "wire_overhead": (worker.wire_down + worker.wire_up) / (payload_down + payload_up),
+        "coordinator_wire_overhead": coord_wire / coord_payload if coord_payload else float("nan"),
+    }
+    if bare:
+        # the same bytes as 1 MiB messages without protobuf fields, header, hash or checks
+        figures["bare_grpc_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(bare_down) + median(bare_up))
+        figures["ratio_vs_bare_grpc"] = (median(bare_down) + median(bare_up)) / (median(down) + median(up))
+    return figures
+
+
+def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
+    """K workers download the same broadcast, then upload at once; aggregate payload MB/s per phase."""
+    layout = meta_layout(model)
+    max_bytes = payload_bytes_of(layout) + SLACK
+    tensors = random_delta(layout, ALL_PARTS)
+    settings = {"model": model, "strategy": "full", "rounds": rounds, "min_workers": k, "epochs": 1, "max_concurrent_uploads": 2}
+    down_rates, up_rates = [], []
+    with CoordinatorProcess(settings) as coord:
+        workers = [LightWorker(coord.address, f"bench-{i}") for i in range(k)]
+        for w in workers:
+            w.join()
+        for _ in range(rounds):
+            tasks = [w.next_task() for w in workers]
+            sizes = [0] * k
+            barrier = threading.Barrier(k + 1)
+
+            def fetch(i: int) -> None:
+                barrier.wait()
+                sizes[i] = len(workers[i].download(tasks[i], max_bytes))  # type: ignore[arg-type]
+
+            threads = [threading.Thread(target=fetch, args=(i,)) for i in range(k)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            start = time.perf_counter()
+            for t in threads:
+                t.join()
+            down_rates.append(sum(sizes) / (time.perf_counter() - start) / MB)
+            update = delta_payload(model, tasks[0], tensors)  # the same parts and round for every worker
+            barrier = threading.Barrier(k + 1)
+
+            def send(i: int) -> None:
+                barrier.wait()
+                workers[i].upload(tasks[i], update)  # type: ignore[arg-type]
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(k)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            start = time.perf_counter()
+            for t in threads:
+                t.join()
+            up_rates.append(k * len(update) / (time.perf_counter() - start) / MB)
+        deadline = time.monotonic() + 60
+        while sample(coord.metrics(), "feddiff_round") < rounds and time.monotonic() < deadline:
+            time.sleep(0.1)
+        serializations = sample(coord.metrics(), "bench_weights_serializations_total")
+        for w in workers:
+            w.close()
+    return {
+        "broadcast_k": k,
+        "broadcast_payload_mb": payload_bytes_of(layout) / MB,
+        "broadcast_download_mb_s": median(down_rates),
+        "broadcast_upload_mb_s": median(up_rates),
+        "broadcast_serializations_per_round": serializations / rounds,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and a smaller broadcast (CPU, under 3 minutes)")
+    p.add_argument("--large-mb", type=float, default=512.0, help="size of the large synthetic model")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 3, quick 2)")
+    p.add_argument("--k", type=int, default=8, help="workers in the broadcast measurement")
+    p.add_argument("--broadcast-mb", type=float, default=None, help="model size for (b) (default 512, quick 64)")
+    args = p.parse_args()
+    rounds = args.rounds or (2 if args.quick else 3)
+    broadcast_mb = args.broadcast_mb or (64.0 if args.quick else 512.0)
+
+    large = synthetic_model(args.large_mb * MB)
+    log(f"(a) single stream, large model {large} ({payload_bytes_of(meta_layout(large)) / MB:.0f} MB), {rounds} rounds")
+    big = single_stream(large, rounds, bare=True)
+    log("(a) single stream, paper-fmnist")
+    paper = single_stream("paper-fmnist", max(rounds, 5))
+    mid = synthetic_model(broadcast_mb * MB)
+    log(f"(b) broadcast to {args.k} workers, {mid} ({payload_bytes_of(meta_layout(mid)) / MB:.0f} MB)")
+    fan = broadcast(mid, args.k, rounds)
+
+    figures: dict[str, object] = {**machine(), "large_model": large}
+    figures.update({f"large_{k}": v for k, v in big.items() if k not in ("ratio_vs_raw_tcp", "wire_overhead")})
+    figures.update({f"paper_{k}": v for k, v in paper.items()})
+    figures.update(fan)
+    figures["ratio_vs_raw_tcp"] = big["ratio_vs_raw_tcp"]
+    figures["wire_overhead"] = big["wire_overhead"]
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Smoke tests of the benchmark scripts: their flags parse, their figures print as name=value, and the pieces
+they measure with (model sizing, raw TCP, one real transfer on the tiny model) work."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from bench.common import ensure_preset, meta_layout, payload_bytes_of, raw_tcp_seconds, synthetic_model
+from bench.report import emit
+from fedcore.model import PRESETS
+
+SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_parses_its_flags(name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(f"bench.{name}")
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+
+    with pytest.raises(SystemExit) as done:
+        module.main()
+
+    assert done.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_figures_print_one_per_line_as_name_value(capsys: pytest.CaptureFixture[str]) -> None:
+    emit({"ratio_vs_raw_tcp": 0.41234, "wire_overhead": 1.0000041, "round_overhead_ms": 1234.56, "ok": True, "model": "tiny"})
+
+    assert capsys.readouterr().out.splitlines() == [
+        "ratio_vs_raw_tcp=0.4123",
+        "wire_overhead=1.000004",
+        "round_overhead_ms=1234.6",
+        "ok=1",
+        "model=tiny",
+    ]
+
+
+def test_a_synthetic_model_has_the_asked_size_and_the_paper_topology() -> None:
+    name = synthetic_model(64e6)
+
+    assert abs(payload_bytes_of(meta_layout(name)) - 64e6) < 0.05 * 64e6
+    assert len(meta_layout(name).names(meta_layout("paper-fmnist").tensors)) == 220
+    assert ensure_preset(name) in PRESETS
+
+
+def test_raw_tcp_moves_a_payload() -> None:
+    assert raw_tcp_seconds(bytes(1 << 20)) > 0
+
+
+@pytest.mark.slow
+def test_one_real_transfer_of_the_tiny_model() -> None:
+    from bench.transfer import single_stream
+
+    figures = single_stream("tiny", rounds=1)
+
+    assert figures["payload_mb"] == pytest.approx(payload_bytes_of(meta_layout("tiny")) / 1e6, rel=0.05)  # + the safetensors header
+    assert 0 < figures["ratio_vs_raw_tcp"] and 1 < figures["wire_overhead"] <= 1.01
