@@ -68,7 +68,9 @@ class RoundDriver:
         self.metrics = metrics
         self.checkpoint_dir = Path(cfg.checkpoint_dir)
         self.state: State = "waiting_for_workers"
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # tasks issued, state changes: wakes the workers' long polls
+        self._arrivals = threading.Condition(lock)  # updates and reports in: wakes only the round loop
         self._round: OpenRound | None = None
         self._eval: EvalPhase | None = None
         self._issued: dict[str, IssuedTask] = {}
@@ -111,6 +113,7 @@ class RoundDriver:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+            self._arrivals.notify_all()
 
     def _wait_for_workers(self) -> bool:
         logged = False
@@ -137,9 +140,12 @@ class RoundDriver:
         with self._cond:
             open_round = self.federation.open_round(plan, weights)
             self._issued = {}
+            headers: dict[frozenset[Part], StreamHeader] = {}  # one hash per distinct payload, not per worker
             for c in plan.clients:
                 task = open_round.task(c)
-                self._issued[c] = IssuedTask(task, StreamHeader.of(open_round.payload(task.receives)))
+                if task.receives not in headers:
+                    headers[task.receives] = StreamHeader.of(open_round.payload(task.receives))
+                self._issued[c] = IssuedTask(task, headers[task.receives])
             self._round = open_round
             self.state = "training"
             self._round_started = time.monotonic()
@@ -151,7 +157,7 @@ class RoundDriver:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(timeout=min(remaining, 0.5))
+                self._arrivals.wait(timeout=min(remaining, 0.5))
                 self.metrics.workers_connected.set(len(self.registry.connected()))
             needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
             got = open_round.seal()
@@ -222,7 +228,7 @@ class RoundDriver:
             self._cond.notify_all()
             deadline = time.monotonic() + self.cfg.round_deadline
             while not self._stop.is_set() and not phase.done and time.monotonic() < deadline:
-                self._cond.wait(timeout=0.5)
+                self._arrivals.wait(timeout=0.5)
             self._closed_task_ids.update(t.task_id for t in phase.tasks.values())
             self._eval = None
             self._issued = {}
@@ -339,8 +345,8 @@ class RoundDriver:
         self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)
         if open_round.plan.assignment(worker_id).private:
             self.registry.mark_has_private_state(worker_id)
-        with self._cond:
-            self._cond.notify_all()
+        with self._arrivals:
+            self._arrivals.notify_all()
         return update
 
     def report_evaluation(self, worker_id: str, task_id: str, fd: float, extractor: str, num_samples: int, grid_png: bytes) -> None:
@@ -350,7 +356,7 @@ class RoundDriver:
                 raise WrongRound(f"no evaluation is in progress for task {task_id!r}")
             phase = self._eval
             phase.report(worker_id, task_id, fd, extractor, num_samples)
-            self._cond.notify_all()
+            self._arrivals.notify_all()
         if grid_png:
             if not grid_png.startswith(b"\x89PNG\r\n\x1a\n") or len(grid_png) > MAX_GRID_BYTES:
                 log.warning("worker %s sent a sample grid that is not a PNG of at most %d bytes; ignored", worker_id, MAX_GRID_BYTES)

@@ -140,15 +140,20 @@ def payload_bytes_by_part(payload: bytes | bytearray, layout: PartLayout) -> dic
     header in proportion to its number of tensors (the last part takes the rounding), so the parts add up
     to the payload's exact size."""
     _, entries, _ = serialization.read_header(payload)
+    return split_payload_bytes(len(payload), {name: e.end - e.begin for name, e in entries.items()}, layout)
+
+
+def split_payload_bytes(total: int, tensor_bytes: Mapping[str, int], layout: PartLayout) -> dict[Part, int]:
+    """`payload_bytes_by_part` from already known tensor sizes (no second parse of the header)."""
     data = {p: 0 for p in PART_ORDER}
     counts = {p: 0 for p in PART_ORDER}
-    for name, e in entries.items():
+    for name, nbytes in tensor_bytes.items():
         part = layout.part_of(name)
-        data[part] += e.end - e.begin
+        data[part] += nbytes
         counts[part] += 1
-    header = len(payload) - sum(data.values())
+    header = total - sum(data.values())
     present = [p for p in PART_ORDER if counts[p]]
-    shares = {p: header * counts[p] // len(entries) for p in present}
+    shares = {p: header * counts[p] // len(tensor_bytes) for p in present}
     if present:
         shares[present[-1]] += header - sum(shares.values())
     return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
@@ -322,7 +327,8 @@ class OpenRound:
         tensors = serialization.decode(
             payload, fed.layout, kind="delta", parts=a.returns, round_index=self.round, model=fed.config.model
         )
-        event = _transfer_ledger(fed.layout, a.returns, payload_bytes_by_part(payload, fed.layout), down=False)
+        tensor_bytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+        event = _transfer_ledger(fed.layout, a.returns, split_payload_bytes(len(payload), tensor_bytes, fed.layout), down=False)
         update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event)
         with self._fold_lock:
             with self._lock:

@@ -248,7 +248,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def add_speed_args(p: argparse.ArgumentParser) -> None:
     toggles = ["auto", "on", "off"]
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--bf16", choices=toggles, default="auto", help="bf16 autocast (auto: on GPUs that support it)")
+    p.add_argument("--bf16", choices=toggles, default="auto", help="bf16 autocast (auto: on GPUs and CPUs that run bf16 natively)")
     p.add_argument("--channels-last", choices=toggles, default="auto")
     p.add_argument("--fused-adam", choices=toggles, default="auto")
     p.add_argument("--compile", choices=toggles, default="auto", help="torch.compile with CUDA graphs (auto: on CUDA)")
