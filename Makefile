@@ -34,6 +34,13 @@ smoke: install dataset
 demo: install dataset
 	$(PY) -m tools.demo
 
+# Every benchmark in its quick form (each under 3 minutes on 2 CPU cores); figures last, one per line.
+bench: install dataset
+	$(PY) -m bench.train_throughput --quick
+	$(PY) -m bench.transfer --quick
+	$(PY) -m bench.coordinator_memory --quick
+	$(PY) -m bench.rounds_scale --quick
+
 test: install dataset
 	$(PY) -m pytest -q
 
