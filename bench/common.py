@@ -208,6 +208,28 @@ class LightWorker:
 # --- process memory ----------------------------------------------------------------------------------------
 
 
+def run_together(k: int, work, during=None) -> float:
+    """Start `work(i)` for i in 0..k-1 in threads released at once by a barrier; wall seconds until all end.
+    `during`, a context manager, is entered just before the release (e.g. an RSS sampler)."""
+    from contextlib import nullcontext
+
+    barrier = threading.Barrier(k + 1)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    with during if during is not None else nullcontext():
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start
+
+
 def rss_bytes(pid: int) -> int:
     return _status_kb(pid, "VmRSS") * 1024
 

@@ -17,12 +17,12 @@ accepted it (reassembled, hash-checked, decoded, checked and folded into the run
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 from bench.bare_grpc import BareStream
 from bench.common import (
     MB,
+    run_together,
     CoordinatorProcess,
     LightWorker,
     delta_payload,
@@ -115,35 +115,15 @@ def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             tasks = [w.next_task() for w in workers]
             sizes = [0] * k
-            barrier = threading.Barrier(k + 1)
 
             def fetch(i: int) -> None:
-                barrier.wait()
                 sizes[i] = len(workers[i].download(tasks[i], max_bytes))  # type: ignore[arg-type]
 
-            threads = [threading.Thread(target=fetch, args=(i,)) for i in range(k)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            start = time.perf_counter()
-            for t in threads:
-                t.join()
-            down_rates.append(sum(sizes) / (time.perf_counter() - start) / MB)
+            seconds = run_together(k, fetch)
+            down_rates.append(sum(sizes) / seconds / MB)
             update = delta_payload(model, tasks[0], tensors)  # the same parts and round for every worker
-            barrier = threading.Barrier(k + 1)
-
-            def send(i: int) -> None:
-                barrier.wait()
-                workers[i].upload(tasks[i], update)  # type: ignore[arg-type]
-
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(k)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            start = time.perf_counter()
-            for t in threads:
-                t.join()
-            up_rates.append(k * len(update) / (time.perf_counter() - start) / MB)
+            seconds = run_together(k, lambda i: workers[i].upload(tasks[i], update))  # type: ignore[arg-type]
+            up_rates.append(k * len(update) / seconds / MB)
         deadline = time.monotonic() + 60
         while sample(coord.metrics(), "feddiff_round") < rounds and time.monotonic() < deadline:
             time.sleep(0.1)

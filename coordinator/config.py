@@ -12,7 +12,6 @@ import yaml
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from fedcore.federation import FederationConfig
 from fedcore.strategies import Strategy
-from fedcore.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -76,14 +75,8 @@ class CoordinatorConfig:
 
     @property
     def federation(self) -> FederationConfig:
-        return FederationConfig(
-            strategy=Strategy(self.strategy),
-            model=self.model,
-            rounds=self.rounds,
-            clients_per_round=self.clients_per_round,
-            seed=self.seed,
-            train=TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, loss=self.loss),  # type: ignore[arg-type]
-        )
+        names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
+        return FederationConfig.from_settings(**{n: getattr(self, n) for n in names})
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:

@@ -41,6 +41,15 @@ class FederationConfig:
     seed: int = 0  # seeds the initial model, the plans, the samples and every client's training
     train: TrainConfig = TrainConfig()  # sent to the clients with each task
 
+    @classmethod
+    def from_settings(
+        cls, *, strategy: str, model: str, rounds: int, clients_per_round: int, seed: int,
+        epochs: int, batch_size: int, lr: float, loss: str,
+    ) -> FederationConfig:  # fmt: skip
+        """From flat settings (flags, YAML): the one place that nests them."""
+        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss)  # type: ignore[arg-type]
+        return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train)
+
     def as_json(self) -> dict[str, object]:
         return {
             "strategy": self.strategy.value,

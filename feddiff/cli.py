@@ -74,17 +74,9 @@ def _split(args: argparse.Namespace) -> int:
 
 def _federation_config(args: argparse.Namespace):  # -> FederationConfig
     from fedcore.federation import FederationConfig
-    from fedcore.strategies import Strategy
-    from fedcore.training import TrainConfig
 
-    return FederationConfig(
-        strategy=Strategy(args.strategy),
-        model=args.model,
-        rounds=args.rounds,
-        clients_per_round=args.clients_per_round,
-        seed=args.seed,
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss),
-    )
+    names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
+    return FederationConfig.from_settings(**{n: getattr(args, n) for n in names})
 
 
 def speed_config(args: argparse.Namespace):  # -> SpeedConfig
