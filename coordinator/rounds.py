@@ -20,7 +20,7 @@ from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, Ro
 from fedcore.metrics import Metrics
 from fedcore.parts import PART_ORDER, Part
 from fedcore.serialization import save_file
-from fedcore.simulation import ROUNDS_LOG, format_round, round_record
+from fedcore.roundlog import ROUNDS_LOG, format_round, round_record
 from fedcore.strategies import private_parts
 
 from coordinator.config import CoordinatorConfig

@@ -30,7 +30,8 @@ from fedcore.evaluation import FeatureExtractor, ReferenceStats, ReferenceStatsC
 from fedcore.federation import FederationConfig
 from fedcore.images import save_grid
 from fedcore.model import build_model
-from fedcore.simulation import ROUNDS_LOG, DataConfig, Simulation, SimulationConfig
+from fedcore.roundlog import ROUNDS_LOG
+from fedcore.simulation import DataConfig, Simulation, SimulationConfig
 from fedcore.splits import SplitKind
 from fedcore.strategies import Strategy, private_parts
 from fedcore.training import ResolvedSpeed, SpeedConfig, TrainConfig

@@ -16,13 +16,13 @@ from fedcore.chunking import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter
 from fedcore.client import ClientRuntime
 from fedcore.data import ImageDataset, load_fashion_mnist, to_model_range
 from fedcore.diffusion import Schedule
-from fedcore.federation import Federation, FederationConfig, Ledger, RoundOutcome
+from fedcore.federation import Federation, FederationConfig, RoundOutcome
+from fedcore.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
 from fedcore.model import build_model
 from fedcore.splits import SplitKind, split_indices
 from fedcore.strategies import private_parts
 from fedcore.training import LocalTrainer, SpeedConfig
 
-ROUNDS_LOG = "rounds.jsonl"
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Simulation:
             federation = Federation(fcfg)
             (out / ROUNDS_LOG).write_text("")
         else:
-            _truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
+            truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
         trainer = LocalTrainer(build_model(fcfg.model, seed=fcfg.seed), Schedule(), cfg.speed)
         pool = load_training_pool(cfg.data)
         shards = split_indices(pool.labels, cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
@@ -138,39 +138,3 @@ class Simulation:
         while not self.federation.finished:
             self.run_round()
         return self.records
-
-
-def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, object]:
-    """One JSON line of the round log; the coordinator writes the same shape."""
-    return {
-        "round": outcome.round + 1,
-        "participants": [u.client for u in outcome.accepted],
-        "planned": list(outcome.planned),
-        "mean_loss": outcome.mean_loss,
-        "client_loss": {u.client: u.mean_loss for u in outcome.accepted},
-        **{k: v for k, v in outcome.ledger.as_json().items() if k != "reduction_vs_full"},
-        "cumulative_parameters": cumulative.traffic.total,
-        "cumulative_full_fedavg_parameters": cumulative.full_fedavg,
-        "reduction_so_far": cumulative.reduction_vs_full,
-        "seconds": round(seconds, 3),
-    }
-
-
-def format_round(record: dict[str, object]) -> str:
-    nbytes = record["bytes"]
-    down = sum(nbytes["down"].values())  # type: ignore[index]
-    up = sum(nbytes["up"].values())  # type: ignore[index]
-    return (
-        f"round {record['round']}: {len(record['participants'])}/{len(record['planned'])} clients, "  # type: ignore[arg-type]
-        f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record['reduction_so_far']:.1%}, "
-        f"loss {record['mean_loss']:.4f}, {record['seconds']:.1f}s"
-    )
-
-
-def _truncate_log(path: Path, completed_rounds: int) -> None:
-    """Drop log lines of rounds that were not committed (a crash between a round and its checkpoint)."""
-    if not path.exists():
-        path.write_text("")
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= completed_rounds]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -17,8 +17,8 @@ from fedcore.federation import FederationConfig, Ledger, task_seed
 from fedcore.model import build_model, layout_of
 from fedcore.parts import PART_ORDER, Part
 from fedcore.serialization import load_file
+from fedcore.roundlog import ROUNDS_LOG
 from fedcore.simulation import (
-    ROUNDS_LOG,
     DataConfig,
     Simulation,
     SimulationConfig,

@@ -1,0 +1,47 @@
+"""The round log (rounds.jsonl): one JSON line per closed round, or per evaluation, written by the coordinator
+and the simulation alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedcore.federation import Ledger, RoundOutcome
+
+ROUNDS_LOG = "rounds.jsonl"
+
+
+def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, object]:
+    """One JSON line of the round log; the coordinator writes the same shape."""
+    return {
+        "round": outcome.round + 1,
+        "participants": [u.client for u in outcome.accepted],
+        "planned": list(outcome.planned),
+        "mean_loss": outcome.mean_loss,
+        "client_loss": {u.client: u.mean_loss for u in outcome.accepted},
+        **{k: v for k, v in outcome.ledger.as_json().items() if k != "reduction_vs_full"},
+        "cumulative_parameters": cumulative.traffic.total,
+        "cumulative_full_fedavg_parameters": cumulative.full_fedavg,
+        "reduction_so_far": cumulative.reduction_vs_full,
+        "seconds": round(seconds, 3),
+    }
+
+
+def format_round(record: dict[str, object]) -> str:
+    nbytes = record["bytes"]
+    down = sum(nbytes["down"].values())  # type: ignore[index]
+    up = sum(nbytes["up"].values())  # type: ignore[index]
+    return (
+        f"round {record['round']}: {len(record['participants'])}/{len(record['planned'])} clients, "  # type: ignore[arg-type]
+        f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record['reduction_so_far']:.1%}, "
+        f"loss {record['mean_loss']:.4f}, {record['seconds']:.1f}s"
+    )
+
+
+def truncate_log(path: Path, completed_rounds: int) -> None:
+    """Drop log lines of rounds that were not committed (a crash between a round and its checkpoint)."""
+    if not path.exists():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= completed_rounds]
+    path.write_text("".join(line + "\n" for line in kept))
