@@ -56,7 +56,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # --- membership ------------------------------------------------------------------------------------------
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         w = request.worker
-        if not w.worker_id or len(w.worker_id) > 128 or not w.worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        if not wire.valid_worker_id(w.worker_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
         if w.num_examples < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")

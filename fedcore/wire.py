@@ -16,6 +16,14 @@ from fedcore.training import TrainConfig
 
 Msg = TypeVar("Msg")
 
+MAX_WORKER_ID = 128
+
+
+def valid_worker_id(worker_id: str) -> bool:
+    """A worker identity: 1-128 letters, digits, '-', '_' or '.' (it names files and certificates)."""
+    return 0 < len(worker_id) <= MAX_WORKER_ID and worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
 MAX_EPOCHS = 10_000
 MAX_BATCH = 1 << 16
 

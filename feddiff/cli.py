@@ -212,8 +212,9 @@ def _certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedcore.certs import create_project
+    from fedcore.wire import valid_worker_id
 
-    bad = [w for w in args.worker if not w.replace("-", "").replace("_", "").replace(".", "").isalnum() or w in ("ca", "coordinator")]
+    bad = [w for w in args.worker if not valid_worker_id(w) or w in ("ca", "coordinator")]
     if bad:
         raise ValueError(f"worker ids {bad} must be letters, digits, '-', '_' or '.', and not 'ca' or 'coordinator'")
     for path in create_project(Path(args.out), args.coordinator_host, args.worker):
