@@ -14,6 +14,8 @@ from concurrent import futures
 
 import grpc
 
+from fedcore.allocator import tune_for_streaming
+
 CHUNK = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", 2 * CHUNK), ("grpc.max_send_message_length", 2 * CHUNK)]
 
@@ -23,6 +25,7 @@ def _identity(b: bytes) -> bytes:
 
 
 def serve(size: int) -> None:
+    tune_for_streaming()  # the same allocator settings as the coordinator and the workers
     payload = os.urandom(size)
     sink = bytearray(size)
 

@@ -15,6 +15,7 @@ from bench.common import ensure_preset
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from fedcore import serialization
+from fedcore.allocator import tune_for_streaming
 from fedcore.metrics import Metrics
 
 
@@ -32,6 +33,7 @@ def count_weights_serializations(metrics: Metrics) -> None:
 
 
 def main() -> int:
+    tune_for_streaming()  # as `feddiff coordinator` does
     settings = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_preset(settings.get("model", "paper-fmnist"))

@@ -131,7 +131,9 @@ def _setup_logging(verbose: bool = False) -> None:
 def _coordinator(args: argparse.Namespace) -> int:
     from coordinator.config import from_args
     from coordinator.server import serve
+    from fedcore.allocator import tune_for_streaming
 
+    tune_for_streaming()
     _setup_logging()
     return serve(from_args(args))
 
@@ -140,7 +142,9 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from worker.config import from_args
     from worker.daemon import run_worker
+    from fedcore.allocator import tune_for_streaming
 
+    tune_for_streaming()
     _setup_logging()
     return run_worker(from_args(args, speed_config(args)))
 
