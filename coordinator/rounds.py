@@ -339,7 +339,7 @@ class RoundDriver:
         data = sum(spec.numel * 4 for spec in layout.specs(parts).values())
         return data + HEADER_SLACK + 256 * len(layout.names(parts))
 
-    def accept(self, worker_id: str, task_id: str, payload: bytearray, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+    def accept(self, worker_id: str, task_id: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         open_round, _ = self._current(worker_id, task_id)
         update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
         self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)

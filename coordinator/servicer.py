@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
+import queue
 from collections.abc import Iterator
 
 import grpc
 
 from fedcore import wire
+from fedcore.chunking import ReceiveBuffer
 from fedcore.client import EvalTask
 from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
@@ -34,7 +35,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.driver = driver
         self.registry = registry
         self.metrics = metrics
-        self._upload_slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_uploads))
+        # Upload slots, each with the memory its updates are received into (reused round after round).
+        self._upload_slots: queue.LifoQueue[ReceiveBuffer] = queue.LifoQueue()  # the warmest memory first
+        for _ in range(max(1, cfg.max_concurrent_uploads)):
+            self._upload_slots.put(ReceiveBuffer())
 
     def _refuse(self, context: grpc.ServicerContext, error: FeddiffError) -> None:
         self.metrics.updates.labels(error.reason).inc()
@@ -147,18 +151,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._refuse(context, e)
         # Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
         # others wait here, unread, held by HTTP/2 flow control.
-        with self._upload_slots:
-            try:
-                payload = wire.reassemble(stream_header, self._data(request_iterator), max_bytes=limit)
-                self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
-            except grpc.RpcError:  # raised by the request iterator: the worker's end of the call is gone
+        slot = self._upload_slots.get()
+        try:
+            payload = wire.reassemble(stream_header, self._data(request_iterator), max_bytes=limit, into=slot)
+            # accept decodes, checks and folds the update: nothing refers to the slot's memory once it returns
+            self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+        except grpc.RpcError:  # raised by the request iterator: the worker's end of the call is gone
+            self._cut_off(worker_id, h.stream.task_id)
+            raise
+        except FeddiffError as e:
+            if not context.is_active():  # the stream ended early because its connection did
                 self._cut_off(worker_id, h.stream.task_id)
-                raise
-            except FeddiffError as e:
-                if not context.is_active():  # the stream ended early because its connection did
-                    self._cut_off(worker_id, h.stream.task_id)
-                    return pb.UploadResponse(outcome="aborted")
-                self._refuse(context, e)
+                return pb.UploadResponse(outcome="aborted")
+            self._refuse(context, e)
+        finally:
+            self._upload_slots.put(slot)
         self.metrics.updates.labels("accepted").inc()
         return pb.UploadResponse(outcome="accepted")
 

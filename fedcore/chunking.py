@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamTooLon
 FORMAT_VERSION = 1  # bumped when the payload layout (safetensors metadata keys) changes
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
+THREADED_DIGEST_MIN = 16 << 20  # bytes: a stream at least this long is hashed in a thread beside its reception
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,98 @@ def iter_chunks(payload: bytes | bytearray | memoryview, chunk_size: int = DEFAU
         yield view[start : start + chunk_size]
 
 
+class ReceiveBuffer:
+    """Memory for received payloads, reused from one stream to the next.
+
+    A fresh multi-megabyte buffer costs one page fault per 4 KiB page the first time it is written: on
+    loopback that is as slow as the transfer itself (about 0.3 s per 512 MB on a 2-core VM, against 0.05 s
+    to copy into memory already mapped). A `view` is valid until the next call: the owner reads it (decodes,
+    folds or loads it) before it receives again."""
+
+    def __init__(self) -> None:
+        self._memory = bytearray()
+
+    def view(self, size: int) -> memoryview:
+        """A writable view of `size` bytes, in the memory of the previous call when it is large enough."""
+        if size > len(self._memory):
+            self._memory = bytearray()  # drop the old memory before taking the new: never both at once
+            self._memory = bytearray(size)
+        return memoryview(self._memory)[:size]
+
+    @property
+    def capacity(self) -> int:
+        return len(self._memory)
+
+
+class TrailingDigest:
+    """The sha256 of a buffer as it fills, computed in a thread of its own.
+
+    The receiving thread then only copies each chunk, and asks for the next message sooner (HTTP/2 flow
+    control lets the sender go on), while the digest follows a few chunks behind: on a 2-core machine the
+    hash of an upload ran beside its reception instead of after each chunk. Use it as a context manager: the
+    thread ends with the block, also when the stream is refused half way."""
+
+    def __init__(self, buffer: bytearray | memoryview):
+        self._buffer = memoryview(buffer)
+        self._hash = hashlib.sha256()
+        self._filled = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="feddiff-sha256", daemon=True)
+        self._thread.start()
+
+    def filled(self, end: int) -> None:
+        """Bytes [0, end) of the buffer are final."""
+        with self._cond:
+            self._filled = end
+            self._cond.notify()
+
+    def _run(self) -> None:
+        hashed = 0
+        while True:
+            with self._cond:
+                while self._filled == hashed and not self._closed:
+                    self._cond.wait()
+                end, closed = self._filled, self._closed
+            if end > hashed:
+                self._hash.update(self._buffer[hashed:end])  # the GIL is released while it hashes
+                hashed = end
+            elif closed:
+                return
+
+    def hexdigest(self) -> str:
+        """The digest of the bytes filled so far, once the thread has caught up (it then ends)."""
+        self.close()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> TrailingDigest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Reassembler:
     """Collects the chunks of one stream into a buffer of exactly the declared size.
 
-    The buffer is allocated once from the (already bounded) header; a chunk that would go past the declared
-    size is refused at once, without being buffered. `finish` checks the size and the hash."""
+    The buffer is allocated once from the (already bounded) header, or taken from a `ReceiveBuffer`; a
+    chunk that would go past the declared size is refused at once, without being buffered. `finish` checks
+    the size and the hash. Large streams are hashed by a `TrailingDigest`: use the reassembler as a context
+    manager (or call `finish` or `close`) so that its thread ends."""
 
-    def __init__(self, header: StreamHeader, *, max_bytes: int):
+    def __init__(self, header: StreamHeader, *, max_bytes: int, into: ReceiveBuffer | None = None):
         header.check(max_bytes=max_bytes)
         self.header = header
-        self._buffer = bytearray(header.total_bytes)
+        self._buffer: bytearray | memoryview = into.view(header.total_bytes) if into is not None else bytearray(header.total_bytes)
         self._received = 0
         self._hash = hashlib.sha256()
+        self._trailing = TrailingDigest(self._buffer) if header.total_bytes >= THREADED_DIGEST_MIN else None
 
     @property
     def received(self) -> int:
@@ -66,17 +148,33 @@ class Reassembler:
     def feed(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
         if end > self.header.total_bytes:
+            self.close()
             raise StreamTooLong(
                 f"stream sent {end} bytes or more, more than the {self.header.total_bytes} its header declared"
             )
         self._buffer[self._received : end] = chunk
-        self._hash.update(chunk)
+        if self._trailing is not None:
+            self._trailing.filled(end)
+        else:
+            self._hash.update(chunk)
         self._received = end
 
-    def finish(self) -> bytearray:
+    def finish(self) -> bytearray | memoryview:
+        self.close()
         if self._received != self.header.total_bytes:
             raise SizeMismatch(f"stream ended after {self._received} of {self.header.total_bytes} declared bytes")
-        digest = self._hash.hexdigest()
+        digest = self._trailing.hexdigest() if self._trailing is not None else self._hash.hexdigest()
         if digest != self.header.sha256:
             raise HashMismatch(f"payload sha256 {digest} does not match the header's {self.header.sha256}")
         return self._buffer
+
+    def close(self) -> None:
+        """End the digest thread, if any (idempotent)."""
+        if self._trailing is not None:
+            self._trailing.close()
+
+    def __enter__(self) -> Reassembler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from fedcore.chunking import Reassembler, StreamHeader, iter_chunks
+from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader, iter_chunks
 from fedcore.client import EvalTask, TrainTask
 from fedcore.evaluation import SamplingSpec
 from fedcore.errors import HeaderError
@@ -163,11 +163,13 @@ def reassemble(
     *,
     max_bytes: int,
     on_bytes: Callable[[int], None] | None = None,
-) -> bytearray:
-    """Feed the data of a stream's messages into a checked buffer: refuses excess at once, then size and hash."""
-    receiver = Reassembler(header, max_bytes=max_bytes)
-    for data in data_messages:
-        if on_bytes is not None:
-            on_bytes(len(data))
-        receiver.feed(data)
-    return receiver.finish()
+    into: ReceiveBuffer | None = None,
+) -> bytearray | memoryview:
+    """Feed the data of a stream's messages into a checked buffer (a fresh one, or the memory of `into`):
+    refuses excess at once, then checks size and hash."""
+    with Reassembler(header, max_bytes=max_bytes, into=into) as receiver:
+        for data in data_messages:
+            if on_bytes is not None:
+                on_bytes(len(data))
+            receiver.feed(data)
+        return receiver.finish()

@@ -11,8 +11,8 @@ import grpc
 
 import fedcore
 from fedcore import wire
-from fedcore.chunking import MAX_CHUNK_SIZE, StreamHeader
-from fedcore.client import TrainTask
+from fedcore.chunking import MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader
+from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
@@ -87,6 +87,7 @@ class CoordinatorClient:
         self.session_id = ""
         self.chunk_size = 1 << 20
         self.heartbeat_interval = 5.0
+        self._received = ReceiveBuffer()  # one download at a time: every round reuses the same memory
 
     def join(self, info: pb.WorkerInfo, timeout: float = 30.0) -> pb.JoinResponse:
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=timeout, metadata=self.metadata)
@@ -105,8 +106,9 @@ class CoordinatorClient:
         req = pb.WaitTaskRequest(session_id=self.session_id, timeout_ms=int(timeout * 1000))
         return self.stub.WaitTask(req, timeout=timeout + 30, metadata=self.metadata)
 
-    def download(self, task: TrainTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> bytearray:
-        """The task's weights payload, checked against its header (size, hash) before it is returned."""
+    def download(self, task: TrainTask | EvalTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> memoryview:
+        """The task's weights payload, checked against its header (size, hash) before it is returned. It lives
+        in memory this client reuses: the view is valid until the next download."""
         stream = self.stub.DownloadWeights(
             pb.DownloadRequest(session_id=self.session_id, task_id=task.task_id), metadata=self.metadata
         )
@@ -128,10 +130,19 @@ class CoordinatorClient:
                 yield msg.data
                 pace.spent(msg.ByteSize())
 
-        return wire.reassemble(wire.header_from_proto(h), data(), max_bytes=max_bytes)
+        return wire.reassemble(wire.header_from_proto(h), data(), max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
 
-    def upload(self, task: TrainTask, payload: bytes, report: pb.TrainReport, *, on_wire: Callable[[int], None]) -> pb.UploadResponse:
-        header = StreamHeader.of(payload)
+    def upload(
+        self,
+        task: TrainTask,
+        payload: bytes,
+        report: pb.TrainReport,
+        *,
+        on_wire: Callable[[int], None],
+        header: StreamHeader | None = None,
+    ) -> pb.UploadResponse:
+        """Stream an update: its header (size, sha256: computed here unless the caller has it), then chunks."""
+        header = header or StreamHeader.of(payload)
         pace = Pace(self.upload_rate_limit)
         chunk_size = self.chunk_size
         if self.upload_rate_limit > 0:  # paced in messages of about a tenth of a second, not one burst a chunk

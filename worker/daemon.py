@@ -179,7 +179,7 @@ class WorkerDaemon:
                 pass
 
     # --- one task -------------------------------------------------------------------------------------------
-    def _download(self, client: CoordinatorClient, task: TrainTask | EvalTask) -> bytearray:
+    def _download(self, client: CoordinatorClient, task: TrainTask | EvalTask) -> memoryview:
         specs = self.runtime.layout.specs(task.receives)  # type: ignore[union-attr]
         max_bytes = sum(s.numel * 4 for s in specs.values()) + (1 << 20)
         return client.download(task, max_bytes=max_bytes, on_wire=self.metrics.wire_bytes.labels("down").inc)
@@ -271,7 +271,7 @@ class WorkerDaemon:
             self._quality = (extractor, reference)
         return self._quality
 
-    def _count(self, direction: str, parts: frozenset, payload: bytes | bytearray) -> None:
+    def _count(self, direction: str, parts: frozenset, payload: bytes | bytearray | memoryview) -> None:
         layout = self.runtime.layout  # type: ignore[union-attr]
         sizes = layout.sizes
         params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}

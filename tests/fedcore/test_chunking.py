@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 
 from fedcore.chunking import (
     FORMAT_VERSION,
     MAX_CHUNK_SIZE,
+    THREADED_DIGEST_MIN,
     Reassembler,
+    ReceiveBuffer,
     StreamHeader,
     iter_chunks,
 )
@@ -138,3 +141,79 @@ def test_stream_errors_share_a_base_and_carry_reasons() -> None:
         HashMismatch: "bad_hash",
         StreamTooLong: "too_large",
     }
+
+
+# --- reused receive memory and the digest thread of large streams --------------------------------------------
+
+
+def test_receive_buffer_reuses_its_memory_while_it_is_large_enough() -> None:
+    memory = ReceiveBuffer()
+
+    first = memory.view(1000)
+    smaller = memory.view(10)
+    larger = memory.view(5000)
+
+    assert len(first) == 1000 and len(smaller) == 10 and len(larger) == 5000
+    assert smaller.obj is first.obj  # the same bytearray underneath
+    assert larger.obj is not first.obj and memory.capacity == 5000
+
+
+def test_streams_received_into_reused_memory_come_out_whole() -> None:
+    memory = ReceiveBuffer()
+    long, short = os.urandom(30_011), os.urandom(9_973)
+
+    for payload in (long, short, long):
+        header = StreamHeader.of(payload)
+        receiver = Reassembler(header, max_bytes=len(payload), into=memory)
+        for chunk in iter_chunks(payload, 4096):
+            receiver.feed(chunk)
+
+        assert bytes(receiver.finish()) == payload  # no bytes of the longer stream before it show through
+    assert memory.capacity == len(long)
+
+
+def _digest_threads() -> int:
+    return sum(t.name == "feddiff-sha256" for t in threading.enumerate())
+
+
+def test_a_large_stream_is_hashed_in_a_thread_that_ends_with_it() -> None:
+    payload = os.urandom(THREADED_DIGEST_MIN + 12_345)
+    header = StreamHeader.of(payload)
+
+    receiver = Reassembler(header, max_bytes=len(payload))
+    assert _digest_threads() == 1
+    for chunk in iter_chunks(payload, 1 << 20):
+        receiver.feed(chunk)
+    received = receiver.finish()
+
+    assert bytes(received) == payload
+    assert _digest_threads() == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_a_damaged_large_stream_is_refused_and_its_digest_thread_ends(damage: str) -> None:
+    payload = bytearray(os.urandom(THREADED_DIGEST_MIN + 1))
+    header = StreamHeader.of(payload)
+    if damage == "flip":
+        payload[THREADED_DIGEST_MIN // 2] ^= 0x01
+    elif damage == "truncate":
+        del payload[-1]
+    else:
+        payload.append(0)
+
+    with pytest.raises(StreamError):
+        with Reassembler(header, max_bytes=len(payload) + 1) as receiver:
+            for chunk in iter_chunks(payload, 1 << 20):
+                receiver.feed(chunk)
+            receiver.finish()
+
+    assert _digest_threads() == 0
+
+
+def test_a_large_stream_abandoned_half_way_ends_its_digest_thread() -> None:
+    payload = os.urandom(THREADED_DIGEST_MIN)
+
+    with Reassembler(StreamHeader.of(payload), max_bytes=len(payload)) as receiver:
+        receiver.feed(payload[: len(payload) // 3])  # then the connection drops
+
+    assert _digest_threads() == 0
