@@ -31,7 +31,9 @@ class RunningAggregate:
         self._weight = {p: 0.0 for p in self.parts}
         self._reporters = {p: 0 for p in self.parts}
 
-    def fold(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float) -> None:
+    def fold(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, *, checked_finite: bool = False) -> None:
+        """Add `weight` x `update` to the running sums. `checked_finite`: the caller has already refused
+        NaN and Inf (`serialization.decode` does), so the values are not scanned a second time."""
         parts = frozenset(parts)
         if not parts:
             raise NotAssigned("an update must carry at least one part")
@@ -41,9 +43,10 @@ class RunningAggregate:
         if not (math.isfinite(weight) and weight > 0):
             raise SchemaError(f"update weight {weight} must be a positive number of images")
         check_schema({n: (t.dtype, tuple(t.shape)) for n, t in update.items()}, self.layout.specs(parts))
-        check_finite(update)
-        for name, t in update.items():
-            self._sums[name].add_(t, alpha=weight)
+        if not checked_finite:
+            check_finite(update)
+        names = list(update)
+        torch._foreach_add_([self._sums[n] for n in names], [update[n] for n in names], alpha=weight)  # one call, not one per tensor
         for p in parts:
             self._weight[p] += weight
             self._reporters[p] += 1

@@ -144,7 +144,7 @@ class RoundOutcome:
         return sum(u.mean_loss * u.images_seen for u in self.accepted) / seen if seen else float("nan")
 
 
-def payload_bytes_by_part(payload: bytes | bytearray, layout: PartLayout) -> dict[Part, int]:
+def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartLayout) -> dict[Part, int]:
     """Split a payload's size over its parts: each part's tensor bytes, plus a share of the safetensors
     header in proportion to its number of tensors (the last part takes the rounding), so the parts add up
     to the payload's exact size."""
@@ -323,7 +323,7 @@ class OpenRound:
                 self.federation.contacted.add(client)
         return event
 
-    def accept(self, client: str, payload: bytes | bytearray, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+    def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         """Check one client's delta and fold it in; a refused update leaves the aggregate untouched."""
         try:
             a = self.plan.assignment(client)
@@ -345,7 +345,7 @@ class OpenRound:
                     raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
                 if self.closed:
                     raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
-            self.aggregate.fold(tensors, a.returns, float(update.weight))
+            self.aggregate.fold(tensors, a.returns, float(update.weight), checked_finite=True)  # decode checked
             with self._lock:
                 self._accepted[client] = update
                 self._ledger.add(event)

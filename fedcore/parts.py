@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,30 +75,43 @@ class PartLayout:
         return cls(by_part)
 
     def specs(self, parts: Iterable[Part]) -> dict[str, TensorSpec]:
-        out: dict[str, TensorSpec] = {}
-        for p in sorted_parts(parts):
-            out.update(self.tensors[p])
-        return out
+        """Name -> spec of every tensor of `parts`, in the layout's order (a fresh dict the caller may keep)."""
+        return dict(self._specs_of(frozenset(parts)))
+
+    def _specs_of(self, parts: frozenset[Part]) -> Mapping[str, TensorSpec]:
+        # Every update is checked against these: built once per set of parts (at most 7), not per update.
+        cache: dict[frozenset[Part], dict[str, TensorSpec]] = self.__dict__.setdefault("_spec_cache", {})
+        if parts not in cache:
+            out: dict[str, TensorSpec] = {}
+            for p in sorted_parts(parts):
+                out.update(self.tensors[p])
+            cache[parts] = out
+        return cache[parts]
 
     def names(self, parts: Iterable[Part]) -> list[str]:
-        return list(self.specs(parts))
+        return list(self._specs_of(frozenset(parts)))
 
     def numel(self, part: Part) -> int:
         return sum(s.numel for s in self.tensors[part].values())
 
-    @property
-    def sizes(self) -> dict[Part, int]:
+    @cached_property
+    def _sizes(self) -> dict[Part, int]:
         return {p: self.numel(p) for p in PART_ORDER}
 
     @property
+    def sizes(self) -> dict[Part, int]:
+        return dict(self._sizes)
+
+    @property
     def total(self) -> int:
-        return sum(self.sizes.values())
+        return sum(self._sizes.values())
+
+    @cached_property
+    def _part_by_name(self) -> dict[str, Part]:
+        return {name: p for p, specs in self.tensors.items() for name in specs}
 
     def part_of(self, name: str) -> Part:
-        for p, specs in self.tensors.items():
-            if name in specs:
-                return p
-        raise KeyError(name)
+        return self._part_by_name[name]
 
 
 def select(state: Mapping[str, torch.Tensor], layout: PartLayout, parts: Iterable[Part]) -> dict[str, torch.Tensor]:

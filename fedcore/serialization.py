@@ -13,7 +13,7 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import safetensors.torch
 import torch
@@ -85,8 +85,7 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
     return safetensors.torch.save(cpu, metadata=meta.as_metadata())
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     begin: int
@@ -115,15 +114,19 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
     for name, e in header.items():
         try:
             dtype = _DTYPES[e["dtype"]]
-            shape = tuple(_strict_int(d) for d in e["shape"])
-            begin, end = (_strict_int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: 1e400 -> int(inf)
+            shape = tuple(e["shape"])
+            begin, end = e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
             raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len:
-            raise NotSafetensors(f"tensor {name!r} has shape {shape} / byte range [{begin}, {end}) outside the payload")
         numel = 1
         for d in shape:
+            if type(d) is not int or d < 0:  # JSON floats, booleans and strings are not dimensions
+                raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}")
             numel *= d
+        if type(begin) is not int or type(end) is not int:
+            raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}")
+        if not 0 <= begin <= end <= data_len:
+            raise NotSafetensors(f"tensor {name!r} has shape {shape} / byte range [{begin}, {end}) outside the payload")
         if end - begin != numel * dtype.itemsize:
             raise NotSafetensors(f"tensor {name!r}: byte range of {end - begin} does not hold {shape} {dtype}")
         entries[name] = _Entry(dtype, shape, begin, end)
@@ -132,12 +135,6 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
         if begin < prev_end:
             raise NotSafetensors("tensors overlap in the payload")
     return metadata, entries, 8 + n
-
-
-def _strict_int(value: object) -> int:
-    if type(value) is not int:
-        raise ValueError(f"{value!r} is not an integer")
-    return value
 
 
 def check_schema(names_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], expected: Mapping[str, TensorSpec]) -> None:
@@ -165,8 +162,12 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     if not floats:
         return
     norms = torch._foreach_norm([t for _, t in floats], 1)
-    finite = torch.isfinite(torch.stack([n.to(torch.float32) for n in norms])).tolist()
-    for (name, t), ok in zip(floats, finite):
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.to(torch.float32) for n in norms]
+    finite = torch.isfinite(torch.stack(norms))
+    if bool(finite.all()):
+        return
+    for (name, t), ok in zip(floats, finite.tolist()):
         if not ok:
             bad = int((~torch.isfinite(t)).sum())
             if bad:
