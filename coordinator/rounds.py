@@ -152,13 +152,16 @@ class RoundDriver:
             self._cond.notify_all()
         log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
         deadline = self._round_started + self.cfg.round_deadline
+        gauge_due = 0.0
         with self._cond:
             while not self._stop.is_set() and len(open_round.accepted) < len(plan.clients):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._arrivals.wait(timeout=min(remaining, 0.5))
-                self.metrics.workers_connected.set(len(self.registry.connected()))
+                if time.monotonic() >= gauge_due:  # twice a second, not once per update
+                    self.metrics.workers_connected.set(len(self.registry.connected()))
+                    gauge_due = time.monotonic() + 0.5
             needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
             got = open_round.seal()
             self._closed_task_ids.update(t.task.task_id for t in self._issued.values())

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal, NamedTuple
 
 import safetensors.torch
@@ -26,6 +28,7 @@ from fedcore.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_part
 PayloadKind = Literal["weights", "delta"]
 
 MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header larger than this is refused unread
+MEMO_HEADER_BYTES = 1 << 20  # headers up to this size are remembered (paper-celeba64's is about 25 KB)
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -92,16 +95,59 @@ class _Entry(NamedTuple):
     end: int
 
 
-def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], dict[str, _Entry], int]:
-    """Parse and sanity-check a safetensors header: (metadata, entries, data start offset)."""
+Header = tuple[Mapping[str, str], Mapping[str, _Entry], int]
+
+
+class _HeaderMemo:
+    """The last few headers read, by their exact bytes and the payload's length.
+
+    Every update of a round carries the same header (same tensors, shapes and offsets; the metadata names
+    the round and parts), so after the first one the coordinator looks it up instead of parsing 220 JSON
+    entries again: about 0.6 ms of CPU per update of the tiny model, with 200 workers 0.1 s per round. A
+    header differing in any byte, or a payload of another length, is parsed and checked in full."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._parsed: dict[tuple[bytes, int], Header] = {}
+        self._lock = threading.Lock()
+
+    def get(self, raw: bytes, total: int) -> Header | None:
+        with self._lock:
+            return self._parsed.get((raw, total))
+
+    def put(self, raw: bytes, total: int, header: Header) -> None:
+        with self._lock:
+            if len(self._parsed) >= self.size:
+                self._parsed.pop(next(iter(self._parsed)))  # the oldest
+            self._parsed[(raw, total)] = header
+
+
+_HEADERS = _HeaderMemo()
+
+
+def read_header(data: bytes | bytearray | memoryview) -> Header:
+    """Parse and sanity-check a safetensors header: (metadata, entries, data start offset). The mappings
+    returned are shared with later calls for the same header: read them, do not change them."""
     view = memoryview(data)
     if len(view) < 8:
         raise NotSafetensors(f"payload of {len(view)} bytes is too short for a safetensors header")
     (n,) = struct.unpack("<Q", view[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(view):
         raise NotSafetensors(f"safetensors header length {n} is impossible for a payload of {len(view)} bytes")
+    raw = bytes(view[8 : 8 + n])
+    known = _HEADERS.get(raw, len(view))
+    if known is not None:
+        return known
+    parsed = _parse_header(raw, len(view) - 8 - n)
+    if n <= MEMO_HEADER_BYTES:
+        _HEADERS.put(raw, len(view), parsed)
+    return parsed
+
+
+def _parse_header(raw: bytes, data_len: int) -> Header:
+    n = len(raw)
     try:
-        header = json.loads(bytes(view[8 : 8 + n]))
+        header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also bad UTF-8, integers over 4300 digits; deep nesting: RecursionError
         raise NotSafetensors(f"safetensors header is not JSON: {e}") from None
     if not isinstance(header, dict):
@@ -109,7 +155,6 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
     metadata = header.pop("__metadata__", {}) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise NotSafetensors("safetensors __metadata__ must map strings to strings")
-    data_len = len(view) - 8 - n
     entries: dict[str, _Entry] = {}
     for name, e in header.items():
         try:
@@ -134,7 +179,7 @@ def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, str], d
     for (_, prev_end), (begin, _) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise NotSafetensors("tensors overlap in the payload")
-    return metadata, entries, 8 + n
+    return MappingProxyType(metadata), MappingProxyType(entries), 8 + n
 
 
 def check_schema(names_specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], expected: Mapping[str, TensorSpec]) -> None:

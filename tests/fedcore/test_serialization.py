@@ -298,3 +298,30 @@ def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLa
     decoded = _decode(data, tiny_layout)
 
     assert all(torch.equal(decoded[n], tensors[n]) for n in tensors)
+
+
+# --- the header memo: the same header is parsed once, and never trusted for another payload length ----------
+
+
+def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout, monkeypatch) -> None:
+    from fedcore import serialization
+
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
+    parses = []
+    parse = serialization._parse_header
+    monkeypatch.setattr(serialization, "_parse_header", lambda raw, n: parses.append(n) or parse(raw, n))
+
+    first = serialization.read_header(data)
+    again = serialization.read_header(bytearray(data))
+
+    assert len(parses) == 1 and again == first
+    with pytest.raises(TypeError):
+        first[1]["x"] = None  # type: ignore[index]  # shared with later reads: read-only
+
+
+def test_a_remembered_header_is_checked_again_for_a_shorter_payload(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=42))
+    _decode(bytearray(data), tiny_layout, round_index=42)  # remembered now
+
+    with pytest.raises(NotSafetensors, match="outside the payload"):
+        _decode(bytearray(data[:-4]), tiny_layout, round_index=42)
