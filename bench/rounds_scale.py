@@ -149,10 +149,17 @@ def main() -> int:
             cmd = [sys.executable, "-m", "bench.rounds_scale", "--address", coord.address, "--client", str(first), str(count), str(rounds), "--work", str(args.work), "--jitter", str(args.jitter)]
             clients.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
         cpu = psutil.Process(coord.pid)
+        client_procs = [psutil.Process(c.pid) for c in clients]
         cpu_seconds: list[float] = []  # the coordinator's CPU time (all threads) between round closes
+        client_cpu_seconds: list[float] = []  # the same for the client processes together (they share the cores)
+
+        def clients_cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in client_procs)
+
         with HealthProbe(coord.address) as probe:
             seen, total = 0, 0.0
             last_cpu = sum(cpu.cpu_times()[:2])
+            last_client_cpu = clients_cpu()
             deadline = time.monotonic() + 60 + rounds * (args.work * (1 + args.jitter) + 60)
             while seen < rounds and time.monotonic() < deadline:
                 m = coord.metrics()
@@ -164,9 +171,12 @@ def main() -> int:
                         now_cpu = sum(cpu.cpu_times()[:2])
                         cpu_seconds.append(now_cpu - last_cpu)
                         last_cpu = now_cpu
-                        log(f"round {done}: {durations[-1] * 1000:.0f} ms, coordinator CPU {cpu_seconds[-1] * 1000:.0f} ms")
+                        now_client_cpu = clients_cpu()
+                        client_cpu_seconds.append(now_client_cpu - last_client_cpu)
+                        last_client_cpu = now_client_cpu
+                        log(f"round {done}: {durations[-1] * 1000:.0f} ms, CPU: coordinator {cpu_seconds[-1] * 1000:.0f} ms, clients {client_cpu_seconds[-1] * 1000:.0f} ms")
                     seen, total = done, s
-                time.sleep(0.02)
+                time.sleep(0.1)  # a scrape costs the coordinator CPU: 10 a second, not 50
             health = list(probe.latencies)
         for c in clients:
             out, _ = c.communicate(timeout=120)
@@ -193,6 +203,7 @@ def main() -> int:
         "work_jitter": args.jitter,
         "round_seconds_median": median(durations),
         "coordinator_cpu_ms_per_round": median(cpu_seconds[1:] or cpu_seconds) * 1000,
+        "clients_cpu_ms_per_round": median(client_cpu_seconds[1:] or client_cpu_seconds) * 1000,
         "download_phase_ms": median(phases["downloads"]) * 1000,
         "upload_phase_ms": median(phases["uploads"]) * 1000,
         "round_overhead_ms_max": max(overhead) * 1000,
