@@ -325,3 +325,24 @@ def test_a_remembered_header_is_checked_again_for_a_shorter_payload(state, tiny_
 
     with pytest.raises(NotSafetensors, match="outside the payload"):
         _decode(bytearray(data[:-4]), tiny_layout, round_index=42)
+
+
+def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> None:
+    from safetensors import safe_open
+
+    tensors = {
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "half": torch.randn(7).to(torch.bfloat16),
+        "empty": torch.zeros(0, 5),
+        "scalar": torch.tensor(2.5),
+        "strided": torch.arange(12, dtype=torch.int64).reshape(3, 4)[:, 1],  # not contiguous
+    }
+    path = tmp_path / "model.safetensors"
+
+    save_file(path, tensors, {"completed_rounds": "7"})
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"completed_rounds": "7"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+    assert load_file(path)[1] == {"completed_rounds": "7"}
