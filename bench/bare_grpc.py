@@ -2,10 +2,13 @@
 header, no hash, no reassembly checks), served by its own process like the coordinator.
 
 `python -m bench.bare_grpc SIZE` serves /bare.Bare/Down (SIZE random bytes) and /bare.Bare/Up (drains a
-stream into a buffer), then prints its port."""
+stream into a buffer), then prints its port. /bare.Bare/UpHashed also takes the sha256 of what it drains,
+and `download_seconds(hashed=True)` of what it receives: the same bare stream plus the one check a receiver
+of this project must make, to tell the cost of the digest from the cost of everything else."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -34,18 +37,24 @@ def serve(size: int) -> None:
         for start in range(0, size, CHUNK):
             yield bytes(view[start : start + CHUNK])
 
-    def up(requests, context: grpc.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
+    def up(requests, context: grpc.ServicerContext, digest=None) -> bytes:  # type: ignore[no-untyped-def]
         got = 0
         for data in requests:
             sink[got : got + len(data)] = data
+            if digest is not None:
+                digest.update(data)
             got += len(data)
         return b"ok"
+
+    def up_hashed(requests, context: grpc.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
+        return up(requests, context, hashlib.sha256())
 
     handler = grpc.method_handlers_generic_handler(
         "bare.Bare",
         {
             "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=_identity, response_serializer=_identity),
             "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=_identity, response_serializer=_identity),
+            "UpHashed": grpc.stream_unary_rpc_method_handler(up_hashed, request_deserializer=_identity, response_serializer=_identity),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
@@ -66,20 +75,25 @@ class BareStream:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
         self._down = self.channel.unary_stream("/bare.Bare/Down", request_serializer=_identity, response_deserializer=_identity)
         self._up = self.channel.stream_unary("/bare.Bare/Up", request_serializer=_identity, response_deserializer=_identity)
+        self._up_hashed = self.channel.stream_unary("/bare.Bare/UpHashed", request_serializer=_identity, response_deserializer=_identity)
         self.buffer = bytearray(size)
         self.payload = os.urandom(size)
 
-    def download_seconds(self) -> float:
+    def download_seconds(self, hashed: bool = False) -> float:
+        digest = hashlib.sha256() if hashed else None
         start, got = time.perf_counter(), 0
         for data in self._down(b""):
             self.buffer[got : got + len(data)] = data
+            if digest is not None:
+                digest.update(data)
             got += len(data)
         return time.perf_counter() - start
 
-    def upload_seconds(self) -> float:
+    def upload_seconds(self, hashed: bool = False) -> float:
         view = memoryview(self.payload)
+        call = self._up_hashed if hashed else self._up
         start = time.perf_counter()
-        self._up(bytes(view[s : s + CHUNK]) for s in range(0, self.size, CHUNK))
+        call(bytes(view[s : s + CHUNK]) for s in range(0, self.size, CHUNK))
         return time.perf_counter() - start
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from fedcore import serialization
+from fedcore.chunking import StreamHeader
 from fedcore.client import TrainTask
 from fedcore.model import PRESETS, UNet, UNetConfig, layout_of, preset
 from fedcore.parts import Part, PartLayout
@@ -190,12 +191,14 @@ class LightWorker:
 
         return self.client.download(task, max_bytes=max_bytes, on_wire=count)
 
-    def upload(self, task: TrainTask, payload: bytes, images: int = 1000) -> None:
+    def upload(self, task: TrainTask, payload: bytes, images: int = 1000, header: StreamHeader | None = None) -> None:
+        """Upload `payload`; with its `header` (size and sha256) when the caller computed it beforehand."""
+
         def count(n: int) -> None:
             self.wire_up += n
 
         report = pb.TrainReport(images_seen=images, mean_loss=0.1, seconds=1.0)
-        self.client.upload(task, payload, report, on_wire=count)
+        self.client.upload(task, payload, report, on_wire=count, header=header)
 
     def close(self) -> None:
         try:

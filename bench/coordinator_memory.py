@@ -35,6 +35,7 @@ from bench.common import (
     synthetic_model,
 )
 from feddiff.local import sample
+from fedcore.allocator import tune_for_streaming
 from fedcore.parts import ALL_PARTS
 
 
@@ -89,6 +90,7 @@ def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[st
 
 
 def main() -> int:
+    tune_for_streaming()  # this process plays the workers: as `feddiff worker` does
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the same K and size (about 70 s on 2 CPU cores)")
     p.add_argument("--update-mb", type=float, default=256.0)

@@ -37,25 +37,35 @@ from bench.common import (
     synthetic_model,
 )
 from feddiff.local import sample
+from fedcore.allocator import tune_for_streaming
+from fedcore.chunking import StreamHeader
 from fedcore.parts import ALL_PARTS, PART_ORDER
 
 SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)
 
 
 def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, float]:
-    """One worker, `rounds` rounds of plain FedAvg (the whole model both ways); medians over the rounds. With
-    `bare`, a bare gRPC stream of the same size is timed in each round too (bench.bare_grpc)."""
+    """One worker, `rounds` rounds of plain FedAvg (the whole model both ways) after one warm-up round; medians
+    over the rounds. The warm-up round is reported apart (`cold_*`): the first transfer of a process also
+    maps the memory both ends reuse afterwards. With `bare`, a bare gRPC stream of the same size is timed in
+    each round too (bench.bare_grpc)."""
     layout = meta_layout(model)
     max_bytes = payload_bytes_of(layout) + SLACK
     tensors = random_delta(layout, ALL_PARTS)
-    down, up, raw_down, raw_up, bare_down, bare_up = [], [], [], [], [], []
+    down, up, raw_down, raw_up, bare_down, bare_up, digest = [], [], [], [], [], [], []
+    hashed_down, hashed_up = [], []
     reference = BareStream(payload_bytes_of(layout)) if bare else None
     payload_down = payload_up = 0
-    settings = {"model": model, "strategy": "full", "rounds": rounds, "min_workers": 1, "epochs": 1}
+    settings = {"model": model, "strategy": "full", "rounds": rounds + 1, "min_workers": 1, "epochs": 1}
     with CoordinatorProcess(settings) as coord:
         worker = LightWorker(coord.address, "bench-0")
         worker.join()
-        for _ in range(rounds):
+        for i in range(rounds + 1):
+            if i == 1:  # the warm-up round is over
+                cold = {"cold_download_s": down.pop(), "cold_upload_s": up.pop()}
+                del raw_down[:], raw_up[:], bare_down[:], bare_up[:], digest[:], hashed_down[:], hashed_up[:]
+                payload_down = payload_up = 0
+                worker.wire_down = worker.wire_up = 0
             task = worker.next_task()
             assert task is not None
             start = time.perf_counter()
@@ -66,7 +76,10 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
             del weights
             update = delta_payload(model, task, tensors)
             start = time.perf_counter()
-            worker.upload(task, update)
+            header = StreamHeader.of(update)  # made with the payload, as the broadcast's is once per round
+            digest.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            worker.upload(task, update, header=header)
             up.append(time.perf_counter() - start)
             payload_up += len(update)
             raw_up.append(raw_tcp_seconds(update))
@@ -74,6 +87,8 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
             if reference is not None:
                 bare_down.append(reference.download_seconds())
                 bare_up.append(reference.upload_seconds())
+                hashed_down.append(reference.download_seconds(hashed=True))
+                hashed_up.append(reference.upload_seconds(hashed=True))
         metrics = coord.metrics()
         worker.close()
     if reference is not None:
@@ -91,6 +106,11 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
         "upload_ratio_vs_raw_tcp": median(raw_up) / median(up),
         # both directions together: payload bytes over the time they took, against raw TCP for the same bytes
         "ratio_vs_raw_tcp": (median(raw_down) + median(raw_up)) / (median(down) + median(up)),
+        # the sender's sha256 of the update, made with the payload (like the broadcast's, once per round)
+        "upload_digest_ms": median(digest) * 1000,
+        "ratio_vs_raw_tcp_with_upload_digest": (median(raw_down) + median(raw_up)) / (median(down) + median(up) + median(digest)),
+        "cold_download_mb_s": size / cold["cold_download_s"] / MB,
+        "cold_upload_mb_s": size_up / cold["cold_upload_s"] / MB,
         "wire_overhead": (worker.wire_down + worker.wire_up) / (payload_down + payload_up),
         "coordinator_wire_overhead": coord_wire / coord_payload if coord_payload else float("nan"),
     }
@@ -98,6 +118,9 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
         # the same bytes as 1 MiB messages without protobuf fields, header, hash or checks
         figures["bare_grpc_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(bare_down) + median(bare_up))
         figures["ratio_vs_bare_grpc"] = (median(bare_down) + median(bare_up)) / (median(down) + median(up))
+        # the same bare stream with a sha256 of what is received, as every receiver here must check
+        figures["bare_grpc_sha256_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(hashed_down) + median(hashed_up))
+        figures["ratio_vs_bare_grpc_sha256"] = (median(hashed_down) + median(hashed_up)) / (median(down) + median(up))
     return figures
 
 
@@ -140,6 +163,7 @@ def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
 
 
 def main() -> int:
+    tune_for_streaming()  # this process plays the workers: as `feddiff worker` does
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds and a smaller broadcast (CPU, under 3 minutes)")
     p.add_argument("--large-mb", type=float, default=512.0, help="size of the large synthetic model")
