@@ -4,8 +4,9 @@ The coordinator (bench.coordinator_proc, the real server) runs the tiny model; N
 live as threads in a few client processes, each with its own channel and the worker's own gRPC client: wait
 for a task, download the weights, "train" (sleep the local work time), upload a delta. A round's overhead
 is the coordinator's round time (feddiff_round_duration_seconds, from opening the round to closing it) less
-the longest local work of the round. Meanwhile a separate thread calls the gRPC health service every 10 ms
-and records how long each answer took.
+the longest local work of the round. Meanwhile two threads call the gRPC health service every 10 ms, one
+on the worker-facing port and one on the health-only port that Kubernetes probes, and record how long each
+answer took.
 
     python -m bench.rounds_scale --quick
 """
@@ -138,7 +139,11 @@ def main() -> int:
         return 0
 
     rounds = args.rounds or (3 if args.quick else 5)
-    settings = {"model": MODEL, "strategy": args.strategy, "rounds": rounds, "min_workers": args.workers, "epochs": 1, "grpc_threads": max(256, 2 * args.workers + 16)}
+    settings = {
+        "model": MODEL, "strategy": args.strategy, "rounds": rounds, "min_workers": args.workers, "epochs": 1,
+        "grpc_threads": max(256, 2 * args.workers + 16),
+        "health_port": 0,  # the plain-text health-only server that Kubernetes probes (deploy/k8s)
+    }  # fmt: skip
     per_process = -(-args.workers // args.processes)
     durations: list[float] = []
     records: list[dict] = []
@@ -156,7 +161,8 @@ def main() -> int:
         def clients_cpu() -> float:
             return sum(sum(p.cpu_times()[:2]) for p in client_procs)
 
-        with HealthProbe(coord.address) as probe:
+        probe_port = HealthProbe(f"127.0.0.1:{coord.ready['health_port']}")
+        with HealthProbe(coord.address) as probe, probe_port:
             seen, total = 0, 0.0
             last_cpu = sum(cpu.cpu_times()[:2])
             last_client_cpu = clients_cpu()
@@ -178,6 +184,7 @@ def main() -> int:
                     seen, total = done, s
                 time.sleep(0.1)  # a scrape costs the coordinator CPU: 10 a second, not 50
             health = list(probe.latencies)
+            health_port = list(probe_port.latencies)
         for c in clients:
             out, _ = c.communicate(timeout=120)
             records.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
@@ -211,6 +218,11 @@ def main() -> int:
         "health_p50_ms": percentile(health, 0.5) * 1000,
         "health_p99_ms": percentile(health, 0.99) * 1000,
         "health_max_ms": max(health) * 1000 if health else float("nan"),
+        # the same service on the health-only port (a second gRPC server in the coordinator process)
+        "health_port_p50_ms": percentile(health_port, 0.5) * 1000,
+        "health_port_p99_ms": percentile(health_port, 0.99) * 1000,
+        "health_port_max_ms": max(health_port) * 1000 if health_port else float("nan"),
+        "health_failures": probe.failures + probe_port.failures,
         "round_overhead_ms": median(overhead) * 1000,
     }
     emit(figures)
