@@ -150,19 +150,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
-    import grpc
+    from worker.client import channel_to
 
-    if args.tls_ca:
-        from pathlib import Path
-
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=Path(args.tls_ca).read_bytes(),
-            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-        )
-        options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-        return grpc.secure_channel(args.address, creds, options=options)
-    return grpc.insecure_channel(args.address)
+    return channel_to(args.address, args.tls_ca, args.tls_key, args.tls_cert, args.tls_server_name)
 
 
 @_command("health")

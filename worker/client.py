@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -29,19 +29,32 @@ CHANNEL_OPTIONS = [
 
 def open_channel(cfg: WorkerConfig) -> grpc.Channel:
     """TLS (mutual with a client certificate) or, with --insecure, plain text."""
-    options = list(CHANNEL_OPTIONS)
-    if cfg.tls_ca:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=Path(cfg.tls_ca).read_bytes(),
-            private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
-            certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
-        )
-        if cfg.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
-        return grpc.secure_channel(cfg.coordinator, creds, options=options)
-    if not cfg.insecure:
+    if not cfg.tls_ca and not cfg.insecure:
         raise ValueError("no --tls-ca given: pass TLS settings, or --insecure for plain-text gRPC")
-    return grpc.insecure_channel(cfg.coordinator, options=options)
+    return channel_to(cfg.coordinator, cfg.tls_ca, cfg.tls_key, cfg.tls_cert, cfg.tls_server_name, CHANNEL_OPTIONS)
+
+
+def channel_to(
+    address: str,
+    tls_ca: str = "",
+    tls_key: str = "",
+    tls_cert: str = "",
+    tls_server_name: str = "",
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.Channel:
+    """A channel to the coordinator: TLS when a CA is given (mutual when also a key and certificate),
+    otherwise plain text. The worker and the `feddiff health` / `status` commands share it."""
+    options = list(options)
+    if not tls_ca:
+        return grpc.insecure_channel(address, options=options)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(address, creds, options=options)
 
 
 MIN_PACED_CHUNK = 4096  # bytes: the smallest message a rate-limited upload is cut into

@@ -152,3 +152,19 @@ def test_a_federated_run_over_mutual_tls_with_real_worker_processes(pki: Path, t
                 assert p.proc.poll() is None, p.output()[-2000:]
             time.sleep(0.2)
     assert "joined" in coord.output() and "plain-text" not in coord.output()
+
+
+def test_health_and_status_commands_speak_mutual_tls(pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from feddiff.cli import main
+
+    coord = _coordinator(tmp_path, tls_cert=str(pki / "coordinator.crt"), tls_key=str(pki / "coordinator.key"), tls_ca=str(pki / "ca.crt"))
+    tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client-0.crt"), "--tls-key", str(pki / "client-0.key")]
+    try:
+        assert main(["health", "--address", coord.address, *tls]) == 0
+        assert "SERVING" in capsys.readouterr().out
+        assert main(["status", "--address", coord.address, "--json", *tls]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "waiting_for_workers"
+        assert main(["health", "--address", coord.address, "--timeout", "3"]) == 1  # plain text to a TLS port
+        assert "UNAVAILABLE" in capsys.readouterr().err
+    finally:
+        coord.stop()
