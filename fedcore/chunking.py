@@ -71,8 +71,28 @@ class ReceiveBuffer:
         return len(self._memory)
 
 
+class InlineDigest:
+    """The sha256 of a buffer as it fills, computed as each part is declared filled (small streams)."""
+
+    def __init__(self, buffer: bytearray | memoryview):
+        self._buffer = memoryview(buffer)
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+
+    def filled(self, end: int) -> None:
+        """Bytes [0, end) of the buffer are final."""
+        self._hash.update(self._buffer[self._hashed : end])
+        self._hashed = end
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        pass
+
+
 class TrailingDigest:
-    """The sha256 of a buffer as it fills, computed in a thread of its own.
+    """The sha256 of a buffer as it fills, computed in a thread of its own (large streams).
 
     The receiving thread then only copies each chunk, and asks for the next message sooner (HTTP/2 flow
     control lets the sender go on), while the digest follows a few chunks behind: on a 2-core machine the
@@ -138,8 +158,7 @@ class Reassembler:
         self.header = header
         self._buffer: bytearray | memoryview = into.view(header.total_bytes) if into is not None else bytearray(header.total_bytes)
         self._received = 0
-        self._hash = hashlib.sha256()
-        self._trailing = TrailingDigest(self._buffer) if header.total_bytes >= THREADED_DIGEST_MIN else None
+        self._digest = (TrailingDigest if header.total_bytes >= THREADED_DIGEST_MIN else InlineDigest)(self._buffer)
 
     @property
     def received(self) -> int:
@@ -153,25 +172,21 @@ class Reassembler:
                 f"stream sent {end} bytes or more, more than the {self.header.total_bytes} its header declared"
             )
         self._buffer[self._received : end] = chunk
-        if self._trailing is not None:
-            self._trailing.filled(end)
-        else:
-            self._hash.update(chunk)
+        self._digest.filled(end)
         self._received = end
 
     def finish(self) -> bytearray | memoryview:
         self.close()
         if self._received != self.header.total_bytes:
             raise SizeMismatch(f"stream ended after {self._received} of {self.header.total_bytes} declared bytes")
-        digest = self._trailing.hexdigest() if self._trailing is not None else self._hash.hexdigest()
+        digest = self._digest.hexdigest()
         if digest != self.header.sha256:
             raise HashMismatch(f"payload sha256 {digest} does not match the header's {self.header.sha256}")
         return self._buffer
 
     def close(self) -> None:
         """End the digest thread, if any (idempotent)."""
-        if self._trailing is not None:
-            self._trailing.close()
+        self._digest.close()
 
     def __enter__(self) -> Reassembler:
         return self
