@@ -78,15 +78,18 @@ class PartLayout:
         """Name -> spec of every tensor of `parts`, in the layout's order (a fresh dict the caller may keep)."""
         return dict(self._specs_of(frozenset(parts)))
 
+    @cached_property
+    def _spec_cache(self) -> dict[frozenset[Part], dict[str, TensorSpec]]:
+        return {}
+
     def _specs_of(self, parts: frozenset[Part]) -> Mapping[str, TensorSpec]:
         # Every update is checked against these: built once per set of parts (at most 7), not per update.
-        cache: dict[frozenset[Part], dict[str, TensorSpec]] = self.__dict__.setdefault("_spec_cache", {})
-        if parts not in cache:
+        if parts not in self._spec_cache:
             out: dict[str, TensorSpec] = {}
             for p in sorted_parts(parts):
                 out.update(self.tensors[p])
-            cache[parts] = out
-        return cache[parts]
+            self._spec_cache[parts] = out
+        return self._spec_cache[parts]
 
     def names(self, parts: Iterable[Part]) -> list[str]:
         return list(self._specs_of(frozenset(parts)))

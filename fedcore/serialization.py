@@ -8,9 +8,9 @@ received buffer, so a decoded update costs no second copy of its bytes. Nothing 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import functools
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
