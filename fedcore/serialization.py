@@ -117,7 +117,7 @@ def read_header(data: bytes | bytearray | memoryview) -> Header:
 def _remembered_header(raw: bytes, data_len: int) -> Header:
     """Every update of a round carries the same header (same tensors, shapes and offsets; the metadata names
     the round and parts): after the first, the coordinator looks it up by its exact bytes and the payload's
-    length instead of parsing 220 JSON entries again (about 0.6 ms of CPU per tiny-model update, 0.1 s per
+    length instead of parsing 220 JSON entries again (0.6 ms per tiny-model update under cProfile, 0.1 s per
     round with 200 workers). A header refused is never remembered (exceptions are not cached)."""
     return _parse_header(raw, data_len)
 
