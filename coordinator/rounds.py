@@ -339,8 +339,8 @@ class RoundDriver:
             want = sorted(p.value for p in issued.task.returns)
             raise NotAssigned(f"update carries parts {got}, task {task_id!r} returns {want}")
         layout = self.federation.layout
-        data = sum(spec.numel * 4 for spec in layout.specs(parts).values())
-        return data + HEADER_SLACK + 256 * len(layout.names(parts))
+        sizes = layout.sizes
+        return sum(4 * sizes[p] + 256 * len(layout.tensors[p]) for p in parts) + HEADER_SLACK
 
     def accept(self, worker_id: str, task_id: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         open_round, _ = self._current(worker_id, task_id)

@@ -123,8 +123,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
         yield header
-        for msg in wire.chunk_messages(payload, self.cfg.chunk_size, lambda b: pb.WeightsChunk(data=b)):
-            sent += msg.ByteSize()
+        for msg, size in wire.chunk_messages(payload, self.cfg.chunk_size, lambda b: pb.WeightsChunk(data=b)):
+            sent += size
             yield msg
         # Reached only when the client drained the stream: count the transfer now, not when it started.
         self.metrics.wire_bytes.labels("down").inc(sent)
@@ -175,11 +175,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
     def _data(self, request_iterator: Iterator[pb.UpdateChunk]) -> Iterator[bytes]:
-        for msg in request_iterator:
-            self.metrics.wire_bytes.labels("up").inc(msg.ByteSize())
-            if not msg.HasField("data"):
-                raise SizeMismatch("an update stream carries one header, then data only")
-            yield msg.data
+        refusal = SizeMismatch("an update stream carries one header, then data only")
+        return wire.data_of(request_iterator, on_wire=self.metrics.wire_bytes.labels("up").inc, refusal=refusal)
 
     def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
         worker_id = self._worker(request.session_id, context)

@@ -145,27 +145,9 @@ class RoundOutcome:
 
 
 def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartLayout) -> dict[Part, int]:
-    """Split a payload's size over its parts: each part's tensor bytes, plus a share of the safetensors
-    header in proportion to its number of tensors (the last part takes the rounding), so the parts add up
-    to the payload's exact size."""
+    """A payload's size split over its parts (`PartLayout.split_bytes`)."""
     _, entries, _ = serialization.read_header(payload)
-    return split_payload_bytes(len(payload), {name: e.end - e.begin for name, e in entries.items()}, layout)
-
-
-def split_payload_bytes(total: int, tensor_bytes: Mapping[str, int], layout: PartLayout) -> dict[Part, int]:
-    """`payload_bytes_by_part` from already known tensor sizes (no second parse of the header)."""
-    data = {p: 0 for p in PART_ORDER}
-    counts = {p: 0 for p in PART_ORDER}
-    for name, nbytes in tensor_bytes.items():
-        part = layout.part_of(name)
-        data[part] += nbytes
-        counts[part] += 1
-    header = total - sum(data.values())
-    present = [p for p in PART_ORDER if counts[p]]
-    shares = {p: header * counts[p] // len(tensor_bytes) for p in present}
-    if present:
-        shares[present[-1]] += header - sum(shares.values())
-    return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
+    return layout.split_bytes(len(payload), {name: e.end - e.begin for name, e in entries.items()})
 
 
 def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mapping[Part, int], *, down: bool) -> Ledger:
@@ -273,6 +255,7 @@ class OpenRound:
         if missing:
             raise ValueError(f"clients {missing} have no positive image count")
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
+        self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round, model=federation.config.model)
         self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
@@ -332,12 +315,8 @@ class OpenRound:
         with self._lock:
             if client in self._accepted:
                 raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
-        fed = self.federation
-        tensors = serialization.decode(
-            payload, fed.layout, kind="delta", parts=a.returns, round_index=self.round, model=fed.config.model
-        )
-        tensor_bytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-        event = _transfer_ledger(fed.layout, a.returns, split_payload_bytes(len(payload), tensor_bytes, fed.layout), down=False)
+        decoded = self._reader.read(payload, a.returns)  # schema once per distinct header; finite values
+        event = _transfer_ledger(self.federation.layout, a.returns, decoded.table.bytes_by_part, down=False)
         update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event)
         with self._fold_lock:
             with self._lock:
@@ -345,7 +324,7 @@ class OpenRound:
                     raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
                 if self.closed:
                     raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
-            self.aggregate.fold(tensors, a.returns, float(update.weight), checked_finite=True)  # decode checked
+            self.aggregate.fold_decoded(decoded, float(update.weight))
             with self._lock:
                 self._accepted[client] = update
                 self._ledger.add(event)

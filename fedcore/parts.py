@@ -116,6 +116,23 @@ class PartLayout:
     def part_of(self, name: str) -> Part:
         return self._part_by_name[name]
 
+    def split_bytes(self, total: int, tensor_bytes: Mapping[str, int]) -> dict[Part, int]:
+        """Split a payload's size over its parts: each part's tensor bytes, plus a share of the rest (the
+        safetensors header) in proportion to its number of tensors, the last part taking the rounding, so
+        that the parts add up to `total` exactly."""
+        data = {p: 0 for p in PART_ORDER}
+        counts = {p: 0 for p in PART_ORDER}
+        for name, nbytes in tensor_bytes.items():
+            part = self._part_by_name[name]
+            data[part] += nbytes
+            counts[part] += 1
+        header = total - sum(data.values())
+        present = [p for p in PART_ORDER if counts[p]]
+        shares = {p: header * counts[p] // len(tensor_bytes) for p in present}
+        if present:
+            shares[present[-1]] += header - sum(shares.values())
+        return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
+
 
 def select(state: Mapping[str, torch.Tensor], layout: PartLayout, parts: Iterable[Part]) -> dict[str, torch.Tensor]:
     """The tensors of `state` that belong to `parts`, in the layout's order."""

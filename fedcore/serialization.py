@@ -101,16 +101,20 @@ Header = tuple[Mapping[str, str], Mapping[str, _Entry], int]
 def read_header(data: bytes | bytearray | memoryview) -> Header:
     """Parse and sanity-check a safetensors header: (metadata, entries, data start offset). The mappings
     returned are shared with later calls for the same header: read them, do not change them."""
-    view = memoryview(data)
+    raw, data_len = _header_bytes(memoryview(data))
+    if len(raw) <= MEMO_HEADER_BYTES:
+        return _remembered_header(raw, data_len)
+    return _parse_header(raw, data_len)
+
+
+def _header_bytes(view: memoryview) -> tuple[bytes, int]:
+    """The JSON header's bytes, and the length of the data that follows them."""
     if len(view) < 8:
         raise NotSafetensors(f"payload of {len(view)} bytes is too short for a safetensors header")
     (n,) = struct.unpack("<Q", view[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(view):
         raise NotSafetensors(f"safetensors header length {n} is impossible for a payload of {len(view)} bytes")
-    raw = bytes(view[8 : 8 + n])
-    if n <= MEMO_HEADER_BYTES:
-        return _remembered_header(raw, len(view) - 8 - n)
-    return _parse_header(raw, len(view) - 8 - n)
+    return bytes(view[8 : 8 + n]), len(view) - 8 - n
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,11 +194,123 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     finite = torch.isfinite(torch.stack(norms))
     if bool(finite.all()):
         return
-    for (name, t), ok in zip(floats, finite.tolist()):
-        if not ok:
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise NonFiniteTensor(f"tensor {name!r} holds {bad} NaN/Inf values")
+    _name_non_finite([(name, t) for (name, t), ok in zip(floats, finite.tolist()) if not ok])
+
+
+def _name_non_finite(suspects: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """The exact elementwise check of tensors whose norm was not finite: raise for the first with NaN/Inf."""
+    for name, t in suspects:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteTensor(f"tensor {name!r} holds {bad} NaN/Inf values")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTable:
+    """Where the tensors of one checked payload header lie, in the layout's order.
+
+    A `PayloadReader` builds one per distinct header (every update of a round carries the same one) and uses
+    it for every payload with that header. Compared and hashed by identity: what callers derive from a table
+    (the aggregate's copy plan) is keyed on it."""
+
+    parts: frozenset[Part]
+    names: tuple[str, ...]
+    entries: tuple[_Entry, ...]  # byte ranges from the start of the payload, in the order of `names`
+    bytes_by_part: Mapping[Part, int]  # the payload's size split over the parts (`PartLayout.split_bytes`)
+    span: tuple[int, int] | None  # byte range of all the tensors when they are float32 and back to back
+
+    def tensors(self, buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
+        """One view per tensor, in the layout's order."""
+        out = {}
+        for name, e in zip(self.names, self.entries):
+            count = (e.end - e.begin) // e.dtype.itemsize
+            if count == 0:
+                out[name] = torch.empty(e.shape, dtype=e.dtype)
+            else:
+                out[name] = torch.frombuffer(buffer, dtype=e.dtype, count=count, offset=e.begin).view(e.shape)
+        return out
+
+    def values(self, buffer: bytearray | memoryview) -> torch.Tensor | None:
+        """All the tensors' values as one 1-D float32 view, in payload order (None without a `span`)."""
+        if self.span is None:
+            return None
+        begin, end = self.span
+        return torch.frombuffer(buffer, dtype=torch.float32, count=(end - begin) // 4, offset=begin)
+
+
+class Decoded(NamedTuple):
+    """A checked payload: its table and the (writable) memory its tensors are views of."""
+
+    table: TensorTable
+    buffer: bytearray | memoryview
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.table.tensors(self.buffer)
+
+    def values(self) -> torch.Tensor | None:
+        return self.table.values(self.buffer)
+
+
+class PayloadReader:
+    """Decodes payloads of one kind (and, when given, one model and round) against a layout.
+
+    Every check that depends only on the header (metadata, names, dtypes, shapes, byte ranges) runs once per
+    distinct header, which is then remembered by its exact bytes, the payload's length and the expected
+    parts: 200 updates of a round cost one check. What depends on the bytes (finite values) runs on each
+    payload, as one reduction over all its values when they are float32 and back to back (the case for
+    every payload `encode` writes). A refused header is never remembered. Thread-safe."""
+
+    def __init__(
+        self, layout: PartLayout, *, kind: PayloadKind, round_index: int | None = None, model: str | None = None, memo: int = 16
+    ):
+        self.layout = layout
+        self.kind = kind
+        self.round_index = round_index
+        self.model = model
+        self._table = functools.lru_cache(maxsize=memo)(self._build_table)
+
+    def read(self, data: bytes | bytearray | memoryview, parts: Iterable[Part]) -> Decoded:
+        """Check a payload that must hold exactly `parts`; its tensors are views of `data` when `data` is
+        writable (a bytearray), else of a copy. Raises NotSafetensors, NotAssigned (other parts than
+        expected), WrongRound, SchemaError or NonFiniteTensor."""
+        view = memoryview(data)
+        raw, data_len = _header_bytes(view)
+        table = self._table(raw, data_len, frozenset(parts))
+        buffer = data if isinstance(data, (bytearray, memoryview)) and not view.readonly else bytearray(data)
+        decoded = Decoded(table, buffer)
+        values = decoded.values()
+        if values is None:
+            check_finite(decoded.tensors())
+        elif not bool(torch.isfinite(torch.linalg.vector_norm(values, 1))):  # see check_finite
+            _name_non_finite(decoded.tensors().items())
+        return decoded
+
+    def decode(self, data: bytes | bytearray | memoryview, parts: Iterable[Part]) -> dict[str, torch.Tensor]:
+        """`read`, as one tensor per name in the layout's order."""
+        return self.read(data, parts).tensors()
+
+    def _build_table(self, raw: bytes, data_len: int, parts: frozenset[Part]) -> TensorTable:
+        metadata, entries, offset = _remembered_header(raw, data_len) if len(raw) <= MEMO_HEADER_BYTES else _parse_header(raw, data_len)
+        meta = PayloadMeta.from_metadata(metadata)
+        if meta.format_version != FORMAT_VERSION:
+            raise NotSafetensors(f"payload format version {meta.format_version} is not supported (expected {FORMAT_VERSION})")
+        if meta.kind != self.kind:
+            raise NotSafetensors(f"payload kind {meta.kind!r}, expected {self.kind!r}")
+        if self.model is not None and meta.model != self.model:
+            raise SchemaError(f"payload is for model {meta.model!r}, expected {self.model!r}")
+        if self.round_index is not None and meta.round != self.round_index:
+            raise WrongRound(f"payload is for round {meta.round}, expected round {self.round_index}")
+        if meta.parts != parts:
+            got, want = [p.value for p in sorted_parts(meta.parts)], [p.value for p in sorted_parts(parts)]
+            raise NotAssigned(f"payload holds parts {got}, expected {want}")
+        check_schema({n: (e.dtype, e.shape) for n, e in entries.items()}, self.layout.specs(parts))
+        names = tuple(self.layout.names(parts))
+        placed = tuple(entries[n]._replace(begin=offset + entries[n].begin, end=offset + entries[n].end) for n in names)
+        ranges = sorted((e.begin, e.end) for e in placed)
+        back_to_back = all(a_end == b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
+        span = (ranges[0][0], ranges[-1][1]) if ranges and back_to_back and all(e.dtype == torch.float32 for e in placed) else None
+        by_part = self.layout.split_bytes(offset + data_len, {n: e.end - e.begin for n, e in zip(names, placed)})
+        return TensorTable(parts, names, placed, MappingProxyType(by_part), span)
 
 
 def decode(
@@ -206,37 +322,9 @@ def decode(
     round_index: int | None = None,
     model: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of a payload that must hold exactly `parts` of `layout`, checked before use.
-
-    Raises NotSafetensors, NotAssigned (other parts than expected), WrongRound, SchemaError or
-    NonFiniteTensor. The tensors share memory with `data` when it is writable (a bytearray)."""
-    metadata, entries, offset = read_header(data)
-    meta = PayloadMeta.from_metadata(metadata)
-    if meta.format_version != FORMAT_VERSION:
-        raise NotSafetensors(f"payload format version {meta.format_version} is not supported (expected {FORMAT_VERSION})")
-    parts = frozenset(parts)
-    if meta.kind != kind:
-        raise NotSafetensors(f"payload kind {meta.kind!r}, expected {kind!r}")
-    if model is not None and meta.model != model:
-        raise SchemaError(f"payload is for model {meta.model!r}, expected {model!r}")
-    if round_index is not None and meta.round != round_index:
-        raise WrongRound(f"payload is for round {meta.round}, expected round {round_index}")
-    if meta.parts != parts:
-        got, want = [p.value for p in sorted_parts(meta.parts)], [p.value for p in sorted_parts(parts)]
-        raise NotAssigned(f"payload holds parts {got}, expected {want}")
-    check_schema({n: (e.dtype, e.shape) for n, e in entries.items()}, layout.specs(parts))
-    buffer = data if isinstance(data, (bytearray, memoryview)) and not memoryview(data).readonly else bytearray(data)
-    tensors = {}
-    for name in layout.names(parts):
-        e = entries[name]
-        count = (e.end - e.begin) // e.dtype.itemsize
-        if count == 0:
-            tensors[name] = torch.empty(e.shape, dtype=e.dtype)
-        else:
-            flat = torch.frombuffer(buffer, dtype=e.dtype, count=count, offset=offset + e.begin)
-            tensors[name] = flat.view(e.shape)
-    check_finite(tensors)
-    return tensors
+    """Tensors of a payload that must hold exactly `parts` of `layout`, checked before use (`PayloadReader`,
+    for one payload)."""
+    return PayloadReader(layout, kind=kind, round_index=round_index, model=model, memo=1).decode(data, parts)
 
 
 def read_meta(data: bytes | bytearray | memoryview) -> PayloadMeta:

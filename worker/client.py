@@ -135,15 +135,12 @@ class CoordinatorClient:
 
         pace = Pace(self.download_rate_limit)
 
-        def data() -> Iterator[bytes]:
-            for msg in stream:
-                on_wire(msg.ByteSize())
-                if not msg.HasField("data"):
-                    raise HeaderError("weights stream carries one header, then data only")
-                yield msg.data
-                pace.spent(msg.ByteSize())
+        def counted(size: int) -> None:
+            on_wire(size)
+            pace.spent(size)
 
-        return wire.reassemble(wire.header_from_proto(h), data(), max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
+        data = wire.data_of(stream, on_wire=counted, refusal=HeaderError("weights stream carries one header, then data only"))
+        return wire.reassemble(wire.header_from_proto(h), data, max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
 
     def upload(
         self,
@@ -171,10 +168,10 @@ class CoordinatorClient:
             )
             on_wire(first.ByteSize())
             yield first
-            for msg in wire.chunk_messages(payload, chunk_size, lambda b: pb.UpdateChunk(data=b)):
-                on_wire(msg.ByteSize())
+            for msg, size in wire.chunk_messages(payload, chunk_size, lambda b: pb.UpdateChunk(data=b)):
+                on_wire(size)
                 yield msg
-                pace.spent(msg.ByteSize())
+                pace.spent(size)
 
         return self.stub.UploadUpdate(messages(), metadata=self.metadata)
 

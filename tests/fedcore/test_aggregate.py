@@ -169,7 +169,11 @@ def test_memory_is_one_float32_copy_of_the_averaged_parts(global_state, tiny_lay
     assert sum(t.numel() for t in sums.values()) == tiny_layout.numel(MID) + tiny_layout.numel(DEC)
     assert all(t.dtype == torch.float32 for t in sums.values())
     assert set(sums) == set(tiny_layout.names(parts))
-    assert len({t.untyped_storage().data_ptr() for t in sums.values()}) == len(sums)
+    # views of one buffer of exactly that size, none overlapping another
+    assert len({t.untyped_storage().data_ptr() for t in sums.values()}) == 1
+    assert next(iter(sums.values())).untyped_storage().nbytes() == 4 * (tiny_layout.numel(MID) + tiny_layout.numel(DEC))
+    spans = sorted((t.storage_offset(), t.storage_offset() + t.numel()) for t in sums.values())
+    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
 
 
 def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
@@ -179,3 +183,77 @@ def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
     assert agg.mean() == {}
     assert agg.apply_to(state) == frozenset()
     assert agg.reported_parts == frozenset()
+
+
+# --- decoded payloads: folded as a few slices of one buffer, the same sums as tensor by tensor -------------
+
+
+def _payload(layout: PartLayout, tensors, parts, round_index: int = 0) -> bytearray:
+    from fedcore.serialization import PayloadMeta, encode
+
+    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))))
+
+
+@pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({MID, DEC}), frozenset({ENC})])
+def test_a_decoded_payload_folds_to_the_same_sums_as_its_tensors(parts, global_state, tiny_layout: PartLayout) -> None:
+    from fedcore.serialization import PayloadReader
+
+    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    by_tensor, by_payload = RunningAggregate(tiny_layout, ALL_PARTS), RunningAggregate(tiny_layout, ALL_PARTS)
+    for i, m in enumerate(_local_models(global_state, 3, seed=11)):
+        update = _parts_of(tiny_layout, delta(m, global_state), parts)
+        by_tensor.fold(update, parts, 10.0 + i)
+        decoded = reader.read(_payload(tiny_layout, update, parts), parts)
+        assert decoded.values() is not None  # encode writes float32 tensors back to back
+        by_payload.fold_decoded(decoded, 10.0 + i)
+
+    # name order on both sides: one add per run of consecutive names, at most one per top-level module
+    assert len(by_payload._copy_plan(decoded.table)) <= len({n.split(".")[0] for n in update})
+    assert len(by_payload._copy_plan(decoded.table)) == 1 or parts != ALL_PARTS
+    for name, t in by_tensor._sums.items():
+        assert torch.equal(by_payload._sums[name], t), name
+    assert all(by_payload.weight(p) == by_tensor.weight(p) for p in parts)
+
+
+def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_state, tiny_layout: PartLayout) -> None:
+    import json
+    import struct
+
+    from fedcore.serialization import PayloadReader
+
+    update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
+    clean = _payload(tiny_layout, update, {DEC})
+    (n,) = struct.unpack("<Q", clean[:8])
+    header = json.loads(clean[8 : 8 + n])
+    body = bytearray()  # the same tensors, 8 bytes of padding after each
+    for name in sorted(update):
+        start = len(body)
+        body += clean[8 + n + header[name]["data_offsets"][0] : 8 + n + header[name]["data_offsets"][1]] + bytes(8)
+        header[name]["data_offsets"] = [start, len(body) - 8]
+    text = json.dumps(header).encode()
+    padded = bytearray(struct.pack("<Q", len(text)) + text + body)
+
+    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    decoded = reader.read(padded, {DEC})
+    assert decoded.values() is None
+    agg, reference = RunningAggregate(tiny_layout, {DEC}), RunningAggregate(tiny_layout, {DEC})
+    agg.fold_decoded(decoded, 3.0)
+    reference.fold(update, {DEC}, 3.0)
+    assert all(torch.equal(agg._sums[n], reference._sums[n]) for n in update)
+
+
+def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(global_state, tiny_layout: PartLayout) -> None:
+    from fedcore.serialization import PayloadReader
+
+    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+    good = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=13)[0], global_state), ALL_PARTS)
+    agg.fold_decoded(reader.read(_payload(tiny_layout, good, ALL_PARTS), ALL_PARTS), 2.0)
+    before = agg._flat.clone()
+    last = sorted(good)[-1]  # the last tensor of the payload
+    bad = dict(good, **{last: good[last].clone()})
+    bad[last].view(-1)[-1] = float("nan")
+
+    with pytest.raises(NonFiniteTensor, match=f"tensor '{last}' holds 1 NaN/Inf"):
+        agg.fold_decoded(reader.read(_payload(tiny_layout, bad, ALL_PARTS), ALL_PARTS), 2.0)
+    assert torch.equal(agg._flat, before) and agg.reporters(DEC) == 1

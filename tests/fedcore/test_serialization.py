@@ -346,3 +346,36 @@ def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> 
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t), name
     assert load_file(path)[1] == {"completed_rounds": "7"}
+
+
+def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayout, monkeypatch) -> None:
+    from fedcore import serialization
+
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=43, model="tiny")
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
+    checks = []
+    check = serialization.check_schema
+    monkeypatch.setattr(serialization, "check_schema", lambda *a: checks.append(1) or check(*a))
+
+    first = reader.read(bytearray(data), DECODER_ONLY)
+    again = reader.read(bytearray(data), DECODER_ONLY)
+
+    assert len(checks) == 1 and again.table is first.table
+    assert sum(first.table.bytes_by_part.values()) == len(data)
+    with pytest.raises(NotAssigned):  # the same header against other parts is checked, and refused
+        reader.read(bytearray(data), frozenset({MID}))
+    with pytest.raises(WrongRound):  # another round's reader
+        serialization.PayloadReader(tiny_layout, kind="delta", round_index=44).read(bytearray(data), DECODER_ONLY)
+
+
+def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLayout) -> None:
+    from fedcore import serialization
+
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=45, model="tiny")
+    tensors = select(state, tiny_layout, DECODER_ONLY)
+    reader.read(bytearray(encode(tensors, _meta(round_index=45))), DECODER_ONLY)  # its header is remembered now
+    poisoned = dict(tensors, **{"final_conv.bias": tensors["final_conv.bias"].clone()})
+    poisoned["final_conv.bias"][0] = float("inf")
+
+    with pytest.raises(NonFiniteTensor, match=r"tensor 'final_conv\.bias' holds 1 NaN/Inf"):
+        reader.read(bytearray(encode(poisoned, _meta(round_index=45))), DECODER_ONLY)
