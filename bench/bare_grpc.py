@@ -2,13 +2,13 @@
 header, no hash, no reassembly checks), served by its own process like the coordinator.
 
 `python -m bench.bare_grpc SIZE` serves /bare.Bare/Down (SIZE random bytes) and /bare.Bare/Up (drains a
-stream into a buffer), then prints its port. /bare.Bare/UpHashed also takes the sha256 of what it drains,
-and `download_seconds(hashed=True)` of what it receives: the same bare stream plus the one check a receiver
-of this project must make, to tell the cost of the digest from the cost of everything else."""
+stream into a buffer), then prints its port. /bare.Bare/Up_blake3 and /bare.Bare/Up_sha256 also take that
+digest of what they drain, and `download_seconds(digest=...)` of what it receives: the same bare stream plus
+the one check a receiver of this project must make, to tell the cost of the digest from the cost of
+everything else."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +18,7 @@ from concurrent import futures
 import grpc
 
 from fedcore.allocator import tune_for_streaming
+from fedcore.chunking import DIGESTS
 
 CHUNK = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", 2 * CHUNK), ("grpc.max_send_message_length", 2 * CHUNK)]
@@ -46,17 +47,16 @@ def serve(size: int) -> None:
             got += len(data)
         return b"ok"
 
-    def up_hashed(requests, context: grpc.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
-        return up(requests, context, hashlib.sha256())
+    def hashed_up(algorithm: str):  # type: ignore[no-untyped-def]
+        return lambda requests, context: up(requests, context, DIGESTS[algorithm]())
 
-    handler = grpc.method_handlers_generic_handler(
-        "bare.Bare",
-        {
-            "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=_identity, response_serializer=_identity),
-            "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=_identity, response_serializer=_identity),
-            "UpHashed": grpc.stream_unary_rpc_method_handler(up_hashed, request_deserializer=_identity, response_serializer=_identity),
-        },
-    )
+    methods = {
+        "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=_identity, response_serializer=_identity),
+        "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=_identity, response_serializer=_identity),
+    }
+    for algorithm in DIGESTS:
+        methods[f"Up_{algorithm}"] = grpc.stream_unary_rpc_method_handler(hashed_up(algorithm), request_deserializer=_identity, response_serializer=_identity)
+    handler = grpc.method_handlers_generic_handler("bare.Bare", methods)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -75,12 +75,15 @@ class BareStream:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
         self._down = self.channel.unary_stream("/bare.Bare/Down", request_serializer=_identity, response_deserializer=_identity)
         self._up = self.channel.stream_unary("/bare.Bare/Up", request_serializer=_identity, response_deserializer=_identity)
-        self._up_hashed = self.channel.stream_unary("/bare.Bare/UpHashed", request_serializer=_identity, response_deserializer=_identity)
+        self._up_hashed = {
+            a: self.channel.stream_unary(f"/bare.Bare/Up_{a}", request_serializer=_identity, response_deserializer=_identity) for a in DIGESTS
+        }
         self.buffer = bytearray(size)
         self.payload = os.urandom(size)
 
-    def download_seconds(self, hashed: bool = False) -> float:
-        digest = hashlib.sha256() if hashed else None
+    def download_seconds(self, digest_name: str | None = None) -> float:
+        """Seconds to drain a download into a buffer; with `digest_name`, also hashing what arrives."""
+        digest = DIGESTS[digest_name]() if digest_name else None
         start, got = time.perf_counter(), 0
         for data in self._down(b""):
             self.buffer[got : got + len(data)] = data
@@ -89,9 +92,10 @@ class BareStream:
             got += len(data)
         return time.perf_counter() - start
 
-    def upload_seconds(self, hashed: bool = False) -> float:
+    def upload_seconds(self, digest_name: str | None = None) -> float:
+        """Seconds to upload, the server draining into a buffer; with `digest_name`, also hashing it."""
         view = memoryview(self.payload)
-        call = self._up_hashed if hashed else self._up
+        call = self._up_hashed[digest_name] if digest_name else self._up
         start = time.perf_counter()
         call(bytes(view[s : s + CHUNK]) for s in range(0, self.size, CHUNK))
         return time.perf_counter() - start

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from fedcore import serialization
-from fedcore.chunking import StreamHeader
+from fedcore.chunking import LEGACY_DIGEST, StreamHeader
 from fedcore.client import TrainTask
 from fedcore.model import PRESETS, UNet, UNetConfig, layout_of, preset
 from fedcore.parts import Part, PartLayout
@@ -160,18 +160,27 @@ class CoordinatorProcess:
 class LightWorker:
     """One worker session over its own channel, using the worker's own client code (worker.client)."""
 
-    def __init__(self, address: str, worker_id: str, num_examples: int = 1000):
+    def __init__(self, address: str, worker_id: str, num_examples: int = 1000, digests: Sequence[str] | None = None):
+        """`digests`: what the worker says it checks besides SHA-256 (default: what this version checks; ()
+        plays a worker that predates BLAKE3)."""
         from worker.client import CHANNEL_OPTIONS, CoordinatorClient, worker_info
 
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.client = CoordinatorClient(self.channel)
         self.worker_id = worker_id
         self._info = worker_info(worker_id, "cpu", num_examples, False)
+        self._legacy = digests is not None and not digests
+        if digests is not None:
+            del self._info.digests[:]
+            self._info.digests.extend(digests)
         self.wire_down = 0
         self.wire_up = 0
 
     def join(self) -> pb.JoinResponse:
-        return self.client.join(self._info)
+        resp = self.client.join(self._info)
+        if self._legacy:  # a worker before BLAKE3 also sent SHA-256
+            self.client.upload_digest = LEGACY_DIGEST
+        return resp
 
     def next_task(self, timeout: float = 120.0) -> TrainTask | None:
         """The next train task, or None when the federation is done."""
@@ -192,7 +201,7 @@ class LightWorker:
         return self.client.download(task, max_bytes=max_bytes, on_wire=count)
 
     def upload(self, task: TrainTask, payload: bytes, images: int = 1000, header: StreamHeader | None = None) -> None:
-        """Upload `payload`; with its `header` (size and sha256) when the caller computed it beforehand."""
+        """Upload `payload`; with its `header` (size and digest) when the caller computed it beforehand."""
 
         def count(n: int) -> None:
             self.wire_up += n

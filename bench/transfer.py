@@ -8,8 +8,9 @@
 
 The coordinator runs in its own process (bench.coordinator_proc: the real server, servicer, reassembly,
 decoding and streaming aggregation); the workers use the worker's own gRPC client. A download is timed from
-the request until the payload is reassembled and its sha256 checked; an upload until the coordinator has
-accepted it (reassembled, hash-checked, decoded, checked and folded into the running average).
+the request until the payload is reassembled and its digest checked; an upload until the coordinator has
+accepted it (reassembled, digest-checked, decoded, checked and folded into the running average). The large
+model runs twice: with BLAKE3 (both ends of this version) and with SHA-256 (a worker that predates BLAKE3).
 
     python -m bench.transfer --quick
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 from bench.bare_grpc import BareStream
 from bench.common import (
@@ -38,32 +40,34 @@ from bench.common import (
 )
 from feddiff.local import sample
 from fedcore.allocator import tune_for_streaming
-from fedcore.chunking import StreamHeader
+from fedcore.chunking import DIGESTS, StreamHeader
 from fedcore.parts import ALL_PARTS, PART_ORDER
 
 SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)
 
 
-def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, float]:
+def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence[str] | None = None) -> dict[str, float]:
     """One worker, `rounds` rounds of plain FedAvg (the whole model both ways) after one warm-up round; medians
     over the rounds. The warm-up round is reported apart (`cold_*`): the first transfer of a process also
     maps the memory both ends reuse afterwards. With `bare`, a bare gRPC stream of the same size is timed in
-    each round too (bench.bare_grpc)."""
+    each round too (bench.bare_grpc), without a digest and with each. `digests`: as `LightWorker`'s."""
     layout = meta_layout(model)
     max_bytes = payload_bytes_of(layout) + SLACK
     tensors = random_delta(layout, ALL_PARTS)
     down, up, raw_down, raw_up, bare_down, bare_up, digest = [], [], [], [], [], [], []
-    hashed_down, hashed_up = [], []
+    hashed_down: dict[str, list[float]] = {a: [] for a in DIGESTS}
+    hashed_up: dict[str, list[float]] = {a: [] for a in DIGESTS}
     reference = BareStream(payload_bytes_of(layout)) if bare else None
     payload_down = payload_up = 0
     settings = {"model": model, "strategy": "full", "rounds": rounds + 1, "min_workers": 1, "epochs": 1}
     with CoordinatorProcess(settings) as coord:
-        worker = LightWorker(coord.address, "bench-0")
+        worker = LightWorker(coord.address, "bench-0", digests=digests)
         worker.join()
         for i in range(rounds + 1):
             if i == 1:  # the warm-up round is over
                 cold = {"cold_download_s": down.pop(), "cold_upload_s": up.pop()}
-                del raw_down[:], raw_up[:], bare_down[:], bare_up[:], digest[:], hashed_down[:], hashed_up[:]
+                for series in (raw_down, raw_up, bare_down, bare_up, digest, *hashed_down.values(), *hashed_up.values()):
+                    del series[:]
                 payload_down = payload_up = 0
                 worker.wire_down = worker.wire_up = 0
             task = worker.next_task()
@@ -76,7 +80,7 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
             del weights
             update = delta_payload(model, task, tensors)
             start = time.perf_counter()
-            header = StreamHeader.of(update)  # made with the payload, as the broadcast's is once per round
+            header = StreamHeader.of(update, worker.client.upload_digest)  # made with the payload, like the broadcast's
             digest.append(time.perf_counter() - start)
             start = time.perf_counter()
             worker.upload(task, update, header=header)
@@ -87,8 +91,9 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
             if reference is not None:
                 bare_down.append(reference.download_seconds())
                 bare_up.append(reference.upload_seconds())
-                hashed_down.append(reference.download_seconds(hashed=True))
-                hashed_up.append(reference.upload_seconds(hashed=True))
+                for a in DIGESTS:
+                    hashed_down[a].append(reference.download_seconds(a))
+                    hashed_up[a].append(reference.upload_seconds(a))
         metrics = coord.metrics()
         worker.close()
     if reference is not None:
@@ -106,7 +111,7 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
         "upload_ratio_vs_raw_tcp": median(raw_up) / median(up),
         # both directions together: payload bytes over the time they took, against raw TCP for the same bytes
         "ratio_vs_raw_tcp": (median(raw_down) + median(raw_up)) / (median(down) + median(up)),
-        # the sender's sha256 of the update, made with the payload (like the broadcast's, once per round)
+        # the sender's digest of the update, made with the payload (like the broadcast's, once per round)
         "upload_digest_ms": median(digest) * 1000,
         "ratio_vs_raw_tcp_with_upload_digest": (median(raw_down) + median(raw_up)) / (median(down) + median(up) + median(digest)),
         "cold_download_mb_s": size / cold["cold_download_s"] / MB,
@@ -118,9 +123,10 @@ def single_stream(model: str, rounds: int, bare: bool = False) -> dict[str, floa
         # the same bytes as 1 MiB messages without protobuf fields, header, hash or checks
         figures["bare_grpc_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(bare_down) + median(bare_up))
         figures["ratio_vs_bare_grpc"] = (median(bare_down) + median(bare_up)) / (median(down) + median(up))
-        # the same bare stream with a sha256 of what is received, as every receiver here must check
-        figures["bare_grpc_sha256_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(hashed_down) + median(hashed_up))
-        figures["ratio_vs_bare_grpc_sha256"] = (median(hashed_down) + median(hashed_up)) / (median(down) + median(up))
+        # the same bare stream with a digest of what is received, as every receiver here must check
+        for a in DIGESTS:
+            figures[f"bare_grpc_{a}_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(hashed_down[a]) + median(hashed_up[a]))
+            figures[f"ratio_vs_bare_grpc_{a}"] = (median(hashed_down[a]) + median(hashed_up[a])) / (median(down) + median(up))
     return figures
 
 
@@ -177,6 +183,8 @@ def main() -> int:
     large = synthetic_model(args.large_mb * MB)
     log(f"(a) single stream, large model {large} ({payload_bytes_of(meta_layout(large)) / MB:.0f} MB), {rounds} rounds")
     big = single_stream(large, rounds, bare=True)
+    log(f"(a) single stream, {large} again, as a worker that predates BLAKE3 (SHA-256 both ways)")
+    legacy = single_stream(large, rounds, digests=())
     log("(a) single stream, paper-fmnist")
     paper = single_stream("paper-fmnist", max(rounds, 5))
     mid = synthetic_model(broadcast_mb * MB)
@@ -185,6 +193,8 @@ def main() -> int:
 
     figures: dict[str, object] = {**machine(), "large_model": large}
     figures.update({f"large_{k}": v for k, v in big.items() if k not in ("ratio_vs_raw_tcp", "wire_overhead")})
+    figures.update({f"large_sha256_{k}": legacy[k] for k in ("download_ratio_vs_raw_tcp", "upload_ratio_vs_raw_tcp", "upload_digest_ms", "ratio_vs_raw_tcp")})
+    figures["large_blake3_over_sha256_ratio"] = big["ratio_vs_raw_tcp"] / legacy["ratio_vs_raw_tcp"]
     figures.update({f"paper_{k}": v for k, v in paper.items()})
     figures.update(fan)
     figures["ratio_vs_raw_tcp"] = big["ratio_vs_raw_tcp"]

@@ -42,8 +42,14 @@ class EvalPhase:
     completed_rounds: int
     tasks: dict[str, EvalTask]
     payload: bytes  # the shared parts of the global model, serialized once for all workers
-    header: StreamHeader
     reports: dict[str, EvalReport] = field(default_factory=dict)
+    _headers: dict[str, StreamHeader] = field(default_factory=dict)
+
+    def header(self, algorithm: str) -> StreamHeader:
+        """The payload's header with a digest of `algorithm`, hashed once per algorithm."""
+        if algorithm not in self._headers:
+            self._headers[algorithm] = StreamHeader.of(self.payload, algorithm)
+        return self._headers[algorithm]
 
     @classmethod
     def create(cls, federation: Federation, workers: list[str], spec: SamplingSpec, share_samples: bool) -> EvalPhase:
@@ -56,7 +62,7 @@ class EvalPhase:
             w: EvalTask(round=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples)
             for w in workers
         }
-        return cls(r, tasks, payload, StreamHeader.of(payload))
+        return cls(r, tasks, payload)
 
     def report(self, worker_id: str, task_id: str, fd: float, extractor: str, num_samples: int) -> EvalReport:
         task = self.tasks.get(worker_id)

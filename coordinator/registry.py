@@ -20,6 +20,7 @@ class WorkerInfo:
     num_examples: int  # FedAvg weight
     software_version: str
     has_private_state: bool
+    digests: frozenset[str] = frozenset()  # payload digests it checks besides SHA-256 (fedcore.chunking.DIGESTS)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedcore import checkpoint
-from fedcore.chunking import StreamHeader
+from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import LateUpdate, NotAssigned, WrongRound
 from fedcore.evaluation import SamplingSpec
@@ -137,15 +137,17 @@ class RoundDriver:
         lost = [r.worker_id for r in connected if not r.info.has_private_state]
         plan = self.federation.plan(available, lost_state=lost)
         weights = {r.worker_id: r.info.num_examples for r in connected}
+        digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
         with self._cond:
             open_round = self.federation.open_round(plan, weights)
             self._issued = {}
-            headers: dict[frozenset[Part], StreamHeader] = {}  # one hash per distinct payload, not per worker
+            headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}  # one hash per distinct payload and digest
             for c in plan.clients:
                 task = open_round.task(c)
-                if task.receives not in headers:
-                    headers[task.receives] = StreamHeader.of(open_round.payload(task.receives))
-                self._issued[c] = IssuedTask(task, headers[task.receives])
+                key = (task.receives, digests[c])
+                if key not in headers:
+                    headers[key] = StreamHeader.of(open_round.payload(task.receives), digests[c])
+                self._issued[c] = IssuedTask(task, headers[key])
             self._round = open_round
             self.state = "training"
             self._round_started = time.monotonic()
@@ -219,14 +221,16 @@ class RoundDriver:
 
     def _run_eval_phase(self, spec: SamplingSpec) -> None:
         """Ask every connected worker that holds private parts to score its own model; wait for the reports."""
-        workers = [r.worker_id for r in self.registry.connected() if r.worker_id in self.federation.contacted]
+        connected = [r for r in self.registry.connected() if r.worker_id in self.federation.contacted]
+        workers = [r.worker_id for r in connected]
+        digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
         if not workers:
             log.warning("evaluation after round %d: no connected worker holds a personalised model", self.federation.completed_rounds)
             return
         phase = EvalPhase.create(self.federation, workers, spec, self.cfg.share_samples)
         with self._cond:
             self._eval = phase
-            self._issued = {w: IssuedTask(t, phase.header) for w, t in phase.tasks.items()}
+            self._issued = {w: IssuedTask(t, phase.header(digests[w])) for w, t in phase.tasks.items()}
             self.state = "evaluating"
             self._cond.notify_all()
             deadline = time.monotonic() + self.cfg.round_deadline

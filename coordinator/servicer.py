@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedcore import wire
-from fedcore.chunking import ReceiveBuffer
+from fedcore.chunking import DIGESTS, LEGACY_DIGEST, ReceiveBuffer
 from fedcore.client import EvalTask
 from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
@@ -77,6 +77,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             num_examples=w.num_examples,
             software_version=w.software_version,
             has_private_state=w.has_private_state,
+            digests=frozenset(w.digests) & frozenset(DIGESTS),
         )
         session = self.registry.join(info)
         log.info("worker %s joined (%s%s, %d images)", w.worker_id, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
@@ -88,6 +89,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             strategy=fed.strategy.value,
             chunk_size=self.cfg.chunk_size,
             rounds=fed.rounds,
+            digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:

@@ -55,7 +55,7 @@ def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
             seed=task.seed,
         ),
         payload_bytes=header.total_bytes,
-        payload_sha256=header.sha256,
+        **{f"payload_{header.algorithm}": header.digest},
     )
 
 
@@ -103,7 +103,7 @@ def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
             share_samples=task.share_samples,
         ),
         payload_bytes=header.total_bytes,
-        payload_sha256=header.sha256,
+        **{f"payload_{header.algorithm}": header.digest},
     )
 
 
@@ -142,13 +142,17 @@ def header_to_proto(header: StreamHeader, *, round_index: int, task_id: str, par
         task_id=task_id,
         parts=parts_to_proto(parts),
         total_bytes=header.total_bytes,
-        sha256=header.sha256,
         format_version=header.format_version,
+        **{header.algorithm: header.digest},
     )
 
 
 def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
-    return StreamHeader(total_bytes=msg.total_bytes, sha256=msg.sha256, format_version=msg.format_version)
+    """The header's one digest: BLAKE3 when set, else SHA-256 (a header with both is refused)."""
+    if msg.blake3 and msg.sha256:
+        raise HeaderError("a stream header carries one digest, blake3 or sha256, not both")
+    algorithm = "blake3" if msg.blake3 else "sha256"
+    return StreamHeader(total_bytes=msg.total_bytes, digest=getattr(msg, algorithm), algorithm=algorithm, format_version=msg.format_version)
 
 
 def data_message_size(n: int) -> int:

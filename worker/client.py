@@ -11,7 +11,7 @@ import grpc
 
 import fedcore
 from fedcore import wire
-from fedcore.chunking import MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader
+from fedcore.chunking import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -101,12 +101,14 @@ class CoordinatorClient:
         self.chunk_size = 1 << 20
         self.heartbeat_interval = 5.0
         self._received = ReceiveBuffer()  # one download at a time: every round reuses the same memory
+        self.upload_digest = LEGACY_DIGEST  # until the coordinator names the digests it checks (Join)
 
     def join(self, info: pb.WorkerInfo, timeout: float = 30.0) -> pb.JoinResponse:
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=timeout, metadata=self.metadata)
         self.session_id = resp.session_id
         self.chunk_size = min(max(resp.chunk_size, 1 << 16), MAX_CHUNK_SIZE)
         self.heartbeat_interval = max(resp.heartbeat_interval_ms / 1000, 0.2)
+        self.upload_digest = digest_for(resp.digests)
         return resp
 
     def heartbeat(self) -> None:
@@ -151,8 +153,8 @@ class CoordinatorClient:
         on_wire: Callable[[int], None],
         header: StreamHeader | None = None,
     ) -> pb.UploadResponse:
-        """Stream an update: its header (size, sha256: computed here unless the caller has it), then chunks."""
-        header = header or StreamHeader.of(payload)
+        """Stream an update: its header (size, digest: computed here unless the caller has it), then chunks."""
+        header = header or StreamHeader.of(payload, self.upload_digest)
         pace = Pace(self.upload_rate_limit)
         chunk_size = self.chunk_size
         if self.upload_rate_limit > 0:  # paced in messages of about a tenth of a second, not one burst a chunk
@@ -195,4 +197,5 @@ def worker_info(worker_id: str, device: str, num_examples: int, has_private_stat
         num_examples=num_examples,
         software_version=f"feddiff {fedcore.__version__} on {socket.gethostname()}",
         has_private_state=has_private_state,
+        digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
     )

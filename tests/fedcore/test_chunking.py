@@ -6,15 +6,19 @@ import hashlib
 import os
 import threading
 
+import blake3
 import pytest
 
 from fedcore.chunking import (
+    DIGESTS,
     FORMAT_VERSION,
     MAX_CHUNK_SIZE,
+    PREFERRED_DIGEST,
     THREADED_DIGEST_MIN,
     Reassembler,
     ReceiveBuffer,
     StreamHeader,
+    digest_for,
     iter_chunks,
 )
 from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamError, StreamTooLong
@@ -29,16 +33,33 @@ def _receive(payload: bytes, header: StreamHeader, chunk_size: int, max_bytes: i
     return receiver.finish()
 
 
+@pytest.mark.parametrize("algorithm", sorted(DIGESTS))
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000, 10_006, 10_007, 10_008, MAX_CHUNK_SIZE])
-def test_roundtrip_over_chunk_sizes(chunk_size: int) -> None:
-    header = StreamHeader.of(PAYLOAD)
+def test_roundtrip_over_chunk_sizes(chunk_size: int, algorithm: str) -> None:
+    header = StreamHeader.of(PAYLOAD, algorithm)
 
     received = _receive(PAYLOAD, header, chunk_size)
 
     assert bytes(received) == PAYLOAD
     assert header.total_bytes == len(PAYLOAD)
-    assert header.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
+    expected = hashlib.sha256(PAYLOAD) if algorithm == "sha256" else blake3.blake3(PAYLOAD)
+    assert header.digest == expected.hexdigest() and header.algorithm == algorithm
     assert header.format_version == FORMAT_VERSION
+
+
+def test_blake3_is_sent_to_peers_that_check_it_and_sha256_to_the_others() -> None:
+    assert StreamHeader.of(PAYLOAD).algorithm == PREFERRED_DIGEST == "blake3"
+    assert digest_for(["blake3"]) == "blake3"
+    assert digest_for([]) == digest_for(["md5"]) == "sha256"
+
+
+@pytest.mark.parametrize("algorithm", sorted(DIGESTS))
+def test_a_digest_of_the_other_algorithm_is_a_hash_mismatch(algorithm: str) -> None:
+    other = next(a for a in DIGESTS if a != algorithm)
+    header = StreamHeader(len(PAYLOAD), StreamHeader.of(PAYLOAD, other).digest, algorithm)
+
+    with pytest.raises(HashMismatch, match=f"payload {algorithm} "):
+        _receive(PAYLOAD, header, 1000)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 1000, 4096])
@@ -68,7 +89,7 @@ def test_corrupted_chunk_is_a_hash_mismatch() -> None:
     corrupted = bytearray(PAYLOAD)
     corrupted[5_000] ^= 0xFF
 
-    with pytest.raises(HashMismatch, match=header.sha256):
+    with pytest.raises(HashMismatch, match=header.digest):
         _receive(bytes(corrupted), header, 1000)
 
 
@@ -105,7 +126,7 @@ def test_exact_fill_then_one_more_byte_is_refused() -> None:
 
 
 def test_absurd_declared_size_is_refused_at_construction() -> None:
-    header = StreamHeader(total_bytes=1 << 40, sha256="0" * 64)
+    header = StreamHeader(total_bytes=1 << 40, digest="0" * 64)
 
     with pytest.raises(StreamTooLong, match="exceeds the limit of 1048576"):
         Reassembler(header, max_bytes=1 << 20)
@@ -114,14 +135,16 @@ def test_absurd_declared_size_is_refused_at_construction() -> None:
 @pytest.mark.parametrize(
     ("header", "match"),
     [
-        (StreamHeader(total_bytes=10, sha256="a" * 63), "64-character"),
-        (StreamHeader(total_bytes=10, sha256="A" * 64), "lowercase hex"),
-        (StreamHeader(total_bytes=10, sha256="g" * 64), "lowercase hex"),
-        (StreamHeader(total_bytes=10, sha256=""), "64-character"),
-        (StreamHeader(total_bytes=10, sha256="0" * 64, format_version=FORMAT_VERSION + 1), "format version"),
-        (StreamHeader(total_bytes=10, sha256="0" * 64, format_version=0), "format version"),
-        (StreamHeader(total_bytes=0, sha256="0" * 64), "must be positive"),
-        (StreamHeader(total_bytes=-5, sha256="0" * 64), "must be positive"),
+        (StreamHeader(total_bytes=10, digest="a" * 63), "64-character"),
+        (StreamHeader(total_bytes=10, digest="A" * 64), "lowercase hex"),
+        (StreamHeader(total_bytes=10, digest="g" * 64), "lowercase hex"),
+        (StreamHeader(total_bytes=10, digest=""), "64-character"),
+        (StreamHeader(total_bytes=10, digest="0" * 64, format_version=FORMAT_VERSION + 1), "format version"),
+        (StreamHeader(total_bytes=10, digest="0" * 64, format_version=0), "format version"),
+        (StreamHeader(total_bytes=0, digest="0" * 64), "must be positive"),
+        (StreamHeader(total_bytes=-5, digest="0" * 64), "must be positive"),
+        (StreamHeader(total_bytes=10, digest="0" * 64, algorithm="md5"), "not one of"),
+        (StreamHeader(total_bytes=10, digest="0" * 64, algorithm=""), "not one of"),
     ],
 )
 def test_bad_header_is_refused(header: StreamHeader, match: str) -> None:
@@ -173,7 +196,7 @@ def test_streams_received_into_reused_memory_come_out_whole() -> None:
 
 
 def _digest_threads() -> int:
-    return sum(t.name == "feddiff-sha256" for t in threading.enumerate())
+    return sum(t.name.startswith("feddiff-") and t.name[len("feddiff-") :] in DIGESTS for t in threading.enumerate())
 
 
 def test_a_large_stream_is_hashed_in_a_thread_that_ends_with_it() -> None:

@@ -4,13 +4,12 @@ other worker's update alone."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -168,7 +167,7 @@ def _upload(
 
 
 def _set(path: str, value: object) -> Edit:
-    """Set one field of the first message's UpdateHeader, e.g. `stream.sha256` or `report.mean_loss`."""
+    """Set one field of the first message's UpdateHeader, e.g. `stream.blake3` or `report.mean_loss`."""
     *owners, name = path.split(".")
 
     def edit(msgs: list[pb.UpdateChunk]) -> None:
@@ -182,7 +181,7 @@ def _set(path: str, value: object) -> Edit:
 
 def _declared(size: Callable[[int], int]) -> Callable[[bytes], StreamHeader]:
     """A header with the payload's true digest and a declared size of `size(len(payload))`."""
-    return lambda data: StreamHeader(total_bytes=size(len(data)), sha256=hashlib.sha256(data).hexdigest())
+    return lambda data: replace(StreamHeader.of(data), total_bytes=size(len(data)))
 
 
 def _first(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Tensors], Tensors]:
@@ -259,8 +258,9 @@ CASES = [
     pytest.param(_upload(parts=["decoder", "spleen"]), INVALID, "bad_header", id="unknown-part"),
     # out-of-range header fields
     pytest.param(_upload(edit=_set("stream.format_version", 99)), INVALID, "bad_header", id="format-version-99"),
-    pytest.param(_upload(edit=_set("stream.sha256", "g" * 64)), INVALID, "bad_header", id="sha256-not-hex"),
-    pytest.param(_upload(edit=_set("stream.sha256", "ab" * 16)), INVALID, "bad_header", id="sha256-short"),
+    pytest.param(_upload(edit=_set("stream.blake3", "g" * 64)), INVALID, "bad_header", id="digest-not-hex"),
+    pytest.param(_upload(edit=_set("stream.blake3", "ab" * 16)), INVALID, "bad_header", id="digest-short"),
+    pytest.param(_upload(edit=_set("stream.sha256", "0" * 64)), INVALID, "bad_header", id="two-digests"),
     pytest.param(_upload(edit=_set("stream.total_bytes", 0)), INVALID, "bad_header", id="zero-bytes"),
     pytest.param(_upload(images_seen=0), INVALID, "bad_header", id="no-images-seen"),
     pytest.param(_upload(edit=_set("report.mean_loss", math.nan)), INVALID, "bad_header", id="loss-nan"),

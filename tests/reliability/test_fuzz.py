@@ -4,10 +4,10 @@ never another exception, never a hang."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedcore import serialization, wire
-from fedcore.chunking import FORMAT_VERSION, StreamHeader
+from fedcore.chunking import DIGESTS, FORMAT_VERSION, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong
 from fedcore.federation import payload_bytes_by_part
@@ -45,7 +45,8 @@ digests = st.one_of(st.text(HEX, min_size=64, max_size=64), st.text(max_size=80)
 headers = st.builds(
     StreamHeader,
     total_bytes=st.one_of(st.integers(-10, MAX_BYTES + 10), st.integers(-(2**64), 2**64)),
-    sha256=digests,
+    digest=digests,
+    algorithm=st.one_of(st.sampled_from(sorted(DIGESTS)), st.text(max_size=10)),
     format_version=st.one_of(st.just(FORMAT_VERSION), st.integers(-1, 2**32)),
 )
 
@@ -58,7 +59,7 @@ def test_any_header_and_chunks_give_the_declared_bytes_or_a_typed_error(header: 
     except FeddiffError:
         return
     assert bytes(out) == b"".join(chunks)
-    assert len(out) == header.total_bytes <= MAX_BYTES and hashlib.sha256(out).hexdigest() == header.sha256
+    assert len(out) == header.total_bytes <= MAX_BYTES and StreamHeader.of(bytes(out), header.algorithm) == header
 
 
 FAULTS = ["none", "flip", "drop", "extra", "declare_more", "declare_less", "version", "digest"]
@@ -70,7 +71,7 @@ def faulty_streams(draw: st.DrawFn) -> tuple[StreamHeader, list[bytes], str, typ
     payload = draw(st.binary(min_size=1, max_size=MAX_BYTES))
     cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=8)))
     chunks = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)])]
-    header = StreamHeader.of(payload)
+    header = StreamHeader.of(payload, draw(st.sampled_from(sorted(DIGESTS))))
     fault = draw(st.sampled_from(FAULTS))
     expected: type[Exception] | None = None
     if fault == "flip":
@@ -85,17 +86,17 @@ def faulty_streams(draw: st.DrawFn) -> tuple[StreamHeader, list[bytes], str, typ
         chunks.insert(draw(st.integers(0, len(chunks))), draw(st.binary(min_size=1, max_size=64)))
         expected = StreamTooLong
     elif fault == "declare_more":
-        header = StreamHeader(header.total_bytes + draw(st.integers(1, 2**64)), header.sha256)
+        header = replace(header, total_bytes=header.total_bytes + draw(st.integers(1, 2**64)))
         expected = SizeMismatch if header.total_bytes <= MAX_BYTES else StreamTooLong
     elif fault == "declare_less":
-        header = StreamHeader(header.total_bytes - draw(st.integers(1, len(payload))), header.sha256)
+        header = replace(header, total_bytes=header.total_bytes - draw(st.integers(1, len(payload))))
         expected = StreamTooLong if header.total_bytes > 0 else HeaderError
     elif fault == "version":
-        header = StreamHeader(header.total_bytes, header.sha256, draw(st.integers(0, 2**32).filter(lambda v: v != FORMAT_VERSION)))
+        header = replace(header, format_version=draw(st.integers(0, 2**32).filter(lambda v: v != FORMAT_VERSION)))
         expected = HeaderError
     elif fault == "digest":
-        header = StreamHeader(header.total_bytes, draw(digests.filter(lambda d: d != header.sha256)))
-        expected = HashMismatch if len(header.sha256) == 64 and set(header.sha256) <= set(HEX) else HeaderError
+        header = replace(header, digest=draw(digests.filter(lambda d: d != header.digest)))
+        expected = HashMismatch if len(header.digest) == 64 and set(header.digest) <= set(HEX) else HeaderError
     return header, chunks, fault, expected
 
 
@@ -266,6 +267,7 @@ tasks = st.builds(
     eval=st.builds(pb.EvalSpec, sampler=st.one_of(st.sampled_from(["ddim", "ddpm"]), texts), steps=uint32, num_samples=uint32, seed=uint64, share_samples=st.booleans()),
     payload_bytes=uint64,
     payload_sha256=texts,
+    payload_blake3=texts,
 )
 
 
@@ -287,7 +289,7 @@ def test_a_task_is_read_in_range_or_refused(msg: pb.Task) -> None:
 
 @fuzz(300)
 @given(
-    msg=st.builds(pb.StreamHeader, round=uint32, task_id=texts, parts=part_lists, total_bytes=st.one_of(st.integers(0, 2 * MAX_BYTES), uint64), sha256=digests, format_version=uint32)
+    msg=st.builds(pb.StreamHeader, round=uint32, task_id=texts, parts=part_lists, total_bytes=st.one_of(st.integers(0, 2 * MAX_BYTES), uint64), sha256=st.one_of(st.just(""), digests), blake3=st.one_of(st.just(""), digests), format_version=uint32)
 )
 def test_a_stream_header_is_checked_or_refused(msg: pb.StreamHeader) -> None:
     try:
@@ -297,4 +299,5 @@ def test_a_stream_header_is_checked_or_refused(msg: pb.StreamHeader) -> None:
     except FeddiffError:
         return
     assert parts <= set(Part) and 0 < header.total_bytes <= MAX_BYTES and header.format_version == FORMAT_VERSION
-    assert len(header.sha256) == 64 and set(header.sha256) <= set(HEX)
+    assert len(header.digest) == 64 and set(header.digest) <= set(HEX) and header.algorithm in DIGESTS
+    assert header.digest == (msg.blake3 or msg.sha256) and not (msg.blake3 and msg.sha256)

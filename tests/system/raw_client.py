@@ -26,8 +26,12 @@ class RawWorker:
     def __post_init__(self) -> None:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
-    def join(self, has_private_state: bool = False) -> pb.JoinResponse:
-        info = pb.WorkerInfo(worker_id=self.worker_id, device="cpu", num_examples=self.num_examples, software_version="test", has_private_state=has_private_state)
+    def join(self, has_private_state: bool = False, digests: Iterable[str] = ()) -> pb.JoinResponse:
+        """Join as a worker that checks `digests` besides SHA-256 (none: as a worker that predates BLAKE3)."""
+        info = pb.WorkerInfo(
+            worker_id=self.worker_id, device="cpu", num_examples=self.num_examples, software_version="test",
+            has_private_state=has_private_state, digests=list(digests),
+        )  # fmt: skip
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=10, metadata=self.metadata)
         self.session_id = resp.session_id
         return resp

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "device", "gpu_name", "gpu_memory_bytes", "num_examples", "software_version", "has_private_state")
+    __slots__ = ("worker_id", "device", "gpu_name", "gpu_memory_bytes", "num_examples", "software_version", "has_private_state", "digests")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GPU_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class WorkerInfo(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_PRIVATE_STATE_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: str
     gpu_name: str
@@ -23,7 +24,8 @@ class WorkerInfo(_message.Message):
     num_examples: int
     software_version: str
     has_private_state: bool
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., has_private_state: _Optional[bool] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., has_private_state: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker",)
@@ -32,20 +34,22 @@ class JoinRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("session_id", "heartbeat_interval_ms", "model", "strategy", "chunk_size", "rounds")
+    __slots__ = ("session_id", "heartbeat_interval_ms", "model", "strategy", "chunk_size", "rounds", "digests")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     heartbeat_interval_ms: int
     model: str
     strategy: str
     chunk_size: int
     rounds: int
-    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., chunk_size: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., chunk_size: _Optional[int] = ..., rounds: _Optional[int] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -98,7 +102,7 @@ class EvalSpec(_message.Message):
     def __init__(self, sampler: _Optional[str] = ..., steps: _Optional[int] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., share_samples: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "task_id", "receives", "returns", "private_parts", "train", "eval", "payload_bytes", "payload_sha256")
+    __slots__ = ("kind", "round", "task_id", "receives", "returns", "private_parts", "train", "eval", "payload_bytes", "payload_sha256", "payload_blake3")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -117,6 +121,7 @@ class Task(_message.Message):
     EVAL_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BLAKE3_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     task_id: str
@@ -127,7 +132,8 @@ class Task(_message.Message):
     eval: EvalSpec
     payload_bytes: int
     payload_sha256: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., receives: _Optional[_Iterable[str]] = ..., returns: _Optional[_Iterable[str]] = ..., private_parts: _Optional[_Iterable[str]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[str] = ...) -> None: ...
+    payload_blake3: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., receives: _Optional[_Iterable[str]] = ..., returns: _Optional[_Iterable[str]] = ..., private_parts: _Optional[_Iterable[str]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., eval: _Optional[_Union[EvalSpec, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., payload_blake3: _Optional[str] = ...) -> None: ...
 
 class WaitTaskRequest(_message.Message):
     __slots__ = ("session_id", "timeout_ms")
@@ -166,20 +172,22 @@ class DownloadRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("round", "task_id", "parts", "total_bytes", "sha256", "format_version")
+    __slots__ = ("round", "task_id", "parts", "total_bytes", "sha256", "format_version", "blake3")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLAKE3_FIELD_NUMBER: _ClassVar[int]
     round: int
     task_id: str
     parts: _containers.RepeatedScalarFieldContainer[str]
     total_bytes: int
     sha256: str
     format_version: int
-    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., parts: _Optional[_Iterable[str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format_version: _Optional[int] = ...) -> None: ...
+    blake3: str
+    def __init__(self, round: _Optional[int] = ..., task_id: _Optional[str] = ..., parts: _Optional[_Iterable[str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format_version: _Optional[int] = ..., blake3: _Optional[str] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("header", "data")
