@@ -18,6 +18,7 @@ model runs twice: with BLAKE3 (both ends of this version) and with SHA-256 (a wo
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 
@@ -130,6 +131,21 @@ def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence
     return figures
 
 
+def digest_rates(size: int = 256 << 20, repeats: int = 3) -> dict[str, float]:
+    """GB/s of each payload digest on the same random bytes, one thread, best of `repeats`."""
+    data = os.urandom(size)
+    figures: dict[str, float] = {}
+    for name, make in DIGESTS.items():
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            make().update(data)
+            best = min(best, time.perf_counter() - start)
+        figures[f"{name}_gb_s"] = size / best / 1e9
+    figures["blake3_over_sha256_hash_rate"] = figures["blake3_gb_s"] / figures["sha256_gb_s"]
+    return figures
+
+
 def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
     """K workers download the same broadcast, then upload at once; aggregate payload MB/s per phase."""
     layout = meta_layout(model)
@@ -191,7 +207,7 @@ def main() -> int:
     log(f"(b) broadcast to {args.k} workers, {mid} ({payload_bytes_of(meta_layout(mid)) / MB:.0f} MB)")
     fan = broadcast(mid, args.k, rounds)
 
-    figures: dict[str, object] = {**machine(), "large_model": large}
+    figures: dict[str, object] = {**machine(), "large_model": large, **digest_rates()}
     figures.update({f"large_{k}": v for k, v in big.items() if k not in ("ratio_vs_raw_tcp", "wire_overhead")})
     figures.update({f"large_sha256_{k}": legacy[k] for k in ("download_ratio_vs_raw_tcp", "upload_ratio_vs_raw_tcp", "upload_digest_ms", "ratio_vs_raw_tcp")})
     figures["large_blake3_over_sha256_ratio"] = big["ratio_vs_raw_tcp"] / legacy["ratio_vs_raw_tcp"]

@@ -68,3 +68,12 @@ def test_a_transfer_as_a_worker_before_blake3_with_the_bare_references() -> None
 
     assert 0 < figures["ratio_vs_raw_tcp"] and figures["upload_digest_ms"] > 0
     assert all(figures[f"bare_grpc_{a}_ratio_vs_raw_tcp"] > 0 for a in ("blake3", "sha256"))
+
+
+def test_digest_rates_are_measured_for_every_digest() -> None:
+    from bench.transfer import digest_rates
+
+    figures = digest_rates(size=1 << 20, repeats=1)
+
+    assert figures["blake3_gb_s"] > 0 and figures["sha256_gb_s"] > 0
+    assert figures["blake3_over_sha256_hash_rate"] == figures["blake3_gb_s"] / figures["sha256_gb_s"]
