@@ -40,6 +40,7 @@ bench: install dataset
 	$(PY) -m bench.transfer --quick
 	$(PY) -m bench.coordinator_memory --quick
 	$(PY) -m bench.rounds_scale --quick
+	$(PY) -m bench.accept --quick
 
 test: install dataset
 	$(PY) -m pytest -q

@@ -12,7 +12,7 @@ from bench.common import ensure_preset, meta_layout, payload_bytes_of, raw_tcp_s
 from bench.report import emit
 from fedcore.model import PRESETS
 
-SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale"]
+SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -77,3 +77,11 @@ def test_digest_rates_are_measured_for_every_digest() -> None:
 
     assert figures["blake3_gb_s"] > 0 and figures["sha256_gb_s"] > 0
     assert figures["blake3_over_sha256_hash_rate"] == figures["blake3_gb_s"] / figures["sha256_gb_s"]
+
+
+def test_both_accept_paths_give_the_same_sums_and_are_timed() -> None:
+    from bench.accept import per_update_ms
+
+    figures = per_update_ms("tiny", repeats=3)  # asserts the two paths' sums are equal
+
+    assert figures["tensors"] == 220 and figures["per_tensor_ms"] > 0 and figures["reader_ms"] > 0
