@@ -16,14 +16,13 @@ from fedcore.atomic import atomic_write_json
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 from coordinator.config import CoordinatorConfig
 from coordinator.progress import ProgressReporter
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
-from coordinator.servicer import CoordinatorServicer
+from coordinator.servicer import CoordinatorServicer, register
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -66,7 +65,7 @@ class Coordinator:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads), options=GRPC_OPTIONS)
         servicer = CoordinatorServicer(cfg, self.driver, self.registry, self.metrics, Authenticator(cfg))
-        pb_grpc.add_CoordinatorServicer_to_server(servicer, self.server)
+        register(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         creds = server_credentials(cfg)
         self.port = self.server.add_secure_port(cfg.listen, creds) if creds else self.server.add_insecure_port(cfg.listen)

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from fedcore import wire
+from fedcore import chunk_codec, wire
+from fedcore.chunk_codec import DataChunk
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, ReceiveBuffer
 from fedcore.client import EvalTask
 from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
@@ -115,7 +116,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return pb.WaitTaskResponse(task=wire.eval_task_to_proto(outcome.task, outcome.header))
         return pb.WaitTaskResponse(task=wire.task_to_proto(outcome.task, outcome.header))
 
-    def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
+    def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk | bytes]:
         worker_id = self._worker(request.session_id, context)
         try:
             payload, issued = self.driver.weights_for(worker_id, request.task_id)
@@ -125,9 +126,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
         yield header
-        for msg, size in wire.chunk_messages(payload, self.cfg.chunk_size, lambda b: pb.WeightsChunk(data=b)):
-            sent += size
-            yield msg
+        for frame in chunk_codec.data_frames(payload, self.cfg.chunk_size):
+            sent += len(frame)
+            yield frame  # serialized already (`register` gives this method chunk_codec.serialize)
         # Reached only when the client drained the stream: count the transfer now, not when it started.
         self.metrics.wire_bytes.labels("down").inc(sent)
         try:
@@ -135,7 +136,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except FeddiffError as e:
             log.info("download of %s completed after its round closed: %s", request.task_id, e)
 
-    def UploadUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.UploadResponse:
+    def UploadUpdate(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk], context: grpc.ServicerContext) -> pb.UploadResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             self._refuse(context, HeaderError("an update stream must start with its header"))
@@ -176,7 +177,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.metrics.updates.labels("aborted").inc()
         log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
-    def _data(self, request_iterator: Iterator[pb.UpdateChunk]) -> Iterator[bytes]:
+    def _data(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk]) -> Iterator[bytes | memoryview]:
         refusal = SizeMismatch("an update stream carries one header, then data only")
         return wire.data_of(request_iterator, on_wire=self.metrics.wire_bytes.labels("up").inc, refusal=refusal)
 
@@ -223,3 +224,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             reduction_vs_full=ledger.reduction_vs_full,
             frechet_distance=dict(self.driver.last_fd),
         )
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
+# The weights streams read and write their data messages with the chunk codec (no protobuf copies).
+_DESERIALIZERS = {"UploadUpdate": chunk_codec.parser(pb.UpdateChunk)}
+_SERIALIZERS = {"DownloadWeights": chunk_codec.serialize}
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def register(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+    """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
+    with the chunk codec on the weights streams."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_DESERIALIZERS.get(method.name, request.FromString),
+            response_serializer=_SERIALIZERS.get(method.name, response.SerializeToString),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -6,7 +6,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader, iter_chunks
+from fedcore.chunk_codec import data_message_size
+from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.evaluation import SamplingSpec
 from fedcore.errors import HeaderError
@@ -155,28 +156,14 @@ def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
     return StreamHeader(total_bytes=msg.total_bytes, digest=getattr(msg, algorithm), algorithm=algorithm, format_version=msg.format_version)
 
 
-def data_message_size(n: int) -> int:
-    """The serialized size of a chunk message that holds `n` bytes of data (a length-delimited field of the
-    `msg` oneof): a tag byte, the length as a varint, the bytes. The same number as `ByteSize()`, which in
-    upb encodes the whole message to count it (about 50 us per MiB)."""
-    return 1 + max(1, (n.bit_length() + 6) // 7) + n
-
-
-def chunk_messages(payload: bytes, chunk_size: int, wrap: Callable[[bytes], Msg]) -> Iterator[tuple[Msg, int]]:
-    """The data messages of one payload, each with its serialized size (the caller sends the header message
-    first)."""
-    for view in iter_chunks(payload, chunk_size):
-        yield wrap(bytes(view)), data_message_size(len(view))
-
-
-def data_of(messages: Iterable[Msg], *, on_wire: Callable[[int], None], refusal: Exception) -> Iterator[bytes]:
-    """The data of a stream's messages after its header, each message's serialized size given to `on_wire`;
-    a message that is not data raises `refusal`."""
+def data_of(messages: Iterable[Msg], *, on_wire: Callable[[int], None], refusal: Exception) -> Iterator[bytes | memoryview]:
+    """The data of a stream's messages after its header (protobuf messages or `chunk_codec.DataChunk`s),
+    each message's serialized size given to `on_wire`; a message that is not data raises `refusal`."""
     for msg in messages:
         if msg.WhichOneof("msg") != "data":
             on_wire(msg.ByteSize())
             raise refusal
-        data = msg.data  # a copy each time it is read: once
+        data = msg.data  # from a protobuf message, a copy each time it is read: once
         on_wire(data_message_size(len(data)))
         yield data
 

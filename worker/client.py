@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 import fedcore
-from fedcore import wire
+from fedcore import chunk_codec, wire
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
@@ -94,6 +94,17 @@ class CoordinatorClient:
         download_rate_limit: int = 0,
     ):
         self.stub = pb_grpc.CoordinatorStub(channel)
+        # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
+        self.stub.DownloadWeights = channel.unary_stream(
+            "/feddiff.v1.Coordinator/DownloadWeights",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=chunk_codec.parser(pb.WeightsChunk),
+        )
+        self.stub.UploadUpdate = channel.stream_unary(
+            "/feddiff.v1.Coordinator/UploadUpdate",
+            request_serializer=chunk_codec.serialize,
+            response_deserializer=pb.UploadResponse.FromString,
+        )
         self.metadata = metadata
         self.upload_rate_limit = upload_rate_limit  # bytes per second, 0 = none
         self.download_rate_limit = download_rate_limit
@@ -160,7 +171,7 @@ class CoordinatorClient:
         if self.upload_rate_limit > 0:  # paced in messages of about a tenth of a second, not one burst a chunk
             chunk_size = min(chunk_size, max(MIN_PACED_CHUNK, self.upload_rate_limit // 10))
 
-        def messages() -> Iterator[pb.UpdateChunk]:
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
             first = pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
@@ -170,10 +181,10 @@ class CoordinatorClient:
             )
             on_wire(first.ByteSize())
             yield first
-            for msg, size in wire.chunk_messages(payload, chunk_size, lambda b: pb.UpdateChunk(data=b)):
-                on_wire(size)
-                yield msg
-                pace.spent(size)
+            for frame in chunk_codec.data_frames(payload, chunk_size):
+                on_wire(len(frame))
+                yield frame
+                pace.spent(len(frame))
 
         return self.stub.UploadUpdate(messages(), metadata=self.metadata)
 
