@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fedcore import checkpoint
 from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import LateUpdate, NotAssigned, WrongRound
