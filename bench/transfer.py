@@ -189,11 +189,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds and a smaller broadcast (CPU, under 3 minutes)")
     p.add_argument("--large-mb", type=float, default=512.0, help="size of the large synthetic model")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 3, quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 5, quick 4: medians of a noisy machine)")
     p.add_argument("--k", type=int, default=8, help="workers in the broadcast measurement")
     p.add_argument("--broadcast-mb", type=float, default=None, help="model size for (b) (default 512, quick 64)")
     args = p.parse_args()
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (4 if args.quick else 5)
     broadcast_mb = args.broadcast_mb or (64.0 if args.quick else 512.0)
 
     large = synthetic_model(args.large_mb * MB)

@@ -242,7 +242,8 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
     assert all(torch.equal(agg._sums[n], reference._sums[n]) for n in update)
 
 
-def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(global_state, tiny_layout: PartLayout) -> None:
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad_value: float, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.serialization import PayloadReader
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
@@ -251,9 +252,16 @@ def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(glo
     agg.fold_decoded(reader.read(_payload(tiny_layout, good, ALL_PARTS), ALL_PARTS), 2.0)
     before = agg._flat.clone()
     last = sorted(good)[-1]  # the last tensor of the payload
-    bad = dict(good, **{last: good[last].clone()})
-    bad[last].view(-1)[-1] = float("nan")
+    poisoned = dict(good, **{last: good[last].clone()})
+    poisoned[last].view(-1)[-1] = bad_value
 
     with pytest.raises(NonFiniteTensor, match=f"tensor '{last}' holds 1 NaN/Inf"):
-        agg.fold_decoded(reader.read(_payload(tiny_layout, bad, ALL_PARTS), ALL_PARTS), 2.0)
+        agg.fold_decoded(reader.read(_payload(tiny_layout, poisoned, ALL_PARTS), ALL_PARTS), 2.0)
     assert torch.equal(agg._flat, before) and agg.reporters(DEC) == 1
+
+
+def test_huge_finite_values_are_accepted() -> None:
+    from fedcore.serialization import _all_finite
+
+    assert _all_finite(torch.tensor([3e38, 3e38, -3e38])) and _all_finite(torch.empty(0))
+    assert not _all_finite(torch.tensor([1.0, float("nan")])) and not _all_finite(torch.tensor([float("-inf"), 0.0]))
