@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from bench.common import ensure_preset
 from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
+from coordinator.server import Coordinator, settle_heap
 from fedcore import serialization
 from fedcore.allocator import tune_for_streaming
 from fedcore.metrics import Metrics
@@ -45,6 +45,7 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     coordinator = Coordinator(cfg, metrics).start()
+    settle_heap()  # as `feddiff coordinator` does
     stop.wait()
     coordinator.stop(grace=0.5)
     return 0
