@@ -285,7 +285,8 @@ class PayloadReader:
         expected), WrongRound, SchemaError or NonFiniteTensor."""
         view = memoryview(data)
         raw, data_len = _header_bytes(view)
-        table = self._table(raw, data_len, frozenset(parts))
+        build = self._table if len(raw) <= MEMO_HEADER_BYTES else self._build_table  # a padded giant: not kept
+        table = build(raw, data_len, frozenset(parts))
         buffer = data if isinstance(data, (bytearray, memoryview)) and not view.readonly else bytearray(data)
         decoded = Decoded(table, buffer)
         values = decoded.values()
