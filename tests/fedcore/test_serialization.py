@@ -379,3 +379,22 @@ def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLay
 
     with pytest.raises(NonFiniteTensor, match=r"tensor 'final_conv\.bias' holds 1 NaN/Inf"):
         reader.read(bytearray(encode(poisoned, _meta(round_index=45))), DECODER_ONLY)
+
+
+def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_layout: PartLayout, monkeypatch) -> None:
+    from fedcore import serialization
+
+    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=46))
+    (n,) = struct.unpack("<Q", data[:8])
+    pad = serialization.MEMO_HEADER_BYTES + 8  # JSON allows trailing spaces; the data offsets do not move
+    padded = struct.pack("<Q", n + pad) + data[8 : 8 + n] + b" " * pad + data[8 + n :]
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=46, model="tiny")
+    checks = []
+    check = serialization.check_schema
+    monkeypatch.setattr(serialization, "check_schema", lambda *a: checks.append(1) or check(*a))
+
+    first = reader.read(bytearray(padded), DECODER_ONLY)
+    again = reader.read(bytearray(padded), DECODER_ONLY)
+
+    assert len(checks) == 2 and again.table is not first.table
+    assert all(torch.equal(t, state[name]) for name, t in again.tensors().items())
