@@ -24,9 +24,10 @@ class _Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
-# The payload digests a receiver checks. Both are 256-bit cryptographic hashes; BLAKE3 hashes 2.6 times as
-# fast as SHA-256 on the 2-core CPU of docs/benchmarks.md (4.8 against 1.8 GB/s, SHA extensions included),
-# which is most of what a receiver spends per byte. SHA-256 stays for peers that predate BLAKE3.
+# The payload digests a receiver checks. Both are 256-bit cryptographic hashes; BLAKE3 hashes about 2.5 times
+# as fast as SHA-256 on the 2-core CPU of docs/benchmarks.md (4.3 to 4.7 against 1.8 GB/s, SHA extensions
+# included; `python -m bench.transfer`), and hashing is most of what a receiver spends per byte. SHA-256
+# stays for peers that predate BLAKE3.
 DIGESTS: dict[str, Callable[[], _Hash]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
 PREFERRED_DIGEST = "blake3"
 LEGACY_DIGEST = "sha256"  # what every peer checks, also one that names no digest
