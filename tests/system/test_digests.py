@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
@@ -29,58 +31,59 @@ def _delta_payload(task, layout) -> bytes:  # type: ignore[no-untyped-def]
     return serialization.encode(tensors, PayloadMeta(kind="delta", model="tiny", round=task.round, parts=task.returns))
 
 
-def test_each_worker_gets_and_sends_the_digest_it_knows(tmp_path: Path) -> None:
+@contextmanager
+def _serving(tmp_path: Path, workers: int) -> Iterator[tuple[Coordinator, grpc.Channel]]:
+    """A tiny-model coordinator waiting for `workers` workers, and a plain-text channel to it."""
     cfg = CoordinatorConfig(
-        model="tiny", strategy="udec", rounds=1, epochs=1, min_workers=2, round_deadline=60.0, listen="localhost:0",
-        metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
+        model="tiny", strategy="udec", rounds=1, epochs=1, min_workers=workers, round_deadline=60.0,
+        listen="localhost:0", metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
     )  # fmt: skip
     coord = Coordinator(cfg, Metrics()).start()
-    layout = layout_of(build_model("tiny", seed=0))
     try:
         with grpc.insecure_channel(coord.address) as channel:
-            modern, legacy = RawWorker(channel, "modern"), RawWorker(channel, "legacy")
-            assert list(modern.join(digests=["blake3", "md5"]).digests) == ["blake3"]  # what the coordinator checks
-            legacy.join()  # names no digest, as workers before BLAKE3 did
-
-            for worker, algorithm, digest in ((modern, "blake3", blake3.blake3), (legacy, "sha256", hashlib.sha256)):
-                msg = worker.wait_task()
-                assert getattr(msg, f"payload_{algorithm}") and not getattr(msg, f"payload_{'sha256' if algorithm == 'blake3' else 'blake3'}")
-                header, payload = worker.download(msg.task_id)
-                assert getattr(header, algorithm) == digest(payload).hexdigest() == getattr(msg, f"payload_{algorithm}")
-                assert not getattr(header, "sha256" if algorithm == "blake3" else "blake3")  # one digest per header
-
-                task = task_from_proto(msg)
-                update = _delta_payload(task, layout)
-                sent = worker.update_messages(task, update, header=StreamHeader.of(update, algorithm))
-                assert worker.upload_messages(sent).outcome == "accepted"
-
-            deadline = time.monotonic() + 30
-            while coord.federation.completed_rounds < 1:
-                assert time.monotonic() < deadline, "the round did not close"
-                time.sleep(0.02)
+            yield coord, channel
     finally:
         coord.stop(grace=0)
+
+
+LAYOUT = layout_of(build_model("tiny", seed=0))
+
+
+def test_each_worker_gets_and_sends_the_digest_it_knows(tmp_path: Path) -> None:
+    with _serving(tmp_path, workers=2) as (coord, channel):
+        modern, legacy = RawWorker(channel, "modern"), RawWorker(channel, "legacy")
+        assert list(modern.join(digests=["blake3", "md5"]).digests) == ["blake3"]  # what the coordinator checks
+        legacy.join()  # names no digest, as workers before BLAKE3 did
+
+        for worker, algorithm, digest in ((modern, "blake3", blake3.blake3), (legacy, "sha256", hashlib.sha256)):
+            msg = worker.wait_task()
+            other = "sha256" if algorithm == "blake3" else "blake3"
+            assert getattr(msg, f"payload_{algorithm}") and not getattr(msg, f"payload_{other}")
+            header, payload = worker.download(msg.task_id)
+            assert getattr(header, algorithm) == digest(payload).hexdigest() == getattr(msg, f"payload_{algorithm}")
+            assert not getattr(header, other)  # one digest per header
+
+            task = task_from_proto(msg)
+            update = _delta_payload(task, LAYOUT)
+            sent = worker.update_messages(task, update, header=StreamHeader.of(update, algorithm))
+            assert worker.upload_messages(sent).outcome == "accepted"
+
+        deadline = time.monotonic() + 30
+        while coord.federation.completed_rounds < 1:  # both updates went in: the round closes
+            assert time.monotonic() < deadline, "the round did not close"
+            time.sleep(0.02)
 
 
 @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
 def test_an_update_whose_digest_does_not_match_is_refused_whichever_digest(algorithm: str, tmp_path: Path) -> None:
-    cfg = CoordinatorConfig(
-        model="tiny", strategy="udec", rounds=1, epochs=1, min_workers=1, round_deadline=60.0, listen="localhost:0",
-        metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
-    )  # fmt: skip
-    coord = Coordinator(cfg, Metrics()).start()
-    layout = layout_of(build_model("tiny", seed=0))
-    try:
-        with grpc.insecure_channel(coord.address) as channel:
-            worker = RawWorker(channel, "w")
-            worker.join(digests=["blake3"])
-            task = task_from_proto(worker.wait_task())
-            update = _delta_payload(task, layout)
-            wrong = StreamHeader.of(update[:-1] + bytes([update[-1] ^ 1]), algorithm)
+    with _serving(tmp_path, workers=1) as (_, channel):
+        worker = RawWorker(channel, "w")
+        worker.join(digests=["blake3"])
+        task = task_from_proto(worker.wait_task())
+        update = _delta_payload(task, LAYOUT)
+        wrong = StreamHeader.of(update[:-1] + bytes([update[-1] ^ 1]), algorithm)
 
-            with pytest.raises(grpc.RpcError) as e:
-                worker.upload_messages(worker.update_messages(task, update, header=wrong))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert e.value.details().startswith(f"bad_hash: payload {algorithm} ")
-    finally:
-        coord.stop(grace=0)
+        with pytest.raises(grpc.RpcError) as e:
+            worker.upload_messages(worker.update_messages(task, update, header=wrong))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(f"bad_hash: payload {algorithm} ")
