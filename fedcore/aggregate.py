@@ -63,9 +63,12 @@ class RunningAggregate:
         check_schema({n: (t.dtype, tuple(t.shape)) for n, t in update.items()}, self.layout.specs(parts))
         if not checked_finite:
             check_finite(update)
+        self._add(update, weight)
+        self._count(parts, weight)
+
+    def _add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
         names = list(update)
         torch._foreach_add_([self._sums[n] for n in names], [update[n] for n in names], alpha=weight)  # one call, not one per tensor
-        self._count(parts, weight)
 
     def fold_decoded(self, update: Decoded, weight: float) -> None:
         """Add `weight` x a payload checked by a `PayloadReader` against this aggregate's layout (schema and
@@ -74,8 +77,7 @@ class RunningAggregate:
         self._check(parts, weight)
         values = update.values()
         if values is None:  # not float32 back to back: tensor by tensor
-            tensors = update.tensors()
-            torch._foreach_add_([self._sums[n] for n in tensors], list(tensors.values()), alpha=weight)
+            self._add(update.tensors(), weight)
         else:
             for src, dst, count in self._copy_plan(update.table):
                 self._flat[dst : dst + count].add_(values[src : src + count], alpha=weight)
