@@ -142,7 +142,6 @@ def main() -> int:
     rounds = args.rounds or (3 if args.quick else 5)
     settings = {
         "model": MODEL, "strategy": args.strategy, "rounds": rounds, "min_workers": args.workers, "epochs": 1,
-        "grpc_threads": max(256, 2 * args.workers + 16),
         "health_port": 0,  # the plain-text health-only server that Kubernetes probes (deploy/k8s)
     }  # fmt: skip
     per_process = -(-args.workers // args.processes)

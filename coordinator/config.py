@@ -36,7 +36,6 @@ class CoordinatorConfig:
     max_concurrent_uploads: int = 2  # updates received and decoded at once; the rest wait (back-pressure)
     heartbeat_interval: float = 5.0  # seconds between worker heartbeats
     heartbeat_timeout: float = 30.0  # a worker unheard of for this long is no longer connected
-    grpc_threads: int = 256  # server threads (each waiting worker's long poll holds one)
     progress: str = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
     ready_file: str = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir

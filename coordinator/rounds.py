@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -51,8 +52,9 @@ class IssuedTask:
 
 
 class RoundDriver:
-    """Owns the federation's progress. gRPC handlers call in from many threads; `run` is the one loop
-    that opens and closes rounds."""
+    """Owns the federation's progress. `run` is the one loop that opens and closes rounds; gRPC handlers call
+    in from the server's event loop and its accept threads. Handlers never block here: a worker's long poll
+    asks `poll_task` and waits for the next change that `on_change` announces."""
 
     def __init__(
         self,
@@ -68,8 +70,9 @@ class RoundDriver:
         self.checkpoint_dir = Path(cfg.checkpoint_dir)
         self.state: State = "waiting_for_workers"
         lock = threading.RLock()
-        self._cond = threading.Condition(lock)  # tasks issued, state changes: wakes the workers' long polls
+        self._cond = threading.Condition(lock)  # guards the state below; waits of the round loop
         self._arrivals = threading.Condition(lock)  # updates and reports in: wakes only the round loop
+        self._listeners: list[Callable[[], None]] = []  # told of tasks issued and state changes
         self._round: OpenRound | None = None
         self._eval: EvalPhase | None = None
         self._issued: dict[str, IssuedTask] = {}
@@ -106,12 +109,12 @@ class RoundDriver:
             with self._cond:
                 if self.state != "done":
                     self.state = "stopped"
-                self._cond.notify_all()
+                self._changed()
 
     def stop(self) -> None:
         self._stop.set()
         with self._cond:
-            self._cond.notify_all()
+            self._changed()
             self._arrivals.notify_all()
 
     def _wait_for_workers(self) -> bool:
@@ -150,7 +153,7 @@ class RoundDriver:
             self._round = open_round
             self.state = "training"
             self._round_started = time.monotonic()
-            self._cond.notify_all()
+            self._changed()
         log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
         deadline = self._round_started + self.cfg.round_deadline
         gauge_due = 0.0
@@ -231,7 +234,7 @@ class RoundDriver:
             self._eval = phase
             self._issued = {w: IssuedTask(t, phase.header(digests[w])) for w, t in phase.tasks.items()}
             self.state = "evaluating"
-            self._cond.notify_all()
+            self._changed()
             deadline = time.monotonic() + self.cfg.round_deadline
             while not self._stop.is_set() and not phase.done and time.monotonic() < deadline:
                 self._arrivals.wait(timeout=0.5)
@@ -262,7 +265,7 @@ class RoundDriver:
             log.error("writing the final model failed: %s", e)
         with self._cond:
             self.state = "done"
-            self._cond.notify_all()
+            self._changed()
         ledger = self.federation.ledger
         log.info(
             "done: %d rounds, %d parameters exchanged, %.1f%% less than plain FedAvg",
@@ -272,20 +275,33 @@ class RoundDriver:
         )
 
     # --- called from gRPC handlers --------------------------------------------------------------------------
-    def wait_task(self, worker_id: str, timeout: float) -> IssuedTask | Literal["done", "idle"]:
-        """This worker's open task of the current round, waiting up to `timeout` for one."""
-        deadline = time.monotonic() + timeout
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (from the thread that made the change, under the driver's lock: it must only
+        schedule work) whenever tasks are issued or the state changes, until the returned function is called."""
         with self._cond:
-            while True:
-                if self.state == "done":
-                    return "done"
-                issued = self._issued.get(worker_id)
-                if issued is not None and not self._finished(worker_id):
-                    return issued
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stop.is_set():
-                    return "idle"
-                self._cond.wait(timeout=remaining)
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._cond:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _changed(self) -> None:
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
+
+    def poll_task(self, worker_id: str) -> IssuedTask | Literal["done", "stopped"] | None:
+        """This worker's open task of the phase in progress; "done" after the last round, "stopped" once the
+        driver stops; None while there is nothing for it (wait for the next change)."""
+        with self._cond:
+            if self.state == "done":
+                return "done"
+            issued = self._issued.get(worker_id)
+            if issued is not None and not self._finished(worker_id):
+                return issued
+            return "stopped" if self._stop.is_set() else None
 
     def _finished(self, worker_id: str) -> bool:
         """Whether this worker is through with the task of the phase in progress."""

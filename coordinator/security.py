@@ -53,7 +53,7 @@ class Authenticator:
     def verifies(self) -> bool:
         return self.mutual_tls or bool(self.tokens)
 
-    def identity(self, context: grpc.ServicerContext) -> str | None:
+    def identity(self, context: grpc.aio.ServicerContext) -> str | None:
         """The verified identity of the caller; UnknownWorker when verification is on and fails."""
         if self.mutual_tls:
             names = context.auth_context().get("x509_common_name") or []
@@ -74,7 +74,7 @@ class Authenticator:
             return found
         return None
 
-    def check(self, context: grpc.ServicerContext, claimed: str) -> None:
+    def check(self, context: grpc.aio.ServicerContext, claimed: str) -> None:
         """The caller must be `claimed` whenever identities are verified."""
         verified = self.identity(context)
         if verified is not None and verified != claimed:

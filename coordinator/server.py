@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import signal
 import threading
-from concurrent import futures
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +28,7 @@ from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
 
 log = logging.getLogger("feddiff.coordinator")
+T = TypeVar("T")
 
 SERVICE_NAME = "feddiff.v1.Coordinator"
 GRPC_OPTIONS = [
@@ -54,7 +57,11 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
 
 
 class Coordinator:
-    """A running coordinator; `start` returns once it serves, `stop` shuts it down cleanly."""
+    """A running coordinator; `start` returns once it serves, `stop` shuts it down cleanly.
+
+    The gRPC servers (the worker-facing one and the health-only one) are asyncio servers on one event loop
+    in a thread of their own: a waiting worker costs a coroutine, not a thread. The round loop runs in
+    another thread."""
 
     def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
         self.cfg = cfg
@@ -63,25 +70,15 @@ class Coordinator:
         self.registry = WorkerRegistry(cfg.heartbeat_timeout)
         self.federation = build_federation(cfg)
         self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
-        self.health = health.HealthServicer()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads), options=GRPC_OPTIONS)
-        servicer = CoordinatorServicer(cfg, self.driver, self.registry, self.metrics, Authenticator(cfg))
-        register(servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        creds = server_credentials(cfg)
-        self.port = self.server.add_secure_port(cfg.listen, creds) if creds else self.server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+        self.auth = Authenticator(cfg)
+        self.health = health.aio.HealthServicer()  # served on both ports
+        self.port: int | None = None
         self.metrics_port: int | None = None
-        # Probes (kubelet's native gRPC probe) speak plain text: a second server carries the health service
-        # alone, so the worker-facing port can require mutual TLS.
-        self.health_server: grpc.Server | None = None
         self.health_port: int | None = None
-        if cfg.health_port >= 0:
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            host = cfg.listen.rsplit(":", 1)[0]
-            self.health_port = self.health_server.add_insecure_port(f"{host}:{cfg.health_port}")
+        self._event_loop = asyncio.new_event_loop()
+        self._grpc_thread = threading.Thread(target=self._event_loop.run_forever, name="grpc-loop", daemon=True)
+        self._servers: list[grpc.aio.Server] = []
+        self._servicer: CoordinatorServicer | None = None
         self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
         self.progress = ProgressReporter(self.driver, cfg.progress)
 
@@ -90,14 +87,45 @@ class Coordinator:
         host = self.cfg.listen.rsplit(":", 1)[0]
         return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
 
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._event_loop).result()
+
+    async def _serve(self) -> None:
+        """Create and start the servers on the event loop (grpc.aio objects belong to the loop they are made on)."""
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._servers.append(server)
+        self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth)
+        register(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        creds = server_credentials(self.cfg)
+        self.port = server.add_secure_port(self.cfg.listen, creds) if creds else server.add_insecure_port(self.cfg.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.cfg.listen}")
+        # Probes (kubelet's native gRPC probe) speak plain text: a second server carries the health service
+        # alone, so the worker-facing port can require mutual TLS.
+        if self.cfg.health_port >= 0:
+            probes = grpc.aio.server()
+            self._servers.append(probes)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
+            host = self.cfg.listen.rsplit(":", 1)[0]
+            self.health_port = probes.add_insecure_port(f"{host}:{self.cfg.health_port}")
+        for s in self._servers:
+            await s.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _stop_servers(self, grace: float) -> None:
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+
     def start(self) -> Coordinator:
+        self._grpc_thread.start()
+        try:
+            self._on_loop(self._serve())
+        except BaseException:
+            self._close_loop()
+            raise
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
-        self.server.start()
-        if self.health_server is not None:
-            self.health_server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop.start()
         self.progress.start()
         if self.cfg.ready_file:
@@ -119,12 +147,20 @@ class Coordinator:
 
     def stop(self, grace: float = 2.0) -> None:
         self.progress.stop()
-        self.health.enter_graceful_shutdown()
+        if self._grpc_thread.is_alive():
+            self._on_loop(self.health.enter_graceful_shutdown())
         self.driver.stop()
-        self.server.stop(grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
+        if self._grpc_thread.is_alive():
+            self._on_loop(self._stop_servers(grace))
+            self._close_loop()
         self._loop.join(timeout=10)
+
+    def _close_loop(self) -> None:
+        if self._servicer is not None:
+            self._servicer.close()
+        self._event_loop.call_soon_threadsafe(self._event_loop.stop)
+        self._grpc_thread.join(timeout=10)
+        self._event_loop.close()
 
 
 def settle_heap() -> None:

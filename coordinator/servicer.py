@@ -1,17 +1,21 @@
-"""gRPC servicer: protobuf in, one call into the round driver or registry, protobuf or a mapped status out."""
+"""gRPC servicer on the asyncio server: protobuf in, one call into the round driver or registry, protobuf or a
+mapped status out. Handlers run on the server's event loop and never block it: a long poll awaits the
+driver's next change, and a large update is checked and folded in an accept thread."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import grpc
 
 from fedcore import chunk_codec, wire
 from fedcore.chunk_codec import DataChunk
-from fedcore.chunking import DIGESTS, LEGACY_DIGEST, ReceiveBuffer
+from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask
 from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
@@ -27,26 +31,60 @@ from coordinator.status import abort
 log = logging.getLogger("feddiff.coordinator")
 
 MAX_WAIT_MS = 60_000
+# An update up to this size is checked and folded on the event loop (about 1 ms at 16 MB: no thread hop for
+# the common small update); a larger one in an accept thread, so that health checks and long polls are
+# answered meanwhile (512 MB take about a second).
+ACCEPT_ON_LOOP_MAX = 16 << 20
+
+
+class Changes:
+    """The driver's changes (tasks issued, state) as an asyncio signal: `current()` is set at the next one.
+
+    `notify` may be called from any thread; the event is set on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def current(self) -> asyncio.Event:
+        return self._event
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Create it on the event loop that serves it."""
+
     def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, auth: Authenticator):
         self.cfg = cfg
         self.auth = auth
         self.driver = driver
         self.registry = registry
         self.metrics = metrics
+        self._changes = Changes(asyncio.get_running_loop())
+        self._unsubscribe = driver.on_change(self._changes.notify)
         # Upload slots, each with the memory its updates are received into (reused round after round).
-        self._upload_slots: queue.LifoQueue[ReceiveBuffer] = queue.LifoQueue()  # the warmest memory first
-        for _ in range(max(1, cfg.max_concurrent_uploads)):
-            self._upload_slots.put(ReceiveBuffer())
+        slots = max(1, cfg.max_concurrent_uploads)
+        self._upload_slots = asyncio.Semaphore(slots)
+        self._buffers = [ReceiveBuffer() for _ in range(slots)]  # the warmest memory last: taken first
+        self._accept_threads = ThreadPoolExecutor(slots, thread_name_prefix="feddiff-accept")
 
-    def _refuse(self, context: grpc.ServicerContext, error: FeddiffError) -> None:
+    def close(self) -> None:
+        """Stop hearing of the driver's changes (the event loop is about to close); end the accept threads."""
+        self._unsubscribe()
+        self._accept_threads.shutdown(wait=True)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError) -> None:
         self.metrics.updates.labels(error.reason).inc()
         log.warning("refused: %s: %s", error.reason, error)
-        abort(context, error)
+        await abort(context, error)
 
-    def _worker(self, session_id: str, context: grpc.ServicerContext, *, counted: bool = False) -> str:
+    async def _worker(self, session_id: str, context: grpc.aio.ServicerContext, *, counted: bool = False) -> str:
         """The worker behind a session, checked against the caller's verified identity; `counted` refusals
         (uploads) show in feddiff_updates_total."""
         try:
@@ -56,20 +94,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except UnknownWorker as e:
             if counted:
                 self.metrics.updates.labels(e.reason).inc()
-            abort(context, e)
+            await abort(context, e)
 
     # --- membership ------------------------------------------------------------------------------------------
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         w = request.worker
         if not wire.valid_worker_id(w.worker_id):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
         if w.num_examples < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")
         try:
             self.auth.check(context, w.worker_id)
         except UnknownWorker as e:
             log.warning("refused join of %r: %s", w.worker_id, e)
-            abort(context, e)
+            await abort(context, e)
         info = WorkerInfo(
             worker_id=w.worker_id,
             device=w.device,
@@ -93,35 +131,48 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
         )
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        self._worker(request.session_id, context)
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        await self._worker(request.session_id, context)
         return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         self.registry.leave(request.session_id)
         return pb.LeaveResponse()
 
     # --- tasks -----------------------------------------------------------------------------------------------
-    def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.ServicerContext) -> pb.WaitTaskResponse:
-        worker_id = self._worker(request.session_id, context)
+    async def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.aio.ServicerContext) -> pb.WaitTaskResponse:
+        worker_id = await self._worker(request.session_id, context)
         timeout = min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000
-        outcome = self.driver.wait_task(worker_id, timeout)
+        outcome = await self._next_task(worker_id, timeout)
         self.registry.touch(request.session_id)
         if outcome == "done":
             return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds))
-        if outcome == "idle":
+        if outcome in ("idle", "stopped"):
             return pb.WaitTaskResponse(idle=pb.Idle())
         assert isinstance(outcome, IssuedTask)
         if isinstance(outcome.task, EvalTask):
             return pb.WaitTaskResponse(task=wire.eval_task_to_proto(outcome.task, outcome.header))
         return pb.WaitTaskResponse(task=wire.task_to_proto(outcome.task, outcome.header))
 
-    def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk | bytes]:
-        worker_id = self._worker(request.session_id, context)
+    async def _next_task(self, worker_id: str, timeout: float) -> IssuedTask | str:
+        """The long poll: this worker's task, "done", "stopped", or "idle" after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    change = self._changes.current()  # taken before asking: a change after the answer sets it
+                    outcome = self.driver.poll_task(worker_id)
+                    if outcome is not None:
+                        return outcome
+                    await change.wait()
+        except TimeoutError:
+            return "idle"
+
+    async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WeightsChunk | bytes]:
+        worker_id = await self._worker(request.session_id, context)
         try:
             payload, issued = self.driver.weights_for(worker_id, request.task_id)
         except FeddiffError as e:
-            abort(context, e)
+            await abort(context, e)
         task = issued.task
         header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
@@ -136,12 +187,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except FeddiffError as e:
             log.info("download of %s completed after its round closed: %s", request.task_id, e)
 
-    def UploadUpdate(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk], context: grpc.ServicerContext) -> pb.UploadResponse:
-        first = next(request_iterator, None)
+    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext) -> pb.UploadResponse:
+        first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("header"):
-            self._refuse(context, HeaderError("an update stream must start with its header"))
+            await self._refuse(context, HeaderError("an update stream must start with its header"))
         h = first.header
-        worker_id = self._worker(h.session_id, context, counted=True)
+        worker_id = await self._worker(h.session_id, context, counted=True)
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
         try:
             parts = wire.parts_from_proto(h.stream.parts)
@@ -151,48 +202,73 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if h.report.images_seen < 1 or not (math.isfinite(h.report.mean_loss) and h.report.mean_loss >= 0):
                 raise HeaderError(f"train report images_seen {h.report.images_seen} / mean_loss {h.report.mean_loss} is invalid")
         except FeddiffError as e:
-            self._refuse(context, e)
-        # Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
-        # others wait here, unread, held by HTTP/2 flow control.
-        slot = self._upload_slots.get()
+            await self._refuse(context, e)
         try:
-            payload = wire.reassemble(stream_header, self._data(request_iterator), max_bytes=limit, into=slot)
-            # accept decodes, checks and folds the update: nothing refers to the slot's memory once it returns
-            self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
-        except grpc.RpcError:  # raised by the request iterator: the worker's end of the call is gone
+            async with self._upload_slot() as slot:
+                await self._receive_and_accept(worker_id, h, stream_header, limit, request_iterator, slot)
+        except asyncio.CancelledError:  # the worker's end of the call is gone
             self._cut_off(worker_id, h.stream.task_id)
             raise
         except FeddiffError as e:
-            if not context.is_active():  # the stream ended early because its connection did
+            if context.cancelled():  # the stream ended early because its connection did
                 self._cut_off(worker_id, h.stream.task_id)
                 return pb.UploadResponse(outcome="aborted")
-            self._refuse(context, e)
-        finally:
-            self._upload_slots.put(slot)
+            await self._refuse(context, e)
         self.metrics.updates.labels("accepted").inc()
         return pb.UploadResponse(outcome="accepted")
+
+    @asynccontextmanager
+    async def _upload_slot(self) -> AsyncIterator[ReceiveBuffer]:
+        """Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
+        others wait here, unread, held by HTTP/2 flow control."""
+        async with self._upload_slots:
+            buffer = self._buffers.pop()
+            try:
+                yield buffer
+            finally:
+                self._buffers.append(buffer)
+
+    async def _receive_and_accept(
+        self,
+        worker_id: str,
+        h: pb.UpdateHeader,
+        header: StreamHeader,
+        limit: int,
+        request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk],
+        slot: ReceiveBuffer,
+    ) -> None:
+        on_wire = self.metrics.wire_bytes.labels("up").inc
+        refusal = SizeMismatch("an update stream carries one header, then data only")
+        with Reassembler(header, max_bytes=limit, into=slot) as receiver:
+            async for msg in request_iterator:
+                receiver.feed(wire.data_in(msg, on_wire=on_wire, refusal=refusal))
+
+            def accept() -> None:  # nothing refers to the slot's memory once it returns
+                payload = receiver.finish()
+                self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+
+            if header.total_bytes <= ACCEPT_ON_LOOP_MAX:
+                accept()
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._accept_threads, accept)
 
     def _cut_off(self, worker_id: str, task_id: str) -> None:
         """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
         self.metrics.updates.labels("aborted").inc()
         log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
-    def _data(self, request_iterator: Iterator[pb.UpdateChunk | DataChunk]) -> Iterator[bytes | memoryview]:
-        refusal = SizeMismatch("an update stream carries one header, then data only")
-        return wire.data_of(request_iterator, on_wire=self.metrics.wire_bytes.labels("up").inc, refusal=refusal)
-
-    def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
-        worker_id = self._worker(request.session_id, context)
+    async def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext) -> pb.EvaluationAck:
+        worker_id = await self._worker(request.session_id, context)
         try:
             self.driver.report_evaluation(
                 worker_id, request.task_id, request.frechet_distance, request.feature_extractor, request.num_samples, request.sample_grid_png
             )
         except FeddiffError as e:
-            abort(context, e)
+            await abort(context, e)
         return pb.EvaluationAck()
 
     # --- tools -----------------------------------------------------------------------------------------------
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         fed = self.driver.federation
         ledger = fed.ledger
         progress = self.driver.progress()
@@ -238,7 +314,7 @@ _HANDLERS = {
 }
 
 
-def register(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
     with the chunk codec on the weights streams."""
     handlers = {}

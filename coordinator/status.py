@@ -33,10 +33,10 @@ def code_for(error: errors.FeddiffError) -> grpc.StatusCode:
 MAX_DETAILS = 512
 
 
-def abort(context: grpc.ServicerContext, error: errors.FeddiffError) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, error: errors.FeddiffError) -> NoReturn:
     """End the call with the error's status code and its message (which names the offending value)."""
     details = f"{error.reason}: {error}"
     if len(details) > MAX_DETAILS:
         details = details[: MAX_DETAILS - 3] + "..."
-    context.abort(code_for(error), details)
+    await context.abort(code_for(error), details)
     raise AssertionError("unreachable: context.abort raises")

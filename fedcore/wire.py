@@ -156,16 +156,22 @@ def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
     return StreamHeader(total_bytes=msg.total_bytes, digest=getattr(msg, algorithm), algorithm=algorithm, format_version=msg.format_version)
 
 
+def data_in(msg: Msg, *, on_wire: Callable[[int], None], refusal: Exception) -> bytes | memoryview:
+    """The data of one message of a stream after its header (a protobuf message or a
+    `chunk_codec.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
+    `refusal`."""
+    if msg.WhichOneof("msg") != "data":
+        on_wire(msg.ByteSize())
+        raise refusal
+    data = msg.data  # from a protobuf message, a copy each time it is read: once
+    on_wire(data_message_size(len(data)))
+    return data
+
+
 def data_of(messages: Iterable[Msg], *, on_wire: Callable[[int], None], refusal: Exception) -> Iterator[bytes | memoryview]:
-    """The data of a stream's messages after its header (protobuf messages or `chunk_codec.DataChunk`s),
-    each message's serialized size given to `on_wire`; a message that is not data raises `refusal`."""
+    """`data_in` of each of a stream's messages after its header."""
     for msg in messages:
-        if msg.WhichOneof("msg") != "data":
-            on_wire(msg.ByteSize())
-            raise refusal
-        data = msg.data  # from a protobuf message, a copy each time it is read: once
-        on_wire(data_message_size(len(data)))
-        yield data
+        yield data_in(msg, on_wire=on_wire, refusal=refusal)
 
 
 def reassemble(
