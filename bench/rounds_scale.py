@@ -8,6 +8,13 @@ the longest local work of the round. Meanwhile two threads call the gRPC health 
 on the worker-facing port and one on the health-only port that Kubernetes probes, and record how long each
 answer took.
 
+Then, in the same run, as many workers move the same bytes over bare gRPC (bench.bare_rounds: identity
+serializers, nothing checked or aggregated, the whole tiny model both ways as with --strategy full, no
+jitter): `bare_grpc_round_overhead_ms` with the same three calls per worker and round, what the calls alone
+cost on this machine with the workers' CPU beside the server's (`round_overhead_over_bare_grpc`: what the
+coordinator's work adds to them); `bare_grpc_stream_round_overhead_ms` with one long-lived stream per
+worker and the payload alone each way, the least a protocol over gRPC could exchange.
+
     python -m bench.rounds_scale --quick
 """
 
@@ -25,6 +32,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import bare_rounds
 from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, log, machine, median, meta_layout, payload_bytes_of, random_delta
 from feddiff.local import sample
 
@@ -191,6 +199,11 @@ def main() -> int:
             records.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
     if len(durations) < rounds:
         raise RuntimeError(f"only {len(durations)} of {rounds} rounds completed:\n{coord.output()[-3000:]}")
+    full_payload = payload_bytes_of(meta_layout(MODEL))
+    bare = {}
+    for calls in ("feddiff", "stream"):
+        log(f"bare gRPC, {calls} calls: {args.workers} workers, {rounds} rounds")
+        bare[calls] = median(bare_rounds.overheads(args.workers, args.processes, rounds, args.work, full_payload, calls))
     slowest = [max(r["work"] for r in records if r["round"] == i) for i in range(rounds)]
     overhead = [d - w for d, w in zip(durations, slowest)]
     phases = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
@@ -228,6 +241,10 @@ def main() -> int:
         "health_port_p99_ms": percentile(health_port, 0.99) * 1000,
         "health_port_max_ms": max(health_port) * 1000 if health_port else float("nan"),
         "health_failures": probe.failures + probe_port.failures,
+        "bare_grpc_payload_bytes": full_payload,
+        "bare_grpc_round_overhead_ms": bare["feddiff"] * 1000,
+        "bare_grpc_stream_round_overhead_ms": bare["stream"] * 1000,
+        "round_overhead_over_bare_grpc": median(overhead) / bare["feddiff"],
         "round_overhead_ms": median(overhead) * 1000,
     }
     emit(figures)

@@ -85,3 +85,12 @@ def test_both_accept_paths_give_the_same_sums_and_are_timed() -> None:
     figures = per_update_ms("tiny", repeats=3)  # asserts the two paths' sums are equal
 
     assert figures["tensors"] == 220 and figures["per_tensor_ms"] > 0 and figures["reader_ms"] > 0
+
+
+@pytest.mark.parametrize("calls", ["feddiff", "stream"])
+def test_bare_rounds_time_every_round_of_every_worker(calls: str) -> None:
+    from bench.bare_rounds import overheads
+
+    rounds = overheads(workers=6, processes=2, rounds=2, work=0.05, size=(1 << 20) + 4096, calls=calls)  # two messages each way
+
+    assert len(rounds) == 2 and all(0 < r < 30 for r in rounds)
