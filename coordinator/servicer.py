@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import grpc
@@ -35,6 +35,23 @@ MAX_WAIT_MS = 60_000
 # the common small update); a larger one in an accept thread, so that health checks and long polls are
 # answered meanwhile (512 MB take about a second).
 ACCEPT_ON_LOOP_MAX = 16 << 20
+
+
+async def run_to_end(executor: Executor, fn: Callable[[], None]) -> None:
+    """Run `fn` in `executor` and wait for it, to its end even when the waiting task is cancelled meanwhile.
+
+    For the accept of a large update: when its worker goes away after the last byte, the update is folded
+    as if the answer had reached the worker, and the upload slot's memory, which `fn` reads, is not handed to
+    the next upload before `fn` returns. Raises what `fn` raised."""
+    running = asyncio.get_running_loop().run_in_executor(executor, fn)
+    while True:
+        try:
+            await asyncio.shield(running)
+            return
+        except asyncio.CancelledError:
+            if running.done():
+                running.result()
+                return
 
 
 class Changes:
@@ -250,7 +267,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if header.total_bytes <= ACCEPT_ON_LOOP_MAX:
                 accept()
             else:
-                await asyncio.get_running_loop().run_in_executor(self._accept_threads, accept)
+                await run_to_end(self._accept_threads, accept)
 
     def _cut_off(self, worker_id: str, task_id: str) -> None:
         """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
