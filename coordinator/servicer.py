@@ -87,8 +87,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._unsubscribe = driver.on_change(self._changes.notify)
         # Upload slots, each with the memory its updates are received into (reused round after round).
         slots = max(1, cfg.max_concurrent_uploads)
-        self._upload_slots = asyncio.Semaphore(slots)
-        self._buffers = [ReceiveBuffer() for _ in range(slots)]  # the warmest memory last: taken first
+        self._upload_slots: asyncio.LifoQueue[ReceiveBuffer] = asyncio.LifoQueue()  # the warmest memory first
+        for _ in range(slots):
+            self._upload_slots.put_nowait(ReceiveBuffer())
         self._accept_threads = ThreadPoolExecutor(slots, thread_name_prefix="feddiff-accept")
 
     def close(self) -> None:
@@ -238,12 +239,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def _upload_slot(self) -> AsyncIterator[ReceiveBuffer]:
         """Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
         others wait here, unread, held by HTTP/2 flow control."""
-        async with self._upload_slots:
-            buffer = self._buffers.pop()
-            try:
-                yield buffer
-            finally:
-                self._buffers.append(buffer)
+        buffer = await self._upload_slots.get()
+        try:
+            yield buffer
+        finally:
+            self._upload_slots.put_nowait(buffer)
 
     async def _receive_and_accept(
         self,
