@@ -1,8 +1,16 @@
-"""docs/results.md and its two plots (FD against parameters exchanged, loss per round) from reproduce results."""
+"""docs/results.md, its two plots (FD against parameters exchanged, loss per round) and one sample grid per
+cell, from the results lines of `feddiff reproduce`.
+
+A cell run with several seeds is one row: its FD is the mean over seeds, its spread the half range of the
+per-seed FDs relative to that mean. Text between NOTES_BEGIN and NOTES_END in an existing results.md (the
+discussion of the numbers, written by hand) is kept when the file is rendered again."""
 
 from __future__ import annotations
 
+import shutil
+import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API renders with Agg and touches no pyplot global state
@@ -13,9 +21,16 @@ from fedcore.atomic import atomic_write
 RESULTS_MD = "results.md"
 FD_PLOT = "results-fd-vs-parameters.png"
 LOSS_PLOT = "results-loss.png"
+SAMPLES_DIR = "samples"  # beside results.md: one grid per cell, <protocol>-<cell folder>.png
+NOTES_BEGIN = "<!-- notes: written by hand, kept when feddiff reproduce renders this file -->"
+NOTES_END = "<!-- end of notes -->"
 GOAL_RATIO = 1.10  # every federated IID row's FD within 1.10x of our centralised FD
 PAPER_RATIO = (47.9, 42.5)  # the paper's UDec IID FID against its centralised FID: 1.13
 
+CPU_COMMANDS = """\
+feddiff reproduce --protocol cpu --splits iid                                              # the five IID rows
+feddiff reproduce --protocol cpu --splits iid --only centralised,udec:iid --seed 1         # their second seed
+feddiff reproduce --protocol cpu --splits label,quantity --strategies full,udec            # the skew table"""
 GPU_COMMAND = "feddiff reproduce --protocol quick --splits iid --device cuda"
 GPU_NOTE = """\
 One process on one GPU; resumable: after an interruption run the same command again (finished cells are
@@ -38,10 +53,56 @@ _SPLIT_ORDER = ("all", "iid", "label", "quantity")
 _COLOURS = {"centralised": "black", "full": "tab:blue", "usplit": "tab:green", "ulatdec": "tab:orange", "udec": "tab:red"}
 
 
-def _order(row: Mapping) -> tuple[int, int]:
+@dataclass(frozen=True)
+class CellSummary:
+    """One table row: a cell's results lines (one per seed) of one protocol."""
+
+    runs: tuple[Mapping, ...]  # by seed
+
+    @property
+    def first(self) -> Mapping:
+        return self.runs[0]
+
+    @property
+    def strategy(self) -> str:
+        return str(self.first["strategy"])
+
+    @property
+    def split(self) -> str:
+        return str(self.first["split"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(r.get("seed", 0)) for r in self.runs]
+
+    @property
+    def fd_mean(self) -> float:
+        """The mean over seeds of each seed's mean FD over its models."""
+        return statistics.fmean(r["fd_mean"] for r in self.runs)
+
+    @property
+    def fd_std(self) -> float:
+        """Population std of the FD over every evaluated model of every seed (0 for one global model)."""
+        fds = [m["fd"] for r in self.runs for m in r["fd_per_model"]]
+        return statistics.pstdev(fds) if len(fds) > 1 else 0.0
+
+    @property
+    def seed_spread(self) -> float | None:
+        """Half the range of the per-seed mean FDs, relative to their mean; None with one seed."""
+        if len(self.runs) < 2:
+            return None
+        fds = [r["fd_mean"] for r in self.runs]
+        return (max(fds) - min(fds)) / 2 / self.fd_mean
+
+    @property
+    def wall_seconds(self) -> float:
+        return statistics.fmean(r["wall_seconds"] for r in self.runs)
+
+
+def _order(row: Mapping) -> tuple[int, int, int]:
     split = _SPLIT_ORDER.index(row["split"]) if row["split"] in _SPLIT_ORDER else len(_SPLIT_ORDER)
     strategy = _STRATEGY_ORDER.index(row["strategy"]) if row["strategy"] in _STRATEGY_ORDER else len(_STRATEGY_ORDER)
-    return split, strategy
+    return split, strategy, int(row.get("seed", 0))
 
 
 def _by_protocol(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
@@ -51,15 +112,23 @@ def _by_protocol(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     return {name: sorted(group, key=_order) for name, group in groups.items()}
 
 
-def _centralised(rows: Sequence[Mapping]) -> Mapping | None:
-    return next((r for r in rows if r["strategy"] == "centralised"), None)
+def summarise(rows: Sequence[Mapping]) -> list[CellSummary]:
+    """One summary per cell of one protocol's rows, in the paper's order (rows of a cell are its seeds)."""
+    cells: dict[str, list[Mapping]] = {}
+    for row in sorted(rows, key=_order):
+        cells.setdefault(row["cell"], []).append(row)
+    return [CellSummary(tuple(runs)) for runs in cells.values()]
 
 
-def fd_ratio(row: Mapping, centralised: Mapping | None) -> float | None:
-    """The row's FD against the centralised FD of the same protocol and features (the paper's comparison)."""
-    if centralised is None or centralised["feature_extractor"] != row["feature_extractor"] or centralised["fd_mean"] <= 0:
+def _centralised(cells: Sequence[CellSummary]) -> CellSummary | None:
+    return next((c for c in cells if c.strategy == "centralised"), None)
+
+
+def fd_ratio(cell: CellSummary, centralised: CellSummary | None) -> float | None:
+    """The cell's FD against the centralised FD of the same protocol and features (the paper's comparison)."""
+    if centralised is None or centralised.first["feature_extractor"] != cell.first["feature_extractor"] or centralised.fd_mean <= 0:
         return None
-    return row["fd_mean"] / centralised["fd_mean"]
+    return cell.fd_mean / centralised.fd_mean
 
 
 def _duration(seconds: float) -> str:
@@ -70,89 +139,166 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.1f} M"
 
 
-def _is_miniature(rows: Sequence[Mapping]) -> bool:
-    return any(r["protocol"] == "mini" or r["device"] == "cpu" for r in rows)
+def _seeds(cell: CellSummary) -> str:
+    spread = cell.seed_spread
+    if spread is None:
+        return str(cell.seeds[0])
+    return f"{', '.join(map(str, cell.seeds))} (+-{spread:.1%})"
 
 
-def table(rows: Sequence[Mapping]) -> str:
-    """The Markdown table of one protocol's rows, in the paper's order."""
-    head = (
-        "| strategy | split | K | FD mean +- std | models | FD / centralised | parameters exchanged "
-        "| reduction vs full | wall time | device | date |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
-    )
-    central = _centralised(rows)
+_HEAD = (
+    "| strategy | split | K | FD mean +- std | models | seeds (spread) | FD / centralised | parameters exchanged "
+    "| reduction vs full | wall time | device | date |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+)
+
+
+def table(cells: Sequence[CellSummary], central: CellSummary | None = None, baselines: bool = True) -> str:
+    """The Markdown table of cells in the paper's order; with `baselines`, the floor and noise rows after them."""
     lines = []
-    for r in rows:
-        ratio = fd_ratio(r, central)
+    for c in cells:
+        ratio = fd_ratio(c, central)
+        r = c.first
         lines.append(
-            f"| {r['strategy']} | {r['split']} | {r['clients']} | {r['fd_mean']:.2f} +- {r['fd_std']:.2f} "
-            f"| {len(r['fd_per_model'])} | {'-' if ratio is None else f'{ratio:.2f}x'} | {_millions(r['parameters_exchanged'])} "
-            f"| {r['reduction_vs_full']:.1%} | {_duration(r['wall_seconds'])} | {r['device']} | {r['date']} |"
+            f"| {c.strategy} | {c.split} | {r['clients']} | {c.fd_mean:.2f} +- {c.fd_std:.2f} "
+            f"| {len(r['fd_per_model'])} | {_seeds(c)} | {'-' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {_millions(r['parameters_exchanged'])} | {r['reduction_vs_full']:.1%} | {_duration(c.wall_seconds)} "
+            f"| {r['device']} | {r['date']} |"
         )
-    return head + "\n".join(lines) + ("\n" if lines else "")
+    if baselines and cells and "floor_fd" in cells[0].first:
+        r = cells[0].first
+        n = f"{r['samples']:,}"
+        lines.append(f"| real training images ({n}): the floor | - | - | {r['floor_fd']:.2f} | - | - | - | - | - | - | - | - |")
+        lines.append(f"| uniform noise ({n} images) | - | - | {r['noise_fd']:.2f} | - | - | - | - | - | - | - | - |")
+    return _HEAD + "\n".join(lines) + ("\n" if lines else "")
 
 
 def goal_line(rows: Sequence[Mapping]) -> str:
-    central = _centralised(rows)
-    federated = [r for r in rows if r["split"] == "iid" and r["strategy"] != "centralised"]
+    """Whether every federated IID cell of one protocol's rows is within GOAL_RATIO of the centralised FD."""
+    cells = summarise(rows)
+    central = _centralised(cells)
+    federated = [c for c in cells if c.split == "iid" and c.strategy != "centralised"]
     paper = f"the paper: UDec {PAPER_RATIO[0]} / {PAPER_RATIO[1]} = {PAPER_RATIO[0] / PAPER_RATIO[1]:.2f}x"
     if central is None or not federated:
         return f"Goal, every federated IID row within {GOAL_RATIO:.2f}x of the centralised FD: not measured yet ({paper})."
-    ratios = {r["strategy"]: fd_ratio(r, central) for r in federated}
+    ratios = {c.strategy: fd_ratio(c, central) for c in federated}
     missed = [f"{s} {x:.2f}x" for s, x in ratios.items() if x is None or x > GOAL_RATIO]
     verdict = "met" if not missed else f"not met ({', '.join(missed)})"
-    return f"Goal, every federated IID row within {GOAL_RATIO:.2f}x of the centralised FD: {verdict} ({paper})."
+    spreads = [f"{c.strategy} +-{c.seed_spread:.1%}" for c in (central, *federated) if c.seed_spread is not None]
+    spread = f"; run-to-run spread over seeds: {', '.join(spreads)}" if spreads else ""
+    return f"Goal, every federated IID row within {GOAL_RATIO:.2f}x of the centralised FD: {verdict} ({paper}{spread})."
+
+
+def per_model_lines(cells: Sequence[CellSummary]) -> str:
+    """Each personalised model's FD beside its client's image count (seed 0), for the skewed splits."""
+    out = []
+    for c in cells:
+        models = c.first["fd_per_model"]
+        if len(models) > 1:
+            each = "; ".join(f"{m['model']} ({m['images']:,} images) {m['fd']:.2f}" for m in models)
+            out.append(f"- {c.strategy}, {c.split}: {each}")
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def _protocol_heading(rows: Sequence[Mapping]) -> str:
     r = rows[0]
     k = max(x["clients"] for x in rows)
+    lr = f", lr {r['lr']:g}" if "lr" in r else ""
     return (
         f"## Protocol `{r['protocol']}`\n\n"
-        f"Model `{r['model']}`, R = {r['rounds']} rounds, E = {r['epochs']} local epochs, batch {r['batch_size']}, "
+        f"Model `{r['model']}`, R = {r['rounds']} rounds, E = {r['epochs']} local epochs, batch {r['batch_size']}{lr}, "
         f"K = {k} clients (1 for the centralised reference), {r['images']:,} training images, Dirichlet beta "
         f"{r['beta']}, split seed {r['split_seed']}. FD (squared Frechet distance, Heusel et al. 2017) of "
         f"{r['samples']:,} {r['sampler']} samples per model against {r['reference']['dataset']} "
         f"({r['reference']['count']:,} images) on `{r['feature_extractor']}` features. Global model for "
         "centralised, full and usplit; each client's personalised model for ulatdec and udec (mean +- population "
         "std over the K models). Parameters exchanged are counted the paper's way (both directions, the initial "
-        "broadcast once per client); the reduction is against plain FedAvg over the same transfers.\n"
+        "broadcast once per client); the reduction is against plain FedAvg over the same transfers. Wall time: "
+        "training and evaluation of one cell (the mean over seeds).\n"
     )
 
 
-def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True) -> str:
-    parts = ["# Results: the paper's experiment grid in simulation\n"]
+def _iid_total(cells: Sequence[CellSummary]) -> str:
+    iid = [c for c in cells if c.split in ("all", "iid")]
+    if len(iid) < 2:
+        return ""
+    runs = [c.first for c in iid]
+    train, evaluate = sum(r["train_seconds"] for r in runs), sum(r["eval_seconds"] for r in runs)
+    return (
+        f"The IID rows (seed {iid[0].seeds[0]}) took {_duration(train + evaluate)} of wall time: "
+        f"{_duration(train)} training and {_duration(evaluate)} sampling and scoring.\n"
+    )
+
+
+def _status(rows: Sequence[Mapping]) -> str:
     if not rows:
-        parts.append(
-            "**No GPU results yet.** No session has been lent a GPU to run the grid; the table below stays empty "
-            "until the command under *Reproduce* has run.\n"
-        )
-    elif _is_miniature(rows):
-        parts.append(
+        return "**No results yet.** The tables below stay empty until a command under *Reproduce* has run.\n"
+    protocols = {r["protocol"] for r in rows}
+    if protocols == {"mini"}:
+        return (
             "**CPU miniature, not the paper protocol.** These numbers show that the pipeline runs end to end "
             "(tiny model, a few hundred images, a couple of rounds); they say nothing about the method's quality.\n"
         )
-    else:
-        devices = sorted({r["device"] for r in rows})
-        dates = sorted({r["date"] for r in rows})
-        parts.append(f"Measured on {', '.join(devices)}, {dates[0]}{'' if len(dates) == 1 else ' to ' + dates[-1]}.\n")
-    parts.append(f"## Reproduce\n\n```\n{GPU_COMMAND}\n```\n\n{GPU_NOTE}\n")
+    devices = sorted({r["device"] for r in rows})
+    dates = sorted({r["date"] for r in rows})
+    line = f"Measured on {'; '.join(devices)}, {dates[0]}{'' if len(dates) == 1 else ' to ' + dates[-1]}."
+    if all(r["device"].startswith("cpu") for r in rows):
+        line += " **No GPU results yet**: the `quick` and `paper` protocols wait for a GPU (command below)."
+    return line + "\n"
+
+
+def _grid_section(cells: Sequence[CellSummary], protocol: str, docs: Path | None) -> str:
+    shown = []
+    for c in cells:
+        name = f"{SAMPLES_DIR}/{protocol}-{c.first.get('folder', '')}.png"
+        if docs is not None and c.first.get("folder") and (docs / name).is_file():
+            model = "the global model" if len(c.first["fd_per_model"]) == 1 else f"{c.first['fd_per_model'][0]['model']}'s own model"
+            shown.append(f"**{c.strategy}, {c.split}** ({model}, seed {c.seeds[0]}):\n\n![{c.strategy} {c.split}]({name})\n")
+    return ("### Samples\n\n" + "\n".join(shown)) if shown else ""
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written notes block of an existing results.md, markers included ('' when there is none)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    begin, end = text.find(NOTES_BEGIN), text.find(NOTES_END)
+    return text[begin : end + len(NOTES_END)] + "\n" if 0 <= begin < end else ""
+
+
+def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True, docs: Path | None = None, notes: str = "") -> str:
+    parts = ["# Results: the paper's experiment grid in simulation\n", _status(rows)]
+    parts.append(
+        f"## Reproduce\n\nOn a CPU (2 cores: about 3.5 hours for all three):\n\n```\n{CPU_COMMANDS}\n```\n\n"
+        f"On one GPU:\n\n```\n{GPU_COMMAND}\n```\n\n{GPU_NOTE}\n"
+    )
     if results_path:
-        parts.append(f"Source: `{results_path}` (one JSON line per finished cell, with per-round losses and FD curve points).\n")
+        parts.append(f"Source: `{results_path}` (one JSON line per finished cell and seed, with per-round losses and FD curve points).\n")
     if not rows:
         parts.append(table([]))
-    for group in _by_protocol(rows).values():
+    for protocol, group in _by_protocol(rows).items():
+        cells = summarise(group)
+        central = _centralised(cells)
+        iid = [c for c in cells if c.split in ("all", "iid")]
+        skewed = [c for c in cells if c.split not in ("all", "iid")]
         parts.append(_protocol_heading(group))
-        parts.append(table(group))
-        parts.append(goal_line(group) + "\n")
+        if iid:
+            parts.append("### IID\n\n" + table(iid, central))
+            parts.append(goal_line(group) + "\n")
+            parts.append(_iid_total(cells))
+        if skewed:
+            parts.append("### Skewed splits\n\n" + table(skewed, central, baselines=False))
+            parts.append("Each personalised model's FD beside its client's share of the images:\n\n" + per_model_lines(skewed))
+        parts.append(_grid_section(cells, protocol, docs))
+    if notes:
+        parts.append("## Discussion\n\n" + notes)
     if rows and plots:
         parts.append(
             f"## Plots\n\nFD against cumulative parameters exchanged (curve points use the same, smaller sample "
             f"count at every evaluated round):\n\n![FD against parameters exchanged]({FD_PLOT})\n\n"
             f"Mean local training loss per round:\n\n![Loss per round]({LOSS_PLOT})\n"
         )
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)
 
 
 def _label(row: Mapping, many_protocols: bool) -> str:
@@ -160,16 +306,17 @@ def _label(row: Mapping, many_protocols: bool) -> str:
 
 
 def _panels(rows: Sequence[Mapping]) -> list[tuple[str, list[Mapping]]]:
-    """One panel per split; the centralised reference is drawn in each of them."""
-    central = [r for r in rows if r["split"] == "all"]
-    splits = [s for s in _SPLIT_ORDER[1:] if any(r["split"] == s for r in rows)]
+    """One panel per split, the first seed of each cell; the centralised reference is drawn in each of them."""
+    first = [c.first for group in _by_protocol(rows).values() for c in summarise(group)]
+    central = [r for r in first if r["split"] == "all"]
+    splits = [s for s in _SPLIT_ORDER[1:] if any(r["split"] == s for r in first)]
     if not splits:
         return [("centralised", central)]
-    return [(s, central + [r for r in rows if r["split"] == s]) for s in splits]
+    return [(s, central + [r for r in first if r["split"] == s]) for s in splits]
 
 
 def plot_fd_vs_parameters(rows: Sequence[Mapping], path: Path) -> Path:
-    panels = _panels(sorted(rows, key=_order))
+    panels = _panels(rows)
     many = len({r["protocol"] for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -188,7 +335,7 @@ def plot_fd_vs_parameters(rows: Sequence[Mapping], path: Path) -> Path:
 
 
 def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
-    panels = _panels(sorted(rows, key=_order))
+    panels = _panels(rows)
     many = len({r["protocol"] for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -205,13 +352,29 @@ def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
     return path
 
 
-def render(rows: Sequence[Mapping], docs: Path | str, results_path: str = "") -> list[Path]:
-    """Write results.md (and, when there are rows, the two plots) into `docs`; returns the files written."""
+def copy_grids(rows: Sequence[Mapping], run_dir: Path, docs: Path) -> list[Path]:
+    """Each cell's sample grid from its run folder into docs/samples/ (cells whose folder is gone are skipped)."""
+    copied = []
+    for row in rows:
+        src = run_dir / str(row.get("folder", "")) / "samples.png"
+        if row.get("folder") and src.is_file():
+            dst = docs / SAMPLES_DIR / f"{row['protocol']}-{row['folder']}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+    return copied
+
+
+def render(rows: Sequence[Mapping], docs: Path | str, results_path: str = "", run_dir: Path | None = None) -> list[Path]:
+    """Write results.md (and, when there are rows, the two plots and the cells' sample grids) into `docs`,
+    keeping the notes block of the results.md already there; returns the files written."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     if rows:
         written += [plot_fd_vs_parameters(rows, docs / FD_PLOT), plot_loss(rows, docs / LOSS_PLOT)]
+        if run_dir is not None:
+            written += copy_grids(rows, run_dir, docs)
     md = docs / RESULTS_MD
-    atomic_write(md, markdown(rows, results_path).encode())
+    atomic_write(md, markdown(rows, results_path, docs=docs, notes=kept_notes(md)).encode())
     return [md, *written]

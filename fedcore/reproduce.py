@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +37,7 @@ from fedcore.splits import SplitKind
 from fedcore.strategies import Strategy, private_parts
 from fedcore.training import ResolvedSpeed, SpeedConfig, TrainConfig
 
-ProtocolName = Literal["quick", "paper", "mini"]
+ProtocolName = Literal["quick", "paper", "cpu", "mini"]
 CENTRALISED = "centralised"
 STRATEGIES: tuple[str, ...] = (CENTRALISED, "full", "usplit", "ulatdec", "udec")  # table order
 SPLITS: tuple[SplitKind, ...] = ("iid", "label", "quantity")
@@ -52,6 +53,7 @@ class Protocol:
     rounds: int  # R
     epochs: int  # E, local epochs per round
     batch_size: int
+    lr: float  # Adam's step size (fresh every round)
     max_images: int  # training images (0 = all 60,000)
     sampler: SamplerKind
     steps: int  # sampling steps (DDPM always uses all T = 1000)
@@ -63,11 +65,11 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     # One GPU, minutes per cell: E = 1, FD on 2,000 DDIM-100 samples per model.
-    "quick": Protocol("quick", "paper-fmnist", 15, 1, 128, 0, "ddim", 100, 2000, 5, 500, 0),
+    "quick": Protocol("quick", "paper-fmnist", 15, 1, 128, 1e-4, 0, "ddim", 100, 2000, 5, 500, 0),
     # The paper's protocol: E = 5, ancestral sampling over all 1,000 steps, about 1,000 samples per model.
-    "paper": Protocol("paper", "paper-fmnist", 15, 5, 128, 0, "ddpm", 1000, 1000, 15, 1000, 0),
+    "paper": Protocol("paper", "paper-fmnist", 15, 5, 128, 1e-4, 0, "ddpm", 1000, 1000, 15, 1000, 0),
     # The CI miniature: tiny UNet, 300 images, 2 rounds, 160 five-step samples per model; CPU seconds.
-    "mini": Protocol("mini", "tiny", 2, 1, 32, 300, "ddim", 5, 160, 1, 160, 1000),
+    "mini": Protocol("mini", "tiny", 2, 1, 32, 1e-4, 300, "ddim", 5, 160, 1, 160, 1000),
 }
 
 
@@ -165,12 +167,16 @@ def load_results(path: Path) -> list[dict]:
     return rows
 
 
-def result_key(protocol: str, cell: str, clients: int, max_images: int) -> tuple[str, str, int, int]:
-    return protocol, cell, clients, max_images
+ResultKey = tuple[str, str, int, int, int]
 
 
-def _key_of(row: Mapping) -> tuple[str, str, int, int]:
-    return result_key(row["protocol"], row["cell"], row["clients"], row["max_images"])
+def result_key(protocol: str, cell: str, clients: int, max_images: int, seed: int) -> ResultKey:
+    """What makes two results lines the same measurement (a rerun skips a cell whose key is there)."""
+    return protocol, cell, clients, max_images, seed
+
+
+def _key_of(row: Mapping) -> ResultKey:
+    return result_key(row["protocol"], row["cell"], row["clients"], row["max_images"], row.get("seed", 0))
 
 
 def append_result(path: Path, row: Mapping) -> None:
@@ -198,6 +204,7 @@ class Evaluator:
     device: torch.device
     bf16: bool
     batch_size: int  # images per sampling batch (one static shape for the compiled sampler)
+    baselines: dict[str, float]  # FD of real training images (the floor) and of uniform noise, as many as samples
     schedule: Schedule = field(default_factory=Schedule)
     log: Callable[[str], None] = print
 
@@ -222,8 +229,10 @@ class Evaluator:
         network.eval()
         sampler_net = torch.compile(network) if speed.compile else network
         batch = 500 if speed.device.type == "cuda" else 250  # 500 divides every protocol's sample counts
-        log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images)")
-        return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, log=log)
+        baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.split_seed, cfg.data_root)
+        log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
+            f"{cfg.protocol.samples} training images score {baselines['floor']:.2f}, uniform noise {baselines['noise']:.2f}")
+        return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, baselines, log=log)
 
     def generate(self, state: Mapping[str, torch.Tensor], protocol: Protocol, n: int, seed: int) -> torch.Tensor:
         """n samples (n, C, H, W) in [-1, 1] on the CPU from a model state."""
@@ -246,6 +255,18 @@ class Evaluator:
 
     def fd(self, images: torch.Tensor) -> float:
         return self.reference.frechet_distance_to(self.extractor, images)
+
+
+def reference_baselines(
+    extractor: FeatureExtractor, reference: ReferenceStats, n: int, seed: int, data_root: str | None
+) -> dict[str, float]:
+    """The two ends of the FD scale for n images: n real training images (a seeded sample: the floor a
+    perfect generator reaches with this many samples) and n images of uniform noise in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    train = load_fashion_mnist(train=True, root=data_root).images
+    real = to_model_range(train[torch.randperm(len(train), generator=generator)[:n].sort().values.numpy()])
+    noise = torch.rand((n, *real.shape[1:]), generator=generator) * 2 - 1
+    return {"floor": reference.frechet_distance_to(extractor, real), "noise": reference.frechet_distance_to(extractor, noise)}
 
 
 def cell_models(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
@@ -296,7 +317,16 @@ def _rounds_log(out_dir: Path) -> list[dict]:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The GPU's name, or the CPU's model and the cores torch uses, e.g. "cpu: AMD EPYC, 2 threads"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
 
 
 def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
@@ -307,7 +337,7 @@ def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
             model=p.model,
             rounds=p.rounds,
             seed=cfg.seed,
-            train=TrainConfig(epochs=p.epochs, batch_size=p.batch_size),
+            train=TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr),
         ),
         data=DataConfig(
             num_clients=cell.num_clients(cfg.clients),
@@ -334,10 +364,15 @@ def _check_cell_folder(folder: Path, sim_cfg: SimulationConfig) -> None:
     path.write_text(json.dumps(spec, indent=1) + "\n")
 
 
+def cell_folder(cfg: ReproduceConfig, cell: Cell) -> Path:
+    """A cell's run folder: `udec-iid`, or `udec-iid-seed1` for another seed than 0."""
+    return cfg.out / (f"{cell.strategy}-{cell.split}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
+
+
 def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) one cell, score its models, and return its results line."""
     p = cfg.protocol
-    folder = cfg.out / f"{cell.strategy}-{cell.split}"
+    folder = cell_folder(cfg, cell)
     sim_cfg = simulation_config(cfg, cell)
     _check_cell_folder(folder, sim_cfg)
     sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"))
@@ -373,6 +408,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     row = {
         "protocol": p.name,
         "cell": cell.key,
+        "folder": folder.name,
         "strategy": cell.strategy,
         "split": cell.split,
         "clients": cell.num_clients(cfg.clients),
@@ -380,6 +416,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
         "rounds": p.rounds,
         "epochs": p.epochs,
         "batch_size": p.batch_size,
+        "lr": p.lr,
         "max_images": p.max_images,
         "images": sum(sizes.values()),
         "beta": cfg.beta,
@@ -389,6 +426,8 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
         "fd_std": fd_std,  # population std over the models evaluated
         "fd_per_model": [{"model": name, "images": sizes.get(name, sum(sizes.values())), "fd": fd} for name, fd in fds.items()],
         "feature_extractor": evaluator.extractor.name,
+        "floor_fd": evaluator.baselines["floor"],
+        "noise_fd": evaluator.baselines["noise"],
         "reference": {"dataset": evaluator.reference.dataset, "count": evaluator.reference.count},
         "samples": p.samples,
         "sampler": f"{p.sampler}-{steps}",
@@ -422,7 +461,8 @@ def _release_memory() -> None:
 def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every selected cell that the results file lacks, appending its line and re-rendering the docs."""
     done = {_key_of(r) for r in load_results(cfg.results)}
-    todo = [c for c in cfg.cells if result_key(cfg.protocol.name, c.key, c.num_clients(cfg.clients), cfg.protocol.max_images) not in done]
+    p = cfg.protocol
+    todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
     log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
     evaluator = Evaluator.create(cfg, log) if todo else None
@@ -445,7 +485,7 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
 def render(cfg: ReproduceConfig) -> list[Path]:
     """docs/results.md and the two plots from the whole results file."""
     assert cfg.docs is not None
-    return report.render(load_results(cfg.results), cfg.docs, results_path=str(cfg.results))
+    return report.render(load_results(cfg.results), cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
 
 
 def with_overrides(p: Protocol, **changes: int | None) -> Protocol:

@@ -52,7 +52,9 @@ def test_results_file_has_one_finite_line_per_cell(mini: Path) -> None:
         assert math.isfinite(r["fd_mean"]) and r["fd_mean"] > 0
         assert math.isfinite(r["fd_std"])
         assert r["protocol"] == "mini" and r["rounds"] == 2 and r["clients"] == K
-        assert r["device"] == "cpu" and r["sampler"] == "ddim-5" and r["samples"] == PROTOCOLS["mini"].samples
+        assert r["device"].startswith("cpu: ") and r["sampler"] == "ddim-5" and r["samples"] == PROTOCOLS["mini"].samples
+        assert r["seed"] == 0 and r["folder"] == r["cell"].replace(":", "-") and r["lr"] == PROTOCOLS["mini"].lr
+        assert 0 < r["floor_fd"] < r["noise_fd"]
         assert r["feature_extractor"].startswith("fmnist-cnn:")
         assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
         assert r["wall_seconds"] > 0
@@ -94,7 +96,11 @@ def test_docs_hold_the_table_and_two_valid_plots(mini: Path) -> None:
     assert "CPU miniature, not the paper protocol" in md
     assert report.GPU_COMMAND in md
     table_rows = [line for line in md.splitlines() if line.startswith("| full |") or line.startswith("| udec |")]
-    assert len(table_rows) == 2 and all("| cpu |" in line for line in table_rows)
+    assert len(table_rows) == 2 and all("| cpu: " in line for line in table_rows)
+    assert "| real training images (160): the floor |" in md and "| uniform noise (160 images) |" in md
+    for cell in ("full-iid", "udec-iid"):
+        grid = f"{report.SAMPLES_DIR}/mini-{cell}.png"
+        assert f"]({grid})" in md and (mini / "docs" / grid).stat().st_size > 1_000
     for name in (report.FD_PLOT, report.LOSS_PLOT):
         path = mini / "docs" / name
         assert f"]({name})" in md
@@ -170,7 +176,7 @@ def test_only_outside_the_selected_splits_is_an_error() -> None:
         select_cells(["udec"], ["iid"], ["udec:label"])
 
 
-def test_protocols_follow_the_issue() -> None:
+def test_protocols_keep_their_sizes() -> None:
     quick, paper = PROTOCOLS["quick"], PROTOCOLS["paper"]
 
     assert (quick.rounds, quick.epochs, quick.sampler, quick.steps, quick.samples, quick.eval_every) == (15, 1, "ddim", 100, 2000, 5)
@@ -187,7 +193,7 @@ def _row(strategy: str, split: str, fd: float) -> dict:
         "batch_size": 128, "images": 60000, "beta": 0.5, "split_seed": 2023, "samples": 2000, "sampler": "ddim-100",
         "reference": {"dataset": "fashion-mnist/test", "count": 10000}, "feature_extractor": "fmnist-cnn:x",
         "fd_mean": fd, "fd_std": 0.0, "fd_per_model": [{"model": "global", "fd": fd}], "parameters_exchanged": 10**8,
-        "reduction_vs_full": 0.5, "wall_seconds": 300.0, "device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01",
+        "reduction_vs_full": 0.5, "wall_seconds": 300.0, "train_seconds": 240.0, "eval_seconds": 60.0, "device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01", "seed": 0,
         "losses": [0.1, 0.05], "curve": [{"round": 15, "cumulative_parameters": 10**8, "fd_mean": fd, "fd_std": 0.0}],
     }  # fmt: skip
 
@@ -209,4 +215,47 @@ def test_render_without_results_says_so_and_draws_nothing(tmp_path: Path) -> Non
 
     assert written == [tmp_path / report.RESULTS_MD]
     md = written[0].read_text()
-    assert "No GPU results yet" in md and report.GPU_COMMAND in md and "![" not in md
+    assert "No results yet" in md and report.GPU_COMMAND in md and report.CPU_COMMANDS in md and "![" not in md
+
+
+def test_seeds_of_a_cell_make_one_row_with_their_spread() -> None:
+    rows = [_row("centralised", "all", 10.0), {**_row("centralised", "all", 12.0), "seed": 1}, _row("udec", "iid", 11.5)]
+
+    md = report.markdown(rows)
+
+    [central] = [line for line in md.splitlines() if line.startswith("| centralised |")]
+    assert "| 11.00 +- 1.00 |" in central and "| 0, 1 (+-9.1%) |" in central
+    assert "| 1.05x |" in md  # udec 11.5 against the mean of both seeds, 11.0
+    assert "run-to-run spread over seeds: centralised +-9.1%" in md
+
+
+def test_notes_block_survives_a_new_rendering(tmp_path: Path) -> None:
+    notes = f"{report.NOTES_BEGIN}\nOur udec row agrees with the paper.\n{report.NOTES_END}"
+    (tmp_path / report.RESULTS_MD).write_text(f"# old rendering\n\n{notes}\n")
+
+    report.render([_row("centralised", "all", 10.0)], tmp_path)
+
+    md = (tmp_path / report.RESULTS_MD).read_text()
+    assert "# old rendering" not in md and md.count("Our udec row agrees with the paper.") == 1
+    assert md.index("| centralised |") < md.index(report.NOTES_BEGIN)
+
+
+def test_skewed_rows_list_each_personalised_model_with_its_images() -> None:
+    udec = {**_row("udec", "quantity", 100.0), "fd_per_model": [{"model": "client-0", "images": 46000, "fd": 20.0},
+                                                               {"model": "client-1", "images": 14, "fd": 180.0}]}  # fmt: skip
+
+    md = report.markdown([_row("centralised", "all", 10.0), udec])
+
+    assert "### Skewed splits" in md
+    assert "- udec, quantity: client-0 (46,000 images) 20.00; client-1 (14 images) 180.00" in md
+
+
+def test_another_seed_is_its_own_line_and_folder(mini: Path) -> None:
+    assert _reproduce(mini, "--only", "full:iid", "--clients", str(K), "--seed", "1") == 0
+
+    rows = [r for r in load_results(mini / "run" / "results.jsonl") if r["cell"] == "full:iid"]
+    assert [(r["seed"], r["folder"]) for r in rows] == [(0, "full-iid"), (1, "full-iid-seed1")]
+    assert rows[0]["fd_mean"] != rows[1]["fd_mean"]
+    md = (mini / "docs" / report.RESULTS_MD).read_text()
+    [full] = [line for line in md.splitlines() if line.startswith("| full |")]
+    assert "| 0, 1 (+-" in full
