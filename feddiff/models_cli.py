@@ -240,9 +240,90 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate -----------------------------------------------------------------------------------------------
+
+FASHION_MNIST_TEST = "fashion-mnist-test"
+
+
+def _reference(args: argparse.Namespace, extractor, image_shape: tuple[int, ...]):  # -> ReferenceStats
+    """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
+    from fedcore.data import load_fashion_mnist, load_image_folder, to_model_range
+    from fedcore.evaluation import ReferenceStats
+
+    channels, size = image_shape[0], image_shape[1]
+    if args.reference_dir:
+        images = load_image_folder(args.reference_dir, size, channels).images
+        name = f"folder:{args.reference_dir}"
+    else:
+        images = load_fashion_mnist(train=False, root=args.data_root).images
+        name = "fashion-mnist/test"
+        if tuple(images.shape[1:]) != image_shape:
+            raise ValueError(f"the model makes {image_shape} images, Fashion-MNIST's are {tuple(images.shape[1:])}; pass --reference-dir")
+    if args.reference_images:
+        images = images[: args.reference_images]
+        name += f"[:{len(images)}]"
+    if len(images) < 2:
+        raise ValueError(f"the reference has {len(images)} image(s); the Frechet distance needs at least 2")
+    return ReferenceStats.compute(extractor, to_model_range(images), name)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The Frechet distance of a model's samples to real images, on the committed classifier's features or
+    on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
+    import torch
+
+    from fedcore.evaluation import SamplingSpec, load_fmnist_classifier, load_inception, score_generator
+    from fedcore.images import save_grid
+    from fedcore.training import resolve_device
+
+    if args.samples < 2:
+        raise ValueError(f"--samples is {args.samples}; the Frechet distance needs at least 2")
+    if args.reference_images < 0:
+        raise ValueError(f"--reference-images is {args.reference_images}, expected >= 0 (0 = all)")
+    if args.sampler == "ddim" and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps is {args.steps}, expected 1..1000")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    trained = load_trained(args.checkpoint, args.model)
+    if args.worker_state:
+        trained = personalise(trained, args.worker_state, args.client)
+    device = resolve_device(args.device)
+    model = build_trained(trained).to(device)
+    extractor = load_inception(args.inception_weights, device) if args.inception_weights else load_fmnist_classifier(device)
+    cfg = model.config
+    reference = _reference(args, extractor, (cfg.channels, cfg.image_size, cfg.image_size))
+    spec = SamplingSpec(num_samples=args.samples, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    score = score_generator(model, reference, extractor, spec, device=device)
+    steps = 1000 if args.sampler == "ddpm" else args.steps
+    if args.grid:
+        save_grid(score.samples[:64], args.grid, nrow=8)
+    result = {
+        "fd": score.fd,
+        "model": trained.describe(),
+        "kind": trained.kind,
+        "worker": trained.worker,
+        "completed_rounds": trained.completed_rounds,
+        "samples": args.samples,
+        "sampler": args.sampler,
+        "steps": steps,
+        "seed": args.seed,
+        "feature_extractor": extractor.name,
+        "reference": {"dataset": reference.dataset, "count": reference.count},
+        "device": str(device),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"FD {score.fd:.2f}: {args.samples:,} {args.sampler}-{steps} samples of {trained.describe()} against "
+            f"{reference.count:,} images of {reference.dataset} on {extractor.name} features (seed {args.seed}, {device})"
+        )
+    return 0
+
+
 # --- argument parsing ---------------------------------------------------------------------------------------
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": export, "sample": sample}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": export, "sample": sample, "evaluate": evaluate}
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -274,3 +355,22 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--nrow", type=int, default=0, help="images per row (0 = a square grid)")
     p.add_argument("--scale", type=int, default=2, help="enlarge each pixel this many times in the PNG")
+
+    p = subparsers.add_parser("evaluate", help="the Frechet distance of a model's samples to real images (how good is it?)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
+                   help="a checkpoint dir (its final or newest global model) or a .safetensors file")
+    _add_source_args(p)
+    p.add_argument("--samples", type=int, default=1000, help="images generated for the FD (default 1000)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="ddim (--steps steps) or ddpm (all 1000)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling noise")
+    p.add_argument("--reference-dir", default="", metavar="DIR",
+                   help="a folder of real images to compare with (default: the Fashion-MNIST test set)")
+    p.add_argument("--reference-images", type=int, default=0, help="use the first N reference images (0 = all)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
+    p.add_argument("--inception-weights", default="", metavar="PATH",
+                   help="pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)")
+    p.add_argument("--grid", default="", metavar="PNG", help="also write the first 64 samples as a grid")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
