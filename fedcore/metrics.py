@@ -45,6 +45,13 @@ class Metrics:
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
         self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
+        self.joins = Counter("feddiff_joins", "Joins by outcome (accepted, or the refusal reason)", ["outcome"], registry=r)
+        self.refusals = Counter(
+            "feddiff_refusals",
+            "Calls other than joins and uploads refused with a status code, by RPC and reason (e.g. an ended session)",
+            ["rpc", "outcome"],
+            registry=r,
+        )
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
         self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
         self.train_images = Counter("feddiff_train_images", "Images this worker trained on", registry=r)
@@ -60,6 +67,8 @@ class Metrics:
             self.wire_bytes.labels(d)
         for outcome in ("complete", "quorum", "no_quorum"):
             self.round_attempts.labels(outcome)
+        for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
+            self.joins.labels(outcome)
 
     def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
         for p in PART_ORDER:
