@@ -58,6 +58,14 @@ class Metrics:
         self.train_images_per_second = Gauge(
             "feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r
         )
+        self.private_state_unsaved = Gauge(
+            "feddiff_private_state_unsaved",
+            "1 while this worker's newest private parts are held in memory only (a save to its state dir failed; retried)",
+            registry=r,
+        )
+        self.state_saves = Counter(
+            "feddiff_state_saves", "Saves of this worker's private parts to its state dir, by outcome (saved, failed)", ["outcome"], registry=r
+        )
         self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
         for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
             for d in ("down", "up"):
@@ -69,6 +77,8 @@ class Metrics:
             self.round_attempts.labels(outcome)
         for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
             self.joins.labels(outcome)
+        for outcome in ("saved", "failed"):
+            self.state_saves.labels(outcome)
 
     def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
         for p in PART_ORDER:
