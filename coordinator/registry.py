@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from fedcore.errors import UnknownWorker
+from fedcore.errors import DuplicateWorker, UnknownWorker
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class WorkerInfo:
     software_version: str
     has_private_state: bool
     digests: frozenset[str] = frozenset()  # payload digests it checks besides SHA-256 (fedcore.chunking.DIGESTS)
+    installation_id: str = ""  # saved in the worker's state dir: the same across its restarts ("" before v1.1)
+    instance_id: str = ""  # new in every worker process
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,27 @@ class WorkerRegistry:
         self._sessions: dict[str, str] = {}  # session id -> worker id
         self._lock = threading.Lock()
 
-    def join(self, info: WorkerInfo) -> str:
-        """A new session for this identity; an older session of the same worker ends (it restarted)."""
+    def join(self, info: WorkerInfo) -> tuple[str, WorkerRecord | None]:
+        """A new session for this identity, and the live session it replaced (if any).
+
+        The same installation joining again (its process restarted, or it lost its session) replaces its
+        older session at once. Another installation is refused with DuplicateWorker while the older session
+        is live (heard within the heartbeat timeout, not left), and takes the identity over once it is not."""
         session = secrets.token_hex(16)
         with self._lock:
             old = self._by_id.get(info.worker_id)
+            live = old if old is not None and self.is_connected(old) else None
+            if live is not None and live.info.installation_id != info.installation_id:
+                raise DuplicateWorker(
+                    f"worker id {info.worker_id!r} is held by a live session of another installation "
+                    f"({_installation(live.info)}, heard {self.seconds_since_seen(live):.1f}s ago); this one is "
+                    f"{_installation(info)}: give each worker its own --worker-id, or stop the other one"
+                )
             if old is not None:
                 self._sessions.pop(old.session_id, None)
             self._by_id[info.worker_id] = WorkerRecord(info, session, self._clock())
             self._sessions[session] = info.worker_id
-        return session
+        return session, live
 
     def touch(self, session_id: str) -> WorkerRecord:
         """The worker behind a session, marked as seen now; UnknownWorker for an unknown or ended session."""
@@ -91,3 +104,9 @@ class WorkerRegistry:
 
     def seconds_since_seen(self, record: WorkerRecord) -> float:
         return self._clock() - record.last_seen
+
+
+def _installation(info: WorkerInfo) -> str:
+    """An installation as the logs name it: its id's first characters and where it runs."""
+    installation = f"installation {info.installation_id[:12]!r}" if info.installation_id else "an installation without id"
+    return f"{installation}, {info.software_version or 'unknown software'}"

@@ -5,11 +5,14 @@ driver's next change, and a large update is checked and folded in an accept thre
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 import grpc
 
@@ -17,7 +20,7 @@ from fedcore import chunk_codec, wire
 from fedcore.chunk_codec import DataChunk
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask
-from fedcore.errors import FeddiffError, HeaderError, SizeMismatch, UnknownWorker
+from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
@@ -103,8 +106,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         await abort(context, error)
 
     async def _worker(self, session_id: str, context: grpc.aio.ServicerContext, *, counted: bool = False) -> str:
-        """The worker behind a session, checked against the caller's verified identity; `counted` refusals
-        (uploads) show in feddiff_updates_total."""
+        """The worker behind a session, checked against the caller's verified identity, else UnknownWorker;
+        `counted` refusals (uploads) show in feddiff_updates_total, the others in feddiff_refusals_total."""
         try:
             worker_id = self.registry.touch(session_id).worker_id
             self.auth.check(context, worker_id)
@@ -112,32 +115,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except UnknownWorker as e:
             if counted:
                 self.metrics.updates.labels(e.reason).inc()
-            await abort(context, e)
+                await abort(context, e)
+            raise
 
     # --- membership ------------------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
-        w = request.worker
-        if not wire.valid_worker_id(w.worker_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
-        if w.num_examples < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples {w.num_examples} must be at least 1")
         try:
-            self.auth.check(context, w.worker_id)
-        except UnknownWorker as e:
-            log.warning("refused join of %r: %s", w.worker_id, e)
+            session = self._join(request.worker, context)
+        except FeddiffError as e:
+            self.metrics.joins.labels(e.reason).inc()
+            log.warning("refused join of %r: %s: %s", request.worker.worker_id[:140], e.reason, e)
             await abort(context, e)
-        info = WorkerInfo(
-            worker_id=w.worker_id,
-            device=w.device,
-            gpu_name=w.gpu_name,
-            gpu_memory_bytes=w.gpu_memory_bytes,
-            num_examples=w.num_examples,
-            software_version=w.software_version,
-            has_private_state=w.has_private_state,
-            digests=frozenset(w.digests) & frozenset(DIGESTS),
-        )
-        session = self.registry.join(info)
-        log.info("worker %s joined (%s%s, %d images)", w.worker_id, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
+        self.metrics.joins.labels("accepted").inc()
         fed = self.driver.federation.config
         return pb.JoinResponse(
             session_id=session,
@@ -149,11 +138,41 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
         )
 
+    def _join(self, w: pb.WorkerInfo, context: grpc.aio.ServicerContext) -> str:
+        """A session for a checked, verified worker; BadWorkerInfo, UnknownWorker or DuplicateWorker."""
+        if not wire.valid_worker_id(w.worker_id):
+            raise BadWorkerInfo(f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
+        if w.num_examples < 1:
+            raise BadWorkerInfo(f"num_examples {w.num_examples} must be at least 1")
+        for name, value in (("installation_id", w.installation_id), ("instance_id", w.instance_id)):
+            if value and not wire.valid_worker_id(value):
+                raise BadWorkerInfo(f"{name} {value[:140]!r} must be empty or 1-128 letters, digits, '-', '_' or '.'")
+        self.auth.check(context, w.worker_id)
+        info = WorkerInfo(
+            worker_id=w.worker_id,
+            device=w.device,
+            gpu_name=w.gpu_name,
+            gpu_memory_bytes=w.gpu_memory_bytes,
+            num_examples=w.num_examples,
+            software_version=w.software_version,
+            has_private_state=w.has_private_state,
+            digests=frozenset(w.digests) & frozenset(DIGESTS),
+            installation_id=w.installation_id,
+            instance_id=w.instance_id,
+        )
+        session, replaced = self.registry.join(info)
+        again = ""
+        if replaced is not None:
+            again = " again, ending its earlier session" if replaced.info.instance_id == w.instance_id else " after a restart, ending its earlier session"
+        log.info("worker %s joined%s (%s%s, %d images)", w.worker_id, again, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
+        return session
+
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         await self._worker(request.session_id, context)
         return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        await self._worker(request.session_id, context)
         self.registry.leave(request.session_id)
         return pb.LeaveResponse()
 
@@ -162,7 +181,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         worker_id = await self._worker(request.session_id, context)
         timeout = min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000
         outcome = await self._next_task(worker_id, timeout)
-        self.registry.touch(request.session_id)
+        self.registry.touch(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         if outcome == "done":
             return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds))
         if outcome in ("idle", "stopped"):
@@ -187,10 +206,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WeightsChunk | bytes]:
         worker_id = await self._worker(request.session_id, context)
-        try:
-            payload, issued = self.driver.weights_for(worker_id, request.task_id)
-        except FeddiffError as e:
-            await abort(context, e)
+        payload, issued = self.driver.weights_for(worker_id, request.task_id)
         task = issued.task
         header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
@@ -276,12 +292,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext) -> pb.EvaluationAck:
         worker_id = await self._worker(request.session_id, context)
-        try:
-            self.driver.report_evaluation(
-                worker_id, request.task_id, request.frechet_distance, request.feature_extractor, request.num_samples, request.sample_grid_png
-            )
-        except FeddiffError as e:
-            await abort(context, e)
+        self.driver.report_evaluation(
+            worker_id, request.task_id, request.frechet_distance, request.feature_extractor, request.num_samples, request.sample_grid_png
+        )
         return pb.EvaluationAck()
 
     # --- tools -----------------------------------------------------------------------------------------------
@@ -331,14 +344,47 @@ _HANDLERS = {
 }
 
 
+def mapped(handler: Callable, metrics: Metrics) -> Callable:
+    """`handler` with every domain error it raises, wherever it raises it, ended with its mapped status code
+    (coordinator/status.py) and counted in feddiff_refusals_total, instead of UNKNOWN and a traceback in the
+    log. (Join and UploadUpdate count their refusals in feddiff_joins_total and feddiff_updates_total.)"""
+    name = handler.__name__
+
+    async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
+        metrics.refusals.labels(name, error.reason).inc()
+        log.info("%s refused: %s: %s", name, error.reason, error)
+        await abort(context, error)
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            try:
+                async for response in handler(request, context):
+                    yield response
+            except FeddiffError as e:
+                await refuse(context, e)
+
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+        try:
+            return await handler(request, context)
+        except FeddiffError as e:
+            await refuse(context, e)
+
+    return unary
+
+
 def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
-    with the chunk codec on the weights streams."""
+    with the chunk codec on the weights streams and every method's domain errors mapped (`mapped`)."""
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
-            getattr(servicer, method.name),
+            mapped(getattr(servicer, method.name), servicer.metrics),
             request_deserializer=_DESERIALIZERS.get(method.name, request.FromString),
             response_serializer=_SERIALIZERS.get(method.name, response.SerializeToString),
         )

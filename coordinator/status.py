@@ -15,6 +15,8 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.WrongRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.LateUpdate, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.DuplicateWorker, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.BadWorkerInfo, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.StreamError, grpc.StatusCode.INVALID_ARGUMENT),
 ]

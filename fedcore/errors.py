@@ -77,3 +77,16 @@ class LateUpdate(RoundError):
 
 class UnknownWorker(FeddiffError):
     reason = "unauthenticated"
+
+
+class BadWorkerInfo(FeddiffError):
+    """A WorkerInfo with an out-of-range field (worker id, FedAvg weight)."""
+
+    reason = "bad_worker_info"
+
+
+class DuplicateWorker(FeddiffError):
+    """Another installation of this worker id holds a live session: two processes would take turns as one
+    identity, their shards averaged under one weight and their private parts split over two state dirs."""
+
+    reason = "duplicate_worker"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fedcore.atomic import atomic_write
 from fedcore.data import from_model_range
 
 
@@ -27,13 +28,13 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
-    """Write a PNG grid of images in model range; `scale` enlarges small images (nearest neighbour)."""
+    """Write a PNG grid of images in model range, atomically; `scale` enlarges small images (nearest neighbour)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid(images, nrow))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
     return path
 
 

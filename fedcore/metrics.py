@@ -45,11 +45,26 @@ class Metrics:
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
         self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
+        self.joins = Counter("feddiff_joins", "Joins by outcome (accepted, or the refusal reason)", ["outcome"], registry=r)
+        self.refusals = Counter(
+            "feddiff_refusals",
+            "Calls other than joins and uploads refused with a status code, by RPC and reason (e.g. an ended session)",
+            ["rpc", "outcome"],
+            registry=r,
+        )
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
         self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
         self.train_images = Counter("feddiff_train_images", "Images this worker trained on", registry=r)
         self.train_images_per_second = Gauge(
             "feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r
+        )
+        self.private_state_unsaved = Gauge(
+            "feddiff_private_state_unsaved",
+            "1 while this worker's newest private parts are held in memory only (a save to its state dir failed; retried)",
+            registry=r,
+        )
+        self.state_saves = Counter(
+            "feddiff_state_saves", "Saves of this worker's private parts to its state dir, by outcome (saved, failed)", ["outcome"], registry=r
         )
         self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
         for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
@@ -60,6 +75,10 @@ class Metrics:
             self.wire_bytes.labels(d)
         for outcome in ("complete", "quorum", "no_quorum"):
             self.round_attempts.labels(outcome)
+        for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
+            self.joins.labels(outcome)
+        for outcome in ("saved", "failed"):
+            self.state_saves.labels(outcome)
 
     def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
         for p in PART_ORDER:

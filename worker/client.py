@@ -193,7 +193,11 @@ class CoordinatorClient:
         self.stub.ReportEvaluation(report, timeout=60, metadata=self.metadata)
 
 
-def worker_info(worker_id: str, device: str, num_examples: int, has_private_state: bool) -> pb.WorkerInfo:
+def worker_info(
+    worker_id: str, device: str, num_examples: int, has_private_state: bool, *, installation_id: str = "", instance_id: str = ""
+) -> pb.WorkerInfo:
+    """What the worker tells the coordinator when it joins; `installation_id` (saved in its state dir) and
+    `instance_id` (new in every process) tell a restart from another process using the same worker id."""
     import torch
 
     gpu_name, gpu_mem = "", 0
@@ -209,4 +213,6 @@ def worker_info(worker_id: str, device: str, num_examples: int, has_private_stat
         software_version=f"feddiff {fedcore.__version__} on {socket.gethostname()}",
         has_private_state=has_private_state,
         digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
+        installation_id=installation_id,
+        instance_id=instance_id,
     )

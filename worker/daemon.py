@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
 import threading
 from pathlib import Path
 
 import grpc
 import torch
 
-from fedcore import checkpoint
 from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
-from fedcore.errors import FeddiffError
+from fedcore.errors import DuplicateWorker, FeddiffError
 from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import payload_bytes_by_part
 from fedcore.images import png_bytes, save_grid
@@ -32,22 +29,9 @@ from fedcore.wire import any_task_from_proto
 from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig
 from worker.progress import TrainingProgress
+from worker.state_dir import StateDir
 
 log = logging.getLogger("feddiff.worker")
-
-PRIVATE_STEM = "private"
-IDENTITY_FILE = "identity.json"
-
-
-def load_identity(state_dir: Path, requested: str) -> str:
-    """The worker's stable id: the requested one, else the one saved in state_dir, else a new one (saved)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / IDENTITY_FILE
-    saved = json.loads(path.read_text())["worker_id"] if path.exists() else ""
-    worker_id = requested or saved or f"worker-{secrets.token_hex(4)}"
-    if worker_id != saved:
-        path.write_text(json.dumps({"worker_id": worker_id}) + "\n")
-    return worker_id
 
 
 def load_local_data(cfg: WorkerConfig) -> ImageDataset:
@@ -68,11 +52,12 @@ class WorkerDaemon:
     def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.state_dir = Path(cfg.state_dir)
-        self.worker_id = load_identity(self.state_dir, cfg.worker_id)
+        self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics)  # locked by this process
+        self.state_dir = self.state.path
+        self.worker_id = self.state.identity.worker_id
         self.stop_event = threading.Event()
         self.images = load_local_data(cfg)
-        found = checkpoint.load_private(self.state_dir, PRIVATE_STEM)
+        found = self.state.load_private()
         self.private = found[0] if found else None
         if found:
             log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
@@ -103,16 +88,19 @@ class WorkerDaemon:
                 backoff = self.cfg.backoff_initial
                 if done and self.cfg.exit_when_done:
                     log.info("worker %s: federation done after %d rounds here", self.worker_id, self.rounds_done)
-                    return 0
+                    return self._exit_code()
             except TrainingInterrupted:
                 log.info("worker %s: training interrupted", self.worker_id)
             except MissingPrivateState as e:
                 log.error("worker %s: %s; rejoining without private state", self.worker_id, e)
+            except DuplicateWorker as e:
+                self.metrics.joins.labels(e.reason).inc()
+                log.error("worker %s: join refused, another worker runs under this id: %s; retrying in %.1fs", self.worker_id, e, backoff)
+                backoff = self._back_off(backoff)
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 log.warning("worker %s: coordinator unavailable (%s: %s); retrying in %.1fs", self.worker_id, code, getattr(e, "details", lambda: "")(), backoff)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, self.cfg.backoff_max)
+                backoff = self._back_off(backoff)
             finally:
                 if self.stop_event.is_set() and client.session_id:
                     try:
@@ -121,7 +109,21 @@ class WorkerDaemon:
                         pass
                 channel.close()
         log.info("worker %s: stopped", self.worker_id)
-        return 0
+        return self._exit_code()
+
+    def _back_off(self, delay: float) -> float:
+        """Wait `delay` seconds (less when stopped meanwhile); the next delay."""
+        self.stop_event.wait(delay)
+        return min(delay * 2, self.cfg.backoff_max)
+
+    def _exit_code(self) -> int:
+        """0, or 1 when private parts whose save failed cannot be saved even now: they end with the process."""
+        if self.state.retry():
+            return 0
+        unsaved = self.state.unsaved
+        assert unsaved is not None
+        log.error("worker %s: exiting with the private parts of round %d unsaved: %s holds those of an earlier round", self.worker_id, unsaved.completed_rounds, self.state_dir)
+        return 1
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self.cfg.token_file:
@@ -138,6 +140,7 @@ class WorkerDaemon:
         try:
             log.info("worker %s: joined %s (%s, %s, %d rounds)", self.worker_id, self.cfg.coordinator, joined.strategy, joined.model, joined.rounds)
             while not self.stop_event.is_set():
+                self.state.retry()  # private parts whose save failed, before the next task
                 resp = client.wait_task(self.cfg.wait_timeout)
                 kind = resp.WhichOneof("outcome")
                 if kind == "done":
@@ -155,7 +158,15 @@ class WorkerDaemon:
     def _join(self, client: CoordinatorClient) -> pb.JoinResponse:
         device = str(self.runtime.trainer.speed.device if self.runtime else resolve_device(self.cfg.speed.device))
         has_private = bool(self.runtime.private if self.runtime else self.private)
-        joined = client.join(worker_info(self.worker_id, device, len(self.images), has_private))
+        identity = self.state.identity
+        info = worker_info(self.worker_id, device, len(self.images), has_private, installation_id=identity.installation_id, instance_id=identity.instance_id)
+        try:
+            joined = client.join(info)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                raise DuplicateWorker(e.details()) from e
+            raise
+        self.metrics.joins.labels("accepted").inc()
         if self.runtime is None or self.runtime.model_name != joined.model:
             self._build(joined.model)
         return joined
@@ -207,8 +218,8 @@ class WorkerDaemon:
         self.metrics.local_loss.set(result.mean_loss)
         self.metrics.train_images.inc(result.images_seen)
         self.metrics.train_images_per_second.set(result.images_per_second)
-        if task.private:
-            checkpoint.save_private(self.state_dir, PRIVATE_STEM, task.round + 1, runtime.private)
+        if task.private:  # a failed save is retried; the update goes up regardless
+            self.state.save_private(task.round + 1, runtime.private)
         update = runtime.update(task)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
         try:
@@ -244,7 +255,12 @@ class WorkerDaemon:
         runtime.load(self._download(client, task), task)
         extractor, reference = self._quality_reference()
         score = score_generator(runtime.sampling_model(), reference, extractor, task.spec, device=runtime.trainer.speed.device)
-        grid = save_grid(score.samples[:64], self.state_dir / "samples" / f"r{task.round:04d}.png", nrow=8)
+        grid = str(self.state_dir / "samples" / f"r{task.round:04d}.png")
+        try:
+            save_grid(score.samples[:64], grid, nrow=8)
+        except OSError as e:  # a full state dir: the score still goes back
+            log.error("worker %s: cannot write the sample grid %s: %s", self.worker_id, grid, e)
+            grid = "no file"
         self.metrics.fd.labels(self.worker_id).set(score.fd)
         client.report_evaluation(
             pb.EvaluationReport(

@@ -3,11 +3,8 @@ a worker slower than the deadline, and checkpoint writes that fail (a full or re
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from fedcore.parts import Part
 from fedcore.serialization import load_file
 
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
+from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -175,46 +173,20 @@ def test_worker_slower_than_the_deadline_has_its_late_update_refused_and_counted
 # --- a checkpoint write that fails -----------------------------------------------------------------------------
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-
-
-def _fill(path: Path) -> Path:
-    """Write zeros until the filesystem is full (ENOSPC)."""
-    filler = path / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        block = bytes(16 << 10)
-        try:
-            while True:
-                f.write(block)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
-    return filler
-
-
-def _remount(path: Path, mode: str) -> None:
-    wait_until(lambda: subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True).returncode == 0, f"remount {mode}", 10)
-
-
 @pytest.mark.parametrize("failure", ["full", "read_only"])
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run_goes_on(failure: str, tmp_path: Path) -> None:
     rounds_total = 4
     ckpt = tmp_path / "checkpoints"
-    _mount_tmpfs(ckpt, "8m")
+    mount_tmpfs(ckpt, "8m")
     try:
         with LocalCluster(tmp_path, env=ENV) as cluster:
             coord = cluster.coordinator("--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS)
             address = coord.ready["address"]
             workers = start_workers(cluster, address, [["--keep-running"], ["--keep-running"]])
             wait_until(lambda: (ckpt / checkpoint.STATE_FILE).exists(), "the first checkpoint", 90, [coord, *workers], every=0.02)
-            filler = _fill(ckpt) if failure == "full" else None
+            filler = fill(ckpt) if failure == "full" else None
             if failure == "read_only":
-                _remount(ckpt, "ro")
+                remount(ckpt, "ro")
             wait_until(lambda: "checkpoint failed" in coord.output(), "a failed checkpoint", 60, [coord, *workers])
 
             # The committed checkpoint is the previous one, whole and consistent.
@@ -231,7 +203,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
             if filler is not None:
                 filler.unlink()
             else:
-                _remount(ckpt, "rw")
+                remount(ckpt, "rw")
             wait_for_state(address, "done", 120, [coord, *workers])
             log = coord.output()
         final = checkpoint.load_run(ckpt)
@@ -239,5 +211,52 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
         assert f"round {failed_round}: checkpoint failed, the previous one stays valid" in log
         assert ("No space left on device" if failure == "full" else "Read-only file system") in log
     finally:
-        if subprocess.run(["umount", str(ckpt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(ckpt)], capture_output=True)
+        unmount(ckpt)
+
+
+# --- a worker's state dir that fills up ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["space_comes_back", "stopped_while_full"])
+def test_a_full_worker_state_dir_keeps_the_saved_files_and_the_round_still_gets_the_update(then: str, tmp_path: Path) -> None:
+    """The victim's state dir (a 2 MB tmpfs) fills up after round 1's save: round 2's save fails, its update
+    goes up anyway, and the save is retried while it idles (--keep-running, --wait-timeout 1)."""
+    state_dir = tmp_path / "workers" / "client-1"
+    first = state_dir / "private-r0001.safetensors"
+    with mounted_tmpfs(state_dir, "2m"), LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator("--insecure", *RUN, "--rounds", "2", "--min-workers", "2", "--quorum", "1.0", "--round-deadline", "60", *LIVENESS)
+        address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
+        idle = ["--keep-running", "--wait-timeout", "1"]
+        steady, victim = start_workers(cluster, address, [idle, idle])
+        wait_until(first.exists, "round 1's private parts", 90, [coord, steady, victim], every=0.01)
+        filler = fill(state_dir)
+        saved_sha = _sha(first)
+
+        wait_for_state(address, "done", 90, [coord, steady, victim])
+        port = victim.ready["metrics_port"]
+        unsaved_while_full = metric(port, "feddiff_private_state_unsaved")
+        failed_saves = metric(port, "feddiff_state_saves_total", outcome="failed")
+        files_while_full = sorted(f.name for f in state_dir.iterdir())
+        intact = _sha(first) == saved_sha
+        attempts = {o: metric(coord_port, "feddiff_round_attempts_total", outcome=o) for o in ("complete", "quorum", "no_quorum")}
+
+        if then == "space_comes_back":
+            filler.unlink()
+            wait_until(lambda: metric(port, "feddiff_private_state_unsaved") == 0, "the retried save", 30, [victim])
+            saved = checkpoint.load_private(state_dir, "private")
+            assert victim.stop() == 0
+        else:
+            assert victim.stop() == 1, "it ends with private parts it could not save"
+        log = victim.output()
+
+    assert unsaved_while_full == 1 and failed_saves >= 1
+    assert files_while_full == ["filler", "identity.json", "lock", "private-r0001.safetensors"], "no temporary file, nothing pruned"
+    assert intact, "round 1's private parts are untouched"
+    assert attempts == {"complete": 2, "quorum": 0, "no_quorum": 0}, "round 2 closed with the victim's update"
+    assert [r["participants"] for r in rounds_log(tmp_path / "checkpoints")] == [["client-0", "client-1"]] * 2
+    assert f"saving the private parts of round 2 to {state_dir} failed ([Errno 28] No space left on device)" in log
+    if then == "space_comes_back":
+        assert saved is not None and saved[1] == 2
+        assert f"private parts of round 2 saved to {state_dir}; nothing is held unsaved any more" in log
+    else:
+        assert f"exiting with the private parts of round 2 unsaved: {state_dir} holds those of an earlier round" in log

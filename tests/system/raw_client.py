@@ -20,6 +20,8 @@ class RawWorker:
     worker_id: str
     num_examples: int = 100
     metadata: tuple[tuple[str, str], ...] = ()
+    installation_id: str = ""  # as saved in a worker's state dir ("": a worker that predates it)
+    instance_id: str = ""
     session_id: str = ""
     stub: pb_grpc.CoordinatorStub = field(init=False)
 
@@ -30,7 +32,7 @@ class RawWorker:
         """Join as a worker that checks `digests` besides SHA-256 (none: as a worker that predates BLAKE3)."""
         info = pb.WorkerInfo(
             worker_id=self.worker_id, device="cpu", num_examples=self.num_examples, software_version="test",
-            has_private_state=has_private_state, digests=list(digests),
+            has_private_state=has_private_state, digests=list(digests), installation_id=self.installation_id, instance_id=self.instance_id,
         )  # fmt: skip
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=10, metadata=self.metadata)
         self.session_id = resp.session_id

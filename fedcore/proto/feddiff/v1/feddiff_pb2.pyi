@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "device", "gpu_name", "gpu_memory_bytes", "num_examples", "software_version", "has_private_state", "digests")
+    __slots__ = ("worker_id", "device", "gpu_name", "gpu_memory_bytes", "num_examples", "software_version", "has_private_state", "digests", "installation_id", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GPU_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class WorkerInfo(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_PRIVATE_STATE_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    INSTALLATION_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: str
     gpu_name: str
@@ -25,7 +27,9 @@ class WorkerInfo(_message.Message):
     software_version: str
     has_private_state: bool
     digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., has_private_state: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    installation_id: str
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., has_private_state: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ..., installation_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker",)

@@ -80,7 +80,8 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """A worker announces itself; the answer carries the session id used by every later call.
+        """A worker announces itself; the answer carries the session id used by every later call. A second live
+        claimant of a worker_id (another installation while the first one's session is live) gets ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

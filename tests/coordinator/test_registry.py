@@ -1,0 +1,101 @@
+"""One worker id, one live worker: the registry tells a restart (the same installation) from a second
+claimant (another installation), which is refused while the first one's session is live."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedcore.errors import DuplicateWorker, UnknownWorker
+from coordinator.registry import WorkerInfo, WorkerRegistry
+
+TIMEOUT = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _info(installation: str, instance: str = "p1", worker_id: str = "hospital-1") -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id, device="cpu", gpu_name="", gpu_memory_bytes=0, num_examples=10, software_version=f"feddiff 1 on host-{installation}",
+        has_private_state=False, installation_id=installation, instance_id=instance,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(clock: Clock) -> WorkerRegistry:
+    return WorkerRegistry(TIMEOUT, clock=clock)
+
+
+def test_the_same_installation_joining_again_replaces_its_session_at_once(registry: WorkerRegistry) -> None:
+    old, _ = registry.join(_info("a" * 32, "p1"))
+
+    new, replaced = registry.join(_info("a" * 32, "p2"))  # its process restarted
+
+    assert replaced is not None and replaced.session_id == old
+    assert registry.touch(new).info.instance_id == "p2"
+    with pytest.raises(UnknownWorker):
+        registry.touch(old)
+
+
+def test_another_installation_is_refused_while_the_first_is_live_and_the_first_keeps_its_session(registry: WorkerRegistry, clock: Clock) -> None:
+    first, _ = registry.join(_info("a" * 32))
+    clock.now += TIMEOUT  # heard exactly a heartbeat timeout ago: still live
+
+    with pytest.raises(DuplicateWorker) as refused:
+        registry.join(_info("b" * 32))
+
+    assert refused.value.reason == "duplicate_worker"
+    assert str(refused.value).startswith(f"worker id 'hospital-1' is held by a live session of another installation (installation '{'a' * 12}', feddiff 1 on host-{'a' * 32}, heard 30.0s ago)")
+    assert registry.touch(first).info.installation_id == "a" * 32
+    assert [r.info.installation_id for r in registry.connected()] == ["a" * 32]
+
+
+def test_another_installation_is_accepted_once_the_first_is_unheard_for_the_heartbeat_timeout(registry: WorkerRegistry, clock: Clock) -> None:
+    first, _ = registry.join(_info("a" * 32))
+    clock.now += TIMEOUT + 0.1
+
+    second, replaced = registry.join(_info("b" * 32))
+
+    assert replaced is None, "the first session was no longer live"
+    assert registry.touch(second).info.installation_id == "b" * 32
+    with pytest.raises(UnknownWorker):
+        registry.touch(first)
+
+
+def test_another_installation_is_accepted_once_the_first_has_left(registry: WorkerRegistry) -> None:
+    first, _ = registry.join(_info("a" * 32))
+    registry.leave(first)
+
+    second, replaced = registry.join(_info("b" * 32))
+
+    assert replaced is None and registry.touch(second).worker_id == "hospital-1"
+
+
+def test_a_worker_without_installation_id_cannot_take_over_a_live_one_that_has_one(registry: WorkerRegistry) -> None:
+    registry.join(_info("a" * 32))
+    with pytest.raises(DuplicateWorker, match="this one is an installation without id"):
+        registry.join(_info(""))
+
+
+def test_workers_without_installation_ids_replace_each_other_as_before(registry: WorkerRegistry) -> None:
+    old, _ = registry.join(_info(""))  # both predate installation ids: a restart cannot be told from a twin
+
+    new, replaced = registry.join(_info(""))
+
+    assert replaced is not None and replaced.session_id == old and registry.touch(new)
+
+
+def test_other_worker_ids_do_not_conflict(registry: WorkerRegistry) -> None:
+    registry.join(_info("a" * 32, worker_id="hospital-1"))
+    registry.join(_info("b" * 32, worker_id="hospital-2"))
+    assert [r.worker_id for r in registry.connected()] == ["hospital-1", "hospital-2"]

@@ -1,0 +1,155 @@
+"""A worker's state dir: one process at a time (a lock), an identity that tells a restart from another
+worker, and private parts whose failed save (a full disk) keeps the files saved before and is retried."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcore.metrics import Metrics
+from worker.state_dir import IDENTITY_FILE, LOCK_FILE, StateDir, StateDirError
+from tests.tmpfs import fill, mounted_tmpfs, remount
+
+PRIVATE_BYTES = 100_000  # one private-rNNNN.safetensors file, about
+
+
+def _private(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"downs.0.weight": torch.randn(PRIVATE_BYTES // 8, generator=g), "mid.weight": torch.randn(PRIVATE_BYTES // 8, generator=g)}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _open(path: Path, worker_id: str = "hospital-1", metrics: Metrics | None = None) -> StateDir:
+    return StateDir.open(path, worker_id, metrics or Metrics())
+
+
+# --- identity -----------------------------------------------------------------------------------------------
+def test_the_installation_id_is_saved_and_the_instance_id_is_new_in_every_process(tmp_path: Path) -> None:
+    first = _open(tmp_path / "state")
+    first.close()
+    second = _open(tmp_path / "state")
+
+    assert json.loads((tmp_path / "state" / IDENTITY_FILE).read_text()) == {"worker_id": "hospital-1", "installation_id": first.identity.installation_id}
+    assert second.identity.installation_id == first.identity.installation_id and len(first.identity.installation_id) == 32
+    assert second.identity.instance_id != first.identity.instance_id
+
+
+def test_an_identity_without_installation_id_gets_one_and_keeps_its_worker_id(tmp_path: Path) -> None:
+    (tmp_path / IDENTITY_FILE).write_text(json.dumps({"worker_id": "saved-id"}))
+
+    state = _open(tmp_path, worker_id="")
+
+    assert state.identity.worker_id == "saved-id"
+    assert json.loads((tmp_path / IDENTITY_FILE).read_text())["installation_id"] == state.identity.installation_id
+
+
+def test_a_new_worker_id_on_the_same_state_dir_keeps_its_installation(tmp_path: Path) -> None:
+    before = _open(tmp_path, worker_id="old-name")
+    before.close()
+
+    after = _open(tmp_path, worker_id="new-name")
+
+    assert (after.identity.worker_id, after.identity.installation_id) == ("new-name", before.identity.installation_id)
+
+
+def test_a_corrupt_identity_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / IDENTITY_FILE).write_text('{"worker_id": "hosp')
+    with pytest.raises(StateDirError, match=f"{IDENTITY_FILE}' is not a worker identity"):
+        _open(tmp_path)
+
+
+# --- one process per state dir ------------------------------------------------------------------------------
+def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    first = _open(tmp_path)
+
+    with pytest.raises(StateDirError, match=rf"--state-dir '{tmp_path}' is in use by another worker process \(pid {os.getpid()}\)"):
+        _open(tmp_path)
+    first.close()
+    _open(tmp_path).close()
+    assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_temporary_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> None:
+    left = tmp_path / ".private-r0002.safetensors.tmp-4242"
+    left.write_bytes(b"half a file")
+    kept = tmp_path / "notes.tmp-1"
+
+    kept.write_text("not ours")
+    _open(tmp_path)
+
+    assert not left.exists() and kept.exists()
+
+
+def test_a_read_only_state_dir_is_an_error_naming_it(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "state", "1m") as state:
+        remount(state, "ro")
+        with pytest.raises(StateDirError, match=f"--state-dir '{state}' .*Read-only file system"):
+            _open(state)
+
+
+def test_a_full_state_dir_at_the_first_start_is_an_error_naming_it_and_not_at_a_restart(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "state", "1m") as state:
+        (state / "other").mkdir()
+        fill(state / "other")
+        with pytest.raises(StateDirError, match=f"--state-dir '{state}': cannot save the worker's identity in {IDENTITY_FILE}: No space left on device"):
+            _open(state)
+        (state / "other" / "filler").unlink()
+        _open(state).close()
+        fill(state / "other")
+
+        restarted = _open(state)  # the identity is saved: a full disk is only a problem for later saves
+
+        assert restarted.identity.worker_id == "hospital-1"
+
+
+# --- private parts on a disk that fills up -------------------------------------------------------------------
+def test_a_failed_save_keeps_the_saved_files_and_the_parts_in_memory_until_a_retry_succeeds(tmp_path: Path) -> None:
+    metrics = Metrics()
+    with mounted_tmpfs(tmp_path / "state", "1m") as path:
+        state = _open(path, metrics=metrics)
+        assert state.save_private(1, _private(1)) and state.save_private(2, _private(2))
+        saved = {f.name: _sha(f) for f in path.glob("private-r*.safetensors")}
+        filler = fill(path)
+
+        assert not state.save_private(3, _private(3))
+        assert not state.retry(), "still full"
+
+        assert {f.name: _sha(f) for f in path.glob("private-r*.safetensors")} == saved, "nothing pruned, nothing torn"
+        assert [f.name for f in path.iterdir() if ".tmp-" in f.name] == []
+        assert state.unsaved is not None and state.unsaved.completed_rounds == 3
+        assert _value(metrics, "feddiff_private_state_unsaved") == 1
+        assert _value(metrics, "feddiff_state_saves_total", outcome="failed") == 2
+
+        filler.unlink()
+        assert state.retry()
+
+        assert state.unsaved is None and _value(metrics, "feddiff_private_state_unsaved") == 0
+        assert sorted(f.name for f in path.glob("private-r*.safetensors")) == ["private-r0002.safetensors", "private-r0003.safetensors"]
+        tensors, completed = state.load_private()  # type: ignore[misc]
+        assert completed == 3 and all(torch.equal(tensors[k], v) for k, v in _private(3).items())
+        assert _value(metrics, "feddiff_state_saves_total", outcome="saved") == 3
+
+
+def test_a_newer_save_replaces_older_unsaved_parts(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "state", "1m") as path:
+        state = _open(path)
+        filler = fill(path)
+        assert not state.save_private(1, _private(1))
+        assert not state.save_private(2, _private(2))
+        filler.unlink()
+
+        assert state.retry()
+
+        assert [f.name for f in path.glob("private-r*.safetensors")] == ["private-r0002.safetensors"]

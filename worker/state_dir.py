@@ -1,0 +1,182 @@
+"""A worker's state directory: held by one process at a time, its identity, and its private parts, saved so
+that a failed save (a full or failing disk) leaves the last good files as they were and is retried.
+
+Layout of a --state-dir:
+  lock                        held (flock) by the worker process using the directory; holds its pid
+  identity.json               {"worker_id", "installation_id"}: the same across restarts
+  private-r0003.safetensors   private parts after 3 completed rounds (the last two are kept)
+  samples/r0003.png           sample grids of evaluate tasks"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedcore import checkpoint
+from fedcore.atomic import atomic_write_json
+from fedcore.metrics import Metrics
+
+log = logging.getLogger("feddiff.worker")
+
+LOCK_FILE = "lock"
+IDENTITY_FILE = "identity.json"
+PRIVATE_STEM = "private"
+TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
+
+
+class StateDirError(ValueError):
+    """A state directory this process cannot use at all: in use by another worker process, or not writable."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    worker_id: str
+    installation_id: str  # saved in the state dir: tells a restart of this worker from another one
+    instance_id: str  # new in every process
+
+
+@dataclass(frozen=True)
+class UnsavedPrivate:
+    """Private parts held in memory only, because saving them failed."""
+
+    completed_rounds: int
+    tensors: dict[str, torch.Tensor]
+
+
+class StateDir:
+    """The open state directory of this worker process. `open` takes its lock (released when the process
+    ends, or by `close`); the private parts are saved with `save_private` and, after a failure, `retry`."""
+
+    def __init__(self, path: Path, lock_fd: int, identity: Identity, metrics: Metrics):
+        self.path = path
+        self.identity = identity
+        self.metrics = metrics
+        self.unsaved: UnsavedPrivate | None = None
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, path: str | Path, requested_worker_id: str, metrics: Metrics) -> StateDir:
+        """Lock the directory (created if missing) for this process and read or create its identity;
+        StateDirError when another process holds it or it cannot be written at all."""
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock_fd = _lock(path)
+        except OSError as e:
+            raise StateDirError(f"--state-dir {str(path)!r} cannot be used: {e.strerror or e}") from e
+        try:
+            _check_writable(path)
+            _remove_temporary_files(path)
+            identity = _load_identity(path, requested_worker_id)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, lock_fd, identity, metrics)
+
+    def close(self) -> None:
+        """Release the lock (the process's end does it too)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # --- private parts ---------------------------------------------------------------------------------------
+    def load_private(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        return checkpoint.load_private(self.path, PRIVATE_STEM)
+
+    def save_private(self, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Save the private parts after `completed_rounds` rounds; on failure keep them in memory (replacing
+        older unsaved ones) for `retry`. The files saved before stay as they were. True when saved."""
+        try:
+            checkpoint.save_private(self.path, PRIVATE_STEM, completed_rounds, tensors)
+        except OSError as e:
+            self.unsaved = UnsavedPrivate(completed_rounds, tensors)
+            self.metrics.state_saves.labels("failed").inc()
+            self.metrics.private_state_unsaved.set(1)
+            log.error(
+                "worker %s: saving the private parts of round %d to %s failed (%s); they are kept in memory and the "
+                "save is retried; the files saved before stay valid",
+                self.identity.worker_id, completed_rounds, self.path, e,
+            )  # fmt: skip
+            return False
+        if self.unsaved is not None:
+            log.info("worker %s: private parts of round %d saved to %s; nothing is held unsaved any more", self.identity.worker_id, completed_rounds, self.path)
+        self.unsaved = None
+        self.metrics.state_saves.labels("saved").inc()
+        self.metrics.private_state_unsaved.set(0)
+        return True
+
+    def retry(self) -> bool:
+        """Try again to save private parts whose save failed; True when nothing is left unsaved."""
+        if self.unsaved is None:
+            return True
+        return self.save_private(self.unsaved.completed_rounds, self.unsaved.tensors)
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on path/lock for this process, or StateDirError naming the process holding it."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirError(
+            f"--state-dir {str(path)!r} is in use by another worker process (pid {holder}): each worker needs its own state dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk: the pid is only there to name the holder
+        log.warning("cannot write the pid into %s: %s", path / LOCK_FILE, e)
+    return fd
+
+
+def _check_writable(path: Path) -> None:
+    """StateDirError when no file can be created in `path` (read-only, or not ours); a full disk is not that:
+    an empty file needs no space, and saves are retried once there is some."""
+    probe = path / f".probe{TEMPORARY_MARK}{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise StateDirError(f"--state-dir {str(path)!r} is not writable: {e.strerror or e}") from e
+
+
+def _remove_temporary_files(path: Path) -> None:
+    """Temporary files that a killed process left (this one holds the lock: no write is in progress)."""
+    for f in path.iterdir():
+        if f.name.startswith(".") and TEMPORARY_MARK in f.name:
+            f.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", f)
+
+
+def _load_identity(path: Path, requested: str) -> Identity:
+    """The requested worker id, else the one saved in the state dir, else a new one; the installation id
+    saved there, else a new one. Saved when new (StateDirError when that fails: a restart would not be told
+    from another worker)."""
+    file = path / IDENTITY_FILE
+    try:
+        saved = json.loads(file.read_text()) if file.exists() else {}
+    except ValueError as e:
+        raise StateDirError(f"{str(file)!r} is not a worker identity (JSON): {e}") from e
+    if not isinstance(saved, dict):
+        raise StateDirError(f"{str(file)!r} is not a worker identity: expected a JSON object")
+    worker_id = requested or saved.get("worker_id") or f"worker-{secrets.token_hex(4)}"
+    installation_id = saved.get("installation_id") or secrets.token_hex(16)
+    fresh = {"worker_id": worker_id, "installation_id": installation_id}
+    if fresh != saved:
+        try:
+            atomic_write_json(file, fresh)
+        except OSError as e:
+            raise StateDirError(f"--state-dir {str(path)!r}: cannot save the worker's identity in {IDENTITY_FILE}: {e.strerror or e}") from e
+    return Identity(worker_id, installation_id, secrets.token_hex(8))
