@@ -37,7 +37,7 @@ _CHANNEL_MODES: Final = MappingProxyType({1: "L", 3: "RGB"})
 # 16-bit grayscale is scaled by the full 16-bit range, which is what a 16-bit sample means in both formats
 # that carry it: PNG scales samples of fewer significant bits up to the bit depth (PNG spec, 12.5 "Sample
 # depth scaling"; sBIT only informs), and TIFF's MaxSampleValue "is not to be used to affect the visual
-# appearance of an image" (TIFF 6.0, p. 42).
+# appearance of an image" (TIFF 6.0, tag 281).
 _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MAX: Final = 65535
 # Modes whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
