@@ -20,7 +20,7 @@ from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, Ro
 from fedcore.metrics import Metrics
 from fedcore.parts import PART_ORDER, Part
 from fedcore.serialization import save_file
-from fedcore.roundlog import ROUNDS_LOG, format_round, round_record
+from fedcore.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.strategies import private_parts
 
 from coordinator.config import CoordinatorConfig
@@ -91,6 +91,10 @@ class RoundDriver:
         metrics.min_workers.set(cfg.min_workers)
         metrics.rounds_planned.set(cfg.rounds)
         metrics.round.set(federation.completed_rounds)
+        metrics.show_run(federation.ledger, federation.tally)
+        self._tally_at_start = federation.tally  # the checkpoint's; this process's counters add to it
+        if federation.completed_rounds:
+            self._restore_from_round_log()
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -173,14 +177,21 @@ class RoundDriver:
             self._issued = {}
             if self._stop.is_set():
                 return False
+            outcome: RoundOutcome | None = None
             if got < needed:
                 self.metrics.round_attempts.labels("no_quorum").inc()
                 log.warning("round %d: %d of %d updates by the deadline, quorum %d: round re-run", plan.round + 1, got, len(plan.clients), needed)
-                return False
-            if got < len(plan.clients):
-                log.info("round %d: closed at the deadline with %d of %d updates (quorum %d)", plan.round + 1, got, len(plan.clients), needed)
-            self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
-            outcome = open_round.close()
+            else:
+                if got < len(plan.clients):
+                    log.info("round %d: closed at the deadline with %d of %d updates (quorum %d)", plan.round + 1, got, len(plan.clients), needed)
+                self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
+                outcome = open_round.close()
+        if outcome is None:
+            try:  # the attempt is part of the run's tally
+                self._checkpoint()
+            except OSError as e:
+                log.error("round %d: checkpoint of the attempt failed, the previous one stays valid: %s", plan.round + 1, e)
+            return False
         self._after_round(outcome)
         return True
 
@@ -191,11 +202,27 @@ class RoundDriver:
         self.metrics.round_mean_loss.set(outcome.mean_loss)
         record = round_record(outcome, self.federation.ledger, seconds)
         try:
-            self.federation.save(self.checkpoint_dir)
+            self._checkpoint()
             self._append_log(record)
         except OSError as e:
             log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
         log.info(format_round(record))
+
+    def _checkpoint(self) -> None:
+        """Save the run: the global model, the round state and the tally of outcomes (the checkpoint's plus this
+        process's counters); the run gauges show these totals, whether the write succeeds or raises OSError."""
+        self.federation.tally = self._tally_at_start.plus(*self.metrics.outcome_counts())
+        self.metrics.show_run(self.federation.ledger, self.federation.tally)
+        self.federation.save(self.checkpoint_dir)
+
+    def _restore_from_round_log(self) -> None:
+        """A resumed run's last round mean loss and latest Frechet distances, from the round log."""
+        mean_loss, fds = latest_in_log(self.checkpoint_dir / ROUNDS_LOG, self.federation.completed_rounds)
+        if mean_loss is not None:
+            self.metrics.round_mean_loss.set(mean_loss)
+        for model, fd in fds.items():
+            self.metrics.fd.labels(model).set(fd)
+            self.last_fd[model] = fd
 
     def _append_log(self, record: dict[str, object]) -> None:
         with self._log_lock, open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:

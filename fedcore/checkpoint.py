@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory:
   global-r0003.safetensors   global model after 3 completed rounds (the last two are kept)
-  state.json                 the commit point: completed rounds, config, ledger, which file is current
+  state.json                 the commit point: completed rounds, config, ledger, outcome tally, which file is current
   clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
 A round is committed when state.json names its files; files of an uncommitted round are ignored."""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ class RunState:
     contacted: tuple[str, ...]  # clients that hold a model (got the initial broadcast)
     ledger: dict[str, object]  # Ledger.as_json()
     global_file: str  # file name of the current global model
+    tally: dict[str, object] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
 
 
 def _versioned(stem: str, round_count: int) -> str:
@@ -59,6 +60,7 @@ def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state
             "contacted": sorted(state.contacted),
             "ledger": state.ledger,
             "global_file": state.global_file,
+            "tally": state.tally,
         },
     )
     _prune(directory, "global")
@@ -81,6 +83,7 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         contacted=tuple(raw["contacted"]),
         ledger=dict(raw["ledger"]),
         global_file=str(raw["global_file"]),
+        tally=dict(raw.get("tally", {})),
     )
     tensors, _ = load_file(directory / state.global_file)
     return tensors, state

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
+import io
 import math
 import os
 import zlib
@@ -13,7 +15,7 @@ from typing import Final
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV: Final = "FEDDIFF_FASHION_MNIST_DIR"  # overrides DEFAULT_FASHION_MNIST_DIR
@@ -29,8 +31,25 @@ _IDX_DTYPES: Final = MappingProxyType({
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 })
-_IMAGE_SUFFIXES: Final = frozenset({".png", ".jpg", ".jpeg"})
+# Image folders: the files read (any case), and how each Pillow mode reaches the model's channels.
+IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 _CHANNEL_MODES: Final = MappingProxyType({1: "L", 3: "RGB"})
+# 16-bit grayscale is scaled by the full 16-bit range, which is what a 16-bit sample means in both formats
+# that carry it: PNG scales samples of fewer significant bits up to the bit depth (PNG spec, 12.5 "Sample
+# depth scaling"; sBIT only informs), and TIFF's MaxSampleValue "is not to be used to affect the visual
+# appearance of an image" (TIFF 6.0, tag 281).
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_SIXTEEN_BIT_MAX: Final = 65535
+# Modes whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
+# refused rather than guessed, since per-image min/max scaling would re-expose every image differently.
+_UNKNOWN_RANGE_MODES: Final = MappingProxyType({
+    "I": "32-bit integer pixels",
+    "F": "32-bit floating-point pixels",
+})
+_ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_ICC_MODES: Final = frozenset({"RGB", "RGBA", "CMYK"})  # converted to sRGB when they embed an ICC profile
+ALPHA_BACKGROUND: Final = 0  # transparent pixels are composited over black (docs/reliability.md, image folders)
+_LISTED_PROBLEMS: Final = 10  # files named in the error about an image folder; the rest are counted
 
 
 class DatasetError(ValueError):
@@ -154,25 +173,98 @@ def load_fashion_mnist(train: bool = True, root: Path | str | None = None) -> Im
     return ImageDataset(images=images[:, None], labels=labels.astype(np.int64))
 
 
-def _load_image(path: Path, image_size: int, mode: str) -> np.ndarray:
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """A colour image with an embedded ICC profile (a CMYK print file, a Display P3 or Adobe RGB photo) in
+    sRGB; without one, or with one LittleCMS cannot use, the pixels are taken as sRGB (as browsers do)."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in _ICC_MODES:
+        return image
     try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            width, height = image.size
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DatasetError(f"image {str(path)!r} cannot be read: {e}") from e
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(image, source, _srgb_profile(), outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+    except (OSError, ImageCms.PyCMSError):
+        return image
+    assert converted is not None  # profileToProfile returns None only with inPlace=True
+    return converted
+
+
+def _flatten(image: Image.Image, mode: str) -> Image.Image:
+    """An image of 8 bits per sample in `mode` ("L" or "RGB"): colour profile applied, other colour spaces
+    (CMYK, YCbCr, LAB, HSV, palettes, 1-bit) converted by Pillow, and transparency (an alpha channel or a
+    tRNS colour key) composited over ALPHA_BACKGROUND."""
+    image = _to_srgb(image)
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND, ALPHA_BACKGROUND, ALPHA_BACKGROUND, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # every mode converts to RGB (LAB to nothing else)
+    return image.convert(mode)
+
+
+def _sixteen_bit_plane(image: Image.Image) -> Image.Image:
+    """16-bit grayscale as a float image in [0, 255], by the 16-bit range; samples equal to a tRNS key are
+    transparent and become ALPHA_BACKGROUND."""
+    values = np.asarray(image)  # (H, W) uint16 in the file's byte order
+    plane = values.astype(np.float32) * np.float32(255 / _SIXTEEN_BIT_MAX)
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        plane[values == key] = ALPHA_BACKGROUND
+    return Image.fromarray(plane)  # mode "F"
+
+
+def _square(image: Image.Image, image_size: int) -> Image.Image:
+    """Center-cropped to a square, then resized to image_size (Lanczos)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def _pixels(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """An opened image of any mode but I and F as (channels, image_size, image_size) uint8."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        plane = np.asarray(_square(_sixteen_bit_plane(image), image_size))
+        # (H, W) float -> (channels, H, W) uint8; Lanczos may ring past the range, hence the clip
+        return np.repeat(np.clip(np.rint(plane), 0, 255).astype(np.uint8)[None], channels, axis=0)
+    pixels = np.asarray(_square(_flatten(image, _CHANNEL_MODES[channels]), image_size), dtype=np.uint8)
     # (H, W) -> (1, H, W);  (H, W, C) -> (C, H, W)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def _load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """One image file (its first frame) as (channels, image_size, image_size) uint8 pixels; DatasetError
+    names the file and why it cannot be used."""
+    try:
+        with Image.open(path) as opened:
+            if opened.mode in _UNKNOWN_RANGE_MODES:
+                raise DatasetError(
+                    f"{str(path)!r} has mode {opened.mode!r} ({_UNKNOWN_RANGE_MODES[opened.mode]}), whose value range "
+                    f"the file does not state; convert it to 8- or 16-bit with the range you mean"
+                )
+            # Oriented as a camera's EXIF tag says the image is viewed.
+            return _pixels(ImageOps.exif_transpose(opened), image_size, channels)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{str(path)!r} cannot be read: {e}") from e
+
+
 def load_image_folder(path: Path | str, image_size: int, channels: int) -> ImageDataset:
-    """All PNG/JPEG files under `path` (recursively, in sorted path order), center-cropped to a square and
-    resized to `image_size`, as unlabeled (N, channels, image_size, image_size) uint8."""
+    """Every image file under `path` (IMAGE_SUFFIXES, recursively, in sorted path order) in the model's
+    channels, center-cropped to a square and resized to `image_size`: unlabeled (N, channels, image_size,
+    image_size) uint8, which `to_model_range` maps to [-1, 1].
+
+    Every mode Pillow opens is converted (16-bit grayscale by its 16-bit range; palettes, 1-bit, CMYK,
+    YCbCr, LAB; colour through its ICC profile; transparency over ALPHA_BACKGROUND), except 32-bit integer
+    and float images, whose range is unknown: a DatasetError names every file that is refused or
+    unreadable, before any training."""
     if channels not in _CHANNEL_MODES:
         raise ValueError(f"channels is {channels}, expected 1 (grayscale) or 3 (RGB)")
     if image_size < 1:
@@ -180,12 +272,20 @@ def load_image_folder(path: Path | str, image_size: int, channels: int) -> Image
     directory = Path(path)
     if not directory.is_dir():
         raise DatasetError(f"image folder {str(directory)!r} does not exist or is not a directory")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise DatasetError(f"image folder {str(directory)!r} holds no PNG or JPEG files")
-    mode = _CHANNEL_MODES[channels]
-    images = np.stack([_load_image(f, image_size, mode) for f in files])
-    return ImageDataset(images=images, labels=None)
+        raise DatasetError(f"image folder {str(directory)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images, problems = [], []
+    for f in files:
+        try:
+            images.append(_load_image(f, image_size, channels))
+        except DatasetError as e:
+            problems.append(str(e))
+    if problems:
+        listed = "".join(f"\n  {p}" for p in problems[:_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(problems) - _LISTED_PROBLEMS} more" if len(problems) > _LISTED_PROBLEMS else ""
+        raise DatasetError(f"image folder {str(directory)!r}: {len(problems)} of {len(files)} images cannot be used:{listed}{more}")
+    return ImageDataset(images=np.stack(images), labels=None)
 
 
 # ---------------------------------------------------------------------------------------------------------

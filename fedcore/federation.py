@@ -120,6 +120,37 @@ class Ledger:
 
 
 @dataclass(frozen=True)
+class Tally:
+    """How a run's round attempts and updates ended, by outcome: what a coordinator counted up to a checkpoint.
+
+    Checkpointed beside the ledger so that a resumed run goes on from its totals (Prometheus counters restart at
+    zero with each process, as they should; the run's totals are gauges, fedcore.metrics)."""
+
+    round_attempts: Mapping[str, int] = field(default_factory=dict)  # complete, quorum, no_quorum
+    updates: Mapping[str, int] = field(default_factory=dict)  # accepted, late, aborted, or the refusal reason
+
+    def plus(self, round_attempts: Mapping[str, int], updates: Mapping[str, int]) -> Tally:
+        """This tally with more counts added."""
+        return Tally(_summed(self.round_attempts, round_attempts), _summed(self.updates, updates))
+
+    def as_json(self) -> dict[str, object]:
+        return {"round_attempts": dict(sorted(self.round_attempts.items())), "updates": dict(sorted(self.updates.items()))}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, object]) -> Tally:
+        """From state.json; a checkpoint written before tallies existed holds none: all zero."""
+        attempts, updates = obj.get("round_attempts", {}), obj.get("updates", {})
+        return cls(
+            {str(k): int(v) for k, v in attempts.items()},  # type: ignore[attr-defined]
+            {str(k): int(v) for k, v in updates.items()},  # type: ignore[attr-defined]
+        )
+
+
+def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
+
+
+@dataclass(frozen=True)
 class AcceptedUpdate:
     client: str
     parts: frozenset[Part]
@@ -164,7 +195,8 @@ def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mappin
 
 
 class Federation:
-    """Owns the global model, which clients have held a model, and the cumulative ledger."""
+    """Owns the global model, which clients have held a model, the cumulative ledger, and the tally of outcomes
+    that its checkpoints carry (counted by the coordinator, which sets it before it saves)."""
 
     def __init__(
         self,
@@ -174,6 +206,7 @@ class Federation:
         completed_rounds: int = 0,
         contacted: Collection[str] = (),
         ledger: Ledger | None = None,
+        tally: Tally | None = None,
     ):
         preset(cfg.model)  # validates the name
         self.config = cfg
@@ -187,6 +220,7 @@ class Federation:
         self.completed_rounds = completed_rounds
         self.contacted: set[str] = set(contacted)
         self.ledger = ledger or Ledger()
+        self.tally = tally or Tally()
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
 
     @property
@@ -201,6 +235,7 @@ class Federation:
             contacted=tuple(sorted(self.contacted)),
             ledger=self.ledger.as_json(),
             global_file=checkpoint.global_file_name(self.completed_rounds),
+            tally=self.tally.as_json(),
         )
         checkpoint.save_run(directory, self.global_state, state)
 
@@ -219,6 +254,7 @@ class Federation:
             completed_rounds=state.completed_rounds,
             contacted=state.contacted,
             ledger=Ledger.from_json(state.ledger),
+            tally=Tally.from_json(state.tally),
         )
 
     def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:

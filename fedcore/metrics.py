@@ -1,14 +1,23 @@
-"""Prometheus metrics of both sides: communication volume by direction and part, rounds, workers, training."""
+"""Prometheus metrics of both sides: communication volume by direction and part, rounds, workers, training.
+
+Counters (`*_total`) count what this process did since it started, and restart at zero with it, as
+Prometheus's rate() and increase() expect. The run as a whole, which a resumed coordinator continues, is
+described by the `feddiff_run_*` gauges: the totals of its last checkpoint, restored with it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedcore.parts import PART_ORDER, Part
 
+if TYPE_CHECKING:
+    from fedcore.federation import Ledger, Tally
+
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
+ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum")
 
 
 class Metrics:
@@ -67,13 +76,29 @@ class Metrics:
             "feddiff_state_saves", "Saves of this worker's private parts to its state dir, by outcome (saved, failed)", ["outcome"], registry=r
         )
         self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
+        # The run's committed totals (coordinator): the last checkpoint's, restored with --resume.
+        self.run_payload_bytes = Gauge(
+            "feddiff_run_payload_bytes", "Safetensors payload bytes of the run's committed rounds", ["direction", "part"], registry=r
+        )
+        self.run_parameters = Gauge(
+            "feddiff_run_parameters", "Parameters exchanged in the run's committed rounds", ["direction", "part"], registry=r
+        )
+        self.run_full_fedavg_parameters = Gauge(
+            "feddiff_run_full_fedavg_parameters",
+            "Parameters plain FedAvg would have exchanged in the run's committed rounds",
+            registry=r,
+        )
+        self.run_round_attempts = Gauge(
+            "feddiff_run_round_attempts", "The run's round attempts up to its last checkpoint, by outcome", ["outcome"], registry=r
+        )
+        self.run_updates = Gauge("feddiff_run_updates", "The run's updates up to its last checkpoint, by outcome", ["outcome"], registry=r)
         for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
             for d in ("down", "up"):
                 self.payload_bytes.labels(d, p.value)
                 self.parameters.labels(d, p.value)
         for d in ("down", "up"):
             self.wire_bytes.labels(d)
-        for outcome in ("complete", "quorum", "no_quorum"):
+        for outcome in ROUND_ATTEMPT_OUTCOMES:
             self.round_attempts.labels(outcome)
         for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
             self.joins.labels(outcome)
@@ -88,7 +113,27 @@ class Metrics:
                 self.payload_bytes.labels(direction, p.value).inc(payload_bytes[p])
         self.full_fedavg_parameters.inc(full_fedavg)
 
+    def outcome_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """This process's round attempts and updates by outcome, as its counters hold them."""
+        return _by_outcome(self.round_attempts), _by_outcome(self.updates)
+
+    def show_run(self, ledger: Ledger, tally: Tally) -> None:
+        """Set the run gauges to a checkpoint's totals."""
+        for d, params, nbytes in (("down", ledger.traffic.down, ledger.bytes_down), ("up", ledger.traffic.up, ledger.bytes_up)):
+            for p in PART_ORDER:
+                self.run_parameters.labels(d, p.value).set(params[p])
+                self.run_payload_bytes.labels(d, p.value).set(nbytes[p])
+        self.run_full_fedavg_parameters.set(ledger.full_fedavg)
+        for outcome in (*ROUND_ATTEMPT_OUTCOMES, *tally.round_attempts):
+            self.run_round_attempts.labels(outcome).set(tally.round_attempts.get(outcome, 0))
+        for outcome, n in tally.updates.items():
+            self.run_updates.labels(outcome).set(n)
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
         server, _ = start_http_server(port, addr=addr, registry=self.registry)
         return int(server.server_port)
+
+
+def _by_outcome(counter: Counter) -> dict[str, int]:
+    return {s.labels["outcome"]: int(s.value) for m in counter.collect() for s in m.samples if s.name.endswith("_total")}

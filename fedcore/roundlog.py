@@ -38,6 +38,26 @@ def format_round(record: dict[str, object]) -> str:
     )
 
 
+def latest_in_log(path: Path, completed_rounds: int) -> tuple[float | None, dict[str, float]]:
+    """The mean loss of round `completed_rounds` and the latest Frechet distance of each model evaluated up to
+    it, as the log holds them (None and {} for what it lacks; a line cut short by a crash is skipped)."""
+    mean_loss: float | None = None
+    fds: dict[str, float] = {}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("round", completed_rounds + 1) > completed_rounds:
+            continue
+        if "participants" in record and record["round"] == completed_rounds:
+            mean_loss = float(record["mean_loss"])
+        if record.get("kind") == "evaluation":
+            fds.update({model: float(fd) for model, fd in record["fd"].items()})
+    return mean_loss, fds
+
+
 def truncate_log(path: Path, completed_rounds: int) -> None:
     """Drop log lines of rounds that were not committed (a crash between a round and its checkpoint)."""
     if not path.exists():

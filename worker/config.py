@@ -20,7 +20,7 @@ class WorkerConfig:
     seed: int = 2023  # split seed
     max_images: int = 0  # 0 = all training images (before splitting)
     data_root: str | None = None  # Fashion-MNIST folder (default: Debian's package)
-    data_dir: str = ""  # a folder of PNG/JPEG images instead of Fashion-MNIST
+    data_dir: str = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
     image_size: int = 28  # size the --data-dir images are brought to (must match the model)
     channels: int = 1  # 1 (grayscale) or 3 (RGB) for --data-dir images
     state_dir: str = "runs/worker"  # identity and private parts, kept across restarts
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=2023, help="split seed")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
-    p.add_argument("--data-dir", default="", help="a folder of PNG/JPEG images to train on instead")
+    p.add_argument("--data-dir", default="", help="a folder of images (PNG, JPEG, TIFF, WebP, BMP) to train on instead")
     p.add_argument("--image-size", type=int, default=28, help="--data-dir images are resized to this")
     p.add_argument("--channels", type=int, choices=[1, 3], default=1)
     p.add_argument("--state-dir", default="runs/worker")

@@ -67,6 +67,18 @@ def test_save_and_load_roundtrip(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_tally_is_saved_and_a_state_json_without_one_loads(tmp_path: Path) -> None:
+    tally = {"round_attempts": {"complete": 1}, "updates": {"accepted": 2}}
+    save_run(tmp_path, _weights(1.0), RunState(1, CONFIG, ("client-0",), LEDGER, global_file_name(1), tally))
+    assert load_run(tmp_path)[1].tally == tally  # type: ignore[index]
+
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    del state["tally"]  # as written before tallies existed
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    assert load_run(tmp_path)[1].tally == {}  # type: ignore[index]
+
+
 def test_crash_before_state_json_keeps_the_committed_checkpoint(tmp_path: Path) -> None:
     save_run(tmp_path, _weights(1.0), _state(1))
     save_run(tmp_path, _weights(2.0), _state(2))

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
 from fedcore.data import (
     DEFAULT_FASHION_MNIST_DIR,
+    IMAGE_SUFFIXES,
     FASHION_MNIST_DIR_ENV,
     DatasetError,
     ImageDataset,
@@ -198,7 +203,7 @@ def test_load_image_folder(image_folder: Path, channels: int) -> None:
 
 
 def test_load_image_folder_empty_raises(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no PNG or JPEG"):
+    with pytest.raises(DatasetError, match=r"no image files \(\.png, \.jpg, \.jpeg, \.tif, \.tiff, \.webp, \.bmp\)"):
         load_image_folder(tmp_path, image_size=28, channels=1)
     with pytest.raises(DatasetError, match="does not exist"):
         load_image_folder(tmp_path / "nowhere", image_size=28, channels=1)
@@ -211,6 +216,216 @@ def test_load_image_folder_unreadable_image(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError, match="broken.png"):
         load_image_folder(tmp_path, image_size=28, channels=1)
+
+
+# --- Image folders: every mode Pillow writes ------------------------------------------------------------
+
+SIDE = 16  # every test image is 16x16 and loaded at 16: no resampling, exact statistics
+
+
+def _halves(mode: str, left: object, right: object, palette: list[int] | None = None) -> Image.Image:
+    """Columns 0-7 `left`, 8-15 `right`."""
+    if mode == "I;16":  # Image.paste writes 0 for a 16-bit value above 255 (Pillow 13)
+        image = Image.new(mode, (SIDE, SIDE))
+        image.frombytes(np.repeat(np.array([left, right], dtype="<u2"), SIDE // 2)[None].repeat(SIDE, axis=0).tobytes())
+        return image
+    image = Image.new(mode, (SIDE, SIDE), left)  # type: ignore[arg-type]
+    if palette is not None:
+        image.putpalette(palette)
+    image.paste(right, (SIDE // 2, 0, SIDE, SIDE))  # type: ignore[arg-type]
+    return image
+
+
+def _ramp(mode: str, scale: int, dtype: str) -> Image.Image:
+    """The 256 values 0, scale, 2*scale, ... row by row."""
+    values = (np.arange(SIDE * SIDE) * scale).astype(dtype).reshape(SIDE, SIDE)
+    image = Image.new(mode, (SIDE, SIDE))
+    image.frombytes(values.tobytes())
+    return image
+
+
+def _swapped_primaries_profile() -> bytes:
+    """Pillow's sRGB ICC profile with the red and blue primaries swapped: its red is sRGB's blue."""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (count,) = struct.unpack_from(">I", profile, 128)
+    entries = {struct.unpack_from(">4s", profile, 132 + 12 * i)[0]: 132 + 12 * i for i in range(count)}
+    red, blue = profile[entries[b"rXYZ"] + 4 : entries[b"rXYZ"] + 12], profile[entries[b"bXYZ"] + 4 : entries[b"bXYZ"] + 12]
+    profile[entries[b"rXYZ"] + 4 : entries[b"rXYZ"] + 12] = blue  # (offset, size) of the tag data
+    profile[entries[b"bXYZ"] + 4 : entries[b"bXYZ"] + 12] = red
+    profile[84:100] = bytes(16)  # the profile ID (an MD5 of the original) no longer applies
+    return bytes(profile)
+
+
+RED, GREEN, BLUE = [255, 0, 0], [0, 255, 0], [0, 0, 255]
+
+
+class ModeCase(NamedTuple):
+    name: str  # the file written
+    opens_as: str  # the mode Pillow opens it in
+    write: Callable[[Path], None]
+    rgb_means: tuple[float, float, float]  # loaded with channels=3: the mean of each channel
+    rgb_range: tuple[float, float]  # min and max over the channels
+    gray: tuple[float, float, float]  # loaded with channels=1: mean, min, max
+    tolerance: float  # 0 for lossless formats
+
+
+# Grayscale of a colour is Pillow's ITU-R 601-2 luma: red 76, blue 29, (10, 200, 30) 124, (250, 0, 128) 89,
+# (40, 20, 10) 25. Transparent pixels become black; 16-bit values are divided by 65535 / 255 = 257.
+MODE_CASES = [
+    ModeCase("1.png", "1", lambda p: _halves("1", 0, 1).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("L.png", "L", lambda p: _ramp("L", 1, "u1").save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("L-trns.png", "L", lambda p: _halves("L", 200, 50).save(p, transparency=50), (100, 100, 100), (0, 200), (100, 0, 200), 0),
+    ModeCase("P.png", "P", lambda p: _halves("P", 0, 1, RED + BLUE).save(p), (127.5, 0, 127.5), (0, 255), (52.5, 29, 76), 0),
+    ModeCase("P-trns.png", "P", lambda p: _halves("P", 0, 1, RED + GREEN).save(p, transparency=1), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
+    ModeCase("RGB.png", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
+    ModeCase("RGB-trns.png", "RGB", lambda p: _halves("RGB", (10, 200, 30), (1, 2, 3)).save(p, transparency=(1, 2, 3)), (5, 100, 15), (0, 200), (62, 0, 124), 0),
+    ModeCase("RGBA.png", "RGBA", lambda p: _halves("RGBA", (10, 200, 30, 255), (200, 100, 50, 51)).save(p), (25, 110, 20), (10, 200), (74.5, 25, 124), 0),
+    ModeCase("LA.png", "LA", lambda p: _halves("LA", (200, 255), (200, 0)).save(p), (100, 100, 100), (0, 200), (100, 0, 200), 0),
+    ModeCase("I16-ramp.png", "I;16", lambda p: _ramp("I;16", 257, "<u2").save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("I16-halves.png", "I;16", lambda p: _halves("I;16", 1000, 64000).save(p), (126.5, 126.5, 126.5), (4, 249), (126.5, 4, 249), 0),
+    ModeCase("I16-trns.png", "I;16", lambda p: _halves("I;16", 64000, 1000).save(p, transparency=1000), (124.5, 124.5, 124.5), (0, 249), (124.5, 0, 249), 0),
+    ModeCase("I16B-ramp.tif", "I;16B", lambda p: _ramp("I;16B", 257, ">u2").save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    # 12-bit data in 16-bit samples stays dark: a 16-bit sample means a fraction of 65535 (PNG, TIFF 6.0).
+    ModeCase("I16-12bit.tif", "I;16", lambda p: _ramp("I;16", 16, "<u2").save(p), (7.9375, 7.9375, 7.9375), (0, 16), (7.9375, 0, 16), 0),
+    ModeCase("CMYK.tif", "CMYK", lambda p: _halves("CMYK", (0, 255, 255, 0), (0, 0, 0, 255)).save(p), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
+    ModeCase("CMYK.jpg", "CMYK", lambda p: _halves("CMYK", (0, 255, 255, 0), (0, 0, 0, 255)).save(p, quality=95), (127.5, 0, 0), (0, 255), (38, 0, 76), 4),
+    ModeCase("YCbCr.tif", "YCbCr", lambda p: _halves("YCbCr", (0, 128, 128), (255, 128, 128)).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("LAB.tif", "LAB", lambda p: _halves("LAB", (0, 128, 128), (255, 128, 128)).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 1),
+    ModeCase("PA.tif", "PA", lambda p: _halves("PA", (0, 255), (0, 0), RED + BLUE).save(p), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
+    ModeCase("L.jpg", "L", lambda p: _halves("L", 40, 220).save(p, quality=95), (130, 130, 130), (40, 220), (130, 40, 220), 4),
+    ModeCase("RGB.jpg", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p, quality=95, subsampling=0), (130, 100, 79), (0, 250), (106.5, 89, 124), 4),
+    ModeCase("RGBA.webp", "RGBA", lambda p: _halves("RGBA", (10, 200, 30, 255), (200, 100, 50, 51)).save(p, lossless=True, exact=True), (25, 110, 20), (10, 200), (74.5, 25, 124), 0),
+    ModeCase("RGB.webp", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p, lossless=True), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
+    ModeCase("1.bmp", "1", lambda p: _halves("1", 0, 1).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("P.bmp", "P", lambda p: _halves("P", 0, 1, RED + BLUE).save(p), (127.5, 0, 127.5), (0, 255), (52.5, 29, 76), 0),
+    ModeCase("RGB.bmp", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
+    # An embedded ICC profile is applied: this file's red is sRGB's blue. One LittleCMS cannot read is ignored.
+    ModeCase("ICC-swapped.png", "RGB", lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=_swapped_primaries_profile()), (0, 0, 127.5), (0, 255), (14.5, 0, 29), 0),
+    ModeCase("ICC-broken.png", "RGB", lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=b"not a profile"), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
+]
+CASES = {case.name: case for case in MODE_CASES}
+
+
+@pytest.fixture(scope="module")
+def every_mode_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One file per case of MODE_CASES, each checked to open in the mode the case names."""
+    folder = tmp_path_factory.mktemp("modes")
+    for case in MODE_CASES:
+        case.write(folder / case.name)
+        with Image.open(folder / case.name) as opened:
+            assert opened.mode == case.opens_as, (case.name, opened.mode)
+    return folder
+
+
+def test_the_cases_cover_every_mode_pillow_writes_to_the_accepted_formats() -> None:
+    writable = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "I;16", "I;16B"}
+    refused = {"I", "F"}  # tested below
+    never_in_a_file = {"HSV", "La", "RGBa", "RGBX", "I;16L", "I;16N"}  # Pillow opens no file in these modes
+    assert {case.opens_as for case in MODE_CASES} == writable
+    assert writable | refused | never_in_a_file == set(Image.MODES)
+    assert {Path(case.name).suffix for case in MODE_CASES} == set(IMAGE_SUFFIXES) - {".jpeg", ".tiff"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_mode_pillow_writes_is_converted_faithfully(every_mode_folder: Path, name: str) -> None:
+    case = CASES[name]
+    names = sorted(CASES)  # the loader's order: sorted paths
+
+    rgb = load_image_folder(every_mode_folder, image_size=SIDE, channels=3).images[names.index(name)]
+    gray_image = load_image_folder(every_mode_folder, image_size=SIDE, channels=1).images[names.index(name)]
+
+    assert rgb.shape == (3, SIDE, SIDE) and gray_image.shape == (1, SIDE, SIDE)
+    assert rgb.reshape(3, -1).mean(axis=1) == pytest.approx(case.rgb_means, abs=case.tolerance)
+    assert (rgb.min(), rgb.max()) == pytest.approx(case.rgb_range, abs=case.tolerance)
+    assert (gray_image.mean(), gray_image.min(), gray_image.max()) == pytest.approx(case.gray, abs=case.tolerance)
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(every_mode_folder: Path) -> None:
+    """A 16-bit ramp is the 8-bit ramp it scales to, all 256 levels, not a black-and-white mask."""
+    images = load_image_folder(every_mode_folder, image_size=SIDE, channels=1).images
+    names = sorted(CASES)
+
+    eight_bit = images[names.index("L.png")]
+    for name in ("I16-ramp.png", "I16B-ramp.tif"):
+        np.testing.assert_array_equal(images[names.index(name)], eight_bit)
+    assert len(np.unique(images[names.index("I16-ramp.png")])) == 256
+    x = to_model_range(images[names.index("I16-ramp.png")][None])
+    assert (x.min().item(), x.max().item()) == (-1.0, 1.0)
+
+
+def test_sixteen_bit_is_resampled_before_it_is_rounded(tmp_path: Path) -> None:
+    """Resized 16-bit images are averaged at 16 bits: 1-level steps survive as fractions, then round."""
+    _ramp("I;16", 257, "<u2").save(tmp_path / "ramp.png")
+
+    [image] = load_image_folder(tmp_path, image_size=8, channels=1).images
+
+    assert 120 <= image.mean() <= 135 and image.min() < 20 and image.max() > 235
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """Orientation 6 ("rotate 90 degrees clockwise to view"): the stored left half is the viewed top half."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _halves("L", 255, 0).save(tmp_path / "rotated.png", exif=exif)
+
+    [image] = load_image_folder(tmp_path, image_size=SIDE, channels=1).images
+
+    assert image[0, : SIDE // 2].min() == 255 and image[0, SIDE // 2 :].max() == 0
+
+
+def _float_tiff(path: Path) -> None:
+    Image.fromarray(np.linspace(0, 1, SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)).save(path)
+
+
+def _int32_tiff(path: Path) -> None:
+    Image.fromarray(np.arange(SIDE * SIDE, dtype=np.int32).reshape(SIDE, SIDE) * 100_000).save(path)
+
+
+def test_float_and_32_bit_images_are_refused_naming_file_and_mode(tmp_path: Path) -> None:
+    Image.new("L", (SIDE, SIDE), 90).save(tmp_path / "fine.png")
+    _float_tiff(tmp_path / "depth.tif")
+    _int32_tiff(tmp_path / "counts.TIFF")
+
+    with pytest.raises(DatasetError) as info:
+        load_image_folder(tmp_path, image_size=SIDE, channels=1)
+
+    message = str(info.value)
+    assert "2 of 3 images cannot be used" in message
+    assert f"{str(tmp_path / 'depth.tif')!r} has mode 'F' (32-bit floating-point pixels)" in message
+    assert f"{str(tmp_path / 'counts.TIFF')!r} has mode 'I' (32-bit integer pixels)" in message
+    assert "convert it to 8- or 16-bit" in message and "fine.png" not in message
+
+
+def test_many_bad_files_are_counted_after_the_first_ten(tmp_path: Path) -> None:
+    for i in range(12):
+        (tmp_path / f"broken-{i:02d}.jpg").write_bytes(b"not a jpeg")
+
+    with pytest.raises(DatasetError, match=r"12 of 12 images cannot be used") as info:
+        load_image_folder(tmp_path, image_size=SIDE, channels=3)
+
+    assert "broken-09.jpg" in str(info.value) and "broken-10.jpg" not in str(info.value)
+    assert str(info.value).endswith("... and 2 more")
+
+
+def test_suffixes_name_formats_pillow_reads() -> None:
+    for suffix in IMAGE_SUFFIXES:
+        assert suffix in Image.registered_extensions(), suffix
+
+
+def test_worker_refuses_a_float_image_at_start(tmp_path: Path) -> None:
+    """Before it dials the coordinator (none listens here): exit 2 with the file and its mode."""
+    data = tmp_path / "images"
+    data.mkdir()
+    _float_tiff(data / "scan.tif")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "feddiff", "worker", "--coordinator", "127.0.0.1:9", "--insecure", "--data-dir", str(data),
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert f"{str(data / 'scan.tif')!r} has mode 'F'" in result.stderr
 
 
 # --- Pixel ranges --------------------------------------------------------------------------------------

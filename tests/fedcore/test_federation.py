@@ -9,7 +9,7 @@ from fedcore.aggregate import delta
 from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
 from fedcore.diffusion import Schedule
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, SchemaError, WrongRound
-from fedcore.federation import Federation, FederationConfig, Ledger, payload_bytes_by_part, task_seed
+from fedcore.federation import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
 from fedcore.model import build_model
 from fedcore.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.serialization import PayloadMeta, decode, encode
@@ -176,6 +176,32 @@ def test_ledger_json_roundtrip() -> None:
 
     assert again == ledger
     assert ledger.reduction_vs_full == 0.0
+
+
+def test_tally_adds_counts_and_roundtrips_through_json() -> None:
+    tally = Tally({"complete": 2}, {"accepted": 4, "bad_hash": 1})
+
+    more = tally.plus({"complete": 1, "no_quorum": 1}, {"accepted": 2, "late": 1})
+
+    assert more == Tally({"complete": 3, "no_quorum": 1}, {"accepted": 6, "bad_hash": 1, "late": 1})
+    assert tally == Tally({"complete": 2}, {"accepted": 4, "bad_hash": 1}), "plus makes a new tally"
+    assert Tally.from_json(more.as_json()) == more
+    assert Tally.from_json({}) == Tally(), "a checkpoint from before tallies counts nothing"
+
+
+def test_the_tally_is_checkpointed_and_restored_with_the_ledger(tmp_path) -> None:
+    fed = _federation()
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_.mark_sent("alice")
+    round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
+    round_.close()
+    fed.tally = Tally({"quorum": 1}, {"accepted": 1, "late": 1})
+    fed.save(tmp_path)
+
+    again = Federation.restore(fed.config, tmp_path)
+
+    assert again is not None
+    assert again.tally == fed.tally and again.ledger == fed.ledger and again.completed_rounds == 1
 
 
 def test_federation_refuses_a_global_state_of_another_model() -> None:

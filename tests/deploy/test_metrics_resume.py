@@ -1,0 +1,169 @@
+"""A coordinator killed after round 2 of 4 and resumed: everything that describes the run (bytes, parameters,
+FedAvg-equivalent, updates and round attempts by outcome, completed rounds, the last round's loss) reads the
+same before the kill and after the resume, on /metrics and in every shipped recording rule and dashboard
+panel as the real Prometheus evaluates them; the finished run's reduction is fedcore's accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dashboard import dashboard_targets
+from feddiff.local import LocalCluster, Process, scrape, status, wait_for_state
+from fedcore import checkpoint
+from fedcore.model import build_model, layout_of
+from fedcore.strategies import Strategy, account
+from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, free_port, prometheus_config, start_prometheus, stop_prometheus
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "feddiff.json"
+COORDINATOR_JOB, WORKER_JOB = "feddiff-coordinator", "feddiff-workers"
+REDUCTION_RULE = "feddiff:reduction_vs_fedavg:ratio"
+K, R, SEED = 2, 4, 0
+# Gauges that describe the run (the coordinator's): feddiff_run_* and these; its counters restart at zero.
+RUN_GAUGES = ("feddiff_round", "feddiff_rounds_planned", "feddiff_round_mean_loss")
+
+pytestmark = [
+    pytest.mark.prometheus,
+    pytest.mark.e2e,
+    pytest.mark.faults,
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (Debian package prometheus)"),
+]
+
+
+def run_queries() -> dict[str, str]:
+    """Every recording rule that reads no rate, and every dashboard query that describes the run: not a rate,
+    not live state (connected workers), not the workers' own gauges (this test scrapes the coordinator only)."""
+    rules = yaml.safe_load((PROM_CONFIG.parent / "rules" / "recording.yml").read_text())
+    queries = {r["record"]: r["record"] for g in rules["groups"] for r in g["rules"] if "rate(" not in r["expr"]}
+    for title, target in dashboard_targets(DASHBOARD):
+        expr = target["expr"]
+        if not any(word in expr for word in ("rate(", "increase(", WORKER_JOB, "feddiff_workers_connected", "feddiff_fd")):
+            queries[f"{title} [{target['refId']}]"] = expr
+    return queries
+
+
+def run_samples(port: int) -> dict:
+    return {key: value for key, value in scrape(port).items() if key[0].startswith("feddiff_run_") or key[0] in RUN_GAUGES}
+
+
+def evaluate(api: PrometheusAPI, queries: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each query's result vector as {labels: value}."""
+    return {
+        name: {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in api.query(expr)}
+        for name, expr in queries.items()
+    }
+
+
+def wait_evaluated_after(api: PrometheusAPI, instant: float) -> None:
+    """Until a successful scrape of the coordinator began after `instant` and the rules were evaluated on it."""
+    up = f'up{{job="{COORDINATOR_JOB}"}}'
+    scraped_at = api.wait_until(f"timestamp({up}) > {instant} and on() {up} == 1", timeout=60)
+    api.wait_until(f"timestamp({REDUCTION_RULE}) >= {scraped_at}", timeout=30)
+
+
+@contextmanager
+def paused(processes: list[Process]) -> Iterator[Callable[[], None]]:
+    """SIGSTOP the processes (they keep their connections and state, but cannot finish a round); yields the
+    function that lets them go on, which runs on exit in any case."""
+    for p in processes:
+        os.kill(p.proc.pid, signal.SIGSTOP)
+    done = False
+
+    def resume() -> None:
+        nonlocal done
+        if not done:
+            for p in processes:
+                os.kill(p.proc.pid, signal.SIGCONT)
+            done = True
+
+    try:
+        yield resume
+    finally:
+        resume()
+
+
+def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(tmp_path: Path) -> None:
+    metrics_port = free_port()  # the same scrape target before and after the restart
+    args = [
+        "--insecure", "--model", "tiny", "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--seed", str(SEED),
+        "--min-workers", str(K), "--round-deadline", "90", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3",
+        "--listen", f"127.0.0.1:{free_port()}", "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config({COORDINATOR_JOB: [f"127.0.0.1:{metrics_port}"], WORKER_JOB: []})))
+    queries = run_queries()
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        first = cluster.coordinator(*args)
+        address = first.ready["address"]
+        api = start_prometheus(config, tmp_path)
+        try:
+            api.wait_ready()
+            workers = [
+                cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
+                               "--max-images", "256", "--threads", "1")
+                for i in range(K)
+            ]  # fmt: skip
+            deadline = time.monotonic() + 120
+            while int(status(address)["completed_rounds"]) < 2:
+                assert time.monotonic() < deadline, "round 2 not completed in 120 s"
+                assert all(p.proc.poll() is None for p in (first, *workers)), "a process exited"
+                time.sleep(0.02)
+            # Round 3 is open; the workers, paused, cannot finish it before the kill.
+            with paused(workers) as go_on:
+                round_2_at = time.time()
+                status_before = status(address)
+                assert int(status_before["completed_rounds"]) == 2
+                scraped_before = run_samples(metrics_port)
+                wait_evaluated_after(api, round_2_at)
+                before = evaluate(api, queries)
+
+                first.stop(signal.SIGKILL)
+                saved = checkpoint.load_run(tmp_path / "cluster" / "checkpoints")
+                assert saved is not None and saved[1].completed_rounds == 2
+
+                resumed = cluster.coordinator(*args, "--resume", name="coordinator-resumed")
+                resumed_at = time.time()
+                scraped_after = run_samples(metrics_port)
+                status_after = status(address)
+                counters_after = scrape(metrics_port)
+                wait_evaluated_after(api, resumed_at)
+                after = evaluate(api, queries)
+                go_on()
+            wait_for_state(address, "done", timeout=180, procs=[resumed, *workers])
+            wait_evaluated_after(api, time.time())
+            final_reduction = api.scalar(REDUCTION_RULE)
+            final_samples = run_samples(metrics_port)
+            final_status = status(address)
+        finally:
+            stop_prometheus(api)
+
+    # /metrics: the run's gauges are the checkpoint's; this process's counters began at zero.
+    assert scraped_before[("feddiff_round", ())] == 2
+    assert scraped_after == scraped_before
+    assert sum(v for (name, _), v in counters_after.items() if name == "feddiff_parameters_total") == 0
+    # Prometheus: every run rule and panel as before the kill, with data.
+    for name in (REDUCTION_RULE, "direction_part:feddiff_payload_bytes:per_round", "Updates in the run by outcome [A]",
+                 "Round attempts in the run by outcome [A]", "Loss [B]"):
+        assert before[name], name
+    assert after == before
+    # ... and what `feddiff status` says.
+    [reduction] = before[REDUCTION_RULE].values()
+    assert reduction == pytest.approx(status_before["reduction_vs_full"], abs=1e-12) == status_after["reduction_vs_full"]
+    # The finished run: fedcore's accounting, every round attempted once after the restart's re-run.
+    acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
+    assert final_reduction == pytest.approx(1 - acct.traffic.total / acct.full_fedavg, abs=1e-12)
+    assert final_reduction == pytest.approx(final_status["reduction_vs_full"], abs=1e-12)
+    for direction, by_part in (("down", acct.traffic.down), ("up", acct.traffic.up)):
+        for part, n in by_part.items():
+            assert final_samples[("feddiff_run_parameters", (("direction", direction), ("part", part.value)))] == n
+    assert final_samples[("feddiff_run_round_attempts", (("outcome", "complete"),))] == R
+    assert final_samples[("feddiff_run_updates", (("outcome", "accepted"),))] == K * R
