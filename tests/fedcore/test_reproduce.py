@@ -181,6 +181,9 @@ def test_protocols_keep_their_sizes() -> None:
 
     assert (quick.rounds, quick.epochs, quick.sampler, quick.steps, quick.samples, quick.eval_every) == (15, 1, "ddim", 100, 2000, 5)
     assert (paper.rounds, paper.epochs, paper.sampler, paper.eval_every) == (15, 5, "ddpm", 15)
+    cpu = PROTOCOLS["cpu"]
+    assert (cpu.model, cpu.rounds, cpu.epochs, cpu.batch_size, cpu.lr, cpu.max_images) == ("tiny", 5, 1, 32, 2e-3, 0)
+    assert (cpu.sampler, cpu.steps, cpu.samples, cpu.reference_images) == ("ddim", 20, 1000, 0)  # >= 1,000 samples, >= 2,000 real
     assert with_overrides(quick, max_images=0, samples=None).samples == 2000
     with pytest.raises(ValueError, match="--samples"):
         with_overrides(quick, samples=0)
