@@ -12,7 +12,7 @@ from bench.common import ensure_preset, meta_layout, payload_bytes_of, raw_tcp_s
 from bench.report import emit
 from fedcore.model import PRESETS
 
-SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept"]
+SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept", "fd_curve"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
