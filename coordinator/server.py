@@ -17,8 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedcore.atomic import atomic_write_json
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedcore.errors import CannotListen
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
+from fedcore.ports import check_free, split_address
 
 from coordinator.config import CoordinatorConfig
 from coordinator.progress import ProgressReporter
@@ -31,6 +33,9 @@ log = logging.getLogger("feddiff.coordinator")
 T = TypeVar("T")
 
 SERVICE_NAME = "feddiff.v1.Coordinator"
+# gRPC turns SO_REUSEPORT on by default: a second coordinator on the same address would start and the kernel
+# would share the connections out between the two runs. Off, the second one's bind fails.
+SERVER_PORT_OPTIONS = [("grpc.so_reuseport", 0)]
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + (64 << 10)),
     ("grpc.max_send_message_length", MAX_CHUNK_SIZE + (64 << 10)),
@@ -42,7 +47,27 @@ GRPC_OPTIONS = [
     # size; bench/coordinator_memory.py). The cost: one upload stream moves at most 2 MiB per round trip.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 2 * DEFAULT_CHUNK_SIZE),
+    *SERVER_PORT_OPTIONS,
 ]
+
+
+def check_ports(cfg: CoordinatorConfig) -> None:
+    """CannotListen, before anything is built, when a port this coordinator is to listen on is taken."""
+    host, port = split_address(cfg.listen)
+    check_free("--listen", host, port)
+    check_free("--health-port", host, cfg.health_port)
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)
+
+
+def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on `address` (TLS with `credentials`); the bound port. CannotListen, naming `flag`, when the
+    address is taken since `check_ports` (gRPC's core then logs a line of its own) or cannot be bound."""
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        host, port = split_address(address)
+        check_free(flag, host, port)  # says why: in use, or another reason
+        raise CannotListen(f"{flag} {address}: cannot listen there") from None
 
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
@@ -65,6 +90,7 @@ class Coordinator:
 
     def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
         self.cfg = cfg
+        check_ports(cfg)
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         self.metrics = metrics or Metrics()
         self.registry = WorkerRegistry(cfg.heartbeat_timeout)
@@ -97,18 +123,15 @@ class Coordinator:
         self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth)
         register(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        creds = server_credentials(self.cfg)
-        self.port = server.add_secure_port(self.cfg.listen, creds) if creds else server.add_insecure_port(self.cfg.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.cfg.listen}")
+        self.port = add_port(server, "--listen", self.cfg.listen, server_credentials(self.cfg))
         # Probes (kubelet's native gRPC probe) speak plain text: a second server carries the health service
         # alone, so the worker-facing port can require mutual TLS.
         if self.cfg.health_port >= 0:
-            probes = grpc.aio.server()
+            probes = grpc.aio.server(options=SERVER_PORT_OPTIONS)
             self._servers.append(probes)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
             host = self.cfg.listen.rsplit(":", 1)[0]
-            self.health_port = probes.add_insecure_port(f"{host}:{self.cfg.health_port}")
+            self.health_port = add_port(probes, "--health-port", f"{host}:{self.cfg.health_port}")
         for s in self._servers:
             await s.start()
         for name in ("", SERVICE_NAME):
@@ -121,11 +144,12 @@ class Coordinator:
         self._grpc_thread.start()
         try:
             self._on_loop(self._serve())
+            if self.cfg.metrics_port >= 0:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         except BaseException:
+            self._on_loop(self._stop_servers(0))
             self._close_loop()
             raise
-        if self.cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         self._loop.start()
         self.progress.start()
         if self.cfg.ready_file:

@@ -90,3 +90,9 @@ class DuplicateWorker(FeddiffError):
     identity, their shards averaged under one weight and their private parts split over two state dirs."""
 
     reason = "duplicate_worker"
+
+
+class CannotListen(FeddiffError):
+    """A port the process was told to listen on is taken or cannot be bound: the process does not start."""
+
+    reason = "cannot_listen"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from fedcore import ports
 from fedcore.parts import PART_ORDER, Part
 
 if TYPE_CHECKING:
@@ -129,9 +130,13 @@ class Metrics:
         for outcome, n in tally.updates.items():
             self.run_updates.labels(outcome).set(n)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
-        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
+        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one). CannotListen, naming
+        `flag`, when the port is taken."""
+        try:
+            server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise ports.refusal(flag, f"{addr}:{port}", e) from None
         return int(server.server_port)
 
 

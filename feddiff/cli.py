@@ -317,11 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command's exit status: 2 for a refused setting or a missing file, 1 when a port to listen on is
+    taken (or the coordinator's run failed), one line on stderr saying why."""
+    from fedcore.errors import CannotListen
+
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except CannotListen as e:
+        print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 2

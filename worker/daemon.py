@@ -21,6 +21,7 @@ from fedcore.images import png_bytes, save_grid
 from fedcore.metrics import Metrics
 from fedcore.model import build_model, preset
 from fedcore.parts import PART_ORDER
+from fedcore.ports import check_free
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.simulation import DataConfig, client_shard
 from fedcore.training import LocalTrainer, TrainingInterrupted, resolve_device
@@ -296,6 +297,7 @@ class WorkerDaemon:
 def run_worker(cfg: WorkerConfig) -> int:
     import signal
 
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
     torch.set_num_threads(cfg.speed.threads) if cfg.speed.threads > 0 else None
     daemon = WorkerDaemon(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -63,6 +63,18 @@ def start_workers(cluster: LocalCluster, address: str, extra: Sequence[Sequence[
         return list(pool.map(start, range(k)))
 
 
+def image_folder(path: Path, n: int = 8, size: int = 28) -> Path:
+    """A `--data-dir` of `n` random grayscale PNGs of `size` x `size`."""
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
