@@ -3,47 +3,75 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import yaml
+from annotated_types import Interval
+from pydantic import ConfigDict
 
+from fedcore import settings
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedcore.diffusion import LossKind, SamplerKind
 from fedcore.federation import FederationConfig
-from fedcore.strategies import Strategy
+from fedcore.model import ModelName
+from fedcore.settings import (
+    MAX_EVAL_SAMPLES,
+    BatchSize,
+    Epochs,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    Port,
+    Positive,
+    ProgressMode,
+    SamplingSteps,
+    Seconds,
+    Seed,
+)
+from fedcore.strategies import StrategyName
+
+ChunkSize = Annotated[int, Interval(ge=1, le=MAX_CHUNK_SIZE)]
+EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=MAX_EVAL_SAMPLES)]
 
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    strategy: str = "udec"  # full | usplit | udec | ulatdec
-    model: str = "paper-fmnist"  # model preset
-    rounds: int = 15  # R
-    clients_per_round: int = 0  # 0 = every connected worker, else a seeded sample
-    min_workers: int = 2  # connected workers needed to start a round
-    round_deadline: float = 3600.0  # seconds a round waits for updates before closing with quorum
-    quorum: float = 0.5  # fraction of a round's selected workers whose updates must be in to close it
-    epochs: int = 5  # local epochs per round (sent with each task)
-    batch_size: int = 128
-    lr: float = 1e-4
-    loss: str = "huber"
-    seed: int = 0  # initial model, plans, client samples, training seeds
+    """Every setting of a coordinator. Its types carry the ranges and allowed values: `load` converts each
+    value to its type or refuses it (training settings with the ranges the workers run, `fedcore.settings`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    strategy: StrategyName = "udec"
+    model: ModelName = "paper-fmnist"  # model preset
+    rounds: Positive = 15  # R
+    clients_per_round: NonNegative = 0  # 0 = every connected worker, else a seeded sample
+    min_workers: Positive = 2  # connected workers needed to start a round
+    round_deadline: Seconds = 3600.0  # seconds a round waits for updates before closing with quorum
+    quorum: Fraction = 0.5  # fraction of a round's selected workers whose updates must be in to close it
+    epochs: Epochs = 5  # local epochs per round (sent with each task)
+    batch_size: BatchSize = 128
+    lr: LearningRate = 1e-4
+    loss: LossKind = "huber"
+    seed: Seed = 0  # initial model, plans, client samples, training seeds
     checkpoint_dir: str = "runs/coordinator"
     listen: str = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
-    health_port: int = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
-    metrics_port: int = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
-    max_concurrent_uploads: int = 2  # updates received and decoded at once; the rest wait (back-pressure)
-    heartbeat_interval: float = 5.0  # seconds between worker heartbeats
-    heartbeat_timeout: float = 30.0  # a worker unheard of for this long is no longer connected
-    progress: str = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
+    health_port: Port = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
+    metrics_port: Port = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
+    max_concurrent_uploads: Positive = 2  # updates received and decoded at once; the rest wait (back-pressure)
+    heartbeat_interval: Seconds = 5.0  # seconds between worker heartbeats
+    heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
+    progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
     ready_file: str = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
-    exit_when_done: bool = False  # exit after the last round instead of serving status
-    eval_every: int = 0  # evaluate every N rounds (0 = only after the last round, when evaluation is on)
-    eval_samples: int = 0  # samples per evaluated model (0 = no evaluation)
-    eval_steps: int = 100  # DDIM steps for evaluations during training
-    eval_final_sampler: str = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
+    exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
+    max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops
+    eval_every: NonNegative = 0  # evaluate every N rounds (0 = only after the last round, when evaluation is on)
+    eval_samples: EvalSamplesOrOff = 0  # samples per evaluated model (0 = no evaluation)
+    eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training
+    eval_final_sampler: SamplerKind = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
     share_samples: bool = False  # workers send a grid of their samples back (off: no image leaves a worker)
     eval_device: str = "auto"  # where the coordinator scores the global model (full, usplit)
     eval_data_root: str = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
@@ -56,21 +84,9 @@ class CoordinatorConfig:
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:
-        Strategy(self.strategy)
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.min_workers < 1:
-            raise ValueError(f"min_workers must be >= 1, got {self.min_workers}")
-        if not 0 < self.quorum <= 1:
-            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
-        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}, got {self.chunk_size}")
-        if self.loss not in ("huber", "mse"):
-            raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
-        if self.eval_final_sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"eval_final_sampler must be 'ddpm' or 'ddim', got {self.eval_final_sampler!r}")
-        if self.round_deadline <= 0:
-            raise ValueError(f"round_deadline must be positive, got {self.round_deadline}")
+        host, _, port = self.listen.rpartition(":")
+        if not (host and port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"listen {self.listen!r} must be HOST:PORT with a port in 0..65535")
 
     @property
     def federation(self) -> FederationConfig:
@@ -79,31 +95,35 @@ class CoordinatorConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:
-        """Defaults, then the YAML file, then the flags that were given (None = not given)."""
+        """Defaults, then the YAML file, then the flags that were given (None = not given), each value
+        converted to its setting's type; SettingsError (one line) names every value that is not."""
         values: dict[str, Any] = {}
         if path:
             raw = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(raw, dict):
                 raise ValueError(f"{path}: expected a mapping of settings")
-            values.update({k.replace("-", "_"): v for k, v in raw.items()})
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown coordinator setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+            values.update({str(k).replace("-", "_"): v for k, v in raw.items()})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+
+        def name(loc: settings.Location) -> str:
+            return settings.flag(loc) if loc[0] in given else f"{settings.dotted(loc)} (in {path})"
+
+        return settings.build(cls, values, name=name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every setting; defaults are None so that the YAML file's values stand unless overridden."""
+    """Flags for every setting; defaults are None so that the YAML file's values stand unless overridden.
+    Values stay strings here: `CoordinatorConfig.load` converts them, with the file's, in one place."""
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
+    types = get_type_hints(CoordinatorConfig, include_extras=True)
     for f in fields(CoordinatorConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if types[f.name] is bool:
             p.add_argument(flag, action="store_const", const=True, default=None)
         else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+            default = "" if f.default is MISSING else f", default {f.default}"
+            p.add_argument(flag, default=None, help=f"{settings.expected(types[f.name])}{default}")
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:

@@ -92,6 +92,40 @@ class DuplicateWorker(FeddiffError):
     reason = "duplicate_worker"
 
 
+class TaskRefused(FeddiffError):
+    """A task a worker cannot run. The worker tells the coordinator (RejectTask) with the reason, which the
+    coordinator counts as outcome `rejected_<reason>` of feddiff_updates_total."""
+
+    reason = "other"
+
+
+class MalformedTask(TaskRefused):
+    """Unknown parts, a task returning what it did not receive, an unknown kind."""
+
+    reason = "bad_task"
+
+
+class SettingOutOfRange(TaskRefused):
+    """A training or sampling setting outside the range a worker runs (`fedcore.settings`)."""
+
+    reason = "out_of_range"
+
+
+class DataMismatch(TaskRefused):
+    """The worker's images do not fit the federation's model (size or channels)."""
+
+    reason = "data_mismatch"
+
+
+class OutOfMemory(TaskRefused):
+    """The task does not fit the worker's device memory (a batch too large for its GPU)."""
+
+    reason = "out_of_memory"
+
+
+REJECTION_REASONS = frozenset(cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory))
+
+
 class CannotListen(FeddiffError):
     """A port the process was told to listen on is taken or cannot be bound: the process does not start."""
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy import linalg
@@ -33,6 +34,7 @@ from torch import nn
 from fedcore.diffusion import SamplerKind, Schedule
 from fedcore.diffusion import sample as generate
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
+from fedcore.settings import EvalSamples, SamplingSteps, Seed
 
 ASSET_DIR = Path(__file__).parent / "assets"
 CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
@@ -350,10 +352,14 @@ class ReferenceStatsCache:
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    num_samples: int = 2000  # images generated per evaluated model
+    """An evaluate task's sampling; its types carry the ranges a worker runs (`fedcore.settings`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    num_samples: EvalSamples = 2000  # images generated per evaluated model
     sampler: SamplerKind = "ddim"  # "ddim" during training, "ddpm" (all T steps) for the paper-protocol number
-    steps: int = 100  # DDIM steps
-    seed: int = 0
+    steps: SamplingSteps = 100  # DDIM steps
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)

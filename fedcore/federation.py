@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcore import checkpoint, serialization
+from fedcore import checkpoint, serialization, settings
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned
@@ -46,8 +46,9 @@ class FederationConfig:
         cls, *, strategy: str, model: str, rounds: int, clients_per_round: int, seed: int,
         epochs: int, batch_size: int, lr: float, loss: str,
     ) -> FederationConfig:  # fmt: skip
-        """From flat settings (flags, YAML): the one place that nests them."""
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss)  # type: ignore[arg-type]
+        """From flat settings (flags, YAML): the one place that nests them; SettingsError for a training
+        setting outside the range a worker runs."""
+        train = settings.build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss})
         return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train)
 
     def as_json(self) -> dict[str, object]:

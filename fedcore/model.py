@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ class UNetConfig:
     def time_dim(self) -> int:
         return self.dim * 4
 
+
+ModelName = Literal["paper-fmnist", "paper-celeba64", "tiny"]  # the presets, as a setting's type
 
 PRESETS: dict[str, UNetConfig] = {
     # Fashion-MNIST 28x28, the paper's main model: 2,996,315 parameters.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -16,6 +17,9 @@ class Strategy(enum.StrEnum):
     USPLIT = "usplit"  # whole model down; each client of a random pair returns one half (+ maybe the bottleneck)
     UDEC = "udec"  # after the first broadcast only the decoder travels; encoder + bottleneck stay private
     ULATDEC = "ulatdec"  # bottleneck and decoder travel; the encoder stays private
+
+
+StrategyName = Literal["full", "usplit", "udec", "ulatdec"]  # Strategy's values, as a setting's type
 
 
 def shared_parts(strategy: Strategy) -> frozenset[Part]:

@@ -8,18 +8,25 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from pydantic import ConfigDict
 from torch import nn
 
 from fedcore.diffusion import LossKind, Schedule, training_loss
+from fedcore.settings import BatchSize, Epochs, LearningRate, NonNegative
 
 Toggle = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5  # E: local epochs per round
-    batch_size: int = 128
-    lr: float = 1e-4  # Adam, fresh every round, no schedule (the paper)
+    """A round's local training, sent with each task; its types carry the ranges a worker runs
+    (`fedcore.settings`: build it with `settings.build` to have them checked)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    epochs: Epochs = 5  # E: local epochs per round
+    batch_size: BatchSize = 128
+    lr: LearningRate = 1e-4  # Adam, fresh every round, no schedule (the paper)
     loss: LossKind = "huber"
 
 
@@ -27,12 +34,14 @@ class TrainConfig:
 class SpeedConfig:
     """How fast a worker trains; none of it changes the function trained (beyond bf16 rounding)."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     bf16: Toggle = "auto"  # bf16 autocast: on where the device runs bf16 natively (CUDA, or AVX512-BF16/AMX CPUs)
     channels_last: Toggle = "auto"  # NHWC memory format: on (faster convs on CUDA and with oneDNN on CPU)
     fused_adam: Toggle = "auto"  # fused Adam kernel: on (CUDA and CPU)
     compile: Toggle = "auto"  # torch.compile, with CUDA graphs on CUDA: on CUDA only (on CPU it was slower)
-    threads: int = 0  # CPU threads for torch (0 = leave torch's default)
+    threads: NonNegative = 0  # CPU threads for torch (0 = leave torch's default)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from fedcore import settings
 from fedcore.chunk_codec import data_message_size
 from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.evaluation import SamplingSpec
-from fedcore.errors import HeaderError
+from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.parts import Part, parse_parts, sorted_parts
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.training import TrainConfig
 
 Msg = TypeVar("Msg")
+T = TypeVar("T")
 
 MAX_WORKER_ID = 128
 
@@ -23,10 +24,6 @@ MAX_WORKER_ID = 128
 def valid_worker_id(worker_id: str) -> bool:
     """A worker identity: 1-128 letters, digits, '-', '_' or '.' (it names files and certificates)."""
     return 0 < len(worker_id) <= MAX_WORKER_ID and worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
-
-
-MAX_EPOCHS = 10_000
-MAX_BATCH = 1 << 16
 
 
 def parts_to_proto(parts: Iterable[Part]) -> list[str]:
@@ -61,32 +58,36 @@ def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
 
 
 def task_from_proto(msg: pb.Task) -> TrainTask:
-    """A train task as the worker will run it; out-of-range fields are refused, not clamped."""
+    """A train task as the worker will run it; out-of-range settings are refused (`fedcore.settings`), not
+    clamped."""
     spec = msg.train
-    if not 1 <= spec.epochs <= MAX_EPOCHS:
-        raise HeaderError(f"task {msg.task_id!r}: epochs {spec.epochs} outside 1..{MAX_EPOCHS}")
-    if not 1 <= spec.batch_size <= MAX_BATCH:
-        raise HeaderError(f"task {msg.task_id!r}: batch_size {spec.batch_size} outside 1..{MAX_BATCH}")
-    if not (math.isfinite(spec.lr) and 0 < spec.lr < 1):
-        raise HeaderError(f"task {msg.task_id!r}: lr {spec.lr} outside (0, 1)")
-    if spec.loss not in ("huber", "mse"):
-        raise HeaderError(f"task {msg.task_id!r}: loss {spec.loss!r} is not 'huber' or 'mse'")
-    receives = parts_from_proto(msg.receives)
-    returns = parts_from_proto(msg.returns)
+    train = _checked(TrainConfig, msg.task_id, {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr, "loss": spec.loss})
+    receives, returns = _task_parts(msg.task_id, msg.receives), _task_parts(msg.task_id, msg.returns)
     if not receives or not returns <= receives:
-        raise HeaderError(f"task {msg.task_id!r}: returns {list(msg.returns)} must be part of receives {list(msg.receives)}")
+        raise MalformedTask(f"task {msg.task_id!r}: returns {list(msg.returns)} must be part of receives {list(msg.receives)}")
     return TrainTask(
         round=msg.round,
         task_id=msg.task_id,
         receives=receives,
         returns=returns,
-        private=parts_from_proto(msg.private_parts),
-        train=TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, loss=spec.loss),  # type: ignore[arg-type]
+        private=_task_parts(msg.task_id, msg.private_parts),
+        train=train,
         seed=spec.seed,
     )
 
 
-MAX_EVAL_SAMPLES = 100_000
+def _checked(cls: type[T], task_id: str, values: dict[str, object]) -> T:
+    try:
+        return settings.build(cls, values)
+    except settings.SettingsError as e:
+        raise SettingOutOfRange(f"task {task_id!r}: {e}") from None
+
+
+def _task_parts(task_id: str, names: Iterable[str]) -> frozenset[Part]:
+    try:
+        return parse_parts(list(names))
+    except ValueError as e:
+        raise MalformedTask(f"task {task_id!r}: {e}") from None
 
 
 def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
@@ -110,31 +111,27 @@ def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
 
 def eval_task_from_proto(msg: pb.Task) -> EvalTask:
     spec = msg.eval
-    if spec.sampler not in ("ddim", "ddpm"):
-        raise HeaderError(f"task {msg.task_id!r}: sampler {spec.sampler!r} is not 'ddim' or 'ddpm'")
-    if not 1 <= spec.num_samples <= MAX_EVAL_SAMPLES:
-        raise HeaderError(f"task {msg.task_id!r}: num_samples {spec.num_samples} outside 1..{MAX_EVAL_SAMPLES}")
-    if spec.sampler == "ddim" and not 1 <= spec.steps <= 1000:
-        raise HeaderError(f"task {msg.task_id!r}: DDIM steps {spec.steps} outside 1..1000")
-    receives = parts_from_proto(msg.receives)
+    sampling = _checked(SamplingSpec, msg.task_id, {"num_samples": spec.num_samples, "sampler": spec.sampler, "steps": spec.steps, "seed": spec.seed})
+    receives = _task_parts(msg.task_id, msg.receives)
     if not receives:
-        raise HeaderError(f"task {msg.task_id!r}: an evaluate task receives at least one part")
+        raise MalformedTask(f"task {msg.task_id!r}: an evaluate task receives at least one part")
     return EvalTask(
         round=msg.round,
         task_id=msg.task_id,
         receives=receives,
-        private=parts_from_proto(msg.private_parts),
-        spec=SamplingSpec(num_samples=spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed),  # type: ignore[arg-type]
+        private=_task_parts(msg.task_id, msg.private_parts),
+        spec=sampling,
         share_samples=spec.share_samples,
     )
 
 
 def any_task_from_proto(msg: pb.Task) -> TrainTask | EvalTask:
+    """A task as the worker will run it, or TaskRefused saying why it cannot."""
     if msg.kind == pb.Task.TRAIN:
         return task_from_proto(msg)
     if msg.kind == pb.Task.EVALUATE:
         return eval_task_from_proto(msg)
-    raise HeaderError(f"task {msg.task_id!r} has unknown kind {msg.kind}")
+    raise MalformedTask(f"task {msg.task_id!r} has unknown kind {msg.kind}")
 
 
 def header_to_proto(header: StreamHeader, *, round_index: int, task_id: str, parts: Iterable[Part]) -> pb.StreamHeader:

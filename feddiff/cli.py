@@ -80,16 +80,19 @@ def _federation_config(args: argparse.Namespace):  # -> FederationConfig
 
 
 def speed_config(args: argparse.Namespace):  # -> SpeedConfig
+    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
+    from fedcore import settings
     from fedcore.training import SpeedConfig
 
-    return SpeedConfig(
-        device=args.device,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
-        fused_adam=args.fused_adam,
-        compile="off" if args.no_compile else args.compile,
-        threads=args.threads,
-    )
+    values = {
+        "device": args.device,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
+        "fused_adam": args.fused_adam,
+        "compile": "off" if args.no_compile else args.compile,
+        "threads": args.threads,
+    }
+    return settings.build(SpeedConfig, values, name=settings.flag)
 
 
 @_command("simulate")
@@ -233,14 +236,15 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
-    toggles = ["auto", "on", "off"]
+    """Values stay strings here: `speed_config` converts them."""
+    toggles = "auto | on | off"
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--bf16", choices=toggles, default="auto", help="bf16 autocast (auto: on GPUs and CPUs that run bf16 natively)")
-    p.add_argument("--channels-last", choices=toggles, default="auto")
-    p.add_argument("--fused-adam", choices=toggles, default="auto")
-    p.add_argument("--compile", choices=toggles, default="auto", help="torch.compile with CUDA graphs (auto: on CUDA)")
+    p.add_argument("--bf16", default="auto", help=f"bf16 autocast: {toggles} (auto: on GPUs and CPUs that run bf16 natively)")
+    p.add_argument("--channels-last", default="auto", help=toggles)
+    p.add_argument("--fused-adam", default="auto", help=toggles)
+    p.add_argument("--compile", default="auto", help=f"torch.compile with CUDA graphs: {toggles} (auto: on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="same as --compile off")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--threads", default=0, help="CPU threads for torch (0 = torch's default)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import torch
 from fedcore import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.client import TrainTask
-from fedcore.errors import HeaderError
+from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.metrics import Metrics
 from fedcore.model import build_model, layout_of
 from fedcore.parts import ALL_PARTS, Part
@@ -377,24 +377,24 @@ def test_a_well_formed_task_is_read() -> None:
 
 
 @pytest.mark.parametrize(
-    "msg",
+    ("msg", "refusal"),
     [
-        _task(epochs=0),
-        _task(epochs=10**9),
-        _task(batch_size=0),
-        _task(batch_size=2**32 - 1),
-        _task(lr=math.nan),
-        _task(lr=math.inf),
-        _task(lr=-1e-4),
-        _task(lr=0.0),
-        _task(loss="l1"),
-        _task(loss=""),
-        _task(receives=("decoder", "spleen")),
-        _task(returns=("encoder",)),  # returns what it did not receive
-        _task(receives=(), returns=()),
+        (_task(epochs=0), SettingOutOfRange),
+        (_task(epochs=10**9), SettingOutOfRange),
+        (_task(batch_size=0), SettingOutOfRange),
+        (_task(batch_size=2**32 - 1), SettingOutOfRange),
+        (_task(lr=math.nan), SettingOutOfRange),
+        (_task(lr=math.inf), SettingOutOfRange),
+        (_task(lr=-1e-4), SettingOutOfRange),
+        (_task(lr=0.0), SettingOutOfRange),
+        (_task(loss="l1"), SettingOutOfRange),
+        (_task(loss=""), SettingOutOfRange),
+        (_task(receives=("decoder", "spleen")), MalformedTask),
+        (_task(returns=("encoder",)), MalformedTask),  # returns what it did not receive
+        (_task(receives=(), returns=()), MalformedTask),
     ],
     ids=["epochs-0", "epochs-1e9", "batch-0", "batch-2**32-1", "lr-nan", "lr-inf", "lr-negative", "lr-0", "loss-l1", "loss-empty", "unknown-part", "returns-unreceived", "nothing-received"],
 )
-def test_a_worker_refuses_a_task_with_out_of_range_fields(msg: pb.Task) -> None:
-    with pytest.raises(HeaderError):
+def test_a_worker_refuses_a_task_with_out_of_range_fields(msg: pb.Task, refusal: type[TaskRefused]) -> None:
+    with pytest.raises(refusal):
         task_from_proto(msg)

@@ -1,0 +1,110 @@
+"""The coordinator's settings from YAML and flags: every value converted to its setting's type or refused at
+start in one line that names the key, the value and what was expected."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import pytest
+import yaml
+
+from fedcore import settings
+from fedcore.settings import SettingsError
+from feddiff.cli import main
+from coordinator.config import CoordinatorConfig
+
+TYPES = get_type_hints(CoordinatorConfig, include_extras=True)
+SETTINGS = [f.name for f in fields(CoordinatorConfig)]
+
+
+def _base(tp: Any) -> Any:
+    return get_args(tp)[0] if get_args(tp) and get_origin(tp) is not Literal else tp
+
+
+def _wrong_value(name: str) -> object:
+    """A value of the wrong type for the setting, as a YAML file could hold it."""
+    tp = TYPES[name]
+    if tp is bool:
+        return "perhaps"
+    if tp is str:
+        return 12
+    if get_origin(tp) is Literal:
+        return "nope"
+    return "ten"
+
+
+def _yaml(tmp_path: Path, values: dict[str, object]) -> Path:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_yaml_1_1_strings_become_the_numbers_they_spell(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text("lr: 1e-4\nmin_workers: '1'\nround_deadline: '30'\nquorum: 1\nresume: 'true'\n")
+    assert yaml.safe_load(path.read_text())["lr"] == "1e-4"  # what YAML 1.1 makes of it
+
+    cfg = CoordinatorConfig.load(path, {})
+
+    assert (cfg.lr, cfg.min_workers, cfg.round_deadline, cfg.quorum, cfg.resume) == (1e-4, 1, 30.0, 1.0, True)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.min_workers, int)
+    assert cfg.federation.train.lr == 1e-4
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_setting_refuses_a_value_of_the_wrong_type_in_the_file(name: str, tmp_path: Path) -> None:
+    bad = _wrong_value(name)
+    path = _yaml(tmp_path, {name: bad})
+
+    with pytest.raises(SettingsError) as e:
+        CoordinatorConfig.load(path, {})
+
+    assert str(e.value) == f"{name} (in {path}) = {bad!r}: expected {settings.expected(TYPES[name])}"
+
+
+@pytest.mark.parametrize("name", [n for n in SETTINGS if TYPES[n] not in (bool, str)])
+def test_every_flag_is_converted_from_its_string_and_refused_by_name(name: str) -> None:
+    default = getattr(CoordinatorConfig(), name)
+    assert getattr(CoordinatorConfig.load(None, {name: str(default)}), name) == default
+
+    with pytest.raises(SettingsError, match=f"^--{name.replace('_', '-')} = {_wrong_value(name)!r}: expected "):
+        CoordinatorConfig.load(None, {name: _wrong_value(name)})
+
+
+def test_flags_override_the_file_and_each_is_named_by_where_it_came_from(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, {"rounds": 2.5, "epochs": 3})
+
+    with pytest.raises(SettingsError) as e:
+        CoordinatorConfig.load(path, {"batch_size": "0", "epochs": "2"})
+
+    assert str(e.value) == (
+        f"rounds (in {path}) = 2.5: expected an integer >= 1; --batch-size = '0': expected an integer in 1..{settings.MAX_BATCH}"
+    )
+    assert CoordinatorConfig.load(path, {"rounds": "4", "epochs": "2"}).epochs == 2
+
+
+def test_an_unknown_key_and_a_malformed_address_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"^unknown setting learning_rate \(in .*\) \(known: strategy, model, "):
+        CoordinatorConfig.load(_yaml(tmp_path, {"learning_rate": 0.1}), {})
+    with pytest.raises(SettingsError, match="^listen 'localhost' must be HOST:PORT with a port in 0..65535$"):
+        CoordinatorConfig.load(None, {"listen": "localhost"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--lr", "1e4"], "--lr = '1e4': expected a number in (0, 1)"),
+        (["--epochs", "0"], f"--epochs = '0': expected an integer in 1..{settings.MAX_EPOCHS}"),
+        (["--min-workers", "2.5"], "--min-workers = '2.5': expected an integer >= 1"),
+        (["--metrics-port", "70000"], "--metrics-port = '70000': expected an integer in -1..65535"),
+        (["--strategy", "fedavg"], "--strategy = 'fedavg': expected one of 'full', 'usplit', 'udec', 'ulatdec'"),
+    ],
+)
+def test_the_coordinator_command_refuses_at_start_with_one_line_and_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
+    code = main(["coordinator", "--insecure", "--checkpoint-dir", str(tmp_path / "ckpt"), *argv])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff coordinator: error: {line}\n"
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,81 @@
+"""The worker's settings from flags (its speed settings included): every value converted to its setting's
+type or refused at start in one line that names the flag, the value and what was expected."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Literal, get_origin, get_type_hints
+
+import pytest
+
+from fedcore import settings
+from fedcore.training import SpeedConfig
+from feddiff.cli import build_parser, main, speed_config
+from worker.config import WorkerConfig, from_args
+
+BASE = ["worker", "--coordinator", "coord.example.org:50051", "--client-index", "0"]
+
+
+def _flags() -> list[tuple[str, Any]]:
+    """(flag, type) of every worker and speed setting that a flag sets from a string."""
+    parser = build_parser()
+    worker = parser._subparsers._group_actions[0].choices["worker"]  # type: ignore[union-attr]
+    options = {o for action in worker._actions for o in action.option_strings}
+    out = []
+    for cls in (WorkerConfig, SpeedConfig):
+        for name, tp in get_type_hints(cls, include_extras=True).items():
+            flag = "--" + name.replace("_", "-")
+            if flag in options and tp not in (str, bool, str | None):
+                out.append((flag, tp))
+    return out
+
+
+FLAGS = _flags()
+
+
+def test_every_setting_with_a_value_has_a_flag_here() -> None:
+    names = {flag for flag, _ in FLAGS}
+    assert {"--num-clients", "--beta", "--seed", "--split", "--metrics-port", "--wait-timeout", "--progress", "--bf16", "--threads"} <= names
+
+
+@pytest.mark.parametrize(("flag", "tp"), FLAGS, ids=[f for f, _ in FLAGS])
+def test_every_flag_refuses_a_value_of_the_wrong_type_in_one_line(flag: str, tp: Any, capsys) -> None:
+    bad = "nope" if get_origin(tp) is Literal else "2.5x"
+
+    code = main([*BASE, flag, bad])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"feddiff worker: error: {flag} = {bad!r}: expected "), err
+
+
+def test_flags_become_typed_settings() -> None:
+    argv = [*BASE, "--num-clients", "3", "--beta", "0.25", "--split", "label", "--wait-timeout", "5", "--threads", "2", "--bf16", "off", "--no-compile", "--keep-running"]
+    args = build_parser().parse_args(argv)
+
+    cfg = from_args(args, speed_config(args))
+
+    assert (cfg.num_clients, cfg.beta, cfg.split, cfg.wait_timeout, cfg.exit_when_done) == (3, 0.25, "label", 5.0, False)
+    assert cfg.speed == SpeedConfig(bf16="off", compile="off", threads=2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--num-clients", "2.5"], "--num-clients = '2.5': expected an integer >= 1"),
+        (["--channels", "2"], "--channels 2 must be 1 (grayscale) or 3 (RGB)"),
+        (["--metrics-port", "-2"], "--metrics-port = '-2': expected an integer in -1..65535"),
+        (["--wait-timeout", "0"], "--wait-timeout = '0': expected a number > 0"),
+        (["--split", "dirichlet"], "--split = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
+    ],
+)
+def test_the_worker_command_names_the_flag_its_value_and_what_it_takes(argv: list[str], line: str, capsys) -> None:
+    assert main([*BASE, *argv]) == 2
+    assert capsys.readouterr().err == f"feddiff worker: error: {line}\n"
+
+
+def test_the_types_name_what_each_setting_takes() -> None:
+    types = get_type_hints(WorkerConfig, include_extras=True)
+    assert settings.expected(types["progress"]) == "one of 'auto', 'bar', 'log', 'off'"
+    assert {f.name for f in fields(WorkerConfig)} >= {"speed", "backoff_initial", "backoff_max"}
