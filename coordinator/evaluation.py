@@ -76,10 +76,6 @@ class EvalPhase:
         self.reports[worker_id] = report
         return report
 
-    @property
-    def done(self) -> bool:
-        return len(self.reports) == len(self.tasks)
-
     def summary(self) -> dict[str, object]:
         fds = [r.fd for r in self.reports.values()]
         return {

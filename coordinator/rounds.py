@@ -14,7 +14,7 @@ from typing import Literal
 
 from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
-from fedcore.errors import LateUpdate, NotAssigned, WrongRound
+from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
 from fedcore.evaluation import SamplingSpec
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
@@ -25,11 +25,12 @@ from fedcore.strategies import private_parts
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, GlobalEvaluator
+from coordinator.refusals import Refusal, RefusalStreak
 from coordinator.registry import WorkerRegistry
 
 log = logging.getLogger("feddiff.coordinator")
 
-State = Literal["waiting_for_workers", "training", "evaluating", "done", "stopped"]
+State = Literal["waiting_for_workers", "training", "evaluating", "done", "failed", "stopped"]
 FINAL_MODEL = "final.safetensors"
 HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
 MAX_GRID_BYTES = 8 << 20  # a shared sample grid (PNG) larger than this is ignored
@@ -76,6 +77,10 @@ class RoundDriver:
         self._round: OpenRound | None = None
         self._eval: EvalPhase | None = None
         self._issued: dict[str, IssuedTask] = {}
+        self._refusals: dict[str, Refusal] = {}  # tasks of the phase in progress that their workers refused
+        self._refused_attempts = RefusalStreak(cfg.max_refused_attempts)
+        self.failure = ""  # why the run stopped, in state "failed"
+        self._told: set[str] = set()  # workers answered that the run failed
         self._log_lock = threading.Lock()
         self.last_fd: dict[str, float] = {}  # latest Frechet distance per evaluated model
         self.global_evaluator = GlobalEvaluator(
@@ -104,6 +109,8 @@ class RoundDriver:
                     break
                 if self._run_round() and self._evaluation_due():
                     self._evaluate()
+                if self.failure:
+                    break
             if self.federation.finished:
                 self._finish()
         except Exception:
@@ -111,7 +118,7 @@ class RoundDriver:
             raise
         finally:
             with self._cond:
-                if self.state != "done":
+                if self.state not in ("done", "failed"):
                     self.state = "stopped"
                 self._changed()
 
@@ -147,6 +154,7 @@ class RoundDriver:
         with self._cond:
             open_round = self.federation.open_round(plan, weights)
             self._issued = {}
+            self._refusals = {}
             headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}  # one hash per distinct payload and digest
             for c in plan.clients:
                 task = open_round.task(c)
@@ -162,7 +170,7 @@ class RoundDriver:
         deadline = self._round_started + self.cfg.round_deadline
         gauge_due = 0.0
         with self._cond:
-            while not self._stop.is_set() and len(open_round.accepted) < len(plan.clients):
+            while not self._stop.is_set() and len(open_round.accepted) + len(self._refusals) < len(plan.clients):  # every worker answered: at once
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -173,17 +181,23 @@ class RoundDriver:
             needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
             got = open_round.seal()
             self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
+            refusals = list(self._refusals.values())
             self._round = None
             self._issued = {}
             if self._stop.is_set():
                 return False
             outcome: RoundOutcome | None = None
+            failure: str | None = None  # why refusals stop the run
             if got < needed:
                 self.metrics.round_attempts.labels("no_quorum").inc()
-                log.warning("round %d: %d of %d updates by the deadline, quorum %d: round re-run", plan.round + 1, got, len(plan.clients), needed)
+                log.warning(
+                    "round %d: %d of %d updates (%d refused), quorum %d: round re-run", plan.round + 1, got, len(plan.clients), len(refusals), needed
+                )
+                failure = self._refused_attempts.attempt_failed(plan.round, refusals, needed - got)
             else:
+                self._refused_attempts.reset()
                 if got < len(plan.clients):
-                    log.info("round %d: closed at the deadline with %d of %d updates (quorum %d)", plan.round + 1, got, len(plan.clients), needed)
+                    log.info("round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed)
                 self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
                 outcome = open_round.close()
         if outcome is None:
@@ -191,6 +205,8 @@ class RoundDriver:
                 self._checkpoint()
             except OSError as e:
                 log.error("round %d: checkpoint of the attempt failed, the previous one stays valid: %s", plan.round + 1, e)
+            if failure:
+                self._fail(failure)
             return False
         self._after_round(outcome)
         return True
@@ -260,10 +276,11 @@ class RoundDriver:
         with self._cond:
             self._eval = phase
             self._issued = {w: IssuedTask(t, phase.header(digests[w])) for w, t in phase.tasks.items()}
+            self._refusals = {}
             self.state = "evaluating"
             self._changed()
             deadline = time.monotonic() + self.cfg.round_deadline
-            while not self._stop.is_set() and not phase.done and time.monotonic() < deadline:
+            while not self._stop.is_set() and len(phase.reports) + len(self._refusals) < len(phase.tasks) and time.monotonic() < deadline:
                 self._arrivals.wait(timeout=0.5)
             self._closed_task_ids.update(t.task_id for t in phase.tasks.values())
             self._eval = None
@@ -283,6 +300,23 @@ class RoundDriver:
             "evaluation after round %s: FD %.2f +- %.2f over %s of %s models (%s)",
             summary["round"], summary["fd_mean"], summary["fd_std"], summary["evaluated"], summary["asked"], summary["extractor"],
         )
+
+    def _fail(self, error: str) -> None:
+        """Stop the run: its state becomes "failed"; waiting workers are told it is over, with the error."""
+        log.error("run stopped: %s", error)
+        with self._cond:
+            self.failure = error
+            self.state = "failed"
+            self._changed()
+
+    def wait_workers_told(self, stop: threading.Event, timeout: float) -> None:
+        """After a failed run: wait until every connected worker has asked for a task and heard that the run
+        failed (a worker backing off after a refusal asks late), at most `timeout` seconds or until `stop`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop.wait(0.1):
+            with self._cond:
+                if all(r.worker_id in self._told for r in self.registry.connected()):
+                    return
 
     def _finish(self) -> None:
         self.global_evaluator.wait()
@@ -320,10 +354,13 @@ class RoundDriver:
             listener()
 
     def poll_task(self, worker_id: str) -> IssuedTask | Literal["done", "stopped"] | None:
-        """This worker's open task of the phase in progress; "done" after the last round, "stopped" once the
-        driver stops; None while there is nothing for it (wait for the next change)."""
+        """This worker's open task of the phase in progress; "done" after the last round or once the run failed
+        (`failure` says why), "stopped" once the driver stops; None while there is nothing for it (wait for the
+        next change)."""
         with self._cond:
-            if self.state == "done":
+            if self.state == "failed":
+                self._told.add(worker_id)
+            if self.state in ("done", "failed"):
                 return "done"
             issued = self._issued.get(worker_id)
             if issued is not None and not self._finished(worker_id):
@@ -331,7 +368,9 @@ class RoundDriver:
             return "stopped" if self._stop.is_set() else None
 
     def _finished(self, worker_id: str) -> bool:
-        """Whether this worker is through with the task of the phase in progress."""
+        """Whether this worker is through with the task of the phase in progress (or refused it)."""
+        if worker_id in self._refusals:
+            return True
         if self._round is not None:
             return worker_id in self._round.accepted
         if self._eval is not None:
@@ -378,6 +417,8 @@ class RoundDriver:
         """The largest update payload this worker may send for this task, after checking the task, its round
         (as the stream header states it) and the parts."""
         _, issued = self._current(worker_id, task_id)
+        if worker_id in self._refusals:
+            raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
         if round_index != issued.task.round:
             raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.round}")
         if parts != issued.task.returns:
@@ -397,6 +438,18 @@ class RoundDriver:
         with self._arrivals:
             self._arrivals.notify_all()
         return update
+
+    def reject(self, worker_id: str, task_id: str, reason: str, message: str) -> Refusal:
+        """A worker cannot run its task of the phase in progress: it is not given that task again in this
+        attempt, and an attempt in which every worker has delivered or refused ends at once."""
+        with self._cond:
+            self._issued_task(worker_id, task_id)  # raises for a task of another worker or of a closed round
+            if self._finished(worker_id):
+                raise DuplicateUpdate(f"worker {worker_id!r} already answered task {task_id!r}")
+            refusal = self._refusals[worker_id] = Refusal.of(worker_id, task_id, reason, message)
+            self._arrivals.notify_all()
+        log.warning("worker %s refused task %s (%s): %s", worker_id, task_id, refusal.reason, refusal.message)
+        return refusal
 
     def report_evaluation(self, worker_id: str, task_id: str, fd: float, extractor: str, num_samples: int, grid_png: bytes) -> None:
         with self._cond:

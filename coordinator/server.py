@@ -197,7 +197,8 @@ def settle_heap() -> None:
 
 
 def serve(cfg: CoordinatorConfig) -> int:
-    """Run until SIGTERM/SIGINT (or, with exit_when_done, until the last round is checkpointed)."""
+    """Run until SIGTERM/SIGINT (or, with exit_when_done, until the last round is checkpointed or the run
+    failed); the exit status is 1 when the run failed."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -206,8 +207,10 @@ def serve(cfg: CoordinatorConfig) -> int:
     while not stop.is_set():
         if cfg.exit_when_done and coordinator.wait_done(timeout=0.2):
             stop.wait(1.0)  # let the workers' pending long polls see "done"
+            if coordinator.driver.failure:  # and those backing off after a refusal hear that the run failed
+                coordinator.driver.wait_workers_told(stop, cfg.heartbeat_timeout)
             break
         stop.wait(0.2)
     log.info("shutting down")
     coordinator.stop()
-    return 0
+    return 1 if coordinator.driver.failure else 0

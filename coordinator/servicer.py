@@ -183,7 +183,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         outcome = await self._next_task(worker_id, timeout)
         self.registry.touch(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         if outcome == "done":
-            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds))
+            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.driver.failure))
         if outcome in ("idle", "stopped"):
             return pb.WaitTaskResponse(idle=pb.Idle())
         assert isinstance(outcome, IssuedTask)
@@ -297,6 +297,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         return pb.EvaluationAck()
 
+    async def RejectTask(self, request: pb.RejectTaskRequest, context: grpc.aio.ServicerContext) -> pb.RejectTaskResponse:
+        worker_id = await self._worker(request.session_id, context)
+        refusal = self.driver.reject(worker_id, request.task_id, request.reason, request.message)
+        self.metrics.updates.labels(refusal.outcome).inc()
+        return pb.RejectTaskResponse()
+
     # --- tools -----------------------------------------------------------------------------------------------
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         fed = self.driver.federation
@@ -329,6 +335,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             full_fedavg_parameters=ledger.full_fedavg,
             reduction_vs_full=ledger.reduction_vs_full,
             frechet_distance=dict(self.driver.last_fd),
+            error=self.driver.failure,
         )
 
 

@@ -126,6 +126,12 @@ class OutOfMemory(TaskRefused):
 REJECTION_REASONS = frozenset(cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory))
 
 
+def rejected_outcome(reason: str) -> str:
+    """The outcome label of feddiff_updates_total for a task refused with `reason`, on both sides; a reason
+    not known here is "other" (a label's values must stay few)."""
+    return f"rejected_{reason if reason in REJECTION_REASONS else TaskRefused.reason}"
+
+
 class CannotListen(FeddiffError):
     """A port the process was told to listen on is taken or cannot be bound: the process does not start."""
 

@@ -193,6 +193,8 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     connected = sum(w.connected for w in s.workers)
     print(f"{s.state}: round {s.completed_rounds}/{s.rounds} ({s.strategy}, {s.model})")
+    if s.error:
+        print(f"  error: {s.error}")
     if s.round_selected:
         print(f"  current round: {s.round_done}/{s.round_selected} updates in")
     print(f"  workers: {connected} connected of {len(s.workers)} known")

@@ -188,6 +188,11 @@ class CoordinatorClient:
 
         return self.stub.UploadUpdate(messages(), metadata=self.metadata)
 
+    def reject_task(self, task_id: str, reason: str, message: str) -> None:
+        """Tell the coordinator this worker cannot run a task (`reason`: a TaskRefused reason)."""
+        request = pb.RejectTaskRequest(session_id=self.session_id, task_id=task_id, reason=reason, message=message)
+        self.stub.RejectTask(request, timeout=30, metadata=self.metadata)
+
     def report_evaluation(self, report: pb.EvaluationReport) -> None:
         report.session_id = self.session_id
         self.stub.ReportEvaluation(report, timeout=60, metadata=self.metadata)

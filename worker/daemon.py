@@ -14,7 +14,7 @@ from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
-from fedcore.errors import DuplicateWorker, FeddiffError
+from fedcore.errors import DataMismatch, DuplicateWorker, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import payload_bytes_by_part
 from fedcore.images import png_bytes, save_grid
@@ -65,6 +65,9 @@ class WorkerDaemon:
         self.runtime: ClientRuntime | None = None
         self.progress = TrainingProgress(self.worker_id, cfg.progress)
         self.rounds_done = 0
+        self.unfit: DataMismatch | None = None  # why the local images cannot train the federation's model
+        self.failure = ""  # why the coordinator stopped the run, once it says so
+        self._refusal_backoff = cfg.backoff_initial  # wait after refusing a task, doubled up to backoff_max
         self._quality = None  # (feature extractor, reference statistics), loaded on the first evaluate task
 
     # --- lifecycle ------------------------------------------------------------------------------------------
@@ -72,7 +75,8 @@ class WorkerDaemon:
         self.stop_event.set()
 
     def run(self) -> int:
-        """Serve tasks until the federation is done (0), or until stopped (0); reconnect on failures."""
+        """Serve tasks until the federation is done (0), or until stopped (0), or until the coordinator says the
+        run failed (1); reconnect on failures."""
         port = self.metrics.serve(self.cfg.metrics_port) if self.cfg.metrics_port >= 0 else None
         if port is not None:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
@@ -87,6 +91,10 @@ class WorkerDaemon:
             try:
                 done = self._session(client)
                 backoff = self.cfg.backoff_initial
+                if self.failure:
+                    log.error("worker %s: the coordinator stopped the run: %s", self.worker_id, self.failure)
+                    self._exit_code()  # a last try at saving private parts whose save failed
+                    return 1
                 if done and self.cfg.exit_when_done:
                     log.info("worker %s: federation done after %d rounds here", self.worker_id, self.rounds_done)
                     return self._exit_code()
@@ -145,7 +153,8 @@ class WorkerDaemon:
                 resp = client.wait_task(self.cfg.wait_timeout)
                 kind = resp.WhichOneof("outcome")
                 if kind == "done":
-                    if self.cfg.exit_when_done:
+                    self.failure = resp.done.error
+                    if self.cfg.exit_when_done or self.failure:
                         return True
                     # --keep-running: stay joined and ask again now and then (a WaitTask after the last round
                     # answers at once, so asking in a loop would flood the coordinator)
@@ -169,14 +178,19 @@ class WorkerDaemon:
             raise
         self.metrics.joins.labels("accepted").inc()
         if self.runtime is None or self.runtime.model_name != joined.model:
-            self._build(joined.model)
+            try:
+                self._build(joined.model)
+            except DataMismatch as e:  # stay joined: each task is refused, and the coordinator counts it
+                self.runtime, self.unfit = None, e
+                log.error("worker %s: %s", self.worker_id, e)
         return joined
 
     def _build(self, model_name: str) -> None:
         """Model and trainer (compiled on GPU): built once per process and reused every round."""
         mcfg = preset(model_name)
-        if self.images.images.shape[1:] != (mcfg.channels, mcfg.image_size, mcfg.image_size):
-            raise ValueError(f"local images {self.images.images.shape[1:]} do not fit model {model_name!r}")
+        model_takes = (mcfg.channels, mcfg.image_size, mcfg.image_size)
+        if tuple(self.images.images.shape[1:]) != model_takes:
+            raise DataMismatch(f"local images {tuple(self.images.images.shape[1:])} do not fit model {model_name!r}, which takes {model_takes} (channels, height, width)")
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed)
         data = trainer.prepare_data(to_model_range(self.images.images))
         self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
@@ -196,16 +210,40 @@ class WorkerDaemon:
         return client.download(task, max_bytes=max_bytes, on_wire=self.metrics.wire_bytes.labels("down").inc)
 
     def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:
+        """Run a task, or refuse it when this worker cannot (RejectTask) and wait before asking again."""
+        try:
+            task = self._runnable(msg)
+            if isinstance(task, EvalTask):
+                self._run_evaluation(client, task)
+            else:
+                self._train(client, task)
+        except TaskRefused as e:
+            self._refuse(client, msg.task_id, e)
+        except torch.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            self._refuse(client, msg.task_id, OutOfMemory(f"task {msg.task_id!r}: {str(e).splitlines()[0]}"))
+        else:
+            self._refusal_backoff = self.cfg.backoff_initial
+
+    def _runnable(self, msg: pb.Task) -> TrainTask | EvalTask:
+        if self.runtime is None:
+            raise self.unfit or DataMismatch("no model was built for the local images")
+        return any_task_from_proto(msg)
+
+    def _refuse(self, client: CoordinatorClient, task_id: str, error: TaskRefused) -> None:
+        log.error("worker %s: refusing task %s (%s): %s; asking again in %.1fs", self.worker_id, task_id, error.reason, error, self._refusal_backoff)
+        self.metrics.updates.labels(rejected_outcome(error.reason)).inc()
+        try:
+            client.reject_task(task_id, error.reason, str(error))
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise  # connection trouble: the session ends and the worker reconnects
+            log.warning("worker %s: the coordinator did not take the refusal of %s: %s: %s", self.worker_id, task_id, e.code().name, e.details())
+        self._refusal_backoff = self._back_off(self._refusal_backoff)
+
+    def _train(self, client: CoordinatorClient, task: TrainTask) -> None:
         runtime = self.runtime
         assert runtime is not None
-        try:
-            task = any_task_from_proto(msg)
-        except FeddiffError as e:
-            log.error("worker %s: refusing task %s: %s", self.worker_id, msg.task_id, e)
-            return
-        if isinstance(task, EvalTask):
-            self._run_evaluation(client, task)
-            return
         payload = self._download(client, task)
         self._count("down", task.receives, payload)
         try:

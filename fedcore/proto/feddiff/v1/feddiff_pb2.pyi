@@ -152,10 +152,12 @@ class Idle(_message.Message):
     def __init__(self) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("rounds",)
+    __slots__ = ("rounds", "error")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     rounds: int
-    def __init__(self, rounds: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, rounds: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
     __slots__ = ("task", "idle", "done")
@@ -257,6 +259,22 @@ class EvaluationAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RejectTaskRequest(_message.Message):
+    __slots__ = ("session_id", "task_id", "reason", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    task_id: str
+    reason: str
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RejectTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -278,7 +296,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., last_seen_seconds_ago: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "completed_rounds", "rounds", "strategy", "model", "workers", "round_selected", "round_done", "payload_bytes_down", "payload_bytes_up", "parameters_exchanged", "full_fedavg_parameters", "reduction_vs_full", "frechet_distance")
+    __slots__ = ("state", "completed_rounds", "rounds", "strategy", "model", "workers", "round_selected", "round_done", "payload_bytes_down", "payload_bytes_up", "parameters_exchanged", "full_fedavg_parameters", "reduction_vs_full", "frechet_distance", "error")
     class FrechetDistanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +318,7 @@ class StatusResponse(_message.Message):
     FULL_FEDAVG_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_VS_FULL_FIELD_NUMBER: _ClassVar[int]
     FRECHET_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     state: str
     completed_rounds: int
     rounds: int
@@ -314,4 +333,5 @@ class StatusResponse(_message.Message):
     full_fedavg_parameters: int
     reduction_vs_full: float
     frechet_distance: _containers.ScalarMap[str, float]
-    def __init__(self, state: _Optional[str] = ..., completed_rounds: _Optional[int] = ..., rounds: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_selected: _Optional[int] = ..., round_done: _Optional[int] = ..., payload_bytes_down: _Optional[int] = ..., payload_bytes_up: _Optional[int] = ..., parameters_exchanged: _Optional[int] = ..., full_fedavg_parameters: _Optional[int] = ..., reduction_vs_full: _Optional[float] = ..., frechet_distance: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    error: str
+    def __init__(self, state: _Optional[str] = ..., completed_rounds: _Optional[int] = ..., rounds: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_selected: _Optional[int] = ..., round_done: _Optional[int] = ..., payload_bytes_down: _Optional[int] = ..., payload_bytes_up: _Optional[int] = ..., parameters_exchanged: _Optional[int] = ..., full_fedavg_parameters: _Optional[int] = ..., reduction_vs_full: _Optional[float] = ..., frechet_distance: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=feddiff_dot_v1_dot_feddiff__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=feddiff_dot_v1_dot_feddiff__pb2.EvaluationAck.FromString,
                 _registered_method=True)
+        self.RejectTask = channel.unary_unary(
+                '/feddiff.v1.Coordinator/RejectTask',
+                request_serializer=feddiff_dot_v1_dot_feddiff__pb2.RejectTaskRequest.SerializeToString,
+                response_deserializer=feddiff_dot_v1_dot_feddiff__pb2.RejectTaskResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/feddiff.v1.Coordinator/GetStatus',
                 request_serializer=feddiff_dot_v1_dot_feddiff__pb2.StatusRequest.SerializeToString,
@@ -129,6 +134,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RejectTask(self, request, context):
+        """A task the worker cannot run (a setting outside its ranges, images that do not fit the model, ...). The
+        coordinator does not give it that task again in the same attempt; the worker backs off before asking.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Progress for tools (`feddiff status`).
         """
@@ -173,6 +186,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=feddiff_dot_v1_dot_feddiff__pb2.EvaluationReport.FromString,
                     response_serializer=feddiff_dot_v1_dot_feddiff__pb2.EvaluationAck.SerializeToString,
+            ),
+            'RejectTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectTask,
+                    request_deserializer=feddiff_dot_v1_dot_feddiff__pb2.RejectTaskRequest.FromString,
+                    response_serializer=feddiff_dot_v1_dot_feddiff__pb2.RejectTaskResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -369,6 +387,33 @@ class Coordinator:
             '/feddiff.v1.Coordinator/ReportEvaluation',
             feddiff_dot_v1_dot_feddiff__pb2.EvaluationReport.SerializeToString,
             feddiff_dot_v1_dot_feddiff__pb2.EvaluationAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feddiff.v1.Coordinator/RejectTask',
+            feddiff_dot_v1_dot_feddiff__pb2.RejectTaskRequest.SerializeToString,
+            feddiff_dot_v1_dot_feddiff__pb2.RejectTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,60 @@
+"""Workers that cannot run their tasks, with real processes: their images are 32x32 and the federation
+trains the 28x28 `tiny` model. Each refuses each task once (RejectTask) and backs off, each attempt ends
+as soon as both refused, and after `--max-refused-attempts` the run stops with the reason: the coordinator
+says so in its status (and, with --exit-when-done, in its exit status), the workers are told and exit 1."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from feddiff.local import LocalCluster, status, wait_for_state
+
+from tests.reliability.support import ENV, image_folder, metric
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+DEADLINE = 300  # seconds: no attempt here may wait for it
+RUN = ["--insecure", "--model", "tiny", "--rounds", "2", "--epochs", "1", "--batch-size", "8", "--round-deadline", str(DEADLINE), "--max-refused-attempts", "3", "--progress", "log"]
+MESSAGE = "local images (1, 32, 32) do not fit model 'tiny', which takes (1, 28, 28) (channels, height, width)"
+
+
+def test_workers_that_refuse_every_task_stop_the_run_after_three_attempts(tmp_path: Path) -> None:
+    images = image_folder(tmp_path / "images", size=32)
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator(*RUN, "--min-workers", "2")
+        address, port = coord.ready["address"], coord.ready["metrics_port"]
+        start = time.monotonic()
+        workers = [cluster.worker(address, f"w{i}", "--insecure", "--data-dir", str(images), "--image-size", "32") for i in range(2)]
+
+        failed = wait_for_state(address, "failed", 120, [coord])
+        took = time.monotonic() - start
+        codes = [w.proc.wait(60) for w in workers]
+
+        assert took < DEADLINE / 3, f"{took:.0f} s: the attempts waited for their deadline"
+        assert failed["error"] == f"round 1 failed 3 attempts in a row because workers refused its tasks (data_mismatch, 2 of 2 refusals in the last attempt): worker {failed['error'].split('worker ')[1].split(':')[0]}: {MESSAGE}"
+        assert failed["completed_rounds"] == 0
+        assert metric(port, "feddiff_updates_total", outcome="rejected_data_mismatch") == 6  # 2 workers x 3 attempts
+        assert metric(port, "feddiff_round_attempts_total", outcome="no_quorum") == 3
+        assert codes == [1, 1], "the workers were told the run failed"
+        for w in workers:
+            log = w.output()
+            assert log.count("refusing task") == 3, log  # once per attempt: no tight loop
+            assert "the coordinator stopped the run: round 1 failed 3 attempts" in log
+            assert "Traceback" not in log
+        assert "run stopped: round 1 failed 3 attempts in a row" in coord.output()
+        assert status(address)["state"] == "failed" and coord.proc.poll() is None  # it still answers, without --exit-when-done
+
+
+def test_with_exit_when_done_the_coordinator_of_a_failed_run_exits_1(tmp_path: Path) -> None:
+    images = image_folder(tmp_path / "images", size=32)
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator(*RUN, "--min-workers", "1", "--exit-when-done")
+        worker = cluster.worker(coord.ready["address"], "w", "--insecure", "--data-dir", str(images), "--image-size", "32")
+
+        assert coord.proc.wait(120) == 1
+        assert worker.proc.wait(60) == 1
+    assert worker.output().count("refusing task") == 3
+    assert "run stopped: round 1 failed 3 attempts in a row because workers refused its tasks (data_mismatch" in coord.output()

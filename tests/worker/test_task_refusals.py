@@ -1,0 +1,133 @@
+"""A worker that cannot run a task says so (RejectTask) with the reason, and waits before it asks again:
+exponentially longer after each refusal, up to backoff_max, and from the start again once a task ran."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.training import SpeedConfig
+from worker.config import WorkerConfig
+from worker.daemon import WorkerDaemon
+
+from tests.reliability.support import image_folder
+
+
+class FakeClient:
+    """Records the refusals a worker sends; answers as an old coordinator would when `unimplemented`."""
+
+    def __init__(self, unimplemented: bool = False):
+        self.refusals: list[tuple[str, str, str]] = []
+        self.unimplemented = unimplemented
+
+    def reject_task(self, task_id: str, reason: str, message: str) -> None:
+        self.refusals.append((task_id, reason, message))
+        if self.unimplemented:
+            raise _RpcError(grpc.StatusCode.UNIMPLEMENTED)
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "Method not found!"
+
+
+class Waits:
+    """Stands for the daemon's stop event: records how long each wait would have been."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def wait(self, seconds: float) -> bool:
+        self.seconds.append(seconds)
+        return False
+
+    def is_set(self) -> bool:
+        return False
+
+
+def _daemon(tmp_path: Path, image_size: int = 28, **settings: object) -> WorkerDaemon:
+    images = image_folder(tmp_path / "images", n=4, size=image_size)
+    cfg = WorkerConfig(
+        coordinator="127.0.0.1:9", data_dir=str(images), image_size=image_size, state_dir=str(tmp_path / "state"),
+        speed=SpeedConfig(device="cpu", compile="off"), progress="off", **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+    daemon = WorkerDaemon(cfg)
+    daemon.stop_event = Waits()  # type: ignore[assignment]
+    return daemon
+
+
+def _task(task_id: str = "r0.1-w", **train: object) -> pb.Task:
+    spec = {"epochs": 1, "batch_size": 8, "lr": 1e-4, "loss": "huber", "seed": 0, **train}
+    return pb.Task(kind=pb.Task.TRAIN, round=0, task_id=task_id, receives=["decoder"], returns=["decoder"], train=pb.TrainSpec(**spec))
+
+
+def _refused(daemon: WorkerDaemon, reason: str) -> float:
+    return daemon.metrics.registry.get_sample_value("feddiff_updates_total", {"outcome": f"rejected_{reason}"}) or 0.0
+
+
+def test_a_task_out_of_range_is_refused_with_its_reason_and_the_waits_grow_to_the_cap(tmp_path: Path) -> None:
+    daemon = _daemon(tmp_path, backoff_initial=0.5, backoff_max=3.0)
+    daemon._build("tiny")
+    client = FakeClient()
+
+    for i in range(5):
+        daemon._run_task(client, _task(f"r0.{i + 1}-w", lr=1e4))  # type: ignore[arg-type]
+
+    assert [(t, r) for t, r, _ in client.refusals] == [(f"r0.{i + 1}-w", "out_of_range") for i in range(5)]
+    assert "lr = 10000.0: expected a number in (0, 1)" in client.refusals[0][2]
+    assert daemon.stop_event.seconds == [0.5, 1.0, 2.0, 3.0, 3.0]  # type: ignore[attr-defined]
+    assert _refused(daemon, "out_of_range") == 5
+
+
+def test_images_that_do_not_fit_the_model_are_a_refusal_of_each_task_not_an_exit(tmp_path: Path) -> None:
+    daemon = _daemon(tmp_path, image_size=32)
+    client = FakeClient()
+
+    daemon._join(type("Joining", (), {"join": lambda self, info: pb.JoinResponse(model="tiny", rounds=1)})())  # type: ignore[arg-type]
+    daemon._run_task(client, _task())  # type: ignore[arg-type]
+
+    assert daemon.runtime is None
+    ((_, reason, message),) = client.refusals
+    assert reason == "data_mismatch"
+    assert message == "local images (1, 32, 32) do not fit model 'tiny', which takes (1, 28, 28) (channels, height, width)"
+
+
+def test_a_task_too_large_for_the_device_is_refused_and_a_task_that_runs_resets_the_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = _daemon(tmp_path)
+    daemon._build("tiny")
+    client = FakeClient()
+
+    def out_of_memory(client: object, task: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(daemon, "_train", out_of_memory)
+    daemon._run_task(client, _task(batch_size=65536))  # type: ignore[arg-type]
+    daemon._run_task(client, _task(batch_size=65536))  # type: ignore[arg-type]
+    monkeypatch.setattr(daemon, "_train", lambda client, task: None)
+    daemon._run_task(client, _task())  # type: ignore[arg-type]
+    monkeypatch.setattr(daemon, "_train", out_of_memory)
+    daemon._run_task(client, _task(batch_size=65536))  # type: ignore[arg-type]
+
+    assert [r for _, r, _ in client.refusals] == ["out_of_memory"] * 3
+    assert client.refusals[0][2] == "task 'r0.1-w': CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert daemon.stop_event.seconds == [0.5, 1.0, 0.5]  # type: ignore[attr-defined]
+
+
+def test_against_a_coordinator_without_reject_task_the_worker_still_waits(tmp_path: Path) -> None:
+    daemon = _daemon(tmp_path)
+    daemon._build("tiny")
+
+    daemon._run_task(FakeClient(unimplemented=True), _task(epochs=0))  # type: ignore[arg-type]
+    daemon._run_task(FakeClient(unimplemented=True), _task(epochs=0))  # type: ignore[arg-type]
+
+    assert daemon.stop_event.seconds == [0.5, 1.0]  # type: ignore[attr-defined]
