@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install dataset proto test smoke demo soak bench clean
+.PHONY: install dataset system-packages proto test smoke demo soak bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ dataset: $(FMNIST)
 $(FMNIST):
 	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)) \
 	  || { echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; }
+
+# The Debian packages of the Prometheus and network suites (prometheus: promtool and the server; iproute2:
+# ip and tc): installed when missing as root, like the dataset; otherwise named, with the command to run.
+system-packages:
+	@$(PYTHON) -m tools.system_packages
 
 proto: install
 	$(PY) -m tools.gen_proto
@@ -42,7 +47,7 @@ bench: install dataset
 	$(PY) -m bench.rounds_scale --quick
 	$(PY) -m bench.accept --quick
 
-test: install dataset
+test: install dataset system-packages
 	$(PY) -m pytest -q
 
 # Endurance: 50 rounds, 4 workers; fails when the coordinator's RSS grows by 10% or more from round 5 to 50.

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dashboard import dashboard_queries, dashboard_targets
+from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -33,7 +34,7 @@ COORDINATOR_CONFIG_KEYS = {
 }
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (Debian package prometheus)")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=skip_reason("promtool"))
 
 
 def load_yaml(path: Path) -> Any:
@@ -364,7 +365,10 @@ def test_k8s_manifests_validate_strictly(k8s_docs: list[dict[str, Any]], kustomi
         validate_strictly(doc)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not on PATH")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="kubectl is not installed: Debian's kubernetes-client (1.20) is too old for this kustomization; install kubectl 1.21 or later from the Kubernetes project",
+)
 def test_kustomize_build_validates_and_wires_generated_names() -> None:
     result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,7 @@ from fedcore import checkpoint
 from fedcore.model import build_model, layout_of
 from fedcore.strategies import Strategy, account
 from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, free_port, prometheus_config, start_prometheus, stop_prometheus
+from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "feddiff.json"
@@ -35,7 +36,7 @@ pytestmark = [
     pytest.mark.prometheus,
     pytest.mark.e2e,
     pytest.mark.faults,
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (Debian package prometheus)"),
+    pytest.mark.skipif(PROMETHEUS is None, reason=skip_reason("prometheus")),
 ]
 
 

@@ -16,6 +16,7 @@ from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, prometheus
 from feddiff.local import LocalCluster, wait_for_state
 from fedcore.model import build_model, layout_of
 from fedcore.strategies import Strategy, account
+from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "feddiff.json"
@@ -31,7 +32,7 @@ K, R, SEED = 2, 2, 0
 pytestmark = [
     pytest.mark.prometheus,
     pytest.mark.e2e,
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (Debian package prometheus)"),
+    pytest.mark.skipif(PROMETHEUS is None, reason=skip_reason("prometheus")),
 ]
 
 

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.reliability.support import DATA, DECODER_BYTES, RUN, rounds_log, wait_until
+from tools.system_packages import skip_reason
 
 pytestmark = [pytest.mark.network, pytest.mark.e2e]
 
@@ -135,8 +136,9 @@ class Lab:
 def lab():
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root (CI runs as root)")
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("iproute2 (ip, tc) is not installed")
+    for command in ("ip", "tc"):
+        if shutil.which(command) is None:
+            pytest.skip(skip_reason(command))
     lab = Lab(f"fd{secrets.token_hex(3)}")  # unique per run: parallel runs do not collide
     try:
         try:
