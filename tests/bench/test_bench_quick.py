@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,6 +14,15 @@ from bench.report import emit
 from fedcore.model import PRESETS
 
 SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept", "fd_curve"]
+
+
+@pytest.fixture(autouse=True)
+def named_presets_only() -> Iterator[None]:
+    """The bench-only sizes these tests register stay in the test that made them."""
+    named = dict(PRESETS)
+    yield
+    PRESETS.clear()
+    PRESETS.update(named)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
