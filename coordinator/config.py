@@ -68,7 +68,7 @@ class CoordinatorConfig:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
     max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops
-    eval_every: NonNegative = 0  # evaluate every N rounds (0 = only after the last round, when evaluation is on)
+    eval_every: NonNegative = 0  # evaluate after round 1, every N rounds and the last (0 = only after the last round)
     eval_samples: EvalSamplesOrOff = 0  # samples per evaluated model (0 = no evaluation)
     eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training
     eval_final_sampler: SamplerKind = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"

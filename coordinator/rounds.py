@@ -15,7 +15,7 @@ from typing import Literal
 from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
-from fedcore.evaluation import SamplingSpec
+from fedcore.evaluation import SamplingSpec, curve_point_due
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
 from fedcore.parts import PART_ORDER, Part
@@ -248,8 +248,7 @@ class RoundDriver:
     def _evaluation_due(self) -> bool:
         if self.cfg.eval_samples <= 0:
             return False
-        done = self.federation.completed_rounds
-        return self.federation.finished or (self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0)
+        return self.federation.finished or curve_point_due(self.federation.completed_rounds, self.cfg.eval_every)
 
     def _evaluate(self) -> None:
         final = self.federation.finished

@@ -350,6 +350,12 @@ class ReferenceStatsCache:
 # Scoring a generator: sample, then FD against a reference
 
 
+def curve_point_due(completed_rounds: int, every: int) -> bool:
+    """Whether an FD curve gets a point after `completed_rounds`: after round 1, where every curve starts, and
+    every `every` rounds (0: no curve; the last round is scored by the caller in any case)."""
+    return every > 0 and completed_rounds > 0 and (completed_rounds == 1 or completed_rounds % every == 0)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """An evaluate task's sampling; its types carry the ranges a worker runs (`fedcore.settings`)."""

@@ -27,7 +27,14 @@ import torch
 from fedcore import checkpoint, report
 from fedcore.data import load_fashion_mnist, to_model_range
 from fedcore.diffusion import SamplerKind, Schedule, sample
-from fedcore.evaluation import FeatureExtractor, ReferenceStats, ReferenceStatsCache, load_fmnist_classifier, load_inception
+from fedcore.evaluation import (
+    FeatureExtractor,
+    ReferenceStats,
+    ReferenceStatsCache,
+    curve_point_due,
+    load_fmnist_classifier,
+    load_inception,
+)
 from fedcore.federation import FederationConfig
 from fedcore.images import save_grid
 from fedcore.model import build_model
@@ -58,7 +65,7 @@ class Protocol:
     sampler: SamplerKind
     steps: int  # sampling steps (DDPM always uses all T = 1000)
     samples: int  # images generated per model for the final FD
-    eval_every: int  # rounds between FD curve points (the last round always gets one)
+    eval_every: int  # rounds between FD curve points, which start after round 1 (the last round always gets one)
     curve_samples: int  # images per model for a curve point (the final point reuses the first of `samples`)
     reference_images: int  # real test images in the reference statistics (0 = all 10,000)
 
@@ -384,12 +391,12 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
         log(f"[{cell.key}] resuming after round {sim.federation.completed_rounds}")
     points = {pt["round"]: pt for pt in load_results(folder / EVALUATIONS)}
 
-    def curve_point_due() -> bool:
+    def curve_point_wanted() -> bool:
         r = sim.federation.completed_rounds
-        return 0 < r < p.rounds and r % p.eval_every == 0 and r not in points
+        return r < p.rounds and curve_point_due(r, p.eval_every) and r not in points
 
     while True:
-        if curve_point_due():
+        if curve_point_wanted():
             _, point, _ = evaluate_round(sim, evaluator, p, p.curve_samples, cfg.seed, p.curve_samples)
             points[point["round"]] = point
             append_result(folder / EVALUATIONS, point)

@@ -21,6 +21,7 @@ from fedcore.evaluation import (
     ReferenceStats,
     ReferenceStatsCache,
     classifier_metadata,
+    curve_point_due,
     fd_between,
     feature_statistics,
     frechet_distance,
@@ -267,3 +268,11 @@ def test_inception_refuses_a_foreign_state_dict(tmp_path):
 
     with pytest.raises(ValueError, match="not a pytorch-fid Inception-v3"):
         load_inception(tmp_path / "resnet.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("every", "rounds"),
+    [(0, []), (1, [1, 2, 3, 4, 5, 6]), (3, [1, 3, 6]), (5, [1, 5]), (10, [1])],
+)
+def test_fd_curves_start_after_round_one_then_every_n_rounds(every: int, rounds: list[int]) -> None:
+    assert [r for r in range(7) if curve_point_due(r, every)] == rounds
