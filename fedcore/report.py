@@ -7,6 +7,7 @@ discussion of the numbers, written by hand) is kept when the file is rendered ag
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from fedcore.atomic import atomic_write
 
 RESULTS_MD = "results.md"
+RESULTS_COPY = "results.jsonl"  # the rendered rows beside results.md, so the table can be checked and re-rendered
 FD_PLOT = "results-fd-vs-parameters.png"
 LOSS_PLOT = "results-loss.png"
 SAMPLES_DIR = "samples"  # beside results.md: one grid per cell, <protocol>-<cell folder>.png
@@ -274,7 +276,10 @@ def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True
         f"On one GPU:\n\n```\n{GPU_COMMAND}\n```\n\n{GPU_NOTE}\n"
     )
     if results_path:
-        parts.append(f"Source: `{results_path}` (one JSON line per finished cell and seed, with per-round losses and FD curve points).\n")
+        parts.append(
+            f"Source: `{results_path}`, copied to [{RESULTS_COPY}]({RESULTS_COPY}) beside this file (one JSON line per "
+            "finished cell and seed, with per-round losses and FD curve points).\n"
+        )
     if not rows:
         parts.append(table([]))
     for protocol, group in _by_protocol(rows).items():
@@ -373,7 +378,8 @@ def render(rows: Sequence[Mapping], docs: Path | str, results_path: str = "", ru
     docs.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if rows:
-        written += [plot_fd_vs_parameters(rows, docs / FD_PLOT), plot_loss(rows, docs / LOSS_PLOT)]
+        atomic_write(docs / RESULTS_COPY, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        written += [docs / RESULTS_COPY, plot_fd_vs_parameters(rows, docs / FD_PLOT), plot_loss(rows, docs / LOSS_PLOT)]
         if run_dir is not None:
             written += copy_grids(rows, run_dir, docs)
     md = docs / RESULTS_MD

@@ -94,6 +94,8 @@ def test_docs_hold_the_table_and_two_valid_plots(mini: Path) -> None:
     md = (mini / "docs" / report.RESULTS_MD).read_text()
 
     assert "CPU miniature, not the paper protocol" in md
+    copied = [json.loads(line) for line in (mini / "docs" / report.RESULTS_COPY).read_text().splitlines()]
+    assert copied == load_results(mini / "run" / "results.jsonl") and f"]({report.RESULTS_COPY})" in md
     assert report.GPU_COMMAND in md
     table_rows = [line for line in md.splitlines() if line.startswith("| full |") or line.startswith("| udec |")]
     assert len(table_rows) == 2 and all("| cpu: " in line for line in table_rows)
