@@ -99,9 +99,7 @@ class CoordinatorConfig:
         converted to its setting's type; SettingsError (one line) names every value that is not."""
         values: dict[str, Any] = {}
         if path:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}: expected a mapping of settings")
+            raw = read_settings_file(Path(path))
             values.update({str(k).replace("-", "_"): v for k, v in raw.items()})
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)
@@ -110,6 +108,22 @@ class CoordinatorConfig:
             return settings.flag(loc) if loc[0] in given else f"{settings.dotted(loc)} (in {path})"
 
         return settings.build(cls, values, name=name)
+
+
+def read_settings_file(path: Path) -> dict[Any, Any]:
+    """The mapping in a YAML settings file; SettingsError (one line, the file and where it fails) when the
+    file cannot be read or is not a YAML mapping."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise settings.SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise settings.SettingsError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise settings.SettingsError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -108,3 +108,21 @@ def test_the_coordinator_command_refuses_at_start_with_one_line_and_status_2(arg
     assert code == 2
     assert capsys.readouterr().err == f"feddiff coordinator: error: {line}\n"
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("lr: [1, 2\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        ("lr: !!python/object:os.system x\n", "not valid YAML at line 1, column 5: could not determine a constructor"),
+        ("- 1\n", "expected a mapping of settings, got list"),
+    ],
+)
+def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_in_one_line(text: str, line: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+
+    assert main(["coordinator", "--insecure", "--checkpoint-dir", str(tmp_path / "ckpt"), "--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"feddiff coordinator: error: --config {path}: {line}")
+    assert main(["coordinator", "--insecure", "--config", str(tmp_path)]) == 2
+    assert f"--config {tmp_path}: cannot read it (Is a directory)" in capsys.readouterr().err
