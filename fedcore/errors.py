@@ -123,7 +123,17 @@ class OutOfMemory(TaskRefused):
     reason = "out_of_memory"
 
 
-REJECTION_REASONS = frozenset(cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory))
+class ModelUnavailable(TaskRefused):
+    """A model preset this installation cannot build: its backbone needs an optional dependency that is not
+    installed (the `diffusers` extra). A process asked for it at start exits naming the extra; a worker
+    joined to a run of it refuses each task."""
+
+    reason = "model_unavailable"
+
+
+REJECTION_REASONS = frozenset(
+    cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory, ModelUnavailable)
+)
 
 
 def rejected_outcome(reason: str) -> str:

@@ -1,4 +1,5 @@
-"""The paper's UNet ("The Annotated Diffusion Model" design: ConvNeXt blocks, linear attention) and its presets."""
+"""The paper's UNet ("The Annotated Diffusion Model" design: ConvNeXt blocks, linear attention), and the model
+presets: the paper's UNets and diffusers' UNet2DModels (fedcore.diffusers_unet), each built by name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcore.diffusers_unet import DiffusersUNetConfig, build_diffusers_unet
 from fedcore.parts import Part, PartLayout, PartRule, prefix_rule
 
 
@@ -32,19 +34,48 @@ class UNetConfig:
         return self.dim * 4
 
 
-ModelName = Literal["paper-fmnist", "paper-celeba64", "tiny"]  # the presets, as a setting's type
+ModelConfig = UNetConfig | DiffusersUNetConfig  # a backbone family, by its config type
 
-PRESETS: dict[str, UNetConfig] = {
+# the presets, as a setting's type
+ModelName = Literal["paper-fmnist", "paper-celeba64", "tiny", "diffusers-tiny", "diffusers-fmnist", "ddpm-cifar10"]
+
+PRESETS: dict[str, ModelConfig] = {
     # Fashion-MNIST 28x28, the paper's main model: 2,996,315 parameters.
     "paper-fmnist": UNetConfig(),
     # CelebA 64x64 RGB: 14,892,477 parameters.
     "paper-celeba64": UNetConfig(dim=64, channels=3, image_size=64),
     # For tests: same topology and part structure, 143,951 parameters; a CPU step at batch 128 takes ~0.3 s.
     "tiny": UNetConfig(dim=6, heads=2, dim_head=8),
+    # diffusers UNet2DModel for tests and CPUs, Fashion-MNIST 28x28: 3 resolutions, attention at 14x14.
+    "diffusers-tiny": DiffusersUNetConfig(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    ),
+    # diffusers UNet2DModel for Fashion-MNIST 28x28, attention at 14x14 and 7x7 (the class defaults).
+    "diffusers-fmnist": DiffusersUNetConfig(),
+    # DDPM CIFAR-10 32x32 (Ho et al. 2020) as diffusers publishes it (google/ddpm-cifar10-32): 35,746,307 parameters.
+    "ddpm-cifar10": DiffusersUNetConfig(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
 }
 
 
-def preset(name: str) -> UNetConfig:
+def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
@@ -238,15 +269,23 @@ class UNet(nn.Module):
         return self.final_conv(self.final_block(x))
 
 
-def build_model(cfg: UNetConfig | str, *, seed: int | None = None) -> UNet:
-    """A freshly initialised UNet; with a seed the weights are the same on every machine."""
+def _build(cfg: ModelConfig, name: str) -> nn.Module:
+    if isinstance(cfg, DiffusersUNetConfig):
+        return build_diffusers_unet(cfg, name)
+    return UNet(cfg)
+
+
+def build_model(cfg: ModelConfig | str, *, seed: int | None = None) -> nn.Module:
+    """A freshly initialised model of a preset or config; with a seed the weights are the same on every
+    machine. ModelUnavailable when its backbone needs a dependency that is not installed."""
+    name = cfg if isinstance(cfg, str) else type(cfg).__name__
     if isinstance(cfg, str):
         cfg = preset(cfg)
     if seed is None:
-        return UNet(cfg)
+        return _build(cfg, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet(cfg)
+        return _build(cfg, name)
 
 
 def layout_of(model: nn.Module) -> PartLayout:
@@ -254,5 +293,5 @@ def layout_of(model: nn.Module) -> PartLayout:
     return PartLayout.of(model.state_dict(), model.part_rule)  # type: ignore[arg-type]
 
 
-def with_overrides(cfg: UNetConfig, **changes: object) -> UNetConfig:
+def with_overrides(cfg: ModelConfig, **changes: object) -> ModelConfig:
     return replace(cfg, **changes)  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ from feddiff import models_cli
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 
 Handler = Callable[[argparse.Namespace], int]
+# fedcore.model.ModelName, written out so that the parser is built without importing torch (a test compares them)
+MODEL_PRESETS = "paper-fmnist, paper-celeba64, tiny (feddiff's UNet); diffusers-tiny, diffusers-fmnist, ddpm-cifar10 (diffusers UNet2DModel)"
 _COMMANDS: dict[str, Handler] = {"reproduce": run_reproduce, **models_cli.COMMANDS}
 
 
@@ -227,7 +229,7 @@ def _certs(args: argparse.Namespace) -> int:
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The run's shape: shared by simulate and the coordinator (which sends it to the workers)."""
     p.add_argument("--strategy", choices=["full", "usplit", "udec", "ulatdec"], default="udec")
-    p.add_argument("--model", default="paper-fmnist", help="model preset: paper-fmnist, paper-celeba64, tiny")
+    p.add_argument("--model", default="paper-fmnist", help=f"model preset: {MODEL_PRESETS}")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--clients-per-round", type=int, default=0, help="0 = every client, else a seeded sample")
     p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
@@ -262,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("model-info", help="parameter counts of a model preset, by part")
-    p.add_argument("--model", default="paper-fmnist")
+    p.add_argument("--model", default="paper-fmnist", help=f"model preset: {MODEL_PRESETS}")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("strategies", help="parameters each strategy exchanges, counted the paper's way")
-    p.add_argument("--model", default="paper-fmnist")
+    p.add_argument("--model", default="paper-fmnist", help=f"model preset: {MODEL_PRESETS}")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0, help="seeds USplit's random pairing")
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command's exit status: 2 for a refused setting or a missing file, 1 when a port to listen on is
     taken (or the coordinator's run failed), one line on stderr saying why."""
-    from fedcore.errors import CannotListen
+    from fedcore.errors import CannotListen, ModelUnavailable
 
     args = build_parser().parse_args(argv)
     try:
@@ -335,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelUnavailable) as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 2
 

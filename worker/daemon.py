@@ -14,7 +14,7 @@ from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
-from fedcore.errors import DataMismatch, DuplicateWorker, OutOfMemory, TaskRefused, rejected_outcome
+from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import payload_bytes_by_part
 from fedcore.images import png_bytes, save_grid
@@ -65,7 +65,7 @@ class WorkerDaemon:
         self.runtime: ClientRuntime | None = None
         self.progress = TrainingProgress(self.worker_id, cfg.progress)
         self.rounds_done = 0
-        self.unfit: DataMismatch | None = None  # why the local images cannot train the federation's model
+        self.unfit: DataMismatch | ModelUnavailable | None = None  # why this worker cannot train the federation's model
         self.failure = ""  # why the coordinator stopped the run, once it says so
         self._refusal_backoff = cfg.backoff_initial  # wait after refusing a task, doubled up to backoff_max
         self._quality = None  # (feature extractor, reference statistics), loaded on the first evaluate task
@@ -180,7 +180,7 @@ class WorkerDaemon:
         if self.runtime is None or self.runtime.model_name != joined.model:
             try:
                 self._build(joined.model)
-            except DataMismatch as e:  # stay joined: each task is refused, and the coordinator counts it
+            except (DataMismatch, ModelUnavailable) as e:  # stay joined: each task is refused, and the coordinator counts it
                 self.runtime, self.unfit = None, e
                 log.error("worker %s: %s", self.worker_id, e)
         return joined

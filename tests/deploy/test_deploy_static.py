@@ -566,7 +566,7 @@ def test_cpu_dockerfile_pins_cpu_torch_through_constraints() -> None:
     torch_install = next(r for r in runs if "pip install" in r and "torch" in r.split())
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_install
     assert "-c constraints.txt" in torch_install
-    assert any("pip install -c constraints.txt ." in r for r in runs)
+    assert any('pip install -c constraints.txt ".[diffusers]"' in r for r in runs)  # every preset runs in the image
     assert any("dataset-fashion-mnist" in r for r in runs)
     assert re.search(r"^torch==\d+\.\d+\.\d+$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
 
@@ -578,7 +578,7 @@ def test_cuda_dockerfile_keeps_the_base_image_torch() -> None:
 
     assert re.fullmatch(r"BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base)
     assert ("FROM", "${BASE_IMAGE}") in instructions
-    assert "grep -v '^torch==' constraints.txt" in runs and "pip install -c /tmp/constraints-cuda.txt ." in runs
+    assert "grep -v '^torch==' constraints.txt" in runs and 'pip install -c /tmp/constraints-cuda.txt ".[diffusers]"' in runs
     assert "/usr/share/datasets/fashion-mnist" in " ".join(args for keyword, args in instructions if keyword == "COPY")
 
 
