@@ -89,6 +89,21 @@ def training_loss(
 SamplerKind = Literal["ddpm", "ddim"]
 
 
+def ddpm_step(schedule: Schedule, x: torch.Tensor, eps: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
+    """x_{i-1} from x_i and the predicted noise eps (Ho et al. 2020, Algorithm 2, line 4, with sigma_i^2 =
+    beta-tilde_i); `noise` is its z, unused at i = 0. Without clipping x_0 this is step() of diffusers'
+    DDPMScheduler (epsilon prediction, variance "fixed_small"), which goes through the predicted x_0 (eq. 15
+    into eq. 7) to the same mean."""
+    beta, alpha = float(schedule.betas[i]), float(schedule.alphas[i])
+    sqrt_1m_abar = float(schedule.sqrt_one_minus_alphas_cumprod[i])
+    mean = (x - beta / sqrt_1m_abar * eps) / alpha**0.5  # eq. 11
+    if i == 0:
+        return mean
+    if noise is None:
+        raise ValueError(f"step {i} > 0 needs its noise z")
+    return mean + float(schedule.posterior_variance[i]) ** 0.5 * noise
+
+
 @torch.no_grad()
 def sample_ddpm(
     model: nn.Module,
@@ -98,20 +113,14 @@ def sample_ddpm(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2, with sigma_t^2 = beta-tilde_t)."""
+    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2, with sigma_t^2 = beta-tilde_t). The
+    noise is drawn as diffusers' DDPMPipeline draws it: x_T, then each step's z after the model's call."""
     x = torch.randn(shape, generator=generator, device=device)
     for i in reversed(range(schedule.timesteps)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         eps = model(x, t).float()
-        beta, alpha = float(schedule.betas[i]), float(schedule.alphas[i])
-        sqrt_1m_abar = float(schedule.sqrt_one_minus_alphas_cumprod[i])
-        mean = (x - beta / sqrt_1m_abar * eps) / alpha**0.5  # eq. 11
-        if i > 0:
-            x = mean + float(schedule.posterior_variance[i]) ** 0.5 * torch.randn(
-                shape, generator=generator, device=device
-            )
-        else:
-            x = mean
+        noise = torch.randn(shape, generator=generator, device=device) if i > 0 else None
+        x = ddpm_step(schedule, x, eps, i, noise)
     return x.clamp(-1.0, 1.0)
 
 
