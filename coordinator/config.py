@@ -55,6 +55,7 @@ class CoordinatorConfig:
     lr: LearningRate = 1e-4
     loss: LossKind = "huber"
     seed: Seed = 0  # initial model, plans, client samples, training seeds
+    init_from: str = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
     checkpoint_dir: str = "runs/coordinator"
     listen: str = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
     health_port: Port = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off

@@ -21,6 +21,7 @@ from fedcore.errors import CannotListen
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
 from fedcore.ports import check_free, split_address
+from fedcore.pretrained import initial_weights
 
 from coordinator.config import CoordinatorConfig
 from coordinator.progress import ProgressReporter
@@ -71,14 +72,21 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
 
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
-    """A fresh federation, or the one in checkpoint_dir with --resume."""
+    """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
+    with --resume. ValueError when --init-from is not a model of the preset."""
     federation = Federation.restore(cfg.federation, cfg.checkpoint_dir) if cfg.resume else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
+        if cfg.init_from:
+            log.info("--init-from %s: not used, the run goes on from its checkpoint", cfg.init_from)
         return federation
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
-    return Federation(cfg.federation)
+    if not cfg.init_from:
+        return Federation(cfg.federation)
+    initial = initial_weights(cfg.init_from, cfg.model)
+    log.info("global model of round 1: %s", cfg.init_from)
+    return Federation(cfg.federation, global_state=initial)
 
 
 class Coordinator:

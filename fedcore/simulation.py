@@ -19,6 +19,7 @@ from fedcore.diffusion import Schedule
 from fedcore.federation import Federation, FederationConfig, RoundOutcome
 from fedcore.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
 from fedcore.model import build_model
+from fedcore.pretrained import initial_weights
 from fedcore.splits import SplitKind, split_indices
 from fedcore.strategies import private_parts
 from fedcore.training import LocalTrainer, SpeedConfig
@@ -73,6 +74,7 @@ class SimulationConfig:
     data: DataConfig = DataConfig()
     speed: SpeedConfig = SpeedConfig()
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    init_from: str = ""  # the starting global model: a diffusers UNet or pipeline folder, or a feddiff .safetensors
 
 
 @dataclass
@@ -93,7 +95,8 @@ class Simulation:
         fcfg = cfg.federation
         federation = Federation.restore(fcfg, out) if resume else None
         if federation is None:
-            federation = Federation(fcfg)
+            initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
+            federation = Federation(fcfg, global_state=initial)
             (out / ROUNDS_LOG).write_text("")
         else:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)

@@ -112,6 +112,7 @@ def _simulate(args: argparse.Namespace) -> int:
             root=args.data_root,
         ),
         speed=speed_config(args),
+        init_from=args.init_from,
     )
     sim = Simulation.create(cfg, args.out, resume=args.resume)
     sim.run()
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=5, help="K; --clients 1 --strategy full is the centralised baseline")
     p.add_argument("--out", default="runs/simulate", help="output folder: rounds.jsonl and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", default="", metavar="DIR_OR_FILE",
+                   help="start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors")
 
     add_reproduce_parser(sub)
 
