@@ -1,10 +1,13 @@
-"""`feddiff export` and `feddiff sample`: a trained model out of its checkpoint, as a file or as a grid of images.
+"""`feddiff export`, `sample` and `evaluate`: a trained model out of its checkpoint, as a file, a diffusers
+pipeline folder, a grid of images or a Frechet distance.
 
 Where a model comes from:
   a checkpoint dir    the coordinator's `final.safetensors`, else the committed `global-rNNNN` (state.json),
                       else the newest `global-rNNNN`; the run's config in state.json names the model preset
   a .safetensors file one written by `feddiff export` (its metadata carries the export config), or a
                       `global-rNNNN` inside a checkpoint dir
+  a diffusers folder  one written by `feddiff export --format diffusers` (its feddiff_export.json says what it
+                      is), or any UNet2DModel or DDPMPipeline folder of a preset's architecture (with --model)
   --worker-state DIR  makes it personalised: the global model's shared parts with the private parts that a
                       worker keeps in its --state-dir (udec, ulatdec); fedcore.checkpoint.personalised_state
 """
@@ -31,6 +34,7 @@ EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export confi
 WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
 FINAL_MODEL = "final.safetensors"  # the coordinator's model after the last round
+EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
 _GLOBAL_FILE = re.compile(r"^global-r(\d{4})\.safetensors$")
 
 
@@ -112,10 +116,31 @@ def _from_file(path: Path, model: str) -> TrainedModel:
     return TrainedModel(tensors, _preset_name(model, state, path), _strategy(state), rounds)
 
 
+def _from_diffusers_folder(path: Path, model: str) -> TrainedModel:
+    """A `--format diffusers` export (its feddiff_export.json says what it is), or any diffusers UNet or
+    pipeline folder of a preset's architecture (`model` names the preset)."""
+    from fedcore.pretrained import read_unet_folder
+
+    config_file = path / EXPORT_CONFIG_FILE
+    if not config_file.is_file():
+        if not model:
+            raise ValueError(f"{path}: a diffusers folder without {EXPORT_CONFIG_FILE}; pass --model to name its preset")
+        return TrainedModel(read_unet_folder(path, model), model, None, None)
+    cfg = json.loads(config_file.read_text())
+    if model and model != cfg["model"]:
+        raise ValueError(f"--model {model!r}, but {path} holds a {cfg['model']!r} model")
+    tensors = read_unet_folder(path, cfg["model"])
+    return TrainedModel(tensors, cfg["model"], cfg["strategy"], cfg["completed_rounds"], cfg["kind"], cfg["worker"], cfg["private_round"])
+
+
 def load_trained(checkpoint: str | Path, model: str = "") -> TrainedModel:
-    """The global model of a checkpoint dir, or the model of a .safetensors file; `model` names the preset
-    where nothing recorded it."""
+    """The global model of a checkpoint dir, the model of a .safetensors file, or that of a diffusers folder
+    (an export with --format diffusers); `model` names the preset where nothing recorded it."""
+    from fedcore.pretrained import is_diffusers_folder
+
     path = Path(checkpoint)
+    if path.is_dir() and is_diffusers_folder(path):
+        return _from_diffusers_folder(path, model)
     if path.is_dir():
         return _from_checkpoint_dir(path, model)
     if path.is_file():
@@ -148,17 +173,12 @@ def build_trained(trained: TrainedModel) -> torch.nn.Module:
     """The UNet of the preset with these weights; every tensor's name and shape must match."""
     from fedcore.model import build_model, layout_of
     from fedcore.parts import PART_ORDER
+    from fedcore.pretrained import first_tensor_difference
 
     model = build_model(trained.model)
-    expected = layout_of(model).specs(PART_ORDER)
-    missing = sorted(set(expected) - set(trained.tensors))
-    unknown = sorted(set(trained.tensors) - set(expected))
-    if missing or unknown:
-        what = f"tensor {missing[0]!r} is missing" if missing else f"tensor {unknown[0]!r} is not part of the model"
-        raise ValueError(f"not a {trained.model!r} model: {what}")
-    for name, spec in expected.items():
-        if tuple(trained.tensors[name].shape) != spec.shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(trained.tensors[name].shape)}, expected {spec.shape} for {trained.model!r}")
+    differs = first_tensor_difference(trained.tensors, layout_of(model).specs(PART_ORDER))
+    if differs:
+        raise ValueError(f"not a {trained.model!r} model: {differs}")
     model.load_state_dict(trained.tensors)
     return model
 
@@ -179,7 +199,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
         "format_version": EXPORT_FORMAT_VERSION,
         "weights": file_name,
         "model": trained.model,
-        "unet": asdict(preset(trained.model)),  # UNetConfig fields
+        "unet": asdict(preset(trained.model)),  # the preset's UNetConfig or DiffusersUNetConfig fields
         "strategy": trained.strategy,
         "completed_rounds": trained.completed_rounds,
         "kind": trained.kind,
@@ -198,8 +218,10 @@ def export(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint_dir, args.model)
     if args.worker_state:
         trained = personalise(trained, args.worker_state, args.client)
-    build_trained(trained)  # refuse to export weights that do not make the model
+    model = build_trained(trained)  # refuse to export weights that do not make the model
     out = Path(args.out)
+    if args.format == "diffusers":
+        return _export_pipeline(trained, model, out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
     config = export_config(trained, out.name)
@@ -209,6 +231,27 @@ def export(args: argparse.Namespace) -> int:
     config_path = out.with_suffix(".json")
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     print(f"exported {trained.describe()}: {out} and {config_path}")
+    return 0
+
+
+def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -> int:
+    """A diffusers-backbone model as a DDPMPipeline folder, with the export config as feddiff_export.json."""
+    from fedcore.diffusers_unet import DiffusersUNet
+    from fedcore.pretrained import PIPELINE_INDEX, PIPELINE_WEIGHTS, write_pipeline
+
+    if not isinstance(model, DiffusersUNet):
+        raise ValueError(
+            f"--format diffusers: {trained.model!r} is feddiff's own UNet, for which diffusers has no class; "
+            "export it with --format feddiff (safetensors weights and a JSON config) and sample it with feddiff sample"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; --format diffusers writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / PIPELINE_INDEX).is_file():
+        raise ValueError(f"--out {str(out)!r} is a folder with other files in it; give a new or empty folder, or an earlier export")
+    write_pipeline(model, out)
+    config = export_config(trained, PIPELINE_WEIGHTS)
+    (out / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    print(f"exported {trained.describe()} as a diffusers DDPMPipeline: {out} (DDPMPipeline.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -336,11 +379,13 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="the global or a personalised model as safetensors + a JSON config")
+    p = subparsers.add_parser("export", help="the global or a personalised model as safetensors + a JSON config, or as a diffusers pipeline")
     p.add_argument("--checkpoint-dir", required=True, metavar="DIR_OR_FILE",
                    help="the coordinator's (or `feddiff simulate`'s) checkpoint dir, or a .safetensors file")
     _add_source_args(p)
-    p.add_argument("--out", required=True, help="FILE.safetensors; the config goes to FILE.json")
+    p.add_argument("--format", choices=["feddiff", "diffusers"], default="feddiff",
+                   help="feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)")
+    p.add_argument("--out", required=True, help="FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers")
 
     p = subparsers.add_parser("sample", help="a PNG grid of samples from a checkpoint or an exported model")
     p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
