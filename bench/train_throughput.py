@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,7 @@ from bench.report import emit, log, machine, median
 from fedcore import serialization
 from fedcore.client import ClientRuntime, TrainTask
 from fedcore.data import load_fashion_mnist, to_model_range
-from fedcore.diffusion import Schedule, training_loss
+from fedcore.diffusion import LossKind, Schedule, training_loss
 from fedcore.model import build_model
 from fedcore.parts import ALL_PARTS
 from fedcore.serialization import PayloadMeta
@@ -101,7 +101,7 @@ class PaperLoop:
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False  # the paper's code leaves it off; the fast trainer turns it on
         try:
-            _sync(self.device)
+            sync(self.device)
             start, images = time.perf_counter(), 0
             for _ in range(steps):
                 batch = next(self._batches).to(self.device)
@@ -113,13 +113,13 @@ class PaperLoop:
                 self.optimizer.step()
                 images += batch.shape[0]
                 self.step_count += 1
-            _sync(self.device)
+            sync(self.device)
             return images, time.perf_counter() - start
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -127,12 +127,38 @@ def _sync(device: torch.device) -> None:
 # --- the fast path ------------------------------------------------------------------------------------------
 
 
-def _fast_block(trainer: LocalTrainer, data: torch.Tensor, steps: int, batch: int, seed: int) -> tuple[int, float]:
+def fast_block(trainer: LocalTrainer, data: torch.Tensor, steps: int, batch: int, seed: int, loss: LossKind = "huber") -> tuple[int, float]:
     """One epoch over `steps` full batches of `data` (TrainResult.seconds ends with the losses on the host)."""
     n = steps * batch
     start = (seed * n) % max(1, data.shape[0] - n + 1)
-    result = trainer.train(data[start : start + n], TrainConfig(epochs=1, batch_size=batch), seed=seed)
+    result = trainer.train(data[start : start + n], TrainConfig(epochs=1, batch_size=batch, loss=loss), seed=seed)
     return result.images_seen, result.seconds
+
+
+def compare(
+    name: str, run_reference: Callable[[int], tuple[int, float]], fast: LocalTrainer, data: torch.Tensor,
+    *, batch: int, warmup: int, steps: int, blocks: int, loss: LossKind = "huber",
+) -> dict[str, object]:  # fmt: skip
+    """A reference loop (`run_reference(steps)` -> images, seconds) against the fast path in alternating blocks,
+    after the fast path's warm-up: each side's images/s as `<name>_images_per_s` and `fast_images_per_s`, the
+    compile time (the warm-up less as many steady steps) and the fast path's settings."""
+    run_reference(1)  # allocator and DataLoader warm-up
+    sync(fast.speed.device)
+    start = time.perf_counter()
+    fast_block(fast, data, warmup, batch, seed=10_000, loss=loss)
+    warm_seconds = time.perf_counter() - start
+    totals = {name: [0, 0.0], "fast": [0, 0.0]}
+    for b in range(blocks):
+        for side in (name, "fast"):
+            n, s = run_reference(steps) if side == name else fast_block(fast, data, steps, batch, seed=b, loss=loss)
+            totals[side][0] += n
+            totals[side][1] += s
+            log(f"block {b} {side}: {n / s:.1f} images/s")
+    fast_ips = totals["fast"][0] / totals["fast"][1]
+    compile_seconds = max(0.0, warm_seconds - warmup * batch / fast_ips) if fast.speed.compile else 0.0
+    figures: dict[str, object] = {f"fast_{k}": getattr(fast.speed, k) for k in ("bf16", "channels_last", "fused_adam", "compile")}
+    figures.update({f"{name}_images_per_s": totals[name][0] / totals[name][1], "fast_images_per_s": fast_ips, "compile_seconds": compile_seconds})
+    return figures
 
 
 def round_seconds(trainer: LocalTrainer, shard: torch.Tensor, batch: int, rounds: int) -> float:
@@ -144,7 +170,7 @@ def round_seconds(trainer: LocalTrainer, shard: torch.Tensor, batch: int, rounds
     for r in range(rounds + warmup):
         task = TrainTask(r, f"r{r}", ALL_PARTS, ALL_PARTS, frozenset(), TrainConfig(epochs=1, batch_size=batch), seed=r)
         payload = bytearray(serialization.encode(state, PayloadMeta(kind="weights", model=MODEL, round=r, parts=ALL_PARTS)))
-        _sync(trainer.speed.device)
+        sync(trainer.speed.device)
         start = time.perf_counter()
         runtime.load(payload, task)
         runtime.train(task)
@@ -178,35 +204,39 @@ def loss_curve_check(fast: LocalTrainer, images: torch.Tensor, steps: int, batch
 # --- main ---------------------------------------------------------------------------------------------------
 
 
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """--threads and the fast path's toggles (speed_from reads them)."""
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    for name in ("bf16", "channels-last", "fused-adam", "compile"):
+        p.add_argument(f"--{name}", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--no-compile", action="store_true")
+
+
+def speed_from(args: argparse.Namespace, device: torch.device) -> SpeedConfig:
+    """The fast path's settings from add_speed_flags' flags; sets torch's CPU threads."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    compile_ = "off" if args.no_compile else args.compile
+    return SpeedConfig(device=str(device), bf16=args.bf16, channels_last=args.channels_last, fused_adam=args.fused_adam, compile=compile_)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    toggles = ["auto", "on", "off"]
     p.add_argument("--quick", action="store_true", help="few steps and a small round shard (CPU, under 3 minutes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--paper-workers", type=int, default=0, help="DataLoader workers of the paper loop")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    for name in ("bf16", "channels-last", "fused-adam", "compile"):
-        p.add_argument(f"--{name}", choices=toggles, default="auto")
-    p.add_argument("--no-compile", action="store_true")
+    add_speed_flags(p)
     for name in ("warmup", "steps", "blocks", "shard", "rounds", "curve-steps"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the plan")
     args = p.parse_args()
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    speed = speed_from(args, device)
     plan = plan_for(device, args.quick)
     plan = Plan(**{f: getattr(args, f) if getattr(args, f) is not None else getattr(plan, f) for f in Plan.__dataclass_fields__})
-    speed = SpeedConfig(
-        device=str(device),
-        bf16=args.bf16,
-        channels_last=args.channels_last,
-        fused_adam=args.fused_adam,
-        compile="off" if args.no_compile else args.compile,
-    )
     resolved = ResolvedSpeed.of(speed)
     batch = args.batch_size
     images = load_fashion_mnist(train=True, root=args.data_root).images  # (60000, 1, 28, 28) uint8
@@ -216,38 +246,19 @@ def main() -> int:
     fast = LocalTrainer(build_model(MODEL, seed=args.seed), Schedule(), speed)
     data = fast.prepare_data(to_model_range(images))
 
-    paper.run(1)  # allocator and DataLoader warm-up
-    _sync(device)
-    start = time.perf_counter()
-    _fast_block(fast, data, plan.warmup, batch, seed=10_000)
-    warm_seconds = time.perf_counter() - start
-
-    totals = {"paper": [0, 0.0], "fast": [0, 0.0]}
-    for b in range(plan.blocks):
-        for side in ("paper", "fast"):
-            n, s = paper.run(plan.steps) if side == "paper" else _fast_block(fast, data, plan.steps, batch, seed=b)
-            totals[side][0] += n
-            totals[side][1] += s
-            log(f"block {b} {side}: {n / s:.0f} images/s")
-    paper_ips = totals["paper"][0] / totals["paper"][1]
-    fast_ips = totals["fast"][0] / totals["fast"][1]
-    compile_seconds = max(0.0, warm_seconds - plan.warmup * batch / fast_ips) if resolved.compile else 0.0
+    speeds = compare("paper", paper.run, fast, data, batch=batch, warmup=plan.warmup, steps=plan.steps, blocks=plan.blocks)
 
     shard = data[: plan.shard]
     round_s = round_seconds(fast, shard, batch, plan.rounds)
     curve = loss_curve_check(fast, to_model_range(images), plan.curve_steps, batch, args.seed)
 
-    figures: dict[str, object] = {**machine(), "device": str(device), "model": MODEL, "batch_size": batch}
-    figures.update({f"fast_{k}": getattr(resolved, k) for k in ("bf16", "channels_last", "fused_adam", "compile")})
+    figures: dict[str, object] = {**machine(), "device": str(device), "model": MODEL, "batch_size": batch, **speeds}
     figures.update(
         {
-            "paper_images_per_s": paper_ips,
-            "fast_images_per_s": fast_ips,
-            "compile_seconds": compile_seconds,
             "round_shard_images": int(shard.shape[0]),
             "round_seconds": round_s,
             **curve,
-            "speedup_vs_paper_loop": fast_ips / paper_ips,
+            "speedup_vs_paper_loop": float(speeds["fast_images_per_s"]) / float(speeds["paper_images_per_s"]),  # type: ignore[arg-type]
         }
     )
     emit(figures)

@@ -13,7 +13,7 @@ from bench.common import ensure_preset, meta_layout, payload_bytes_of, raw_tcp_s
 from bench.report import emit
 from fedcore.model import PRESETS
 
-SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept", "fd_curve"]
+SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept", "fd_curve", "diffusers_throughput"]
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +104,19 @@ def test_bare_rounds_time_every_round_of_every_worker(calls: str) -> None:
     rounds = overheads(workers=6, processes=2, rounds=2, work=0.05, size=(1 << 20) + 4096, calls=calls)  # two messages each way
 
     assert len(rounds) == 2 and all(0 < r < 30 for r in rounds)
+
+
+def test_the_diffusers_comparison_runs_its_cpu_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
+    from bench import diffusers_throughput
+
+    monkeypatch.setattr(sys, "argv", ["diffusers_throughput", "--quick", "--device", "cpu", "--threads", "1", "--compile", "off"])
+
+    assert diffusers_throughput.main() == 0
+
+    figures = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert (figures["model"], figures["batch_size"], figures["device"]) == ("diffusers-tiny", "16", "cpu")
+    assert float(figures["diffusers_loop_images_per_s"]) > 0 and float(figures["fast_images_per_s"]) > 0
+    ratio = float(figures["fast_images_per_s"]) / float(figures["diffusers_loop_images_per_s"])
+    assert float(figures["speedup_vs_diffusers_loop"]) == pytest.approx(ratio, rel=1e-3)
+
