@@ -3,6 +3,7 @@ exponentially longer after each refusal, up to backoff_max, and from the start a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import grpc
@@ -100,6 +101,22 @@ def test_images_that_do_not_fit_the_model_are_a_refusal_of_each_task_not_an_exit
     ((_, reason, message),) = client.refusals
     assert reason == "data_mismatch"
     assert message == "local images (1, 32, 32) do not fit model 'tiny', which takes (1, 28, 28) (channels, height, width)"
+
+
+def test_a_diffusers_model_without_diffusers_is_a_refusal_of_each_task_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    daemon = _daemon(tmp_path)
+    client = FakeClient()
+
+    daemon._join(type("Joining", (), {"join": lambda self, info: pb.JoinResponse(model="diffusers-tiny", rounds=1)})())  # type: ignore[arg-type]
+    daemon._run_task(client, _task())  # type: ignore[arg-type]
+
+    assert daemon.runtime is None
+    ((_, reason, message),) = client.refusals
+    assert reason == "model_unavailable"
+    assert message.startswith("model 'diffusers-tiny' is a diffusers UNet2DModel, but diffusers is not installed")
+    assert message.endswith("pip install 'feddiff[diffusers]'")
+    assert _refused(daemon, "model_unavailable") == 1
 
 
 def test_a_task_too_large_for_the_device_is_refused_and_a_task_that_runs_resets_the_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
