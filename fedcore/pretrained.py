@@ -19,7 +19,8 @@ from fedcore.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, import_di
 from fedcore.diffusion import DiffusionConfig
 from fedcore.model import build_model, layout_of, preset
 from fedcore.parts import PART_ORDER, TensorSpec
-from fedcore.serialization import load_file
+from fedcore.errors import NonFiniteTensor
+from fedcore.serialization import check_finite, load_file
 
 PIPELINE_INDEX = "model_index.json"
 UNET_CONFIG = "config.json"
@@ -115,7 +116,10 @@ def read_unet_folder(path: str | Path, model: str, diffusion: DiffusionConfig = 
     folder = unet_folder(path)
     _check_schedule(path, diffusion)
     diffusers = import_diffusers(model)
-    found_config = diffusers.UNet2DModel.load_config(str(folder))
+    try:
+        found_config = diffusers.UNet2DModel.load_config(str(folder))
+    except OSError as e:  # no config.json there, or not JSON
+        raise ValueError(f"{folder}: {str(e).splitlines()[0]}") from None
     if found_config.get("_class_name") != "UNet2DModel":
         raise ValueError(f"{folder}: a {found_config.get('_class_name')!r}, not a UNet2DModel")
     try:
@@ -154,12 +158,18 @@ def initial_weights(path: str | Path, model: str) -> dict[str, torch.Tensor]:
     """A federation's starting global model: a diffusers UNet or pipeline folder, or a feddiff .safetensors."""
     path = Path(path)
     if path.is_dir():
-        return read_unet_folder(path, model)
-    if path.suffix == ".safetensors" and path.is_file():
-        return read_weights_file(path, model)
-    if not path.exists():
+        state = read_unet_folder(path, model)
+    elif path.suffix == ".safetensors" and path.is_file():
+        state = read_weights_file(path, model)
+    elif not path.exists():
         raise FileNotFoundError(f"{path}: no such folder or file")
-    raise ValueError(f"{path}: expected a diffusers UNet or pipeline folder, or a .safetensors file")
+    else:
+        raise ValueError(f"{path}: expected a diffusers UNet or pipeline folder, or a .safetensors file")
+    try:
+        check_finite(state)
+    except NonFiniteTensor as e:
+        raise ValueError(f"{path}: {e}") from None
+    return state
 
 
 def write_pipeline(model: DiffusersUNet, out: str | Path, diffusion: DiffusionConfig = DiffusionConfig()) -> Path:
