@@ -20,7 +20,7 @@ from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from fedcore.errors import CannotListen
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
-from fedcore.ports import check_free, split_address
+from fedcore.ports import check_distinct, check_free, split_address
 from fedcore.pretrained import initial_weights
 
 from coordinator.config import CoordinatorConfig
@@ -55,6 +55,7 @@ GRPC_OPTIONS = [
 def check_ports(cfg: CoordinatorConfig) -> None:
     """CannotListen, before anything is built, when a port this coordinator is to listen on is taken."""
     host, port = split_address(cfg.listen)
+    check_distinct({"--listen": port, "--health-port": cfg.health_port, "--metrics-port": cfg.metrics_port})
     check_free("--listen", host, port)
     check_free("--health-port", host, cfg.health_port)
     check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)

@@ -21,6 +21,16 @@ def refusal(flag: str, address: str, error: OSError) -> CannotListen:
     return CannotListen(f"{flag} {address}: cannot listen there: {error.strerror or error}")
 
 
+def check_distinct(ports: dict[str, int]) -> None:
+    """CannotListen when two of one process's listeners (flag -> port; 0 and negative ports pick or turn off
+    their own) are given the same port."""
+    first: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port > 0 and port in first:
+            raise CannotListen(f"{flag} {port}: the same port as {first[port]}; each listener needs its own port")
+        first.setdefault(port, flag)
+
+
 def check_free(flag: str, host: str, port: int) -> None:
     """CannotListen when `port` (0 = any free one, negative = off: nothing to check) cannot be listened on at
     `host` by a process that does not share ports, as every feddiff listener is (gRPC's `so_reuseport` off).

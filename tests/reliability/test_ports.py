@@ -128,3 +128,16 @@ def test_the_check_names_other_reasons_and_leaves_off_and_free_ports_alone() -> 
         check_free("--listen", "192.0.2.1", 50051)  # TEST-NET-1: an address no interface has
     with pytest.raises(CannotListen, match="--listen no-such-host.invalid:50051: cannot listen there"):
         check_free("--listen", "no-such-host.invalid", 50051)
+
+
+@pytest.mark.parametrize(("health", "metrics", "named"), [("P", "0", "--health-port P: the same port as --listen"), ("0", "P", "--metrics-port P: the same port as --listen")])
+def test_one_port_given_to_two_listeners_of_a_coordinator_is_refused_before_anything_binds(health: str, metrics: str, named: str, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    ports = ["--listen", f"127.0.0.1:{port}", "--health-port", health.replace("P", port), "--metrics-port", metrics.replace("P", port)]
+
+    line = _one_line(_feddiff("coordinator", *COORDINATOR, "--checkpoint-dir", str(tmp_path / "ckpt"), *ports, cwd=tmp_path))
+
+    assert line.endswith(f"{named.replace('P', port)}; each listener needs its own port"), line
+    assert not (tmp_path / "ckpt").exists()
