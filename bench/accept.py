@@ -1,5 +1,5 @@
 """What the coordinator spends on one accepted update, beside the transfer: the per-tensor path it took
-before the third session (check the schema, a view per tensor, a norm per tensor for NaN/Inf, an add per
+in its earlier form (check the schema, a view per tensor, a norm per tensor for NaN/Inf, an add per
 tensor) against the path it takes now (`PayloadReader`: the header checked once per distinct header, one
 min/max pass for NaN/Inf, the sums added as slices of one buffer), on the same payload in the same process.
 

@@ -116,7 +116,7 @@ StepCallback = Callable[[int, int, int, torch.Tensor], None]  # (epoch, step in 
 
 
 class LocalTrainer:
-    """Trains `model` in place: the fast path of issue 4, built once per process and reused every round.
+    """Trains `model` in place: the worker's fast path, built once per process and reused every round.
 
     Data stays on the device (`prepare_data`), the step runs under bf16 autocast with channels_last tensors
     and a fused Adam, and on CUDA the model is compiled once with CUDA graphs. Nothing here is re-created

@@ -1,4 +1,4 @@
-"""The worker's fast path (issue 4) trains the same function as the fp32 eager loop, and is built once and
+"""The worker's fast path trains the same function as the fp32 eager loop, and is built once and
 reused every round: same parameters, same optimizer state tensors, the same compiled module."""
 
 from __future__ import annotations
