@@ -75,6 +75,12 @@ class LateUpdate(RoundError):
     reason = "late"
 
 
+class FieldOutOfRange(FeddiffError):
+    """A field of a request outside the bound the wire contract documents for it (proto/feddiff/v1)."""
+
+    reason = "bad_field"
+
+
 class UnknownWorker(FeddiffError):
     reason = "unauthenticated"
 
