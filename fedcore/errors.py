@@ -29,6 +29,13 @@ class NonFiniteTensor(PayloadError):
     reason = "non_finite"
 
 
+class ValueOutOfBounds(PayloadError):
+    """A finite value larger than the task's training can produce (fedcore.robust.delta_value_bound): folded
+    in, it would swamp or overflow the average."""
+
+    reason = "out_of_bounds"
+
+
 class StreamError(FeddiffError):
     """A chunked stream that does not match its header."""
 
@@ -73,6 +80,12 @@ class NotAssigned(RoundError):
 
 class LateUpdate(RoundError):
     reason = "late"
+
+
+class NonFiniteAggregate(FeddiffError):
+    """A round's averaged update would make the global model NaN or infinite: the round is not committed."""
+
+    reason = "non_finite"
 
 
 class FieldOutOfRange(FeddiffError):
