@@ -104,6 +104,12 @@ class BadWorkerInfo(FeddiffError):
     reason = "bad_worker_info"
 
 
+class UnregisteredWorker(FeddiffError):
+    """A worker id missing from the coordinator's registered worker sizes: it has no FedAvg weight to get."""
+
+    reason = "unregistered"
+
+
 class DuplicateWorker(FeddiffError):
     """Another installation of this worker id holds a live session: two processes would take turns as one
     identity, their shards averaged under one weight and their private parts split over two state dirs."""

@@ -44,7 +44,7 @@ Tensors = dict[str, torch.Tensor]
 
 # --- payloads --------------------------------------------------------------------------------------------
 def _delta(parts: frozenset[Part], seed: int = 1) -> Tensors:
-    """A small non-zero update of `parts`."""
+    """A small non-zero update of `parts`: within what one step at lr 1e-3 can reach (8e-3, fedcore.robust)."""
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s.shape, generator=g) * 1e-3 for n, s in LAYOUT.specs(parts).items()}
 
@@ -122,7 +122,7 @@ class Round:
 @contextmanager
 def _round(tmp_path: Path, rounds: int = 1) -> Iterator[Round]:
     cfg = CoordinatorConfig(
-        model=MODEL, strategy="udec", rounds=rounds, epochs=1, min_workers=2, quorum=0.5, round_deadline=DEADLINE,
+        model=MODEL, strategy="udec", rounds=rounds, epochs=1, lr=1e-3, min_workers=2, quorum=0.5, round_deadline=DEADLINE,
         listen="localhost:0", metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
     )
     coord = Coordinator(cfg, Metrics()).start()
