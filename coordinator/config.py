@@ -20,6 +20,7 @@ from fedcore.settings import (
     MAX_EVAL_SAMPLES,
     BatchSize,
     Epochs,
+    FiniteNonNegative,
     Fraction,
     LearningRate,
     NonNegative,
@@ -68,6 +69,7 @@ class CoordinatorConfig:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
     max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops
+    departed_retention: FiniteNonNegative = 3600.0  # seconds a departed worker stays listed before the registry forgets it
     eval_every: NonNegative = 0  # evaluate after round 1, every N rounds and the last (0 = only after the last round)
     eval_samples: EvalSamplesOrOff = 0  # samples per evaluated model (0 = no evaluation)
     eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training

@@ -94,7 +94,7 @@ class Coordinator:
         check_ports(cfg)
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         self.metrics = metrics or Metrics()
-        self.registry = WorkerRegistry(cfg.heartbeat_timeout)
+        self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
         self.federation = build_federation(cfg)
         self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
         self.auth = Authenticator(cfg)

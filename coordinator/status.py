@@ -17,6 +17,7 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
     (errors.DuplicateWorker, grpc.StatusCode.ALREADY_EXISTS),
     (errors.BadWorkerInfo, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FieldOutOfRange, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.StreamError, grpc.StatusCode.INVALID_ARGUMENT),
 ]

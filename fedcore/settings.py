@@ -7,6 +7,7 @@ them at start, and a worker every task it receives."""
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass
@@ -32,6 +33,7 @@ SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM st
 # --- common shapes of settings ------------------------------------------------------------------------------
 Positive = Annotated[int, Interval(ge=1)]
 NonNegative = Annotated[int, Interval(ge=0)]
+FiniteNonNegative = Annotated[float, Interval(ge=0, lt=math.inf)]  # NaN and infinities fall outside
 Seconds = Annotated[float, Interval(gt=0)]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1

@@ -8,6 +8,7 @@ checked here but looked up: one the coordinator did not issue, of any length, is
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -265,17 +266,31 @@ def check(msg: Message, refusal: type[FeddiffError]) -> None:
     _check(msg, msg.DESCRIPTOR, refusal)
 
 
+def bounded_text(text: str, most: int = MAX_MESSAGE) -> str:
+    """`text` as a message field takes it: control characters other than newline and tab made spaces, at most
+    `most` characters (the end cut, marked with "...")."""
+    clean = "".join(c if c in "\n\t" or c.isprintable() else " " for c in text)
+    return clean if len(clean) <= most else clean[: most - 3] + "..."
+
+
+@functools.cache
+def _fields_of(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, str, Bound | None], ...]:
+    """What `_check` looks at in a message type, once per type: each field, its name and bound (session ids
+    left out)."""
+    named = ((f, f"{descriptor.name}.{f.name}") for f in descriptor.fields if f.name != "session_id")
+    return tuple((f, name, BOUNDS.get(name)) for f, name in named)
+
+
 def _check(msg: Message, descriptor: Descriptor, refusal: type[FeddiffError]) -> None:
-    for field in descriptor.fields:
+    for field, name, bound in _fields_of(descriptor):
         value = getattr(msg, field.name)
-        bound = BOUNDS.get(f"{descriptor.name}.{field.name}")
         if field.is_repeated:
             _check_items(field, value, bound, refusal)  # type: ignore[arg-type]
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             if msg.HasField(field.name):
                 _check(value, field.message_type, refusal)
-        elif bound is not None and field.name != "session_id":
-            _check_scalar(f"{descriptor.name}.{field.name}", value, bound, refusal)  # type: ignore[arg-type]
+        elif bound is not None:
+            _check_scalar(name, value, bound, refusal)  # type: ignore[arg-type]
 
 
 def _check_items(field: FieldDescriptor, values: object, bound: Items | None, refusal: type[FeddiffError]) -> None:

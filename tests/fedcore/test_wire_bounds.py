@@ -97,3 +97,12 @@ def test_a_field_outside_its_bound_is_refused_by_name(msg: object, message: str)
 
     assert str(e.value).startswith(message), str(e.value)
     assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
+
+
+def test_a_message_is_brought_within_its_bound() -> None:
+    bound = wire_bounds.BOUNDS["RejectTaskRequest.message"]
+
+    assert wire_bounds.bounded_text("line 1\nline 2\twith a tab") == "line 1\nline 2\twith a tab"
+    assert wire_bounds.bounded_text("a\x1b[31mred\r") == "a [31mred "
+    assert len(wire_bounds.bounded_text("x" * 10_000)) == wire_bounds.MAX_MESSAGE and wire_bounds.bounded_text("x" * 10_000).endswith("...")
+    assert bound.problem(wire_bounds.bounded_text("\x00" * 5000 + "\u2028")) is None  # type: ignore[union-attr]
