@@ -73,13 +73,13 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation, or the one in checkpoint_dir with --resume."""
-    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir) if cfg.resume else None
+    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resume else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         return federation
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
-    return Federation(cfg.federation)
+    return Federation(cfg.federation, robust=cfg.robust)
 
 
 class Coordinator:

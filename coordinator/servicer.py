@@ -139,10 +139,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def _join(self, w: pb.WorkerInfo, context: grpc.aio.ServicerContext) -> str:
-        """A session for a checked, verified worker; BadWorkerInfo (a field outside its bound), UnknownWorker or
-        DuplicateWorker."""
+        """A session for a checked, verified worker; BadWorkerInfo (a field outside its bound), UnknownWorker,
+        UnregisteredWorker or DuplicateWorker."""
         wire_bounds.check(w, BadWorkerInfo)
         self.auth.check(context, w.worker_id)
+        self.driver.admit(w.worker_id, w.num_examples)
         info = WorkerInfo(
             worker_id=w.worker_id,
             device=w.device,

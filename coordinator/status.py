@@ -12,6 +12,7 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.StreamTooLong, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UnknownWorker, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAssigned, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.UnregisteredWorker, grpc.StatusCode.PERMISSION_DENIED),
     (errors.WrongRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.LateUpdate, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),

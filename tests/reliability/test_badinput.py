@@ -267,7 +267,10 @@ CASES = [
     pytest.param(_upload(edit=_set("report.mean_loss", math.inf)), INVALID, "bad_header", id="loss-inf"),
     pytest.param(_upload(edit=_set("report.mean_loss", -1.0)), INVALID, "bad_header", id="loss-negative"),
     pytest.param(_upload(edit=_set("report.mean_loss", 1e30)), INVALID, "bad_header", id="loss-1e30"),
+    pytest.param(_upload(images_seen=IMAGES + 1), INVALID, "bad_header", id="more-images-seen-than-declared"),
     pytest.param(_upload(images_seen=2**64 - 1), INVALID, "bad_header", id="2**64-1-images-seen"),
+    pytest.param(_upload(tensors=_first(_poison(1e38))), INVALID, "out_of_bounds", id="1e38"),
+    pytest.param(_upload(tensors=lambda d: {n: t * 100 for n, t in d.items()}), INVALID, "out_of_bounds", id="x100-beyond-adam"),
     pytest.param(_upload(edit=_set("session_id", "0" * 32)), Code.UNAUTHENTICATED, "unauthenticated", id="unknown-session"),
 ]
 
