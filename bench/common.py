@@ -75,9 +75,10 @@ def synthetic_model(target_bytes: float) -> str:
 
 
 def random_delta(layout: PartLayout, parts: frozenset[Part], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random (not zero) float32 tensors shaped like an update of `parts`."""
+    """Random (not zero) float32 tensors shaped like an update of `parts`, of about one Adam step at lr 1e-4 (a
+    coordinator refuses values beyond what the task's training can reach, fedcore.robust)."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(spec.shape, generator=g) * 1e-3 for name, spec in layout.specs(parts).items()}
+    return {name: torch.randn(spec.shape, generator=g) * 1e-4 for name, spec in layout.specs(parts).items()}
 
 
 def delta_payload(model: str, task: TrainTask, tensors: Mapping[str, torch.Tensor]) -> bytes:

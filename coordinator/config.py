@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
 import yaml
 from annotated_types import Interval
-from pydantic import ConfigDict
+from pydantic import BeforeValidator, ConfigDict
 
 from fedcore import settings
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from fedcore.diffusion import LossKind, SamplerKind
 from fedcore.federation import FederationConfig
 from fedcore.model import ModelName
+from fedcore.robust import RobustConfig
 from fedcore.settings import (
     MAX_EVAL_SAMPLES,
     BatchSize,
     Epochs,
+    FiniteNonNegative,
     Fraction,
     LearningRate,
     NonNegative,
@@ -31,9 +33,42 @@ from fedcore.settings import (
     Seed,
 )
 from fedcore.strategies import StrategyName
+from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID
 
 ChunkSize = Annotated[int, Interval(ge=1, le=MAX_CHUNK_SIZE)]
 EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=MAX_EVAL_SAMPLES)]
+
+
+def _worker_sizes(value: object) -> dict[str, int]:
+    """worker id -> images, from a YAML mapping, or a flag's `ID=N,ID=N` or `{ID: N, ...}`; ValueError for
+    anything else."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = yaml.safe_load(value)
+    elif isinstance(value, str):
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("expected ID=N pairs")
+        value = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping")
+    sizes = {}
+    for worker_id, images in value.items():
+        worker_id = str(worker_id) if isinstance(worker_id, int) and not isinstance(worker_id, bool) else worker_id
+        if not (isinstance(worker_id, str) and WORKER_ID.problem(worker_id) is None):
+            raise ValueError(f"worker id {worker_id!r}")
+        if isinstance(images, str) and images.isdigit():
+            images = int(images)
+        if not (isinstance(images, int) and not isinstance(images, bool) and 1 <= images <= MAX_NUM_EXAMPLES):
+            raise ValueError(f"images {images!r}")
+        sizes[worker_id] = images
+    return sizes
+
+
+WorkerSizes = Annotated[
+    dict[str, int],
+    BeforeValidator(_worker_sizes),
+    settings.Described(f"a mapping of worker id to images in 1..{MAX_NUM_EXAMPLES} (a flag: ID=N,ID=N)"),
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +104,13 @@ class CoordinatorConfig:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
     max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops
+    # Hostile or broken workers (docs/reliability.md, threat model)
+    max_delta_value: FiniteNonNegative = 0.0  # largest |value| of an update; 0 = what its task's training can reach (Adam's bound)
+    max_weight_share: Fraction = 0.5  # most of a round's planned FedAvg weight one worker gets (1 = as claimed)
+    worker_sizes: WorkerSizes = field(default_factory=dict)  # worker id -> most images it weighs; set: unlisted workers are refused
+    clip_norm: FiniteNonNegative = 0.0  # norm clipping: largest L2 norm of one part of an update (0 = off)
+    clip_multiplier: FiniteNonNegative = 0.0  # adaptive clipping: this times the last round's median norm of the part (0 = off)
+    departed_retention: FiniteNonNegative = 3600.0  # seconds a departed worker stays listed before the registry forgets it
     eval_every: NonNegative = 0  # evaluate after round 1, every N rounds and the last (0 = only after the last round)
     eval_samples: EvalSamplesOrOff = 0  # samples per evaluated model (0 = no evaluation)
     eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training
@@ -88,11 +130,23 @@ class CoordinatorConfig:
         host, _, port = self.listen.rpartition(":")
         if not (host and port.isdigit() and int(port) <= 65535):
             raise ValueError(f"listen {self.listen!r} must be HOST:PORT with a port in 0..65535")
+        if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
+            raise ValueError(f"min_workers {self.min_workers} is more than the {len(self.worker_sizes)} workers in worker_sizes: no round could start")
 
     @property
     def federation(self) -> FederationConfig:
         names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
         return FederationConfig.from_settings(**{n: getattr(self, n) for n in names})
+
+    @property
+    def robust(self) -> RobustConfig:
+        return RobustConfig(
+            max_delta_value=self.max_delta_value,
+            max_weight_share=self.max_weight_share,
+            clip_norm=self.clip_norm,
+            clip_multiplier=self.clip_multiplier,
+            registered=dict(self.worker_sizes),
+        )
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:

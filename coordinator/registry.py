@@ -1,7 +1,13 @@
-"""The worker registry: who has joined, with which session, and who is connected now. Owned here alone."""
+"""The worker registry: who has joined, with which session, and who is connected now. Owned here alone.
+
+A worker that has departed (left, or unheard of for the heartbeat timeout) is forgotten `departed_retention`
+seconds later: its session ends (a later call is UNAUTHENTICATED, and the worker joins again by itself), and
+it is no longer listed. What it keeps (its private parts) is its own; what the run keeps of it (whether it
+was sent the whole model) is the federation's."""
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -38,8 +44,9 @@ class WorkerRecord:
 
 
 class WorkerRegistry:
-    def __init__(self, heartbeat_timeout: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, heartbeat_timeout: float, departed_retention: float = math.inf, clock: Callable[[], float] = time.monotonic):
         self.heartbeat_timeout = heartbeat_timeout
+        self.departed_retention = departed_retention
         self._clock = clock
         self._by_id: dict[str, WorkerRecord] = {}
         self._sessions: dict[str, str] = {}  # session id -> worker id
@@ -53,6 +60,7 @@ class WorkerRegistry:
         is live (heard within the heartbeat timeout, not left), and takes the identity over once it is not."""
         session = secrets.token_hex(16)
         with self._lock:
+            self._forget_departed(self._clock())
             old = self._by_id.get(info.worker_id)
             live = old if old is not None and self.is_connected(old) else None
             if live is not None and live.info.installation_id != info.installation_id:
@@ -66,6 +74,12 @@ class WorkerRegistry:
             self._by_id[info.worker_id] = WorkerRecord(info, session, self._clock())
             self._sessions[session] = info.worker_id
         return session, live
+
+    def check_session(self, session_id: str) -> None:
+        """UnknownWorker for a session never issued, ended, or forgotten (of any length: it is only looked up)."""
+        with self._lock:
+            if session_id not in self._sessions:
+                raise UnknownWorker(f"session {session_id[:12]!r} is unknown or has ended; join again")
 
     def touch(self, session_id: str) -> WorkerRecord:
         """The worker behind a session, marked as seen now; UnknownWorker for an unknown or ended session."""
@@ -93,14 +107,38 @@ class WorkerRegistry:
         now = self._clock() if now is None else now
         return not record.left and now - record.last_seen <= self.heartbeat_timeout
 
+    def _departed_at(self, record: WorkerRecord) -> float:
+        """When a worker stopped being connected: when it left, or when its heartbeat timeout ran out."""
+        return record.last_seen if record.left else record.last_seen + self.heartbeat_timeout
+
+    def _forget_departed(self, now: float) -> None:
+        """Drop the workers departed more than `departed_retention` seconds ago (under the lock)."""
+        gone = [r for r in self._by_id.values() if not self.is_connected(r, now) and now - self._departed_at(r) > self.departed_retention]
+        for r in gone:
+            del self._by_id[r.worker_id]
+            self._sessions.pop(r.session_id, None)
+
     def connected(self) -> list[WorkerRecord]:
         now = self._clock()
         with self._lock:
+            self._forget_departed(now)
             return sorted((r for r in self._by_id.values() if self.is_connected(r, now)), key=lambda r: r.worker_id)
 
     def all(self) -> list[WorkerRecord]:
         with self._lock:
+            self._forget_departed(self._clock())
             return sorted(self._by_id.values(), key=lambda r: r.worker_id)
+
+    def listing(self, most: int) -> tuple[list[WorkerRecord], int, int]:
+        """At most `most` workers for a status reply: the connected ones by id, then the others, most recently
+        heard first; with how many known workers are left out and how many are connected."""
+        now = self._clock()
+        with self._lock:
+            self._forget_departed(now)
+            live = {r.worker_id for r in self._by_id.values() if self.is_connected(r, now)}
+            records = sorted(self._by_id.values(), key=lambda r: (r.worker_id not in live, 0.0 if r.worker_id in live else -r.last_seen, r.worker_id))
+        connected = len(live)
+        return records[:most], max(0, len(records) - most), connected
 
     def seconds_since_seen(self, record: WorkerRecord) -> float:
         return self._clock() - record.last_seen

@@ -14,7 +14,7 @@ from typing import Literal
 
 from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
-from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
+from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
 from fedcore.evaluation import SamplingSpec, curve_point_due
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
@@ -22,6 +22,7 @@ from fedcore.parts import PART_ORDER, Part
 from fedcore.serialization import save_file
 from fedcore.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.strategies import private_parts
+from fedcore.wire_bounds import MAX_GRID_BYTES
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, GlobalEvaluator
@@ -33,7 +34,6 @@ log = logging.getLogger("feddiff.coordinator")
 State = Literal["waiting_for_workers", "training", "evaluating", "done", "failed", "stopped"]
 FINAL_MODEL = "final.safetensors"
 HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
-MAX_GRID_BYTES = 8 << 20  # a shared sample grid (PNG) larger than this is ignored
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,11 @@ class RoundDriver:
         available = [r.worker_id for r in connected]
         lost = [r.worker_id for r in connected if not r.info.has_private_state]
         plan = self.federation.plan(available, lost_state=lost)
-        weights = {r.worker_id: r.info.num_examples for r in connected}
+        examples = {r.worker_id: r.info.num_examples for r in connected}
         digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
         with self._cond:
-            open_round = self.federation.open_round(plan, weights)
+            open_round = self.federation.open_round(plan, examples)
+            self._count_lowered_weights(open_round)
             self._issued = {}
             self._refusals = {}
             headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}  # one hash per distinct payload and digest
@@ -196,10 +197,15 @@ class RoundDriver:
                 failure = self._refused_attempts.attempt_failed(plan.round, refusals, needed - got)
             else:
                 self._refused_attempts.reset()
-                if got < len(plan.clients):
-                    log.info("round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed)
-                self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
-                outcome = open_round.close()
+                try:
+                    outcome = open_round.close()
+                except NonFiniteAggregate as e:  # nothing was applied: the previous global model stays
+                    self.metrics.round_attempts.labels(e.reason).inc()
+                    log.error("round %d: not committed, the global model stays as it was (round re-run): %s", plan.round + 1, e)
+                else:
+                    if got < len(plan.clients):
+                        log.info("round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed)
+                    self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
         if outcome is None:
             try:  # the attempt is part of the run's tally
                 self._checkpoint()
@@ -210,6 +216,15 @@ class RoundDriver:
             return False
         self._after_round(outcome)
         return True
+
+    def _count_lowered_weights(self, open_round: OpenRound) -> None:
+        for worker_id, bounds in open_round.lowered.items():
+            for bound in bounds:
+                self.metrics.weights_bounded.labels(bound).inc()
+            log.warning(
+                "round %d: worker %s claims %d images; its FedAvg weight is %d (bounded by %s)",
+                open_round.round + 1, worker_id, open_round.examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
+            )  # fmt: skip
 
     def _after_round(self, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self._round_started
@@ -432,11 +447,23 @@ class RoundDriver:
         open_round, _ = self._current(worker_id, task_id)
         update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
         self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)
+        for part, factor in update.clipped.items():
+            self.metrics.clipped_updates.labels(part.value).inc()
+            log.info("update of worker %s for task %s: %s scaled by %.3g to the clipping bound", worker_id, task_id, part.value, factor)
         if open_round.plan.assignment(worker_id).private:
             self.registry.mark_has_private_state(worker_id)
         with self._arrivals:
             self._arrivals.notify_all()
         return update
+
+    def admit(self, worker_id: str, num_examples: int) -> None:
+        """Whether a worker may join: UnregisteredWorker when worker sizes are registered and it has none. A
+        claim above its registered size is logged; every round weighs it at its size."""
+        robust = self.federation.robust
+        robust.check_registered(worker_id)
+        size = robust.registered.get(worker_id, num_examples)
+        if num_examples > size:
+            log.warning("worker %s claims %d images, more than the %d registered for it: it weighs %d", worker_id, num_examples, size, size)
 
     def reject(self, worker_id: str, task_id: str, reason: str, message: str) -> Refusal:
         """A worker cannot run its task of the phase in progress: it is not given that task again in this

@@ -75,7 +75,7 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
     with --resume. ValueError when --init-from is not a model of the preset."""
-    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir) if cfg.resume else None
+    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resume else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         if cfg.init_from:
@@ -84,10 +84,10 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
-        return Federation(cfg.federation)
+        return Federation(cfg.federation, robust=cfg.robust)
     initial = initial_weights(cfg.init_from, cfg.model)
     log.info("global model of round 1: %s", cfg.init_from)
-    return Federation(cfg.federation, global_state=initial)
+    return Federation(cfg.federation, global_state=initial, robust=cfg.robust)
 
 
 class Coordinator:
@@ -102,7 +102,7 @@ class Coordinator:
         check_ports(cfg)
         Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         self.metrics = metrics or Metrics()
-        self.registry = WorkerRegistry(cfg.heartbeat_timeout)
+        self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
         self.federation = build_federation(cfg)
         self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
         self.auth = Authenticator(cfg)

@@ -8,19 +8,19 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import Message
 
-from fedcore import chunk_codec, wire
+from fedcore import chunk_codec, wire, wire_bounds
 from fedcore.chunk_codec import DataChunk
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask
-from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError, SizeMismatch, UnknownWorker
+from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
@@ -139,15 +139,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def _join(self, w: pb.WorkerInfo, context: grpc.aio.ServicerContext) -> str:
-        """A session for a checked, verified worker; BadWorkerInfo, UnknownWorker or DuplicateWorker."""
-        if not wire.valid_worker_id(w.worker_id):
-            raise BadWorkerInfo(f"worker_id {w.worker_id[:140]!r} must be 1-128 letters, digits, '-', '_' or '.'")
-        if w.num_examples < 1:
-            raise BadWorkerInfo(f"num_examples {w.num_examples} must be at least 1")
-        for name, value in (("installation_id", w.installation_id), ("instance_id", w.instance_id)):
-            if value and not wire.valid_worker_id(value):
-                raise BadWorkerInfo(f"{name} {value[:140]!r} must be empty or 1-128 letters, digits, '-', '_' or '.'")
+        """A session for a checked, verified worker; BadWorkerInfo (a field outside its bound), UnknownWorker,
+        UnregisteredWorker or DuplicateWorker."""
+        wire_bounds.check(w, BadWorkerInfo)
         self.auth.check(context, w.worker_id)
+        self.driver.admit(w.worker_id, w.num_examples)
         info = WorkerInfo(
             worker_id=w.worker_id,
             device=w.device,
@@ -229,12 +225,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         worker_id = await self._worker(h.session_id, context, counted=True)
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
         try:
+            wire_bounds.check(h, HeaderError)
             parts = wire.parts_from_proto(h.stream.parts)
             limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
             stream_header = wire.header_from_proto(h.stream)
             stream_header.check(max_bytes=limit)
-            if h.report.images_seen < 1 or not (math.isfinite(h.report.mean_loss) and h.report.mean_loss >= 0):
-                raise HeaderError(f"train report images_seen {h.report.images_seen} / mean_loss {h.report.mean_loss} is invalid")
         except FeddiffError as e:
             await self._refuse(context, e)
         try:
@@ -303,12 +298,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.metrics.updates.labels(refusal.outcome).inc()
         return pb.RejectTaskResponse()
 
+    def check_request(self, request: Message) -> None:
+        """The edge of every call that does not check its own request (`SELF_CHECKED`): its session looked up
+        first (UnknownWorker: a caller without one learns nothing more), then every field against the wire
+        contract's bounds (FieldOutOfRange, naming the field)."""
+        if "session_id" in request.DESCRIPTOR.fields_by_name:
+            self.registry.check_session(request.session_id)  # type: ignore[attr-defined]
+        wire_bounds.check(request, FieldOutOfRange)
+
     # --- tools -----------------------------------------------------------------------------------------------
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         fed = self.driver.federation
         ledger = fed.ledger
         progress = self.driver.progress()
         down, up = self.driver.bytes_total()
+        listed, omitted, connected = self.registry.listing(wire_bounds.MAX_STATUS_WORKERS)  # a bounded reply
         workers = [
             pb.WorkerStatus(
                 worker_id=r.worker_id,
@@ -318,8 +322,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 gpu_name=r.info.gpu_name,
                 last_seen_seconds_ago=self.registry.seconds_since_seen(r),
             )
-            for r in self.registry.all()
+            for r in listed
         ]
+        scored = {"global", *(r.worker_id for r in listed)}
         return pb.StatusResponse(
             state=self.driver.state,
             completed_rounds=fed.completed_rounds,
@@ -334,12 +339,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             parameters_exchanged=ledger.traffic.total,
             full_fedavg_parameters=ledger.full_fedavg,
             reduction_vs_full=ledger.reduction_vs_full,
-            frechet_distance=dict(self.driver.last_fd),
+            frechet_distance={model: fd for model, fd in self.driver.last_fd.items() if model in scored},
             error=self.driver.failure,
+            workers_omitted=omitted,
+            workers_connected=connected,
         )
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
+# Calls that check their own request at the edge, counting refusals in their own metric: a join's WorkerInfo
+# (feddiff_joins_total), an update's header (feddiff_updates_total).
+SELF_CHECKED = frozenset({"Join", "UploadUpdate"})
 # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
 _DESERIALIZERS = {"UploadUpdate": chunk_codec.parser(pb.UpdateChunk)}
 _SERIALIZERS = {"DownloadWeights": chunk_codec.serialize}
@@ -351,10 +361,11 @@ _HANDLERS = {
 }
 
 
-def mapped(handler: Callable, metrics: Metrics) -> Callable:
+def mapped(handler: Callable, metrics: Metrics, check: Callable[[Message], None] | None = None) -> Callable:
     """`handler` with every domain error it raises, wherever it raises it, ended with its mapped status code
     (coordinator/status.py) and counted in feddiff_refusals_total, instead of UNKNOWN and a traceback in the
-    log. (Join and UploadUpdate count their refusals in feddiff_joins_total and feddiff_updates_total.)"""
+    log; its request first passed to `check`. (Join and UploadUpdate count their refusals in
+    feddiff_joins_total and feddiff_updates_total.)"""
     name = handler.__name__
 
     async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
@@ -365,8 +376,10 @@ def mapped(handler: Callable, metrics: Metrics) -> Callable:
     if inspect.isasyncgenfunction(handler):
 
         @functools.wraps(handler)
-        async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
             try:
+                if check is not None:
+                    check(request)
                 async for response in handler(request, context):
                     yield response
             except FeddiffError as e:
@@ -375,8 +388,10 @@ def mapped(handler: Callable, metrics: Metrics) -> Callable:
         return stream
 
     @functools.wraps(handler)
-    async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+    async def unary(request: Message, context: grpc.aio.ServicerContext) -> object:
         try:
+            if check is not None:
+                check(request)
             return await handler(request, context)
         except FeddiffError as e:
             await refuse(context, e)
@@ -386,12 +401,13 @@ def mapped(handler: Callable, metrics: Metrics) -> Callable:
 
 def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
-    with the chunk codec on the weights streams and every method's domain errors mapped (`mapped`)."""
+    with the chunk codec on the weights streams, every request checked at the edge and every method's domain
+    errors mapped (`mapped`)."""
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
-            mapped(getattr(servicer, method.name), servicer.metrics),
+            mapped(getattr(servicer, method.name), servicer.metrics, None if method.name in SELF_CHECKED else servicer.check_request),
             request_deserializer=_DESERIALIZERS.get(method.name, request.FromString),
             response_serializer=_SERIALIZERS.get(method.name, response.SerializeToString),
         )

@@ -12,11 +12,13 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.StreamTooLong, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UnknownWorker, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAssigned, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.UnregisteredWorker, grpc.StatusCode.PERMISSION_DENIED),
     (errors.WrongRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.LateUpdate, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
     (errors.DuplicateWorker, grpc.StatusCode.ALREADY_EXISTS),
     (errors.BadWorkerInfo, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FieldOutOfRange, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.StreamError, grpc.StatusCode.INVALID_ARGUMENT),
 ]

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 
 import torch
 
-from fedcore.errors import NotAssigned, SchemaError
+from fedcore.errors import NonFiniteAggregate, NotAssigned, SchemaError
 from fedcore.parts import Part, PartLayout, sorted_parts
-from fedcore.serialization import Decoded, TensorTable, check_finite, check_schema
+from fedcore.serialization import Decoded, TensorTable, check_finite, check_schema, largest_magnitude
 
 
 def delta(local: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ class RunningAggregate:
             total += specs[name].numel
         self._flat = torch.zeros(total, dtype=torch.float32)
         self._sums = {name: self._flat[o : o + specs[name].numel].view(specs[name].shape) for name, o in self._offsets.items()}
-        self._copy_plans: dict[TensorTable, tuple[tuple[int, int, int], ...]] = {}
+        self._copy_plans: dict[TensorTable, dict[Part, tuple[tuple[int, int, int], ...]]] = {}
         self._weight = {p: 0.0 for p in self.parts}
         self._reporters = {p: 0 for p in self.parts}
 
@@ -70,34 +70,54 @@ class RunningAggregate:
         names = list(update)
         torch._foreach_add_([self._sums[n] for n in names], [update[n] for n in names], alpha=weight)  # one call, not one per tensor
 
-    def fold_decoded(self, update: Decoded, weight: float) -> None:
+    def fold_decoded(self, update: Decoded, weight: float, clip: Mapping[Part, float] | None = None) -> dict[Part, float]:
         """Add `weight` x a payload checked by a `PayloadReader` against this aggregate's layout (schema and
-        finite values): one add per run of tensors that lie in the same order in both buffers."""
+        finite values): one add per run of tensors that lie in the same order in both buffers.
+
+        With `clip` (norm clipping: a bound per part, possibly none), each part's L2 norm is taken first and a
+        part whose norm exceeds its bound is folded scaled down to it: one pass for the norms, one for the
+        scaled add, no copy. Returns the norms (empty without `clip`)."""
         parts = update.table.parts
         self._check(parts, weight)
         values = update.values()
-        if values is None:  # not float32 back to back: tensor by tensor
-            self._add(update.tensors(), weight)
+        if values is None:  # not float32 back to back: tensor by tensor, part by part
+            by_part = self._by_part(update.tensors())
+            norms = {p: _norm(list(ts.values())) for p, ts in by_part.items()} if clip is not None else {}
+            for p, tensors in by_part.items():
+                self._add(tensors, weight * _scale(norms.get(p), (clip or {}).get(p)))
         else:
-            for src, dst, count in self._copy_plan(update.table):
-                self._flat[dst : dst + count].add_(values[src : src + count], alpha=weight)
+            plan = self._copy_plan(update.table)
+            norms = {p: _norm([values[s : s + c] for s, _, c in runs]) for p, runs in plan.items()} if clip is not None else {}
+            for p, runs in plan.items():
+                alpha = weight * _scale(norms.get(p), (clip or {}).get(p))
+                for src, dst, count in runs:
+                    self._flat[dst : dst + count].add_(values[src : src + count], alpha=alpha)
         self._count(parts, weight)
+        return norms
 
-    def _copy_plan(self, table: TensorTable) -> tuple[tuple[int, int, int], ...]:
-        """(first value in the update, first value in the sums, count) per run, once per distinct header."""
+    def _by_part(self, tensors: Mapping[str, torch.Tensor]) -> dict[Part, dict[str, torch.Tensor]]:
+        out: dict[Part, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            out.setdefault(self.layout.part_of(name), {})[name] = t
+        return out
+
+    def _copy_plan(self, table: TensorTable) -> dict[Part, tuple[tuple[int, int, int], ...]]:
+        """Per part, (first value in the update, first value in the sums, count) per run, once per distinct
+        header. A run never spans two parts, so that each part can be folded with its own factor."""
         plan = self._copy_plans.get(table)
         if plan is None:
             assert table.span is not None
-            runs: list[list[int]] = []
+            runs: dict[Part, list[list[int]]] = {}
             for e, name in sorted(zip(table.entries, table.names), key=lambda en: en[0].begin):
                 src, dst, count = (e.begin - table.span[0]) // 4, self._offsets[name], (e.end - e.begin) // 4
                 if count != self._sums[name].numel():  # a table checked against another layout
                     raise SchemaError(f"tensor {name!r} has {count} values, the sums {self._sums[name].numel()}")
-                if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-                    runs[-1][2] += count
+                part_runs = runs.setdefault(self.layout.part_of(name), [])
+                if part_runs and part_runs[-1][0] + part_runs[-1][2] == src and part_runs[-1][1] + part_runs[-1][2] == dst:
+                    part_runs[-1][2] += count
                 else:
-                    runs.append([src, dst, count])
-            plan = self._copy_plans[table] = tuple((s, d, c) for s, d, c in runs)
+                    part_runs.append([src, dst, count])
+            plan = self._copy_plans[table] = {p: tuple((s, d, c) for s, d, c in r) for p, r in runs.items()}
         return plan
 
     def reporters(self, part: Part) -> int:
@@ -118,12 +138,41 @@ class RunningAggregate:
                 out[name] = self._sums[name] / self._weight[p]
         return out
 
+    def _mean_of(self, name: str, part: Part, like: torch.Tensor) -> torch.Tensor:
+        return (self._sums[name] / self._weight[part]).to(like.device, like.dtype)
+
+    def check_applicable(self, state: Mapping[str, torch.Tensor]) -> None:
+        """NonFiniteAggregate unless global + mean delta is finite everywhere (`apply_to` would leave NaN or an
+        infinity, as finite updates whose weighted sum overflows float32 do). The new values are computed as
+        `apply_to` computes them, one tensor at a time, and dropped: no second copy of the model."""
+        for p in sorted_parts(self.reported_parts):
+            for name in self.layout.tensors[p]:
+                updated = state[name] + self._mean_of(name, p, state[name])
+                if not math.isfinite(largest_magnitude(updated)):
+                    bad = int((~torch.isfinite(updated)).sum())
+                    raise NonFiniteAggregate(
+                        f"the round's mean update would make {bad} of {updated.numel()} values of tensor {name!r} NaN or infinite"
+                    )
+
     def apply_to(self, state: MutableMapping[str, torch.Tensor]) -> frozenset[Part]:
         """global += mean delta, in place, for the reported parts; returns the parts that changed.
 
         One tensor's mean exists at a time (the same values as `mean()`, without a second copy of the model)."""
         for p in sorted_parts(self.reported_parts):
             for name in self.layout.tensors[p]:
-                d = self._sums[name] / self._weight[p]
-                state[name].add_(d.to(state[name].device, state[name].dtype))
+                state[name].add_(self._mean_of(name, p, state[name]))
         return self.reported_parts
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of all the values of `tensors` together (one pass, no temporaries)."""
+    if not tensors:
+        return 0.0
+    return math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(tensors, 2)))
+
+
+def _scale(norm: float | None, bound: float | None) -> float:
+    """The factor that brings a part of L2 norm `norm` down to `bound` (1 within it, or without a bound)."""
+    if norm is None or bound is None or norm <= bound:
+        return 1.0
+    return bound / norm  # 0 for an infinite norm

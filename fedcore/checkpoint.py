@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory:
   global-r0003.safetensors   global model after 3 completed rounds (the last two are kept)
-  state.json                 the commit point: completed rounds, config, ledger, outcome tally, which file is current
+  state.json                 the commit point: completed rounds, config, ledger, outcome tally, update norms, which
+                             file is current
   clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
 A round is committed when state.json names its files; files of an uncommitted round are ignored."""
 
@@ -30,6 +31,7 @@ class RunState:
     ledger: dict[str, object]  # Ledger.as_json()
     global_file: str  # file name of the current global model
     tally: dict[str, object] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
+    norms: dict[str, object] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
 
 
 def _versioned(stem: str, round_count: int) -> str:
@@ -61,6 +63,7 @@ def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state
             "ledger": state.ledger,
             "global_file": state.global_file,
             "tally": state.tally,
+            "norms": state.norms,
         },
     )
     _prune(directory, "global")
@@ -84,6 +87,7 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         ledger=dict(raw["ledger"]),
         global_file=str(raw["global_file"]),
         tally=dict(raw.get("tally", {})),
+        norms=dict(raw.get("norms", {})),
     )
     tensors, _ = load_file(directory / state.global_file)
     return tensors, state

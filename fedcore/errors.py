@@ -29,6 +29,13 @@ class NonFiniteTensor(PayloadError):
     reason = "non_finite"
 
 
+class ValueOutOfBounds(PayloadError):
+    """A finite value larger than the task's training can produce (fedcore.robust.delta_value_bound): folded
+    in, it would swamp or overflow the average."""
+
+    reason = "out_of_bounds"
+
+
 class StreamError(FeddiffError):
     """A chunked stream that does not match its header."""
 
@@ -75,6 +82,18 @@ class LateUpdate(RoundError):
     reason = "late"
 
 
+class NonFiniteAggregate(FeddiffError):
+    """A round's averaged update would make the global model NaN or infinite: the round is not committed."""
+
+    reason = "non_finite"
+
+
+class FieldOutOfRange(FeddiffError):
+    """A field of a request outside the bound the wire contract documents for it (proto/feddiff/v1)."""
+
+    reason = "bad_field"
+
+
 class UnknownWorker(FeddiffError):
     reason = "unauthenticated"
 
@@ -83,6 +102,12 @@ class BadWorkerInfo(FeddiffError):
     """A WorkerInfo with an out-of-range field (worker id, FedAvg weight)."""
 
     reason = "bad_worker_info"
+
+
+class UnregisteredWorker(FeddiffError):
+    """A worker id missing from the coordinator's registered worker sizes: it has no FedAvg weight to get."""
+
+    reason = "unregistered"
 
 
 class DuplicateWorker(FeddiffError):

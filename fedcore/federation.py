@@ -16,9 +16,10 @@ import torch
 from fedcore import checkpoint, serialization, settings
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
-from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned
+from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
 from fedcore.model import build_model, layout_of, preset
 from fedcore.parts import PART_ORDER, Part, PartLayout
+from fedcore.robust import NormHistory, RobustConfig
 from fedcore.serialization import PayloadMeta
 from fedcore.strategies import (
     RoundPlan,
@@ -155,10 +156,12 @@ def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
 class AcceptedUpdate:
     client: str
     parts: frozenset[Part]
-    weight: int  # images the client trained on (its FedAvg weight)
+    weight: int  # its FedAvg weight: the images it trained on, or less where a bound lowered it (fedcore.robust)
     mean_loss: float
     images_seen: int
     ledger: Ledger  # the communication this upload adds
+    norms: Mapping[Part, float] = field(default_factory=dict)  # L2 norm of each part's delta (taken when clipping)
+    clipped: Mapping[Part, float] = field(default_factory=dict)  # factor a part was scaled down by (norm clipping)
 
 
 @dataclass(frozen=True)
@@ -171,9 +174,10 @@ class RoundOutcome:
 
     @property
     def mean_loss(self) -> float:
-        """Mean local loss, weighted by images seen."""
-        seen = sum(u.images_seen for u in self.accepted)
-        return sum(u.mean_loss * u.images_seen for u in self.accepted) / seen if seen else float("nan")
+        """Mean local loss, weighted as the updates were averaged (by FedAvg weight): a report moves it no more
+        than its update moves the model."""
+        total = sum(u.weight for u in self.accepted)
+        return sum(u.mean_loss * u.weight for u in self.accepted) / total if total else float("nan")
 
 
 def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartLayout) -> dict[Part, int]:
@@ -208,6 +212,8 @@ class Federation:
         contacted: Collection[str] = (),
         ledger: Ledger | None = None,
         tally: Tally | None = None,
+        robust: RobustConfig = RobustConfig(),
+        norms: NormHistory | None = None,
     ):
         preset(cfg.model)  # validates the name
         self.config = cfg
@@ -222,6 +228,8 @@ class Federation:
         self.contacted: set[str] = set(contacted)
         self.ledger = ledger or Ledger()
         self.tally = tally or Tally()
+        self.robust = robust
+        self.norms = norms or NormHistory()  # adaptive clipping's memory of the last rounds' update norms
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
 
     @property
@@ -237,12 +245,14 @@ class Federation:
             ledger=self.ledger.as_json(),
             global_file=checkpoint.global_file_name(self.completed_rounds),
             tally=self.tally.as_json(),
+            norms=self.norms.as_json(),
         )
         checkpoint.save_run(directory, self.global_state, state)
 
     @classmethod
-    def restore(cls, cfg: FederationConfig, directory: str | Path) -> Federation | None:
-        """The federation checkpointed in `directory`, or None when it holds none; the configuration must match."""
+    def restore(cls, cfg: FederationConfig, directory: str | Path, robust: RobustConfig = RobustConfig()) -> Federation | None:
+        """The federation checkpointed in `directory`, or None when it holds none; the configuration must match
+        (the robustness settings may differ: they are not part of the run's identity)."""
         saved = checkpoint.load_run(directory)
         if saved is None:
             return None
@@ -256,6 +266,8 @@ class Federation:
             contacted=state.contacted,
             ledger=Ledger.from_json(state.ledger),
             tally=Tally.from_json(state.tally),
+            robust=robust,
+            norms=NormHistory.from_json(state.norms),
         )
 
     def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:
@@ -265,17 +277,23 @@ class Federation:
         first = [c for c in clients if c not in self.contacted or c in lost_state]
         return plan_round(self.config.strategy, r, clients, round_rng(self.config.seed, r), first_contact=first)
 
-    def open_round(self, plan: RoundPlan, weights: Mapping[str, int]) -> OpenRound:
+    def open_round(self, plan: RoundPlan, examples: Mapping[str, int]) -> OpenRound:
+        """A round over `plan`. `examples`: the images each client declared it trains on; they bound its report
+        and the values of its update, and give its FedAvg weight within `robust`'s bounds."""
         if plan.round != self.completed_rounds:
             raise ValueError(f"plan for round {plan.round}, but round {self.completed_rounds} is next")
         self._attempts += 1
-        return OpenRound(self, plan, weights, attempt=self._attempts)
+        return OpenRound(self, plan, examples, attempt=self._attempts)
 
     def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
+        """Apply the round's mean update; NonFiniteAggregate, with nothing changed, when it would make the
+        global model NaN or infinite."""
+        aggregate.check_applicable(self.global_state)
         aggregate.apply_to(self.global_state)
         self.completed_rounds += 1
         self._attempts = 0
         self.ledger.add(outcome.ledger)
+        self.norms = self.norms.after_round(u.norms for u in outcome.accepted)
 
 
 class OpenRound:
@@ -283,14 +301,19 @@ class OpenRound:
 
     Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
 
-    def __init__(self, federation: Federation, plan: RoundPlan, weights: Mapping[str, int], *, attempt: int = 1):
+    def __init__(self, federation: Federation, plan: RoundPlan, examples: Mapping[str, int], *, attempt: int = 1):
         self.federation = federation
         self.attempt = attempt
         self.plan = plan
-        self.weights = dict(weights)
-        missing = [c for c in plan.clients if self.weights.get(c, 0) <= 0]
+        self.examples = {c: examples.get(c, 0) for c in plan.clients}
+        missing = [c for c in plan.clients if self.examples[c] <= 0]
         if missing:
             raise ValueError(f"clients {missing} have no positive image count")
+        robust = federation.robust
+        bounded = robust.round_weights(self.examples)
+        self.weights = dict(bounded.weights)  # FedAvg weights
+        self.lowered = bounded.lowered  # client -> the bounds that lowered its weight below its claim
+        self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
         self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round, model=federation.config.model)
         self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
@@ -343,8 +366,23 @@ class OpenRound:
                 self.federation.contacted.add(client)
         return event
 
+    def check_report(self, client: str, images_seen: int) -> None:
+        """HeaderError unless a training report's image count is one the task allows: at least 1, at most the
+        task's epochs over the client's declared images."""
+        most = self.federation.config.train.epochs * self.examples[client]
+        if not 1 <= images_seen <= most:
+            raise HeaderError(
+                f"train report images_seen {images_seen} outside 1..{most} "
+                f"({self.federation.config.train.epochs} epochs over the {self.examples[client]} images {client!r} declared)"
+            )
+
+    def value_bound(self, client: str) -> float:
+        """The largest |value| this client's update may hold (fedcore.robust)."""
+        return self.federation.robust.value_bound(self.federation.config.train, self.examples[client])
+
     def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
-        """Check one client's delta and fold it in; a refused update leaves the aggregate untouched."""
+        """Check one client's delta and fold it in (clipped when the round clips); a refused update leaves the
+        aggregate untouched."""
         try:
             a = self.plan.assignment(client)
         except KeyError:
@@ -352,16 +390,20 @@ class OpenRound:
         with self._lock:
             if client in self._accepted:
                 raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
-        decoded = self._reader.read(payload, a.returns)  # schema once per distinct header; finite values
+        self.check_report(client, images_seen)
+        # Schema once per distinct header; finite values no larger than the task's training can produce.
+        decoded = self._reader.read(payload, a.returns, max_magnitude=self.value_bound(client))
         event = _transfer_ledger(self.federation.layout, a.returns, decoded.table.bytes_by_part, down=False)
-        update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event)
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:
                     raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
                 if self.closed:
                     raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
-            self.aggregate.fold_decoded(decoded, float(update.weight))
+            norms = self.aggregate.fold_decoded(decoded, float(self.weights[client]), self.clip_bounds)
+            bounds = self.clip_bounds or {}
+            clipped = {p: bounds[p] / n for p, n in norms.items() if p in bounds and n > bounds[p]}
+            update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event, norms, clipped)
             with self._lock:
                 self._accepted[client] = update
                 self._ledger.add(event)

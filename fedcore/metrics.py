@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from fedcore.federation import Ledger, Tally
 
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
-ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum")
+ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum", "non_finite")
+WEIGHT_BOUNDS = ("registered", "share")  # what lowered a worker's FedAvg weight (fedcore.robust)
 
 
 class Metrics:
@@ -48,7 +49,8 @@ class Metrics:
         )
         self.round_attempts = Counter(
             "feddiff_round_attempts",
-            "How round attempts ended: complete (every update in), quorum (closed at the deadline), no_quorum (re-run)",
+            "How round attempts ended: complete (every update in), quorum (closed at the deadline), no_quorum (re-run), "
+            "non_finite (its mean update would have made the model NaN or infinite: re-run)",
             ["outcome"],
             registry=r,
         )
@@ -61,6 +63,15 @@ class Metrics:
             "Calls other than joins and uploads refused with a status code, by RPC and reason (e.g. an ended session)",
             ["rpc", "outcome"],
             registry=r,
+        )
+        self.weights_bounded = Counter(
+            "feddiff_weights_bounded",
+            "Workers whose FedAvg weight in a round attempt a bound lowered below the images they claimed, by bound (registered, share)",
+            ["bound"],
+            registry=r,
+        )
+        self.clipped_updates = Counter(
+            "feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r
         )
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
         self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
@@ -103,6 +114,8 @@ class Metrics:
             self.round_attempts.labels(outcome)
         for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
             self.joins.labels(outcome)
+        for bound in WEIGHT_BOUNDS:
+            self.weights_bounded.labels(bound)
         for outcome in ("saved", "failed"):
             self.state_saves.labels(outcome)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,7 @@ import torch
 
 from fedcore.atomic import atomic_write
 from fedcore.chunking import FORMAT_VERSION
-from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, WrongRound
+from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
 
 PayloadKind = Literal["weights", "delta"]
@@ -205,14 +206,25 @@ def _name_non_finite(suspects: Iterable[tuple[str, torch.Tensor]]) -> None:
             raise NonFiniteTensor(f"tensor {name!r} holds {bad} NaN/Inf values")
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    """One pass, no temporaries: the smallest and largest values are finite only if every value is (NaN
-    propagates through both). As fast as a sum on 2 cores, and three times as fast as an L1 norm (16 against
-    53 ms per 512 MB)."""
+def largest_magnitude(values: torch.Tensor) -> float:
+    """The largest |value|, NaN when a value is NaN (inf for an infinity). One pass, no temporaries: the
+    smallest and largest values hold it, and NaN propagates through both. As fast as a sum on 2 cores, and
+    three times as fast as an L1 norm (16 against 53 ms per 512 MB)."""
     if values.numel() == 0:
-        return True
+        return 0.0
     low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    low_value, high_value = float(low), float(high)
+    return math.nan if math.isnan(low_value) or math.isnan(high_value) else max(-low_value, high_value)
+
+
+def check_magnitude(tensors: Mapping[str, torch.Tensor], bound: float) -> None:
+    """ValueOutOfBounds, naming the first tensor that holds one, when a |value| of finite `tensors` exceeds
+    `bound`."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    peaks = torch._foreach_norm([t for _, t in floats], math.inf)  # the largest |value| of each tensor
+    for (name, _), peak in zip(floats, peaks):
+        if float(peak) > bound:
+            raise ValueOutOfBounds(f"tensor {name!r} holds a value of magnitude {float(peak):.4g}; an update of this task holds at most {bound:.4g}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,10 +291,11 @@ class PayloadReader:
         self.model = model
         self._table = functools.lru_cache(maxsize=memo)(self._build_table)
 
-    def read(self, data: bytes | bytearray | memoryview, parts: Iterable[Part]) -> Decoded:
-        """Check a payload that must hold exactly `parts`; its tensors are views of `data` when `data` is
-        writable (a bytearray), else of a copy. Raises NotSafetensors, NotAssigned (other parts than
-        expected), WrongRound, SchemaError or NonFiniteTensor."""
+    def read(self, data: bytes | bytearray | memoryview, parts: Iterable[Part], *, max_magnitude: float = math.inf) -> Decoded:
+        """Check a payload that must hold exactly `parts`, and no |value| above `max_magnitude`; its tensors
+        are views of `data` when `data` is writable (a bytearray), else of a copy. Raises NotSafetensors,
+        NotAssigned (other parts than expected), WrongRound, SchemaError, NonFiniteTensor or
+        ValueOutOfBounds."""
         view = memoryview(data)
         raw, data_len = _header_bytes(view)
         build = self._table if len(raw) <= MEMO_HEADER_BYTES else self._build_table  # a padded giant: not kept
@@ -292,8 +305,14 @@ class PayloadReader:
         values = decoded.values()
         if values is None:
             check_finite(decoded.tensors())
-        elif not _all_finite(values):
-            _name_non_finite(decoded.tensors().items())
+            if max_magnitude < math.inf:
+                check_magnitude(decoded.tensors(), max_magnitude)
+        else:
+            largest = largest_magnitude(values)  # one pass for both checks
+            if not math.isfinite(largest):
+                _name_non_finite(decoded.tensors().items())
+            if largest > max_magnitude:
+                check_magnitude(decoded.tensors(), max_magnitude)
         return decoded
 
     def decode(self, data: bytes | bytearray | memoryview, parts: Iterable[Part]) -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ them at start, and a worker every task it receives."""
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from annotated_types import Interval
@@ -32,11 +33,19 @@ SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM st
 # --- common shapes of settings ------------------------------------------------------------------------------
 Positive = Annotated[int, Interval(ge=1)]
 NonNegative = Annotated[int, Interval(ge=0)]
+FiniteNonNegative = Annotated[float, Interval(ge=0, lt=math.inf)]  # NaN and infinities fall outside
 Seconds = Annotated[float, Interval(gt=0)]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1
 Port = Annotated[int, Interval(ge=-1, le=65535)]  # -1 = off, 0 = a free port the system picks
 ProgressMode = Literal["auto", "bar", "log", "off"]  # auto: a live line on a terminal, log lines otherwise
+
+
+@dataclass(frozen=True)
+class Described:
+    """A type's meaning in words, for `expected` (a mapping, or a value that has more than one spelling)."""
+
+    words: str
 
 
 class SettingsError(ValueError):
@@ -111,6 +120,9 @@ def expected(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Annotated:
         base, *metadata = get_args(tp)
+        described = [m.words for m in metadata if isinstance(m, Described)]
+        if described:
+            return described[0]
         text = expected(base)
         for m in metadata:
             if isinstance(m, Interval):

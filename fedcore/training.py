@@ -15,6 +15,7 @@ from fedcore.diffusion import LossKind, Schedule, training_loss
 from fedcore.settings import BatchSize, Epochs, LearningRate, NonNegative
 
 Toggle = Literal["auto", "on", "off"]
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults; the server bounds a delta's values by the steps they allow (fedcore.robust)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class LocalTrainer:
         self.net: nn.Module = (
             torch.compile(self.model, mode=mode, dynamic=False) if self.speed.compile else self.model
         )  # type: ignore[assignment]
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=True if self.speed.fused_adam else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=ADAM_BETAS, fused=True if self.speed.fused_adam else None)
 
     @property
     def _memory_format(self) -> torch.memory_format:

@@ -14,16 +14,15 @@ from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.parts import Part, parse_parts, sorted_parts
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.training import TrainConfig
+from fedcore.wire_bounds import WORKER_ID
 
 Msg = TypeVar("Msg")
 T = TypeVar("T")
 
-MAX_WORKER_ID = 128
-
 
 def valid_worker_id(worker_id: str) -> bool:
-    """A worker identity: 1-128 letters, digits, '-', '_' or '.' (it names files and certificates)."""
-    return 0 < len(worker_id) <= MAX_WORKER_ID and worker_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    """A worker identity: 1-128 ASCII letters, digits, '-', '_' or '.' (it names files and certificates)."""
+    return WORKER_ID.problem(worker_id) is None
 
 
 def parts_to_proto(parts: Iterable[Part]) -> list[str]:

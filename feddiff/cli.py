@@ -194,16 +194,18 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
         return 0
-    connected = sum(w.connected for w in s.workers)
     print(f"{s.state}: round {s.completed_rounds}/{s.rounds} ({s.strategy}, {s.model})")
     if s.error:
         print(f"  error: {s.error}")
     if s.round_selected:
         print(f"  current round: {s.round_done}/{s.round_selected} updates in")
-    print(f"  workers: {connected} connected of {len(s.workers)} known")
+    connected = s.workers_connected or sum(w.connected for w in s.workers)  # 0 from a coordinator that predates the field
+    print(f"  workers: {connected} connected of {len(s.workers) + s.workers_omitted} known")
     for w in s.workers:
         gpu = f" {w.gpu_name}" if w.gpu_name else ""
         print(f"    {w.worker_id:<20} {'up' if w.connected else 'down':<5} {w.device}{gpu}, {w.num_examples} images, seen {w.last_seen_seconds_ago:.0f}s ago")
+    if s.workers_omitted:
+        print(f"    ... and {s.workers_omitted} more not listed (the least recently heard)")
     print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up")
     print(f"  parameters: {s.parameters_exchanged:,} exchanged, plain FedAvg {s.full_fedavg_parameters:,}: {s.reduction_vs_full:.1%} less")
     return 0

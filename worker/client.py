@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 import fedcore
-from fedcore import chunk_codec, wire
+from fedcore import chunk_codec, wire, wire_bounds
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
@@ -189,8 +189,9 @@ class CoordinatorClient:
         return self.stub.UploadUpdate(messages(), metadata=self.metadata)
 
     def reject_task(self, task_id: str, reason: str, message: str) -> None:
-        """Tell the coordinator this worker cannot run a task (`reason`: a TaskRefused reason)."""
-        request = pb.RejectTaskRequest(session_id=self.session_id, task_id=task_id, reason=reason, message=message)
+        """Tell the coordinator this worker cannot run a task (`reason`: a TaskRefused reason); the message is
+        brought within the contract's bound (a coordinator refuses one beyond it)."""
+        request = pb.RejectTaskRequest(session_id=self.session_id, task_id=task_id, reason=reason, message=wire_bounds.bounded_text(message))
         self.stub.RejectTask(request, timeout=30, metadata=self.metadata)
 
     def report_evaluation(self, report: pb.EvaluationReport) -> None:

@@ -126,3 +126,35 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_in_one_line(text: s
     assert capsys.readouterr().err.startswith(f"feddiff coordinator: error: --config {path}: {line}")
     assert main(["coordinator", "--insecure", "--config", str(tmp_path)]) == 2
     assert f"--config {tmp_path}: cannot read it (Is a directory)" in capsys.readouterr().err
+
+
+def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text("worker_sizes:\n  hospital-1: 6000\n  2: '4000'\nmax_weight_share: 1\nclip_norm: '0.5'\n")
+
+    from_file = CoordinatorConfig.load(path, {})
+    from_flag = CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=6000, 2=4000", "max_weight_share": "1", "clip_norm": "0.5"})
+
+    assert from_file.worker_sizes == from_flag.worker_sizes == {"hospital-1": 6000, "2": 4000}
+    assert from_file.robust == from_flag.robust
+    assert from_file.robust.round_weights({"hospital-1": 10**9, "2": 10}).weights == {"hospital-1": 6000, "2": 10}
+    assert (from_file.robust.clip_norm, CoordinatorConfig().robust.max_weight_share) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        ({"worker_sizes": "hospital-1=0"}, "--worker-sizes = 'hospital-1=0': expected a mapping of worker id to images in 1..4294967295"),
+        ({"worker_sizes": "hospital-1=4294967296"}, "--worker-sizes = 'hospital-1=4294967296': expected a mapping"),
+        ({"worker_sizes": "../x=5,y=5"}, "--worker-sizes = '../x=5,y=5': expected a mapping"),
+        ({"worker_sizes": "hospital-1=5"}, "min_workers 2 is more than the 1 workers in worker_sizes: no round could start"),
+        ({"clip_multiplier": "nan"}, "--clip-multiplier = 'nan': expected a number in [0, inf)"),
+        ({"max_delta_value": "-1"}, "--max-delta-value = '-1': expected a number in [0, inf)"),
+        ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected a number in [0, inf)"),
+    ],
+)
+def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[str, str], line: str) -> None:
+    with pytest.raises(SettingsError) as e:
+        CoordinatorConfig.load(None, overrides)
+
+    assert str(e.value).startswith(line), str(e.value)

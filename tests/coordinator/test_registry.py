@@ -99,3 +99,47 @@ def test_other_worker_ids_do_not_conflict(registry: WorkerRegistry) -> None:
     registry.join(_info("a" * 32, worker_id="hospital-1"))
     registry.join(_info("b" * 32, worker_id="hospital-2"))
     assert [r.worker_id for r in registry.connected()] == ["hospital-1", "hospital-2"]
+
+
+# --- departed workers are forgotten; a bounded listing ------------------------------------------------------
+def test_a_departed_worker_is_forgotten_after_the_retention_and_its_session_ends(clock: Clock) -> None:
+    registry = WorkerRegistry(TIMEOUT, departed_retention=60.0, clock=clock)
+    left, _ = registry.join(_info("a" * 32, worker_id="left"))
+    silent, _ = registry.join(_info("b" * 32, worker_id="silent"))
+    live, _ = registry.join(_info("c" * 32, worker_id="live"))
+    registry.leave(left)
+
+    clock.now += 60.0  # left 60 s ago: kept; silent departed 30 s ago (its heartbeat timeout ran out)
+    registry.touch(live)
+    assert [r.worker_id for r in registry.all()] == ["left", "live", "silent"]
+    clock.now += 0.5
+    registry.touch(live)
+    assert [r.worker_id for r in registry.all()] == ["live", "silent"]
+    clock.now += 30.0
+    registry.touch(live)
+
+    assert [r.worker_id for r in registry.all()] == ["live"]
+    with pytest.raises(UnknownWorker):
+        registry.check_session(silent)
+    with pytest.raises(UnknownWorker):
+        registry.touch(silent)
+    registry.join(_info("b" * 32, worker_id="silent"))  # it joins again
+    assert [r.worker_id for r in registry.connected()] == ["live", "silent"]
+
+
+def test_the_listing_is_bounded_connected_workers_first_then_the_most_recently_heard(clock: Clock) -> None:
+    registry = WorkerRegistry(TIMEOUT, clock=clock)
+    registry.join(_info("old", worker_id="old"))
+    registry.join(_info("older", worker_id="older"))
+    recent, _ = registry.join(_info("recent", worker_id="recent"))
+    clock.now += 1.0
+    registry.touch(recent)
+    clock.now += TIMEOUT + 0.5  # none of the three is connected now; "recent" was heard last
+    registry.join(_info("b", worker_id="b-live"))
+    registry.join(_info("a", worker_id="a-live"))
+
+    listed, omitted, connected = registry.listing(3)
+
+    assert [r.worker_id for r in listed] == ["a-live", "b-live", "recent"]
+    assert (omitted, connected) == (2, 2)
+    assert registry.listing(10)[1] == 0

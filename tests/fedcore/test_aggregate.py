@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+
 import pytest
 import torch
 
 from fedcore.aggregate import RunningAggregate, delta
-from fedcore.errors import NonFiniteTensor, NotAssigned, SchemaError
+from fedcore.errors import NonFiniteAggregate, NonFiniteTensor, NotAssigned, SchemaError, ValueOutOfBounds
 from fedcore.model import build_model
 from fedcore.parts import ALL_PARTS, PART_ORDER, Part, PartLayout
 
@@ -207,34 +211,35 @@ def test_a_decoded_payload_folds_to_the_same_sums_as_its_tensors(parts, global_s
         assert decoded.values() is not None  # encode writes float32 tensors back to back
         by_payload.fold_decoded(decoded, 10.0 + i)
 
-    # name order on both sides: one add per run of consecutive names, at most one per top-level module
-    assert len(by_payload._copy_plan(decoded.table)) <= len({n.split(".")[0] for n in update})
-    assert len(by_payload._copy_plan(decoded.table)) == 1 or parts != ALL_PARTS
+    # name order on both sides: one add per run of consecutive names of one part, at most one per top-level module
+    plan = by_payload._copy_plan(decoded.table)
+    assert set(plan) == set(parts)
+    assert len(parts) <= sum(len(runs) for runs in plan.values()) <= len({n.split(".")[0] for n in update})
     for name, t in by_tensor._sums.items():
         assert torch.equal(by_payload._sums[name], t), name
     assert all(by_payload.weight(p) == by_tensor.weight(p) for p in parts)
 
 
-def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_state, tiny_layout: PartLayout) -> None:
-    import json
-    import struct
-
-    from fedcore.serialization import PayloadReader
-
-    update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
-    clean = _payload(tiny_layout, update, {DEC})
+def _padded(clean: bytearray) -> bytearray:
+    """The same payload with 8 bytes of padding after each tensor: not float32 back to back."""
     (n,) = struct.unpack("<Q", clean[:8])
     header = json.loads(clean[8 : 8 + n])
-    body = bytearray()  # the same tensors, 8 bytes of padding after each
-    for name in sorted(update):
+    body = bytearray()
+    for name in sorted(k for k in header if k != "__metadata__"):
         start = len(body)
         body += clean[8 + n + header[name]["data_offsets"][0] : 8 + n + header[name]["data_offsets"][1]] + bytes(8)
         header[name]["data_offsets"] = [start, len(body) - 8]
     text = json.dumps(header).encode()
-    padded = bytearray(struct.pack("<Q", len(text)) + text + body)
+    return bytearray(struct.pack("<Q", len(text)) + text + body)
+
+
+def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_state, tiny_layout: PartLayout) -> None:
+    from fedcore.serialization import PayloadReader
+
+    update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
-    decoded = reader.read(padded, {DEC})
+    decoded = reader.read(_padded(_payload(tiny_layout, update, {DEC})), {DEC})
     assert decoded.values() is None
     agg, reference = RunningAggregate(tiny_layout, {DEC}), RunningAggregate(tiny_layout, {DEC})
     agg.fold_decoded(decoded, 3.0)
@@ -260,8 +265,64 @@ def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad
     assert torch.equal(agg._flat, before) and agg.reporters(DEC) == 1
 
 
-def test_huge_finite_values_are_accepted() -> None:
-    from fedcore.serialization import _all_finite
+def test_the_largest_magnitude_is_finite_for_finite_values_only() -> None:
+    from fedcore.serialization import largest_magnitude
 
-    assert _all_finite(torch.tensor([3e38, 3e38, -3e38])) and _all_finite(torch.empty(0))
-    assert not _all_finite(torch.tensor([1.0, float("nan")])) and not _all_finite(torch.tensor([float("-inf"), 0.0]))
+    assert largest_magnitude(torch.tensor([3e38, 1.0, -3.2e38])) == pytest.approx(3.2e38) and largest_magnitude(torch.empty(0)) == 0
+    assert math.isnan(largest_magnitude(torch.tensor([1.0, float("nan")])))
+    assert largest_magnitude(torch.tensor([float("-inf"), 0.0])) == math.inf
+
+
+# --- hostile updates: values beyond a bound, norm clipping, an aggregate that overflows ---------------------
+@pytest.mark.parametrize("padded", [False, True], ids=["back-to-back", "tensor-by-tensor"])
+def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_state, tiny_layout: PartLayout) -> None:
+    from fedcore.serialization import PayloadReader
+
+    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=14)[0], global_state), {DEC})
+    name = sorted(update)[3]
+    update[name] = update[name].clone()
+    update[name].view(-1)[5] = -1e38
+    data = _payload(tiny_layout, update, {DEC})
+
+    with pytest.raises(ValueOutOfBounds, match=f"tensor '{name}' holds a value of magnitude 1e\\+38; an update of this task holds at most 1"):
+        reader.read(_padded(data) if padded else data, {DEC}, max_magnitude=1.0)
+    assert reader.read(data, {DEC}, max_magnitude=1e38).values() is not None, "within a bound: read"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["back-to-back", "tensor-by-tensor"])
+def test_clipping_scales_each_part_down_to_its_bound_and_returns_the_norms(padded: bool, global_state, tiny_layout: PartLayout) -> None:
+    from fedcore.serialization import PayloadReader
+
+    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=15)[0], global_state), ALL_PARTS)
+    norms = {p: float(torch.cat([update[n].double().flatten() for n in tiny_layout.tensors[p]]).norm()) for p in PART_ORDER}
+    bounds = {DEC: norms[DEC] / 4, ENC: norms[ENC] * 2}  # the decoder is clipped, the encoder within, the bottleneck unbounded
+    data = _payload(tiny_layout, update, ALL_PARTS)
+    agg, reference = RunningAggregate(tiny_layout, ALL_PARTS), RunningAggregate(tiny_layout, ALL_PARTS)
+
+    got = agg.fold_decoded(reader.read(_padded(data) if padded else data, ALL_PARTS), 3.0, bounds)
+    for p in PART_ORDER:
+        scale = bounds[DEC] / got[DEC] if p == DEC else 1.0
+        reference.fold({n: update[n] for n in tiny_layout.tensors[p]}, {p}, 3.0 * scale)
+
+    assert got == pytest.approx(norms, rel=1e-5)
+    assert all(torch.equal(agg._sums[n], reference._sums[n]) for n in update)
+    assert agg.weight(DEC) == 3.0, "a clipped update keeps its weight: its direction counts, its length does not"
+    assert agg.fold_decoded(reader.read(data, ALL_PARTS), 1.0) == {}, "without clipping no norm is taken"
+
+
+def test_an_aggregate_that_would_make_the_model_non_finite_is_refused_before_it_is_applied(global_state, tiny_layout: PartLayout) -> None:
+    state = {n: t.clone() for n, t in global_state.items()}
+    huge = {n: torch.full(global_state[n].shape, 3e38) for n in tiny_layout.names({DEC})}
+    agg = RunningAggregate(tiny_layout, ALL_PARTS)
+    agg.fold(huge, {DEC}, 1.0)
+    agg.fold(huge, {DEC}, 1.0)  # 6e38: the sum overflows float32
+
+    with pytest.raises(NonFiniteAggregate, match=r"would make \d+ of \d+ values of tensor '.+' NaN or infinite"):
+        agg.check_applicable(state)
+    assert all(torch.equal(state[n], global_state[n]) for n in state)
+
+    finite = RunningAggregate(tiny_layout, ALL_PARTS)
+    finite.fold(huge, {DEC}, 1.0)
+    finite.check_applicable(state)  # 3e38 plus a small global value: finite

@@ -8,10 +8,12 @@ import torch
 from fedcore.aggregate import delta
 from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
 from fedcore.diffusion import Schedule
-from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, SchemaError, WrongRound
+from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.federation import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
 from fedcore.model import build_model
 from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.robust import NormHistory, RobustConfig
+from fedcore.roundlog import round_record
 from fedcore.serialization import PayloadMeta, decode, encode
 from fedcore.strategies import Strategy, plan_traffic
 from fedcore.training import LocalTrainer, SpeedConfig, TrainConfig
@@ -24,7 +26,7 @@ def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
     return Federation(FederationConfig(strategy=strategy, model="tiny", rounds=3, seed=3, **kw))
 
 
-def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 0.01) -> tuple[bytes, dict]:
+def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 1e-4) -> tuple[bytes, dict]:
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(fed.global_state[n].shape, generator=g) for n in fed.layout.names(parts)}
     meta = PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))
@@ -202,6 +204,118 @@ def test_the_tally_is_checkpointed_and_restored_with_the_ledger(tmp_path) -> Non
 
     assert again is not None
     assert again.tally == fed.tally and again.ledger == fed.ledger and again.completed_rounds == 1
+
+
+# --- hostile updates: values, reports, weights, clipping, an overflowing aggregate --------------------------
+def _hostile_federation(**robust: object) -> Federation:
+    return Federation(FederationConfig(strategy=Strategy.FULL, model="tiny", rounds=3, seed=3), robust=RobustConfig(**robust))  # type: ignore[arg-type]
+
+
+def _filled(fed: Federation, value: float, round_index: int = 0) -> bytes:
+    tensors = {n: torch.full(t.shape, value) for n, t in fed.global_state.items()}
+    return encode(tensors, PayloadMeta(kind="delta", model="tiny", round=round_index, parts=ALL_PARTS))
+
+
+def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded() -> None:
+    fed = _federation()
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    bound = round_.value_bound("alice")
+
+    with pytest.raises(ValueOutOfBounds, match=r"holds a value of magnitude 1e\+38; an update of this task holds at most"):
+        round_.accept("alice", _filled(fed, 1e38), mean_loss=0.1, images_seen=30)
+    with pytest.raises(ValueOutOfBounds):
+        round_.accept("alice", _filled(fed, -bound * 1.01), mean_loss=0.1, images_seen=30)
+    round_.accept("alice", _filled(fed, bound * 0.99), mean_loss=0.1, images_seen=30)
+
+    assert bound == pytest.approx(8 * 1e-4 * 5), "lr 1e-4, 5 epochs of one batch, Adam's 8 lr per step"
+    assert round_.accepted == ["alice"]
+
+
+@pytest.mark.parametrize("images_seen", [0, 5 * 30 + 1, 10**12])
+def test_a_training_report_outside_its_task_is_refused(images_seen: int) -> None:
+    fed = _federation()
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+
+    with pytest.raises(HeaderError, match=f"images_seen {images_seen} outside 1..150 \\(5 epochs over the 30 images 'alice' declared\\)"):
+        round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=images_seen)
+    assert round_.accepted == []
+
+
+def test_an_aggregate_that_overflows_is_not_committed_and_the_round_runs_again() -> None:
+    fed = _hostile_federation(max_delta_value=3e38)
+    before = {n: t.clone() for n, t in fed.global_state.items()}
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_.accept("alice", _filled(fed, 1e38), mean_loss=0.1, images_seen=30)  # 30 x 1e38 overflows float32
+
+    with pytest.raises(NonFiniteAggregate, match="would make .* values of tensor .* NaN or infinite"):
+        round_.close()
+
+    assert fed.completed_rounds == 0
+    assert all(torch.equal(fed.global_state[n], before[n]) for n in before)
+    again = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    again.accept("bob", _delta_payload(fed, 0, ALL_PARTS, seed=1)[0], mean_loss=0.1, images_seen=10)
+    assert again.attempt == 2 and again.close().accepted[0].client == "bob" and fed.completed_rounds == 1
+
+
+def test_a_claim_over_the_registered_size_or_the_share_weighs_less() -> None:
+    fed = _hostile_federation(max_weight_share=0.5, registered={"alice": 30, "bob": 10, "mallory": 20})
+    round_ = fed.open_round(fed.plan(["alice", "bob", "mallory"]), {**WEIGHTS, "mallory": 2**32 - 1})
+
+    assert round_.weights == {"alice": 30, "bob": 10, "mallory": 20}
+    assert round_.lowered == {"mallory": ("registered",)}
+    accepted = round_.accept("mallory", _delta_payload(fed, 0, ALL_PARTS, seed=2)[0], mean_loss=999.0, images_seen=5 * (2**32 - 1))
+    assert accepted.weight == 20
+    round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=150)
+    assert round_.close().mean_loss == pytest.approx((20 * 999 + 30 * 0.1) / 50), "the loss is weighted as the update"
+
+
+def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
+    fed = _hostile_federation(clip_norm=0.05, max_delta_value=1e6)  # the value bound would refuse it: clipping alone
+    honest, _ = _delta_payload(fed, 0, ALL_PARTS, seed=0)
+    _, hostile = _delta_payload(fed, 0, ALL_PARTS, seed=1)
+    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", round=0, parts=ALL_PARTS))
+    before = {n: t.clone() for n, t in fed.global_state.items()}
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
+
+    a = round_.accept("alice", honest, mean_loss=0.1, images_seen=10)
+    b = round_.accept("bob", scaled, mean_loss=0.1, images_seen=10)
+    outcome = round_.close()
+
+    assert a.clipped == {} and set(b.clipped) == set(PART_ORDER), "the honest update is within the bound"
+    for p in PART_ORDER:
+        names = fed.layout.tensors[p]
+        change = torch.cat([(fed.global_state[n] - before[n]).flatten() for n in names]).norm()
+        assert b.norms[p] > 1e3 and float(change) <= (a.norms[p] + 0.05) / 2 * (1 + 1e-5), p
+    assert fed.norms.median(DEC) == min(a.norms[DEC], b.norms[DEC]), "norms before clipping, for the next round"
+    assert outcome.accepted[1].clipped[DEC] == pytest.approx(0.05 / b.norms[DEC])
+    record = round_record(outcome, fed.ledger, 1.0)
+    assert record["weights"] == {"alice": 10, "bob": 10} and set(record["clipped"]) == {"bob"}, "the round log says who was clipped"
+
+
+def test_adaptive_clipping_follows_the_last_rounds_median_norm() -> None:
+    fed = _hostile_federation(clip_multiplier=2.0, max_delta_value=1.0)
+    first = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
+    a = first.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=10)
+    first.accept("bob", _delta_payload(fed, 0, ALL_PARTS, seed=1, scale=1e-3)[0], mean_loss=0.1, images_seen=10)
+    first.close()
+    second = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
+
+    assert first.clip_bounds == {}, "no earlier round: nothing to be adaptive to"
+    assert second.clip_bounds == {p: 2.0 * a.norms[p] for p in PART_ORDER}, "twice the lower median of the two norms"
+    b = second.accept("bob", _delta_payload(fed, 1, ALL_PARTS, seed=1, scale=1e-3)[0], mean_loss=0.1, images_seen=10)
+    assert b.clipped[DEC] == pytest.approx(2.0 * a.norms[DEC] / b.norms[DEC])
+
+
+def test_clipping_state_is_checkpointed_and_a_resume_clips_the_same(tmp_path) -> None:
+    fed = _hostile_federation(clip_multiplier=2.0)
+    first = fed.open_round(fed.plan(["alice"]), {"alice": 10})
+    first.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=10)
+    first.close()
+    fed.save(tmp_path)
+
+    resumed = Federation.restore(fed.config, tmp_path, robust=fed.robust)
+
+    assert resumed is not None and resumed.norms == fed.norms != NormHistory()
 
 
 def test_federation_refuses_a_global_state_of_another_model() -> None:

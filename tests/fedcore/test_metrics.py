@@ -43,5 +43,5 @@ def test_outcome_counts_read_this_process_counters() -> None:
 
     attempts, updates = metrics.outcome_counts()
 
-    assert attempts == {"complete": 1, "quorum": 0, "no_quorum": 0}
+    assert attempts == {"complete": 1, "quorum": 0, "no_quorum": 0, "non_finite": 0}
     assert updates == {"accepted": 3, "late": 1}

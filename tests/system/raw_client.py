@@ -61,10 +61,13 @@ class RawWorker:
         round_index: int | None = None,
         parts: Iterable[str] | None = None,
         chunk_size: int = 1 << 16,
-        images_seen: int = 100,
+        images_seen: int | None = None,
+        mean_loss: float = 0.5,
     ) -> Iterator[pb.UpdateChunk]:
-        """A header then chunks; every field can be overridden to make the stream wrong on purpose."""
+        """A header then chunks; every field can be overridden to make the stream wrong on purpose. The report
+        says one epoch over the images this worker declared, unless `images_seen` says otherwise."""
         header = header or StreamHeader.of(payload)
+        images_seen = self.num_examples if images_seen is None else images_seen
         stream = wire.header_to_proto(
             header,
             round_index=task.round if round_index is None else round_index,
@@ -74,6 +77,6 @@ class RawWorker:
         if parts is not None:
             del stream.parts[:]
             stream.parts.extend(parts)
-        yield pb.UpdateChunk(header=pb.UpdateHeader(session_id=self.session_id, stream=stream, report=pb.TrainReport(images_seen=images_seen, mean_loss=0.5, seconds=1.0)))
+        yield pb.UpdateChunk(header=pb.UpdateHeader(session_id=self.session_id, stream=stream, report=pb.TrainReport(images_seen=images_seen, mean_loss=mean_loss, seconds=1.0)))
         for start in range(0, len(payload), chunk_size):
             yield pb.UpdateChunk(data=payload[start : start + chunk_size])

@@ -27,7 +27,7 @@ from tests.system.raw_client import RawWorker
 def _delta_payload(task, layout) -> bytes:  # type: ignore[no-untyped-def]
     import torch
 
-    tensors = {n: torch.full(s.shape, 1e-3) for n, s in layout.specs(task.returns).items()}
+    tensors = {n: torch.full(s.shape, 1e-4) for n, s in layout.specs(task.returns).items()}  # about one Adam step at lr 1e-4
     return serialization.encode(tensors, PayloadMeta(kind="delta", model="tiny", round=task.round, parts=task.returns))
 
 

@@ -155,7 +155,10 @@ def test_refusals_that_do_not_fit_the_round_are_refused_with_their_status(tmp_pa
                 _reject(worker, task_id)
             assert e.value.code() == code, e.value.details()
 
-        _reject(a, ta.task_id, reason="a-reason-from-a-newer-worker", message="x" * 10_000)
+        with pytest.raises(grpc.RpcError) as e:
+            _reject(a, ta.task_id, message="x" * 10_000)
+        assert (e.value.code(), e.value.details()) == (Code.INVALID_ARGUMENT, "bad_field: RejectTaskRequest.message has 10000 characters: expected 0..4096 characters, no control characters but newline and tab")
+        _reject(a, ta.task_id, reason="a-reason-from-a-newer-worker", message="x" * 4096)
         with pytest.raises(grpc.RpcError) as e:
             _reject(a, ta.task_id)
         assert e.value.code() == Code.ALREADY_EXISTS

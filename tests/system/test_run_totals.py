@@ -69,7 +69,7 @@ def test_attempts_without_quorum_and_refusals_survive_a_restart(tmp_path: Path) 
     finally:
         resumed.stop(grace=0)
 
-    assert tally == {"round_attempts": {"complete": 0, "no_quorum": attempts, "quorum": 0}, "updates": {"bad_header": 1}}
+    assert tally == {"round_attempts": {"complete": 0, "no_quorum": attempts, "non_finite": 0, "quorum": 0}, "updates": {"bad_header": 1}}
     assert before == after == {"round_attempts": {"complete": 0, "quorum": 0, "no_quorum": attempts}, "updates": {"bad_header": 1}}
     assert metrics.registry.get_sample_value("feddiff_round_attempts_total", {"outcome": "no_quorum"}) == attempts
-    assert counted == ({"complete": 0, "quorum": 0, "no_quorum": 0}, {}), "the resumed process's counters start at zero"
+    assert counted == ({"complete": 0, "quorum": 0, "no_quorum": 0, "non_finite": 0}, {}), "the resumed process's counters start at zero"

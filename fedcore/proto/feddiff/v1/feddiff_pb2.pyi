@@ -296,7 +296,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., connected: _Optional[bool] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., last_seen_seconds_ago: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "completed_rounds", "rounds", "strategy", "model", "workers", "round_selected", "round_done", "payload_bytes_down", "payload_bytes_up", "parameters_exchanged", "full_fedavg_parameters", "reduction_vs_full", "frechet_distance", "error")
+    __slots__ = ("state", "completed_rounds", "rounds", "strategy", "model", "workers", "round_selected", "round_done", "payload_bytes_down", "payload_bytes_up", "parameters_exchanged", "full_fedavg_parameters", "reduction_vs_full", "frechet_distance", "error", "workers_omitted", "workers_connected")
     class FrechetDistanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +319,8 @@ class StatusResponse(_message.Message):
     REDUCTION_VS_FULL_FIELD_NUMBER: _ClassVar[int]
     FRECHET_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     state: str
     completed_rounds: int
     rounds: int
@@ -334,4 +336,6 @@ class StatusResponse(_message.Message):
     reduction_vs_full: float
     frechet_distance: _containers.ScalarMap[str, float]
     error: str
-    def __init__(self, state: _Optional[str] = ..., completed_rounds: _Optional[int] = ..., rounds: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_selected: _Optional[int] = ..., round_done: _Optional[int] = ..., payload_bytes_down: _Optional[int] = ..., payload_bytes_up: _Optional[int] = ..., parameters_exchanged: _Optional[int] = ..., full_fedavg_parameters: _Optional[int] = ..., reduction_vs_full: _Optional[float] = ..., frechet_distance: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ...) -> None: ...
+    workers_omitted: int
+    workers_connected: int
+    def __init__(self, state: _Optional[str] = ..., completed_rounds: _Optional[int] = ..., rounds: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_selected: _Optional[int] = ..., round_done: _Optional[int] = ..., payload_bytes_down: _Optional[int] = ..., payload_bytes_up: _Optional[int] = ..., parameters_exchanged: _Optional[int] = ..., full_fedavg_parameters: _Optional[int] = ..., reduction_vs_full: _Optional[float] = ..., frechet_distance: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., workers_omitted: _Optional[int] = ..., workers_connected: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,108 @@
+"""Tests for fedcore.wire_bounds: every string and number of the contract has a bound, the .proto states it,
+and a message outside one is refused naming the field."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from fedcore import wire_bounds
+from fedcore.errors import FieldOutOfRange
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+
+PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"
+
+
+def _fields() -> list[tuple[str, object]]:
+    out = []
+    for message in pb.DESCRIPTOR.message_types_by_name.values():
+        for field in message.fields:
+            out.append((f"{message.name}.{field.name}", field))
+    return out
+
+
+def _documentation(message: str, field: str) -> str:
+    """The comment on a field's line of the .proto and the comment lines right above it, in its message."""
+    lines = PROTO.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"\s*message {message} \{{", line))
+    at = next(i for i in range(start, len(lines)) if re.search(rf"\s{field} = \d+;", lines[i]))
+    above = []
+    for line in reversed(lines[start + 1 : at]):
+        if not line.strip().startswith("//"):
+            break
+        above.insert(0, line.strip()[2:].strip())
+    trailing = lines[at].split("//", 1)[1].strip() if "//" in lines[at] else ""
+    return " ".join([*above, trailing])
+
+
+def test_every_string_bytes_number_and_repeated_field_has_a_bound() -> None:
+    missing = [name for name, field in _fields() if wire_bounds.needs_bound(field) and name not in wire_bounds.BOUNDS]  # type: ignore[arg-type]
+    unknown = sorted(set(wire_bounds.BOUNDS) - {name for name, _ in _fields()})
+
+    assert missing == [], "give these fields a bound in fedcore/wire_bounds.py and the .proto"
+    assert unknown == []
+
+
+@pytest.mark.parametrize("name", sorted(wire_bounds.BOUNDS))
+def test_the_proto_states_each_bound_beside_its_field(name: str) -> None:
+    message, field = name.split(".")
+
+    assert f"bound: {wire_bounds.BOUNDS[name].describe()}" in _documentation(message, field)
+
+
+def test_a_well_formed_message_passes() -> None:
+    info = pb.WorkerInfo(worker_id="hospital-3", device="cuda", gpu_name="NVIDIA H200", num_examples=6000, digests=["blake3"], installation_id="ab12")
+    header = pb.UpdateHeader(
+        session_id="0f" * 16,
+        stream=pb.StreamHeader(round=2, task_id="r2.1-hospital-3", parts=["decoder"], total_bytes=10, sha256="a" * 64, format_version=1),
+        report=pb.TrainReport(images_seen=30000, mean_loss=0.04, seconds=12.5),
+    )
+
+    wire_bounds.check(pb.JoinRequest(worker=info), FieldOutOfRange)
+    wire_bounds.check(header, FieldOutOfRange)
+
+
+def test_a_session_id_is_left_to_the_lookup_whatever_its_length() -> None:
+    wire_bounds.check(pb.HeartbeatRequest(session_id="s" * 10_000), FieldOutOfRange)
+    wire_bounds.check(pb.UpdateHeader(session_id="\N{MICROBE}" * 100, report=pb.TrainReport(images_seen=1)), FieldOutOfRange)
+
+
+@pytest.mark.parametrize(
+    ("msg", "message"),
+    [
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, device="x" * 1_000_000)), "WorkerInfo.device has 1000000 characters: expected 0..64 printable"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, gpu_name="H200\nfake log line")), "WorkerInfo.gpu_name holds a control character"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=10**12)), "WorkerInfo.num_examples is 1000000000000: expected 1..2^32-1"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=2**64 - 1)), "WorkerInfo.num_examples is 18446744073709551615"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=0)), "WorkerInfo.num_examples is 0"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="../etc", num_examples=1)), "WorkerInfo.worker_id is '../etc'"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="h\u00f4pital", num_examples=1)), "WorkerInfo.worker_id is 'h\u00f4pital'"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, instance_id="i" * 129)), "WorkerInfo.instance_id has 129 characters"),
+        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, digests=["blake3"] * 9)), "WorkerInfo.digests has 9 entries: expected at most 8"),
+        (pb.UpdateHeader(report=pb.TrainReport(images_seen=1, mean_loss=math.nan)), "TrainReport.mean_loss is nan: expected finite, [0, 1000]"),
+        (pb.UpdateHeader(report=pb.TrainReport(images_seen=1, mean_loss=1e30)), "TrainReport.mean_loss is 1e+30"),
+        (pb.UpdateHeader(stream=pb.StreamHeader(task_id="r" * 10_000, total_bytes=1, format_version=1)), "StreamHeader.task_id has 10000 characters"),
+        (pb.UpdateHeader(stream=pb.StreamHeader(task_id="t", total_bytes=1, format_version=1, parts=["decoder"] * 4)), "StreamHeader.parts has 4 entries"),
+        (pb.RejectTaskRequest(task_id="t", message="m" * 5000), "RejectTaskRequest.message has 5000 characters: expected 0..4096"),
+        (pb.EvaluationReport(task_id="t", frechet_distance=-1.0), "EvaluationReport.frechet_distance is -1.0"),
+        (pb.StatusResponse(state="done", strategy="udec", frechet_distance={"global": math.inf}), "StatusResponse.frechet_distance['global'] is inf"),
+    ],
+)
+def test_a_field_outside_its_bound_is_refused_by_name(msg: object, message: str) -> None:
+    with pytest.raises(FieldOutOfRange) as e:
+        wire_bounds.check(msg, FieldOutOfRange)  # type: ignore[arg-type]
+
+    assert str(e.value).startswith(message), str(e.value)
+    assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
+
+
+def test_a_message_is_brought_within_its_bound() -> None:
+    bound = wire_bounds.BOUNDS["RejectTaskRequest.message"]
+
+    assert wire_bounds.bounded_text("line 1\nline 2\twith a tab") == "line 1\nline 2\twith a tab"
+    assert wire_bounds.bounded_text("a\x1b[31mred\r") == "a [31mred "
+    assert len(wire_bounds.bounded_text("x" * 10_000)) == wire_bounds.MAX_MESSAGE and wire_bounds.bounded_text("x" * 10_000).endswith("...")
+    assert bound.problem(wire_bounds.bounded_text("\x00" * 5000 + "\u2028")) is None  # type: ignore[union-attr]
