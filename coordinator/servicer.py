@@ -40,6 +40,9 @@ MAX_WAIT_MS = 60_000
 # the common small update); a larger one in an accept thread, so that health checks and long polls are
 # answered meanwhile (512 MB take about a second).
 ACCEPT_ON_LOOP_MAX = 16 << 20
+# A stream its client cancelled ends (no more messages) just before gRPC reports the cancellation: a stream
+# that ends short waits this long for it before it is refused as short (`bad_size`) rather than `aborted`.
+CANCELLED_CALL_GRACE = 0.2
 
 
 async def run_to_end(executor: Executor, fn: Callable[[], None]) -> None:
@@ -299,6 +302,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     async for msg in request_iterator:
                         upload.progress()
                         receiver.feed(wire.data_in(msg, on_wire=on_wire, refusal=refusal))
+                    if receiver.received < header.total_bytes:
+                        await asyncio.sleep(CANCELLED_CALL_GRACE)  # cancelled meanwhile: `aborted`, not `bad_size`
 
                 def accept() -> None:  # nothing refers to the slot's memory once it returns
                     payload = receiver.finish()
