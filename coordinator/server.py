@@ -48,9 +48,10 @@ GRPC_OPTIONS = [
     # were buffered whole: 31x the update size; bench/coordinator_memory.py), and a small one: what a stream
     # holds before the servicer reads it. A stream that is read gets a window for the whole message it waits
     # for, so an upload moves one chunk (--chunk-size) plus this window per round trip; every other one (a
-    # stream waiting for a slot, a stream about to be refused) holds this window at most. 300 streams, each
-    # trying to send a 576 KB update, raised the coordinator's RSS by 180 MiB with a 2 MiB window, 84 MiB
-    # with 256 KiB, 27 MiB with 64 KiB (tests/reliability/test_hostile_uploads.py checks the bound).
+    # stream waiting for a slot, a stream about to be refused) holds this window at most. 300 streams waiting
+    # for a slot, each trying to send a 576 KB update, raised the coordinator's RSS by 180 MiB with a 2 MiB
+    # window, 84 MiB with 256 KiB, 27 MiB with 64 KiB. tests/reliability/test_hostile_uploads.py: 300
+    # uploads opened at once by one worker, 12 to 19 MiB; then one by each of 299 more, 23 to 33 MiB.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
     *SERVER_PORT_OPTIONS,

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager, contextmanager
 
 from fedcore.errors import FeddiffError, LateUpdate, UploadAborted, UploadInProgress, UploadStalled
 
+ENDS_PER_TURN = 16  # uploads ended in one turn of the event loop when their round closes
+
 
 class OpenUpload:
     """One worker's upload stream while the coordinator waits for a slot for it or reads it."""
@@ -87,6 +89,12 @@ class OpenUploads:
 
     def end_closed(self, accepting: Callable[[str], bool]) -> None:
         """End every stream whose round no longer takes its update: a stream never outlives its round."""
-        for upload in list(self._by_worker.values()):
-            if not accepting(upload.task_id):
-                upload.end(LateUpdate(f"task {upload.task_id!r}: its round closed before the upload was complete"))
+        self._end_in_turns([u for u in self._by_worker.values() if not accepting(u.task_id)])
+
+    def _end_in_turns(self, uploads: list[OpenUpload]) -> None:
+        """End `ENDS_PER_TURN` of `uploads` now and the rest in the event loop's next turns: hundreds of streams
+        ended in one turn would delay every other call (a health check) until all of them were answered."""
+        for upload in uploads[:ENDS_PER_TURN]:
+            upload.end(LateUpdate(f"task {upload.task_id!r}: its round closed before the upload was complete"))
+        if len(uploads) > ENDS_PER_TURN:
+            asyncio.get_running_loop().call_soon(self._end_in_turns, uploads[ENDS_PER_TURN:])
