@@ -154,12 +154,12 @@ def test_upload_in_progress(tmp_path: Path) -> None:
 def test_aborted_when_its_worker_cancels(tmp_path: Path) -> None:
     """The stream ends early when its call is cancelled: counted aborted, not refused as short (bad_size)."""
     with _round(tmp_path) as r:
-        for _ in range(3):
+        for cancelled in range(1, 4):
             stalled = _stall(r)
             _wait_for(lambda: stalled.stalled_at)
             time.sleep(0.1)
             stalled.call.cancel()
-            _wait_for(lambda: sum(r.counts().values()) == _ + 1)
+            _wait_for(lambda: sum(r.counts().values()) == cancelled)
         assert r.counts() == {"aborted": 3}
 
 
