@@ -97,6 +97,9 @@ class CoordinatorConfig:
     metrics_port: Port = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
     chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
     max_concurrent_uploads: Positive = 2  # updates received and decoded at once; the rest wait (back-pressure)
+    # An upload that receives nothing for this long is cut off (outcome "aborted") and its slot handed on. Keep
+    # it above the time one chunk (--chunk-size) takes on the slowest worker's link: 30 s is 1 MiB at 35 kB/s.
+    upload_idle_timeout: Seconds = 30.0
     heartbeat_interval: Seconds = 5.0  # seconds between worker heartbeats
     heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
     progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"

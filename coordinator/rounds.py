@@ -182,6 +182,7 @@ class RoundDriver:
             needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
             got = open_round.seal()
             self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
+            self._changed()  # uploads still open for this round end now
             refusals = list(self._refusals.values())
             self._round = None
             self._issued = {}
@@ -430,9 +431,11 @@ class RoundDriver:
     def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part], round_index: int) -> int:
         """The largest update payload this worker may send for this task, after checking the task, its round
         (as the stream header states it) and the parts."""
-        _, issued = self._current(worker_id, task_id)
+        open_round, issued = self._current(worker_id, task_id)
         if worker_id in self._refusals:
             raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
+        if worker_id in open_round.accepted:  # before a slot is taken or a byte is read
+            raise DuplicateUpdate(f"worker {worker_id!r} already delivered its update for task {task_id!r}")
         if round_index != issued.task.round:
             raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.round}")
         if parts != issued.task.returns:
@@ -442,6 +445,12 @@ class RoundDriver:
         layout = self.federation.layout
         sizes = layout.sizes
         return sum(4 * sizes[p] + 256 * len(layout.tensors[p]) for p in parts) + HEADER_SLACK
+
+    def accepting(self, task_id: str) -> bool:
+        """Whether the round of a task that `upload_limit` let through still takes its update (False once that
+        round has closed; every listener of `on_change` hears of the close)."""
+        with self._cond:
+            return task_id not in self._closed_task_ids
 
     def accept(self, worker_id: str, task_id: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         open_round, _ = self._current(worker_id, task_id)

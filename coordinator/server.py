@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedcore.atomic import atomic_write_json
-from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedcore.chunking import MAX_CHUNK_SIZE
 from fedcore.errors import CannotListen
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
@@ -34,6 +34,7 @@ log = logging.getLogger("feddiff.coordinator")
 T = TypeVar("T")
 
 SERVICE_NAME = "feddiff.v1.Coordinator"
+STREAM_WINDOW = 64 << 10  # bytes: HTTP/2's default stream window
 # gRPC turns SO_REUSEPORT on by default: a second coordinator on the same address would start and the kernel
 # would share the connections out between the two runs. Off, the second one's bind fails.
 SERVER_PORT_OPTIONS = [("grpc.so_reuseport", 0)]
@@ -43,11 +44,16 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    # A fixed receive window per stream instead of BDP-grown ones: an upload waiting for an upload slot then
-    # buffers at most 2 MiB here (with BDP, 32 waiting 256 MB uploads were buffered whole: 31x the update
-    # size; bench/coordinator_memory.py). The cost: one upload stream moves at most 2 MiB per round trip.
+    # A fixed receive window per stream instead of BDP-grown ones (with BDP, 32 uploads waiting for a slot
+    # were buffered whole: 31x the update size; bench/coordinator_memory.py), and a small one: what a stream
+    # holds before the servicer reads it. A stream that is read gets a window for the whole message it waits
+    # for, so an upload moves one chunk (--chunk-size) plus this window per round trip; every other one (a
+    # stream waiting for a slot, a stream about to be refused) holds this window at most. 300 streams waiting
+    # for a slot, each trying to send a 576 KB update, raised the coordinator's RSS by 180 MiB with a 2 MiB
+    # window, 84 MiB with 256 KiB, 27 MiB with 64 KiB. tests/reliability/test_hostile_uploads.py: 300
+    # uploads opened at once by one worker, 12 to 19 MiB; then one by each of 299 more, 23 to 33 MiB.
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 2 * DEFAULT_CHUNK_SIZE),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
     *SERVER_PORT_OPTIONS,
 ]
 

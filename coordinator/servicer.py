@@ -1,6 +1,7 @@
 """gRPC servicer on the asyncio server: protobuf in, one call into the round driver or registry, protobuf or a
 mapped status out. Handlers run on the server's event loop and never block it: a long poll awaits the
-driver's next change, and a large update is checked and folded in an accept thread."""
+driver's next change, and a large update is checked and folded in an accept thread. Upload streams are
+bounded: one per worker (`coordinator.uploads`), cut off when they stall or when their round closes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fedcore import chunk_codec, wire, wire_bounds
 from fedcore.chunk_codec import DataChunk
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask
-from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker
+from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
@@ -30,6 +31,7 @@ from coordinator.registry import WorkerInfo, WorkerRegistry
 from coordinator.rounds import IssuedTask, RoundDriver
 from coordinator.security import Authenticator
 from coordinator.status import abort
+from coordinator.uploads import OpenUpload, OpenUploads
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -38,6 +40,9 @@ MAX_WAIT_MS = 60_000
 # the common small update); a larger one in an accept thread, so that health checks and long polls are
 # answered meanwhile (512 MB take about a second).
 ACCEPT_ON_LOOP_MAX = 16 << 20
+# A stream its client cancelled ends (no more messages) just before gRPC reports the cancellation: a stream
+# that ends short waits this long for it before it is refused as short (`bad_size`) rather than `aborted`.
+CANCELLED_CALL_GRACE = 0.2
 
 
 async def run_to_end(executor: Executor, fn: Callable[[], None]) -> None:
@@ -86,8 +91,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.driver = driver
         self.registry = registry
         self.metrics = metrics
-        self._changes = Changes(asyncio.get_running_loop())
-        self._unsubscribe = driver.on_change(self._changes.notify)
+        loop = asyncio.get_running_loop()
+        self._changes = Changes(loop)
+        self._uploads = OpenUploads()
+        end_closed = functools.partial(self._uploads.end_closed, driver.accepting)
+        self._unsubscribe = [
+            driver.on_change(self._changes.notify),
+            driver.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
+        ]
         # Upload slots, each with the memory its updates are received into (reused round after round).
         slots = max(1, cfg.max_concurrent_uploads)
         self._upload_slots: asyncio.LifoQueue[ReceiveBuffer] = asyncio.LifoQueue()  # the warmest memory first
@@ -97,7 +108,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def close(self) -> None:
         """Stop hearing of the driver's changes (the event loop is about to close); end the accept threads."""
-        self._unsubscribe()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
         self._accept_threads.shutdown(wait=True)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError) -> None:
@@ -218,9 +230,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             log.info("download of %s completed after its round closed: %s", request.task_id, e)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext) -> pb.UploadResponse:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            await self._refuse(context, HeaderError("an update stream must start with its header"))
+        first = await self._first_message(request_iterator, context)
         h = first.header
         worker_id = await self._worker(h.session_id, context, counted=True)
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
@@ -233,24 +243,39 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except FeddiffError as e:
             await self._refuse(context, e)
         try:
-            async with self._upload_slot() as slot:
-                await self._receive_and_accept(worker_id, h, stream_header, limit, request_iterator, slot)
+            with self._uploads.open(worker_id, h.session_id, h.stream.task_id) as upload:
+                await self._receive_and_accept(upload, h, stream_header, limit, request_iterator)
         except asyncio.CancelledError:  # the worker's end of the call is gone
             self._cut_off(worker_id, h.stream.task_id)
             raise
         except FeddiffError as e:
-            if context.cancelled():  # the stream ended early because its connection did
+            if context.cancelled():  # it ended early because its connection did
                 self._cut_off(worker_id, h.stream.task_id)
-                return pb.UploadResponse(outcome="aborted")
+                return pb.UploadResponse(outcome=UploadAborted.reason)
             await self._refuse(context, e)
         self.metrics.updates.labels("accepted").inc()
         return pb.UploadResponse(outcome="accepted")
 
+    async def _first_message(self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext) -> pb.UpdateChunk:
+        """The stream's header, within the idle timeout."""
+        idle = self.cfg.upload_idle_timeout
+        first = None
+        try:
+            async with asyncio.timeout(idle):
+                first = await anext(aiter(request_iterator), None)
+        except TimeoutError:
+            await self._refuse(context, UploadStalled(f"upload stream sent no header for {idle:g} s (upload_idle_timeout): cut off"))
+        if first is None or not first.HasField("header"):
+            await self._refuse(context, HeaderError("an update stream must start with its header"))
+        return first
+
     @asynccontextmanager
-    async def _upload_slot(self) -> AsyncIterator[ReceiveBuffer]:
+    async def _upload_slot(self, upload: OpenUpload) -> AsyncIterator[ReceiveBuffer]:
         """Back-pressure: at most `max_concurrent_uploads` updates are buffered and decoded at once; the
-        others wait here, unread, held by HTTP/2 flow control."""
-        buffer = await self._upload_slots.get()
+        others wait here, unread (held by HTTP/2 flow control, each at most the stream window of
+        server.GRPC_OPTIONS), until a slot is free or their round closes."""
+        async with upload.bounded():
+            buffer = await self._upload_slots.get()
         try:
             yield buffer
         finally:
@@ -258,31 +283,35 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def _receive_and_accept(
         self,
-        worker_id: str,
+        upload: OpenUpload,
         h: pb.UpdateHeader,
         header: StreamHeader,
         limit: int,
         request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk],
-        slot: ReceiveBuffer,
     ) -> None:
         on_wire = self.metrics.wire_bytes.labels("up").inc
         refusal = SizeMismatch("an update stream carries one header, then data only")
-        with Reassembler(header, max_bytes=limit, into=slot) as receiver:
-            async for msg in request_iterator:
-                receiver.feed(wire.data_in(msg, on_wire=on_wire, refusal=refusal))
+        async with self._upload_slot(upload) as slot:
+            with Reassembler(header, max_bytes=limit, into=slot) as receiver:
+                async with upload.bounded(idle=self.cfg.upload_idle_timeout):
+                    async for msg in request_iterator:
+                        upload.progress()
+                        receiver.feed(wire.data_in(msg, on_wire=on_wire, refusal=refusal))
+                    if receiver.received < header.total_bytes:
+                        await asyncio.sleep(CANCELLED_CALL_GRACE)  # cancelled meanwhile: `aborted`, not `bad_size`
 
-            def accept() -> None:  # nothing refers to the slot's memory once it returns
-                payload = receiver.finish()
-                self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+                def accept() -> None:  # nothing refers to the slot's memory once it returns
+                    payload = receiver.finish()
+                    self.driver.accept(upload.worker_id, upload.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
 
-            if header.total_bytes <= ACCEPT_ON_LOOP_MAX:
-                accept()
-            else:
-                await run_to_end(self._accept_threads, accept)
+                if header.total_bytes <= ACCEPT_ON_LOOP_MAX:
+                    accept()
+                else:
+                    await run_to_end(self._accept_threads, accept)
 
     def _cut_off(self, worker_id: str, task_id: str) -> None:
         """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
-        self.metrics.updates.labels("aborted").inc()
+        self.metrics.updates.labels(UploadAborted.reason).inc()
         log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext) -> pb.EvaluationAck:

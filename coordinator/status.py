@@ -10,6 +10,9 @@ from fedcore import errors
 
 _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.StreamTooLong, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.UploadInProgress, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.UploadAborted, grpc.StatusCode.ABORTED),
     (errors.UnknownWorker, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAssigned, grpc.StatusCode.PERMISSION_DENIED),
     (errors.UnregisteredWorker, grpc.StatusCode.PERMISSION_DENIED),

@@ -58,6 +58,25 @@ class StreamTooLong(StreamError):
     reason = "too_large"
 
 
+class UploadInProgress(StreamError):
+    """A second upload from a session that has one open: one upload at a time per worker, so that no worker
+    holds two upload slots, nor the receive memory of streams waiting for one."""
+
+    reason = "upload_in_progress"
+
+
+class UploadAborted(StreamError):
+    """An upload cut off before its last byte (its connection ended, or its worker's session was replaced):
+    nothing it sent is refused, it simply did not arrive. Its outcome is `aborted`, not a refusal."""
+
+    reason = "aborted"
+
+
+class UploadStalled(UploadAborted):
+    """An upload that received nothing for the coordinator's `upload_idle_timeout`: cut off, so that its
+    upload slot goes to a worker that sends."""
+
+
 class RoundError(FeddiffError):
     """An update that does not fit the round in progress."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from fedcore import ports
+from fedcore import errors, ports
 from fedcore.parts import PART_ORDER, Part
 
 if TYPE_CHECKING:
@@ -20,6 +20,33 @@ if TYPE_CHECKING:
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum", "non_finite")
 WEIGHT_BOUNDS = ("registered", "share")  # what lowered a worker's FedAvg weight (fedcore.robust)
+# The outcomes of feddiff_updates_total at the coordinator, each tested (tests/system/test_update_outcomes.py):
+# an update folded in; one that did not arrive, which is no refusal (a straggler behind its round's close, a
+# stream cut off: its connection gone, stalled, or replaced by a newer session); each refusal, labelled with
+# its error's reason; and each reason a worker gave for refusing its task (RejectTask).
+UPDATE_ARRIVED = ("accepted",)
+UPDATE_MISSED: tuple[str, ...] = (errors.LateUpdate.reason, errors.UploadAborted.reason)
+UPDATE_REFUSALS: tuple[type[errors.FeddiffError], ...] = (
+    errors.UnknownWorker,
+    errors.HeaderError,
+    errors.StreamTooLong,
+    errors.UploadInProgress,
+    errors.SizeMismatch,
+    errors.HashMismatch,
+    errors.NotSafetensors,
+    errors.SchemaError,
+    errors.NonFiniteTensor,
+    errors.ValueOutOfBounds,
+    errors.WrongRound,
+    errors.NotAssigned,
+    errors.DuplicateUpdate,
+)
+UPDATE_OUTCOMES = (
+    *UPDATE_ARRIVED,
+    *UPDATE_MISSED,
+    *(e.reason for e in UPDATE_REFUSALS),
+    *(errors.rejected_outcome(r) for r in sorted(errors.REJECTION_REASONS)),
+)
 
 
 class Metrics:

@@ -1,9 +1,14 @@
-"""Helpers of the fault and network tests: waiting on a condition, reading the round log, starting workers."""
+"""Helpers of the fault and network tests: waiting on a condition, reading the round log, starting workers,
+probing health checks."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,3 +84,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class HealthProbe:
+    """The coordinator's health service asked every `every` seconds, for the length of a `with` block, from a
+    process of its own (tests.reliability.health_probe) so that the test's own clients do not delay it."""
+
+    def __init__(self, address: str, every: float = 0.02):
+        self.address, self.every = address, every
+        self.latencies: list[float] = []  # seconds, one per answer
+        self.failures: list[str] = []  # status codes of checks that failed
+
+    def __enter__(self) -> HealthProbe:
+        root = Path(__file__).resolve().parents[2]
+        self._out = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        args = [sys.executable, "-m", "tests.reliability.health_probe", self.address, str(self.every)]
+        self._proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, cwd=root, env=env)
+        wait_until(lambda: self._proc.poll() is not None or os.fstat(self._out.fileno()).st_size > 0, "a first health check", 60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
+        self._out.seek(0)
+        for line in self._out.read().splitlines():
+            try:
+                self.latencies.append(float(line))
+            except ValueError:
+                self.failures.append(line)
+        self._out.close()
+
+    def assert_answered_within(self, seconds: float) -> None:
+        assert not self.failures, f"health checks failed: {self.failures[:5]}"
+        assert len(self.latencies) >= 10, f"only {len(self.latencies)} health checks were answered"
+        worst = max(self.latencies)
+        assert worst < seconds, f"a health check took {worst * 1000:.0f} ms (of {len(self.latencies)}; limit {seconds * 1000:.0f} ms)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -80,3 +82,29 @@ class RawWorker:
         yield pb.UpdateChunk(header=pb.UpdateHeader(session_id=self.session_id, stream=stream, report=pb.TrainReport(images_seen=images_seen, mean_loss=mean_loss, seconds=1.0)))
         for start in range(0, len(payload), chunk_size):
             yield pb.UpdateChunk(data=payload[start : start + chunk_size])
+
+
+class StalledUpload:
+    """An upload that sends its first `messages` (the header, then data), then nothing until `release` is set;
+    `call` is the call's future, `stalled_at` the monotonic time its last message was handed to gRPC."""
+
+    def __init__(self, worker: RawWorker, messages: Iterable[pb.UpdateChunk], release: threading.Event, timeout: float = 120.0):
+        self.stalled_at = 0.0
+        sent = list(messages)
+
+        def stall() -> Iterator[pb.UpdateChunk]:
+            yield from sent
+            self.stalled_at = time.monotonic()
+            release.wait()
+
+        self.call: grpc.Future = worker.stub.UploadUpdate.future(stall(), timeout=timeout, metadata=worker.metadata)
+
+    def code(self, timeout: float) -> grpc.StatusCode:
+        """The status the call ended with, within `timeout` seconds (AssertionError if it is still open)."""
+        try:
+            self.call.result(timeout=timeout)
+            return grpc.StatusCode.OK
+        except grpc.FutureTimeoutError:
+            raise AssertionError(f"the upload was still open after {timeout} s") from None
+        except grpc.RpcError as e:
+            return e.code()
