@@ -47,7 +47,7 @@ Tensors = dict[str, torch.Tensor]
 # --- the coordinator and its workers -----------------------------------------------------------------------
 def _delta(task: TrainTask, seed: int) -> Tensors:
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s.shape, generator=g) * 1e-3 for n, s in LAYOUT.specs(task.returns).items()}
+    return {n: torch.randn(s.shape, generator=g) * 1e-5 for n, s in LAYOUT.specs(task.returns).items()}
 
 
 def _payload(task: TrainTask, delta: Tensors) -> bytes:
