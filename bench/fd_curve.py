@@ -5,7 +5,7 @@ one tenth of the FD of uniform noise (the level at which samples read as garment
 It runs `feddiff reproduce`'s own cell runner (fedcore.reproduce.run_cell) with the protocol's settings and
 only the round count changed, so every point is what a longer `cpu` row would have scored.
 
-    python -m bench.fd_curve --rounds 15                 # the cpu protocol, 15 x 60,000 images (2 CPU cores: 3x the 16 min of the 5-round cell)
+    python -m bench.fd_curve --rounds 15                 # the cpu protocol, 15 x 60,000 images (51 min on 2 CPU cores)
     python -m bench.fd_curve --quick                     # 2 rounds of 2,000 images, seconds
 """
 
