@@ -9,16 +9,15 @@ from typing import Annotated, Any, get_type_hints
 
 import yaml
 from annotated_types import Interval
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import BeforeValidator
 
 from fedcore import settings
-from fedcore.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedcore.chunking import DEFAULT_CHUNK_SIZE
 from fedcore.diffusion import LossKind, SamplerKind
 from fedcore.federation import FederationConfig
 from fedcore.model import ModelName
 from fedcore.robust import RobustConfig
 from fedcore.settings import (
-    MAX_EVAL_SAMPLES,
     BatchSize,
     Epochs,
     FiniteNonNegative,
@@ -33,10 +32,14 @@ from fedcore.settings import (
     Seed,
 )
 from fedcore.strategies import StrategyName
-from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID
+from fedcore.training import Device
+from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 
-ChunkSize = Annotated[int, Interval(ge=1, le=MAX_CHUNK_SIZE)]
-EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=MAX_EVAL_SAMPLES)]
+# Settings the workers are sent: each within the bound of its field of the wire contract.
+ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
+EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples"))]  # 0 = no evaluation
+Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
+HeartbeatInterval = Annotated[float, Interval(gt=0, le=largest("JoinResponse.heartbeat_interval_ms", per_unit=1000))]  # sent in ms
 
 
 def _worker_sizes(value: object) -> dict[str, int]:
@@ -47,19 +50,19 @@ def _worker_sizes(value: object) -> dict[str, int]:
     elif isinstance(value, str):
         pairs = [item.partition("=") for item in value.split(",") if item.strip()]
         if any(not sep for _, sep, _ in pairs):
-            raise ValueError("expected ID=N pairs")
+            raise ValueError("an entry is not ID=N")
         value = {k.strip(): v.strip() for k, _, v in pairs}
     if not isinstance(value, dict):
-        raise ValueError("expected a mapping")
+        raise ValueError("not a mapping")
     sizes = {}
     for worker_id, images in value.items():
         worker_id = str(worker_id) if isinstance(worker_id, int) and not isinstance(worker_id, bool) else worker_id
         if not (isinstance(worker_id, str) and WORKER_ID.problem(worker_id) is None):
-            raise ValueError(f"worker id {worker_id!r}")
+            raise ValueError(f"{worker_id!r} is no worker id")
         if isinstance(images, str) and images.isdigit():
             images = int(images)
         if not (isinstance(images, int) and not isinstance(images, bool) and 1 <= images <= MAX_NUM_EXAMPLES):
-            raise ValueError(f"images {images!r}")
+            raise ValueError(f"worker {worker_id!r}: {images!r} images")
         sizes[worker_id] = images
     return sizes
 
@@ -76,11 +79,11 @@ class CoordinatorConfig:
     """Every setting of a coordinator. Its types carry the ranges and allowed values: `load` converts each
     value to its type or refuses it (training settings with the ranges the workers run, `fedcore.settings`)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = settings.CONFIG
 
     strategy: StrategyName = "udec"
     model: ModelName = "paper-fmnist"  # model preset
-    rounds: Positive = 15  # R
+    rounds: Rounds = 15  # R
     clients_per_round: NonNegative = 0  # 0 = every connected worker, else a seeded sample
     min_workers: Positive = 2  # connected workers needed to start a round
     round_deadline: Seconds = 3600.0  # seconds a round waits for updates before closing with quorum
@@ -100,7 +103,7 @@ class CoordinatorConfig:
     # An upload that receives nothing for this long is cut off (outcome "aborted") and its slot handed on. Keep
     # it above the time one chunk (--chunk-size) takes on the slowest worker's link: 30 s is 1 MiB at 35 kB/s.
     upload_idle_timeout: Seconds = 30.0
-    heartbeat_interval: Seconds = 5.0  # seconds between worker heartbeats
+    heartbeat_interval: HeartbeatInterval = 5.0  # seconds between worker heartbeats (sent in ms)
     heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
     progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
     ready_file: str = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
@@ -119,7 +122,7 @@ class CoordinatorConfig:
     eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training
     eval_final_sampler: SamplerKind = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
     share_samples: bool = False  # workers send a grid of their samples back (off: no image leaves a worker)
-    eval_device: str = "auto"  # where the coordinator scores the global model (full, usplit)
+    eval_device: Device = "auto"  # where the coordinator scores the global model (full, usplit)
     eval_data_root: str = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
     inception_weights: str = ""  # pytorch-fid Inception weights file; default features: the bundled classifier
     # Security (mTLS / tokens): paths, empty = not used
@@ -185,17 +188,18 @@ def read_settings_file(path: Path) -> dict[Any, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every setting; defaults are None so that the YAML file's values stand unless overridden.
-    Values stay strings here: `CoordinatorConfig.load` converts them, with the file's, in one place."""
+    """Flags for every setting, each with the type and range its field declares; defaults are None so that
+    the YAML file's values stand unless overridden. Values stay strings here: `CoordinatorConfig.load`
+    converts them, with the file's, in one place."""
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     types = get_type_hints(CoordinatorConfig, include_extras=True)
     for f in fields(CoordinatorConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
         if types[f.name] is bool:
             p.add_argument(flag, action="store_const", const=True, default=None)
         else:
-            default = "" if f.default is MISSING else f", default {f.default}"
-            p.add_argument(flag, default=None, help=f"{settings.expected(types[f.name])}{default}")
+            p.add_argument(flag, default=None, help=settings.flag_help(types[f.name], default))
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:

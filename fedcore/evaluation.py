@@ -24,7 +24,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy import linalg
@@ -34,7 +33,7 @@ from torch import nn
 from fedcore.diffusion import SamplerKind, Schedule
 from fedcore.diffusion import sample as generate
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
-from fedcore.settings import EvalSamples, SamplingSteps, Seed
+from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 
 ASSET_DIR = Path(__file__).parent / "assets"
 CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
@@ -360,7 +359,7 @@ def curve_point_due(completed_rounds: int, every: int) -> bool:
 class SamplingSpec:
     """An evaluate task's sampling; its types carry the ranges a worker runs (`fedcore.settings`)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = CONFIG
 
     num_samples: EvalSamples = 2000  # images generated per evaluated model
     sampler: SamplerKind = "ddim"  # "ddim" during training, "ddpm" (all T steps) for the paper-protocol number

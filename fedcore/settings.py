@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from annotated_types import Interval
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 T = TypeVar("T")
+
+# What every typed config built here takes (each declares `__pydantic_config__ = settings.CONFIG`, and `build`
+# refuses one that does not): no unknown key, and no NaN or infinity in any number ('.inf' in YAML, 'inf' or
+# '1e400' as a flag), whatever its range. Booleans are strict on top (`build`): True is no number, 1 no boolean.
+CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 # --- what a worker runs -------------------------------------------------------------------------------------
 MAX_EPOCHS = 10_000
@@ -33,11 +40,16 @@ SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM st
 # --- common shapes of settings ------------------------------------------------------------------------------
 Positive = Annotated[int, Interval(ge=1)]
 NonNegative = Annotated[int, Interval(ge=0)]
-FiniteNonNegative = Annotated[float, Interval(ge=0, lt=math.inf)]  # NaN and infinities fall outside
-Seconds = Annotated[float, Interval(gt=0)]
+FiniteNonNegative = Annotated[float, Interval(ge=0)]
+# A duration waited here (threading, asyncio): at most what Python's waits take. One sent to the other side
+# takes its field's bound on top (`fedcore.wire_bounds.largest`).
+MAX_WAIT_SECONDS = threading.TIMEOUT_MAX
+Seconds = Annotated[float, Interval(gt=0, le=MAX_WAIT_SECONDS)]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1
 Port = Annotated[int, Interval(ge=-1, le=65535)]  # -1 = off, 0 = a free port the system picks
+# torch's CPU threads: more than the machine's CPUs never runs faster, and torch tries to start every one of them
+Threads = Annotated[int, Interval(ge=0, le=os.cpu_count() or 1)]
 ProgressMode = Literal["auto", "bar", "log", "off"]  # auto: a live line on a terminal, log lines otherwise
 
 
@@ -67,18 +79,63 @@ def flag(loc: Location) -> str:
 
 def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location], str] = dotted) -> T:
     """`cls` (a dataclass) from `values`, each converted to its field's type ('1e-4' to a float, '3' to an
-    int; 2.5 is no int); SettingsError for an unknown key, a value that does not convert or one outside its
-    range, and for what the dataclass's own checks refuse. `name` turns a setting's location into the name
-    the user knows it by (a flag, a key of a file)."""
+    int; 2.5 is no int, True no number, 1 no boolean, 'inf' and 'nan' no number at all); SettingsError for an
+    unknown key, a value that does not convert or one outside its range, and for what the dataclass's own
+    checks refuse. `name` turns a setting's location into the name the user knows it by (a flag, a key of a
+    file)."""
+    adapter = _adapter(cls)
+    errors = _strict_bools(cls, values, ())
     try:
-        return _adapter(cls).validate_python(dict(values))
+        built = adapter.validate_python(dict(values))
     except ValidationError as e:
-        raise SettingsError("; ".join(_message(cls, err, name) for err in e.errors())) from None
+        taken = {tuple(err["loc"]) for err in errors}
+        errors += [err for err in e.errors() if tuple(err["loc"]) not in taken]
+    if errors:
+        raise SettingsError("; ".join(_message(cls, err, name) for err in errors)) from None
+    return built
 
 
 @functools.cache
 def _adapter(cls: type[T]) -> TypeAdapter[T]:
+    """The validator of `cls`, which must take `CONFIG` (a dataclass it holds takes it from `cls`, or
+    declares it too)."""
+    outer, *nested = _configs(cls)
+    if getattr(outer, "__pydantic_config__", None) is not CONFIG or any(getattr(c, "__pydantic_config__", CONFIG) is not CONFIG for c in nested):
+        raise TypeError(f"{cls.__qualname__} and the dataclasses it holds must take __pydantic_config__ = fedcore.settings.CONFIG")
     return TypeAdapter(cls)
+
+
+def _configs(cls: type) -> list[type]:
+    """`cls` and the dataclasses its fields hold, however deep."""
+    nested = [_strip(tp) for tp in get_type_hints(cls, include_extras=True).values()]
+    return [cls] + [c for tp in nested if is_dataclass(tp) for c in _configs(tp)]  # type: ignore[arg-type]
+
+
+def _strict_bools(cls: type, values: Mapping[str, Any], loc: Location) -> list[dict[str, Any]]:
+    """Errors (in pydantic's form) where a boolean stands for a number or a number for a boolean: pydantic's
+    lax mode, which converts the strings '3' and 'true' for a flag or a file of strings, also takes True as 1
+    and 1 as True."""
+    hints = get_type_hints(cls, include_extras=True)
+    errors: list[dict[str, Any]] = []
+    for key, value in values.items():
+        if key not in hints:
+            continue  # an unknown setting: pydantic names it
+        target = _strip(hints[key])
+        if is_dataclass(target) and isinstance(value, Mapping):
+            errors += _strict_bools(target, value, (*loc, key))  # type: ignore[arg-type]
+        elif isinstance(value, (bool, int, float)) and isinstance(value, bool) != (bool in _scalars(hints[key])):
+            errors.append({"loc": (*loc, key), "input": value, "type": "strict_bool"})
+    return errors
+
+
+def _scalars(tp: Any) -> set[Any]:
+    """The scalar types a setting of type `tp` takes (a Literal's by its values)."""
+    tp = _strip(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        return set().union(*(_scalars(a) for a in get_args(tp)))
+    if get_origin(tp) is Literal:
+        return {type(a) for a in get_args(tp)}
+    return {get_origin(tp) or tp}
 
 
 def _message(cls: type, err: Any, name: Callable[[Location], str]) -> str:
@@ -89,7 +146,9 @@ def _message(cls: type, err: Any, name: Callable[[Location], str]) -> str:
         return f"unknown setting {name(loc)} (known: {', '.join(_known(cls, loc[:-1]))})"
     if err["type"] == "missing_argument":
         return f"{name(loc)} is required"
-    return f"{name(loc)} = {err['input']!r}: expected {expected(_field_type(cls, loc))}"
+    reason = str(err.get("ctx", {}).get("error", "")) if err["type"] == "value_error" else ""
+    found = f"; {reason}" if reason else ""  # what a validator of the type found, when it says more
+    return f"{name(loc)} = {err['input']!r}: expected {expected(_field_type(cls, loc))}{found}"
 
 
 def _field_type(cls: type, loc: Location) -> Any:
@@ -112,7 +171,7 @@ def _strip(tp: Any) -> Any:
     return get_args(tp)[0] if get_origin(tp) is Annotated else tp
 
 
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 
 def expected(tp: Any) -> str:
@@ -123,10 +182,11 @@ def expected(tp: Any) -> str:
         described = [m.words for m in metadata if isinstance(m, Described)]
         if described:
             return described[0]
-        text = expected(base)
-        for m in metadata:
-            if isinstance(m, Interval):
-                text += " " + _interval(m, integral=base is int)
+        intervals = [m for m in metadata if isinstance(m, Interval)]
+        bounded = any(m.le is not None or m.lt is not None for m in intervals)
+        text = "a number" if base is float and bounded else expected(base)  # within bounds a number is finite
+        for m in intervals:
+            text += " " + _interval(m, integral=base is int)
         return text
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
@@ -144,3 +204,13 @@ def _interval(m: Interval, *, integral: bool) -> str:
     if low is not None:
         return f"{'>=' if m.ge is not None else '>'} {low}"
     return f"{'<=' if m.le is not None else '<'} {high}"
+
+
+def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
+    """A flag's help: its meaning (`words`), then the type and range its setting declares, in the words of
+    `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
+    boolean) and a free string (a path, an address) have their meaning alone, and their default if any."""
+    typed = [] if tp in (bool, str, str | None) else [expected(tp)]
+    given = [] if default in (None, "") or tp is bool else [f"default {default}"]
+    text = ", ".join(typed + given)
+    return f"{words}: {text}" if words and text else words or text

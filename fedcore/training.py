@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import ConfigDict
+from pydantic import AfterValidator
 from torch import nn
 
 from fedcore.diffusion import LossKind, Schedule, training_loss
-from fedcore.settings import BatchSize, Epochs, LearningRate, NonNegative
+from fedcore import settings
+from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
 Toggle = Literal["auto", "on", "off"]
 ADAM_BETAS = (0.9, 0.999)  # torch's defaults; the server bounds a delta's values by the steps they allow (fedcore.robust)
@@ -23,7 +24,7 @@ class TrainConfig:
     """A round's local training, sent with each task; its types carry the ranges a worker runs
     (`fedcore.settings`: build it with `settings.build` to have them checked)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = settings.CONFIG
 
     epochs: Epochs = 5  # E: local epochs per round
     batch_size: BatchSize = 128
@@ -35,23 +36,63 @@ class TrainConfig:
 class SpeedConfig:
     """How fast a worker trains; none of it changes the function trained (beyond bf16 rounding)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = settings.CONFIG
 
-    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    device: Device = "auto"  # "auto" = CUDA when present, else CPU
     bf16: Toggle = "auto"  # bf16 autocast: on where the device runs bf16 natively (CUDA, or AVX512-BF16/AMX CPUs)
     channels_last: Toggle = "auto"  # NHWC memory format: on (faster convs on CUDA and with oneDNN on CPU)
     fused_adam: Toggle = "auto"  # fused Adam kernel: on (CUDA and CPU)
     compile: Toggle = "auto"  # torch.compile, with CUDA graphs on CUDA: on CUDA only (on CPU it was slower)
-    threads: NonNegative = 0  # CPU threads for torch (0 = leave torch's default)
+    threads: Threads = 0  # CPU threads for torch (0 = leave torch's default)
+
+
+def offered_devices() -> list[str]:
+    """The devices this machine trains on, as a setting names them: auto, cpu, each CUDA GPU, mps."""
+    offered = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        offered += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        offered.append("mps")
+    return offered
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is not a device of this machine (with what it offers), or None when it is."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"not a device name; this machine offers {', '.join(offered_devices())}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
+        return None
+    if device.type == "mps" and torch.backends.mps.is_available() and not device.index:
+        return None
+    return f"no such device here; this machine offers {', '.join(offered_devices())}"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` names ("auto" = CUDA when present, else CPU); ValueError naming it and what this
+    machine offers when it has no such device."""
+    problem = device_problem(name)
+    if problem is not None:
+        raise ValueError(f"device {name!r}: {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
+    return torch.device(name)
+
+
+def _on_this_machine(name: str) -> str:
+    problem = device_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+# A device setting: checked against this machine when the setting is built (at start), not at first use.
+Device = Annotated[str, AfterValidator(_on_this_machine), settings.Described("auto, cpu, cuda, cuda:N or mps")]
 
 
 def cpu_has_native_bf16() -> bool:

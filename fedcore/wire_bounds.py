@@ -240,6 +240,16 @@ BOUNDS: Mapping[str, Bound] = {
     "StatusResponse.workers_connected": ROUND,
 }
 
+def largest(field: str, *, per_unit: int = 1) -> float:
+    """The largest value of a setting that is sent as `field` (a number), with `per_unit` of the field's units
+    to one of the setting's (1000: seconds sent as milliseconds): the setting's upper bound, so that a value
+    which passes the configuration's checks also fits the wire."""
+    bound = BOUNDS[field]
+    if not isinstance(bound, Number) or bound.open_high:
+        raise TypeError(f"{field} is not a number with a closed upper bound: {bound}")
+    return bound.most if per_unit == 1 else bound.most / per_unit
+
+
 _BOUNDED_TYPES = frozenset(
     {
         FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT,

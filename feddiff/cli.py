@@ -81,12 +81,9 @@ def _federation_config(args: argparse.Namespace):  # -> FederationConfig
     return FederationConfig.from_settings(**{n: getattr(args, n) for n in names})
 
 
-def speed_config(args: argparse.Namespace):  # -> SpeedConfig
-    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
-    from fedcore import settings
-    from fedcore.training import SpeedConfig
-
-    values = {
+def speed_values(args: argparse.Namespace) -> dict[str, object]:
+    """The speed flags as given (strings), by SpeedConfig field."""
+    return {
         "device": args.device,
         "bf16": args.bf16,
         "channels_last": args.channels_last,
@@ -94,7 +91,14 @@ def speed_config(args: argparse.Namespace):  # -> SpeedConfig
         "compile": "off" if args.no_compile else args.compile,
         "threads": args.threads,
     }
-    return settings.build(SpeedConfig, values, name=settings.flag)
+
+
+def speed_config(args: argparse.Namespace):  # -> SpeedConfig
+    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
+    from fedcore import settings
+    from fedcore.training import SpeedConfig
+
+    return settings.build(SpeedConfig, speed_values(args), name=settings.flag)
 
 
 @_command("simulate")
@@ -152,7 +156,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     tune_for_streaming()
     _setup_logging()
-    return run_worker(from_args(args, speed_config(args)))
+    return run_worker(from_args(args, speed_values(args)))
 
 
 def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
@@ -242,16 +246,29 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields
+    "device": "where to train",
+    "bf16": "bf16 autocast (auto: on GPUs and CPUs that run bf16 natively)",
+    "channels_last": "NHWC memory format",
+    "fused_adam": "fused Adam kernel",
+    "compile": "torch.compile with CUDA graphs (auto: on CUDA)",
+    "threads": "CPU threads for torch (0 = torch's default)",
+}
+
+
 def add_speed_args(p: argparse.ArgumentParser) -> None:
-    """Values stay strings here: `speed_config` converts them."""
-    toggles = "auto | on | off"
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--bf16", default="auto", help=f"bf16 autocast: {toggles} (auto: on GPUs and CPUs that run bf16 natively)")
-    p.add_argument("--channels-last", default="auto", help=toggles)
-    p.add_argument("--fused-adam", default="auto", help=toggles)
-    p.add_argument("--compile", default="auto", help=f"torch.compile with CUDA graphs: {toggles} (auto: on CUDA)")
+    """The speed flags, each with the type and range its SpeedConfig field declares. Values stay strings
+    here: `speed_config` converts them."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from fedcore import settings
+    from fedcore.training import SpeedConfig
+
+    types = get_type_hints(SpeedConfig, include_extras=True)
+    for f in fields(SpeedConfig):
+        p.add_argument(settings.flag((f.name,)), default=f.default, help=settings.flag_help(types[f.name], f.default, SPEED_MEANING[f.name]))
     p.add_argument("--no-compile", action="store_true", help="same as --compile off")
-    p.add_argument("--threads", default=0, help="CPU threads for torch (0 = torch's default)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
-from typing import Annotated
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Annotated, get_type_hints
 
 from annotated_types import Interval
-from pydantic import ConfigDict
+from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.splits import SplitKind
 from fedcore.training import SpeedConfig
+from fedcore.wire_bounds import largest
+
+
+def _grayscale_or_rgb(channels: int) -> int:
+    if channels not in (1, 3):
+        raise ValueError()  # the type's words say it all
+    return channels
+
+
+Channels = Annotated[int, AfterValidator(_grayscale_or_rgb), settings.Described("1 (grayscale) or 3 (RGB)")]
+# The long poll's length, sent in milliseconds (WaitTaskRequest.timeout_ms)
+WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeout_ms", per_unit=1000))]
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """Every setting of a worker; `from_args` converts each flag to its type or refuses it."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = settings.CONFIG
 
     coordinator: str  # HOST:PORT of the coordinator
     worker_id: str = ""  # stable identity; default: the one saved in state_dir, else a new random one
     # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
-    client_index: int = -1
+    client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (with data_dir)
     num_clients: Positive = 1
     split: SplitKind = "iid"
     beta: Annotated[float, Interval(gt=0)] = 0.5  # Dirichlet concentration of the skewed splits
@@ -33,17 +46,17 @@ class WorkerConfig:
     data_root: str | None = None  # Fashion-MNIST folder (default: Debian's package)
     data_dir: str = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
     image_size: Positive = 28  # size the --data-dir images are brought to (must match the model)
-    channels: int = 1  # 1 (grayscale) or 3 (RGB) for --data-dir images
+    channels: Channels = 1  # for --data-dir images
     state_dir: str = "runs/worker"  # identity and private parts, kept across restarts
     speed: SpeedConfig = SpeedConfig()
     metrics_port: Port = -1  # Prometheus /metrics; -1 disables, 0 picks a free port
-    wait_timeout: Seconds = 30.0  # long-poll duration of one WaitTask call
+    wait_timeout: WaitTimeout = 30.0  # long-poll duration of one WaitTask call
     backoff_initial: Seconds = 0.5  # first delay after a failure (reconnect, refused task), doubled up to backoff_max
     backoff_max: Seconds = 30.0
     # Bandwidth caps in bytes per second (0 = none), for a worker on a shared or metered link: uploads are
     # paced as they are sent; downloads as they are read, and HTTP/2 flow control slows the coordinator down.
-    upload_rate_limit: int = 0
-    download_rate_limit: int = 0
+    upload_rate_limit: NonNegative = 0
+    download_rate_limit: NonNegative = 0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
     inception_weights: str = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
     ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
@@ -61,51 +74,65 @@ class WorkerConfig:
             raise ValueError(
                 f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)"
             )
-        if self.upload_rate_limit < 0 or self.download_rate_limit < 0:
-            raise ValueError(f"rate limits must be >= 0 bytes/s, got {self.upload_rate_limit} / {self.download_rate_limit}")
         if ":" not in self.coordinator:
             raise ValueError(f"--coordinator {self.coordinator!r} must be HOST:PORT")
-        if self.channels not in (1, 3):
-            raise ValueError(f"--channels {self.channels} must be 1 (grayscale) or 3 (RGB)")
+
+
+# What each flag means; its type, range and default come from WorkerConfig's fields.
+_MEANING = {
+    "coordinator": "HOST:PORT of the coordinator",
+    "worker_id": "stable identity (default: the one saved in --state-dir, else a new random one)",
+    "client_index": "this worker's Fashion-MNIST shard",
+    "num_clients": "Fashion-MNIST shards in the split",
+    "split": "how the shards are drawn",
+    "beta": "Dirichlet concentration of the skewed splits",
+    "seed": "split seed",
+    "max_images": "training images used before splitting (0 = all)",
+    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
+    "data_dir": "a folder of images (PNG, JPEG, TIFF, WebP, BMP) to train on instead",
+    "image_size": "--data-dir images are resized to this",
+    "channels": "channels of the --data-dir images",
+    "state_dir": "identity and private parts, kept across restarts",
+    "metrics_port": "Prometheus /metrics (-1 = off, 0 = a free port)",
+    "wait_timeout": "seconds one WaitTask long poll lasts",
+    "upload_rate_limit": "cap on update uploads in bytes per second (0 = none)",
+    "download_rate_limit": "cap on weight downloads in bytes per second (0 = none)",
+    "inception_weights": "pytorch-fid Inception weights file for FD (never downloaded)",
+    "ready_file": "write the worker id and metrics port here once started (scripts, tests)",
+    "progress": "a live bar on a terminal (auto), bar, log lines, or nothing",
+    "insecure": "plain-text gRPC",
+    "tls_ca": "CA certificate the coordinator's certificate is checked against",
+    "tls_cert": "this worker's certificate (mutual TLS)",
+    "tls_key": "its private key",
+    "tls_server_name": "name checked in the coordinator's certificate (default: the host of --coordinator)",
+    "token_file": "file holding this worker's token (sent as a bearer token)",
+}
+_NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # speed: feddiff.cli's speed flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The worker's flags. Values stay strings here: `from_args` converts them to the settings' types."""
-    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    p.add_argument("--worker-id", default="", help="stable identity (default: saved in --state-dir, else random)")
-    p.add_argument("--client-index", default=-1, help="this worker's Fashion-MNIST shard")
-    p.add_argument("--num-clients", default=1)
-    p.add_argument("--split", default="iid", help="iid | quantity | label")
-    p.add_argument("--beta", default=0.5)
-    p.add_argument("--seed", default=2023, help="split seed")
-    p.add_argument("--max-images", default=0)
-    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
-    p.add_argument("--data-dir", default="", help="a folder of images (PNG, JPEG, TIFF, WebP, BMP) to train on instead")
-    p.add_argument("--image-size", default=28, help="--data-dir images are resized to this")
-    p.add_argument("--channels", default=1, help="1 (grayscale) or 3 (RGB) for --data-dir images")
-    p.add_argument("--state-dir", default="runs/worker")
-    p.add_argument("--metrics-port", default=-1)
-    p.add_argument("--wait-timeout", default=30.0)
-    p.add_argument("--upload-rate-limit", default=0, metavar="BYTES_PER_S", help="cap on update uploads (0 = none)")
-    p.add_argument("--download-rate-limit", default=0, metavar="BYTES_PER_S", help="cap on weight downloads (0 = none)")
+    """The worker's flags, each with the type and range its field declares. Values stay strings here (None:
+    not given): `from_args` converts them to the settings' types."""
+    types = get_type_hints(WorkerConfig, include_extras=True)
+    for f in fields(WorkerConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag, words = settings.flag((f.name,)), _MEANING[f.name]
+        if types[f.name] is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=words)
+        else:
+            default = None if f.default is MISSING else f.default
+            p.add_argument(flag, required=f.default is MISSING, default=None, help=settings.flag_help(types[f.name], default, words))
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
-    p.add_argument("--inception-weights", default="", help="pytorch-fid Inception weights file for FD (never downloaded)")
-    p.add_argument("--ready-file", default="", help="write the metrics port here once started (scripts, tests)")
-    p.add_argument("--progress", default="auto", help="auto | bar | log | off")
-    p.add_argument("--insecure", action="store_true", help="plain-text gRPC")
-    p.add_argument("--tls-ca", default="")
-    p.add_argument("--tls-cert", default="")
-    p.add_argument("--tls-key", default="")
-    p.add_argument("--tls-server-name", default="")
-    p.add_argument("--token-file", default="")
 
 
 def _flag(loc: settings.Location) -> str:
     return "--keep-running" if loc == ("exit_when_done",) else settings.flag(loc)
 
 
-def from_args(args: argparse.Namespace, speed: SpeedConfig) -> WorkerConfig:
-    """The worker's configuration; SettingsError (one line) names every flag whose value does not convert."""
-    values = {f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)}
+def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
+    """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
+    line) names every flag whose value does not convert."""
+    values = {f.name: getattr(args, f.name) for f in fields(WorkerConfig) if getattr(args, f.name, None) is not None}
     values.update(speed=speed, exit_when_done=not args.keep_running)
     return settings.build(WorkerConfig, values, name=_flag)

@@ -61,7 +61,7 @@ def test_every_setting_refuses_a_value_of_the_wrong_type_in_the_file(name: str, 
     with pytest.raises(SettingsError) as e:
         CoordinatorConfig.load(path, {})
 
-    assert str(e.value) == f"{name} (in {path}) = {bad!r}: expected {settings.expected(TYPES[name])}"
+    assert str(e.value).startswith(f"{name} (in {path}) = {bad!r}: expected {settings.expected(TYPES[name])}")
 
 
 @pytest.mark.parametrize("name", [n for n in SETTINGS if TYPES[n] not in (bool, str)])
@@ -80,7 +80,7 @@ def test_flags_override_the_file_and_each_is_named_by_where_it_came_from(tmp_pat
         CoordinatorConfig.load(path, {"batch_size": "0", "epochs": "2"})
 
     assert str(e.value) == (
-        f"rounds (in {path}) = 2.5: expected an integer >= 1; --batch-size = '0': expected an integer in 1..{settings.MAX_BATCH}"
+        f"rounds (in {path}) = 2.5: expected an integer in 1..{2**32 - 1}; --batch-size = '0': expected an integer in 1..{settings.MAX_BATCH}"
     )
     assert CoordinatorConfig.load(path, {"rounds": "4", "epochs": "2"}).epochs == 2
 
@@ -144,13 +144,13 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
-        ({"worker_sizes": "hospital-1=0"}, "--worker-sizes = 'hospital-1=0': expected a mapping of worker id to images in 1..4294967295"),
+        ({"worker_sizes": "hospital-1=0"}, "--worker-sizes = 'hospital-1=0': expected a mapping of worker id to images in 1..4294967295 (a flag: ID=N,ID=N); worker 'hospital-1': 0 images"),
         ({"worker_sizes": "hospital-1=4294967296"}, "--worker-sizes = 'hospital-1=4294967296': expected a mapping"),
-        ({"worker_sizes": "../x=5,y=5"}, "--worker-sizes = '../x=5,y=5': expected a mapping"),
+        ({"worker_sizes": "../x=5,y=5"}, "--worker-sizes = '../x=5,y=5': expected a mapping of worker id to images in 1..4294967295 (a flag: ID=N,ID=N); '../x' is no worker id"),
         ({"worker_sizes": "hospital-1=5"}, "min_workers 2 is more than the 1 workers in worker_sizes: no round could start"),
-        ({"clip_multiplier": "nan"}, "--clip-multiplier = 'nan': expected a number in [0, inf)"),
-        ({"max_delta_value": "-1"}, "--max-delta-value = '-1': expected a number in [0, inf)"),
-        ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected a number in [0, inf)"),
+        ({"clip_multiplier": "nan"}, "--clip-multiplier = 'nan': expected a finite number >= 0"),
+        ({"max_delta_value": "-1"}, "--max-delta-value = '-1': expected a finite number >= 0"),
+        ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected a finite number >= 0"),
     ],
 )
 def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[str, str], line: str) -> None:

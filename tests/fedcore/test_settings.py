@@ -4,12 +4,12 @@ and applied by the coordinator at start and by a worker to every task."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 import pytest
 from annotated_types import Interval
-from pydantic import ConfigDict
 
 from fedcore import settings
 from fedcore.errors import SettingOutOfRange
@@ -30,7 +30,7 @@ class Inner:
 
 @dataclass(frozen=True)
 class Outer:
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = settings.CONFIG
 
     count: Annotated[int, Interval(ge=1, le=9)] = 1
     rate: Annotated[float, Interval(gt=0, lt=1)] = 0.5
@@ -73,7 +73,8 @@ def test_a_value_that_does_not_fit_is_refused_in_one_line_naming_it(values: dict
         (str | None, "a string"),
         (bool, "true or false"),
         (settings.Positive, "an integer >= 1"),
-        (settings.Seconds, "a number > 0"),
+        (settings.Seconds, f"a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        (settings.FiniteNonNegative, "a finite number >= 0"),
         (settings.Fraction, "a number in (0, 1]"),
         (settings.Epochs, f"an integer in 1..{settings.MAX_EPOCHS}"),
         (settings.LearningRate, "a number in (0, 1)"),
@@ -91,7 +92,7 @@ def test_the_named_choices_are_the_presets_and_the_strategies() -> None:
 
 def test_speed_settings_are_converted_and_checked() -> None:
     assert build(SpeedConfig, {"bf16": "on", "threads": "2"}) == SpeedConfig(bf16="on", threads=2)
-    with pytest.raises(SettingsError, match="threads = '-1': expected an integer >= 0"):
+    with pytest.raises(SettingsError, match=rf"threads = '-1': expected an integer in 0..{os.cpu_count()}"):
         build(SpeedConfig, {"threads": "-1"})
 
 

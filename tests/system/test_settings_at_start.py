@@ -1,0 +1,247 @@
+"""Settings that would pass a range check and fail at run time are refused at start: a number the wire cannot
+carry or a wait Python cannot time, NaN and infinities, a boolean for a number, a device this machine does
+not have. Each ends the start with exit status 2 and one line naming the flag or key, the value and what it
+takes; every number a worker is sent fits its field of the wire contract at the top of its range."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
+
+import grpc
+import pytest
+from annotated_types import Interval
+
+from fedcore import settings, wire_bounds
+from fedcore.errors import FieldOutOfRange
+from fedcore.metrics import Metrics
+from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.training import SpeedConfig, TrainConfig
+from fedcore.evaluation import SamplingSpec
+from feddiff.cli import build_parser, main
+from coordinator.config import CoordinatorConfig
+from coordinator.server import Coordinator
+from worker.config import WorkerConfig
+from tests.system.raw_client import RawWorker
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ["worker", "--coordinator", "127.0.0.1:9", "--client-index", "0", "--insecure"]
+U32 = 2**32 - 1
+
+# Every numeric setting of both configs, and what it feeds: a field of the wire contract (with the units of
+# the setting per unit of the field), or this process alone (a count, a local wait, a port, a local limit).
+SENT = {
+    (CoordinatorConfig, "rounds"): ("JoinResponse.rounds", 1),
+    (CoordinatorConfig, "heartbeat_interval"): ("JoinResponse.heartbeat_interval_ms", 1000),
+    (CoordinatorConfig, "chunk_size"): ("JoinResponse.chunk_size", 1),
+    (CoordinatorConfig, "epochs"): ("TrainSpec.epochs", 1),
+    (CoordinatorConfig, "batch_size"): ("TrainSpec.batch_size", 1),
+    (CoordinatorConfig, "seed"): ("EvalSpec.seed", 1),
+    (CoordinatorConfig, "eval_samples"): ("EvalSpec.num_samples", 1),
+    (CoordinatorConfig, "eval_steps"): ("EvalSpec.steps", 1),
+    (WorkerConfig, "wait_timeout"): ("WaitTaskRequest.timeout_ms", 1000),
+}
+SENT_OPEN = {(CoordinatorConfig, "lr"): "TrainSpec.lr"}  # a range open at its top, as the wire's
+LOCAL = {
+    (CoordinatorConfig, name)
+    for name in (
+        "clients_per_round", "min_workers", "round_deadline", "quorum", "health_port", "metrics_port", "max_concurrent_uploads",
+        "upload_idle_timeout", "heartbeat_timeout", "max_refused_attempts", "max_delta_value", "max_weight_share", "clip_norm",
+        "clip_multiplier", "departed_retention", "eval_every",
+    )
+} | {
+    (WorkerConfig, name)
+    for name in ("client_index", "num_clients", "beta", "seed", "max_images", "image_size", "channels", "metrics_port", "backoff_initial",
+                 "backoff_max", "upload_rate_limit", "download_rate_limit")
+} | {(SpeedConfig, "threads")}  # fmt: skip
+# Seconds waited here (threading and asyncio waits, gRPC deadlines): at most what Python's waits take.
+WAITS = [
+    (CoordinatorConfig, "round_deadline"), (CoordinatorConfig, "upload_idle_timeout"), (CoordinatorConfig, "heartbeat_timeout"),
+    (CoordinatorConfig, "heartbeat_interval"), (WorkerConfig, "wait_timeout"), (WorkerConfig, "backoff_initial"), (WorkerConfig, "backoff_max"),
+]  # fmt: skip
+
+
+def _numeric(cls: type) -> list[tuple[type, str]]:
+    out = []
+    for name, tp in get_type_hints(cls, include_extras=True).items():
+        base = get_args(tp)[0] if get_origin(tp) is Annotated else tp
+        if base in (int, float):
+            out.append((cls, name))
+    return out
+
+
+def _upper(cls: type, name: str) -> float:
+    tp = get_type_hints(cls, include_extras=True)[name]
+    return min(m.le if m.le is not None else m.lt for m in get_args(tp)[1:] if isinstance(m, Interval) and (m.le is not None or m.lt is not None))
+
+
+def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
+    """A new numeric setting fails here until someone has looked at what it feeds."""
+    numeric = {*_numeric(CoordinatorConfig), *_numeric(WorkerConfig), *_numeric(SpeedConfig)}
+    assert numeric == set(SENT) | set(SENT_OPEN) | LOCAL
+
+
+@pytest.mark.parametrize(("setting", "sent"), list(SENT.items()), ids=[f"{c.__name__}.{n}" for c, n in SENT])
+def test_a_setting_sent_to_the_other_side_takes_its_fields_bound(setting: tuple[type, str], sent: tuple[str, int]) -> None:
+    cls, name = setting
+    field, per_unit = sent
+    assert _upper(cls, name) == wire_bounds.largest(field, per_unit=per_unit)
+
+
+def test_the_learning_rate_takes_the_wires_open_range() -> None:
+    ((setting, field),) = SENT_OPEN.items()
+    bound = wire_bounds.BOUNDS[field]
+    assert isinstance(bound, wire_bounds.Number) and bound.open_high and _upper(*setting) == bound.most == _upper(TrainConfig, "lr")
+
+
+@pytest.mark.parametrize("setting", WAITS, ids=[f"{c.__name__}.{n}" for c, n in WAITS])
+def test_every_wait_is_one_python_can_time(setting: tuple[type, str]) -> None:
+    assert _upper(*setting) <= settings.MAX_WAIT_SECONDS
+
+
+def test_the_largest_values_fit_the_messages_they_are_sent_in() -> None:
+    join = pb.JoinResponse(session_id="s", heartbeat_interval_ms=int(_upper(CoordinatorConfig, "heartbeat_interval") * 1000), rounds=int(_upper(CoordinatorConfig, "rounds")), chunk_size=int(_upper(CoordinatorConfig, "chunk_size")), strategy="udec")
+    wait = pb.WaitTaskRequest(timeout_ms=int(_upper(WorkerConfig, "wait_timeout") * 1000))
+    spec = pb.EvalSpec(sampler="ddim", steps=int(_upper(CoordinatorConfig, "eval_steps")), num_samples=int(_upper(CoordinatorConfig, "eval_samples")), seed=int(_upper(CoordinatorConfig, "seed")))
+
+    for msg in (join, wait, spec):
+        wire_bounds.check(msg, FieldOutOfRange)
+    assert (join.heartbeat_interval_ms, join.rounds, wait.timeout_ms) == (U32, U32, U32)
+
+
+@contextmanager
+def _coordinator(tmp_path: Path, **overrides: object) -> Iterator[Coordinator]:
+    cfg = CoordinatorConfig(
+        model="tiny", min_workers=2, listen="localhost:0", metrics_port=-1, insecure=True, progress="off",
+        checkpoint_dir=str(tmp_path / "ckpt"), **overrides,  # type: ignore[arg-type]
+    )  # fmt: skip
+    coord = Coordinator(cfg, Metrics()).start()
+    try:
+        yield coord
+    finally:
+        coord.stop(grace=0)
+
+
+def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -> None:
+    """The join that ended in UNKNOWN (heartbeat_interval_ms and rounds out of uint32) at the largest values
+    the settings now take."""
+    rounds, interval = int(_upper(CoordinatorConfig, "rounds")), _upper(CoordinatorConfig, "heartbeat_interval")
+    cfg = CoordinatorConfig.load(None, {"rounds": str(rounds), "heartbeat_interval": str(interval)})
+
+    with _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval) as coord, grpc.insecure_channel(coord.address) as channel:
+        joined = RawWorker(channel, "w").join()
+
+    assert (joined.rounds, joined.heartbeat_interval_ms) == (U32, U32)
+
+
+# --- refused at start, in one line --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["coordinator", "--heartbeat-interval", "5000000"], "--heartbeat-interval = '5000000': expected a number in (0, 4294967.295]"),
+        (["coordinator", "--rounds", str(2**32)], f"--rounds = '{2**32}': expected an integer in 1..{U32}"),
+        (["coordinator", "--round-deadline", "inf"], f"--round-deadline = 'inf': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        (["coordinator", "--upload-idle-timeout", "nan"], f"--upload-idle-timeout = 'nan': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        (["coordinator", "--clip-norm", "1e400"], "--clip-norm = '1e400': expected a finite number >= 0"),
+        (["coordinator", "--eval-device", "tpu"], "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
+        ([*WORKER, "--wait-timeout", "5000000"], "--wait-timeout = '5000000': expected a number in (0, 4294967.295]"),
+        ([*WORKER, "--wait-timeout", "1e400"], "--wait-timeout = '1e400': expected a number in (0, 4294967.295]"),
+        ([*WORKER, "--wait-timeout", "inf"], "--wait-timeout = 'inf': expected a number in (0, 4294967.295]"),
+        ([*WORKER, "--beta", "nan"], "--beta = 'nan': expected a finite number > 0"),
+        ([*WORKER, "--threads", "1000000"], f"--threads = '1000000': expected an integer in 0..{os.cpu_count()}"),
+        ([*WORKER, "--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
+        ([*WORKER, "--device", "cuda:7"], "--device = 'cuda:7': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
+        ([*WORKER, "--device", "mps"], "--device = 'mps': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
+        ([*WORKER, "--device", "cuda:x"], "--device = 'cuda:x': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
+    ],
+)
+def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if "this machine offers" in line:
+        import torch
+
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            line = line.split("this machine offers")[0]  # it offers more than the CPU
+            if "cuda:7" in argv and torch.cuda.device_count() > 7 or "mps" in argv and torch.backends.mps.is_available():
+                pytest.skip("this machine has the device")
+    if argv[0] == "coordinator":
+        argv = [*argv, "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    else:
+        argv = [*argv, "--state-dir", str(tmp_path / "state")]
+
+    assert main(argv) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"feddiff {argv[0]}: error: {line}") and err.count("\n") == 1, err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("rounds: 100000000000000000000000\n", f"rounds (in {{path}}) = 100000000000000000000000: expected an integer in 1..{U32}"),
+        ("rounds: 1e23\n", f"rounds (in {{path}}) = '1e23': expected an integer in 1..{U32}"),
+        ("round_deadline: .inf\n", f"round_deadline (in {{path}}) = inf: expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        ("quorum: .nan\n", "quorum (in {path}) = nan: expected a number in (0, 1]"),
+        ("epochs: true\n", "epochs (in {path}) = True: expected an integer in 1..10000"),
+        ("lr: false\n", "lr (in {path}) = False: expected a number in (0, 1)"),
+        ("resume: 1\n", "resume (in {path}) = 1: expected true or false"),
+    ],
+)
+def test_a_yaml_value_that_would_fail_at_run_time_is_refused_at_start(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(text)
+
+    assert main(["coordinator", "--config", str(path), "--insecure", "--listen", "127.0.0.1:0", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+
+    assert capsys.readouterr().err == f"feddiff coordinator: error: {line.format(path=path)}\n"
+
+
+@pytest.mark.parametrize("cls", [CoordinatorConfig, WorkerConfig, SpeedConfig])
+def test_no_number_takes_a_boolean_nor_a_boolean_a_number_nor_any_number_nan_or_infinity(cls: type) -> None:
+    base = {"coordinator": "h:1", "client_index": 0} if cls is WorkerConfig else {}
+    types = get_type_hints(cls, include_extras=True)
+    for f in fields(cls):
+        tp = types[f.name]
+        bad: list[Any] = [1] if tp is bool else [True] if (cls, f.name) in set(SENT) | set(SENT_OPEN) | LOCAL else []
+        if get_type_hints(cls)[f.name] is float:
+            bad += [float("nan"), float("inf"), "-inf"]
+        for value in bad:
+            with pytest.raises(settings.SettingsError, match=f"^{f.name} = {value!r}: expected "):
+                settings.build(cls, {**base, f.name: value})
+
+
+def test_help_shows_each_flags_type_and_range_from_its_setting() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command, classes in (("coordinator", [CoordinatorConfig]), ("worker", [WorkerConfig, SpeedConfig])):
+        helps = {o: a.help or "" for a in commands[command]._actions for o in a.option_strings}
+        for cls in classes:
+            for _, name in _numeric(cls):
+                flag = settings.flag((name,))
+                if flag in helps:  # backoff_*: not flags
+                    tp = get_type_hints(cls, include_extras=True)[name]
+                    assert settings.expected(tp) in helps[flag], (flag, helps[flag])
+    worker_help = " ".join(commands["worker"].format_help().split())
+    assert "--wait-timeout WAIT_TIMEOUT seconds one WaitTask long poll lasts: a number in (0, 4294967.295], default 30.0" in worker_help
+
+
+def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_path: Path) -> None:
+    """The real process: one line on stderr, no traceback, and the coordinator never hears of it."""
+    with _coordinator(tmp_path) as coord:
+        result = subprocess.run(
+            [sys.executable, "-m", "feddiff", "worker", "--coordinator", coord.address, "--insecure", "--client-index", "0",
+             "--device", "tpu", "--state-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        known = coord.registry.all()
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("feddiff worker: error: --device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert known == []
