@@ -57,7 +57,9 @@ class WorkerRegistry:
 
         The same installation joining again (its process restarted, or it lost its session) replaces its
         older session at once. Another installation is refused with DuplicateWorker while the older session
-        is live (heard within the heartbeat timeout, not left), and takes the identity over once it is not."""
+        is live (heard within the heartbeat timeout, not left), and takes the identity over once it is not:
+        then it counts as holding no private parts, whatever it says, since it holds none the run gave this
+        identity (its next task carries the whole model)."""
         session = secrets.token_hex(16)
         with self._lock:
             self._forget_departed(self._clock())
@@ -71,9 +73,15 @@ class WorkerRegistry:
                 )
             if old is not None:
                 self._sessions.pop(old.session_id, None)
+                if old.info.installation_id != info.installation_id:  # what it keeps is not what the run gave this id
+                    info = replace(info, has_private_state=False)
             self._by_id[info.worker_id] = WorkerRecord(info, session, self._clock())
             self._sessions[session] = info.worker_id
         return session, live
+
+    def record(self, worker_id: str) -> WorkerRecord | None:
+        with self._lock:
+            return self._by_id.get(worker_id)
 
     def check_session(self, session_id: str) -> None:
         """UnknownWorker for a session never issued, ended, or forgotten (of any length: it is only looked up)."""

@@ -281,7 +281,7 @@ class RoundDriver:
 
     def _run_eval_phase(self, spec: SamplingSpec) -> None:
         """Ask every connected worker that holds private parts to score its own model; wait for the reports."""
-        connected = [r for r in self.registry.connected() if r.worker_id in self.federation.contacted]
+        connected = [r for r in self.registry.connected() if r.worker_id in self.federation.contacted and r.info.has_private_state]
         workers = [r.worker_id for r in connected]
         digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
         if not workers:
@@ -473,6 +473,31 @@ class RoundDriver:
         size = robust.registered.get(worker_id, num_examples)
         if num_examples > size:
             log.warning("worker %s claims %d images, more than the %d registered for it: it weighs %d", worker_id, num_examples, size, size)
+
+    def joined(self, worker_id: str) -> None:
+        """A worker joined (again). When it holds no private parts but its open task of the phase in progress
+        counts on them (another installation took its identity over, or it lost its state and says so), it
+        is never handed that task, which it could only fail: a training task is given again with the whole
+        model, and an evaluate task is withdrawn (it has no model of its own to score)."""
+        record = self.registry.record(worker_id)
+        if record is None or record.info.has_private_state:
+            return
+        with self._cond:
+            issued = self._issued.get(worker_id)
+            if issued is None or self._finished(worker_id) or issued.task.private <= issued.task.receives:
+                return
+            if self._round is not None:
+                task = self._round.send_whole_model(worker_id)
+                header = StreamHeader.of(self._round.payload(task.receives), digest_for(record.info.digests))
+                self._issued[worker_id] = IssuedTask(task, header)
+                log.info("worker %s holds no private parts: task %s now carries the whole model", worker_id, task.task_id)
+            else:
+                del self._issued[worker_id]
+                if self._eval is not None:
+                    self._eval.tasks.pop(worker_id, None)
+                self._arrivals.notify_all()
+                log.info("worker %s holds no private parts: its evaluate task %s is withdrawn", worker_id, issued.task.task_id)
+            self._changed()
 
     def reject(self, worker_id: str, task_id: str, reason: str, message: str) -> Refusal:
         """A worker cannot run its task of the phase in progress: it is not given that task again in this

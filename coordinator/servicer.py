@@ -138,6 +138,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.metrics.joins.labels(e.reason).inc()
             log.warning("refused join of %r: %s: %s", request.worker.worker_id[:140], e.reason, e)
             await abort(context, e)
+        # Before it hears of its session: a task it could only fail is replaced (hashing a payload, off the loop).
+        await asyncio.get_running_loop().run_in_executor(None, self.driver.joined, request.worker.worker_id)
         self.metrics.joins.labels("accepted").inc()
         fed = self.driver.federation.config
         return pb.JoinResponse(
@@ -172,6 +174,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         again = ""
         if replaced is not None:
             again = " again, ending its earlier session" if replaced.info.instance_id == w.instance_id else " after a restart, ending its earlier session"
+        record = self.registry.record(w.worker_id)
+        if w.has_private_state and record is not None and not record.info.has_private_state:
+            again += " from another installation than before, which holds none of its private parts"
         log.info("worker %s joined%s (%s%s, %d images)", w.worker_id, again, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
         return session
 

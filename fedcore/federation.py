@@ -355,6 +355,13 @@ class OpenRound:
                 cached = self._payloads[parts] = (data, payload_bytes_by_part(data, fed.layout))
             return cached
 
+    def send_whole_model(self, client: str) -> TrainTask:
+        """`client`'s task again, receiving the whole model: it lost the private parts its task counted on
+        (another installation took its identity over, or its state is gone). Its update is the same parts."""
+        with self._lock:
+            self.plan = self.plan.with_whole_model(client)
+        return self.task(client)
+
     def mark_sent(self, client: str) -> Ledger:
         """Count a completed download (returned: what it adds); a client that got the whole model holds one."""
         a = self.plan.assignment(client)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -63,6 +63,13 @@ class RoundPlan:
     def reporters(self, part: Part) -> list[str]:
         """Clients whose update carries `part`: the part is averaged over these alone."""
         return [a.client for a in self.assignments if part in a.returns]
+
+    def with_whole_model(self, client: str) -> RoundPlan:
+        """This plan with `client` receiving the whole model, as on first contact (it holds no private parts
+        any more); what it returns and keeps stays as planned. KeyError for a client not in the plan."""
+        self.assignment(client)
+        assignments = tuple(replace(a, receives=ALL_PARTS) if a.client == client else a for a in self.assignments)
+        return replace(self, assignments=assignments)
 
     @property
     def averaged_parts(self) -> frozenset[Part]:

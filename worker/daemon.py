@@ -49,6 +49,24 @@ def load_local_data(cfg: WorkerConfig) -> ImageDataset:
     return client_shard(data_cfg, cfg.client_index)
 
 
+class Backoff:
+    """The worker's one wait policy after anything that did not go as asked: a connection lost or refused, a
+    join refused, a task it refused or could not load. `backoff_initial` first, doubled after each further
+    failure up to `backoff_max`, and from the start again once a task ran."""
+
+    def __init__(self, initial: float, most: float):
+        self.initial, self.most = initial, most
+        self.delay = initial  # the next wait
+
+    def next(self) -> float:
+        """The wait due now; the one after it is twice as long, up to the cap."""
+        delay, self.delay = self.delay, min(self.delay * 2, self.most)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+
 class WorkerDaemon:
     def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
@@ -67,7 +85,7 @@ class WorkerDaemon:
         self.rounds_done = 0
         self.unfit: DataMismatch | ModelUnavailable | None = None  # why this worker cannot train the federation's model
         self.failure = ""  # why the coordinator stopped the run, once it says so
-        self._refusal_backoff = cfg.backoff_initial  # wait after refusing a task, doubled up to backoff_max
+        self.backoff = Backoff(cfg.backoff_initial, cfg.backoff_max)
         self._quality = None  # (feature extractor, reference statistics), loaded on the first evaluate task
 
     # --- lifecycle ------------------------------------------------------------------------------------------
@@ -82,7 +100,6 @@ class WorkerDaemon:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
         if self.cfg.ready_file:
             atomic_write_json(self.cfg.ready_file, {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()})
-        backoff = self.cfg.backoff_initial
         while not self.stop_event.is_set():
             channel = open_channel(self.cfg)
             client = CoordinatorClient(
@@ -90,7 +107,6 @@ class WorkerDaemon:
             )
             try:
                 done = self._session(client)
-                backoff = self.cfg.backoff_initial
                 if self.failure:
                     log.error("worker %s: the coordinator stopped the run: %s", self.worker_id, self.failure)
                     self._exit_code()  # a last try at saving private parts whose save failed
@@ -100,16 +116,20 @@ class WorkerDaemon:
                     return self._exit_code()
             except TrainingInterrupted:
                 log.info("worker %s: training interrupted", self.worker_id)
-            except MissingPrivateState as e:
-                log.error("worker %s: %s; rejoining without private state", self.worker_id, e)
+            except MissingPrivateState as e:  # the coordinator hears of it at the join: its task then carries the whole model
+                self.private = None
+                if self.runtime is not None:
+                    self.runtime.private.clear()
+                log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
+                self._back_off()
             except DuplicateWorker as e:
                 self.metrics.joins.labels(e.reason).inc()
-                log.error("worker %s: join refused, another worker runs under this id: %s; retrying in %.1fs", self.worker_id, e, backoff)
-                backoff = self._back_off(backoff)
+                log.error("worker %s: join refused, another worker runs under this id: %s; retrying in %.1fs", self.worker_id, e, self.backoff.delay)
+                self._back_off()
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
-                log.warning("worker %s: coordinator unavailable (%s: %s); retrying in %.1fs", self.worker_id, code, getattr(e, "details", lambda: "")(), backoff)
-                backoff = self._back_off(backoff)
+                log.warning("worker %s: coordinator unavailable (%s: %s); retrying in %.1fs", self.worker_id, code, getattr(e, "details", lambda: "")(), self.backoff.delay)
+                self._back_off()
             finally:
                 if self.stop_event.is_set() and client.session_id:
                     try:
@@ -120,10 +140,9 @@ class WorkerDaemon:
         log.info("worker %s: stopped", self.worker_id)
         return self._exit_code()
 
-    def _back_off(self, delay: float) -> float:
-        """Wait `delay` seconds (less when stopped meanwhile); the next delay."""
-        self.stop_event.wait(delay)
-        return min(delay * 2, self.cfg.backoff_max)
+    def _back_off(self) -> None:
+        """Wait as the backoff policy says (less when stopped meanwhile)."""
+        self.stop_event.wait(self.backoff.next())
 
     def _exit_code(self) -> int:
         """0, or 1 when private parts whose save failed cannot be saved even now: they end with the process."""
@@ -223,7 +242,7 @@ class WorkerDaemon:
             torch.cuda.empty_cache()
             self._refuse(client, msg.task_id, OutOfMemory(f"task {msg.task_id!r}: {str(e).splitlines()[0]}"))
         else:
-            self._refusal_backoff = self.cfg.backoff_initial
+            self.backoff.reset()
 
     def _runnable(self, msg: pb.Task) -> TrainTask | EvalTask:
         if self.runtime is None:
@@ -231,7 +250,7 @@ class WorkerDaemon:
         return any_task_from_proto(msg)
 
     def _refuse(self, client: CoordinatorClient, task_id: str, error: TaskRefused) -> None:
-        log.error("worker %s: refusing task %s (%s): %s; asking again in %.1fs", self.worker_id, task_id, error.reason, error, self._refusal_backoff)
+        log.error("worker %s: refusing task %s (%s): %s; asking again in %.1fs", self.worker_id, task_id, error.reason, error, self.backoff.delay)
         self.metrics.updates.labels(rejected_outcome(error.reason)).inc()
         try:
             client.reject_task(task_id, error.reason, str(error))
@@ -239,18 +258,14 @@ class WorkerDaemon:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise  # connection trouble: the session ends and the worker reconnects
             log.warning("worker %s: the coordinator did not take the refusal of %s: %s: %s", self.worker_id, task_id, e.code().name, e.details())
-        self._refusal_backoff = self._back_off(self._refusal_backoff)
+        self._back_off()
 
     def _train(self, client: CoordinatorClient, task: TrainTask) -> None:
         runtime = self.runtime
         assert runtime is not None
         payload = self._download(client, task)
         self._count("down", task.receives, payload)
-        try:
-            runtime.load(payload, task)
-        except MissingPrivateState:
-            runtime.private.clear()  # rejoin as a worker without private state: it gets the whole model again
-            raise
+        runtime.load(payload, task)  # MissingPrivateState: `run` rejoins as a worker without private state
         del payload
         result = runtime.train(task, on_step=self.progress.step(task), should_stop=self.stop_event.is_set)
         self.progress.done(task, result)

@@ -3,6 +3,8 @@ claimant (another installation), which is refused while the first one's session 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fedcore.errors import DuplicateWorker, UnknownWorker
@@ -93,6 +95,16 @@ def test_workers_without_installation_ids_replace_each_other_as_before(registry:
     new, replaced = registry.join(_info(""))
 
     assert replaced is not None and replaced.session_id == old and registry.touch(new)
+
+
+def test_another_installation_taking_an_id_over_holds_none_of_its_private_parts_whatever_it_says(registry: WorkerRegistry, clock: Clock) -> None:
+    registry.join(replace(_info("a" * 32, "p1"), has_private_state=True))
+    clock.now += TIMEOUT + 0.1
+    registry.join(replace(_info("b" * 32, "p2"), has_private_state=True))  # private parts, but not the ones the run gave this id
+    assert registry.record("hospital-1").info.has_private_state is False  # type: ignore[union-attr]
+
+    registry.join(replace(_info("b" * 32, "p3"), has_private_state=True))  # the same installation again: its claim stands
+    assert registry.record("hospital-1").info.has_private_state is True  # type: ignore[union-attr]
 
 
 def test_other_worker_ids_do_not_conflict(registry: WorkerRegistry) -> None:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 
+from fedcore.client import MissingPrivateState
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.training import SpeedConfig
 from worker.config import WorkerConfig
@@ -148,3 +149,37 @@ def test_against_a_coordinator_without_reject_task_the_worker_still_waits(tmp_pa
     daemon._run_task(FakeClient(unimplemented=True), _task(epochs=0))  # type: ignore[arg-type]
 
     assert daemon.stop_event.seconds == [0.5, 1.0]  # type: ignore[attr-defined]
+
+
+class StopAfter(Waits):
+    """Waits that stop the daemon after `n` of them."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def is_set(self) -> bool:
+        return len(self.seconds) >= self.n
+
+
+def test_every_rejoin_and_refusal_waits_by_one_policy_a_lost_private_state_included(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task the worker cannot load for want of its private parts used to send it back to join at once, again
+    and again; now it waits like after a lost connection or a refused task, in one growing series."""
+    daemon = _daemon(tmp_path, backoff_initial=0.5, backoff_max=3.0, insecure=True)
+    daemon._build("tiny")
+    daemon.runtime.private["stale"] = torch.zeros(1)  # type: ignore[union-attr]
+    daemon.stop_event = StopAfter(5)  # type: ignore[assignment]
+    outcomes = iter([MissingPrivateState("no private tensor 'init_conv.weight'"), _RpcError(grpc.StatusCode.UNAVAILABLE), "refuse", MissingPrivateState("again"), MissingPrivateState("again")])
+
+    def session(client: object) -> bool:
+        outcome = next(outcomes)
+        if outcome == "refuse":
+            daemon._run_task(FakeClient(), _task(lr=1e4))  # type: ignore[arg-type]
+            return False
+        raise outcome  # type: ignore[misc]
+
+    monkeypatch.setattr(daemon, "_session", session)
+    daemon.run()
+
+    assert daemon.stop_event.seconds == [0.5, 1.0, 2.0, 3.0, 3.0]  # type: ignore[attr-defined]
+    assert daemon.runtime.private == {} and daemon.private is None, "it rejoins as a worker without private state"  # type: ignore[union-attr]
