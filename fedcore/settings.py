@@ -7,7 +7,6 @@ them at start, and a worker every task it receives."""
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 import types

@@ -32,20 +32,6 @@ class TrainConfig:
     loss: LossKind = "huber"
 
 
-@dataclass(frozen=True)
-class SpeedConfig:
-    """How fast a worker trains; none of it changes the function trained (beyond bf16 rounding)."""
-
-    __pydantic_config__ = settings.CONFIG
-
-    device: Device = "auto"  # "auto" = CUDA when present, else CPU
-    bf16: Toggle = "auto"  # bf16 autocast: on where the device runs bf16 natively (CUDA, or AVX512-BF16/AMX CPUs)
-    channels_last: Toggle = "auto"  # NHWC memory format: on (faster convs on CUDA and with oneDNN on CPU)
-    fused_adam: Toggle = "auto"  # fused Adam kernel: on (CUDA and CPU)
-    compile: Toggle = "auto"  # torch.compile, with CUDA graphs on CUDA: on CUDA only (on CPU it was slower)
-    threads: Threads = 0  # CPU threads for torch (0 = leave torch's default)
-
-
 def offered_devices() -> list[str]:
     """The devices this machine trains on, as a setting names them: auto, cpu, each CUDA GPU, mps."""
     offered = ["auto", "cpu"]
@@ -93,6 +79,20 @@ def _on_this_machine(name: str) -> str:
 
 # A device setting: checked against this machine when the setting is built (at start), not at first use.
 Device = Annotated[str, AfterValidator(_on_this_machine), settings.Described("auto, cpu, cuda, cuda:N or mps")]
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How fast a worker trains; none of it changes the function trained (beyond bf16 rounding)."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    device: Device = "auto"  # "auto" = CUDA when present, else CPU
+    bf16: Toggle = "auto"  # bf16 autocast: on where the device runs bf16 natively (CUDA, or AVX512-BF16/AMX CPUs)
+    channels_last: Toggle = "auto"  # NHWC memory format: on (faster convs on CUDA and with oneDNN on CPU)
+    fused_adam: Toggle = "auto"  # fused Adam kernel: on (CUDA and CPU)
+    compile: Toggle = "auto"  # torch.compile, with CUDA graphs on CUDA: on CUDA only (on CPU it was slower)
+    threads: Threads = 0  # CPU threads for torch (0 = leave torch's default)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -23,7 +23,6 @@ from fedcore.errors import FieldOutOfRange
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.training import SpeedConfig, TrainConfig
-from fedcore.evaluation import SamplingSpec
 from feddiff.cli import build_parser, main
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
