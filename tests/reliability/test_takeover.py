@@ -95,6 +95,8 @@ def test_an_evaluate_task_of_a_worker_that_lost_its_state_is_withdrawn_and_the_p
         assert resp.WhichOneof("outcome") == "done"
 
 
+@pytest.mark.faults
+@pytest.mark.e2e
 def test_a_takeover_mid_round_by_another_installation_trains_that_round_with_the_whole_model(tmp_path: Path) -> None:
     """The first installation goes silent with a decoder-only task; a worker process of another installation
     (a fresh state dir) takes the id over. It trains that round with the whole model, joins once, and the
