@@ -136,6 +136,11 @@ class CoordinatorConfig:
         host, _, port = self.listen.rpartition(":")
         if not (host and port.isdigit() and int(port) <= 65535):
             raise ValueError(f"listen {self.listen!r} must be HOST:PORT with a port in 0..65535")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout {self.heartbeat_timeout:g} s must be longer than heartbeat_interval {self.heartbeat_interval:g} s: "
+                "every worker would count as gone between two of its heartbeats"
+            )
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
             raise ValueError(f"min_workers {self.min_workers} is more than the {len(self.worker_sizes)} workers in worker_sizes: no round could start")
 

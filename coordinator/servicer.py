@@ -99,11 +99,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             driver.on_change(self._changes.notify),
             driver.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
         ]
-        # Upload slots, each with the memory its updates are received into (reused round after round).
+        # Upload slots; the memory updates are received into is made when a slot first needs it and reused
+        # round after round (never more buffers than uploads ever ran at once, whatever the setting).
         slots = max(1, cfg.max_concurrent_uploads)
-        self._upload_slots: asyncio.LifoQueue[ReceiveBuffer] = asyncio.LifoQueue()  # the warmest memory first
-        for _ in range(slots):
-            self._upload_slots.put_nowait(ReceiveBuffer())
+        self._upload_slots = asyncio.Semaphore(slots)
+        self._receive_buffers: list[ReceiveBuffer] = []  # free ones, the warmest last
         self._accept_threads = ThreadPoolExecutor(slots, thread_name_prefix="feddiff-accept")
 
     def close(self) -> None:
@@ -280,11 +280,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         others wait here, unread (held by HTTP/2 flow control, each at most the stream window of
         server.GRPC_OPTIONS), until a slot is free or their round closes."""
         async with upload.bounded():
-            buffer = await self._upload_slots.get()
+            await self._upload_slots.acquire()
+        buffer = self._receive_buffers.pop() if self._receive_buffers else ReceiveBuffer()
         try:
             yield buffer
         finally:
-            self._upload_slots.put_nowait(buffer)
+            self._receive_buffers.append(buffer)
+            self._upload_slots.release()
 
     async def _receive_and_accept(
         self,

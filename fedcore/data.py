@@ -275,6 +275,7 @@ def load_image_folder(path: Path | str, image_size: int, channels: int) -> Image
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DatasetError(f"image folder {str(directory)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    _check_fits_in_memory(len(files), channels, image_size, directory)
     images, problems = [], []
     for f in files:
         try:
@@ -286,6 +287,18 @@ def load_image_folder(path: Path | str, image_size: int, channels: int) -> Image
         more = f"\n  ... and {len(problems) - _LISTED_PROBLEMS} more" if len(problems) > _LISTED_PROBLEMS else ""
         raise DatasetError(f"image folder {str(directory)!r}: {len(problems)} of {len(files)} images cannot be used:{listed}{more}")
     return ImageDataset(images=np.stack(images), labels=None)
+
+
+def _check_fits_in_memory(count: int, channels: int, image_size: int, directory: Path) -> None:
+    """DatasetError when `count` images of (channels, image_size, image_size) uint8, held twice while they are
+    stacked, exceed the memory available now: said before the first image is resized, not by the kernel."""
+    needed = 2 * count * channels * image_size * image_size
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available:
+        raise DatasetError(
+            f"image folder {str(directory)!r}: {count} images at image_size {image_size} ({channels} channel(s)) need "
+            f"{needed / 2**30:.1f} GiB to load and {available / 2**30:.1f} GiB is available: lower image_size or use fewer images"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -451,3 +451,10 @@ def test_from_model_range_clamps_and_rounds() -> None:
 def test_to_model_range_rejects_float() -> None:
     with pytest.raises(ValueError, match="uint8"):
         to_model_range(np.zeros((1, 1, 2, 2), dtype=np.float32))
+
+
+def test_an_image_folder_too_large_for_memory_at_its_image_size_is_refused_before_loading(tmp_path: Path) -> None:
+    Image.new("L", (8, 8), 128).save(tmp_path / "a.png")
+
+    with pytest.raises(DatasetError, match=r"1 images at image_size 10000000 \(1 channel\(s\)\) need .* GiB to load and .* GiB is available"):
+        load_image_folder(tmp_path, image_size=10_000_000, channels=1)

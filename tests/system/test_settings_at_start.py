@@ -131,12 +131,21 @@ def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -
     """The join that ended in UNKNOWN (heartbeat_interval_ms and rounds out of uint32) at the largest values
     the settings now take."""
     rounds, interval = int(_upper(CoordinatorConfig, "rounds")), _upper(CoordinatorConfig, "heartbeat_interval")
-    cfg = CoordinatorConfig.load(None, {"rounds": str(rounds), "heartbeat_interval": str(interval)})
+    timeout = _upper(CoordinatorConfig, "heartbeat_timeout")
+    cfg = CoordinatorConfig.load(None, {"rounds": str(rounds), "heartbeat_interval": str(interval), "heartbeat_timeout": str(timeout)})
 
-    with _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval) as coord, grpc.insecure_channel(coord.address) as channel:
+    with _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout) as coord, grpc.insecure_channel(coord.address) as channel:
         joined = RawWorker(channel, "w").join()
 
     assert (joined.rounds, joined.heartbeat_interval_ms) == (U32, U32)
+
+
+def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
+    """--max-concurrent-uploads 1000000000 made that many receive buffers at start; now a slot's memory is made
+    when an upload first takes it."""
+    with _coordinator(tmp_path, max_concurrent_uploads=10**9) as coord, grpc.insecure_channel(coord.address) as channel:
+        RawWorker(channel, "w").join()
+        assert coord._servicer is not None and coord._servicer._receive_buffers == []
 
 
 # --- refused at start, in one line --------------------------------------------------------------------------
@@ -148,6 +157,7 @@ def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -
         (["coordinator", "--round-deadline", "inf"], f"--round-deadline = 'inf': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
         (["coordinator", "--upload-idle-timeout", "nan"], f"--upload-idle-timeout = 'nan': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
         (["coordinator", "--clip-norm", "1e400"], "--clip-norm = '1e400': expected a finite number >= 0"),
+        (["coordinator", "--heartbeat-interval", "30"], "heartbeat_timeout 30 s must be longer than heartbeat_interval 30 s"),
         (["coordinator", "--eval-device", "tpu"], "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
         ([*WORKER, "--wait-timeout", "5000000"], "--wait-timeout = '5000000': expected a number in (0, 4294967.295]"),
         ([*WORKER, "--wait-timeout", "1e400"], "--wait-timeout = '1e400': expected a number in (0, 4294967.295]"),
