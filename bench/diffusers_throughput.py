@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from bench.report import emit, log, machine
 from bench.train_throughput import add_speed_flags, compare, speed_from, sync
 from fedcore.diffusers_unet import DiffusersUNet, import_diffusers
-from fedcore.data import to_model_range
+from fedcore.data.datasets import to_model_range
 from fedcore.diffusion import Schedule
 from fedcore.model import build_model, preset
 from fedcore.pretrained import scheduler_kwargs
@@ -59,7 +59,7 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
 def load_images(shape: tuple[int, int, int], count: int, data_dir: str, seed: int) -> torch.Tensor:
     """(count, C, H, W) uint8: a folder's images brought to the shape, or seeded noise."""
     if data_dir:
-        from fedcore.data import load_image_folder
+        from fedcore.data.datasets import load_image_folder
 
         return torch.from_numpy(load_image_folder(data_dir, shape[1], shape[0]).images[:count].copy())
     return torch.randint(0, 256, (count, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from bench.report import emit, log, machine, median
 from fedcore import serialization
 from fedcore.client import ClientRuntime, TrainTask
-from fedcore.data import load_fashion_mnist, to_model_range
+from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.diffusion import LossKind, Schedule, training_loss
 from fedcore.model import build_model
 from fedcore.parts import ALL_PARTS

@@ -396,7 +396,7 @@ def fashion_mnist_reference(
     extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None
 ) -> ReferenceStats:
     """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with)."""
-    from fedcore.data import load_fashion_mnist, to_model_range
+    from fedcore.data.datasets import load_fashion_mnist, to_model_range
 
     cache = cache or ReferenceStatsCache()
     return cache.get(extractor, "fashion-mnist/test", lambda: to_model_range(load_fashion_mnist(train=False, root=root).images))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fedcore.atomic import atomic_write
-from fedcore.data import from_model_range
+from fedcore.data.datasets import from_model_range
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedcore import checkpoint, report
-from fedcore.data import load_fashion_mnist, to_model_range
+from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.diffusion import SamplerKind, Schedule, sample
 from fedcore.evaluation import (
     FeatureExtractor,
@@ -40,7 +40,7 @@ from fedcore.images import save_grid
 from fedcore.model import build_model
 from fedcore.roundlog import ROUNDS_LOG
 from fedcore.simulation import DataConfig, Simulation, SimulationConfig
-from fedcore.splits import SplitKind
+from fedcore.data.splits import SplitKind
 from fedcore.strategies import Strategy, private_parts
 from fedcore.training import ResolvedSpeed, SpeedConfig, TrainConfig
 

@@ -60,8 +60,8 @@ def _strategies(args: argparse.Namespace) -> int:
 
 @_command("split")
 def _split(args: argparse.Namespace) -> int:
-    from fedcore.data import load_fashion_mnist
-    from fedcore.splits import describe_split, split_indices
+    from fedcore.data.datasets import load_fashion_mnist
+    from fedcore.data.splits import describe_split, split_indices
 
     labels = load_fashion_mnist(train=True, root=args.data_root).labels
     parts = split_indices(labels, args.clients, args.split, beta=args.beta, seed=args.seed)

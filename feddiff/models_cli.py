@@ -290,7 +290,7 @@ FASHION_MNIST_TEST = "fashion-mnist-test"
 
 def _reference(args: argparse.Namespace, extractor, image_shape: tuple[int, ...]):  # -> ReferenceStats
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
-    from fedcore.data import load_fashion_mnist, load_image_folder, to_model_range
+    from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
     from fedcore.evaluation import ReferenceStats
 
     channels, size = image_shape[0], image_shape[1]

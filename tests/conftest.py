@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcore.data import DEFAULT_FASHION_MNIST_DIR
+from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR
 from fedcore.model import build_model, layout_of
 from fedcore.parts import Part, PartLayout
 

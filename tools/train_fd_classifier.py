@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedcore.data import load_fashion_mnist, to_model_range  # noqa: E402
+from fedcore.data.datasets import load_fashion_mnist, to_model_range  # noqa: E402
 from fedcore.evaluation import (  # noqa: E402
     ASSET_DIR,
     CLASSIFIER_MANIFEST,

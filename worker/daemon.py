@@ -12,7 +12,7 @@ import torch
 
 from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
-from fedcore.data import ImageDataset, load_image_folder, to_model_range
+from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.diffusion import Schedule
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator

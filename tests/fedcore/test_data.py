@@ -1,4 +1,4 @@
-"""Tests for fedcore.data: the IDX reader on the real Fashion-MNIST files, image folders, pixel ranges."""
+"""Tests for fedcore.data.datasets: the IDX reader on the real Fashion-MNIST files, image folders, pixel ranges."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from fedcore.data import (
+from fedcore.data.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     IMAGE_SUFFIXES,
     FASHION_MNIST_DIR_ENV,

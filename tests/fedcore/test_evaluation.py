@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from fedcore.data import load_fashion_mnist, to_model_range
+from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.evaluation import (
     ASSET_DIR,
     CLASSIFIER_MANIFEST,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedcore.checkpoint import global_file_name, load_private, load_run
-from fedcore.data import to_model_range
+from fedcore.data.datasets import to_model_range
 from fedcore.diffusion import Schedule
 from fedcore.federation import FederationConfig, Ledger, task_seed
 from fedcore.model import build_model, layout_of
@@ -25,7 +25,7 @@ from fedcore.simulation import (
     client_ids,
     load_training_pool,
 )
-from fedcore.splits import split_indices
+from fedcore.data.splits import split_indices
 from fedcore.strategies import Strategy, account
 from fedcore.training import LocalTrainer, SpeedConfig, TrainConfig
 

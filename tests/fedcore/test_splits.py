@@ -1,12 +1,12 @@
-"""Tests for fedcore.splits on the real Fashion-MNIST training labels (the paper's three splits)."""
+"""Tests for fedcore.data.splits on the real Fashion-MNIST training labels (the paper's three splits)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedcore.data import DEFAULT_FASHION_MNIST_DIR, read_idx
-from fedcore.splits import describe_split, split_indices
+from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx
+from fedcore.data.splits import describe_split, split_indices
 
 KINDS = ["iid", "quantity", "label"]
 CLIENT_COUNTS = [5, 10]

@@ -68,7 +68,7 @@ def test_exported_model_scores_as_its_checkpoint(trained: Path, tmp_path: Path, 
 
 
 def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion_mnist_dir: Path, capsys) -> None:
-    from fedcore.data import load_fashion_mnist
+    from fedcore.data.datasets import load_fashion_mnist
 
     folder = tmp_path / "real"
     folder.mkdir()
