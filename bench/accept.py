@@ -16,7 +16,7 @@ import torch
 from bench.common import emit, log, machine, meta_layout, random_delta
 from fedcore import serialization
 from fedcore.aggregate import RunningAggregate
-from fedcore.parts import ALL_PARTS
+from fedcore.model.parts import ALL_PARTS
 from fedcore.serialization import PayloadMeta
 
 

@@ -36,7 +36,7 @@ from bench.common import (
 )
 from feddiff.local import sample
 from fedcore.allocator import tune_for_streaming
-from fedcore.parts import ALL_PARTS
+from fedcore.model.parts import ALL_PARTS
 
 
 def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[str, float], bytes]:

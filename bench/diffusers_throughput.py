@@ -4,7 +4,7 @@ loop, same model, batch, images and device.
 - diffusers loop: the loop of diffusers' unconditional-image-generation example, plainly: a DataLoader over a
   Dataset with per-item transforms (uint8 -> [0, 1] -> [-1, 1]), the batch copied to the device every step,
   `UNet2DModel(...).sample`, `DDPMScheduler.add_noise`, MSE on the noise, AdamW, fp32, eager.
-- fast path: fedcore.training.LocalTrainer as the worker builds it around the same architecture (the preset's
+- fast path: fedcore.model.training.LocalTrainer as the worker builds it around the same architecture (the preset's
   UNet2DModel): data on the device, bf16 autocast, channels_last, fused Adam, torch.compile with CUDA graphs
   on CUDA (each per the --flags), the same objective (--loss mse).
 Both start from the same initial weights and run in alternating blocks so that both see the same machine load.
@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.report import emit, log, machine
 from bench.train_throughput import add_speed_flags, compare, speed_from, sync
-from fedcore.diffusers_unet import DiffusersUNet, import_diffusers
+from fedcore.model.diffusers_unet import DiffusersUNet, import_diffusers
 from fedcore.data.datasets import to_model_range
-from fedcore.diffusion import Schedule
-from fedcore.model import build_model, preset
+from fedcore.model.diffusion import Schedule
+from fedcore.model.unet import build_model, preset
 from fedcore.pretrained import scheduler_kwargs
-from fedcore.training import LocalTrainer, ResolvedSpeed, resolve_device
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, resolve_device
 
 
 @dataclass(frozen=True)

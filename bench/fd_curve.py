@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.report import emit, log, machine
 from fedcore.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, Evaluator, ReproduceConfig, run_cell
-from fedcore.training import SpeedConfig
+from fedcore.model.training import SpeedConfig
 
 TENTH = 0.1  # the target: FD at most one tenth of uniform noise's
 

@@ -3,7 +3,7 @@
 Same model (paper-fmnist), batch 128, real Fashion-MNIST, same device:
 - paper loop: a DataLoader over a Dataset with per-item transforms (uint8 -> float in [0, 1] -> [-1, 1]), the
   batch copied to the device every step, fp32, eager, torch.optim.Adam (as "The Annotated Diffusion Model").
-- fast path: fedcore.training.LocalTrainer as the worker builds it (data on the device, bf16 autocast,
+- fast path: fedcore.model.training.LocalTrainer as the worker builds it (data on the device, bf16 autocast,
   channels_last, fused Adam, torch.compile with CUDA graphs on CUDA; each of them per the --flags).
 The two run in alternating blocks so that both see the same machine load. Also measured: compile time (the
 first steps of the fast path less as many steady steps), the steady-state time of a whole round (load the
@@ -29,11 +29,11 @@ from bench.report import emit, log, machine, median
 from fedcore import serialization
 from fedcore.client import ClientRuntime, TrainTask
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.diffusion import LossKind, Schedule, training_loss
-from fedcore.model import build_model
-from fedcore.parts import ALL_PARTS
+from fedcore.model.diffusion import LossKind, Schedule, training_loss
+from fedcore.model.unet import build_model
+from fedcore.model.parts import ALL_PARTS
 from fedcore.serialization import PayloadMeta
-from fedcore.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, resolve_device
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, resolve_device
 
 MODEL = "paper-fmnist"
 BF16_EPS = 2.0**-8  # the loss curves may differ by bf16 rounding: 4 eps at any step, 1 eps on average

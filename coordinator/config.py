@@ -13,9 +13,9 @@ from pydantic import BeforeValidator
 
 from fedcore import settings
 from fedcore.chunking import DEFAULT_CHUNK_SIZE
-from fedcore.diffusion import LossKind, SamplerKind
+from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.federation import FederationConfig
-from fedcore.model import ModelName
+from fedcore.model.unet import ModelName
 from fedcore.robust import RobustConfig
 from fedcore.settings import (
     BatchSize,
@@ -32,7 +32,7 @@ from fedcore.settings import (
     Seed,
 )
 from fedcore.strategies import StrategyName
-from fedcore.training import Device
+from fedcore.model.training import Device
 from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.

@@ -19,10 +19,10 @@ from fedcore.errors import DuplicateUpdate, NotAssigned
 from fedcore.evaluation import SamplingSpec, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import Federation
 from fedcore.images import save_grid
-from fedcore.model import build_model
+from fedcore.model.unet import build_model
 from fedcore.serialization import PayloadMeta
 from fedcore.strategies import private_parts, shared_parts
-from fedcore.training import resolve_device
+from fedcore.model.training import resolve_device
 
 log = logging.getLogger("feddiff.coordinator")
 

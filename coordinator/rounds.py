@@ -18,7 +18,7 @@ from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotA
 from fedcore.evaluation import SamplingSpec, curve_point_due
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
-from fedcore.parts import PART_ORDER, Part
+from fedcore.model.parts import PART_ORDER, Part
 from fedcore.serialization import save_file
 from fedcore.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.strategies import private_parts

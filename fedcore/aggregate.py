@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 import torch
 
 from fedcore.errors import NonFiniteAggregate, NotAssigned, SchemaError
-from fedcore.parts import Part, PartLayout, sorted_parts
+from fedcore.model.parts import Part, PartLayout, sorted_parts
 from fedcore.serialization import Decoded, TensorTable, check_finite, check_schema, largest_magnitude
 
 

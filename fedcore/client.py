@@ -11,10 +11,10 @@ from fedcore import serialization
 from fedcore.aggregate import delta
 from fedcore.errors import FeddiffError
 from fedcore.evaluation import SamplingSpec
-from fedcore.model import layout_of
-from fedcore.parts import Part, PartLayout
+from fedcore.model.unet import layout_of
+from fedcore.model.parts import Part, PartLayout
 from fedcore.serialization import PayloadMeta
-from fedcore.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
+from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from scipy import linalg
 import torch.nn.functional as F
 from torch import nn
 
-from fedcore.diffusion import SamplerKind, Schedule
-from fedcore.diffusion import sample as generate
+from fedcore.model.diffusion import SamplerKind, Schedule
+from fedcore.model.diffusion import sample as generate
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
 from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 

@@ -17,8 +17,8 @@ from fedcore import checkpoint, serialization, settings
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
-from fedcore.model import build_model, layout_of, preset
-from fedcore.parts import PART_ORDER, Part, PartLayout
+from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.robust import NormHistory, RobustConfig
 from fedcore.serialization import PayloadMeta
 from fedcore.strategies import (
@@ -30,7 +30,7 @@ from fedcore.strategies import (
     round_rng,
     select_clients,
 )
-from fedcore.training import TrainConfig
+from fedcore.model.training import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedcore import errors, ports
-from fedcore.parts import PART_ORDER, Part
+from fedcore.model.parts import PART_ORDER, Part
 
 if TYPE_CHECKING:
     from fedcore.federation import Ledger, Tally

@@ -4,7 +4,7 @@ feddiff safetensors file) and checked against the preset, and a trained model wr
 Layouts (diffusers' `save_pretrained`):
   UNet folder       config.json + diffusion_pytorch_model.safetensors
   pipeline folder   model_index.json, unet/ (a UNet folder), scheduler/scheduler_config.json
-Nothing is downloaded: every path is a folder on disk (fedcore.diffusers_unet.import_diffusers)."""
+Nothing is downloaded: every path is a folder on disk (fedcore.model.diffusers_unet.import_diffusers)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from fedcore.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, import_diffusers
-from fedcore.diffusion import DiffusionConfig
-from fedcore.model import build_model, layout_of, preset
-from fedcore.parts import PART_ORDER, TensorSpec
+from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, import_diffusers
+from fedcore.model.diffusion import DiffusionConfig
+from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.model.parts import PART_ORDER, TensorSpec
 from fedcore.errors import NonFiniteTensor
 from fedcore.serialization import check_finite, load_file
 
@@ -34,7 +34,7 @@ def scheduler_kwargs(cfg: DiffusionConfig = DiffusionConfig()) -> dict[str, Any]
     """diffusers' DDPMScheduler with feddiff's schedule and DDPM sampler: linear betas from beta_1 to beta_T over
     T steps, epsilon prediction, posterior variance beta-tilde ("fixed_small"), and no clipping of the predicted
     x_0 (feddiff clamps only the final image, as DDPMPipeline also does), so that its step() is
-    fedcore.diffusion.ddpm_step."""
+    fedcore.model.diffusion.ddpm_step."""
     return {
         "num_train_timesteps": cfg.timesteps,
         "beta_start": cfg.beta_start,

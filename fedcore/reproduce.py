@@ -26,7 +26,7 @@ import torch
 
 from fedcore import checkpoint, report
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.diffusion import SamplerKind, Schedule, sample
+from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.evaluation import (
     FeatureExtractor,
     ReferenceStats,
@@ -37,12 +37,12 @@ from fedcore.evaluation import (
 )
 from fedcore.federation import FederationConfig
 from fedcore.images import save_grid
-from fedcore.model import build_model
+from fedcore.model.unet import build_model
 from fedcore.roundlog import ROUNDS_LOG
 from fedcore.simulation import DataConfig, Simulation, SimulationConfig
 from fedcore.data.splits import SplitKind
 from fedcore.strategies import Strategy, private_parts
-from fedcore.training import ResolvedSpeed, SpeedConfig, TrainConfig
+from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
 
 ProtocolName = Literal["quick", "paper", "cpu", "mini"]
 CENTRALISED = "centralised"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fedcore.errors import UnregisteredWorker
-from fedcore.parts import PART_ORDER, Part
-from fedcore.training import ADAM_BETAS, TrainConfig
+from fedcore.model.parts import PART_ORDER, Part
+from fedcore.model.training import ADAM_BETAS, TrainConfig
 
 
 def adam_step_bound(beta1: float, beta2: float) -> float:

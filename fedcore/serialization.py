@@ -24,7 +24,7 @@ import torch
 from fedcore.atomic import atomic_write
 from fedcore.chunking import FORMAT_VERSION
 from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, ValueOutOfBounds, WrongRound
-from fedcore.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
+from fedcore.model.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
 
 PayloadKind = Literal["weights", "delta"]
 

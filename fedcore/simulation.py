@@ -15,14 +15,14 @@ from fedcore import checkpoint
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 from fedcore.client import ClientRuntime
 from fedcore.data.datasets import ImageDataset, load_fashion_mnist, to_model_range
-from fedcore.diffusion import Schedule
+from fedcore.model.diffusion import Schedule
 from fedcore.federation import Federation, FederationConfig, RoundOutcome
 from fedcore.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
-from fedcore.model import build_model
+from fedcore.model.unet import build_model
 from fedcore.pretrained import initial_weights
 from fedcore.data.splits import SplitKind, split_indices
 from fedcore.strategies import private_parts
-from fedcore.training import LocalTrainer, SpeedConfig
+from fedcore.model.training import LocalTrainer, SpeedConfig
 
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 
 
 class Strategy(enum.StrEnum):

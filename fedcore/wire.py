@@ -11,9 +11,9 @@ from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.evaluation import SamplingSpec
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
-from fedcore.parts import Part, parse_parts, sorted_parts
+from fedcore.model.parts import Part, parse_parts, sorted_parts
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.training import TrainConfig
+from fedcore.model.training import TrainConfig
 from fedcore.wire_bounds import WORKER_ID
 
 Msg = TypeVar("Msg")

@@ -11,7 +11,7 @@ from feddiff import models_cli
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 
 Handler = Callable[[argparse.Namespace], int]
-# fedcore.model.ModelName, written out so that the parser is built without importing torch (a test compares them)
+# fedcore.model.unet.ModelName, written out so that the parser is built without importing torch (a test compares them)
 MODEL_PRESETS = "paper-fmnist, paper-celeba64, tiny (feddiff's UNet); diffusers-tiny, diffusers-fmnist, ddpm-cifar10 (diffusers UNet2DModel)"
 _COMMANDS: dict[str, Handler] = {"reproduce": run_reproduce, **models_cli.COMMANDS}
 
@@ -29,7 +29,7 @@ def _command(name: str) -> Callable[[Handler], Handler]:
 
 @_command("model-info")
 def _model_info(args: argparse.Namespace) -> int:
-    from fedcore.model import build_model, layout_of
+    from fedcore.model.unet import build_model, layout_of
 
     layout = layout_of(build_model(args.model))
     info = {"model": args.model, "total": layout.total, "parts": {p.value: n for p, n in layout.sizes.items()}}
@@ -44,7 +44,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
 @_command("strategies")
 def _strategies(args: argparse.Namespace) -> int:
-    from fedcore.model import build_model, layout_of
+    from fedcore.model.unet import build_model, layout_of
     from fedcore.strategies import Strategy, account
 
     sizes = layout_of(build_model(args.model)).sizes
@@ -96,7 +96,7 @@ def speed_values(args: argparse.Namespace) -> dict[str, object]:
 def speed_config(args: argparse.Namespace):  # -> SpeedConfig
     """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
     from fedcore import settings
-    from fedcore.training import SpeedConfig
+    from fedcore.model.training import SpeedConfig
 
     return settings.build(SpeedConfig, speed_values(args), name=settings.flag)
 
@@ -263,7 +263,7 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     from typing import get_type_hints
 
     from fedcore import settings
-    from fedcore.training import SpeedConfig
+    from fedcore.model.training import SpeedConfig
 
     types = get_type_hints(SpeedConfig, include_extras=True)
     for f in fields(SpeedConfig):

@@ -171,8 +171,8 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
 
 def build_trained(trained: TrainedModel) -> torch.nn.Module:
     """The UNet of the preset with these weights; every tensor's name and shape must match."""
-    from fedcore.model import build_model, layout_of
-    from fedcore.parts import PART_ORDER
+    from fedcore.model.unet import build_model, layout_of
+    from fedcore.model.parts import PART_ORDER
     from fedcore.pretrained import first_tensor_difference
 
     model = build_model(trained.model)
@@ -188,8 +188,8 @@ def build_trained(trained: TrainedModel) -> torch.nn.Module:
 
 def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
     """What `feddiff export` writes beside the weights (and into their metadata)."""
-    from fedcore.model import build_model, layout_of, preset
-    from fedcore.parts import PART_ORDER
+    from fedcore.model.unet import build_model, layout_of, preset
+    from fedcore.model.parts import PART_ORDER
     from fedcore.strategies import Strategy, private_parts
 
     layout = layout_of(build_model(trained.model))
@@ -236,7 +236,7 @@ def export(args: argparse.Namespace) -> int:
 
 def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -> int:
     """A diffusers-backbone model as a DDPMPipeline folder, with the export config as feddiff_export.json."""
-    from fedcore.diffusers_unet import DiffusersUNet
+    from fedcore.model.diffusers_unet import DiffusersUNet
     from fedcore.pretrained import PIPELINE_INDEX, PIPELINE_WEIGHTS, write_pipeline
 
     if not isinstance(model, DiffusersUNet):
@@ -259,12 +259,12 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
 
 
 def sample(args: argparse.Namespace) -> int:
-    from fedcore.diffusion import Schedule
-    from fedcore.diffusion import sample as generate
+    from fedcore.model.diffusion import Schedule
+    from fedcore.model.diffusion import sample as generate
     from fedcore.images import save_grid
     import torch
 
-    from fedcore.training import resolve_device
+    from fedcore.model.training import resolve_device
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -317,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from fedcore.evaluation import SamplingSpec, load_fmnist_classifier, load_inception, score_generator
     from fedcore.images import save_grid
-    from fedcore.training import resolve_device
+    from fedcore.model.training import resolve_device
 
     if args.samples < 2:
         raise ValueError(f"--samples is {args.samples}; the Frechet distance needs at least 2")

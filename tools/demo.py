@@ -19,11 +19,11 @@ import torch
 
 from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 from fedcore import checkpoint
-from fedcore.diffusion import Schedule
-from fedcore.diffusion import sample as generate
+from fedcore.model.diffusion import Schedule
+from fedcore.model.diffusion import sample as generate
 from fedcore.images import save_grid
-from fedcore.model import build_model
-from fedcore.parts import PART_ORDER
+from fedcore.model.unet import build_model
+from fedcore.model.parts import PART_ORDER
 from fedcore.serialization import load_file
 
 FD_WORKER = "client-0"

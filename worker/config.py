@@ -13,7 +13,7 @@ from pydantic import AfterValidator
 from fedcore import settings
 from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.data.splits import SplitKind
-from fedcore.training import SpeedConfig
+from fedcore.model.training import SpeedConfig
 from fedcore.wire_bounds import largest
 
 

@@ -13,18 +13,18 @@ import torch
 from fedcore.atomic import atomic_write_json
 from fedcore.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
-from fedcore.diffusion import Schedule
+from fedcore.model.diffusion import Schedule
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.federation import payload_bytes_by_part
 from fedcore.images import png_bytes, save_grid
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, preset
-from fedcore.parts import PART_ORDER
+from fedcore.model.unet import build_model, preset
+from fedcore.model.parts import PART_ORDER
 from fedcore.ports import check_free
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.simulation import DataConfig, client_shard
-from fedcore.training import LocalTrainer, TrainingInterrupted, resolve_device
+from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
 from fedcore.wire import any_task_from_proto
 
 from worker.client import CoordinatorClient, open_channel, worker_info

@@ -9,7 +9,7 @@ import time
 import torch
 
 from fedcore.client import TrainTask
-from fedcore.training import StepCallback, TrainResult
+from fedcore.model.training import StepCallback, TrainResult
 
 log = logging.getLogger("feddiff.worker")
 

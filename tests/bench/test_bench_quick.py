@@ -11,7 +11,7 @@ import pytest
 
 from bench.common import ensure_preset, meta_layout, payload_bytes_of, raw_tcp_seconds, synthetic_model
 from bench.report import emit
-from fedcore.model import PRESETS
+from fedcore.model.unet import PRESETS
 
 SCRIPTS = ["train_throughput", "transfer", "coordinator_memory", "rounds_scale", "accept", "fd_curve", "diffusers_throughput"]
 

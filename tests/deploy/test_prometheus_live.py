@@ -14,7 +14,7 @@ import yaml
 from dashboard import dashboard_targets
 from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, prometheus_config, start_prometheus, stop_prometheus
 from feddiff.local import LocalCluster, wait_for_state
-from fedcore.model import build_model, layout_of
+from fedcore.model.unet import build_model, layout_of
 from fedcore.strategies import Strategy, account
 from tools.system_packages import skip_reason
 

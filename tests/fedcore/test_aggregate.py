@@ -11,8 +11,8 @@ import torch
 
 from fedcore.aggregate import RunningAggregate, delta
 from fedcore.errors import NonFiniteAggregate, NonFiniteTensor, NotAssigned, SchemaError, ValueOutOfBounds
-from fedcore.model import build_model
-from fedcore.parts import ALL_PARTS, PART_ORDER, Part, PartLayout
+from fedcore.model.unet import build_model
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part, PartLayout
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from feddiff.cli import main
-from fedcore.diffusers_unet import DiffusersUNet
-from fedcore.diffusion import Schedule, ddpm_step
-from fedcore.model import PRESETS, build_model, layout_of, preset
-from fedcore.parts import PART_ORDER, Part
+from fedcore.model.diffusers_unet import DiffusersUNet
+from fedcore.model.diffusion import Schedule, ddpm_step
+from fedcore.model.unet import PRESETS, build_model, layout_of, preset
+from fedcore.model.parts import PART_ORDER, Part
 from fedcore.pretrained import initial_weights, read_unet_folder, scheduler_kwargs, write_pipeline
 from fedcore.strategies import Strategy, account
 
@@ -248,7 +248,7 @@ def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_pa
 def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     from fedcore.federation import FederationConfig
     from fedcore.simulation import DataConfig, Simulation, SimulationConfig
-    from fedcore.training import SpeedConfig
+    from fedcore.model.training import SpeedConfig
 
     saved = saved_unet(tmp_path / "unet")
     cfg = SimulationConfig(
@@ -286,7 +286,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 def test_the_core_coordinator_and_worker_run_without_diffusers() -> None:
     result = _python(
         "import coordinator.server, worker.daemon, feddiff.cli\n"
-        "from fedcore.model import build_model, layout_of\n"
+        "from fedcore.model.unet import build_model, layout_of\n"
         "from fedcore.errors import ModelUnavailable\n"
         "assert layout_of(build_model('tiny')).total == 143_951\n"
         "try:\n    build_model('diffusers-tiny')\nexcept ModelUnavailable as e:\n    print(e.reason, e)\n"
@@ -310,6 +310,6 @@ def test_the_cli_names_every_preset() -> None:
     from typing import get_args
 
     from feddiff.cli import MODEL_PRESETS
-    from fedcore.model import ModelName
+    from fedcore.model.unet import ModelName
 
     assert [name.split(" ")[0] for part in MODEL_PRESETS.split("; ") for name in part.split(", ")] == list(get_args(ModelName)) == list(PRESETS)

@@ -1,4 +1,4 @@
-"""Tests for fedcore.diffusion: the linear schedule, forward noising, the losses and the two samplers."""
+"""Tests for fedcore.model.diffusion: the linear schedule, forward noising, the losses and the two samplers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcore.diffusion import (
+from fedcore.model.diffusion import (
     DiffusionConfig,
     Schedule,
     noise_loss,
@@ -16,7 +16,7 @@ from fedcore.diffusion import (
     sample_ddpm,
     training_loss,
 )
-from fedcore.model import build_model
+from fedcore.model.unet import build_model
 
 
 @pytest.fixture(scope="module")

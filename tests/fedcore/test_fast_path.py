@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from fedcore.client import ClientRuntime, TrainTask
-from fedcore.diffusion import Schedule
+from fedcore.model.diffusion import Schedule
 from fedcore.federation import Federation, FederationConfig
-from fedcore.model import build_model
-from fedcore.parts import ALL_PARTS
+from fedcore.model.unet import build_model
+from fedcore.model.parts import ALL_PARTS
 from fedcore.strategies import Strategy
-from fedcore.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig
 
 FP32_EAGER = dict(bf16="off", channels_last="off", fused_adam="off", compile="off")
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits

@@ -7,16 +7,16 @@ import torch
 
 from fedcore.aggregate import delta
 from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
-from fedcore.diffusion import Schedule
+from fedcore.model.diffusion import Schedule
 from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.federation import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
-from fedcore.model import build_model
-from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.model.unet import build_model
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.robust import NormHistory, RobustConfig
 from fedcore.roundlog import round_record
 from fedcore.serialization import PayloadMeta, decode, encode
 from fedcore.strategies import Strategy, plan_traffic
-from fedcore.training import LocalTrainer, SpeedConfig, TrainConfig
+from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 WEIGHTS = {"alice": 30, "bob": 10}

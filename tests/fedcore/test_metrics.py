@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedcore.federation import Ledger, Tally
 from fedcore.metrics import Metrics
-from fedcore.parts import Part
+from fedcore.model.parts import Part
 from fedcore.strategies import Traffic
 
 

@@ -1,4 +1,4 @@
-"""Tests for fedcore.model: the paper's parameter counts, the part split, presets, and the tiny test model."""
+"""Tests for fedcore.model.unet: the paper's parameter counts, the part split, presets, and the tiny test model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from fedcore.diffusion import Schedule, training_loss
-from fedcore.model import PRESETS, UNET_PART_RULE, build_model, layout_of, preset
-from fedcore.parts import PART_ORDER, Part
+from fedcore.model.diffusion import Schedule, training_loss
+from fedcore.model.unet import PRESETS, UNET_PART_RULE, build_model, layout_of, preset
+from fedcore.model.parts import PART_ORDER, Part
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedcore.errors import UnregisteredWorker
-from fedcore.parts import Part
+from fedcore.model.parts import Part
 from fedcore.robust import (
     ADAM_STEP_BOUND,
     NormHistory,
@@ -20,7 +20,7 @@ from fedcore.robust import (
     delta_value_bound,
     local_steps,
 )
-from fedcore.training import ADAM_BETAS, TrainConfig
+from fedcore.model.training import ADAM_BETAS, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 
@@ -59,9 +59,9 @@ def test_adams_largest_step_is_reached_by_growing_gradients_and_never_passed() -
 
 
 def test_a_trained_delta_stays_within_the_value_bound() -> None:
-    from fedcore.diffusion import Schedule
-    from fedcore.model import build_model
-    from fedcore.training import LocalTrainer, SpeedConfig
+    from fedcore.model.diffusion import Schedule
+    from fedcore.model.unet import build_model
+    from fedcore.model.training import LocalTrainer, SpeedConfig
 
     model = build_model("tiny", seed=0)
     trainer = LocalTrainer(model, Schedule(), SpeedConfig(threads=1))

@@ -12,10 +12,10 @@ import torch
 
 from fedcore.checkpoint import global_file_name, load_private, load_run
 from fedcore.data.datasets import to_model_range
-from fedcore.diffusion import Schedule
+from fedcore.model.diffusion import Schedule
 from fedcore.federation import FederationConfig, Ledger, task_seed
-from fedcore.model import build_model, layout_of
-from fedcore.parts import PART_ORDER, Part
+from fedcore.model.unet import build_model, layout_of
+from fedcore.model.parts import PART_ORDER, Part
 from fedcore.serialization import load_file
 from fedcore.roundlog import ROUNDS_LOG
 from fedcore.simulation import (
@@ -27,7 +27,7 @@ from fedcore.simulation import (
 )
 from fedcore.data.splits import split_indices
 from fedcore.strategies import Strategy, account
-from fedcore.training import LocalTrainer, SpeedConfig, TrainConfig
+from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 K, R, SEED = 3, 2, 7

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.strategies import (
     Strategy,
     Traffic,

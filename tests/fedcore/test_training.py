@@ -1,13 +1,13 @@
-"""Tests for fedcore.training: seeded CPU training is reproducible and a reset optimizer is a fresh one."""
+"""Tests for fedcore.model.training: seeded CPU training is reproducible and a reset optimizer is a fresh one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedcore.diffusion import Schedule
-from fedcore.model import build_model
-from fedcore.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, TrainingInterrupted, cpu_has_native_bf16
+from fedcore.model.diffusion import Schedule
+from fedcore.model.unet import build_model
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, TrainingInterrupted, cpu_has_native_bf16
 
 CPU = SpeedConfig(device="cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, lr=1e-3)  # 40 images: batches of 16, 16, 8

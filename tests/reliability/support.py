@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from feddiff.local import LocalCluster, Process, sample, scrape
-from fedcore.model import build_model, layout_of
-from fedcore.parts import Part
+from fedcore.model.unet import build_model, layout_of
+from fedcore.model.parts import Part
 from fedcore.roundlog import ROUNDS_LOG
 
 # Tiny UDec rounds that take a second or two on one CPU thread.

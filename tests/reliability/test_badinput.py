@@ -22,8 +22,8 @@ from fedcore.chunking import StreamHeader
 from fedcore.client import TrainTask
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of
-from fedcore.parts import ALL_PARTS, Part
+from fedcore.model.unet import build_model, layout_of
+from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.serialization import PayloadMeta
 from fedcore.wire import task_from_proto

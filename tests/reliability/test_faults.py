@@ -11,7 +11,7 @@ import pytest
 
 from feddiff.local import LocalCluster, status, wait_for_state
 from fedcore import checkpoint
-from fedcore.parts import Part
+from fedcore.model.parts import Part
 from fedcore.serialization import load_file
 
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until

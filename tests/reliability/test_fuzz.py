@@ -20,7 +20,7 @@ from fedcore.chunking import DIGESTS, FORMAT_VERSION, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong, TaskRefused
 from fedcore.federation import payload_bytes_by_part
-from fedcore.parts import Part, PartLayout, TensorSpec
+from fedcore.model.parts import Part, PartLayout, TensorSpec
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.serialization import PayloadMeta
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES

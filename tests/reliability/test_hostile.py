@@ -23,8 +23,8 @@ from fedcore import serialization
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of
-from fedcore.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.model.unet import build_model, layout_of
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.serialization import PayloadMeta, PayloadReader

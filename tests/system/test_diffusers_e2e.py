@@ -19,8 +19,8 @@ from feddiff.models_cli import build_trained, load_trained, personalise
 from fedcore import serialization
 from fedcore.checkpoint import load_private
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of, preset
-from fedcore.parts import ALL_PARTS, Part
+from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.serialization import load_file
 from tests.system.raw_client import RawWorker
 

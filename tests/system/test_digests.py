@@ -16,7 +16,7 @@ import pytest
 from fedcore import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of
+from fedcore.model.unet import build_model, layout_of
 from fedcore.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from coordinator.config import CoordinatorConfig

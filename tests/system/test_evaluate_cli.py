@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from feddiff.cli import main
-from fedcore.model import build_model
+from fedcore.model.unet import build_model
 from fedcore.serialization import save_file
 
 pytestmark = pytest.mark.e2e

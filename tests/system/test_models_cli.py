@@ -14,8 +14,8 @@ from PIL import Image
 
 from feddiff.cli import main
 from fedcore.checkpoint import load_private, load_run, personalised_state
-from fedcore.model import build_model, layout_of, preset
-from fedcore.parts import Part
+from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.model.parts import Part
 from fedcore.serialization import load_file
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import torch
 
 from fedcore import serialization
 from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of
+from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.serialization import PayloadMeta
 from fedcore.wire import task_from_proto

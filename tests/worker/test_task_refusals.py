@@ -12,7 +12,7 @@ import torch
 
 from fedcore.client import MissingPrivateState
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.training import SpeedConfig
+from fedcore.model.training import SpeedConfig
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon
 

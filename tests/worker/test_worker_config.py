@@ -9,7 +9,7 @@ from typing import Any, Literal, get_origin, get_type_hints
 import pytest
 
 from fedcore import settings
-from fedcore.training import SpeedConfig
+from fedcore.model.training import SpeedConfig
 from feddiff.cli import build_parser, main, speed_config
 from worker.config import WorkerConfig, from_args
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import AfterValidator
 from torch import nn
 
-from fedcore.diffusion import LossKind, Schedule, training_loss
+from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore import settings
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedcore.errors import ModelUnavailable
-from fedcore.parts import Part, PartRule, prefix_rule
+from fedcore.model.parts import Part, PartRule, prefix_rule
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel

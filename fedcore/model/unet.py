@@ -1,5 +1,5 @@
 """The paper's UNet ("The Annotated Diffusion Model" design: ConvNeXt blocks, linear attention), and the model
-presets: the paper's UNets and diffusers' UNet2DModels (fedcore.diffusers_unet), each built by name."""
+presets: the paper's UNets and diffusers' UNet2DModels (fedcore.model.diffusers_unet), each built by name."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcore.diffusers_unet import DiffusersUNetConfig, build_diffusers_unet
-from fedcore.parts import Part, PartLayout, PartRule, prefix_rule
+from fedcore.model.diffusers_unet import DiffusersUNetConfig, build_diffusers_unet
+from fedcore.model.parts import Part, PartLayout, PartRule, prefix_rule
 
 
 @dataclass(frozen=True)
