@@ -16,7 +16,8 @@ from fedcore import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
-from fedcore.evaluation import SamplingSpec, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
+from fedcore.evaluation import fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation import Federation
 from fedcore.images import save_grid
 from fedcore.model.unet import build_model

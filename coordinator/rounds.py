@@ -15,7 +15,8 @@ from typing import Literal
 from fedcore.chunking import StreamHeader, digest_for
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
-from fedcore.evaluation import SamplingSpec, curve_point_due
+from fedcore.evaluation import curve_point_due
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
 from fedcore.model.parts import PART_ORDER, Part

@@ -10,7 +10,7 @@ import torch
 from fedcore import serialization
 from fedcore.aggregate import delta
 from fedcore.errors import FeddiffError
-from fedcore.evaluation import SamplingSpec
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.unet import layout_of
 from fedcore.model.parts import Part, PartLayout
 from fedcore.serialization import PayloadMeta

@@ -30,10 +30,9 @@ from scipy import linalg
 import torch.nn.functional as F
 from torch import nn
 
-from fedcore.model.diffusion import SamplerKind, Schedule
+from fedcore.model.diffusion import SamplingSpec, Schedule
 from fedcore.model.diffusion import sample as generate
 from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
-from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 
 ASSET_DIR = Path(__file__).parent / "assets"
 CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
@@ -353,18 +352,6 @@ def curve_point_due(completed_rounds: int, every: int) -> bool:
     """Whether an FD curve gets a point after `completed_rounds`: after round 1, where every curve starts, and
     every `every` rounds (0: no curve; the last round is scored by the caller in any case)."""
     return every > 0 and completed_rounds > 0 and (completed_rounds == 1 or completed_rounds % every == 0)
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """An evaluate task's sampling; its types carry the ranges a worker runs (`fedcore.settings`)."""
-
-    __pydantic_config__ = CONFIG
-
-    num_samples: EvalSamples = 2000  # images generated per evaluated model
-    sampler: SamplerKind = "ddim"  # "ddim" during training, "ddpm" (all T steps) for the paper-protocol number
-    steps: SamplingSteps = 100  # DDIM steps
-    seed: Seed = 0
 
 
 @dataclass(frozen=True)

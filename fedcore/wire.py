@@ -9,7 +9,7 @@ from fedcore import settings
 from fedcore.chunk_codec import data_message_size
 from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.client import EvalTask, TrainTask
-from fedcore.evaluation import SamplingSpec
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.model.parts import Part, parse_parts, sorted_parts
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb

@@ -315,7 +315,8 @@ def evaluate(args: argparse.Namespace) -> int:
     on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
     import torch
 
-    from fedcore.evaluation import SamplingSpec, load_fmnist_classifier, load_inception, score_generator
+    from fedcore.evaluation import load_fmnist_classifier, load_inception, score_generator
+    from fedcore.model.diffusion import SamplingSpec
     from fedcore.images import save_grid
     from fedcore.model.training import resolve_device
 

@@ -1,4 +1,5 @@
-"""DDPM maths: the linear noise schedule, forward noising, the training loss, and DDPM / DDIM samplers."""
+"""DDPM maths: the linear noise schedule, forward noising, the training loss, the DDPM / DDIM samplers, and the
+sampling spec of an evaluation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 
 LossKind = Literal["huber", "mse"]
 
@@ -180,3 +183,15 @@ def sample(
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """An evaluate task's sampling; its types carry the ranges a worker runs (`fedcore.settings`)."""
+
+    __pydantic_config__ = CONFIG
+
+    num_samples: EvalSamples = 2000  # images generated per evaluated model
+    sampler: SamplerKind = "ddim"  # "ddim" during training, "ddpm" (all T steps) for the paper-protocol number
+    steps: SamplingSteps = 100  # DDIM steps
+    seed: Seed = 0
