@@ -14,10 +14,10 @@ import time
 import torch
 
 from bench.common import emit, log, machine, meta_layout, random_delta
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.aggregate import RunningAggregate
 from fedcore.model.parts import ALL_PARTS
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 
 
 def per_update_ms(model: str, repeats: int) -> dict[str, float]:

@@ -14,13 +14,13 @@ from prometheus_client import Counter
 from bench.common import ensure_preset
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator, settle_heap
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.allocator import tune_for_streaming
 from fedcore.metrics import Metrics
 
 
 def count_weights_serializations(metrics: Metrics) -> None:
-    """Wrap fedcore.serialization.encode in this process so that every weights payload it builds is counted."""
+    """Wrap fedcore.payload.serialization.encode in this process so that every weights payload it builds is counted."""
     counter = Counter("bench_weights_serializations", "Weights payloads serialized", registry=metrics.registry)
     encode = serialization.encode
 

@@ -32,7 +32,7 @@ from fedcore.model.diffusers_unet import DiffusersUNet, import_diffusers
 from fedcore.data.datasets import to_model_range
 from fedcore.model.diffusion import Schedule
 from fedcore.model.unet import build_model, preset
-from fedcore.pretrained import scheduler_kwargs
+from fedcore.payload.pretrained import scheduler_kwargs
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, resolve_device
 
 

@@ -26,13 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.report import emit, log, machine, median
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.client import ClientRuntime, TrainTask
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, resolve_device
 
 MODEL = "paper-fmnist"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
@@ -21,7 +21,7 @@ from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation import Federation
 from fedcore.images import save_grid
 from fedcore.model.unet import build_model
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.strategies import private_parts, shared_parts
 from fedcore.model.training import resolve_device
 

@@ -20,7 +20,7 @@ from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.serialization import save_file
+from fedcore.payload.serialization import save_file
 from fedcore.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.strategies import private_parts
 from fedcore.wire_bounds import MAX_GRID_BYTES

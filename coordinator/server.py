@@ -21,7 +21,7 @@ from fedcore.errors import CannotListen
 from fedcore.federation import Federation
 from fedcore.metrics import Metrics
 from fedcore.ports import check_distinct, check_free, split_address
-from fedcore.pretrained import initial_weights
+from fedcore.payload.pretrained import initial_weights
 
 from coordinator.config import CoordinatorConfig
 from coordinator.progress import ProgressReporter

@@ -9,7 +9,7 @@ import torch
 
 from fedcore.errors import NonFiniteAggregate, NotAssigned, SchemaError
 from fedcore.model.parts import Part, PartLayout, sorted_parts
-from fedcore.serialization import Decoded, TensorTable, check_finite, check_schema, largest_magnitude
+from fedcore.payload.serialization import Decoded, TensorTable, check_finite, check_schema, largest_magnitude
 
 
 def delta(local: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fedcore.atomic import atomic_write_json
-from fedcore.serialization import load_file, save_file
+from fedcore.payload.serialization import load_file, save_file
 
 STATE_FILE = "state.json"
 KEEP = 2

@@ -12,8 +12,8 @@ from typing import Protocol
 import blake3
 
 from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamTooLong
+from fedcore.payload.serialization import FORMAT_VERSION
 
-FORMAT_VERSION = 1  # bumped when the payload layout (safetensors metadata keys) changes
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
 THREADED_DIGEST_MIN = 16 << 20  # bytes: a stream at least this long is hashed in a thread beside its reception

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.aggregate import delta
 from fedcore.errors import FeddiffError
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.unet import layout_of
 from fedcore.model.parts import Part, PartLayout
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
 
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcore import checkpoint, serialization, settings
+from fedcore import checkpoint, settings
+from fedcore.payload import serialization
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.robust import NormHistory, RobustConfig
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.strategies import (
     RoundPlan,
     Strategy,

@@ -19,7 +19,7 @@ from fedcore.model.diffusion import Schedule
 from fedcore.federation import Federation, FederationConfig, RoundOutcome
 from fedcore.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
 from fedcore.model.unet import build_model
-from fedcore.pretrained import initial_weights
+from fedcore.payload.pretrained import initial_weights
 from fedcore.data.splits import SplitKind, split_indices
 from fedcore.strategies import private_parts
 from fedcore.model.training import LocalTrainer, SpeedConfig

@@ -77,7 +77,7 @@ def _preset_name(given: str, state: dict[str, object] | None, where: Path) -> st
 
 
 def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
-    from fedcore.serialization import load_file
+    from fedcore.payload.serialization import load_file
 
     state = _run_state(directory)
     name = _preset_name(model, state, directory)
@@ -103,7 +103,7 @@ def _strategy(state: dict[str, object] | None) -> str | None:
 
 
 def _from_file(path: Path, model: str) -> TrainedModel:
-    from fedcore.serialization import load_file
+    from fedcore.payload.serialization import load_file
 
     tensors, md = load_file(path)
     if EXPORT_METADATA_KEY in md:  # written by `feddiff export`
@@ -119,7 +119,7 @@ def _from_file(path: Path, model: str) -> TrainedModel:
 def _from_diffusers_folder(path: Path, model: str) -> TrainedModel:
     """A `--format diffusers` export (its feddiff_export.json says what it is), or any diffusers UNet or
     pipeline folder of a preset's architecture (`model` names the preset)."""
-    from fedcore.pretrained import read_unet_folder
+    from fedcore.payload.pretrained import read_unet_folder
 
     config_file = path / EXPORT_CONFIG_FILE
     if not config_file.is_file():
@@ -136,7 +136,7 @@ def _from_diffusers_folder(path: Path, model: str) -> TrainedModel:
 def load_trained(checkpoint: str | Path, model: str = "") -> TrainedModel:
     """The global model of a checkpoint dir, the model of a .safetensors file, or that of a diffusers folder
     (an export with --format diffusers); `model` names the preset where nothing recorded it."""
-    from fedcore.pretrained import is_diffusers_folder
+    from fedcore.payload.pretrained import is_diffusers_folder
 
     path = Path(checkpoint)
     if path.is_dir() and is_diffusers_folder(path):
@@ -173,7 +173,7 @@ def build_trained(trained: TrainedModel) -> torch.nn.Module:
     """The UNet of the preset with these weights; every tensor's name and shape must match."""
     from fedcore.model.unet import build_model, layout_of
     from fedcore.model.parts import PART_ORDER
-    from fedcore.pretrained import first_tensor_difference
+    from fedcore.payload.pretrained import first_tensor_difference
 
     model = build_model(trained.model)
     differs = first_tensor_difference(trained.tensors, layout_of(model).specs(PART_ORDER))
@@ -213,7 +213,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
 
 
 def export(args: argparse.Namespace) -> int:
-    from fedcore.serialization import save_file
+    from fedcore.payload.serialization import save_file
 
     trained = load_trained(args.checkpoint_dir, args.model)
     if args.worker_state:
@@ -237,7 +237,7 @@ def export(args: argparse.Namespace) -> int:
 def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -> int:
     """A diffusers-backbone model as a DDPMPipeline folder, with the export config as feddiff_export.json."""
     from fedcore.model.diffusers_unet import DiffusersUNet
-    from fedcore.pretrained import PIPELINE_INDEX, PIPELINE_WEIGHTS, write_pipeline
+    from fedcore.payload.pretrained import PIPELINE_INDEX, PIPELINE_WEIGHTS, write_pipeline
 
     if not isinstance(model, DiffusersUNet):
         raise ValueError(

@@ -24,7 +24,7 @@ from fedcore.model.diffusion import sample as generate
 from fedcore.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.model.parts import PART_ORDER
-from fedcore.serialization import load_file
+from fedcore.payload.serialization import load_file
 
 FD_WORKER = "client-0"
 

@@ -193,14 +193,14 @@ def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
 
 
 def _payload(layout: PartLayout, tensors, parts, round_index: int = 0) -> bytearray:
-    from fedcore.serialization import PayloadMeta, encode
+    from fedcore.payload.serialization import PayloadMeta, encode
 
     return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))))
 
 
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({MID, DEC}), frozenset({ENC})])
 def test_a_decoded_payload_folds_to_the_same_sums_as_its_tensors(parts, global_state, tiny_layout: PartLayout) -> None:
-    from fedcore.serialization import PayloadReader
+    from fedcore.payload.serialization import PayloadReader
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
     by_tensor, by_payload = RunningAggregate(tiny_layout, ALL_PARTS), RunningAggregate(tiny_layout, ALL_PARTS)
@@ -234,7 +234,7 @@ def _padded(clean: bytearray) -> bytearray:
 
 
 def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_state, tiny_layout: PartLayout) -> None:
-    from fedcore.serialization import PayloadReader
+    from fedcore.payload.serialization import PayloadReader
 
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
 
@@ -249,7 +249,7 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad_value: float, global_state, tiny_layout: PartLayout) -> None:
-    from fedcore.serialization import PayloadReader
+    from fedcore.payload.serialization import PayloadReader
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
@@ -266,7 +266,7 @@ def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad
 
 
 def test_the_largest_magnitude_is_finite_for_finite_values_only() -> None:
-    from fedcore.serialization import largest_magnitude
+    from fedcore.payload.serialization import largest_magnitude
 
     assert largest_magnitude(torch.tensor([3e38, 1.0, -3.2e38])) == pytest.approx(3.2e38) and largest_magnitude(torch.empty(0)) == 0
     assert math.isnan(largest_magnitude(torch.tensor([1.0, float("nan")])))
@@ -276,7 +276,7 @@ def test_the_largest_magnitude_is_finite_for_finite_values_only() -> None:
 # --- hostile updates: values beyond a bound, norm clipping, an aggregate that overflows ---------------------
 @pytest.mark.parametrize("padded", [False, True], ids=["back-to-back", "tensor-by-tensor"])
 def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_state, tiny_layout: PartLayout) -> None:
-    from fedcore.serialization import PayloadReader
+    from fedcore.payload.serialization import PayloadReader
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=14)[0], global_state), {DEC})
@@ -292,7 +292,7 @@ def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_stat
 
 @pytest.mark.parametrize("padded", [False, True], ids=["back-to-back", "tensor-by-tensor"])
 def test_clipping_scales_each_part_down_to_its_bound_and_returns_the_norms(padded: bool, global_state, tiny_layout: PartLayout) -> None:
-    from fedcore.serialization import PayloadReader
+    from fedcore.payload.serialization import PayloadReader
 
     reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=15)[0], global_state), ALL_PARTS)

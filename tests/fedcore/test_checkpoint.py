@@ -17,7 +17,7 @@ from fedcore.checkpoint import (
     save_private,
     save_run,
 )
-from fedcore.serialization import save_file
+from fedcore.payload.serialization import save_file
 
 CONFIG = {"strategy": "udec", "model": "tiny", "rounds": 3, "seed": 0}
 LEDGER = {"parameters_total": 123}

@@ -11,7 +11,6 @@ import pytest
 
 from fedcore.chunking import (
     DIGESTS,
-    FORMAT_VERSION,
     MAX_CHUNK_SIZE,
     PREFERRED_DIGEST,
     THREADED_DIGEST_MIN,
@@ -22,6 +21,7 @@ from fedcore.chunking import (
     iter_chunks,
 )
 from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamError, StreamTooLong
+from fedcore.payload.serialization import FORMAT_VERSION
 
 PAYLOAD = os.urandom(10_007)  # a prime length, so most chunk sizes leave a short last chunk
 

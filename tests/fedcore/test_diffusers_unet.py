@@ -16,7 +16,7 @@ from fedcore.model.diffusers_unet import DiffusersUNet
 from fedcore.model.diffusion import Schedule, ddpm_step
 from fedcore.model.unet import PRESETS, build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.pretrained import initial_weights, read_unet_folder, scheduler_kwargs, write_pipeline
+from fedcore.payload.pretrained import initial_weights, read_unet_folder, scheduler_kwargs, write_pipeline
 from fedcore.strategies import Strategy, account
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
@@ -229,7 +229,7 @@ def test_pickled_weights_are_never_loaded(tmp_path: Path) -> None:
 
 
 def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_path: Path) -> None:
-    from fedcore.serialization import save_file
+    from fedcore.payload.serialization import save_file
 
     saved_unet(tmp_path / "unet")
     weights = build_model("tiny", seed=9).state_dict()
@@ -264,7 +264,7 @@ def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: P
 
 
 def test_starting_weights_with_nan_are_refused(tmp_path: Path) -> None:
-    from fedcore.serialization import save_file
+    from fedcore.payload.serialization import save_file
 
     weights = build_model("tiny", seed=0).state_dict()
     weights["final_conv.bias"][0] = float("nan")

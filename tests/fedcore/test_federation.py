@@ -14,7 +14,7 @@ from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.robust import NormHistory, RobustConfig
 from fedcore.roundlog import round_record
-from fedcore.serialization import PayloadMeta, decode, encode
+from fedcore.payload.serialization import PayloadMeta, decode, encode
 from fedcore.strategies import Strategy, plan_traffic
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 

@@ -1,4 +1,4 @@
-"""Tests for fedcore.serialization: payload roundtrips, and every malformed payload refused with a named reason."""
+"""Tests for fedcore.payload.serialization: payload roundtrips, and every malformed payload refused with a named reason."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedcore.errors import (
 )
 from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS, Part, PartLayout, select
-from fedcore.serialization import PayloadMeta, decode, encode, load_file, read_meta, save_file
+from fedcore.payload.serialization import PayloadMeta, decode, encode, load_file, read_meta, save_file
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 DECODER_ONLY = frozenset({DEC})
@@ -304,7 +304,7 @@ def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLa
 
 
 def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout, monkeypatch) -> None:
-    from fedcore import serialization
+    from fedcore.payload import serialization
 
     data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
     parses = []
@@ -349,7 +349,7 @@ def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> 
 
 
 def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayout, monkeypatch) -> None:
-    from fedcore import serialization
+    from fedcore.payload import serialization
 
     reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=43, model="tiny")
     data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
@@ -369,7 +369,7 @@ def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayou
 
 
 def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLayout) -> None:
-    from fedcore import serialization
+    from fedcore.payload import serialization
 
     reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=45, model="tiny")
     tensors = select(state, tiny_layout, DECODER_ONLY)
@@ -382,7 +382,7 @@ def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLay
 
 
 def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_layout: PartLayout, monkeypatch) -> None:
-    from fedcore import serialization
+    from fedcore.payload import serialization
 
     data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=46))
     (n,) = struct.unpack("<Q", data[:8])

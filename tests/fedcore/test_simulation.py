@@ -16,7 +16,7 @@ from fedcore.model.diffusion import Schedule
 from fedcore.federation import FederationConfig, Ledger, task_seed
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.serialization import load_file
+from fedcore.payload.serialization import load_file
 from fedcore.roundlog import ROUNDS_LOG
 from fedcore.simulation import (
     DataConfig,

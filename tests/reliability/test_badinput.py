@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.client import TrainTask
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
@@ -25,7 +25,7 @@ from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator

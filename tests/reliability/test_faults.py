@@ -12,7 +12,7 @@ import pytest
 from feddiff.local import LocalCluster, status, wait_for_state
 from fedcore import checkpoint
 from fedcore.model.parts import Part
-from fedcore.serialization import load_file
+from fedcore.payload.serialization import load_file
 
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
 from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount

@@ -15,14 +15,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcore import serialization, wire
-from fedcore.chunking import DIGESTS, FORMAT_VERSION, StreamHeader
+from fedcore import wire
+from fedcore.payload import serialization
+from fedcore.chunking import DIGESTS, StreamHeader
 from fedcore.client import EvalTask, TrainTask
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong, TaskRefused
 from fedcore.federation import payload_bytes_by_part
 from fedcore.model.parts import Part, PartLayout, TensorSpec
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import FORMAT_VERSION, PayloadMeta
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES
 
 pytestmark = [pytest.mark.badinput, pytest.mark.timeout(300)]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bench.rounds_scale import HealthProbe
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.aggregate import RunningAggregate
 from fedcore.client import TrainTask
 from fedcore.metrics import Metrics
@@ -27,7 +27,7 @@ from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.serialization import PayloadMeta, PayloadReader
+from fedcore.payload.serialization import PayloadMeta, PayloadReader
 from fedcore.wire import task_from_proto
 from fedcore.wire_bounds import MAX_STATUS_WORKERS
 from coordinator.config import CoordinatorConfig

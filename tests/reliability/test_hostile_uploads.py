@@ -22,12 +22,13 @@ import torch
 
 from bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes
 from feddiff.local import LocalCluster, Process
-from fedcore import checkpoint, serialization
+from fedcore import checkpoint
+from fedcore.payload import serialization
 from fedcore.client import TrainTask
 from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from tests.reliability.support import ENV, HealthProbe, metric, wait_until
 from tests.system.raw_client import RawWorker, StalledUpload

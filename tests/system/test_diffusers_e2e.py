@@ -16,12 +16,12 @@ from coordinator.server import Coordinator
 from feddiff.cli import main
 from feddiff.local import LocalCluster, wait_for_state
 from feddiff.models_cli import build_trained, load_trained, personalise
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.checkpoint import load_private
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import ALL_PARTS, Part
-from fedcore.serialization import load_file
+from fedcore.payload.serialization import load_file
 from tests.system.raw_client import RawWorker
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
@@ -101,7 +101,7 @@ def test_the_export_samples_with_feddiff_too(grpc_run: Path, tmp_path: Path) -> 
 
 
 def test_the_paper_unet_is_not_exported_as_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fedcore.serialization import save_file
+    from fedcore.payload.serialization import save_file
 
     save_file(tmp_path / "tiny.safetensors", build_model("tiny", seed=0).state_dict())
 

@@ -13,11 +13,11 @@ import blake3
 import grpc
 import pytest
 
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.chunking import StreamHeader
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator

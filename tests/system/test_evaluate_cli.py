@@ -12,7 +12,7 @@ from PIL import Image
 
 from feddiff.cli import main
 from fedcore.model.unet import build_model
-from fedcore.serialization import save_file
+from fedcore.payload.serialization import save_file
 
 pytestmark = pytest.mark.e2e
 

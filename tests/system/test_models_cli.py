@@ -16,7 +16,7 @@ from feddiff.cli import main
 from fedcore.checkpoint import load_private, load_run, personalised_state
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import Part
-from fedcore.serialization import load_file
+from fedcore.payload.serialization import load_file
 
 pytestmark = pytest.mark.e2e
 
@@ -135,7 +135,7 @@ def test_sample_of_a_personalised_model_differs_from_the_global_one(run_dir: Pat
 
 
 def test_a_coordinators_final_model_is_preferred_to_the_last_round_checkpoint(run_dir: Path, tmp_path: Path) -> None:
-    from fedcore.serialization import save_file
+    from fedcore.payload.serialization import save_file
 
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(run_dir, checkpoints)

@@ -13,11 +13,11 @@ import grpc
 import pytest
 import torch
 
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from feddiff.cli import main
 from coordinator.config import CoordinatorConfig

@@ -15,11 +15,11 @@ import torch
 from cryptography import x509
 
 from feddiff.local import LocalCluster
-from fedcore import serialization
+from fedcore.payload import serialization
 from fedcore.certs import create_project
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator

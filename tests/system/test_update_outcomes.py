@@ -16,12 +16,13 @@ import grpc
 import pytest
 import torch
 
-from fedcore import checkpoint, errors, serialization
+from fedcore import checkpoint, errors
+from fedcore.payload import serialization
 from fedcore.client import TrainTask
 from fedcore.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator

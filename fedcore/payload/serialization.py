@@ -22,12 +22,12 @@ import safetensors.torch
 import torch
 
 from fedcore.atomic import atomic_write
-from fedcore.chunking import FORMAT_VERSION
 from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.model.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
 
 PayloadKind = Literal["weights", "delta"]
 
+FORMAT_VERSION = 1  # bumped when the payload layout (safetensors metadata keys) changes
 MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header larger than this is refused unread
 MEMO_HEADER_BYTES = 1 << 20  # headers up to this size are remembered (paper-celeba64's is about 25 KB)
 

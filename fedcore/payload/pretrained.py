@@ -20,7 +20,7 @@ from fedcore.model.diffusion import DiffusionConfig
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, TensorSpec
 from fedcore.errors import NonFiniteTensor
-from fedcore.serialization import check_finite, load_file
+from fedcore.payload.serialization import check_finite, load_file
 
 PIPELINE_INDEX = "model_index.json"
 UNET_CONFIG = "config.json"
