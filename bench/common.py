@@ -22,7 +22,7 @@ import torch
 
 from fedcore.payload import serialization
 from fedcore.chunking import LEGACY_DIGEST, StreamHeader
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.model.unet import PRESETS, UNet, UNetConfig, layout_of, preset
 from fedcore.model.parts import Part, PartLayout
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -76,7 +76,7 @@ def synthetic_model(target_bytes: float) -> str:
 
 def random_delta(layout: PartLayout, parts: frozenset[Part], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random (not zero) float32 tensors shaped like an update of `parts`, of about one Adam step at lr 1e-4 (a
-    coordinator refuses values beyond what the task's training can reach, fedcore.robust)."""
+    coordinator refuses values beyond what the task's training can reach, fedcore.federation.robust)."""
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randn(spec.shape, generator=g) * 1e-4 for name, spec in layout.specs(parts).items()}
 

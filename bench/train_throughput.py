@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.report import emit, log, machine, median
 from fedcore.payload import serialization
-from fedcore.client import ClientRuntime, TrainTask
+from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore.model.unet import build_model

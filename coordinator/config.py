@@ -14,9 +14,9 @@ from pydantic import BeforeValidator
 from fedcore import settings
 from fedcore.chunking import DEFAULT_CHUNK_SIZE
 from fedcore.model.diffusion import LossKind, SamplerKind
-from fedcore.federation import FederationConfig
+from fedcore.federation.server import FederationConfig
 from fedcore.model.unet import ModelName
-from fedcore.robust import RobustConfig
+from fedcore.federation.robust import RobustConfig
 from fedcore.settings import (
     BatchSize,
     Epochs,
@@ -31,7 +31,7 @@ from fedcore.settings import (
     Seconds,
     Seed,
 )
-from fedcore.strategies import StrategyName
+from fedcore.federation.strategies import StrategyName
 from fedcore.model.training import Device
 from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 

@@ -14,15 +14,15 @@ import torch
 
 from fedcore.payload import serialization
 from fedcore.chunking import StreamHeader
-from fedcore.client import EvalTask
+from fedcore.federation.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
 from fedcore.evaluation import fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
 from fedcore.model.diffusion import SamplingSpec
-from fedcore.federation import Federation
+from fedcore.federation.server import Federation
 from fedcore.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.strategies import private_parts, shared_parts
+from fedcore.federation.strategies import private_parts, shared_parts
 from fedcore.model.training import resolve_device
 
 log = logging.getLogger("feddiff.coordinator")

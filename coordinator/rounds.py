@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Literal
 
 from fedcore.chunking import StreamHeader, digest_for
-from fedcore.client import EvalTask, TrainTask
+from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
 from fedcore.evaluation import curve_point_due
 from fedcore.model.diffusion import SamplingSpec
-from fedcore.federation import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
+from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import save_file
-from fedcore.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
-from fedcore.strategies import private_parts
+from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
+from fedcore.federation.strategies import private_parts
 from fedcore.wire_bounds import MAX_GRID_BYTES
 
 from coordinator.config import CoordinatorConfig

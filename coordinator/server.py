@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedcore.atomic import atomic_write_json
 from fedcore.chunking import MAX_CHUNK_SIZE
 from fedcore.errors import CannotListen
-from fedcore.federation import Federation
+from fedcore.federation.server import Federation
 from fedcore.metrics import Metrics
 from fedcore.ports import check_distinct, check_free, split_address
 from fedcore.payload.pretrained import initial_weights

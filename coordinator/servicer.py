@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from fedcore import chunk_codec, wire, wire_bounds
 from fedcore.chunk_codec import DataChunk
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
-from fedcore.client import EvalTask
+from fedcore.federation.client import EvalTask
 from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb

@@ -30,7 +30,7 @@ class NonFiniteTensor(PayloadError):
 
 
 class ValueOutOfBounds(PayloadError):
-    """A finite value larger than the task's training can produce (fedcore.robust.delta_value_bound): folded
+    """A finite value larger than the task's training can produce (fedcore.federation.robust.delta_value_bound): folded
     in, it would swamp or overflow the average."""
 
     reason = "out_of_bounds"

@@ -24,7 +24,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedcore import checkpoint, report
+from fedcore import report
+from fedcore.federation import checkpoint
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.evaluation import (
@@ -35,13 +36,13 @@ from fedcore.evaluation import (
     load_fmnist_classifier,
     load_inception,
 )
-from fedcore.federation import FederationConfig
+from fedcore.federation.server import FederationConfig
 from fedcore.images import save_grid
 from fedcore.model.unet import build_model
-from fedcore.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.simulation import DataConfig, Simulation, SimulationConfig
 from fedcore.data.splits import SplitKind
-from fedcore.strategies import Strategy, private_parts
+from fedcore.federation.strategies import Strategy, private_parts
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
 
 ProtocolName = Literal["quick", "paper", "cpu", "mini"]

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.chunking import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
-from fedcore.client import ClientRuntime
+from fedcore.federation.client import ClientRuntime
 from fedcore.data.datasets import ImageDataset, load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import Schedule
-from fedcore.federation import Federation, FederationConfig, RoundOutcome
-from fedcore.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
+from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
+from fedcore.federation.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
 from fedcore.model.unet import build_model
 from fedcore.payload.pretrained import initial_weights
 from fedcore.data.splits import SplitKind, split_indices
-from fedcore.strategies import private_parts
+from fedcore.federation.strategies import private_parts
 from fedcore.model.training import LocalTrainer, SpeedConfig
 
 

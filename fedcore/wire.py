@@ -8,7 +8,7 @@ from typing import TypeVar
 from fedcore import settings
 from fedcore.chunk_codec import data_message_size
 from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
-from fedcore.client import EvalTask, TrainTask
+from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.model.parts import Part, parse_parts, sorted_parts

@@ -45,7 +45,7 @@ def _model_info(args: argparse.Namespace) -> int:
 @_command("strategies")
 def _strategies(args: argparse.Namespace) -> int:
     from fedcore.model.unet import build_model, layout_of
-    from fedcore.strategies import Strategy, account
+    from fedcore.federation.strategies import Strategy, account
 
     sizes = layout_of(build_model(args.model)).sizes
     rows = [account(s, sizes, args.clients, args.rounds, seed=args.seed).as_json() for s in Strategy]
@@ -75,7 +75,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _federation_config(args: argparse.Namespace):  # -> FederationConfig
-    from fedcore.federation import FederationConfig
+    from fedcore.federation.server import FederationConfig
 
     names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
     return FederationConfig.from_settings(**{n: getattr(args, n) for n in names})

@@ -9,7 +9,7 @@ Where a model comes from:
   a diffusers folder  one written by `feddiff export --format diffusers` (its feddiff_export.json says what it
                       is), or any UNet2DModel or DDPMPipeline folder of a preset's architecture (with --model)
   --worker-state DIR  makes it personalised: the global model's shared parts with the private parts that a
-                      worker keeps in its --state-dir (udec, ulatdec); fedcore.checkpoint.personalised_state
+                      worker keeps in its --state-dir (udec, ulatdec); fedcore.federation.checkpoint.personalised_state
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class TrainedModel:
 
 
 def _run_state(directory: Path) -> dict[str, object] | None:
-    from fedcore.checkpoint import STATE_FILE
+    from fedcore.federation.checkpoint import STATE_FILE
 
     path = directory / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -150,8 +150,8 @@ def load_trained(checkpoint: str | Path, model: str = "") -> TrainedModel:
 
 def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER_PRIVATE_STEM) -> TrainedModel:
     """The global model's shared parts with a worker's private parts from its --state-dir."""
-    from fedcore.checkpoint import load_private, personalised_state
-    from fedcore.strategies import Strategy, private_parts
+    from fedcore.federation.checkpoint import load_private, personalised_state
+    from fedcore.federation.strategies import Strategy, private_parts
 
     if trained.kind == "personalised":
         raise ValueError(f"the model is already {trained.worker}'s personalised one")
@@ -190,7 +190,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
     """What `feddiff export` writes beside the weights (and into their metadata)."""
     from fedcore.model.unet import build_model, layout_of, preset
     from fedcore.model.parts import PART_ORDER
-    from fedcore.strategies import Strategy, private_parts
+    from fedcore.federation.strategies import Strategy, private_parts
 
     layout = layout_of(build_model(trained.model))
     private = private_parts(Strategy(trained.strategy)) if trained.kind == "personalised" and trained.strategy else frozenset()

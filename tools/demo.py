@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from feddiff.local import LocalCluster, sample, scrape, wait_for_state
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.model.diffusion import Schedule
 from fedcore.model.diffusion import sample as generate
 from fedcore.images import save_grid

@@ -12,7 +12,7 @@ from pathlib import Path
 from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 
 K, R, SEED = 2, 2, 0
 

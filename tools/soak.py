@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from feddiff.local import LocalCluster, wait_for_state
-from fedcore.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG
 
 K = 4
 BASELINE_ROUND = 5  # after warm-up: imports, first payloads, thread pools and allocator arenas are in place

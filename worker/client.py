@@ -12,7 +12,7 @@ import grpc
 import fedcore
 from fedcore import chunk_codec, wire, wire_bounds
 from fedcore.chunking import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
-from fedcore.client import EvalTask, TrainTask
+from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc

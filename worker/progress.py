@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.model.training import StepCallback, TrainResult
 
 log = logging.getLogger("feddiff.worker")

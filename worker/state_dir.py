@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.atomic import atomic_write_json
 from fedcore.metrics import Metrics
 

@@ -16,7 +16,7 @@ from fedcore import settings
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
 Toggle = Literal["auto", "on", "off"]
-ADAM_BETAS = (0.9, 0.999)  # torch's defaults; the server bounds a delta's values by the steps they allow (fedcore.robust)
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults; the server bounds a delta's values by the steps they allow (fedcore.federation.robust)
 
 
 @dataclass(frozen=True)

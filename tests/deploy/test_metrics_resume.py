@@ -18,9 +18,9 @@ import yaml
 
 from dashboard import dashboard_targets
 from feddiff.local import LocalCluster, Process, scrape, status, wait_for_state
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.model.unet import build_model, layout_of
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, free_port, prometheus_config, start_prometheus, stop_prometheus
 from tools.system_packages import skip_reason
 

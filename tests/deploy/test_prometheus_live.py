@@ -15,7 +15,7 @@ from dashboard import dashboard_targets
 from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, prometheus_config, start_prometheus, stop_prometheus
 from feddiff.local import LocalCluster, wait_for_state
 from fedcore.model.unet import build_model, layout_of
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_recorded_reduction_equals_fedcore_accounting(prometheus: PrometheusAPI)
     print(f"\nrecording rule  {REDUCTION_RULE} = {' '.join(rule_expr.split())}")
     print(f"read back       {REDUCTION_RULE} = {recorded!r}")
     print(f"PromQL          {REDUCTION_EXPR} = {computed!r}")
-    print(f"fedcore.strategies.account(udec, tiny, K={K}, R={R}): 1 - {acct.traffic.total}/{acct.full_fedavg} = {expected!r}")
+    print(f"fedcore.federation.strategies.account(udec, tiny, K={K}, R={R}): 1 - {acct.traffic.total}/{acct.full_fedavg} = {expected!r}")
     up = {(r["metric"]["job"], r["metric"]["instance"]): r["value"][1] for r in prometheus.query("up")}
     assert len(up) == 1 + K and set(up.values()) == {"1"}, up
     assert rounds == R

@@ -1,4 +1,4 @@
-"""Tests for fedcore.aggregate: streaming FedAvg equals the direct weighted mean, per part, refusals leave no trace."""
+"""Tests for fedcore.federation.aggregate: streaming FedAvg equals the direct weighted mean, per part, refusals leave no trace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from fedcore.aggregate import RunningAggregate, delta
+from fedcore.federation.aggregate import RunningAggregate, delta
 from fedcore.errors import NonFiniteAggregate, NonFiniteTensor, NotAssigned, SchemaError, ValueOutOfBounds
 from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part, PartLayout

@@ -1,4 +1,4 @@
-"""Tests for fedcore.checkpoint: roundtrips, crash safety between the model file and state.json, pruning."""
+"""Tests for fedcore.federation.checkpoint: roundtrips, crash safety between the model file and state.json, pruning."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from fedcore import checkpoint
-from fedcore.checkpoint import (
+from fedcore.federation import checkpoint
+from fedcore.federation.checkpoint import (
     STATE_FILE,
     RunState,
     global_file_name,

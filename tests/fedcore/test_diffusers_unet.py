@@ -17,7 +17,7 @@ from fedcore.model.diffusion import Schedule, ddpm_step
 from fedcore.model.unet import PRESETS, build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.pretrained import initial_weights, read_unet_folder, scheduler_kwargs, write_pipeline
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
 
@@ -246,7 +246,7 @@ def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_pa
 
 
 def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    from fedcore.federation import FederationConfig
+    from fedcore.federation.server import FederationConfig
     from fedcore.simulation import DataConfig, Simulation, SimulationConfig
     from fedcore.model.training import SpeedConfig
 

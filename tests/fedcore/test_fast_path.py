@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedcore.client import ClientRuntime, TrainTask
+from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import Schedule
-from fedcore.federation import Federation, FederationConfig
+from fedcore.federation.server import Federation, FederationConfig
 from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS
-from fedcore.strategies import Strategy
+from fedcore.federation.strategies import Strategy
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig
 
 FP32_EAGER = dict(bf16="off", channels_last="off", fused_adam="off", compile="off")

@@ -1,21 +1,21 @@
-"""Tests for fedcore.federation and fedcore.client: one round driven by hand, payloads, refusals, the ledger."""
+"""Tests for fedcore.federation.server and fedcore.federation.client: one round driven by hand, payloads, refusals, the ledger."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedcore.aggregate import delta
-from fedcore.client import ClientRuntime, MissingPrivateState, TrainTask
+from fedcore.federation.aggregate import delta
+from fedcore.federation.client import ClientRuntime, MissingPrivateState, TrainTask
 from fedcore.model.diffusion import Schedule
 from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
-from fedcore.federation import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
+from fedcore.federation.server import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
 from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
-from fedcore.robust import NormHistory, RobustConfig
-from fedcore.roundlog import round_record
+from fedcore.federation.robust import NormHistory, RobustConfig
+from fedcore.federation.roundlog import round_record
 from fedcore.payload.serialization import PayloadMeta, decode, encode
-from fedcore.strategies import Strategy, plan_traffic
+from fedcore.federation.strategies import Strategy, plan_traffic
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER

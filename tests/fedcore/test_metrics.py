@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fedcore.federation import Ledger, Tally
+from fedcore.federation.server import Ledger, Tally
 from fedcore.metrics import Metrics
 from fedcore.model.parts import Part
-from fedcore.strategies import Traffic
+from fedcore.federation.strategies import Traffic
 
 
 def _ledger() -> Ledger:

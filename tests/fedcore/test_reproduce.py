@@ -14,7 +14,7 @@ from PIL import Image
 
 from fedcore import report
 from fedcore.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, load_results, parse_only, select_cells, with_overrides
-from fedcore.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 
 CELLS = "full:iid,udec:iid"

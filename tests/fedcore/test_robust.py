@@ -1,4 +1,4 @@
-"""Tests for fedcore.robust: Adam's bound on a delta's values, FedAvg weights capped per round, norm clipping
+"""Tests for fedcore.federation.robust: Adam's bound on a delta's values, FedAvg weights capped per round, norm clipping
 bounds and their history."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from fedcore.errors import UnregisteredWorker
 from fedcore.model.parts import Part
-from fedcore.robust import (
+from fedcore.federation.robust import (
     ADAM_STEP_BOUND,
     NormHistory,
     RobustConfig,

@@ -1,11 +1,11 @@
-"""Tests for fedcore.roundlog: what a resumed coordinator reads back from its round log."""
+"""Tests for fedcore.federation.roundlog: what a resumed coordinator reads back from its round log."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from fedcore.roundlog import latest_in_log
+from fedcore.federation.roundlog import latest_in_log
 
 
 def test_latest_in_log_reads_the_committed_round_and_the_latest_fds(tmp_path: Path) -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcore.checkpoint import global_file_name, load_private, load_run
+from fedcore.federation.checkpoint import global_file_name, load_private, load_run
 from fedcore.data.datasets import to_model_range
 from fedcore.model.diffusion import Schedule
-from fedcore.federation import FederationConfig, Ledger, task_seed
+from fedcore.federation.server import FederationConfig, Ledger, task_seed
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import load_file
-from fedcore.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.simulation import (
     DataConfig,
     Simulation,
@@ -26,7 +26,7 @@ from fedcore.simulation import (
     load_training_pool,
 )
 from fedcore.data.splits import split_indices
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER

@@ -1,4 +1,4 @@
-"""Tests for fedcore.strategies: the paper's communication numbers, USplit's pairing rule, and round plans."""
+"""Tests for fedcore.federation.strategies: the paper's communication numbers, USplit's pairing rule, and round plans."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
-from fedcore.strategies import (
+from fedcore.federation.strategies import (
     Strategy,
     Traffic,
     account,

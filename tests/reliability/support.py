@@ -17,7 +17,7 @@ from pathlib import Path
 from feddiff.local import LocalCluster, Process, sample, scrape
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import Part
-from fedcore.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG
 
 # Tiny UDec rounds that take a second or two on one CPU thread.
 RUN = ["--strategy", "udec", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--seed", "7"]

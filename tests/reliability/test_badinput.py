@@ -19,7 +19,7 @@ import torch
 
 from fedcore.payload import serialization
 from fedcore.chunking import StreamHeader
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
@@ -44,7 +44,7 @@ Tensors = dict[str, torch.Tensor]
 
 # --- payloads --------------------------------------------------------------------------------------------
 def _delta(parts: frozenset[Part], seed: int = 1) -> Tensors:
-    """A small non-zero update of `parts`: within what one step at lr 1e-3 can reach (8e-3, fedcore.robust)."""
+    """A small non-zero update of `parts`: within what one step at lr 1e-3 can reach (8e-3, fedcore.federation.robust)."""
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s.shape, generator=g) * 1e-3 for n, s in LAYOUT.specs(parts).items()}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from feddiff.local import LocalCluster, status, wait_for_state
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from fedcore import wire
 from fedcore.payload import serialization
 from fedcore.chunking import DIGESTS, StreamHeader
-from fedcore.client import EvalTask, TrainTask
+from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong, TaskRefused
-from fedcore.federation import payload_bytes_by_part
+from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.parts import Part, PartLayout, TensorSpec
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import FORMAT_VERSION, PayloadMeta

@@ -20,8 +20,8 @@ import torch
 
 from bench.rounds_scale import HealthProbe
 from fedcore.payload import serialization
-from fedcore.aggregate import RunningAggregate
-from fedcore.client import TrainTask
+from fedcore.federation.aggregate import RunningAggregate
+from fedcore.federation.client import TrainTask
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part

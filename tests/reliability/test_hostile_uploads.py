@@ -22,9 +22,9 @@ import torch
 
 from bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes
 from feddiff.local import LocalCluster, Process
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.payload import serialization
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc

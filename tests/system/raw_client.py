@@ -11,7 +11,7 @@ import grpc
 
 from fedcore import wire
 from fedcore.chunking import StreamHeader
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 

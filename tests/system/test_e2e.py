@@ -15,7 +15,7 @@ from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER
 from fedcore.payload.serialization import load_file
-from fedcore.strategies import Strategy, account
+from fedcore.federation.strategies import Strategy, account
 
 pytestmark = pytest.mark.e2e
 

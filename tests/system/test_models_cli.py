@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from feddiff.cli import main
-from fedcore.checkpoint import load_private, load_run, personalised_state
+from fedcore.federation.checkpoint import load_private, load_run, personalised_state
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedcore import checkpoint
+from fedcore.federation import checkpoint
 from fedcore.metrics import Metrics
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig

@@ -16,9 +16,10 @@ import grpc
 import pytest
 import torch
 
-from fedcore import checkpoint, errors
+from fedcore import errors
+from fedcore.federation import checkpoint
 from fedcore.payload import serialization
-from fedcore.client import TrainTask
+from fedcore.federation.client import TrainTask
 from fedcore.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from fedcore.client import MissingPrivateState
+from fedcore.federation.client import MissingPrivateState
 from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.model.training import SpeedConfig
 from worker.config import WorkerConfig

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedcore.payload import serialization
-from fedcore.aggregate import delta
+from fedcore.federation.aggregate import delta
 from fedcore.errors import FeddiffError
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.unet import layout_of

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedcore.federation import Ledger, RoundOutcome
+from fedcore.federation.server import Ledger, RoundOutcome
 
 ROUNDS_LOG = "rounds.jsonl"
 
@@ -19,7 +19,7 @@ def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> d
         "planned": list(outcome.planned),
         "mean_loss": outcome.mean_loss,
         "client_loss": {u.client: u.mean_loss for u in outcome.accepted},
-        "weights": {u.client: u.weight for u in outcome.accepted},  # FedAvg weights, after any bound (fedcore.robust)
+        "weights": {u.client: u.weight for u in outcome.accepted},  # FedAvg weights, after any bound (fedcore.federation.robust)
         "clipped": {u.client: {p.value: f for p, f in u.clipped.items()} for u in outcome.accepted if u.clipped},  # norm clipping's factors
         **{k: v for k, v in outcome.ledger.as_json().items() if k != "reduction_vs_full"},
         "cumulative_parameters": cumulative.traffic.total,

@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcore import checkpoint, settings
+from fedcore import settings
+from fedcore.federation import checkpoint
 from fedcore.payload import serialization
-from fedcore.aggregate import RunningAggregate
-from fedcore.client import TrainTask
+from fedcore.federation.aggregate import RunningAggregate
+from fedcore.federation.client import TrainTask
 from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
-from fedcore.robust import NormHistory, RobustConfig
+from fedcore.federation.robust import NormHistory, RobustConfig
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.strategies import (
+from fedcore.federation.strategies import (
     RoundPlan,
     Strategy,
     Traffic,
@@ -157,7 +158,7 @@ def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
 class AcceptedUpdate:
     client: str
     parts: frozenset[Part]
-    weight: int  # its FedAvg weight: the images it trained on, or less where a bound lowered it (fedcore.robust)
+    weight: int  # its FedAvg weight: the images it trained on, or less where a bound lowered it (fedcore.federation.robust)
     mean_loss: float
     images_seen: int
     ledger: Ledger  # the communication this upload adds
@@ -238,7 +239,7 @@ class Federation:
         return self.completed_rounds >= self.config.rounds
 
     def save(self, directory: str | Path) -> None:
-        """Checkpoint the global model and the round state (atomically; see fedcore.checkpoint)."""
+        """Checkpoint the global model and the round state (atomically; see fedcore.federation.checkpoint)."""
         state = checkpoint.RunState(
             completed_rounds=self.completed_rounds,
             config=self.config.as_json(),
@@ -385,7 +386,7 @@ class OpenRound:
             )
 
     def value_bound(self, client: str) -> float:
-        """The largest |value| this client's update may hold (fedcore.robust)."""
+        """The largest |value| this client's update may hold (fedcore.federation.robust)."""
         return self.federation.robust.value_bound(self.federation.config.train, self.examples[client])
 
     def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
