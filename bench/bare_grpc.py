@@ -18,7 +18,7 @@ from concurrent import futures
 import grpc
 
 from fedcore.allocator import tune_for_streaming
-from fedcore.chunking import DIGESTS
+from fedcore.wire.stream import DIGESTS
 
 CHUNK = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", 2 * CHUNK), ("grpc.max_send_message_length", 2 * CHUNK)]

@@ -21,13 +21,13 @@ import grpc
 import torch
 
 from fedcore.payload import serialization
-from fedcore.chunking import LEGACY_DIGEST, StreamHeader
+from fedcore.wire.stream import LEGACY_DIGEST, StreamHeader
 from fedcore.federation.client import TrainTask
 from fedcore.model.unet import PRESETS, UNet, UNetConfig, layout_of, preset
 from fedcore.model.parts import Part, PartLayout
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 
 from bench.report import MB, emit, log, machine, median  # noqa: F401  (re-exported for the benchmarks)
 

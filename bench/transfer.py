@@ -41,7 +41,7 @@ from bench.common import (
 )
 from feddiff.local import sample
 from fedcore.allocator import tune_for_streaming
-from fedcore.chunking import DIGESTS, StreamHeader
+from fedcore.wire.stream import DIGESTS, StreamHeader
 from fedcore.model.parts import ALL_PARTS, PART_ORDER
 
 SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)

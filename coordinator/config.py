@@ -12,7 +12,7 @@ from annotated_types import Interval
 from pydantic import BeforeValidator
 
 from fedcore import settings
-from fedcore.chunking import DEFAULT_CHUNK_SIZE
+from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
 from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.federation.server import FederationConfig
 from fedcore.model.unet import ModelName
@@ -33,7 +33,7 @@ from fedcore.settings import (
 )
 from fedcore.federation.strategies import StrategyName
 from fedcore.model.training import Device
-from fedcore.wire_bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
+from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fedcore.payload import serialization
-from fedcore.chunking import StreamHeader
+from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
 from fedcore.evaluation import fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator

@@ -26,7 +26,7 @@ class WorkerInfo:
     num_examples: int  # FedAvg weight
     software_version: str
     has_private_state: bool
-    digests: frozenset[str] = frozenset()  # payload digests it checks besides SHA-256 (fedcore.chunking.DIGESTS)
+    digests: frozenset[str] = frozenset()  # payload digests it checks besides SHA-256 (fedcore.wire.stream.DIGESTS)
     installation_id: str = ""  # saved in the worker's state dir: the same across its restarts ("" before v1.1)
     instance_id: str = ""  # new in every worker process
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fedcore.chunking import StreamHeader, digest_for
+from fedcore.wire.stream import StreamHeader, digest_for
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
 from fedcore.evaluation import curve_point_due
@@ -23,7 +23,7 @@ from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import save_file
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.federation.strategies import private_parts
-from fedcore.wire_bounds import MAX_GRID_BYTES
+from fedcore.wire.bounds import MAX_GRID_BYTES
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, GlobalEvaluator

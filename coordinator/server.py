@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedcore.atomic import atomic_write_json
-from fedcore.chunking import MAX_CHUNK_SIZE
+from fedcore.wire.stream import MAX_CHUNK_SIZE
 from fedcore.errors import CannotListen
 from fedcore.federation.server import Federation
 from fedcore.metrics import Metrics

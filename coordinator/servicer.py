@@ -17,14 +17,14 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import Message
 
-from fedcore import chunk_codec, wire, wire_bounds
-from fedcore.chunk_codec import DataChunk
-from fedcore.chunking import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
+from fedcore.wire import bounds, codec, convert
+from fedcore.wire.codec import DataChunk
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.federation.client import EvalTask
 from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
 from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import WorkerInfo, WorkerRegistry
@@ -155,7 +155,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _join(self, w: pb.WorkerInfo, context: grpc.aio.ServicerContext) -> str:
         """A session for a checked, verified worker; BadWorkerInfo (a field outside its bound), UnknownWorker,
         UnregisteredWorker or DuplicateWorker."""
-        wire_bounds.check(w, BadWorkerInfo)
+        bounds.check(w, BadWorkerInfo)
         self.auth.check(context, w.worker_id)
         self.driver.admit(w.worker_id, w.num_examples)
         info = WorkerInfo(
@@ -201,8 +201,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return pb.WaitTaskResponse(idle=pb.Idle())
         assert isinstance(outcome, IssuedTask)
         if isinstance(outcome.task, EvalTask):
-            return pb.WaitTaskResponse(task=wire.eval_task_to_proto(outcome.task, outcome.header))
-        return pb.WaitTaskResponse(task=wire.task_to_proto(outcome.task, outcome.header))
+            return pb.WaitTaskResponse(task=convert.eval_task_to_proto(outcome.task, outcome.header))
+        return pb.WaitTaskResponse(task=convert.task_to_proto(outcome.task, outcome.header))
 
     async def _next_task(self, worker_id: str, timeout: float) -> IssuedTask | str:
         """The long poll: this worker's task, "done", "stopped", or "idle" after `timeout` seconds."""
@@ -221,12 +221,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         worker_id = await self._worker(request.session_id, context)
         payload, issued = self.driver.weights_for(worker_id, request.task_id)
         task = issued.task
-        header = pb.WeightsChunk(header=wire.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
+        header = pb.WeightsChunk(header=convert.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives))
         sent = header.ByteSize()
         yield header
-        for frame in chunk_codec.data_frames(payload, self.cfg.chunk_size):
+        for frame in codec.data_frames(payload, self.cfg.chunk_size):
             sent += len(frame)
-            yield frame  # serialized already (`register` gives this method chunk_codec.serialize)
+            yield frame  # serialized already (`register` gives this method codec.serialize)
         # Reached only when the client drained the stream: count the transfer now, not when it started.
         self.metrics.wire_bytes.labels("down").inc(sent)
         try:
@@ -240,10 +240,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         worker_id = await self._worker(h.session_id, context, counted=True)
         self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
         try:
-            wire_bounds.check(h, HeaderError)
-            parts = wire.parts_from_proto(h.stream.parts)
+            bounds.check(h, HeaderError)
+            parts = convert.parts_from_proto(h.stream.parts)
             limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
-            stream_header = wire.header_from_proto(h.stream)
+            stream_header = convert.header_from_proto(h.stream)
             stream_header.check(max_bytes=limit)
         except FeddiffError as e:
             await self._refuse(context, e)
@@ -303,7 +303,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 async with upload.bounded(idle=self.cfg.upload_idle_timeout):
                     async for msg in request_iterator:
                         upload.progress()
-                        receiver.feed(wire.data_in(msg, on_wire=on_wire, refusal=refusal))
+                        receiver.feed(convert.data_in(msg, on_wire=on_wire, refusal=refusal))
                     if receiver.received < header.total_bytes:
                         await asyncio.sleep(CANCELLED_CALL_GRACE)  # cancelled meanwhile: `aborted`, not `bad_size`
 
@@ -340,7 +340,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         contract's bounds (FieldOutOfRange, naming the field)."""
         if "session_id" in request.DESCRIPTOR.fields_by_name:
             self.registry.check_session(request.session_id)  # type: ignore[attr-defined]
-        wire_bounds.check(request, FieldOutOfRange)
+        bounds.check(request, FieldOutOfRange)
 
     # --- tools -----------------------------------------------------------------------------------------------
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
@@ -348,7 +348,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         ledger = fed.ledger
         progress = self.driver.progress()
         down, up = self.driver.bytes_total()
-        listed, omitted, connected = self.registry.listing(wire_bounds.MAX_STATUS_WORKERS)  # a bounded reply
+        listed, omitted, connected = self.registry.listing(bounds.MAX_STATUS_WORKERS)  # a bounded reply
         workers = [
             pb.WorkerStatus(
                 worker_id=r.worker_id,
@@ -387,8 +387,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
 # (feddiff_joins_total), an update's header (feddiff_updates_total).
 SELF_CHECKED = frozenset({"Join", "UploadUpdate"})
 # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
-_DESERIALIZERS = {"UploadUpdate": chunk_codec.parser(pb.UpdateChunk)}
-_SERIALIZERS = {"DownloadWeights": chunk_codec.serialize}
+_DESERIALIZERS = {"UploadUpdate": codec.parser(pb.UpdateChunk)}
+_SERIALIZERS = {"DownloadWeights": codec.serialize}
 _HANDLERS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,

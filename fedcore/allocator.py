@@ -18,7 +18,7 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 16 << 20  # bytes: 4x the largest chunk a stream may carry (fedcore.chunking.MAX_CHUNK_SIZE)
+MMAP_THRESHOLD = 16 << 20  # bytes: 4x the largest chunk a stream may carry (fedcore.wire.stream.MAX_CHUNK_SIZE)
 TRIM_THRESHOLD = 64 << 20  # bytes of free memory at the top of a heap kept for reuse
 
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fedcore.federation import checkpoint
-from fedcore.chunking import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
+from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 from fedcore.federation.client import ClientRuntime
 from fedcore.data.datasets import ImageDataset, load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import Schedule

@@ -186,8 +186,8 @@ def _status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-    from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
     with _tool_channel(args) as channel:
         try:
@@ -220,7 +220,7 @@ def _certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedcore.certs import create_project
-    from fedcore.wire import valid_worker_id
+    from fedcore.wire.convert import valid_worker_id
 
     bad = [w for w in args.worker if not valid_worker_id(w) or w in ("ca", "coordinator")]
     if bad:

@@ -114,8 +114,8 @@ def status(address: str, timeout: float = 5.0) -> dict:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-    from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as channel:
         s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-OUT = ROOT / "fedcore" / "proto"
+OUT = ROOT / "fedcore" / "wire" / "proto"
 PROTOS = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_ROOT.rglob("*.proto"))
 
 
@@ -33,8 +33,8 @@ def generate(out_dir: Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     for py in out_dir.rglob("*_grpc.py"):
-        # `from feddiff.v1 import feddiff_pb2` -> `from fedcore.proto.feddiff.v1 import feddiff_pb2`
-        text = re.sub(r"^from feddiff\.v1 import", "from fedcore.proto.feddiff.v1 import", py.read_text(), flags=re.M)
+        # `from feddiff.v1 import feddiff_pb2` -> `from fedcore.wire.proto.feddiff.v1 import feddiff_pb2`
+        text = re.sub(r"^from feddiff\.v1 import", "from fedcore.wire.proto.feddiff.v1 import", py.read_text(), flags=re.M)
         py.write_text(text)
     for d in [out_dir, *[p for p in out_dir.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()

@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 
 import fedcore
-from fedcore import chunk_codec, wire, wire_bounds
-from fedcore.chunking import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
+from fedcore.wire import bounds, codec, convert
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 from worker.config import WorkerConfig
 
@@ -98,11 +98,11 @@ class CoordinatorClient:
         self.stub.DownloadWeights = channel.unary_stream(
             "/feddiff.v1.Coordinator/DownloadWeights",
             request_serializer=pb.DownloadRequest.SerializeToString,
-            response_deserializer=chunk_codec.parser(pb.WeightsChunk),
+            response_deserializer=codec.parser(pb.WeightsChunk),
         )
         self.stub.UploadUpdate = channel.stream_unary(
             "/feddiff.v1.Coordinator/UploadUpdate",
-            request_serializer=chunk_codec.serialize,
+            request_serializer=codec.serialize,
             response_deserializer=pb.UploadResponse.FromString,
         )
         self.metadata = metadata
@@ -143,7 +143,7 @@ class CoordinatorClient:
             raise HeaderError("weights stream did not start with a header")
         on_wire(first.ByteSize())
         h = first.header
-        if h.task_id != task.task_id or h.round != task.round or wire.parts_from_proto(h.parts) != task.receives:
+        if h.task_id != task.task_id or h.round != task.round or convert.parts_from_proto(h.parts) != task.receives:
             raise HeaderError(f"weights header for task {h.task_id!r} round {h.round}, expected {task.task_id!r}")
 
         pace = Pace(self.download_rate_limit)
@@ -152,8 +152,8 @@ class CoordinatorClient:
             on_wire(size)
             pace.spent(size)
 
-        data = wire.data_of(stream, on_wire=counted, refusal=HeaderError("weights stream carries one header, then data only"))
-        return wire.reassemble(wire.header_from_proto(h), data, max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
+        data = convert.data_of(stream, on_wire=counted, refusal=HeaderError("weights stream carries one header, then data only"))
+        return convert.reassemble(convert.header_from_proto(h), data, max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
 
     def upload(
         self,
@@ -175,13 +175,13 @@ class CoordinatorClient:
             first = pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
-                    stream=wire.header_to_proto(header, round_index=task.round, task_id=task.task_id, parts=task.returns),
+                    stream=convert.header_to_proto(header, round_index=task.round, task_id=task.task_id, parts=task.returns),
                     report=report,
                 )
             )
             on_wire(first.ByteSize())
             yield first
-            for frame in chunk_codec.data_frames(payload, chunk_size):
+            for frame in codec.data_frames(payload, chunk_size):
                 on_wire(len(frame))
                 yield frame
                 pace.spent(len(frame))
@@ -191,7 +191,7 @@ class CoordinatorClient:
     def reject_task(self, task_id: str, reason: str, message: str) -> None:
         """Tell the coordinator this worker cannot run a task (`reason`: a TaskRefused reason); the message is
         brought within the contract's bound (a coordinator refuses one beyond it)."""
-        request = pb.RejectTaskRequest(session_id=self.session_id, task_id=task_id, reason=reason, message=wire_bounds.bounded_text(message))
+        request = pb.RejectTaskRequest(session_id=self.session_id, task_id=task_id, reason=reason, message=bounds.bounded_text(message))
         self.stub.RejectTask(request, timeout=30, metadata=self.metadata)
 
     def report_evaluation(self, report: pb.EvaluationReport) -> None:

@@ -14,7 +14,7 @@ from fedcore import settings
 from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
-from fedcore.wire_bounds import largest
+from fedcore.wire.bounds import largest
 
 
 def _grayscale_or_rgb(channels: int) -> int:

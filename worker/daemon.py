@@ -22,10 +22,10 @@ from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, preset
 from fedcore.model.parts import PART_ORDER
 from fedcore.ports import check_free
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.simulation import DataConfig, client_shard
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
-from fedcore.wire import any_task_from_proto
+from fedcore.wire.convert import any_task_from_proto
 
 from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig

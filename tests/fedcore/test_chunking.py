@@ -1,4 +1,4 @@
-"""Tests for fedcore.chunking: chunked streams reassemble exactly, and every mismatch with the header is refused."""
+"""Tests for fedcore.wire.stream: chunked streams reassemble exactly, and every mismatch with the header is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import blake3
 import pytest
 
-from fedcore.chunking import (
+from fedcore.wire.stream import (
     DIGESTS,
     MAX_CHUNK_SIZE,
     PREFERRED_DIGEST,

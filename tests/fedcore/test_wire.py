@@ -1,13 +1,13 @@
-"""Tests for fedcore.wire's stream reading: data only after the header, every message counted."""
+"""Tests for fedcore.wire.convert's stream reading: data only after the header, every message counted."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedcore import wire
-from fedcore.chunk_codec import DataChunk
+from fedcore.wire import convert
+from fedcore.wire.codec import DataChunk
 from fedcore.errors import SizeMismatch
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 
 def test_data_of_counts_every_message_and_refuses_a_second_header() -> None:
@@ -16,7 +16,7 @@ def test_data_of_counts_every_message_and_refuses_a_second_header() -> None:
     stream = [pb.UpdateChunk(data=b"abc"), DataChunk(memoryview(b"xy")), pb.UpdateChunk(data=b""), header, pb.UpdateChunk(data=b"never read")]
     refusal = SizeMismatch("data only")
 
-    data = wire.data_of(iter(stream), on_wire=counted.append, refusal=refusal)
+    data = convert.data_of(iter(stream), on_wire=counted.append, refusal=refusal)
 
     assert next(data) == b"abc" and bytes(next(data)) == b"xy" and next(data) == b""
     with pytest.raises(SizeMismatch, match="data only"):

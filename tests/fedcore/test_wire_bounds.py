@@ -1,4 +1,4 @@
-"""Tests for fedcore.wire_bounds: every string and number of the contract has a bound, the .proto states it,
+"""Tests for fedcore.wire.bounds: every string and number of the contract has a bound, the .proto states it,
 and a message outside one is refused naming the field."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcore import wire_bounds
+from fedcore.wire import bounds
 from fedcore.errors import FieldOutOfRange
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"
 
@@ -39,18 +39,18 @@ def _documentation(message: str, field: str) -> str:
 
 
 def test_every_string_bytes_number_and_repeated_field_has_a_bound() -> None:
-    missing = [name for name, field in _fields() if wire_bounds.needs_bound(field) and name not in wire_bounds.BOUNDS]  # type: ignore[arg-type]
-    unknown = sorted(set(wire_bounds.BOUNDS) - {name for name, _ in _fields()})
+    missing = [name for name, field in _fields() if bounds.needs_bound(field) and name not in bounds.BOUNDS]  # type: ignore[arg-type]
+    unknown = sorted(set(bounds.BOUNDS) - {name for name, _ in _fields()})
 
-    assert missing == [], "give these fields a bound in fedcore/wire_bounds.py and the .proto"
+    assert missing == [], "give these fields a bound in fedcore/bounds.py and the .proto"
     assert unknown == []
 
 
-@pytest.mark.parametrize("name", sorted(wire_bounds.BOUNDS))
+@pytest.mark.parametrize("name", sorted(bounds.BOUNDS))
 def test_the_proto_states_each_bound_beside_its_field(name: str) -> None:
     message, field = name.split(".")
 
-    assert f"bound: {wire_bounds.BOUNDS[name].describe()}" in _documentation(message, field)
+    assert f"bound: {bounds.BOUNDS[name].describe()}" in _documentation(message, field)
 
 
 def test_a_well_formed_message_passes() -> None:
@@ -61,13 +61,13 @@ def test_a_well_formed_message_passes() -> None:
         report=pb.TrainReport(images_seen=30000, mean_loss=0.04, seconds=12.5),
     )
 
-    wire_bounds.check(pb.JoinRequest(worker=info), FieldOutOfRange)
-    wire_bounds.check(header, FieldOutOfRange)
+    bounds.check(pb.JoinRequest(worker=info), FieldOutOfRange)
+    bounds.check(header, FieldOutOfRange)
 
 
 def test_a_session_id_is_left_to_the_lookup_whatever_its_length() -> None:
-    wire_bounds.check(pb.HeartbeatRequest(session_id="s" * 10_000), FieldOutOfRange)
-    wire_bounds.check(pb.UpdateHeader(session_id="\N{MICROBE}" * 100, report=pb.TrainReport(images_seen=1)), FieldOutOfRange)
+    bounds.check(pb.HeartbeatRequest(session_id="s" * 10_000), FieldOutOfRange)
+    bounds.check(pb.UpdateHeader(session_id="\N{MICROBE}" * 100, report=pb.TrainReport(images_seen=1)), FieldOutOfRange)
 
 
 @pytest.mark.parametrize(
@@ -93,16 +93,16 @@ def test_a_session_id_is_left_to_the_lookup_whatever_its_length() -> None:
 )
 def test_a_field_outside_its_bound_is_refused_by_name(msg: object, message: str) -> None:
     with pytest.raises(FieldOutOfRange) as e:
-        wire_bounds.check(msg, FieldOutOfRange)  # type: ignore[arg-type]
+        bounds.check(msg, FieldOutOfRange)  # type: ignore[arg-type]
 
     assert str(e.value).startswith(message), str(e.value)
     assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
 
 
 def test_a_message_is_brought_within_its_bound() -> None:
-    bound = wire_bounds.BOUNDS["RejectTaskRequest.message"]
+    bound = bounds.BOUNDS["RejectTaskRequest.message"]
 
-    assert wire_bounds.bounded_text("line 1\nline 2\twith a tab") == "line 1\nline 2\twith a tab"
-    assert wire_bounds.bounded_text("a\x1b[31mred\r") == "a [31mred "
-    assert len(wire_bounds.bounded_text("x" * 10_000)) == wire_bounds.MAX_MESSAGE and wire_bounds.bounded_text("x" * 10_000).endswith("...")
-    assert bound.problem(wire_bounds.bounded_text("\x00" * 5000 + "\u2028")) is None  # type: ignore[union-attr]
+    assert bounds.bounded_text("line 1\nline 2\twith a tab") == "line 1\nline 2\twith a tab"
+    assert bounds.bounded_text("a\x1b[31mred\r") == "a [31mred "
+    assert len(bounds.bounded_text("x" * 10_000)) == bounds.MAX_MESSAGE and bounds.bounded_text("x" * 10_000).endswith("...")
+    assert bound.problem(bounds.bounded_text("\x00" * 5000 + "\u2028")) is None  # type: ignore[union-attr]

@@ -18,15 +18,15 @@ import safetensors.torch
 import torch
 
 from fedcore.payload import serialization
-from fedcore.chunking import StreamHeader
+from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import TrainTask
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, Part
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.system.raw_client import RawWorker

@@ -15,14 +15,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcore import wire
+from fedcore.wire import convert
 from fedcore.payload import serialization
-from fedcore.chunking import DIGESTS, StreamHeader
+from fedcore.wire.stream import DIGESTS, StreamHeader
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong, TaskRefused
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.parts import Part, PartLayout, TensorSpec
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import FORMAT_VERSION, PayloadMeta
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES
 
@@ -57,7 +57,7 @@ headers = st.builds(
 @given(header=headers, chunks=st.lists(st.binary(max_size=300), max_size=20))
 def test_any_header_and_chunks_give_the_declared_bytes_or_a_typed_error(header: StreamHeader, chunks: list[bytes]) -> None:
     try:
-        out = wire.reassemble(header, chunks, max_bytes=MAX_BYTES)
+        out = convert.reassemble(header, chunks, max_bytes=MAX_BYTES)
     except FeddiffError:
         return
     assert bytes(out) == b"".join(chunks)
@@ -107,10 +107,10 @@ def faulty_streams(draw: st.DrawFn) -> tuple[StreamHeader, list[bytes], str, typ
 def test_each_stream_fault_is_refused_with_its_own_error(stream: tuple[StreamHeader, list[bytes], str, type[Exception] | None]) -> None:
     header, chunks, fault, expected = stream
     if expected is None:
-        assert bytes(wire.reassemble(header, chunks, max_bytes=MAX_BYTES)) == b"".join(chunks)
+        assert bytes(convert.reassemble(header, chunks, max_bytes=MAX_BYTES)) == b"".join(chunks)
         return
     with pytest.raises(expected):
-        wire.reassemble(header, chunks, max_bytes=MAX_BYTES)
+        convert.reassemble(header, chunks, max_bytes=MAX_BYTES)
 
 
 # --- safetensors parsing and schema checks ---------------------------------------------------------------
@@ -277,7 +277,7 @@ tasks = st.builds(
 @given(msg=tasks)
 def test_a_task_is_read_in_range_or_refused(msg: pb.Task) -> None:
     try:
-        task = wire.any_task_from_proto(msg)
+        task = convert.any_task_from_proto(msg)
     except TaskRefused:
         return
     assert task.receives and task.task_id == msg.task_id
@@ -295,8 +295,8 @@ def test_a_task_is_read_in_range_or_refused(msg: pb.Task) -> None:
 )
 def test_a_stream_header_is_checked_or_refused(msg: pb.StreamHeader) -> None:
     try:
-        parts = wire.parts_from_proto(msg.parts)
-        header = wire.header_from_proto(msg)
+        parts = convert.parts_from_proto(msg.parts)
+        header = convert.header_from_proto(msg)
         header.check(max_bytes=MAX_BYTES)
     except FeddiffError:
         return

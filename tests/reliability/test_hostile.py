@@ -25,11 +25,11 @@ from fedcore.federation.client import TrainTask
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.payload.serialization import PayloadMeta, PayloadReader
-from fedcore.wire import task_from_proto
-from fedcore.wire_bounds import MAX_STATUS_WORKERS
+from fedcore.wire.convert import task_from_proto
+from fedcore.wire.bounds import MAX_STATUS_WORKERS
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from feddiff.cli import main

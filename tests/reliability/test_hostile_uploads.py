@@ -26,10 +26,10 @@ from fedcore.federation import checkpoint
 from fedcore.payload import serialization
 from fedcore.federation.client import TrainTask
 from fedcore.model.unet import build_model, layout_of
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from tests.reliability.support import ENV, HealthProbe, metric, wait_until
 from tests.system.raw_client import RawWorker, StalledUpload
 

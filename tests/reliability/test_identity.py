@@ -15,7 +15,7 @@ import pytest
 
 from feddiff.local import LocalCluster, wait_for_state
 from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from worker.state_dir import IDENTITY_FILE, StateDir

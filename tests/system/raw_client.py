@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from fedcore import wire
-from fedcore.chunking import StreamHeader
+from fedcore.wire import convert
+from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import TrainTask
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 
 @dataclass
@@ -70,7 +70,7 @@ class RawWorker:
         says one epoch over the images this worker declared, unless `images_seen` says otherwise."""
         header = header or StreamHeader.of(payload)
         images_seen = self.num_examples if images_seen is None else images_seen
-        stream = wire.header_to_proto(
+        stream = convert.header_to_proto(
             header,
             round_index=task.round if round_index is None else round_index,
             task_id=task.task_id if task_id is None else task_id,

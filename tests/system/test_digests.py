@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 from fedcore.payload import serialization
-from fedcore.chunking import StreamHeader
+from fedcore.wire.stream import StreamHeader
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.system.raw_client import RawWorker

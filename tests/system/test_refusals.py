@@ -16,9 +16,9 @@ import torch
 from fedcore.payload import serialization
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from feddiff.cli import main
 from coordinator.config import CoordinatorConfig
 from coordinator.refusals import MAX_MESSAGE, Refusal, RefusalStreak

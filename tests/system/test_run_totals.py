@@ -12,7 +12,7 @@ import pytest
 
 from fedcore.federation import checkpoint
 from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.system.raw_client import RawWorker

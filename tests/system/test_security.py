@@ -20,7 +20,7 @@ from fedcore.certs import create_project
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.system.raw_client import RawWorker

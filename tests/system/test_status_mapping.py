@@ -16,8 +16,8 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 
 from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from coordinator.servicer import SERVICE

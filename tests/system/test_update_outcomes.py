@@ -22,9 +22,9 @@ from fedcore.payload import serialization
 from fedcore.federation.client import TrainTask
 from fedcore.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
 from fedcore.model.unet import build_model, layout_of
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire import task_from_proto
+from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.reliability.test_badinput import CASES

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedcore.federation.client import MissingPrivateState
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.model.training import SpeedConfig
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon

@@ -18,7 +18,7 @@ from typing import Literal
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.chunking import MAX_CHUNK_SIZE
+from fedcore.wire.stream import MAX_CHUNK_SIZE
 from fedcore.errors import FeddiffError
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES, MAX_SAMPLING_STEPS
 

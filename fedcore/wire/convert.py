@@ -6,15 +6,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from fedcore import settings
-from fedcore.chunk_codec import data_message_size
-from fedcore.chunking import Reassembler, ReceiveBuffer, StreamHeader
+from fedcore.wire.codec import data_message_size
+from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.model.parts import Part, parse_parts, sorted_parts
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.model.training import TrainConfig
-from fedcore.wire_bounds import WORKER_ID
+from fedcore.wire.bounds import WORKER_ID
 
 Msg = TypeVar("Msg")
 T = TypeVar("T")
@@ -154,7 +154,7 @@ def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
 
 def data_in(msg: Msg, *, on_wire: Callable[[int], None], refusal: Exception) -> bytes | memoryview:
     """The data of one message of a stream after its header (a protobuf message or a
-    `chunk_codec.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
+    `codec.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
     `refusal`."""
     if msg.WhichOneof("msg") != "data":
         on_wire(msg.ByteSize())

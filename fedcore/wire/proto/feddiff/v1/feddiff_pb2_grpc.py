@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as feddiff_dot_v1_dot_feddiff__pb2
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as feddiff_dot_v1_dot_feddiff__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

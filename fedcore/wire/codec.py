@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol, TypeVar
 
-from fedcore.chunking import iter_chunks
+from fedcore.wire.stream import iter_chunks
 
 DATA_TAG = b"\x12"  # field 2, wire type 2 (length-delimited)
 _MAX_VARINT_BYTES = 10
