@@ -16,10 +16,11 @@ from fedcore.payload import serialization
 from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
-from fedcore.evaluation import fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
+from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
+from fedcore.evaluation.fid import fashion_mnist_reference, score_generator
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation.server import Federation
-from fedcore.images import save_grid
+from fedcore.evaluation.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.federation.strategies import private_parts, shared_parts

@@ -15,7 +15,7 @@ from typing import Literal
 from fedcore.wire.stream import StreamHeader, digest_for
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
-from fedcore.evaluation import curve_point_due
+from fedcore.evaluation.fid import curve_point_due
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.metrics import Metrics

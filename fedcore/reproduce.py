@@ -28,16 +28,10 @@ from fedcore import report
 from fedcore.federation import checkpoint
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
-from fedcore.evaluation import (
-    FeatureExtractor,
-    ReferenceStats,
-    ReferenceStatsCache,
-    curve_point_due,
-    load_fmnist_classifier,
-    load_inception,
-)
+from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
+from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
 from fedcore.federation.server import FederationConfig
-from fedcore.images import save_grid
+from fedcore.evaluation.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.simulation import DataConfig, Simulation, SimulationConfig

@@ -261,7 +261,7 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
 def sample(args: argparse.Namespace) -> int:
     from fedcore.model.diffusion import Schedule
     from fedcore.model.diffusion import sample as generate
-    from fedcore.images import save_grid
+    from fedcore.evaluation.images import save_grid
     import torch
 
     from fedcore.model.training import resolve_device
@@ -291,7 +291,7 @@ FASHION_MNIST_TEST = "fashion-mnist-test"
 def _reference(args: argparse.Namespace, extractor, image_shape: tuple[int, ...]):  # -> ReferenceStats
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
-    from fedcore.evaluation import ReferenceStats
+    from fedcore.evaluation.fid import ReferenceStats
 
     channels, size = image_shape[0], image_shape[1]
     if args.reference_dir:
@@ -315,9 +315,10 @@ def evaluate(args: argparse.Namespace) -> int:
     on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
     import torch
 
-    from fedcore.evaluation import load_fmnist_classifier, load_inception, score_generator
+    from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
+    from fedcore.evaluation.fid import score_generator
     from fedcore.model.diffusion import SamplingSpec
-    from fedcore.images import save_grid
+    from fedcore.evaluation.images import save_grid
     from fedcore.model.training import resolve_device
 
     if args.samples < 2:

@@ -21,7 +21,7 @@ from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 from fedcore.federation import checkpoint
 from fedcore.model.diffusion import Schedule
 from fedcore.model.diffusion import sample as generate
-from fedcore.images import save_grid
+from fedcore.evaluation.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.model.parts import PART_ORDER
 from fedcore.payload.serialization import load_file

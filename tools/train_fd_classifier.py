@@ -1,8 +1,8 @@
-"""Train the Fashion-MNIST CNN whose features fedcore.evaluation uses for the Frechet distance, and pin it.
+"""Train the Fashion-MNIST CNN whose features fedcore.evaluation.fid uses for the Frechet distance, and pin it.
 
 Seeded training on the 60,000 training images, accuracy on the 10,000 test images; writes
-fedcore/assets/fmnist_classifier.safetensors (metadata: test_accuracy, seed, epochs) and
-fedcore/assets/fmnist_classifier.json (sha256 of the weights file, test accuracy, how it was made).
+fedcore/evaluation/assets/fmnist_classifier.safetensors (metadata: test_accuracy, seed, epochs) and
+fedcore/evaluation/assets/fmnist_classifier.json (sha256 of the weights file, test accuracy, how it was made).
 
     python tools/train_fd_classifier.py            # about 5 minutes on 2 CPU cores (4 epochs of 70-100 s)
 """
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedcore.data.datasets import load_fashion_mnist, to_model_range  # noqa: E402
-from fedcore.evaluation import (  # noqa: E402
+from fedcore.evaluation.extractors import (  # noqa: E402
     ASSET_DIR,
     CLASSIFIER_MANIFEST,
     CLASSIFIER_WEIGHTS,

@@ -15,9 +15,10 @@ from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateSta
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.model.diffusion import Schedule
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
-from fedcore.evaluation import ReferenceStats, fashion_mnist_reference, load_fmnist_classifier, load_inception, score_generator
+from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
+from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.federation.server import payload_bytes_by_part
-from fedcore.images import png_bytes, save_grid
+from fedcore.evaluation.images import png_bytes, save_grid
 from fedcore.metrics import Metrics
 from fedcore.model.unet import build_model, preset
 from fedcore.model.parts import PART_ORDER

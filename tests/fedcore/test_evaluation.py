@@ -13,23 +13,25 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.evaluation import (
+from fedcore.evaluation.extractors import (
     ASSET_DIR,
     CLASSIFIER_MANIFEST,
     CLASSIFIER_WEIGHTS,
     AssetIntegrityError,
-    ReferenceStats,
-    ReferenceStatsCache,
     classifier_metadata,
-    curve_point_due,
-    fd_between,
-    feature_statistics,
-    frechet_distance,
     load_fmnist_classifier,
     load_inception,
     sha256_of_file,
 )
-from fedcore.inception import FID_FEATURE_DIM, FIDInceptionV3
+from fedcore.evaluation.fid import (
+    ReferenceStats,
+    ReferenceStatsCache,
+    curve_point_due,
+    fd_between,
+    feature_statistics,
+    frechet_distance,
+)
+from fedcore.evaluation.inception import FID_FEATURE_DIM, FIDInceptionV3
 
 N_IMAGES = 2000  # images per set in the sanity checks
 
