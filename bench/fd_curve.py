@@ -2,7 +2,7 @@
 rounds, its FD scored after every round on the protocol's full sample count, and the images it took to reach
 one tenth of the FD of uniform noise (the level at which samples read as garments rather than noise).
 
-It runs `feddiff reproduce`'s own cell runner (fedcore.reproduce.run_cell) with the protocol's settings and
+It runs `feddiff reproduce`'s own cell runner (fedcore.experiments.reproduce.run_cell) with the protocol's settings and
 only the round count changed, so every point is what a longer `cpu` row would have scored.
 
     python -m bench.fd_curve --rounds 15                 # the cpu protocol, 15 x 60,000 images (51 min on 2 CPU cores)
@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.report import emit, log, machine
-from fedcore.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, Evaluator, ReproduceConfig, run_cell
+from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, Evaluator, ReproduceConfig, run_cell
 from fedcore.model.training import SpeedConfig
 
 TENTH = 0.1  # the target: FD at most one tenth of uniform noise's

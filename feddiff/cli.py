@@ -103,7 +103,7 @@ def speed_config(args: argparse.Namespace):  # -> SpeedConfig
 
 @_command("simulate")
 def _simulate(args: argparse.Namespace) -> int:
-    from fedcore.simulation import DataConfig, Simulation, SimulationConfig
+    from fedcore.experiments.simulation import DataConfig, Simulation, SimulationConfig
 
     cfg = SimulationConfig(
         federation=_federation_config(args),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedcore import report
-from fedcore.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, load_results, parse_only, select_cells, with_overrides
+from fedcore.experiments import report
+from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, load_results, parse_only, select_cells, with_overrides
 from fedcore.federation.roundlog import ROUNDS_LOG
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 

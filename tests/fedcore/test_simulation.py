@@ -1,4 +1,4 @@
-"""Tests for fedcore.simulation: tiny 2-round runs of every strategy on CPU, their ledgers, personalisation, resume."""
+"""Tests for fedcore.experiments.simulation: tiny 2-round runs of every strategy on CPU, their ledgers, personalisation, resume."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import load_file
 from fedcore.federation.roundlog import ROUNDS_LOG
-from fedcore.simulation import (
+from fedcore.experiments.simulation import (
     DataConfig,
     Simulation,
     SimulationConfig,

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedcore import report
+from fedcore.experiments import report
 from fedcore.federation import checkpoint
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
@@ -34,7 +34,7 @@ from fedcore.federation.server import FederationConfig
 from fedcore.evaluation.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.federation.roundlog import ROUNDS_LOG
-from fedcore.simulation import DataConfig, Simulation, SimulationConfig
+from fedcore.experiments.simulation import DataConfig, Simulation, SimulationConfig
 from fedcore.data.splits import SplitKind
 from fedcore.federation.strategies import Strategy, private_parts
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
