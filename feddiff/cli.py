@@ -103,7 +103,8 @@ def speed_config(args: argparse.Namespace):  # -> SpeedConfig
 
 @_command("simulate")
 def _simulate(args: argparse.Namespace) -> int:
-    from fedcore.experiments.simulation import DataConfig, Simulation, SimulationConfig
+    from fedcore.data.shards import DataConfig
+    from fedcore.experiments.simulation import Simulation, SimulationConfig
 
     cfg = SimulationConfig(
         federation=_federation_config(args),

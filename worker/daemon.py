@@ -24,7 +24,7 @@ from fedcore.model.unet import build_model, preset
 from fedcore.model.parts import PART_ORDER
 from fedcore.ports import check_free
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.experiments.simulation import DataConfig, client_shard
+from fedcore.data.shards import DataConfig, client_shard
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
 from fedcore.wire.convert import any_task_from_proto
 

@@ -34,7 +34,8 @@ from fedcore.federation.server import FederationConfig
 from fedcore.evaluation.images import save_grid
 from fedcore.model.unet import build_model
 from fedcore.federation.roundlog import ROUNDS_LOG
-from fedcore.experiments.simulation import DataConfig, Simulation, SimulationConfig
+from fedcore.data.shards import DataConfig
+from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.data.splits import SplitKind
 from fedcore.federation.strategies import Strategy, private_parts
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig

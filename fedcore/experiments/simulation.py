@@ -9,54 +9,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from fedcore.federation import checkpoint
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 from fedcore.federation.client import ClientRuntime
-from fedcore.data.datasets import ImageDataset, load_fashion_mnist, to_model_range
+from fedcore.data.datasets import to_model_range
+from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.model.diffusion import Schedule
 from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
 from fedcore.model.unet import build_model
 from fedcore.payload.pretrained import initial_weights
-from fedcore.data.splits import SplitKind, split_indices
+from fedcore.data.splits import split_indices
 from fedcore.federation.strategies import private_parts
 from fedcore.model.training import LocalTrainer, SpeedConfig
 
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    num_clients: int = 5  # K
-    split: SplitKind = "iid"
-    beta: float = 0.5  # Dirichlet concentration of the skewed splits
-    split_seed: int = 2023
-    max_images: int = 0  # 0 = all 60,000; else the first n of a seeded shuffle (small experiments, tests)
-    root: str | None = None  # Fashion-MNIST directory (default: Debian's dataset-fashion-mnist)
-
-
 def client_ids(num_clients: int) -> list[str]:
     return [f"client-{i}" for i in range(num_clients)]
-
-
-def load_training_pool(cfg: DataConfig) -> ImageDataset:
-    """The training images every client's shard is cut from (the same on every machine for a config)."""
-    ds = load_fashion_mnist(train=True, root=cfg.root)
-    if 0 < cfg.max_images < len(ds):
-        rng = torch.Generator().manual_seed(cfg.split_seed)
-        keep = torch.randperm(len(ds), generator=rng)[: cfg.max_images].sort().values.numpy()
-        ds = ds.subset(keep)
-    return ds
-
-
-def client_shard(cfg: DataConfig, index: int, pool: ImageDataset | None = None) -> ImageDataset:
-    """Client `index`'s private images under the split of `cfg`."""
-    pool = pool if pool is not None else load_training_pool(cfg)
-    if not 0 <= index < cfg.num_clients:
-        raise ValueError(f"client index {index} is outside 0..{cfg.num_clients - 1}")
-    parts = split_indices(pool.labels, cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
-    return pool.subset(parts[index])
 
 
 def transfer(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytearray:

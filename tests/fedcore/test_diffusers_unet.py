@@ -247,7 +247,8 @@ def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_pa
 
 def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     from fedcore.federation.server import FederationConfig
-    from fedcore.experiments.simulation import DataConfig, Simulation, SimulationConfig
+    from fedcore.data.shards import DataConfig
+    from fedcore.experiments.simulation import Simulation, SimulationConfig
     from fedcore.model.training import SpeedConfig
 
     saved = saved_unet(tmp_path / "unet")

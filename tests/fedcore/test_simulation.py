@@ -18,13 +18,8 @@ from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import load_file
 from fedcore.federation.roundlog import ROUNDS_LOG
-from fedcore.experiments.simulation import (
-    DataConfig,
-    Simulation,
-    SimulationConfig,
-    client_ids,
-    load_training_pool,
-)
+from fedcore.data.shards import DataConfig, load_training_pool
+from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.data.splits import split_indices
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig

@@ -1,0 +1,39 @@
+"""One client's shard: the training pool every shard is cut from, and client `index`'s images under a split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedcore.data.datasets import ImageDataset, load_fashion_mnist
+from fedcore.data.splits import SplitKind, split_indices
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    num_clients: int = 5  # K
+    split: SplitKind = "iid"
+    beta: float = 0.5  # Dirichlet concentration of the skewed splits
+    split_seed: int = 2023
+    max_images: int = 0  # 0 = all 60,000; else the first n of a seeded shuffle (small experiments, tests)
+    root: str | None = None  # Fashion-MNIST directory (default: Debian's dataset-fashion-mnist)
+
+
+def load_training_pool(cfg: DataConfig) -> ImageDataset:
+    """The training images every client's shard is cut from (the same on every machine for a config)."""
+    ds = load_fashion_mnist(train=True, root=cfg.root)
+    if 0 < cfg.max_images < len(ds):
+        rng = torch.Generator().manual_seed(cfg.split_seed)
+        keep = torch.randperm(len(ds), generator=rng)[: cfg.max_images].sort().values.numpy()
+        ds = ds.subset(keep)
+    return ds
+
+
+def client_shard(cfg: DataConfig, index: int, pool: ImageDataset | None = None) -> ImageDataset:
+    """Client `index`'s private images under the split of `cfg`."""
+    pool = pool if pool is not None else load_training_pool(cfg)
+    if not 0 <= index < cfg.num_clients:
+        raise ValueError(f"client index {index} is outside 0..{cfg.num_clients - 1}")
+    parts = split_indices(pool.labels, cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
+    return pool.subset(parts[index])
