@@ -17,7 +17,7 @@ from concurrent import futures
 
 import grpc
 
-from fedcore.allocator import tune_for_streaming
+from service.allocator import tune_for_streaming
 from fedcore.wire.stream import DIGESTS
 
 CHUNK = 1 << 20

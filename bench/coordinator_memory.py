@@ -35,7 +35,7 @@ from bench.common import (
     synthetic_model,
 )
 from feddiff.local import sample
-from fedcore.allocator import tune_for_streaming
+from service.allocator import tune_for_streaming
 from fedcore.model.parts import ALL_PARTS
 
 

@@ -15,8 +15,8 @@ from bench.common import ensure_preset
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator, settle_heap
 from fedcore.payload import serialization
-from fedcore.allocator import tune_for_streaming
-from fedcore.metrics import Metrics
+from service.allocator import tune_for_streaming
+from coordinator.metrics import Metrics
 
 
 def count_weights_serializations(metrics: Metrics) -> None:

@@ -40,7 +40,7 @@ from bench.common import (
     synthetic_model,
 )
 from feddiff.local import sample
-from fedcore.allocator import tune_for_streaming
+from service.allocator import tune_for_streaming
 from fedcore.wire.stream import DIGESTS, StreamHeader
 from fedcore.model.parts import ALL_PARTS, PART_ORDER
 

@@ -18,7 +18,7 @@ from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotA
 from fedcore.evaluation.fid import curve_point_due
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload.serialization import save_file
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record

@@ -19,8 +19,8 @@ from fedcore.atomic import atomic_write_json
 from fedcore.wire.stream import MAX_CHUNK_SIZE
 from fedcore.errors import CannotListen
 from fedcore.federation.server import Federation
-from fedcore.metrics import Metrics
-from fedcore.ports import check_distinct, check_free, split_address
+from coordinator.metrics import Metrics
+from service.ports import check_distinct, check_free, split_address
 from fedcore.payload.pretrained import initial_weights
 
 from coordinator.config import CoordinatorConfig

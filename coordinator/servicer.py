@@ -22,7 +22,7 @@ from fedcore.wire.codec import DataChunk
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 from fedcore.federation.client import EvalTask
 from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 

@@ -142,7 +142,7 @@ def _setup_logging(verbose: bool = False) -> None:
 def _coordinator(args: argparse.Namespace) -> int:
     from coordinator.config import from_args
     from coordinator.server import serve
-    from fedcore.allocator import tune_for_streaming
+    from service.allocator import tune_for_streaming
 
     tune_for_streaming()
     _setup_logging()
@@ -153,7 +153,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from worker.config import from_args
     from worker.daemon import run_worker
-    from fedcore.allocator import tune_for_streaming
+    from service.allocator import tune_for_streaming
 
     tune_for_streaming()
     _setup_logging()
@@ -220,7 +220,7 @@ def _status(args: argparse.Namespace) -> int:
 def _certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fedcore.certs import create_project
+    from feddiff.certs import create_project
     from fedcore.wire.convert import valid_worker_id
 
     bad = [w for w in args.worker if not valid_worker_id(w) or w in ("ca", "coordinator")]

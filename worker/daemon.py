@@ -19,10 +19,10 @@ from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.evaluation.images import png_bytes, save_grid
-from fedcore.metrics import Metrics
+from worker.metrics import Metrics
 from fedcore.model.unet import build_model, preset
 from fedcore.model.parts import PART_ORDER
-from fedcore.ports import check_free
+from service.ports import check_free
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.data.shards import DataConfig, client_shard
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device

@@ -21,7 +21,7 @@ import torch
 
 from fedcore.federation import checkpoint
 from fedcore.atomic import atomic_write_json
-from fedcore.metrics import Metrics
+from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
 

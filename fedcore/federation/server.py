@@ -128,7 +128,7 @@ class Tally:
     """How a run's round attempts and updates ended, by outcome: what a coordinator counted up to a checkpoint.
 
     Checkpointed beside the ledger so that a resumed run goes on from its totals (Prometheus counters restart at
-    zero with each process, as they should; the run's totals are gauges, fedcore.metrics)."""
+    zero with each process, as they should; the run's totals are gauges, coordinator.metrics)."""
 
     round_attempts: Mapping[str, int] = field(default_factory=dict)  # complete, quorum, no_quorum
     updates: Mapping[str, int] = field(default_factory=dict)  # accepted, late, aborted, or the refusal reason

@@ -21,7 +21,7 @@ from fedcore.payload import serialization
 from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import TrainTask
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb

@@ -22,7 +22,7 @@ from bench.rounds_scale import HealthProbe
 from fedcore.payload import serialization
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb

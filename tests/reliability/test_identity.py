@@ -14,10 +14,11 @@ import grpc
 import pytest
 
 from feddiff.local import LocalCluster, wait_for_state
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
+from worker.metrics import Metrics as WorkerMetrics
 from worker.state_dir import IDENTITY_FILE, StateDir
 from tests.reliability.support import DATA, ENV, LIVENESS, RUN, free_port, metric, rounds_log, start_workers, wait_until
 from tests.system.raw_client import RawWorker
@@ -156,4 +157,4 @@ def test_a_second_worker_process_on_the_same_state_dir_is_refused_at_start(tmp_p
     assert "exited with 2 before it was ready" in str(refused.value)
     assert f"feddiff worker: error: --state-dir '{state_dir}' is in use by another worker process (pid {first.proc.pid})" in str(refused.value)
     assert json.loads((state_dir / IDENTITY_FILE).read_text())["worker_id"] == "client-0", "the refused one wrote nothing"
-    StateDir.open(state_dir, "", Metrics()).close()  # free again once the first one ended
+    StateDir.open(state_dir, "", WorkerMetrics()).close()  # free again once the first one ended

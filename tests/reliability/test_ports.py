@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feddiff.local import LocalCluster, scrape, status
 from fedcore.errors import CannotListen
-from fedcore.metrics import Metrics
-from fedcore.ports import check_free
+from coordinator.metrics import Metrics
+from service.ports import check_free
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator, add_port
 

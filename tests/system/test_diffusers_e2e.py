@@ -18,7 +18,7 @@ from feddiff.local import LocalCluster, wait_for_state
 from feddiff.models_cli import build_trained, load_trained, personalise
 from fedcore.payload import serialization
 from fedcore.federation.checkpoint import load_private
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.payload.serialization import load_file

@@ -15,7 +15,7 @@ import pytest
 
 from fedcore.payload import serialization
 from fedcore.wire.stream import StreamHeader
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto

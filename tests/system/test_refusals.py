@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedcore.payload import serialization
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from fedcore.federation import checkpoint
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator

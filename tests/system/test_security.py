@@ -16,8 +16,8 @@ from cryptography import x509
 
 from feddiff.local import LocalCluster
 from fedcore.payload import serialization
-from fedcore.certs import create_project
-from fedcore.metrics import Metrics
+from feddiff.certs import create_project
+from coordinator.metrics import Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig

@@ -1,4 +1,4 @@
-"""A test per outcome label of feddiff_updates_total (fedcore.metrics.UPDATE_OUTCOMES) against a coordinator on
+"""A test per outcome label of feddiff_updates_total (coordinator.metrics.UPDATE_OUTCOMES) against a coordinator on
 loopback: the refusals of malformed updates, one case each, are in tests/reliability/test_badinput.py (CASES);
 the others are here. Labels new in a version reach the run's tally that a checkpoint keeps and a resumed
 coordinator shows."""
@@ -20,7 +20,7 @@ from fedcore import errors
 from fedcore.federation import checkpoint
 from fedcore.payload import serialization
 from fedcore.federation.client import TrainTask
-from fedcore.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
+from coordinator.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
 from fedcore.model.unet import build_model, layout_of
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.payload.serialization import PayloadMeta

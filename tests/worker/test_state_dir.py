@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcore.metrics import Metrics
+from worker.metrics import Metrics
 from worker.state_dir import IDENTITY_FILE, LOCK_FILE, StateDir, StateDirError
 from tests.tmpfs import fill, mounted_tmpfs, remount
 

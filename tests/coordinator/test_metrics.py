@@ -1,9 +1,9 @@
-"""Tests for fedcore.metrics: the run gauges show a checkpoint's totals; the counters give this process's."""
+"""Tests for coordinator.metrics: the run gauges show a checkpoint's totals; the counters give this process's."""
 
 from __future__ import annotations
 
 from fedcore.federation.server import Ledger, Tally
-from fedcore.metrics import Metrics
+from coordinator.metrics import Metrics
 from fedcore.model.parts import Part
 from fedcore.federation.strategies import Traffic
 

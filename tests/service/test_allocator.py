@@ -1,4 +1,4 @@
-"""Tests for fedcore.allocator: the malloc settings take page faults out of MiB-sized message churn, and are
+"""Tests for service.allocator: the malloc settings take page faults out of MiB-sized message churn, and are
 left alone where the user chose their own."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.allocator import tune_for_streaming
+from service.allocator import tune_for_streaming
 
 ROOT = Path(__file__).resolve().parents[2]
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
@@ -20,7 +20,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 CHURN = textwrap.dedent(
     """
     import sys
-    from fedcore.allocator import tune_for_streaming
+    from service.allocator import tune_for_streaming
     applied = tune_for_streaming() if sys.argv[1] == "tuned" else False
     def minor_faults():
         return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])

@@ -1,4 +1,5 @@
-"""Prometheus metrics of both sides: communication volume by direction and part, rounds, workers, training.
+"""The coordinator's Prometheus metrics: rounds, workers, refusals, bounded weights and clipped updates, and the
+run's committed totals, besides the metrics both processes keep (service.metrics).
 
 Counters (`*_total`) count what this process did since it started, and restart at zero with it, as
 Prometheus's rate() and increase() expect. The run as a whole, which a resumed coordinator continues, is
@@ -6,13 +7,13 @@ described by the `feddiff_run_*` gauges: the totals of its last checkpoint, rest
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fedcore import errors, ports
-from fedcore.model.parts import PART_ORDER, Part
+from fedcore import errors
+from fedcore.model.parts import PART_ORDER
+from service.metrics import ProcessMetrics
 
 if TYPE_CHECKING:
     from fedcore.federation.server import Ledger, Tally
@@ -49,26 +50,12 @@ UPDATE_OUTCOMES = (
 )
 
 
-class Metrics:
-    """One set of feddiff metrics in its own registry (a fresh one per test, the process's one in a server)."""
+class Metrics(ProcessMetrics):
+    """The coordinator's metrics in their own registry (a fresh one per test, the process's one in a server)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry)
         r = self.registry
-        self.payload_bytes = Counter(
-            "feddiff_payload_bytes", "Safetensors payload bytes exchanged", ["direction", "part"], registry=r
-        )
-        self.wire_bytes = Counter(
-            "feddiff_wire_bytes", "Bytes of weight-stream messages sent or received", ["direction"], registry=r
-        )
-        self.parameters = Counter(
-            "feddiff_parameters", "Parameters (float32 values) exchanged", ["direction", "part"], registry=r
-        )
-        self.full_fedavg_parameters = Counter(
-            "feddiff_full_fedavg_parameters",
-            "Parameters plain FedAvg would have exchanged for the same rounds and participants",
-            registry=r,
-        )
         self.round = Gauge("feddiff_round", "Rounds completed", registry=r)
         self.rounds_planned = Gauge("feddiff_rounds_planned", "Rounds the run is configured for", registry=r)
         self.round_duration = Histogram(
@@ -83,8 +70,6 @@ class Metrics:
         )
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
-        self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
-        self.joins = Counter("feddiff_joins", "Joins by outcome (accepted, or the refusal reason)", ["outcome"], registry=r)
         self.refusals = Counter(
             "feddiff_refusals",
             "Calls other than joins and uploads refused with a status code, by RPC and reason (e.g. an ended session)",
@@ -101,20 +86,6 @@ class Metrics:
             "feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r
         )
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
-        self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
-        self.train_images = Counter("feddiff_train_images", "Images this worker trained on", registry=r)
-        self.train_images_per_second = Gauge(
-            "feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r
-        )
-        self.private_state_unsaved = Gauge(
-            "feddiff_private_state_unsaved",
-            "1 while this worker's newest private parts are held in memory only (a save to its state dir failed; retried)",
-            registry=r,
-        )
-        self.state_saves = Counter(
-            "feddiff_state_saves", "Saves of this worker's private parts to its state dir, by outcome (saved, failed)", ["outcome"], registry=r
-        )
-        self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
         # The run's committed totals (coordinator): the last checkpoint's, restored with --resume.
         self.run_payload_bytes = Gauge(
             "feddiff_run_payload_bytes", "Safetensors payload bytes of the run's committed rounds", ["direction", "part"], registry=r
@@ -131,28 +102,10 @@ class Metrics:
             "feddiff_run_round_attempts", "The run's round attempts up to its last checkpoint, by outcome", ["outcome"], registry=r
         )
         self.run_updates = Gauge("feddiff_run_updates", "The run's updates up to its last checkpoint, by outcome", ["outcome"], registry=r)
-        for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
-            for d in ("down", "up"):
-                self.payload_bytes.labels(d, p.value)
-                self.parameters.labels(d, p.value)
-        for d in ("down", "up"):
-            self.wire_bytes.labels(d)
         for outcome in ROUND_ATTEMPT_OUTCOMES:
             self.round_attempts.labels(outcome)
-        for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
-            self.joins.labels(outcome)
         for bound in WEIGHT_BOUNDS:
             self.weights_bounded.labels(bound)
-        for outcome in ("saved", "failed"):
-            self.state_saves.labels(outcome)
-
-    def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
-        for p in PART_ORDER:
-            if parameters.get(p):
-                self.parameters.labels(direction, p.value).inc(parameters[p])
-            if payload_bytes.get(p):
-                self.payload_bytes.labels(direction, p.value).inc(payload_bytes[p])
-        self.full_fedavg_parameters.inc(full_fedavg)
 
     def outcome_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """This process's round attempts and updates by outcome, as its counters hold them."""
@@ -169,15 +122,6 @@ class Metrics:
             self.run_round_attempts.labels(outcome).set(tally.round_attempts.get(outcome, 0))
         for outcome, n in tally.updates.items():
             self.run_updates.labels(outcome).set(n)
-
-    def serve(self, port: int, addr: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
-        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one). CannotListen, naming
-        `flag`, when the port is taken."""
-        try:
-            server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as e:
-            raise ports.refusal(flag, f"{addr}:{port}", e) from None
-        return int(server.server_port)
 
 
 def _by_outcome(counter: Counter) -> dict[str, int]:

@@ -1,0 +1,65 @@
+"""The Prometheus metrics both processes keep: communication volume by direction and part, updates and joins by
+outcome, Frechet distances, and the HTTP endpoint that serves them. Each process adds its own
+(coordinator/metrics.py, worker/metrics.py).
+
+Counters (`*_total`) count what this process did since it started, and restart at zero with it, as
+Prometheus's rate() and increase() expect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from fedcore.model.parts import PART_ORDER, Part
+from service import ports
+
+
+class ProcessMetrics:
+    """The metrics both processes keep, in their own registry (a fresh one per test, the process's one in a server)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.payload_bytes = Counter(
+            "feddiff_payload_bytes", "Safetensors payload bytes exchanged", ["direction", "part"], registry=r
+        )
+        self.wire_bytes = Counter(
+            "feddiff_wire_bytes", "Bytes of weight-stream messages sent or received", ["direction"], registry=r
+        )
+        self.parameters = Counter(
+            "feddiff_parameters", "Parameters (float32 values) exchanged", ["direction", "part"], registry=r
+        )
+        self.full_fedavg_parameters = Counter(
+            "feddiff_full_fedavg_parameters",
+            "Parameters plain FedAvg would have exchanged for the same rounds and participants",
+            registry=r,
+        )
+        self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
+        self.joins = Counter("feddiff_joins", "Joins by outcome (accepted, or the refusal reason)", ["outcome"], registry=r)
+        self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
+        for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
+            for d in ("down", "up"):
+                self.payload_bytes.labels(d, p.value)
+                self.parameters.labels(d, p.value)
+        for d in ("down", "up"):
+            self.wire_bytes.labels(d)
+        for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
+            self.joins.labels(outcome)
+
+    def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
+        for p in PART_ORDER:
+            if parameters.get(p):
+                self.parameters.labels(direction, p.value).inc(parameters[p])
+            if payload_bytes.get(p):
+                self.payload_bytes.labels(direction, p.value).inc(payload_bytes[p])
+        self.full_fedavg_parameters.inc(full_fedavg)
+
+    def serve(self, port: int, addr: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
+        """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one). CannotListen, naming
+        `flag`, when the port is taken."""
+        try:
+            server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise ports.refusal(flag, f"{addr}:{port}", e) from None
+        return int(server.server_port)
