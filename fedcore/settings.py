@@ -41,7 +41,7 @@ Positive = Annotated[int, Interval(ge=1)]
 NonNegative = Annotated[int, Interval(ge=0)]
 FiniteNonNegative = Annotated[float, Interval(ge=0)]
 # A duration waited here (threading, asyncio): at most what Python's waits take. One sent to the other side
-# takes its field's bound on top (`fedcore.wire_bounds.largest`).
+# takes its field's bound on top (`fedcore.wire.bounds.largest`).
 MAX_WAIT_SECONDS = threading.TIMEOUT_MAX
 Seconds = Annotated[float, Interval(gt=0, le=MAX_WAIT_SECONDS)]
 Fraction = Annotated[float, Interval(gt=0, le=1)]

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from feddiff.local import LocalCluster
-from fedcore import serialization
-from fedcore.metrics import Metrics
-from fedcore.model import build_model, layout_of
-from fedcore.parts import ALL_PARTS, PART_ORDER
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.serialization import PayloadMeta
-from fedcore.strategies import Strategy, shared_parts
-from fedcore.wire import task_from_proto
+from fedcore.payload import serialization
+from coordinator.metrics import Metrics
+from fedcore.model.unet import build_model, layout_of
+from fedcore.model.parts import ALL_PARTS, PART_ORDER
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.payload.serialization import PayloadMeta
+from fedcore.federation.strategies import Strategy, shared_parts
+from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from tests.reliability.support import ENV, image_folder, rounds_log, wait_until

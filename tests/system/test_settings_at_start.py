@@ -18,11 +18,12 @@ import grpc
 import pytest
 from annotated_types import Interval
 
-from fedcore import settings, wire_bounds
+from fedcore import settings
+from fedcore.wire import bounds
 from fedcore.errors import FieldOutOfRange
-from fedcore.metrics import Metrics
-from fedcore.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.training import SpeedConfig, TrainConfig
+from coordinator.metrics import Metrics
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.model.training import SpeedConfig, TrainConfig
 from feddiff.cli import build_parser, main
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
@@ -90,13 +91,13 @@ def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
 def test_a_setting_sent_to_the_other_side_takes_its_fields_bound(setting: tuple[type, str], sent: tuple[str, int]) -> None:
     cls, name = setting
     field, per_unit = sent
-    assert _upper(cls, name) == wire_bounds.largest(field, per_unit=per_unit)
+    assert _upper(cls, name) == bounds.largest(field, per_unit=per_unit)
 
 
 def test_the_learning_rate_takes_the_wires_open_range() -> None:
     ((setting, field),) = SENT_OPEN.items()
-    bound = wire_bounds.BOUNDS[field]
-    assert isinstance(bound, wire_bounds.Number) and bound.open_high and _upper(*setting) == bound.most == _upper(TrainConfig, "lr")
+    bound = bounds.BOUNDS[field]
+    assert isinstance(bound, bounds.Number) and bound.open_high and _upper(*setting) == bound.most == _upper(TrainConfig, "lr")
 
 
 @pytest.mark.parametrize("setting", WAITS, ids=[f"{c.__name__}.{n}" for c, n in WAITS])
@@ -110,7 +111,7 @@ def test_the_largest_values_fit_the_messages_they_are_sent_in() -> None:
     spec = pb.EvalSpec(sampler="ddim", steps=int(_upper(CoordinatorConfig, "eval_steps")), num_samples=int(_upper(CoordinatorConfig, "eval_samples")), seed=int(_upper(CoordinatorConfig, "seed")))
 
     for msg in (join, wait, spec):
-        wire_bounds.check(msg, FieldOutOfRange)
+        bounds.check(msg, FieldOutOfRange)
     assert (join.heartbeat_interval_ms, join.rounds, wait.timeout_ms) == (U32, U32, U32)
 
 
