@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-import torch.nn.functional as F
 from torch import nn
 
 from fedcore.evaluation.inception import FID_FEATURE_DIM, FIDInceptionV3

@@ -20,7 +20,6 @@ from fedcore.evaluation.extractors import FeatureExtractor
 from fedcore.model.diffusion import SamplingSpec, Schedule
 from fedcore.model.diffusion import sample as generate
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Statistics and the distance
 

@@ -149,10 +149,7 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], dim=1)
-        if self.pool == "avg":
-            pooled = _tf_avg_pool(x)
-        else:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        pooled = _tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         bp = self.branch_pool(pooled)
         # (B, 320 + 768 + 768 + 192 = 2048, 8, 8)
         return torch.cat([b1, b3, b3d, bp], dim=1)

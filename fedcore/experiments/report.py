@@ -325,7 +325,7 @@ def plot_fd_vs_parameters(rows: Sequence[Mapping], path: Path) -> Path:
     panels = _panels(rows)
     many = len({r["protocol"] for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
-    for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for r in group:
             xs = [p["cumulative_parameters"] / 1e6 for p in r["curve"]]
             ys = [p["fd_mean"] for p in r["curve"]]
@@ -344,7 +344,7 @@ def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
     panels = _panels(rows)
     many = len({r["protocol"] for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
-    for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for r in group:
             rounds = range(1, len(r["losses"]) + 1)
             ax.plot(rounds, r["losses"], marker=".", color=_COLOURS.get(r["strategy"]), label=_label(r, many))

@@ -17,28 +17,28 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from fedcore.experiments import report
-from fedcore.federation import checkpoint
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.model.diffusion import SamplerKind, Schedule, sample
+from fedcore.data.shards import DataConfig
+from fedcore.data.splits import SplitKind
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
-from fedcore.federation.server import FederationConfig
 from fedcore.evaluation.images import save_grid
-from fedcore.model.unet import build_model
-from fedcore.federation.roundlog import ROUNDS_LOG
-from fedcore.data.shards import DataConfig
+from fedcore.experiments import report
 from fedcore.experiments.simulation import Simulation, SimulationConfig
-from fedcore.data.splits import SplitKind
+from fedcore.federation import checkpoint
+from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, private_parts
+from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
+from fedcore.model.unet import build_model
 
 ProtocolName = Literal["quick", "paper", "cpu", "mini"]
 CENTRALISED = "centralised"
@@ -445,7 +445,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
         "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(train_seconds + eval_seconds, 1),
         "device": device_name(evaluator.device),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "losses": [r["mean_loss"] for r in rounds],
         "cumulative_parameters": [r["cumulative_parameters"] for r in rounds],

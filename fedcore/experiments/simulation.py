@@ -9,19 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcore.federation import checkpoint
-from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
-from fedcore.federation.client import ClientRuntime
 from fedcore.data.datasets import to_model_range
 from fedcore.data.shards import DataConfig, load_training_pool
-from fedcore.model.diffusion import Schedule
-from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
+from fedcore.data.splits import split_indices
+from fedcore.federation import checkpoint
+from fedcore.federation.client import ClientRuntime
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
+from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
+from fedcore.federation.strategies import private_parts
+from fedcore.model.diffusion import Schedule
+from fedcore.model.training import LocalTrainer, SpeedConfig
 from fedcore.model.unet import build_model
 from fedcore.payload.pretrained import initial_weights
-from fedcore.data.splits import split_indices
-from fedcore.federation.strategies import private_parts
-from fedcore.model.training import LocalTrainer, SpeedConfig
+from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 
 
 def client_ids(num_clients: int) -> list[str]:
@@ -73,7 +73,7 @@ class Simulation:
         pool = load_training_pool(cfg.data)
         shards = split_indices(pool.labels, cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
         clients = {}
-        for cid, idx in zip(client_ids(cfg.data.num_clients), shards):
+        for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
             private = None
             if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / "clients", cid, federation.completed_rounds)

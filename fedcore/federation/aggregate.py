@@ -38,8 +38,8 @@ class RunningAggregate:
         self._flat = torch.zeros(total, dtype=torch.float32)
         self._sums = {name: self._flat[o : o + specs[name].numel].view(specs[name].shape) for name, o in self._offsets.items()}
         self._copy_plans: dict[TensorTable, dict[Part, tuple[tuple[int, int, int], ...]]] = {}
-        self._weight = {p: 0.0 for p in self.parts}
-        self._reporters = {p: 0 for p in self.parts}
+        self._weight = dict.fromkeys(self.parts, 0.0)
+        self._reporters = dict.fromkeys(self.parts, 0)
 
     def _check(self, parts: frozenset[Part], weight: float) -> None:
         if not parts:
@@ -108,7 +108,7 @@ class RunningAggregate:
         if plan is None:
             assert table.span is not None
             runs: dict[Part, list[list[int]]] = {}
-            for e, name in sorted(zip(table.entries, table.names), key=lambda en: en[0].begin):
+            for e, name in sorted(zip(table.entries, table.names, strict=True), key=lambda en: en[0].begin):
                 src, dst, count = (e.begin - table.span[0]) // 4, self._offsets[name], (e.end - e.begin) // 4
                 if count != self._sums[name].numel():  # a table checked against another layout
                     raise SchemaError(f"tensor {name!r} has {count} values, the sums {self._sums[name].numel()}")

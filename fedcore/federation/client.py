@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcore.payload import serialization
-from fedcore.federation.aggregate import delta
 from fedcore.errors import FeddiffError
+from fedcore.federation.aggregate import delta
 from fedcore.model.diffusion import SamplingSpec
-from fedcore.model.unet import layout_of
 from fedcore.model.parts import Part, PartLayout
-from fedcore.payload.serialization import PayloadMeta
 from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
+from fedcore.model.unet import layout_of
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def capped_weights(weights: Mapping[str, int], share: float) -> dict[str, int]:
             return {c: min(w, whole) for c, w in weights.items()}
         rest -= largest
     smallest = ordered[-1]
-    return {c: smallest for c in weights}
+    return dict.fromkeys(weights, smallest)
 
 
 WeightBound = Literal["registered", "share"]  # what lowered a client's FedAvg weight (feddiff_weights_bounded_total)

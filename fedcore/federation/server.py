@@ -14,15 +14,11 @@ import numpy as np
 import torch
 
 from fedcore import settings
+from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
 from fedcore.federation import checkpoint
-from fedcore.payload import serialization
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
-from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
-from fedcore.model.unet import build_model, layout_of, preset
-from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.federation.robust import NormHistory, RobustConfig
-from fedcore.payload.serialization import PayloadMeta
 from fedcore.federation.strategies import (
     RoundPlan,
     Strategy,
@@ -32,7 +28,11 @@ from fedcore.federation.strategies import (
     round_rng,
     select_clients,
 )
+from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import TrainConfig
+from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ class Ledger:
 
     traffic: Traffic = field(default_factory=Traffic.zero)
     full_fedavg: int = 0  # what plain FedAvg would have exchanged with the same transfers
-    bytes_down: dict[Part, int] = field(default_factory=lambda: {p: 0 for p in PART_ORDER})
-    bytes_up: dict[Part, int] = field(default_factory=lambda: {p: 0 for p in PART_ORDER})
+    bytes_down: dict[Part, int] = field(default_factory=lambda: dict.fromkeys(PART_ORDER, 0))
+    bytes_up: dict[Part, int] = field(default_factory=lambda: dict.fromkeys(PART_ORDER, 0))
 
     @property
     def reduction_vs_full(self) -> float:
@@ -192,7 +192,7 @@ def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mappin
     """One payload's worth of communication, and what plain FedAvg would have sent instead (the whole model)."""
     sizes = layout.sizes
     params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
-    zeros = {p: 0 for p in PART_ORDER}
+    zeros = dict.fromkeys(PART_ORDER, 0)
     return Ledger(
         traffic=Traffic(down=params, up=zeros) if down else Traffic(down=zeros, up=params),
         full_fedavg=layout.total,

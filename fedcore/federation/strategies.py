@@ -103,7 +103,7 @@ def _usplit_returns(clients: Sequence[str], rng: np.random.Generator) -> dict[st
         return {clients[0]: ALL_PARTS}
     order = [clients[i] for i in rng.permutation(len(clients))]
     returns: dict[str, frozenset[Part]] = {}
-    for a, b in zip(order[0::2], order[1::2]):
+    for a, b in zip(order[0::2], order[1::2], strict=False):  # with odd K the last client is left for below
         enc = {Part.ENCODER}
         dec = {Part.DECODER}
         (enc if rng.random() < 0.5 else dec).add(Part.BOTTLENECK)
@@ -133,10 +133,7 @@ def plan_round(
         raise ValueError(f"round {round_index}: duplicate client ids in {list(clients)}")
     shared = shared_parts(strategy)
     private = private_parts(strategy)
-    if strategy is Strategy.USPLIT:
-        returns = _usplit_returns(list(clients), rng)
-    else:
-        returns = {c: shared for c in clients}
+    returns = _usplit_returns(list(clients), rng) if strategy is Strategy.USPLIT else dict.fromkeys(clients, shared)
     assignments = tuple(
         ClientAssignment(
             client=c,
@@ -168,7 +165,7 @@ class Traffic:
 
     @classmethod
     def zero(cls) -> Traffic:
-        return cls({p: 0 for p in PART_ORDER}, {p: 0 for p in PART_ORDER})
+        return cls(dict.fromkeys(PART_ORDER, 0), dict.fromkeys(PART_ORDER, 0))
 
 
 def plan_traffic(plan: RoundPlan, sizes: Mapping[Part, int]) -> Traffic:

@@ -120,8 +120,8 @@ class PartLayout:
         """Split a payload's size over its parts: each part's tensor bytes, plus a share of the rest (the
         safetensors header) in proportion to its number of tensors, the last part taking the rounding, so
         that the parts add up to `total` exactly."""
-        data = {p: 0 for p in PART_ORDER}
-        counts = {p: 0 for p in PART_ORDER}
+        data = dict.fromkeys(PART_ORDER, 0)
+        counts = dict.fromkeys(PART_ORDER, 0)
         for name, nbytes in tensor_bytes.items():
             part = self._part_by_name[name]
             data[part] += nbytes

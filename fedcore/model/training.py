@@ -11,8 +11,8 @@ import torch
 from pydantic import AfterValidator
 from torch import nn
 
-from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore import settings
+from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
 Toggle = Literal["auto", "on", "off"]

@@ -3,6 +3,7 @@ presets: the paper's UNets and diffusers' UNet2DModels (fedcore.model.diffusers_
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -226,7 +227,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg
         widths = [cfg.init_dim, *(cfg.dim * m for m in cfg.dim_mults)]
-        in_out = list(zip(widths[:-1], widths[1:]))
+        in_out = list(itertools.pairwise(widths))
         self.init_conv = nn.Conv2d(cfg.channels, cfg.init_dim, 7, padding=3)
         self.time_mlp = nn.Sequential(
             SinusoidalPositionEmbeddings(cfg.dim),

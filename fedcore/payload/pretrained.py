@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from fedcore.errors import NonFiniteTensor
 from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, import_diffusers
 from fedcore.model.diffusion import DiffusionConfig
-from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, TensorSpec
-from fedcore.errors import NonFiniteTensor
+from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.payload.serialization import check_finite, load_file
 
 PIPELINE_INDEX = "model_index.json"

@@ -9,6 +9,7 @@ received buffer, so a decoded update costs no second copy of its bytes. Nothing 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def _parse_header(raw: bytes, data_len: int) -> Header:
             raise NotSafetensors(f"tensor {name!r}: byte range of {end - begin} does not hold {shape} {dtype}")
         entries[name] = _Entry(dtype, shape, begin, end)
     spans = sorted((e.begin, e.end) for e in entries.values())
-    for (_, prev_end), (begin, _) in zip(spans, spans[1:]):
+    for (_, prev_end), (begin, _) in itertools.pairwise(spans):
         if begin < prev_end:
             raise NotSafetensors("tensors overlap in the payload")
     return MappingProxyType(metadata), MappingProxyType(entries), 8 + n
@@ -195,7 +196,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     finite = torch.isfinite(torch.stack(norms))
     if bool(finite.all()):
         return
-    _name_non_finite([(name, t) for (name, t), ok in zip(floats, finite.tolist()) if not ok])
+    _name_non_finite([(name, t) for (name, t), ok in zip(floats, finite.tolist(), strict=True) if not ok])
 
 
 def _name_non_finite(suspects: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -222,7 +223,7 @@ def check_magnitude(tensors: Mapping[str, torch.Tensor], bound: float) -> None:
     `bound`."""
     floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
     peaks = torch._foreach_norm([t for _, t in floats], math.inf)  # the largest |value| of each tensor
-    for (name, _), peak in zip(floats, peaks):
+    for (name, _), peak in zip(floats, peaks, strict=True):
         if float(peak) > bound:
             raise ValueOutOfBounds(f"tensor {name!r} holds a value of magnitude {float(peak):.4g}; an update of this task holds at most {bound:.4g}")
 
@@ -244,7 +245,7 @@ class TensorTable:
     def tensors(self, buffer: bytearray | memoryview) -> dict[str, torch.Tensor]:
         """One view per tensor, in the layout's order."""
         out = {}
-        for name, e in zip(self.names, self.entries):
+        for name, e in zip(self.names, self.entries, strict=True):
             count = (e.end - e.begin) // e.dtype.itemsize
             if count == 0:
                 out[name] = torch.empty(e.shape, dtype=e.dtype)
@@ -337,9 +338,9 @@ class PayloadReader:
         names = tuple(self.layout.names(parts))
         placed = tuple(entries[n]._replace(begin=offset + entries[n].begin, end=offset + entries[n].end) for n in names)
         ranges = sorted((e.begin, e.end) for e in placed)
-        back_to_back = all(a_end == b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
+        back_to_back = all(a_end == b_begin for (_, a_end), (b_begin, _) in itertools.pairwise(ranges))
         span = (ranges[0][0], ranges[-1][1]) if ranges and back_to_back and all(e.dtype == torch.float32 for e in placed) else None
-        by_part = self.layout.split_bytes(offset + data_len, {n: e.end - e.begin for n, e in zip(names, placed)})
+        by_part = self.layout.split_bytes(offset + data_len, {n: e.end - e.begin for n, e in zip(names, placed, strict=True)})
         return TensorTable(parts, names, placed, MappingProxyType(by_part), span)
 
 
@@ -392,7 +393,7 @@ def save_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
 def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-        return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open has keys() but is not iterable)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

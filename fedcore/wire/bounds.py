@@ -18,9 +18,9 @@ from typing import Literal
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.wire.stream import MAX_CHUNK_SIZE
 from fedcore.errors import FeddiffError
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES, MAX_SAMPLING_STEPS
+from fedcore.wire.stream import MAX_CHUNK_SIZE
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -99,7 +99,7 @@ class Number:
     def problem(self, value: float) -> str | None:
         above = value > self.least if self.open_low else value >= self.least
         below = value < self.most if self.open_high else value <= self.most
-        if isinstance(value, float) and not math.isfinite(value) or not (above and below):
+        if (isinstance(value, float) and not math.isfinite(value)) or not (above and below):
             return f"is {value!r}"
         return None
 

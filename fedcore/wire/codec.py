@@ -72,13 +72,13 @@ class DataChunk(NamedTuple):
 
     data: memoryview
 
-    def WhichOneof(self, group: str) -> str:  # noqa: N802 (protobuf's names)
+    def WhichOneof(self, group: str) -> str:
         return "data"
 
-    def HasField(self, name: str) -> bool:  # noqa: N802
+    def HasField(self, name: str) -> bool:
         return name == "data"
 
-    def ByteSize(self) -> int:  # noqa: N802
+    def ByteSize(self) -> int:
         return data_message_size(len(self.data))
 
 

@@ -6,15 +6,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from fedcore import settings
-from fedcore.wire.codec import data_message_size
-from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
+from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.model.diffusion import SamplingSpec
-from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
 from fedcore.model.parts import Part, parse_parts, sorted_parts
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.model.training import TrainConfig
 from fedcore.wire.bounds import WORKER_ID
+from fedcore.wire.codec import data_message_size
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
 
 Msg = TypeVar("Msg")
 T = TypeVar("T")
