@@ -12,11 +12,12 @@ from annotated_types import Interval
 from pydantic import BeforeValidator
 
 from fedcore import settings
-from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
-from fedcore.model.diffusion import LossKind, SamplerKind
-from fedcore.federation.server import FederationConfig
-from fedcore.model.unet import ModelName
 from fedcore.federation.robust import RobustConfig
+from fedcore.federation.server import FederationConfig
+from fedcore.federation.strategies import StrategyName
+from fedcore.model.diffusion import LossKind, SamplerKind
+from fedcore.model.training import Device
+from fedcore.model.unet import ModelName
 from fedcore.settings import (
     BatchSize,
     Epochs,
@@ -31,9 +32,8 @@ from fedcore.settings import (
     Seconds,
     Seed,
 )
-from fedcore.federation.strategies import StrategyName
-from fedcore.model.training import Device
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
+from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
@@ -55,12 +55,11 @@ def _worker_sizes(value: object) -> dict[str, int]:
     if not isinstance(value, dict):
         raise ValueError("not a mapping")
     sizes = {}
-    for worker_id, images in value.items():
-        worker_id = str(worker_id) if isinstance(worker_id, int) and not isinstance(worker_id, bool) else worker_id
+    for key, count in value.items():
+        worker_id = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
         if not (isinstance(worker_id, str) and WORKER_ID.problem(worker_id) is None):
             raise ValueError(f"{worker_id!r} is no worker id")
-        if isinstance(images, str) and images.isdigit():
-            images = int(images)
+        images = int(count) if isinstance(count, str) and count.isdigit() else count
         if not (isinstance(images, int) and not isinstance(images, bool) and 1 <= images <= MAX_NUM_EXAMPLES):
             raise ValueError(f"worker {worker_id!r}: {images!r} images")
         sizes[worker_id] = images

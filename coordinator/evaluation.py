@@ -12,19 +12,19 @@ from pathlib import Path
 
 import torch
 
-from fedcore.payload import serialization
-from fedcore.wire.stream import StreamHeader
-from fedcore.federation.client import EvalTask
 from fedcore.errors import DuplicateUpdate, NotAssigned
 from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import fashion_mnist_reference, score_generator
-from fedcore.model.diffusion import SamplingSpec
-from fedcore.federation.server import Federation
 from fedcore.evaluation.images import save_grid
-from fedcore.model.unet import build_model
-from fedcore.payload.serialization import PayloadMeta
+from fedcore.federation.client import EvalTask
+from fedcore.federation.server import Federation
 from fedcore.federation.strategies import private_parts, shared_parts
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.training import resolve_device
+from fedcore.model.unet import build_model
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
+from fedcore.wire.stream import StreamHeader
 
 log = logging.getLogger("feddiff.coordinator")
 

@@ -12,23 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fedcore.wire.stream import StreamHeader, digest_for
-from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
-from fedcore.evaluation.fid import curve_point_due
-from fedcore.model.diffusion import SamplingSpec
-from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
-from coordinator.metrics import Metrics
-from fedcore.model.parts import PART_ORDER, Part
-from fedcore.payload.serialization import save_file
-from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
-from fedcore.federation.strategies import private_parts
-from fedcore.wire.bounds import MAX_GRID_BYTES
-
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, GlobalEvaluator
+from coordinator.metrics import Metrics
 from coordinator.refusals import Refusal, RefusalStreak
 from coordinator.registry import WorkerRegistry
+from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
+from fedcore.evaluation.fid import curve_point_due
+from fedcore.federation.client import EvalTask, TrainTask
+from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
+from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
+from fedcore.federation.strategies import private_parts
+from fedcore.model.diffusion import SamplingSpec
+from fedcore.model.parts import PART_ORDER, Part
+from fedcore.payload.serialization import save_file
+from fedcore.wire.bounds import MAX_GRID_BYTES
+from fedcore.wire.stream import StreamHeader, digest_for
 
 log = logging.getLogger("feddiff.coordinator")
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from fedcore.errors import UnknownWorker
-
 from coordinator.config import CoordinatorConfig
+from fedcore.errors import UnknownWorker
 
 log = logging.getLogger("feddiff.coordinator")
 

@@ -15,20 +15,19 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedcore.atomic import atomic_write_json
-from fedcore.wire.stream import MAX_CHUNK_SIZE
-from fedcore.errors import CannotListen
-from fedcore.federation.server import Federation
-from coordinator.metrics import Metrics
-from service.ports import check_distinct, check_free, split_address
-from fedcore.payload.pretrained import initial_weights
-
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.progress import ProgressReporter
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
+from fedcore.atomic import atomic_write_json
+from fedcore.errors import CannotListen
+from fedcore.federation.server import Federation
+from fedcore.payload.pretrained import initial_weights
+from fedcore.wire.stream import MAX_CHUNK_SIZE
+from service.ports import check_distinct, check_free, split_address
 
 log = logging.getLogger("feddiff.coordinator")
 T = TypeVar("T")

@@ -17,21 +17,20 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import Message
 
-from fedcore.wire import bounds, codec, convert
-from fedcore.wire.codec import DataChunk
-from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
-from fedcore.federation.client import EvalTask
-from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
-from coordinator.metrics import Metrics
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.registry import WorkerInfo, WorkerRegistry
 from coordinator.rounds import IssuedTask, RoundDriver
 from coordinator.security import Authenticator
 from coordinator.status import abort
 from coordinator.uploads import OpenUpload, OpenUploads
+from fedcore.errors import BadWorkerInfo, FeddiffError, FieldOutOfRange, HeaderError, SizeMismatch, UnknownWorker, UploadAborted, UploadStalled
+from fedcore.federation.client import EvalTask
+from fedcore.wire import bounds, codec, convert
+from fedcore.wire.codec import DataChunk
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, Reassembler, ReceiveBuffer, StreamHeader
 
 log = logging.getLogger("feddiff.coordinator")
 
