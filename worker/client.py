@@ -10,13 +10,12 @@ from pathlib import Path
 import grpc
 
 import fedcore
-from fedcore.wire import bounds, codec, convert
-from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
-from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.errors import HeaderError
+from fedcore.federation.client import EvalTask, TrainTask
+from fedcore.wire import bounds, codec, convert
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from worker.config import WorkerConfig
 
 CHANNEL_OPTIONS = [

@@ -11,9 +11,9 @@ from annotated_types import Interval
 from pydantic import AfterValidator
 
 from fedcore import settings
-from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
+from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.wire.bounds import largest
 
 

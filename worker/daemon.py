@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -11,25 +12,24 @@ import grpc
 import torch
 
 from fedcore.atomic import atomic_write_json
-from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
-from fedcore.model.diffusion import Schedule
+from fedcore.data.shards import DataConfig, client_shard
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
-from fedcore.federation.server import payload_bytes_by_part
 from fedcore.evaluation.images import png_bytes, save_grid
-from worker.metrics import Metrics
-from fedcore.model.unet import build_model, preset
+from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
+from fedcore.federation.server import payload_bytes_by_part
+from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER
-from service.ports import check_free
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.data.shards import DataConfig, client_shard
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
+from fedcore.model.unet import build_model, preset
 from fedcore.wire.convert import any_task_from_proto
-
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from service.ports import check_free
 from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig
+from worker.metrics import Metrics
 from worker.progress import TrainingProgress
 from worker.state_dir import StateDir
 
@@ -133,10 +133,8 @@ class WorkerDaemon:
                 self._back_off()
             finally:
                 if self.stop_event.is_set() and client.session_id:
-                    try:
+                    with contextlib.suppress(grpc.RpcError):
                         client.leave()
-                    except grpc.RpcError:
-                        pass
                 channel.close()
         log.info("worker %s: stopped", self.worker_id)
         return self._exit_code()
@@ -218,10 +216,8 @@ class WorkerDaemon:
 
     def _heartbeats(self, client: CoordinatorClient, over: threading.Event) -> None:
         while not over.wait(client.heartbeat_interval):
-            try:
+            with contextlib.suppress(grpc.RpcError):
                 client.heartbeat()
-            except grpc.RpcError:
-                pass
 
     # --- one task -------------------------------------------------------------------------------------------
     def _download(self, client: CoordinatorClient, task: TrainTask | EvalTask) -> memoryview:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from fedcore.federation import checkpoint
 from fedcore.atomic import atomic_write_json
+from fedcore.federation import checkpoint
 from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
