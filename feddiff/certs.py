@@ -54,7 +54,7 @@ def ensure_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(CA_NAME))
@@ -83,7 +83,7 @@ def issue(
     """A leaf certificate signed by the project CA; `name` is the common name (a worker's identity)."""
     ca_cert, ca_key = ensure_ca(directory)
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
     builder = (
         x509.CertificateBuilder()

@@ -44,8 +44,8 @@ def _model_info(args: argparse.Namespace) -> int:
 
 @_command("strategies")
 def _strategies(args: argparse.Namespace) -> int:
-    from fedcore.model.unet import build_model, layout_of
     from fedcore.federation.strategies import Strategy, account
+    from fedcore.model.unet import build_model, layout_of
 
     sizes = layout_of(build_model(args.model)).sizes
     rows = [account(s, sizes, args.clients, args.rounds, seed=args.seed).as_json() for s in Strategy]
@@ -151,9 +151,9 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 @_command("worker")
 def _worker(args: argparse.Namespace) -> int:
+    from service.allocator import tune_for_streaming
     from worker.config import from_args
     from worker.daemon import run_worker
-    from service.allocator import tune_for_streaming
 
     tune_for_streaming()
     _setup_logging()
@@ -220,8 +220,8 @@ def _status(args: argparse.Namespace) -> int:
 def _certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from feddiff.certs import create_project
     from fedcore.wire.convert import valid_worker_id
+    from feddiff.certs import create_project
 
     bad = [w for w in args.worker if not valid_worker_id(w) or w in ("ca", "coordinator")]
     if bad:

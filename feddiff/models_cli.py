@@ -171,8 +171,8 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
 
 def build_trained(trained: TrainedModel) -> torch.nn.Module:
     """The UNet of the preset with these weights; every tensor's name and shape must match."""
-    from fedcore.model.unet import build_model, layout_of
     from fedcore.model.parts import PART_ORDER
+    from fedcore.model.unet import build_model, layout_of
     from fedcore.payload.pretrained import first_tensor_difference
 
     model = build_model(trained.model)
@@ -188,9 +188,9 @@ def build_trained(trained: TrainedModel) -> torch.nn.Module:
 
 def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
     """What `feddiff export` writes beside the weights (and into their metadata)."""
-    from fedcore.model.unet import build_model, layout_of, preset
-    from fedcore.model.parts import PART_ORDER
     from fedcore.federation.strategies import Strategy, private_parts
+    from fedcore.model.parts import PART_ORDER
+    from fedcore.model.unet import build_model, layout_of, preset
 
     layout = layout_of(build_model(trained.model))
     private = private_parts(Strategy(trained.strategy)) if trained.kind == "personalised" and trained.strategy else frozenset()
@@ -259,11 +259,11 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
 
 
 def sample(args: argparse.Namespace) -> int:
-    from fedcore.model.diffusion import Schedule
-    from fedcore.model.diffusion import sample as generate
-    from fedcore.evaluation.images import save_grid
     import torch
 
+    from fedcore.evaluation.images import save_grid
+    from fedcore.model.diffusion import Schedule
+    from fedcore.model.diffusion import sample as generate
     from fedcore.model.training import resolve_device
 
     if args.n < 1:
@@ -317,8 +317,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
     from fedcore.evaluation.fid import score_generator
-    from fedcore.model.diffusion import SamplingSpec
     from fedcore.evaluation.images import save_grid
+    from fedcore.model.diffusion import SamplingSpec
     from fedcore.model.training import resolve_device
 
     if args.samples < 2:

@@ -46,8 +46,8 @@ def _list(text: str) -> list[str]:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from feddiff.cli import speed_config
     from fedcore.experiments.reproduce import PROTOCOLS, ReproduceConfig, render, reproduce, select_cells, with_overrides
+    from feddiff.cli import speed_config
 
     protocol = with_overrides(
         PROTOCOLS[args.protocol],
