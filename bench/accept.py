@@ -14,9 +14,9 @@ import time
 import torch
 
 from bench.common import emit, log, machine, meta_layout, random_delta
-from fedcore.payload import serialization
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.model.parts import ALL_PARTS
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 
 

@@ -17,8 +17,8 @@ from concurrent import futures
 
 import grpc
 
-from service.allocator import tune_for_streaming
 from fedcore.wire.stream import DIGESTS
+from service.allocator import tune_for_streaming
 
 CHUNK = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", 2 * CHUNK), ("grpc.max_send_message_length", 2 * CHUNK)]

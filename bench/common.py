@@ -3,6 +3,7 @@ and the raw TCP baseline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,16 +21,15 @@ from pathlib import Path
 import grpc
 import torch
 
-from fedcore.payload import serialization
-from fedcore.wire.stream import LEGACY_DIGEST, StreamHeader
+from bench.report import MB, emit, log, machine, median  # noqa: F401  (re-exported for the benchmarks)
 from fedcore.federation.client import TrainTask
-from fedcore.model.unet import PRESETS, UNet, UNetConfig, layout_of, preset
 from fedcore.model.parts import Part, PartLayout
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.model.unet import PRESETS, UNet, UNetConfig, layout_of, preset
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
-
-from bench.report import MB, emit, log, machine, median  # noqa: F401  (re-exported for the benchmarks)
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.stream import LEGACY_DIGEST, StreamHeader
 
 MIB = 1 << 20
 
@@ -102,7 +102,7 @@ class CoordinatorProcess:
     def start(self, timeout: float = 120.0) -> CoordinatorProcess:
         ready = self.workdir / "ready.json"
         settings = {**self.settings, "checkpoint_dir": str(self.workdir / "checkpoints"), "ready_file": str(ready)}
-        self._log = open(self.workdir / "coordinator.log", "wb")
+        self._log = open(self.workdir / "coordinator.log", "wb")  # noqa: SIM115 (the child's log while it runs; closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.coordinator_proc", json.dumps(settings)],
             stdout=self._log,
@@ -195,6 +195,13 @@ class LightWorker:
                 return None
         raise TimeoutError(f"{self.worker_id}: no task after {timeout}s")
 
+    def train_task(self, timeout: float = 120.0) -> TrainTask:
+        """The next train task, which the benchmark needs: an error when the federation is done before it."""
+        task = self.next_task(timeout)
+        if task is None:
+            raise RuntimeError(f"{self.worker_id}: the federation ended before the benchmark's last round")
+        return task
+
     def download(self, task: TrainTask, max_bytes: int) -> bytearray:
         def count(n: int) -> None:
             self.wire_down += n
@@ -211,10 +218,8 @@ class LightWorker:
         self.client.upload(task, payload, report, on_wire=count, header=header)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(grpc.RpcError):
             self.client.leave()
-        except grpc.RpcError:
-            pass
         self.channel.close()
 
 

@@ -34,9 +34,9 @@ from bench.common import (
     rss_bytes,
     synthetic_model,
 )
+from fedcore.model.parts import ALL_PARTS
 from feddiff.local import sample
 from service.allocator import tune_for_streaming
-from fedcore.model.parts import ALL_PARTS
 
 
 def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[str, float], bytes]:
@@ -46,7 +46,7 @@ def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[st
         workers = [LightWorker(coord.address, f"bench-{i}") for i in range(k)]
         for w in workers:
             w.join()
-        tasks = [w.next_task() for w in workers]
+        tasks = [w.train_task() for w in workers]
         if update is None:
             update = delta_payload(model, tasks[0], random_delta(layout, ALL_PARTS))  # same round and parts for all
         time.sleep(1.0)  # let the round's setup settle
@@ -56,7 +56,7 @@ def one_k(model: str, k: int, update: bytes | None, slots: int) -> tuple[dict[st
 
         def send(i: int) -> None:
             barrier.wait()
-            workers[i].upload(tasks[i], update)  # type: ignore[arg-type]
+            workers[i].upload(tasks[i], update)
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(k)]
         for t in threads:

@@ -13,10 +13,10 @@ from prometheus_client import Counter
 
 from bench.common import ensure_preset
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator, settle_heap
 from fedcore.payload import serialization
 from service.allocator import tune_for_streaming
-from coordinator.metrics import Metrics
 
 
 def count_weights_serializations(metrics: Metrics) -> None:

@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.report import emit, log, machine
 from bench.train_throughput import add_speed_flags, compare, speed_from, sync
-from fedcore.model.diffusers_unet import DiffusersUNet, import_diffusers
 from fedcore.data.datasets import to_model_range
+from fedcore.model.diffusers_unet import DiffusersUNet, import_diffusers
 from fedcore.model.diffusion import Schedule
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, resolve_device
 from fedcore.model.unet import build_model, preset
 from fedcore.payload.pretrained import scheduler_kwargs
-from fedcore.model.training import LocalTrainer, ResolvedSpeed, resolve_device
 
 
 @dataclass(frozen=True)

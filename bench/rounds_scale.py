@@ -205,7 +205,7 @@ def main() -> int:
         log(f"bare gRPC, {calls} calls: {args.workers} workers, {rounds} rounds")
         bare[calls] = median(bare_rounds.overheads(args.workers, args.processes, rounds, args.work, full_payload, calls))
     slowest = [max(r["work"] for r in records if r["round"] == i) for i in range(rounds)]
-    overhead = [d - w for d, w in zip(durations, slowest)]
+    overhead = [d - w for d, w in zip(durations, slowest, strict=True)]
     phases = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
     for i in range(rounds):
         rs = [r for r in records if r["round"] == i]
@@ -227,7 +227,7 @@ def main() -> int:
         "clients_cpu_ms_per_round": median(client_cpu_seconds[1:] or client_cpu_seconds) * 1000,
         # all the CPU a round takes on this machine (coordinator and clients share its cores) spread over the
         # cores: a floor for the overhead when the local work is the same everywhere, as it is by default
-        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds[1:] or cpu_seconds, client_cpu_seconds[1:] or client_cpu_seconds)]) / (os.cpu_count() or 1) * 1000,
+        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds[1:] or cpu_seconds, client_cpu_seconds[1:] or client_cpu_seconds, strict=True)]) / (os.cpu_count() or 1) * 1000,
         "coordinator_cpu_ms_per_worker_round": median(cpu_seconds[1:] or cpu_seconds) / args.workers * 1000,
         "download_phase_ms": median(phases["downloads"]) * 1000,
         "upload_phase_ms": median(phases["uploads"]) * 1000,

@@ -26,14 +26,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.report import emit, log, machine, median
-from fedcore.payload import serialization
-from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
+from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import LossKind, Schedule, training_loss
-from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS
-from fedcore.payload.serialization import PayloadMeta
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, resolve_device
+from fedcore.model.unet import build_model
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
 
 MODEL = "paper-fmnist"
 BF16_EPS = 2.0**-8  # the loss curves may differ by bf16 rounding: 4 eps at any step, 1 eps on average
@@ -191,7 +191,7 @@ def loss_curve_check(fast: LocalTrainer, images: torch.Tensor, steps: int, batch
     data = images[: steps * batch]
     a = fast.train(fast.prepare_data(data), cfg, seed=seed).losses
     b = reference.train(reference.prepare_data(data), cfg, seed=seed).losses
-    rel = [abs(x - y) / y for x, y in zip(a, b)]
+    rel = [abs(x - y) / y for x, y in zip(a, b, strict=True)]
     ok = max(rel) <= 4 * BF16_EPS and sum(rel) / len(rel) <= BF16_EPS
     return {
         "curve_steps": len(rel),

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from bench.bare_grpc import BareStream
 from bench.common import (
     MB,
-    run_together,
     CoordinatorProcess,
     LightWorker,
     delta_payload,
@@ -37,12 +38,13 @@ from bench.common import (
     payload_bytes_of,
     random_delta,
     raw_tcp_seconds,
+    run_together,
     synthetic_model,
 )
+from fedcore.model.parts import ALL_PARTS, PART_ORDER
+from fedcore.wire.stream import DIGESTS, StreamHeader
 from feddiff.local import sample
 from service.allocator import tune_for_streaming
-from fedcore.wire.stream import DIGESTS, StreamHeader
-from fedcore.model.parts import ALL_PARTS, PART_ORDER
 
 SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)
 
@@ -146,6 +148,21 @@ def digest_rates(size: int = 256 << 20, repeats: int = 3) -> dict[str, float]:
     return figures
 
 
+def _one_round(model: str, workers: list[LightWorker], tensors: Mapping[str, torch.Tensor], max_bytes: int) -> tuple[float, float]:
+    """One round of `workers` downloading at once, then uploading at once: aggregate payload MB/s of each phase."""
+    tasks = [w.train_task() for w in workers]
+    sizes = [0] * len(workers)
+
+    def fetch(i: int) -> None:
+        sizes[i] = len(workers[i].download(tasks[i], max_bytes))
+
+    seconds = run_together(len(workers), fetch)
+    down_rate = sum(sizes) / seconds / MB
+    update = delta_payload(model, tasks[0], tensors)  # the same parts and round for every worker
+    seconds = run_together(len(workers), lambda i: workers[i].upload(tasks[i], update))
+    return down_rate, len(workers) * len(update) / seconds / MB
+
+
 def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
     """K workers download the same broadcast, then upload at once; aggregate payload MB/s per phase."""
     layout = meta_layout(model)
@@ -158,17 +175,9 @@ def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
         for w in workers:
             w.join()
         for _ in range(rounds):
-            tasks = [w.next_task() for w in workers]
-            sizes = [0] * k
-
-            def fetch(i: int) -> None:
-                sizes[i] = len(workers[i].download(tasks[i], max_bytes))  # type: ignore[arg-type]
-
-            seconds = run_together(k, fetch)
-            down_rates.append(sum(sizes) / seconds / MB)
-            update = delta_payload(model, tasks[0], tensors)  # the same parts and round for every worker
-            seconds = run_together(k, lambda i: workers[i].upload(tasks[i], update))  # type: ignore[arg-type]
-            up_rates.append(k * len(update) / seconds / MB)
+            down_rate, up_rate = _one_round(model, workers, tensors, max_bytes)
+            down_rates.append(down_rate)
+            up_rates.append(up_rate)
         deadline = time.monotonic() + 60
         while sample(coord.metrics(), "feddiff_round") < rounds and time.monotonic() < deadline:
             time.sleep(0.1)
