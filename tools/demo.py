@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from fedcore.evaluation.images import save_grid
 from fedcore.federation import checkpoint
 from fedcore.model.diffusion import Schedule
 from fedcore.model.diffusion import sample as generate
-from fedcore.evaluation.images import save_grid
-from fedcore.model.unet import build_model
 from fedcore.model.parts import PART_ORDER
+from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file
+from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 
 FD_WORKER = "client-0"
 

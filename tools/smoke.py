@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
-from fedcore.model.unet import build_model, layout_of
-from fedcore.model.parts import PART_ORDER
 from fedcore.federation.strategies import Strategy, account
+from fedcore.model.parts import PART_ORDER
+from fedcore.model.unet import build_model, layout_of
+from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 
 K, R, SEED = 2, 2, 0
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from feddiff.local import LocalCluster, wait_for_state
 from fedcore.federation.roundlog import ROUNDS_LOG
+from feddiff.local import LocalCluster, wait_for_state
 
 K = 4
 BASELINE_ROUND = 5  # after warm-up: imports, first payloads, thread pools and allocator arenas are in place

@@ -44,7 +44,7 @@ def missing(which: Callable[[str], str | None] = installed) -> list[str]:
 def main(
     which: Callable[[str], str | None] = installed,
     is_root: bool | None = None,
-    run: Callable[[list[str]], int] = lambda cmd: subprocess.run(cmd).returncode,
+    run: Callable[[list[str]], int] = lambda cmd: subprocess.run(cmd, check=False).returncode,
 ) -> int:
     """Install what is missing (as root, with apt-get), or name it. Non-zero only when an install failed."""
     packages = missing(which)
