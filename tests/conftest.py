@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR
-from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import Part, PartLayout
+from fedcore.model.unet import build_model, layout_of
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -69,7 +69,7 @@ def imports_of(module: str, source: str, *, is_package: bool = False) -> list[tu
 
 def crossings(module: str, source: str, *, is_package: bool = False) -> list[str]:
     """Every wall the imports of `module` (its source) cross, one line each naming the import."""
-    top = module.split(".")[0]
+    top = module.split(".", maxsplit=1)[0]
     found = []
     for line, imported in imports_of(module, source, is_package=is_package):
         target = imported.split(".")[0]

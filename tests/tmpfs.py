@@ -19,14 +19,14 @@ def mount_tmpfs(path: Path, size: str, *options: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small filesystem (tmpfs) needs root (CI runs as root)")
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
 
 def unmount(path: Path) -> None:
-    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 @contextmanager
@@ -55,7 +55,7 @@ def fill(path: Path) -> Path:
 def remount(path: Path, mode: str, timeout: float = 10.0) -> None:
     """Remount `path` "ro" or "rw" (retried while a file is still open for writing)."""
     deadline = time.monotonic() + timeout
-    while subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True).returncode != 0:
+    while subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, check=False).returncode != 0:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no remount {mode} of {path} after {timeout}s")
         time.sleep(0.05)

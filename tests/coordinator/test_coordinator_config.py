@@ -10,10 +10,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
+from coordinator.config import CoordinatorConfig
 from fedcore import settings
 from fedcore.settings import SettingsError
 from feddiff.cli import main
-from coordinator.config import CoordinatorConfig
 
 TYPES = get_type_hints(CoordinatorConfig, include_extras=True)
 SETTINGS = [f.name for f in fields(CoordinatorConfig)]
@@ -88,7 +88,7 @@ def test_flags_override_the_file_and_each_is_named_by_where_it_came_from(tmp_pat
 def test_an_unknown_key_and_a_malformed_address_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"^unknown setting learning_rate \(in .*\) \(known: strategy, model, "):
         CoordinatorConfig.load(_yaml(tmp_path, {"learning_rate": 0.1}), {})
-    with pytest.raises(SettingsError, match="^listen 'localhost' must be HOST:PORT with a port in 0..65535$"):
+    with pytest.raises(SettingsError, match=r"^listen 'localhost' must be HOST:PORT with a port in 0\.\.65535$"):
         CoordinatorConfig.load(None, {"listen": "localhost"})
 
 

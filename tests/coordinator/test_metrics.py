@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fedcore.federation.server import Ledger, Tally
 from coordinator.metrics import Metrics
-from fedcore.model.parts import Part
+from fedcore.federation.server import Ledger, Tally
 from fedcore.federation.strategies import Traffic
+from fedcore.model.parts import Part
 
 
 def _ledger() -> Ledger:
-    zero = {p: 0 for p in Part}
+    zero = dict.fromkeys(Part, 0)
     return Ledger(
         traffic=Traffic(down={**zero, Part.DECODER: 300, Part.ENCODER: 50}, up={**zero, Part.DECODER: 200}),
         full_fedavg=1000,

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from fedcore.errors import DuplicateWorker, UnknownWorker
 from coordinator.registry import WorkerInfo, WorkerRegistry
+from fedcore.errors import DuplicateWorker, UnknownWorker
 
 TIMEOUT = 30.0
 

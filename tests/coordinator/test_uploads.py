@@ -7,16 +7,15 @@ import asyncio
 
 import pytest
 
-from fedcore.errors import LateUpdate, UploadAborted, UploadInProgress, UploadStalled
 from coordinator.uploads import OpenUploads
+from fedcore.errors import LateUpdate, UploadAborted, UploadInProgress, UploadStalled
 
 
 def test_a_session_holds_one_upload_and_its_place_is_free_again_after_it() -> None:
     uploads = OpenUploads()
     with uploads.open("w", "s1", "r0.1-w"):
-        with pytest.raises(UploadInProgress, match="'w' already has an upload in progress \\(task 'r0.1-w'\\)"):
-            with uploads.open("w", "s1", "r0.1-w"):
-                pass
+        with pytest.raises(UploadInProgress, match=r"'w' already has an upload in progress \(task 'r0\.1-w'\)"), uploads.open("w", "s1", "r0.1-w"):
+            pass
         with uploads.open("other", "s2", "r0.1-other"):
             assert len(uploads) == 2
     assert len(uploads) == 0
@@ -67,7 +66,7 @@ def test_a_wait_is_not_timed_and_ends_when_the_round_closes() -> None:
                 uploads.end_closed(lambda task_id: task_id in open_tasks)
 
             closer = asyncio.create_task(close_round())
-            with pytest.raises(LateUpdate, match="'r0.1-w': its round closed"):
+            with pytest.raises(LateUpdate, match=r"'r0\.1-w': its round closed"):
                 async with w.bounded():
                     await asyncio.sleep(5)
             await closer

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from dashboard import dashboard_queries, dashboard_targets
+
 from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60, check=False)
 
 
 def flag_value(argv: list[str], flag: str) -> str:
@@ -370,7 +370,7 @@ def test_k8s_manifests_validate_strictly(k8s_docs: list[dict[str, Any]], kustomi
     reason="kubectl is not installed: Debian's kubernetes-client (1.20) is too old for this kustomization; install kubectl 1.21 or later from the Kubernetes project",
 )
 def test_kustomize_build_validates_and_wires_generated_names() -> None:
-    result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
 
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -525,8 +525,8 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 def dockerignore_allows(path: str) -> bool:
     """Whether /.dockerignore (last matching pattern wins) lets `path` into the build context."""
     allowed = True
-    for pattern in (ROOT / ".dockerignore").read_text().splitlines():
-        pattern = pattern.strip()
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
         if not pattern or pattern.startswith("#"):
             continue
         negated = pattern.startswith("!")

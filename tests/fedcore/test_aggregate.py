@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -9,10 +10,10 @@ import struct
 import pytest
 import torch
 
-from fedcore.federation.aggregate import RunningAggregate, delta
 from fedcore.errors import NonFiniteAggregate, NonFiniteTensor, NotAssigned, SchemaError, ValueOutOfBounds
-from fedcore.model.unet import build_model
+from fedcore.federation.aggregate import RunningAggregate, delta
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part, PartLayout
+from fedcore.model.unet import build_model
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 
@@ -31,7 +32,7 @@ def _local_models(global_state, k: int, seed: int) -> list[dict[str, torch.Tenso
 def _direct_mean(models, weights, names) -> dict[str, torch.Tensor]:
     """The FedAvg target computed independently, in float64: sum_k w_k x_k / sum_k w_k."""
     total = float(sum(weights))
-    return {n: sum(w * m[n].double() for m, w in zip(models, weights)) / total for n in names}
+    return {n: sum(w * m[n].double() for m, w in zip(models, weights, strict=True)) / total for n in names}
 
 
 def _parts_of(layout: PartLayout, state, parts) -> dict[str, torch.Tensor]:
@@ -53,7 +54,7 @@ def test_weighted_mean_equals_the_direct_fedavg(global_state, tiny_layout: PartL
     weights = [12_000, 3, 700, 47_297]
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
 
-    for m, w in zip(models, weights):
+    for m, w in zip(models, weights, strict=True):
         agg.fold(delta(m, global_state), ALL_PARTS, float(w))
     new_global = {n: t.clone() for n, t in global_state.items()}
     changed = agg.apply_to(new_global)
@@ -90,7 +91,7 @@ def test_each_part_is_averaged_over_its_reporters_only(global_state, tiny_layout
     returns = [{ENC, MID}, {DEC}, {ENC}, {DEC, MID}]
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
 
-    for m, w, parts in zip(models, weights, returns):
+    for m, w, parts in zip(models, weights, returns, strict=True):
         agg.fold(_parts_of(tiny_layout, delta(m, global_state), parts), parts, float(w))
     new_global = {n: t.clone() for n, t in global_state.items()}
     agg.apply_to(new_global)
@@ -177,7 +178,7 @@ def test_memory_is_one_float32_copy_of_the_averaged_parts(global_state, tiny_lay
     assert len({t.untyped_storage().data_ptr() for t in sums.values()}) == 1
     assert next(iter(sums.values())).untyped_storage().nbytes() == 4 * (tiny_layout.numel(MID) + tiny_layout.numel(DEC))
     spans = sorted((t.storage_offset(), t.storage_offset() + t.numel()) for t in sums.values())
-    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
+    assert all(end <= begin for (_, end), (begin, _) in itertools.pairwise(spans))
 
 
 def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:

@@ -38,7 +38,7 @@ def test_data_frames_cover_the_payload_in_bounded_chunks() -> None:
 
     messages = [pb.WeightsChunk.FromString(f) for f in frames]
     assert b"".join(m.data for m in messages) == payload and len(frames) == 6
-    assert all(f == m.SerializeToString() for f, m in zip(frames, messages))
+    assert all(f == m.SerializeToString() for f, m in zip(frames, messages, strict=True))
 
 
 @pytest.mark.parametrize("n", SIZES)

@@ -9,6 +9,8 @@ import threading
 import blake3
 import pytest
 
+from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamError, StreamTooLong
+from fedcore.payload.serialization import FORMAT_VERSION
 from fedcore.wire.stream import (
     DIGESTS,
     MAX_CHUNK_SIZE,
@@ -20,8 +22,6 @@ from fedcore.wire.stream import (
     digest_for,
     iter_chunks,
 )
-from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamError, StreamTooLong
-from fedcore.payload.serialization import FORMAT_VERSION
 
 PAYLOAD = os.urandom(10_007)  # a prime length, so most chunk sizes leave a short last chunk
 
@@ -224,11 +224,10 @@ def test_a_damaged_large_stream_is_refused_and_its_digest_thread_ends(damage: st
     else:
         payload.append(0)
 
-    with pytest.raises(StreamError):
-        with Reassembler(header, max_bytes=len(payload) + 1) as receiver:
-            for chunk in iter_chunks(payload, 1 << 20):
-                receiver.feed(chunk)
-            receiver.finish()
+    with pytest.raises(StreamError), Reassembler(header, max_bytes=len(payload) + 1) as receiver:
+        for chunk in iter_chunks(payload, 1 << 20):
+            receiver.feed(chunk)
+        receiver.finish()
 
     assert _digest_threads() == 0
 

@@ -89,7 +89,7 @@ def test_python_dash_m_feddiff_runs(tmp_path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
 
     assert result.returncode == 0, result.stderr

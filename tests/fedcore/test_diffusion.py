@@ -191,7 +191,7 @@ def test_sample_batches_seeds_and_restores_train_mode(sampler: str, short_schedu
 def test_ddim_refuses_step_counts_outside_the_schedule(
     steps: int, tiny_model: torch.nn.Module, short_schedule: Schedule
 ) -> None:
-    with pytest.raises(ValueError, match="DDIM steps must be in 1..20"):
+    with pytest.raises(ValueError, match=r"DDIM steps must be in 1\.\.20"):
         sample_ddim(tiny_model, short_schedule, (1, 1, 28, 28), steps=steps, generator=torch.Generator())
 
 

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.model.diffusion import Schedule
 from fedcore.federation.server import Federation, FederationConfig
-from fedcore.model.unet import build_model
-from fedcore.model.parts import ALL_PARTS
 from fedcore.federation.strategies import Strategy
+from fedcore.model.diffusion import Schedule
+from fedcore.model.parts import ALL_PARTS
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig
+from fedcore.model.unet import build_model
 
-FP32_EAGER = dict(bf16="off", channels_last="off", fused_adam="off", compile="off")
+FP32_EAGER = {"bf16": "off", "channels_last": "off", "fused_adam": "off", "compile": "off"}
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits
 STEPS = 200
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.federation.aggregate import delta
 from fedcore.federation.client import ClientRuntime, MissingPrivateState, TrainTask
-from fedcore.model.diffusion import Schedule
-from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
-from fedcore.federation.server import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
-from fedcore.model.unet import build_model
-from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.federation.robust import NormHistory, RobustConfig
 from fedcore.federation.roundlog import round_record
-from fedcore.payload.serialization import PayloadMeta, decode, encode
+from fedcore.federation.server import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
 from fedcore.federation.strategies import Strategy, plan_traffic
+from fedcore.model.diffusion import Schedule
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
+from fedcore.model.unet import build_model
+from fedcore.payload.serialization import PayloadMeta, decode, encode
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 WEIGHTS = {"alice": 30, "bob": 10}
@@ -55,8 +55,8 @@ def test_a_two_client_full_round_by_hand() -> None:
     outcome = round_.close()
 
     # close applies the weighted mean: global += (30 d_alice + 10 d_bob) / 40
-    for n in initial:
-        expected = initial[n].double() + (
+    for n, before in initial.items():
+        expected = before.double() + (
             30 * updates["alice"][1][n].double() + 10 * updates["bob"][1][n].double()
         ) / 40
         torch.testing.assert_close(fed.global_state[n].double(), expected, rtol=0, atol=1e-6)
@@ -247,7 +247,7 @@ def test_an_aggregate_that_overflows_is_not_committed_and_the_round_runs_again()
     round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
     round_.accept("alice", _filled(fed, 1e38), mean_loss=0.1, images_seen=30)  # 30 x 1e38 overflows float32
 
-    with pytest.raises(NonFiniteAggregate, match="would make .* values of tensor .* NaN or infinite"):
+    with pytest.raises(NonFiniteAggregate, match=r"would make .* values of tensor .* NaN or infinite"):
         round_.close()
 
     assert fed.completed_rounds == 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedcore.model.diffusion import Schedule, training_loss
-from fedcore.model.unet import PRESETS, UNET_PART_RULE, build_model, layout_of, preset
 from fedcore.model.parts import PART_ORDER, Part
+from fedcore.model.unet import PRESETS, UNET_PART_RULE, build_model, layout_of, preset
 
 
 @pytest.mark.parametrize(

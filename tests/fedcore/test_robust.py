@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fedcore.errors import UnregisteredWorker
-from fedcore.model.parts import Part
 from fedcore.federation.robust import (
     ADAM_STEP_BOUND,
     NormHistory,
@@ -20,6 +19,7 @@ from fedcore.federation.robust import (
     delta_value_bound,
     local_steps,
 )
+from fedcore.model.parts import Part
 from fedcore.model.training import ADAM_BETAS, TrainConfig
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
@@ -60,8 +60,8 @@ def test_adams_largest_step_is_reached_by_growing_gradients_and_never_passed() -
 
 def test_a_trained_delta_stays_within_the_value_bound() -> None:
     from fedcore.model.diffusion import Schedule
-    from fedcore.model.unet import build_model
     from fedcore.model.training import LocalTrainer, SpeedConfig
+    from fedcore.model.unet import build_model
 
     model = build_model("tiny", seed=0)
     trainer = LocalTrainer(model, Schedule(), SpeedConfig(threads=1))

@@ -19,8 +19,8 @@ from fedcore.errors import (
     SchemaError,
     WrongRound,
 )
-from fedcore.model.unet import build_model
 from fedcore.model.parts import ALL_PARTS, Part, PartLayout, select
+from fedcore.model.unet import build_model
 from fedcore.payload.serialization import PayloadMeta, decode, encode, load_file, read_meta, save_file
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER

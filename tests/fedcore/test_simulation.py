@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcore.federation.checkpoint import global_file_name, load_private, load_run
 from fedcore.data.datasets import to_model_range
-from fedcore.model.diffusion import Schedule
-from fedcore.federation.server import FederationConfig, Ledger, task_seed
-from fedcore.model.unet import build_model, layout_of
-from fedcore.model.parts import PART_ORDER, Part
-from fedcore.payload.serialization import load_file
-from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.data.shards import DataConfig, load_training_pool
-from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.data.splits import split_indices
+from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
+from fedcore.federation.checkpoint import global_file_name, load_private, load_run
+from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.federation.server import FederationConfig, Ledger, task_seed
 from fedcore.federation.strategies import Strategy, account
+from fedcore.model.diffusion import Schedule
+from fedcore.model.parts import PART_ORDER, Part
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload.serialization import load_file
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 K, R, SEED = 3, 2, 7
@@ -133,7 +133,7 @@ def test_full_and_usplit_change_every_part_of_the_global_model(runs, initial, la
 
 
 def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(runs, layout) -> None:
-    folder, sim, _ = runs[Strategy.FULL]
+    folder, _sim, _ = runs[Strategy.FULL]
     cfg = _config(Strategy.FULL)
     after_1, _ = load_file(folder / global_file_name(1))
     after_2, _ = load_file(folder / global_file_name(2))
@@ -141,7 +141,7 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
     shards = split_indices(pool.labels, K, "iid", seed=cfg.data.split_seed)
     locals_, weights = [], []
 
-    for cid, idx in zip(client_ids(K), shards):
+    for cid, idx in zip(client_ids(K), shards, strict=True):
         model = build_model("tiny", seed=0)
         model.load_state_dict(after_1)
         trainer = LocalTrainer(model, Schedule(), SPEED)
@@ -152,7 +152,7 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
 
     assert weights == [100, 100, 100]
     for n in after_2:
-        expected = sum(w * m[n] for m, w in zip(locals_, weights)) / sum(weights)
+        expected = sum(w * m[n] for m, w in zip(locals_, weights, strict=True)) / sum(weights)
         torch.testing.assert_close(after_2[n].double(), expected, rtol=0, atol=1e-6)
 
 

@@ -51,8 +51,8 @@ def test_seeded(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndar
     again = split_indices(labels, 5, kind, seed=2023)  # type: ignore[arg-type]
     other = split_indices(labels, 5, kind, seed=7)  # type: ignore[arg-type]
 
-    assert all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], again))
-    assert not all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], other))
+    assert all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], other, strict=True))
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)

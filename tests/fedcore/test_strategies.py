@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 
-from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.federation.strategies import (
     Strategy,
     Traffic,
@@ -19,6 +18,7 @@ from fedcore.federation.strategies import (
     select_clients,
     shared_parts,
 )
+from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 

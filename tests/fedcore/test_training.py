@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedcore.model.diffusion import Schedule
-from fedcore.model.unet import build_model
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, TrainingInterrupted, cpu_has_native_bf16
+from fedcore.model.unet import build_model
 
 CPU = SpeedConfig(device="cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, lr=1e-3)  # 40 images: batches of 16, 16, 8
@@ -141,5 +141,5 @@ def test_prepare_data_is_float32_on_the_device() -> None:
 def test_cuda_request_without_cuda_is_refused() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(ValueError, match="^device 'cuda': no such device here; this machine offers auto, cpu$"):
+    with pytest.raises(ValueError, match=r"^device 'cuda': no such device here; this machine offers auto, cpu$"):
         ResolvedSpeed.of(SpeedConfig(device="cuda"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fedcore.errors import SizeMismatch
 from fedcore.wire import convert
 from fedcore.wire.codec import DataChunk
-from fedcore.errors import SizeMismatch
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.wire import bounds
 from fedcore.errors import FieldOutOfRange
+from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from feddiff.local import LocalCluster, Process, sample, scrape
-from fedcore.model.unet import build_model, layout_of
-from fedcore.model.parts import Part
 from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.model.parts import Part
+from fedcore.model.unet import build_model, layout_of
+from feddiff.local import LocalCluster, Process, sample, scrape
 
 # Tiny UDec rounds that take a second or two on one CPU thread.
 RUN = ["--strategy", "udec", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--seed", "7"]

@@ -17,18 +17,18 @@ import pytest
 import safetensors.torch
 import torch
 
-from fedcore.payload import serialization
-from fedcore.wire.stream import StreamHeader
-from fedcore.federation.client import TrainTask
-from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, TaskRefused
+from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
-from fedcore.model.unet import build_model, layout_of
+from coordinator.server import Coordinator
+from fedcore.errors import MalformedTask, SettingOutOfRange, TaskRefused
+from fedcore.federation.client import TrainTask
 from fedcore.model.parts import ALL_PARTS, Part
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.stream import StreamHeader
 from tests.system.raw_client import RawWorker
 
 pytestmark = pytest.mark.badinput

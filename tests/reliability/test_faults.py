@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from feddiff.local import LocalCluster, status, wait_for_state
 from fedcore.federation import checkpoint
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file
-
+from feddiff.local import LocalCluster, status, wait_for_state
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
 from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount
 
@@ -183,7 +182,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
             coord = cluster.coordinator("--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS)
             address = coord.ready["address"]
             workers = start_workers(cluster, address, [["--keep-running"], ["--keep-running"]])
-            wait_until(lambda: (ckpt / checkpoint.STATE_FILE).exists(), "the first checkpoint", 90, [coord, *workers], every=0.02)
+            wait_until((ckpt / checkpoint.STATE_FILE).exists, "the first checkpoint", 90, [coord, *workers], every=0.02)
             filler = fill(ckpt) if failure == "full" else None
             if failure == "read_only":
                 remount(ckpt, "ro")

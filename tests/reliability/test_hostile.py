@@ -19,19 +19,19 @@ import pytest
 import torch
 
 from bench.rounds_scale import HealthProbe
-from fedcore.payload import serialization
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
+from coordinator.server import Coordinator
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
-from coordinator.metrics import Metrics
-from fedcore.model.unet import build_model, layout_of
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta, PayloadReader
+from fedcore.wire.bounds import MAX_STATUS_WORKERS
+from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.payload.serialization import PayloadMeta, PayloadReader
-from fedcore.wire.convert import task_from_proto
-from fedcore.wire.bounds import MAX_STATUS_WORKERS
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
 from feddiff.cli import main
 from tests.system.raw_client import RawWorker
 
@@ -286,7 +286,7 @@ def test_a_scaled_update_cannot_dominate_a_round_with_a_fixed_clipping_bound(tmp
         run.done()
 
         state = run.coord.federation.global_state
-        assert _bits(state) == _bits(_averaged(before, [(HONEST, IMAGES), (scaled, IMAGES)], {p: bound for p in PART_ORDER}))
+        assert _bits(state) == _bits(_averaged(before, [(HONEST, IMAGES), (scaled, IMAGES)], dict.fromkeys(PART_ORDER, bound)))
         change = {n: state[n] - before[n] for n in state}
         for p in PART_ORDER:
             assert _part_norm(HONEST, p) < bound < _part_norm(scaled, p) / 1e4, p

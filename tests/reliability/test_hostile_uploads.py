@@ -21,15 +21,15 @@ import safetensors.torch
 import torch
 
 from bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes
-from feddiff.local import LocalCluster, Process
 from fedcore.federation import checkpoint
-from fedcore.payload import serialization
 from fedcore.federation.client import TrainTask
 from fedcore.model.unet import build_model, layout_of
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from feddiff.local import LocalCluster, Process
 from tests.reliability.support import ENV, HealthProbe, metric, wait_until
 from tests.system.raw_client import RawWorker, StalledUpload
 
@@ -187,7 +187,7 @@ def test_upload_streams_end_with_their_round(tmp_path: Path) -> None:
                     read = _read(coord)
                     streams.append(_stall(w, task, _payload(task, _delta(task, seed=1)), release))
                     if w is stalling:  # it holds the slot before the other one asks for it
-                        wait_until(lambda: _read(coord) >= read + 3 * CHUNK, "the stalled upload read", 10)
+                        wait_until(lambda read=read: _read(coord) >= read + 3 * CHUNK, "the stalled upload read", 10)
 
                 codes = [s.code(deadline + 5) for s in streams]  # open until the round closes, no longer
                 wait_until(lambda: _committed(tmp_path), "round 1 committed", 10)
@@ -219,7 +219,7 @@ async def _join_and_wait(address: str, worker_ids: list[str]) -> list[tuple[str,
             joined = await stub.Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, device="cpu", num_examples=IMAGES)), timeout=60)
             sessions.append(joined.session_id)
         polls = [stub.WaitTask(pb.WaitTaskRequest(session_id=s, timeout_ms=60_000), timeout=90) for s in sessions]
-        return [(s, r.task) for s, r in zip(sessions, await asyncio.gather(*polls))]
+        return [(s, r.task) for s, r in zip(sessions, await asyncio.gather(*polls), strict=True)]
 
 
 async def _hold_streams(

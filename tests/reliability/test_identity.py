@@ -13,15 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from feddiff.local import LocalCluster, wait_for_state
-from coordinator.metrics import Metrics
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
-from worker.metrics import Metrics as WorkerMetrics
-from worker.state_dir import IDENTITY_FILE, StateDir
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from feddiff.local import LocalCluster, wait_for_state
 from tests.reliability.support import DATA, ENV, LIVENESS, RUN, free_port, metric, rounds_log, start_workers, wait_until
 from tests.system.raw_client import RawWorker
+from worker.metrics import Metrics as WorkerMetrics
+from worker.state_dir import IDENTITY_FILE, StateDir
 
 TOKEN = "token-of-hospital-1"
 FIRST, SECOND = "a" * 32, "b" * 32  # installation ids

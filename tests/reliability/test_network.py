@@ -129,7 +129,7 @@ class Lab:
                 proc.kill()
                 proc.wait()
         for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 @pytest.fixture

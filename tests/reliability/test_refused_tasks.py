@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from feddiff.local import LocalCluster, status, wait_for_state
-
 from tests.reliability.support import ENV, image_folder, metric
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]

@@ -15,17 +15,17 @@ import grpc
 import pytest
 import torch
 
-from feddiff.local import LocalCluster
-from fedcore.payload import serialization
-from coordinator.metrics import Metrics
-from fedcore.model.unet import build_model, layout_of
-from fedcore.model.parts import ALL_PARTS, PART_ORDER
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.payload.serialization import PayloadMeta
-from fedcore.federation.strategies import Strategy, shared_parts
-from fedcore.wire.convert import task_from_proto
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
+from fedcore.federation.strategies import Strategy, shared_parts
+from fedcore.model.parts import ALL_PARTS, PART_ORDER
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
+from fedcore.wire.convert import task_from_proto
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from feddiff.local import LocalCluster
 from tests.reliability.support import ENV, image_folder, rounds_log, wait_until
 from tests.system.raw_client import RawWorker
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from fedcore.wire import convert
-from fedcore.wire.stream import StreamHeader
 from fedcore.federation.client import TrainTask
+from fedcore.wire import convert
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.stream import StreamHeader
 
 
 @dataclass

@@ -13,14 +13,14 @@ import blake3
 import grpc
 import pytest
 
-from fedcore.payload import serialization
-from fedcore.wire.stream import StreamHeader
+from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
+from coordinator.server import Coordinator
 from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
+from fedcore.wire.stream import StreamHeader
 from tests.system.raw_client import RawWorker
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
-from fedcore.model.unet import build_model, layout_of
-from fedcore.model.parts import PART_ORDER
-from fedcore.payload.serialization import load_file
 from fedcore.federation.strategies import Strategy, account
+from fedcore.model.parts import PART_ORDER
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload.serialization import load_file
+from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 
 pytestmark = pytest.mark.e2e
 

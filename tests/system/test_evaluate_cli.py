@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feddiff.cli import main
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import save_file
+from feddiff.cli import main
 
 pytestmark = pytest.mark.e2e
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
+from coordinator.server import Coordinator
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
 
 WAITING = 300
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from feddiff.cli import main
 from fedcore.federation.checkpoint import load_private, load_run, personalised_state
-from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.model.parts import Part
+from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.payload.serialization import load_file
+from feddiff.cli import main
 
 pytestmark = pytest.mark.e2e
 

@@ -13,17 +13,16 @@ import grpc
 import pytest
 import torch
 
-from fedcore.payload import serialization
-from coordinator.metrics import Metrics
-from fedcore.model.unet import build_model, layout_of
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.payload.serialization import PayloadMeta
-from fedcore.wire.convert import task_from_proto
-from feddiff.cli import main
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.refusals import MAX_MESSAGE, Refusal, RefusalStreak
 from coordinator.server import Coordinator
-
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
+from fedcore.wire.convert import task_from_proto
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from feddiff.cli import main
 from tests.system.raw_client import RawWorker
 
 DEADLINE = 60.0  # far longer than any of these tests: an attempt that ends does so because every worker answered
@@ -33,10 +32,10 @@ Code = grpc.StatusCode
 
 @contextmanager
 def _coordinator(tmp_path: Path, **settings: object) -> Iterator[tuple[Coordinator, grpc.Channel]]:
-    base = dict(
-        model="tiny", strategy="udec", rounds=1, min_workers=2, quorum=1.0, round_deadline=DEADLINE, max_refused_attempts=3,
-        listen="localhost:0", metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
-    )  # fmt: skip
+    base = {
+        "model": "tiny", "strategy": "udec", "rounds": 1, "min_workers": 2, "quorum": 1.0, "round_deadline": DEADLINE, "max_refused_attempts": 3,
+        "listen": "localhost:0", "metrics_port": -1, "insecure": True, "progress": "off", "checkpoint_dir": str(tmp_path / "ckpt"),
+    }  # fmt: skip
     coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
     try:
         with grpc.insecure_channel(coord.address) as channel:
@@ -97,7 +96,7 @@ def test_an_attempt_every_worker_answered_ends_at_once_and_refusals_stop_the_run
             assert ta.task_id == f"r0.{attempt}-a"
             _reject(a, ta.task_id)
             _reject(b, tb.task_id, message="lr out of range")
-            _wait(lambda: _attempts(coord, "no_quorum") == attempt)
+            _wait(lambda attempt=attempt: _attempts(coord, "no_quorum") == attempt)
 
         assert time.monotonic() - start < DEADLINE / 2, "the attempts ended when both workers had refused, not at the deadline"
         _wait(lambda: coord.driver.state == "failed")
@@ -137,7 +136,7 @@ def test_failed_attempts_for_other_reasons_do_not_stop_the_run(tmp_path: Path) -
             if reason:
                 _reject(a, ta.task_id, reason)
                 _reject(b, tb.task_id, reason)
-            _wait(lambda: _attempts(coord, "no_quorum") == attempt)
+            _wait(lambda attempt=attempt: _attempts(coord, "no_quorum") == attempt)
         assert coord.driver.state == "training" and coord.driver.failure == ""
 
 

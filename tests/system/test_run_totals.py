@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedcore.federation import checkpoint
-from coordinator.metrics import Metrics
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
+from fedcore.federation import checkpoint
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.system.raw_client import RawWorker
 
 DEADLINE = 1.0

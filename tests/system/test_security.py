@@ -14,15 +14,15 @@ import pytest
 import torch
 from cryptography import x509
 
-from feddiff.local import LocalCluster
-from fedcore.payload import serialization
-from feddiff.certs import create_project
+from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
+from coordinator.server import Coordinator
 from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
+from feddiff.certs import create_project
+from feddiff.local import LocalCluster
 from tests.system.raw_client import RawWorker
 
 pytestmark = pytest.mark.security
@@ -38,7 +38,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _coordinator(tmp_path: Path, **settings: object) -> Coordinator:
-    base = dict(model="tiny", strategy="udec", rounds=1, epochs=1, min_workers=2, listen="localhost:0", metrics_port=-1, checkpoint_dir=str(tmp_path / "ckpt"), round_deadline=60.0)
+    base = {"model": "tiny", "strategy": "udec", "rounds": 1, "epochs": 1, "min_workers": 2, "listen": "localhost:0", "metrics_port": -1, "checkpoint_dir": str(tmp_path / "ckpt"), "round_deadline": 60.0}
     return Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
 
 
@@ -83,9 +83,8 @@ def test_mutual_tls_identity_comes_from_the_certificate(pki: Path, tmp_path: Pat
             with pytest.raises(grpc.RpcError) as e:
                 RawWorker(ch, "client-0").join()  # a certificate from another CA is refused in the handshake
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        with grpc.secure_channel(coord.address, grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes())) as ch:
-            with pytest.raises(grpc.RpcError):
-                RawWorker(ch, "client-0").join()  # no client certificate at all
+        with grpc.secure_channel(coord.address, grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes())) as ch, pytest.raises(grpc.RpcError):
+            RawWorker(ch, "client-0").join()  # no client certificate at all
     finally:
         coord.stop()
 

@@ -18,17 +18,17 @@ import grpc
 import pytest
 from annotated_types import Interval
 
-from fedcore import settings
-from fedcore.wire import bounds
-from fedcore.errors import FieldOutOfRange
-from coordinator.metrics import Metrics
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.model.training import SpeedConfig, TrainConfig
-from feddiff.cli import build_parser, main
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
-from worker.config import WorkerConfig
+from fedcore import settings
+from fedcore.errors import FieldOutOfRange
+from fedcore.model.training import SpeedConfig, TrainConfig
+from fedcore.wire import bounds
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from feddiff.cli import build_parser, main
 from tests.system.raw_client import RawWorker
+from worker.config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ["worker", "--coordinator", "127.0.0.1:9", "--client-index", "0", "--insecure"]
@@ -176,8 +176,8 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
         import torch
 
         if torch.cuda.is_available() or torch.backends.mps.is_available():
-            line = line.split("this machine offers")[0]  # it offers more than the CPU
-            if "cuda:7" in argv and torch.cuda.device_count() > 7 or "mps" in argv and torch.backends.mps.is_available():
+            line = line.split("this machine offers", maxsplit=1)[0]  # it offers more than the CPU
+            if ("cuda:7" in argv and torch.cuda.device_count() > 7) or ("mps" in argv and torch.backends.mps.is_available()):
                 pytest.skip("this machine has the device")
     if argv[0] == "coordinator":
         argv = [*argv, "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--checkpoint-dir", str(tmp_path / "ckpt")]
@@ -247,7 +247,7 @@ def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_p
         result = subprocess.run(
             [sys.executable, "-m", "feddiff", "worker", "--coordinator", coord.address, "--insecure", "--client-index", "0",
              "--device", "tpu", "--state-dir", str(tmp_path / "state")],
-            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
         )  # fmt: skip
         known = coord.registry.all()
 

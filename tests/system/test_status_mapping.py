@@ -15,12 +15,12 @@ import pytest
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 
-from coordinator.metrics import Metrics
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
 from coordinator.servicer import SERVICE
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
 # RPCs whose request carries no session, with the reason. A new RPC without a session fails
 # test_every_rpc_is_classified until it is added here.

@@ -16,17 +16,17 @@ import grpc
 import pytest
 import torch
 
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
+from coordinator.server import Coordinator
 from fedcore import errors
 from fedcore.federation import checkpoint
-from fedcore.payload import serialization
 from fedcore.federation.client import TrainTask
-from coordinator.metrics import UPDATE_MISSED, UPDATE_OUTCOMES, UPDATE_REFUSALS, Metrics
 from fedcore.model.unet import build_model, layout_of
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
-from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.reliability.test_badinput import CASES
 from tests.system.raw_client import RawWorker, StalledUpload
 
@@ -65,10 +65,10 @@ class Round:
 def _round(tmp_path: Path, silent: int = 1, **settings: object) -> Iterator[Round]:
     """A round (tiny model, every part) of a worker whose task is taken, beside `silent` workers that never
     answer (the round stays open after the worker's update); the coordinator stopped after."""
-    base = dict(
-        model="tiny", strategy="full", rounds=2, epochs=1, min_workers=1 + silent, round_deadline=30.0, listen="localhost:0",
-        metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
-    )  # fmt: skip
+    base = {
+        "model": "tiny", "strategy": "full", "rounds": 2, "epochs": 1, "min_workers": 1 + silent, "round_deadline": 30.0, "listen": "localhost:0",
+        "metrics_port": -1, "insecure": True, "progress": "off", "checkpoint_dir": str(tmp_path / "ckpt"),
+    }  # fmt: skip
     coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
     release = threading.Event()  # ends the client side of stalled uploads
     try:
@@ -158,10 +158,10 @@ def test_aborted_when_its_worker_cancels(tmp_path: Path) -> None:
     with _round(tmp_path) as r:
         for cancelled in range(1, 4):
             stalled = _stall(r)
-            _wait_for(lambda: stalled.stalled_at)
+            _wait_for(lambda stalled=stalled: stalled.stalled_at)
             time.sleep(0.1)
             stalled.call.cancel()
-            _wait_for(lambda: sum(r.counts().values()) == cancelled)
+            _wait_for(lambda cancelled=cancelled: sum(r.counts().values()) == cancelled)
         assert r.counts() == {"aborted": 3}
 
 

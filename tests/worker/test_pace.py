@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.client import Pace
 from fedcore.settings import SettingsError, build
+from worker.client import Pace
 from worker.config import WorkerConfig
 
 
@@ -48,5 +48,5 @@ def test_zero_means_no_cap() -> None:
 
 
 def test_negative_rate_limits_are_refused() -> None:
-    with pytest.raises(SettingsError, match="^upload_rate_limit = -1: expected an integer >= 0$"):
+    with pytest.raises(SettingsError, match=r"^upload_rate_limit = -1: expected an integer >= 0$"):
         build(WorkerConfig, {"coordinator": "h:1", "client_index": 0, "upload_rate_limit": -1})

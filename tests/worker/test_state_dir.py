@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tmpfs import fill, mounted_tmpfs, remount
 from worker.metrics import Metrics
 from worker.state_dir import IDENTITY_FILE, LOCK_FILE, StateDir, StateDirError
-from tests.tmpfs import fill, mounted_tmpfs, remount
 
 PRIVATE_BYTES = 100_000  # one private-rNNNN.safetensors file, about
 

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from fedcore.federation.client import MissingPrivateState
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.model.training import SpeedConfig
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from tests.reliability.support import image_folder
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon
-
-from tests.reliability.support import image_folder
 
 
 class FakeClient:
