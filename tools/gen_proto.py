@@ -1,4 +1,4 @@
-"""Regenerate the checked-in protobuf/gRPC Python code (with .pyi stubs) from proto/ (`make proto`)."""
+"""Regenerate the checked-in protobuf/gRPC Python code, with mypy-protobuf's typed .pyi stubs, from proto/ (`make proto`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ OUT = ROOT / "fedcore" / "wire" / "proto"
 PROTOS = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_ROOT.rglob("*.proto"))
 
 
+def _plugin(name: str) -> Path:
+    """A protoc plugin of mypy-protobuf (the typed .pyi stubs): beside this interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = beside if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found beside {sys.executable} nor on PATH: install mypy-protobuf (`make install`)")
+    return Path(found)
+
+
 def generate(out_dir: Path) -> None:
     """Run grpc_tools.protoc into out_dir, then make the generated imports package-relative."""
     from grpc_tools import protoc
@@ -25,14 +34,17 @@ def generate(out_dir: Path) -> None:
         "protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
+        f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         *PROTOS,
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    for py in out_dir.rglob("*_grpc.py"):
+    for py in [*out_dir.rglob("*_grpc.py"), *out_dir.rglob("*_grpc.pyi")]:
         # `from feddiff.v1 import feddiff_pb2` -> `from fedcore.wire.proto.feddiff.v1 import feddiff_pb2`
         text = re.sub(r"^from feddiff\.v1 import", "from fedcore.wire.proto.feddiff.v1 import", py.read_text(), flags=re.M)
         py.write_text(text)
