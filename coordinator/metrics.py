@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fedcore import errors
+from fedcore.federation.robust import WEIGHT_BOUNDS
 from fedcore.model.parts import PART_ORDER
 from service.metrics import ProcessMetrics
 
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum", "non_finite")
-WEIGHT_BOUNDS = ("registered", "share")  # what lowered a worker's FedAvg weight (fedcore.federation.robust)
 # The outcomes of feddiff_updates_total at the coordinator, each tested (tests/system/test_update_outcomes.py):
 # an update folded in; one that did not arrive, which is no refusal (a straggler behind its round's close, a
 # stream cut off: its connection gone, stalled, or replaced by a newer session); each refusal, labelled with

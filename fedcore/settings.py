@@ -82,7 +82,8 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
     unknown key, a value that does not convert or one outside its range, and for what the dataclass's own
     checks refuse. `name` turns a setting's location into the name the user knows it by (a flag, a key of a
     file)."""
-    adapter = _adapter(cls)
+    key: type = cls  # the cache's key (mypy does not take a type[T] for Hashable)
+    adapter = _adapter(key)
     errors = _strict_bools(cls, values, ())
     try:
         built = adapter.validate_python(dict(values))
@@ -95,7 +96,7 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
 
 
 @functools.cache
-def _adapter(cls: type[T]) -> TypeAdapter[T]:
+def _adapter(cls: type) -> TypeAdapter[Any]:
     """The validator of `cls`, which must take `CONFIG` (a dataclass it holds takes it from `cls`, or
     declares it too)."""
     outer, *nested = _configs(cls)
@@ -107,21 +108,21 @@ def _adapter(cls: type[T]) -> TypeAdapter[T]:
 def _configs(cls: type) -> list[type]:
     """`cls` and the dataclasses its fields hold, however deep."""
     nested = [_strip(tp) for tp in get_type_hints(cls, include_extras=True).values()]
-    return [cls] + [c for tp in nested if is_dataclass(tp) for c in _configs(tp)]  # type: ignore[arg-type]
+    return [cls] + [c for tp in nested if isinstance(tp, type) and is_dataclass(tp) for c in _configs(tp)]
 
 
-def _strict_bools(cls: type, values: Mapping[str, Any], loc: Location) -> list[dict[str, Any]]:
+def _strict_bools(cls: type, values: Mapping[str, Any], loc: Location) -> list[Mapping[str, Any]]:
     """Errors (in pydantic's form) where a boolean stands for a number or a number for a boolean: pydantic's
     lax mode, which converts the strings '3' and 'true' for a flag or a file of strings, also takes True as 1
     and 1 as True."""
     hints = get_type_hints(cls, include_extras=True)
-    errors: list[dict[str, Any]] = []
+    errors: list[Mapping[str, Any]] = []
     for key, value in values.items():
         if key not in hints:
             continue  # an unknown setting: pydantic names it
         target = _strip(hints[key])
-        if is_dataclass(target) and isinstance(value, Mapping):
-            errors += _strict_bools(target, value, (*loc, key))  # type: ignore[arg-type]
+        if isinstance(target, type) and is_dataclass(target) and isinstance(value, Mapping):
+            errors += _strict_bools(target, value, (*loc, key))
         elif isinstance(value, (bool, int, float)) and isinstance(value, bool) != (bool in _scalars(hints[key])):
             errors.append({"loc": (*loc, key), "input": value, "type": "strict_bool"})
     return errors

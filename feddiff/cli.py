@@ -63,7 +63,7 @@ def _split(args: argparse.Namespace) -> int:
     from fedcore.data.datasets import load_fashion_mnist
     from fedcore.data.splits import describe_split, split_indices
 
-    labels = load_fashion_mnist(train=True, root=args.data_root).labels
+    labels = load_fashion_mnist(train=True, root=args.data_root).class_labels()
     parts = split_indices(labels, args.clients, args.split, beta=args.beta, seed=args.seed)
     rows = describe_split(labels, parts)
     if args.json:

@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ FASHION_MNIST_PACKAGE: Final = "dataset-fashion-mnist"  # the Debian package tha
 FASHION_MNIST_NUM_CLASSES: Final = 10
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"); data is big-endian.
-_IDX_DTYPES: Final = MappingProxyType({
+_IDX_DTYPES: Final[MappingProxyType[int, np.dtype[Any]]] = MappingProxyType({
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -124,6 +124,12 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def class_labels(self) -> np.ndarray:
+        """The labels, for what needs the classes (the splits); DatasetError for images without them."""
+        if self.labels is None:
+            raise DatasetError(f"these {len(self)} images have no class labels (an image folder): a split needs a labelled dataset")
+        return self.labels
 
     def subset(self, indices: np.ndarray) -> ImageDataset:
         """The images (and labels) at `indices`, in that order: one client's share of a split."""

@@ -35,5 +35,5 @@ def client_shard(cfg: DataConfig, index: int, pool: ImageDataset | None = None) 
     pool = pool if pool is not None else load_training_pool(cfg)
     if not 0 <= index < cfg.num_clients:
         raise ValueError(f"client index {index} is outside 0..{cfg.num_clients - 1}")
-    parts = split_indices(pool.labels, cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
+    parts = split_indices(pool.class_labels(), cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
     return pool.subset(parts[index])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from typing import Final, Literal, TypeGuard, get_args
 
 import numpy as np
 
 SplitKind = Literal["iid", "quantity", "label"]
+
+def is_split_kind(name: str) -> TypeGuard[SplitKind]:
+    return name in get_args(SplitKind)
+
 
 MAX_REDRAWS: Final = 1000  # Dirichlet draws tried before giving up on reaching min_size for every client
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import linalg
-from torch import nn
 
 from fedcore.evaluation.extractors import FeatureExtractor
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec, Schedule
 from fedcore.model.diffusion import sample as generate
 
@@ -176,7 +176,7 @@ class GeneratorScore:
 
 
 def score_generator(
-    model: nn.Module,
+    model: Denoiser,
     reference: ReferenceStats,
     extractor: FeatureExtractor,
     spec: SamplingSpec,

@@ -33,7 +33,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid(images, nrow))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
     return path
 

@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.data.shards import DataConfig
-from fedcore.data.splits import SplitKind
+from fedcore.data.splits import SplitKind, is_split_kind
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
 from fedcore.evaluation.images import save_grid
@@ -36,6 +36,7 @@ from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, private_parts
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
 from fedcore.model.unet import build_model
@@ -102,7 +103,11 @@ class Cell:
 
     @property
     def data_split(self) -> SplitKind:
-        return "iid" if self.centralised else self.split  # type: ignore[return-value]
+        if self.centralised:
+            return "iid"
+        if not is_split_kind(self.split):
+            raise ValueError(f"cell {self.key}: split {self.split!r} is none of {SPLITS}")
+        return self.split
 
 
 def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS) -> list[Cell]:
@@ -206,8 +211,8 @@ class Evaluator:
 
     extractor: FeatureExtractor
     reference: ReferenceStats
-    network: torch.nn.Module  # sampling network on `device`, weights loaded per model
-    sampler_net: torch.nn.Module  # `network`, or its torch.compile wrapper
+    network: Denoiser  # sampling network on `device`, weights loaded per model
+    sampler_net: Denoiser  # `network`, or its torch.compile wrapper
     device: torch.device
     bf16: bool
     batch_size: int  # images per sampling batch (one static shape for the compiled sampler)
@@ -232,9 +237,11 @@ class Evaluator:
         reference = ReferenceStatsCache(cfg.out / "reference").get(extractor, dataset, test_images)
         network = build_model(cfg.protocol.model).to(speed.device)
         if speed.channels_last:
-            network = network.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format (it passes it to every tensor's .to); torch's overloads of it leave it out.
+            network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         network.eval()
-        sampler_net = torch.compile(network) if speed.compile else network
+        # The compiled module forwards what it does not define (config, training, eval) to `network`.
+        sampler_net = cast(Denoiser, torch.compile(network)) if speed.compile else network
         batch = 500 if speed.device.type == "cuda" else 250  # 500 divides every protocol's sample counts
         baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.split_seed, cfg.data_root)
         log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
@@ -254,7 +261,7 @@ class Evaluator:
                 self.sampler_net = self.network
                 return self._sample(self.network, protocol, n, seed)
 
-    def _sample(self, net: torch.nn.Module, protocol: Protocol, n: int, seed: int) -> torch.Tensor:
+    def _sample(self, net: Denoiser, protocol: Protocol, n: int, seed: int) -> torch.Tensor:
         return sample(
             net, self.schedule, n, sampler=protocol.sampler, steps=protocol.steps, seed=seed, device=self.device,
             batch_size=min(n, self.batch_size),
@@ -472,18 +479,19 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
     todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
     log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
-    evaluator = Evaluator.create(cfg, log) if todo else None
     new = []
-    for cell in todo:
-        started = time.perf_counter()
-        row = run_cell(cfg, cell, evaluator, log)  # type: ignore[arg-type]
-        append_result(cfg.results, row)
-        new.append(row)
-        log(f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
-            f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s")
-        _release_memory()
-        if cfg.docs is not None:
-            render(cfg)
+    if todo:
+        evaluator = Evaluator.create(cfg, log)
+        for cell in todo:
+            started = time.perf_counter()
+            row = run_cell(cfg, cell, evaluator, log)
+            append_result(cfg.results, row)
+            new.append(row)
+            log(f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
+                f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s")
+            _release_memory()
+            if cfg.docs is not None:
+                render(cfg)
     if cfg.docs is not None and not todo:
         render(cfg)
     return new
@@ -500,4 +508,5 @@ def with_overrides(p: Protocol, **changes: int | None) -> Protocol:
     for name, value in changes.items():
         if value is not None and (value < 0 or (value == 0 and name != "max_images")):
             raise ValueError(f"--{name.replace('_', '-')} is {value}, expected {'>= 0' if name == 'max_images' else '>= 1'}")
-    return replace(p, **{k: v for k, v in changes.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}  # names of Protocol's int fields
+    return replace(p, **given)

@@ -28,7 +28,7 @@ def client_ids(num_clients: int) -> list[str]:
     return [f"client-{i}" for i in range(num_clients)]
 
 
-def transfer(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytearray:
+def transfer(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytearray | memoryview:
     """Send a payload through the chunked stream format and back, with all the receiver's checks."""
     header = StreamHeader.of(payload)
     receiver = Reassembler(header, max_bytes=len(payload))
@@ -71,7 +71,7 @@ class Simulation:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
         trainer = LocalTrainer(build_model(fcfg.model, seed=fcfg.seed), Schedule(), cfg.speed)
         pool = load_training_pool(cfg.data)
-        shards = split_indices(pool.labels, cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
+        shards = split_indices(pool.class_labels(), cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
         clients = {}
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
             private = None

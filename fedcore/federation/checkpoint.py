@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,12 +28,12 @@ KEEP = 2
 @dataclass(frozen=True)
 class RunState:
     completed_rounds: int
-    config: dict[str, object]  # FederationConfig.as_json() of the run
+    config: Mapping[str, Any]  # FederationConfig.as_json() of the run
     contacted: tuple[str, ...]  # clients that hold a model (got the initial broadcast)
-    ledger: dict[str, object]  # Ledger.as_json()
+    ledger: Mapping[str, Any]  # Ledger.as_json()
     global_file: str  # file name of the current global model
-    tally: dict[str, object] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
-    norms: dict[str, object] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
+    tally: Mapping[str, Any] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
+    norms: Mapping[str, Any] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
 
 
 def _versioned(stem: str, round_count: int) -> str:

@@ -80,7 +80,7 @@ class ClientRuntime:
         return bool(self.private)
 
     @torch.no_grad()
-    def load(self, payload: bytes | bytearray, task: TrainTask | EvalTask) -> None:
+    def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
         """Put the received parts and this client's private parts into the model."""
         received = serialization.decode(
             payload, self.layout, kind="weights", parts=task.receives, round_index=task.round, model=self.model_name

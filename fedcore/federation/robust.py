@@ -12,7 +12,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from fedcore.errors import UnregisteredWorker
 from fedcore.model.parts import PART_ORDER, Part
@@ -72,6 +72,7 @@ def capped_weights(weights: Mapping[str, int], share: float) -> dict[str, int]:
 
 
 WeightBound = Literal["registered", "share"]  # what lowered a client's FedAvg weight (feddiff_weights_bounded_total)
+WEIGHT_BOUNDS: tuple[WeightBound, ...] = get_args(WeightBound)
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,11 @@ class RobustConfig:
         granted = {c: min(n, self.registered.get(c, n)) for c, n in claimed.items()}
         weights = capped_weights(granted, self.max_weight_share)
         lowered = {
-            c: tuple(b for b, lower in (("registered", granted[c] < n), ("share", weights[c] < granted[c])) if lower)
+            c: tuple(b for b, lower in zip(WEIGHT_BOUNDS, (granted[c] < n, weights[c] < granted[c]), strict=True) if lower)
             for c, n in claimed.items()
             if weights[c] < n
         }
-        return RoundWeights(weights, lowered)  # type: ignore[arg-type]
+        return RoundWeights(weights, lowered)
 
     def value_bound(self, train: TrainConfig, num_examples: int) -> float:
         return self.max_delta_value or delta_value_bound(train, num_examples)
@@ -169,6 +170,6 @@ class NormHistory:
         return {p.value: list(self.norms[p]) for p in PART_ORDER if p in self.norms}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, object]) -> NormHistory:
-        """From state.json; a checkpoint written before norms were kept holds none."""
-        return cls({Part(k): tuple(float(v) for v in values) for k, values in obj.items()})  # type: ignore[attr-defined]
+    def from_json(cls, obj: Mapping[str, Any]) -> NormHistory:
+        """From state.json (as parsed); a checkpoint written before norms were kept holds none."""
+        return cls({Part(k): tuple(float(v) for v in values) for k, values in obj.items()})

@@ -4,7 +4,9 @@ and the simulation alike."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedcore.federation.server import Ledger, RoundOutcome
 
@@ -29,12 +31,13 @@ def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> d
     }
 
 
-def format_round(record: dict[str, object]) -> str:
+def format_round(record: Mapping[str, Any]) -> str:
+    """One line of the round log (`round_record`, or as read back from the file)."""
     nbytes = record["bytes"]
-    down = sum(nbytes["down"].values())  # type: ignore[index]
-    up = sum(nbytes["up"].values())  # type: ignore[index]
+    down = sum(nbytes["down"].values())
+    up = sum(nbytes["up"].values())
     return (
-        f"round {record['round']}: {len(record['participants'])}/{len(record['planned'])} clients, "  # type: ignore[arg-type]
+        f"round {record['round']}: {len(record['participants'])}/{len(record['planned'])} clients, "
         f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record['reduction_so_far']:.1%}, "
         f"loss {record['mean_loss']:.4f}, {record['seconds']:.1f}s"
     )

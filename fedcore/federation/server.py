@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,16 +111,16 @@ class Ledger:
         }
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, object]) -> Ledger:
+    def from_json(cls, obj: Mapping[str, Any]) -> Ledger:
         params, nbytes = obj["parameters"], obj["bytes"]
         return cls(
             traffic=Traffic(
-                down={p: int(params["down"][p.value]) for p in PART_ORDER},  # type: ignore[index]
-                up={p: int(params["up"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+                down={p: int(params["down"][p.value]) for p in PART_ORDER},
+                up={p: int(params["up"][p.value]) for p in PART_ORDER},
             ),
-            full_fedavg=int(obj["full_fedavg_parameters"]),  # type: ignore[arg-type]
-            bytes_down={p: int(nbytes["down"][p.value]) for p in PART_ORDER},  # type: ignore[index]
-            bytes_up={p: int(nbytes["up"][p.value]) for p in PART_ORDER},  # type: ignore[index]
+            full_fedavg=int(obj["full_fedavg_parameters"]),
+            bytes_down={p: int(nbytes["down"][p.value]) for p in PART_ORDER},
+            bytes_up={p: int(nbytes["up"][p.value]) for p in PART_ORDER},
         )
 
 
@@ -141,12 +142,12 @@ class Tally:
         return {"round_attempts": dict(sorted(self.round_attempts.items())), "updates": dict(sorted(self.updates.items()))}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, object]) -> Tally:
-        """From state.json; a checkpoint written before tallies existed holds none: all zero."""
+    def from_json(cls, obj: Mapping[str, Any]) -> Tally:
+        """From state.json (as parsed); a checkpoint written before tallies existed holds none: all zero."""
         attempts, updates = obj.get("round_attempts", {}), obj.get("updates", {})
         return cls(
-            {str(k): int(v) for k, v in attempts.items()},  # type: ignore[attr-defined]
-            {str(k): int(v) for k, v in updates.items()},  # type: ignore[attr-defined]
+            {str(k): int(v) for k, v in attempts.items()},
+            {str(k): int(v) for k, v in updates.items()},
         )
 
 

@@ -12,13 +12,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from fedcore.errors import ModelUnavailable
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.parts import Part, PartRule, prefix_rule
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DModel
+    # from its own module: diffusers' top level defines a placeholder class first (for installs without torch)
+    from diffusers.models.unets.unet_2d import UNet2DModel
 
 EXTRA = "diffusers"  # feddiff's optional dependency: pip install 'feddiff[diffusers]'
 
@@ -88,7 +89,7 @@ DIFFUSERS_UNET_PART_RULE: PartRule = prefix_rule(
 )
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(Denoiser):
     """A `UNet2DModel` as feddiff's trainer and samplers call it: `model(x, t)` is the predicted noise.
 
     The UNet's own modules are this module's children, under their own names, so the state dict is the one
@@ -96,7 +97,9 @@ class DiffusersUNet(nn.Module):
     reads diffusers' names, and every payload and export carries them unchanged. The `UNet2DModel` object
     itself (`unet`) shares those modules: it runs the forward pass and is what a pipeline is saved from."""
 
-    part_rule: PartRule = staticmethod(DIFFUSERS_UNET_PART_RULE)  # type: ignore[assignment]
+    config: DiffusersUNetConfig
+    part_rule = staticmethod(DIFFUSERS_UNET_PART_RULE)
+    unet: UNet2DModel
 
     def __init__(self, cfg: DiffusersUNetConfig, unet: UNet2DModel):
         super().__init__()

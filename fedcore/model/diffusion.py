@@ -3,16 +3,19 @@ sampling spec of an evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from fedcore.model.denoiser import Denoiser
 from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 
 LossKind = Literal["huber", "mse"]
+# eps_theta(x_t, t) -> predicted noise: a Denoiser, or its torch.compile wrapper.
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def noise_loss(predicted: torch.Tensor, noise: torch.Tensor, kind: LossKind) -> 
 
 
 def training_loss(
-    model: nn.Module,
+    model: NoisePredictor,
     schedule: Schedule,
     x0: torch.Tensor,
     kind: LossKind,
@@ -109,7 +112,7 @@ def ddpm_step(schedule: Schedule, x: torch.Tensor, eps: torch.Tensor, i: int, no
 
 @torch.no_grad()
 def sample_ddpm(
-    model: nn.Module,
+    model: NoisePredictor,
     schedule: Schedule,
     shape: tuple[int, int, int, int],
     *,
@@ -129,7 +132,7 @@ def sample_ddpm(
 
 @torch.no_grad()
 def sample_ddim(
-    model: nn.Module,
+    model: NoisePredictor,
     schedule: Schedule,
     shape: tuple[int, int, int, int],
     *,
@@ -157,7 +160,7 @@ def sample_ddim(
 
 
 def sample(
-    model: nn.Module,
+    model: Denoiser,
     schedule: Schedule,
     n: int,
     *,
@@ -168,7 +171,7 @@ def sample(
     batch_size: int = 500,
 ) -> torch.Tensor:
     """n images in [-1, 1], (n, C, H, W), generated in batches; seeded so the same model gives the same images."""
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg = model.config
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()

@@ -12,7 +12,7 @@ from pydantic import AfterValidator
 from torch import nn
 
 from fedcore import settings
-from fedcore.model.diffusion import LossKind, Schedule, training_loss
+from fedcore.model.diffusion import LossKind, NoisePredictor, Schedule, training_loss
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
 Toggle = Literal["auto", "on", "off"]
@@ -174,14 +174,13 @@ class LocalTrainer:
         if self.speed.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
         self.schedule = schedule
-        self.model = model.to(self.speed.device, memory_format=self._memory_format)
+        # Module.to takes memory_format (it passes it to every tensor's .to); torch's overloads of it leave it out.
+        self.model = model.to(self.speed.device, memory_format=self._memory_format)  # type: ignore[call-overload]
         self.model.train()
         # The compiled module shares its parameters with `model`, so weights loaded in place are what the next
         # round trains; "reduce-overhead" captures CUDA graphs, the default mode (CPU) only generates kernels.
         mode = "reduce-overhead" if self.speed.cuda_graphs else None
-        self.net: nn.Module = (
-            torch.compile(self.model, mode=mode, dynamic=False) if self.speed.compile else self.model
-        )  # type: ignore[assignment]
+        self.net: NoisePredictor = torch.compile(self.model, mode=mode, dynamic=False) if self.speed.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=ADAM_BETAS, fused=True if self.speed.fused_adam else None)
 
     @property

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusers_unet import DiffusersUNetConfig, build_diffusers_unet
 from fedcore.model.parts import Part, PartLayout, PartRule, prefix_rule
 
@@ -192,6 +193,11 @@ class DownStage(nn.Module):
         self.attn = PreNormResidual(dim_out, LinearAttention(dim_out, cfg.heads, cfg.dim_head))
         self.resample = nn.Conv2d(dim_out, dim_out, 4, 2, 1) if downsample else nn.Identity()
 
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, dim_in, H, W) -> the skip (B, dim_out, H, W) and the next stage's input (B, dim_out, H/2, W/2)
+        x = self.attn(self.block2(self.block1(x, temb), temb))
+        return x, self.resample(x)
+
 
 class UpStage(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, cfg: UNetConfig):
@@ -200,6 +206,11 @@ class UpStage(nn.Module):
         self.block2 = ConvNextBlock(dim_out, dim_out, time_emb_dim=cfg.time_dim, mult=cfg.convnext_mult)
         self.attn = PreNormResidual(dim_out, LinearAttention(dim_out, cfg.heads, cfg.dim_head))
         self.resample = nn.ConvTranspose2d(dim_out, dim_out, 4, 2, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        # (B, dim_in, H, W) and its skip (B, dim_in, H, W) -> (B, dim_out, 2H, 2W)
+        x = torch.cat((x, skip), dim=1)
+        return self.resample(self.attn(self.block2(self.block1(x, temb), temb)))
 
 
 UNET_PART_RULE: PartRule = prefix_rule(
@@ -217,11 +228,12 @@ UNET_PART_RULE: PartRule = prefix_rule(
 )
 
 
-class UNet(nn.Module):
+class UNet(Denoiser):
     """Noise-prediction UNet. Parameter name prefixes define the parts (UNET_PART_RULE):
     encoder = init_conv, time_mlp, downs; bottleneck = mid_*; decoder = ups, final_*."""
 
-    part_rule: PartRule = staticmethod(UNET_PART_RULE)  # type: ignore[assignment]
+    config: UNetConfig
+    part_rule = staticmethod(UNET_PART_RULE)
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -253,30 +265,23 @@ class UNet(nn.Module):
         temb = self.time_mlp(t)
         skips = []
         for stage in self.downs:
-            x = stage.block1(x, temb)
-            x = stage.block2(x, temb)
-            x = stage.attn(x)
-            skips.append(x)
-            x = stage.resample(x)
+            skip, x = stage(x, temb)
+            skips.append(skip)
         x = self.mid_block1(x, temb)
         x = self.mid_attn(x)
         x = self.mid_block2(x, temb)
         for stage in self.ups:
-            x = torch.cat((x, skips.pop()), dim=1)
-            x = stage.block1(x, temb)
-            x = stage.block2(x, temb)
-            x = stage.attn(x)
-            x = stage.resample(x)
+            x = stage(x, skips.pop(), temb)
         return self.final_conv(self.final_block(x))
 
 
-def _build(cfg: ModelConfig, name: str) -> nn.Module:
+def _build(cfg: ModelConfig, name: str) -> Denoiser:
     if isinstance(cfg, DiffusersUNetConfig):
         return build_diffusers_unet(cfg, name)
     return UNet(cfg)
 
 
-def build_model(cfg: ModelConfig | str, *, seed: int | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig | str, *, seed: int | None = None) -> Denoiser:
     """A freshly initialised model of a preset or config; with a seed the weights are the same on every
     machine. ModelUnavailable when its backbone needs a dependency that is not installed."""
     name = cfg if isinstance(cfg, str) else type(cfg).__name__
@@ -289,10 +294,6 @@ def build_model(cfg: ModelConfig | str, *, seed: int | None = None) -> nn.Module
         return _build(cfg, name)
 
 
-def layout_of(model: nn.Module) -> PartLayout:
+def layout_of(model: Denoiser) -> PartLayout:
     """The part schema of a model, from its own part rule."""
-    return PartLayout.of(model.state_dict(), model.part_rule)  # type: ignore[arg-type]
-
-
-def with_overrides(cfg: ModelConfig, **changes: object) -> ModelConfig:
-    return replace(cfg, **changes)  # type: ignore[arg-type]
+    return PartLayout.of(model.state_dict(), model.part_rule)

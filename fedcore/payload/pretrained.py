@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedcore.errors import NonFiniteTensor
-from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, import_diffusers
+from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, build_diffusers_unet, import_diffusers
 from fedcore.model.diffusion import DiffusionConfig
 from fedcore.model.parts import PART_ORDER, TensorSpec
 from fedcore.model.unet import build_model, layout_of, preset
@@ -126,10 +126,10 @@ def read_unet_folder(path: str | Path, model: str, diffusion: DiffusionConfig = 
         unet = diffusers.UNet2DModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
     except OSError as e:  # no safetensors weights (feddiff never unpickles a .bin), or a file that is not one
         raise ValueError(f"{folder}: cannot read its weights as safetensors: {str(e).splitlines()[0]}") from None
-    expected = build_model(model)
+    expected = build_diffusers_unet(cfg, model)
     state = {k: v.detach().to(torch.float32).clone() for k, v in unet.state_dict().items()}
     specs = layout_of(expected).specs(PART_ORDER)
-    differs = first_difference(dict(unet.config), dict(expected.unet.config))  # type: ignore[union-attr]
+    differs = first_difference(dict(unet.config), dict(expected.unet.config))
     if differs is not None:
         key, got, want = differs
         tensor = first_tensor_difference(state, specs)

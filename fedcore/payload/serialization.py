@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import BinaryIO, Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple, TypeGuard, get_args
 
 import safetensors.torch
 import torch
@@ -27,6 +27,11 @@ from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaE
 from fedcore.model.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
 
 PayloadKind = Literal["weights", "delta"]
+
+
+def _is_payload_kind(kind: str) -> TypeGuard[PayloadKind]:
+    return kind in get_args(PayloadKind)
+
 
 FORMAT_VERSION = 1  # bumped when the payload layout (safetensors metadata keys) changes
 MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header larger than this is refused unread
@@ -71,10 +76,10 @@ class PayloadMeta:
     def from_metadata(cls, md: Mapping[str, str]) -> PayloadMeta:
         try:
             kind = md["kind"]
-            if kind not in ("weights", "delta"):
+            if not _is_payload_kind(kind):
                 raise ValueError(f"kind {kind!r}")
             return cls(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 model=md["model"],
                 round=int(md["round"]),
                 parts=parse_parts(p for p in md["parts"].split(",") if p),
@@ -140,20 +145,20 @@ def _parse_header(raw: bytes, data_len: int) -> Header:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise NotSafetensors("safetensors __metadata__ must map strings to strings")
     entries: dict[str, _Entry] = {}
-    for name, e in header.items():
+    for name, entry in header.items():
         try:
-            dtype = _DTYPES[e["dtype"]]
-            shape = tuple(e["shape"])
-            begin, end = e["data_offsets"]
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}") from None
+            raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(entry)[:200]}") from None
         numel = 1
         for d in shape:
             if type(d) is not int or d < 0:  # JSON floats, booleans and strings are not dimensions
-                raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}")
+                raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(entry)[:200]}")
             numel *= d
         if type(begin) is not int or type(end) is not int:
-            raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(e)[:200]}")
+            raise NotSafetensors(f"tensor {name!r} has a malformed header entry {str(entry)[:200]}")
         if not 0 <= begin <= end <= data_len:
             raise NotSafetensors(f"tensor {name!r} has shape {shape} / byte range [{begin}, {end}) outside the payload")
         if end - begin != numel * dtype.itemsize:
@@ -192,7 +197,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         return
     norms = torch._foreach_norm([t for _, t in floats], 1)
     if len({n.dtype for n in norms}) > 1:
-        norms = [n.to(torch.float32) for n in norms]
+        norms = tuple(n.to(torch.float32) for n in norms)
     finite = torch.isfinite(torch.stack(norms))
     if bool(finite.all()):
         return
@@ -385,7 +390,7 @@ def save_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
         f.write(text)
         for t in cpu.values():
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own memory
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own memory
 
     atomic_write(path, write)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -265,15 +265,23 @@ def needs_bound(field: FieldDescriptor) -> bool:
     return field.is_repeated or field.type in _BOUNDED_TYPES
 
 
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    """The type of a message field's messages (protobuf sets it for every field of TYPE_MESSAGE)."""
+    if field.message_type is None:
+        raise TypeError(f"field {field.full_name} holds no messages")
+    return field.message_type
+
+
 def _is_map(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+    return field.type == FieldDescriptor.TYPE_MESSAGE and _message_type(field).GetOptions().map_entry
 
 
 def check(msg: Message, refusal: type[FeddiffError]) -> None:
     """Raise `refusal`, naming the field (`WorkerInfo.device has 1000000 characters: expected 0..64 printable
     characters`), for the first field of `msg` or of a message it holds that is outside its bound. Session ids
     are left to the lookup that follows."""
-    _check(msg, msg.DESCRIPTOR, refusal)
+    # upb's descriptors are instances of Descriptor (its metaclass says so); the stubs name both classes.
+    _check(msg, cast(Descriptor, msg.DESCRIPTOR), refusal)
 
 
 def bounded_text(text: str, most: int = MAX_MESSAGE) -> str:
@@ -283,47 +291,73 @@ def bounded_text(text: str, most: int = MAX_MESSAGE) -> str:
     return clean if len(clean) <= most else clean[: most - 3] + "..."
 
 
+@dataclass(frozen=True)
+class _Field:
+    """A field as `_check` looks at it: its bound, an `Items` for a repeated field and a `Scalar` otherwise."""
+
+    field: FieldDescriptor
+    name: str  # Message.field
+    items: Items | None = None
+    scalar: Scalar | None = None
+
+
 @functools.cache
-def _fields_of(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, str, Bound | None], ...]:
-    """What `_check` looks at in a message type, once per type: each field, its name and bound (session ids
-    left out)."""
-    named = ((f, f"{descriptor.name}.{f.name}") for f in descriptor.fields if f.name != "session_id")
-    return tuple((f, name, BOUNDS.get(name)) for f, name in named)
+def _fields_of(descriptor: Descriptor) -> tuple[_Field, ...]:
+    """What `_check` looks at in a message type, once per type: each field with its bound (session ids left
+    out). TypeError for a bound of the wrong kind: a repeated field's is an `Items`, any other field's not."""
+    fields = []
+    for f in descriptor.fields:
+        if f.name == "session_id":
+            continue
+        name = f"{descriptor.name}.{f.name}"
+        bound = BOUNDS.get(name)
+        if isinstance(bound, Items):
+            if not f.is_repeated:
+                raise TypeError(f"{name} is not repeated, but its bound is {bound}")
+            fields.append(_Field(f, name, items=bound))
+        elif bound is not None and f.is_repeated:
+            raise TypeError(f"{name} is repeated, but its bound is {bound}")
+        else:
+            fields.append(_Field(f, name, scalar=bound))
+    return tuple(fields)
 
 
 def _check(msg: Message, descriptor: Descriptor, refusal: type[FeddiffError]) -> None:
-    for field, name, bound in _fields_of(descriptor):
+    for f in _fields_of(descriptor):
+        field, name, bound = f.field, f.name, f.items
         value = getattr(msg, field.name)
-        if field.is_repeated:
-            _check_items(field, value, bound, refusal)  # type: ignore[arg-type]
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        if bound is not None:
+            if len(value) > bound.most:
+                raise refusal(f"{name} has {len(value)} entries: expected {bound.describe()}")
+            if _is_map(field):
+                _check_map(name, value, bound, refusal)
+            else:
+                _check_items(field, name, value, bound, refusal)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated:
             if msg.HasField(field.name):
-                _check(value, field.message_type, refusal)
-        elif bound is not None:
-            _check_scalar(name, value, bound, refusal)  # type: ignore[arg-type]
+                _check(value, _message_type(field), refusal)
+        elif f.scalar is not None:
+            _check_scalar(name, value, f.scalar, refusal)
 
 
-def _check_items(field: FieldDescriptor, values: object, bound: Items | None, refusal: type[FeddiffError]) -> None:
-    name = f"{field.containing_type.name}.{field.name}"
-    if bound is None:
-        return
-    if len(values) > bound.most:  # type: ignore[arg-type]
-        raise refusal(f"{name} has {len(values)} entries: expected {bound.describe()}")  # type: ignore[arg-type]
-    if _is_map(field):
-        for key, value in values.items():  # type: ignore[attr-defined]
-            if bound.key is not None:
-                _check_scalar(f"{name} key", key, bound.key, refusal)
-            if bound.each is not None:
-                _check_scalar(f"{name}[{str(key)[:40]!r}]", value, bound.each, refusal)
-        return
-    for value in values:  # type: ignore[attr-defined]
+def _check_map(name: str, entries: Mapping[Any, Any], bound: Items, refusal: type[FeddiffError]) -> None:
+    for key, value in entries.items():
+        if bound.key is not None:
+            _check_scalar(f"{name} key", key, bound.key, refusal)
+        if bound.each is not None:
+            _check_scalar(f"{name}[{str(key)[:40]!r}]", value, bound.each, refusal)
+
+
+def _check_items(field: FieldDescriptor, name: str, values: Collection[Any], bound: Items, refusal: type[FeddiffError]) -> None:
+    for value in values:
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            _check(value, field.message_type, refusal)
+            _check(value, _message_type(field), refusal)
         elif bound.each is not None:
             _check_scalar(f"{name} entry", value, bound.each, refusal)
 
 
-def _check_scalar(name: str, value: object, bound: Scalar, refusal: type[FeddiffError]) -> None:
-    problem = bound.problem(value)  # type: ignore[arg-type]
+def _check_scalar(name: str, value: Any, bound: Scalar, refusal: type[FeddiffError]) -> None:
+    """`value` is a field's: str, bytes or a number, as its type says and its bound (`BOUNDS`) expects."""
+    problem = bound.problem(value)
     if problem is not None:
         raise refusal(f"{name} {problem}: expected {bound.describe()}")

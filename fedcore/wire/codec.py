@@ -12,7 +12,9 @@ built from the generated code interoperate (tested both ways).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar
+
+from google.protobuf.message import Message
 
 from fedcore.wire.stream import iter_chunks
 
@@ -24,7 +26,18 @@ class _Message(Protocol):
     def SerializeToString(self) -> bytes: ...
 
 
-M = TypeVar("M")
+class ChunkMessage(Protocol):
+    """What the stream code asks of a received chunk message: a WeightsChunk or UpdateChunk, or a `DataChunk`."""
+
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+    def WhichOneof(self, oneof_group: Literal["msg"], /) -> str | None: ...
+
+    def ByteSize(self) -> int: ...
+
+
+M = TypeVar("M", bound=Message)
 
 
 def varint(n: int) -> bytes:
@@ -85,7 +98,7 @@ class DataChunk(NamedTuple):
 def parser(message_type: type[M]) -> Callable[[bytes], M | DataChunk]:
     """gRPC deserializer of a chunk stream: a message holding exactly one data field as a `DataChunk`, any
     other through protobuf (`message_type.FromString`, which also refuses what is not protobuf)."""
-    from_string = message_type.FromString  # type: ignore[attr-defined]
+    from_string = message_type.FromString
 
     def parse(raw: bytes) -> M | DataChunk:
         if raw[:1] == DATA_TAG:

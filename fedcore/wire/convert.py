@@ -12,11 +12,10 @@ from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part, parse_parts, sorted_parts
 from fedcore.model.training import TrainConfig
 from fedcore.wire.bounds import WORKER_ID
-from fedcore.wire.codec import data_message_size
+from fedcore.wire.codec import ChunkMessage, data_message_size
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
 
-Msg = TypeVar("Msg")
 T = TypeVar("T")
 
 
@@ -37,7 +36,7 @@ def parts_from_proto(names: Iterable[str]) -> frozenset[Part]:
 
 
 def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
-    return pb.Task(
+    msg = pb.Task(
         kind=pb.Task.TRAIN,
         round=task.round,
         task_id=task.task_id,
@@ -52,8 +51,9 @@ def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
             seed=task.seed,
         ),
         payload_bytes=header.total_bytes,
-        **{f"payload_{header.algorithm}": header.digest},
     )
+    setattr(msg, f"payload_{header.algorithm}", header.digest)  # the field of the header's digest
+    return msg
 
 
 def task_from_proto(msg: pb.Task) -> TrainTask:
@@ -90,7 +90,7 @@ def _task_parts(task_id: str, names: Iterable[str]) -> frozenset[Part]:
 
 
 def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
-    return pb.Task(
+    msg = pb.Task(
         kind=pb.Task.EVALUATE,
         round=task.round,
         task_id=task.task_id,
@@ -104,8 +104,9 @@ def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
             share_samples=task.share_samples,
         ),
         payload_bytes=header.total_bytes,
-        **{f"payload_{header.algorithm}": header.digest},
     )
+    setattr(msg, f"payload_{header.algorithm}", header.digest)  # the field of the header's digest
+    return msg
 
 
 def eval_task_from_proto(msg: pb.Task) -> EvalTask:
@@ -152,7 +153,7 @@ def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
     return StreamHeader(total_bytes=msg.total_bytes, digest=getattr(msg, algorithm), algorithm=algorithm, format_version=msg.format_version)
 
 
-def data_in(msg: Msg, *, on_wire: Callable[[int], None], refusal: Exception) -> bytes | memoryview:
+def data_in(msg: ChunkMessage, *, on_wire: Callable[[int], None], refusal: Exception) -> bytes | memoryview:
     """The data of one message of a stream after its header (a protobuf message or a
     `codec.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
     `refusal`."""
@@ -164,7 +165,7 @@ def data_in(msg: Msg, *, on_wire: Callable[[int], None], refusal: Exception) -> 
     return data
 
 
-def data_of(messages: Iterable[Msg], *, on_wire: Callable[[int], None], refusal: Exception) -> Iterator[bytes | memoryview]:
+def data_of(messages: Iterable[ChunkMessage], *, on_wire: Callable[[int], None], refusal: Exception) -> Iterator[bytes | memoryview]:
     """`data_in` of each of a stream's messages after its header."""
     for msg in messages:
         yield data_in(msg, on_wire=on_wire, refusal=refusal)

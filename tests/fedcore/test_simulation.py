@@ -138,7 +138,7 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
     after_1, _ = load_file(folder / global_file_name(1))
     after_2, _ = load_file(folder / global_file_name(2))
     pool = load_training_pool(cfg.data)
-    shards = split_indices(pool.labels, K, "iid", seed=cfg.data.split_seed)
+    shards = split_indices(pool.class_labels(), K, "iid", seed=cfg.data.split_seed)
     locals_, weights = [], []
 
     for cid, idx in zip(client_ids(K), shards, strict=True):
