@@ -7,14 +7,16 @@ import logging
 import math
 import statistics
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedcore.errors import DuplicateUpdate, NotAssigned
-from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
-from fedcore.evaluation.fid import fashion_mnist_reference, score_generator
+from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
+from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import save_grid
 from fedcore.federation.client import EvalTask
 from fedcore.federation.server import Federation
@@ -78,7 +80,7 @@ class EvalPhase:
         self.reports[worker_id] = report
         return report
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         fds = [r.fd for r in self.reports.values()]
         return {
             "round": self.completed_rounds,
@@ -104,16 +106,15 @@ class GlobalEvaluator:
         self.out_dir = out_dir
         self._lock = threading.Lock()  # one evaluation at a time
         self._threads: list[threading.Thread] = []
-        self._extractor = None
-        self._reference = None
+        self._prepared: tuple[FeatureExtractor, ReferenceStats] | None = None  # loaded at the first evaluation
 
-    def _prepare(self):  # -> (extractor, reference)
-        if self._extractor is None:
-            self._extractor = load_inception(self.inception_weights, self.device) if self.inception_weights else load_fmnist_classifier(self.device)
-            self._reference = fashion_mnist_reference(self._extractor, root=self.data_root)
-        return self._extractor, self._reference
+    def _prepare(self) -> tuple[FeatureExtractor, ReferenceStats]:
+        if self._prepared is None:
+            extractor = load_inception(self.inception_weights, self.device) if self.inception_weights else load_fmnist_classifier(self.device)
+            self._prepared = extractor, fashion_mnist_reference(extractor, root=self.data_root)
+        return self._prepared
 
-    def evaluate(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec) -> dict[str, object]:
+    def evaluate(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec) -> dict[str, Any]:
         with self._lock:
             extractor, reference = self._prepare()
             model = build_model(self.model_name)
@@ -124,7 +125,7 @@ class GlobalEvaluator:
         log.info("round %d: global model FD %.2f (%d %s samples, %s); samples in %s", completed_rounds, score.fd, spec.num_samples, spec.sampler, extractor.name, grid)
         return {"round": completed_rounds, "kind": "evaluation", "models": "global", "fd": {"global": score.fd}, "fd_mean": score.fd, "fd_std": 0.0, "extractor": extractor.name, "evaluated": 1, "asked": 1}
 
-    def submit(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec, on_result) -> None:
+    def submit(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec, on_result: Callable[[dict[str, Any]], None]) -> None:
         snapshot = {k: v.clone() for k, v in state.items()}
 
         def run() -> None:

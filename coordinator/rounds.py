@@ -7,10 +7,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, GlobalEvaluator
@@ -73,7 +73,7 @@ class RoundDriver:
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # guards the state below; waits of the round loop
         self._arrivals = threading.Condition(lock)  # updates and reports in: wakes only the round loop
-        self._listeners: list[Callable[[], None]] = []  # told of tasks issued and state changes
+        self._listeners: list[Callable[[], object]] = []  # told of tasks issued and state changes
         self._round: OpenRound | None = None
         self._eval: EvalPhase | None = None
         self._issued: dict[str, IssuedTask] = {}
@@ -256,7 +256,7 @@ class RoundDriver:
             self.metrics.fd.labels(model).set(fd)
             self.last_fd[model] = fd
 
-    def _append_log(self, record: dict[str, object]) -> None:
+    def _append_log(self, record: Mapping[str, Any]) -> None:
         with self._log_lock, open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -270,7 +270,7 @@ class RoundDriver:
         final = self.federation.finished
         spec = SamplingSpec(
             num_samples=self.cfg.eval_samples,
-            sampler="ddpm" if final and self.cfg.eval_final_sampler == "ddpm" else "ddim",  # type: ignore[arg-type]
+            sampler="ddpm" if final and self.cfg.eval_final_sampler == "ddpm" else "ddim",
             steps=self.cfg.eval_steps,
             seed=self.cfg.seed,
         )
@@ -303,8 +303,9 @@ class RoundDriver:
         if phase.reports:
             self._record_evaluation(phase.summary())
 
-    def _record_evaluation(self, summary: dict[str, object]) -> None:
-        for model, fd in summary["fd"].items():  # type: ignore[union-attr]
+    def _record_evaluation(self, summary: Mapping[str, Any]) -> None:
+        """A round log line of kind "evaluation" (`EvalPhase.summary`, `GlobalEvaluator.evaluate`)."""
+        for model, fd in summary["fd"].items():
             self.metrics.fd.labels(model).set(fd)
             self.last_fd[model] = fd
         try:
@@ -351,7 +352,7 @@ class RoundDriver:
         )
 
     # --- called from gRPC handlers --------------------------------------------------------------------------
-    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+    def on_change(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call `listener` (from the thread that made the change, under the driver's lock: it must only
         schedule work) whenever tasks are issued or the state changes, until the returned function is called."""
         with self._cond:

@@ -55,14 +55,14 @@ class Authenticator:
     def identity(self, context: grpc.aio.ServicerContext) -> str | None:
         """The verified identity of the caller; UnknownWorker when verification is on and fails."""
         if self.mutual_tls:
-            names = context.auth_context().get("x509_common_name") or []
+            names = list(context.auth_context().get("x509_common_name") or [])
             if not names:
                 raise UnknownWorker("the client certificate carries no common name")
             return names[0].decode()
         if self.tokens:
             presented = ""
-            for key, value in context.invocation_metadata():
-                if key == "authorization" and value.startswith("Bearer "):
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                     presented = value[len("Bearer ") :]
             found = None
             for worker_id, token in self.tokens.items():  # compare against every token: no timing hint

@@ -111,7 +111,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             unsubscribe()
         self._accept_threads.shutdown(wait=True)
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError) -> None:
+    async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
         self.metrics.updates.labels(error.reason).inc()
         log.warning("refused: %s: %s", error.reason, error)
         await abort(context, error)
@@ -216,7 +216,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except TimeoutError:
             return "idle"
 
-    async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WeightsChunk | bytes]:
+    # Besides the header message it yields data messages serialized already (codec.data_frames), which the
+    # generated base class cannot say; its serializer, codec.serialize (`register`), takes both.
+    async def DownloadWeights(  # type: ignore[override]
+        self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WeightsChunk | bytes]:
         worker_id = await self._worker(request.session_id, context)
         payload, issued = self.driver.weights_for(worker_id, request.task_id)
         task = issued.task
@@ -269,7 +273,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 first = await anext(aiter(request_iterator), None)
         except TimeoutError:
             await self._refuse(context, UploadStalled(f"upload stream sent no header for {idle:g} s (upload_idle_timeout): cut off"))
-        if first is None or not first.HasField("header"):
+        if not isinstance(first, pb.UpdateChunk) or not first.HasField("header"):  # None, or data first
             await self._refuse(context, HeaderError("an update stream must start with its header"))
         return first
 
@@ -337,8 +341,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """The edge of every call that does not check its own request (`SELF_CHECKED`): its session looked up
         first (UnknownWorker: a caller without one learns nothing more), then every field against the wire
         contract's bounds (FieldOutOfRange, naming the field)."""
-        if "session_id" in request.DESCRIPTOR.fields_by_name:
-            self.registry.check_session(request.session_id)  # type: ignore[attr-defined]
+        session_id = getattr(request, "session_id", None)  # a field of every request but a join's and the tools'
+        if session_id is not None:
+            self.registry.check_session(session_id)
         bounds.check(request, FieldOutOfRange)
 
     # --- tools -----------------------------------------------------------------------------------------------
