@@ -9,6 +9,7 @@ import torch
 
 from fedcore.errors import FeddiffError
 from fedcore.federation.aggregate import delta
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part, PartLayout
 from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
@@ -112,7 +113,7 @@ class ClientRuntime:
         meta = PayloadMeta(kind="delta", model=self.model_name, round=task.round, parts=task.returns)
         return serialization.encode(delta(local, self._base), meta)
 
-    def sampling_model(self) -> torch.nn.Module:
+    def sampling_model(self) -> Denoiser:
         """The model as loaded (for evaluation after `load` of an EvalTask)."""
         return self.trainer.model
 

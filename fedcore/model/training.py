@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import AfterValidator
-from torch import nn
 
 from fedcore import settings
+from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import LossKind, NoisePredictor, Schedule, training_loss
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
@@ -167,7 +167,7 @@ class LocalTrainer:
     captured graphs stay valid. Every batch is trained, the last partial one too (a second static shape,
     compiled once), so the fast path trains the same function as the fp32 eager loop."""
 
-    def __init__(self, model: nn.Module, schedule: Schedule, speed: SpeedConfig = SpeedConfig()):
+    def __init__(self, model: Denoiser, schedule: Schedule, speed: SpeedConfig = SpeedConfig()):
         self.speed = ResolvedSpeed.of(speed)
         if speed.threads > 0:
             torch.set_num_threads(speed.threads)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from fedcore import settings
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
@@ -171,16 +171,34 @@ def data_of(messages: Iterable[ChunkMessage], *, on_wire: Callable[[int], None],
         yield data_in(msg, on_wire=on_wire, refusal=refusal)
 
 
+@overload
 def reassemble(
     header: StreamHeader,
-    data_messages: Iterable[bytes],
+    data_messages: Iterable[bytes | memoryview],
+    *,
+    max_bytes: int,
+    on_bytes: Callable[[int], None] | None = None,
+    into: ReceiveBuffer,
+) -> memoryview: ...
+@overload
+def reassemble(
+    header: StreamHeader,
+    data_messages: Iterable[bytes | memoryview],
+    *,
+    max_bytes: int,
+    on_bytes: Callable[[int], None] | None = None,
+    into: None = None,
+) -> bytearray: ...
+def reassemble(
+    header: StreamHeader,
+    data_messages: Iterable[bytes | memoryview],
     *,
     max_bytes: int,
     on_bytes: Callable[[int], None] | None = None,
     into: ReceiveBuffer | None = None,
 ) -> bytearray | memoryview:
-    """Feed the data of a stream's messages into a checked buffer (a fresh one, or the memory of `into`):
-    refuses excess at once, then checks size and hash."""
+    """Feed the data of a stream's messages into a checked buffer (a fresh bytearray, or a view of the memory of
+    `into`): refuses excess at once, then checks size and hash."""
     with Reassembler(header, max_bytes=max_bytes, into=into) as receiver:
         for data in data_messages:
             if on_bytes is not None:
