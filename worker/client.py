@@ -94,12 +94,12 @@ class CoordinatorClient:
     ):
         self.stub = pb_grpc.CoordinatorStub(channel)
         # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
-        self.stub.DownloadWeights = channel.unary_stream(
+        self._download_weights: grpc.UnaryStreamMultiCallable[pb.DownloadRequest, pb.WeightsChunk | codec.DataChunk] = channel.unary_stream(
             "/feddiff.v1.Coordinator/DownloadWeights",
             request_serializer=pb.DownloadRequest.SerializeToString,
             response_deserializer=codec.parser(pb.WeightsChunk),
         )
-        self.stub.UploadUpdate = channel.stream_unary(
+        self._upload_update: grpc.StreamUnaryMultiCallable[pb.UpdateChunk | bytes, pb.UploadResponse] = channel.stream_unary(
             "/feddiff.v1.Coordinator/UploadUpdate",
             request_serializer=codec.serialize,
             response_deserializer=pb.UploadResponse.FromString,
@@ -134,11 +134,11 @@ class CoordinatorClient:
     def download(self, task: TrainTask | EvalTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> memoryview:
         """The task's weights payload, checked against its header (size, hash) before it is returned. It lives
         in memory this client reuses: the view is valid until the next download."""
-        stream = self.stub.DownloadWeights(
+        stream = self._download_weights(
             pb.DownloadRequest(session_id=self.session_id, task_id=task.task_id), metadata=self.metadata
         )
         first = next(stream, None)
-        if first is None or not first.HasField("header"):
+        if not isinstance(first, pb.WeightsChunk) or not first.HasField("header"):  # None, or data first
             raise HeaderError("weights stream did not start with a header")
         on_wire(first.ByteSize())
         h = first.header
@@ -152,7 +152,7 @@ class CoordinatorClient:
             pace.spent(size)
 
         data = convert.data_of(stream, on_wire=counted, refusal=HeaderError("weights stream carries one header, then data only"))
-        return convert.reassemble(convert.header_from_proto(h), data, max_bytes=max_bytes, into=self._received)  # type: ignore[return-value]
+        return convert.reassemble(convert.header_from_proto(h), data, max_bytes=max_bytes, into=self._received)
 
     def upload(
         self,
@@ -185,7 +185,7 @@ class CoordinatorClient:
                 yield frame
                 pace.spent(len(frame))
 
-        return self.stub.UploadUpdate(messages(), metadata=self.metadata)
+        return self._upload_update(messages(), metadata=self.metadata)
 
     def reject_task(self, task_id: str, reason: str, message: str) -> None:
         """Tell the coordinator this worker cannot run a task (`reason`: a TaskRefused reason); the message is

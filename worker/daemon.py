@@ -15,13 +15,13 @@ from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import DataConfig, client_shard
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
-from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
+from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_bytes, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.diffusion import Schedule
-from fedcore.model.parts import PART_ORDER
+from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
 from fedcore.model.unet import build_model, preset
 from fedcore.wire.convert import any_task_from_proto
@@ -41,7 +41,7 @@ def load_local_data(cfg: WorkerConfig) -> ImageDataset:
         return load_image_folder(cfg.data_dir, cfg.image_size, cfg.channels)
     data_cfg = DataConfig(
         num_clients=cfg.num_clients,
-        split=cfg.split,  # type: ignore[arg-type]
+        split=cfg.split,
         beta=cfg.beta,
         split_seed=cfg.seed,
         max_images=cfg.max_images,
@@ -87,7 +87,7 @@ class WorkerDaemon:
         self.unfit: DataMismatch | ModelUnavailable | None = None  # why this worker cannot train the federation's model
         self.failure = ""  # why the coordinator stopped the run, once it says so
         self.backoff = Backoff(cfg.backoff_initial, cfg.backoff_max)
-        self._quality = None  # (feature extractor, reference statistics), loaded on the first evaluate task
+        self._quality: tuple[FeatureExtractor, ReferenceStats] | None = None  # loaded on the first evaluate task
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -220,8 +220,8 @@ class WorkerDaemon:
                 client.heartbeat()
 
     # --- one task -------------------------------------------------------------------------------------------
-    def _download(self, client: CoordinatorClient, task: TrainTask | EvalTask) -> memoryview:
-        specs = self.runtime.layout.specs(task.receives)  # type: ignore[union-attr]
+    def _download(self, client: CoordinatorClient, layout: PartLayout, task: TrainTask | EvalTask) -> memoryview:
+        specs = layout.specs(task.receives)
         max_bytes = sum(s.numel * 4 for s in specs.values()) + (1 << 20)
         return client.download(task, max_bytes=max_bytes, on_wire=self.metrics.wire_bytes.labels("down").inc)
 
@@ -260,8 +260,8 @@ class WorkerDaemon:
     def _train(self, client: CoordinatorClient, task: TrainTask) -> None:
         runtime = self.runtime
         assert runtime is not None
-        payload = self._download(client, task)
-        self._count("down", task.receives, payload)
+        payload = self._download(client, runtime.layout, task)
+        self._count(runtime.layout, "down", task.receives, payload)
         runtime.load(payload, task)  # MissingPrivateState: `run` rejoins as a worker without private state
         del payload
         result = runtime.train(task, on_step=self.progress.step(task), should_stop=self.stop_event.is_set)
@@ -285,7 +285,7 @@ class WorkerDaemon:
                 self.metrics.updates.labels(e.code().name.lower()).inc()
                 return
             raise
-        self._count("up", task.returns, update)
+        self._count(runtime.layout, "up", task.returns, update)
         self.metrics.updates.labels("accepted").inc()
         self.rounds_done += 1
         log.info(
@@ -303,8 +303,8 @@ class WorkerDaemon:
         leaves the worker, unless the task asks for a sample grid (--share-samples on the coordinator)."""
         runtime = self.runtime
         assert runtime is not None
-        runtime.load(self._download(client, task), task)
-        extractor, reference = self._quality_reference()
+        runtime.load(self._download(client, runtime.layout, task), task)
+        extractor, reference = self._quality_reference(runtime.trainer.speed.device)
         score = score_generator(runtime.sampling_model(), reference, extractor, task.spec, device=runtime.trainer.speed.device)
         grid = str(self.state_dir / "samples" / f"r{task.round:04d}.png")
         try:
@@ -325,10 +325,9 @@ class WorkerDaemon:
         )
         log.info("worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s", self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid)
 
-    def _quality_reference(self):  # -> (FeatureExtractor, ReferenceStats)
+    def _quality_reference(self, device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
         """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""
         if self._quality is None:
-            device = self.runtime.trainer.speed.device  # type: ignore[union-attr]
             extractor = load_inception(self.cfg.inception_weights, device) if self.cfg.inception_weights else load_fmnist_classifier(device)
             if self.cfg.data_dir:
                 reference = ReferenceStats.compute(extractor, to_model_range(self.images.images), f"local:{self.cfg.data_dir}")
@@ -337,8 +336,7 @@ class WorkerDaemon:
             self._quality = (extractor, reference)
         return self._quality
 
-    def _count(self, direction: str, parts: frozenset, payload: bytes | bytearray | memoryview) -> None:
-        layout = self.runtime.layout  # type: ignore[union-attr]
+    def _count(self, layout: PartLayout, direction: str, parts: frozenset[Part], payload: bytes | bytearray | memoryview) -> None:
         sizes = layout.sizes
         params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
         self.metrics.count_transfer(direction, params, payload_bytes_by_part(payload, layout), layout.total)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedcore.federation.client import TrainTask
 from fedcore.model.training import StepCallback, TrainResult
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger("feddiff.worker")
 
@@ -22,7 +26,7 @@ class TrainingProgress:
     def __init__(self, worker_id: str, mode: str = "auto"):
         self.worker_id = worker_id
         self.mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
-        self._bar = None
+        self._bar: Progress | None = None  # shown while a task trains (mode "bar")
 
     def step(self, task: TrainTask) -> StepCallback | None:
         if self.mode == "off":
