@@ -30,11 +30,12 @@ import time
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from bench import bare_rounds
 from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, log, machine, median, meta_layout, payload_bytes_of, random_delta
 from feddiff.local import sample
+from service.health import health_check
 
 MODEL = "tiny"
 
@@ -93,7 +94,7 @@ class HealthProbe:
 
     def __init__(self, address: str, interval: float = 0.01):
         self.channel = grpc.insecure_channel(address)
-        self.stub = health_pb2_grpc.HealthStub(self.channel)
+        self.check = health_check(self.channel)
         self.interval = interval
         self.latencies: list[float] = []
         self.failures = 0
@@ -104,7 +105,7 @@ class HealthProbe:
         while not self._stop.is_set():
             start = time.perf_counter()
             try:
-                resp = self.stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                resp = self.check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                 if resp.status != health_pb2.HealthCheckResponse.SERVING:
                     self.failures += 1
             except grpc.RpcError:

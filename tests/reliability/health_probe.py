@@ -10,7 +10,9 @@ import sys
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from service.health import health_check
 
 TIMEOUT = 2.0  # seconds one check may take before it counts as failed
 
@@ -19,12 +21,12 @@ def main() -> int:
     address, every = sys.argv[1], float(sys.argv[2])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        check = health_check(channel)
         grpc.channel_ready_future(channel).result(timeout=30)
         while True:
             start = time.perf_counter()
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+                reply = check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
                 line = f"{time.perf_counter() - start:.6f}" if reply.status == health_pb2.HealthCheckResponse.SERVING else "fail NOT_SERVING"
             except grpc.RpcError as e:
                 line = f"fail {e.code().name}"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator, add_port
 from fedcore.errors import CannotListen
 from feddiff.local import LocalCluster, scrape, status
+from service.health import health_check
 from service.ports import check_free
 from tests.reliability.support import ENV, image_folder
 
@@ -41,7 +42,7 @@ def _one_line(done: subprocess.CompletedProcess[str]) -> str:
 
 def _health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        return health_check(channel)(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
 @pytest.mark.parametrize("flag", ["--listen", "--health-port", "--metrics-port"])
