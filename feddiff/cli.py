@@ -32,12 +32,12 @@ def _model_info(args: argparse.Namespace) -> int:
     from fedcore.model.unet import build_model, layout_of
 
     layout = layout_of(build_model(args.model))
-    info = {"model": args.model, "total": layout.total, "parts": {p.value: n for p, n in layout.sizes.items()}}
+    parts = {p.value: n for p, n in layout.sizes.items()}
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps({"model": args.model, "total": layout.total, "parts": parts}))
     else:
         print(f"{args.model}: {layout.total:,} parameters")
-        for part, n in info["parts"].items():  # type: ignore[union-attr]
+        for part, n in parts.items():
             print(f"  {part:<10} {n:>12,}  {n / layout.total:6.1%}")
     return 0
 
@@ -169,11 +169,13 @@ def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
 @_command("health")
 def _health(args: argparse.Namespace) -> int:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
+
+    from service.health import health_check
 
     with _tool_channel(args) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            resp = health_check(channel)(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as e:
             print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -18,13 +18,15 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # torch is imported by the commands that run, so that `feddiff status` starts fast
     import torch
+
+    from fedcore.model.denoiser import Denoiser
 
 ModelKind = Literal["global", "personalised"]
 
@@ -60,15 +62,16 @@ class TrainedModel:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def _run_state(directory: Path) -> dict[str, object] | None:
+def _run_state(directory: Path) -> dict[str, Any] | None:
+    """A run's state.json as parsed (RunState's fields), or None without one."""
     from fedcore.federation.checkpoint import STATE_FILE
 
     path = directory / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _preset_name(given: str, state: dict[str, object] | None, where: Path) -> str:
-    recorded = str(state["config"]["model"]) if state else ""  # type: ignore[index]
+def _preset_name(given: str, state: Mapping[str, Any] | None, where: Path) -> str:
+    recorded = str(state["config"]["model"]) if state else ""
     if given and recorded and given != recorded:
         raise ValueError(f"--model {given!r}, but {where} holds a run of {recorded!r}")
     if not (given or recorded):
@@ -81,7 +84,7 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
 
     state = _run_state(directory)
     name = _preset_name(model, state, directory)
-    committed = int(state["completed_rounds"]) if state else None  # type: ignore[arg-type]
+    committed = int(state["completed_rounds"]) if state else None
     final = directory / FINAL_MODEL
     if final.is_file():
         tensors, md = load_file(final)
@@ -98,8 +101,8 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     return TrainedModel(tensors, name, None, versions[-1])
 
 
-def _strategy(state: dict[str, object] | None) -> str | None:
-    return str(state["config"]["strategy"]) if state else None  # type: ignore[index]
+def _strategy(state: Mapping[str, Any] | None) -> str | None:
+    return str(state["config"]["strategy"]) if state else None
 
 
 def _from_file(path: Path, model: str) -> TrainedModel:
@@ -169,7 +172,7 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     return replace(trained, tensors=tensors, kind="personalised", worker=worker, private_round=private_round)
 
 
-def build_trained(trained: TrainedModel) -> torch.nn.Module:
+def build_trained(trained: TrainedModel) -> Denoiser:
     """The UNet of the preset with these weights; every tensor's name and shape must match."""
     from fedcore.model.parts import PART_ORDER
     from fedcore.model.unet import build_model, layout_of
