@@ -13,11 +13,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
 
-from fedcore.wire.stream import DIGESTS
+from fedcore.wire.stream import DIGESTS, Hasher
 from service.allocator import tune_for_streaming
 
 CHUNK = 1 << 20
@@ -33,12 +34,12 @@ def serve(size: int) -> None:
     payload = os.urandom(size)
     sink = bytearray(size)
 
-    def down(request: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+    def down(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         view = memoryview(payload)
         for start in range(0, size, CHUNK):
             yield bytes(view[start : start + CHUNK])
 
-    def up(requests, context: grpc.ServicerContext, digest=None) -> bytes:  # type: ignore[no-untyped-def]
+    def up(requests: Iterable[bytes], context: grpc.ServicerContext, digest: Hasher | None = None) -> bytes:
         got = 0
         for data in requests:
             sink[got : got + len(data)] = data
@@ -47,7 +48,7 @@ def serve(size: int) -> None:
             got += len(data)
         return b"ok"
 
-    def hashed_up(algorithm: str):  # type: ignore[no-untyped-def]
+    def hashed_up(algorithm: str) -> Callable[[Iterable[bytes], grpc.ServicerContext], bytes]:
         return lambda requests, context: up(requests, context, DIGESTS[algorithm]())
 
     methods = {
@@ -71,7 +72,8 @@ class BareStream:
     def __init__(self, size: int):
         self.size = size
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc", str(size)], stdout=subprocess.PIPE, text=True)
-        port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
+        assert self.proc.stdout is not None  # stdout=PIPE
+        port = int(self.proc.stdout.readline())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
         self._down = self.channel.unary_stream("/bare.Bare/Down", request_serializer=_identity, response_deserializer=_identity)
         self._up = self.channel.stream_unary("/bare.Bare/Up", request_serializer=_identity, response_deserializer=_identity)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -80,24 +81,24 @@ async def serve(workers: int, rounds: int, size: int) -> None:
     payload = os.urandom(size)
     state = Rounds(workers, rounds)
 
-    def messages():  # type: ignore[no-untyped-def]
+    def messages() -> Iterator[bytes]:
         return (payload[start : start + CHUNK] for start in range(0, size, CHUNK))
 
     async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await state.wait_for(int(request))
         return b"go"
 
-    async def down(request: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def down(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         for message in messages():
             yield message
 
-    async def up(requests, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[no-untyped-def]
+    async def up(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         async for _ in requests:
             pass
         await state.uploaded()
         return b"ok"
 
-    async def session(requests, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def session(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         incoming = aiter(requests)
         for r in range(rounds):
             await state.wait_for(r)
@@ -171,7 +172,8 @@ def overheads(workers: int, processes: int, rounds: int, work: float, size: int,
     server = subprocess.Popen([sys.executable, "-m", "bench.bare_rounds", "--serve", str(workers), str(rounds), str(size)], stdout=subprocess.PIPE, text=True)
     clients: list[subprocess.Popen] = []
     try:
-        port = server.stdout.readline().strip()  # type: ignore[union-attr]
+        assert server.stdout is not None  # stdout=PIPE
+        port = server.stdout.readline().strip()
         per_process = -(-workers // processes)
         for first in range(0, workers, per_process):
             count = min(per_process, workers - first)
@@ -180,7 +182,7 @@ def overheads(workers: int, processes: int, rounds: int, work: float, size: int,
         for c in clients:  # a worker ends after its last upload; the server prints the durations then
             if c.wait(timeout=60 + rounds * (work + 60)) != 0:
                 raise RuntimeError(f"a bare client exited with {c.returncode}")
-        durations = json.loads(server.stdout.readline())  # type: ignore[union-attr]
+        durations = json.loads(server.stdout.readline())
     finally:
         for proc in (*clients, server):
             proc.kill()

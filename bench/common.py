@@ -24,7 +24,7 @@ import torch
 from bench.report import MB, emit, log, machine, median  # noqa: F401  (re-exported for the benchmarks)
 from fedcore.federation.client import TrainTask
 from fedcore.model.parts import Part, PartLayout
-from fedcore.model.unet import PRESETS, UNet, UNetConfig, layout_of, preset
+from fedcore.model.unet import PRESETS, UNetConfig, build_model, layout_of, preset
 from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
@@ -51,7 +51,7 @@ def ensure_preset(name: str) -> str:
 def meta_layout(name: str) -> PartLayout:
     """The part layout of a preset without allocating its weights."""
     with torch.device("meta"):
-        return layout_of(UNet(preset(ensure_preset(name))))
+        return layout_of(build_model(ensure_preset(name)))
 
 
 def payload_bytes_of(layout: PartLayout, parts: frozenset[Part] | None = None) -> int:
@@ -202,7 +202,7 @@ class LightWorker:
             raise RuntimeError(f"{self.worker_id}: the federation ended before the benchmark's last round")
         return task
 
-    def download(self, task: TrainTask, max_bytes: int) -> bytearray:
+    def download(self, task: TrainTask, max_bytes: int) -> memoryview:
         def count(n: int) -> None:
             self.wire_down += n
 
@@ -301,7 +301,7 @@ class RssSampler:
 # --- raw TCP on loopback -----------------------------------------------------------------------------------
 
 
-def raw_tcp_seconds(payload: bytes | bytearray) -> float:
+def raw_tcp_seconds(payload: bytes | bytearray | memoryview) -> float:
     """Seconds to move `payload` over a plain loopback TCP socket into a preallocated buffer (sendall /
     recv_into, one acknowledgement byte at the end): the ceiling the gRPC streams are compared with."""
     size = len(payload)

@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
+import torch
 from prometheus_client import Counter
 
 from bench.common import ensure_preset
@@ -16,6 +18,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator, settle_heap
 from fedcore.payload import serialization
+from fedcore.payload.serialization import PayloadMeta
 from service.allocator import tune_for_streaming
 
 
@@ -24,12 +27,12 @@ def count_weights_serializations(metrics: Metrics) -> None:
     counter = Counter("bench_weights_serializations", "Weights payloads serialized", registry=metrics.registry)
     encode = serialization.encode
 
-    def counting_encode(tensors, meta):  # type: ignore[no-untyped-def]
+    def counting_encode(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
         if meta.kind == "weights":
             counter.inc()
         return encode(tensors, meta)
 
-    serialization.encode = counting_encode  # type: ignore[assignment]
+    serialization.encode = counting_encode
 
 
 def main() -> int:

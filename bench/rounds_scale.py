@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2
 
 from bench import bare_rounds
 from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, log, machine, median, meta_layout, payload_bytes_of, random_delta
+from fedcore.federation.client import TrainTask
 from feddiff.local import sample
 from service.health import health_check
 
@@ -51,7 +52,7 @@ def run_clients(address: str, first: int, count: int, rounds: int, work: float, 
     lock = threading.Lock()
     out_lock = threading.Lock()
 
-    def delta_for(task) -> bytes:  # type: ignore[no-untyped-def]
+    def delta_for(task: TrainTask) -> bytes:
         key = (task.round, task.returns)
         with lock:
             if key not in deltas:
@@ -207,7 +208,7 @@ def main() -> int:
         bare[calls] = median(bare_rounds.overheads(args.workers, args.processes, rounds, args.work, full_payload, calls))
     slowest = [max(r["work"] for r in records if r["round"] == i) for i in range(rounds)]
     overhead = [d - w for d, w in zip(durations, slowest, strict=True)]
-    phases = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
+    phases: dict[str, list[float]] = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
     for i in range(rounds):
         rs = [r for r in records if r["round"] == i]
         phases["tasks_out"].append(max(r["task"] for r in rs) - min(r["task"] for r in rs))

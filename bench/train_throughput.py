@@ -30,7 +30,7 @@ from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore.model.parts import ALL_PARTS
-from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig, resolve_device
+from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, Toggle, TrainConfig, resolve_device
 from fedcore.model.unet import build_model
 from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
@@ -138,7 +138,7 @@ def fast_block(trainer: LocalTrainer, data: torch.Tensor, steps: int, batch: int
 def compare(
     name: str, run_reference: Callable[[int], tuple[int, float]], fast: LocalTrainer, data: torch.Tensor,
     *, batch: int, warmup: int, steps: int, blocks: int, loss: LossKind = "huber",
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, float | bool]:  # fmt: skip
     """A reference loop (`run_reference(steps)` -> images, seconds) against the fast path in alternating blocks,
     after the fast path's warm-up: each side's images/s as `<name>_images_per_s` and `fast_images_per_s`, the
     compile time (the warm-up less as many steady steps) and the fast path's settings."""
@@ -156,7 +156,7 @@ def compare(
             log(f"block {b} {side}: {n / s:.1f} images/s")
     fast_ips = totals["fast"][0] / totals["fast"][1]
     compile_seconds = max(0.0, warm_seconds - warmup * batch / fast_ips) if fast.speed.compile else 0.0
-    figures: dict[str, object] = {f"fast_{k}": getattr(fast.speed, k) for k in ("bf16", "channels_last", "fused_adam", "compile")}
+    figures: dict[str, float | bool] = {f"fast_{k}": getattr(fast.speed, k) for k in ("bf16", "channels_last", "fused_adam", "compile")}
     figures.update({f"{name}_images_per_s": totals[name][0] / totals[name][1], "fast_images_per_s": fast_ips, "compile_seconds": compile_seconds})
     return figures
 
@@ -216,7 +216,7 @@ def speed_from(args: argparse.Namespace, device: torch.device) -> SpeedConfig:
     """The fast path's settings from add_speed_flags' flags; sets torch's CPU threads."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    compile_ = "off" if args.no_compile else args.compile
+    compile_: Toggle = "off" if args.no_compile else args.compile
     return SpeedConfig(device=str(device), bf16=args.bf16, channels_last=args.channels_last, fused_adam=args.fused_adam, compile=compile_)
 
 
@@ -258,7 +258,7 @@ def main() -> int:
             "round_shard_images": int(shard.shape[0]),
             "round_seconds": round_s,
             **curve,
-            "speedup_vs_paper_loop": float(speeds["fast_images_per_s"]) / float(speeds["paper_images_per_s"]),  # type: ignore[arg-type]
+            "speedup_vs_paper_loop": float(speeds["fast_images_per_s"]) / float(speeds["paper_images_per_s"]),
         }
     )
     emit(figures)

@@ -19,7 +19,9 @@ MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
 THREADED_DIGEST_MIN = 16 << 20  # bytes: a stream at least this long is hashed in a thread beside its reception
 
 
-class _Hash(Protocol):
+class Hasher(Protocol):
+    """A running digest, as hashlib and blake3 make them."""
+
     def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
     def hexdigest(self) -> str: ...
 
@@ -28,7 +30,7 @@ class _Hash(Protocol):
 # as fast as SHA-256 on the 2-core CPU of docs/benchmarks.md (4.3 to 4.7 against 1.8 GB/s, SHA extensions
 # included; `python -m bench.transfer`), and hashing is most of what a receiver spends per byte. SHA-256
 # stays for peers that predate BLAKE3.
-DIGESTS: dict[str, Callable[[], _Hash]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
+DIGESTS: dict[str, Callable[[], Hasher]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
 PREFERRED_DIGEST = "blake3"
 LEGACY_DIGEST = "sha256"  # what every peer checks, also one that names no digest
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
