@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 FD_WORKER = "client-0"
 
 
-def plan() -> dict[str, object]:
+def plan() -> dict[str, Any]:
     # The paper's recipe (lr 1e-4, batch 128) needs thousands of steps per worker before samples look like
     # clothes; the CPU demo gets there in minutes with a larger step size and smaller batches.
     # FD: each worker samples its own model (DDIM, few steps) and scores it against the test set.
@@ -52,7 +53,7 @@ def print_table(rounds: list[dict]) -> None:
         print(f"{r['round']:>5} {len(r['participants']):>5}/{len(r['planned']):<2} {down:>9.2f} {up:>8.2f} {r['reduction_so_far']:>20.1%} {r['mean_loss']:>8.4f} {r['seconds']:>8.1f}")
 
 
-def print_quality(rounds: list[dict], p: dict[str, object], reduction: float) -> None:
+def print_quality(rounds: list[dict], p: dict[str, Any], reduction: float) -> None:
     """The last lines: worker 0's FD after round 1 and after the last round, beside the reduction."""
     fds = {r["round"]: r["fd"][FD_WORKER] for r in rounds if r.get("kind") == "evaluation" and FD_WORKER in r["fd"]}
     if 1 not in fds or len(fds) < 2:
@@ -93,7 +94,10 @@ def main() -> int:
 
     # One worker's personalised model: the shared decoder of the final global model, its own encoder and bottleneck.
     global_state, _ = load_file(args.workdir / "checkpoints" / "final.safetensors")
-    private, _ = checkpoint.load_private(args.workdir / "workers" / "client-0", "private")  # type: ignore[misc]
+    loaded = checkpoint.load_private(args.workdir / "workers" / "client-0", "private")
+    if loaded is None:
+        raise SystemExit(f"{args.workdir / 'workers' / 'client-0'}: client-0 saved no private parts")
+    private, _ = loaded
     model = build_model(str(p["model"]))
     model.load_state_dict(checkpoint.personalised_state(global_state, private))
     model.to(str(p["device"]))
