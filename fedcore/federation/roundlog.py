@@ -13,7 +13,7 @@ from fedcore.federation.server import Ledger, RoundOutcome
 ROUNDS_LOG = "rounds.jsonl"
 
 
-def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, object]:
+def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, Any]:
     """One JSON line of the round log; the coordinator writes the same shape."""
     return {
         "round": outcome.round + 1,

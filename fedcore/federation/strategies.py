@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -192,7 +192,7 @@ class AccountingSummary:
     def reduction_vs_full(self) -> float:
         return 1.0 - self.traffic.total / self.full_fedavg
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy.value,
             "clients": self.clients,
