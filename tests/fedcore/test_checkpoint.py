@@ -18,6 +18,7 @@ from fedcore.federation.checkpoint import (
     save_run,
 )
 from fedcore.payload.serialization import save_file
+from tests.checkpoints import saved_run
 
 CONFIG = {"strategy": "udec", "model": "tiny", "rounds": 3, "seed": 0}
 LEDGER = {"parameters_total": 123}
@@ -70,13 +71,13 @@ def test_save_and_load_roundtrip(tmp_path: Path) -> None:
 def test_tally_is_saved_and_a_state_json_without_one_loads(tmp_path: Path) -> None:
     tally = {"round_attempts": {"complete": 1}, "updates": {"accepted": 2}}
     save_run(tmp_path, _weights(1.0), RunState(1, CONFIG, ("client-0",), LEDGER, global_file_name(1), tally))
-    assert load_run(tmp_path)[1].tally == tally  # type: ignore[index]
+    assert saved_run(tmp_path)[1].tally == tally
 
     state = json.loads((tmp_path / STATE_FILE).read_text())
     del state["tally"]  # as written before tallies existed
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
 
-    assert load_run(tmp_path)[1].tally == {}  # type: ignore[index]
+    assert saved_run(tmp_path)[1].tally == {}
 
 
 def test_crash_before_state_json_keeps_the_committed_checkpoint(tmp_path: Path) -> None:
@@ -101,7 +102,7 @@ def test_crash_after_pruning_window_still_loads(tmp_path: Path) -> None:
     # Resuming rewrites round 4 and commits it: the stale file is replaced, and two versions remain.
     save_run(tmp_path, _weights(40.0), _state(4))
 
-    tensors, state = load_run(tmp_path)  # type: ignore[misc]
+    tensors, state = saved_run(tmp_path)
     assert state.completed_rounds == 4 and _equal(tensors, _weights(40.0))
     assert _globals(tmp_path) == ["global-r0003.safetensors", "global-r0004.safetensors"]
 
@@ -112,7 +113,7 @@ def test_pruning_keeps_the_last_two_global_versions(tmp_path: Path) -> None:
 
     assert checkpoint.KEEP == 2
     assert _globals(tmp_path) == ["global-r0004.safetensors", "global-r0005.safetensors"]
-    tensors, state = load_run(tmp_path)  # type: ignore[misc]
+    tensors, state = saved_run(tmp_path)
     assert state.completed_rounds == 5 and _equal(tensors, _weights(5.0))
 
 

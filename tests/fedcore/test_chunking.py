@@ -26,7 +26,7 @@ from fedcore.wire.stream import (
 PAYLOAD = os.urandom(10_007)  # a prime length, so most chunk sizes leave a short last chunk
 
 
-def _receive(payload: bytes, header: StreamHeader, chunk_size: int, max_bytes: int | None = None) -> bytearray:
+def _receive(payload: bytes, header: StreamHeader, chunk_size: int, max_bytes: int | None = None) -> bytearray | memoryview:
     receiver = Reassembler(header, max_bytes=max_bytes or header.total_bytes)
     for chunk in iter_chunks(payload, chunk_size):
         receiver.feed(chunk)

@@ -81,7 +81,7 @@ def test_load_fashion_mnist_train_and_test(fashion_train: ImageDataset) -> None:
     ],
 )
 def test_read_idx_plain_roundtrip(tmp_path: Path, dtype: type, type_code: int) -> None:
-    array = (np.arange(2 * 3 * 4) - 5).astype(dtype).reshape(2, 3, 4)
+    array: np.ndarray = (np.arange(2 * 3 * 4) - 5).astype(dtype).reshape(2, 3, 4)
     path = tmp_path / "values-idx3"
     path.write_bytes(_idx_bytes(array, type_code))
 
@@ -223,16 +223,16 @@ def test_load_image_folder_unreadable_image(tmp_path: Path) -> None:
 SIDE = 16  # every test image is 16x16 and loaded at 16: no resampling, exact statistics
 
 
-def _halves(mode: str, left: object, right: object, palette: list[int] | None = None) -> Image.Image:
+def _halves(mode: str, left: int | tuple[int, ...], right: int | tuple[int, ...], palette: list[int] | None = None) -> Image.Image:
     """Columns 0-7 `left`, 8-15 `right`."""
     if mode == "I;16":  # Image.paste writes 0 for a 16-bit value above 255 (Pillow 13)
         image = Image.new(mode, (SIDE, SIDE))
         image.frombytes(np.repeat(np.array([left, right], dtype="<u2"), SIDE // 2)[None].repeat(SIDE, axis=0).tobytes())
         return image
-    image = Image.new(mode, (SIDE, SIDE), left)  # type: ignore[arg-type]
+    image = Image.new(mode, (SIDE, SIDE), left)
     if palette is not None:
         image.putpalette(palette)
-    image.paste(right, (SIDE // 2, 0, SIDE, SIDE))  # type: ignore[arg-type]
+    image.paste(right, (SIDE // 2, 0, SIDE, SIDE))
     return image
 
 

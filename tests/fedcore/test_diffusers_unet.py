@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedcore.federation.strategies import Strategy, account
-from fedcore.model.diffusers_unet import DiffusersUNet
+from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig
 from fedcore.model.diffusion import Schedule, ddpm_step
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.model.unet import PRESETS, build_model, layout_of, preset
@@ -25,10 +25,22 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = "diffusers-tiny"
 
 
+def _config(name: str = TINY) -> DiffusersUNetConfig:
+    cfg = preset(name)
+    assert isinstance(cfg, DiffusersUNetConfig)
+    return cfg
+
+
+def _model(name: str = TINY, seed: int | None = None) -> DiffusersUNet:
+    model = build_model(name, seed=seed)
+    assert isinstance(model, DiffusersUNet)
+    return model
+
+
 def saved_unet(folder: Path, seed: int = 1, **changes: object) -> dict[str, torch.Tensor]:
     """A randomly initialised UNet2DModel of the tiny preset (with `changes`), saved as diffusers saves it."""
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(**{**preset(TINY).unet_kwargs(), **changes})  # type: ignore[union-attr]
+    unet = diffusers.UNet2DModel(**{**_config().unet_kwargs(), **changes})
     unet.save_pretrained(str(folder))
     return unet.state_dict()
 
@@ -37,20 +49,20 @@ def saved_unet(folder: Path, seed: int = 1, **changes: object) -> dict[str, torc
 
 
 def test_ddpm_cifar10_is_ho_et_al_as_diffusers_publishes_it() -> None:
-    model = build_model("ddpm-cifar10", seed=0)
+    model = _model("ddpm-cifar10", seed=0)
 
     layout = layout_of(model)
 
     assert layout.total == sum(p.numel() for p in model.parameters()) == 35_746_307
     assert layout.sizes == {Part.ENCODER: 10_523_008, Part.BOTTLENECK: 2_888_704, Part.DECODER: 22_334_595}
-    cfg = model.unet.config  # type: ignore[union-attr]
-    assert (cfg.sample_size, cfg.in_channels, list(cfg.block_out_channels), cfg.downsample_padding) == (32, 3, [128, 256, 256, 256], 0)
-    assert (cfg.flip_sin_to_cos, cfg.freq_shift, cfg.norm_eps, cfg.attention_head_dim) == (False, 1, 1e-6, None)
+    cfg = model.unet.config
+    assert (cfg["sample_size"], cfg["in_channels"], list(cfg["block_out_channels"]), cfg["downsample_padding"]) == (32, 3, [128, 256, 256, 256], 0)
+    assert (cfg["flip_sin_to_cos"], cfg["freq_shift"], cfg["norm_eps"], cfg["attention_head_dim"]) == (False, 1, 1e-6, None)
 
 
 @pytest.mark.parametrize("name", ["diffusers-tiny", "diffusers-fmnist"])
 def test_the_part_rule_maps_diffusers_modules_to_encoder_bottleneck_decoder(name: str) -> None:
-    model = build_model(name, seed=0)
+    model = _model(name, seed=0)
 
     layout = layout_of(model)
 
@@ -60,7 +72,7 @@ def test_the_part_rule_maps_diffusers_modules_to_encoder_bottleneck_decoder(name
         Part.BOTTLENECK: {"mid_block"},
         Part.DECODER: {"up_blocks", "conv_norm_out", "conv_out"},
     }
-    assert list(model.state_dict()) == list(model.unet.state_dict())  # type: ignore[union-attr]  # diffusers' own names
+    assert list(model.state_dict()) == list(model.unet.state_dict())  # diffusers' own names
     assert layout.total == sum(p.numel() for p in model.parameters())
 
 
@@ -75,7 +87,7 @@ def test_the_tiny_preset_is_small_and_fits_fashion_mnist() -> None:
     assert layout_of(model).total == 71_033
     assert (cfg.channels, cfg.image_size) == (1, 28)
     assert out.shape == x.shape
-    assert torch.equal(out, model.unet(x, t).sample)  # type: ignore[union-attr]
+    assert torch.equal(out, model.unet(x, t).sample)
 
 
 def test_a_seed_gives_the_same_weights() -> None:
@@ -86,12 +98,12 @@ def test_a_seed_gives_the_same_weights() -> None:
 
 
 def test_train_and_eval_reach_the_unet() -> None:
-    model = build_model(TINY)
+    model = _model()
 
     model.eval()
-    assert not model.unet.training and not any(m.training for m in model.modules())  # type: ignore[union-attr]
+    assert not model.unet.training and not any(m.training for m in model.modules())
     model.train()
-    assert model.unet.training  # type: ignore[union-attr]
+    assert model.unet.training
 
 
 def test_model_info_and_strategies_report_a_diffusers_preset(capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,8 +195,8 @@ def test_a_saved_unet_folder_is_read_as_the_preset_s_weights(tmp_path: Path) -> 
 
 
 def test_a_pipeline_folder_is_read_through_its_unet(tmp_path: Path) -> None:
-    model = build_model(TINY, seed=5)
-    write_pipeline(model, tmp_path / "pipe")  # type: ignore[arg-type]
+    model = _model(seed=5)
+    write_pipeline(model, tmp_path / "pipe")
 
     state = initial_weights(tmp_path / "pipe", TINY)
 
@@ -211,7 +223,7 @@ def test_a_folder_that_differs_only_in_a_setting_is_refused_too(tmp_path: Path) 
 
 
 def test_a_pipeline_trained_on_another_schedule_is_refused(tmp_path: Path) -> None:
-    write_pipeline(build_model(TINY), tmp_path / "pipe")  # type: ignore[arg-type]
+    write_pipeline(_model(), tmp_path / "pipe")
     config = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "beta_schedule": "squaredcos_cap_v2"}))
 
@@ -222,7 +234,7 @@ def test_a_pipeline_trained_on_another_schedule_is_refused(tmp_path: Path) -> No
 def test_pickled_weights_are_never_loaded(tmp_path: Path) -> None:
     folder = tmp_path / "bin"
     torch.manual_seed(0)
-    diffusers.UNet2DModel(**preset(TINY).unet_kwargs()).save_pretrained(str(folder), safe_serialization=False)
+    diffusers.UNet2DModel(**_config().unet_kwargs()).save_pretrained(str(folder), safe_serialization=False)
 
     with pytest.raises(ValueError, match="cannot read its weights as safetensors"):
         read_unet_folder(folder, TINY)

@@ -8,6 +8,7 @@ import torch
 
 from fedcore.model.diffusion import (
     DiffusionConfig,
+    SamplerKind,
     Schedule,
     noise_loss,
     q_sample,
@@ -125,7 +126,7 @@ def test_huber_is_half_mse_for_small_errors() -> None:
 
 def test_unknown_loss_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown loss 'l1'"):
-        noise_loss(torch.zeros(2), torch.zeros(2), "l1")  # type: ignore[arg-type]
+        noise_loss(torch.zeros(2), torch.zeros(2), "l1")  # type: ignore[arg-type]  # an unknown loss, on purpose
 
 
 def test_training_loss_is_deterministic_for_a_generator(tiny_model: torch.nn.Module) -> None:
@@ -175,11 +176,11 @@ def test_ddpm_returns_images_in_range_deterministically(
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sample_batches_seeds_and_restores_train_mode(sampler: str, short_schedule: Schedule) -> None:
+def test_sample_batches_seeds_and_restores_train_mode(sampler: SamplerKind, short_schedule: Schedule) -> None:
     model = build_model("tiny", seed=0).train()
 
-    a = sample(model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2)  # type: ignore[arg-type]
-    b = sample(model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2)  # type: ignore[arg-type]
+    a = sample(model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2)
+    b = sample(model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2)
 
     assert a.shape == (3, 1, 28, 28)
     assert a.min() >= -1.0 and a.max() <= 1.0

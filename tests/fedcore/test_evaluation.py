@@ -51,7 +51,7 @@ def classifier():
 def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_fashion_mnist(train=False)
     idx = np.random.default_rng(0).choice(len(data), N_IMAGES, replace=False)
-    return to_model_range(data.images[idx]), torch.from_numpy(data.labels[idx])
+    return to_model_range(data.images[idx]), torch.from_numpy(data.class_labels()[idx])
 
 
 @pytest.fixture(scope="module")

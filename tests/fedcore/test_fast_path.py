@@ -3,6 +3,8 @@ reused every round: same parameters, same optimizer state tensors, the same comp
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from fedcore.model.parts import ALL_PARTS
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, TrainConfig
 from fedcore.model.unet import build_model
 
-FP32_EAGER = {"bf16": "off", "channels_last": "off", "fused_adam": "off", "compile": "off"}
+FP32_EAGER: dict[str, Any] = {"bf16": "off", "channels_last": "off", "fused_adam": "off", "compile": "off"}
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits
 STEPS = 200
 

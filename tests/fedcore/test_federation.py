@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -207,8 +209,8 @@ def test_the_tally_is_checkpointed_and_restored_with_the_ledger(tmp_path) -> Non
 
 
 # --- hostile updates: values, reports, weights, clipping, an overflowing aggregate --------------------------
-def _hostile_federation(**robust: object) -> Federation:
-    return Federation(FederationConfig(strategy=Strategy.FULL, model="tiny", rounds=3, seed=3), robust=RobustConfig(**robust))  # type: ignore[arg-type]
+def _hostile_federation(**robust: Any) -> Federation:
+    return Federation(FederationConfig(strategy=Strategy.FULL, model="tiny", rounds=3, seed=3), robust=RobustConfig(**robust))
 
 
 def _filled(fed: Federation, value: float, round_index: int = 0) -> bytes:

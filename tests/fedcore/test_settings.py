@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import pytest
 from annotated_types import Interval
@@ -97,8 +97,8 @@ def test_speed_settings_are_converted_and_checked() -> None:
 
 
 # --- the ranges of what a worker runs: one definition, two sides --------------------------------------------
-def _task(**train: object) -> pb.Task:
-    spec = {"epochs": 1, "batch_size": 8, "lr": 1e-4, "loss": "huber", "seed": 0, **train}
+def _task(**train: Any) -> pb.Task:
+    spec: dict[str, Any] = {"epochs": 1, "batch_size": 8, "lr": 1e-4, "loss": "huber", "seed": 0, **train}
     return pb.Task(kind=pb.Task.TRAIN, round=0, task_id="r0.1-w", receives=["decoder"], returns=["decoder"], train=pb.TrainSpec(**spec))
 
 
@@ -138,7 +138,7 @@ def test_sampling_settings_are_checked_at_start_and_for_each_evaluate_task() -> 
         with pytest.raises(SettingsError, match=f"--{setting.replace('_', '-')} = '{outside}'"):
             CoordinatorConfig.load(None, {setting: str(outside)})
     for spec, refused in (({"num_samples": settings.MAX_EVAL_SAMPLES + 1}, "num_samples"), ({"steps": 0}, "steps"), ({"sampler": "euler"}, "sampler")):
-        values = {"sampler": "ddim", "steps": 10, "num_samples": 4, "seed": 0, **spec}
+        values: dict[str, Any] = {"sampler": "ddim", "steps": 10, "num_samples": 4, "seed": 0, **spec}
         msg = pb.Task(kind=pb.Task.EVALUATE, round=1, task_id="e1-w", receives=["decoder"], eval=pb.EvalSpec(**values))
         with pytest.raises(SettingOutOfRange, match=f"{refused} = "):
             eval_task_from_proto(msg)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx
-from fedcore.data.splits import describe_split, split_indices
+from fedcore.data.splits import SplitKind, describe_split, split_indices
 
-KINDS = ["iid", "quantity", "label"]
+KINDS: list[SplitKind] = ["iid", "quantity", "label"]
 CLIENT_COUNTS = [5, 10]
 
 
@@ -23,7 +23,7 @@ def labels() -> np.ndarray:
 @pytest.fixture(scope="module")
 def splits(labels: np.ndarray) -> dict[tuple[str, int], list[np.ndarray]]:
     return {
-        (kind, k): split_indices(labels, k, kind)  # type: ignore[arg-type]
+        (kind, k): split_indices(labels, k, kind)
         for kind in KINDS
         for k in CLIENT_COUNTS
     }
@@ -47,9 +47,9 @@ def test_partition_is_disjoint_and_complete(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_seeded(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str) -> None:
-    again = split_indices(labels, 5, kind, seed=2023)  # type: ignore[arg-type]
-    other = split_indices(labels, 5, kind, seed=7)  # type: ignore[arg-type]
+def test_seeded(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: SplitKind) -> None:
+    again = split_indices(labels, 5, kind, seed=2023)
+    other = split_indices(labels, 5, kind, seed=7)
 
     assert all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(splits[kind, 5], other, strict=True))
@@ -101,8 +101,8 @@ def test_label_skew_stops_filling_full_clients(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_single_client_gets_everything(labels: np.ndarray, kind: str) -> None:
-    (part,) = split_indices(labels, 1, kind)  # type: ignore[arg-type]
+def test_single_client_gets_everything(labels: np.ndarray, kind: SplitKind) -> None:
+    (part,) = split_indices(labels, 1, kind)
 
     np.testing.assert_array_equal(part, np.arange(len(labels)))
 

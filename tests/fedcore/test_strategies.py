@@ -153,7 +153,7 @@ def test_usplit_pairing_rule(clients: int) -> None:
         if clients == 1:
             assert returns == {ids[0]: ALL_PARTS}
             continue
-        halves = Counter()
+        halves: Counter[Part] = Counter()
         for parts in returns.values():
             # Each client returns exactly one half, never both.
             assert (ENC in parts) != (DEC in parts), parts
@@ -173,7 +173,7 @@ def test_usplit_pairing_rule(clients: int) -> None:
 
 @pytest.mark.parametrize("clients", [2, 4, 6])
 def test_usplit_bottleneck_goes_to_either_half_of_a_pair(clients: int) -> None:
-    seen = Counter()
+    seen: Counter[frozenset[Part]] = Counter()
     for seed in range(60):
         plan = plan_round(Strategy.USPLIT, 0, _ids(clients), round_rng(seed, 0))
         for a in plan.assignments:
@@ -184,7 +184,7 @@ def test_usplit_bottleneck_goes_to_either_half_of_a_pair(clients: int) -> None:
 
 
 def test_usplit_odd_client_returns_either_half_with_the_bottleneck() -> None:
-    odd_returns = set()
+    odd_returns: set[frozenset[Part]] = set()
     for seed in range(60):
         plan = plan_round(Strategy.USPLIT, 0, _ids(3), round_rng(seed, 0))
         mids = [a.returns for a in plan.assignments if MID in a.returns]
@@ -300,7 +300,7 @@ def test_select_clients_is_a_seeded_sorted_sample() -> None:
 
 def test_select_clients_samples_uniformly() -> None:
     available = [f"w{i}" for i in range(10)]
-    counts = Counter()
+    counts: Counter[str] = Counter()
     rounds = 2000
 
     for r in range(rounds):

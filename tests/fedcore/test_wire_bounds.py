@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from fedcore.errors import FieldOutOfRange
 from fedcore.wire import bounds
@@ -16,7 +18,7 @@ from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"
 
 
-def _fields() -> list[tuple[str, object]]:
+def _fields() -> list[tuple[str, FieldDescriptor]]:
     out = []
     for message in pb.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:
@@ -29,7 +31,7 @@ def _documentation(message: str, field: str) -> str:
     lines = PROTO.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(rf"\s*message {message} \{{", line))
     at = next(i for i in range(start, len(lines)) if re.search(rf"\s{field} = \d+;", lines[i]))
-    above = []
+    above: list[str] = []
     for line in reversed(lines[start + 1 : at]):
         if not line.strip().startswith("//"):
             break
@@ -39,7 +41,7 @@ def _documentation(message: str, field: str) -> str:
 
 
 def test_every_string_bytes_number_and_repeated_field_has_a_bound() -> None:
-    missing = [name for name, field in _fields() if bounds.needs_bound(field) and name not in bounds.BOUNDS]  # type: ignore[arg-type]
+    missing = [name for name, field in _fields() if bounds.needs_bound(field) and name not in bounds.BOUNDS]
     unknown = sorted(set(bounds.BOUNDS) - {name for name, _ in _fields()})
 
     assert missing == [], "give these fields a bound in fedcore/bounds.py and the .proto"
@@ -91,9 +93,9 @@ def test_a_session_id_is_left_to_the_lookup_whatever_its_length() -> None:
         (pb.StatusResponse(state="done", strategy="udec", frechet_distance={"global": math.inf}), "StatusResponse.frechet_distance['global'] is inf"),
     ],
 )
-def test_a_field_outside_its_bound_is_refused_by_name(msg: object, message: str) -> None:
+def test_a_field_outside_its_bound_is_refused_by_name(msg: Message, message: str) -> None:
     with pytest.raises(FieldOutOfRange) as e:
-        bounds.check(msg, FieldOutOfRange)  # type: ignore[arg-type]
+        bounds.check(msg, FieldOutOfRange)
 
     assert str(e.value).startswith(message), str(e.value)
     assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
@@ -101,8 +103,9 @@ def test_a_field_outside_its_bound_is_refused_by_name(msg: object, message: str)
 
 def test_a_message_is_brought_within_its_bound() -> None:
     bound = bounds.BOUNDS["RejectTaskRequest.message"]
+    assert isinstance(bound, bounds.Text)
 
     assert bounds.bounded_text("line 1\nline 2\twith a tab") == "line 1\nline 2\twith a tab"
     assert bounds.bounded_text("a\x1b[31mred\r") == "a [31mred "
     assert len(bounds.bounded_text("x" * 10_000)) == bounds.MAX_MESSAGE and bounds.bounded_text("x" * 10_000).endswith("...")
-    assert bound.problem(bounds.bounded_text("\x00" * 5000 + "\u2028")) is None  # type: ignore[union-attr]
+    assert bound.problem(bounds.bounded_text("\x00" * 5000 + "\u2028")) is None
