@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.registry import WorkerInfo, WorkerRegistry
+from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
 from fedcore.errors import DuplicateWorker, UnknownWorker
 
 TIMEOUT = 30.0
@@ -19,6 +19,12 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _record(registry: WorkerRegistry, worker_id: str) -> WorkerRecord:
+    record = registry.record(worker_id)
+    assert record is not None, f"no record of {worker_id!r}"
+    return record
 
 
 def _info(installation: str, instance: str = "p1", worker_id: str = "hospital-1") -> WorkerInfo:
@@ -101,10 +107,10 @@ def test_another_installation_taking_an_id_over_holds_none_of_its_private_parts_
     registry.join(replace(_info("a" * 32, "p1"), has_private_state=True))
     clock.now += TIMEOUT + 0.1
     registry.join(replace(_info("b" * 32, "p2"), has_private_state=True))  # private parts, but not the ones the run gave this id
-    assert registry.record("hospital-1").info.has_private_state is False  # type: ignore[union-attr]
+    assert _record(registry, "hospital-1").info.has_private_state is False
 
     registry.join(replace(_info("b" * 32, "p3"), has_private_state=True))  # the same installation again: its claim stands
-    assert registry.record("hospital-1").info.has_private_state is True  # type: ignore[union-attr]
+    assert _record(registry, "hospital-1").info.has_private_state is True
 
 
 def test_other_worker_ids_do_not_conflict(registry: WorkerRegistry) -> None:

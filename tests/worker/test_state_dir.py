@@ -137,7 +137,9 @@ def test_a_failed_save_keeps_the_saved_files_and_the_parts_in_memory_until_a_ret
 
         assert state.unsaved is None and _value(metrics, "feddiff_private_state_unsaved") == 0
         assert sorted(f.name for f in path.glob("private-r*.safetensors")) == ["private-r0002.safetensors", "private-r0003.safetensors"]
-        tensors, completed = state.load_private()  # type: ignore[misc]
+        loaded = state.load_private()
+        assert loaded is not None
+        tensors, completed = loaded
         assert completed == 3 and all(torch.equal(tensors[k], v) for k, v in _private(3).items())
         assert _value(metrics, "feddiff_state_saves_total", outcome="saved") == 3
 

@@ -11,6 +11,7 @@ import pytest
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
 from feddiff.cli import build_parser, main, speed_config
+from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
 
 BASE = ["worker", "--coordinator", "coord.example.org:50051", "--client-index", "0"]
@@ -19,7 +20,7 @@ BASE = ["worker", "--coordinator", "coord.example.org:50051", "--client-index", 
 def _flags() -> list[tuple[str, Any]]:
     """(flag, type) of every worker and speed setting that a flag sets from a string."""
     parser = build_parser()
-    worker = parser._subparsers._group_actions[0].choices["worker"]  # type: ignore[union-attr]
+    worker = subcommands(parser)["worker"]
     options = {o for action in worker._actions for o in action.option_strings}
     out = []
     for cls in (WorkerConfig, SpeedConfig):
