@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.model.parts import Part
@@ -26,11 +27,12 @@ LIVENESS = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3", "--progre
 DATA = ["--max-images", "240", "--threads", "1"]
 ENV = {"OMP_NUM_THREADS": "1"}
 TINY = layout_of(build_model("tiny"))
+T = TypeVar("T")
 DECODER_BYTES = TINY.sizes[Part.DECODER] * 4  # a tiny decoder update, less its safetensors header
 
 
-def wait_until(check: Callable[[], object], what: str, timeout: float, procs: Sequence[Process] = (), every: float = 0.05) -> object:
-    """Poll `check` until it returns something truthy; fail early when one of `procs` died."""
+def wait_until(check: Callable[[], T], what: str, timeout: float, procs: Sequence[Process] = (), every: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy, and return that; fail early when one of `procs` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:

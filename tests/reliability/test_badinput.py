@@ -9,13 +9,15 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import safetensors.torch
 import torch
+from google.protobuf.message import Message
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
@@ -23,9 +25,9 @@ from coordinator.server import Coordinator
 from fedcore.errors import MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.federation.client import TrainTask
 from fedcore.model.parts import ALL_PARTS, Part
-from fedcore.model.unet import build_model, layout_of
+from fedcore.model.unet import ModelName, build_model, layout_of
 from fedcore.payload import serialization
-from fedcore.payload.serialization import PayloadMeta
+from fedcore.payload.serialization import PayloadKind, PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import StreamHeader
@@ -33,7 +35,7 @@ from tests.system.raw_client import RawWorker
 
 pytestmark = pytest.mark.badinput
 
-MODEL = "tiny"
+MODEL: ModelName = "tiny"
 LAYOUT = layout_of(build_model(MODEL, seed=0))
 IMAGES = 64  # each worker's FedAvg weight: a power of two, so the mean of one update is that update, bit for bit
 CHUNK = 16 << 10  # upload chunk: a udec delta (the decoder, ~146 KB) is ten of them
@@ -49,9 +51,9 @@ def _delta(parts: frozenset[Part], seed: int = 1) -> Tensors:
     return {n: torch.randn(s.shape, generator=g) * 1e-3 for n, s in LAYOUT.specs(parts).items()}
 
 
-def _payload(task: TrainTask, tensors: Tensors, *, kind: str = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None) -> bytes:
+def _payload(task: TrainTask, tensors: Tensors, *, kind: PayloadKind = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None) -> bytes:
     round_index = task.round if round_index is None else round_index
-    meta = PayloadMeta(kind=kind, model=model, round=round_index, parts=task.returns if parts is None else parts)  # type: ignore[arg-type]
+    meta = PayloadMeta(kind=kind, model=model, round=round_index, parts=task.returns if parts is None else parts)
     return serialization.encode(tensors, meta)
 
 
@@ -87,9 +89,9 @@ class Round:
     coord: Coordinator
     bad: RawWorker
     good: RawWorker
-    bad_task: TrainTask = None  # type: ignore[assignment]
-    good_task: TrainTask = None  # type: ignore[assignment]
-    before: Tensors | None = None  # the global model the round started from
+    bad_task: TrainTask = field(init=False)  # set by next_tasks
+    good_task: TrainTask = field(init=False)
+    before: Tensors = field(init=False)  # the global model the round started from
 
     def next_tasks(self) -> None:
         self.bad_task, self.good_task = task_from_proto(self.bad.wait_task()), task_from_proto(self.good.wait_task())
@@ -102,9 +104,9 @@ class Round:
         """The bad worker's upload fails with `code`, is counted under `reason`, and leaves the model as it was."""
         with pytest.raises(grpc.RpcError) as e:
             self.bad.upload_messages(messages, timeout=10)
-        assert (e.value.code(), e.value.details().split(":")[0]) == (code, reason), e.value.details()
+        assert (e.value.code(), (e.value.details() or "").split(":")[0]) == (code, reason), e.value.details()
         assert self.metric("feddiff_updates_total", outcome=reason) == 1
-        assert _identical(self.coord.federation.global_state, self.before)  # type: ignore[arg-type]
+        assert _identical(self.coord.federation.global_state, self.before)
         return e.value
 
     def upload(self, worker: RawWorker, task: TrainTask, delta: Tensors) -> None:
@@ -139,7 +141,7 @@ def _round(tmp_path: Path, rounds: int = 1) -> Iterator[Round]:
 
 # --- the bad worker's streams ----------------------------------------------------------------------------
 Build = Callable[[Round], list[pb.UpdateChunk]]
-Edit = Callable[[list[pb.UpdateChunk]], None]
+Edit = Callable[[list[pb.UpdateChunk]], object]
 
 
 def _upload(
@@ -148,7 +150,7 @@ def _upload(
     tensors: Callable[[Tensors], Tensors] | None = None,
     header: Callable[[bytes], StreamHeader] | None = None,
     edit: Edit | None = None,
-    **fields: object,
+    **fields: Any,
 ) -> Build:
     """The bad worker's stream for its own task: a well-formed update unless an argument breaks it. `fields`
     override `RawWorker.update_messages`' (a callable is given the round)."""
@@ -158,7 +160,7 @@ def _upload(
         delta = tensors(delta) if tensors else delta
         data = payload(r.bad_task, delta) if payload else _payload(r.bad_task, delta)
         given = {k: v(r) if callable(v) else v for k, v in fields.items()}
-        msgs = list(r.bad.update_messages(r.bad_task, data, header=header(data) if header else None, chunk_size=CHUNK, **given))  # type: ignore[arg-type]
+        msgs = list(r.bad.update_messages(r.bad_task, data, header=header(data) if header else None, chunk_size=CHUNK, **given))
         if edit:
             edit(msgs)
         return msgs
@@ -282,7 +284,7 @@ def test_a_bad_update_is_refused_and_the_round_closes_with_the_good_one(build: B
 
         delta = r.close_with_good()
 
-        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))
         assert r.metric("feddiff_updates_total", outcome="accepted") == 1
 
 
@@ -312,7 +314,7 @@ def test_a_stream_longer_than_declared_is_cut_off_when_the_excess_arrives(tmp_pa
         assert read <= len(data) + CHUNK + 1024, f"the server read {read} bytes: one chunk past the {len(data)} declared, then stopped"
         assert 1 <= excess <= 16, f"{excess} chunks past the declared size left the client: only what flow control let through"
         assert pulled == declared + excess, "the client stopped sending when the call ended"
-        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))
 
 
 def test_a_duplicate_upload_is_refused_and_the_first_one_counts(tmp_path: Path) -> None:
@@ -325,7 +327,7 @@ def test_a_duplicate_upload_is_refused_and_the_first_one_counts(tmp_path: Path) 
         good = r.close_with_good()
 
         mean = {n: torch.zeros_like(t).add_(t, alpha=IMAGES).add_(good[n], alpha=IMAGES) / (2 * IMAGES) for n, t in first.items()}
-        assert _identical(r.coord.federation.global_state, _plus(r.before, mean))  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, _plus(r.before, mean))
 
 
 def test_updates_for_a_past_round_are_refused_and_the_next_round_goes_on(tmp_path: Path) -> None:
@@ -342,7 +344,7 @@ def test_updates_for_a_past_round_are_refused_and_the_next_round_goes_on(tmp_pat
         r.refuse(old_payload, STALE, "wrong_round")  # this round's task, last round's payload
         delta = r.close_with_good(seed=5)
 
-        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))
 
 
 def test_out_of_range_join_and_session_fields_are_refused_while_the_round_goes_on(tmp_path: Path) -> None:
@@ -353,10 +355,11 @@ def test_out_of_range_join_and_session_fields_are_refused_while_the_round_goes_o
             with pytest.raises(grpc.RpcError) as e:
                 stub.Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, num_examples=images)), timeout=10)
             assert e.value.code() == INVALID, (worker_id, images)
-        for call, request in [
+        calls: list[tuple[Callable[..., object], Message]] = [
             (stub.WaitTask, pb.WaitTaskRequest(session_id="s" * 10_000, timeout_ms=1)),
             (stub.Heartbeat, pb.HeartbeatRequest(session_id="")),
-        ]:
+        ]
+        for call, request in calls:
             with pytest.raises(grpc.RpcError) as e:
                 call(request, timeout=10)
             assert e.value.code() == Code.UNAUTHENTICATED
@@ -365,14 +368,14 @@ def test_out_of_range_join_and_session_fields_are_refused_while_the_round_goes_o
         assert (e.value.code(), e.value.details()) == (INVALID, "bad_field: DownloadRequest.task_id has 10000 characters: expected 1..256 characters of [A-Za-z0-9._-]")
 
         assert [w.worker_id for w in r.coord.registry.all()] == ["bad", "good"]
-        assert _identical(r.coord.federation.global_state, r.before)  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, r.before)
         delta = r.close_with_good()
-        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))  # type: ignore[arg-type]
+        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))
 
 
 # --- the worker's side: tasks with out-of-range fields ----------------------------------------------------
-def _task(returns: tuple[str, ...] = ("decoder",), receives: tuple[str, ...] = ("decoder",), **train: object) -> pb.Task:
-    spec = {"epochs": 1, "batch_size": 8, "lr": 1e-4, "loss": "huber", "seed": 0, **train}
+def _task(returns: tuple[str, ...] = ("decoder",), receives: tuple[str, ...] = ("decoder",), **train: Any) -> pb.Task:
+    spec: dict[str, Any] = {"epochs": 1, "batch_size": 8, "lr": 1e-4, "loss": "huber", "seed": 0, **train}
     return pb.Task(kind=pb.Task.TRAIN, round=0, task_id="r0.1-w", receives=receives, returns=returns, train=pb.TrainSpec(**spec))
 
 

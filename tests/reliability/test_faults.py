@@ -13,6 +13,7 @@ from fedcore.federation import checkpoint
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file
 from feddiff.local import LocalCluster, status, wait_for_state
+from tests.checkpoints import saved_run
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
 from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount
 
@@ -189,7 +190,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
             wait_until(lambda: "checkpoint failed" in coord.output(), "a failed checkpoint", 60, [coord, *workers])
 
             # The committed checkpoint is the previous one, whole and consistent.
-            weights, state = checkpoint.load_run(ckpt)  # type: ignore[misc]
+            weights, state = saved_run(ckpt)
             failed_round = int(coord.output().split("checkpoint failed")[0].rsplit("round ", 1)[1].split(":")[0])
             assert state.completed_rounds == failed_round - 1 >= 1
             _, meta = load_file(ckpt / state.global_file)

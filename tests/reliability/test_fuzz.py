@@ -251,7 +251,7 @@ def test_the_valid_payload_decodes() -> None:
 
 
 # --- protobuf tasks and stream headers -------------------------------------------------------------------
-texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=24)  # protobuf strings are UTF-8
+texts = st.text(st.characters(blacklist_categories=["Cs"]), max_size=24)  # protobuf strings are UTF-8
 part_lists = st.lists(st.one_of(st.sampled_from([p.value for p in Part]), texts), max_size=4)
 uint32 = st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1))
 uint64 = st.integers(0, 2**64 - 1)

@@ -11,8 +11,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -42,7 +43,7 @@ LAYOUT = layout_of(build_model(MODEL, seed=0))
 IMAGES = 64  # each worker's declared images: one step of batch 128 per epoch, so values up to 8 x lr pass
 CHUNK = 64 << 10
 DEADLINE = 3.0  # seconds a round waits for the hostile worker, then closes with the honest one (quorum: 1 of 2)
-BOTH = {"round_deadline": 60.0}  # where both workers deliver: the round closes as the second update is in
+BOTH: dict[str, Any] = {"round_deadline": 60.0}  # where both workers deliver: the round closes as the second update is in
 HEALTH_BUDGET = 0.1  # seconds a health check may take, throughout every test
 Code = grpc.StatusCode
 Tensors = dict[str, torch.Tensor]
@@ -92,12 +93,12 @@ def _part_norm(tensors: Tensors, part: Part) -> float:
     return float(torch.cat([tensors[n].double().flatten() for n in LAYOUT.tensors[part]]).norm())
 
 
-def _in_windows(call: Callable[..., grpc.Future], requests: list, window: int = 32) -> list:
+def _in_windows(call: grpc.UnaryUnaryMultiCallable[Any, Any], requests: list, window: int = 32) -> list:
     """`call.future` on each request, at most `window` in flight (of a thousand concurrent calls on one
     channel, about half end CANCELLED: a limit of the transport, not of these checks)."""
     out = []
     for start in range(0, len(requests), window):
-        futures = [call.future(r, timeout=60) for r in requests[start : start + window]]  # type: ignore[attr-defined]
+        futures = [call.future(r, timeout=60) for r in requests[start : start + window]]
         out += [f.result() for f in futures]
     return out
 
@@ -117,8 +118,8 @@ class Run:
     checkpoint_dir: Path
     honest: RawWorker
     hostile: RawWorker
-    honest_task: TrainTask | None = None
-    hostile_task: TrainTask | None = None
+    honest_task: TrainTask = field(init=False)  # set by next_tasks
+    hostile_task: TrainTask = field(init=False)
 
     def metric(self, name: str, **labels: str) -> float:
         return self.coord.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -128,8 +129,8 @@ class Run:
         self.honest_task, self.hostile_task = task_from_proto(self.honest.wait_task()), task_from_proto(self.hostile.wait_task())
         return {n: t.clone() for n, t in self.coord.federation.global_state.items()}
 
-    def send(self, worker: RawWorker, task: TrainTask, tensors: Tensors | bytes, **report: object) -> pb.UploadResponse:
-        return worker.upload_messages(worker.update_messages(task, _payload(task, tensors), chunk_size=CHUNK, **report), timeout=30)  # type: ignore[arg-type]
+    def send(self, worker: RawWorker, task: TrainTask, tensors: Tensors | bytes, **report: Any) -> pb.UploadResponse:
+        return worker.upload_messages(worker.update_messages(task, _payload(task, tensors), chunk_size=CHUNK, **report), timeout=30)
 
     def refused(self, worker: RawWorker, task: TrainTask, tensors: Tensors | bytes) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as e:
@@ -144,14 +145,14 @@ class Run:
 
 
 @contextmanager
-def _run(tmp_path: Path, *, hostile_images: int = IMAGES, **settings: object) -> Iterator[Run]:
+def _run(tmp_path: Path, *, hostile_images: int = IMAGES, **settings: Any) -> Iterator[Run]:
     """A coordinator, its health asked every 50 ms throughout, and both workers (not joined yet)."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "model": MODEL, "strategy": "full", "rounds": 1, "epochs": 1, "lr": 1e-3, "min_workers": 2, "quorum": 0.5,
         "round_deadline": DEADLINE, "listen": "localhost:0", "metrics_port": -1, "insecure": True, "progress": "off",
         "checkpoint_dir": str(tmp_path), **settings,
     }  # fmt: skip
-    coord = Coordinator(CoordinatorConfig(**values), Metrics()).start()  # type: ignore[arg-type]
+    coord = Coordinator(CoordinatorConfig(**values), Metrics()).start()
     try:
         with grpc.insecure_channel(coord.address) as channel, HealthProbe(coord.address, interval=0.05) as probe:
             run = Run(coord, channel, tmp_path, RawWorker(channel, "honest", IMAGES), RawWorker(channel, "hostile", hostile_images))
@@ -173,7 +174,7 @@ def silent_run(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         run.honest.join()
         run.hostile.join()
         run.next_tasks()
-        run.send(run.honest, run.honest_task, HONEST_R0)  # type: ignore[arg-type]
+        run.send(run.honest, run.honest_task, HONEST_R0)
         run.done()
         return run.global_file()
 
@@ -186,11 +187,11 @@ def test_an_update_of_1e38_everywhere_is_refused_and_the_model_is_the_silent_run
         bomb = _round_zero({n: torch.full(t.shape, 1e38) for n, t in HONEST.items()})
         before = run.next_tasks()
 
-        e = run.refused(run.hostile, run.hostile_task, bomb)  # type: ignore[arg-type]
-        assert e.code() == Code.INVALID_ARGUMENT and e.details().startswith("out_of_bounds: tensor "), e.details()
-        assert "holds a value of magnitude 1e+38; an update of this task holds at most 0.008" in e.details()
+        e = run.refused(run.hostile, run.hostile_task, bomb)
+        assert e.code() == Code.INVALID_ARGUMENT and (e.details() or "").startswith("out_of_bounds: tensor "), e.details()
+        assert "holds a value of magnitude 1e+38; an update of this task holds at most 0.008" in (e.details() or "")
         assert _bits(run.coord.federation.global_state) == _bits(before), "refused before it was folded"
-        run.send(run.honest, run.honest_task, HONEST_R0)  # type: ignore[arg-type]
+        run.send(run.honest, run.honest_task, HONEST_R0)
         run.done()
 
         assert run.metric("feddiff_updates_total", outcome="out_of_bounds") == 1
@@ -204,17 +205,17 @@ def test_an_aggregate_that_would_overflow_is_not_committed_and_the_rerun_is_the_
         run.honest.join()
         run.hostile.join()
         before = run.next_tasks()
-        assert run.send(run.hostile, run.hostile_task, bomb).outcome == "accepted"  # type: ignore[arg-type]
-        run.send(run.honest, run.honest_task, HONEST_R0)  # type: ignore[arg-type]  # both in: 64 x 1e38 overflows
+        assert run.send(run.hostile, run.hostile_task, bomb).outcome == "accepted"
+        run.send(run.honest, run.honest_task, HONEST_R0)  # both in: 64 x 1e38 overflows
 
         _wait_for(lambda: run.metric("feddiff_round_attempts_total", outcome="non_finite") == 1, "the attempt to fail")
         assert run.coord.federation.completed_rounds == 0
         assert _bits(run.coord.federation.global_state) == _bits(before), "the previous global model stays"
         assert not (run.checkpoint_dir / "global-r0001.safetensors").exists(), "nothing non-finite was written"
         again = run.next_tasks()  # the round is run again; the hostile worker sends nothing this time
-        assert run.honest_task.task_id.startswith("r0.2-") and _bits(again) == _bits(before)  # type: ignore[union-attr]
-        run.send(run.honest, run.honest_task, HONEST_R0)  # type: ignore[arg-type]
-        reject = pb.RejectTaskRequest(session_id=run.hostile.session_id, task_id=run.hostile_task.task_id, reason="other")  # type: ignore[union-attr]
+        assert run.honest_task.task_id.startswith("r0.2-") and _bits(again) == _bits(before)
+        run.send(run.honest, run.honest_task, HONEST_R0)
+        reject = pb.RejectTaskRequest(session_id=run.hostile.session_id, task_id=run.hostile_task.task_id, reason="other")
         run.hostile.stub.RejectTask(reject, timeout=10)  # ends the attempt at once instead of at the deadline
         run.done()
 
@@ -251,8 +252,8 @@ def test_the_largest_claim_the_contract_allows_weighs_no_more_than_the_honest_wo
         run.honest.join()
         run.hostile.join()
         before = run.next_tasks()
-        run.send(run.hostile, run.hostile_task, HOSTILE, mean_loss=999.0)  # type: ignore[arg-type]  # reports one epoch of its claim
-        run.send(run.honest, run.honest_task, HONEST)  # type: ignore[arg-type]
+        run.send(run.hostile, run.hostile_task, HOSTILE, mean_loss=999.0)  # reports one epoch of its claim
+        run.send(run.honest, run.honest_task, HONEST)
         run.done()
 
         assert run.metric("feddiff_weights_bounded_total", bound=bound) == 1
@@ -268,7 +269,7 @@ def test_a_worker_without_a_registered_size_is_refused(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as e:
             RawWorker(run.channel, "stranger").join()
 
-        assert (e.value.code(), e.value.details().split(":")[0]) == (Code.PERMISSION_DENIED, "unregistered")
+        assert (e.value.code(), (e.value.details() or "").split(":")[0]) == (Code.PERMISSION_DENIED, "unregistered")
         assert run.metric("feddiff_joins_total", outcome="unregistered") == 1
         assert [r.worker_id for r in run.coord.registry.all()] == []
 
@@ -281,8 +282,8 @@ def test_a_scaled_update_cannot_dominate_a_round_with_a_fixed_clipping_bound(tmp
         run.honest.join()
         run.hostile.join()
         before = run.next_tasks()
-        run.send(run.honest, run.honest_task, HONEST)  # type: ignore[arg-type]
-        run.send(run.hostile, run.hostile_task, scaled)  # type: ignore[arg-type]
+        run.send(run.honest, run.honest_task, HONEST)
+        run.send(run.hostile, run.hostile_task, scaled)
         run.done()
 
         state = run.coord.federation.global_state
@@ -299,14 +300,14 @@ def test_adaptive_clipping_holds_a_scaled_update_to_twice_the_last_rounds_median
         run.honest.join()
         run.hostile.join()
         run.next_tasks()
-        run.send(run.honest, run.honest_task, HONEST)  # type: ignore[arg-type]
-        run.send(run.hostile, run.hostile_task, HOSTILE)  # type: ignore[arg-type]  # round 1: an honest-sized update
+        run.send(run.honest, run.honest_task, HONEST)
+        run.send(run.hostile, run.hostile_task, HOSTILE)  # round 1: an honest-sized update
         _wait_for(lambda: run.coord.federation.completed_rounds == 1, "round 1")
         before = run.next_tasks()
         second = _delta(seed=4)
         scaled = {n: t * 1e6 for n, t in HOSTILE.items()}
-        run.send(run.honest, run.honest_task, second)  # type: ignore[arg-type]
-        run.send(run.hostile, run.hostile_task, scaled)  # type: ignore[arg-type]
+        run.send(run.honest, run.honest_task, second)
+        run.send(run.hostile, run.hostile_task, scaled)
         run.done()
 
         first_norms = (_norms(HONEST), _norms(HOSTILE))

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,7 +64,7 @@ class Honest:
     """A worker that downloads the global model and uploads a known delta (full strategy: every part)."""
 
     worker: RawWorker
-    task: TrainTask | None = None
+    task: TrainTask = field(init=False)  # set by take_task
     before: Tensors | None = None  # the global model its round started from
     delta: Tensors | None = None
 
@@ -78,7 +78,6 @@ class Honest:
         self.before = safetensors.torch.load(weights)
 
     def upload(self, seed: int = 2, timeout: float = 30.0) -> pb.UploadResponse:
-        assert self.task is not None
         self.delta = _delta(self.task, seed)
         return self.worker.upload_messages(self.worker.update_messages(self.task, _payload(self.task, self.delta), chunk_size=CHUNK), timeout=timeout)
 
@@ -187,7 +186,10 @@ def test_upload_streams_end_with_their_round(tmp_path: Path) -> None:
                     read = _read(coord)
                     streams.append(_stall(w, task, _payload(task, _delta(task, seed=1)), release))
                     if w is stalling:  # it holds the slot before the other one asks for it
-                        wait_until(lambda read=read: _read(coord) >= read + 3 * CHUNK, "the stalled upload read", 10)
+                        def read_past(target: float = read + 3 * CHUNK) -> bool:
+                            return _read(coord) >= target
+
+                        wait_until(read_past, "the stalled upload read", 10)
 
                 codes = [s.code(deadline + 5) for s in streams]  # open until the round closes, no longer
                 wait_until(lambda: _committed(tmp_path), "round 1 committed", 10)

@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,7 @@ FIRST, SECOND = "a" * 32, "b" * 32  # installation ids
 def coordinator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Coordinator, tuple[tuple[str, str], ...]]]:
     """A coordinator waiting for workers (no round starts), plain or with worker tokens; the metadata a
     caller holding hospital-1's credentials sends."""
-    settings: dict[str, object] = {}
+    settings: dict[str, Any] = {}
     metadata: tuple[tuple[str, str], ...] = ()
     if request.param == "tokens":
         (tmp_path / "tokens.json").write_text(json.dumps({"hospital-1": TOKEN}))
@@ -39,7 +40,7 @@ def coordinator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
         metadata = (("authorization", f"Bearer {TOKEN}"),)
     cfg = CoordinatorConfig(
         model="tiny", rounds=1, min_workers=3, listen="localhost:0", metrics_port=-1, insecure=True, progress="off",
-        checkpoint_dir=str(tmp_path / "ckpt"), **settings,  # type: ignore[arg-type]
+        checkpoint_dir=str(tmp_path / "ckpt"), **settings,
     )  # fmt: skip
     coord = Coordinator(cfg, Metrics()).start()
     try:
@@ -65,7 +66,7 @@ def test_a_second_installation_of_a_live_worker_id_is_refused_counted_and_the_fi
             twin.join()
 
         assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert refused.value.details().startswith(f"duplicate_worker: worker id 'hospital-1' is held by a live session of another installation (installation '{FIRST[:12]}'")
+        assert (refused.value.details() or "").startswith(f"duplicate_worker: worker id 'hospital-1' is held by a live session of another installation (installation '{FIRST[:12]}'")
         assert (_joins(coord, "accepted"), _joins(coord, "duplicate_worker")) == (1, 1)
         first.stub.Heartbeat(pb.HeartbeatRequest(session_id=first.session_id), timeout=10, metadata=metadata)
         assert [(r.worker_id, r.info.installation_id) for r in coord.registry.connected()] == [("hospital-1", FIRST)]
@@ -100,10 +101,11 @@ def test_a_restart_of_the_same_installation_takes_its_session_over_at_once(
 def test_installation_and_instance_ids_out_of_range_are_refused(coordinator: tuple[Coordinator, tuple[tuple[str, str], ...]]) -> None:
     coord, metadata = coordinator
     with grpc.insecure_channel(coord.address) as channel:
-        for fields in [{"installation_id": "x" * 129}, {"instance_id": "../p"}]:
+        cases: list[dict[str, Any]] = [{"installation_id": "x" * 129}, {"instance_id": "../p"}]
+        for fields in cases:
             with pytest.raises(grpc.RpcError) as refused:
-                RawWorker(channel, "hospital-1", metadata=metadata, **fields).join()  # type: ignore[arg-type]
-            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and refused.value.details().startswith("bad_worker_info: ")
+                RawWorker(channel, "hospital-1", metadata=metadata, **fields).join()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and (refused.value.details() or "").startswith("bad_worker_info: ")
     assert _joins(coord, "bad_worker_info") == 2
 
 

@@ -194,17 +194,19 @@ def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab:
     for w in workers:
         ready[w] = _ready(tmp_path / f"{w}.ready.json", procs[w], tmp_path / f"{w}.log")
 
-    def alive() -> None:
+    def failed() -> bool:
+        """False, unless a process exited with an error: then that error (`failed() or done` waits for done)."""
         for name, p in [("coordinator", coordinator), *procs.items()]:
             if p.poll() not in (None, 0):
                 raise RuntimeError(f"{name} exited with {p.returncode}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}")
+        return False
 
     def uploaded(w: str) -> float:
         return lab.scrape(w, ready[w]["metrics_port"]).get(("feddiff_wire_bytes_total", (("direction", "up"),)), 0.0)
 
-    wait_until(lambda: alive() or len(rounds_log(ckpt)) >= 1, "round 1", 180)
+    wait_until(lambda: failed() or len(rounds_log(ckpt)) >= 1, "round 1", 180)
     after_round_1 = uploaded("client-2")
-    wait_until(lambda: alive() or uploaded("client-2") > after_round_1, "client-2's round 2 upload", 120, every=0.1)
+    wait_until(lambda: failed() or uploaded("client-2") > after_round_1, "client-2's round 2 upload", 120, every=0.1)
     lab.set_link("client-2", "down")
     sent_before_cut = uploaded("client-2") - after_round_1
     cut_during = len(rounds_log(ckpt))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -35,11 +36,11 @@ FIRST, SECOND = "a" * 32, "b" * 32  # installation ids
 
 
 @contextmanager
-def _coordinator(tmp_path: Path, rounds: int = 2, **settings: object) -> Iterator[tuple[Coordinator, grpc.Channel]]:
+def _coordinator(tmp_path: Path, rounds: int = 2, **settings: Any) -> Iterator[tuple[Coordinator, grpc.Channel]]:
     cfg = CoordinatorConfig(
         model="tiny", strategy="udec", rounds=rounds, epochs=1, batch_size=8, min_workers=1, round_deadline=120.0,
         heartbeat_interval=0.5, heartbeat_timeout=2.0, listen="localhost:0", metrics_port=-1, insecure=True, progress="off",
-        checkpoint_dir=str(tmp_path / "ckpt"), **settings,  # type: ignore[arg-type]
+        checkpoint_dir=str(tmp_path / "ckpt"), **settings,
     )  # fmt: skip
     coord = Coordinator(cfg, Metrics()).start()
     try:
