@@ -85,6 +85,8 @@ class PrometheusAPI:
 
 
 def start_prometheus(config: Path, workdir: Path) -> PrometheusAPI:
+    if PROMETHEUS is None:
+        raise FileNotFoundError("the prometheus server is not installed (apt-get install prometheus)")
     port = free_port()
     log = workdir / "prometheus.log"
     with open(log, "wb") as out:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from dashboard import dashboard_queries, dashboard_targets
 
+from tests.deploy.dashboard import dashboard_queries, dashboard_targets
 from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]

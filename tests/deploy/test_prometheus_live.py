@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dashboard import dashboard_targets
-from prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, prometheus_config, start_prometheus, stop_prometheus
 
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.unet import build_model, layout_of
 from feddiff.local import LocalCluster, wait_for_state
+from tests.deploy.dashboard import dashboard_targets
+from tests.deploy.prometheus_server import PROM_CONFIG, PROMETHEUS, PrometheusAPI, prometheus_config, start_prometheus, stop_prometheus
 from tools.system_packages import skip_reason
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,14 +14,15 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
-from fedcore.federation.checkpoint import load_private
+from fedcore.model.diffusers_unet import DiffusersUNetConfig
 from fedcore.model.parts import ALL_PARTS, Part
-from fedcore.model.unet import build_model, layout_of, preset
+from fedcore.model.unet import ModelName, build_model, layout_of, preset
 from fedcore.payload import serialization
 from fedcore.payload.serialization import load_file
 from feddiff.cli import main
 from feddiff.local import LocalCluster, wait_for_state
 from feddiff.models_cli import build_trained, load_trained, personalise
+from tests.checkpoints import saved_private
 from tests.system.raw_client import RawWorker
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
@@ -29,7 +30,7 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not 
 # Four processes import torch and diffusers: on a shared 2-core machine the run takes minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-MODEL = "diffusers-tiny"
+MODEL: ModelName = "diffusers-tiny"
 K, R = 2, 2
 RUN = ["--model", MODEL, "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--batch-size", "32", "--seed", "5"]
 DATA = ["--max-images", "128"]
@@ -79,7 +80,7 @@ def test_a_personalised_export_is_a_pipeline_diffusers_loads_and_samples(grpc_ru
     with torch.no_grad():
         assert torch.equal(pipeline.unet(x, t).sample, ours(x, t))
     # Its encoder and bottleneck are the worker's own, its decoder the global one.
-    private, _ = load_private(state_dir, "private")  # type: ignore[misc]
+    private, _ = saved_private(state_dir, "private")
     unet = pipeline.unet.state_dict()
     layout = layout_of(build_model(MODEL))
     assert all(torch.equal(unet[k], private[k]) for k in layout.names([Part.ENCODER, Part.BOTTLENECK]))
@@ -117,7 +118,9 @@ def test_the_paper_unet_is_not_exported_as_a_pipeline(tmp_path: Path, capsys: py
 
 def _saved_unet(folder: Path, **changes: object) -> dict[str, torch.Tensor]:
     torch.manual_seed(11)
-    unet = diffusers.UNet2DModel(**{**preset(MODEL).unet_kwargs(), **changes})
+    cfg = preset(MODEL)
+    assert isinstance(cfg, DiffusersUNetConfig)
+    unet = diffusers.UNet2DModel(**{**cfg.unet_kwargs(), **changes})
     unet.save_pretrained(str(folder))
     return unet.state_dict()
 

@@ -16,6 +16,8 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
+from fedcore.federation.client import TrainTask
+from fedcore.model.parts import PartLayout
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
@@ -24,7 +26,7 @@ from fedcore.wire.stream import StreamHeader
 from tests.system.raw_client import RawWorker
 
 
-def _delta_payload(task, layout) -> bytes:  # type: ignore[no-untyped-def]
+def _delta_payload(task: TrainTask, layout: PartLayout) -> bytes:
     import torch
 
     tensors = {n: torch.full(s.shape, 1e-4) for n, s in layout.specs(task.returns).items()}  # about one Adam step at lr 1e-4
@@ -86,4 +88,4 @@ def test_an_update_whose_digest_does_not_match_is_refused_whichever_digest(algor
         with pytest.raises(grpc.RpcError) as e:
             worker.upload_messages(worker.update_messages(task, update, header=wrong))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.details().startswith(f"bad_hash: payload {algorithm} ")
+        assert (e.value.details() or "").startswith(f"bad_hash: payload {algorithm} ")

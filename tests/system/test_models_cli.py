@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fedcore.federation.checkpoint import load_private, load_run, personalised_state
+from fedcore.federation.checkpoint import personalised_state
 from fedcore.model.parts import Part
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.payload.serialization import load_file
 from feddiff.cli import main
+from tests.checkpoints import saved_private, saved_run
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +53,7 @@ def test_export_writes_the_global_model_and_its_config(run_dir: Path, tmp_path: 
 
     assert code == 0
     tensors, metadata = load_file(out)
-    expected, state = load_run(run_dir)  # type: ignore[misc]
+    expected, state = saved_run(run_dir)
     assert tensors.keys() == expected.keys()
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
     config = json.loads(out.with_suffix(".json").read_text())
@@ -71,8 +72,8 @@ def test_export_of_a_worker_state_dir_is_its_personalised_model(run_dir: Path, w
 
     assert code == 0
     tensors, _ = load_file(out)
-    global_state, _ = load_run(run_dir)  # type: ignore[misc]
-    private, _ = load_private(worker_state, "private")  # type: ignore[misc]
+    global_state, _ = saved_run(run_dir)
+    private, _ = saved_private(worker_state, "private")
     expected = personalised_state(global_state, private)
     assert tensors.keys() == expected.keys()
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
@@ -91,8 +92,8 @@ def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, t
     code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(run_dir / "clients"), "--client", "client-0", "--out", str(out)])
 
     assert code == 0
-    global_state, _ = load_run(run_dir)  # type: ignore[misc]
-    private, _ = load_private(run_dir / "clients", "client-0")  # type: ignore[misc]
+    global_state, _ = saved_run(run_dir)
+    private, _ = saved_private(run_dir / "clients", "client-0")
     tensors, _ = load_file(out)
     expected = personalised_state(global_state, private)
     assert all(torch.equal(tensors[k], expected[k]) for k in expected)
@@ -139,7 +140,7 @@ def test_a_coordinators_final_model_is_preferred_to_the_last_round_checkpoint(ru
 
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(run_dir, checkpoints)
-    global_state, state = load_run(run_dir)  # type: ignore[misc]
+    global_state, state = saved_run(run_dir)
     final = {k: v + 1 for k, v in global_state.items()}
     save_file(checkpoints / "final.safetensors", final, {"completed_rounds": str(state.completed_rounds)})
 

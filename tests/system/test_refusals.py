@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -31,12 +32,12 @@ Code = grpc.StatusCode
 
 
 @contextmanager
-def _coordinator(tmp_path: Path, **settings: object) -> Iterator[tuple[Coordinator, grpc.Channel]]:
-    base = {
+def _coordinator(tmp_path: Path, **settings: Any) -> Iterator[tuple[Coordinator, grpc.Channel]]:
+    base: dict[str, Any] = {
         "model": "tiny", "strategy": "udec", "rounds": 1, "min_workers": 2, "quorum": 1.0, "round_deadline": DEADLINE, "max_refused_attempts": 3,
         "listen": "localhost:0", "metrics_port": -1, "insecure": True, "progress": "off", "checkpoint_dir": str(tmp_path / "ckpt"),
     }  # fmt: skip
-    coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
+    coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()
     try:
         with grpc.insecure_channel(coord.address) as channel:
             yield coord, channel

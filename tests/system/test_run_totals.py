@@ -5,7 +5,9 @@ start from zero."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,12 +31,12 @@ def _coordinator(tmp_path: Path, *, resume: bool) -> tuple[Coordinator, Metrics]
     return Coordinator(cfg, metrics).start(), metrics
 
 
-def _tally(tmp_path: Path) -> dict[str, object]:
+def _tally(tmp_path: Path) -> Mapping[str, Any]:
     saved = checkpoint.load_run(tmp_path)
     return saved[1].tally if saved is not None else {}
 
 
-def _run_gauges(metrics: Metrics) -> dict[str, dict[str, float]]:
+def _run_gauges(metrics: Metrics) -> dict[str, dict[str, float | None]]:
     value = metrics.registry.get_sample_value
     return {
         "round_attempts": {o: value("feddiff_run_round_attempts", {"outcome": o}) for o in ("complete", "quorum", "no_quorum")},
@@ -53,13 +55,13 @@ def test_attempts_without_quorum_and_refusals_survive_a_restart(tmp_path: Path) 
                 worker.upload_messages([pb.UpdateChunk(data=b"no header first")], timeout=10)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             deadline = time.monotonic() + 30
-            while _tally(tmp_path).get("round_attempts", {}).get("no_quorum", 0) < 1:  # type: ignore[union-attr]
+            while _tally(tmp_path).get("round_attempts", {}).get("no_quorum", 0) < 1:
                 assert time.monotonic() < deadline, "no attempt without quorum was checkpointed"
                 time.sleep(0.05)
     finally:
         first.stop(grace=0)
     tally = _tally(tmp_path)
-    attempts = tally["round_attempts"]["no_quorum"]  # type: ignore[index]
+    attempts = tally["round_attempts"]["no_quorum"]
     before = _run_gauges(metrics)
 
     resumed, fresh = _coordinator(tmp_path, resume=True)

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,9 +38,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _coordinator(tmp_path: Path, **settings: object) -> Coordinator:
-    base = {"model": "tiny", "strategy": "udec", "rounds": 1, "epochs": 1, "min_workers": 2, "listen": "localhost:0", "metrics_port": -1, "checkpoint_dir": str(tmp_path / "ckpt"), "round_deadline": 60.0}
-    return Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
+def _coordinator(tmp_path: Path, **settings: Any) -> Coordinator:
+    base: dict[str, Any] = {"model": "tiny", "strategy": "udec", "rounds": 1, "epochs": 1, "min_workers": 2, "listen": "localhost:0", "metrics_port": -1, "checkpoint_dir": str(tmp_path / "ckpt"), "round_deadline": 60.0}
+    return Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()
 
 
 def _mtls_channel(pki: Path, address: str, name: str, ca: Path | None = None) -> grpc.Channel:

@@ -27,6 +27,7 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
+from tests.parsers import subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
 
@@ -78,7 +79,8 @@ def _numeric(cls: type) -> list[tuple[type, str]]:
 
 def _upper(cls: type, name: str) -> float:
     tp = get_type_hints(cls, include_extras=True)[name]
-    return min(m.le if m.le is not None else m.lt for m in get_args(tp)[1:] if isinstance(m, Interval) and (m.le is not None or m.lt is not None))
+    ends = [m.le if m.le is not None else m.lt for m in get_args(tp)[1:] if isinstance(m, Interval)]
+    return min(end for end in ends if isinstance(end, (int, float)))
 
 
 def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
@@ -116,10 +118,10 @@ def test_the_largest_values_fit_the_messages_they_are_sent_in() -> None:
 
 
 @contextmanager
-def _coordinator(tmp_path: Path, **overrides: object) -> Iterator[Coordinator]:
+def _coordinator(tmp_path: Path, **overrides: Any) -> Iterator[Coordinator]:
     cfg = CoordinatorConfig(
         model="tiny", min_workers=2, listen="localhost:0", metrics_port=-1, insecure=True, progress="off",
-        checkpoint_dir=str(tmp_path / "ckpt"), **overrides,  # type: ignore[arg-type]
+        checkpoint_dir=str(tmp_path / "ckpt"), **overrides,
     )  # fmt: skip
     coord = Coordinator(cfg, Metrics()).start()
     try:
@@ -228,7 +230,7 @@ def test_no_number_takes_a_boolean_nor_a_boolean_a_number_nor_any_number_nan_or_
 
 def test_help_shows_each_flags_type_and_range_from_its_setting() -> None:
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands = subcommands(parser)
     for command, classes in (("coordinator", [CoordinatorConfig]), ("worker", [WorkerConfig, SpeedConfig])):
         helps = {o: a.help or "" for a in commands[command]._actions for o in a.option_strings}
         for cls in classes:

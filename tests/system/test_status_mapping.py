@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -58,7 +59,7 @@ def _request(method: MethodDescriptor, session_id: str) -> Message:
 
 def _call(channel: grpc.Channel, method: MethodDescriptor, request: Message, metadata: tuple[tuple[str, str], ...]) -> None:
     """Call `method` as a generic client does (one request message; a response stream read to its end)."""
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream, (True, False): channel.stream_unary, (True, True): channel.stream_stream}
+    kind: dict[tuple[bool, bool], Callable[..., Callable[..., Any]]] = {(False, False): channel.unary_unary, (False, True): channel.unary_stream, (True, False): channel.stream_unary, (True, True): channel.stream_stream}
     stub = kind[method.client_streaming, method.server_streaming](
         f"/{SERVICE.full_name}/{method.name}",
         request_serializer=type(request).SerializeToString,
@@ -70,14 +71,14 @@ def _call(channel: grpc.Channel, method: MethodDescriptor, request: Message, met
 
 
 def _coordinator(tmp_path: Path, tokens: bool) -> Coordinator:
-    settings: dict[str, object] = {}
+    settings: dict[str, Any] = {}
     if tokens:
         path = tmp_path / "tokens.json"
         path.write_text(json.dumps(TOKENS))
         settings["tokens_file"] = str(path)
     cfg = CoordinatorConfig(
         model="tiny", rounds=1, min_workers=2, listen="localhost:0", metrics_port=-1, insecure=True, progress="off",
-        checkpoint_dir=str(tmp_path / "ckpt"), **settings,  # type: ignore[arg-type]
+        checkpoint_dir=str(tmp_path / "ckpt"), **settings,
     )  # fmt: skip
     return Coordinator(cfg, Metrics()).start()
 
@@ -139,7 +140,7 @@ def test_every_rpc_on_a_dead_session_is_unauthenticated_counted_and_without_a_tr
         with pytest.raises(grpc.RpcError) as e:
             _call(channel, method, _request(method, session), metadata)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (how, e.value.code(), e.value.details())
-        assert e.value.details().startswith("unauthenticated: "), e.value.details()
+        assert (e.value.details() or "").startswith("unauthenticated: "), e.value.details()
     assert _counted(coord, method.name, "unauthenticated") == len(dead)
     assert _tracebacks(caplog) == []
 
@@ -156,7 +157,8 @@ def test_a_long_poll_whose_session_ends_meanwhile_is_unauthenticated_without_a_t
         stub.Leave(pb.LeaveRequest(session_id=session), timeout=10, metadata=metadata)
     assert not poll.done(), "the poll was waiting when its session ended"
 
-    assert poll.exception(timeout=20).code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[union-attr]
+    error = poll.exception(timeout=20)
+    assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAUTHENTICATED, error
     assert _counted(coord, "WaitTask", "unauthenticated") == 1
     assert _tracebacks(caplog) == []
 

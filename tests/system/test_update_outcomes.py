@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +28,7 @@ from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from tests.checkpoints import saved_run
 from tests.reliability.test_badinput import CASES
 from tests.system.raw_client import RawWorker, StalledUpload
 
@@ -62,14 +64,14 @@ class Round:
 
 
 @contextmanager
-def _round(tmp_path: Path, silent: int = 1, **settings: object) -> Iterator[Round]:
+def _round(tmp_path: Path, silent: int = 1, **settings: Any) -> Iterator[Round]:
     """A round (tiny model, every part) of a worker whose task is taken, beside `silent` workers that never
     answer (the round stays open after the worker's update); the coordinator stopped after."""
-    base = {
+    base: dict[str, Any] = {
         "model": "tiny", "strategy": "full", "rounds": 2, "epochs": 1, "min_workers": 1 + silent, "round_deadline": 30.0, "listen": "localhost:0",
         "metrics_port": -1, "insecure": True, "progress": "off", "checkpoint_dir": str(tmp_path / "ckpt"),
     }  # fmt: skip
-    coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()  # type: ignore[arg-type]
+    coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()
     release = threading.Event()  # ends the client side of stalled uploads
     try:
         with grpc.insecure_channel(coord.address) as channel:
@@ -91,9 +93,9 @@ def _stall(r: Round, count: int = 4) -> StalledUpload:
     return StalledUpload(r.worker, r.messages(count), r.release)
 
 
-def _wait_for(condition: object, timeout: float = 10.0) -> None:
+def _wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
@@ -109,7 +111,7 @@ def test_every_outcome_label_has_a_test() -> None:
 def test_every_error_an_upload_can_end_with_has_its_label() -> None:
     """A new stream, payload or round error is either a refusal (its reason labels it) or a missed update."""
 
-    def leaves(cls: type) -> set[type]:
+    def leaves(cls: type[errors.FeddiffError]) -> set[type[errors.FeddiffError]]:
         subs = cls.__subclasses__()
         return {cls} if not subs else set().union(*(leaves(s) for s in subs))
 
@@ -148,7 +150,7 @@ def test_upload_in_progress(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as e:
             r.worker.upload_messages(r.messages(), timeout=10)
         assert e.value.code() == Code.RESOURCE_EXHAUSTED
-        assert "already has an upload in progress" in e.value.details()
+        assert "already has an upload in progress" in (e.value.details() or "")
         assert r.counts() == {"upload_in_progress": 1}
         assert not first.call.done()
 
@@ -156,12 +158,16 @@ def test_upload_in_progress(tmp_path: Path) -> None:
 def test_aborted_when_its_worker_cancels(tmp_path: Path) -> None:
     """The stream ends early when its call is cancelled: counted aborted, not refused as short (bad_size)."""
     with _round(tmp_path) as r:
-        for cancelled in range(1, 4):
+
+        def cancel_one(aborted_after: int) -> None:
             stalled = _stall(r)
-            _wait_for(lambda stalled=stalled: stalled.stalled_at)
+            _wait_for(lambda: stalled.stalled_at)
             time.sleep(0.1)
             stalled.call.cancel()
-            _wait_for(lambda cancelled=cancelled: sum(r.counts().values()) == cancelled)
+            _wait_for(lambda: sum(r.counts().values()) == aborted_after)
+
+        for cancelled in range(1, 4):
+            cancel_one(cancelled)
         assert r.counts() == {"aborted": 3}
 
 
@@ -169,7 +175,8 @@ def test_aborted_when_it_stalls(tmp_path: Path) -> None:
     with _round(tmp_path, upload_idle_timeout=0.5) as r:
         stalled = _stall(r)
         assert stalled.code(10) == Code.DEADLINE_EXCEEDED
-        assert "upload_idle_timeout" in stalled.call.exception().details()
+        error = stalled.call.exception()
+        assert isinstance(error, grpc.Call) and "upload_idle_timeout" in (error.details() or "")
         assert r.counts() == {"aborted": 1}
         assert r.worker.upload_messages(r.messages(), timeout=10).outcome == "accepted"  # the worker may send again
 
@@ -203,7 +210,7 @@ def test_new_labels_reach_the_checkpointed_tally_and_come_back_on_resume(tmp_pat
         assert first.code(10) == Code.DEADLINE_EXCEEDED  # aborted
         r.worker.upload_messages(r.messages(), timeout=10)  # accepted: round 1 closes and is checkpointed
         _wait_for(lambda: (saved := checkpoint.load_run(tmp_path / "ckpt")) is not None and saved[1].completed_rounds == 1)
-    tally = checkpoint.load_run(tmp_path / "ckpt")[1].tally  # type: ignore[index]
+    tally = saved_run(tmp_path / "ckpt")[1].tally
     assert tally["updates"] == {"accepted": 1, "aborted": 1, "upload_in_progress": 1}
 
     cfg = CoordinatorConfig(
