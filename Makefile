@@ -1,5 +1,6 @@
-# feddiff: `make demo` runs a real federated job on loopback; `make test` runs the suite.
-# Both install what is missing first (a .venv at the repository root, torch pinned to the CPU wheel).
+# feddiff: `make demo` runs a real federated job on loopback; `make test` runs the suite; `make lint`,
+# `make typecheck` and `make test-unit` are the quick checks (ruff, mypy, the fast tests).
+# Each installs what is missing first (a .venv at the repository root, torch pinned to the CPU wheel).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install dataset system-packages proto test smoke demo soak bench clean
+.PHONY: install dataset system-packages proto lint typecheck test-unit test smoke demo soak bench clean
 
 install: $(STAMP)
 
@@ -47,6 +48,21 @@ bench: install dataset
 	$(PY) -m bench.rounds_scale --quick
 	$(PY) -m bench.accept --quick
 
+# ruff's rules and its formatter's width are in pyproject.toml ([tool.ruff]); `ruff format .` applies the format.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Every package and the tests, as pyproject.toml's [tool.mypy] says; the cache (.mypy_cache) makes reruns quick.
+typecheck: install
+	$(PY) -m mypy
+
+# The fast tests: everything but the suites that start processes, kill them, shape networks or run Prometheus
+# (a few minutes on 2 CPU cores).
+UNIT_TESTS := not slow and not e2e and not faults and not network and not prometheus and not gpu
+test-unit: install dataset
+	$(PY) -m pytest -q -m "$(UNIT_TESTS)"
+
 test: install dataset system-packages
 	$(PY) -m pytest -q
 
@@ -55,4 +71,4 @@ soak: install dataset
 	$(PY) -m tools.soak
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs
