@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedcore.data.datasets import load_fashion_mnist, to_model_range  # noqa: E402
-from fedcore.evaluation.extractors import (  # noqa: E402
+from fedcore.data.datasets import load_fashion_mnist, to_model_range  # noqa: E402 (after the sys.path entry: it runs as a file too)
+from fedcore.evaluation.extractors import (  # noqa: E402 (the same)
     ASSET_DIR,
     CLASSIFIER_MANIFEST,
     CLASSIFIER_WEIGHTS,
