@@ -77,9 +77,7 @@ class BareStream:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
         self._down = self.channel.unary_stream("/bare.Bare/Down", request_serializer=_identity, response_deserializer=_identity)
         self._up = self.channel.stream_unary("/bare.Bare/Up", request_serializer=_identity, response_deserializer=_identity)
-        self._up_hashed = {
-            a: self.channel.stream_unary(f"/bare.Bare/Up_{a}", request_serializer=_identity, response_deserializer=_identity) for a in DIGESTS
-        }
+        self._up_hashed = {a: self.channel.stream_unary(f"/bare.Bare/Up_{a}", request_serializer=_identity, response_deserializer=_identity) for a in DIGESTS}
         self.buffer = bytearray(size)
         self.payload = os.urandom(size)
 

@@ -58,8 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS), help="settings of the centralised cell")
     parser.add_argument("--rounds", type=int, default=15, help="rounds (epochs over the data) to train")
-    parser.add_argument("--batch-size", type=int, default=0, help="batch size (default: the protocol's); K x the "
-                        "protocol's batch gives a centralised run as many optimizer steps as K clients' FedAvg")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="batch size (default: the protocol's); K x the protocol's batch gives a centralised run as many optimizer steps as K clients' FedAvg",
+    )
     parser.add_argument("--lr", type=float, default=0.0, help="Adam's lr (default: the protocol's)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
     parser.add_argument("--out", default="", help="run folder (default: a temporary one)")

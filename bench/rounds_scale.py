@@ -161,7 +161,21 @@ def main() -> int:
         clients = []
         for first in range(0, args.workers, per_process):
             count = min(per_process, args.workers - first)
-            cmd = [sys.executable, "-m", "bench.rounds_scale", "--address", coord.address, "--client", str(first), str(count), str(rounds), "--work", str(args.work), "--jitter", str(args.jitter)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.rounds_scale",
+                "--address",
+                coord.address,
+                "--client",
+                str(first),
+                str(count),
+                str(rounds),
+                "--work",
+                str(args.work),
+                "--jitter",
+                str(args.jitter),
+            ]
             clients.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
         cpu = psutil.Process(coord.pid)
         client_procs = [psutil.Process(c.pid) for c in clients]
@@ -191,7 +205,9 @@ def main() -> int:
                         now_client_cpu = clients_cpu()
                         client_cpu_seconds.append(now_client_cpu - last_client_cpu)
                         last_client_cpu = now_client_cpu
-                        log(f"round {done}: {durations[-1] * 1000:.0f} ms, CPU: coordinator {cpu_seconds[-1] * 1000:.0f} ms, clients {client_cpu_seconds[-1] * 1000:.0f} ms")
+                        log(
+                            f"round {done}: {durations[-1] * 1000:.0f} ms, CPU: coordinator {cpu_seconds[-1] * 1000:.0f} ms, clients {client_cpu_seconds[-1] * 1000:.0f} ms"
+                        )
                     seen, total = done, s
                 time.sleep(0.1)  # a scrape costs the coordinator CPU: 10 a second, not 50
             health = list(probe.latencies)
@@ -214,8 +230,10 @@ def main() -> int:
         phases["tasks_out"].append(max(r["task"] for r in rs) - min(r["task"] for r in rs))
         phases["downloads"].append(max(r["down"] for r in rs) - min(r["task"] for r in rs))
         phases["uploads"].append(max(r["up"] for r in rs) - min(r["worked"] for r in rs))
-        log(f"round {i + 1}: tasks handed out over {phases['tasks_out'][-1] * 1000:.0f} ms, downloads done after "
-            f"{phases['downloads'][-1] * 1000:.0f} ms, uploads took {phases['uploads'][-1] * 1000:.0f} ms")
+        log(
+            f"round {i + 1}: tasks handed out over {phases['tasks_out'][-1] * 1000:.0f} ms, downloads done after "
+            f"{phases['downloads'][-1] * 1000:.0f} ms, uploads took {phases['uploads'][-1] * 1000:.0f} ms"
+        )
     figures: dict[str, object] = {
         **machine(),
         "model": MODEL,
@@ -229,7 +247,9 @@ def main() -> int:
         "clients_cpu_ms_per_round": median(client_cpu_seconds[1:] or client_cpu_seconds) * 1000,
         # all the CPU a round takes on this machine (coordinator and clients share its cores) spread over the
         # cores: a floor for the overhead when the local work is the same everywhere, as it is by default
-        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds[1:] or cpu_seconds, client_cpu_seconds[1:] or client_cpu_seconds, strict=True)]) / (os.cpu_count() or 1) * 1000,
+        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds[1:] or cpu_seconds, client_cpu_seconds[1:] or client_cpu_seconds, strict=True)])
+        / (os.cpu_count() or 1)
+        * 1000,
         "coordinator_cpu_ms_per_worker_round": median(cpu_seconds[1:] or cpu_seconds) / args.workers * 1000,
         "download_phase_ms": median(phases["downloads"]) * 1000,
         "upload_phase_ms": median(phases["uploads"]) * 1000,

@@ -63,8 +63,7 @@ class EvalPhase:
         meta = PayloadMeta(kind="weights", model=federation.config.model, round=r, parts=parts)
         payload = serialization.encode({n: federation.global_state[n] for n in federation.layout.names(parts)}, meta)
         tasks = {
-            w: EvalTask(round=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples)
-            for w in workers
+            w: EvalTask(round=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples) for w in workers
         }
         return cls(r, tasks, payload)
 
@@ -122,8 +121,26 @@ class GlobalEvaluator:
             model.to(self.device)
             score = score_generator(model, reference, extractor, spec, device=self.device)
             grid = save_grid(score.samples[:64], self.out_dir / "samples" / f"global-r{completed_rounds:04d}.png", nrow=8)
-        log.info("round %d: global model FD %.2f (%d %s samples, %s); samples in %s", completed_rounds, score.fd, spec.num_samples, spec.sampler, extractor.name, grid)
-        return {"round": completed_rounds, "kind": "evaluation", "models": "global", "fd": {"global": score.fd}, "fd_mean": score.fd, "fd_std": 0.0, "extractor": extractor.name, "evaluated": 1, "asked": 1}
+        log.info(
+            "round %d: global model FD %.2f (%d %s samples, %s); samples in %s",
+            completed_rounds,
+            score.fd,
+            spec.num_samples,
+            spec.sampler,
+            extractor.name,
+            grid,
+        )
+        return {
+            "round": completed_rounds,
+            "kind": "evaluation",
+            "models": "global",
+            "fd": {"global": score.fd},
+            "fd_mean": score.fd,
+            "fd_std": 0.0,
+            "extractor": extractor.name,
+            "evaluated": 1,
+            "asked": 1,
+        }
 
     def submit(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec, on_result: Callable[[dict[str, Any]], None]) -> None:
         snapshot = {k: v.clone() for k, v in state.items()}

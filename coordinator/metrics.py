@@ -58,9 +58,7 @@ class Metrics(ProcessMetrics):
         r = self.registry
         self.round = Gauge("feddiff_round", "Rounds completed", registry=r)
         self.rounds_planned = Gauge("feddiff_rounds_planned", "Rounds the run is configured for", registry=r)
-        self.round_duration = Histogram(
-            "feddiff_round_duration_seconds", "Wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=r
-        )
+        self.round_duration = Histogram("feddiff_round_duration_seconds", "Wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.round_attempts = Counter(
             "feddiff_round_attempts",
             "How round attempts ended: complete (every update in), quorum (closed at the deadline), no_quorum (re-run), "
@@ -82,25 +80,19 @@ class Metrics(ProcessMetrics):
             ["bound"],
             registry=r,
         )
-        self.clipped_updates = Counter(
-            "feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r
-        )
+        self.clipped_updates = Counter("feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r)
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
         # The run's committed totals (coordinator): the last checkpoint's, restored with --resume.
         self.run_payload_bytes = Gauge(
             "feddiff_run_payload_bytes", "Safetensors payload bytes of the run's committed rounds", ["direction", "part"], registry=r
         )
-        self.run_parameters = Gauge(
-            "feddiff_run_parameters", "Parameters exchanged in the run's committed rounds", ["direction", "part"], registry=r
-        )
+        self.run_parameters = Gauge("feddiff_run_parameters", "Parameters exchanged in the run's committed rounds", ["direction", "part"], registry=r)
         self.run_full_fedavg_parameters = Gauge(
             "feddiff_run_full_fedavg_parameters",
             "Parameters plain FedAvg would have exchanged in the run's committed rounds",
             registry=r,
         )
-        self.run_round_attempts = Gauge(
-            "feddiff_run_round_attempts", "The run's round attempts up to its last checkpoint, by outcome", ["outcome"], registry=r
-        )
+        self.run_round_attempts = Gauge("feddiff_run_round_attempts", "The run's round attempts up to its last checkpoint, by outcome", ["outcome"], registry=r)
         self.run_updates = Gauge("feddiff_run_updates", "The run's updates up to its last checkpoint, by outcome", ["outcome"], registry=r)
         for outcome in ROUND_ATTEMPT_OUTCOMES:
             self.round_attempts.labels(outcome)

@@ -12,10 +12,7 @@ log = logging.getLogger("feddiff.coordinator")
 
 
 def _line(p: RoundProgress, rounds: int) -> str:
-    return (
-        f"{p.state}: round {p.round}/{rounds}, {p.done}/{p.selected} workers done, "
-        f"{p.bytes_down / 1e6:.2f} MB down, {p.bytes_up / 1e6:.2f} MB up"
-    )
+    return f"{p.state}: round {p.round}/{rounds}, {p.done}/{p.selected} workers done, {p.bytes_down / 1e6:.2f} MB down, {p.bytes_up / 1e6:.2f} MB up"
 
 
 class ProgressReporter:

@@ -192,9 +192,7 @@ class RoundDriver:
             failure: str | None = None  # why refusals stop the run
             if got < needed:
                 self.metrics.round_attempts.labels("no_quorum").inc()
-                log.warning(
-                    "round %d: %d of %d updates (%d refused), quorum %d: round re-run", plan.round + 1, got, len(plan.clients), len(refusals), needed
-                )
+                log.warning("round %d: %d of %d updates (%d refused), quorum %d: round re-run", plan.round + 1, got, len(plan.clients), len(refusals), needed)
                 failure = self._refused_attempts.attempt_failed(plan.round, refusals, needed - got)
             else:
                 self._refused_attempts.reset()
@@ -205,7 +203,9 @@ class RoundDriver:
                     log.error("round %d: not committed, the global model stays as it was (round re-run): %s", plan.round + 1, e)
                 else:
                     if got < len(plan.clients):
-                        log.info("round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed)
+                        log.info(
+                            "round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed
+                        )
                     self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
         if outcome is None:
             try:  # the attempt is part of the run's tally
@@ -314,7 +314,12 @@ class RoundDriver:
             log.error("writing the evaluation to the round log failed: %s", e)
         log.info(
             "evaluation after round %s: FD %.2f +- %.2f over %s of %s models (%s)",
-            summary["round"], summary["fd_mean"], summary["fd_std"], summary["evaluated"], summary["asked"], summary["extractor"],
+            summary["round"],
+            summary["fd_mean"],
+            summary["fd_std"],
+            summary["evaluated"],
+            summary["asked"],
+            summary["extractor"],
         )
 
     def _fail(self, error: str) -> None:

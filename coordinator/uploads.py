@@ -50,8 +50,7 @@ class OpenUpload:
             if self._ended is not None:
                 raise self._ended from None
             raise UploadStalled(
-                f"upload of task {self.task_id!r} from worker {self.worker_id!r} received nothing for {idle:g} s "
-                "(upload_idle_timeout): cut off"
+                f"upload of task {self.task_id!r} from worker {self.worker_id!r} received nothing for {idle:g} s (upload_idle_timeout): cut off"
             ) from None
         finally:
             self._scope = self._idle = None
@@ -76,9 +75,7 @@ class OpenUploads:
         current = self._by_worker.get(worker_id)
         if current is not None:
             if current.session_id == session_id:
-                raise UploadInProgress(
-                    f"worker {worker_id!r} already has an upload in progress (task {current.task_id!r}); one at a time"
-                )
+                raise UploadInProgress(f"worker {worker_id!r} already has an upload in progress (task {current.task_id!r}); one at a time")
             current.end(UploadAborted(f"worker {worker_id!r} joined again and uploads anew: the upload of its ended session is cut off"))
         upload = self._by_worker[worker_id] = OpenUpload(worker_id, session_id, task_id)
         try:

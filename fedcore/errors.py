@@ -175,9 +175,7 @@ class ModelUnavailable(TaskRefused):
     reason = "model_unavailable"
 
 
-REJECTION_REASONS = frozenset(
-    cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory, ModelUnavailable)
-)
+REJECTION_REASONS = frozenset(cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory, ModelUnavailable))
 
 
 def rejected_outcome(reason: str) -> str:

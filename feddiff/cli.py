@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=5, help="K; --clients 1 --strategy full is the centralised baseline")
     p.add_argument("--out", default="runs/simulate", help="output folder: rounds.jsonl and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--init-from", default="", metavar="DIR_OR_FILE",
-                   help="start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors")
+    p.add_argument(
+        "--init-from", default="", metavar="DIR_OR_FILE", help="start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors"
+    )
 
     add_reproduce_parser(sub)
 
@@ -332,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-host", action="append", default=[], help="DNS name or IP the workers dial (repeatable)")
     p.add_argument("--worker", action="append", default=[], help="a worker id: its certificate's common name (repeatable)")
 
-    for name, text in (("health", "exit 0 when the coordinator's gRPC health service says SERVING"), ("status", "round, workers, bytes and reduction of a coordinator")):
+    for name, text in (
+        ("health", "exit 0 when the coordinator's gRPC health service says SERVING"),
+        ("status", "round, workers, bytes and reduction of a coordinator"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--address", "--coordinator", dest="address", required=True, help="HOST:PORT")
         p.add_argument("--timeout", type=float, default=5.0)

@@ -95,7 +95,19 @@ class LocalCluster:
     def worker(self, address: str, worker_id: str, *args: str, name: str = "", ready_timeout: float = 60.0) -> Process:
         """A worker process named `name` (default: its worker id), with its state dir in workers/<name>."""
         name = name or worker_id
-        base = ["worker", "--coordinator", address, "--worker-id", worker_id, "--metrics-port", "0", "--state-dir", str(self.workdir / "workers" / name), "--progress", "log"]
+        base = [
+            "worker",
+            "--coordinator",
+            address,
+            "--worker-id",
+            worker_id,
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(self.workdir / "workers" / name),
+            "--progress",
+            "log",
+        ]
         return self._start(name, [*base, *args], ready_timeout)
 
     def stop_all(self) -> None:

@@ -209,9 +209,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
         "worker": trained.worker,
         "private_round": trained.private_round,
         "parameters": layout.total,
-        "parts": {
-            p.value: {"parameters": layout.numel(p), "from": "worker" if p in private else "global"} for p in PART_ORDER
-        },
+        "parts": {p.value: {"parameters": layout.numel(p), "from": "worker" if p in private else "global"} for p in PART_ORDER},
     }
 
 
@@ -375,26 +373,34 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": export, "s
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--worker-state", default="", metavar="DIR",
-                   help="a worker's --state-dir: export its personalised model (the global shared parts + its private parts)")
-    p.add_argument("--client", default=WORKER_PRIVATE_STEM, metavar="STEM",
-                   help="name stem of the private-parts files: 'private' in a worker's --state-dir; "
-                        "client-N in `feddiff simulate`'s OUT/clients")
+    p.add_argument(
+        "--worker-state", default="", metavar="DIR", help="a worker's --state-dir: export its personalised model (the global shared parts + its private parts)"
+    )
+    p.add_argument(
+        "--client",
+        default=WORKER_PRIVATE_STEM,
+        metavar="STEM",
+        help="name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
+    )
     p.add_argument("--model", default="", help="model preset, where the checkpoint does not record it")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="the global or a personalised model as safetensors + a JSON config, or as a diffusers pipeline")
-    p.add_argument("--checkpoint-dir", required=True, metavar="DIR_OR_FILE",
-                   help="the coordinator's (or `feddiff simulate`'s) checkpoint dir, or a .safetensors file")
+    p.add_argument(
+        "--checkpoint-dir", required=True, metavar="DIR_OR_FILE", help="the coordinator's (or `feddiff simulate`'s) checkpoint dir, or a .safetensors file"
+    )
     _add_source_args(p)
-    p.add_argument("--format", choices=["feddiff", "diffusers"], default="feddiff",
-                   help="feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)")
+    p.add_argument(
+        "--format",
+        choices=["feddiff", "diffusers"],
+        default="feddiff",
+        help="feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)",
+    )
     p.add_argument("--out", required=True, help="FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers")
 
     p = subparsers.add_parser("sample", help="a PNG grid of samples from a checkpoint or an exported model")
-    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
-                   help="a checkpoint dir (its final or newest global model) or a .safetensors file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a checkpoint dir (its final or newest global model) or a .safetensors file")
     _add_source_args(p)
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="grid.png")
@@ -407,19 +413,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=int, default=2, help="enlarge each pixel this many times in the PNG")
 
     p = subparsers.add_parser("evaluate", help="the Frechet distance of a model's samples to real images (how good is it?)")
-    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
-                   help="a checkpoint dir (its final or newest global model) or a .safetensors file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a checkpoint dir (its final or newest global model) or a .safetensors file")
     _add_source_args(p)
     p.add_argument("--samples", type=int, default=1000, help="images generated for the FD (default 1000)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="ddim (--steps steps) or ddpm (all 1000)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise")
-    p.add_argument("--reference-dir", default="", metavar="DIR",
-                   help="a folder of real images to compare with (default: the Fashion-MNIST test set)")
+    p.add_argument("--reference-dir", default="", metavar="DIR", help="a folder of real images to compare with (default: the Fashion-MNIST test set)")
     p.add_argument("--reference-images", type=int, default=0, help="use the first N reference images (0 = all)")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
-    p.add_argument("--inception-weights", default="", metavar="PATH",
-                   help="pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)")
+    p.add_argument(
+        "--inception-weights", default="", metavar="PATH", help="pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)"
+    )
     p.add_argument("--grid", default="", metavar="PNG", help="also write the first 64 samples as a grid")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")

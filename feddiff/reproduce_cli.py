@@ -13,19 +13,23 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "reproduce",
         help="the paper's experiment grid in simulation, one cell at a time, resumable; renders docs/results.md",
     )
-    p.add_argument("--protocol", choices=["quick", "paper", "cpu", "mini"], default="quick",
-                   help="quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
-                        "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); "
-                        "mini: the CI miniature (tiny model, 300 images, 2 rounds)")
-    p.add_argument("--only", action="append", default=[], metavar="STRATEGY:SPLIT",
-                   help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)")
+    p.add_argument(
+        "--protocol",
+        choices=["quick", "paper", "cpu", "mini"],
+        default="quick",
+        help="quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
+        "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); "
+        "mini: the CI miniature (tiny model, 300 images, 2 rounds)",
+    )
+    p.add_argument(
+        "--only", action="append", default=[], metavar="STRATEGY:SPLIT", help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)"
+    )
     p.add_argument("--strategies", default="centralised,full,usplit,ulatdec,udec", help="comma list")
     p.add_argument("--splits", default="iid,label,quantity", help="comma list of iid, label, quantity")
     p.add_argument("--clients", type=int, default=5, help="K of the federated cells (the centralised one has 1)")
     p.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration of the skewed splits")
     p.add_argument("--split-seed", type=int, default=2023)
-    p.add_argument("--seed", type=int, default=0,
-                   help="model init, plans, training and sampling noise; each seed is its own results line and run folder")
+    p.add_argument("--seed", type=int, default=0, help="model init, plans, training and sampling noise; each seed is its own results line and run folder")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
     p.add_argument("--out", default=None, help="run folder (default runs/reproduce/PROTOCOL)")
     p.add_argument("--results", default=None, help="results JSONL (default OUT/results.jsonl)")

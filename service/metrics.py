@@ -21,15 +21,9 @@ class ProcessMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.payload_bytes = Counter(
-            "feddiff_payload_bytes", "Safetensors payload bytes exchanged", ["direction", "part"], registry=r
-        )
-        self.wire_bytes = Counter(
-            "feddiff_wire_bytes", "Bytes of weight-stream messages sent or received", ["direction"], registry=r
-        )
-        self.parameters = Counter(
-            "feddiff_parameters", "Parameters (float32 values) exchanged", ["direction", "part"], registry=r
-        )
+        self.payload_bytes = Counter("feddiff_payload_bytes", "Safetensors payload bytes exchanged", ["direction", "part"], registry=r)
+        self.wire_bytes = Counter("feddiff_wire_bytes", "Bytes of weight-stream messages sent or received", ["direction"], registry=r)
+        self.parameters = Counter("feddiff_parameters", "Parameters (float32 values) exchanged", ["direction", "part"], registry=r)
         self.full_fedavg_parameters = Counter(
             "feddiff_full_fedavg_parameters",
             "Parameters plain FedAvg would have exchanged for the same rounds and participants",

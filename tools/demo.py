@@ -50,7 +50,9 @@ def print_table(rounds: list[dict]) -> None:
     for r in (r for r in rounds if r.get("kind") != "evaluation"):
         down = sum(r["bytes"]["down"].values()) / 1e6
         up = sum(r["bytes"]["up"].values()) / 1e6
-        print(f"{r['round']:>5} {len(r['participants']):>5}/{len(r['planned']):<2} {down:>9.2f} {up:>8.2f} {r['reduction_so_far']:>20.1%} {r['mean_loss']:>8.4f} {r['seconds']:>8.1f}")
+        print(
+            f"{r['round']:>5} {len(r['participants']):>5}/{len(r['planned']):<2} {down:>9.2f} {up:>8.2f} {r['reduction_so_far']:>20.1%} {r['mean_loss']:>8.4f} {r['seconds']:>8.1f}"
+        )
 
 
 def print_quality(rounds: list[dict], p: dict[str, Any], reduction: float) -> None:
@@ -74,8 +76,30 @@ def main() -> int:
     p = plan()
     print(f"feddiff demo: udec, {p['workers']} workers, {p['model']} on {p['device']}, {p['rounds']} rounds; logs in {args.workdir}")
     started = time.perf_counter()
-    run = ["--model", str(p["model"]), "--strategy", "udec", "--rounds", str(p["rounds"]), "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"])]
-    evaluate = ["--eval-every", str(p["eval_every"]), "--eval-samples", str(p["eval_samples"]), "--eval-steps", str(p["eval_steps"]), "--eval-final-sampler", "ddim"]
+    run = [
+        "--model",
+        str(p["model"]),
+        "--strategy",
+        "udec",
+        "--rounds",
+        str(p["rounds"]),
+        "--epochs",
+        str(p["epochs"]),
+        "--batch-size",
+        str(p["batch_size"]),
+        "--lr",
+        str(p["lr"]),
+    ]
+    evaluate = [
+        "--eval-every",
+        str(p["eval_every"]),
+        "--eval-samples",
+        str(p["eval_samples"]),
+        "--eval-steps",
+        str(p["eval_steps"]),
+        "--eval-final-sampler",
+        "ddim",
+    ]
     data = ["--num-clients", str(p["workers"]), "--max-images", str(p["max_images"]), "--threads", str(p["threads"])]
     with LocalCluster(args.workdir) as cluster:
         coord = cluster.coordinator("--insecure", *run, *evaluate, "--min-workers", str(p["workers"]), "--round-deadline", "900")

@@ -28,7 +28,20 @@ def main() -> int:
         coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90")
         address = coord.ready["address"]
         workers = [
-            cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K), "--max-images", "512", "--threads", "1", "--keep-running")
+            cluster.worker(
+                address,
+                f"client-{i}",
+                "--insecure",
+                "--client-index",
+                str(i),
+                "--num-clients",
+                str(K),
+                "--max-images",
+                "512",
+                "--threads",
+                "1",
+                "--keep-running",
+            )
             for i in range(K)
         ]
         wait_for_state(address, "done", timeout=100, procs=[coord, *workers])

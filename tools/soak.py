@@ -44,7 +44,22 @@ def main() -> int:
         address = coord.ready["address"]
         process = psutil.Process(coord.proc.pid)
         workers = [
-            cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K), "--max-images", str(args.max_images), "--threads", "1", "--keep-running", "--progress", "off")
+            cluster.worker(
+                address,
+                f"client-{i}",
+                "--insecure",
+                "--client-index",
+                str(i),
+                "--num-clients",
+                str(K),
+                "--max-images",
+                str(args.max_images),
+                "--threads",
+                "1",
+                "--keep-running",
+                "--progress",
+                "off",
+            )
             for i in range(K)
         ]
         checkpoints = args.workdir / "checkpoints"

@@ -73,9 +73,7 @@ def train(config: TrainConfig) -> tuple[FMNISTClassifier, float]:
     model = FMNISTClassifier()
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
 
     for epoch in range(config.epochs):
         model.train()

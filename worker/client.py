@@ -134,9 +134,7 @@ class CoordinatorClient:
     def download(self, task: TrainTask | EvalTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> memoryview:
         """The task's weights payload, checked against its header (size, hash) before it is returned. It lives
         in memory this client reuses: the view is valid until the next download."""
-        stream = self._download_weights(
-            pb.DownloadRequest(session_id=self.session_id, task_id=task.task_id), metadata=self.metadata
-        )
+        stream = self._download_weights(pb.DownloadRequest(session_id=self.session_id, task_id=task.task_id), metadata=self.metadata)
         first = next(stream, None)
         if not isinstance(first, pb.WeightsChunk) or not first.HasField("header"):  # None, or data first
             raise HeaderError("weights stream did not start with a header")
@@ -198,9 +196,7 @@ class CoordinatorClient:
         self.stub.ReportEvaluation(report, timeout=60, metadata=self.metadata)
 
 
-def worker_info(
-    worker_id: str, device: str, num_examples: int, has_private_state: bool, *, installation_id: str = "", instance_id: str = ""
-) -> pb.WorkerInfo:
+def worker_info(worker_id: str, device: str, num_examples: int, has_private_state: bool, *, installation_id: str = "", instance_id: str = "") -> pb.WorkerInfo:
     """What the worker tells the coordinator when it joins; `installation_id` (saved in its state dir) and
     `instance_id` (new in every process) tell a restart from another process using the same worker id."""
     import torch

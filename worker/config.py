@@ -71,9 +71,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.data_dir == "" and not 0 <= self.client_index < self.num_clients:
-            raise ValueError(
-                f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)"
-            )
+            raise ValueError(f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)")
         if ":" not in self.coordinator:
             raise ValueError(f"--coordinator {self.coordinator!r} must be HOST:PORT")
 

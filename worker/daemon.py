@@ -129,7 +129,13 @@ class WorkerDaemon:
                 self._back_off()
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
-                log.warning("worker %s: coordinator unavailable (%s: %s); retrying in %.1fs", self.worker_id, code, getattr(e, "details", lambda: "")(), self.backoff.delay)
+                log.warning(
+                    "worker %s: coordinator unavailable (%s: %s); retrying in %.1fs",
+                    self.worker_id,
+                    code,
+                    getattr(e, "details", lambda: "")(),
+                    self.backoff.delay,
+                )
                 self._back_off()
             finally:
                 if self.stop_event.is_set() and client.session_id:
@@ -149,7 +155,12 @@ class WorkerDaemon:
             return 0
         unsaved = self.state.unsaved
         assert unsaved is not None
-        log.error("worker %s: exiting with the private parts of round %d unsaved: %s holds those of an earlier round", self.worker_id, unsaved.completed_rounds, self.state_dir)
+        log.error(
+            "worker %s: exiting with the private parts of round %d unsaved: %s holds those of an earlier round",
+            self.worker_id,
+            unsaved.completed_rounds,
+            self.state_dir,
+        )
         return 1
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -208,7 +219,9 @@ class WorkerDaemon:
         mcfg = preset(model_name)
         model_takes = (mcfg.channels, mcfg.image_size, mcfg.image_size)
         if tuple(self.images.images.shape[1:]) != model_takes:
-            raise DataMismatch(f"local images {tuple(self.images.images.shape[1:])} do not fit model {model_name!r}, which takes {model_takes} (channels, height, width)")
+            raise DataMismatch(
+                f"local images {tuple(self.images.images.shape[1:])} do not fit model {model_name!r}, which takes {model_takes} (channels, height, width)"
+            )
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed)
         data = trainer.prepare_data(to_model_range(self.images.images))
         self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
@@ -323,7 +336,15 @@ class WorkerDaemon:
                 sample_grid_png=png_bytes(score.samples[:64], nrow=8) if task.share_samples else b"",
             )
         )
-        log.info("worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s", self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid)
+        log.info(
+            "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
+            self.worker_id,
+            task.round,
+            score.fd,
+            task.spec.num_samples,
+            task.spec.sampler,
+            grid,
+        )
 
     def _quality_reference(self, device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
         """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""

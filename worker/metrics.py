@@ -16,9 +16,7 @@ class Metrics(ProcessMetrics):
         r = self.registry
         self.local_loss = Gauge("feddiff_local_loss", "Mean loss of this worker's last local training", registry=r)
         self.train_images = Counter("feddiff_train_images", "Images this worker trained on", registry=r)
-        self.train_images_per_second = Gauge(
-            "feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r
-        )
+        self.train_images_per_second = Gauge("feddiff_train_images_per_second", "Training throughput of this worker's last round", registry=r)
         self.private_state_unsaved = Gauge(
             "feddiff_private_state_unsaved",
             "1 while this worker's newest private parts are held in memory only (a save to its state dir failed; retried)",

@@ -127,9 +127,7 @@ def _lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise StateDirError(
-            f"--state-dir {str(path)!r} is in use by another worker process (pid {holder}): each worker needs its own state dir"
-        ) from None
+        raise StateDirError(f"--state-dir {str(path)!r} is in use by another worker process (pid {holder}): each worker needs its own state dir") from None
     except BaseException:
         os.close(fd)
         raise

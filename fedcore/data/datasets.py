@@ -23,14 +23,16 @@ FASHION_MNIST_PACKAGE: Final = "dataset-fashion-mnist"  # the Debian package tha
 FASHION_MNIST_NUM_CLASSES: Final = 10
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"); data is big-endian.
-_IDX_DTYPES: Final[MappingProxyType[int, np.dtype[Any]]] = MappingProxyType({
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-})
+_IDX_DTYPES: Final[MappingProxyType[int, np.dtype[Any]]] = MappingProxyType(
+    {
+        0x08: np.dtype(">u1"),
+        0x09: np.dtype(">i1"),
+        0x0B: np.dtype(">i2"),
+        0x0C: np.dtype(">i4"),
+        0x0D: np.dtype(">f4"),
+        0x0E: np.dtype(">f8"),
+    }
+)
 # Image folders: the files read (any case), and how each Pillow mode reaches the model's channels.
 IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 _CHANNEL_MODES: Final = MappingProxyType({1: "L", 3: "RGB"})
@@ -42,10 +44,12 @@ _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MAX: Final = 65535
 # Modes whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
 # refused rather than guessed, since per-image min/max scaling would re-expose every image differently.
-_UNKNOWN_RANGE_MODES: Final = MappingProxyType({
-    "I": "32-bit integer pixels",
-    "F": "32-bit floating-point pixels",
-})
+_UNKNOWN_RANGE_MODES: Final = MappingProxyType(
+    {
+        "I": "32-bit integer pixels",
+        "F": "32-bit floating-point pixels",
+    }
+)
 _ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _ICC_MODES: Final = frozenset({"RGB", "RGBA", "CMYK"})  # converted to sRGB when they embed an ICC profile
 ALPHA_BACKGROUND: Final = 0  # transparent pixels are composited over black (docs/reliability.md, image folders)
@@ -89,18 +93,13 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"IDX file {str(path)!r} has 0 dimensions")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise DatasetError(
-            f"IDX file {str(path)!r} is {len(raw)} bytes long, too short for the header of {ndim} dimensions"
-        )
+        raise DatasetError(f"IDX file {str(path)!r} is {len(raw)} bytes long, too short for the header of {ndim} dimensions")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[type_code]
     expected = math.prod(shape) * dtype.itemsize
     payload = len(raw) - header_len
     if payload != expected:
-        raise DatasetError(
-            f"IDX file {str(path)!r} has {payload} payload bytes, "
-            f"expected {expected} for shape {shape} of {dtype.name}"
-        )
+        raise DatasetError(f"IDX file {str(path)!r} has {payload} payload bytes, expected {expected} for shape {shape} of {dtype.name}")
     values = np.frombuffer(raw, dtype=dtype, offset=header_len)
     return values.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
@@ -116,9 +115,7 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(
-                f"images have shape {self.images.shape} and dtype {self.images.dtype}, expected (N, C, H, W) uint8"
-            )
+            raise ValueError(f"images have shape {self.images.shape} and dtype {self.images.dtype}, expected (N, C, H, W) uint8")
         if self.labels is not None and self.labels.shape != (len(self.images),):
             raise ValueError(f"labels have shape {self.labels.shape}, expected ({len(self.images)},)")
 
@@ -166,15 +163,11 @@ def load_fashion_mnist(train: bool = True, root: Path | str | None = None) -> Im
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise DatasetError(
-            f"{str(images_path)!r} holds {images.dtype} of shape {images.shape}, expected uint8 (N, 28, 28)"
-        )
+        raise DatasetError(f"{str(images_path)!r} holds {images.dtype} of shape {images.shape}, expected uint8 (N, 28, 28)")
     if labels.shape != (len(images),):
         raise DatasetError(f"{str(labels_path)!r} holds shape {labels.shape}, expected ({len(images)},)")
     if labels.size and (labels.min() < 0 or labels.max() >= FASHION_MNIST_NUM_CLASSES):
-        raise DatasetError(
-            f"{str(labels_path)!r} holds labels in [{labels.min()}, {labels.max()}], expected [0, 9]"
-        )
+        raise DatasetError(f"{str(labels_path)!r} holds labels in [{labels.min()}, {labels.max()}], expected [0, 9]")
     # (N, 28, 28) -> (N, 1, 28, 28)
     return ImageDataset(images=images[:, None], labels=labels.astype(np.int64))
 

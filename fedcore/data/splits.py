@@ -8,6 +8,7 @@ import numpy as np
 
 SplitKind = Literal["iid", "quantity", "label"]
 
+
 def is_split_kind(name: str) -> TypeGuard[SplitKind]:
     return name in get_args(SplitKind)
 
@@ -43,10 +44,7 @@ def split_indices(
     if min_size < 0:
         raise ValueError(f"min_size is {min_size}, expected >= 0")
     if len(labels) < num_clients * min_size:
-        raise ValueError(
-            f"{len(labels)} images cannot give {num_clients} clients min_size={min_size} each "
-            f"(needs {num_clients * min_size})"
-        )
+        raise ValueError(f"{len(labels)} images cannot give {num_clients} clients min_size={min_size} each (needs {num_clients * min_size})")
 
     if num_clients == 1:
         return [np.arange(len(labels), dtype=np.int64)]
@@ -65,9 +63,7 @@ def _split_iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.nd
     return np.array_split(rng.permutation(n), num_clients)
 
 
-def _split_quantity_skew(
-    labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _split_quantity_skew(labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Quantity skew with balanced labels.
 
     Client sizes follow NIID-Bench's "iid-diff-quantity" (Li et al. 2022, "Federated Learning on Non-IID
@@ -98,9 +94,7 @@ def _split_quantity_skew(
     return np.split(stratified, cuts)
 
 
-def _split_label_skew(
-    labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _split_label_skew(labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Dirichlet label skew: NIID-Bench's "noniid-labeldir" (Li et al. 2022, `partition_data`; FedLab's
     `hetero_dir_partition`), after Yurochkin et al. 2019 / Hsu et al. 2019.
 

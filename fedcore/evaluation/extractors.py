@@ -121,17 +121,13 @@ class ModuleFeatureExtractor:
         return torch.cat(out)  # (N, dim)
 
 
-def load_fmnist_classifier(
-    device: str | torch.device = "cpu", asset_dir: Path | str | None = None
-) -> ModuleFeatureExtractor:
+def load_fmnist_classifier(device: str | torch.device = "cpu", asset_dir: Path | str | None = None) -> ModuleFeatureExtractor:
     """The committed Fashion-MNIST CNN as a 128-d feature extractor, after checking its sha256."""
     directory = Path(asset_dir) if asset_dir is not None else ASSET_DIR
     weights_path, manifest_path = directory / CLASSIFIER_WEIGHTS, directory / CLASSIFIER_MANIFEST
     for path in (weights_path, manifest_path):
         if not path.is_file():
-            raise FileNotFoundError(
-                f"classifier asset {str(path)!r} is missing; run tools/train_fd_classifier.py to create it"
-            )
+            raise FileNotFoundError(f"classifier asset {str(path)!r} is missing; run tools/train_fd_classifier.py to create it")
     manifest = json.loads(manifest_path.read_text())
     expected = manifest.get("sha256")
     actual = sha256_of_file(weights_path)
@@ -176,8 +172,7 @@ def load_inception(weights_path: Path | str, device: str | torch.device = "cpu")
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights {str(path)!r} not found; pass the pytorch-fid file "
-            "pt_inception-2015-12-05-6726825d.pth (this project never downloads it)"
+            f"Inception weights {str(path)!r} not found; pass the pytorch-fid file pt_inception-2015-12-05-6726825d.pth (this project never downloads it)"
         )
     state = _read_inception_state_dict(path)
     model = FIDInceptionV3()

@@ -33,9 +33,7 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
 
     As pytorch-fid: if sqrtm(sigma1 @ sigma2) is not finite (near-singular product), retry with eps added to
@@ -46,9 +44,7 @@ def frechet_distance(
     if mu1.shape != mu2.shape:
         raise ValueError(f"means have shapes {mu1.shape} and {mu2.shape}, expected equal")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
-        raise ValueError(
-            f"covariances have shapes {sigma1.shape} and {sigma2.shape}, expected {(mu1.shape[0],) * 2}"
-        )
+        raise ValueError(f"covariances have shapes {sigma1.shape} and {sigma2.shape}, expected {(mu1.shape[0],) * 2}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -88,15 +84,11 @@ class ReferenceStats:
     sigma: np.ndarray  # (D, D) float64
 
     @classmethod
-    def compute(
-        cls, extractor: FeatureExtractor, images: torch.Tensor, dataset: str, batch_size: int | None = None
-    ) -> ReferenceStats:
+    def compute(cls, extractor: FeatureExtractor, images: torch.Tensor, dataset: str, batch_size: int | None = None) -> ReferenceStats:
         mu, sigma = feature_statistics(extractor.features(images, batch_size))
         return cls(extractor=extractor.name, dataset=dataset, count=len(images), mu=mu, sigma=sigma)
 
-    def frechet_distance_to(
-        self, extractor: FeatureExtractor, images: torch.Tensor, batch_size: int | None = None
-    ) -> float:
+    def frechet_distance_to(self, extractor: FeatureExtractor, images: torch.Tensor, batch_size: int | None = None) -> float:
         """FD between `images` (N, C, H, W) in [-1, 1] and this reference, on the same extractor."""
         if extractor.name != self.extractor:
             raise ValueError(f"reference was computed with {self.extractor!r}, not {extractor.name!r}")
@@ -185,16 +177,12 @@ def score_generator(
     schedule: Schedule | None = None,
 ) -> GeneratorScore:
     """Sample `spec.num_samples` images from `model` and measure their FD to `reference`."""
-    samples = generate(
-        model, schedule or Schedule(), spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed, device=device
-    )
+    samples = generate(model, schedule or Schedule(), spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed, device=device)
     fd = reference.frechet_distance_to(extractor, samples)
     return GeneratorScore(fd=fd, samples=samples, extractor=extractor.name, spec=spec)
 
 
-def fashion_mnist_reference(
-    extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None
-) -> ReferenceStats:
+def fashion_mnist_reference(extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None) -> ReferenceStats:
     """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with)."""
     from fedcore.data.datasets import load_fashion_mnist, to_model_range
 

@@ -244,8 +244,10 @@ class Evaluator:
         sampler_net = cast(Denoiser, torch.compile(network)) if speed.compile else network
         batch = 500 if speed.device.type == "cuda" else 250  # 500 divides every protocol's sample counts
         baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.split_seed, cfg.data_root)
-        log(f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
-            f"{cfg.protocol.samples} training images score {baselines['floor']:.2f}, uniform noise {baselines['noise']:.2f}")
+        log(
+            f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
+            f"{cfg.protocol.samples} training images score {baselines['floor']:.2f}, uniform noise {baselines['noise']:.2f}"
+        )
         return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, baselines, log=log)
 
     def generate(self, state: Mapping[str, torch.Tensor], protocol: Protocol, n: int, seed: int) -> torch.Tensor:
@@ -271,9 +273,7 @@ class Evaluator:
         return self.reference.frechet_distance_to(self.extractor, images)
 
 
-def reference_baselines(
-    extractor: FeatureExtractor, reference: ReferenceStats, n: int, seed: int, data_root: str | None
-) -> dict[str, float]:
+def reference_baselines(extractor: FeatureExtractor, reference: ReferenceStats, n: int, seed: int, data_root: str | None) -> dict[str, float]:
     """The two ends of the FD scale for n images: n real training images (a seeded sample: the floor a
     perfect generator reaches with this many samples) and n images of uniform noise in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
@@ -487,8 +487,10 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
             row = run_cell(cfg, cell, evaluator, log)
             append_result(cfg.results, row)
             new.append(row)
-            log(f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
-                f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s")
+            log(
+                f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
+                f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s"
+            )
             _release_memory()
             if cfg.docs is not None:
                 render(cfg)

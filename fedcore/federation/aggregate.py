@@ -150,9 +150,7 @@ class RunningAggregate:
                 updated = state[name] + self._mean_of(name, p, state[name])
                 if not math.isfinite(largest_magnitude(updated)):
                     bad = int((~torch.isfinite(updated)).sum())
-                    raise NonFiniteAggregate(
-                        f"the round's mean update would make {bad} of {updated.numel()} values of tensor {name!r} NaN or infinite"
-                    )
+                    raise NonFiniteAggregate(f"the round's mean update would make {bad} of {updated.numel()} values of tensor {name!r} NaN or infinite")
 
     def apply_to(self, state: MutableMapping[str, torch.Tensor]) -> frozenset[Part]:
         """global += mean delta, in place, for the reported parts; returns the parts that changed.

@@ -83,16 +83,12 @@ class ClientRuntime:
     @torch.no_grad()
     def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
         """Put the received parts and this client's private parts into the model."""
-        received = serialization.decode(
-            payload, self.layout, kind="weights", parts=task.receives, round_index=task.round, model=self.model_name
-        )
+        received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.round, model=self.model_name)
         for name, t in received.items():
             self._params[name].copy_(t)
         for name in self.layout.names(task.private - task.receives):
             if name not in self.private:
-                raise MissingPrivateState(
-                    f"client {self.client_id!r} holds no private tensor {name!r}; it needs the full model again"
-                )
+                raise MissingPrivateState(f"client {self.client_id!r} holds no private tensor {name!r}; it needs the full model again")
             self._params[name].copy_(self.private[name])
         self._base = {name: self._params[name].detach().clone() for name in self.layout.names(task.returns)}
 

@@ -247,9 +247,7 @@ class UNet(Denoiser):
             nn.GELU(),
             nn.Linear(cfg.time_dim, cfg.time_dim),
         )
-        self.downs = nn.ModuleList(
-            DownStage(d_in, d_out, cfg, downsample=i < len(in_out) - 1) for i, (d_in, d_out) in enumerate(in_out)
-        )
+        self.downs = nn.ModuleList(DownStage(d_in, d_out, cfg, downsample=i < len(in_out) - 1) for i, (d_in, d_out) in enumerate(in_out))
         mid = widths[-1]
         self.mid_block1 = ConvNextBlock(mid, mid, time_emb_dim=cfg.time_dim, mult=cfg.convnext_mult)
         self.mid_attn = PreNormResidual(mid, Attention(mid, cfg.heads, cfg.dim_head))

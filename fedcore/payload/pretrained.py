@@ -51,9 +51,7 @@ def _jsonable(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def first_difference(
-    found: Mapping[str, Any], expected: Mapping[str, Any], keys: Iterable[str] | None = None
-) -> tuple[str, Any, Any] | None:
+def first_difference(found: Mapping[str, Any], expected: Mapping[str, Any], keys: Iterable[str] | None = None) -> tuple[str, Any, Any] | None:
     """(key, found value, expected value) of the first config key that differs, in `expected`'s order;
     diffusers' bookkeeping keys (`_class_name`, `_diffusers_version`, ...) are not compared."""
     names = keys if keys is not None else [k for k in {**expected, **found} if not k.startswith("_")]
@@ -133,10 +131,7 @@ def read_unet_folder(path: str | Path, model: str, diffusion: DiffusionConfig = 
     if differs is not None:
         key, got, want = differs
         tensor = first_tensor_difference(state, specs)
-        raise ValueError(
-            f"{folder}: not a {model!r} model: config key {key!r} is {got!r}, the preset has {want!r}"
-            + (f" ({tensor})" if tensor else "")
-        )
+        raise ValueError(f"{folder}: not a {model!r} model: config key {key!r} is {got!r}, the preset has {want!r}" + (f" ({tensor})" if tensor else ""))
     tensor = first_tensor_difference(state, specs)
     if tensor:
         raise ValueError(f"{folder}: not a {model!r} model: {tensor}")

@@ -288,9 +288,7 @@ class PayloadReader:
     payload, as one reduction over all its values when they are float32 and back to back (the case for
     every payload `encode` writes). A refused header is never remembered. Thread-safe."""
 
-    def __init__(
-        self, layout: PartLayout, *, kind: PayloadKind, round_index: int | None = None, model: str | None = None, memo: int = 16
-    ):
+    def __init__(self, layout: PartLayout, *, kind: PayloadKind, round_index: int | None = None, model: str | None = None, memo: int = 16):
         self.layout = layout
         self.kind = kind
         self.round_index = round_index

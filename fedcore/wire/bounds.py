@@ -240,6 +240,7 @@ BOUNDS: Mapping[str, Bound] = {
     "StatusResponse.workers_connected": ROUND,
 }
 
+
 def largest(field: str, *, per_unit: int = 1) -> float:
     """The largest value of a setting that is sent as `field` (a number), with `per_unit` of the field's units
     to one of the setting's (1000: seconds sent as milliseconds): the setting's upper bound, so that a value

@@ -200,9 +200,7 @@ class Reassembler:
         end = self._received + len(chunk)
         if end > self.header.total_bytes:
             self.close()
-            raise StreamTooLong(
-                f"stream sent {end} bytes or more, more than the {self.header.total_bytes} its header declared"
-            )
+            raise StreamTooLong(f"stream sent {end} bytes or more, more than the {self.header.total_bytes} its header declared")
         self._buffer[self._received : end] = chunk
         self._digest.filled(end)
         self._received = end

@@ -119,4 +119,3 @@ def test_the_diffusers_comparison_runs_its_cpu_smoke(monkeypatch: pytest.MonkeyP
     assert float(figures["diffusers_loop_images_per_s"]) > 0 and float(figures["fast_images_per_s"]) > 0
     ratio = float(figures["fast_images_per_s"]) / float(figures["diffusers_loop_images_per_s"])
     assert float(figures["speedup_vs_diffusers_loop"]) == pytest.approx(ratio, rel=1e-3)
-

@@ -63,7 +63,9 @@ def test_another_installation_is_refused_while_the_first_is_live_and_the_first_k
         registry.join(_info("b" * 32))
 
     assert refused.value.reason == "duplicate_worker"
-    assert str(refused.value).startswith(f"worker id 'hospital-1' is held by a live session of another installation (installation '{'a' * 12}', feddiff 1 on host-{'a' * 32}, heard 30.0s ago)")
+    assert str(refused.value).startswith(
+        f"worker id 'hospital-1' is held by a live session of another installation (installation '{'a' * 12}', feddiff 1 on host-{'a' * 32}, heard 30.0s ago)"
+    )
     assert registry.touch(first).info.installation_id == "a" * 32
     assert [r.info.installation_id for r in registry.connected()] == ["a" * 32]
 

@@ -16,11 +16,7 @@ def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def dashboard_targets(path: Path | str) -> list[tuple[str, dict[str, Any]]]:
     """(panel title, target) for every query target of the dashboard at `path`."""
     dashboard = json.loads(Path(path).read_text())
-    return [
-        (panel.get("title", ""), target)
-        for panel in _panels(dashboard.get("panels", []))
-        for target in panel.get("targets", [])
-    ]
+    return [(panel.get("title", ""), target) for panel in _panels(dashboard.get("panels", [])) for target in panel.get("targets", [])]
 
 
 def dashboard_queries(path: Path | str) -> list[str]:

@@ -91,9 +91,9 @@ def start_prometheus(config: Path, workdir: Path) -> PrometheusAPI:
     log = workdir / "prometheus.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     return PrometheusAPI(f"http://127.0.0.1:{port}", process, log)
 

@@ -29,8 +29,21 @@ WORKER_JOB = "feddiff-workers"
 RULE_FILES = ("recording.yml", "alerts.yml")
 K8S_VERSION = "1.30"  # kubernetes_validate ships strict schemas for 1.25 .. 1.37
 COORDINATOR_CONFIG_KEYS = {
-    "strategy", "model", "rounds", "clients_per_round", "min_workers", "round_deadline", "quorum",
-    "epochs", "batch_size", "lr", "loss", "checkpoint_dir", "seed", "listen", "metrics_port",
+    "strategy",
+    "model",
+    "rounds",
+    "clients_per_round",
+    "min_workers",
+    "round_deadline",
+    "quorum",
+    "epochs",
+    "batch_size",
+    "lr",
+    "loss",
+    "checkpoint_dir",
+    "seed",
+    "listen",
+    "metrics_port",
 }
 
 PROMTOOL = shutil.which("promtool")
@@ -92,8 +105,9 @@ def test_promtool_accepts_k8s_config(tmp_path: Path) -> None:
 
 
 @needs_promtool
-@pytest.mark.parametrize("rules", [PROM / "rules" / f for f in RULE_FILES] + [K8S / "prometheus" / "rules" / f for f in RULE_FILES],
-                         ids=lambda p: str(p.relative_to(DEPLOY)))
+@pytest.mark.parametrize(
+    "rules", [PROM / "rules" / f for f in RULE_FILES] + [K8S / "prometheus" / "rules" / f for f in RULE_FILES], ids=lambda p: str(p.relative_to(DEPLOY))
+)
 def test_promtool_accepts_rule_file(rules: Path) -> None:
     result = promtool("check", "rules", rules)
 
@@ -137,8 +151,7 @@ def test_rules_read_the_coordinator_job_only() -> None:
 
 
 def test_reduction_recording_rule_has_the_documented_name() -> None:
-    records = {rule.get("record"): rule["expr"] for group in load_yaml(PROM / "rules" / "recording.yml")["groups"]
-               for rule in group["rules"]}
+    records = {rule.get("record"): rule["expr"] for group in load_yaml(PROM / "rules" / "recording.yml")["groups"] for rule in group["rules"]}
 
     expr = records["feddiff:reduction_vs_fedavg:ratio"]
     assert "feddiff_run_parameters" in expr and "feddiff_run_full_fedavg_parameters" in expr
@@ -162,8 +175,12 @@ def test_raw_counter_reads_are_found() -> None:
 
 def test_rules_and_dashboard_read_counters_only_through_rate_or_increase() -> None:
     """What describes the run reads the feddiff_run_* gauges, which a resumed coordinator restores."""
-    exprs = [(f"{name}: {rule.get('record') or rule.get('alert')}", rule["expr"])
-             for name in RULE_FILES for group in load_yaml(PROM / "rules" / name)["groups"] for rule in group["rules"]]
+    exprs = [
+        (f"{name}: {rule.get('record') or rule.get('alert')}", rule["expr"])
+        for name in RULE_FILES
+        for group in load_yaml(PROM / "rules" / name)["groups"]
+        for rule in group["rules"]
+    ]
     exprs += [(f"dashboard: {title}", target["expr"]) for title, target in dashboard_targets(DASHBOARD)]
 
     raw = [(where, counters) for where, expr in exprs if (counters := raw_counter_reads(expr))]
@@ -174,8 +191,7 @@ def test_rule_unit_tests_restart_the_coordinator_under_every_run_rule() -> None:
     """tests.yml holds a case in which the coordinator's series have a gap (killed and resumed) and every
     recording rule without a rate reads the same before and after it."""
     tests = load_yaml(PROM / "rules" / "tests.yml")
-    records = {rule["record"]: rule["expr"] for group in load_yaml(PROM / "rules" / "recording.yml")["groups"]
-               for rule in group["rules"]}
+    records = {rule["record"]: rule["expr"] for group in load_yaml(PROM / "rules" / "recording.yml")["groups"] for rule in group["rules"]}
     restarts = [case for case in tests["tests"] if any(" _ _ " in series["values"] for series in case["input_series"])]
 
     assert restarts
@@ -187,8 +203,7 @@ def test_rule_unit_tests_restart_the_coordinator_under_every_run_rule() -> None:
         assert all(t["exp_samples"] == evaluations[0]["exp_samples"] != [] for t in evaluations), record
 
 
-@pytest.mark.parametrize("config", [PROM / "prometheus.yml", K8S / "prometheus" / "prometheus.yml"],
-                         ids=["compose", "k8s"])
+@pytest.mark.parametrize("config", [PROM / "prometheus.yml", K8S / "prometheus" / "prometheus.yml"], ids=["compose", "k8s"])
 def test_prometheus_configs_scrape_both_jobs_and_load_both_rule_files(config: Path) -> None:
     cfg = load_yaml(config)
 
@@ -296,8 +311,7 @@ def test_compose_mounts_grafana_provisioning_and_dashboards(compose: dict[str, A
     assert mounts["../grafana/dashboards"] == provider["options"]["path"]
 
 
-@pytest.mark.parametrize("config", [COMPOSE / "coordinator.yaml", K8S / "config" / "coordinator.yaml"],
-                         ids=["compose", "k8s"])
+@pytest.mark.parametrize("config", [COMPOSE / "coordinator.yaml", K8S / "config" / "coordinator.yaml"], ids=["compose", "k8s"])
 def test_coordinator_config_uses_known_keys(config: Path) -> None:
     cfg = load_yaml(config)
 
@@ -332,8 +346,7 @@ def generated_configmaps(kustomization: dict[str, Any]) -> list[dict[str, Any]]:
         for entry in generator["files"]:
             key, _, path = entry.rpartition("=")
             data[key or Path(path).name] = (K8S / path).read_text()
-        maps.append({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": generator["name"], "namespace": kustomization["namespace"]}, "data": data})
+        maps.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"], "namespace": kustomization["namespace"]}, "data": data})
     return maps
 
 
@@ -391,8 +404,11 @@ def mounted_secrets(spec: dict[str, Any], container: dict[str, Any]) -> dict[str
     paths = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     secrets = {}
     for volume in spec["volumes"]:
-        names = [volume["secret"]["secretName"]] if "secret" in volume else [
-            s["secret"]["name"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+        names = (
+            [volume["secret"]["secretName"]]
+            if "secret" in volume
+            else [s["secret"]["name"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+        )
         for name in names:
             if volume["name"] in paths:
                 secrets[name] = paths[volume["name"]]
@@ -493,14 +509,16 @@ def test_pods_are_annotated_for_prometheus_on_their_metrics_port(k8s_docs: list[
 def test_k8s_prometheus_uses_kubernetes_sd_and_selects_pods_by_component(k8s_docs: list[dict[str, Any]]) -> None:
     cfg = load_yaml(K8S / "prometheus" / "prometheus.yml")
     components = {
-        doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
-        for doc in k8s_docs if doc["kind"] in {"Deployment", "StatefulSet"}
+        doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for doc in k8s_docs if doc["kind"] in {"Deployment", "StatefulSet"}
     }
 
     for job in cfg["scrape_configs"]:
         assert job["kubernetes_sd_configs"][0]["role"] == "pod"
-        kept = {r["regex"] for r in job["relabel_configs"]
-                if r.get("action") == "keep" and r["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]}
+        kept = {
+            r["regex"]
+            for r in job["relabel_configs"]
+            if r.get("action") == "keep" and r["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]
+        }
         assert len(kept) == 1 and kept <= components, job["job_name"]
 
 
@@ -603,8 +621,7 @@ REQUIRED_PANELS = {
 def test_dashboard_covers_every_topic() -> None:
     queries = dashboard_queries(DASHBOARD)
 
-    missing = [topic for topic, needles in REQUIRED_PANELS.items()
-               if not any(all(n in q for n in needles) for q in queries)]
+    missing = [topic for topic, needles in REQUIRED_PANELS.items() if not any(all(n in q for n in needles) for q in queries)]
     assert not missing
 
 
@@ -621,8 +638,9 @@ def test_dashboard_targets_have_runnable_exprs() -> None:
 
 @needs_promtool
 def test_dashboard_exprs_parse_as_promql(tmp_path: Path) -> None:
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(dashboard_queries(DASHBOARD))]}]}
+    rules = {
+        "groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(dashboard_queries(DASHBOARD))]}]
+    }
     (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
 
     result = promtool("check", "rules", tmp_path / "dashboard.yml")

@@ -58,10 +58,7 @@ def run_samples(port: int) -> dict:
 
 def evaluate(api: PrometheusAPI, queries: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each query's result vector as {labels: value}."""
-    return {
-        name: {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in api.query(expr)}
-        for name, expr in queries.items()
-    }
+    return {name: {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in api.query(expr)} for name, expr in queries.items()}
 
 
 def wait_evaluated_after(api: PrometheusAPI, instant: float) -> None:
@@ -152,8 +149,13 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
     assert scraped_after == scraped_before
     assert sum(v for (name, _), v in counters_after.items() if name == "feddiff_parameters_total") == 0
     # Prometheus: every run rule and panel as before the kill, with data.
-    for name in (REDUCTION_RULE, "direction_part:feddiff_payload_bytes:per_round", "Updates in the run by outcome [A]",
-                 "Round attempts in the run by outcome [A]", "Loss [B]"):
+    for name in (
+        REDUCTION_RULE,
+        "direction_part:feddiff_payload_bytes:per_round",
+        "Updates in the run by outcome [A]",
+        "Round attempts in the run by outcome [A]",
+        "Loss [B]",
+    ):
         assert before[name], name
     assert after == before
     # ... and what `feddiff status` says.

@@ -23,10 +23,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "feddiff.json"
 
 COORDINATOR_JOB, WORKER_JOB = "feddiff-coordinator", "feddiff-workers"
 REDUCTION_RULE = "feddiff:reduction_vs_fedavg:ratio"
-REDUCTION_EXPR = (
-    f'1 - sum(feddiff_run_parameters{{job="{COORDINATOR_JOB}"}})'
-    f' / sum(feddiff_run_full_fedavg_parameters{{job="{COORDINATOR_JOB}"}})'
-)
+REDUCTION_EXPR = f'1 - sum(feddiff_run_parameters{{job="{COORDINATOR_JOB}"}}) / sum(feddiff_run_full_fedavg_parameters{{job="{COORDINATOR_JOB}"}})'
 K, R, SEED = 2, 2, 0
 
 pytestmark = [
@@ -53,8 +50,20 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusA
             api.wait_ready()
             api.wait_until(f'up{{job="{COORDINATOR_JOB}"}} == 1')
             workers = [
-                cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
-                               "--max-images", "256", "--threads", "1", "--keep-running")
+                cluster.worker(
+                    address,
+                    f"client-{i}",
+                    "--insecure",
+                    "--client-index",
+                    str(i),
+                    "--num-clients",
+                    str(K),
+                    "--max-images",
+                    "256",
+                    "--threads",
+                    "1",
+                    "--keep-running",
+                )
                 for i in range(K)
             ]
             # The workers' metrics ports exist only now: add them and have Prometheus reload its config.

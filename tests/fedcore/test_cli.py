@@ -24,10 +24,7 @@ def _run_json(capsys, argv: list[str]):
 def test_model_info_json_is_exact(capsys) -> None:
     out, _ = _run_json(capsys, ["model-info", "--model", "paper-fmnist", "--json"])
 
-    assert out == (
-        '{"model": "paper-fmnist", "total": 2996315, '
-        '"parts": {"encoder": 1280642, "bottleneck": 999376, "decoder": 716297}}\n'
-    )
+    assert out == ('{"model": "paper-fmnist", "total": 2996315, "parts": {"encoder": 1280642, "bottleneck": 999376, "decoder": 716297}}\n')
 
 
 def test_model_info_text_names_every_part(capsys) -> None:
@@ -65,8 +62,7 @@ def test_strategies_json_has_the_golden_values(capsys) -> None:
 def test_split_json_sizes_sum_to_the_training_set(capsys, fashion_mnist_dir) -> None:
     _, rows = _run_json(
         capsys,
-        ["split", "--clients", "5", "--split", "label", "--beta", "0.5", "--seed", "2023", "--json",
-         "--data-root", str(fashion_mnist_dir)],
+        ["split", "--clients", "5", "--split", "label", "--beta", "0.5", "--seed", "2023", "--json", "--data-root", str(fashion_mnist_dir)],
     )
 
     assert [r["client"] for r in rows] == [0, 1, 2, 3, 4]
@@ -89,7 +85,8 @@ def test_python_dash_m_feddiff_runs(tmp_path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120, check=False,
+        timeout=120,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr

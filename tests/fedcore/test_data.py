@@ -278,7 +278,9 @@ MODE_CASES = [
     ModeCase("P.png", "P", lambda p: _halves("P", 0, 1, RED + BLUE).save(p), (127.5, 0, 127.5), (0, 255), (52.5, 29, 76), 0),
     ModeCase("P-trns.png", "P", lambda p: _halves("P", 0, 1, RED + GREEN).save(p, transparency=1), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
     ModeCase("RGB.png", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
-    ModeCase("RGB-trns.png", "RGB", lambda p: _halves("RGB", (10, 200, 30), (1, 2, 3)).save(p, transparency=(1, 2, 3)), (5, 100, 15), (0, 200), (62, 0, 124), 0),
+    ModeCase(
+        "RGB-trns.png", "RGB", lambda p: _halves("RGB", (10, 200, 30), (1, 2, 3)).save(p, transparency=(1, 2, 3)), (5, 100, 15), (0, 200), (62, 0, 124), 0
+    ),
     ModeCase("RGBA.png", "RGBA", lambda p: _halves("RGBA", (10, 200, 30, 255), (200, 100, 50, 51)).save(p), (25, 110, 20), (10, 200), (74.5, 25, 124), 0),
     ModeCase("LA.png", "LA", lambda p: _halves("LA", (200, 255), (200, 0)).save(p), (100, 100, 100), (0, 200), (100, 0, 200), 0),
     ModeCase("I16-ramp.png", "I;16", lambda p: _ramp("I;16", 257, "<u2").save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
@@ -293,15 +295,41 @@ MODE_CASES = [
     ModeCase("LAB.tif", "LAB", lambda p: _halves("LAB", (0, 128, 128), (255, 128, 128)).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 1),
     ModeCase("PA.tif", "PA", lambda p: _halves("PA", (0, 255), (0, 0), RED + BLUE).save(p), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
     ModeCase("L.jpg", "L", lambda p: _halves("L", 40, 220).save(p, quality=95), (130, 130, 130), (40, 220), (130, 40, 220), 4),
-    ModeCase("RGB.jpg", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p, quality=95, subsampling=0), (130, 100, 79), (0, 250), (106.5, 89, 124), 4),
-    ModeCase("RGBA.webp", "RGBA", lambda p: _halves("RGBA", (10, 200, 30, 255), (200, 100, 50, 51)).save(p, lossless=True, exact=True), (25, 110, 20), (10, 200), (74.5, 25, 124), 0),
+    ModeCase(
+        "RGB.jpg",
+        "RGB",
+        lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p, quality=95, subsampling=0),
+        (130, 100, 79),
+        (0, 250),
+        (106.5, 89, 124),
+        4,
+    ),
+    ModeCase(
+        "RGBA.webp",
+        "RGBA",
+        lambda p: _halves("RGBA", (10, 200, 30, 255), (200, 100, 50, 51)).save(p, lossless=True, exact=True),
+        (25, 110, 20),
+        (10, 200),
+        (74.5, 25, 124),
+        0,
+    ),
     ModeCase("RGB.webp", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p, lossless=True), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
     ModeCase("1.bmp", "1", lambda p: _halves("1", 0, 1).save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
     ModeCase("P.bmp", "P", lambda p: _halves("P", 0, 1, RED + BLUE).save(p), (127.5, 0, 127.5), (0, 255), (52.5, 29, 76), 0),
     ModeCase("RGB.bmp", "RGB", lambda p: _halves("RGB", (10, 200, 30), (250, 0, 128)).save(p), (130, 100, 79), (0, 250), (106.5, 89, 124), 0),
     # An embedded ICC profile is applied: this file's red is sRGB's blue. One LittleCMS cannot read is ignored.
-    ModeCase("ICC-swapped.png", "RGB", lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=_swapped_primaries_profile()), (0, 0, 127.5), (0, 255), (14.5, 0, 29), 0),
-    ModeCase("ICC-broken.png", "RGB", lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=b"not a profile"), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
+    ModeCase(
+        "ICC-swapped.png",
+        "RGB",
+        lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=_swapped_primaries_profile()),
+        (0, 0, 127.5),
+        (0, 255),
+        (14.5, 0, 29),
+        0,
+    ),
+    ModeCase(
+        "ICC-broken.png", "RGB", lambda p: _halves("RGB", (255, 0, 0), (0, 0, 0)).save(p, icc_profile=b"not a profile"), (127.5, 0, 0), (0, 255), (38, 0, 76), 0
+    ),
 ]
 CASES = {case.name: case for case in MODE_CASES}
 

@@ -135,6 +135,7 @@ def test_the_schedule_is_diffusers_ddpm_scheduler_s() -> None:
     assert float((theirs.alphas.double() - ours.alphas).abs().max()) <= 2**-24
     assert torch.allclose(theirs.alphas_cumprod.double(), ours.alphas_cumprod, rtol=1e-6, atol=0)
 
+
 def _float64_scheduler(schedule: Schedule):  # -> diffusers.DDPMScheduler
     """diffusers' DDPMScheduler computing in float64 on feddiff's schedule: its formulas, not its float32 rounding."""
     scheduler = diffusers.DDPMScheduler(**scheduler_kwargs())

@@ -54,9 +54,7 @@ def test_schedule_derived_terms_match_numpy() -> None:
     np.testing.assert_allclose(schedule.alphas_cumprod_prev.numpy(), abar_prev, rtol=1e-12)
     np.testing.assert_allclose(schedule.sqrt_alphas_cumprod.numpy(), np.sqrt(abar), rtol=1e-12)
     np.testing.assert_allclose(schedule.sqrt_one_minus_alphas_cumprod.numpy(), np.sqrt(1 - abar), rtol=1e-12)
-    np.testing.assert_allclose(
-        schedule.posterior_variance.numpy(), betas * (1 - abar_prev) / (1 - abar), rtol=1e-12
-    )
+    np.testing.assert_allclose(schedule.posterior_variance.numpy(), betas * (1 - abar_prev) / (1 - abar), rtol=1e-12)
     assert schedule.posterior_variance[0].item() == 0.0
     assert abar[-1] < 1e-4  # x_T is almost pure noise
 
@@ -69,9 +67,7 @@ def test_schedule_device_copies_are_float32_and_cached() -> None:
 
     assert first is second
     assert first["sqrt_alphas_cumprod"].dtype == torch.float32
-    torch.testing.assert_close(
-        first["sqrt_alphas_cumprod"].double(), schedule.sqrt_alphas_cumprod, rtol=1e-7, atol=0
-    )
+    torch.testing.assert_close(first["sqrt_alphas_cumprod"].double(), schedule.sqrt_alphas_cumprod, rtol=1e-7, atol=0)
 
 
 # --- forward noising and losses --------------------------------------------------------------------------
@@ -160,9 +156,7 @@ def test_ddim_returns_images_in_range_deterministically(tiny_model: torch.nn.Mod
     assert not torch.equal(a, c)
 
 
-def test_ddpm_returns_images_in_range_deterministically(
-    tiny_model: torch.nn.Module, short_schedule: Schedule
-) -> None:
+def test_ddpm_returns_images_in_range_deterministically(tiny_model: torch.nn.Module, short_schedule: Schedule) -> None:
     shape = (2, 1, 28, 28)
 
     a = sample_ddpm(tiny_model, short_schedule, shape, generator=torch.Generator().manual_seed(0))
@@ -189,9 +183,7 @@ def test_sample_batches_seeds_and_restores_train_mode(sampler: SamplerKind, shor
 
 
 @pytest.mark.parametrize("steps", [0, -1, 21])
-def test_ddim_refuses_step_counts_outside_the_schedule(
-    steps: int, tiny_model: torch.nn.Module, short_schedule: Schedule
-) -> None:
+def test_ddim_refuses_step_counts_outside_the_schedule(steps: int, tiny_model: torch.nn.Module, short_schedule: Schedule) -> None:
     with pytest.raises(ValueError, match=r"DDIM steps must be in 1\.\.20"):
         sample_ddim(tiny_model, short_schedule, (1, 1, 28, 28), steps=steps, generator=torch.Generator())
 

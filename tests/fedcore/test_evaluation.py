@@ -138,9 +138,7 @@ def test_diagonal_covariances_match_closed_form():
 
     assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
     # 1-D: (mu1 - mu2)^2 + (sd1 - sd2)^2
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[1.0]])) == (
-        pytest.approx(9.0 + 1.0)
-    )
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[1.0]])) == (pytest.approx(9.0 + 1.0))
 
 
 def test_distance_is_invariant_to_a_common_rotation():
@@ -229,9 +227,7 @@ def test_reference_stats_are_computed_once_and_persist(classifier, test_subset, 
 
 
 def test_reference_from_another_extractor_is_refused(classifier, reference, test_subset):
-    other = ReferenceStats(
-        extractor="inception-v3-fid:000000000000", dataset="x", count=2, mu=reference.mu, sigma=reference.sigma
-    )
+    other = ReferenceStats(extractor="inception-v3-fid:000000000000", dataset="x", count=2, mu=reference.mu, sigma=reference.sigma)
 
     with pytest.raises(ValueError, match="computed with"):
         other.frechet_distance_to(classifier, test_subset[0][:4])

@@ -58,9 +58,7 @@ def test_a_two_client_full_round_by_hand() -> None:
 
     # close applies the weighted mean: global += (30 d_alice + 10 d_bob) / 40
     for n, before in initial.items():
-        expected = before.double() + (
-            30 * updates["alice"][1][n].double() + 10 * updates["bob"][1][n].double()
-        ) / 40
+        expected = before.double() + (30 * updates["alice"][1][n].double() + 10 * updates["bob"][1][n].double()) / 40
         torch.testing.assert_close(fed.global_state[n].double(), expected, rtol=0, atol=1e-6)
     assert fed.completed_rounds == 1
     assert fed.contacted == {"alice", "bob"}

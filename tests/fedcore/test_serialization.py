@@ -82,9 +82,7 @@ def test_decode_of_read_only_bytes_copies(state, tiny_layout: PartLayout) -> Non
     decoded = _decode(data, tiny_layout)
     next(iter(decoded.values())).add_(1.0)  # writable, and the bytes are untouched
 
-    assert _decode(data, tiny_layout)[tiny_layout.names(DECODER_ONLY)[0]].equal(
-        state[tiny_layout.names(DECODER_ONLY)[0]]
-    )
+    assert _decode(data, tiny_layout)[tiny_layout.names(DECODER_ONLY)[0]].equal(state[tiny_layout.names(DECODER_ONLY)[0]])
 
 
 def test_metadata_names_format_kind_round_and_parts() -> None:
@@ -310,6 +308,7 @@ def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout
     data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
     parses = []
     parse = serialization._parse_header
+
     def counted_parse(raw: bytes, n: int) -> serialization.Header:
         parses.append(n)
         return parse(raw, n)
@@ -360,6 +359,7 @@ def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayou
     data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
     checks = []
     check = serialization.check_schema
+
     def counted_check(*args: Any) -> None:
         checks.append(1)
         check(*args)
@@ -400,6 +400,7 @@ def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_la
     reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=46, model="tiny")
     checks = []
     check = serialization.check_schema
+
     def counted_check(*args: Any) -> None:
         checks.append(1)
         check(*args)

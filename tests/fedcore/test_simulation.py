@@ -31,9 +31,7 @@ SPEED = SpeedConfig(device="cpu", threads=1)
 
 def _config(strategy: Strategy, rounds: int = R) -> SimulationConfig:
     return SimulationConfig(
-        federation=FederationConfig(
-            strategy=strategy, model="tiny", rounds=rounds, seed=SEED, train=TrainConfig(epochs=1, batch_size=32)
-        ),
+        federation=FederationConfig(strategy=strategy, model="tiny", rounds=rounds, seed=SEED, train=TrainConfig(epochs=1, batch_size=32)),
         data=DataConfig(num_clients=K, split="iid", max_images=300),
         speed=SPEED,
     )

@@ -22,18 +22,12 @@ def labels() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def splits(labels: np.ndarray) -> dict[tuple[str, int], list[np.ndarray]]:
-    return {
-        (kind, k): split_indices(labels, k, kind)
-        for kind in KINDS
-        for k in CLIENT_COUNTS
-    }
+    return {(kind, k): split_indices(labels, k, kind) for kind in KINDS for k in CLIENT_COUNTS}
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_partition_is_disjoint_and_complete(
-    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str, num_clients: int
-) -> None:
+def test_partition_is_disjoint_and_complete(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str, num_clients: int) -> None:
     parts = splits[kind, num_clients]
 
     assert len(parts) == num_clients
@@ -63,9 +57,7 @@ def test_iid_equal_sizes(splits: dict[tuple[str, int], list[np.ndarray]], num_cl
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
-def test_quantity_skew_sizes_vary_labels_balanced(
-    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
-) -> None:
+def test_quantity_skew_sizes_vary_labels_balanced(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int) -> None:
     stats = describe_split(labels, splits["quantity", num_clients], num_classes=10)
 
     sizes = np.array([s["size"] for s in stats])
@@ -77,9 +69,7 @@ def test_quantity_skew_sizes_vary_labels_balanced(
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
-def test_label_skew_histograms_skewed(
-    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
-) -> None:
+def test_label_skew_histograms_skewed(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int) -> None:
     stats = describe_split(labels, splits["label", num_clients])
 
     top_class_share = np.mean([max(s["classes"]) / s["size"] for s in stats])
@@ -88,9 +78,7 @@ def test_label_skew_histograms_skewed(
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
-def test_label_skew_stops_filling_full_clients(
-    splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int
-) -> None:
+def test_label_skew_stops_filling_full_clients(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int) -> None:
     capacity = len(labels) / num_clients
 
     # Classes are dealt in ascending order: before the last class a client received, it held < N/K.

@@ -65,9 +65,7 @@ def test_reset_optimizer_equals_a_fresh_optimizer(images: torch.Tensor) -> None:
     data = reused.prepare_data(images)
     reused.train(data, CFG, seed=1)  # round 1 leaves Adam moments behind
     after_round_1 = _weights(reused)
-    assert any(
-        bool(v.abs().sum() > 0) for s in reused.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    )
+    assert any(bool(v.abs().sum() > 0) for s in reused.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
     fresh_model = build_model("tiny", seed=99)
     fresh_model.load_state_dict(after_round_1)
@@ -116,9 +114,7 @@ def test_should_stop_interrupts_between_steps(images: torch.Tensor) -> None:
     steps = []
 
     with pytest.raises(TrainingInterrupted, match="epoch 0, step 2"):
-        trainer.train(
-            trainer.prepare_data(images), CFG, seed=0, on_step=lambda *a: steps.append(a), should_stop=lambda: len(steps) >= 2
-        )
+        trainer.train(trainer.prepare_data(images), CFG, seed=0, on_step=lambda *a: steps.append(a), should_stop=lambda: len(steps) >= 2)
 
     assert len(steps) == 2
 

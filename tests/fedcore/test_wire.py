@@ -13,7 +13,13 @@ from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 def test_data_of_counts_every_message_and_refuses_a_second_header() -> None:
     counted: list[int] = []
     header = pb.UpdateChunk(header=pb.UpdateHeader(session_id="s"))
-    stream: list[ChunkMessage] = [pb.UpdateChunk(data=b"abc"), DataChunk(memoryview(b"xy")), pb.UpdateChunk(data=b""), header, pb.UpdateChunk(data=b"never read")]
+    stream: list[ChunkMessage] = [
+        pb.UpdateChunk(data=b"abc"),
+        DataChunk(memoryview(b"xy")),
+        pb.UpdateChunk(data=b""),
+        header,
+        pb.UpdateChunk(data=b"never read"),
+    ]
     refusal = SizeMismatch("data only")
 
     data = convert.data_of(iter(stream), on_wire=counted.append, refusal=refusal)

@@ -75,7 +75,10 @@ def test_a_session_id_is_left_to_the_lookup_whatever_its_length() -> None:
 @pytest.mark.parametrize(
     ("msg", "message"),
     [
-        (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, device="x" * 1_000_000)), "WorkerInfo.device has 1000000 characters: expected 0..64 printable"),
+        (
+            pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, device="x" * 1_000_000)),
+            "WorkerInfo.device has 1000000 characters: expected 0..64 printable",
+        ),
         (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=1, gpu_name="H200\nfake log line")), "WorkerInfo.gpu_name holds a control character"),
         (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=10**12)), "WorkerInfo.num_examples is 1000000000000: expected 1..2^32-1"),
         (pb.JoinRequest(worker=pb.WorkerInfo(worker_id="w", num_examples=2**64 - 1)), "WorkerInfo.num_examples is 18446744073709551615"),

@@ -51,7 +51,9 @@ def _delta(parts: frozenset[Part], seed: int = 1) -> Tensors:
     return {n: torch.randn(s.shape, generator=g) * 1e-3 for n, s in LAYOUT.specs(parts).items()}
 
 
-def _payload(task: TrainTask, tensors: Tensors, *, kind: PayloadKind = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None) -> bytes:
+def _payload(
+    task: TrainTask, tensors: Tensors, *, kind: PayloadKind = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None
+) -> bytes:
     round_index = task.round if round_index is None else round_index
     meta = PayloadMeta(kind=kind, model=model, round=round_index, parts=task.returns if parts is None else parts)
     return serialization.encode(tensors, meta)
@@ -124,8 +126,19 @@ class Round:
 @contextmanager
 def _round(tmp_path: Path, rounds: int = 1) -> Iterator[Round]:
     cfg = CoordinatorConfig(
-        model=MODEL, strategy="udec", rounds=rounds, epochs=1, lr=1e-3, min_workers=2, quorum=0.5, round_deadline=DEADLINE,
-        listen="localhost:0", metrics_port=-1, insecure=True, progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
+        model=MODEL,
+        strategy="udec",
+        rounds=rounds,
+        epochs=1,
+        lr=1e-3,
+        min_workers=2,
+        quorum=0.5,
+        round_deadline=DEADLINE,
+        listen="localhost:0",
+        metrics_port=-1,
+        insecure=True,
+        progress="off",
+        checkpoint_dir=str(tmp_path / "ckpt"),
     )
     coord = Coordinator(cfg, Metrics()).start()
     try:
@@ -365,7 +378,10 @@ def test_out_of_range_join_and_session_fields_are_refused_while_the_round_goes_o
             assert e.value.code() == Code.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as e:
             list(stub.DownloadWeights(pb.DownloadRequest(session_id=r.bad.session_id, task_id="t" * 10_000), timeout=10))
-        assert (e.value.code(), e.value.details()) == (INVALID, "bad_field: DownloadRequest.task_id has 10000 characters: expected 1..256 characters of [A-Za-z0-9._-]")
+        assert (e.value.code(), e.value.details()) == (
+            INVALID,
+            "bad_field: DownloadRequest.task_id has 10000 characters: expected 1..256 characters of [A-Za-z0-9._-]",
+        )
 
         assert [w.worker_id for w in r.coord.registry.all()] == ["bad", "good"]
         assert _identical(r.coord.federation.global_state, r.before)
@@ -401,7 +417,21 @@ def test_a_well_formed_task_is_read() -> None:
         (_task(returns=("encoder",)), MalformedTask),  # returns what it did not receive
         (_task(receives=(), returns=()), MalformedTask),
     ],
-    ids=["epochs-0", "epochs-1e9", "batch-0", "batch-2**32-1", "lr-nan", "lr-inf", "lr-negative", "lr-0", "loss-l1", "loss-empty", "unknown-part", "returns-unreceived", "nothing-received"],
+    ids=[
+        "epochs-0",
+        "epochs-1e9",
+        "batch-0",
+        "batch-2**32-1",
+        "lr-nan",
+        "lr-inf",
+        "lr-negative",
+        "lr-0",
+        "loss-l1",
+        "loss-empty",
+        "unknown-part",
+        "returns-unreceived",
+        "nothing-received",
+    ],
 )
 def test_a_worker_refuses_a_task_with_out_of_range_fields(msg: pb.Task, refusal: type[TaskRefused]) -> None:
     with pytest.raises(refusal):

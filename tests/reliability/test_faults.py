@@ -68,12 +68,15 @@ def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_i
         kept_tensors, _ = load_file(private[-1])
 
         wait_until(lambda: _completed(address) >= 2, "round 2 closed at its deadline", deadline + 30, alive)
-        coordinator_after_round_2 = (metric(coord_port, "feddiff_round_attempts_total", outcome="quorum"), metric(coord_port, "feddiff_updates_total", outcome="accepted"))
-        restarted = cluster.worker(address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "240", "--threads", "1", "--keep-running")
+        coordinator_after_round_2 = (
+            metric(coord_port, "feddiff_round_attempts_total", outcome="quorum"),
+            metric(coord_port, "feddiff_updates_total", outcome="accepted"),
+        )
+        restarted = cluster.worker(
+            address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "240", "--threads", "1", "--keep-running"
+        )
         wait_for_state(address, "done", 90, [*alive, restarted])
-        coordinator_metrics = {
-            outcome: metric(coord_port, "feddiff_round_attempts_total", outcome=outcome) for outcome in ("complete", "quorum", "no_quorum")
-        }
+        coordinator_metrics = {outcome: metric(coord_port, "feddiff_round_attempts_total", outcome=outcome) for outcome in ("complete", "quorum", "no_quorum")}
         accepted = metric(coord_port, "feddiff_updates_total", outcome="accepted")
         # A cut upload is dropped and counted "aborted", not refused as a short stream ("bad_size").
         cut = tuple(metric(coord_port, "feddiff_updates_total", outcome=o) for o in ("aborted", "bad_size"))
@@ -115,7 +118,9 @@ def test_coordinator_killed_mid_round_resumes_after_the_last_round_and_workers_r
         workers = start_workers(cluster, address, [[], [], []])
         pids = [w.proc.pid for w in workers]
         # Round 2 is open once round 1 is committed and its tasks are out.
-        wait_until(lambda: (s := status(address))["completed_rounds"] == 1 and int(s["round_selected"]) == 3, "round 2 open", 120, [first, *workers], every=0.02)
+        wait_until(
+            lambda: (s := status(address))["completed_rounds"] == 1 and int(s["round_selected"]) == 3, "round 2 open", 120, [first, *workers], every=0.02
+        )
         first.stop(signal.SIGKILL)
         saved = checkpoint.load_run(ckpt)
         assert saved is not None and saved[1].completed_rounds == 1
@@ -153,9 +158,9 @@ def test_worker_slower_than_the_deadline_has_its_late_update_refused_and_counted
         fast_a, fast_b, slow = start_workers(cluster, address, [[], [], ["--upload-rate-limit", "6000", "--keep-running"]])
         wait_for_state(address, "done", 90, [coord, fast_a, fast_b, slow])
         wait_until(lambda: metric(port, "feddiff_updates_total", outcome="late"), "the late update", 60, [coord, slow])
-        coordinator_metrics = {
-            name: metric(port, "feddiff_updates_total", outcome=name) for name in ("accepted", "late")
-        } | {f"attempts_{o}": metric(port, "feddiff_round_attempts_total", outcome=o) for o in ("complete", "quorum")}
+        coordinator_metrics = {name: metric(port, "feddiff_updates_total", outcome=name) for name in ("accepted", "late")} | {
+            f"attempts_{o}": metric(port, "feddiff_round_attempts_total", outcome=o) for o in ("complete", "quorum")
+        }
         duration = metric(port, "feddiff_round_duration_seconds_sum")
         slow_late = wait_until(lambda: metric(slow.ready["metrics_port"], "feddiff_updates_total", outcome="late"), "the slow worker's count", 10, [slow])
         slow_log = slow.output()

@@ -218,11 +218,15 @@ def edited_headers(draw: st.DrawFn) -> bytes:
         entry = header[draw(st.sampled_from(names))]
         key = draw(st.sampled_from(ENTRY_KEYS))
         entry[key] = draw(
-            dtype_names if key == "dtype" else st.one_of(st.lists(st.integers(-(2**65), 2**65), max_size=4), st.lists(st.integers(0, 200), max_size=3), json_values)
+            dtype_names
+            if key == "dtype"
+            else st.one_of(st.lists(st.integers(-(2**65), 2**65), max_size=4), st.lists(st.integers(0, 200), max_size=3), json_values)
         )
     elif how == "metadata":
         meta = header["__metadata__"]
-        meta[draw(st.sampled_from(METADATA_KEYS))] = draw(st.one_of(st.text(max_size=30), st.sampled_from(["delta", "weights", "encoder,decoder", "decoder", "3", "-3", "1"]), json_values))
+        meta[draw(st.sampled_from(METADATA_KEYS))] = draw(
+            st.one_of(st.text(max_size=30), st.sampled_from(["delta", "weights", "encoder,decoder", "decoder", "3", "-3", "1"]), json_values)
+        )
     elif how == "rename":
         header[draw(st.text(max_size=12))] = header.pop(draw(st.sampled_from(names)))
     elif how == "add":
@@ -265,7 +269,9 @@ tasks = st.builds(
     returns=part_lists,
     private_parts=part_lists,
     train=st.builds(pb.TrainSpec, epochs=uint32, batch_size=uint32, lr=doubles, loss=st.one_of(st.sampled_from(["huber", "mse"]), texts), seed=uint64),
-    eval=st.builds(pb.EvalSpec, sampler=st.one_of(st.sampled_from(["ddim", "ddpm"]), texts), steps=uint32, num_samples=uint32, seed=uint64, share_samples=st.booleans()),
+    eval=st.builds(
+        pb.EvalSpec, sampler=st.one_of(st.sampled_from(["ddim", "ddpm"]), texts), steps=uint32, num_samples=uint32, seed=uint64, share_samples=st.booleans()
+    ),
     payload_bytes=uint64,
     payload_sha256=texts,
     payload_blake3=texts,
@@ -290,7 +296,16 @@ def test_a_task_is_read_in_range_or_refused(msg: pb.Task) -> None:
 
 @fuzz(300)
 @given(
-    msg=st.builds(pb.StreamHeader, round=uint32, task_id=texts, parts=part_lists, total_bytes=st.one_of(st.integers(0, 2 * MAX_BYTES), uint64), sha256=st.one_of(st.just(""), digests), blake3=st.one_of(st.just(""), digests), format_version=uint32)
+    msg=st.builds(
+        pb.StreamHeader,
+        round=uint32,
+        task_id=texts,
+        parts=part_lists,
+        total_bytes=st.one_of(st.integers(0, 2 * MAX_BYTES), uint64),
+        sha256=st.one_of(st.just(""), digests),
+        blake3=st.one_of(st.just(""), digests),
+        format_version=uint32,
+    )
 )
 def test_a_stream_header_is_checked_or_refused(msg: pb.StreamHeader) -> None:
     try:

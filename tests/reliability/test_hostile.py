@@ -370,10 +370,17 @@ def test_status_lists_at_most_a_thousand_workers_and_counts_the_rest(tmp_path: P
         before = {n: t.clone() for n, t in run.coord.federation.global_state.items()}
         stub = pb_grpc.CoordinatorStub(run.channel)
         largest = [
-            pb.JoinRequest(worker=pb.WorkerInfo(
-                worker_id=f"w{i:04d}-" + "x" * 122, device="d" * 64, gpu_name="g" * 128, num_examples=2**32 - 1,
-                software_version="v" * 128, installation_id="i" * 128, instance_id="j" * 128,
-            ))
+            pb.JoinRequest(
+                worker=pb.WorkerInfo(
+                    worker_id=f"w{i:04d}-" + "x" * 122,
+                    device="d" * 64,
+                    gpu_name="g" * 128,
+                    num_examples=2**32 - 1,
+                    software_version="v" * 128,
+                    installation_id="i" * 128,
+                    instance_id="j" * 128,
+                )
+            )
             for i in range(n)
         ]  # fmt: skip: every string at its bound
         assert all(j.session_id for j in _in_windows(stub.Join, largest))

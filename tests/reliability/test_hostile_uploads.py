@@ -71,7 +71,9 @@ class Honest:
     def take_task(self, timeout: float = 30.0) -> None:
         """Its task, once the round opens (the long poll asked again until then), and the model it starts from."""
         deadline = time.monotonic() + timeout
-        while (task := self.worker.stub.WaitTask(pb.WaitTaskRequest(session_id=self.worker.session_id, timeout_ms=10_000), timeout=30)).WhichOneof("outcome") != "task":
+        while (task := self.worker.stub.WaitTask(pb.WaitTaskRequest(session_id=self.worker.session_id, timeout_ms=10_000), timeout=30)).WhichOneof(
+            "outcome"
+        ) != "task":
             assert time.monotonic() < deadline, f"no task after {timeout} s"
         self.task = task_from_proto(task.task)
         _, weights = self.worker.download(self.task.task_id)
@@ -92,7 +94,23 @@ class Honest:
 @contextmanager
 def _coordinator(tmp_path: Path, *args: str) -> Iterator[tuple[Process, grpc.Channel]]:
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", "--model", MODEL, "--strategy", "full", "--rounds", "1", "--epochs", "1", "--progress", "off", "--health-port", "0", *args, ready_timeout=120)
+        coord = cluster.coordinator(
+            "--insecure",
+            "--model",
+            MODEL,
+            "--strategy",
+            "full",
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--progress",
+            "off",
+            "--health-port",
+            "0",
+            *args,
+            ready_timeout=120,
+        )
         with grpc.insecure_channel(coord.ready["address"]) as channel:
             yield coord, channel
 
@@ -186,6 +204,7 @@ def test_upload_streams_end_with_their_round(tmp_path: Path) -> None:
                     read = _read(coord)
                     streams.append(_stall(w, task, _payload(task, _delta(task, seed=1)), release))
                     if w is stalling:  # it holds the slot before the other one asks for it
+
                         def read_past(target: float = read + 3 * CHUNK) -> bool:
                             return _read(coord) >= target
 

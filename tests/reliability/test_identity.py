@@ -66,7 +66,9 @@ def test_a_second_installation_of_a_live_worker_id_is_refused_counted_and_the_fi
             twin.join()
 
         assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert (refused.value.details() or "").startswith(f"duplicate_worker: worker id 'hospital-1' is held by a live session of another installation (installation '{FIRST[:12]}'")
+        assert (refused.value.details() or "").startswith(
+            f"duplicate_worker: worker id 'hospital-1' is held by a live session of another installation (installation '{FIRST[:12]}'"
+        )
         assert (_joins(coord, "accepted"), _joins(coord, "duplicate_worker")) == (1, 1)
         first.stub.Heartbeat(pb.HeartbeatRequest(session_id=first.session_id), timeout=10, metadata=metadata)
         assert [(r.worker_id, r.info.installation_id) for r in coord.registry.connected()] == [("hospital-1", FIRST)]
@@ -122,7 +124,9 @@ def test_a_second_worker_process_with_the_same_worker_id_is_refused_and_the_firs
         client_0, client_1 = start_workers(cluster, address, [[], []])
         wait_until(lambda: metric(coord_port, "feddiff_joins_total", outcome="accepted") >= 2, "both workers joined", 60, [coord, client_0, client_1])
         twin = cluster.worker(address, "client-1", "--insecure", "--client-index", "0", "--num-clients", "2", *DATA, name="client-1-twin")
-        wait_until(lambda: metric(coord_port, "feddiff_joins_total", outcome="duplicate_worker") >= 1, "the twin refused", 60, [coord, client_0, client_1, twin])
+        wait_until(
+            lambda: metric(coord_port, "feddiff_joins_total", outcome="duplicate_worker") >= 1, "the twin refused", 60, [coord, client_0, client_1, twin]
+        )
 
         wait_for_state(address, "done", 120, [coord, client_0, client_1, twin])
         assert client_1.proc.wait(30) == 0, client_1.output()[-2000:]
@@ -137,7 +141,10 @@ def test_a_second_worker_process_with_the_same_worker_id_is_refused_and_the_firs
     assert coordinator_joins["accepted"] == 2 and coordinator_joins["duplicate_worker"] >= 1
     assert twin_refusals >= 1
     assert coord_log.count("worker client-1 joined") == 1, "the first one kept its session all along"
-    assert f"join refused, another worker runs under this id: duplicate_worker: worker id 'client-1' is held by a live session of another installation (installation '{installation[:12]}'" in twin_log
+    assert (
+        f"join refused, another worker runs under this id: duplicate_worker: worker id 'client-1' is held by a live session of another installation (installation '{installation[:12]}'"
+        in twin_log
+    )
     assert "coordinator unavailable" not in twin_log
     assert [r["participants"] for r in rounds_log(tmp_path / "checkpoints")] == [["client-0", "client-1"]] * rounds_total
     assert sorted(p.name for p in (tmp_path / "workers" / "client-1").glob("private-r*")) == ["private-r0002.safetensors", "private-r0003.safetensors"]

@@ -114,9 +114,7 @@ class Lab:
         """/metrics of a process in the host's namespace, fetched from inside it."""
         fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
         text = _in(self.hosts[host][0], sys.executable, "-S", "-c", fetch).stdout
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples
-        }
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
     def close(self) -> None:
         for proc in self.processes:

@@ -83,7 +83,19 @@ def test_a_second_worker_on_a_taken_metrics_port_exits_with_one_line_and_the_fir
         first = cluster.worker(nobody, "w1", "--insecure", "--data-dir", str(images))
         port = first.ready["metrics_port"]
 
-        second = _feddiff("worker", "--coordinator", nobody, "--insecure", "--data-dir", str(images), "--state-dir", str(tmp_path / "w2"), "--metrics-port", str(port), cwd=tmp_path)
+        second = _feddiff(
+            "worker",
+            "--coordinator",
+            nobody,
+            "--insecure",
+            "--data-dir",
+            str(images),
+            "--state-dir",
+            str(tmp_path / "w2"),
+            "--metrics-port",
+            str(port),
+            cwd=tmp_path,
+        )
 
         line = _one_line(second)
         assert f"--metrics-port 0.0.0.0:{port}: address already in use" in line, line
@@ -130,7 +142,9 @@ def test_the_check_names_other_reasons_and_leaves_off_and_free_ports_alone() -> 
         check_free("--listen", "no-such-host.invalid", 50051)
 
 
-@pytest.mark.parametrize(("health", "metrics", "named"), [("P", "0", "--health-port P: the same port as --listen"), ("0", "P", "--metrics-port P: the same port as --listen")])
+@pytest.mark.parametrize(
+    ("health", "metrics", "named"), [("P", "0", "--health-port P: the same port as --listen"), ("0", "P", "--metrics-port P: the same port as --listen")]
+)
 def test_one_port_given_to_two_listeners_of_a_coordinator_is_refused_before_anything_binds(health: str, metrics: str, named: str, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -16,7 +16,23 @@ from tests.reliability.support import ENV, image_folder, metric
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 DEADLINE = 300  # seconds: no attempt here may wait for it
-RUN = ["--insecure", "--model", "tiny", "--rounds", "2", "--epochs", "1", "--batch-size", "8", "--round-deadline", str(DEADLINE), "--max-refused-attempts", "3", "--progress", "log"]
+RUN = [
+    "--insecure",
+    "--model",
+    "tiny",
+    "--rounds",
+    "2",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--round-deadline",
+    str(DEADLINE),
+    "--max-refused-attempts",
+    "3",
+    "--progress",
+    "log",
+]
 MESSAGE = "local images (1, 32, 32) do not fit model 'tiny', which takes (1, 28, 28) (channels, height, width)"
 
 
@@ -33,7 +49,10 @@ def test_workers_that_refuse_every_task_stop_the_run_after_three_attempts(tmp_pa
         codes = [w.proc.wait(60) for w in workers]
 
         assert took < DEADLINE / 3, f"{took:.0f} s: the attempts waited for their deadline"
-        assert failed["error"] == f"round 1 failed 3 attempts in a row because workers refused its tasks (data_mismatch, 2 of 2 refusals in the last attempt): worker {failed['error'].split('worker ')[1].split(':')[0]}: {MESSAGE}"
+        assert (
+            failed["error"]
+            == f"round 1 failed 3 attempts in a row because workers refused its tasks (data_mismatch, 2 of 2 refusals in the last attempt): worker {failed['error'].split('worker ')[1].split(':')[0]}: {MESSAGE}"
+        )
         assert failed["completed_rounds"] == 0
         assert metric(port, "feddiff_updates_total", outcome="rejected_data_mismatch") == 6  # 2 workers x 3 attempts
         assert metric(port, "feddiff_round_attempts_total", outcome="no_quorum") == 3

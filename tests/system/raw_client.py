@@ -79,7 +79,9 @@ class RawWorker:
         if parts is not None:
             del stream.parts[:]
             stream.parts.extend(parts)
-        yield pb.UpdateChunk(header=pb.UpdateHeader(session_id=self.session_id, stream=stream, report=pb.TrainReport(images_seen=images_seen, mean_loss=mean_loss, seconds=1.0)))
+        yield pb.UpdateChunk(
+            header=pb.UpdateHeader(session_id=self.session_id, stream=stream, report=pb.TrainReport(images_seen=images_seen, mean_loss=mean_loss, seconds=1.0))
+        )
         for start in range(0, len(payload), chunk_size):
             yield pb.UpdateChunk(data=payload[start : start + chunk_size])
 

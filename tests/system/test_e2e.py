@@ -69,11 +69,20 @@ def test_grpc_run_equals_simulation_and_metrics_equal_accounting(strategy: str, 
 
 def test_worker_joining_mid_round_waits_for_the_next_round(tmp_path: Path) -> None:
     with LocalCluster(tmp_path) as cluster:
-        coord = cluster.coordinator("--insecure", "--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "6", "--batch-size", "16", "--min-workers", "2")
+        coord = cluster.coordinator(
+            "--insecure", "--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "6", "--batch-size", "16", "--min-workers", "2"
+        )
         address = coord.ready["address"]
-        first = [cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running") for i in range(2)]
+        first = [
+            cluster.worker(
+                address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running"
+            )
+            for i in range(2)
+        ]
         wait_for_state(address, "training", timeout=60, procs=[coord, *first])
-        late = cluster.worker(address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running")
+        late = cluster.worker(
+            address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running"
+        )
         joined = _wait_until_known(address, "client-2")
         assert joined["completed_rounds"] == 0 and joined["state"] == "training", "the late worker must join during round 1"
         wait_for_state(address, "done", timeout=240, procs=[coord, *first, late])

@@ -21,8 +21,14 @@ WAITING = 300
 
 def test_hundreds_of_long_polls_leave_the_coordinator_responsive(tmp_path: Path) -> None:
     cfg = CoordinatorConfig(
-        model="tiny", rounds=1, min_workers=WAITING + 1, listen="localhost:0", metrics_port=-1, insecure=True,
-        progress="off", checkpoint_dir=str(tmp_path / "ckpt"),
+        model="tiny",
+        rounds=1,
+        min_workers=WAITING + 1,
+        listen="localhost:0",
+        metrics_port=-1,
+        insecure=True,
+        progress="off",
+        checkpoint_dir=str(tmp_path / "ckpt"),
     )  # fmt: skip  (one worker short of a round: every poll waits until its timeout)
     coord = Coordinator(cfg, Metrics()).start()
     try:

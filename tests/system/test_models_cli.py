@@ -26,8 +26,27 @@ pytestmark = pytest.mark.e2e
 def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
     """`feddiff simulate`: 2 clients, udec, 1 round on 128 images; encoders and bottlenecks stay with the clients."""
     out = tmp_path_factory.mktemp("simulate") / "run"
-    code = main(["simulate", "--model", "tiny", "--strategy", "udec", "--clients", "2", "--rounds", "1", "--epochs", "1",
-                 "--max-images", "128", "--threads", "1", "--out", str(out)])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            "tiny",
+            "--strategy",
+            "udec",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--max-images",
+            "128",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 

@@ -157,7 +157,10 @@ def test_refusals_that_do_not_fit_the_round_are_refused_with_their_status(tmp_pa
 
         with pytest.raises(grpc.RpcError) as e:
             _reject(a, ta.task_id, message="x" * 10_000)
-        assert (e.value.code(), e.value.details()) == (Code.INVALID_ARGUMENT, "bad_field: RejectTaskRequest.message has 10000 characters: expected 0..4096 characters, no control characters but newline and tab")
+        assert (e.value.code(), e.value.details()) == (
+            Code.INVALID_ARGUMENT,
+            "bad_field: RejectTaskRequest.message has 10000 characters: expected 0..4096 characters, no control characters but newline and tab",
+        )
         _reject(a, ta.task_id, reason="a-reason-from-a-newer-worker", message="x" * 4096)
         with pytest.raises(grpc.RpcError) as e:
             _reject(a, ta.task_id)
@@ -169,7 +172,10 @@ def test_refusals_that_do_not_fit_the_round_are_refused_with_their_status(tmp_pa
             _reject(a, ta.task_id)  # of the attempt that ended
         assert e.value.code() == Code.FAILED_PRECONDITION
         assert _refused(coord, "other") == 1 and _refused(coord, "out_of_range") == 1
-        counted = {o: coord.metrics.registry.get_sample_value("feddiff_refusals_total", {"rpc": "RejectTask", "outcome": o}) for o in ("unauthenticated", "not_assigned", "wrong_round", "duplicate", "late")}
+        counted = {
+            o: coord.metrics.registry.get_sample_value("feddiff_refusals_total", {"rpc": "RejectTask", "outcome": o})
+            for o in ("unauthenticated", "not_assigned", "wrong_round", "duplicate", "late")
+        }
         assert counted == dict.fromkeys(counted, 1.0)
 
 

@@ -39,7 +39,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _coordinator(tmp_path: Path, **settings: Any) -> Coordinator:
-    base: dict[str, Any] = {"model": "tiny", "strategy": "udec", "rounds": 1, "epochs": 1, "min_workers": 2, "listen": "localhost:0", "metrics_port": -1, "checkpoint_dir": str(tmp_path / "ckpt"), "round_deadline": 60.0}
+    base: dict[str, Any] = {
+        "model": "tiny",
+        "strategy": "udec",
+        "rounds": 1,
+        "epochs": 1,
+        "min_workers": 2,
+        "listen": "localhost:0",
+        "metrics_port": -1,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "round_deadline": 60.0,
+    }
     return Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()
 
 
@@ -55,7 +65,9 @@ def _mtls_channel(pki: Path, address: str, name: str, ca: Path | None = None) ->
 def test_certs_command_issues_a_ca_a_server_and_one_certificate_per_worker(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "feddiff", "certs", "--out", str(tmp_path), "--coordinator-host", "coord.example.org", "--worker", "hospital-3"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert sorted(Path(p).name for p in out) == ["ca.crt", "coordinator.crt", "hospital-3.crt"]
     cert = x509.load_pem_x509_certificate((tmp_path / "hospital-3.crt").read_bytes())
@@ -136,11 +148,30 @@ def test_plain_text_needs_insecure_and_warns(tmp_path: Path, caplog: pytest.LogC
 def test_a_federated_run_over_mutual_tls_with_real_worker_processes(pki: Path, tmp_path: Path) -> None:
     tls = ["--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key"), "--tls-ca", str(pki / "ca.crt")]
     with LocalCluster(tmp_path) as cluster:
-        coord = cluster.coordinator(*tls, "--model", "tiny", "--strategy", "udec", "--rounds", "1", "--epochs", "1", "--min-workers", "2", "--listen", "localhost:0")
+        coord = cluster.coordinator(
+            *tls, "--model", "tiny", "--strategy", "udec", "--rounds", "1", "--epochs", "1", "--min-workers", "2", "--listen", "localhost:0"
+        )
         address = coord.ready["address"].replace("127.0.0.1", "localhost")
         workers = [
-            cluster.worker(address, f"client-{i}", "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"client-{i}.crt"), "--tls-key", str(pki / f"client-{i}.key"),
-                           "--client-index", str(i), "--num-clients", "2", "--max-images", "64", "--threads", "1", "--keep-running")
+            cluster.worker(
+                address,
+                f"client-{i}",
+                "--tls-ca",
+                str(pki / "ca.crt"),
+                "--tls-cert",
+                str(pki / f"client-{i}.crt"),
+                "--tls-key",
+                str(pki / f"client-{i}.key"),
+                "--client-index",
+                str(i),
+                "--num-clients",
+                "2",
+                "--max-images",
+                "64",
+                "--threads",
+                "1",
+                "--keep-running",
+            )
             for i in range(2)
         ]
         import time

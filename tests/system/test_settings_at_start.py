@@ -108,9 +108,20 @@ def test_every_wait_is_one_python_can_time(setting: tuple[type, str]) -> None:
 
 
 def test_the_largest_values_fit_the_messages_they_are_sent_in() -> None:
-    join = pb.JoinResponse(session_id="s", heartbeat_interval_ms=int(_upper(CoordinatorConfig, "heartbeat_interval") * 1000), rounds=int(_upper(CoordinatorConfig, "rounds")), chunk_size=int(_upper(CoordinatorConfig, "chunk_size")), strategy="udec")
+    join = pb.JoinResponse(
+        session_id="s",
+        heartbeat_interval_ms=int(_upper(CoordinatorConfig, "heartbeat_interval") * 1000),
+        rounds=int(_upper(CoordinatorConfig, "rounds")),
+        chunk_size=int(_upper(CoordinatorConfig, "chunk_size")),
+        strategy="udec",
+    )
     wait = pb.WaitTaskRequest(timeout_ms=int(_upper(WorkerConfig, "wait_timeout") * 1000))
-    spec = pb.EvalSpec(sampler="ddim", steps=int(_upper(CoordinatorConfig, "eval_steps")), num_samples=int(_upper(CoordinatorConfig, "eval_samples")), seed=int(_upper(CoordinatorConfig, "seed")))
+    spec = pb.EvalSpec(
+        sampler="ddim",
+        steps=int(_upper(CoordinatorConfig, "eval_steps")),
+        num_samples=int(_upper(CoordinatorConfig, "eval_samples")),
+        seed=int(_upper(CoordinatorConfig, "seed")),
+    )
 
     for msg in (join, wait, spec):
         bounds.check(msg, FieldOutOfRange)
@@ -137,7 +148,10 @@ def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -
     timeout = _upper(CoordinatorConfig, "heartbeat_timeout")
     cfg = CoordinatorConfig.load(None, {"rounds": str(rounds), "heartbeat_interval": str(interval), "heartbeat_timeout": str(timeout)})
 
-    with _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout) as coord, grpc.insecure_channel(coord.address) as channel:
+    with (
+        _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout) as coord,
+        grpc.insecure_channel(coord.address) as channel,
+    ):
         joined = RawWorker(channel, "w").join()
 
     assert (joined.rounds, joined.heartbeat_interval_ms) == (U32, U32)
@@ -161,7 +175,10 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         (["coordinator", "--upload-idle-timeout", "nan"], f"--upload-idle-timeout = 'nan': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
         (["coordinator", "--clip-norm", "1e400"], "--clip-norm = '1e400': expected a finite number >= 0"),
         (["coordinator", "--heartbeat-interval", "30"], "heartbeat_timeout 30 s must be longer than heartbeat_interval 30 s"),
-        (["coordinator", "--eval-device", "tpu"], "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
+        (
+            ["coordinator", "--eval-device", "tpu"],
+            "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu",
+        ),
         ([*WORKER, "--wait-timeout", "5000000"], "--wait-timeout = '5000000': expected a number in (0, 4294967.295]"),
         ([*WORKER, "--wait-timeout", "1e400"], "--wait-timeout = '1e400': expected a number in (0, 4294967.295]"),
         ([*WORKER, "--wait-timeout", "inf"], "--wait-timeout = 'inf': expected a number in (0, 4294967.295]"),

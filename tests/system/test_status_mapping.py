@@ -59,7 +59,12 @@ def _request(method: MethodDescriptor, session_id: str) -> Message:
 
 def _call(channel: grpc.Channel, method: MethodDescriptor, request: Message, metadata: tuple[tuple[str, str], ...]) -> None:
     """Call `method` as a generic client does (one request message; a response stream read to its end)."""
-    kind: dict[tuple[bool, bool], Callable[..., Callable[..., Any]]] = {(False, False): channel.unary_unary, (False, True): channel.unary_stream, (True, False): channel.stream_unary, (True, True): channel.stream_stream}
+    kind: dict[tuple[bool, bool], Callable[..., Callable[..., Any]]] = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }
     stub = kind[method.client_streaming, method.server_streaming](
         f"/{SERVICE.full_name}/{method.name}",
         request_serializer=type(request).SerializeToString,

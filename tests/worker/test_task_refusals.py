@@ -181,7 +181,15 @@ def test_every_rejoin_and_refusal_waits_by_one_policy_a_lost_private_state_inclu
     assert daemon.runtime is not None
     daemon.runtime.private["stale"] = torch.zeros(1)
     daemon.stop_event = StopAfter(5)
-    outcomes = iter([MissingPrivateState("no private tensor 'init_conv.weight'"), _RpcError(grpc.StatusCode.UNAVAILABLE), "refuse", MissingPrivateState("again"), MissingPrivateState("again")])
+    outcomes = iter(
+        [
+            MissingPrivateState("no private tensor 'init_conv.weight'"),
+            _RpcError(grpc.StatusCode.UNAVAILABLE),
+            "refuse",
+            MissingPrivateState("again"),
+            MissingPrivateState("again"),
+        ]
+    )
 
     def session(client: object) -> bool:
         outcome = next(outcomes)

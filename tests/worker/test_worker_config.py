@@ -52,7 +52,23 @@ def test_every_flag_refuses_a_value_of_the_wrong_type_in_one_line(flag: str, tp:
 
 
 def test_flags_become_typed_settings() -> None:
-    argv = [*BASE, "--num-clients", "3", "--beta", "0.25", "--split", "label", "--wait-timeout", "5", "--threads", "2", "--bf16", "off", "--no-compile", "--keep-running"]
+    argv = [
+        *BASE,
+        "--num-clients",
+        "3",
+        "--beta",
+        "0.25",
+        "--split",
+        "label",
+        "--wait-timeout",
+        "5",
+        "--threads",
+        "2",
+        "--bf16",
+        "off",
+        "--no-compile",
+        "--keep-running",
+    ]
     args = build_parser().parse_args(argv)
 
     cfg = from_args(args, speed_config(args))
