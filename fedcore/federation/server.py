@@ -388,7 +388,7 @@ class OpenRound:
 
     def value_bound(self, client: str) -> float:
         """The largest |value| this client's update may hold (fedcore.federation.robust)."""
-        return self.federation.robust.value_bound(self.federation.config.train, self.examples[client])
+        return self.federation.robust.value_bound(self.federation.config.train, client, self.examples[client])
 
     def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         """Check one client's delta and fold it in (clipped when the round clips); a refused update leaves the
