@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from fedcore import settings
 from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
@@ -35,25 +35,24 @@ def parts_from_proto(names: Iterable[str]) -> frozenset[Part]:
         raise HeaderError(str(e)) from None
 
 
-def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
+def _task_message(kind: pb.Task.Kind.ValueType, task: TrainTask | EvalTask, header: StreamHeader, **spec: Any) -> pb.Task:
+    """The envelope every task shares (round, id, parts, the payload's size and digest) around its `spec`."""
     msg = pb.Task(
-        kind=pb.Task.TRAIN,
+        kind=kind,
         round=task.round,
         task_id=task.task_id,
         receives=parts_to_proto(task.receives),
-        returns=parts_to_proto(task.returns),
         private_parts=parts_to_proto(task.private),
-        train=pb.TrainSpec(
-            epochs=task.train.epochs,
-            batch_size=task.train.batch_size,
-            lr=task.train.lr,
-            loss=task.train.loss,
-            seed=task.seed,
-        ),
         payload_bytes=header.total_bytes,
+        **spec,
     )
     setattr(msg, f"payload_{header.algorithm}", header.digest)  # the field of the header's digest
     return msg
+
+
+def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
+    train = pb.TrainSpec(epochs=task.train.epochs, batch_size=task.train.batch_size, lr=task.train.lr, loss=task.train.loss, seed=task.seed)
+    return _task_message(pb.Task.TRAIN, task, header, returns=parts_to_proto(task.returns), train=train)
 
 
 def task_from_proto(msg: pb.Task) -> TrainTask:
@@ -90,23 +89,9 @@ def _task_parts(task_id: str, names: Iterable[str]) -> frozenset[Part]:
 
 
 def eval_task_to_proto(task: EvalTask, header: StreamHeader) -> pb.Task:
-    msg = pb.Task(
-        kind=pb.Task.EVALUATE,
-        round=task.round,
-        task_id=task.task_id,
-        receives=parts_to_proto(task.receives),
-        private_parts=parts_to_proto(task.private),
-        eval=pb.EvalSpec(
-            sampler=task.spec.sampler,
-            steps=task.spec.steps,
-            num_samples=task.spec.num_samples,
-            seed=task.spec.seed,
-            share_samples=task.share_samples,
-        ),
-        payload_bytes=header.total_bytes,
-    )
-    setattr(msg, f"payload_{header.algorithm}", header.digest)  # the field of the header's digest
-    return msg
+    spec = task.spec
+    evaluate = pb.EvalSpec(sampler=spec.sampler, steps=spec.steps, num_samples=spec.num_samples, seed=spec.seed, share_samples=task.share_samples)
+    return _task_message(pb.Task.EVALUATE, task, header, eval=evaluate)
 
 
 def eval_task_from_proto(msg: pb.Task) -> EvalTask:
