@@ -21,9 +21,13 @@ from fedcore.model.unet import ModelName
 from fedcore.settings import (
     BatchSize,
     Epochs,
+    ExistingFile,
+    ExistingFolder,
+    ExistingPath,
     FiniteNonNegative,
     Fraction,
     LearningRate,
+    ListenAddress,
     NonNegative,
     Port,
     Positive,
@@ -46,11 +50,18 @@ def _worker_sizes(value: object) -> dict[str, int]:
     """worker id -> images, from a YAML mapping, or a flag's `ID=N,ID=N` or `{ID: N, ...}`; ValueError for
     anything else."""
     if isinstance(value, str) and value.strip().startswith("{"):
-        value = yaml.safe_load(value)
+        try:
+            value = settings.load_yaml(value)
+        except yaml.YAMLError as e:
+            raise ValueError(getattr(e, "problem", None) or "not a YAML mapping") from None
     elif isinstance(value, str):
         pairs = [item.partition("=") for item in value.split(",") if item.strip()]
         if any(not sep for _, sep, _ in pairs):
             raise ValueError("an entry is not ID=N")
+        keys = [k.strip() for k, _, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"worker {twice[0]!r} is given twice")
         value = {k.strip(): v.strip() for k, _, v in pairs}
     if not isinstance(value, dict):
         raise ValueError("not a mapping")
@@ -92,9 +103,9 @@ class CoordinatorConfig:
     lr: LearningRate = 1e-4
     loss: LossKind = "huber"
     seed: Seed = 0  # initial model, plans, client samples, training seeds
-    init_from: str = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
+    init_from: ExistingPath = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
     checkpoint_dir: str = "runs/coordinator"
-    listen: str = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
+    listen: ListenAddress = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
     health_port: Port = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
     metrics_port: Port = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
     chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
@@ -122,24 +133,25 @@ class CoordinatorConfig:
     eval_final_sampler: SamplerKind = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
     share_samples: bool = False  # workers send a grid of their samples back (off: no image leaves a worker)
     eval_device: Device = "auto"  # where the coordinator scores the global model (full, usplit)
-    eval_data_root: str = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
-    inception_weights: str = ""  # pytorch-fid Inception weights file; default features: the bundled classifier
+    eval_data_root: ExistingFolder = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
+    inception_weights: ExistingFile = ""  # pytorch-fid Inception weights file; default features: the bundled classifier
     # Security (mTLS / tokens): paths, empty = not used
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""  # with tls_ca set, workers must present a certificate signed by it (mutual TLS)
-    tokens_file: str = ""  # YAML/JSON map worker_id -> token, for identity without mTLS
+    tls_cert: ExistingFile = ""
+    tls_key: ExistingFile = ""
+    tls_ca: ExistingFile = ""  # with tls_ca set, workers must present a certificate signed by it (mutual TLS)
+    tokens_file: ExistingFile = ""  # YAML/JSON map worker_id -> token, for identity without mTLS
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        if not (host and port.isdigit() and int(port) <= 65535):
-            raise ValueError(f"listen {self.listen!r} must be HOST:PORT with a port in 0..65535")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"heartbeat_timeout {self.heartbeat_timeout:g} s must be longer than heartbeat_interval {self.heartbeat_interval:g} s: "
                 "every worker would count as gone between two of its heartbeats"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both (the coordinator's certificate and its key), or neither with --insecure")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key")
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
             raise ValueError(f"min_workers {self.min_workers} is more than the {len(self.worker_sizes)} workers in worker_sizes: no round could start")
 
@@ -179,7 +191,7 @@ def read_settings_file(path: Path) -> dict[Any, Any]:
     """The mapping in a YAML settings file; SettingsError (one line, the file and where it fails) when the
     file cannot be read or is not a YAML mapping."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = settings.load_yaml(path.read_text()) or {}
     except OSError as e:
         raise settings.SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from coordinator.config import CoordinatorConfig
+from fedcore.data.datasets import DatasetError, fashion_mnist_files
 from fedcore.errors import DuplicateUpdate, NotAssigned
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
@@ -92,6 +94,19 @@ class EvalPhase:
             "evaluated": len(fds),
             "asked": len(self.tasks),
         }
+
+
+def check_evaluation_data(cfg: CoordinatorConfig) -> None:
+    """DatasetError, at start rather than after the training rounds, when this coordinator is to score the
+    global model (full, usplit with --eval-samples) and the Fashion-MNIST test set is not where it looks."""
+    if not cfg.eval_samples or private_parts(cfg.federation.strategy):
+        return
+    try:
+        fashion_mnist_files(train=False, root=cfg.eval_data_root or None)
+    except DatasetError as e:
+        raise DatasetError(
+            f"--eval-samples {cfg.eval_samples}: the global model is scored against the Fashion-MNIST test set (--eval-data-root): {e}"
+        ) from None
 
 
 class GlobalEvaluator:

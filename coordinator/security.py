@@ -4,7 +4,6 @@ tokens, or explicit plain text."""
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import grpc
 import yaml
 
 from coordinator.config import CoordinatorConfig
+from fedcore import settings
 from fedcore.errors import UnknownWorker
 
 log = logging.getLogger("feddiff.coordinator")
@@ -32,9 +32,12 @@ def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
 
 def load_tokens(path: str | Path) -> dict[str, str]:
     """worker id -> token, from a YAML or JSON mapping."""
-    raw = yaml.safe_load(Path(path).read_text()) if str(path).endswith((".yaml", ".yml")) else json.loads(Path(path).read_text())
+    try:
+        raw = settings.load_yaml(Path(path).read_text())  # JSON is YAML
+    except yaml.YAMLError as e:
+        raise ValueError(f"--tokens-file {path}: not valid YAML or JSON: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()):
-        raise ValueError(f"{path}: expected a mapping of worker id to a non-empty token")
+        raise ValueError(f"--tokens-file {path}: expected a mapping of worker id to a non-empty token")
     return raw
 
 

@@ -35,3 +35,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
 
 def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def writable_folder(path: str | os.PathLike[str]) -> Path:
+    """`path`, created if missing, once a file has been created in it and removed again; OSError when either
+    fails (a file in the way, a read-only or foreign folder). A full disk passes: an empty file needs no
+    space, and a failed save later leaves the files before it as they were."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".probe.tmp-{os.getpid()}"  # named as atomic_write's temporary files: cleaned up as they are
+    probe.touch()
+    probe.unlink()
+    return path

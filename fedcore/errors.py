@@ -188,3 +188,15 @@ class CannotListen(FeddiffError):
     """A port the process was told to listen on is taken or cannot be bound: the process does not start."""
 
     reason = "cannot_listen"
+
+
+class ExistingRun(FeddiffError):
+    """A new run asked to start in a folder that holds another one (`fedcore.federation.checkpoint.run_in`):
+    its checkpoints, round log and final model would be overwritten or pruned. Nothing in the folder is changed."""
+
+    reason = "existing_run"
+
+    def __init__(self, directory: object, found: str, flag: str):
+        super().__init__(
+            f"{flag} {directory} holds a run ({found}): pass --resume to continue it, or give another {flag} for a new run; nothing in it was changed"
+        )

@@ -10,12 +10,14 @@ import functools
 import os
 import threading
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import yaml
 from annotated_types import Interval
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -57,6 +59,61 @@ class Described:
     """A type's meaning in words, for `expected` (a mapping, or a value that has more than one spelling)."""
 
     words: str
+
+
+# --- YAML ---------------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document (JSON is one too) as Python values, safely; yaml.YAMLError, with the line, for text that
+    is not YAML and for a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain values only
+
+
+# --- addresses and paths: checked at start, so that a typo stops the process before it joins a run -----------
+def _address(text: str, *, least_port: int) -> str:
+    host, colon, port = text.rpartition(":")
+    if not (colon and host.strip("[]") and not any(c.isspace() for c in host) and port.isdigit() and least_port <= int(port) <= 65535):
+        raise ValueError()  # the type's words say what it takes
+    return text
+
+
+ListenAddress = Annotated[str, AfterValidator(functools.partial(_address, least_port=0)), Described("HOST:PORT with a port in 0..65535 (0: a free one)")]
+ConnectAddress = Annotated[str, AfterValidator(functools.partial(_address, least_port=1)), Described("HOST:PORT with a port in 1..65535")]
+
+
+def _path(text: str, *, kind: Literal["file", "folder", "either"]) -> str:
+    """`text` when it is empty (not used) or names a readable file or folder of `kind`; ValueError saying what
+    is wrong with it otherwise."""
+    if not text:
+        return text
+    path = Path(text)
+    if not path.exists():
+        raise ValueError("no such file or folder")
+    if kind == "file" and not path.is_file():
+        raise ValueError("not a file")
+    if kind == "folder" and not path.is_dir():
+        raise ValueError("not a folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ValueError("not readable by this process")
+    return text
+
+
+# A path the process reads (empty = not used): a typo is refused at start, not when the file is first needed.
+ExistingFile = Annotated[str, AfterValidator(functools.partial(_path, kind="file")), Described("a readable file")]
+ExistingFolder = Annotated[str, AfterValidator(functools.partial(_path, kind="folder")), Described("a readable folder")]
+ExistingPath = Annotated[str, AfterValidator(functools.partial(_path, kind="either")), Described("a readable file or folder")]
 
 
 class SettingsError(ValueError):

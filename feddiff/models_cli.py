@@ -35,7 +35,6 @@ EXPORT_FORMAT_VERSION = 1
 EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export config as JSON
 WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
-FINAL_MODEL = "final.safetensors"  # the coordinator's model after the last round
 EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
 _GLOBAL_FILE = re.compile(r"^global-r(\d{4})\.safetensors$")
 
@@ -80,6 +79,7 @@ def _preset_name(given: str, state: Mapping[str, Any] | None, where: Path) -> st
 
 
 def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
+    from fedcore.federation.checkpoint import FINAL_MODEL
     from fedcore.payload.serialization import load_file
 
     state = _run_state(directory)

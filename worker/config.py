@@ -13,8 +13,8 @@ from pydantic import AfterValidator
 from fedcore import settings
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
-from fedcore.settings import NonNegative, Port, Positive, ProgressMode, Seconds, Seed
-from fedcore.wire.bounds import largest
+from fedcore.settings import ConnectAddress, ExistingFile, ExistingFolder, NonNegative, Port, Positive, ProgressMode, Seconds, Seed
+from fedcore.wire.bounds import WORKER_ID, largest
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -23,6 +23,14 @@ def _grayscale_or_rgb(channels: int) -> int:
     return channels
 
 
+def _worker_id(text: str) -> str:
+    problem = WORKER_ID.problem(text) if text else None  # empty: the one saved in --state-dir, or a new one
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+WorkerId = Annotated[str, AfterValidator(_worker_id), settings.Described(f"a worker id of {WORKER_ID.describe()}")]
 Channels = Annotated[int, AfterValidator(_grayscale_or_rgb), settings.Described("1 (grayscale) or 3 (RGB)")]
 # The long poll's length, sent in milliseconds (WaitTaskRequest.timeout_ms)
 WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeout_ms", per_unit=1000))]
@@ -34,8 +42,8 @@ class WorkerConfig:
 
     __pydantic_config__ = settings.CONFIG
 
-    coordinator: str  # HOST:PORT of the coordinator
-    worker_id: str = ""  # stable identity; default: the one saved in state_dir, else a new random one
+    coordinator: ConnectAddress  # HOST:PORT of the coordinator
+    worker_id: WorkerId = ""  # stable identity; default: the one saved in state_dir, else a new random one
     # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
     client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (with data_dir)
     num_clients: Positive = 1
@@ -43,8 +51,8 @@ class WorkerConfig:
     beta: Annotated[float, Interval(gt=0)] = 0.5  # Dirichlet concentration of the skewed splits
     seed: Seed = 2023  # split seed
     max_images: NonNegative = 0  # 0 = all training images (before splitting)
-    data_root: str | None = None  # Fashion-MNIST folder (default: Debian's package)
-    data_dir: str = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
+    data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
+    data_dir: ExistingFolder = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
     image_size: Positive = 28  # size the --data-dir images are brought to (must match the model)
     channels: Channels = 1  # for --data-dir images
     state_dir: str = "runs/worker"  # identity and private parts, kept across restarts
@@ -58,22 +66,24 @@ class WorkerConfig:
     upload_rate_limit: NonNegative = 0
     download_rate_limit: NonNegative = 0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
-    inception_weights: str = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
+    inception_weights: ExistingFile = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
     ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
     progress: ProgressMode = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
     # Security
     insecure: bool = False
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    token_file: str = ""
+    tls_ca: ExistingFile = ""
+    tls_cert: ExistingFile = ""
+    tls_key: ExistingFile = ""
+    token_file: ExistingFile = ""
     tls_server_name: str = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
         if self.data_dir == "" and not 0 <= self.client_index < self.num_clients:
             raise ValueError(f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)")
-        if ":" not in self.coordinator:
-            raise ValueError(f"--coordinator {self.coordinator!r} must be HOST:PORT")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both (this worker's certificate and its key), or neither")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against")
 
 
 # What each flag means; its type, range and default come from WorkerConfig's fields.

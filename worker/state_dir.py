@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fedcore.atomic import atomic_write_json
+from fedcore.atomic import atomic_write_json, writable_folder
 from fedcore.federation import checkpoint
+from fedcore.wire.bounds import WORKER_ID
 from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
@@ -67,12 +68,11 @@ class StateDir:
         StateDirError when another process holds it or it cannot be written at all."""
         path = Path(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            writable_folder(path)
             lock_fd = _lock(path)
         except OSError as e:
             raise StateDirError(f"--state-dir {str(path)!r} cannot be used: {e.strerror or e}") from e
         try:
-            _check_writable(path)
             _remove_temporary_files(path)
             identity = _load_identity(path, requested_worker_id)
         except BaseException:
@@ -139,17 +139,6 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _check_writable(path: Path) -> None:
-    """StateDirError when no file can be created in `path` (read-only, or not ours); a full disk is not that:
-    an empty file needs no space, and saves are retried once there is some."""
-    probe = path / f".probe{TEMPORARY_MARK}{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise StateDirError(f"--state-dir {str(path)!r} is not writable: {e.strerror or e}") from e
-
-
 def _remove_temporary_files(path: Path) -> None:
     """Temporary files that a killed process left (this one holds the lock: no write is in progress)."""
     for f in path.iterdir():
@@ -170,6 +159,9 @@ def _load_identity(path: Path, requested: str) -> Identity:
     if not isinstance(saved, dict):
         raise StateDirError(f"{str(file)!r} is not a worker identity: expected a JSON object")
     worker_id = requested or saved.get("worker_id") or f"worker-{secrets.token_hex(4)}"
+    problem = WORKER_ID.problem(worker_id) if isinstance(worker_id, str) else "is no string"
+    if problem:  # a file edited by hand: the coordinator would refuse the id at every join
+        raise StateDirError(f"{str(file)!r}: the saved worker id {problem}; expected {WORKER_ID.describe()} (or pass --worker-id)")
     installation_id = saved.get("installation_id") or secrets.token_hex(16)
     fresh = {"worker_id": worker_id, "installation_id": installation_id}
     if fresh != saved:

@@ -154,12 +154,17 @@ def _find_idx(directory: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(train: bool = True, root: Path | str | None = None) -> ImageDataset:
-    """Fashion-MNIST (Xiao et al. 2017): 60,000 training or 10,000 test images, (N, 1, 28, 28) uint8."""
+def fashion_mnist_files(train: bool = True, root: Path | str | None = None) -> tuple[Path, Path]:
+    """The IDX files of Fashion-MNIST's training or test images and labels (`fashion_mnist_dir`); DatasetError,
+    saying how to install them, when one is missing."""
     directory = fashion_mnist_dir(root)
     prefix = "train" if train else "t10k"
-    images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    return _find_idx(directory, f"{prefix}-images-idx3-ubyte"), _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+
+
+def load_fashion_mnist(train: bool = True, root: Path | str | None = None) -> ImageDataset:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 training or 10,000 test images, (N, 1, 28, 28) uint8."""
+    images_path, labels_path = fashion_mnist_files(train, root)
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:

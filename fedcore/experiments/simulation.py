@@ -12,6 +12,7 @@ from pathlib import Path
 from fedcore.data.datasets import to_model_range
 from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.data.splits import split_indices
+from fedcore.errors import ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.client import ClientRuntime
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
@@ -63,6 +64,9 @@ class Simulation:
         out.mkdir(parents=True, exist_ok=True)
         fcfg = cfg.federation
         federation = Federation.restore(fcfg, out) if resume else None
+        existing = None if resume else checkpoint.run_in(out)
+        if existing:
+            raise ExistingRun(out, existing, "--out")
         if federation is None:
             initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
             federation = Federation(fcfg, global_state=initial)

@@ -4,8 +4,11 @@ Layout of a checkpoint directory:
   global-r0003.safetensors   global model after 3 completed rounds (the last two are kept)
   state.json                 the commit point: completed rounds, config, ledger, outcome tally, update norms, which
                              file is current
+  rounds.jsonl               the round log: one JSON line per closed round (fedcore.federation.roundlog)
+  final.safetensors          the global model after the last round (the coordinator's)
   clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
-A round is committed when state.json names its files; files of an uncommitted round are ignored."""
+A round is committed when state.json names its files; files of an uncommitted round are ignored. A new run
+never starts in a folder that holds one (`run_in`): its files would overwrite and prune the other's."""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from fedcore.atomic import atomic_write_json
 from fedcore.payload.serialization import load_file, save_file
 
 STATE_FILE = "state.json"
+ROUNDS_LOG = "rounds.jsonl"
+FINAL_MODEL = "final.safetensors"
 KEEP = 2
 
 
@@ -93,6 +98,24 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
     )
     tensors, _ = load_file(directory / state.global_file)
     return tensors, state
+
+
+def run_in(directory: str | Path) -> str | None:
+    """What of a run `directory` holds, in words ("5 rounds completed (state.json)", or the run's files
+    when no state is committed), or None when it holds no state, global model, final model or round log."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    try:
+        rounds = int(json.loads((directory / STATE_FILE).read_text())["completed_rounds"])
+        return f"{rounds} round{'' if rounds == 1 else 's'} completed ({STATE_FILE})"
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE}, unreadable"
+    found = [_versioned("global", v) for v in _versions(directory, "global")]
+    found += [name for name in (FINAL_MODEL, ROUNDS_LOG) if (directory / name).is_file() and (directory / name).stat().st_size]
+    return ", ".join(found) or None
 
 
 def save_private(directory: str | Path, client: str, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedcore.federation.checkpoint import ROUNDS_LOG
 from fedcore.federation.server import Ledger, RoundOutcome
 
-ROUNDS_LOG = "rounds.jsonl"
+__all__ = ["ROUNDS_LOG", "format_round", "latest_in_log", "round_record", "truncate_log"]
 
 
 def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def test_flags_override_the_file_and_each_is_named_by_where_it_came_from(tmp_pat
 def test_an_unknown_key_and_a_malformed_address_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"^unknown setting learning_rate \(in .*\) \(known: strategy, model, "):
         CoordinatorConfig.load(_yaml(tmp_path, {"learning_rate": 0.1}), {})
-    with pytest.raises(SettingsError, match=r"^listen 'localhost' must be HOST:PORT with a port in 0\.\.65535$"):
+    with pytest.raises(SettingsError, match=r"^--listen = 'localhost': expected HOST:PORT with a port in 0\.\.65535 \(0: a free one\)$"):
         CoordinatorConfig.load(None, {"listen": "localhost"})
 
 

@@ -13,6 +13,7 @@ import torch
 from fedcore.data.datasets import to_model_range
 from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.data.splits import split_indices
+from fedcore.errors import ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.federation.checkpoint import global_file_name, load_private, load_run
 from fedcore.federation.roundlog import ROUNDS_LOG
@@ -247,3 +248,12 @@ def test_resume_with_another_configuration_is_refused(runs) -> None:
     with pytest.raises(ValueError, match="different configuration"):
         Simulation.create(other, folder, resume=True, log=lambda _: None)
     assert len((folder / ROUNDS_LOG).read_text().splitlines()) == 2  # untouched
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused(runs) -> None:
+    folder, _, _ = runs[Strategy.USPLIT]
+    before = {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+    with pytest.raises(ExistingRun, match=rf"--out {folder} holds a run \(2 rounds completed \(state.json\)\): pass --resume"):
+        Simulation.create(_config(Strategy.USPLIT), folder, log=lambda _: None)
+    assert {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()} == before

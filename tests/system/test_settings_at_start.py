@@ -188,6 +188,44 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         ([*WORKER, "--device", "cuda:7"], "--device = 'cuda:7': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
         ([*WORKER, "--device", "mps"], "--device = 'mps': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
         ([*WORKER, "--device", "cuda:x"], "--device = 'cuda:x': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
+        # addresses, identities and the files a process reads: named with the flag, before anything starts
+        (["coordinator", "--listen", "127.0.0.1:99999"], "--listen = '127.0.0.1:99999': expected HOST:PORT with a port in 0..65535 (0: a free one)"),
+        ([*WORKER, "--coordinator", "127.0.0.1:99999"], "--coordinator = '127.0.0.1:99999': expected HOST:PORT with a port in 1..65535"),
+        ([*WORKER, "--coordinator", "127.0.0.1:0"], "--coordinator = '127.0.0.1:0': expected HOST:PORT with a port in 1..65535"),
+        ([*WORKER, "--coordinator", "coordinator.example"], "--coordinator = 'coordinator.example': expected HOST:PORT with a port in 1..65535"),
+        ([*WORKER, "--worker-id", "a/b"], "--worker-id = 'a/b': expected a worker id of 1..128 characters of [A-Za-z0-9._-]; is 'a/b'"),
+        ([*WORKER, "--worker-id", "../.."], "--worker-id = '../..': expected a worker id of 1..128 characters of [A-Za-z0-9._-]; is '../..'"),
+        ([*WORKER, "--worker-id", "w" * 200], f"--worker-id = '{'w' * 200}': expected a worker id of 1..128 characters of [A-Za-z0-9._-]; has 200 characters"),
+        (
+            ["coordinator", "--worker-sizes", "a=5,a=7,b=3"],
+            "--worker-sizes = 'a=5,a=7,b=3': expected a mapping of worker id to images in 1..4294967295 (a flag: ID=N,ID=N); worker 'a' is given twice",
+        ),
+        (
+            ["coordinator", "--worker-sizes", "{a: 5, a: 7}"],
+            "--worker-sizes = '{a: 5, a: 7}': expected a mapping of worker id to images in 1..4294967295 (a flag: ID=N,ID=N); key 'a' is given twice",
+        ),
+        (["coordinator", "--tls-key", "{missing}"], "--tls-key = '{missing}': expected a readable file; no such file or folder"),
+        (["coordinator", "--tls-cert", "{tmp}", "--tls-key", "{file}"], "--tls-cert = '{tmp}': expected a readable file; not a file"),
+        (
+            ["coordinator", "--tls-cert", "{file}", "--tls-key", "{file}", "--tls-ca", "{missing}"],
+            "--tls-ca = '{missing}': expected a readable file; no such file or folder",
+        ),
+        (["coordinator", "--tokens-file", "{missing}"], "--tokens-file = '{missing}': expected a readable file; no such file or folder"),
+        (["coordinator", "--init-from", "{missing}"], "--init-from = '{missing}': expected a readable file or folder; no such file or folder"),
+        (["coordinator", "--inception-weights", "{missing}"], "--inception-weights = '{missing}': expected a readable file; no such file or folder"),
+        (["coordinator", "--eval-data-root", "{file}"], "--eval-data-root = '{file}': expected a readable folder; not a folder"),
+        (["coordinator", "--tls-key", "{file}"], "--tls-cert and --tls-key go together"),
+        (["coordinator", "--tls-ca", "{file}"], "--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key"),
+        (
+            ["coordinator", "--strategy", "full", "--eval-samples", "10", "--eval-data-root", "{tmp}"],
+            "--eval-samples 10: the global model is scored against the Fashion-MNIST test set (--eval-data-root): Fashion-MNIST file '{tmp}/t10k-images-idx3-ubyte.gz' not found",
+        ),
+        ([*WORKER, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
+        ([*WORKER, "--tls-ca", "{file}", "--tls-key", "{file}"], "--tls-cert and --tls-key go together"),
+        ([*WORKER, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
+        ([*WORKER, "--data-dir", "{missing}"], "--data-dir = '{missing}': expected a readable folder; no such file or folder"),
+        ([*WORKER, "--data-root", "{file}"], "--data-root = '{file}': expected a readable folder; not a folder"),
+        ([*WORKER, "--inception-weights", "{tmp}"], "--inception-weights = '{tmp}': expected a readable file; not a file"),
     ],
 )
 def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,8 +236,20 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
             line = line.split("this machine offers", maxsplit=1)[0]  # it offers more than the CPU
             if ("cuda:7" in argv and torch.cuda.device_count() > 7) or ("mps" in argv and torch.backends.mps.is_available()):
                 pytest.skip("this machine has the device")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "file").write_text("not a certificate")
+    paths = {"tmp": str(folder), "file": str(folder / "file"), "missing": str(folder / "missing")}
+
+    def fill(text: str) -> str:
+        for name, path in paths.items():
+            text = text.replace(f"{{{name}}}", path)
+        return text
+
+    argv, line = [fill(a) for a in argv], fill(line)
     if argv[0] == "coordinator":
-        argv = [*argv, "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+        argv = [*argv, "--insecure", "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-port", "-1"]
+        argv += [] if "--listen" in argv else ["--listen", "127.0.0.1:0"]
     else:
         argv = [*argv, "--state-dir", str(tmp_path / "state")]
 
@@ -220,6 +270,7 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
         ("epochs: true\n", "epochs (in {path}) = True: expected an integer in 1..10000"),
         ("lr: false\n", "lr (in {path}) = False: expected a number in (0, 1)"),
         ("resume: 1\n", "resume (in {path}) = 1: expected true or false"),
+        ("rounds: 2\nepochs: 1\nrounds: 3\n", "--config {path}: not valid YAML at line 3, column 1: key 'rounds' is given twice"),
     ],
 )
 def test_a_yaml_value_that_would_fail_at_run_time_is_refused_at_start(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -274,3 +325,56 @@ def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_p
     assert result.stderr.startswith("feddiff worker: error: --device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert known == []
+
+
+# --- a new run never starts over another ---------------------------------------------------------------------
+def _finished_run(folder: Path) -> dict[str, bytes]:
+    """A real one-round run of the tiny model in `folder`, with a final model as the coordinator leaves it;
+    every file's bytes."""
+    from fedcore.data.shards import DataConfig
+    from fedcore.experiments.simulation import Simulation, SimulationConfig
+    from fedcore.federation.checkpoint import FINAL_MODEL, load_run
+    from fedcore.federation.server import FederationConfig
+    from fedcore.payload.serialization import save_file
+
+    federation = FederationConfig.from_settings(
+        strategy="udec", model="tiny", rounds=1, clients_per_round=0, seed=0, epochs=1, batch_size=32, lr=1e-3, loss="huber"
+    )
+    cfg = SimulationConfig(federation=federation, data=DataConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
+    Simulation.create(cfg, folder, log=lambda _: None).run()
+    loaded = load_run(folder)
+    assert loaded is not None
+    save_file(folder / FINAL_MODEL, loaded[0], {"completed_rounds": "1"})
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_coordinator_without_resume_leaves_a_finished_run_as_it_was(tmp_path: Path, fashion_mnist_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Started over a finished run without --resume, a coordinator overwrote its state.json and final model,
+    appended to its round log and pruned its own first checkpoint: the run could not be resumed any more. Now it
+    exits 2 naming the folder and the way on; every file stays byte for byte; with --resume it goes on."""
+    folder = tmp_path / "ckpt"
+    before = _finished_run(folder)
+    assert {"state.json", "global-r0001.safetensors", "rounds.jsonl", "final.safetensors"} <= set(before)
+
+    argv = ["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--rounds", "3"]
+    assert main([*argv, "--checkpoint-dir", str(folder)]) == 2
+
+    assert capsys.readouterr().err == (
+        f"feddiff coordinator: error: --checkpoint-dir {folder} holds a run (1 round completed (state.json)): pass --resume to continue it, "
+        "or give another --checkpoint-dir for a new run; nothing in it was changed\n"
+    )
+    assert {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()} == before
+    with _coordinator(tmp_path, strategy="udec", rounds=1, epochs=1, batch_size=32, lr=1e-3, resume=True) as coord:
+        assert coord.federation.completed_rounds == 1
+
+
+@pytest.mark.parametrize("left", ["rounds.jsonl", "global-r0002.safetensors", "final.safetensors"])
+def test_a_run_without_committed_state_is_still_a_run(tmp_path: Path, left: str) -> None:
+    """Files of a run whose state.json is gone (a crash before the first commit, a hand that deleted it) are not
+    written over either; an empty round log, as a fresh run begins it, is nothing."""
+    from fedcore.federation.checkpoint import run_in
+
+    (tmp_path / "rounds.jsonl").write_text("")
+    assert run_in(tmp_path) is None and run_in(tmp_path / "absent") is None
+    (tmp_path / left).write_bytes(b"{}\n")
+    assert run_in(tmp_path) == left

@@ -41,7 +41,7 @@ def test_every_setting_with_a_value_has_a_flag_here() -> None:
 
 @pytest.mark.parametrize(("flag", "tp"), FLAGS, ids=[f for f, _ in FLAGS])
 def test_every_flag_refuses_a_value_of_the_wrong_type_in_one_line(flag: str, tp: Any, capsys) -> None:
-    bad = "nope" if get_origin(tp) is Literal else "2.5x"
+    bad = "nope" if get_origin(tp) is Literal else "2.5x/"  # no number, id, address or existing path
 
     code = main([*BASE, flag, bad])
 
