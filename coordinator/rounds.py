@@ -17,8 +17,9 @@ from coordinator.evaluation import EvalPhase, GlobalEvaluator
 from coordinator.metrics import Metrics
 from coordinator.refusals import Refusal, RefusalStreak
 from coordinator.registry import WorkerRegistry
-from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, WrongRound
+from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
 from fedcore.evaluation.fid import curve_point_due
+from fedcore.federation.checkpoint import FINAL_MODEL
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
@@ -32,7 +33,6 @@ from fedcore.wire.stream import StreamHeader, digest_for
 log = logging.getLogger("feddiff.coordinator")
 
 State = Literal["waiting_for_workers", "training", "evaluating", "done", "failed", "stopped"]
-FINAL_MODEL = "final.safetensors"
 HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
 
 
@@ -165,6 +165,7 @@ class RoundDriver:
                 self._issued[c] = IssuedTask(task, headers[key])
             self._round = open_round
             self.state = "training"
+            updates_before = self.metrics.outcome_counts()[1]
             self._round_started = time.monotonic()
             self._changed()
         log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
@@ -184,6 +185,7 @@ class RoundDriver:
             self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
             self._changed()  # uploads still open for this round end now
             refusals = list(self._refusals.values())
+            refused = _refused_updates(updates_before, self.metrics.outcome_counts()[1])
             self._round = None
             self._issued = {}
             if self._stop.is_set():
@@ -192,7 +194,10 @@ class RoundDriver:
             failure: str | None = None  # why refusals stop the run
             if got < needed:
                 self.metrics.round_attempts.labels("no_quorum").inc()
-                log.warning("round %d: %d of %d updates (%d refused), quorum %d: round re-run", plan.round + 1, got, len(plan.clients), len(refusals), needed)
+                log.warning(
+                    "round %d: %d of %d updates (tasks refused by workers: %d; updates refused: %s), quorum %d: round re-run",
+                    plan.round + 1, got, len(plan.clients), len(refusals), refused, needed,
+                )  # fmt: skip
                 failure = self._refused_attempts.attempt_failed(plan.round, refusals, needed - got)
             else:
                 self._refused_attempts.reset()
@@ -204,8 +209,9 @@ class RoundDriver:
                 else:
                     if got < len(plan.clients):
                         log.info(
-                            "round %d: closed with %d of %d updates, %d refused (quorum %d)", plan.round + 1, got, len(plan.clients), len(refusals), needed
-                        )
+                            "round %d: closed with %d of %d updates (tasks refused by workers: %d; updates refused: %s), quorum %d",
+                            plan.round + 1, got, len(plan.clients), len(refusals), refused, needed,
+                        )  # fmt: skip
                     self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
         if outcome is None:
             try:  # the attempt is part of the run's tally
@@ -553,3 +559,11 @@ class RoundDriver:
     def bytes_total(self) -> tuple[int, int]:
         ledger = self.federation.ledger
         return sum(ledger.bytes_down[p] for p in PART_ORDER), sum(ledger.bytes_up[p] for p in PART_ORDER)
+
+
+def _refused_updates(before: Mapping[str, int], after: Mapping[str, int]) -> str:
+    """The updates the coordinator refused between two readings of feddiff_updates_total, by outcome, in words
+    ("bad_header 2, late 1", or "none"): not those accepted, those cut off on the way (aborted), nor tasks
+    refused by their workers (rejected_*)."""
+    counts = {o: n - before.get(o, 0) for o, n in sorted(after.items()) if o not in ("accepted", UploadAborted.reason) and not o.startswith("rejected_")}
+    return ", ".join(f"{o} {n}" for o, n in counts.items() if n) or "none"

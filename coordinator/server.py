@@ -16,17 +16,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import check_evaluation_data
 from coordinator.metrics import Metrics
 from coordinator.progress import ProgressReporter
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
-from fedcore.atomic import atomic_write_json
-from fedcore.errors import CannotListen
+from fedcore.atomic import atomic_write_json, writable_folder
+from fedcore.errors import CannotListen, ExistingRun
+from fedcore.federation import checkpoint
+from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
 from fedcore.federation.server import Federation
 from fedcore.payload.pretrained import initial_weights
-from fedcore.wire.stream import MAX_CHUNK_SIZE
+from fedcore.wire.stream import MAX_MESSAGE_BYTES
 from service.ports import check_distinct, check_free, split_address
 
 log = logging.getLogger("feddiff.coordinator")
@@ -38,8 +41,8 @@ STREAM_WINDOW = 64 << 10  # bytes: HTTP/2's default stream window
 # would share the connections out between the two runs. Off, the second one's bind fails.
 SERVER_PORT_OPTIONS = [("grpc.so_reuseport", 0)]
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + (64 << 10)),
-    ("grpc.max_send_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -79,13 +82,18 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
-    with --resume. ValueError when --init-from is not a model of the preset."""
+    with --resume. ValueError when --init-from is not a model of the preset; ExistingRun when checkpoint_dir
+    holds a run and --resume was not given."""
     federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resume else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         if cfg.init_from:
             log.info("--init-from %s: not used, the run goes on from its checkpoint", cfg.init_from)
+        truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
         return federation
+    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
+    if found:
+        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
@@ -105,7 +113,11 @@ class Coordinator:
     def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         check_ports(cfg)
-        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        check_evaluation_data(cfg)
+        try:
+            writable_folder(cfg.checkpoint_dir)
+        except OSError as e:
+            raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} cannot be used: {e.strerror or e}") from None
         self.metrics = metrics or Metrics()
         self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
         self.federation = build_federation(cfg)

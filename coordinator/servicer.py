@@ -112,8 +112,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._accept_threads.shutdown(wait=True)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
+        """End an upload with its outcome counted: refused, or cut off on the way (`aborted`: not refused)."""
         self.metrics.updates.labels(error.reason).inc()
-        log.warning("refused: %s: %s", error.reason, error)
+        if isinstance(error, UploadAborted):
+            log.warning("upload cut off (%s): %s", error.reason, error)
+        else:
+            log.warning("update refused: %s: %s", error.reason, error)
         await abort(context, error)
 
     async def _worker(self, session_id: str, context: grpc.aio.ServicerContext, *, counted: bool = False) -> str:

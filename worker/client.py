@@ -15,12 +15,12 @@ from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.wire import bounds, codec, convert
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, ReceiveBuffer, StreamHeader, digest_for
 from worker.config import WorkerConfig
 
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + (64 << 10)),
-    ("grpc.max_send_message_length", MAX_CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]

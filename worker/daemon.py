@@ -17,13 +17,14 @@ from fedcore.data.shards import DataConfig, client_shard
 from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
 from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
-from fedcore.evaluation.images import png_bytes, save_grid
+from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
 from fedcore.model.unet import build_model, preset
+from fedcore.wire.bounds import MAX_GRID_BYTES
 from fedcore.wire.convert import any_task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from service.ports import check_free
@@ -244,15 +245,19 @@ class WorkerDaemon:
             task = self._runnable(msg)
             if isinstance(task, EvalTask):
                 self._run_evaluation(client, task)
+                taken = True
             else:
-                self._train(client, task)
+                taken = self._train(client, task)
         except TaskRefused as e:
             self._refuse(client, msg.task_id, e)
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             self._refuse(client, msg.task_id, OutOfMemory(f"task {msg.task_id!r}: {str(e).splitlines()[0]}"))
         else:
-            self.backoff.reset()
+            if taken:
+                self.backoff.reset()
+            else:  # the coordinator refused the update: the same task again at once would be refused the same way
+                self._back_off()
 
     def _runnable(self, msg: pb.Task) -> TrainTask | EvalTask:
         if self.runtime is None:
@@ -270,7 +275,8 @@ class WorkerDaemon:
             log.warning("worker %s: the coordinator did not take the refusal of %s: %s: %s", self.worker_id, task_id, e.code().name, e.details())
         self._back_off()
 
-    def _train(self, client: CoordinatorClient, task: TrainTask) -> None:
+    def _train(self, client: CoordinatorClient, task: TrainTask) -> bool:
+        """Train the task and upload its update; False when the coordinator refused the update."""
         runtime = self.runtime
         assert runtime is not None
         payload = self._download(client, runtime.layout, task)
@@ -292,11 +298,11 @@ class WorkerDaemon:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                 log.warning("worker %s: update for %s refused: %s", self.worker_id, task.task_id, e.details())
                 self.metrics.updates.labels("late").inc()
-                return
+                return True  # the round moved on: the next task is a new one
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                log.error("worker %s: update for %s refused: %s", self.worker_id, task.task_id, e.details())
+                log.error("worker %s: update for %s refused: %s; asking again in %.1fs", self.worker_id, task.task_id, e.details(), self.backoff.delay)
                 self.metrics.updates.labels(e.code().name.lower()).inc()
-                return
+                return False
             raise
         self._count(runtime.layout, "up", task.returns, update)
         self.metrics.updates.labels("accepted").inc()
@@ -310,6 +316,7 @@ class WorkerDaemon:
             result.mean_loss,
             len(update) / 1e6,
         )
+        return True
 
     def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:
         """Score this worker's own model: shared parts as received, private parts its own. Only the number
@@ -333,7 +340,7 @@ class WorkerDaemon:
                 frechet_distance=score.fd,
                 feature_extractor=score.extractor,
                 num_samples=task.spec.num_samples,
-                sample_grid_png=png_bytes(score.samples[:64], nrow=8) if task.share_samples else b"",
+                sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
             )
         )
         log.info(

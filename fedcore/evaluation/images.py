@@ -44,3 +44,13 @@ def png_bytes(images: torch.Tensor, nrow: int | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(grid(images, nrow)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_within(images: torch.Tensor, most_bytes: int) -> bytes:
+    """A square grid PNG of the first 64, 16, 4 or 1 of `images` (N, C, H, W in [-1, 1]): the largest that
+    takes at most `most_bytes`; b"" when not even one image does (large images of noise compress badly)."""
+    for side in (8, 4, 2, 1):
+        png = png_bytes(images[: side * side], nrow=side)
+        if len(png) <= most_bytes:
+            return png
+    return b""

@@ -29,11 +29,14 @@ MAX_TASK_ID = 256  # "r<round>.<attempt>-<worker id>" with the longest worker id
 MAX_SESSION_ID = 64  # the coordinator issues 32 hex digits
 MAX_LABEL = 128  # device, GPU, software version, feature extractor, a model name
 MAX_MESSAGE = 4096  # an explanation for the operator (a refused task, a failed run)
-MAX_MEAN_LOSS = 1e3  # noise-prediction loss against unit-variance noise: about 1 untrained; 1000 is a diverged model
+# A training loss, computed in float32: any finite one. Honest losses have no smaller bound: a global model
+# ruined by a poisoned round gives its honest workers losses of any size, and refusing their reports would lock
+# out exactly the workers that can repair it.
+MAX_MEAN_LOSS = 3.4028234663852886e38  # float32's largest finite value
 MAX_FRECHET_DISTANCE = 1e6
 MAX_TRAIN_SECONDS = 1e7  # about 116 days
 MAX_PAYLOAD_BYTES = 1 << 40
-MAX_GRID_BYTES = 8 << 20  # a shared sample grid (PNG)
+MAX_GRID_BYTES = MAX_CHUNK_SIZE  # a shared sample grid (PNG): its message fits the limit of one (MAX_MESSAGE_BYTES)
 MAX_STATUS_WORKERS = 1000  # workers listed in one status reply; the rest are counted (workers_omitted)
 MAX_PARTS = 3
 MAX_DIGESTS = 8

@@ -16,6 +16,9 @@ from fedcore.payload.serialization import FORMAT_VERSION
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
 MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
+# The largest gRPC message either side sends or receives: a chunk, or a shared sample grid, and the few fields
+# around it (every field within its bound of fedcore.wire.bounds; tests/fedcore/test_bounds.py holds it).
+MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
 THREADED_DIGEST_MIN = 16 << 20  # bytes: a stream at least this long is hashed in a thread beside its reception
 
 

@@ -274,3 +274,16 @@ def test_inception_refuses_a_foreign_state_dict(tmp_path):
 )
 def test_fd_curves_start_after_round_one_then_every_n_rounds(every: int, rounds: list[int]) -> None:
     assert [r for r in range(7) if curve_point_due(r, every)] == rounds
+
+
+def test_a_shared_grid_keeps_as_many_samples_as_fit_its_bound():
+    """Noise compresses badly: 64 RGB samples of 64x64 take about 800 KB as a PNG grid, 16 about 200 KB."""
+    from fedcore.evaluation.images import png_bytes, png_within
+
+    noise = torch.rand(64, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sizes = {side: len(png_bytes(noise[: side * side], nrow=side)) for side in (8, 4, 2, 1)}
+
+    assert png_within(noise, sizes[8]) == png_bytes(noise, nrow=8)
+    assert png_within(noise, sizes[8] - 1) == png_bytes(noise[:16], nrow=4)
+    assert png_within(noise, sizes[1]) == png_bytes(noise[:1], nrow=1)
+    assert png_within(noise, sizes[1] - 1) == b""

@@ -281,7 +281,7 @@ CASES = [
     pytest.param(_upload(edit=_set("report.mean_loss", math.nan)), INVALID, "bad_header", id="loss-nan"),
     pytest.param(_upload(edit=_set("report.mean_loss", math.inf)), INVALID, "bad_header", id="loss-inf"),
     pytest.param(_upload(edit=_set("report.mean_loss", -1.0)), INVALID, "bad_header", id="loss-negative"),
-    pytest.param(_upload(edit=_set("report.mean_loss", 1e30)), INVALID, "bad_header", id="loss-1e30"),
+    pytest.param(_upload(edit=_set("report.mean_loss", 1e300)), INVALID, "bad_header", id="loss-1e300"),
     pytest.param(_upload(images_seen=IMAGES + 1), INVALID, "bad_header", id="more-images-seen-than-declared"),
     pytest.param(_upload(images_seen=2**64 - 1), INVALID, "bad_header", id="2**64-1-images-seen"),
     pytest.param(_upload(tensors=_first(_poison(1e38))), INVALID, "out_of_bounds", id="1e38"),

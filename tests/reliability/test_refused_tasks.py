@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from feddiff.local import LocalCluster, status, wait_for_state
-from tests.reliability.support import ENV, image_folder, metric
+from tests.reliability.support import ENV, image_folder, metric, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -76,3 +76,21 @@ def test_with_exit_when_done_the_coordinator_of_a_failed_run_exits_1(tmp_path: P
         assert worker.proc.wait(60) == 1
     assert worker.output().count("refusing task") == 3
     assert "run stopped: round 1 failed 3 attempts in a row because workers refused its tasks (data_mismatch" in coord.output()
+
+
+def test_a_worker_whose_updates_are_refused_backs_off_instead_of_retraining_at_once(tmp_path: Path) -> None:
+    """Every update is refused (a value bound no training meets): the worker waits before each next task,
+    doubling as after a refused task, where it used to train the same task again every few seconds. The
+    coordinator's round-close line counts the refused updates by outcome."""
+    import re
+
+    images = image_folder(tmp_path / "images")
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator(*RUN, "--min-workers", "1", "--round-deadline", "4", "--max-delta-value", "1e-30")
+        worker = cluster.worker(coord.ready["address"], "w0", "--insecure", "--data-dir", str(images))
+        wait_until(lambda: len(re.findall(r"refused: out_of_bounds.*asking again in", worker.output())) >= 4, "four refused updates", 120, [coord, worker])
+        worker_log, coord_log = worker.output(), coord.output()
+
+    delays = [float(d) for d in re.findall(r"update for \S+ refused: out_of_bounds.*; asking again in ([\d.]+)s", worker_log)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0], worker_log
+    assert re.search(r"round 1: 0 of 1 updates \(tasks refused by workers: 0; updates refused: out_of_bounds [1-9]\d*\), quorum 1: round re-run", coord_log), coord_log

@@ -596,7 +596,7 @@ class TrainReport(_message.Message):
     images_seen: _builtins.int
     """Images trained on, at most the task's epochs times the worker's num_examples; bound: 1..2^46"""
     mean_loss: _builtins.float
-    """bound: finite, [0, 1000]"""
+    """bound: finite, [0, 3.40282e+38] (any float32 loss)"""
     seconds: _builtins.float
     """bound: finite, [0, 1e+07]"""
     def __init__(
@@ -712,7 +712,9 @@ class EvaluationReport(_message.Message):
     num_samples: _builtins.int
     """bound: 0..100000"""
     sample_grid_png: _builtins.bytes
-    """Only with share_samples; one that is not a PNG is ignored; bound: at most 2^23 bytes"""
+    """Only with share_samples (the largest grid of 64, 16, 4 or 1 samples that fits); one that is not a PNG is
+    ignored; bound: at most 2^22 bytes
+    """
     def __init__(
         self,
         *,
