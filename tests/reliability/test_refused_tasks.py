@@ -93,4 +93,6 @@ def test_a_worker_whose_updates_are_refused_backs_off_instead_of_retraining_at_o
 
     delays = [float(d) for d in re.findall(r"update for \S+ refused: out_of_bounds.*; asking again in ([\d.]+)s", worker_log)]
     assert delays[:4] == [0.5, 1.0, 2.0, 4.0], worker_log
-    assert re.search(r"round 1: 0 of 1 updates \(tasks refused by workers: 0; updates refused: out_of_bounds [1-9]\d*\), quorum 1: round re-run", coord_log), coord_log
+    assert re.search(r"round 1: 0 of 1 updates \(tasks refused by workers: 0; updates refused: out_of_bounds [1-9]\d*\), quorum 1: round re-run", coord_log), (
+        coord_log
+    )
