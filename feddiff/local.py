@@ -110,6 +110,16 @@ class LocalCluster:
         ]
         return self._start(name, [*base, *args], ready_timeout)
 
+    def shard_worker(self, address: str, index: int, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0) -> Process:
+        """Worker `client-<index>` on Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU
+        thread; with `keep_running` it stays connected after the last round (its metrics stay scrapeable)."""
+        flags = ["--insecure", "--client-index", str(index), "--num-clients", str(num_clients), "--threads", "1"]
+        return self.worker(address, f"client-{index}", *flags, *(["--keep-running"] if keep_running else []), *args, ready_timeout=ready_timeout)
+
+    def shard_workers(self, address: str, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0) -> list[Process]:
+        """A `shard_worker` for each of the `num_clients` shards."""
+        return [self.shard_worker(address, i, num_clients, *args, keep_running=keep_running, ready_timeout=ready_timeout) for i in range(num_clients)]
+
     def stop_all(self) -> None:
         for p in reversed(self.processes):
             p.stop()

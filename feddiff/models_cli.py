@@ -259,23 +259,31 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
 # --- sample -------------------------------------------------------------------------------------------------
 
 
-def sample(args: argparse.Namespace) -> int:
+def _model_to_run(args: argparse.Namespace) -> tuple[TrainedModel, Denoiser, torch.device]:
+    """The model `sample` and `evaluate` run, on its device (--checkpoint, with --worker-state a worker's own
+    model), after setting --threads."""
     import torch
 
-    from fedcore.evaluation.images import save_grid
-    from fedcore.model.diffusion import Schedule
-    from fedcore.model.diffusion import sample as generate
     from fedcore.model.training import resolve_device
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     trained = load_trained(args.checkpoint, args.model)
     if args.worker_state:
         trained = personalise(trained, args.worker_state, args.client)
     device = resolve_device(args.device)
-    model = build_trained(trained).to(device)
+    return trained, build_trained(trained).to(device), device
+
+
+def sample(args: argparse.Namespace) -> int:
+
+    from fedcore.evaluation.images import save_grid
+    from fedcore.model.diffusion import Schedule
+    from fedcore.model.diffusion import sample as generate
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    trained, model, device = _model_to_run(args)
     images = generate(model, Schedule(), args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, device=device)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
@@ -314,13 +322,11 @@ def _reference(args: argparse.Namespace, extractor, image_shape: tuple[int, ...]
 def evaluate(args: argparse.Namespace) -> int:
     """The Frechet distance of a model's samples to real images, on the committed classifier's features or
     on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
-    import torch
 
     from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
     from fedcore.evaluation.fid import score_generator
     from fedcore.evaluation.images import save_grid
     from fedcore.model.diffusion import SamplingSpec
-    from fedcore.model.training import resolve_device
 
     if args.samples < 2:
         raise ValueError(f"--samples is {args.samples}; the Frechet distance needs at least 2")
@@ -328,13 +334,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference-images is {args.reference_images}, expected >= 0 (0 = all)")
     if args.sampler == "ddim" and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps is {args.steps}, expected 1..1000")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    trained = load_trained(args.checkpoint, args.model)
-    if args.worker_state:
-        trained = personalise(trained, args.worker_state, args.client)
-    device = resolve_device(args.device)
-    model = build_trained(trained).to(device)
+    trained, model, device = _model_to_run(args)
     extractor = load_inception(args.inception_weights, device) if args.inception_weights else load_fmnist_classifier(device)
     cfg = model.config
     reference = _reference(args, extractor, (cfg.channels, cfg.image_size, cfg.image_size))

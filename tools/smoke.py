@@ -27,23 +27,7 @@ def main() -> int:
     with LocalCluster(args.workdir) as cluster:
         coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90")
         address = coord.ready["address"]
-        workers = [
-            cluster.worker(
-                address,
-                f"client-{i}",
-                "--insecure",
-                "--client-index",
-                str(i),
-                "--num-clients",
-                str(K),
-                "--max-images",
-                "512",
-                "--threads",
-                "1",
-                "--keep-running",
-            )
-            for i in range(K)
-        ]
+        workers = cluster.shard_workers(address, K, "--max-images", "512")
         wait_for_state(address, "done", timeout=100, procs=[coord, *workers])
         sides = {"coordinator": scrape(coord.ready["metrics_port"])}
         sides.update({w.name: scrape(w.ready["metrics_port"]) for w in workers})

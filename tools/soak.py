@@ -43,25 +43,7 @@ def main() -> int:
         coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "120", "--progress", "off")
         address = coord.ready["address"]
         process = psutil.Process(coord.proc.pid)
-        workers = [
-            cluster.worker(
-                address,
-                f"client-{i}",
-                "--insecure",
-                "--client-index",
-                str(i),
-                "--num-clients",
-                str(K),
-                "--max-images",
-                str(args.max_images),
-                "--threads",
-                "1",
-                "--keep-running",
-                "--progress",
-                "off",
-            )
-            for i in range(K)
-        ]
+        workers = cluster.shard_workers(address, K, "--max-images", str(args.max_images), "--progress", "off")
         checkpoints = args.workdir / "checkpoints"
         seen = 0
         while seen < args.rounds:

@@ -105,11 +105,7 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
         api = start_prometheus(config, tmp_path)
         try:
             api.wait_ready()
-            workers = [
-                cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K),
-                               "--max-images", "256", "--threads", "1")
-                for i in range(K)
-            ]  # fmt: skip
+            workers = cluster.shard_workers(address, K, "--max-images", "256", keep_running=False)
             deadline = time.monotonic() + 120
             while int(status(address)["completed_rounds"]) < 2:
                 assert time.monotonic() < deadline, "round 2 not completed in 120 s"

@@ -49,23 +49,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusA
         try:
             api.wait_ready()
             api.wait_until(f'up{{job="{COORDINATOR_JOB}"}} == 1')
-            workers = [
-                cluster.worker(
-                    address,
-                    f"client-{i}",
-                    "--insecure",
-                    "--client-index",
-                    str(i),
-                    "--num-clients",
-                    str(K),
-                    "--max-images",
-                    "256",
-                    "--threads",
-                    "1",
-                    "--keep-running",
-                )
-                for i in range(K)
-            ]
+            workers = cluster.shard_workers(address, K, "--max-images", "256")
             # The workers' metrics ports exist only now: add them and have Prometheus reload its config.
             targets[WORKER_JOB] = [f"127.0.0.1:{w.ready['metrics_port']}" for w in workers]
             config.write_text(yaml.safe_dump(prometheus_config(targets)))

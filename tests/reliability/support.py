@@ -63,8 +63,7 @@ def start_workers(cluster: LocalCluster, address: str, extra: Sequence[Sequence[
     k = len(extra)
 
     def start(i: int) -> Process:
-        args = ["--insecure", "--client-index", str(i), "--num-clients", str(k), *DATA, *extra[i]]
-        return cluster.worker(address, f"client-{i}", *args)
+        return cluster.shard_worker(address, i, k, *DATA, *extra[i], keep_running=False)
 
     with ThreadPoolExecutor(k) as pool:
         return list(pool.map(start, range(k)))

@@ -72,9 +72,7 @@ def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_i
             metric(coord_port, "feddiff_round_attempts_total", outcome="quorum"),
             metric(coord_port, "feddiff_updates_total", outcome="accepted"),
         )
-        restarted = cluster.worker(
-            address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "240", "--threads", "1", "--keep-running"
-        )
+        restarted = cluster.shard_worker(address, 2, 3, "--max-images", "240")
         wait_for_state(address, "done", 90, [*alive, restarted])
         coordinator_metrics = {outcome: metric(coord_port, "feddiff_round_attempts_total", outcome=outcome) for outcome in ("complete", "quorum", "no_quorum")}
         accepted = metric(coord_port, "feddiff_updates_total", outcome="accepted")

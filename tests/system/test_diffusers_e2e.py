@@ -43,23 +43,7 @@ def grpc_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) 
     with LocalCluster(workdir) as cluster:
         coord = cluster.coordinator("--insecure", *RUN, "--min-workers", str(K), "--round-deadline", "1200", "--quorum", "1", ready_timeout=600)
         address = coord.ready["address"]
-        workers = [
-            cluster.worker(
-                address,
-                f"client-{i}",
-                "--insecure",
-                "--client-index",
-                str(i),
-                "--num-clients",
-                str(K),
-                *DATA,
-                "--threads",
-                "1",
-                "--keep-running",
-                ready_timeout=600,
-            )
-            for i in range(K)
-        ]
+        workers = cluster.shard_workers(address, K, *DATA, ready_timeout=600)
         wait_for_state(address, "done", timeout=1200, procs=[coord, *workers])
     return workdir
 

@@ -36,10 +36,7 @@ def test_grpc_run_equals_simulation_and_metrics_equal_accounting(strategy: str, 
     with LocalCluster(tmp_path / "grpc") as cluster:
         coord = cluster.coordinator("--insecure", "--strategy", strategy, *RUN, "--min-workers", str(K), "--round-deadline", "120")
         address = coord.ready["address"]
-        workers = [
-            cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", str(K), *DATA, "--threads", "1", "--keep-running")
-            for i in range(K)
-        ]
+        workers = cluster.shard_workers(address, K, *DATA)
         status = wait_for_state(address, "done", timeout=240, procs=[coord, *workers])
         coordinator_metrics = scrape(coord.ready["metrics_port"])
         worker_metrics = [scrape(w.ready["metrics_port"]) for w in workers]
@@ -73,16 +70,9 @@ def test_worker_joining_mid_round_waits_for_the_next_round(tmp_path: Path) -> No
             "--insecure", "--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "6", "--batch-size", "16", "--min-workers", "2"
         )
         address = coord.ready["address"]
-        first = [
-            cluster.worker(
-                address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running"
-            )
-            for i in range(2)
-        ]
+        first = [cluster.shard_worker(address, i, 3, "--max-images", "600") for i in range(2)]
         wait_for_state(address, "training", timeout=60, procs=[coord, *first])
-        late = cluster.worker(
-            address, "client-2", "--insecure", "--client-index", "2", "--num-clients", "3", "--max-images", "600", "--threads", "1", "--keep-running"
-        )
+        late = cluster.shard_worker(address, 2, 3, "--max-images", "600")
         joined = _wait_until_known(address, "client-2")
         assert joined["completed_rounds"] == 0 and joined["state"] == "training", "the late worker must join during round 1"
         wait_for_state(address, "done", timeout=240, procs=[coord, *first, late])

@@ -19,12 +19,7 @@ EVAL = ["--eval-samples", "64", "--eval-steps", "4", "--eval-final-sampler", "dd
 
 
 def _workers(cluster: LocalCluster, address: str) -> list:
-    return [
-        cluster.worker(
-            address, f"client-{i}", "--insecure", "--client-index", str(i), "--num-clients", "2", "--max-images", "128", "--threads", "1", "--keep-running"
-        )
-        for i in range(2)
-    ]
+    return cluster.shard_workers(address, 2, "--max-images", "128")
 
 
 def _evaluations(workdir: Path) -> list[dict]:
