@@ -51,10 +51,6 @@ class Authenticator:
         if not self.mutual_tls and not self.tokens:
             log.warning("worker identities are not verified (no mutual TLS, no --tokens-file): any caller may claim any worker id")
 
-    @property
-    def verifies(self) -> bool:
-        return self.mutual_tls or bool(self.tokens)
-
     def identity(self, context: grpc.aio.ServicerContext) -> str | None:
         """The verified identity of the caller; UnknownWorker when verification is on and fails."""
         if self.mutual_tls:

@@ -25,7 +25,6 @@ from fedcore.federation.strategies import (
     Strategy,
     Traffic,
     plan_round,
-    plan_traffic,
     round_rng,
     select_clients,
 )
@@ -453,8 +452,3 @@ class OpenRound:
             )
             self.federation._commit(outcome, self.aggregate)
             return outcome
-
-
-def expected_round_traffic(plan: RoundPlan, layout: PartLayout) -> Traffic:
-    """The paper's count for a plan in which every client completes (for checks against the ledger)."""
-    return plan_traffic(plan, layout.sizes)

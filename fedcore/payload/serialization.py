@@ -397,7 +397,3 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open has keys() but is not iterable)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]
