@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a temporary file in the same folder, fsync, rename, fsync of the folder."""
+"""Crash-safe files: whole-file writes (a temporary file in the same folder, fsync, rename, fsync of the
+folder), and JSON-lines files appended to line by line and read back after a crash may have cut one short."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple, TypeVar
+
+Record = TypeVar("Record")
+MALFORMED = (AttributeError, KeyError, TypeError, ValueError)  # what reading a JSON object of the wrong shape raises
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], None]) -> None:
@@ -47,3 +51,52 @@ def writable_folder(path: str | os.PathLike[str]) -> Path:
     probe.touch()
     probe.unlink()
     return path
+
+
+class JsonLine(NamedTuple):
+    """One complete line of a JSON-lines file."""
+
+    number: int  # 1-based line number in the file
+    text: str  # the line as written, without its newline
+    value: dict[str, Any]  # the JSON object it holds
+
+
+def read_json_lines(path: str | os.PathLike[str]) -> list[JsonLine]:
+    """Every line of a JSON-lines file that holds a JSON object ([] when there is no file); a line cut short by
+    a crash, or blank, is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    found = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            found.append(JsonLine(number, text, value))
+    return found
+
+
+def read_records(path: str | os.PathLike[str], parse: Callable[[dict[str, Any]], Record], what: str) -> list[tuple[str, Record]]:
+    """Each complete line of a JSON-lines file (`read_json_lines`) and what `parse` makes of its object;
+    ValueError naming the file, the line and `what` it is not, where `parse` raises one of MALFORMED."""
+    found = []
+    for line in read_json_lines(path):
+        try:
+            found.append((line.text, parse(line.value)))
+        except MALFORMED as e:
+            raise ValueError(f"{os.fspath(path)}, line {line.number}: not {what} ({type(e).__name__}: {e})") from None
+    return found
+
+
+def append_json_line(path: str | os.PathLike[str], obj: object) -> None:
+    """Append `obj` as one JSON line, on disk (fsync) when this returns; a last line that a crash cut short is
+    ended first, so that the new line stays whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
