@@ -36,19 +36,19 @@ def curve(
     cfg = ReproduceConfig(protocol=p, cells=(cell,), out=out, results=out / "results.jsonl", docs=None, data_root=data_root, speed=SpeedConfig())
     evaluator = Evaluator.create(cfg, log)
     row = run_cell(cfg, cell, evaluator, log)
-    per_round = row["images"] * p.epochs
+    per_round = row.images * p.epochs
     figures: dict[str, object] = {"protocol": protocol, "model": p.model, "lr": p.lr, "batch_size": p.batch_size}
     figures.update(machine())
     figures["samples"] = samples
-    figures["sampler"] = row["sampler"]
-    figures["noise_fd"] = row["noise_fd"]
-    figures["floor_fd"] = row["floor_fd"]
-    figures["images_per_second"] = rounds * per_round / row["train_seconds"]
+    figures["sampler"] = row.sampler
+    figures["noise_fd"] = evaluator.baselines.noise
+    figures["floor_fd"] = evaluator.baselines.floor
+    figures["images_per_second"] = rounds * per_round / row.train_seconds
     reached = None
-    for point in row["curve"]:
-        seen = point["round"] * per_round
-        figures[f"fd_after_{seen}_images"] = point["fd_mean"]
-        if reached is None and point["fd_mean"] <= TENTH * row["noise_fd"]:
+    for point in row.curve:
+        seen = point.round_number * per_round
+        figures[f"fd_after_{seen}_images"] = point.fd_mean
+        if reached is None and point.fd_mean <= TENTH * evaluator.baselines.noise:
             reached = seen
     figures["images_to_tenth_of_noise"] = reached if reached is not None else f"not_reached_in_{rounds * per_round}"
     return figures

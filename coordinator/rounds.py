@@ -21,7 +21,7 @@ from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotA
 from fedcore.evaluation.fid import curve_point_due
 from fedcore.federation.checkpoint import FINAL_MODEL
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
+from fedcore.federation.roundlog import ROUNDS_LOG, EvaluationRecord, format_evaluation, format_round, latest_in_log, round_record
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.federation.strategies import private_parts
 from fedcore.model.diffusion import SamplingSpec
@@ -241,7 +241,7 @@ class RoundDriver:
         record = round_record(outcome, self.federation.ledger, seconds)
         try:
             self._checkpoint()
-            self._append_log(record)
+            self._append_log(record.as_json())
         except OSError as e:
             log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
         log.info(format_round(record))
@@ -311,22 +311,15 @@ class RoundDriver:
 
     def _record_evaluation(self, summary: Mapping[str, Any]) -> None:
         """A round log line of kind "evaluation" (`EvalPhase.summary`, `GlobalEvaluator.evaluate`)."""
-        for model, fd in summary["fd"].items():
+        record = EvaluationRecord.from_json(summary)
+        for model, fd in record.fd.items():
             self.metrics.fd.labels(model).set(fd)
             self.last_fd[model] = fd
         try:
-            self._append_log(summary)
+            self._append_log(record.as_json())
         except OSError as e:
             log.error("writing the evaluation to the round log failed: %s", e)
-        log.info(
-            "evaluation after round %s: FD %.2f +- %.2f over %s of %s models (%s)",
-            summary["round"],
-            summary["fd_mean"],
-            summary["fd_std"],
-            summary["evaluated"],
-            summary["asked"],
-            summary["extractor"],
-        )
+        log.info(format_evaluation(record))
 
     def _fail(self, error: str) -> None:
         """Stop the run: its state becomes "failed"; waiting workers are told it is over, with the error."""

@@ -8,7 +8,6 @@ paper's model on all of it."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ import torch
 
 from fedcore.evaluation.images import save_grid
 from fedcore.federation import checkpoint
+from fedcore.federation.roundlog import ROUNDS_LOG, EvaluationRecord, LogRecord, RoundRecord, read_round_log
 from fedcore.model.diffusion import Schedule
 from fedcore.model.diffusion import sample as generate
 from fedcore.model.parts import PART_ORDER
@@ -45,19 +45,19 @@ def plan() -> dict[str, Any]:
             "device": "cpu", "eval_samples": 500, "eval_steps": 25}  # fmt: skip
 
 
-def print_table(rounds: list[dict]) -> None:
+def print_table(records: list[LogRecord]) -> None:
     print(f"{'round':>5} {'workers':>8} {'MB down':>9} {'MB up':>8} {'reduction vs FedAvg':>20} {'loss':>8} {'seconds':>8}")
-    for r in (r for r in rounds if r.get("kind") != "evaluation"):
-        down = sum(r["bytes"]["down"].values()) / 1e6
-        up = sum(r["bytes"]["up"].values()) / 1e6
+    for r in (r for r in records if isinstance(r, RoundRecord)):
+        down = sum(r.ledger.bytes_down.values()) / 1e6
+        up = sum(r.ledger.bytes_up.values()) / 1e6
         print(
-            f"{r['round']:>5} {len(r['participants']):>5}/{len(r['planned']):<2} {down:>9.2f} {up:>8.2f} {r['reduction_so_far']:>20.1%} {r['mean_loss']:>8.4f} {r['seconds']:>8.1f}"
+            f"{r.round_number:>5} {len(r.participants):>5}/{len(r.planned):<2} {down:>9.2f} {up:>8.2f} {r.reduction_so_far:>20.1%} {r.mean_loss:>8.4f} {r.seconds:>8.1f}"
         )
 
 
-def print_quality(rounds: list[dict], p: dict[str, Any], reduction: float) -> None:
+def print_quality(records: list[LogRecord], p: dict[str, Any], reduction: float) -> None:
     """The last lines: worker 0's FD after round 1 and after the last round, beside the reduction."""
-    fds = {r["round"]: r["fd"][FD_WORKER] for r in rounds if r.get("kind") == "evaluation" and FD_WORKER in r["fd"]}
+    fds = {r.round_number: r.fd[FD_WORKER] for r in records if isinstance(r, EvaluationRecord) and FD_WORKER in r.fd}
     if 1 not in fds or len(fds) < 2:
         print(f"no FD of {FD_WORKER}'s model after round 1 and the last round: see the coordinator's log")
         return
@@ -108,7 +108,7 @@ def main() -> int:
         workers = [cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), *data, "--keep-running") for i in range(int(p["workers"]))]
         wait_for_state(address, "done", timeout=3600, procs=[coord, *workers])
         metrics = scrape(coord.ready["metrics_port"])
-    rounds = [json.loads(line) for line in (args.workdir / "checkpoints" / "rounds.jsonl").read_text().splitlines()]
+    rounds = read_round_log(args.workdir / "checkpoints" / ROUNDS_LOG)
     print()
     print_table(rounds)
     exchanged = sum(sample(metrics, "feddiff_parameters_total", direction=d, part=q.value) for d in ("down", "up") for q in PART_ORDER)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG, round_records
 from feddiff.local import LocalCluster, wait_for_state
 
 K = 4
@@ -20,10 +20,8 @@ BASELINE_ROUND = 5  # after warm-up: imports, first payloads, thread pools and a
 
 
 def completed_rounds(checkpoint_dir: Path) -> int:
-    path = checkpoint_dir / ROUNDS_LOG
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"participants"' in line)
+    """Rounds in the coordinator's round log so far (a line being written is not counted yet)."""
+    return len(round_records(checkpoint_dir / ROUNDS_LOG))
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # the object API renders with Agg and touc
 from matplotlib.ticker import MaxNLocator
 
 from fedcore.atomic import atomic_write
+from fedcore.experiments.results import CellResult
 
 RESULTS_MD = "results.md"
 RESULTS_COPY = "results.jsonl"  # the rendered rows beside results.md, so the table can be checked and re-rendered
@@ -59,33 +60,33 @@ _COLOURS = {"centralised": "black", "full": "tab:blue", "usplit": "tab:green", "
 class CellSummary:
     """One table row: a cell's results lines (one per seed) of one protocol."""
 
-    runs: tuple[Mapping, ...]  # by seed
+    runs: tuple[CellResult, ...]  # by seed
 
     @property
-    def first(self) -> Mapping:
+    def first(self) -> CellResult:
         return self.runs[0]
 
     @property
     def strategy(self) -> str:
-        return str(self.first["strategy"])
+        return self.first.strategy
 
     @property
     def split(self) -> str:
-        return str(self.first["split"])
+        return self.first.split
 
     @property
     def seeds(self) -> list[int]:
-        return [int(r.get("seed", 0)) for r in self.runs]
+        return [r.seed for r in self.runs]
 
     @property
     def fd_mean(self) -> float:
         """The mean over seeds of each seed's mean FD over its models."""
-        return statistics.fmean(r["fd_mean"] for r in self.runs)
+        return statistics.fmean(r.fd_mean for r in self.runs)
 
     @property
     def fd_std(self) -> float:
         """Population std of the FD over every evaluated model of every seed (0 for one global model)."""
-        fds = [m["fd"] for r in self.runs for m in r["fd_per_model"]]
+        fds = [m.fd for r in self.runs for m in r.fd_per_model]
         return statistics.pstdev(fds) if len(fds) > 1 else 0.0
 
     @property
@@ -93,33 +94,33 @@ class CellSummary:
         """Half the range of the per-seed mean FDs, relative to their mean; None with one seed."""
         if len(self.runs) < 2:
             return None
-        fds = [r["fd_mean"] for r in self.runs]
+        fds = [r.fd_mean for r in self.runs]
         return (max(fds) - min(fds)) / 2 / self.fd_mean
 
     @property
     def wall_seconds(self) -> float:
         """The first seed's (later seeds may have shared the machine with other work)."""
-        return float(self.first["wall_seconds"])
+        return self.first.wall_seconds
 
 
-def _order(row: Mapping) -> tuple[int, int, int]:
-    split = _SPLIT_ORDER.index(row["split"]) if row["split"] in _SPLIT_ORDER else len(_SPLIT_ORDER)
-    strategy = _STRATEGY_ORDER.index(row["strategy"]) if row["strategy"] in _STRATEGY_ORDER else len(_STRATEGY_ORDER)
-    return split, strategy, int(row.get("seed", 0))
+def _order(row: CellResult) -> tuple[int, int, int]:
+    split = _SPLIT_ORDER.index(row.split) if row.split in _SPLIT_ORDER else len(_SPLIT_ORDER)
+    strategy = _STRATEGY_ORDER.index(row.strategy) if row.strategy in _STRATEGY_ORDER else len(_STRATEGY_ORDER)
+    return split, strategy, row.seed
 
 
-def _by_protocol(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
-    groups: dict[str, list[Mapping]] = {}
+def _by_protocol(rows: Sequence[CellResult]) -> dict[str, list[CellResult]]:
+    groups: dict[str, list[CellResult]] = {}
     for row in rows:
-        groups.setdefault(row["protocol"], []).append(row)
+        groups.setdefault(row.protocol, []).append(row)
     return {name: sorted(group, key=_order) for name, group in groups.items()}
 
 
-def summarise(rows: Sequence[Mapping]) -> list[CellSummary]:
+def summarise(rows: Sequence[CellResult]) -> list[CellSummary]:
     """One summary per cell of one protocol's rows, in the paper's order (rows of a cell are its seeds)."""
-    cells: dict[str, list[Mapping]] = {}
+    cells: dict[str, list[CellResult]] = {}
     for row in sorted(rows, key=_order):
-        cells.setdefault(row["cell"], []).append(row)
+        cells.setdefault(row.cell, []).append(row)
     return [CellSummary(tuple(runs)) for runs in cells.values()]
 
 
@@ -129,7 +130,7 @@ def _centralised(cells: Sequence[CellSummary]) -> CellSummary | None:
 
 def fd_ratio(cell: CellSummary, centralised: CellSummary | None) -> float | None:
     """The cell's FD against the centralised FD of the same protocol and features (the paper's comparison)."""
-    if centralised is None or centralised.first["feature_extractor"] != cell.first["feature_extractor"] or centralised.fd_mean <= 0:
+    if centralised is None or centralised.first.feature_extractor != cell.first.feature_extractor or centralised.fd_mean <= 0:
         return None
     return cell.fd_mean / centralised.fd_mean
 
@@ -163,20 +164,20 @@ def table(cells: Sequence[CellSummary], central: CellSummary | None = None, base
         ratio = fd_ratio(c, central)
         r = c.first
         lines.append(
-            f"| {c.strategy} | {c.split} | {r['clients']} | {c.fd_mean:.2f} +- {c.fd_std:.2f} "
-            f"| {len(r['fd_per_model'])} | {_seeds(c)} | {'-' if ratio is None else f'{ratio:.2f}x'} "
-            f"| {_millions(r['parameters_exchanged'])} | {r['reduction_vs_full']:.1%} | {_duration(c.wall_seconds)} "
-            f"| {r['device']} | {r['date']} |"
+            f"| {c.strategy} | {c.split} | {r.clients} | {c.fd_mean:.2f} +- {c.fd_std:.2f} "
+            f"| {len(r.fd_per_model)} | {_seeds(c)} | {'-' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {_millions(r.parameters_exchanged)} | {r.reduction_vs_full:.1%} | {_duration(c.wall_seconds)} "
+            f"| {r.device} | {r.date} |"
         )
-    if baselines and cells and "floor_fd" in cells[0].first:
+    if baselines and cells and cells[0].first.floor_fd is not None and cells[0].first.noise_fd is not None:
         r = cells[0].first
-        n = f"{r['samples']:,}"
-        lines.append(f"| real training images ({n}): the floor | - | - | {r['floor_fd']:.2f} | - | - | - | - | - | - | - | - |")
-        lines.append(f"| uniform noise ({n} images) | - | - | {r['noise_fd']:.2f} | - | - | - | - | - | - | - | - |")
+        n = f"{r.samples:,}"
+        lines.append(f"| real training images ({n}): the floor | - | - | {r.floor_fd:.2f} | - | - | - | - | - | - | - | - |")
+        lines.append(f"| uniform noise ({n} images) | - | - | {r.noise_fd:.2f} | - | - | - | - | - | - | - | - |")
     return _HEAD + "\n".join(lines) + ("\n" if lines else "")
 
 
-def goal_line(rows: Sequence[Mapping]) -> str:
+def goal_line(rows: Sequence[CellResult]) -> str:
     """Whether every federated IID cell of one protocol's rows is within GOAL_RATIO of the centralised FD."""
     cells = summarise(rows)
     central = _centralised(cells)
@@ -196,24 +197,24 @@ def per_model_lines(cells: Sequence[CellSummary]) -> str:
     """Each personalised model's FD beside its client's image count (seed 0), for the skewed splits."""
     out = []
     for c in cells:
-        models = c.first["fd_per_model"]
+        models = c.first.fd_per_model
         if len(models) > 1:
-            each = "; ".join(f"{m['model']} ({m['images']:,} images) {m['fd']:.2f}" for m in models)
+            each = "; ".join(f"{m.model} ({m.images:,} images) {m.fd:.2f}" for m in models)
             out.append(f"- {c.strategy}, {c.split}: {each}")
     return "\n".join(out) + ("\n" if out else "")
 
 
-def _protocol_heading(rows: Sequence[Mapping]) -> str:
+def _protocol_heading(rows: Sequence[CellResult]) -> str:
     r = rows[0]
-    k = max(x["clients"] for x in rows)
-    lr = f", lr {r['lr']:g}" if "lr" in r else ""
+    k = max(x.clients for x in rows)
+    lr = "" if r.lr is None else f", lr {r.lr:g}"
     return (
-        f"## Protocol `{r['protocol']}`\n\n"
-        f"Model `{r['model']}`, R = {r['rounds']} rounds, E = {r['epochs']} local epochs, batch {r['batch_size']}{lr}, "
-        f"K = {k} clients (1 for the centralised reference), {r['images']:,} training images, Dirichlet beta "
-        f"{r['beta']}, split seed {r['split_seed']}. FD (squared Frechet distance, Heusel et al. 2017) of "
-        f"{r['samples']:,} {r['sampler']} samples per model against {r['reference']['dataset']} "
-        f"({r['reference']['count']:,} images) on `{r['feature_extractor']}` features. Global model for "
+        f"## Protocol `{r.protocol}`\n\n"
+        f"Model `{r.model}`, R = {r.rounds} rounds, E = {r.epochs} local epochs, batch {r.batch_size}{lr}, "
+        f"K = {k} clients (1 for the centralised reference), {r.images:,} training images, Dirichlet beta "
+        f"{r.beta}, split seed {r.split_seed}. FD (squared Frechet distance, Heusel et al. 2017) of "
+        f"{r.samples:,} {r.sampler} samples per model against {r.reference.dataset} "
+        f"({r.reference.count:,} images) on `{r.feature_extractor}` features. Global model for "
         "centralised, full and usplit; each client's personalised model for ulatdec and udec (mean +- population "
         "std over the K models). Parameters exchanged are counted the paper's way (both directions, the initial "
         "broadcast once per client); the reduction is against plain FedAvg over the same transfers. Wall time: "
@@ -226,26 +227,26 @@ def _iid_total(cells: Sequence[CellSummary]) -> str:
     if len(iid) < 2:
         return ""
     runs = [c.first for c in iid]
-    train, evaluate = sum(r["train_seconds"] for r in runs), sum(r["eval_seconds"] for r in runs)
+    train, evaluate = sum(r.train_seconds for r in runs), sum(r.eval_seconds for r in runs)
     return (
         f"The IID rows (seed {iid[0].seeds[0]}) took {_duration(train + evaluate)} of wall time: "
         f"{_duration(train)} training and {_duration(evaluate)} sampling and scoring.\n"
     )
 
 
-def _status(rows: Sequence[Mapping]) -> str:
+def _status(rows: Sequence[CellResult]) -> str:
     if not rows:
         return "**No results yet.** The tables below stay empty until a command under *Reproduce* has run.\n"
-    protocols = {r["protocol"] for r in rows}
+    protocols = {r.protocol for r in rows}
     if protocols == {"mini"}:
         return (
             "**CPU miniature, not the paper protocol.** These numbers show that the pipeline runs end to end "
             "(tiny model, a few hundred images, a couple of rounds); they say nothing about the method's quality.\n"
         )
-    devices = sorted({r["device"] for r in rows})
-    dates = sorted({r["date"] for r in rows})
+    devices = sorted({r.device for r in rows})
+    dates = sorted({r.date for r in rows})
     line = f"Measured on {'; '.join(devices)}, {dates[0]}{'' if len(dates) == 1 else ' to ' + dates[-1]}."
-    if all(r["device"].startswith("cpu") for r in rows):
+    if all(r.device.startswith("cpu") for r in rows):
         line += " **No GPU results yet**: the `quick` and `paper` protocols wait for a GPU (command below)."
     return line + "\n"
 
@@ -253,9 +254,10 @@ def _status(rows: Sequence[Mapping]) -> str:
 def _grid_section(cells: Sequence[CellSummary], protocol: str, docs: Path | None) -> str:
     shown = []
     for c in cells:
-        name = f"{SAMPLES_DIR}/{protocol}-{c.first.get('folder', '')}.png"
-        if docs is not None and c.first.get("folder") and (docs / name).is_file():
-            model = "the global model" if len(c.first["fd_per_model"]) == 1 else f"{c.first['fd_per_model'][0]['model']}'s own model"
+        name = f"{SAMPLES_DIR}/{protocol}-{c.first.folder or ''}.png"
+        if docs is not None and c.first.folder and (docs / name).is_file():
+            models = c.first.fd_per_model
+            model = "the global model" if len(models) == 1 else f"{models[0].model}'s own model"
             shown.append(f"**{c.strategy}, {c.split}** ({model}, seed {c.seeds[0]}):\n\n![{c.strategy} {c.split}]({name})\n")
     return ("### Samples\n\n" + "\n".join(shown)) if shown else ""
 
@@ -269,7 +271,7 @@ def kept_notes(path: Path) -> str:
     return text[begin : end + len(NOTES_END)] + "\n" if 0 <= begin < end else ""
 
 
-def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True, docs: Path | None = None, notes: str = "") -> str:
+def markdown(rows: Sequence[CellResult], results_path: str = "", plots: bool = True, docs: Path | None = None, notes: str = "") -> str:
     parts = ["# Results: the paper's experiment grid in simulation\n", _status(rows)]
     parts.append(
         f"## Reproduce\n\nOn a CPU (2 cores: about 3.5 hours for all three):\n\n```\n{CPU_COMMANDS}\n```\n\n"
@@ -307,30 +309,30 @@ def markdown(rows: Sequence[Mapping], results_path: str = "", plots: bool = True
     return "\n".join(p for p in parts if p)
 
 
-def _label(row: Mapping, many_protocols: bool) -> str:
-    return f"{row['strategy']} ({row['protocol']})" if many_protocols else row["strategy"]
+def _label(row: CellResult, many_protocols: bool) -> str:
+    return f"{row.strategy} ({row.protocol})" if many_protocols else row.strategy
 
 
-def _panels(rows: Sequence[Mapping]) -> list[tuple[str, list[Mapping]]]:
+def _panels(rows: Sequence[CellResult]) -> list[tuple[str, list[CellResult]]]:
     """One panel per split, the first seed of each cell; the centralised reference is drawn in each of them."""
     first = [c.first for group in _by_protocol(rows).values() for c in summarise(group)]
-    central = [r for r in first if r["split"] == "all"]
-    splits = [s for s in _SPLIT_ORDER[1:] if any(r["split"] == s for r in first)]
+    central = [r for r in first if r.split == "all"]
+    splits = [s for s in _SPLIT_ORDER[1:] if any(r.split == s for r in first)]
     if not splits:
         return [("centralised", central)]
-    return [(s, central + [r for r in first if r["split"] == s]) for s in splits]
+    return [(s, central + [r for r in first if r.split == s]) for s in splits]
 
 
-def plot_fd_vs_parameters(rows: Sequence[Mapping], path: Path) -> Path:
+def plot_fd_vs_parameters(rows: Sequence[CellResult], path: Path) -> Path:
     panels = _panels(rows)
-    many = len({r["protocol"] for r in rows}) > 1
+    many = len({r.protocol for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for r in group:
-            xs = [p["cumulative_parameters"] / 1e6 for p in r["curve"]]
-            ys = [p["fd_mean"] for p in r["curve"]]
-            errs = [p["fd_std"] for p in r["curve"]]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=_COLOURS.get(r["strategy"]), label=_label(r, many))
+            xs = [p.cumulative_parameters / 1e6 for p in r.curve]
+            ys = [p.fd_mean for p in r.curve]
+            errs = [p.fd_std for p in r.curve]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=_COLOURS.get(r.strategy), label=_label(r, many))
         ax.set_title(f"split: {split}")
         ax.set_xlabel("cumulative parameters exchanged (millions)")
         ax.set_ylabel("FD (mean +- std over models)")
@@ -340,14 +342,14 @@ def plot_fd_vs_parameters(rows: Sequence[Mapping], path: Path) -> Path:
     return path
 
 
-def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
+def plot_loss(rows: Sequence[CellResult], path: Path) -> Path:
     panels = _panels(rows)
-    many = len({r["protocol"] for r in rows}) > 1
+    many = len({r.protocol for r in rows}) > 1
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (split, group) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for r in group:
-            rounds = range(1, len(r["losses"]) + 1)
-            ax.plot(rounds, r["losses"], marker=".", color=_COLOURS.get(r["strategy"]), label=_label(r, many))
+            rounds = range(1, len(r.losses) + 1)
+            ax.plot(rounds, r.losses, marker=".", color=_COLOURS.get(r.strategy), label=_label(r, many))
         ax.set_title(f"split: {split}")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -358,27 +360,29 @@ def plot_loss(rows: Sequence[Mapping], path: Path) -> Path:
     return path
 
 
-def copy_grids(rows: Sequence[Mapping], run_dir: Path, docs: Path) -> list[Path]:
+def copy_grids(rows: Sequence[CellResult], run_dir: Path, docs: Path) -> list[Path]:
     """Each cell's sample grid from its run folder into docs/samples/ (cells whose folder is gone are skipped)."""
     copied = []
     for row in rows:
-        src = run_dir / str(row.get("folder", "")) / "samples.png"
-        if row.get("folder") and src.is_file():
-            dst = docs / SAMPLES_DIR / f"{row['protocol']}-{row['folder']}.png"
+        if not row.folder:
+            continue
+        src = run_dir / row.folder / "samples.png"
+        if src.is_file():
+            dst = docs / SAMPLES_DIR / f"{row.protocol}-{row.folder}.png"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             copied.append(dst)
     return copied
 
 
-def render(rows: Sequence[Mapping], docs: Path | str, results_path: str = "", run_dir: Path | None = None) -> list[Path]:
+def render(rows: Sequence[CellResult], docs: Path | str, results_path: str = "", run_dir: Path | None = None) -> list[Path]:
     """Write results.md (and, when there are rows, the two plots and the cells' sample grids) into `docs`,
     keeping the notes block of the results.md already there; returns the files written."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if rows:
-        atomic_write(docs / RESULTS_COPY, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(docs / RESULTS_COPY, "".join(json.dumps(r.as_json()) + "\n" for r in rows).encode())
         written += [docs / RESULTS_COPY, plot_fd_vs_parameters(rows, docs / FD_PLOT), plot_loss(rows, docs / LOSS_PLOT)]
         if run_dir is not None:
             written += copy_grids(rows, run_dir, docs)

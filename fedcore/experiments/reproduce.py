@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,9 +30,10 @@ from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifi
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
 from fedcore.evaluation.images import save_grid
 from fedcore.experiments import report
+from fedcore.experiments.results import CellResult, CurvePoint, ModelFd, ReferenceSet, append_result, load_curve, load_results, result_key
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation import checkpoint
-from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG, round_records
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, private_parts
 from fedcore.model.denoiser import Denoiser
@@ -164,43 +164,6 @@ class ReproduceConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Results file
-
-
-def load_results(path: Path) -> list[dict]:
-    """Every complete line of a results file (a torn last line from a crash is ignored)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows
-
-
-ResultKey = tuple[str, str, int, int, int]
-
-
-def result_key(protocol: str, cell: str, clients: int, max_images: int, seed: int) -> ResultKey:
-    """What makes two results lines the same measurement (a rerun skips a cell whose key is there)."""
-    return protocol, cell, clients, max_images, seed
-
-
-def _key_of(row: Mapping) -> ResultKey:
-    return result_key(row["protocol"], row["cell"], row["clients"], row["max_images"], row.get("seed", 0))
-
-
-def append_result(path: Path, row: Mapping) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a") as f:
-        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -216,7 +179,7 @@ class Evaluator:
     device: torch.device
     bf16: bool
     batch_size: int  # images per sampling batch (one static shape for the compiled sampler)
-    baselines: dict[str, float]  # FD of real training images (the floor) and of uniform noise, as many as samples
+    baselines: FdBaselines  # the two ends of the FD scale for as many images as the protocol samples
     schedule: Schedule = field(default_factory=Schedule)
     log: Callable[[str], None] = print
 
@@ -246,7 +209,7 @@ class Evaluator:
         baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.split_seed, cfg.data_root)
         log(
             f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
-            f"{cfg.protocol.samples} training images score {baselines['floor']:.2f}, uniform noise {baselines['noise']:.2f}"
+            f"{cfg.protocol.samples} training images score {baselines.floor:.2f}, uniform noise {baselines.noise:.2f}"
         )
         return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, baselines, log=log)
 
@@ -273,14 +236,21 @@ class Evaluator:
         return self.reference.frechet_distance_to(self.extractor, images)
 
 
-def reference_baselines(extractor: FeatureExtractor, reference: ReferenceStats, n: int, seed: int, data_root: str | None) -> dict[str, float]:
-    """The two ends of the FD scale for n images: n real training images (a seeded sample: the floor a
-    perfect generator reaches with this many samples) and n images of uniform noise in [-1, 1]."""
+@dataclass(frozen=True)
+class FdBaselines:
+    """The two ends of the FD scale for n images."""
+
+    floor: float  # n real training images: what a perfect generator reaches with this many samples
+    noise: float  # n images of uniform noise in [-1, 1]
+
+
+def reference_baselines(extractor: FeatureExtractor, reference: ReferenceStats, n: int, seed: int, data_root: str | None) -> FdBaselines:
+    """The FD of n real training images (a seeded sample) and of n images of uniform noise in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
     train = load_fashion_mnist(train=True, root=data_root).images
     real = to_model_range(train[torch.randperm(len(train), generator=generator)[:n].sort().values.numpy()])
     noise = torch.rand((n, *real.shape[1:]), generator=generator) * 2 - 1
-    return {"floor": reference.frechet_distance_to(extractor, real), "noise": reference.frechet_distance_to(extractor, noise)}
+    return FdBaselines(floor=reference.frechet_distance_to(extractor, real), noise=reference.frechet_distance_to(extractor, noise))
 
 
 def cell_models(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
@@ -296,7 +266,16 @@ def _summary(fds: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(fds)), float(np.std(fds))
 
 
-def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n: int, seed: int, curve_n: int) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class RoundScores:
+    """Every model of a cell scored after a round: on the full sample count, and on the curve point's share."""
+
+    fds: dict[str, float]  # by model, on n samples
+    point: CurvePoint  # on the first curve_n of them
+    images: dict[str, torch.Tensor]  # by model: the n samples (n, C, H, W) in [-1, 1], on the CPU
+
+
+def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n: int, seed: int, curve_n: int) -> RoundScores:
     """FD of every model of the cell on n samples, and on the first curve_n of them (the curve point);
     every model draws the same noise (seed), so differences between cells are not sampling luck."""
     started = time.perf_counter()
@@ -307,23 +286,18 @@ def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n:
         fds[name] = evaluator.fd(x)
         curve_fds[name] = fds[name] if curve_n >= n else evaluator.fd(x[:curve_n])
     seconds = time.perf_counter() - started
-    record = sim.records[-1] if sim.records else _rounds_log(sim.out_dir)[-1]
-    final = {"samples": n, "fd_per_model": fds, "seconds": round(seconds, 3)}
+    last = sim.records[-1] if sim.records else round_records(sim.out_dir / ROUNDS_LOG)[-1]
     curve_mean, curve_std = _summary(list(curve_fds.values()))
-    point = {
-        "round": sim.federation.completed_rounds,
-        "cumulative_parameters": record["cumulative_parameters"],
-        "samples": min(curve_n, n),
-        "fd_mean": curve_mean,
-        "fd_std": curve_std,
-        "fd_per_model": curve_fds,
-        "seconds": round(seconds, 3),
-    }
-    return final, point, images
-
-
-def _rounds_log(out_dir: Path) -> list[dict]:
-    return load_results(out_dir / ROUNDS_LOG)
+    point = CurvePoint(
+        round_number=sim.federation.completed_rounds,
+        cumulative_parameters=last.cumulative_parameters,
+        samples=min(curve_n, n),
+        fd_mean=curve_mean,
+        fd_std=curve_std,
+        seconds=round(seconds, 3),
+        fd_per_model=curve_fds,
+    )
+    return RoundScores(fds, point, images)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,84 +357,76 @@ def cell_folder(cfg: ReproduceConfig, cell: Cell) -> Path:
     return cfg.out / (f"{cell.strategy}-{cell.split}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
 
 
-def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print) -> dict:
+def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print) -> CellResult:
     """Train (or resume) one cell, score its models, and return its results line."""
     p = cfg.protocol
+    sim = _open_cell(cfg, cell, log)
+    points = _train_with_curve(sim, p, cfg.seed, evaluator, lambda s: log(f"[{cell.key}] {s}"))
+    final = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
+    points[final.point.round_number] = final.point
+    save_grid(next(iter(final.images.values()))[:64], sim.out_dir / "samples.png")
+    if not all(math.isfinite(f) for f in final.fds.values()):
+        log(f"[{cell.key}] warning: non-finite FD {final.fds}")
+    return _cell_result(cfg, cell, sim, evaluator, final, points)
+
+
+def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None]) -> Simulation:
+    """The cell's simulation in its folder: a new one, or the one a previous call left off."""
     folder = cell_folder(cfg, cell)
     sim_cfg = simulation_config(cfg, cell)
     _check_cell_folder(folder, sim_cfg)
     sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"))
     if sim.federation.completed_rounds:
         log(f"[{cell.key}] resuming after round {sim.federation.completed_rounds}")
-    points = {pt["round"]: pt for pt in load_results(folder / EVALUATIONS)}
+    return sim
 
-    def curve_point_wanted() -> bool:
-        r = sim.federation.completed_rounds
-        return r < p.rounds and curve_point_due(r, p.eval_every) and r not in points
 
+def _train_with_curve(sim: Simulation, p: Protocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> dict[int, CurvePoint]:
+    """Train the cell's remaining rounds, scoring a curve point before each round that is due one; returns the
+    cell's curve points so far, by round, those of earlier calls (its evaluations file) included."""
+    points = {pt.round_number: pt for pt in load_curve(sim.out_dir / EVALUATIONS)}
     while True:
-        if curve_point_wanted():
-            _, point, _ = evaluate_round(sim, evaluator, p, p.curve_samples, cfg.seed, p.curve_samples)
-            points[point["round"]] = point
-            append_result(folder / EVALUATIONS, point)
-            log(f"[{cell.key}] round {point['round']}: FD {point['fd_mean']:.2f} +- {point['fd_std']:.2f} on {point['samples']} samples")
+        r = sim.federation.completed_rounds
+        if r < p.rounds and curve_point_due(r, p.eval_every) and r not in points:
+            points[r] = _curve_point(sim, p, seed, evaluator, log)
         if sim.federation.finished:
-            break
+            return points
         sim.run_round()
 
-    final, point, images = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
-    points[point["round"]] = point
-    save_grid(next(iter(images.values()))[:64], folder / "samples.png")
-    rounds = _rounds_log(folder)
+
+def _curve_point(sim: Simulation, p: Protocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> CurvePoint:
+    """Score the cell's models on the curve's sample count and append the point to its evaluations file."""
+    point = evaluate_round(sim, evaluator, p, p.curve_samples, seed, p.curve_samples).point
+    append_result(sim.out_dir / EVALUATIONS, point)
+    log(f"round {point.round_number}: FD {point.fd_mean:.2f} +- {point.fd_std:.2f} on {point.samples} samples")
+    return point
+
+
+def _cell_result(cfg: ReproduceConfig, cell: Cell, sim: Simulation, evaluator: Evaluator, final: RoundScores, points: Mapping[int, CurvePoint]) -> CellResult:
+    """The cell's results line, from its settings, its final scores, its round log and its curve points."""
+    p = cfg.protocol
+    rounds = round_records(sim.out_dir / ROUNDS_LOG)
     last = rounds[-1]
-    fds = final["fd_per_model"]
-    fd_mean, fd_std = _summary(list(fds.values()))
     sizes = {cid: c.num_examples for cid, c in sim.clients.items()}
-    train_seconds = sum(r["seconds"] for r in rounds)
-    eval_seconds = final["seconds"] + sum(pt["seconds"] for r, pt in points.items() if r != p.rounds)
+    fd_mean, fd_std = _summary(list(final.fds.values()))
+    train_seconds = sum(r.seconds for r in rounds)
+    eval_seconds = final.point.seconds + sum(pt.seconds for r, pt in points.items() if r != p.rounds)
     steps = p.steps if p.sampler == "ddim" else evaluator.schedule.timesteps
-    row = {
-        "protocol": p.name,
-        "cell": cell.key,
-        "folder": folder.name,
-        "strategy": cell.strategy,
-        "split": cell.split,
-        "clients": cell.num_clients(cfg.clients),
-        "model": p.model,
-        "rounds": p.rounds,
-        "epochs": p.epochs,
-        "batch_size": p.batch_size,
-        "lr": p.lr,
-        "max_images": p.max_images,
-        "images": sum(sizes.values()),
-        "beta": cfg.beta,
-        "split_seed": cfg.split_seed,
-        "seed": cfg.seed,
-        "fd_mean": fd_mean,
-        "fd_std": fd_std,  # population std over the models evaluated
-        "fd_per_model": [{"model": name, "images": sizes.get(name, sum(sizes.values())), "fd": fd} for name, fd in fds.items()],
-        "feature_extractor": evaluator.extractor.name,
-        "floor_fd": evaluator.baselines["floor"],
-        "noise_fd": evaluator.baselines["noise"],
-        "reference": {"dataset": evaluator.reference.dataset, "count": evaluator.reference.count},
-        "samples": p.samples,
-        "sampler": f"{p.sampler}-{steps}",
-        "parameters_exchanged": last["cumulative_parameters"],
-        "full_fedavg_parameters": last["cumulative_full_fedavg_parameters"],
-        "reduction_vs_full": last["reduction_so_far"],
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "wall_seconds": round(train_seconds + eval_seconds, 1),
-        "device": device_name(evaluator.device),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "losses": [r["mean_loss"] for r in rounds],
-        "cumulative_parameters": [r["cumulative_parameters"] for r in rounds],
-        "curve": [{k: v for k, v in pt.items() if k != "fd_per_model"} for _, pt in sorted(points.items())],
-    }
-    if not all(math.isfinite(f) for f in fds.values()):
-        log(f"[{cell.key}] warning: non-finite FD {fds}")
-    return row
+    return CellResult(
+        protocol=p.name, cell=cell.key, folder=sim.out_dir.name, strategy=cell.strategy, split=cell.split,
+        clients=cell.num_clients(cfg.clients), model=p.model, rounds=p.rounds, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+        max_images=p.max_images, images=sum(sizes.values()), beta=cfg.beta, split_seed=cfg.split_seed, seed=cfg.seed,
+        fd_mean=fd_mean, fd_std=fd_std,  # population std over the models evaluated
+        fd_per_model=tuple(ModelFd(name, sizes.get(name, sum(sizes.values())), fd) for name, fd in final.fds.items()),
+        feature_extractor=evaluator.extractor.name, floor_fd=evaluator.baselines.floor, noise_fd=evaluator.baselines.noise,
+        reference=ReferenceSet(evaluator.reference.dataset, evaluator.reference.count), samples=p.samples, sampler=f"{p.sampler}-{steps}",
+        parameters_exchanged=last.cumulative_parameters, full_fedavg_parameters=last.cumulative_full_fedavg_parameters,
+        reduction_vs_full=last.reduction_so_far, train_seconds=round(train_seconds, 1), eval_seconds=round(eval_seconds, 1),
+        wall_seconds=round(train_seconds + eval_seconds, 1), device=device_name(evaluator.device),
+        date=datetime.now(UTC).strftime("%Y-%m-%d"), torch=torch.__version__, losses=tuple(r.mean_loss for r in rounds),
+        cumulative_parameters=tuple(r.cumulative_parameters for r in rounds),
+        curve=tuple(replace(pt, fd_per_model=None) for _, pt in sorted(points.items())),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,9 +438,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[dict]:
+def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[CellResult]:
     """Run every selected cell that the results file lacks, appending its line and re-rendering the docs."""
-    done = {_key_of(r) for r in load_results(cfg.results)}
+    done = {r.key for r in load_results(cfg.results)}
     p = cfg.protocol
     todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
@@ -488,8 +454,8 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
             append_result(cfg.results, row)
             new.append(row)
             log(
-                f"[{cell.key}] FD {row['fd_mean']:.2f} +- {row['fd_std']:.2f}, {row['parameters_exchanged']:,} parameters "
-                f"({row['reduction_vs_full']:.1%} less than full), {time.perf_counter() - started:.0f}s"
+                f"[{cell.key}] FD {row.fd_mean:.2f} +- {row.fd_std:.2f}, {row.parameters_exchanged:,} parameters "
+                f"({row.reduction_vs_full:.1%} less than full), {time.perf_counter() - started:.0f}s"
             )
             _release_memory()
             if cfg.docs is not None:

@@ -15,7 +15,7 @@ from fedcore.data.splits import split_indices
 from fedcore.errors import ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.client import ClientRuntime
-from fedcore.federation.roundlog import ROUNDS_LOG, format_round, round_record, truncate_log
+from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, round_record, truncate_log
 from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
 from fedcore.federation.strategies import private_parts
 from fedcore.model.diffusion import Schedule
@@ -56,7 +56,7 @@ class Simulation:
     federation: Federation
     clients: dict[str, ClientRuntime]
     log: Callable[[str], None] = print
-    records: list[dict[str, object]] = field(default_factory=list)
+    records: list[RoundRecord] = field(default_factory=list)  # the rounds this process ran, as logged
 
     @classmethod
     def create(cls, cfg: SimulationConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> Simulation:
@@ -105,12 +105,12 @@ class Simulation:
         fed.save(self.out_dir)
         record = round_record(outcome, fed.ledger, time.perf_counter() - started)
         with open(self.out_dir / ROUNDS_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record.as_json()) + "\n")
         self.records.append(record)
         self.log(format_round(record))
         return outcome
 
-    def run(self) -> list[dict[str, object]]:
+    def run(self) -> list[RoundRecord]:
         while not self.federation.finished:
             self.run_round()
         return self.records

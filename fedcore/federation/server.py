@@ -87,6 +87,12 @@ class Ledger:
     def reduction_vs_full(self) -> float:
         return 1.0 - self.traffic.total / self.full_fedavg if self.full_fedavg else 0.0
 
+    def copy(self) -> Ledger:
+        """A copy that later `add`s to this ledger leave as it is."""
+        copy = Ledger()
+        copy.add(self)
+        return copy
+
     def add(self, other: Ledger) -> None:
         self.traffic = self.traffic + other.traffic
         self.full_fedavg += other.full_fedavg
@@ -421,9 +427,7 @@ class OpenRound:
     def ledger_so_far(self) -> Ledger:
         """This round's communication up to now (a copy)."""
         with self._lock:
-            copy = Ledger()
-            copy.add(self._ledger)
-            return copy
+            return self._ledger.copy()
 
     @property
     def accepted(self) -> list[str]:

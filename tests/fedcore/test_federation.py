@@ -289,7 +289,8 @@ def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
     assert fed.norms.median(DEC) == min(a.norms[DEC], b.norms[DEC]), "norms before clipping, for the next round"
     assert outcome.accepted[1].clipped[DEC] == pytest.approx(0.05 / b.norms[DEC])
     record = round_record(outcome, fed.ledger, 1.0)
-    assert record["weights"] == {"alice": 10, "bob": 10} and set(record["clipped"]) == {"bob"}, "the round log says who was clipped"
+    assert record.weights == {"alice": 10, "bob": 10} and set(record.clipped) == {"bob"}, "the round log says who was clipped"
+    assert record.as_json()["clipped"] == {"bob": {p.value: b.clipped[p] for p in PART_ORDER}}
 
 
 def test_adaptive_clipping_follows_the_last_rounds_median_norm() -> None:

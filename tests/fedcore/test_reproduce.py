@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from fedcore.experiments import report
-from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, load_results, parse_only, select_cells, with_overrides
+from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, parse_only, select_cells, with_overrides
+from fedcore.experiments.results import CellResult, CurvePoint, ModelFd, ReferenceSet, load_results
 from fedcore.federation.roundlog import ROUNDS_LOG
 from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
 
@@ -36,8 +38,8 @@ def mini(tmp_path_factory, fashion_mnist_dir) -> Path:
     return tmp
 
 
-def _rows(tmp: Path) -> dict[str, dict]:
-    return {r["cell"]: r for r in load_results(tmp / "run" / "results.jsonl")}
+def _rows(tmp: Path) -> dict[str, CellResult]:
+    return {r.cell: r for r in load_results(tmp / "run" / "results.jsonl")}
 
 
 # --- the miniature end to end -----------------------------------------------------------------------------
@@ -58,36 +60,37 @@ def test_results_file_has_one_finite_line_per_cell(mini: Path) -> None:
         assert r["feature_extractor"].startswith("fmnist-cnn:")
         assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
         assert r["wall_seconds"] > 0
+    assert [json.dumps(CellResult.from_json(r).as_json()) for r in rows] == lines, "each line reads as its record and writes back byte for byte"
 
 
 def test_parameters_follow_the_ledger(mini: Path) -> None:
     rows = _rows(mini)
     full, udec = rows["full:iid"], rows["udec:iid"]
 
-    assert full["parameters_exchanged"] == full["full_fedavg_parameters"] and full["reduction_vs_full"] == 0.0
-    assert udec["full_fedavg_parameters"] == full["full_fedavg_parameters"]
-    assert udec["parameters_exchanged"] < full["parameters_exchanged"]
-    assert udec["reduction_vs_full"] == pytest.approx(1 - udec["parameters_exchanged"] / udec["full_fedavg_parameters"])
+    assert full.parameters_exchanged == full.full_fedavg_parameters and full.reduction_vs_full == 0.0
+    assert udec.full_fedavg_parameters == full.full_fedavg_parameters
+    assert udec.parameters_exchanged < full.parameters_exchanged
+    assert udec.reduction_vs_full == pytest.approx(1 - udec.parameters_exchanged / udec.full_fedavg_parameters)
 
 
 def test_udec_is_scored_per_client_and_full_once(mini: Path) -> None:
     rows = _rows(mini)
     full, udec = rows["full:iid"], rows["udec:iid"]
-    fds = [m["fd"] for m in udec["fd_per_model"]]
+    fds = [m.fd for m in udec.fd_per_model]
 
-    assert [m["model"] for m in full["fd_per_model"]] == ["global"] and full["fd_std"] == 0.0
-    assert [m["model"] for m in udec["fd_per_model"]] == [f"client-{i}" for i in range(K)]
-    assert sum(m["images"] for m in udec["fd_per_model"]) == udec["images"]
+    assert [m.model for m in full.fd_per_model] == ["global"] and full.fd_std == 0.0
+    assert [m.model for m in udec.fd_per_model] == [f"client-{i}" for i in range(K)]
+    assert sum(m.images for m in udec.fd_per_model) == udec.images
     assert len(set(fds)) == K  # personalised encoders and bottlenecks: K different models
-    assert udec["fd_mean"] == pytest.approx(np.mean(fds)) and udec["fd_std"] == pytest.approx(np.std(fds))
+    assert udec.fd_mean == pytest.approx(np.mean(fds)) and udec.fd_std == pytest.approx(np.std(fds))
 
 
 def test_curve_has_a_point_per_evaluated_round(mini: Path) -> None:
     for r in _rows(mini).values():
-        assert [p["round"] for p in r["curve"]] == [1, 2]  # mini evaluates every round
-        assert [p["cumulative_parameters"] for p in r["curve"]] == r["cumulative_parameters"]
-        assert all(math.isfinite(p["fd_mean"]) for p in r["curve"])
-    assert _rows(mini)["udec:iid"]["curve"][-1]["fd_mean"] == pytest.approx(_rows(mini)["udec:iid"]["fd_mean"])
+        assert [p.round_number for p in r.curve] == [1, 2]  # mini evaluates every round
+        assert tuple(p.cumulative_parameters for p in r.curve) == r.cumulative_parameters
+        assert all(math.isfinite(p.fd_mean) and p.fd_per_model is None for p in r.curve)
+    assert _rows(mini)["udec:iid"].curve[-1].fd_mean == pytest.approx(_rows(mini)["udec:iid"].fd_mean)
 
 
 def test_docs_hold_the_table_and_two_valid_plots(mini: Path) -> None:
@@ -95,7 +98,7 @@ def test_docs_hold_the_table_and_two_valid_plots(mini: Path) -> None:
 
     assert "CPU miniature, not the paper protocol" in md
     copied = [json.loads(line) for line in (mini / "docs" / report.RESULTS_COPY).read_text().splitlines()]
-    assert copied == load_results(mini / "run" / "results.jsonl") and f"]({report.RESULTS_COPY})" in md
+    assert copied == [r.as_json() for r in load_results(mini / "run" / "results.jsonl")] and f"]({report.RESULTS_COPY})" in md
     assert report.GPU_COMMAND in md
     table_rows = [line for line in md.splitlines() if line.startswith("| full |") or line.startswith("| udec |")]
     assert len(table_rows) == 2 and all("| cpu: " in line for line in table_rows)
@@ -148,7 +151,7 @@ def test_trained_cell_without_result_is_scored_from_its_checkpoint(mini: Path, t
 
     [row] = load_results(tmp_path / "run" / "results.jsonl")
     assert (tmp_path / "run" / "full-iid" / ROUNDS_LOG).read_bytes() == rounds_log
-    assert row["fd_mean"] == _rows(mini)["full:iid"]["fd_mean"]  # same weights, same sampling noise
+    assert row.fd_mean == _rows(mini)["full:iid"].fd_mean  # same weights, same sampling noise
 
 
 # --- cells, options, rendering ------------------------------------------------------------------------------
@@ -191,16 +194,19 @@ def test_protocols_keep_their_sizes() -> None:
         with_overrides(quick, samples=0)
 
 
-def _row(strategy: str, split: str, fd: float) -> dict:
-    return {
-        "protocol": "quick", "cell": f"{strategy}:{split}", "strategy": strategy, "split": split,
-        "clients": 1 if strategy == "centralised" else 5, "model": "paper-fmnist", "rounds": 15, "epochs": 1,
-        "batch_size": 128, "images": 60000, "beta": 0.5, "split_seed": 2023, "samples": 2000, "sampler": "ddim-100",
-        "reference": {"dataset": "fashion-mnist/test", "count": 10000}, "feature_extractor": "fmnist-cnn:x",
-        "fd_mean": fd, "fd_std": 0.0, "fd_per_model": [{"model": "global", "fd": fd}], "parameters_exchanged": 10**8,
-        "reduction_vs_full": 0.5, "wall_seconds": 300.0, "train_seconds": 240.0, "eval_seconds": 60.0, "device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01", "seed": 0,
-        "losses": [0.1, 0.05], "curve": [{"round": 15, "cumulative_parameters": 10**8, "fd_mean": fd, "fd_std": 0.0}],
-    }  # fmt: skip
+def _row(strategy: str, split: str, fd: float) -> CellResult:
+    """A results line of the quick protocol as an older version wrote it (no folder, lr, floor or noise FD)."""
+    return CellResult(
+        protocol="quick", cell=f"{strategy}:{split}", folder=None, strategy=strategy, split=split,
+        clients=1 if strategy == "centralised" else 5, model="paper-fmnist", rounds=15, epochs=1, batch_size=128, lr=None,
+        max_images=0, images=60000, beta=0.5, split_seed=2023, seed=0, fd_mean=fd, fd_std=0.0,
+        fd_per_model=(ModelFd("global", 60000, fd),), feature_extractor="fmnist-cnn:x", floor_fd=None, noise_fd=None,
+        reference=ReferenceSet("fashion-mnist/test", 10000), samples=2000, sampler="ddim-100",
+        parameters_exchanged=10**8, full_fedavg_parameters=2 * 10**8, reduction_vs_full=0.5,
+        train_seconds=240.0, eval_seconds=60.0, wall_seconds=300.0, device="NVIDIA H100 80GB HBM3", date="2025-01-01", torch="2.5.1",
+        losses=(0.1, 0.05), cumulative_parameters=(5 * 10**7, 10**8),
+        curve=(CurvePoint(round_number=15, cumulative_parameters=10**8, samples=500, fd_mean=fd, fd_std=0.0, seconds=12.0),),
+    )  # fmt: skip
 
 
 def test_report_ratios_and_goal_against_centralised() -> None:
@@ -224,7 +230,7 @@ def test_render_without_results_says_so_and_draws_nothing(tmp_path: Path) -> Non
 
 
 def test_seeds_of_a_cell_make_one_row_with_their_spread() -> None:
-    rows = [_row("centralised", "all", 10.0), {**_row("centralised", "all", 12.0), "seed": 1}, _row("udec", "iid", 11.5)]
+    rows = [_row("centralised", "all", 10.0), replace(_row("centralised", "all", 12.0), seed=1), _row("udec", "iid", 11.5)]
 
     md = report.markdown(rows)
 
@@ -246,8 +252,7 @@ def test_notes_block_survives_a_new_rendering(tmp_path: Path) -> None:
 
 
 def test_skewed_rows_list_each_personalised_model_with_its_images() -> None:
-    udec = {**_row("udec", "quantity", 100.0), "fd_per_model": [{"model": "client-0", "images": 46000, "fd": 20.0},
-                                                               {"model": "client-1", "images": 14, "fd": 180.0}]}  # fmt: skip
+    udec = replace(_row("udec", "quantity", 100.0), fd_per_model=(ModelFd("client-0", 46000, 20.0), ModelFd("client-1", 14, 180.0)))
 
     md = report.markdown([_row("centralised", "all", 10.0), udec])
 
@@ -258,9 +263,9 @@ def test_skewed_rows_list_each_personalised_model_with_its_images() -> None:
 def test_another_seed_is_its_own_line_and_folder(mini: Path) -> None:
     assert _reproduce(mini, "--only", "full:iid", "--clients", str(K), "--seed", "1") == 0
 
-    rows = [r for r in load_results(mini / "run" / "results.jsonl") if r["cell"] == "full:iid"]
-    assert [(r["seed"], r["folder"]) for r in rows] == [(0, "full-iid"), (1, "full-iid-seed1")]
-    assert rows[0]["fd_mean"] != rows[1]["fd_mean"]
+    rows = [r for r in load_results(mini / "run" / "results.jsonl") if r.cell == "full:iid"]
+    assert [(r.seed, r.folder) for r in rows] == [(0, "full-iid"), (1, "full-iid-seed1")]
+    assert rows[0].fd_mean != rows[1].fd_mean
     md = (mini / "docs" / report.RESULTS_MD).read_text()
     [full] = [line for line in md.splitlines() if line.startswith("| full |")]
     assert "| 0, 1 (+-" in full

@@ -16,7 +16,7 @@ from fedcore.data.splits import split_indices
 from fedcore.errors import ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.federation.checkpoint import global_file_name, load_private, load_run
-from fedcore.federation.roundlog import ROUNDS_LOG
+from fedcore.federation.roundlog import ROUNDS_LOG, round_records
 from fedcore.federation.server import FederationConfig, Ledger, task_seed
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.diffusion import Schedule
@@ -91,7 +91,8 @@ def test_rounds_log_has_two_finite_lines(strategy: Strategy, runs) -> None:
         assert all(math.isfinite(v) for v in r["client_loss"].values())
         assert math.isfinite(r["seconds"])
     assert records[-1]["cumulative_parameters"] == sim.federation.ledger.traffic.total
-    assert records == sim.records
+    assert records == [r.as_json() for r in sim.records], "the log holds what the records say"
+    assert round_records(folder / ROUNDS_LOG) == sim.records, "and reads back as them"
     assert len(lines) == 2 and lines[0].startswith("round 1: 3/3 clients")
 
 
