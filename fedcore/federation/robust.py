@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 from fedcore.errors import UnregisteredWorker
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.model.training import ADAM_BETAS, TrainConfig
+from fedcore.model.training import ADAM_BETAS, TrainConfig, steps_per_epoch
 
 
 def adam_step_bound(beta1: float, beta2: float) -> float:
@@ -39,7 +39,7 @@ ADAM_STEP_BOUND = float(math.ceil(adam_step_bound(*ADAM_BETAS)))
 
 def local_steps(train: TrainConfig, num_examples: int) -> int:
     """Optimizer steps of one round on `num_examples` images: every batch, the last partial one too."""
-    return train.epochs * -(-num_examples // train.batch_size)
+    return train.epochs * steps_per_epoch(num_examples, train.batch_size)
 
 
 def delta_value_bound(train: TrainConfig, num_examples: int) -> float:

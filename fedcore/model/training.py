@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -224,34 +224,45 @@ class LocalTrainer:
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
-        """E epochs over `data` (from `prepare_data`), shuffled by `seed`; a fresh optimizer first."""
+        """E epochs over `data` (N, C, H, W) float32 in model range, on the training device (`prepare_data`),
+        shuffled by `seed`, with a fresh optimizer first; every step is one Adam step (at cfg.lr) on the
+        noise-prediction objective of DDPM (Ho et al. 2020, Algorithm 1; `diffusion.training_loss`, cfg.loss).
+
+        `on_step(epoch, step in epoch, steps per epoch, loss)` follows every step; `should_stop` is asked before
+        each one. ValueError for an empty shard; TrainingInterrupted when `should_stop` answers True."""
         n = data.shape[0]
         if n == 0:
             raise ValueError("cannot train on an empty shard")
         self.reset_optimizer(cfg.lr)
-        device = self.speed.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        steps_per_epoch = -(-n // cfg.batch_size)
+        generator = torch.Generator(device=self.speed.device).manual_seed(seed)
+        steps = steps_per_epoch(n, cfg.batch_size)
         losses: list[torch.Tensor] = []  # stay on the device: no host sync per step
         start = time.perf_counter()
-        images = 0
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, device=device, generator=generator)
-            for i in range(steps_per_epoch):
-                if should_stop is not None and should_stop():
-                    raise TrainingInterrupted(f"stopped at epoch {epoch}, step {i}")
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                x0 = data[idx]
-                losses.append(self._step(x0, cfg.loss, generator))
-                images += x0.shape[0]
-                if on_step is not None:
-                    on_step(epoch, i, steps_per_epoch, losses[-1])
-        values = torch.stack(losses).float().cpu().tolist()
-        seconds = time.perf_counter() - start
-        return TrainResult(
-            images_seen=images,
-            steps=len(values),
-            mean_loss=sum(values) / len(values),
-            seconds=seconds,
-            losses=values,
-        )
+        for epoch, step, batch in shuffled_batches(n, cfg.batch_size, cfg.epochs, generator):
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(f"stopped at epoch {epoch}, step {step}")
+            losses.append(self._step(data[batch], cfg.loss, generator))
+            if on_step is not None:
+                on_step(epoch, step, steps, losses[-1])
+        return _train_result(losses, cfg.epochs * n, start)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one epoch over n images: ceil(n / batch_size), the last one partial."""
+    return -(-n // batch_size)
+
+
+def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(epoch, step in epoch, image indices) of every step: each epoch a fresh permutation of range(n), drawn
+    from `generator` on its device as the epoch starts, cut into batches of `batch_size`."""
+    for epoch in range(epochs):
+        order = torch.randperm(n, device=generator.device, generator=generator)
+        for step in range(steps_per_epoch(n, batch_size)):
+            yield epoch, step, order[step * batch_size : (step + 1) * batch_size]
+
+
+def _train_result(losses: list[torch.Tensor], images: int, start: float) -> TrainResult:
+    """The step losses fetched from the device in one sync, and the seconds from `start` up to it."""
+    values = torch.stack(losses).float().cpu().tolist()
+    seconds = time.perf_counter() - start
+    return TrainResult(images_seen=images, steps=len(values), mean_loss=sum(values) / len(values), seconds=seconds, losses=values)
