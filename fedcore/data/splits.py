@@ -28,13 +28,31 @@ def split_indices(
     """Partition the indices of `labels` (N,) over `num_clients` clients, as the paper's "Data splits" say.
 
     Returns one sorted int64 index array per client; the arrays are disjoint and together hold every
-    index. The same arguments always give the same partition (numpy `default_rng(seed)`).
+    index. The same arguments always give the same partition (numpy `default_rng(seed)`). ValueError, naming
+    the value, for labels that are not (N,) class ids >= 0, an unknown kind, num_clients < 1, beta <= 0,
+    min_size < 0, or fewer than num_clients x min_size labels; and when the skewed splits' Dirichlet draws
+    leave a client below min_size MAX_REDRAWS times.
     """
+    labels = _checked_labels(labels)
+    _check_split_settings(len(labels), num_clients, kind, beta, min_size)
+    if num_clients == 1:
+        return [np.arange(len(labels), dtype=np.int64)]
+    parts = _draw_split(labels, num_clients, kind, beta, min_size, np.random.default_rng(seed))
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _checked_labels(labels: np.ndarray) -> np.ndarray:
+    """`labels` as an array, or ValueError unless it is (N,) integer class ids >= 0."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels have shape {labels.shape} and dtype {labels.dtype}, expected (N,) integers")
     if labels.size and labels.min() < 0:
         raise ValueError(f"labels hold {labels.min()}, expected class ids >= 0")
+    return labels
+
+
+def _check_split_settings(n: int, num_clients: int, kind: SplitKind, beta: float, min_size: int) -> None:
+    """ValueError naming the first setting a split of n labels cannot run with."""
     if kind not in get_args(SplitKind):
         raise ValueError(f"split kind is {kind!r}, expected one of {get_args(SplitKind)}")
     if num_clients < 1:
@@ -43,19 +61,17 @@ def split_indices(
         raise ValueError(f"beta is {beta}, expected > 0")
     if min_size < 0:
         raise ValueError(f"min_size is {min_size}, expected >= 0")
-    if len(labels) < num_clients * min_size:
-        raise ValueError(f"{len(labels)} images cannot give {num_clients} clients min_size={min_size} each (needs {num_clients * min_size})")
+    if n < num_clients * min_size:
+        raise ValueError(f"{n} images cannot give {num_clients} clients min_size={min_size} each (needs {num_clients * min_size})")
 
-    if num_clients == 1:
-        return [np.arange(len(labels), dtype=np.int64)]
-    rng = np.random.default_rng(seed)
+
+def _draw_split(labels: np.ndarray, num_clients: int, kind: SplitKind, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The clients' index arrays (unsorted) of a split of `kind` over two or more clients."""
     if kind == "iid":
-        parts = _split_iid(len(labels), num_clients, rng)
-    elif kind == "quantity":
-        parts = _split_quantity_skew(labels, num_clients, beta, min_size, rng)
-    else:
-        parts = _split_label_skew(labels, num_clients, beta, min_size, rng)
-    return [np.sort(part).astype(np.int64) for part in parts]
+        return _split_iid(len(labels), num_clients, rng)
+    if kind == "quantity":
+        return _split_quantity_skew(labels, num_clients, beta, min_size, rng)
+    return _split_label_skew(labels, num_clients, beta, min_size, rng)
 
 
 def _split_iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
