@@ -68,20 +68,33 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped when the name ends in .gz) into an array of native byte order.
 
     Layout: two zero bytes, a type code byte, the number of dimensions, then one big-endian int32 per
-    dimension, then the values in C order.
+    dimension, then the values in C order. The array has the shape the header declares and the dtype its
+    type code names (uint8 for Fashion-MNIST's images (N, 28, 28) and labels (N,)). DatasetError, naming the
+    file, when it is missing or unreadable, its magic or type code is wrong, or its size does not match the
+    header.
     """
     path = Path(path)
+    raw = _idx_bytes(path)
+    dtype, ndim = _idx_magic(raw, path)
+    shape = _idx_shape(raw, ndim, path)
+    return _idx_values(raw, dtype, shape, path)
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when its name ends in .gz."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+                return f.read()
+        return path.read_bytes()
     except FileNotFoundError as e:
         raise DatasetError(f"IDX file {str(path)!r} does not exist") from e
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"IDX file {str(path)!r} cannot be read: {e}") from e
 
+
+def _idx_magic(raw: bytes, path: Path) -> tuple[np.dtype[Any], int]:
+    """The value type and the number of dimensions that the 4-byte magic declares."""
     if len(raw) < 4:
         raise DatasetError(f"IDX file {str(path)!r} is {len(raw)} bytes long, shorter than the 4-byte magic")
     if raw[0] != 0 or raw[1] != 0:
@@ -91,11 +104,19 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"IDX file {str(path)!r} has unknown type code 0x{type_code:02X}")
     if ndim == 0:
         raise DatasetError(f"IDX file {str(path)!r} has 0 dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    return _IDX_DTYPES[type_code], ndim
+
+
+def _idx_shape(raw: bytes, ndim: int, path: Path) -> tuple[int, ...]:
+    """The shape: one big-endian int32 per dimension after the magic."""
+    if len(raw) < 4 + 4 * ndim:
         raise DatasetError(f"IDX file {str(path)!r} is {len(raw)} bytes long, too short for the header of {ndim} dimensions")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[type_code]
+    return tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+
+
+def _idx_values(raw: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """The values after the header, checked to fill `shape` exactly, in native byte order."""
+    header_len = 4 + 4 * len(shape)
     expected = math.prod(shape) * dtype.itemsize
     payload = len(raw) - header_len
     if payload != expected:
