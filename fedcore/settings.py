@@ -47,6 +47,7 @@ FiniteNonNegative = Annotated[float, Interval(ge=0)]
 MAX_WAIT_SECONDS = threading.TIMEOUT_MAX
 Seconds = Annotated[float, Interval(gt=0, le=MAX_WAIT_SECONDS)]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
+Concentration = Annotated[float, Interval(gt=0)]  # Dirichlet's beta: how skewed the skewed splits are
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1
 Port = Annotated[int, Interval(ge=-1, le=65535)]  # -1 = off, 0 = a free port the system picks
 # torch's CPU threads: more than the machine's CPUs never runs faster, and torch tries to start every one of them
@@ -266,8 +267,18 @@ def _interval(m: Interval, *, integral: bool) -> str:
 def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
     """A flag's help: its meaning (`words`), then the type and range its setting declares, in the words of
     `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
-    boolean) and a free string (a path, an address) have their meaning alone, and their default if any."""
-    typed = [] if tp in (bool, str, str | None) else [expected(tp)]
+    boolean) and a free string (a path, an address) have their meaning alone, and their default if any; so does
+    a Literal, whose values the flag lists as its choices (`fedcore.flags`)."""
+    typed = [] if tp in (bool, str, str | None) or _literal(tp) else [expected(tp)]
     given = [] if default in (None, "") or tp is bool else [f"default {default}"]
     text = ", ".join(typed + given)
     return f"{words}: {text}" if words and text else words or text
+
+
+def _literal(tp: Any) -> bool:
+    """Whether `tp` is a Literal, or an optional one."""
+    tp = _strip(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        given = [a for a in get_args(tp) if a is not type(None)]
+        return len(given) == 1 and _literal(given[0])
+    return get_origin(tp) is Literal

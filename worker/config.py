@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
-from typing import Annotated, get_type_hints
+from dataclasses import dataclass
+from typing import Annotated
 
 from annotated_types import Interval
 from pydantic import AfterValidator
 
-from fedcore import settings
+from fedcore import flags, settings
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
-from fedcore.settings import ConnectAddress, ExistingFile, ExistingFolder, NonNegative, Port, Positive, ProgressMode, Seconds, Seed
+from fedcore.settings import Concentration, ConnectAddress, ExistingFile, ExistingFolder, NonNegative, Port, Positive, ProgressMode, Seconds, Seed
 from fedcore.wire.bounds import WORKER_ID, largest
 
 
@@ -48,7 +48,7 @@ class WorkerConfig:
     client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (with data_dir)
     num_clients: Positive = 1
     split: SplitKind = "iid"
-    beta: Annotated[float, Interval(gt=0)] = 0.5  # Dirichlet concentration of the skewed splits
+    beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
     seed: Seed = 2023  # split seed
     max_images: NonNegative = 0  # 0 = all training images (before splitting)
     data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
@@ -115,22 +115,13 @@ _MEANING = {
     "tls_server_name": "name checked in the coordinator's certificate (default: the host of --coordinator)",
     "token_file": "file holding this worker's token (sent as a bearer token)",
 }
-_NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # speed: feddiff.cli's speed flags
+_NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # speed: feddiff.args's speed flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The worker's flags, each with the type and range its field declares. Values stay strings here (None:
-    not given): `from_args` converts them to the settings' types."""
-    types = get_type_hints(WorkerConfig, include_extras=True)
-    for f in fields(WorkerConfig):
-        if f.name in _NOT_FLAGS:
-            continue
-        flag, words = settings.flag((f.name,)), _MEANING[f.name]
-        if types[f.name] is bool:
-            p.add_argument(flag, action="store_const", const=True, default=None, help=words)
-        else:
-            default = None if f.default is MISSING else f.default
-            p.add_argument(flag, required=f.default is MISSING, default=None, help=settings.flag_help(types[f.name], default, words))
+    """The worker's flags, each with the type, range or choices its field declares (`fedcore.flags`). Values
+    stay strings here (None: not given): `from_args` converts them to the settings' types."""
+    flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
 
 
@@ -141,6 +132,5 @@ def _flag(loc: settings.Location) -> str:
 def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
     """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
     line) names every flag whose value does not convert."""
-    values = {f.name: getattr(args, f.name) for f in fields(WorkerConfig) if getattr(args, f.name, None) is not None}
-    values.update(speed=speed, exit_when_done=not args.keep_running)
+    values = {**flags.given(args, WorkerConfig), "speed": speed, "exit_when_done": not args.keep_running}
     return settings.build(WorkerConfig, values, name=_flag)
