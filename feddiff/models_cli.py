@@ -21,14 +21,26 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-if TYPE_CHECKING:  # torch is imported by the commands that run, so that `feddiff status` starts fast
+from annotated_types import Interval
+
+from fedcore import flags, settings
+from fedcore.model.diffusion import SamplerKind, SamplingSpec
+from fedcore.model.training import Device
+from fedcore.model.unet import ModelName
+from fedcore.settings import EvalSamples, ExistingFile, ExistingFolder, ExistingPath, NonNegative, SamplingSteps, Seed, Threads
+from feddiff.args import Command
+
+if TYPE_CHECKING:
     import torch
 
+    from fedcore.evaluation.extractors import FeatureExtractor
+    from fedcore.evaluation.fid import ReferenceStats
     from fedcore.model.denoiser import Denoiser
 
 ModelKind = Literal["global", "personalised"]
+ExportFormat = Literal["feddiff", "diffusers"]  # safetensors + JSON config, or a diffusers DDPMPipeline folder
 
 EXPORT_FORMAT = "feddiff-export"
 EXPORT_FORMAT_VERSION = 1
@@ -213,15 +225,14 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
     }
 
 
-def export(args: argparse.Namespace) -> int:
+def export(cfg: ExportConfig) -> int:
+    """The model as FILE.safetensors with its config in FILE.json (or, --format diffusers, a pipeline folder)."""
     from fedcore.payload.serialization import save_file
 
-    trained = load_trained(args.checkpoint_dir, args.model)
-    if args.worker_state:
-        trained = personalise(trained, args.worker_state, args.client)
+    trained = cfg.source.load(cfg.checkpoint_dir)
     model = build_trained(trained)  # refuse to export weights that do not make the model
-    out = Path(args.out)
-    if args.format == "diffusers":
+    out = Path(cfg.out)
+    if cfg.format == "diffusers":
         return _export_pipeline(trained, model, out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
@@ -259,36 +270,30 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
 # --- sample -------------------------------------------------------------------------------------------------
 
 
-def _model_to_run(args: argparse.Namespace) -> tuple[TrainedModel, Denoiser, torch.device]:
-    """The model `sample` and `evaluate` run, on its device (--checkpoint, with --worker-state a worker's own
-    model), after setting --threads."""
+def _model_to_run(checkpoint: str, source: ModelSource, device_name: str, threads: int) -> tuple[TrainedModel, Denoiser, torch.device]:
+    """The model `sample` and `evaluate` run, on its device, after setting torch's CPU threads (0: its default)."""
     import torch
 
     from fedcore.model.training import resolve_device
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    trained = load_trained(args.checkpoint, args.model)
-    if args.worker_state:
-        trained = personalise(trained, args.worker_state, args.client)
-    device = resolve_device(args.device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    trained = source.load(checkpoint)
+    device = resolve_device(device_name)
     return trained, build_trained(trained).to(device), device
 
 
-def sample(args: argparse.Namespace) -> int:
-
+def sample(cfg: SampleConfig) -> int:
+    """A PNG grid of the model's samples."""
     from fedcore.evaluation.images import save_grid
     from fedcore.model.diffusion import Schedule
     from fedcore.model.diffusion import sample as generate
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    trained, model, device = _model_to_run(args)
-    images = generate(model, Schedule(), args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, device=device)
-    nrow = args.nrow or math.ceil(math.sqrt(args.n))
-    out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
-    steps = "1000 steps" if args.sampler == "ddpm" else f"{args.steps} steps"
-    print(f"wrote {out}: {args.n} samples of {trained.describe()} ({args.sampler}, {steps}, seed {args.seed}, {device})")
+    trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
+    images = generate(model, Schedule(), cfg.n, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
+    out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.n)), scale=cfg.scale)
+    steps = "1000 steps" if cfg.sampler == "ddpm" else f"{cfg.steps} steps"
+    print(f"wrote {out}: {cfg.n} samples of {trained.describe()} ({cfg.sampler}, {steps}, seed {cfg.seed}, {device})")
     return 0
 
 
@@ -297,135 +302,207 @@ def sample(args: argparse.Namespace) -> int:
 FASHION_MNIST_TEST = "fashion-mnist-test"
 
 
-def _reference(args: argparse.Namespace, extractor, image_shape: tuple[int, ...]):  # -> ReferenceStats
+def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tuple[int, ...]) -> ReferenceStats:
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
     from fedcore.evaluation.fid import ReferenceStats
 
     channels, size = image_shape[0], image_shape[1]
-    if args.reference_dir:
-        images = load_image_folder(args.reference_dir, size, channels).images
-        name = f"folder:{args.reference_dir}"
+    if cfg.reference_dir:
+        images = load_image_folder(cfg.reference_dir, size, channels).images
+        name = f"folder:{cfg.reference_dir}"
     else:
-        images = load_fashion_mnist(train=False, root=args.data_root).images
+        images = load_fashion_mnist(train=False, root=cfg.data_root).images
         name = "fashion-mnist/test"
         if tuple(images.shape[1:]) != image_shape:
             raise ValueError(f"the model makes {image_shape} images, Fashion-MNIST's are {tuple(images.shape[1:])}; pass --reference-dir")
-    if args.reference_images:
-        images = images[: args.reference_images]
+    if cfg.reference_images:
+        images = images[: cfg.reference_images]
         name += f"[:{len(images)}]"
     if len(images) < 2:
         raise ValueError(f"the reference has {len(images)} image(s); the Frechet distance needs at least 2")
     return ReferenceStats.compute(extractor, to_model_range(images), name)
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def _extractor(inception_weights: str, device: torch.device) -> FeatureExtractor:
+    """The features the distance is taken on: a user's pytorch-fid Inception weights, else the bundled classifier."""
+    from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
+
+    return load_inception(inception_weights, device) if inception_weights else load_fmnist_classifier(device)
+
+
+def evaluate(cfg: EvaluateConfig) -> int:
     """The Frechet distance of a model's samples to real images, on the committed classifier's features or
     on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
-
-    from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
     from fedcore.evaluation.fid import score_generator
     from fedcore.evaluation.images import save_grid
-    from fedcore.model.diffusion import SamplingSpec
 
-    if args.samples < 2:
-        raise ValueError(f"--samples is {args.samples}; the Frechet distance needs at least 2")
-    if args.reference_images < 0:
-        raise ValueError(f"--reference-images is {args.reference_images}, expected >= 0 (0 = all)")
-    if args.sampler == "ddim" and not 1 <= args.steps <= 1000:
-        raise ValueError(f"--steps is {args.steps}, expected 1..1000")
-    trained, model, device = _model_to_run(args)
-    extractor = load_inception(args.inception_weights, device) if args.inception_weights else load_fmnist_classifier(device)
-    cfg = model.config
-    reference = _reference(args, extractor, (cfg.channels, cfg.image_size, cfg.image_size))
-    spec = SamplingSpec(num_samples=args.samples, sampler=args.sampler, steps=args.steps, seed=args.seed)
-    score = score_generator(model, reference, extractor, spec, device=device)
-    steps = 1000 if args.sampler == "ddpm" else args.steps
-    if args.grid:
-        save_grid(score.samples[:64], args.grid, nrow=8)
-    result = {
-        "fd": score.fd,
+    trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
+    extractor = _extractor(cfg.inception_weights, device)
+    reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))
+    score = score_generator(model, reference, extractor, cfg.sampling, device=device)
+    if cfg.grid:
+        save_grid(score.samples[:64], cfg.grid, nrow=8)
+    result = _evaluation(cfg, trained, score.fd, reference, extractor.name, device)
+    print(json.dumps(result) if cfg.json else _evaluation_line(result))
+    return 0
+
+
+def _evaluation(cfg: EvaluateConfig, trained: TrainedModel, fd: float, reference: ReferenceStats, features: str, device: torch.device) -> dict[str, Any]:
+    """What `evaluate` found, as its --json object."""
+    return {
+        "fd": fd,
         "model": trained.describe(),
         "kind": trained.kind,
         "worker": trained.worker,
         "completed_rounds": trained.completed_rounds,
-        "samples": args.samples,
-        "sampler": args.sampler,
-        "steps": steps,
-        "seed": args.seed,
-        "feature_extractor": extractor.name,
+        "samples": cfg.samples,
+        "sampler": cfg.sampler,
+        "steps": 1000 if cfg.sampler == "ddpm" else cfg.steps,
+        "seed": cfg.seed,
+        "feature_extractor": features,
         "reference": {"dataset": reference.dataset, "count": reference.count},
         "device": str(device),
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"FD {score.fd:.2f}: {args.samples:,} {args.sampler}-{steps} samples of {trained.describe()} against "
-            f"{reference.count:,} images of {reference.dataset} on {extractor.name} features (seed {args.seed}, {device})"
-        )
-    return 0
 
 
-# --- argument parsing ---------------------------------------------------------------------------------------
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": export, "sample": sample, "evaluate": evaluate}
-
-
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--worker-state", default="", metavar="DIR", help="a worker's --state-dir: export its personalised model (the global shared parts + its private parts)"
+def _evaluation_line(r: Mapping[str, Any]) -> str:
+    """An evaluation (`_evaluation`) in one line for a person."""
+    ref = r["reference"]
+    return (
+        f"FD {r['fd']:.2f}: {r['samples']:,} {r['sampler']}-{r['steps']} samples of {r['model']} against "
+        f"{ref['count']:,} images of {ref['dataset']} on {r['feature_extractor']} features (seed {r['seed']}, {r['device']})"
     )
-    p.add_argument(
-        "--client",
-        default=WORKER_PRIVATE_STEM,
-        metavar="STEM",
-        help="name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
-    )
-    p.add_argument("--model", default="", help="model preset, where the checkpoint does not record it")
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="the global or a personalised model as safetensors + a JSON config, or as a diffusers pipeline")
-    p.add_argument(
-        "--checkpoint-dir", required=True, metavar="DIR_OR_FILE", help="the coordinator's (or `feddiff simulate`'s) checkpoint dir, or a .safetensors file"
-    )
-    _add_source_args(p)
-    p.add_argument(
-        "--format",
-        choices=["feddiff", "diffusers"],
-        default="feddiff",
-        help="feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)",
-    )
-    p.add_argument("--out", required=True, help="FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers")
+# --- settings and flags -------------------------------------------------------------------------------------
 
-    p = subparsers.add_parser("sample", help="a PNG grid of samples from a checkpoint or an exported model")
-    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a checkpoint dir (its final or newest global model) or a .safetensors file")
-    _add_source_args(p)
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="ddim (--steps steps) or ddpm (all 1000)")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--nrow", type=int, default=0, help="images per row (0 = a square grid)")
-    p.add_argument("--scale", type=int, default=2, help="enlarge each pixel this many times in the PNG")
+GridScale = Annotated[int, Interval(ge=1, le=16)]  # PNG pixels per image pixel, each way
+FrechetSamples = Annotated[int, Interval(ge=2, le=settings.MAX_EVAL_SAMPLES)]  # the distance needs two images at least
 
-    p = subparsers.add_parser("evaluate", help="the Frechet distance of a model's samples to real images (how good is it?)")
-    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a checkpoint dir (its final or newest global model) or a .safetensors file")
-    _add_source_args(p)
-    p.add_argument("--samples", type=int, default=1000, help="images generated for the FD (default 1000)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="ddim (--steps steps) or ddpm (all 1000)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="sampling noise")
-    p.add_argument("--reference-dir", default="", metavar="DIR", help="a folder of real images to compare with (default: the Fashion-MNIST test set)")
-    p.add_argument("--reference-images", type=int, default=0, help="use the first N reference images (0 = all)")
-    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
-    p.add_argument(
-        "--inception-weights", default="", metavar="PATH", help="pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)"
-    )
-    p.add_argument("--grid", default="", metavar="PNG", help="also write the first 64 samples as a grid")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model of a checkpoint: the global one, or with `worker_state` a worker's personalised one."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    worker_state: ExistingFolder = ""  # a worker's --state-dir (or simulate's OUT/clients): its personalised model
+    client: str = WORKER_PRIVATE_STEM  # name stem of the private-parts files in worker_state
+    model: ModelName | None = None  # model preset, where the checkpoint does not record it
+
+    def load(self, checkpoint: str) -> TrainedModel:
+        """The model of `checkpoint` (a checkpoint dir, a .safetensors file or a diffusers folder) this names."""
+        trained = load_trained(checkpoint, self.model or "")
+        return personalise(trained, self.worker_state, self.client) if self.worker_state else trained
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every setting of `feddiff export`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    checkpoint_dir: ExistingPath  # a checkpoint dir, a .safetensors file or a diffusers folder
+    out: str  # FILE.safetensors, or a folder with format "diffusers"
+    source: ModelSource = ModelSource()
+    format: ExportFormat = "feddiff"
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Every setting of `feddiff sample`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    checkpoint: ExistingPath
+    source: ModelSource = ModelSource()
+    n: EvalSamples = 64  # images in the grid
+    out: str = "grid.png"
+    sampler: SamplerKind = "ddim"
+    steps: SamplingSteps = 100  # DDIM steps (DDPM takes all 1000)
+    seed: Seed = 0
+    device: Device = "auto"
+    threads: Threads = 0  # CPU threads for torch (0 = torch's default)
+    nrow: NonNegative = 0  # images per row (0 = a square grid)
+    scale: GridScale = 2
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every setting of `feddiff evaluate`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    checkpoint: ExistingPath
+    source: ModelSource = ModelSource()
+    samples: FrechetSamples = 1000  # images generated for the distance
+    sampler: SamplerKind = "ddim"
+    steps: SamplingSteps = 50  # DDIM steps (DDPM takes all 1000)
+    seed: Seed = 0  # sampling noise
+    reference_dir: ExistingFolder = ""  # real images to compare with; default: the Fashion-MNIST test set
+    reference_images: NonNegative = 0  # the first N reference images (0 = all)
+    data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
+    inception_weights: ExistingFile = ""  # pytorch-fid Inception-v3 weights; default: the bundled classifier
+    grid: str = ""  # also write the first 64 samples as a PNG grid here
+    device: Device = "auto"
+    threads: Threads = 0
+    json: bool = False
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        return SamplingSpec(num_samples=self.samples, sampler=self.sampler, steps=self.steps, seed=self.seed)
+
+
+MEANING = {  # what each flag means; its type, range or choices and default come from the configs' fields
+    "checkpoint_dir": "the coordinator's (or `feddiff simulate`'s) checkpoint dir, a .safetensors file or a diffusers folder",
+    "checkpoint": "a checkpoint dir (its final or newest global model), a .safetensors file or a diffusers folder",
+    "worker_state": "a worker's --state-dir: its personalised model (the global shared parts + its private parts)",
+    "client": "name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
+    "model": "model preset, where the checkpoint does not record it",
+    "format": "feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)",
+    "n": "number of samples",
+    "sampler": "ddim (--steps steps) or ddpm (all 1000)",
+    "steps": "DDIM steps",
+    "seed": "sampling noise",
+    "device": "where to run (auto: CUDA when present)",
+    "threads": "CPU threads for torch (0 = torch's default)",
+    "nrow": "images per row (0 = a square grid)",
+    "scale": "enlarge each pixel this many times in the PNG",
+    "samples": "images generated for the FD",
+    "reference_dir": "a folder of real images to compare with (default: the Fashion-MNIST test set)",
+    "reference_images": "use the first N reference images (0 = all)",
+    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
+    "inception_weights": "pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)",
+    "grid": "also write the first 64 samples as a grid",
+    "json": "one JSON object for scripts",
+}
+OUT_MEANING = {
+    "export": "FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers",
+    "sample": "the PNG grid",
+}
+METAVARS = {
+    "checkpoint_dir": "DIR_OR_FILE",
+    "checkpoint": "FILE_OR_DIR",
+    "worker_state": "DIR",
+    "client": "STEM",
+    "reference_dir": "DIR",
+    "inception_weights": "PATH",
+    "grid": "PNG",
+}
+
+
+def _command(name: str, cls: type, run: Callable[[Any], int]) -> Command:
+    """The command `name`: a flag per setting of `cls`, and `run` given the config the flags build."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        flags.add_flags(p, cls, {**MEANING, "out": OUT_MEANING.get(name, "")}, metavars=METAVARS)
+
+    return Command(add, lambda args: run(flags.build(cls, args)))
+
+
+COMMANDS = {
+    "export": _command("export", ExportConfig, export),
+    "sample": _command("sample", SampleConfig, sample),
+    "evaluate": _command("evaluate", EvaluateConfig, evaluate),
+}

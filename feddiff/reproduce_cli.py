@@ -1,88 +1,123 @@
-"""`feddiff reproduce`: flags of the experiment-grid runner, turned into a `ReproduceConfig` at the edge."""
+"""`feddiff reproduce`: flags of the experiment-grid runner, turned into a `ReproduceConfig` at the edge: every
+value converted to its setting's type, or refused in one line before any cell runs."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from fedcore import flags, settings
+from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, Protocol, ProtocolName, ReproduceConfig, select_cells, with_overrides
+from fedcore.model.training import SpeedConfig
+from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
+from feddiff.args import RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
 
-def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from feddiff.cli import add_speed_args  # here, not at import time: feddiff.cli imports this module
 
-    p = subparsers.add_parser(
-        "reproduce",
-        help="the paper's experiment grid in simulation, one cell at a time, resumable; renders docs/results.md",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=["quick", "paper", "cpu", "mini"],
-        default="quick",
-        help="quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
-        "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); "
-        "mini: the CI miniature (tiny model, 300 images, 2 rounds)",
-    )
-    p.add_argument(
-        "--only", action="append", default=[], metavar="STRATEGY:SPLIT", help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)"
-    )
-    p.add_argument("--strategies", default="centralised,full,usplit,ulatdec,udec", help="comma list")
-    p.add_argument("--splits", default="iid,label,quantity", help="comma list of iid, label, quantity")
-    p.add_argument("--clients", type=int, default=5, help="K of the federated cells (the centralised one has 1)")
-    p.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration of the skewed splits")
-    p.add_argument("--split-seed", type=int, default=2023)
-    p.add_argument("--seed", type=int, default=0, help="model init, plans, training and sampling noise; each seed is its own results line and run folder")
-    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's package)")
-    p.add_argument("--out", default=None, help="run folder (default runs/reproduce/PROTOCOL)")
-    p.add_argument("--results", default=None, help="results JSONL (default OUT/results.jsonl)")
-    p.add_argument("--docs", default="docs", help="folder for results.md and its plots")
-    p.add_argument("--no-docs", action="store_true", help="do not render the docs after each cell")
-    p.add_argument("--render", action="store_true", help="only render the docs from the results file; train nothing")
-    p.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights: FD on its features")
-    p.add_argument("--max-images", type=int, default=None, help="training images (0 = all; default: the protocol's)")
-    p.add_argument("--samples", type=int, default=None, help="samples per model for the final FD (default: the protocol's)")
-    p.add_argument("--curve-samples", type=int, default=None, help="samples per model at the curve points")
-    p.add_argument("--eval-every", type=int, default=None, help="rounds between FD curve points (quick 5, paper 15)")
-    add_speed_args(p)
-    return p
+@dataclass(frozen=True)
+class ReproduceSettings:
+    """Every setting of `feddiff reproduce`; the protocol's sizes that a flag overrides (None: the protocol's)
+    take the ranges of the settings they are."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    protocol: ProtocolName = "quick"
+    only: tuple[str, ...] = ()  # cells to run, STRATEGY:SPLIT or centralised (each may be a comma list)
+    strategies: str = ",".join(STRATEGIES)  # comma list
+    splits: str = ",".join(SPLITS)  # comma list
+    clients: Positive = 5  # K of the federated cells (the centralised one has 1)
+    beta: Concentration = 0.5
+    split_seed: Seed = 2023
+    seed: Seed = 0  # model init, plans, training and sampling noise; each seed is its own results line and folder
+    data_root: ExistingFolder | None = None
+    out: str | None = None  # run folder (None: runs/reproduce/PROTOCOL)
+    results: str | None = None  # results JSONL (None: OUT/results.jsonl)
+    docs: str = "docs"  # folder for results.md and its plots
+    no_docs: bool = False
+    render: bool = False  # only render the docs from the results file
+    inception_weights: ExistingFile | None = None
+    max_images: NonNegative | None = None
+    samples: EvalSamples | None = None
+    curve_samples: EvalSamples | None = None
+    eval_every: Positive | None = None
+    speed: SpeedConfig = SpeedConfig()
+
+    def __post_init__(self) -> None:
+        if self.render and self.no_docs:
+            raise ValueError("--render with --no-docs renders nothing")
+
+    @property
+    def protocol_run(self) -> Protocol:
+        """The protocol with the sizes the flags override."""
+        sizes = {"max_images": self.max_images, "samples": self.samples, "curve_samples": self.curve_samples, "eval_every": self.eval_every}
+        return with_overrides(PROTOCOLS[self.protocol], **sizes)
+
+    @property
+    def reproduce(self) -> ReproduceConfig:
+        """The grid these settings select (ValueError for --only, --strategies or --splits that name no cell)."""
+        protocol = self.protocol_run
+        out = Path(self.out) if self.out else Path("runs/reproduce") / protocol.name
+        return ReproduceConfig(
+            protocol=protocol,
+            cells=tuple(select_cells(_list(self.strategies), _list(self.splits), self.only)),
+            out=out,
+            results=Path(self.results) if self.results else out / "results.jsonl",
+            docs=None if self.no_docs else Path(self.docs),
+            clients=self.clients,
+            beta=self.beta,
+            split_seed=self.split_seed,
+            seed=self.seed,
+            data_root=self.data_root,
+            inception_weights=self.inception_weights,
+            speed=self.speed,
+        )
 
 
 def _list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def run_reproduce(args: argparse.Namespace) -> int:
-    from fedcore.experiments.reproduce import PROTOCOLS, ReproduceConfig, render, reproduce, select_cells, with_overrides
-    from feddiff.cli import speed_config
+MEANING = {
+    **RUN_MEANING,
+    **SPEED_MEANING,
+    "protocol": "quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
+    "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); mini: the CI miniature (tiny model, 300 images, 2 rounds)",
+    "strategies": "comma list",
+    "splits": "comma list of iid, label, quantity",
+    "clients": "K of the federated cells (the centralised one has 1)",
+    "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
+    "out": "run folder (default runs/reproduce/PROTOCOL)",
+    "results": "results JSONL (default OUT/results.jsonl)",
+    "docs": "folder for results.md and its plots",
+    "no_docs": "do not render the docs after each cell",
+    "render": "only render the docs from the results file; train nothing",
+    "max_images": "training images (0 = all; default: the protocol's)",
+    "samples": "samples per model for the final FD (default: the protocol's)",
+    "curve_samples": "samples per model at the curve points (default: the protocol's)",
+    "eval_every": "rounds between FD curve points (default: the protocol's, quick 5, paper 15)",
+}
 
-    protocol = with_overrides(
-        PROTOCOLS[args.protocol],
-        max_images=args.max_images,
-        samples=args.samples,
-        curve_samples=args.curve_samples,
-        eval_every=args.eval_every,
-    )
-    if args.clients < 1:
-        raise ValueError(f"--clients is {args.clients}, expected >= 1")
-    out = Path(args.out) if args.out else Path("runs/reproduce") / protocol.name
-    cfg = ReproduceConfig(
-        protocol=protocol,
-        cells=tuple(select_cells(_list(args.strategies), _list(args.splits), args.only)),
-        out=out,
-        results=Path(args.results) if args.results else out / "results.jsonl",
-        docs=None if args.no_docs else Path(args.docs),
-        clients=args.clients,
-        beta=args.beta,
-        split_seed=args.split_seed,
-        seed=args.seed,
-        data_root=args.data_root,
-        inception_weights=args.inception_weights,
-        speed=speed_config(args),
-    )
-    if args.render:
-        if cfg.docs is None:
-            raise ValueError("--render with --no-docs renders nothing")
+
+def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
+    """reproduce's flags: one per setting of ReproduceSettings."""
+    flags.add_flags(p, ReproduceSettings, MEANING, skip=("only", "speed"))
+    p.add_argument("--only", action="append", metavar="STRATEGY:SPLIT", help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)")
+    add_speed_flags(p)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """The selected cells that the results file lacks (or, --render, the docs alone)."""
+    from fedcore.experiments.reproduce import render, reproduce
+
+    given = flags.build(ReproduceSettings, args, speed=speed_values(args))
+    cfg = given.reproduce
+    if given.render:
         for path in render(cfg):
             print(f"wrote {path}")
         return 0
     rows = reproduce(cfg)
     print(f"done: {len(rows)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
     return 0
+
+
+COMMANDS = {"reproduce": Command(add_reproduce_flags, run_reproduce)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from feddiff.cli import Subcommands
+
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """Each subcommand's own parser, by name (`feddiff worker ...`: "worker")."""
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(sub.choices)
+    """Each subcommand's own parser with its flags, by name (`feddiff worker ...`: "worker")."""
+    (sub,) = [a for a in parser._actions if isinstance(a, Subcommands)]
+    return {name: sub.parser(name) for name in sub.choices}

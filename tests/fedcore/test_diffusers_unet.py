@@ -324,6 +324,8 @@ def test_the_cli_names_every_preset() -> None:
     from typing import get_args
 
     from fedcore.model.unet import ModelName
-    from feddiff.cli import MODEL_PRESETS
+    from feddiff.cli import build_parser
+    from tests.parsers import subcommands
 
-    assert [name.split(" ")[0] for part in MODEL_PRESETS.split("; ") for name in part.split(", ")] == list(get_args(ModelName)) == list(PRESETS)
+    (model,) = [a for a in subcommands(build_parser())["model-info"]._actions if a.dest == "model"]
+    assert list(model.choices or ()) == list(get_args(ModelName)) == list(PRESETS)

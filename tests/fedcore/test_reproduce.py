@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -17,17 +16,15 @@ from fedcore.experiments import report
 from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, parse_only, select_cells, with_overrides
 from fedcore.experiments.results import CellResult, CurvePoint, ModelFd, ReferenceSet, load_results
 from fedcore.federation.roundlog import ROUNDS_LOG
-from feddiff.reproduce_cli import add_reproduce_parser, run_reproduce
+from feddiff.cli import main
 
 CELLS = "full:iid,udec:iid"
 K = 5
 
 
 def _reproduce(tmp: Path, *extra: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_reproduce_parser(parser.add_subparsers(dest="command"))
     argv = ["reproduce", "--protocol", "mini", "--out", str(tmp / "run"), "--docs", str(tmp / "docs"), "--device", "cpu", "--threads", "1", *extra]
-    return run_reproduce(parser.parse_args(argv))
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,9 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--samples", "1"], "--samples is 1"),
-        (["--steps", "0"], "--steps is 0"),
-        (["--reference-images", "-5"], "--reference-images is -5"),
+        (["--samples", "1"], "--samples = '1': expected an integer in 2..100000"),
+        (["--steps", "0"], "--steps = '0': expected an integer in 1..1000"),
+        (["--reference-images", "-5"], "--reference-images = '-5': expected an integer >= 0"),
     ],
 )
 def test_bad_flags_name_the_value(trained: Path, capsys, argv: list[str], message: str) -> None:
@@ -98,7 +98,7 @@ def test_bad_flags_name_the_value(trained: Path, capsys, argv: list[str], messag
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"--checkpoint = '{tmp_path / 'nope'}': expected a readable file or folder; no such file or folder" in capsys.readouterr().err
 
 
 def test_personalised_model_of_a_client(tmp_path: Path, fashion_mnist_dir: Path, capsys) -> None:

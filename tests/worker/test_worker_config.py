@@ -10,7 +10,8 @@ import pytest
 
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
-from feddiff.cli import build_parser, main, speed_config
+from feddiff.args import speed_config
+from feddiff.cli import build_parser, main
 from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
 

@@ -1,0 +1,76 @@
+"""What feddiff's commands share on the command line: a command as its flags and what runs it, the speed flags
+of the commands that train, and the words of the flags that more than one command takes. Light to import:
+what a command needs (pydantic too, `feddiff status` has none of it) is imported when it runs."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedcore.model.training import SpeedConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the flags it takes and what runs it, given the parsed flags (its exit status)."""
+
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# What the flags of a run's shape mean (simulate, reproduce); their types, ranges and defaults come from the
+# fields of the command's config.
+RUN_MEANING = {
+    "strategy": "which UNet parts the clients exchange",
+    "model": "model preset",
+    "rounds": "R, federated rounds",
+    "clients_per_round": "0 = every client, else a seeded sample",
+    "epochs": "local epochs per round",
+    "batch_size": "images per training step",
+    "lr": "Adam's step size",
+    "loss": "training loss",
+    "seed": "model init, plans, training and sampling noise",
+    "split": "how the clients' shards are drawn",
+    "beta": "Dirichlet concentration of the skewed splits",
+    "split_seed": "seed of the split",
+    "max_images": "use only this many training images (0 = all)",
+    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
+    "inception_weights": "pytorch-fid Inception weights: FD on its features (never downloaded)",
+}
+
+SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields
+    "device": "where to train",
+    "bf16": "bf16 autocast (auto: on GPUs and CPUs that run bf16 natively)",
+    "channels_last": "NHWC memory format",
+    "fused_adam": "fused Adam kernel",
+    "compile": "torch.compile with CUDA graphs (auto: on CUDA)",
+    "threads": "CPU threads for torch (0 = torch's default)",
+}
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """The speed flags, each with the type, range or choices its SpeedConfig field declares."""
+    from fedcore import flags
+    from fedcore.model.training import SpeedConfig
+
+    flags.add_flags(p, SpeedConfig, SPEED_MEANING)
+    p.add_argument("--no-compile", action="store_true", help="same as --compile off")
+
+
+def speed_values(args: argparse.Namespace) -> dict[str, object]:
+    """The speed flags given (strings), by SpeedConfig field; --no-compile as compile off."""
+    from fedcore import flags
+    from fedcore.model.training import SpeedConfig
+
+    return {**flags.given(args, SpeedConfig), **({"compile": "off"} if args.no_compile else {})}
+
+
+def speed_config(args: argparse.Namespace) -> SpeedConfig:
+    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
+    from fedcore import settings
+    from fedcore.model.training import SpeedConfig
+
+    return settings.build(SpeedConfig, speed_values(args), name=settings.flag)

@@ -1,0 +1,99 @@
+"""`feddiff model-info`, `strategies` and `split`: what a model preset, the strategies and a data split look
+like, counted the paper's way, without training anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fedcore import flags
+from feddiff.args import Command
+
+
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
+    from fedcore.model.unet import ModelName
+
+    flags.add_flag(p, "model", ModelName, "paper-fmnist", "model preset")
+    p.set_defaults(model="paper-fmnist")  # no typed config here: the handler reads the flag as it is
+
+
+def _add_model_info_flags(p: argparse.ArgumentParser) -> None:
+    """model-info's flags."""
+    _add_model_flag(p)
+    p.add_argument("--json", action="store_true")
+
+
+def model_info(args: argparse.Namespace) -> int:
+    """The parameters of a model preset, by part."""
+    from fedcore.model.unet import build_model, layout_of
+
+    layout = layout_of(build_model(args.model))
+    parts = {p.value: n for p, n in layout.sizes.items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "total": layout.total, "parts": parts}))
+    else:
+        print(f"{args.model}: {layout.total:,} parameters")
+        for part, n in parts.items():
+            print(f"  {part:<10} {n:>12,}  {n / layout.total:6.1%}")
+    return 0
+
+
+def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
+    """strategies' flags."""
+    _add_model_flag(p)
+    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0, help="seeds USplit's random pairing")
+    p.add_argument("--json", action="store_true")
+
+
+def strategies(args: argparse.Namespace) -> int:
+    """The parameters each strategy exchanges over a run."""
+    from fedcore.federation.strategies import Strategy, account
+    from fedcore.model.unet import build_model, layout_of
+
+    sizes = layout_of(build_model(args.model)).sizes
+    rows = [account(s, sizes, args.clients, args.rounds, seed=args.seed).as_json() for s in Strategy]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{args.model}, K={args.clients}, R={args.rounds}")
+        for r in rows:
+            print(f"  {r['strategy']:<8} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:.1%}")
+    return 0
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    """split's flags."""
+    from fedcore.data.splits import SplitKind
+
+    p.add_argument("--clients", type=int, default=5)
+    flags.add_flag(p, "split", SplitKind, "iid", "how the shards are drawn")
+    p.set_defaults(split="iid")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=2023)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def split(args: argparse.Namespace) -> int:
+    """Each client's size and class histogram under a data split."""
+    from fedcore.data.datasets import load_fashion_mnist
+    from fedcore.data.splits import describe_split, split_indices
+
+    labels = load_fashion_mnist(train=True, root=args.data_root).class_labels()
+    parts = split_indices(labels, args.clients, args.split, beta=args.beta, seed=args.seed)
+    rows = describe_split(labels, parts)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"client {r['client']:>3}: {r['size']:>6} images  classes {r['classes']}")
+    return 0
+
+
+COMMANDS = {
+    "model-info": Command(_add_model_info_flags, model_info),
+    "strategies": Command(_add_strategies_flags, strategies),
+    "split": Command(_add_split_flags, split),
+}

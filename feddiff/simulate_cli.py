@@ -1,0 +1,82 @@
+"""`feddiff simulate`: a whole federated run in one process, its flags turned into a `SimulateConfig` at the
+edge: every value converted to its setting's type, or refused in one line before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from fedcore import flags, settings
+from fedcore.data.shards import DataConfig
+from fedcore.data.splits import SplitKind
+from fedcore.experiments.simulation import SimulationConfig
+from fedcore.federation.server import FederationConfig
+from fedcore.federation.strategies import Strategy, StrategyName
+from fedcore.model.training import SpeedConfig, TrainConfig
+from fedcore.model.unet import ModelName
+from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
+from feddiff.args import RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Every setting of `feddiff simulate`; its types carry the ranges (the training's are TrainConfig's, the
+    ones a worker runs)."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    strategy: StrategyName = "udec"
+    model: ModelName = "paper-fmnist"  # model preset
+    rounds: Positive = 15  # R
+    clients_per_round: NonNegative = 0  # 0 = every client, else a seeded sample
+    train: TrainConfig = TrainConfig()  # epochs, batch size, learning rate, loss
+    seed: Seed = 0  # initial model, plans, client samples, training seeds
+    clients: Positive = 5  # K
+    split: SplitKind = "iid"
+    beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
+    split_seed: Seed = 2023
+    max_images: NonNegative = 0  # 0 = all training images
+    data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
+    out: str = "runs/simulate"  # rounds.jsonl and checkpoints
+    resume: bool = False  # continue the run in `out` from its last checkpoint
+    init_from: ExistingPath = ""  # a diffusers UNet or pipeline folder, or a feddiff .safetensors
+    speed: SpeedConfig = SpeedConfig()
+
+    @property
+    def simulation(self) -> SimulationConfig:
+        """The run these settings describe."""
+        federation = FederationConfig(Strategy(self.strategy), self.model, self.rounds, self.clients_per_round, self.seed, self.train)
+        data = DataConfig(
+            num_clients=self.clients, split=self.split, beta=self.beta, split_seed=self.split_seed, max_images=self.max_images, root=self.data_root
+        )
+        return SimulationConfig(federation=federation, data=data, speed=self.speed, init_from=self.init_from)
+
+
+MEANING = {
+    **RUN_MEANING,
+    **SPEED_MEANING,
+    "clients": "K; --clients 1 --strategy full is the centralised baseline",
+    "out": "output folder: rounds.jsonl and checkpoints",
+    "resume": "continue the run in --out from its last checkpoint",
+    "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors",
+}
+
+
+def add_simulate_flags(p: argparse.ArgumentParser) -> None:
+    """simulate's flags: one per setting of SimulateConfig."""
+    flags.add_flags(p, SimulateConfig, MEANING, skip=("speed",))
+    add_speed_flags(p)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """The run of the flags, from its start or (--resume) its last checkpoint."""
+    from fedcore.experiments.simulation import Simulation
+
+    cfg = flags.build(SimulateConfig, args, speed=speed_values(args))
+    sim = Simulation.create(cfg.simulation, cfg.out, resume=cfg.resume)
+    sim.run()
+    print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out}")
+    return 0
+
+
+COMMANDS = {"simulate": Command(add_simulate_flags, simulate)}
