@@ -5,10 +5,9 @@ and refuses a bad one in one line that names the flag, the value and what it tak
 from __future__ import annotations
 
 import argparse
-import types
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from fedcore import settings
 
@@ -29,13 +28,8 @@ class Choices(tuple[str, ...]):
 
 def choices(tp: Any) -> Choices | None:
     """The values a setting of type `tp` takes when it is a Literal (or an optional one); None otherwise."""
-    base = get_args(tp)[0] if get_origin(tp) is Annotated else tp
-    if get_origin(base) is Literal:
-        return Choices(str(value) for value in get_args(base))
-    if get_origin(base) in (Union, types.UnionType):
-        given = [a for a in get_args(base) if a is not type(None)]
-        return choices(given[0]) if len(given) == 1 else None
-    return None
+    values = settings.literal_values(tp)
+    return Choices(str(value) for value in values) if values else None
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any = REQUIRED, words: str = "", **options: Any) -> argparse.Action:

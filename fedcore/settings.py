@@ -269,16 +269,16 @@ def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
     `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
     boolean) and a free string (a path, an address) have their meaning alone, and their default if any; so does
     a Literal, whose values the flag lists as its choices (`fedcore.flags`)."""
-    typed = [] if tp in (bool, str, str | None) or _literal(tp) else [expected(tp)]
+    typed = [] if tp in (bool, str, str | None) or literal_values(tp) else [expected(tp)]
     given = [] if default in (None, "") or tp is bool else [f"default {default}"]
     text = ", ".join(typed + given)
     return f"{words}: {text}" if words and text else words or text
 
 
-def _literal(tp: Any) -> bool:
-    """Whether `tp` is a Literal, or an optional one."""
+def literal_values(tp: Any) -> tuple[Any, ...]:
+    """The values a setting of type `tp` takes when it is a Literal (or an optional one); () otherwise."""
     tp = _strip(tp)
     if get_origin(tp) in (Union, types.UnionType):
         given = [a for a in get_args(tp) if a is not type(None)]
-        return len(given) == 1 and _literal(given[0])
-    return get_origin(tp) is Literal
+        return literal_values(given[0]) if len(given) == 1 else ()
+    return get_args(tp) if get_origin(tp) is Literal else ()
