@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
-from fedcore import flags
+from fedcore import flags, settings
+from fedcore.data.splits import SplitKind
+from fedcore.settings import Concentration, ExistingFolder, Positive, Seed
 from feddiff.args import Command
 
 
@@ -63,17 +66,33 @@ def strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_split_flags(p: argparse.ArgumentParser) -> None:
-    """split's flags."""
-    from fedcore.data.splits import SplitKind
+@dataclass(frozen=True)
+class SplitSettings:
+    """Every setting of `feddiff split`."""
 
-    p.add_argument("--clients", type=int, default=5)
-    flags.add_flag(p, "split", SplitKind, "iid", "how the shards are drawn")
-    p.set_defaults(split="iid")
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=2023)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", action="store_true")
+    __pydantic_config__ = settings.CONFIG
+
+    clients: Positive = 5  # K
+    split: SplitKind = "iid"
+    beta: Concentration = 0.5
+    seed: Seed = 2023
+    data_root: ExistingFolder | None = None
+    json: bool = False
+
+
+SPLIT_MEANING = {
+    "clients": "K",
+    "split": "how the shards are drawn",
+    "beta": "Dirichlet concentration of the skewed splits",
+    "seed": "seed of the split",
+    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
+    "json": "one JSON list for scripts",
+}
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    """split's flags: one per setting of SplitSettings."""
+    flags.add_flags(p, SplitSettings, SPLIT_MEANING)
 
 
 def split(args: argparse.Namespace) -> int:
@@ -81,10 +100,10 @@ def split(args: argparse.Namespace) -> int:
     from fedcore.data.datasets import load_fashion_mnist
     from fedcore.data.splits import describe_split, split_indices
 
-    labels = load_fashion_mnist(train=True, root=args.data_root).class_labels()
-    parts = split_indices(labels, args.clients, args.split, beta=args.beta, seed=args.seed)
-    rows = describe_split(labels, parts)
-    if args.json:
+    cfg = flags.build(SplitSettings, args)
+    labels = load_fashion_mnist(train=True, root=cfg.data_root).class_labels()
+    rows = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
+    if cfg.json:
         print(json.dumps(rows))
     else:
         for r in rows:

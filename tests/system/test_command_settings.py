@@ -15,10 +15,10 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from fedcore import flags
-from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
 from fedcore.model.unet import ModelName
 from feddiff import cli
+from feddiff.inspect_cli import SplitSettings
 from feddiff.models_cli import EvaluateConfig, ExportConfig, SampleConfig
 from feddiff.reproduce_cli import ReproduceSettings
 from feddiff.simulate_cli import SimulateConfig
@@ -36,7 +36,7 @@ def _settings(*configs: type) -> dict[str, Any]:
 SETTINGS: dict[str, dict[str, Any]] = {
     "model-info": {"model": ModelName},
     "strategies": {"model": ModelName},
-    "split": {"split": SplitKind},
+    "split": _settings(SplitSettings),
     "simulate": _settings(SimulateConfig),
     "reproduce": _settings(ReproduceSettings),
     "coordinator": _settings(CoordinatorConfig),
@@ -75,7 +75,14 @@ def test_a_choice_is_checked_by_the_typed_config_in_its_one_line(tmp_path: Path,
 
 
 # --- a bad value of every typed setting, refused at start in one line ----------------------------------------
-TYPED = {"simulate": SimulateConfig, "reproduce": ReproduceSettings, "export": ExportConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}
+TYPED = {
+    "split": SplitSettings,
+    "simulate": SimulateConfig,
+    "reproduce": ReproduceSettings,
+    "export": ExportConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+}
 FREE = (str, bool, str | None, tuple[str, ...])  # a free string (an output path, a comma list) or a switch
 
 
@@ -91,6 +98,7 @@ def _base(command: str, tmp_path: Path) -> list[str]:
     """The flags a command needs besides the one under test, each writing (if it ran) inside tmp_path/out."""
     out = str(tmp_path / "out")
     return {
+        "split": ["split"],
         "simulate": ["simulate", "--out", out],
         "reproduce": ["reproduce", "--out", out, "--docs", out],
         "export": ["export", "--checkpoint-dir", str(tmp_path), "--out", out],
