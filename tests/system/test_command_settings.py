@@ -1,7 +1,7 @@
 """Every command's flags come from its typed config: a Literal setting is an argparse choice listed in --help,
-and a bad value of any setting of simulate, reproduce, export, sample and evaluate ends the command with exit
-status 2 and one line naming the flag, the value and what it takes, before anything runs. `feddiff --help` and
-`feddiff status` start without torch or pydantic."""
+and a bad value of any setting of split, simulate, reproduce, export, sample and evaluate ends the command
+with exit status 2 and one line naming the flag, the value and what it takes, before anything runs.
+`feddiff --help` and `feddiff status` start without torch or pydantic."""
 
 from __future__ import annotations
 
