@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fedcore import flags, settings
 from fedcore.data.splits import SplitKind
 from fedcore.settings import Concentration, ExistingFolder, Positive, Seed
-from feddiff.args import Command
+from feddiff.args import RUN_MEANING, Command
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -80,14 +80,7 @@ class SplitSettings:
     json: bool = False
 
 
-SPLIT_MEANING = {
-    "clients": "K",
-    "split": "how the shards are drawn",
-    "beta": "Dirichlet concentration of the skewed splits",
-    "seed": "seed of the split",
-    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
-    "json": "one JSON list for scripts",
-}
+SPLIT_MEANING = {**RUN_MEANING, "clients": "K", "seed": "seed of the split", "json": "one JSON list for scripts"}
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
