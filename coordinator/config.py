@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any
 
 import yaml
 from annotated_types import Interval
 from pydantic import BeforeValidator
 
-from fedcore import settings
+from fedcore import flags, settings
 from fedcore.federation.robust import RobustConfig
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import StrategyName
@@ -204,18 +204,12 @@ def read_settings_file(path: Path) -> dict[Any, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every setting, each with the type and range its field declares; defaults are None so that
-    the YAML file's values stand unless overridden. Values stay strings here: `CoordinatorConfig.load`
-    converts them, with the file's, in one place."""
+    """Flags for every setting (`fedcore.flags`: each with the type, range and choices its field declares);
+    values stay strings, None when not given, so that the YAML file's values stand unless overridden:
+    `CoordinatorConfig.load` converts them, with the file's, in one place."""
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
-    types = get_type_hints(CoordinatorConfig, include_extras=True)
-    for f in fields(CoordinatorConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = None if f.default is MISSING else f.default
-        if types[f.name] is bool:
-            p.add_argument(flag, action="store_const", const=True, default=None)
-        else:
-            p.add_argument(flag, default=None, help=settings.flag_help(types[f.name], default))
+    for name, tp, default in flags.settings_of(CoordinatorConfig):
+        flags.add_flag(p, name, tp, default if default != {} else None)  # worker_sizes: none by default
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:

@@ -70,15 +70,6 @@ def add_flags(
         add_flag(parser, name, tp, default, meaning[name], **options)
 
 
-def list_choices(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Each flag of `parser` that sets a Literal setting of `cls` lists its values, as `add_flag` does: for a
-    parser whose flags its config's own module adds (the coordinator's)."""
-    literal = {name: found for name, tp, _ in settings_of(cls) if (found := choices(tp))}
-    for action in parser._actions:
-        if action.dest in literal:
-            action.choices = literal[action.dest]
-
-
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The values of the flags of `cls`'s settings that were given, nested as `cls` holds its configs."""
     hints = get_type_hints(cls, include_extras=True)

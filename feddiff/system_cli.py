@@ -23,12 +23,10 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _add_coordinator_flags(p: argparse.ArgumentParser) -> None:
-    """The coordinator's flags (coordinator.config adds them), with the values of its Literal settings listed."""
+    """The coordinator's flags (coordinator.config adds them)."""
     from coordinator import config
-    from fedcore import flags
 
     config.add_arguments(p)
-    flags.list_choices(p, config.CoordinatorConfig)
 
 
 def coordinator(args: argparse.Namespace) -> int:
