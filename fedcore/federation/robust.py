@@ -122,11 +122,11 @@ class RobustConfig:
         }
         return RoundWeights(weights, lowered)
 
-    def value_bound(self, train: TrainConfig, client: str, num_examples: int) -> float:
-        """The largest |value| of `client`'s update: `max_delta_value`, else what its training reaches on the
-        images it declared, counted at most at its registered size (a claim beyond it raises neither its
-        weight nor this bound)."""
-        return self.max_delta_value or delta_value_bound(train, min(num_examples, self.registered.get(client, num_examples)))
+    def value_bound(self, train: TrainConfig, weight: int) -> float:
+        """The largest |value| of an update: `max_delta_value`, else what training as `train` says reaches on
+        `weight` images, the client's FedAvg weight in the round (`round_weights`: its claim, at most its
+        registered size and the share cap). A claim beyond the weight it is granted raises neither."""
+        return self.max_delta_value or delta_value_bound(train, weight)
 
     @property
     def clips(self) -> bool:

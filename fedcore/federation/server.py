@@ -327,6 +327,7 @@ class OpenRound:
         self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
+        self._downloaded: set[tuple[str, frozenset[Part]]] = set()  # (client, parts) whose download is counted
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()
         self.closed = False
@@ -371,11 +372,16 @@ class OpenRound:
         return self.task(client)
 
     def mark_sent(self, client: str) -> Ledger:
-        """Count a completed download (returned: what it adds); a client that got the whole model holds one."""
+        """Count a completed download (returned: what it adds); a client that got the whole model holds one.
+        A task's payload counts once: downloading it again (a retry, or a worker inflating the run's traffic)
+        adds nothing; the task made anew with the whole model (`send_whole_model`) counts again."""
         a = self.plan.assignment(client)
         _, by_part = self._payload(a.receives)
         event = _transfer_ledger(self.federation.layout, a.receives, by_part, down=True)
         with self._lock:
+            if (client, a.receives) in self._downloaded:
+                return Ledger()
+            self._downloaded.add((client, a.receives))
             self._ledger.add(event)
             if a.receives == frozenset(PART_ORDER):
                 self.federation.contacted.add(client)
@@ -392,8 +398,9 @@ class OpenRound:
             )
 
     def value_bound(self, client: str) -> float:
-        """The largest |value| this client's update may hold (fedcore.federation.robust)."""
-        return self.federation.robust.value_bound(self.federation.config.train, client, self.examples[client])
+        """The largest |value| this client's update may hold (fedcore.federation.robust): what its training
+        reaches on the images it weighs in this round (its claim after the registered size and the share cap)."""
+        return self.federation.robust.value_bound(self.federation.config.train, self.weights[client])
 
     def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         """Check one client's delta and fold it in (clipped when the round clips); a refused update leaves the

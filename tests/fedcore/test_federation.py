@@ -231,6 +231,32 @@ def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded()
     assert round_.accepted == ["alice"]
 
 
+@pytest.mark.parametrize(("registered", "share"), [({}, 0.5), ({"mallory": 30, "alice": 30}, 1.0)], ids=["share-cap", "registered"])
+def test_a_claim_beyond_the_weight_granted_raises_neither_the_weight_nor_the_value_bound(registered: dict[str, int], share: float) -> None:
+    """A worker claiming 2^32-1 images weighed what the share cap let it, but its values were bounded by its
+    claim (Adam's bound over 2^32-1 images of steps: millions); now by the weight it is granted."""
+    fed = _hostile_federation(max_weight_share=share, registered=registered)
+    honest = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 30})
+    round_ = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 2**32 - 1})
+
+    assert round_.weights["mallory"] == 30
+    assert round_.value_bound("mallory") == honest.value_bound("mallory") == pytest.approx(8 * 1e-4 * 5)
+    with pytest.raises(ValueOutOfBounds):
+        round_.accept("mallory", _filled(fed, 1.01 * honest.value_bound("mallory")), mean_loss=0.1, images_seen=30)
+
+
+def test_a_task_downloaded_again_adds_nothing_to_the_run_traffic() -> None:
+    """1000 downloads of one task counted 1000 payloads in the run's traffic; a task counts once."""
+    fed = _federation()
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    first = round_.mark_sent("alice")
+
+    again = [round_.mark_sent("alice") for _ in range(5)]
+
+    assert first.traffic.total > 0 and all(e == Ledger() for e in again)
+    assert round_.ledger_so_far().traffic == first.traffic
+
+
 @pytest.mark.parametrize("images_seen", [0, 5 * 30 + 1, 10**12])
 def test_a_training_report_outside_its_task_is_refused(images_seen: int) -> None:
     fed = _federation()
