@@ -177,6 +177,11 @@ class CoordinatorConfig:
         values: dict[str, Any] = {}
         if path:
             raw = read_settings_file(Path(path))
+            spelled: dict[str, str] = {}
+            for key in map(str, raw):
+                other = spelled.setdefault(key.replace("-", "_"), key)
+                if other != key:
+                    raise settings.SettingsError(f"--config {path}: {other!r} and {key!r} are one setting, given twice")
             values.update({str(k).replace("-", "_"): v for k, v in raw.items()})
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)

@@ -13,6 +13,7 @@ import yaml
 from coordinator.config import CoordinatorConfig
 from fedcore import settings
 from fedcore.errors import UnknownWorker
+from fedcore.wire.bounds import WORKER_ID
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -38,6 +39,13 @@ def load_tokens(path: str | Path) -> dict[str, str]:
         raise ValueError(f"--tokens-file {path}: not valid YAML or JSON: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()):
         raise ValueError(f"--tokens-file {path}: expected a mapping of worker id to a non-empty token")
+    bad = next((k for k in raw if WORKER_ID.problem(k)), None)
+    if bad is not None:
+        raise ValueError(f"--tokens-file {path}: {bad[:40]!r} is no worker id ({WORKER_ID.describe()}): no worker could join with it")
+    owners: dict[str, str] = {}
+    for worker_id, token in raw.items():
+        if owners.setdefault(token, worker_id) != worker_id:  # its holder could join as either worker
+            raise ValueError(f"--tokens-file {path}: workers {owners[token]!r} and {worker_id!r} have the same token; each needs its own")
     return raw
 
 

@@ -23,7 +23,7 @@ from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
-from fedcore.atomic import atomic_write_json, writable_folder
+from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
@@ -80,6 +80,13 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
         raise CannotListen(f"{flag} {address}: cannot listen there") from None
 
 
+def check_new_run(cfg: CoordinatorConfig) -> None:
+    """ExistingRun when a new run (no --resume) is to start in a checkpoint dir that holds one."""
+    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
+    if found:
+        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
+
+
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
     with --resume. ValueError when --init-from is not a model of the preset; ExistingRun when checkpoint_dir
@@ -91,9 +98,7 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
             log.info("--init-from %s: not used, the run goes on from its checkpoint", cfg.init_from)
         truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
         return federation
-    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
-    if found:
-        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
+    check_new_run(cfg)
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
@@ -114,25 +119,33 @@ class Coordinator:
         self.cfg = cfg
         check_ports(cfg)
         check_evaluation_data(cfg)
+        check_new_run(cfg)  # before the lock file: a refused start leaves the folder as it was
         try:
             writable_folder(cfg.checkpoint_dir)
+            self._lock_fd = lock_folder(cfg.checkpoint_dir)  # one coordinator per run: two would write one run's files
+        except FolderInUse as e:
+            raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} is in use by another coordinator (pid {e.holder}): each run needs its own") from None
         except OSError as e:
             raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} cannot be used: {e.strerror or e}") from None
-        self.metrics = metrics or Metrics()
-        self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
-        self.federation = build_federation(cfg)
-        self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
-        self.auth = Authenticator(cfg)
-        self.health = health.aio.HealthServicer()  # served on both ports
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.health_port: int | None = None
-        self._event_loop = asyncio.new_event_loop()
-        self._grpc_thread = threading.Thread(target=self._event_loop.run_forever, name="grpc-loop", daemon=True)
-        self._servers: list[grpc.aio.Server] = []
-        self._servicer: CoordinatorServicer | None = None
-        self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
-        self.progress = ProgressReporter(self.driver, cfg.progress)
+        try:
+            self.federation = build_federation(cfg)
+            self.metrics = metrics or Metrics()
+            self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
+            self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
+            self.auth = Authenticator(cfg)
+            self.health = health.aio.HealthServicer()  # served on both ports
+            self.port: int | None = None
+            self.metrics_port: int | None = None
+            self.health_port: int | None = None
+            self._event_loop = asyncio.new_event_loop()
+            self._grpc_thread = threading.Thread(target=self._event_loop.run_forever, name="grpc-loop", daemon=True)
+            self._servers: list[grpc.aio.Server] = []
+            self._servicer: CoordinatorServicer | None = None
+            self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
+            self.progress = ProgressReporter(self.driver, cfg.progress)
+        except BaseException:
+            self.release()  # nothing started: the checkpoint dir is free again
+            raise
 
     @property
     def address(self) -> str:
@@ -175,6 +188,7 @@ class Coordinator:
         except BaseException:
             self._on_loop(self._stop_servers(0))
             self._close_loop()
+            self.release()
             raise
         self._loop.start()
         self.progress.start()
@@ -204,6 +218,13 @@ class Coordinator:
             self._on_loop(self._stop_servers(grace))
             self._close_loop()
         self._loop.join(timeout=10)
+        self.release()
+
+    def release(self) -> None:
+        """Let another coordinator take the checkpoint dir (the process's end does it too)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _close_loop(self) -> None:
         if self._servicer is not None:

@@ -100,3 +100,39 @@ def append_json_line(path: str | os.PathLike[str], obj: object) -> None:
         f.write(("\n" if torn else "") + json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+LOCK_FILE = "lock"
+
+
+class FolderInUse(Exception):
+    """Another process holds a folder's lock (`lock_folder`); `holder` is its pid as it wrote it."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by another process (pid {holder})")
+        self.folder, self.holder = folder, holder
+
+
+def lock_folder(folder: str | os.PathLike[str]) -> int:
+    """An exclusive lock (flock) on FOLDER/lock for this process, with its pid written in it; the open file
+    descriptor, whose closing (or the process's end, however it ends) releases it. FolderInUse when another
+    process holds it; OSError when the file cannot be opened."""
+    import fcntl
+
+    folder = Path(folder)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderInUse(folder, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the pid is only there to name the holder
+        pass
+    return fd

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from annotated_types import Interval
 
 from fedcore import flags, settings
+from fedcore.federation.checkpoint import check_not_run_file
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
@@ -236,6 +237,8 @@ def export(cfg: ExportConfig) -> int:
         return _export_pipeline(trained, model, out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    check_not_run_file(out, "--out")
+    check_not_run_file(out.with_suffix(".json"), "--out")
     config = export_config(trained, out.name)
     metadata = {EXPORT_METADATA_KEY: json.dumps(config, sort_keys=True), "model": trained.model, "kind": trained.kind}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +292,7 @@ def sample(cfg: SampleConfig) -> int:
     from fedcore.model.diffusion import Schedule
     from fedcore.model.diffusion import sample as generate
 
+    check_not_run_file(cfg.out, "--out")
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
     images = generate(model, Schedule(), cfg.n, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
     out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.n)), scale=cfg.scale)
@@ -337,6 +341,8 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from fedcore.evaluation.fid import score_generator
     from fedcore.evaluation.images import save_grid
 
+    if cfg.grid:
+        check_not_run_file(cfg.grid, "--grid")
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
     extractor = _extractor(cfg.inception_weights, device)
     reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))

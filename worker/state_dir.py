@@ -9,7 +9,6 @@ Layout of a --state-dir:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from fedcore.atomic import atomic_write_json, writable_folder
+from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.federation import checkpoint
 from fedcore.wire.bounds import WORKER_ID
 from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
 
-LOCK_FILE = "lock"
 IDENTITY_FILE = "identity.json"
 PRIVATE_STEM = "private"
 TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
@@ -121,22 +119,10 @@ class StateDir:
 
 def _lock(path: Path) -> int:
     """An exclusive lock on path/lock for this process, or StateDirError naming the process holding it."""
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StateDirError(f"--state-dir {str(path)!r} is in use by another worker process (pid {holder}): each worker needs its own state dir") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as e:  # a full disk: the pid is only there to name the holder
-        log.warning("cannot write the pid into %s: %s", path / LOCK_FILE, e)
-    return fd
+        return lock_folder(path)
+    except FolderInUse as e:
+        raise StateDirError(f"--state-dir {str(path)!r} is in use by another worker process (pid {e.holder}): each worker needs its own state dir") from None
 
 
 def _remove_temporary_files(path: Path) -> None:
@@ -159,6 +145,12 @@ def _load_identity(path: Path, requested: str) -> Identity:
     if not isinstance(saved, dict):
         raise StateDirError(f"{str(file)!r} is not a worker identity: expected a JSON object")
     worker_id = requested or saved.get("worker_id") or f"worker-{secrets.token_hex(4)}"
+    owner = saved.get("worker_id")
+    if requested and owner and requested != owner and any(path.glob(f"{PRIVATE_STEM}-r*.safetensors")):
+        raise StateDirError(
+            f"{str(file)!r}: this state dir holds the private parts of worker {owner!r}, not {requested!r}: give {requested!r} "
+            f"a state dir of its own, or run it as --worker-id {owner!r}"
+        )
     problem = WORKER_ID.problem(worker_id) if isinstance(worker_id, str) else "is no string"
     if problem:  # a file edited by hand: the coordinator would refuse the id at every join
         raise StateDirError(f"{str(file)!r}: the saved worker id {problem}; expected {WORKER_ID.describe()} (or pass --worker-id)")

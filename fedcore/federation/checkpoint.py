@@ -87,6 +87,10 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         raw = json.loads((directory / STATE_FILE).read_text())
     except FileNotFoundError:
         return None
+    except ValueError as e:
+        raise ValueError(f"{directory / STATE_FILE}: not a run's state (JSON): {e}") from None
+    if not isinstance(raw, dict) or not {"completed_rounds", "config", "contacted", "ledger", "global_file"} <= raw.keys():
+        raise ValueError(f"{directory / STATE_FILE}: not a run's state: expected a JSON object with completed_rounds, config, contacted, ledger, global_file")
     state = RunState(
         completed_rounds=int(raw["completed_rounds"]),
         config=dict(raw["config"]),
@@ -116,6 +120,18 @@ def run_in(directory: str | Path) -> str | None:
     found = [_versioned("global", v) for v in _versions(directory, "global")]
     found += [name for name in (FINAL_MODEL, ROUNDS_LOG) if (directory / name).is_file() and (directory / name).stat().st_size]
     return ", ".join(found) or None
+
+
+def check_not_run_file(path: str | Path, flag: str) -> None:
+    """ValueError, naming `flag`, when writing `path` would replace a file of a run: a state, global model,
+    final model or round log in a folder that holds a run (`run_in`). Outputs of other commands (an export, a
+    sample grid) go anywhere else, the run's folder included."""
+    path = Path(path)
+    name = path.name
+    is_run_name = name in (STATE_FILE, ROUNDS_LOG, FINAL_MODEL) or re.fullmatch(r"global-r\d{4}\.safetensors", name)
+    found = run_in(path.parent) if is_run_name else None
+    if found:
+        raise ValueError(f"{flag} {str(path)!r} would replace a file of the run in {str(path.parent)!r} ({found}); write it under another name")
 
 
 def save_private(directory: str | Path, client: str, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -271,6 +271,7 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
         ("lr: false\n", "lr (in {path}) = False: expected a number in (0, 1)"),
         ("resume: 1\n", "resume (in {path}) = 1: expected true or false"),
         ("rounds: 2\nepochs: 1\nrounds: 3\n", "--config {path}: not valid YAML at line 3, column 1: key 'rounds' is given twice"),
+        ("min_workers: 3\nmin-workers: 1\n", "--config {path}: 'min_workers' and 'min-workers' are one setting, given twice"),
     ],
 )
 def test_a_yaml_value_that_would_fail_at_run_time_is_refused_at_start(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -378,3 +379,75 @@ def test_a_run_without_committed_state_is_still_a_run(tmp_path: Path, left: str)
     assert run_in(tmp_path) is None and run_in(tmp_path / "absent") is None
     (tmp_path / left).write_bytes(b"{}\n")
     assert run_in(tmp_path) == left
+
+
+def test_a_second_coordinator_on_a_checkpoint_dir_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two coordinators resumed on one checkpoint dir both ran, each writing the run's state, final model and
+    round log (rounds 3 and 4 logged twice). The folder is now locked by the coordinator that holds it."""
+    argv = ["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--resume"]
+    with _coordinator(tmp_path) as first:
+        assert main([*argv, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+        assert first.driver.state != "failed"
+
+    assert capsys.readouterr().err == (
+        f"feddiff coordinator: error: --checkpoint-dir '{tmp_path / 'ckpt'}' is in use by another coordinator (pid {os.getpid()}): each run needs its own\n"
+    )
+    with _coordinator(tmp_path):  # released when the first stopped
+        pass
+
+
+def test_a_state_json_that_is_not_a_run_state_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"completed_rounds": 2, "conf')
+
+    argv = ["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--resume", "--checkpoint-dir", str(folder)]
+    assert main(argv) == 2
+
+    assert capsys.readouterr().err.startswith(f"feddiff coordinator: error: {folder / 'state.json'}: not a run's state (JSON): Unterminated string")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "target"),
+    [
+        (["export", "--out", "{ckpt}/state.safetensors"], "--out", "state.json"),  # the export's config beside it
+        (["export", "--out", "{ckpt}/global-r0001.safetensors"], "--out", "global-r0001.safetensors"),
+        (["sample", "--n", "1", "--out", "{ckpt}/state.json"], "--out", "state.json"),
+        (["evaluate", "--samples", "2", "--grid", "{ckpt}/rounds.jsonl"], "--grid", "rounds.jsonl"),
+    ],
+)
+def test_an_output_that_would_replace_a_file_of_a_run_is_refused(argv: list[str], flag: str, target: str, tmp_path: Path, fashion_mnist_dir: Path) -> None:
+    """`export --out ck/state.safetensors` wrote its JSON config over the run's state.json; `sample --out
+    ck/state.json` a PNG: the run could not be resumed nor exported any more."""
+    folder = tmp_path / "ckpt"
+    before = _finished_run(folder)
+    flagged = [a.replace("{ckpt}", str(folder)) for a in argv]
+    source = "--checkpoint-dir" if argv[0] == "export" else "--checkpoint"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "feddiff", flagged[0], source, str(folder), *flagged[1:]],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert f"would replace a file of the run in '{folder}'" in result.stderr and flag in result.stderr and target in result.stderr
+    assert {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("w0: same\nw1: same\n", "workers 'w0' and 'w1' have the same token; each needs its own"),
+        ("'bad id/..': tok\n", "'bad id/..' is no worker id (1..128 characters of [A-Za-z0-9._-]): no worker could join with it"),
+        ('{"w0": "a", "w0": "b"}', "not valid YAML or JSON: key 'w0' is given twice"),
+    ],
+)
+def test_a_tokens_file_that_would_let_one_token_join_as_two_workers_is_refused(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`w0: same` and `w1: same` let the holder of one token join as either worker."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(text)
+    argv = ["coordinator", "--insecure", "--tokens-file", str(tokens), "--listen", "127.0.0.1:0", "--metrics-port", "-1"]
+
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+
+    assert capsys.readouterr().err == f"feddiff coordinator: error: --tokens-file {tokens}: {line}\n"

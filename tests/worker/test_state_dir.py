@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedcore.atomic import LOCK_FILE
 from tests.tmpfs import fill, mounted_tmpfs, remount
 from worker.metrics import Metrics
-from worker.state_dir import IDENTITY_FILE, LOCK_FILE, StateDir, StateDirError
+from worker.state_dir import IDENTITY_FILE, StateDir, StateDirError
 
 PRIVATE_BYTES = 100_000  # one private-rNNNN.safetensors file, about
 
@@ -53,6 +54,18 @@ def test_an_identity_without_installation_id_gets_one_and_keeps_its_worker_id(tm
 
     assert state.identity.worker_id == "saved-id"
     assert json.loads((tmp_path / IDENTITY_FILE).read_text())["installation_id"] == state.identity.installation_id
+
+
+def test_another_worker_id_is_refused_where_private_parts_are_saved(tmp_path: Path) -> None:
+    """Renamed with private parts saved, a worker trained a run's rounds with another worker's encoder."""
+    before = _open(tmp_path, worker_id="hospital-1")
+    before.save_private(2, {"enc.w": torch.ones(2)})
+    before.close()
+
+    with pytest.raises(StateDirError, match=r"holds the private parts of worker 'hospital-1', not 'hospital-9': give 'hospital-9' a state dir"):
+        _open(tmp_path, worker_id="hospital-9")
+    assert json.loads((tmp_path / IDENTITY_FILE).read_text())["worker_id"] == "hospital-1"
+    assert _open(tmp_path, worker_id="hospital-1").load_private() is not None
 
 
 def test_a_new_worker_id_on_the_same_state_dir_keeps_its_installation(tmp_path: Path) -> None:
