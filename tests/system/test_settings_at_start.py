@@ -442,7 +442,9 @@ def test_an_output_that_would_replace_a_file_of_a_run_is_refused(argv: list[str]
         ('{"w0": "a", "w0": "b"}', "not valid YAML or JSON: key 'w0' is given twice"),
     ],
 )
-def test_a_tokens_file_that_would_let_one_token_join_as_two_workers_is_refused(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_tokens_file_that_would_let_one_token_join_as_two_workers_is_refused(
+    text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`w0: same` and `w1: same` let the holder of one token join as either worker."""
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(text)
