@@ -98,7 +98,8 @@ class EvalPhase:
 
 def check_evaluation_data(cfg: CoordinatorConfig) -> None:
     """DatasetError, at start rather than after the training rounds, when this coordinator is to score the
-    global model (full, usplit with --eval-samples) and the Fashion-MNIST test set is not where it looks."""
+    global model (full, usplit with --eval-samples) and the Fashion-MNIST test set is not where it looks;
+    ValueError when --inception-weights is not the network's weights."""
     if not cfg.eval_samples or private_parts(cfg.federation.strategy):
         return
     try:
@@ -107,6 +108,11 @@ def check_evaluation_data(cfg: CoordinatorConfig) -> None:
         raise DatasetError(
             f"--eval-samples {cfg.eval_samples}: the global model is scored against the Fashion-MNIST test set (--eval-data-root): {e}"
         ) from None
+    if cfg.inception_weights:  # read once now: a file that is not the network's weights fails here, not after round 1
+        try:
+            load_inception(cfg.inception_weights)
+        except ValueError as e:
+            raise ValueError(f"--inception-weights: {e}") from None
 
 
 class GlobalEvaluator:

@@ -103,7 +103,10 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
         return Federation(cfg.federation, robust=cfg.robust)
-    initial = initial_weights(cfg.init_from, cfg.model)
+    try:
+        initial = initial_weights(cfg.init_from, cfg.model)
+    except ValueError as e:
+        raise ValueError(f"--init-from {e}") from None
     log.info("global model of round 1: %s", cfg.init_from)
     return Federation(cfg.federation, global_state=initial, robust=cfg.robust)
 
@@ -119,7 +122,9 @@ class Coordinator:
         self.cfg = cfg
         check_ports(cfg)
         check_evaluation_data(cfg)
-        check_new_run(cfg)  # before the lock file: a refused start leaves the folder as it was
+        # Read before anything is written: a refused start (a run in the way, an --init-from that is no model)
+        # leaves the folder as it was. Another coordinator that holds the folder is refused at its lock below.
+        federation = build_federation(cfg)
         try:
             writable_folder(cfg.checkpoint_dir)
             self._lock_fd = lock_folder(cfg.checkpoint_dir)  # one coordinator per run: two would write one run's files
@@ -128,7 +133,7 @@ class Coordinator:
         except OSError as e:
             raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} cannot be used: {e.strerror or e}") from None
         try:
-            self.federation = build_federation(cfg)
+            self.federation = federation
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
             self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)

@@ -154,11 +154,17 @@ def classifier_metadata(asset_dir: Path | str | None = None) -> dict[str, str]:
 
 
 def _read_inception_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
-    # The original pytorch-fid file is a pickle. It is a local file the user named on the command line, never
-    # bytes from the network, and weights_only=True refuses anything but tensors and plain containers.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The tensors of a weights file; ValueError naming it when it is neither a safetensors file nor a torch
+    state dict (torch.load's errors for a file of other bytes are a KeyError, an UnpicklingError, ...)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device="cpu")
+        # The original pytorch-fid file is a pickle. It is a local file the user named on the command line, never
+        # bytes from the network, and weights_only=True refuses anything but tensors and plain containers.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever a file of other bytes makes torch.load or safetensors raise
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch state dict of tensors"
+        raise ValueError(f"{str(path)!r} is not {kind} ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, expected a state dict")
     return state

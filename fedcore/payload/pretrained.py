@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedcore.errors import NonFiniteTensor
+from fedcore.errors import NonFiniteTensor, NotSafetensors
 from fedcore.model.diffusers_unet import DiffusersUNet, DiffusersUNetConfig, build_diffusers_unet, import_diffusers
 from fedcore.model.diffusion import DiffusionConfig
 from fedcore.model.parts import PART_ORDER, TensorSpec
@@ -155,7 +155,10 @@ def initial_weights(path: str | Path, model: str) -> dict[str, torch.Tensor]:
     if path.is_dir():
         state = read_unet_folder(path, model)
     elif path.suffix == ".safetensors" and path.is_file():
-        state = read_weights_file(path, model)
+        try:
+            state = read_weights_file(path, model)
+        except NotSafetensors as e:
+            raise ValueError(str(e)) from None
     elif not path.exists():
         raise FileNotFoundError(f"{path}: no such folder or file")
     else:

@@ -394,6 +394,10 @@ def save_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
 
 
 def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safetensors.safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open has keys() but is not iterable)
+    """A safetensors file's tensors and metadata; NotSafetensors, naming the file, when it is not one."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open has keys() but is not iterable)
+    except safetensors.SafetensorError as e:
+        raise NotSafetensors(f"{os.fspath(path)}: not a safetensors file ({e})") from None

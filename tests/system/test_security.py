@@ -199,3 +199,44 @@ def test_health_and_status_commands_speak_mutual_tls(pki: Path, tmp_path: Path, 
         assert "UNAVAILABLE" in capsys.readouterr().err
     finally:
         coord.stop()
+
+
+@pytest.mark.parametrize(
+    ("process", "files", "line"),
+    [
+        ("coordinator", {"--tls-cert": "bad", "--tls-key": "coordinator.key"}, "--tls-cert {bad}: not a PEM certificate"),
+        (
+            "coordinator",
+            {"--tls-cert": "coordinator.crt", "--tls-key": "client-0.key"},
+            "--tls-key {client-0.key}: not the key of the certificate in --tls-cert {coordinator.crt}",
+        ),
+        ("coordinator", {"--tls-cert": "coordinator.crt", "--tls-key": "coordinator.key", "--tls-ca": "bad"}, "--tls-ca {bad}: not a PEM certificate"),
+        ("worker", {"--tls-ca": "bad"}, "--tls-ca {bad}: not a PEM certificate"),
+        (
+            "worker",
+            {"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "client-1.key"},
+            "--tls-key {client-1.key}: not the key of the certificate in --tls-cert {client-0.crt}",
+        ),
+        ("worker", {"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "bad"}, "--tls-key {bad}: not an unencrypted PEM private key"),
+    ],
+)
+def test_tls_files_that_are_not_what_their_flag_says_are_refused_at_start(process: str, files: dict[str, str], line: str, pki: Path, tmp_path: Path) -> None:
+    """A garbage certificate, or a key of another certificate, made the coordinator say it "cannot listen" on
+    its port and a worker retry a failing handshake for ever; now each exits 2 naming the flag and the file."""
+    (tmp_path / "bad").write_text("not a certificate\n")
+    path = {name: str(tmp_path / "bad") if name == "bad" else str(pki / name) for name in (*files.values(), "bad")}
+    flags = [x for flag, name in files.items() for x in (flag, path[name])]
+    common = ["--metrics-port", "-1"]
+    if process == "coordinator":
+        argv = ["coordinator", *flags, *common, "--listen", "127.0.0.1:0", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    else:
+        argv = ["worker", *flags, *common, "--coordinator", "localhost:9", "--client-index", "0", "--state-dir", str(tmp_path / "state")]
+
+    result = subprocess.run([sys.executable, "-m", "feddiff", *argv], capture_output=True, text=True, timeout=120, check=False)
+
+    expected = line
+    for name, p in path.items():
+        expected = expected.replace(f"{{{name}}}", p)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"feddiff {process}: error: {expected}"), result.stderr
+    assert "Traceback" not in result.stderr

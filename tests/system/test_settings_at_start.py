@@ -220,6 +220,11 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
             ["coordinator", "--strategy", "full", "--eval-samples", "10", "--eval-data-root", "{tmp}"],
             "--eval-samples 10: the global model is scored against the Fashion-MNIST test set (--eval-data-root): Fashion-MNIST file '{tmp}/t10k-images-idx3-ubyte.gz' not found",
         ),
+        (["coordinator", "--model", "tiny", "--init-from", "{junk_st}"], "--init-from {junk_st}: not a safetensors file (Error while deserializing header"),
+        (
+            ["coordinator", "--strategy", "full", "--eval-samples", "8", "--inception-weights", "{junk_pth}"],
+            "--inception-weights: '{junk_pth}' is not a torch state dict of tensors (UnpicklingError)",
+        ),
         ([*WORKER, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
         ([*WORKER, "--tls-ca", "{file}", "--tls-key", "{file}"], "--tls-cert and --tls-key go together"),
         ([*WORKER, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
@@ -239,7 +244,10 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
     folder = tmp_path / "inputs"
     folder.mkdir()
     (folder / "file").write_text("not a certificate")
+    (folder / "junk.safetensors").write_bytes(b"\x03\x00")
+    (folder / "junk.pth").write_bytes(bytes(range(256)) * 4)
     paths = {"tmp": str(folder), "file": str(folder / "file"), "missing": str(folder / "missing")}
+    paths |= {"junk_st": str(folder / "junk.safetensors"), "junk_pth": str(folder / "junk.pth")}
 
     def fill(text: str) -> str:
         for name, path in paths.items():
