@@ -25,6 +25,7 @@ from fedcore.settings import (
     ExistingFolder,
     ExistingPath,
     FiniteNonNegative,
+    Folder,
     Fraction,
     LearningRate,
     ListenAddress,
@@ -32,6 +33,7 @@ from fedcore.settings import (
     Port,
     Positive,
     ProgressMode,
+    ReadyFile,
     SamplingSteps,
     Seconds,
     Seed,
@@ -104,7 +106,7 @@ class CoordinatorConfig:
     loss: LossKind = "huber"
     seed: Seed = 0  # initial model, plans, client samples, training seeds
     init_from: ExistingPath = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
-    checkpoint_dir: str = "runs/coordinator"
+    checkpoint_dir: Folder = "runs/coordinator"
     listen: ListenAddress = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
     health_port: Port = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
     metrics_port: Port = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
@@ -116,7 +118,7 @@ class CoordinatorConfig:
     heartbeat_interval: HeartbeatInterval = 5.0  # seconds between worker heartbeats (sent in ms)
     heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
     progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
-    ready_file: str = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
+    ready_file: ReadyFile = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
     max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops

@@ -7,6 +7,7 @@ them at start, and a worker every task it receives."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import types
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Interval
-from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -110,6 +111,31 @@ def _path(text: str, *, kind: Literal["file", "folder", "either"]) -> str:
         raise ValueError("not readable by this process")
     return text
 
+
+def _ready_file(text: str) -> str:
+    """`text` when empty (not used), or a path whose folder exists and which is new or a ready file written
+    before (a JSON object): a typo must not overwrite a file of another kind (run as root: any file)."""
+    if not text:
+        return text
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise ValueError(f"no folder {str(path.parent)!r}")
+    if path.is_dir():
+        raise ValueError("a folder")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise ValueError("an existing file that is not a ready file; give a new path")
+    return text
+
+
+# A file the process writes once it serves, for scripts and tests: {"address", "metrics_port", ...}
+ReadyFile = Annotated[str, AfterValidator(_ready_file), Described("a new file in an existing folder, or an earlier ready file")]
+# A folder the process writes (created if missing); "" is no folder (it would write into the working directory)
+Folder = Annotated[str, StringConstraints(min_length=1), Described("a folder path")]
 
 # A path the process reads (empty = not used): a typo is refused at start, not when the file is first needed.
 ExistingFile = Annotated[str, AfterValidator(functools.partial(_path, kind="file")), Described("a readable file")]

@@ -13,7 +13,20 @@ from pydantic import AfterValidator
 from fedcore import flags, settings
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
-from fedcore.settings import Concentration, ConnectAddress, ExistingFile, ExistingFolder, NonNegative, Port, Positive, ProgressMode, Seconds, Seed
+from fedcore.settings import (
+    Concentration,
+    ConnectAddress,
+    ExistingFile,
+    ExistingFolder,
+    Folder,
+    NonNegative,
+    Port,
+    Positive,
+    ProgressMode,
+    ReadyFile,
+    Seconds,
+    Seed,
+)
 from fedcore.wire.bounds import WORKER_ID, largest
 
 
@@ -55,7 +68,7 @@ class WorkerConfig:
     data_dir: ExistingFolder = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
     image_size: Positive = 28  # size the --data-dir images are brought to (must match the model)
     channels: Channels = 1  # for --data-dir images
-    state_dir: str = "runs/worker"  # identity and private parts, kept across restarts
+    state_dir: Folder = "runs/worker"  # identity and private parts, kept across restarts
     speed: SpeedConfig = SpeedConfig()
     metrics_port: Port = -1  # Prometheus /metrics; -1 disables, 0 picks a free port
     wait_timeout: WaitTimeout = 30.0  # long-poll duration of one WaitTask call
@@ -67,7 +80,7 @@ class WorkerConfig:
     download_rate_limit: NonNegative = 0
     exit_when_done: bool = True  # exit once the coordinator reports the last round done
     inception_weights: ExistingFile = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
-    ready_file: str = ""  # write {"worker_id", "metrics_port"} here once started
+    ready_file: ReadyFile = ""  # write {"worker_id", "metrics_port"} here once started
     progress: ProgressMode = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
     # Security
     insecure: bool = False

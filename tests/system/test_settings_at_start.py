@@ -225,6 +225,16 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
             ["coordinator", "--strategy", "full", "--eval-samples", "8", "--inception-weights", "{junk_pth}"],
             "--inception-weights: '{junk_pth}' is not a torch state dict of tensors (UnpicklingError)",
         ),
+        (["coordinator", "--checkpoint-dir", ""], "--checkpoint-dir = '': expected a folder path"),
+        (
+            ["coordinator", "--ready-file", "{file}"],
+            "--ready-file = '{file}': expected a new file in an existing folder, or an earlier ready file; an existing file that is not a ready file",
+        ),
+        (
+            ["coordinator", "--ready-file", "{missing}/r.json"],
+            "--ready-file = '{missing}/r.json': expected a new file in an existing folder, or an earlier ready file; no folder '{missing}'",
+        ),
+        ([*WORKER, "--ready-file", "{tmp}"], "--ready-file = '{tmp}': expected a new file in an existing folder, or an earlier ready file; a folder"),
         ([*WORKER, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
         ([*WORKER, "--tls-ca", "{file}", "--tls-key", "{file}"], "--tls-cert and --tls-key go together"),
         ([*WORKER, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
@@ -256,7 +266,8 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
 
     argv, line = [fill(a) for a in argv], fill(line)
     if argv[0] == "coordinator":
-        argv = [*argv, "--insecure", "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-port", "-1"]
+        argv = [*argv, "--insecure", "--metrics-port", "-1"]
+        argv += [] if "--checkpoint-dir" in argv else ["--checkpoint-dir", str(tmp_path / "ckpt")]
         argv += [] if "--listen" in argv else ["--listen", "127.0.0.1:0"]
     else:
         argv = [*argv, "--state-dir", str(tmp_path / "state")]

@@ -97,3 +97,10 @@ def test_the_types_name_what_each_setting_takes() -> None:
     types = get_type_hints(WorkerConfig, include_extras=True)
     assert settings.expected(types["progress"]) == "one of 'auto', 'bar', 'log', 'off'"
     assert {f.name for f in fields(WorkerConfig)} >= {"speed", "backoff_initial", "backoff_max"}
+
+
+def test_an_empty_state_dir_is_refused_not_taken_for_the_working_directory() -> None:
+    from fedcore import settings
+
+    with pytest.raises(settings.SettingsError, match=r"^--state-dir = '': expected a folder path$"):
+        settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=settings.flag)
