@@ -10,6 +10,7 @@ import pytest
 
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
+from fedcore.settings import Folder
 from feddiff.args import speed_config
 from feddiff.cli import build_parser, main
 from tests.parsers import subcommands
@@ -27,7 +28,7 @@ def _flags() -> list[tuple[str, Any]]:
     for cls in (WorkerConfig, SpeedConfig):
         for name, tp in get_type_hints(cls, include_extras=True).items():
             flag = "--" + name.replace("_", "-")
-            if flag in options and tp not in (str, bool, str | None):
+            if flag in options and tp not in (str, bool, str | None, Folder):  # a folder path takes any name
                 out.append((flag, tp))
     return out
 
@@ -42,7 +43,7 @@ def test_every_setting_with_a_value_has_a_flag_here() -> None:
 
 @pytest.mark.parametrize(("flag", "tp"), FLAGS, ids=[f for f, _ in FLAGS])
 def test_every_flag_refuses_a_value_of_the_wrong_type_in_one_line(flag: str, tp: Any, capsys) -> None:
-    bad = "nope" if get_origin(tp) is Literal else "2.5x/"  # no number, id, address or existing path
+    bad = "nope" if get_origin(tp) is Literal else "no-such-folder/2.5x"  # no number, id, address, existing path or folder to write in
 
     code = main([*BASE, flag, bad])
 
