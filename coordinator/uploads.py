@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 
-from fedcore.errors import FeddiffError, LateUpdate, SizeMismatch, UploadAborted, UploadInProgress, UploadStalled
+from fedcore.errors import FeddiffError, HeaderError, LateUpdate, UploadAborted, UploadInProgress, UploadStalled
 from fedcore.wire import convert
 from fedcore.wire.codec import ChunkMessage
 from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
@@ -154,7 +154,7 @@ class UploadReceiver:
     ) -> None:
         """Read a stream's data messages (after its header) into a slot's memory, check them against `header`
         (at most `limit` bytes), and pass the payload to `accept`; the stream's errors, or `accept`'s, raised."""
-        refusal = SizeMismatch("an update stream carries one header, then data only")
+        refusal = HeaderError("an update stream carries one header, then data only")
         async with self._slot(upload) as buffer:
             with Reassembler(header, max_bytes=limit, into=buffer) as receiver:
                 async with upload.bounded(idle=self.idle_timeout):
