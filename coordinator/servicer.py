@@ -10,7 +10,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
 import grpc
@@ -259,37 +259,50 @@ def mapped(handler: Callable, metrics: Metrics, check: Callable[[Message], None]
     (coordinator/status.py) and counted in feddiff_refusals_total, instead of UNKNOWN and a traceback in the
     log; its request first passed to `check`. (Join and UploadUpdate count their refusals in
     feddiff_joins_total and feddiff_updates_total.)"""
-    name = handler.__name__
+    refuse = _refusal(handler.__name__, metrics)
+    checked = check or (lambda request: None)
+    if inspect.isasyncgenfunction(handler):
+        return _mapped_stream(handler, checked, refuse)
+    return _mapped_unary(handler, checked, refuse)
+
+
+Refuse = Callable[[grpc.aio.ServicerContext, FeddiffError], Awaitable[NoReturn]]
+
+
+def _refusal(rpc: str, metrics: Metrics) -> Refuse:
+    """How `rpc` refuses a call: counted by RPC and reason, logged, ended with the error's status code."""
 
     async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
-        metrics.refusals.labels(name, error.reason).inc()
-        log.info("%s refused: %s: %s", name, error.reason, error)
+        metrics.refusals.labels(rpc, error.reason).inc()
+        log.info("%s refused: %s: %s", rpc, error.reason, error)
         await abort(context, error)
 
-    if inspect.isasyncgenfunction(handler):
+    return refuse
 
-        @functools.wraps(handler)
-        async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-            try:
-                if check is not None:
-                    check(request)
-                async for response in handler(request, context):
-                    yield response
-            except FeddiffError as e:
-                await refuse(context, e)
 
-        return stream
-
+def _mapped_unary(handler: Callable, check: Callable[[Message], None], refuse: Refuse) -> Callable:
     @functools.wraps(handler)
     async def unary(request: Message, context: grpc.aio.ServicerContext) -> object:
         try:
-            if check is not None:
-                check(request)
+            check(request)
             return await handler(request, context)
         except FeddiffError as e:
             await refuse(context, e)
 
     return unary
+
+
+def _mapped_stream(handler: Callable, check: Callable[[Message], None], refuse: Refuse) -> Callable:
+    @functools.wraps(handler)
+    async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        try:
+            check(request)
+            async for response in handler(request, context):
+                yield response
+        except FeddiffError as e:
+            await refuse(context, e)
+
+    return stream
 
 
 def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:

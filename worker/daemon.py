@@ -16,7 +16,7 @@ from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_rang
 from fedcore.data.shards import DataConfig, client_shard
 from fedcore.errors import DataMismatch, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
-from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
+from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.federation.server import payload_bytes_by_part
@@ -362,32 +362,24 @@ class WorkerDaemon:
         runtime.load(self._download(client, runtime.layout, task), task)
         extractor, reference = self._quality_reference(runtime.trainer.speed.device)
         score = score_generator(runtime.sampling_model(), reference, extractor, task.spec, device=runtime.trainer.speed.device)
+        grid = self._save_grid(task, score)
+        self.metrics.fd.labels(self.worker_id).set(score.fd)
+        client.report_evaluation(evaluation_report(task, score))
+        log.info(
+            "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
+            self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid,
+        )  # fmt: skip
+
+    def _save_grid(self, task: EvalTask, score: GeneratorScore) -> str:
+        """A grid of the samples in the state dir, or "no file" when it cannot be written (a full state dir:
+        the score still goes back)."""
         grid = str(self.state_dir / "samples" / f"r{task.round:04d}.png")
         try:
             save_grid(score.samples[:64], grid, nrow=8)
-        except OSError as e:  # a full state dir: the score still goes back
+        except OSError as e:
             log.error("worker %s: cannot write the sample grid %s: %s", self.worker_id, grid, e)
-            grid = "no file"
-        self.metrics.fd.labels(self.worker_id).set(score.fd)
-        client.report_evaluation(
-            pb.EvaluationReport(
-                task_id=task.task_id,
-                round=task.round,
-                frechet_distance=score.fd,
-                feature_extractor=score.extractor,
-                num_samples=task.spec.num_samples,
-                sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
-            )
-        )
-        log.info(
-            "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
-            self.worker_id,
-            task.round,
-            score.fd,
-            task.spec.num_samples,
-            task.spec.sampler,
-            grid,
-        )
+            return "no file"
+        return grid
 
     def _quality_reference(self, device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
         """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""
@@ -404,6 +396,18 @@ class WorkerDaemon:
         sizes = layout.sizes
         params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
         self.metrics.count_transfer(direction, params, payload_bytes_by_part(payload, layout), layout.total)
+
+
+def evaluation_report(task: EvalTask, score: GeneratorScore) -> pb.EvaluationReport:
+    """What an evaluate task sends back: the score, and the sample grid only when the task asks for it."""
+    return pb.EvaluationReport(
+        task_id=task.task_id,
+        round=task.round,
+        frechet_distance=score.fd,
+        feature_extractor=score.extractor,
+        num_samples=task.spec.num_samples,
+        sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
+    )
 
 
 def run_worker(cfg: WorkerConfig) -> int:
