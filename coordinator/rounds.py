@@ -422,6 +422,8 @@ class RoundDriver:
         return True
 
     def _issued_task(self, worker_id: str, task_id: str) -> IssuedTask:
+        """This worker's task `task_id` of the phase in progress; else LateUpdate (a task of a phase that ended),
+        NotAssigned (another worker's) or WrongRound (no task of this phase)."""
         with self._cond:
             issued = self._issued.get(worker_id)
             if issued is not None and issued.task.task_id == task_id:
@@ -433,6 +435,8 @@ class RoundDriver:
             raise WrongRound(f"task {task_id!r} is not part of the round in progress")
 
     def _current(self, worker_id: str, task_id: str) -> tuple[OpenRound, IssuedTask]:
+        """The round in progress and this worker's training task of it (`_issued_task`; WrongRound during an
+        evaluation)."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._round is None or not isinstance(issued.task, TrainTask):
@@ -440,6 +444,7 @@ class RoundDriver:
             return self._round, issued
 
     def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        """The weights payload of this worker's task of the phase in progress, and the task."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._eval is not None:
@@ -480,6 +485,7 @@ class RoundDriver:
             return task_id not in self._closed_task_ids
 
     def accept(self, worker_id: str, task_id: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+        """Fold a worker's received update into the round in progress (checked there first) and count it."""
         open_round, _ = self._current(worker_id, task_id)
         update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
         self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)

@@ -30,6 +30,7 @@ from fedcore.wire import bounds, codec
 from fedcore.wire.codec import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
+from fedcore.wire.stream import StreamHeader
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -173,21 +174,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             header, limit = self.handlers.update_header(worker_id, h)
         except FeddiffError as e:
             await self._refuse(context, e, self.metrics.updates)
+        if not await self._receive(worker_id, h, header, limit, request_iterator, context):
+            return pb.UploadResponse(outcome=UploadAborted.reason)
+        self.metrics.updates.labels("accepted").inc()
+        return pb.UploadResponse(outcome="accepted")
+
+    async def _receive(
+        self,
+        worker_id: str,
+        h: pb.UpdateHeader,
+        header: StreamHeader,
+        limit: int,
+        request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> bool:
+        """Receive an update's stream into an upload slot and fold it in: True, or False when its connection
+        ended on the way (counted as cut off); a refusal of the stream or the update ends the call."""
         try:
             with self._uploads.open(worker_id, h.session_id, h.stream.task_id) as upload:
                 on_wire = self.metrics.wire_bytes.labels("up").inc
                 accept = functools.partial(self.handlers.accept, worker_id, h)
                 await self._receiver.receive(upload, header, limit, request_iterator, on_wire=on_wire, accept=accept)
+                return True
         except asyncio.CancelledError:  # the worker's end of the call is gone
             self._cut_off(worker_id, h.stream.task_id)
             raise
         except FeddiffError as e:
             if context.cancelled():  # it ended early because its connection did
                 self._cut_off(worker_id, h.stream.task_id)
-                return pb.UploadResponse(outcome=UploadAborted.reason)
+                return False
             await self._refuse(context, e, self.metrics.updates)
-        self.metrics.updates.labels("accepted").inc()
-        return pb.UploadResponse(outcome="accepted")
 
     async def _update_header(
         self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext

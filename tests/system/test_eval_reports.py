@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -23,18 +21,12 @@ from fedcore.payload import serialization
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from tests.reliability.support import wait_until
 from tests.system.raw_client import RawWorker
 
 Code = grpc.StatusCode
 LAYOUT = layout_of(build_model("tiny", seed=0))
 SAMPLES = 8  # eval_samples: what each evaluate task asks for
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _png() -> bytes:
@@ -80,7 +72,7 @@ def test_reports_that_do_not_fit_their_task_are_refused_with_their_own_status(tm
             train_task_of_a = _train_round(a)
             _train_round(b)
             _train_round(c)
-            _wait(lambda: coord.driver.state == "evaluating")
+            wait_until(lambda: coord.driver.state == "evaluating", "the evaluate phase", 30)
             ta, tb = a.wait_task(), b.wait_task()
             assert ta.kind == pb.Task.EVALUATE and ta.eval.num_samples == SAMPLES
 
@@ -111,7 +103,7 @@ def test_reports_that_do_not_fit_their_task_are_refused_with_their_own_status(tm
             assert (after_refusal.value.code(), _refused(coord, "not_assigned")) == (Code.PERMISSION_DENIED, 2.0)
 
             _report(c, c.wait_task(), frechet_distance=20.0)  # the last answer: the phase ends at once
-            _wait(lambda: coord.driver.state == "done")
+            wait_until(lambda: coord.driver.state == "done", "the end of the run", 30)
             status = a.stub.GetStatus(pb.StatusRequest(), timeout=10)
             assert dict(status.frechet_distance) == {"a": 12.5, "c": 20.0}
             assert coord.metrics.registry.get_sample_value("feddiff_fd", {"model": "a"}) == 12.5
