@@ -35,6 +35,8 @@ from grpc_health.v1 import health_pb2
 from bench import bare_rounds
 from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, log, machine, median, meta_layout, payload_bytes_of, random_delta
 from fedcore.federation.client import TrainTask
+from fedcore.model.parts import ALL_PARTS
+from fedcore.payload.serialization import max_payload_bytes
 from feddiff.local import sample
 from service.health import health_check
 
@@ -47,7 +49,7 @@ MODEL = "tiny"
 def run_clients(address: str, first: int, count: int, rounds: int, work: float, jitter: float) -> None:
     """`count` light workers as threads of this process; prints one JSON line per (worker, round)."""
     layout = meta_layout(MODEL)
-    max_bytes = payload_bytes_of(layout) + (1 << 20)
+    max_bytes = max_payload_bytes(layout, ALL_PARTS)
     deltas: dict[tuple[int, frozenset], bytes] = {}
     lock = threading.Lock()
     out_lock = threading.Lock()

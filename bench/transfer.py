@@ -42,11 +42,10 @@ from bench.common import (
     synthetic_model,
 )
 from fedcore.model.parts import ALL_PARTS, PART_ORDER
+from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.stream import DIGESTS, StreamHeader
 from feddiff.local import sample
 from service.allocator import tune_for_streaming
-
-SLACK = 1 << 20  # bytes a download may exceed the raw tensor bytes by (the safetensors header)
 
 
 def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence[str] | None = None) -> dict[str, float]:
@@ -55,7 +54,7 @@ def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence
     maps the memory both ends reuse afterwards. With `bare`, a bare gRPC stream of the same size is timed in
     each round too (bench.bare_grpc), without a digest and with each. `digests`: as `LightWorker`'s."""
     layout = meta_layout(model)
-    max_bytes = payload_bytes_of(layout) + SLACK
+    max_bytes = max_payload_bytes(layout, ALL_PARTS)
     tensors = random_delta(layout, ALL_PARTS)
     down: list[float] = []  # seconds, per round: payload download and upload
     up: list[float] = []
@@ -172,7 +171,7 @@ def _one_round(model: str, workers: list[LightWorker], tensors: Mapping[str, tor
 def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
     """K workers download the same broadcast, then upload at once; aggregate payload MB/s per phase."""
     layout = meta_layout(model)
-    max_bytes = payload_bytes_of(layout) + SLACK
+    max_bytes = max_payload_bytes(layout, ALL_PARTS)
     tensors = random_delta(layout, ALL_PARTS)
     settings = {"model": model, "strategy": "full", "rounds": rounds, "min_workers": k, "epochs": 1, "max_concurrent_uploads": 2}
     down_rates, up_rates = [], []

@@ -55,6 +55,12 @@ class Metrics(ProcessMetrics):
 
     def __init__(self, registry: CollectorRegistry | None = None):
         super().__init__(registry)
+        self._count_rounds()
+        self._count_workers()
+        self._run_totals()
+
+    def _count_rounds(self) -> None:
+        """The rounds: how far the run is, how long each took, how each attempt ended, the last mean loss."""
         r = self.registry
         self.round = Gauge("feddiff_round", "Rounds completed", registry=r)
         self.rounds_planned = Gauge("feddiff_rounds_planned", "Rounds the run is configured for", registry=r)
@@ -66,6 +72,13 @@ class Metrics(ProcessMetrics):
             ["outcome"],
             registry=r,
         )
+        self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
+        for outcome in ROUND_ATTEMPT_OUTCOMES:
+            self.round_attempts.labels(outcome)
+
+    def _count_workers(self) -> None:
+        """The workers: how many are connected, their refused calls, bounded weights and clipped updates."""
+        r = self.registry
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
         self.refusals = Counter(
@@ -81,8 +94,12 @@ class Metrics(ProcessMetrics):
             registry=r,
         )
         self.clipped_updates = Counter("feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r)
-        self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
-        # The run's committed totals (coordinator): the last checkpoint's, restored with --resume.
+        for bound in WEIGHT_BOUNDS:
+            self.weights_bounded.labels(bound)
+
+    def _run_totals(self) -> None:
+        """The run's committed totals: the last checkpoint's, restored with --resume (`show_run`)."""
+        r = self.registry
         self.run_payload_bytes = Gauge(
             "feddiff_run_payload_bytes", "Safetensors payload bytes of the run's committed rounds", ["direction", "part"], registry=r
         )
@@ -94,10 +111,6 @@ class Metrics(ProcessMetrics):
         )
         self.run_round_attempts = Gauge("feddiff_run_round_attempts", "The run's round attempts up to its last checkpoint, by outcome", ["outcome"], registry=r)
         self.run_updates = Gauge("feddiff_run_updates", "The run's updates up to its last checkpoint, by outcome", ["outcome"], registry=r)
-        for outcome in ROUND_ATTEMPT_OUTCOMES:
-            self.round_attempts.labels(outcome)
-        for bound in WEIGHT_BOUNDS:
-            self.weights_bounded.labels(bound)
 
     def outcome_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """This process's round attempts and updates by outcome, as its counters hold them."""

@@ -1,4 +1,5 @@
-"""The round state machine: wait for workers, plan, hand out tasks, collect updates, close with quorum, checkpoint."""
+"""The round state machine: wait for workers, plan, hand out tasks, collect updates, close with quorum, checkpoint;
+then the evaluation that is due (coordinator/evaluation.py), its evaluate tasks handed out and answered alike."""
 
 from __future__ import annotations
 
@@ -7,33 +8,29 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.config import CoordinatorConfig
-from coordinator.evaluation import EvalPhase, GlobalEvaluator
+from coordinator.evaluation import EvalPhase, EvalReport, Evaluation
 from coordinator.metrics import Metrics
 from coordinator.refusals import Refusal, RefusalStreak
-from coordinator.registry import WorkerRegistry
+from coordinator.registry import WorkerRecord, WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
-from fedcore.evaluation.fid import curve_point_due
 from fedcore.federation.checkpoint import FINAL_MODEL
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.federation.roundlog import ROUNDS_LOG, EvaluationRecord, format_evaluation, format_round, latest_in_log, round_record
+from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
-from fedcore.federation.strategies import private_parts
-from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.payload.serialization import save_file
-from fedcore.wire.bounds import MAX_GRID_BYTES
+from fedcore.payload.serialization import max_payload_bytes, save_file
 from fedcore.wire.stream import StreamHeader, digest_for
 
 log = logging.getLogger("feddiff.coordinator")
 
 State = Literal["waiting_for_workers", "training", "evaluating", "done", "failed", "stopped"]
-HEADER_SLACK = 64 * 1024  # bytes allowed for a delta payload's safetensors header
+GAUGE_INTERVAL = 0.5  # seconds between two updates of the connected-workers gauge while a phase waits
 
 
 @dataclass(frozen=True)
@@ -52,54 +49,75 @@ class IssuedTask:
     header: StreamHeader  # of the weights payload the worker downloads
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """How the collection of a round attempt ended."""
+
+    round_index: int
+    selected: int  # workers given a task
+    got: int  # updates folded in
+    needed: int  # the quorum
+    refusals: Sequence[Refusal]  # tasks refused by their workers
+    refused_updates: str  # updates this coordinator refused, by outcome in words (`_refused_updates`)
+
+    @property
+    def has_quorum(self) -> bool:
+        return self.got >= self.needed
+
+    def __str__(self) -> str:
+        return (
+            f"{self.got} of {self.selected} updates (tasks refused by workers: {len(self.refusals)}; "
+            f"updates refused: {self.refused_updates}), quorum {self.needed}"
+        )
+
+
 class RoundDriver:
     """Owns the federation's progress. `run` is the one loop that opens and closes rounds; gRPC handlers call
     in from the server's event loop and its accept threads. Handlers never block here: a worker's long poll
-    asks `poll_task` and waits for the next change that `on_change` announces."""
+    asks `poll_task` and waits for the next change that `on_change` announces.
 
-    def __init__(
-        self,
-        cfg: CoordinatorConfig,
-        federation: Federation,
-        registry: WorkerRegistry,
-        metrics: Metrics,
-    ):
+    A phase is a round attempt or an evaluation: tasks issued to workers, each answered (an update delivered, a
+    report sent, or the task refused) or not by the phase's deadline."""
+
+    def __init__(self, cfg: CoordinatorConfig, federation: Federation, registry: WorkerRegistry, metrics: Metrics):
         self.cfg = cfg
         self.federation = federation
         self.registry = registry
         self.metrics = metrics
         self.checkpoint_dir = Path(cfg.checkpoint_dir)
         self.state: State = "waiting_for_workers"
+        self.failure = ""  # why the run stopped, in state "failed"
+        self.evaluation = Evaluation(cfg, federation, metrics, self._append_log)
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # guards the state below; waits of the round loop
         self._arrivals = threading.Condition(lock)  # updates and reports in: wakes only the round loop
         self._listeners: list[Callable[[], object]] = []  # told of tasks issued and state changes
-        self._round: OpenRound | None = None
-        self._eval: EvalPhase | None = None
-        self._issued: dict[str, IssuedTask] = {}
-        self._refusals: dict[str, Refusal] = {}  # tasks of the phase in progress that their workers refused
+        self._round: OpenRound | None = None  # the phase in progress: a round attempt,
+        self._eval: EvalPhase | None = None  # or an evaluation
+        self._issued: dict[str, IssuedTask] = {}  # its tasks, by worker
+        self._refusals: dict[str, Refusal] = {}  # of them, those their workers refused
+        self._closed_task_ids: set[str] = set()  # tasks of phases that ended: their uploads are late
         self._refused_attempts = RefusalStreak(cfg.max_refused_attempts)
-        self.failure = ""  # why the run stopped, in state "failed"
         self._told: set[str] = set()  # workers answered that the run failed
         self._log_lock = threading.Lock()
-        self.last_fd: dict[str, float] = {}  # latest Frechet distance per evaluated model
-        self.global_evaluator = GlobalEvaluator(
-            cfg.model,
-            device=cfg.eval_device,
-            data_root=cfg.eval_data_root or None,
-            inception_weights=cfg.inception_weights,
-            out_dir=self.checkpoint_dir,
-        )
-        self._closed_task_ids: set[str] = set()  # tasks of rounds that already closed: uploads are late
         self._stop = threading.Event()
         self._round_started = 0.0
-        metrics.min_workers.set(cfg.min_workers)
-        metrics.rounds_planned.set(cfg.rounds)
-        metrics.round.set(federation.completed_rounds)
-        metrics.show_run(federation.ledger, federation.tally)
         self._tally_at_start = federation.tally  # the checkpoint's; this process's counters add to it
+        self._show_settings()
         if federation.completed_rounds:
             self._restore_from_round_log()
+
+    def _show_settings(self) -> None:
+        """The gauges of the run's settings and of the checkpoint it starts from."""
+        self.metrics.min_workers.set(self.cfg.min_workers)
+        self.metrics.rounds_planned.set(self.cfg.rounds)
+        self.metrics.round.set(self.federation.completed_rounds)
+        self.metrics.show_run(self.federation.ledger, self.federation.tally)
+
+    @property
+    def last_fd(self) -> dict[str, float]:
+        """The latest Frechet distance of each evaluated model."""
+        return self.evaluation.last_fd
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -107,7 +125,7 @@ class RoundDriver:
             while not self._stop.is_set() and not self.federation.finished:
                 if not self._wait_for_workers():
                     break
-                if self._run_round() and self._evaluation_due():
+                if self._run_round() and self.evaluation.due():
                     self._evaluate()
                 if self.failure:
                     break
@@ -143,86 +161,50 @@ class RoundDriver:
                 self._cond.wait(timeout=0.2)
         return False
 
+    # --- one round attempt ----------------------------------------------------------------------------------
     def _run_round(self) -> bool:
-        """One attempt at the next round; True when it closed (False: no quorum, or stopped)."""
-        connected = self.registry.connected()
-        available = [r.worker_id for r in connected]
-        lost = [r.worker_id for r in connected if not r.info.has_private_state]
-        plan = self.federation.plan(available, lost_state=lost)
-        examples = {r.worker_id: r.info.num_examples for r in connected}
-        digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
+        """One attempt at the next round; True when it closed (False: no quorum, not committed, or stopped)."""
+        open_round, updates_before = self._open_round()
         with self._cond:
-            open_round = self.federation.open_round(plan, examples)
-            self._count_lowered_weights(open_round)
-            self._issued = {}
-            self._refusals = {}
-            headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}  # one hash per distinct payload and digest
-            for c in plan.clients:
-                task = open_round.task(c)
-                key = (task.receives, digests[c])
-                if key not in headers:
-                    headers[key] = StreamHeader.of(open_round.payload(task.receives), digests[c])
-                self._issued[c] = IssuedTask(task, headers[key])
-            self._round = open_round
-            self.state = "training"
-            updates_before = self.metrics.outcome_counts()[1]
-            self._round_started = time.monotonic()
-            self._changed()
-        log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
-        deadline = self._round_started + self.cfg.round_deadline
-        gauge_due = 0.0
-        with self._cond:
-            while not self._stop.is_set() and len(open_round.accepted) + len(self._refusals) < len(plan.clients):  # every worker answered: at once
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._arrivals.wait(timeout=min(remaining, 0.5))
-                if time.monotonic() >= gauge_due:  # twice a second, not once per update
-                    self.metrics.workers_connected.set(len(self.registry.connected()))
-                    gauge_due = time.monotonic() + 0.5
-            needed = max(1, math.ceil(self.cfg.quorum * len(plan.clients)))
-            got = open_round.seal()
-            self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
-            self._changed()  # uploads still open for this round end now
-            refusals = list(self._refusals.values())
-            refused = _refused_updates(updates_before, self.metrics.outcome_counts()[1])
-            self._round = None
-            self._issued = {}
+            self._await_answers(self._round_started + self.cfg.round_deadline)
+            attempt = self._seal(open_round, updates_before)
             if self._stop.is_set():
                 return False
-            outcome: RoundOutcome | None = None
-            failure: str | None = None  # why refusals stop the run
-            if got < needed:
-                self.metrics.round_attempts.labels("no_quorum").inc()
-                log.warning(
-                    "round %d: %d of %d updates (tasks refused by workers: %d; updates refused: %s), quorum %d: round re-run",
-                    plan.round + 1, got, len(plan.clients), len(refusals), refused, needed,
-                )  # fmt: skip
-                failure = self._refused_attempts.attempt_failed(plan.round, refusals, needed - got)
-            else:
-                self._refused_attempts.reset()
-                try:
-                    outcome = open_round.close()
-                except NonFiniteAggregate as e:  # nothing was applied: the previous global model stays
-                    self.metrics.round_attempts.labels(e.reason).inc()
-                    log.error("round %d: not committed, the global model stays as it was (round re-run): %s", plan.round + 1, e)
-                else:
-                    if got < len(plan.clients):
-                        log.info(
-                            "round %d: closed with %d of %d updates (tasks refused by workers: %d; updates refused: %s), quorum %d",
-                            plan.round + 1, got, len(plan.clients), len(refusals), refused, needed,
-                        )  # fmt: skip
-                    self.metrics.round_attempts.labels("complete" if got == len(plan.clients) else "quorum").inc()
+            failure = None if attempt.has_quorum else self._no_quorum(attempt)
+            outcome = self._close(open_round, attempt) if attempt.has_quorum else None
         if outcome is None:
-            try:  # the attempt is part of the run's tally
-                self._checkpoint()
-            except OSError as e:
-                log.error("round %d: checkpoint of the attempt failed, the previous one stays valid: %s", plan.round + 1, e)
-            if failure:
-                self._fail(failure)
+            self._attempt_failed(attempt, failure)
             return False
         self._after_round(outcome)
         return True
+
+    def _open_round(self) -> tuple[OpenRound, Mapping[str, int]]:
+        """Plan the next round over the connected workers and issue its tasks; with the updates counted so far."""
+        connected = self.registry.connected()
+        lost = [r.worker_id for r in connected if not r.info.has_private_state]
+        plan = self.federation.plan([r.worker_id for r in connected], lost_state=lost)
+        with self._cond:
+            open_round = self.federation.open_round(plan, {r.worker_id: r.info.num_examples for r in connected})
+            self._count_lowered_weights(open_round)
+            self._round = open_round
+            updates_before = self.metrics.outcome_counts()[1]
+            self._round_started = time.monotonic()
+            self._open_phase(self._round_tasks(open_round, connected), "training")
+        log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
+        return open_round, updates_before
+
+    def _round_tasks(self, open_round: OpenRound, connected: Sequence[WorkerRecord]) -> dict[str, IssuedTask]:
+        """Each selected worker's task with its payload's header: one hash per distinct payload and digest."""
+        digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
+        headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}
+        issued = {}
+        for c in open_round.plan.clients:
+            task = open_round.task(c)
+            key = (task.receives, digests[c])
+            if key not in headers:
+                headers[key] = StreamHeader.of(open_round.payload(task.receives), digests[c])
+            issued[c] = IssuedTask(task, headers[key])
+        return issued
 
     def _count_lowered_weights(self, open_round: OpenRound) -> None:
         for worker_id, bounds in open_round.lowered.items():
@@ -232,6 +214,51 @@ class RoundDriver:
                 "round %d: worker %s claims %d images; its FedAvg weight is %d (bounded by %s)",
                 open_round.round + 1, worker_id, open_round.examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
             )  # fmt: skip
+
+    def _seal(self, open_round: OpenRound, updates_before: Mapping[str, int]) -> Attempt:
+        """End the attempt's collection (under the lock): no update is folded in after this one."""
+        got = open_round.seal()
+        attempt = Attempt(
+            round_index=open_round.round,
+            selected=len(open_round.plan.clients),
+            got=got,
+            needed=max(1, math.ceil(self.cfg.quorum * len(open_round.plan.clients))),
+            refusals=list(self._refusals.values()),
+            refused_updates=_refused_updates(updates_before, self.metrics.outcome_counts()[1]),
+        )
+        self._close_phase()
+        self._round = None
+        return attempt
+
+    def _no_quorum(self, attempt: Attempt) -> str | None:
+        """Count and log an attempt without quorum (re-run); why refusals stop the run, or None."""
+        self.metrics.round_attempts.labels("no_quorum").inc()
+        log.warning("round %d: %s: round re-run", attempt.round_index + 1, attempt)
+        return self._refused_attempts.attempt_failed(attempt.round_index, attempt.refusals, attempt.needed - attempt.got)
+
+    def _close(self, open_round: OpenRound, attempt: Attempt) -> RoundOutcome | None:
+        """Average the attempt's updates into the global model; None when the average is not finite (nothing
+        is applied: the previous global model stays, and the round is run again)."""
+        self._refused_attempts.reset()
+        try:
+            outcome = open_round.close()
+        except NonFiniteAggregate as e:
+            self.metrics.round_attempts.labels(e.reason).inc()
+            log.error("round %d: not committed, the global model stays as it was (round re-run): %s", attempt.round_index + 1, e)
+            return None
+        if attempt.got < attempt.selected:
+            log.info("round %d: closed with %s", attempt.round_index + 1, attempt)
+        self.metrics.round_attempts.labels("complete" if attempt.got == attempt.selected else "quorum").inc()
+        return outcome
+
+    def _attempt_failed(self, attempt: Attempt, failure: str | None) -> None:
+        """Checkpoint an attempt that did not close (it is part of the run's tally); stop the run for `failure`."""
+        try:
+            self._checkpoint()
+        except OSError as e:
+            log.error("round %d: checkpoint of the attempt failed, the previous one stays valid: %s", attempt.round_index + 1, e)
+        if failure:
+            self._fail(failure)
 
     def _after_round(self, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self._round_started
@@ -258,69 +285,66 @@ class RoundDriver:
         mean_loss, fds = latest_in_log(self.checkpoint_dir / ROUNDS_LOG, self.federation.completed_rounds)
         if mean_loss is not None:
             self.metrics.round_mean_loss.set(mean_loss)
-        for model, fd in fds.items():
-            self.metrics.fd.labels(model).set(fd)
-            self.last_fd[model] = fd
+        self.evaluation.show(fds)
 
     def _append_log(self, record: Mapping[str, Any]) -> None:
         with self._log_lock, open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    # --- a phase: its tasks issued, answered, ended ---------------------------------------------------------
+    def _open_phase(self, issued: dict[str, IssuedTask], state: State) -> None:
+        """Hand out a phase's tasks (under the lock; `_round` or `_eval` set): long polls hear of them."""
+        self._issued = issued
+        self._refusals = {}
+        self.state = state
+        self._changed()
+
+    def _await_answers(self, deadline: float) -> None:
+        """Wait (under the lock, released while waiting) until every task of the phase is answered, the
+        deadline passes or the driver stops; the connected-workers gauge kept current meanwhile."""
+        gauge_due = 0.0
+        while not self._stop.is_set() and self._answered() < len(self._issued):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrivals.wait(timeout=min(remaining, GAUGE_INTERVAL))
+            if time.monotonic() >= gauge_due:  # twice a second, not once per update
+                self.metrics.workers_connected.set(len(self.registry.connected()))
+                gauge_due = time.monotonic() + GAUGE_INTERVAL
+
+    def _answered(self) -> int:
+        """Tasks of the phase in progress that their workers answered: delivered, reported or refused."""
+        done = len(self._round.accepted) if self._round is not None else len(self._eval.reports) if self._eval is not None else 0
+        return done + len(self._refusals)
+
+    def _close_phase(self) -> None:
+        """End the phase (under the lock): what comes for its tasks from now on is late; its open uploads end."""
+        self._closed_task_ids.update(t.task.task_id for t in self._issued.values())
+        self._issued = {}
+        self._changed()
+
     # --- evaluation -----------------------------------------------------------------------------------------
-    def _evaluation_due(self) -> bool:
-        if self.cfg.eval_samples <= 0:
-            return False
-        return self.federation.finished or curve_point_due(self.federation.completed_rounds, self.cfg.eval_every)
-
     def _evaluate(self) -> None:
-        final = self.federation.finished
-        spec = SamplingSpec(
-            num_samples=self.cfg.eval_samples,
-            sampler="ddpm" if final and self.cfg.eval_final_sampler == "ddpm" else "ddim",
-            steps=self.cfg.eval_steps,
-            seed=self.cfg.seed,
-        )
-        if private_parts(self.federation.config.strategy):
-            self._run_eval_phase(spec)
-        else:
-            self.global_evaluator.submit(self.federation.global_state, self.federation.completed_rounds, spec, self._record_evaluation)
-
-    def _run_eval_phase(self, spec: SamplingSpec) -> None:
-        """Ask every connected worker that holds private parts to score its own model; wait for the reports."""
-        connected = [r for r in self.registry.connected() if r.worker_id in self.federation.contacted and r.info.has_private_state]
-        workers = [r.worker_id for r in connected]
-        digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
-        if not workers:
-            log.warning("evaluation after round %d: no connected worker holds a personalised model", self.federation.completed_rounds)
+        """The evaluation due after this round: the workers score their own models in an evaluate phase, or
+        this coordinator scores the global model in the background."""
+        if not self.evaluation.personalised:
+            self.evaluation.score_global()
             return
-        phase = EvalPhase.create(self.federation, workers, spec, self.cfg.share_samples)
+        phase = self.evaluation.phase(self.registry.connected())
+        if phase is not None:
+            self._run_eval_phase(phase)
+            self.evaluation.phase_done(phase)
+
+    def _run_eval_phase(self, phase: EvalPhase) -> None:
+        """Hand out the evaluate tasks and wait for the reports (or refusals), at most the round deadline."""
         with self._cond:
             self._eval = phase
-            self._issued = {w: IssuedTask(t, phase.header(digests[w])) for w, t in phase.tasks.items()}
-            self._refusals = {}
-            self.state = "evaluating"
-            self._changed()
-            deadline = time.monotonic() + self.cfg.round_deadline
-            while not self._stop.is_set() and len(phase.reports) + len(self._refusals) < len(phase.tasks) and time.monotonic() < deadline:
-                self._arrivals.wait(timeout=0.5)
-            self._closed_task_ids.update(t.task_id for t in phase.tasks.values())
+            self._open_phase({w: IssuedTask(t, phase.header(w)) for w, t in phase.tasks.items()}, "evaluating")
+            self._await_answers(time.monotonic() + self.cfg.round_deadline)
+            self._close_phase()
             self._eval = None
-            self._issued = {}
-        if phase.reports:
-            self._record_evaluation(phase.summary())
 
-    def _record_evaluation(self, summary: Mapping[str, Any]) -> None:
-        """A round log line of kind "evaluation" (`EvalPhase.summary`, `GlobalEvaluator.evaluate`)."""
-        record = EvaluationRecord.from_json(summary)
-        for model, fd in record.fd.items():
-            self.metrics.fd.labels(model).set(fd)
-            self.last_fd[model] = fd
-        try:
-            self._append_log(record.as_json())
-        except OSError as e:
-            log.error("writing the evaluation to the round log failed: %s", e)
-        log.info(format_evaluation(record))
-
+    # --- the end --------------------------------------------------------------------------------------------
     def _fail(self, error: str) -> None:
         """Stop the run: its state becomes "failed"; waiting workers are told it is over, with the error."""
         log.error("run stopped: %s", error)
@@ -339,7 +363,7 @@ class RoundDriver:
                     return
 
     def _finish(self) -> None:
-        self.global_evaluator.wait()
+        self.evaluation.wait()
         try:
             save_file(self.checkpoint_dir / FINAL_MODEL, self.federation.global_state, {"completed_rounds": str(self.federation.completed_rounds)})
         except OSError as e:
@@ -398,6 +422,8 @@ class RoundDriver:
         return True
 
     def _issued_task(self, worker_id: str, task_id: str) -> IssuedTask:
+        """This worker's task `task_id` of the phase in progress; else LateUpdate (a task of a phase that ended),
+        NotAssigned (another worker's) or WrongRound (no task of this phase)."""
         with self._cond:
             issued = self._issued.get(worker_id)
             if issued is not None and issued.task.task_id == task_id:
@@ -409,6 +435,8 @@ class RoundDriver:
             raise WrongRound(f"task {task_id!r} is not part of the round in progress")
 
     def _current(self, worker_id: str, task_id: str) -> tuple[OpenRound, IssuedTask]:
+        """The round in progress and this worker's training task of it (`_issued_task`; WrongRound during an
+        evaluation)."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._round is None or not isinstance(issued.task, TrainTask):
@@ -416,6 +444,7 @@ class RoundDriver:
             return self._round, issued
 
     def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        """The weights payload of this worker's task of the phase in progress, and the task."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._eval is not None:
@@ -447,9 +476,7 @@ class RoundDriver:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)
             raise NotAssigned(f"update carries parts {got}, task {task_id!r} returns {want}")
-        layout = self.federation.layout
-        sizes = layout.sizes
-        return sum(4 * sizes[p] + 256 * len(layout.tensors[p]) for p in parts) + HEADER_SLACK
+        return max_payload_bytes(self.federation.layout, parts)
 
     def accepting(self, task_id: str) -> bool:
         """Whether the round of a task that `upload_limit` let through still takes its update (False once that
@@ -458,6 +485,7 @@ class RoundDriver:
             return task_id not in self._closed_task_ids
 
     def accept(self, worker_id: str, task_id: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
+        """Fold a worker's received update into the round in progress (checked there first) and count it."""
         open_round, _ = self._current(worker_id, task_id)
         update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
         self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)
@@ -516,21 +544,21 @@ class RoundDriver:
         log.warning("worker %s refused task %s (%s): %s", worker_id, task_id, refusal.reason, refusal.message)
         return refusal
 
-    def report_evaluation(self, worker_id: str, task_id: str, fd: float, extractor: str, num_samples: int, grid_png: bytes) -> None:
+    def report_evaluation(self, report: EvalReport, grid_png: bytes) -> None:
+        """A worker's evaluation of its own model, for its task of the evaluation in progress (LateUpdate,
+        NotAssigned or WrongRound for a task that is not; NotAssigned for a task its worker refused), checked
+        against that task (`EvalPhase.report`); the sample grid it shares, if any, saved."""
         with self._cond:
+            self._issued_task(report.worker_id, report.task_id)
             if self._eval is None:
-                self._issued_task(worker_id, task_id)  # raises the right error for a stale or foreign task
-                raise WrongRound(f"no evaluation is in progress for task {task_id!r}")
+                raise WrongRound(f"task {report.task_id!r} is not an evaluate task of the evaluation in progress")
+            if report.worker_id in self._refusals:
+                raise NotAssigned(f"worker {report.worker_id!r} refused task {report.task_id!r}")
             phase = self._eval
-            phase.report(worker_id, task_id, fd, extractor, num_samples)
+            phase.report(report)
             self._arrivals.notify_all()
         if grid_png:
-            if not grid_png.startswith(b"\x89PNG\r\n\x1a\n") or len(grid_png) > MAX_GRID_BYTES:
-                log.warning("worker %s sent a sample grid that is not a PNG of at most %d bytes; ignored", worker_id, MAX_GRID_BYTES)
-                return
-            path = self.checkpoint_dir / "samples" / f"{worker_id}-r{phase.completed_rounds:04d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(grid_png)
+            self.evaluation.save_shared_grid(report.worker_id, phase.completed_rounds, grid_png)
 
     def progress(self) -> RoundProgress:
         """Where the round (or evaluation) in progress stands."""

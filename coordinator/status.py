@@ -19,8 +19,10 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.WrongRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.LateUpdate, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateUpdate, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.RoundError, grpc.StatusCode.FAILED_PRECONDITION),  # any other that does not fit the round in progress
     (errors.DuplicateWorker, grpc.StatusCode.ALREADY_EXISTS),
     (errors.BadWorkerInfo, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.BadEvaluation, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.FieldOutOfRange, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.StreamError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -101,6 +101,13 @@ class LateUpdate(RoundError):
     reason = "late"
 
 
+class BadEvaluation(FeddiffError):
+    """An evaluation report its task cannot have produced: a Frechet distance that is not a finite number >= 0,
+    or another number of samples than the task asked for."""
+
+    reason = "bad_evaluation"
+
+
 class NonFiniteAggregate(FeddiffError):
     """A round's averaged update would make the global model NaN or infinite: the round is not committed."""
 

@@ -14,16 +14,17 @@ import torch
 from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import DataConfig, client_shard
-from fedcore.errors import DataMismatch, DuplicateWorker, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
+from fedcore.errors import DataMismatch, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
-from fedcore.evaluation.fid import ReferenceStats, fashion_mnist_reference, score_generator
+from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
-from fedcore.model.training import LocalTrainer, TrainingInterrupted, resolve_device
+from fedcore.model.training import LocalTrainer, TrainingInterrupted, TrainResult, resolve_device
 from fedcore.model.unet import build_model, preset
+from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.bounds import MAX_GRID_BYTES
 from fedcore.wire.convert import any_task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -33,6 +34,7 @@ from worker.config import WorkerConfig
 from worker.metrics import Metrics
 from worker.progress import TrainingProgress
 from worker.state_dir import StateDir
+from worker.status import Action, Call, Reaction, reaction
 
 log = logging.getLogger("feddiff.worker")
 
@@ -49,6 +51,11 @@ def load_local_data(cfg: WorkerConfig) -> ImageDataset:
         root=cfg.data_root,
     )
     return client_shard(data_cfg, cfg.client_index)
+
+
+class SessionOver(Exception):
+    """A call failed and ended the session, counted and logged where it failed (`WorkerDaemon._react`): the
+    worker connects and joins again after the backoff."""
 
 
 class Backoff:
@@ -97,54 +104,77 @@ class WorkerDaemon:
     def run(self) -> int:
         """Serve tasks until the federation is done (0), or until stopped (0), or until the coordinator says the
         run failed (1); reconnect on failures."""
+        self._announce()
+        while not self.stop_event.is_set():
+            exit_code = self._connection()
+            if exit_code is not None:
+                return exit_code
+        log.info("worker %s: stopped", self.worker_id)
+        return self._exit_code()
+
+    def _announce(self) -> None:
+        """Serve the metrics (when asked to) and write the ready file: worker id, metrics port and pid."""
         port = self.metrics.serve(self.cfg.metrics_port) if self.cfg.metrics_port >= 0 else None
         if port is not None:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
         if self.cfg.ready_file:
             atomic_write_json(self.cfg.ready_file, {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()})
-        while not self.stop_event.is_set():
-            channel = open_channel(self.cfg)
-            client = CoordinatorClient(
-                channel, self._metadata(), upload_rate_limit=self.cfg.upload_rate_limit, download_rate_limit=self.cfg.download_rate_limit
-            )
-            try:
-                done = self._session(client)
-                if self.failure:
-                    log.error("worker %s: the coordinator stopped the run: %s", self.worker_id, self.failure)
-                    self._exit_code()  # a last try at saving private parts whose save failed
-                    return 1
-                if done and self.cfg.exit_when_done:
-                    log.info("worker %s: federation done after %d rounds here", self.worker_id, self.rounds_done)
-                    return self._exit_code()
-            except TrainingInterrupted:
-                log.info("worker %s: training interrupted", self.worker_id)
-            except MissingPrivateState as e:  # the coordinator hears of it at the join: its task then carries the whole model
-                self.private = None
-                if self.runtime is not None:
-                    self.runtime.private.clear()
-                log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
-                self._back_off()
-            except DuplicateWorker as e:
-                self.metrics.joins.labels(e.reason).inc()
-                log.error("worker %s: join refused, another worker runs under this id: %s; retrying in %.1fs", self.worker_id, e, self.backoff.delay)
-                self._back_off()
-            except grpc.RpcError as e:
-                code = e.code() if hasattr(e, "code") else None
-                log.warning(
-                    "worker %s: coordinator unavailable (%s: %s); retrying in %.1fs",
-                    self.worker_id,
-                    code,
-                    getattr(e, "details", lambda: "")(),
-                    self.backoff.delay,
-                )
-                self._back_off()
-            finally:
-                if self.stop_event.is_set() and client.session_id:
-                    with contextlib.suppress(grpc.RpcError):
-                        client.leave()
-                channel.close()
-        log.info("worker %s: stopped", self.worker_id)
-        return self._exit_code()
+
+    def _connection(self) -> int | None:
+        """One connection to the coordinator and a session over it: the exit code when the worker is through,
+        None to connect again (after the backoff when the session failed)."""
+        channel = open_channel(self.cfg)
+        client = CoordinatorClient(channel, self._metadata(), upload_rate_limit=self.cfg.upload_rate_limit, download_rate_limit=self.cfg.download_rate_limit)
+        try:
+            return self._through(self._session(client))
+        except TrainingInterrupted:
+            log.info("worker %s: training interrupted", self.worker_id)
+        except MissingPrivateState as e:  # the coordinator hears of it at the join: its task then carries the whole model
+            self._forget_private_state(e)
+        except SessionOver:  # counted and logged where its call failed (`_react`)
+            self._back_off()
+        except grpc.RpcError as e:  # a long poll, a download or a report failed: the session is over
+            self._react("session", e)
+            self._back_off()
+        finally:
+            self._hang_up(client, channel)
+        return None
+
+    def _through(self, done: bool) -> int | None:
+        """After a session that ended without a failure: the exit code when the worker is through (1 when the
+        coordinator stopped the run), None to stay."""
+        if self.failure:
+            log.error("worker %s: the coordinator stopped the run: %s", self.worker_id, self.failure)
+            self._exit_code()  # a last try at saving private parts whose save failed
+            return 1
+        if done and self.cfg.exit_when_done:
+            log.info("worker %s: federation done after %d rounds here", self.worker_id, self.rounds_done)
+            return self._exit_code()
+        return None
+
+    def _forget_private_state(self, e: MissingPrivateState) -> None:
+        """Join again, after the backoff, as a worker without private parts."""
+        self.private = None
+        if self.runtime is not None:
+            self.runtime.private.clear()
+        log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
+        self._back_off()
+
+    def _hang_up(self, client: CoordinatorClient, channel: grpc.Channel) -> None:
+        """Close the connection; when stopping, leave the session first (so no round waits for this worker)."""
+        if self.stop_event.is_set() and client.session_id:
+            with contextlib.suppress(grpc.RpcError):
+                client.leave()
+        channel.close()
+
+    def _react(self, call: Call, error: grpc.RpcError, task_id: str = "") -> Reaction:
+        """What the status table (worker/status.py) says to do after `call` failed with `error`: its outcome
+        counted and its line logged here; the caller acts on it."""
+        r = reaction(call, error)
+        if r.outcome:
+            (self.metrics.joins if call == "join" else self.metrics.updates).labels(r.outcome).inc()
+        log.log(r.level, "worker %s: %s", self.worker_id, r.line(error, task_id, self.backoff.delay))
+        return r
 
     def _back_off(self) -> None:
         """Wait as the backoff policy says (less when stopped meanwhile)."""
@@ -203,9 +233,8 @@ class WorkerDaemon:
         try:
             joined = client.join(info)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
-                raise DuplicateWorker(e.details()) from e
-            raise
+            self._react("join", e)
+            raise SessionOver from e  # every failed join ends the session (worker/status.py)
         self.metrics.joins.labels("accepted").inc()
         if self.runtime is None or self.runtime.model_name != joined.model:
             try:
@@ -235,9 +264,8 @@ class WorkerDaemon:
 
     # --- one task -------------------------------------------------------------------------------------------
     def _download(self, client: CoordinatorClient, layout: PartLayout, task: TrainTask | EvalTask) -> memoryview:
-        specs = layout.specs(task.receives)
-        max_bytes = sum(s.numel * 4 for s in specs.values()) + (1 << 20)
-        return client.download(task, max_bytes=max_bytes, on_wire=self.metrics.wire_bytes.labels("down").inc)
+        """The task's weights, checked against their header; bounded by what its parts can take."""
+        return client.download(task, max_bytes=max_payload_bytes(layout, task.receives), on_wire=self.metrics.wire_bytes.labels("down").inc)
 
     def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:
         """Run a task, or refuse it when this worker cannot (RejectTask) and wait before asking again."""
@@ -265,58 +293,66 @@ class WorkerDaemon:
         return any_task_from_proto(msg)
 
     def _refuse(self, client: CoordinatorClient, task_id: str, error: TaskRefused) -> None:
+        """Tell the coordinator this worker cannot run a task (counted as rejected_<reason>), then back off."""
         log.error("worker %s: refusing task %s (%s): %s; asking again in %.1fs", self.worker_id, task_id, error.reason, error, self.backoff.delay)
         self.metrics.updates.labels(rejected_outcome(error.reason)).inc()
         try:
             client.reject_task(task_id, error.reason, str(error))
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise  # connection trouble: the session ends and the worker reconnects
-            log.warning("worker %s: the coordinator did not take the refusal of %s: %s: %s", self.worker_id, task_id, e.code().name, e.details())
+            if self._react("reject_task", e, task_id).action is Action.REJOIN:
+                raise SessionOver from e
         self._back_off()
 
     def _train(self, client: CoordinatorClient, task: TrainTask) -> bool:
-        """Train the task and upload its update; False when the coordinator refused the update."""
+        """Download, train and upload one task; False when the coordinator refused the update."""
         runtime = self.runtime
         assert runtime is not None
-        payload = self._download(client, runtime.layout, task)
-        self._count(runtime.layout, "down", task.receives, payload)
-        runtime.load(payload, task)  # MissingPrivateState: `run` rejoins as a worker without private state
-        del payload
-        result = runtime.train(task, on_step=self.progress.step(task), should_stop=self.stop_event.is_set)
-        self.progress.done(task, result)
-        self.metrics.local_loss.set(result.mean_loss)
-        self.metrics.train_images.inc(result.images_seen)
-        self.metrics.train_images_per_second.set(result.images_per_second)
-        if task.private:  # a failed save is retried; the update goes up regardless
-            self.state.save_private(task.round + 1, runtime.private)
+        self._load(client, runtime, task)
+        result = self._train_locally(runtime, task)
         update = runtime.update(task)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
         try:
             client.upload(task, update, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                log.warning("worker %s: update for %s refused: %s", self.worker_id, task.task_id, e.details())
-                self.metrics.updates.labels("late").inc()
-                return True  # the round moved on: the next task is a new one
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                log.error("worker %s: update for %s refused: %s; asking again in %.1fs", self.worker_id, task.task_id, e.details(), self.backoff.delay)
-                self.metrics.updates.labels(e.code().name.lower()).inc()
-                return False
-            raise
+            return self._upload_failed(task, e)
+        self._delivered(runtime, task, update, result)
+        return True
+
+    def _load(self, client: CoordinatorClient, runtime: ClientRuntime, task: TrainTask) -> None:
+        """Download the task's weights, count them, and load them (MissingPrivateState when the private parts
+        they count on are missing: `run` then rejoins as a worker without private state)."""
+        payload = self._download(client, runtime.layout, task)
+        self._count(runtime.layout, "down", task.receives, payload)
+        runtime.load(payload, task)
+
+    def _train_locally(self, runtime: ClientRuntime, task: TrainTask) -> TrainResult:
+        """Train on the local images as the task says; the private parts saved (a failed save is retried)."""
+        result = runtime.train(task, on_step=self.progress.step(task), should_stop=self.stop_event.is_set)
+        self.progress.done(task, result)
+        self.metrics.local_loss.set(result.mean_loss)
+        self.metrics.train_images.inc(result.images_seen)
+        self.metrics.train_images_per_second.set(result.images_per_second)
+        if task.private:  # the update goes up whether the save succeeds or not
+            self.state.save_private(task.round + 1, runtime.private)
+        return result
+
+    def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> bool:
+        """After an upload that failed: True to go on to the next task at once (its round moved on), False to
+        back off first (the update was refused); SessionOver when the session is over."""
+        action = self._react("upload", error, task.task_id).action
+        if action is Action.REJOIN:
+            raise SessionOver from error
+        return action is Action.NEXT_TASK
+
+    def _delivered(self, runtime: ClientRuntime, task: TrainTask, update: bytes, result: TrainResult) -> None:
+        """An update the coordinator took: counted and logged."""
         self._count(runtime.layout, "up", task.returns, update)
         self.metrics.updates.labels("accepted").inc()
         self.rounds_done += 1
         log.info(
             "worker %s: round %d: trained %d images at %.0f images/s, loss %.4f; sent %.2f MB",
-            self.worker_id,
-            task.round + 1,
-            result.images_seen,
-            result.images_per_second,
-            result.mean_loss,
-            len(update) / 1e6,
-        )
-        return True
+            self.worker_id, task.round + 1, result.images_seen, result.images_per_second, result.mean_loss, len(update) / 1e6,
+        )  # fmt: skip
 
     def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:
         """Score this worker's own model: shared parts as received, private parts its own. Only the number
@@ -326,32 +362,24 @@ class WorkerDaemon:
         runtime.load(self._download(client, runtime.layout, task), task)
         extractor, reference = self._quality_reference(runtime.trainer.speed.device)
         score = score_generator(runtime.sampling_model(), reference, extractor, task.spec, device=runtime.trainer.speed.device)
+        grid = self._save_grid(task, score)
+        self.metrics.fd.labels(self.worker_id).set(score.fd)
+        client.report_evaluation(evaluation_report(task, score))
+        log.info(
+            "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
+            self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid,
+        )  # fmt: skip
+
+    def _save_grid(self, task: EvalTask, score: GeneratorScore) -> str:
+        """A grid of the samples in the state dir, or "no file" when it cannot be written (a full state dir:
+        the score still goes back)."""
         grid = str(self.state_dir / "samples" / f"r{task.round:04d}.png")
         try:
             save_grid(score.samples[:64], grid, nrow=8)
-        except OSError as e:  # a full state dir: the score still goes back
+        except OSError as e:
             log.error("worker %s: cannot write the sample grid %s: %s", self.worker_id, grid, e)
-            grid = "no file"
-        self.metrics.fd.labels(self.worker_id).set(score.fd)
-        client.report_evaluation(
-            pb.EvaluationReport(
-                task_id=task.task_id,
-                round=task.round,
-                frechet_distance=score.fd,
-                feature_extractor=score.extractor,
-                num_samples=task.spec.num_samples,
-                sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
-            )
-        )
-        log.info(
-            "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
-            self.worker_id,
-            task.round,
-            score.fd,
-            task.spec.num_samples,
-            task.spec.sampler,
-            grid,
-        )
+            return "no file"
+        return grid
 
     def _quality_reference(self, device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
         """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""
@@ -368,6 +396,18 @@ class WorkerDaemon:
         sizes = layout.sizes
         params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
         self.metrics.count_transfer(direction, params, payload_bytes_by_part(payload, layout), layout.total)
+
+
+def evaluation_report(task: EvalTask, score: GeneratorScore) -> pb.EvaluationReport:
+    """What an evaluate task sends back: the score, and the sample grid only when the task asks for it."""
+    return pb.EvaluationReport(
+        task_id=task.task_id,
+        round=task.round,
+        frechet_distance=score.fd,
+        feature_extractor=score.extractor,
+        num_samples=task.spec.num_samples,
+        sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
+    )
 
 
 def run_worker(cfg: WorkerConfig) -> int:

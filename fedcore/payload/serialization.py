@@ -95,6 +95,20 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:
     return safetensors.torch.save(cpu, metadata=meta.as_metadata())
 
 
+# The safetensors header of a payload: at most this many bytes per tensor (its name, dtype, shape and byte range
+# as JSON; the longest entry of any preset is about 120 bytes), and this many more for the metadata and padding.
+HEADER_BYTES_PER_TENSOR = 256
+HEADER_SLACK = 64 << 10
+
+
+def max_payload_bytes(layout: PartLayout, parts: Iterable[Part]) -> int:
+    """The most bytes a payload of `parts` of `layout` takes: their float32 values and the safetensors header
+    that describes them. Both ends bound a weights stream's declared size by it before they read a byte of
+    it: the coordinator an update's, a worker its download's."""
+    sizes = layout.sizes
+    return sum(4 * sizes[p] + HEADER_BYTES_PER_TENSOR * len(layout.tensors[p]) for p in frozenset(parts)) + HEADER_SLACK
+
+
 class _Entry(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]

@@ -20,9 +20,10 @@ from fedcore.errors import (
     SchemaError,
     WrongRound,
 )
+from fedcore.model.diffusers_unet import DiffusersUNetConfig
 from fedcore.model.parts import ALL_PARTS, Part, PartLayout, select
-from fedcore.model.unet import build_model
-from fedcore.payload.serialization import PayloadMeta, decode, encode, load_file, read_meta, save_file
+from fedcore.model.unet import PRESETS, build_model, layout_of, preset
+from fedcore.payload.serialization import HEADER_BYTES_PER_TENSOR, PayloadMeta, decode, encode, load_file, max_payload_bytes, read_meta, save_file
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 DECODER_ONLY = frozenset({DEC})
@@ -412,3 +413,43 @@ def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_la
 
     assert len(checks) == 2 and again.table is not first.table
     assert all(torch.equal(t, state[name]) for name, t in again.tensors().items())
+
+
+# --- the size bound both ends check a stream's declared size against ------------------------------------------
+@pytest.mark.parametrize("kind", ["weights", "delta"])
+@pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({ENC}), frozenset({MID}), DECODER_ONLY, frozenset({MID, DEC})])
+def test_a_payload_of_parts_is_within_their_bound(parts: frozenset[Part], kind: str, state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, parts), _meta(parts, kind=kind, round_index=2**31 - 1))
+
+    values = 4 * sum(tiny_layout.sizes[p] for p in parts)
+    assert values < len(data) <= max_payload_bytes(tiny_layout, parts) < values + (1 << 20)
+
+
+def _entry_bytes(name: str, shape: tuple[int, ...], total: int) -> int:
+    """The bytes of one tensor's entry in a safetensors header (as the library writes it: compact JSON, a comma)."""
+    entry = {"dtype": "F32", "shape": list(shape), "data_offsets": [total, total]}
+    return len(json.dumps(name)) + 1 + len(json.dumps(entry, separators=(",", ":"))) + 1
+
+
+def test_the_entries_of_a_header_are_measured_as_safetensors_writes_them(state, tiny_layout: PartLayout) -> None:
+    data = encode(select(state, tiny_layout, ALL_PARTS), _meta(ALL_PARTS))
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    metadata = len(json.dumps({"__metadata__": header.pop("__metadata__")}, separators=(",", ":")))
+
+    measured = sum(_entry_bytes(name, tuple(e["shape"]), e["data_offsets"][1]) for name, e in header.items())
+
+    assert measured - 8 < n - metadata <= measured + 8  # up to the alignment padding; the offsets' widths vary
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_tensor_of_every_preset_fits_the_header_bytes_allowed_per_tensor(name: str) -> None:
+    if isinstance(preset(name), DiffusersUNetConfig):
+        pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
+    with torch.device("meta"):
+        layout = layout_of(build_model(name))
+    total = 4 * sum(layout.sizes.values())
+
+    longest = max(_entry_bytes(n, spec.shape, total) for n, spec in layout.specs(ALL_PARTS).items())
+
+    assert longest <= HEADER_BYTES_PER_TENSOR / 2, f"{name}: a header entry of {longest} bytes"

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from coordinator.servicer import run_to_end
+from coordinator.uploads import run_to_end
 
 
 def test_a_cancelled_wait_still_waits_for_the_accept_to_end() -> None:

@@ -245,7 +245,7 @@ CASES = [
     pytest.param(_upload(edit=_flip_a_bit), INVALID, "bad_hash", id="chunk-breaks-hash"),
     pytest.param(_upload(header=_declared(lambda n: n + 1000)), INVALID, "bad_size", id="declared-more-than-sent"),
     pytest.param(_upload(header=_declared(lambda n: n - 1000)), TOO_LARGE, "too_large", id="sent-more-than-declared"),
-    pytest.param(_upload(edit=_header_twice), INVALID, "bad_size", id="second-header-mid-stream"),
+    pytest.param(_upload(edit=_header_twice), INVALID, "bad_header", id="second-header-mid-stream"),
     pytest.param(_upload(edit=lambda m: m.pop(0)), INVALID, "bad_header", id="no-header"),
     pytest.param(_upload(edit=lambda m: m.clear()), INVALID, "bad_header", id="empty-stream"),
     # sizes beyond what the task's parts can need

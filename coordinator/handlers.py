@@ -1,0 +1,164 @@
+"""What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the round driver
+or the worker registry, protobuf out. Refusals are raised as domain errors (fedcore.errors) and mapped to status
+codes by the servicer (coordinator/status.py); nothing here knows gRPC's call context."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import EvalReport
+from coordinator.refusals import Refusal
+from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
+from coordinator.rounds import IssuedTask, RoundDriver
+from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError
+from fedcore.federation.client import EvalTask
+from fedcore.wire import bounds, convert
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, StreamHeader
+
+log = logging.getLogger("feddiff.coordinator")
+
+
+class Handlers:
+    """The Coordinator service's calls, each given its checked request and the worker behind its session."""
+
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry):
+        self.cfg = cfg
+        self.driver = driver
+        self.registry = registry
+
+    # --- membership ------------------------------------------------------------------------------------------
+    def join(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> str:
+        """A session for a checked worker whose identity `verify` confirms; BadWorkerInfo (a field outside its
+        bound), UnknownWorker (from `verify`), UnregisteredWorker or DuplicateWorker."""
+        bounds.check(w, BadWorkerInfo)
+        verify(w.worker_id)
+        self.driver.admit(w.worker_id, w.num_examples)
+        session, replaced = self.registry.join(worker_info(w))
+        record = self.registry.record(w.worker_id)  # private state disowned when another installation took the id over
+        again = ""
+        if replaced is not None:
+            again = " again, ending its earlier session" if replaced.info.instance_id == w.instance_id else " after a restart, ending its earlier session"
+        if w.has_private_state and record is not None and not record.info.has_private_state:
+            again += " from another installation than before, which holds none of its private parts"
+        log.info("worker %s joined%s (%s%s, %d images)", w.worker_id, again, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
+        return session
+
+    def join_response(self, session_id: str) -> pb.JoinResponse:
+        """What a joined worker learns: its session, the run, and how to talk to this coordinator."""
+        fed = self.driver.federation.config
+        return pb.JoinResponse(
+            session_id=session_id,
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval * 1000),
+            model=fed.model,
+            strategy=fed.strategy.value,
+            chunk_size=self.cfg.chunk_size,
+            rounds=fed.rounds,
+            digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
+        )
+
+    # --- tasks -----------------------------------------------------------------------------------------------
+    def task_response(self, outcome: IssuedTask | str) -> pb.WaitTaskResponse:
+        """A long poll's answer: the task issued, Done (the run is over, with its error if it failed), or Idle."""
+        if outcome == "done":
+            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.driver.failure))
+        if not isinstance(outcome, IssuedTask):  # "idle" or "stopped"
+            return pb.WaitTaskResponse(idle=pb.Idle())
+        if isinstance(outcome.task, EvalTask):
+            return pb.WaitTaskResponse(task=convert.eval_task_to_proto(outcome.task, outcome.header))
+        return pb.WaitTaskResponse(task=convert.task_to_proto(outcome.task, outcome.header))
+
+    def weights(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
+        """The first message of a task's weights stream (its header) and the payload that follows it."""
+        payload, issued = self.driver.weights_for(worker_id, task_id)
+        task = issued.task
+        header = convert.header_to_proto(issued.header, round_index=task.round, task_id=task.task_id, parts=task.receives)
+        return pb.WeightsChunk(header=header), payload
+
+    def download_complete(self, worker_id: str, task_id: str) -> None:
+        """A weights stream drained by its worker: counted, unless its round closed meanwhile (logged)."""
+        try:
+            self.driver.download_complete(worker_id, task_id)
+        except FeddiffError as e:
+            log.info("download of %s completed after its round closed: %s", task_id, e)
+
+    def update_header(self, worker_id: str, h: pb.UpdateHeader) -> tuple[StreamHeader, int]:
+        """An update's stream header and the most bytes its payload may take, once the header is checked against
+        the wire contract (HeaderError) and against the worker's task: its round, its parts and the size they
+        bound (WrongRound, NotAssigned, DuplicateUpdate, LateUpdate, StreamTooLong)."""
+        bounds.check(h, HeaderError)
+        parts = convert.parts_from_proto(h.stream.parts)
+        limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
+        header = convert.header_from_proto(h.stream)
+        header.check(max_bytes=limit)
+        return header, limit
+
+    def accept(self, worker_id: str, h: pb.UpdateHeader, payload: bytes | bytearray | memoryview) -> None:
+        """Fold a received update into its round (its payload and report checked first)."""
+        self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+
+    def report_evaluation(self, worker_id: str, r: pb.EvaluationReport) -> None:
+        """Record a worker's evaluation of its own model (and the sample grid it shares, if any)."""
+        report = EvalReport(worker_id, r.task_id, r.round, r.frechet_distance, r.feature_extractor, r.num_samples)
+        self.driver.report_evaluation(report, r.sample_grid_png)
+
+    def reject_task(self, worker_id: str, r: pb.RejectTaskRequest) -> Refusal:
+        """A task its worker cannot run: not given to it again in this attempt."""
+        return self.driver.reject(worker_id, r.task_id, r.reason, r.message)
+
+    # --- tools -----------------------------------------------------------------------------------------------
+    def status(self) -> pb.StatusResponse:
+        """The run's progress for `feddiff status`: a bounded listing of the workers, and the run's totals."""
+        fed = self.driver.federation
+        ledger = fed.ledger
+        progress = self.driver.progress()
+        down, up = self.driver.bytes_total()
+        listed, omitted, connected = self.registry.listing(bounds.MAX_STATUS_WORKERS)  # a bounded reply
+        scored = {"global", *(r.worker_id for r in listed)}
+        return pb.StatusResponse(
+            state=self.driver.state,
+            completed_rounds=fed.completed_rounds,
+            rounds=fed.config.rounds,
+            strategy=fed.config.strategy.value,
+            model=fed.config.model,
+            workers=[self._worker_status(r) for r in listed],
+            round_selected=progress.selected,
+            round_done=progress.done,
+            payload_bytes_down=down,
+            payload_bytes_up=up,
+            parameters_exchanged=ledger.traffic.total,
+            full_fedavg_parameters=ledger.full_fedavg,
+            reduction_vs_full=ledger.reduction_vs_full,
+            frechet_distance={model: fd for model, fd in self.driver.last_fd.items() if model in scored},
+            error=self.driver.failure,
+            workers_omitted=omitted,
+            workers_connected=connected,
+        )
+
+    def _worker_status(self, r: WorkerRecord) -> pb.WorkerStatus:
+        return pb.WorkerStatus(
+            worker_id=r.worker_id,
+            connected=self.registry.is_connected(r),
+            num_examples=r.info.num_examples,
+            device=r.info.device,
+            gpu_name=r.info.gpu_name,
+            last_seen_seconds_ago=self.registry.seconds_since_seen(r),
+        )
+
+
+def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
+    """The registry's record of what a joining worker says of itself (digests: those this coordinator knows)."""
+    return WorkerInfo(
+        worker_id=w.worker_id,
+        device=w.device,
+        gpu_name=w.gpu_name,
+        gpu_memory_bytes=w.gpu_memory_bytes,
+        num_examples=w.num_examples,
+        software_version=w.software_version,
+        has_private_state=w.has_private_state,
+        digests=frozenset(w.digests) & frozenset(DIGESTS),
+        installation_id=w.installation_id,
+        instance_id=w.instance_id,
+    )
