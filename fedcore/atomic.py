@@ -120,7 +120,9 @@ def lock_folder(folder: str | os.PathLike[str]) -> int:
     import fcntl
 
     folder = Path(folder)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    # Held open read-only: a file open for writing would keep the folder's filesystem from being remounted
+    # read-only (EBUSY), which an operator may do to a run's disk; flock does not need write access.
+    fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -131,8 +133,7 @@ def lock_folder(folder: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError:  # a full disk: the pid is only there to name the holder
+        (folder / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    except OSError:  # a full or read-only disk: the pid is only there to name the holder
         pass
     return fd
