@@ -3,6 +3,7 @@ folder), and JSON-lines files appended to line by line and read back after a cra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -132,8 +133,6 @@ def lock_folder(folder: str | os.PathLike[str]) -> int:
     except BaseException:
         os.close(fd)
         raise
-    try:
+    with contextlib.suppress(OSError):  # a full or read-only disk: the pid is only there to name the holder
         (folder / LOCK_FILE).write_text(f"{os.getpid()}\n")
-    except OSError:  # a full or read-only disk: the pid is only there to name the holder
-        pass
     return fd
