@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -16,6 +15,7 @@ from fedcore.wire import bounds, codec, convert
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, ReceiveBuffer, StreamHeader, digest_for
+from service.channels import channel_to
 from service.tls import check_tls_files
 from worker.config import WorkerConfig
 
@@ -33,29 +33,6 @@ def open_channel(cfg: WorkerConfig) -> grpc.Channel:
         raise ValueError("no --tls-ca given: pass TLS settings, or --insecure for plain-text gRPC")
     check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
     return channel_to(cfg.coordinator, cfg.tls_ca, cfg.tls_key, cfg.tls_cert, cfg.tls_server_name, CHANNEL_OPTIONS)
-
-
-def channel_to(
-    address: str,
-    tls_ca: str = "",
-    tls_key: str = "",
-    tls_cert: str = "",
-    tls_server_name: str = "",
-    options: Sequence[tuple[str, object]] = (),
-) -> grpc.Channel:
-    """A channel to the coordinator: TLS when a CA is given (mutual when also a key and certificate),
-    otherwise plain text. The worker and the `feddiff health` / `status` commands share it."""
-    options = list(options)
-    if not tls_ca:
-        return grpc.insecure_channel(address, options=options)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes(),
-        private_key=Path(tls_key).read_bytes() if tls_key else None,
-        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
-    )
-    if tls_server_name:
-        options.append(("grpc.ssl_target_name_override", tls_server_name))
-    return grpc.secure_channel(address, creds, options=options)
 
 
 MIN_PACED_CHUNK = 4096  # bytes: the smallest message a rate-limited upload is cut into
