@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import pytest
 import yaml
@@ -28,7 +28,7 @@ def _wrong_value(name: str) -> object:
     tp = TYPES[name]
     if tp is bool:
         return "perhaps"
-    if tp is str:
+    if tp is str or (get_origin(tp) is Annotated and get_args(tp)[0] is str):  # a path, an address: no number
         return 12
     if get_origin(tp) is Literal:
         return "nope"

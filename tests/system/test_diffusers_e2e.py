@@ -156,6 +156,6 @@ def test_a_folder_of_another_architecture_is_refused_at_start(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == (
-        f"feddiff coordinator: error: {tmp_path / 'other'}: not a 'diffusers-tiny' model: config key 'layers_per_block' is 2, "
+        f"feddiff coordinator: error: --init-from {tmp_path / 'other'}: not a 'diffusers-tiny' model: config key 'layers_per_block' is 2, "
         "the preset has 1 (tensor 'up_blocks.1.resnets.1.norm1.weight' has shape (32,), expected (24,))"
     )
