@@ -80,25 +80,19 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
         raise CannotListen(f"{flag} {address}: cannot listen there") from None
 
 
-def check_new_run(cfg: CoordinatorConfig) -> None:
-    """ExistingRun when a new run (no --resume) is to start in a checkpoint dir that holds one."""
-    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
-    if found:
-        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
-
-
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
-    with --resume. ValueError when --init-from is not a model of the preset; ExistingRun when checkpoint_dir
-    holds a run and --resume was not given."""
+    with --resume; it only reads. ValueError when --init-from is not a model of the preset; ExistingRun when
+    checkpoint_dir holds a run and --resume was not given."""
     federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resume else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         if cfg.init_from:
             log.info("--init-from %s: not used, the run goes on from its checkpoint", cfg.init_from)
-        truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
         return federation
-    check_new_run(cfg)
+    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
+    if found:
+        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
@@ -133,6 +127,8 @@ class Coordinator:
         except OSError as e:
             raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} cannot be used: {e.strerror or e}") from None
         try:
+            if federation.completed_rounds:  # lines of rounds never committed go (a crash between log and state)
+                truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
             self.federation = federation
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)

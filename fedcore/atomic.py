@@ -4,6 +4,7 @@ folder), and JSON-lines files appended to line by line and read back after a cra
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -118,8 +119,6 @@ def lock_folder(folder: str | os.PathLike[str]) -> int:
     """An exclusive lock (flock) on FOLDER/lock for this process, with its pid written in it; the open file
     descriptor, whose closing (or the process's end, however it ends) releases it. FolderInUse when another
     process holds it; OSError when the file cannot be opened."""
-    import fcntl
-
     folder = Path(folder)
     # Held open read-only: a file open for writing would keep the folder's filesystem from being remounted
     # read-only (EBUSY), which an operator may do to a run's disk; flock does not need write access.

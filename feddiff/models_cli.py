@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from annotated_types import Interval
 
 from fedcore import flags, settings
-from fedcore.federation.checkpoint import check_not_run_file
+from fedcore.federation.checkpoint import FINAL_MODEL, STATE_FILE, check_not_run_file, global_file_name, global_versions, load_private, personalised_state
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
@@ -49,7 +48,6 @@ EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export confi
 WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
 EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
-_GLOBAL_FILE = re.compile(r"^global-r(\d{4})\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,6 @@ class TrainedModel:
 
 def _run_state(directory: Path) -> dict[str, Any] | None:
     """A run's state.json as parsed (RunState's fields), or None without one."""
-    from fedcore.federation.checkpoint import STATE_FILE
 
     path = directory / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -92,7 +89,6 @@ def _preset_name(given: str, state: Mapping[str, Any] | None, where: Path) -> st
 
 
 def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
-    from fedcore.federation.checkpoint import FINAL_MODEL
     from fedcore.payload.serialization import load_file
 
     state = _run_state(directory)
@@ -107,10 +103,10 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     if state is not None:
         tensors, _ = load_file(directory / str(state["global_file"]))
         return TrainedModel(tensors, name, _strategy(state), committed)
-    versions = sorted(int(m.group(1)) for f in directory.iterdir() if (m := _GLOBAL_FILE.match(f.name)))
+    versions = global_versions(directory)
     if not versions:
         raise FileNotFoundError(f"{directory}: no {FINAL_MODEL}, state.json or global-rNNNN.safetensors")
-    tensors, _ = load_file(directory / f"global-r{versions[-1]:04d}.safetensors")
+    tensors, _ = load_file(directory / global_file_name(versions[-1]))
     return TrainedModel(tensors, name, None, versions[-1])
 
 
@@ -166,7 +162,6 @@ def load_trained(checkpoint: str | Path, model: str = "") -> TrainedModel:
 
 def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER_PRIVATE_STEM) -> TrainedModel:
     """The global model's shared parts with a worker's private parts from its --state-dir."""
-    from fedcore.federation.checkpoint import load_private, personalised_state
     from fedcore.federation.strategies import Strategy, private_parts
 
     if trained.kind == "personalised":

@@ -45,9 +45,19 @@ def _versioned(stem: str, round_count: int) -> str:
     return f"{stem}-r{round_count:04d}.safetensors"
 
 
+def _version(name: str, stem: str) -> int | None:
+    """The round count of a file named as `_versioned(stem, n)`, else None."""
+    m = re.fullmatch(rf"{re.escape(stem)}-r(\d{{4}})\.safetensors", name)
+    return int(m.group(1)) if m else None
+
+
 def _versions(folder: Path, stem: str) -> list[int]:
-    pattern = re.compile(rf"^{re.escape(stem)}-r(\d{{4}})\.safetensors$")
-    return sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
+    return sorted(v for f in folder.iterdir() if (v := _version(f.name, stem)) is not None)
+
+
+def global_versions(folder: str | Path) -> list[int]:
+    """The round counts of the global models `folder` holds (global-rNNNN.safetensors), committed or not."""
+    return _versions(Path(folder), "global")
 
 
 def _prune(folder: Path, stem: str) -> None:
@@ -128,7 +138,7 @@ def check_not_run_file(path: str | Path, flag: str) -> None:
     sample grid) go anywhere else, the run's folder included."""
     path = Path(path)
     name = path.name
-    is_run_name = name in (STATE_FILE, ROUNDS_LOG, FINAL_MODEL) or re.fullmatch(r"global-r\d{4}\.safetensors", name)
+    is_run_name = name in (STATE_FILE, ROUNDS_LOG, FINAL_MODEL) or _version(name, "global") is not None
     found = run_in(path.parent) if is_run_name else None
     if found:
         raise ValueError(f"{flag} {str(path)!r} would replace a file of the run in {str(path.parent)!r} ({found}); write it under another name")
