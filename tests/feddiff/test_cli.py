@@ -1,4 +1,4 @@
-"""Tests for the fedcore commands of the `feddiff` CLI: model-info, strategies and split, with --json."""
+"""Tests for the `feddiff` CLI's own commands: model-info, strategies and split, with --json."""
 
 from __future__ import annotations
 
