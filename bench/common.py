@@ -82,7 +82,7 @@ def random_delta(layout: PartLayout, parts: frozenset[Part], seed: int = 0) -> d
 
 
 def delta_payload(model: str, task: TrainTask, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    meta = PayloadMeta(kind="delta", model=model, round=task.round, parts=task.returns)
+    meta = PayloadMeta(kind="delta", model=model, round_index=task.round_index, parts=task.returns)
     return serialization.encode(tensors, meta)
 
 

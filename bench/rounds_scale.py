@@ -55,10 +55,10 @@ def run_clients(address: str, first: int, count: int, rounds: int, work: float, 
     out_lock = threading.Lock()
 
     def delta_for(task: TrainTask) -> bytes:
-        key = (task.round, task.returns)
+        key = (task.round_index, task.returns)
         with lock:
             if key not in deltas:
-                deltas[key] = delta_payload(MODEL, task, random_delta(layout, task.returns, seed=task.round))
+                deltas[key] = delta_payload(MODEL, task, random_delta(layout, task.returns, seed=task.round_index))
             return deltas[key]
 
     def worker(i: int) -> None:
@@ -77,7 +77,7 @@ def run_clients(address: str, first: int, count: int, rounds: int, work: float, 
             worked = time.monotonic()
             w.upload(task, delta_for(task))
             done = time.monotonic()
-            record = {"round": task.round, "worker": first + i, "work": local, "task": got, "down": downloaded, "worked": worked, "up": done}
+            record = {"round": task.round_index, "worker": first + i, "work": local, "task": got, "down": downloaded, "worked": worked, "up": done}
             with out_lock:
                 print(json.dumps(record), flush=True)
         w.close()

@@ -47,7 +47,7 @@ class EvalReport:
 
     worker_id: str
     task_id: str
-    round: int  # the round its report names: the rounds completed when its task was issued
+    completed_rounds: int  # the round its report names: the rounds completed when its task was issued
     fd: float
     extractor: str
     num_samples: int
@@ -56,8 +56,8 @@ class EvalReport:
 def check_report(task: EvalTask, report: EvalReport) -> None:
     """WrongRound for a report of another round than its task's; BadEvaluation for one its task cannot have
     produced (a Frechet distance that is not a finite number >= 0, another number of samples)."""
-    if report.round != task.round:
-        raise WrongRound(f"evaluation report is for round {report.round}, task {task.task_id!r} belongs to round {task.round}")
+    if report.completed_rounds != task.completed_rounds:
+        raise WrongRound(f"evaluation report is for round {report.completed_rounds}, task {task.task_id!r} belongs to round {task.completed_rounds}")
     if not math.isfinite(report.fd) or report.fd < 0:
         raise BadEvaluation(f"Frechet distance {report.fd!r} is not a finite number >= 0")
     if report.num_samples != task.spec.num_samples:
@@ -88,10 +88,11 @@ class EvalPhase:
         strategy = federation.config.strategy
         parts = shared_parts(strategy)
         r = federation.completed_rounds
-        meta = PayloadMeta(kind="weights", model=federation.config.model, round=r, parts=parts)
+        meta = PayloadMeta(kind="weights", model=federation.config.model, round_index=r, parts=parts)
         payload = serialization.encode({n: federation.global_state[n] for n in federation.layout.names(parts)}, meta)
         tasks = {
-            w: EvalTask(round=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples) for w in digests
+            w: EvalTask(completed_rounds=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples)
+            for w in digests
         }
         return cls(r, tasks, payload, dict(digests))
 

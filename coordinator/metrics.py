@@ -62,7 +62,7 @@ class Metrics(ProcessMetrics):
     def _count_rounds(self) -> None:
         """The rounds: how far the run is, how long each took, how each attempt ended, the last mean loss."""
         r = self.registry
-        self.round = Gauge("feddiff_round", "Rounds completed", registry=r)
+        self.completed_rounds = Gauge("feddiff_round", "Rounds completed", registry=r)
         self.rounds_planned = Gauge("feddiff_rounds_planned", "Rounds the run is configured for", registry=r)
         self.round_duration = Histogram("feddiff_round_duration_seconds", "Wall time of a round", buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.round_attempts = Counter(

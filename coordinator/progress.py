@@ -12,7 +12,7 @@ log = logging.getLogger("feddiff.coordinator")
 
 
 def _line(p: RoundProgress, rounds: int) -> str:
-    return f"{p.state}: round {p.round}/{rounds}, {p.done}/{p.selected} workers done, {p.bytes_down / 1e6:.2f} MB down, {p.bytes_up / 1e6:.2f} MB up"
+    return f"{p.state}: round {p.round_number}/{rounds}, {p.done}/{p.selected} workers done, {p.bytes_down / 1e6:.2f} MB down, {p.bytes_up / 1e6:.2f} MB up"
 
 
 class ProgressReporter:
@@ -47,7 +47,7 @@ class ProgressReporter:
             return
         while not self._stop.wait(self.interval):
             p = self.driver.progress()
-            key = (p.state, p.round, p.done)
+            key = (p.state, p.round_number, p.done)
             if p.selected and key != last:
                 log.info(_line(p, rounds))
             last = key

@@ -36,7 +36,7 @@ GAUGE_INTERVAL = 0.5  # seconds between two updates of the connected-workers gau
 @dataclass(frozen=True)
 class RoundProgress:
     state: str
-    round: int  # 1-based number of the round in progress (or the last one completed)
+    round_number: int  # 1-based number of the round in progress (or the last one completed)
     selected: int  # workers given a task in this phase
     done: int  # of them, finished
     bytes_down: int  # payload bytes of this round so far
@@ -111,7 +111,7 @@ class RoundDriver:
         """The gauges of the run's settings and of the checkpoint it starts from."""
         self.metrics.min_workers.set(self.cfg.min_workers)
         self.metrics.rounds_planned.set(self.cfg.rounds)
-        self.metrics.round.set(self.federation.completed_rounds)
+        self.metrics.completed_rounds.set(self.federation.completed_rounds)
         self.metrics.show_run(self.federation.ledger, self.federation.tally)
 
     @property
@@ -190,7 +190,7 @@ class RoundDriver:
             updates_before = self.metrics.outcome_counts()[1]
             self._round_started = time.monotonic()
             self._open_phase(self._round_tasks(open_round, connected), "training")
-        log.info("round %d: %d workers selected (attempt %d)", plan.round + 1, len(plan.clients), open_round.attempt)
+        log.info("round %d: %d workers selected (attempt %d)", plan.round_index + 1, len(plan.clients), open_round.attempt)
         return open_round, updates_before
 
     def _round_tasks(self, open_round: OpenRound, connected: Sequence[WorkerRecord]) -> dict[str, IssuedTask]:
@@ -212,14 +212,14 @@ class RoundDriver:
                 self.metrics.weights_bounded.labels(bound).inc()
             log.warning(
                 "round %d: worker %s claims %d images; its FedAvg weight is %d (bounded by %s)",
-                open_round.round + 1, worker_id, open_round.examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
+                open_round.round_index + 1, worker_id, open_round.examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
             )  # fmt: skip
 
     def _seal(self, open_round: OpenRound, updates_before: Mapping[str, int]) -> Attempt:
         """End the attempt's collection (under the lock): no update is folded in after this one."""
         got = open_round.seal()
         attempt = Attempt(
-            round_index=open_round.round,
+            round_index=open_round.round_index,
             selected=len(open_round.plan.clients),
             got=got,
             needed=max(1, math.ceil(self.cfg.quorum * len(open_round.plan.clients))),
@@ -263,14 +263,14 @@ class RoundDriver:
     def _after_round(self, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self._round_started
         self.metrics.round_duration.observe(seconds)
-        self.metrics.round.set(self.federation.completed_rounds)
+        self.metrics.completed_rounds.set(self.federation.completed_rounds)
         self.metrics.round_mean_loss.set(outcome.mean_loss)
         record = round_record(outcome, self.federation.ledger, seconds)
         try:
             self._checkpoint()
             self._append_log(record.as_json())
         except OSError as e:
-            log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round + 1, e)
+            log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round_index + 1, e)
         log.info(format_round(record))
 
     def _checkpoint(self) -> None:
@@ -470,8 +470,8 @@ class RoundDriver:
             raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
         if worker_id in open_round.accepted:  # before a slot is taken or a byte is read
             raise DuplicateUpdate(f"worker {worker_id!r} already delivered its update for task {task_id!r}")
-        if round_index != issued.task.round:
-            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.round}")
+        if round_index != issued.task.payload_round:
+            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.payload_round}")
         if parts != issued.task.returns:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)
@@ -567,7 +567,7 @@ class RoundDriver:
                 ledger = self._round.ledger_so_far()
                 return RoundProgress(
                     state=self.state,
-                    round=self._round.round + 1,
+                    round_number=self._round.round_index + 1,
                     selected=len(self._round.plan.clients),
                     done=len(self._round.accepted),
                     bytes_down=sum(ledger.bytes_down.values()),

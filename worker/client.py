@@ -119,7 +119,7 @@ class CoordinatorClient:
             raise HeaderError("weights stream did not start with a header")
         on_wire(first.ByteSize())
         h = first.header
-        if h.task_id != task.task_id or h.round != task.round or convert.parts_from_proto(h.parts) != task.receives:
+        if h.task_id != task.task_id or h.round != task.payload_round or convert.parts_from_proto(h.parts) != task.receives:
             raise HeaderError(f"weights header for task {h.task_id!r} round {h.round}, expected {task.task_id!r}")
 
         pace = Pace(self.download_rate_limit)
@@ -151,7 +151,7 @@ class CoordinatorClient:
             first = pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
-                    stream=convert.header_to_proto(header, round_index=task.round, task_id=task.task_id, parts=task.returns),
+                    stream=convert.header_to_proto(header, round_index=task.round_index, task_id=task.task_id, parts=task.returns),
                     report=report,
                 )
             )

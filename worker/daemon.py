@@ -333,7 +333,7 @@ class WorkerDaemon:
         self.metrics.train_images.inc(result.images_seen)
         self.metrics.train_images_per_second.set(result.images_per_second)
         if task.private:  # the update goes up whether the save succeeds or not
-            self.state.save_private(task.round + 1, runtime.private)
+            self.state.save_private(task.round_index + 1, runtime.private)
         return result
 
     def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> bool:
@@ -351,7 +351,7 @@ class WorkerDaemon:
         self.rounds_done += 1
         log.info(
             "worker %s: round %d: trained %d images at %.0f images/s, loss %.4f; sent %.2f MB",
-            self.worker_id, task.round + 1, result.images_seen, result.images_per_second, result.mean_loss, len(update) / 1e6,
+            self.worker_id, task.round_index + 1, result.images_seen, result.images_per_second, result.mean_loss, len(update) / 1e6,
         )  # fmt: skip
 
     def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:
@@ -367,13 +367,13 @@ class WorkerDaemon:
         client.report_evaluation(evaluation_report(task, score))
         log.info(
             "worker %s: own model after round %d: FD %.2f (%d %s samples); grid in %s",
-            self.worker_id, task.round, score.fd, task.spec.num_samples, task.spec.sampler, grid,
+            self.worker_id, task.completed_rounds, score.fd, task.spec.num_samples, task.spec.sampler, grid,
         )  # fmt: skip
 
     def _save_grid(self, task: EvalTask, score: GeneratorScore) -> str:
         """A grid of the samples in the state dir, or "no file" when it cannot be written (a full state dir:
         the score still goes back)."""
-        grid = str(self.state_dir / "samples" / f"r{task.round:04d}.png")
+        grid = str(self.state_dir / "samples" / f"r{task.completed_rounds:04d}.png")
         try:
             save_grid(score.samples[:64], grid, nrow=8)
         except OSError as e:
@@ -402,7 +402,7 @@ def evaluation_report(task: EvalTask, score: GeneratorScore) -> pb.EvaluationRep
     """What an evaluate task sends back: the score, and the sample grid only when the task asks for it."""
     return pb.EvaluationReport(
         task_id=task.task_id,
-        round=task.round,
+        round=task.completed_rounds,
         frechet_distance=score.fd,
         feature_extractor=score.extractor,
         num_samples=task.spec.num_samples,

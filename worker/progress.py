@@ -40,7 +40,7 @@ class TrainingProgress:
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
             self._bar.start()
-            bar_task = self._bar.add_task(f"round {task.round + 1}", total=None, info="")
+            bar_task = self._bar.add_task(f"round {task.round_index + 1}", total=None, info="")
 
         def on_step(epoch: int, step: int, steps: int, loss: torch.Tensor) -> None:
             images[0] += batch
@@ -53,7 +53,7 @@ class TrainingProgress:
             if self._bar is not None:
                 self._bar.update(bar_task, total=steps * task.train.epochs, completed=epoch * steps + step + 1, info=info)
             else:
-                log.info("worker %s: round %d: %s", self.worker_id, task.round + 1, info)
+                log.info("worker %s: round %d: %s", self.worker_id, task.round_index + 1, info)
 
         return on_step
 

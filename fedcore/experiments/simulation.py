@@ -100,7 +100,7 @@ class Simulation:
             update = transfer(client.update(task), self.config.chunk_size)
             open_round.accept(cid, update, mean_loss=result.mean_loss, images_seen=result.images_seen)
             if task.private:
-                checkpoint.save_private(self.out_dir / "clients", cid, task.round + 1, client.private)
+                checkpoint.save_private(self.out_dir / "clients", cid, task.round_index + 1, client.private)
         outcome = open_round.close()
         fed.save(self.out_dir)
         record = round_record(outcome, fed.ledger, time.perf_counter() - started)

@@ -22,7 +22,7 @@ from fedcore.payload.serialization import PayloadMeta
 class TrainTask:
     """What the server asks of one client in one round."""
 
-    round: int  # 0-based round index
+    round_index: int  # 0-based
     task_id: str  # unique per (round, client)
     receives: frozenset[Part]  # parts in the weights payload
     returns: frozenset[Part]  # parts whose delta goes back
@@ -30,18 +30,28 @@ class TrainTask:
     train: TrainConfig
     seed: int  # seeds the shuffling, timesteps and noise of this round's training
 
+    @property
+    def payload_round(self) -> int:
+        """The round its payloads and stream headers name (the wire's `round`): the round index."""
+        return self.round_index
+
 
 @dataclass(frozen=True)
 class EvalTask:
     """Sample from this client's own model (shared parts as received, private parts its own) and score it."""
 
-    round: int  # rounds completed when the evaluation was asked for
+    completed_rounds: int  # rounds completed when the evaluation was asked for
     task_id: str
     receives: frozenset[Part]  # the shared parts, as the global model has them now
     private: frozenset[Part]  # the client's own parts
     spec: SamplingSpec
     share_samples: bool = False  # send a sample grid back (off: no image leaves the client)
     returns: frozenset[Part] = frozenset()  # nothing goes back but the score
+
+    @property
+    def payload_round(self) -> int:
+        """The round its payloads and stream headers name (the wire's `round`): the rounds completed."""
+        return self.completed_rounds
 
 
 class MissingPrivateState(FeddiffError):
@@ -83,7 +93,7 @@ class ClientRuntime:
     @torch.no_grad()
     def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
         """Put the received parts and this client's private parts into the model."""
-        received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.round, model=self.model_name)
+        received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.payload_round, model=self.model_name)
         for name, t in received.items():
             self._params[name].copy_(t)
         for name in self.layout.names(task.private - task.receives):
@@ -106,7 +116,7 @@ class ClientRuntime:
     def update(self, task: TrainTask) -> bytes:
         """Safetensors bytes of local - received for the parts this client returns."""
         local = {name: self._params[name] for name in self._base}
-        meta = PayloadMeta(kind="delta", model=self.model_name, round=task.round, parts=task.returns)
+        meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns)
         return serialization.encode(delta(local, self._base), meta)
 
     def sampling_model(self) -> Denoiser:

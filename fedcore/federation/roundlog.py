@@ -139,7 +139,7 @@ LogRecord = RoundRecord | EvaluationRecord
 def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> RoundRecord:
     """The log's record of a closed round; `cumulative` is the run's ledger with this round added."""
     return RoundRecord(
-        round_number=outcome.round + 1,
+        round_number=outcome.round_index + 1,
         participants=tuple(u.client for u in outcome.accepted),
         planned=tuple(outcome.planned),
         mean_loss=outcome.mean_loss,

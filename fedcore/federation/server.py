@@ -174,7 +174,7 @@ class AcceptedUpdate:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    round: int  # 0-based index of the round that closed
+    round_index: int  # 0-based index of the round that closed
     planned: tuple[str, ...]
     accepted: tuple[AcceptedUpdate, ...]
     averaged_parts: frozenset[Part]
@@ -288,8 +288,8 @@ class Federation:
     def open_round(self, plan: RoundPlan, examples: Mapping[str, int]) -> OpenRound:
         """A round over `plan`. `examples`: the images each client declared it trains on; they bound its report
         and the values of its update, and give its FedAvg weight within `robust`'s bounds."""
-        if plan.round != self.completed_rounds:
-            raise ValueError(f"plan for round {plan.round}, but round {self.completed_rounds} is next")
+        if plan.round_index != self.completed_rounds:
+            raise ValueError(f"plan for round {plan.round_index}, but round {self.completed_rounds} is next")
         self._attempts += 1
         return OpenRound(self, plan, examples, attempt=self._attempts)
 
@@ -323,7 +323,7 @@ class OpenRound:
         self.lowered = bounded.lowered  # client -> the bounds that lowered its weight below its claim
         self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
-        self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round, model=federation.config.model)
+        self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round_index, model=federation.config.model)
         self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
@@ -333,20 +333,20 @@ class OpenRound:
         self.closed = False
 
     @property
-    def round(self) -> int:
-        return self.plan.round
+    def round_index(self) -> int:
+        return self.plan.round_index
 
     def task(self, client: str) -> TrainTask:
         a = self.plan.assignment(client)
         cfg = self.federation.config
         return TrainTask(
-            round=self.round,
-            task_id=f"r{self.round}.{self.attempt}-{client}",
+            round_index=self.round_index,
+            task_id=f"r{self.round_index}.{self.attempt}-{client}",
             receives=a.receives,
             returns=a.returns,
             private=a.private,
             train=cfg.train,
-            seed=task_seed(cfg.seed, self.round, client),
+            seed=task_seed(cfg.seed, self.round_index, client),
         )
 
     def payload(self, parts: frozenset[Part]) -> bytes:
@@ -358,7 +358,7 @@ class OpenRound:
             cached = self._payloads.get(parts)
             if cached is None:
                 fed = self.federation
-                meta = PayloadMeta(kind="weights", model=fed.config.model, round=self.round, parts=parts)
+                meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts)
                 tensors = {n: fed.global_state[n] for n in fed.layout.names(parts)}
                 data = serialization.encode(tensors, meta)
                 cached = self._payloads[parts] = (data, payload_bytes_by_part(data, fed.layout))
@@ -408,10 +408,10 @@ class OpenRound:
         try:
             a = self.plan.assignment(client)
         except KeyError:
-            raise NotAssigned(f"client {client!r} has no task in round {self.round}") from None
+            raise NotAssigned(f"client {client!r} has no task in round {self.round_index}") from None
         with self._lock:
             if client in self._accepted:
-                raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
+                raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round_index}")
         self.check_report(client, images_seen)
         # Schema once per distinct header; finite values no larger than the task's training can produce.
         decoded = self._reader.read(payload, a.returns, max_magnitude=self.value_bound(client))
@@ -419,9 +419,9 @@ class OpenRound:
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:
-                    raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round}")
+                    raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round_index}")
                 if self.closed:
-                    raise LateUpdate(f"round {self.round} closed before the update of {client!r} was folded")
+                    raise LateUpdate(f"round {self.round_index} closed before the update of {client!r} was folded")
             norms = self.aggregate.fold_decoded(decoded, float(self.weights[client]), self.clip_bounds)
             bounds = self.clip_bounds or {}
             clipped = {p: bounds[p] / n for p, n in norms.items() if p in bounds and n > bounds[p]}
@@ -451,11 +451,11 @@ class OpenRound:
     def close(self) -> RoundOutcome:
         """Seal the round, apply the aggregate to the global model and advance the federation by one round."""
         with self._fold_lock, self._lock:
-            if self.federation.completed_rounds != self.round:
-                raise ValueError(f"round {self.round} is already closed")
+            if self.federation.completed_rounds != self.round_index:
+                raise ValueError(f"round {self.round_index} is already closed")
             self.closed = True
             outcome = RoundOutcome(
-                round=self.round,
+                round_index=self.round_index,
                 planned=tuple(self.plan.clients),
                 accepted=tuple(self._accepted[c] for c in self.plan.clients if c in self._accepted),
                 averaged_parts=self.aggregate.reported_parts,

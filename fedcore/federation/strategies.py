@@ -46,7 +46,7 @@ class ClientAssignment:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    round: int  # 0-based round index
+    round_index: int  # 0-based
     strategy: Strategy
     assignments: tuple[ClientAssignment, ...]
 
@@ -58,7 +58,7 @@ class RoundPlan:
         for a in self.assignments:
             if a.client == client:
                 return a
-        raise KeyError(f"client {client!r} is not in round {self.round}")
+        raise KeyError(f"client {client!r} is not in round {self.round_index}")
 
     def reporters(self, part: Part) -> list[str]:
         """Clients whose update carries `part`: the part is averaged over these alone."""
@@ -143,7 +143,7 @@ def plan_round(
         )
         for c in clients
     )
-    return RoundPlan(round=round_index, strategy=strategy, assignments=assignments)
+    return RoundPlan(round_index=round_index, strategy=strategy, assignments=assignments)
 
 
 @dataclass(frozen=True)

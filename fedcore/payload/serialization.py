@@ -58,7 +58,7 @@ class PayloadMeta:
 
     kind: PayloadKind  # "weights" (server -> client) or "delta" (client -> server: local - received)
     model: str  # model preset name
-    round: int  # 0-based round the payload belongs to
+    round_index: int  # 0-based round the payload belongs to (metadata key "round")
     parts: frozenset[Part]  # which parts' tensors it holds
     format_version: int = FORMAT_VERSION
 
@@ -67,7 +67,7 @@ class PayloadMeta:
             "format_version": str(self.format_version),
             "kind": self.kind,
             "model": self.model,
-            "round": str(self.round),
+            "round": str(self.round_index),
             "parts": ",".join(p.value for p in sorted_parts(self.parts)),
             "dtype": "float32",
         }
@@ -81,7 +81,7 @@ class PayloadMeta:
             return cls(
                 kind=kind,
                 model=md["model"],
-                round=int(md["round"]),
+                round_index=int(md["round"]),
                 parts=parse_parts(p for p in md["parts"].split(",") if p),
                 format_version=int(md["format_version"]),
             )
@@ -346,8 +346,8 @@ class PayloadReader:
             raise NotSafetensors(f"payload kind {meta.kind!r}, expected {self.kind!r}")
         if self.model is not None and meta.model != self.model:
             raise SchemaError(f"payload is for model {meta.model!r}, expected {self.model!r}")
-        if self.round_index is not None and meta.round != self.round_index:
-            raise WrongRound(f"payload is for round {meta.round}, expected round {self.round_index}")
+        if self.round_index is not None and meta.round_index != self.round_index:
+            raise WrongRound(f"payload is for round {meta.round_index}, expected round {self.round_index}")
         if meta.parts != parts:
             got, want = [p.value for p in sorted_parts(meta.parts)], [p.value for p in sorted_parts(parts)]
             raise NotAssigned(f"payload holds parts {got}, expected {want}")

@@ -39,7 +39,7 @@ def _task_message(kind: pb.Task.Kind.ValueType, task: TrainTask | EvalTask, head
     """The envelope every task shares (round, id, parts, the payload's size and digest) around its `spec`."""
     msg = pb.Task(
         kind=kind,
-        round=task.round,
+        round=task.payload_round,
         task_id=task.task_id,
         receives=parts_to_proto(task.receives),
         private_parts=parts_to_proto(task.private),
@@ -64,7 +64,7 @@ def task_from_proto(msg: pb.Task) -> TrainTask:
     if not receives or not returns <= receives:
         raise MalformedTask(f"task {msg.task_id!r}: returns {list(msg.returns)} must be part of receives {list(msg.receives)}")
     return TrainTask(
-        round=msg.round,
+        round_index=msg.round,
         task_id=msg.task_id,
         receives=receives,
         returns=returns,
@@ -101,7 +101,7 @@ def eval_task_from_proto(msg: pb.Task) -> EvalTask:
     if not receives:
         raise MalformedTask(f"task {msg.task_id!r}: an evaluate task receives at least one part")
     return EvalTask(
-        round=msg.round,
+        completed_rounds=msg.round,
         task_id=msg.task_id,
         receives=receives,
         private=_task_parts(msg.task_id, msg.private_parts),

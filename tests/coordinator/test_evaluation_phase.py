@@ -18,14 +18,22 @@ SPEC = SamplingSpec(num_samples=16, sampler="ddim", steps=10, seed=0)
 
 def _phase() -> EvalPhase:
     tasks = {
-        w: EvalTask(round=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER, Part.BOTTLENECK}), spec=SPEC)
+        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER, Part.BOTTLENECK}), spec=SPEC)
         for w in ("a", "b")
     }
     return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"", digests=dict.fromkeys(tasks, "sha256"))
 
 
 def _report(**fields: object) -> EvalReport:
-    values: dict[str, object] = {"worker_id": "a", "task_id": "e3-a", "round": 3, "fd": 25.0, "extractor": "fmnist-classifier", "num_samples": 16, **fields}
+    values: dict[str, object] = {
+        "worker_id": "a",
+        "task_id": "e3-a",
+        "completed_rounds": 3,
+        "fd": 25.0,
+        "extractor": "fmnist-classifier",
+        "num_samples": 16,
+        **fields,
+    }
     return EvalReport(**values)  # type: ignore[arg-type]
 
 
@@ -36,7 +44,7 @@ def _report(**fields: object) -> EvalReport:
         ({"fd": math.inf}, BadEvaluation, "bad_evaluation"),
         ({"fd": -0.5}, BadEvaluation, "bad_evaluation"),
         ({"num_samples": 15}, BadEvaluation, "bad_evaluation"),
-        ({"round": 2}, WrongRound, "wrong_round"),
+        ({"completed_rounds": 2}, WrongRound, "wrong_round"),
         ({"task_id": "e3-b"}, NotAssigned, "not_assigned"),
     ],
     ids=["nan", "inf", "negative", "other-sample-count", "other-round", "another-workers-task"],

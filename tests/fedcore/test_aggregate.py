@@ -196,7 +196,7 @@ def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
 def _payload(layout: PartLayout, tensors, parts, round_index: int = 0) -> bytearray:
     from fedcore.payload.serialization import PayloadMeta, encode
 
-    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))))
+    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))))
 
 
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({MID, DEC}), frozenset({ENC})])

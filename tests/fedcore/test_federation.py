@@ -31,7 +31,7 @@ def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
 def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 1e-4) -> tuple[bytes, dict]:
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(fed.global_state[n].shape, generator=g) for n in fed.layout.names(parts)}
-    meta = PayloadMeta(kind="delta", model="tiny", round=round_index, parts=frozenset(parts))
+    meta = PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))
     return encode(tensors, meta), tensors
 
 
@@ -148,7 +148,7 @@ def test_udec_second_round_sends_only_the_decoder_except_to_newcomers() -> None:
     assert round_.payload(frozenset({DEC})) is round_.payload(frozenset({DEC}))
     assert len(round_.payload(frozenset({DEC}))) < len(round_.payload(ALL_PARTS))
     task = round_.task("alice")
-    assert task.round == 1 and task.private == {ENC, MID} and task.returns == {DEC}
+    assert task.round_index == 1 and task.private == {ENC, MID} and task.returns == {DEC}
     assert task.seed == task_seed(3, 1, "alice") != task_seed(3, 1, "bob")
 
 
@@ -213,7 +213,7 @@ def _hostile_federation(**robust: Any) -> Federation:
 
 def _filled(fed: Federation, value: float, round_index: int = 0) -> bytes:
     tensors = {n: torch.full(t.shape, value) for n, t in fed.global_state.items()}
-    return encode(tensors, PayloadMeta(kind="delta", model="tiny", round=round_index, parts=ALL_PARTS))
+    return encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=ALL_PARTS))
 
 
 def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded() -> None:
@@ -299,7 +299,7 @@ def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
     fed = _hostile_federation(clip_norm=0.05, max_delta_value=1e6)  # the value bound would refuse it: clipping alone
     honest, _ = _delta_payload(fed, 0, ALL_PARTS, seed=0)
     _, hostile = _delta_payload(fed, 0, ALL_PARTS, seed=1)
-    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", round=0, parts=ALL_PARTS))
+    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", round_index=0, parts=ALL_PARTS))
     before = {n: t.clone() for n, t in fed.global_state.items()}
     round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
 
@@ -394,10 +394,10 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
     client = _runtime("alice", seed=0)
     payload = encode(
         {n: fed.global_state[n] for n in fed.layout.names({DEC})},
-        PayloadMeta(kind="weights", model="tiny", round=1, parts=frozenset({DEC})),
+        PayloadMeta(kind="weights", model="tiny", round_index=1, parts=frozenset({DEC})),
     )
     task = TrainTask(
-        round=1,
+        round_index=1,
         task_id="r1-alice",
         receives=frozenset({DEC}),
         returns=frozenset({DEC}),

@@ -35,7 +35,7 @@ def state() -> dict[str, torch.Tensor]:
 
 
 def _meta(parts=DECODER_ONLY, kind="delta", round_index=3, model="tiny") -> PayloadMeta:
-    return PayloadMeta(kind=kind, model=model, round=round_index, parts=frozenset(parts))
+    return PayloadMeta(kind=kind, model=model, round_index=round_index, parts=frozenset(parts))
 
 
 def _decode(data, layout: PartLayout, parts=DECODER_ONLY, kind="delta", round_index=3):

@@ -54,8 +54,8 @@ def _delta(parts: frozenset[Part], seed: int = 1) -> Tensors:
 def _payload(
     task: TrainTask, tensors: Tensors, *, kind: PayloadKind = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None
 ) -> bytes:
-    round_index = task.round if round_index is None else round_index
-    meta = PayloadMeta(kind=kind, model=model, round=round_index, parts=task.returns if parts is None else parts)
+    round_index = task.round_index if round_index is None else round_index
+    meta = PayloadMeta(kind=kind, model=model, round_index=round_index, parts=task.returns if parts is None else parts)
     return serialization.encode(tensors, meta)
 
 
@@ -261,8 +261,8 @@ CASES = [
     pytest.param(_upload(tensors=_first(_poison(-math.inf))), INVALID, "non_finite", id="inf"),
     pytest.param(_upload(lambda t, d: _payload(t, d, model="paper-fmnist")), INVALID, "bad_schema", id="other-model"),
     # another round
-    pytest.param(_upload(lambda t, d: _payload(t, d, round_index=t.round + 1)), STALE, "wrong_round", id="payload-of-next-round"),
-    pytest.param(_upload(round_index=lambda r: r.bad_task.round + 1), STALE, "wrong_round", id="header-of-next-round"),
+    pytest.param(_upload(lambda t, d: _payload(t, d, round_index=t.round_index + 1)), STALE, "wrong_round", id="payload-of-next-round"),
+    pytest.param(_upload(round_index=lambda r: r.bad_task.round_index + 1), STALE, "wrong_round", id="header-of-next-round"),
     pytest.param(_upload(task_id="r1.1-bad"), STALE, "wrong_round", id="task-of-next-round"),
     pytest.param(_upload(task_id="r" * 10_000), INVALID, "bad_header", id="10KB-task-id"),
     pytest.param(_upload(task_id="\N{MICROBE}" * 2500), INVALID, "bad_header", id="10KB-emoji-task-id"),  # not echoed: its length is
@@ -350,10 +350,10 @@ def test_updates_for_a_past_round_are_refused_and_the_next_round_goes_on(tmp_pat
         r.bad.upload_messages(replay, timeout=10)
         r.close_with_good()  # both in: round 1 closes at once
         r.next_tasks()
-        assert r.bad_task.round == past.round + 1
+        assert r.bad_task.round_index == past.round_index + 1
 
         r.refuse(replay, STALE, "late")  # round 1's update, sent again in round 2
-        old_payload = r.bad.update_messages(r.bad_task, _payload(r.bad_task, _delta(past.returns), round_index=past.round), chunk_size=CHUNK)
+        old_payload = r.bad.update_messages(r.bad_task, _payload(r.bad_task, _delta(past.returns), round_index=past.round_index), chunk_size=CHUNK)
         r.refuse(old_payload, STALE, "wrong_round")  # this round's task, last round's payload
         delta = r.close_with_good(seed=5)
 

@@ -127,7 +127,7 @@ PARTS = frozenset({ENC, DEC})
 ROUND = 3
 VALID = serialization.encode(
     {n: torch.arange(s.numel, dtype=torch.float32).reshape(s.shape) / 7 for n, s in LAYOUT.specs(PARTS).items()},
-    PayloadMeta(kind="delta", model="fuzz", round=ROUND, parts=PARTS),
+    PayloadMeta(kind="delta", model="fuzz", round_index=ROUND, parts=PARTS),
 )
 (VALID_HEADER_LEN,) = struct.unpack("<Q", VALID[:8])
 VALID_HEADER: dict[str, object] = json.loads(VALID[8 : 8 + VALID_HEADER_LEN])

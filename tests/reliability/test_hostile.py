@@ -60,12 +60,12 @@ def _payload(task: TrainTask, tensors: Tensors | bytes) -> bytes:
     """An update of `tensors` for `task` (bytes: encoded already, for round 0 of every part)."""
     if isinstance(tensors, bytes):
         return tensors
-    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round=task.round, parts=task.returns))
+    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns))
 
 
 def _round_zero(tensors: Tensors) -> bytes:
     """`tensors` encoded ahead of the round, so that the upload starts as soon as the task is in."""
-    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round=0, parts=ALL_PARTS))
+    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=0, parts=ALL_PARTS))
 
 
 def _bits(state: Tensors) -> dict[str, bytes]:

@@ -52,7 +52,7 @@ def _delta(task: TrainTask, seed: int) -> Tensors:
 
 
 def _payload(task: TrainTask, delta: Tensors) -> bytes:
-    return serialization.encode(delta, PayloadMeta(kind="delta", model=MODEL, round=task.round, parts=task.returns))
+    return serialization.encode(delta, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns))
 
 
 def _identical(a: Tensors, b: Tensors) -> bool:

@@ -85,7 +85,7 @@ def test_a_refused_task_is_counted_and_not_given_again_in_the_attempt(tmp_path: 
 
         assert _refused(coord, "out_of_range") == 1
         assert _poll(a, 0.5).WhichOneof("outcome") == "idle"  # the same task is not handed out again
-        assert coord.driver.progress().round == 1 and _attempts(coord, "no_quorum") == 0  # b has not answered yet
+        assert coord.driver.progress().round_number == 1 and _attempts(coord, "no_quorum") == 0  # b has not answered yet
 
 
 def test_an_attempt_every_worker_answered_ends_at_once_and_refusals_stop_the_run_after_n(tmp_path: Path, capsys) -> None:
@@ -119,7 +119,7 @@ def test_a_round_that_still_has_its_quorum_closes_at_once_beside_a_refusal(tmp_p
         ta, tb = a.wait_task(), task_from_proto(b.wait_task())
         _reject(a, ta.task_id, reason="data_mismatch", message="local images (1, 32, 32) do not fit model 'tiny'")
         zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(tb.returns).items()}
-        payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round=tb.round, parts=tb.returns))
+        payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round_index=tb.round_index, parts=tb.returns))
         assert b.upload_messages(b.update_messages(tb, payload)).outcome == "accepted"
 
         _wait(lambda: coord.driver.state == "done")
