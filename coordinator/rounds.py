@@ -212,7 +212,7 @@ class RoundDriver:
                 self.metrics.weights_bounded.labels(bound).inc()
             log.warning(
                 "round %d: worker %s claims %d images; its FedAvg weight is %d (bounded by %s)",
-                open_round.round_index + 1, worker_id, open_round.examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
+                open_round.round_index + 1, worker_id, open_round.num_examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
             )  # fmt: skip
 
     def _seal(self, open_round: OpenRound, updates_before: Mapping[str, int]) -> Attempt:

@@ -285,13 +285,13 @@ class Federation:
         first = [c for c in clients if c not in self.contacted or c in lost_state]
         return plan_round(self.config.strategy, r, clients, round_rng(self.config.seed, r), first_contact=first)
 
-    def open_round(self, plan: RoundPlan, examples: Mapping[str, int]) -> OpenRound:
-        """A round over `plan`. `examples`: the images each client declared it trains on; they bound its report
+    def open_round(self, plan: RoundPlan, num_examples: Mapping[str, int]) -> OpenRound:
+        """A round over `plan`. `num_examples`: the images each client declared it trains on; they bound its report
         and the values of its update, and give its FedAvg weight within `robust`'s bounds."""
         if plan.round_index != self.completed_rounds:
             raise ValueError(f"plan for round {plan.round_index}, but round {self.completed_rounds} is next")
         self._attempts += 1
-        return OpenRound(self, plan, examples, attempt=self._attempts)
+        return OpenRound(self, plan, num_examples, attempt=self._attempts)
 
     def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
         """Apply the round's mean update; NonFiniteAggregate, with nothing changed, when it would make the
@@ -309,16 +309,16 @@ class OpenRound:
 
     Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
 
-    def __init__(self, federation: Federation, plan: RoundPlan, examples: Mapping[str, int], *, attempt: int = 1):
+    def __init__(self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1):
         self.federation = federation
         self.attempt = attempt
         self.plan = plan
-        self.examples = {c: examples.get(c, 0) for c in plan.clients}
-        missing = [c for c in plan.clients if self.examples[c] <= 0]
+        self.num_examples = {c: num_examples.get(c, 0) for c in plan.clients}
+        missing = [c for c in plan.clients if self.num_examples[c] <= 0]
         if missing:
             raise ValueError(f"clients {missing} have no positive image count")
         robust = federation.robust
-        bounded = robust.round_weights(self.examples)
+        bounded = robust.round_weights(self.num_examples)
         self.weights = dict(bounded.weights)  # FedAvg weights
         self.lowered = bounded.lowered  # client -> the bounds that lowered its weight below its claim
         self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
@@ -390,11 +390,11 @@ class OpenRound:
     def check_report(self, client: str, images_seen: int) -> None:
         """HeaderError unless a training report's image count is one the task allows: at least 1, at most the
         task's epochs over the client's declared images."""
-        most = self.federation.config.train.epochs * self.examples[client]
+        most = self.federation.config.train.epochs * self.num_examples[client]
         if not 1 <= images_seen <= most:
             raise HeaderError(
                 f"train report images_seen {images_seen} outside 1..{most} "
-                f"({self.federation.config.train.epochs} epochs over the {self.examples[client]} images {client!r} declared)"
+                f"({self.federation.config.train.epochs} epochs over the {self.num_examples[client]} images {client!r} declared)"
             )
 
     def value_bound(self, client: str) -> float:
