@@ -121,7 +121,10 @@ class CoordinatorConfig:
     ready_file: ReadyFile = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
-    max_refused_attempts: Positive = 3  # attempts of one round the workers' refusals (same reason) fail before the run stops
+    # Attempts of one round in a row that nothing could close (no update accepted, every missing update refused by
+    # its worker, or an average that is not finite) before the run stops, naming the round and the likely cause
+    max_failed_attempts: Positive = 3
+    final_save_timeout: Seconds = 300.0  # seconds the final model (and a checkpoint still unsaved) is retried at the end before the run fails
     # Hostile or broken workers (docs/reliability.md, threat model)
     max_delta_value: FiniteNonNegative = 0.0  # largest |value| of an update; 0 = what its task's training can reach (Adam's bound)
     max_weight_share: Fraction = 0.5  # most of a round's planned FedAvg weight one worker gets (1 = as claimed)
@@ -161,6 +164,13 @@ class CoordinatorConfig:
     def federation(self) -> FederationConfig:
         names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
         return FederationConfig.from_settings(**{n: getattr(self, n) for n in names})
+
+    def resumable(self) -> dict[str, Any]:
+        """The settings a resumed run may change (all but those that define it, `FederationConfig.DEFINING`, and
+        the start-only `resume` and `init_from`), by name: checkpoints carry them so that a resume can say which
+        changed."""
+        fixed = {*FederationConfig.DEFINING, "resume", "init_from"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed}
 
     @property
     def robust(self) -> RobustConfig:

@@ -89,6 +89,7 @@ class Handlers:
         the wire contract (HeaderError) and against the worker's task: its round, its parts and the size they
         bound (WrongRound, NotAssigned, DuplicateUpdate, LateUpdate, StreamTooLong)."""
         bounds.check(h, HeaderError)
+        self.driver.note_training_time(worker_id, h.stream.task_id, h.report.seconds)
         parts = convert.parts_from_proto(h.stream.parts)
         limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
         header = convert.header_from_proto(h.stream)

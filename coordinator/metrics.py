@@ -58,6 +58,7 @@ class Metrics(ProcessMetrics):
         self._count_rounds()
         self._count_workers()
         self._run_totals()
+        self._count_checkpoints()
 
     def _count_rounds(self) -> None:
         """The rounds: how far the run is, how long each took, how each attempt ended, the last mean loss."""
@@ -75,6 +76,18 @@ class Metrics(ProcessMetrics):
         self.round_mean_loss = Gauge("feddiff_round_mean_loss", "Mean local loss of the last round", registry=r)
         for outcome in ROUND_ATTEMPT_OUTCOMES:
             self.round_attempts.labels(outcome)
+
+    def _count_checkpoints(self) -> None:
+        """The writes to the checkpoint dir: how each ended, and whether something is held unwritten."""
+        r = self.registry
+        self.checkpoint_saves = Counter(
+            "feddiff_checkpoint_saves", "Writes of a checkpoint or the final model, by outcome (saved, failed: retried with backoff)", ["outcome"], registry=r
+        )
+        for outcome in ("saved", "failed"):
+            self.checkpoint_saves.labels(outcome)
+        self.checkpoint_unsaved = Gauge(
+            "feddiff_checkpoint_unsaved", "1 while a checkpoint, round log line or the final model is held in memory, not yet written", registry=r
+        )
 
     def _count_workers(self) -> None:
         """The workers: how many are connected, their refused calls, bounded weights and clipped updates."""

@@ -3,28 +3,28 @@ then the evaluation that is due (coordinator/evaluation.py), its evaluate tasks 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.attempts import Attempt, FailedAttempts
+from coordinator.checkpoints import CheckpointWriter
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalPhase, EvalReport, Evaluation
 from coordinator.metrics import Metrics
-from coordinator.refusals import Refusal, RefusalStreak
+from coordinator.refusals import Refusal
 from coordinator.registry import WorkerRecord, WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
-from fedcore.federation.checkpoint import FINAL_MODEL
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.payload.serialization import max_payload_bytes, save_file
+from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.stream import StreamHeader, digest_for
 
 log = logging.getLogger("feddiff.coordinator")
@@ -49,28 +49,6 @@ class IssuedTask:
     header: StreamHeader  # of the weights payload the worker downloads
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """How the collection of a round attempt ended."""
-
-    round_index: int
-    selected: int  # workers given a task
-    got: int  # updates folded in
-    needed: int  # the quorum
-    refusals: Sequence[Refusal]  # tasks refused by their workers
-    refused_updates: str  # updates this coordinator refused, by outcome in words (`_refused_updates`)
-
-    @property
-    def has_quorum(self) -> bool:
-        return self.got >= self.needed
-
-    def __str__(self) -> str:
-        return (
-            f"{self.got} of {self.selected} updates (tasks refused by workers: {len(self.refusals)}; "
-            f"updates refused: {self.refused_updates}), quorum {self.needed}"
-        )
-
-
 class RoundDriver:
     """Owns the federation's progress. `run` is the one loop that opens and closes rounds; gRPC handlers call
     in from the server's event loop and its accept threads. Handlers never block here: a worker's long poll
@@ -87,7 +65,8 @@ class RoundDriver:
         self.checkpoint_dir = Path(cfg.checkpoint_dir)
         self.state: State = "waiting_for_workers"
         self.failure = ""  # why the run stopped, in state "failed"
-        self.evaluation = Evaluation(cfg, federation, metrics, self._append_log)
+        self.checkpoints = CheckpointWriter(self.checkpoint_dir, metrics, federation.completed_rounds)
+        self.evaluation = Evaluation(cfg, federation, metrics, self.checkpoints.append)
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # guards the state below; waits of the round loop
         self._arrivals = threading.Condition(lock)  # updates and reports in: wakes only the round loop
@@ -97,9 +76,9 @@ class RoundDriver:
         self._issued: dict[str, IssuedTask] = {}  # its tasks, by worker
         self._refusals: dict[str, Refusal] = {}  # of them, those their workers refused
         self._closed_task_ids: set[str] = set()  # tasks of phases that ended: their uploads are late
-        self._refused_attempts = RefusalStreak(cfg.max_refused_attempts)
+        self._failed_attempts = FailedAttempts(cfg.max_failed_attempts, cfg.round_deadline)
+        self._training_seconds: dict[str, float] = {}  # the latest training time each worker reported (late ones too)
         self._told: set[str] = set()  # workers answered that the run failed
-        self._log_lock = threading.Lock()
         self._stop = threading.Event()
         self._round_started = 0.0
         self._tally_at_start = federation.tally  # the checkpoint's; this process's counters add to it
@@ -170,11 +149,11 @@ class RoundDriver:
             attempt = self._seal(open_round, updates_before)
             if self._stop.is_set():
                 return False
-            failure = None if attempt.has_quorum else self._no_quorum(attempt)
-            outcome = self._close(open_round, attempt) if attempt.has_quorum else None
+            outcome, attempt = self._close(open_round, attempt) if attempt.has_quorum else (None, attempt)
         if outcome is None:
-            self._attempt_failed(attempt, failure)
+            self._attempt_failed(attempt)
             return False
+        self._failed_attempts.reset()
         self._after_round(outcome)
         return True
 
@@ -230,33 +209,30 @@ class RoundDriver:
         self._round = None
         return attempt
 
-    def _no_quorum(self, attempt: Attempt) -> str | None:
-        """Count and log an attempt without quorum (re-run); why refusals stop the run, or None."""
-        self.metrics.round_attempts.labels("no_quorum").inc()
-        log.warning("round %d: %s: round re-run", attempt.round_index + 1, attempt)
-        return self._refused_attempts.attempt_failed(attempt.round_index, attempt.refusals, attempt.needed - attempt.got)
-
-    def _close(self, open_round: OpenRound, attempt: Attempt) -> RoundOutcome | None:
-        """Average the attempt's updates into the global model; None when the average is not finite (nothing
-        is applied: the previous global model stays, and the round is run again)."""
-        self._refused_attempts.reset()
+    def _close(self, open_round: OpenRound, attempt: Attempt) -> tuple[RoundOutcome | None, Attempt]:
+        """Average the attempt's updates into the global model; no outcome when the average is not finite
+        (nothing is applied: the previous global model stays, and the round is run again), and the attempt
+        then says why."""
         try:
             outcome = open_round.close()
         except NonFiniteAggregate as e:
             self.metrics.round_attempts.labels(e.reason).inc()
             log.error("round %d: not committed, the global model stays as it was (round re-run): %s", attempt.round_index + 1, e)
-            return None
+            return None, replace(attempt, non_finite=str(e))
         if attempt.got < attempt.selected:
             log.info("round %d: closed with %s", attempt.round_index + 1, attempt)
         self.metrics.round_attempts.labels("complete" if attempt.got == attempt.selected else "quorum").inc()
-        return outcome
+        return outcome, attempt
 
-    def _attempt_failed(self, attempt: Attempt, failure: str | None) -> None:
-        """Checkpoint an attempt that did not close (it is part of the run's tally); stop the run for `failure`."""
-        try:
-            self._checkpoint()
-        except OSError as e:
-            log.error("round %d: checkpoint of the attempt failed, the previous one stays valid: %s", attempt.round_index + 1, e)
+    def _attempt_failed(self, attempt: Attempt) -> None:
+        """Count and checkpoint an attempt that did not close (it is part of the run's tally); stop the run when
+        it makes `max_failed_attempts` of its round in a row that nothing could close (`FailedAttempts`)."""
+        if not attempt.has_quorum:
+            self.metrics.round_attempts.labels("no_quorum").inc()
+            log.warning("round %d: %s: round re-run", attempt.round_index + 1, attempt)
+        with self._cond:
+            failure = self._failed_attempts.failed(attempt, dict(self._training_seconds))
+        self._checkpoint()
         if failure:
             self._fail(failure)
 
@@ -266,19 +242,16 @@ class RoundDriver:
         self.metrics.completed_rounds.set(self.federation.completed_rounds)
         self.metrics.round_mean_loss.set(outcome.mean_loss)
         record = round_record(outcome, self.federation.ledger, seconds)
-        try:
-            self._checkpoint()
-            self._append_log(record.as_json())
-        except OSError as e:
-            log.error("round %d: checkpoint failed, the previous one stays valid: %s", outcome.round_index + 1, e)
+        self._checkpoint(record.as_json())
         log.info(format_round(record))
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, record: Mapping[str, Any] | None = None) -> None:
         """Save the run: the global model, the round state and the tally of outcomes (the checkpoint's plus this
-        process's counters); the run gauges show these totals, whether the write succeeds or raises OSError."""
+        process's counters), then `record` in the round log; the run gauges show these totals. A failed write
+        is logged and retried (`CheckpointWriter`), the run goes on."""
         self.federation.tally = self._tally_at_start.plus(*self.metrics.outcome_counts())
         self.metrics.show_run(self.federation.ledger, self.federation.tally)
-        self.federation.save(self.checkpoint_dir)
+        self.checkpoints.checkpoint(self.federation, record)
 
     def _restore_from_round_log(self) -> None:
         """A resumed run's last round mean loss and latest Frechet distances, from the round log."""
@@ -286,10 +259,6 @@ class RoundDriver:
         if mean_loss is not None:
             self.metrics.round_mean_loss.set(mean_loss)
         self.evaluation.show(fds)
-
-    def _append_log(self, record: Mapping[str, Any]) -> None:
-        with self._log_lock, open(self.checkpoint_dir / ROUNDS_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     # --- a phase: its tasks issued, answered, ended ---------------------------------------------------------
     def _open_phase(self, issued: dict[str, IssuedTask], state: State) -> None:
@@ -364,10 +333,10 @@ class RoundDriver:
 
     def _finish(self) -> None:
         self.evaluation.wait()
-        try:
-            save_file(self.checkpoint_dir / FINAL_MODEL, self.federation.global_state, {"completed_rounds": str(self.federation.completed_rounds)})
-        except OSError as e:
-            log.error("writing the final model failed: %s", e)
+        error = self.checkpoints.finish(self.federation, self.cfg.final_save_timeout, self._stop)
+        if error:
+            self._fail(error)
+            return
         with self._cond:
             self.state = "done"
             self._changed()
@@ -531,6 +500,13 @@ class RoundDriver:
                 self._arrivals.notify_all()
                 log.info("worker %s holds no private parts: its evaluate task %s is withdrawn", worker_id, issued.task.task_id)
             self._changed()
+
+    def note_training_time(self, worker_id: str, task_id: str, seconds: float) -> None:
+        """The training time a worker reports with an update of one of this run's tasks, late ones included:
+        what tells a round deadline too short for the training (`FailedAttempts`)."""
+        with self._cond:
+            if task_id in self._closed_task_ids or any(t.task.task_id == task_id for t in self._issued.values()):
+                self._training_seconds[worker_id] = seconds
 
     def reject(self, worker_id: str, task_id: str, reason: str, message: str) -> Refusal:
         """A worker cannot run its task of the phase in progress: it is not given that task again in this

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +89,8 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         if cfg.init_from:
             log.info("--init-from %s: not used, the run goes on from its checkpoint", cfg.init_from)
+        _log_changes(federation.settings, cfg.resumable())
+        federation.settings = cfg.resumable()
         return federation
     found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
     if found:
@@ -96,13 +98,21 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
-        return Federation(cfg.federation, robust=cfg.robust)
+        return Federation(cfg.federation, robust=cfg.robust, settings=cfg.resumable())
     try:
         initial = initial_weights(cfg.init_from, cfg.model)
     except ValueError as e:
         raise ValueError(f"--init-from {e}") from None
     log.info("global model of round 1: %s", cfg.init_from)
-    return Federation(cfg.federation, global_state=initial, robust=cfg.robust)
+    return Federation(cfg.federation, global_state=initial, robust=cfg.robust, settings=cfg.resumable())
+
+
+def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Log each setting a resume changes, with its saved and its new value (a checkpoint older than the saved
+    settings has none to compare)."""
+    changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in given.items() if key in saved and saved[key] != value]
+    if changed:
+        log.info("--resume: settings changed since the run's last checkpoint: %s", ", ".join(changed))
 
 
 class Coordinator:
@@ -144,6 +154,7 @@ class Coordinator:
             self._servicer: CoordinatorServicer | None = None
             self._loop = threading.Thread(target=self.driver.run, name="round-loop", daemon=True)
             self.progress = ProgressReporter(self.driver, cfg.progress)
+            self.unsaved: str | None = None  # what `stop` could not write to the checkpoint dir, in words
         except BaseException:
             self.release()  # nothing started: the checkpoint dir is free again
             raise
@@ -219,6 +230,9 @@ class Coordinator:
             self._on_loop(self._stop_servers(grace))
             self._close_loop()
         self._loop.join(timeout=10)
+        self.unsaved = self.driver.checkpoints.close()
+        if self.unsaved and not self.driver.failure:  # a run that failed for it has said so
+            log.error(self.unsaved)
         self.release()
 
     def release(self) -> None:
@@ -246,7 +260,7 @@ def settle_heap() -> None:
 
 def serve(cfg: CoordinatorConfig) -> int:
     """Run until SIGTERM/SIGINT (or, with exit_when_done, until the last round is checkpointed or the run
-    failed); the exit status is 1 when the run failed."""
+    failed); the exit status is 1 when the run failed or stopped with something it could not write."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -261,4 +275,4 @@ def serve(cfg: CoordinatorConfig) -> int:
         stop.wait(0.2)
     log.info("shutting down")
     coordinator.stop()
-    return 1 if coordinator.driver.failure else 0
+    return 1 if coordinator.driver.failure or coordinator.unsaved else 0

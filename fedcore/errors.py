@@ -207,3 +207,17 @@ class ExistingRun(FeddiffError):
         super().__init__(
             f"{flag} {directory} holds a run ({found}): pass --resume to continue it, or give another {flag} for a new run; nothing in it was changed"
         )
+
+
+class DifferentRun(FeddiffError):
+    """A resume asked for settings that define a run (`FederationConfig.DEFINING`) other than those its
+    checkpoint was made with: the resumed run would not be the one it continues. Nothing in the folder is changed."""
+
+    reason = "different_run"
+
+    def __init__(self, directory: object, differences: list[tuple[str, object, object]]):
+        keys = ", ".join(f"{key} (saved {saved!r}, given {given!r})" for key, saved, given in differences)
+        super().__init__(
+            f"--resume: the run in {directory} was made with other settings that define it: {keys}; resume with the saved "
+            "values, or start a new run in another folder; nothing in it was changed"
+        )

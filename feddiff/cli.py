@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command's exit status: 2 for a refused setting or a missing file, 1 when a port to listen on is
     taken (or the coordinator's run failed), one line on stderr saying why."""
-    from fedcore.errors import CannotListen, ExistingRun, ModelUnavailable
+    from fedcore.errors import CannotListen, DifferentRun, ExistingRun, ModelUnavailable
 
     args = build_parser().parse_args(argv)
     try:
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ModelUnavailable, ExistingRun) as e:
+    except (ValueError, FileNotFoundError, ModelUnavailable, ExistingRun, DifferentRun) as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 2
 

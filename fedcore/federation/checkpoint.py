@@ -2,8 +2,8 @@
 
 Layout of a checkpoint directory:
   global-r0003.safetensors   global model after 3 completed rounds (the last two are kept)
-  state.json                 the commit point: completed rounds, config, ledger, outcome tally, update norms, which
-                             file is current
+  state.json                 the commit point: completed rounds, config, ledger, outcome tally, update norms, the
+                             settings that may change on resume, which file is current
   rounds.jsonl               the round log: one JSON line per closed round (fedcore.federation.roundlog)
   final.safetensors          the global model after the last round (the coordinator's)
   clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fedcore.atomic import atomic_write_json
+from fedcore.atomic import atomic_write_json, naming
 from fedcore.payload.serialization import load_file, save_file
 
 STATE_FILE = "state.json"
@@ -39,6 +39,7 @@ class RunState:
     global_file: str  # file name of the current global model
     tally: Mapping[str, Any] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
     norms: Mapping[str, Any] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
+    settings: Mapping[str, Any] = field(default_factory=dict)  # the driver's settings that may change on resume; absent in older ones
 
 
 def _versioned(stem: str, round_count: int) -> str:
@@ -70,19 +71,20 @@ def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state
     """Write the global model, then commit state.json; the previous checkpoint stays valid until then."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(directory / state.global_file, global_state, {"completed_rounds": str(state.completed_rounds)})
-    atomic_write_json(
-        directory / STATE_FILE,
-        {
-            "completed_rounds": state.completed_rounds,
-            "config": state.config,
-            "contacted": sorted(state.contacted),
-            "ledger": state.ledger,
-            "global_file": state.global_file,
-            "tally": state.tally,
-            "norms": state.norms,
-        },
-    )
+    with naming(directory / state.global_file):
+        save_file(directory / state.global_file, global_state, {"completed_rounds": str(state.completed_rounds)})
+    run = {
+        "completed_rounds": state.completed_rounds,
+        "config": state.config,
+        "contacted": sorted(state.contacted),
+        "ledger": state.ledger,
+        "global_file": state.global_file,
+        "tally": state.tally,
+        "norms": state.norms,
+        "settings": state.settings,
+    }
+    with naming(directory / STATE_FILE):
+        atomic_write_json(directory / STATE_FILE, run)
     _prune(directory, "global")
 
 
@@ -109,6 +111,7 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         global_file=str(raw["global_file"]),
         tally=dict(raw.get("tally", {})),
         norms=dict(raw.get("norms", {})),
+        settings=dict(raw.get("settings", {})),
     )
     tensors, _ = load_file(directory / state.global_file)
     return tensors, state

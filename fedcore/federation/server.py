@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedcore import settings
-from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
+from fedcore.errors import DifferentRun, DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
@@ -44,6 +44,11 @@ class FederationConfig:
     seed: int = 0  # seeds the initial model, the plans, the samples and every client's training
     train: TrainConfig = TrainConfig()  # sent to the clients with each task
 
+    # What a resumed run must share with its checkpoint to compute what the uninterrupted run would have: the
+    # model and how rounds are planned, sampled, seeded and trained. `rounds` is not among them: a run may be
+    # extended, or shortened to the rounds it has completed.
+    DEFINING = ("strategy", "model", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
+
     @classmethod
     def from_settings(
         cls, *, strategy: str, model: str, rounds: int, clients_per_round: int, seed: int,
@@ -66,6 +71,12 @@ class FederationConfig:
             "lr": self.train.lr,
             "loss": self.train.loss,
         }
+
+    def differences(self, saved: Mapping[str, Any]) -> list[tuple[str, object, object]]:
+        """Each setting that defines a run (`DEFINING`) whose value in `saved` (an `as_json()`) differs from this
+        config's: (key, saved value, this value)."""
+        now = self.as_json()
+        return [(key, saved.get(key), now[key]) for key in self.DEFINING if saved.get(key) != now[key]]
 
 
 def task_seed(seed: int, round_index: int, client: str) -> int:
@@ -222,6 +233,7 @@ class Federation:
         tally: Tally | None = None,
         robust: RobustConfig = RobustConfig(),
         norms: NormHistory | None = None,
+        settings: Mapping[str, Any] | None = None,
     ):
         preset(cfg.model)  # validates the name
         self.config = cfg
@@ -238,6 +250,9 @@ class Federation:
         self.tally = tally or Tally()
         self.robust = robust
         self.norms = norms or NormHistory()  # adaptive clipping's memory of the last rounds' update norms
+        # The driver's settings that may change on resume, as its checkpoints carry them (set by the coordinator
+        # before it saves, so that a resumed one can say what changed)
+        self.settings: dict[str, Any] = dict(settings or {})
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
 
     @property
@@ -246,7 +261,11 @@ class Federation:
 
     def save(self, directory: str | Path) -> None:
         """Checkpoint the global model and the round state (atomically; see fedcore.federation.checkpoint)."""
-        state = checkpoint.RunState(
+        checkpoint.save_run(directory, self.global_state, self.run_state())
+
+    def run_state(self) -> checkpoint.RunState:
+        """The round state a checkpoint of the federation as it is now commits."""
+        return checkpoint.RunState(
             completed_rounds=self.completed_rounds,
             config=self.config.as_json(),
             contacted=tuple(sorted(self.contacted)),
@@ -254,19 +273,24 @@ class Federation:
             global_file=checkpoint.global_file_name(self.completed_rounds),
             tally=self.tally.as_json(),
             norms=self.norms.as_json(),
+            settings=dict(self.settings),
         )
-        checkpoint.save_run(directory, self.global_state, state)
 
     @classmethod
     def restore(cls, cfg: FederationConfig, directory: str | Path, robust: RobustConfig = RobustConfig()) -> Federation | None:
-        """The federation checkpointed in `directory`, or None when it holds none; the configuration must match
-        (the robustness settings may differ: they are not part of the run's identity)."""
+        """The federation checkpointed in `directory`, or None when it holds none. DifferentRun, naming each one,
+        when a setting that defines the run differs from the checkpoint's (`FederationConfig.DEFINING`; the
+        robustness settings and `rounds` may differ); ValueError when `cfg.rounds` is fewer than the rounds
+        completed. Nothing is written."""
         saved = checkpoint.load_run(directory)
         if saved is None:
             return None
         weights, state = saved
-        if state.config != cfg.as_json():
-            raise ValueError(f"cannot resume with a different configuration: saved {state.config}, now {cfg.as_json()}")
+        differences = cfg.differences(state.config)
+        if differences:
+            raise DifferentRun(directory, differences)
+        if cfg.rounds < state.completed_rounds:
+            raise ValueError(f"--rounds {cfg.rounds} is fewer than the {state.completed_rounds} rounds the run in {directory} has completed")
         return cls(
             cfg,
             global_state=weights,
@@ -276,6 +300,7 @@ class Federation:
             tally=Tally.from_json(state.tally),
             robust=robust,
             norms=NormHistory.from_json(state.norms),
+            settings=state.settings,
         )
 
     def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:

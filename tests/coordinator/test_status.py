@@ -11,7 +11,7 @@ from fedcore import errors
 
 # Errors that never refuse a call: a worker's refusal of its task (it sends it with RejectTask, answered OK), a
 # process that does not start, a round that is not committed.
-NOT_REFUSALS = (errors.TaskRefused, errors.CannotListen, errors.ExistingRun, errors.NonFiniteAggregate)
+NOT_REFUSALS = (errors.TaskRefused, errors.CannotListen, errors.ExistingRun, errors.DifferentRun, errors.NonFiniteAggregate)
 REFUSALS = sorted(
     (e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, errors.FeddiffError) and not issubclass(e, NOT_REFUSALS)),
     key=lambda e: e.__name__,

@@ -13,7 +13,7 @@ import torch
 from fedcore.data.datasets import to_model_range
 from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.data.splits import split_indices
-from fedcore.errors import ExistingRun
+from fedcore.errors import DifferentRun, ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.federation.checkpoint import global_file_name, load_private, load_run
 from fedcore.federation.roundlog import ROUNDS_LOG, round_records
@@ -246,7 +246,9 @@ def test_resume_with_another_configuration_is_refused(runs) -> None:
     other = _config(Strategy.FULL, rounds=3)
     other = replace(other, federation=replace(other.federation, seed=SEED + 1))
 
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(
+        DifferentRun, match=rf"--resume: the run in {folder} was made with other settings that define it: seed \(saved {SEED}, given {SEED + 1}\); "
+    ):
         Simulation.create(other, folder, resume=True, log=lambda _: None)
     assert len((folder / ROUNDS_LOG).read_text().splitlines()) == 2  # untouched
 

@@ -4,6 +4,7 @@ a worker slower than the deadline, and checkpoint writes that fail (a full or re
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 from pathlib import Path
 
@@ -194,8 +195,10 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
 
             # The committed checkpoint is the previous one, whole and consistent.
             weights, state = saved_run(ckpt)
-            failed_round = int(coord.output().split("checkpoint failed")[0].rsplit("round ", 1)[1].split(":")[0])
-            assert state.completed_rounds == failed_round - 1 >= 1
+            failed = re.search(r"checkpoint failed \(writing (\S+): (\w+) .*\); the checkpoint after (\d+) rounds stays the valid one", coord.output())
+            assert failed is not None
+            assert state.completed_rounds == int(failed.group(3)) >= 1
+            assert [r["round"] for r in rounds_log(ckpt)] == list(range(1, state.completed_rounds + 1)), "no round log line ahead of the checkpoint"
             _, meta = load_file(ckpt / state.global_file)
             assert meta["completed_rounds"] == str(state.completed_rounds)
             assert set(weights) == set(TINY.names(frozenset(Part)))
@@ -211,8 +214,9 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
             log = coord.output()
         final = checkpoint.load_run(ckpt)
         assert final is not None and final[1].completed_rounds == rounds_total
-        assert f"round {failed_round}: checkpoint failed, the previous one stays valid" in log
-        assert ("No space left on device" if failure == "full" else "Read-only file system") in log
+        assert failed.group(1).startswith(f"{ckpt}/") and failed.group(2) == ("ENOSPC" if failure == "full" else "EROFS")
+        assert [r["round"] for r in rounds_log(ckpt)] == list(range(1, rounds_total + 1)), "the held round log lines written once space is back"
+        assert "nothing is held unsaved any more" in log
     finally:
         unmount(ckpt)
 

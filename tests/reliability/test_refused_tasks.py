@@ -1,6 +1,6 @@
 """Workers that cannot run their tasks, with real processes: their images are 32x32 and the federation
 trains the 28x28 `tiny` model. Each refuses each task once (RejectTask) and backs off, each attempt ends
-as soon as both refused, and after `--max-refused-attempts` the run stops with the reason: the coordinator
+as soon as both refused, and after `--max-failed-attempts` the run stops with the reason: the coordinator
 says so in its status (and, with --exit-when-done, in its exit status), the workers are told and exit 1."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ RUN = [
     "8",
     "--round-deadline",
     str(DEADLINE),
-    "--max-refused-attempts",
+    "--max-failed-attempts",
     "3",
     "--progress",
     "log",

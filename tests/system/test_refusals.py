@@ -1,6 +1,6 @@
 """Tasks refused by their workers (RejectTask), against a real coordinator: counted by reason, not given to
 the same worker again in the attempt, an attempt that every worker answered ends at once, and a round that
-refusals fail `max_refused_attempts` times in a row for one reason stops the run."""
+nothing could close `max_failed_attempts` times in a row (refusals, no update at all) stops the run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import grpc
 import pytest
 import torch
 
+from coordinator.attempts import Attempt, FailedAttempts
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
-from coordinator.refusals import MAX_MESSAGE, Refusal, RefusalStreak
+from coordinator.refusals import MAX_MESSAGE, Refusal
 from coordinator.server import Coordinator
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload import serialization
@@ -34,7 +35,7 @@ Code = grpc.StatusCode
 @contextmanager
 def _coordinator(tmp_path: Path, **settings: Any) -> Iterator[tuple[Coordinator, grpc.Channel]]:
     base: dict[str, Any] = {
-        "model": "tiny", "strategy": "udec", "rounds": 1, "min_workers": 2, "quorum": 1.0, "round_deadline": DEADLINE, "max_refused_attempts": 3,
+        "model": "tiny", "strategy": "udec", "rounds": 1, "min_workers": 2, "quorum": 1.0, "round_deadline": DEADLINE, "max_failed_attempts": 3,
         "listen": "localhost:0", "metrics_port": -1, "insecure": True, "progress": "off", "checkpoint_dir": str(tmp_path / "ckpt"),
     }  # fmt: skip
     coord = Coordinator(CoordinatorConfig(**{**base, **settings}), Metrics()).start()
@@ -127,18 +128,29 @@ def test_a_round_that_still_has_its_quorum_closes_at_once_beside_a_refusal(tmp_p
         assert coord.driver.failure == ""
 
 
-def test_failed_attempts_for_other_reasons_do_not_stop_the_run(tmp_path: Path) -> None:
-    """Attempts failed by refusals with different reasons, or by workers that did not answer, are no streak."""
-    # attempt 3 waits for its deadline: long enough that the others' refusals are never late on a busy machine
-    with _coordinator(tmp_path, round_deadline=4.0, max_refused_attempts=2) as (coord, channel):
+def test_an_attempt_that_took_an_update_starts_the_count_over_and_any_stuck_ones_make_a_streak(tmp_path: Path) -> None:
+    """With two attempts as the limit: refused, then one update in and the other worker silent (a worker gone:
+    no streak), then refused for one reason and for another: the run stops after the last two."""
+    # attempt 2 waits for its deadline: long enough that the others' refusals are never late on a busy machine
+    with _coordinator(tmp_path, round_deadline=4.0, max_failed_attempts=2) as (coord, channel):
         a, b = _joined(channel, "a", "b")
-        for attempt, reason in ((1, "out_of_range"), (2, "out_of_memory"), (3, None), (4, "out_of_range")):
-            ta, tb = a.wait_task(), b.wait_task()
+        for attempt, reason in ((1, "out_of_range"), (2, None), (3, "out_of_range")):
+            ta, tb = a.wait_task(), task_from_proto(b.wait_task())
             if reason:
                 _reject(a, ta.task_id, reason)
                 _reject(b, tb.task_id, reason)
+            else:
+                zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(tb.returns).items()}
+                payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round=tb.round, parts=tb.returns))
+                assert b.upload_messages(b.update_messages(tb, payload)).outcome == "accepted"
             _wait(lambda attempt=attempt: _attempts(coord, "no_quorum") == attempt)
         assert coord.driver.state == "training" and coord.driver.failure == ""
+
+        last_a, last_b = a.wait_task(), b.wait_task()
+        _reject(a, last_a.task_id, "out_of_memory")
+        _reject(b, last_b.task_id, "data_mismatch")
+        _wait(lambda: coord.driver.state == "failed")
+        assert coord.driver.failure.startswith("round 1 failed 2 attempts in a row because workers refused its tasks (data_mismatch, 1 of 2 refusals")
 
 
 def test_refusals_that_do_not_fit_the_round_are_refused_with_their_status(tmp_path: Path) -> None:
@@ -184,30 +196,65 @@ def _refusals(*reasons: str) -> list[Refusal]:
     return [Refusal.of(f"w{i}", f"r0.1-w{i}", reason, f"why {i}") for i, reason in enumerate(reasons)]
 
 
-def test_the_streak_counts_attempts_of_one_round_failed_by_refusals_of_one_reason() -> None:
-    streak = RefusalStreak(limit=3)
+def _attempt(refusals: list[Refusal], missing: int, *, got: int = 0, round_index: int = 0, refused_updates: str = "none", non_finite: str = "") -> Attempt:
+    return Attempt(
+        round_index, selected=got + missing, got=got, needed=got + missing, refusals=refusals, refused_updates=refused_updates, non_finite=non_finite
+    )
 
-    assert streak.attempt_failed(0, _refusals("out_of_range", "out_of_range", "data_mismatch"), missing=2) is None
-    assert streak.attempt_failed(0, _refusals("out_of_range"), missing=1) is None
-    error = streak.attempt_failed(0, _refusals("out_of_range", "data_mismatch", "out_of_range"), missing=3)
+
+def test_the_streak_counts_attempts_of_one_round_that_nothing_could_close() -> None:
+    streak = FailedAttempts(limit=3, round_deadline=5.0)
+
+    assert streak.failed(_attempt(_refusals("out_of_range", "out_of_range", "data_mismatch"), missing=2, got=1), {}) is None
+    assert streak.failed(_attempt(_refusals("data_mismatch"), missing=1), {}) is None
+    error = streak.failed(_attempt(_refusals("out_of_range", "data_mismatch", "out_of_range"), missing=3), {})
 
     assert error == "round 1 failed 3 attempts in a row because workers refused its tasks (out_of_range, 2 of 3 refusals in the last attempt): worker w0: why 0"
 
 
 @pytest.mark.parametrize(
-    ("second", "missing"),
+    ("second", "counted"),
     [
-        (("data_mismatch",), 1),  # another reason
-        (("out_of_range",), 2),  # a missing update that nobody refused: the refusals alone did not fail it
-        ((), 1),  # no refusal at all
+        (_attempt(_refusals("out_of_range"), missing=2, got=1), 0),  # an update in, a missing one nobody refused: a worker gone
+        (_attempt([], missing=1, got=1), 0),  # an update in, no refusal
+        (_attempt([], missing=1, round_index=1), 1),  # another round
+        (_attempt([], missing=2), 2),  # no update at all
+        (_attempt([], missing=0, got=2, non_finite="mean update of 'w' is infinite"), 2),  # an average that is not finite
     ],
 )
-def test_the_streak_starts_over(second: tuple[str, ...], missing: int) -> None:
-    streak = RefusalStreak(limit=2)
-    streak.attempt_failed(0, _refusals("out_of_range"), missing=1)
+def test_the_streak_starts_over_unless_the_attempt_is_stuck_on_the_same_round(second: Attempt, counted: int) -> None:
+    streak = FailedAttempts(limit=5, round_deadline=5.0)
+    streak.failed(_attempt(_refusals("out_of_range"), missing=1), {})
 
-    assert streak.attempt_failed(0, _refusals(*second), missing=missing) is None
-    assert streak.count == (1 if second and len(second) >= missing else 0)
+    assert streak.failed(second, {}) is None
+    assert streak.count == counted
+
+
+@pytest.mark.parametrize(
+    ("seconds", "refused_updates", "cause"),
+    [
+        ({}, "none", "no update was accepted within round_deadline 5 s (none arrived); no worker has reported a training time yet: the deadline may be shorter than local training (raise round_deadline), or the workers stall"),
+        ({"a": 2.0, "b": 12.25}, "late 2", "no update was accepted within round_deadline 5 s (updates refused: late 2); worker b reported 12.2 s of local training, longer than the deadline: raise round_deadline above the workers' training time (or lower epochs)"),
+        ({"a": 1.5}, "none", "no update was accepted within round_deadline 5 s (none arrived); the workers reported at most 1.5 s of local training (worker a), within the deadline: downloads, uploads or stalled workers take the rest (raise round_deadline, or see the workers' logs)"),
+    ],
+)  # fmt: skip
+def test_a_round_no_update_reaches_names_the_deadline_against_the_reported_training_time(seconds: dict[str, float], refused_updates: str, cause: str) -> None:
+    streak = FailedAttempts(limit=1, round_deadline=5.0)
+
+    error = streak.failed(_attempt([], missing=2, round_index=3, refused_updates=refused_updates), seconds)
+
+    assert error == f"round 4 failed 1 attempts in a row because {cause}"
+
+
+def test_a_round_whose_average_is_never_finite_names_it() -> None:
+    streak = FailedAttempts(limit=2, round_deadline=5.0)
+    stuck = _attempt([], missing=0, got=2, non_finite="mean update of 'x' has 3 infinite values")
+
+    assert streak.failed(stuck, {}) is None
+    assert streak.failed(stuck, {}) == (
+        "round 1 failed 2 attempts in a row because the average of its updates was not finite (mean update of 'x' has 3 infinite "
+        "values): local training diverges; lower lr, or set clip_norm"
+    )
 
 
 def test_a_refusal_is_kept_bounded() -> None:

@@ -1,0 +1,75 @@
+"""A checkpoint dir that fills up before the end of the run, with real processes: the checkpoints and the final
+model that fail are held in memory and retried with backoff, the files before them stay valid, the round log
+never gets ahead of the checkpoint on disk; at the end the final model is retried for `--final-save-timeout`
+seconds, and the coordinator exits 1 with one line when it could never be written (0 once space came back)."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from fedcore.federation import checkpoint
+from feddiff.local import LocalCluster, status
+from tests.checkpoints import saved_run
+from tests.reliability.support import ENV, LIVENESS, RUN, metric, rounds_log, start_workers, wait_until
+from tests.tmpfs import fill, mounted_tmpfs
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+ROUNDS = 3
+
+
+@pytest.mark.parametrize("space", ["never_back", "back_before_the_timeout"])
+def test_a_full_checkpoint_dir_at_the_end_is_retried_and_a_final_model_never_written_exits_1(space: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    timeout = 3 if space == "never_back" else 300
+    args = ["--insecure", *RUN, "--rounds", str(ROUNDS), "--min-workers", "2", "--round-deadline", "60", *LIVENESS]
+    with mounted_tmpfs(ckpt, "8m"), LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator(*args, "--exit-when-done", "--final-save-timeout", str(timeout))
+        address, port = coord.ready["address"], coord.ready["metrics_port"]
+        workers = start_workers(cluster, address, [[], []])
+        # Round 2 cannot close while the workers are paused: the disk fills up after round 1's checkpoint.
+        wait_until((ckpt / checkpoint.STATE_FILE).exists, "round 1's checkpoint", 90, [coord, *workers], every=0.01)
+        for w in workers:
+            w.proc.send_signal(signal.SIGSTOP)
+        filler = fill(ckpt)
+        for w in workers:
+            w.proc.send_signal(signal.SIGCONT)
+
+        wait_until(lambda: int(status(address)["completed_rounds"]) == ROUNDS, "the last round", 120, [coord, *workers])
+        unsaved = metric(port, "feddiff_checkpoint_unsaved")
+        _, state = saved_run(ckpt)
+        log_while_full = [r["round"] for r in rounds_log(ckpt)]
+        if space == "back_before_the_timeout":
+            wait_until(lambda: metric(port, "feddiff_checkpoint_saves_total", outcome="failed") >= ROUNDS, "a retry of the final model", 60, [coord])
+            filler.unlink()
+        code = coord.proc.wait(120)
+        log = coord.output()
+        after = checkpoint.load_run(ckpt)
+        files = sorted(f.name for f in ckpt.iterdir())
+        final_exists = (ckpt / checkpoint.FINAL_MODEL).exists()
+        log_at_end = [r["round"] for r in rounds_log(ckpt)]
+
+    # While full: round 1 stays the valid checkpoint, the round log holds it alone, and the rest is held in memory.
+    assert unsaved == 1
+    assert state.completed_rounds == 1 and log_while_full == [1]
+    assert re.search(rf"checkpoint failed \(writing {ckpt}/\S+: ENOSPC \(No space left on device\)\); the checkpoint after 1 rounds stays the valid one", log)
+    assert not [f for f in files if ".tmp-" in f], "a failed write leaves no temporary file"
+    assert after is not None
+    if space == "never_back":
+        assert code == 1
+        (error,) = re.findall(r"run stopped: (.*)", log)
+        assert error == (
+            f"the final model could not be written to {ckpt}/final.safetensors in 3 s of retries (writing {ckpt}/global-r0003.safetensors: "
+            f"ENOSPC (No space left on device)); {ckpt}/state.json holds 1 of 3 rounds: make room (or make it writable) and run the "
+            "coordinator again with --resume"
+        )
+        assert after[1].completed_rounds == 1 and log_at_end == [1] and not final_exists
+    else:
+        assert code == 0, log[-3000:]
+        assert after[1].completed_rounds == ROUNDS and final_exists
+        assert log_at_end == [1, 2, 3], "the held round log lines follow their checkpoint, once each"
+        assert "nothing is held unsaved any more" in log
