@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.federation import checkpoint
-from feddiff.local import LocalCluster, status
+from feddiff.local import LocalCluster, Process, status
 from tests.checkpoints import saved_run
 from tests.reliability.support import ENV, LIVENESS, RUN, metric, rounds_log, start_workers, wait_until
 from tests.tmpfs import fill, mounted_tmpfs
@@ -22,23 +22,28 @@ pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 ROUNDS = 3
 
 
+def _full_after_round_1(cluster: LocalCluster, ckpt: Path, *extra: str) -> tuple[Process, list[Process], Path]:
+    """A coordinator of ROUNDS rounds and two workers, the checkpoint dir filled up once round 1 is checkpointed
+    (round 2 cannot close meanwhile: the workers are paused); the file that fills it."""
+    args = ["--insecure", *RUN, "--rounds", str(ROUNDS), "--min-workers", "2", "--round-deadline", "60", *LIVENESS, *extra]
+    coord = cluster.coordinator(*args)
+    workers = start_workers(cluster, coord.ready["address"], [[], []])
+    wait_until((ckpt / checkpoint.STATE_FILE).exists, "round 1's checkpoint", 90, [coord, *workers], every=0.01)
+    for w in workers:
+        w.proc.send_signal(signal.SIGSTOP)
+    filler = fill(ckpt)
+    for w in workers:
+        w.proc.send_signal(signal.SIGCONT)
+    return coord, workers, filler
+
+
 @pytest.mark.parametrize("space", ["never_back", "back_before_the_timeout"])
 def test_a_full_checkpoint_dir_at_the_end_is_retried_and_a_final_model_never_written_exits_1(space: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints"
     timeout = 3 if space == "never_back" else 300
-    args = ["--insecure", *RUN, "--rounds", str(ROUNDS), "--min-workers", "2", "--round-deadline", "60", *LIVENESS]
     with mounted_tmpfs(ckpt, "8m"), LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator(*args, "--exit-when-done", "--final-save-timeout", str(timeout))
+        coord, workers, filler = _full_after_round_1(cluster, ckpt, "--exit-when-done", "--final-save-timeout", str(timeout))
         address, port = coord.ready["address"], coord.ready["metrics_port"]
-        workers = start_workers(cluster, address, [[], []])
-        # Round 2 cannot close while the workers are paused: the disk fills up after round 1's checkpoint.
-        wait_until((ckpt / checkpoint.STATE_FILE).exists, "round 1's checkpoint", 90, [coord, *workers], every=0.01)
-        for w in workers:
-            w.proc.send_signal(signal.SIGSTOP)
-        filler = fill(ckpt)
-        for w in workers:
-            w.proc.send_signal(signal.SIGCONT)
-
         wait_until(lambda: int(status(address)["completed_rounds"]) == ROUNDS, "the last round", 120, [coord, *workers])
         unsaved = metric(port, "feddiff_checkpoint_unsaved")
         _, state = saved_run(ckpt)
@@ -73,3 +78,21 @@ def test_a_full_checkpoint_dir_at_the_end_is_retried_and_a_final_model_never_wri
         assert after[1].completed_rounds == ROUNDS and final_exists
         assert log_at_end == [1, 2, 3], "the held round log lines follow their checkpoint, once each"
         assert "nothing is held unsaved any more" in log
+
+
+def test_a_coordinator_stopped_with_a_checkpoint_held_exits_1_naming_it(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    with mounted_tmpfs(ckpt, "8m"), LocalCluster(tmp_path, env=ENV) as cluster:
+        coord, workers, _ = _full_after_round_1(cluster, ckpt, "--rounds", "10")  # the run is far from its end
+        address = coord.ready["address"]
+        wait_until(lambda: int(status(address)["completed_rounds"]) >= 2, "round 2 in memory", 120, [coord, *workers])
+        code = coord.stop()
+        log = coord.output()
+        _, state = saved_run(ckpt)
+
+    assert code == 1
+    held = re.search(
+        r"stopping with the checkpoint after (\d) rounds unsaved \(writing \S+: ENOSPC \(No space left on device\)\): \S+/state.json holds 1 rounds", log
+    )
+    assert held is not None and int(held.group(1)) >= 2, log[-3000:]
+    assert state.completed_rounds == 1
