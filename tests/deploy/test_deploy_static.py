@@ -130,7 +130,9 @@ def test_rule_unit_tests_cover_reduction_rule_and_every_alert() -> None:
     tested_exprs = {t["expr"] for case in tests["tests"] for t in case.get("promql_expr_test", [])}
     fired = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     assert "feddiff:reduction_vs_fedavg:ratio" in tested_exprs
-    assert fired == alerts == {"FeddiffNoRoundProgress", "FeddiffWorkersBelowMinimum", "FeddiffUpdatesRefused", "FeddiffJoinsRefused", "FeddiffCheckpointUnsaved"}
+    assert (
+        fired == alerts == {"FeddiffNoRoundProgress", "FeddiffWorkersBelowMinimum", "FeddiffUpdatesRefused", "FeddiffJoinsRefused", "FeddiffCheckpointUnsaved"}
+    )
 
 
 @pytest.mark.parametrize("name", RULE_FILES)

@@ -141,7 +141,7 @@ def test_an_attempt_that_took_an_update_starts_the_count_over_and_any_stuck_ones
                 _reject(b, tb.task_id, reason)
             else:
                 zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(tb.returns).items()}
-                payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round=tb.round, parts=tb.returns))
+                payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round_index=tb.round_index, parts=tb.returns))
                 assert b.upload_messages(b.update_messages(tb, payload)).outcome == "accepted"
             _wait(lambda attempt=attempt: _attempts(coord, "no_quorum") == attempt)
         assert coord.driver.state == "training" and coord.driver.failure == ""
