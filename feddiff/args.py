@@ -41,6 +41,8 @@ RUN_MEANING = {
     "inception_weights": "pytorch-fid Inception weights: FD on its features (never downloaded)",
 }
 
+DEVICES_MEANING = "train each round's clients in parallel, one process per device (--threads per process; default: torch's threads shared out)"
+
 SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields
     "device": "where to train",
     "bf16": "bf16 autocast (auto: on GPUs and CPUs that run bf16 natively)",

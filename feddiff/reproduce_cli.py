@@ -4,14 +4,16 @@ value converted to its setting's type, or refused in one line before any cell ru
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedcore import flags, settings
+from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, Protocol, ProtocolName, ReproduceConfig, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
-from feddiff.args import RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class ReproduceSettings:
     samples: EvalSamples | None = None
     curve_samples: EvalSamples | None = None
     eval_every: Positive | None = None
+    devices: DeviceList | None = None  # train each round's clients in parallel, one process per device
     speed: SpeedConfig = SpeedConfig()
 
     def __post_init__(self) -> None:
@@ -70,6 +73,7 @@ class ReproduceSettings:
             data_root=self.data_root,
             inception_weights=self.inception_weights,
             speed=self.speed,
+            devices=self.devices or (),
         )
 
 
@@ -95,6 +99,7 @@ MEANING = {
     "samples": "samples per model for the final FD (default: the protocol's)",
     "curve_samples": "samples per model at the curve points (default: the protocol's)",
     "eval_every": "rounds between FD curve points (default: the protocol's, quick 5, paper 15)",
+    "devices": DEVICES_MEANING + "; --device places the evaluation",
 }
 
 
@@ -107,6 +112,7 @@ def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """The selected cells that the results file lacks (or, --render, the docs alone)."""
+    from fedcore.experiments.devices import TrainingProcessFailed
     from fedcore.experiments.reproduce import render, reproduce
 
     given = flags.build(ReproduceSettings, args, speed=speed_values(args))
@@ -115,7 +121,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
         for path in render(cfg):
             print(f"wrote {path}")
         return 0
-    rows = reproduce(cfg)
+    try:
+        rows = reproduce(cfg)
+    except TrainingProcessFailed as e:
+        print(f"feddiff reproduce: error: {e}", file=sys.stderr)
+        return 1
     print(f"done: {len(rows)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
     return 0
 

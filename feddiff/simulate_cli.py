@@ -1,21 +1,23 @@
-"""`feddiff simulate`: a whole federated run in one process, its flags turned into a `SimulateConfig` at the
+"""`feddiff simulate`: a whole federated run in one process (or its clients over several devices), its flags turned into a `SimulateConfig` at the
 edge: every value converted to its setting's type, or refused in one line before anything runs."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 from fedcore import flags, settings
 from fedcore.data.shards import DataConfig
 from fedcore.data.splits import SplitKind
+from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.simulation import SimulationConfig
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
-from feddiff.args import RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,12 @@ class SimulateConfig:
     out: str = "runs/simulate"  # rounds.jsonl and checkpoints
     resume: bool = False  # continue the run in `out` from its last checkpoint
     init_from: ExistingPath = ""  # a diffusers UNet or pipeline folder, or a feddiff .safetensors
+    devices: DeviceList | None = None  # train each round's clients in parallel, one process per device
     speed: SpeedConfig = SpeedConfig()
+
+    def __post_init__(self) -> None:
+        if self.devices and self.speed.device != "auto":
+            raise ValueError(f"--device {self.speed.device} and --devices {','.join(self.devices)}: give one (--devices trains on each device it names)")
 
     @property
     def simulation(self) -> SimulationConfig:
@@ -59,6 +66,7 @@ MEANING = {
     "out": "output folder: rounds.jsonl and checkpoints",
     "resume": "continue the run in --out from its last checkpoint",
     "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors",
+    "devices": DEVICES_MEANING,
 }
 
 
@@ -70,11 +78,19 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
 
 def simulate(args: argparse.Namespace) -> int:
     """The run of the flags, from its start or (--resume) its last checkpoint."""
+    from fedcore.experiments.devices import TrainingProcessFailed, device_pool
     from fedcore.experiments.simulation import Simulation
 
     cfg = flags.build(SimulateConfig, args, speed=speed_values(args))
-    sim = Simulation.create(cfg.simulation, cfg.out, resume=cfg.resume)
-    sim.run()
+    try:
+        with device_pool(cfg.devices or (), cfg.speed) as pool:
+            if pool is not None:
+                print(f"training on {pool}")
+            sim = Simulation.create(cfg.simulation, cfg.out, resume=cfg.resume, pool=pool)
+            sim.run()
+    except TrainingProcessFailed as e:
+        print(f"feddiff simulate: error: {e}", file=sys.stderr)
+        return 1
     print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out}")
     return 0
 

@@ -30,6 +30,7 @@ from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifi
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
 from fedcore.evaluation.images import save_grid
 from fedcore.experiments import report
+from fedcore.experiments.devices import DevicePool, device_pool
 from fedcore.experiments.results import CellResult, CurvePoint, ModelFd, ReferenceSet, append_result, load_curve, load_results, result_key
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation import checkpoint
@@ -160,7 +161,8 @@ class ReproduceConfig:
     seed: int = 0  # model init, plans, training and the sampling noise
     data_root: str | None = None  # Fashion-MNIST folder
     inception_weights: str | None = None  # pytorch-fid Inception weights; None = the project's classifier
-    speed: SpeedConfig = SpeedConfig()
+    speed: SpeedConfig = SpeedConfig()  # training (sequential) and evaluation
+    devices: tuple[str, ...] = ()  # train each round's clients in parallel, one process per device (none: in this process)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,10 +359,11 @@ def cell_folder(cfg: ReproduceConfig, cell: Cell) -> Path:
     return cfg.out / (f"{cell.strategy}-{cell.split}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
 
 
-def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print) -> CellResult:
-    """Train (or resume) one cell, score its models, and return its results line."""
+def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print, pool: DevicePool | None = None) -> CellResult:
+    """Train (or resume) one cell, its clients on `pool`'s processes or in this process, score its models, and
+    return its results line."""
     p = cfg.protocol
-    sim = _open_cell(cfg, cell, log)
+    sim = _open_cell(cfg, cell, log, pool)
     points = _train_with_curve(sim, p, cfg.seed, evaluator, lambda s: log(f"[{cell.key}] {s}"))
     final = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
     points[final.point.round_number] = final.point
@@ -370,12 +373,12 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     return _cell_result(cfg, cell, sim, evaluator, final, points)
 
 
-def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None]) -> Simulation:
+def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None], pool: DevicePool | None) -> Simulation:
     """The cell's simulation in its folder: a new one, or the one a previous call left off."""
     folder = cell_folder(cfg, cell)
     sim_cfg = simulation_config(cfg, cell)
     _check_cell_folder(folder, sim_cfg)
-    sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"))
+    sim = Simulation.create(sim_cfg, folder, resume=True, log=lambda s: log(f"[{cell.key}] {s}"), pool=pool)
     if sim.federation.completed_rounds:
         log(f"[{cell.key}] resuming after round {sim.federation.completed_rounds}")
     return sim
@@ -445,23 +448,31 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
     todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
     log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
+    if not todo:
+        if cfg.docs is not None:
+            render(cfg)
+        return []
+    with device_pool(cfg.devices, cfg.speed) as pool:
+        if pool is not None:
+            log(f"training on {pool}")
+        return _run_cells(cfg, todo, Evaluator.create(cfg, log), pool, log)
+
+
+def _run_cells(cfg: ReproduceConfig, todo: Sequence[Cell], evaluator: Evaluator, pool: DevicePool | None, log: Callable[[str], None]) -> list[CellResult]:
+    """Run the cells one after the other, appending each one's line to the results (and re-rendering the docs)."""
     new = []
-    if todo:
-        evaluator = Evaluator.create(cfg, log)
-        for cell in todo:
-            started = time.perf_counter()
-            row = run_cell(cfg, cell, evaluator, log)
-            append_result(cfg.results, row)
-            new.append(row)
-            log(
-                f"[{cell.key}] FD {row.fd_mean:.2f} +- {row.fd_std:.2f}, {row.parameters_exchanged:,} parameters "
-                f"({row.reduction_vs_full:.1%} less than full), {time.perf_counter() - started:.0f}s"
-            )
-            _release_memory()
-            if cfg.docs is not None:
-                render(cfg)
-    if cfg.docs is not None and not todo:
-        render(cfg)
+    for cell in todo:
+        started = time.perf_counter()
+        row = run_cell(cfg, cell, evaluator, log, pool)
+        append_result(cfg.results, row)
+        new.append(row)
+        log(
+            f"[{cell.key}] FD {row.fd_mean:.2f} +- {row.fd_std:.2f}, {row.parameters_exchanged:,} parameters "
+            f"({row.reduction_vs_full:.1%} less than full), {time.perf_counter() - started:.0f}s"
+        )
+        _release_memory()
+        if cfg.docs is not None:
+            render(cfg)
     return new
 
 

@@ -1,5 +1,6 @@
-"""Whole federated experiments in one process: the same planning, training, bytes and aggregation as the
-gRPC system, with every payload serialized, chunked, reassembled and checked on its way."""
+"""Whole federated experiments without a network: the same planning, training, bytes and aggregation as the
+gRPC system, with every payload serialized, chunked, reassembled and checked on its way. The clients train in
+this process, or in parallel in one process per device (fedcore.experiments.devices), to the same bytes."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcore.data.datasets import to_model_range
+import numpy as np
+import torch
+
 from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.data.splits import split_indices
 from fedcore.errors import ExistingRun
+from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining
 from fedcore.federation import checkpoint
-from fedcore.federation.client import ClientRuntime
 from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, round_record, truncate_log
-from fedcore.federation.server import Federation, FederationConfig, RoundOutcome
+from fedcore.federation.server import Federation, FederationConfig, OpenRound, RoundOutcome
 from fedcore.federation.strategies import private_parts
-from fedcore.model.diffusion import Schedule
-from fedcore.model.training import LocalTrainer, SpeedConfig
-from fedcore.model.unet import build_model
+from fedcore.model.training import SpeedConfig
 from fedcore.payload.pretrained import initial_weights
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 
@@ -48,18 +49,43 @@ class SimulationConfig:
 
 
 @dataclass
+class SimulatedClient:
+    """One client of a simulation as the run keeps it between rounds: its shard and its private tensors."""
+
+    client_id: str
+    images: np.ndarray  # (N, C, H, W) uint8: its shard of the training pool
+    private: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the parts it keeps for good
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
+
+
+@dataclass
 class Simulation:
-    """A resumable run: the federation, K client runtimes over one shared trainer, and the output folder."""
+    """A resumable run: the federation, K clients, what trains them (one trainer in this process, or a pool of
+    processes over several devices), and the output folder."""
 
     config: SimulationConfig
     out_dir: Path
     federation: Federation
-    clients: dict[str, ClientRuntime]
+    clients: dict[str, SimulatedClient]
+    training: ClientTraining
     log: Callable[[str], None] = print
     records: list[RoundRecord] = field(default_factory=list)  # the rounds this process ran, as logged
 
     @classmethod
-    def create(cls, cfg: SimulationConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> Simulation:
+    def create(
+        cls,
+        cfg: SimulationConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        pool: DevicePool | None = None,
+    ) -> Simulation:
+        """The run in `out_dir` (resumed from its last checkpoint, or new); its clients train on `pool`'s
+        processes when one is given, else in this process on `cfg.speed`'s device."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         fcfg = cfg.federation
@@ -73,34 +99,31 @@ class Simulation:
             (out / ROUNDS_LOG).write_text("")
         else:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
-        trainer = LocalTrainer(build_model(fcfg.model, seed=fcfg.seed), Schedule(), cfg.speed)
-        pool = load_training_pool(cfg.data)
-        shards = split_indices(pool.class_labels(), cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
+        pool_images = load_training_pool(cfg.data)
+        shards = split_indices(pool_images.class_labels(), cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
         clients = {}
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
-            private = None
+            clients[cid] = SimulatedClient(cid, pool_images.images[idx])
             if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / "clients", cid, federation.completed_rounds)
-                private = found[0] if found else None
-            data = trainer.prepare_data(to_model_range(pool.images[idx]))
-            clients[cid] = ClientRuntime(cid, fcfg.model, trainer, data, private)
-        return cls(cfg, out, federation, clients, log)
+                clients[cid].private = found[0] if found else {}
+        images = {cid: c.images for cid, c in clients.items()}
+        training = pool.setup(fcfg.model, fcfg.seed, images) if pool else InProcessTraining(fcfg.model, fcfg.seed, cfg.speed, images)
+        return cls(cfg, out, federation, clients, training, log)
 
     def run_round(self) -> RoundOutcome:
+        """Plan a round, train its clients, fold their updates in the plan's order, checkpoint and log it."""
         fed = self.federation
         started = time.perf_counter()
         plan = fed.plan(list(self.clients))
         open_round = fed.open_round(plan, {c: self.clients[c].num_examples for c in plan.clients})
-        for cid in plan.clients:
-            client = self.clients[cid]
-            task = open_round.task(cid)
-            client.load(transfer(open_round.payload(task.receives), self.config.chunk_size), task)
-            open_round.mark_sent(cid)
-            result = client.train(task)
-            update = transfer(client.update(task), self.config.chunk_size)
-            open_round.accept(cid, update, mean_loss=result.mean_loss, images_seen=result.images_seen)
+        for outcome in self.training.train(self._job(open_round, cid) for cid in plan.clients):
+            cid, task = outcome.client_id, open_round.task(outcome.client_id)
+            update = transfer(outcome.update, self.config.chunk_size)
+            open_round.accept(cid, update, mean_loss=outcome.mean_loss, images_seen=outcome.images_seen)
+            self.clients[cid].private = dict(outcome.private)
             if task.private:
-                checkpoint.save_private(self.out_dir / "clients", cid, task.round_index + 1, client.private)
+                checkpoint.save_private(self.out_dir / "clients", cid, task.round_index + 1, self.clients[cid].private)
         outcome = open_round.close()
         fed.save(self.out_dir)
         record = round_record(outcome, fed.ledger, time.perf_counter() - started)
@@ -109,6 +132,13 @@ class Simulation:
         self.records.append(record)
         self.log(format_round(record))
         return outcome
+
+    def _job(self, open_round: OpenRound, cid: str) -> ClientJob:
+        """A client's training this round, its weights sent through the stream format (and counted as sent)."""
+        task = open_round.task(cid)
+        weights = transfer(open_round.payload(task.receives), self.config.chunk_size)
+        open_round.mark_sent(cid)
+        return ClientJob(cid, task, weights, self.clients[cid].private)
 
     def run(self) -> list[RoundRecord]:
         while not self.federation.finished:
