@@ -164,7 +164,7 @@ class _Setup:
 
 @dataclass(frozen=True)
 class _Failure:
-    error: str  # the exception's last traceback line, "ValueError: ..."
+    error: str  # the exception as its traceback's last lines say it, on one line: "ValueError: ..."
 
 
 def _serve(conn: Connection, speed: SpeedConfig) -> None:
@@ -183,6 +183,7 @@ def _serve(conn: Connection, speed: SpeedConfig) -> None:
             return
         try:
             if isinstance(message, _Setup):
+                training = None  # the previous simulation's trainer and shards go before the next ones come
                 training = InProcessTraining(message.model_name, message.seed, speed, message.shards)
                 conn.send("ready")
             elif training is None:
@@ -191,7 +192,8 @@ def _serve(conn: Connection, speed: SpeedConfig) -> None:
                 conn.send(training.train_one(message))
         except BaseException as e:
             traceback.print_exc(file=sys.stderr)
-            conn.send(_Failure("".join(traceback.format_exception_only(e)).strip()))
+            with contextlib.suppress(OSError):
+                conn.send(_Failure(" ".join(line.strip() for line in traceback.format_exception_only(e) if line.strip())))
             return
 
 
