@@ -58,7 +58,9 @@ def parse_devices(given: str | Sequence[str]) -> tuple[str, ...]:
 
 
 # A comma list of devices, checked against this machine when the setting is built (at start).
-DeviceList = Annotated[tuple[str, ...], BeforeValidator(parse_devices), settings.Described("a comma list of devices of one kind, e.g. cuda:0,cuda:1 or cpu,cpu")]
+DeviceList = Annotated[
+    tuple[str, ...], BeforeValidator(parse_devices), settings.Described("a comma list of devices of one kind, e.g. cuda:0,cuda:1 or cpu,cpu")
+]
 
 
 def threads_per_process(devices: Sequence[str], speed: SpeedConfig) -> int:

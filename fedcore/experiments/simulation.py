@@ -117,11 +117,11 @@ class Simulation:
         started = time.perf_counter()
         plan = fed.plan(list(self.clients))
         open_round = fed.open_round(plan, {c: self.clients[c].num_examples for c in plan.clients})
-        for outcome in self.training.train(self._job(open_round, cid) for cid in plan.clients):
-            cid, task = outcome.client_id, open_round.task(outcome.client_id)
-            update = transfer(outcome.update, self.config.chunk_size)
-            open_round.accept(cid, update, mean_loss=outcome.mean_loss, images_seen=outcome.images_seen)
-            self.clients[cid].private = dict(outcome.private)
+        for trained in self.training.train(self._job(open_round, cid) for cid in plan.clients):
+            cid, task = trained.client_id, open_round.task(trained.client_id)
+            update = transfer(trained.update, self.config.chunk_size)
+            open_round.accept(cid, update, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
+            self.clients[cid].private = dict(trained.private)
             if task.private:
                 checkpoint.save_private(self.out_dir / "clients", cid, task.round_index + 1, self.clients[cid].private)
         outcome = open_round.close()

@@ -16,7 +16,7 @@ from fedcore.data.shards import DataConfig
 from fedcore.experiments import devices
 from fedcore.experiments.devices import DevicePool, TrainingProcessFailed, parse_devices, threads_per_process
 from fedcore.experiments.simulation import Simulation, SimulationConfig
-from fedcore.federation.server import FederationConfig
+from fedcore.federation.server import FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy
 from fedcore.model.training import SpeedConfig, TrainConfig
 from feddiff.cli import main
@@ -78,10 +78,12 @@ def _config(strategy: Strategy = Strategy.FULL) -> SimulationConfig:
 
 
 @pytest.mark.timeout(300)
-def test_a_process_that_raises_ends_simulate_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fashion_mnist_dir: Path) -> None:
+def test_a_process_that_raises_ends_simulate_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fashion_mnist_dir: Path
+) -> None:
     job = Simulation._job
 
-    def corrupt(self: Simulation, open_round, cid: str) -> devices.ClientJob:  # type: ignore[no-untyped-def]
+    def corrupt(self: Simulation, open_round: OpenRound, cid: str) -> devices.ClientJob:
         made = job(self, open_round, cid)
         return replace(made, weights=b"no safetensors") if cid == "client-1" else made
 
@@ -131,7 +133,12 @@ def test_a_pool_serves_one_simulation_after_another(tmp_path: Path, fashion_mnis
 def test_devices_may_repeat_and_are_checked_against_this_machine() -> None:
     assert parse_devices("cpu, cpu") == ("cpu", "cpu")
     assert parse_devices(["cpu"]) == ("cpu",)
-    for given, words in [("cuda:7", "device 'cuda:7': no such device here"), ("gpu0", "device 'gpu0': not a device name"), ("auto", "entry 'auto'"), ("cpu,,cpu", "entry ''")]:
+    for given, words in [
+        ("cuda:7", "device 'cuda:7': no such device here"),
+        ("gpu0", "device 'gpu0': not a device name"),
+        ("auto", "entry 'auto'"),
+        ("cpu,,cpu", "entry ''"),
+    ]:
         with pytest.raises(ValueError, match=words):
             parse_devices(given)
 
