@@ -24,6 +24,7 @@ from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
+from fedcore import settings
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
@@ -64,9 +65,9 @@ def check_ports(cfg: CoordinatorConfig) -> None:
     """CannotListen, before anything is built, when a port this coordinator is to listen on is taken."""
     host, port = split_address(cfg.listen)
     check_distinct({"--listen": port, "--health-port": cfg.health_port, "--metrics-port": cfg.metrics_port})
-    check_free("--listen", host, port)
-    check_free("--health-port", host, cfg.health_port)
-    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)
+    check_free("--listen", host, port, default=settings.is_default(cfg, "listen"))
+    check_free("--health-port", host, cfg.health_port)  # off by default
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port, default=settings.is_default(cfg, "metrics_port"))
 
 
 def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -94,7 +95,8 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         return federation
     found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
     if found:
-        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
+        default = " (the default)" if settings.is_default(cfg, "checkpoint_dir") else ""
+        raise ExistingRun(f"{cfg.checkpoint_dir}{default}", found, "--checkpoint-dir")
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from fedcore import settings
 from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import DataConfig, client_shard
@@ -80,7 +81,8 @@ class WorkerDaemon:
     def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics)  # locked by this process
+        default = settings.is_default(cfg, "state_dir")
+        self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics, default=default)  # locked by this process
         self.state_dir = self.state.path
         self.worker_id = self.state.identity.worker_id
         self.stop_event = threading.Event()

@@ -61,18 +61,20 @@ class StateDir:
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, path: str | Path, requested_worker_id: str, metrics: Metrics) -> StateDir:
+    def open(cls, path: str | Path, requested_worker_id: str, metrics: Metrics, *, default: bool = False) -> StateDir:
         """Lock the directory (created if missing) for this process and read or create its identity;
-        StateDirError when another process holds it or it cannot be written at all."""
+        StateDirError when another process holds it or it cannot be written at all (`default`: the flag was
+        not given, and the message says so)."""
         path = Path(path)
+        named = f"--state-dir {str(path)!r}{' (the default)' if default else ''}"
         try:
             writable_folder(path)
-            lock_fd = _lock(path)
+            lock_fd = _lock(path, named)
         except OSError as e:
-            raise StateDirError(f"--state-dir {str(path)!r} cannot be used: {e.strerror or e}") from e
+            raise StateDirError(f"{named} cannot be used: {e.strerror or e}") from e
         try:
             _remove_temporary_files(path)
-            identity = _load_identity(path, requested_worker_id)
+            identity = _load_identity(path, requested_worker_id, named)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -117,12 +119,12 @@ class StateDir:
         return self.save_private(self.unsaved.completed_rounds, self.unsaved.tensors)
 
 
-def _lock(path: Path) -> int:
+def _lock(path: Path, named: str) -> int:
     """An exclusive lock on path/lock for this process, or StateDirError naming the process holding it."""
     try:
         return lock_folder(path)
     except FolderInUse as e:
-        raise StateDirError(f"--state-dir {str(path)!r} is in use by another worker process (pid {e.holder}): each worker needs its own state dir") from None
+        raise StateDirError(f"{named} is in use by another worker process (pid {e.holder}): each worker needs its own state dir") from None
 
 
 def _remove_temporary_files(path: Path) -> None:
@@ -133,7 +135,7 @@ def _remove_temporary_files(path: Path) -> None:
             log.info("removed %s, left by an interrupted write", f)
 
 
-def _load_identity(path: Path, requested: str) -> Identity:
+def _load_identity(path: Path, requested: str, named: str) -> Identity:
     """The requested worker id, else the one saved in the state dir, else a new one; the installation id
     saved there, else a new one. Saved when new (StateDirError when that fails: a restart would not be told
     from another worker)."""
@@ -160,5 +162,5 @@ def _load_identity(path: Path, requested: str) -> Identity:
         try:
             atomic_write_json(file, fresh)
         except OSError as e:
-            raise StateDirError(f"--state-dir {str(path)!r}: cannot save the worker's identity in {IDENTITY_FILE}: {e.strerror or e}") from e
+            raise StateDirError(f"{named}: cannot save the worker's identity in {IDENTITY_FILE}: {e.strerror or e}") from e
     return Identity(worker_id, installation_id, secrets.token_hex(8))

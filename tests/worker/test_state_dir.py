@@ -94,6 +94,13 @@ def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path) -> No
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
 
 
+def test_a_default_state_dir_in_use_is_named_as_the_default(tmp_path: Path) -> None:
+    first = _open(tmp_path)
+    with pytest.raises(StateDirError, match=rf"^--state-dir '{tmp_path}' \(the default\) is in use by another worker process"):
+        StateDir.open(tmp_path, "hospital-1", Metrics(), default=True)
+    first.close()
+
+
 def test_temporary_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> None:
     left = tmp_path / ".private-r0002.safetensors.tmp-4242"
     left.write_bytes(b"half a file")
