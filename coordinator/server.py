@@ -117,6 +117,24 @@ def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
         log.info("--resume: settings changed since the run's last checkpoint: %s", ", ".join(changed))
 
 
+def open_run(cfg: CoordinatorConfig) -> str:
+    """The run's id: with --resume the one saved in the checkpoint dir, else a new one, saved there (the
+    coordinator holds the folder's lock). A run resumed from a checkpoint that predates run ids gets one now."""
+    try:
+        run_id = checkpoint.load_run_id(cfg.checkpoint_dir) if cfg.resume else None
+        if run_id is None:
+            run_id = checkpoint.new_run_id()
+            checkpoint.save_run_id(cfg.checkpoint_dir, run_id)
+            log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resume and checkpoint.run_in(cfg.checkpoint_dir) else "")
+        else:
+            log.info("run %s, resumed", run_id)
+    except OSError as e:
+        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: cannot save the run id in {checkpoint.RUN_FILE}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}") from None
+    return run_id
+
+
 class Coordinator:
     """A running coordinator; `start` returns once it serves, `stop` shuts it down cleanly.
 
@@ -141,6 +159,7 @@ class Coordinator:
         try:
             if federation.completed_rounds:  # lines of rounds never committed go (a crash between log and state)
                 truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
+            self.run_id = open_run(cfg)
             self.federation = federation
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
@@ -173,7 +192,7 @@ class Coordinator:
         """Create and start the servers on the event loop (grpc.aio objects belong to the loop they are made on)."""
         server = grpc.aio.server(options=GRPC_OPTIONS)
         self._servers.append(server)
-        self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth)
+        self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth, run_id=self.run_id)
         register(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = add_port(server, "--listen", self.cfg.listen, server_credentials(self.cfg))

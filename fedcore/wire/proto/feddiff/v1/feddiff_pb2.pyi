@@ -129,6 +129,7 @@ class JoinResponse(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """bound: 1..64 characters of [A-Za-z0-9._-]"""
     heartbeat_interval_ms: _builtins.int
@@ -141,6 +142,11 @@ class JoinResponse(_message.Message):
     """bytes per chunk the coordinator sends and wants; bound: 1..2^22"""
     rounds: _builtins.int
     """bound: 1..2^32-1"""
+    run_id: _builtins.str
+    """The run this coordinator serves, the same across its restarts (--resume), another for a new run: a worker
+    keeps its private parts for one run. Empty from a coordinator that predates it.
+    bound: 0..64 lowercase hex digits
+    """
     @_builtins.property
     def digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Update digests the coordinator checks besides "sha256" (today: "blake3");
@@ -157,10 +163,11 @@ class JoinResponse(_message.Message):
         chunk_size: _builtins.int = ...,
         rounds: _builtins.int = ...,
         digests: _abc.Iterable[_builtins.str] | None = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "digests", b"digests", "heartbeat_interval_ms", b"heartbeat_interval_ms", "model", b"model", "rounds", b"rounds", "session_id", b"session_id", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "digests", b"digests", "heartbeat_interval_ms", b"heartbeat_interval_ms", "model", b"model", "rounds", b"rounds", "run_id", b"run_id", "session_id", b"session_id", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
