@@ -33,7 +33,7 @@ log = logging.getLogger("feddiff.worker")
 IDENTITY_FILE = "identity.json"
 PRIVATE_STEM = "private"
 SAMPLES = "samples"
-PREVIOUS_RUNS = "previous-runs"
+PREVIOUS_RUNS = checkpoint.PREVIOUS_RUNS
 TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
 
 

@@ -30,6 +30,7 @@ STATE_FILE = "state.json"
 ROUNDS_LOG = "rounds.jsonl"
 FINAL_MODEL = "final.safetensors"
 RUN_FILE = "run.json"
+PREVIOUS_RUNS = "previous-runs"  # in a worker's --state-dir: previous-runs/<run id>/, the files of other runs
 KEEP = 2
 
 
