@@ -5,9 +5,11 @@ takes; every number a worker is sent fits its field of the wire contract at the 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -139,6 +141,16 @@ def _coordinator(tmp_path: Path, **overrides: Any) -> Iterator[Coordinator]:
         yield coord
     finally:
         coord.stop(grace=0)
+
+
+def test_the_wait_for_workers_names_the_setting_it_waits_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """'1 of 2 connected' said nothing to a user who never set --min-workers."""
+    caplog.set_level(logging.INFO, logger="feddiff.coordinator")
+    with _coordinator(tmp_path):
+        deadline = time.monotonic() + 30
+        while "waiting for workers" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "waiting for workers: 0 connected, --min-workers 2 (the default)" in caplog.text
 
 
 def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -> None:
