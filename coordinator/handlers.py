@@ -138,6 +138,7 @@ class Handlers:
             error=self.driver.failure,
             workers_omitted=omitted,
             workers_connected=connected,
+            run_id=self.run_id,
         )
 
     def _worker_status(self, r: WorkerRecord) -> pb.WorkerStatus:

@@ -25,7 +25,7 @@ import torch
 
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.federation import checkpoint
-from fedcore.wire.bounds import BOUNDS, WORKER_ID
+from fedcore.wire.bounds import RUN_ID, WORKER_ID
 from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
@@ -106,7 +106,7 @@ class StateDir:
         in-memory parts whose save failed are saved there, if they can be); the run's own, moved there earlier,
         are moved back. True when the private parts on disk changed (the caller loads them again). ValueError
         for a run id that is no id."""
-        problem = BOUNDS["JoinResponse.run_id"].problem(run_id)
+        problem = RUN_ID.problem(run_id)
         if problem or not run_id:
             raise ValueError(f"the coordinator's run id {problem or 'is empty'}")
         saved = self._saved_run_id()

@@ -147,6 +147,7 @@ Bound = Scalar | Items
 
 WORKER_ID = Text(1, 128, "id")  # it names files and certificates
 SESSION = Text(0, MAX_SESSION_ID, "id")  # looked up, not checked (`check`)
+RUN_ID = Text(0, MAX_RUN_ID, "hex")
 TASK_ID = Text(1, MAX_TASK_ID, "id")
 LABEL = Text(0, MAX_LABEL)
 DIGEST = Text(0, 64, "digest")
@@ -174,7 +175,7 @@ BOUNDS: Mapping[str, Bound] = {
     "JoinResponse.rounds": Number(1, U32),
     "JoinResponse.digests": DIGEST_NAMES,
     # Empty from a coordinator that predates run ids; hex, as the worker names a folder by it
-    "JoinResponse.run_id": Text(0, MAX_RUN_ID, "hex"),
+    "JoinResponse.run_id": RUN_ID,
     "HeartbeatRequest.session_id": SESSION,
     "HeartbeatResponse.round": ROUND,
     "LeaveRequest.session_id": SESSION,
@@ -248,6 +249,7 @@ BOUNDS: Mapping[str, Bound] = {
     "StatusResponse.error": Text(0, MAX_MESSAGE, "text"),
     "StatusResponse.workers_omitted": ROUND,
     "StatusResponse.workers_connected": ROUND,
+    "StatusResponse.run_id": RUN_ID,
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.federation.checkpoint import RUN_FILE, load_private
-from feddiff.local import LocalCluster, Process
+from feddiff.local import LocalCluster, Process, status
 from tests.reliability.support import DATA, ENV, RUN
 from worker.state_dir import PREVIOUS_RUNS, PRIVATE_STEM
 
@@ -36,6 +36,8 @@ def _one_run(cluster: LocalCluster, name: str, checkpoints: Path, rounds: int, s
     )  # fmt: skip
     worker = cluster.worker(coord.ready["address"], "hospital-1", "--insecure", "--client-index", "0", *DATA, "--state-dir", str(state), name=f"{name}-worker")
     assert worker.proc.wait(180) == 0, worker.output()[-3000:]
+    if resume:  # serving the finished run: `feddiff status` names it
+        assert status(coord.ready["address"])["run_id"] == _run_id(checkpoints)
     assert coord.stop(timeout=60) == 0 if resume else coord.proc.wait(60) == 0, coord.output()[-3000:]
     return worker
 
