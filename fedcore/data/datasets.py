@@ -46,6 +46,7 @@ _INTEGER_SAMPLES: Final = MappingProxyType(
     {
         "I;16": (0, 65535), "I;16L": (0, 65535), "I;16B": (0, 65535), "I;16N": (0, 65535), "I;16R": (0, 65535),
         "I;16S": (-32768, 32767), "I;16BS": (-32768, 32767),
+        "I;12": (0, 4095),  # a TIFF of 12 bits per sample, which Pillow opens in mode "I;16" unscaled
     }
 )  # fmt: skip
 # Samples whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
@@ -243,8 +244,9 @@ def _flatten(image: Image.Image, mode: str) -> Image.Image:
 
 def _stored_samples(image: Image.Image) -> str:
     """The sample type an opened integer or float image stores (Pillow's raw mode: "I;16S" for a signed 16-bit
-    TIFF that Pillow opens in mode "I"); its mode for any other image."""
-    if image.mode in ("I", "F") and image.tile:
+    TIFF that Pillow opens in mode "I", "I;12" for a 12-bit one it opens in mode "I;16"); its mode for any other
+    image."""
+    if (image.mode in ("I", "F") or image.mode.startswith("I;16")) and image.tile:
         return str(image.tile[0].args[0] if isinstance(image.tile[0].args, tuple) else image.tile[0].args)
     return image.mode
 

@@ -256,13 +256,18 @@ def _swapped_primaries_profile() -> bytes:
     return bytes(profile)
 
 
-def _integer_tiff(path: Path, values: np.ndarray, *, signed: bool) -> None:
-    """A baseline grayscale TIFF of `values` ((SIDE, SIDE), 16-bit, in their byte order) with SampleFormat 2
-    (signed) or 1: Pillow writes no signed 16-bit TIFF; scanners, microscopes and CT exports do."""
+def _integer_tiff(path: Path, values: np.ndarray, *, signed: bool = False, bits: int = 16) -> None:
+    """A baseline grayscale TIFF of `values` ((SIDE, SIDE) integers, 16-bit in their byte order, or 12-bit
+    packed) with SampleFormat 2 (signed) or 1: Pillow writes neither signed 16-bit nor 12-bit TIFFs; scanners,
+    microscopes, cameras and CT exports do."""
     order = b"MM" if values.dtype.byteorder == ">" else b"II"
     e = ">" if order == b"MM" else "<"
-    data = values.tobytes()
-    tags = [(256, 3, SIDE), (257, 3, SIDE), (258, 3, 16), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 3, SIDE),
+    if bits == 12:  # two samples in three bytes, most significant bits first
+        flat = values.ravel().astype(np.uint32)
+        data = np.stack([flat[0::2] >> 4, ((flat[0::2] & 0xF) << 4) | (flat[1::2] >> 8), flat[1::2] & 0xFF], axis=1).astype(np.uint8).tobytes()
+    else:
+        data = values.tobytes()
+    tags = [(256, 3, SIDE), (257, 3, SIDE), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 3, SIDE),
             (279, 4, len(data)), (339, 3, 2 if signed else 1)]  # fmt: skip
     header = order + struct.pack(f"{e}HI", 42, 8 + len(data))
     ifd = struct.pack(f"{e}H", len(tags)) + b"".join(
@@ -317,6 +322,16 @@ MODE_CASES = [
         (126, 126, 126),  # (-1000 + 32768) * 255 / 65535 = 123.6 -> 124; 0 -> 127.502 -> 128
         (124, 128),
         (126, 124, 128),
+        0,
+    ),
+    # 12 bits per sample: 0..4095 to 0..255 (Pillow opens it in mode I;16, its values unscaled).
+    ModeCase(
+        "I12-ramp.tif",
+        "I;16",
+        lambda p: _integer_tiff(p, np.rint(np.arange(SIDE * SIDE) * 4095 / 255).astype("<u2").reshape(SIDE, SIDE), bits=12),
+        (127.5, 127.5, 127.5),
+        (0, 255),
+        (127.5, 0, 255),
         0,
     ),
     # 12-bit data in 16-bit samples stays dark: a 16-bit sample means a fraction of 65535 (PNG, TIFF 6.0).
@@ -406,7 +421,7 @@ def test_sixteen_bit_grayscale_keeps_its_levels(every_mode_folder: Path) -> None
     names = sorted(CASES)
 
     eight_bit = images[names.index("L.png")]
-    for name in ("I16-ramp.png", "I16B-ramp.tif", "I16S-ramp.tif", "I16BS-ramp.tif"):
+    for name in ("I16-ramp.png", "I16B-ramp.tif", "I16S-ramp.tif", "I16BS-ramp.tif", "I12-ramp.tif"):
         np.testing.assert_array_equal(images[names.index(name)], eight_bit)
     assert len(np.unique(images[names.index("I16-ramp.png")])) == 256
     x = to_model_range(images[names.index("I16-ramp.png")][None])
