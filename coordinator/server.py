@@ -117,22 +117,27 @@ def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
         log.info("--resume: settings changed since the run's last checkpoint: %s", ", ".join(changed))
 
 
-def open_run(cfg: CoordinatorConfig) -> str:
-    """The run's id: with --resume the one saved in the checkpoint dir, else a new one, saved there (the
-    coordinator holds the folder's lock). A run resumed from a checkpoint that predates run ids gets one now."""
+def run_of(cfg: CoordinatorConfig) -> tuple[str, bool]:
+    """The run's id, and whether it is new (to be saved by `save_run`): with --resume the one saved in the
+    checkpoint dir, else a new one. A run resumed from a checkpoint that predates run ids gets one now."""
     try:
         run_id = checkpoint.load_run_id(cfg.checkpoint_dir) if cfg.resume else None
-        if run_id is None:
-            run_id = checkpoint.new_run_id()
-            checkpoint.save_run_id(cfg.checkpoint_dir, run_id)
-            log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resume and checkpoint.run_in(cfg.checkpoint_dir) else "")
-        else:
-            log.info("run %s, resumed", run_id)
-    except OSError as e:
-        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: cannot save the run id in {checkpoint.RUN_FILE}: {e.strerror or e}") from None
     except ValueError as e:
         raise ValueError(f"--resume: {e}") from None
-    return run_id
+    if run_id is not None:
+        log.info("run %s, resumed", run_id)
+        return run_id, False
+    run_id = checkpoint.new_run_id()
+    log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resume and checkpoint.run_in(cfg.checkpoint_dir) else "")
+    return run_id, True
+
+
+def save_run(cfg: CoordinatorConfig, run_id: str) -> None:
+    """Save a new run's id in the checkpoint dir, before any worker can hear of it."""
+    try:
+        checkpoint.save_run_id(cfg.checkpoint_dir, run_id)
+    except OSError as e:
+        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: cannot save the run id in {checkpoint.RUN_FILE}: {e.strerror or e}") from None
 
 
 class Coordinator:
@@ -159,7 +164,7 @@ class Coordinator:
         try:
             if federation.completed_rounds:  # lines of rounds never committed go (a crash between log and state)
                 truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
-            self.run_id = open_run(cfg)
+            self.run_id, self._new_run = run_of(cfg)  # saved once the start can no longer be refused (`start`)
             self.federation = federation
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
@@ -215,12 +220,16 @@ class Coordinator:
     def start(self) -> Coordinator:
         self._grpc_thread.start()
         try:
+            if self._new_run:
+                save_run(self.cfg, self.run_id)
             self._on_loop(self._serve())
             if self.cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         except BaseException:
             self._on_loop(self._stop_servers(0))
             self._close_loop()
+            if self._new_run:  # a refused start leaves the folder as it was
+                (Path(self.cfg.checkpoint_dir) / checkpoint.RUN_FILE).unlink(missing_ok=True)
             self.release()
             raise
         self._loop.start()

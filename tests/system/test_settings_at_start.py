@@ -143,6 +143,16 @@ def _coordinator(tmp_path: Path, **overrides: Any) -> Iterator[Coordinator]:
         coord.stop(grace=0)
 
 
+def test_a_start_refused_after_the_lock_leaves_no_run_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new run's id is saved once its start can no longer be refused (here: no certificate, no --insecure)."""
+    folder = tmp_path / "ckpt"
+
+    assert main(["coordinator", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--checkpoint-dir", str(folder)]) != 0
+
+    assert "no TLS certificate given" in capsys.readouterr().err
+    assert not (folder / "run.json").exists()
+
+
 def test_the_wait_for_workers_names_the_setting_it_waits_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """'1 of 2 connected' said nothing to a user who never set --min-workers."""
     caplog.set_level(logging.INFO, logger="feddiff.coordinator")
