@@ -158,9 +158,7 @@ class CoordinatorConfig:
         if self.tls_ca and not self.tls_cert:
             raise ValueError("--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key")
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
-            raise ValueError(
-                f"{settings.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start"
-            )
+            raise ValueError(f"{settings.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
 
     @property
     def federation(self) -> FederationConfig:

@@ -23,8 +23,8 @@ from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
-from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore import settings
+from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log

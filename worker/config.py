@@ -93,8 +93,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.data_dir and self.client_index >= 0:
             raise ValueError(
-                f"--client-index {self.client_index} and --data-dir {self.data_dir}: give one source of images, a Fashion-MNIST "
-                "shard or a folder of your own"
+                f"--client-index {self.client_index} and --data-dir {self.data_dir}: give one source of images, a Fashion-MNIST shard or a folder of your own"
             )
         if not self.data_dir and self.client_index < 0:
             raise ValueError(

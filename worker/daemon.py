@@ -279,6 +279,7 @@ class WorkerDaemon:
         if self.runtime is not None:
             self.runtime.private.clear()
             self.runtime.private.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
+
     def _build(self, model_name: str) -> None:
         """Model and trainer (compiled on GPU): built once per process and reused every round."""
         mcfg = preset(model_name)

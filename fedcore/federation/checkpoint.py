@@ -167,7 +167,7 @@ def load_run_id(directory: str | Path) -> str | None:
         raise ValueError(f"{file}: not a run id (JSON): {e}") from None
     run_id = raw.get("run_id") if isinstance(raw, dict) else None
     if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{1,64}", run_id):
-        raise ValueError(f"{file}: not a run id: expected {{\"run_id\": up to 64 lowercase hex digits}}")
+        raise ValueError(f'{file}: not a run id: expected {{"run_id": up to 64 lowercase hex digits}}')
     return run_id
 
 

@@ -197,9 +197,9 @@ def test_localhost_covers_both_loopbacks(held: str) -> None:
         pytest.skip(_ipv6_loopback())
     port = _free_on_both_loopbacks()
     shown = f"[{held}]:{port}" if ":" in held else f"{held}:{port}"
-    with _listening(held, port):
-        with pytest.raises(CannotListen, match=rf"^--listen localhost:{port}: address already in use \(another process listens on {re.escape(shown)}\)$"):
-            check_free("--listen", "localhost", port)
+    refusal = rf"^--listen localhost:{port}: address already in use \(another process listens on {re.escape(shown)}\)$"
+    with _listening(held, port), pytest.raises(CannotListen, match=refusal):
+        check_free("--listen", "localhost", port)
     check_free("--listen", "localhost", port)  # free again
 
 
@@ -231,7 +231,10 @@ def test_a_default_port_that_is_taken_says_it_is_the_default() -> None:
         port = int(holder.getsockname()[1])
         with pytest.raises(CannotListen) as e:
             check_free("--metrics-port", "127.0.0.1", port, default=True)
-    assert str(e.value) == f"--metrics-port 127.0.0.1:{port} (the default): address already in use (another process listens there); pass --metrics-port to choose another port"
+    assert (
+        str(e.value)
+        == f"--metrics-port 127.0.0.1:{port} (the default): address already in use (another process listens there); pass --metrics-port to choose another port"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--listen", "--health-port", "--metrics-port"])

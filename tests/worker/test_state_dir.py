@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fedcore.atomic import LOCK_FILE
+from fedcore.federation.checkpoint import load_private
 from tests.tmpfs import fill, mounted_tmpfs, remount
 from worker.metrics import Metrics
-from fedcore.federation.checkpoint import load_private
 from worker.state_dir import IDENTITY_FILE, StateDir, StateDirError, UnsavedPrivate
 
 PRIVATE_BYTES = 100_000  # one private-rNNNN.safetensors file, about
