@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 from fedcore.errors import CannotListen
 
@@ -44,7 +45,10 @@ def is_localhost(host: str) -> bool:
     return host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost")
 
 
-def addresses_of(host: str, port: int) -> tuple[list[tuple[int, tuple[object, ...]]], list[tuple[int, tuple[object, ...]]]]:
+SocketAddress = tuple[int, tuple[Any, ...]]  # (address family, the sockaddr `bind` takes)
+
+
+def addresses_of(host: str, port: int) -> tuple[list[SocketAddress], list[SocketAddress]]:
     """The socket addresses (family, sockaddr) a listener on HOST:PORT takes, as (resolved, implied).
 
     Resolved: every address the name resolves to. Implied: those gRPC listens on beyond them, which another
@@ -53,18 +57,18 @@ def addresses_of(host: str, port: int) -> tuple[list[tuple[int, tuple[object, ..
     dual-stack '::' (gRPC listens there first and falls back to IPv4 alone when another process holds an IPv6
     address of the port). socket.gaierror when the name does not resolve."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    resolved = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    resolved: list[SocketAddress] = [(int(family), tuple(sockaddr)) for family, _, _, _, sockaddr in infos]
     extra = list(LOOPBACKS) if is_localhost(host) else ["::"] if host in WILDCARDS else []
-    implied = []
+    implied: list[SocketAddress] = []
     for ip in extra:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        sockaddr: tuple[object, ...] = (ip, port, 0, 0) if family == socket.AF_INET6 else (ip, port)
+        family = int(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+        sockaddr: tuple[Any, ...] = (ip, port, 0, 0) if family == socket.AF_INET6 else (ip, port)
         if (family, sockaddr) not in resolved:
             implied.append((family, sockaddr))
     return resolved, implied
 
 
-def _held(sockaddr: tuple[object, ...], implied: bool) -> str:
+def _held(sockaddr: tuple[Any, ...], implied: bool) -> str:
     """Where another process holds the port, in a refusal's words."""
     host = str(sockaddr[0])
     if implied and host == "::":  # the IPv4 wildcard bound before it: an IPv6 address holds it
@@ -72,7 +76,7 @@ def _held(sockaddr: tuple[object, ...], implied: bool) -> str:
     return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
 
 
-def _probe(family: int, sockaddr: tuple[object, ...]) -> OSError | None:
+def _probe(family: int, sockaddr: tuple[Any, ...]) -> OSError | None:
     """Bind a socket of our own to `sockaddr` and close it again; the error, None when it binds."""
     try:
         probe = socket.socket(family, socket.SOCK_STREAM)

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV: Final = "FEDDIFF_FASHION_MNIST_DIR"  # overrides DEFAULT_FASHION_MNIST_DIR
@@ -246,8 +246,9 @@ def _stored_samples(image: Image.Image) -> str:
     """The sample type an opened integer or float image stores (Pillow's raw mode: "I;16S" for a signed 16-bit
     TIFF that Pillow opens in mode "I", "I;12" for a 12-bit one it opens in mode "I;16"); its mode for any other
     image."""
-    if (image.mode in ("I", "F") or image.mode.startswith("I;16")) and image.tile:
-        return str(image.tile[0].args[0] if isinstance(image.tile[0].args, tuple) else image.tile[0].args)
+    if (image.mode in ("I", "F") or image.mode.startswith("I;16")) and isinstance(image, ImageFile.ImageFile) and image.tile:
+        args = image.tile[0].args
+        return str(args[0] if isinstance(args, tuple) else args)
     return image.mode
 
 

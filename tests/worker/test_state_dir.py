@@ -223,7 +223,7 @@ def test_parts_held_unsaved_for_another_run_are_saved_aside_not_into_the_new_run
     assert state.enter_run(RUN_B) is True
 
     assert state.unsaved is None and state.load_private() is None
-    assert torch.equal(load_private(tmp_path / "previous-runs" / RUN_A, "private")[0]["mid.weight"], _private(4)["mid.weight"])  # type: ignore[index]
+    assert torch.equal(load_private(tmp_path / "previous-runs" / RUN_A, "private")[0]["mid.weight"], _private(4)["mid.weight"])
 
 
 @pytest.mark.parametrize("run_id", ["", "../x", "A" * 32, "f" * 65])
