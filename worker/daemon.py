@@ -260,12 +260,11 @@ class WorkerDaemon:
 
     def _enter_run(self, run_id: str) -> None:
         """Hold the private parts of run `run_id` alone: those of another run are moved aside and dropped from
-        memory, the run's own loaded (`StateDir.enter_run`). A state dir whose files cannot be moved ends the
-        session, without private parts in memory (joined again after the backoff)."""
+        memory, the run's own loaded (`StateDir.enter_run`). A run id that is no id, or a state dir whose files
+        cannot be moved, ends the session before any task (joined again after the backoff, and tried again)."""
         try:
             changed = self.state.enter_run(run_id)
         except (OSError, ValueError) as e:
-            self._set_private(None)
             log.error("worker %s: cannot keep the private parts of run %s apart in %s: %s", self.worker_id, run_id, self.state_dir, e)
             raise SessionOver from e
         if changed:

@@ -156,12 +156,14 @@ class StateDir:
                 checkpoint.save_private(aside, PRIVATE_STEM, unsaved.completed_rounds, unsaved.tensors)
             except OSError as e:
                 log.error("worker %s: the unsaved private parts of round %d are lost: %s", self.identity.worker_id, unsaved.completed_rounds, e)
+        private = any(f.name.startswith(PRIVATE_STEM) for f in files) or unsaved is not None
+        held = " and ".join(what for what, there in (("private parts", private), ("sample grids", (self.path / SAMPLES) in files)) if there)
         log.warning(
-            "worker %s: this state dir held the private parts of %s; joining run %s, they were moved to %s (kept, not used) "
-            "and this run starts from the global model",
-            self.identity.worker_id, f"run {run_id}" if run_id else "a run of unknown id (saved before run ids)", joining, aside,
+            "worker %s: this state dir held the %s of %s; joining run %s, they were moved to %s (kept, not used)%s",
+            self.identity.worker_id, held, f"run {run_id}" if run_id else "a run of unknown id (saved before run ids)", joining, aside,
+            " and this run starts from the global model" if private else "",
         )  # fmt: skip
-        return any(f.name.startswith(PRIVATE_STEM) for f in files) or unsaved is not None
+        return private
 
     def _move_back(self, run_id: str) -> bool:
         """The files of run `run_id`, moved aside when this worker joined another run, back in place."""

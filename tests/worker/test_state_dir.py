@@ -197,7 +197,7 @@ def test_parts_saved_before_run_ids_are_of_an_unknown_run_and_moved_aside(tmp_pa
     assert aside.name.startswith("unknown-") and _sha(aside / "private-r0003.safetensors") == before
     assert (aside / "samples" / "r0002.png").read_bytes() == b"png"
     assert state.load_private() is None and json.loads((tmp_path / "run.json").read_text()) == {"run_id": RUN_A}
-    assert "a run of unknown id (saved before run ids)" in caplog.text
+    assert "held the private parts and sample grids of a run of unknown id (saved before run ids)" in caplog.text
 
 
 def test_the_same_run_keeps_its_parts_and_a_new_run_starts_without_them(tmp_path: Path) -> None:
