@@ -150,7 +150,7 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
-                f"heartbeat_timeout {self.heartbeat_timeout:g} s must be longer than heartbeat_interval {self.heartbeat_interval:g} s: "
+                f"{settings.shown(self, 'heartbeat_timeout', 's')} must be longer than {settings.shown(self, 'heartbeat_interval', 's')}: "
                 "every worker would count as gone between two of its heartbeats"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -158,7 +158,7 @@ class CoordinatorConfig:
         if self.tls_ca and not self.tls_cert:
             raise ValueError("--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key")
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
-            raise ValueError(f"min_workers {self.min_workers} is more than the {len(self.worker_sizes)} workers in worker_sizes: no round could start")
+            raise ValueError(f"{settings.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
 
     @property
     def federation(self) -> FederationConfig:

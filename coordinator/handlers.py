@@ -24,8 +24,9 @@ log = logging.getLogger("feddiff.coordinator")
 class Handlers:
     """The Coordinator service's calls, each given its checked request and the worker behind its session."""
 
-    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry):
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, *, run_id: str):
         self.cfg = cfg
+        self.run_id = run_id  # sent at every join: a worker keeps its private parts for one run
         self.driver = driver
         self.registry = registry
 
@@ -57,6 +58,7 @@ class Handlers:
             chunk_size=self.cfg.chunk_size,
             rounds=fed.rounds,
             digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
+            run_id=self.run_id,
         )
 
     # --- tasks -----------------------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class Handlers:
             error=self.driver.failure,
             workers_omitted=omitted,
             workers_connected=connected,
+            run_id=self.run_id,
         )
 
     def _worker_status(self, r: WorkerRecord) -> pb.WorkerStatus:

@@ -19,6 +19,7 @@ from coordinator.evaluation import EvalPhase, EvalReport, Evaluation
 from coordinator.metrics import Metrics
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerRecord, WorkerRegistry
+from fedcore import settings
 from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
@@ -133,7 +134,7 @@ class RoundDriver:
             if len(connected) >= self.cfg.min_workers:
                 return True
             if not logged:
-                log.info("waiting for workers: %d of %d connected", len(connected), self.cfg.min_workers)
+                log.info("waiting for workers: %d connected, %s", len(connected), settings.shown(self.cfg, "min_workers"))
                 logged = True
             with self._cond:
                 self.state = "waiting_for_workers"

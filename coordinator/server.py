@@ -23,6 +23,7 @@ from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator, server_credentials
 from coordinator.servicer import CoordinatorServicer, register
+from fedcore import settings
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
@@ -64,9 +65,9 @@ def check_ports(cfg: CoordinatorConfig) -> None:
     """CannotListen, before anything is built, when a port this coordinator is to listen on is taken."""
     host, port = split_address(cfg.listen)
     check_distinct({"--listen": port, "--health-port": cfg.health_port, "--metrics-port": cfg.metrics_port})
-    check_free("--listen", host, port)
-    check_free("--health-port", host, cfg.health_port)
-    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)
+    check_free("--listen", host, port, default=settings.is_default(cfg, "listen"))
+    check_free("--health-port", host, cfg.health_port)  # off by default
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port, default=settings.is_default(cfg, "metrics_port"))
 
 
 def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -94,7 +95,8 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         return federation
     found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
     if found:
-        raise ExistingRun(cfg.checkpoint_dir, found, "--checkpoint-dir")
+        default = " (the default)" if settings.is_default(cfg, "checkpoint_dir") else ""
+        raise ExistingRun(f"{cfg.checkpoint_dir}{default}", found, "--checkpoint-dir")
     if cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
     if not cfg.init_from:
@@ -113,6 +115,29 @@ def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in given.items() if key in saved and saved[key] != value]
     if changed:
         log.info("--resume: settings changed since the run's last checkpoint: %s", ", ".join(changed))
+
+
+def run_of(cfg: CoordinatorConfig) -> tuple[str, bool]:
+    """The run's id, and whether it is new (to be saved by `save_run`): with --resume the one saved in the
+    checkpoint dir, else a new one. A run resumed from a checkpoint that predates run ids gets one now."""
+    try:
+        run_id = checkpoint.load_run_id(cfg.checkpoint_dir) if cfg.resume else None
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}") from None
+    if run_id is not None:
+        log.info("run %s, resumed", run_id)
+        return run_id, False
+    run_id = checkpoint.new_run_id()
+    log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resume and checkpoint.run_in(cfg.checkpoint_dir) else "")
+    return run_id, True
+
+
+def save_run(cfg: CoordinatorConfig, run_id: str) -> None:
+    """Save a new run's id in the checkpoint dir, before any worker can hear of it."""
+    try:
+        checkpoint.save_run_id(cfg.checkpoint_dir, run_id)
+    except OSError as e:
+        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: cannot save the run id in {checkpoint.RUN_FILE}: {e.strerror or e}") from None
 
 
 class Coordinator:
@@ -139,6 +164,7 @@ class Coordinator:
         try:
             if federation.completed_rounds:  # lines of rounds never committed go (a crash between log and state)
                 truncate_log(Path(cfg.checkpoint_dir) / ROUNDS_LOG, federation.completed_rounds)
+            self.run_id, self._new_run = run_of(cfg)  # saved once the start can no longer be refused (`start`)
             self.federation = federation
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
@@ -171,7 +197,7 @@ class Coordinator:
         """Create and start the servers on the event loop (grpc.aio objects belong to the loop they are made on)."""
         server = grpc.aio.server(options=GRPC_OPTIONS)
         self._servers.append(server)
-        self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth)
+        self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth, run_id=self.run_id)
         register(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = add_port(server, "--listen", self.cfg.listen, server_credentials(self.cfg))
@@ -194,12 +220,16 @@ class Coordinator:
     def start(self) -> Coordinator:
         self._grpc_thread.start()
         try:
+            if self._new_run:
+                save_run(self.cfg, self.run_id)
             self._on_loop(self._serve())
             if self.cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         except BaseException:
             self._on_loop(self._stop_servers(0))
             self._close_loop()
+            if self._new_run:  # a refused start leaves the folder as it was
+                (Path(self.cfg.checkpoint_dir) / checkpoint.RUN_FILE).unlink(missing_ok=True)
             self.release()
             raise
         self._loop.start()

@@ -60,13 +60,13 @@ class Changes:
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Create it on the event loop that serves it."""
 
-    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, auth: Authenticator):
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, auth: Authenticator, *, run_id: str):
         self.cfg = cfg
         self.auth = auth
         self.driver = driver
         self.registry = registry
         self.metrics = metrics
-        self.handlers = Handlers(cfg, driver, registry)
+        self.handlers = Handlers(cfg, driver, registry, run_id=run_id)
         loop = asyncio.get_running_loop()
         self._changes = Changes(loop)
         self._uploads = OpenUploads()

@@ -160,6 +160,21 @@ def flag(loc: Location) -> str:
     return "--" + str(loc[-1]).replace("_", "-")
 
 
+def is_default(config: object, name: str) -> bool:
+    """Whether the setting `name` of a config (a dataclass) holds its declared default."""
+    (f,) = [f for f in fields(config) if f.name == name]  # type: ignore[arg-type]
+    default = f.default_factory() if callable(f.default_factory) else f.default
+    return bool(getattr(config, name) == default)
+
+
+def shown(config: object, name: str, unit: str = "") -> str:
+    """A setting as a message names it: its flag and value, and "(the default)" when it holds its default, so
+    that a message about a setting the user never gave says so ("--heartbeat-timeout 30 s (the default)")."""
+    value = getattr(config, name)
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{flag((name,))} {text}{f' {unit}' if unit else ''}{' (the default)' if is_default(config, name) else ''}"
+
+
 def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location], str] = dotted) -> T:
     """`cls` (a dataclass) from `values`, each converted to its field's type ('1e-4' to a float, '3' to an
     int; 2.5 is no int, True no number, 1 no boolean, 'inf' and 'nan' no number at all); SettingsError for an

@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from annotated_types import Interval
 
 from fedcore import flags, settings
-from fedcore.federation.checkpoint import FINAL_MODEL, STATE_FILE, check_not_run_file, global_file_name, global_versions, load_private, personalised_state
+from fedcore.federation.checkpoint import (
+    FINAL_MODEL,
+    PREVIOUS_RUNS,
+    STATE_FILE,
+    check_not_run_file,
+    global_file_name,
+    global_versions,
+    load_private,
+    load_run_id,
+    personalised_state,
+)
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
@@ -61,6 +71,7 @@ class TrainedModel:
     kind: ModelKind = "global"
     worker: str | None = None  # whose private parts, for a personalised model
     private_round: int | None = None  # the round count the private parts belong to
+    run_id: str | None = None  # the run behind these weights, when recorded (a checkpoint dir's run.json)
 
     def describe(self) -> str:
         who = f"{self.worker}'s personalised" if self.kind == "personalised" else "the global"
@@ -94,20 +105,21 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     state = _run_state(directory)
     name = _preset_name(model, state, directory)
     committed = int(state["completed_rounds"]) if state else None
+    run_id = load_run_id(directory)
     final = directory / FINAL_MODEL
     if final.is_file():
         tensors, md = load_file(final)
         rounds = int(md["completed_rounds"]) if "completed_rounds" in md else committed
         if committed is None or (rounds is not None and rounds >= committed):
-            return TrainedModel(tensors, name, _strategy(state), rounds)
+            return TrainedModel(tensors, name, _strategy(state), rounds, run_id=run_id)
     if state is not None:
         tensors, _ = load_file(directory / str(state["global_file"]))
-        return TrainedModel(tensors, name, _strategy(state), committed)
+        return TrainedModel(tensors, name, _strategy(state), committed, run_id=run_id)
     versions = global_versions(directory)
     if not versions:
         raise FileNotFoundError(f"{directory}: no {FINAL_MODEL}, state.json or global-rNNNN.safetensors")
     tensors, _ = load_file(directory / global_file_name(versions[-1]))
-    return TrainedModel(tensors, name, None, versions[-1])
+    return TrainedModel(tensors, name, None, versions[-1], run_id=run_id)
 
 
 def _strategy(state: Mapping[str, Any] | None) -> str | None:
@@ -125,7 +137,8 @@ def _from_file(path: Path, model: str) -> TrainedModel:
         return TrainedModel(tensors, cfg["model"], cfg["strategy"], cfg["completed_rounds"], cfg["kind"], cfg["worker"], cfg["private_round"])
     state = _run_state(path.parent)  # a global-rNNNN or final.safetensors inside a checkpoint dir
     rounds = int(md["completed_rounds"]) if "completed_rounds" in md else None
-    return TrainedModel(tensors, _preset_name(model, state, path), _strategy(state), rounds)
+    run_id = load_run_id(path.parent) if state is not None else None
+    return TrainedModel(tensors, _preset_name(model, state, path), _strategy(state), rounds, run_id=run_id)
 
 
 def _from_diffusers_folder(path: Path, model: str) -> TrainedModel:
@@ -169,7 +182,7 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     if trained.strategy is not None and not private_parts(Strategy(trained.strategy)):
         raise ValueError(f"strategy {trained.strategy!r} keeps no private parts: every worker's model is the global one")
     state_dir = Path(state_dir)
-    found = load_private(state_dir, stem, trained.completed_rounds)
+    found = load_private(_run_folder(state_dir, trained.run_id), stem, trained.completed_rounds)
     if found is None:
         rounds = f" of round {trained.completed_rounds} or earlier" if trained.completed_rounds is not None else ""
         raise FileNotFoundError(f"{state_dir}: no private parts {stem}-rNNNN.safetensors{rounds}")
@@ -178,6 +191,19 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     worker = json.loads(identity.read_text())["worker_id"] if identity.is_file() else stem
     tensors = personalised_state(trained.tensors, private)
     return replace(trained, tensors=tensors, kind="personalised", worker=worker, private_round=private_round)
+
+
+def _run_folder(state_dir: Path, run_id: str | None) -> Path:
+    """Where a worker's --state-dir keeps the private parts of run `run_id`: the state dir itself when they are
+    its current run's (or either run is not recorded), else previous-runs/<run id>/; FileNotFoundError naming
+    the runs it holds when it holds none of that run's."""
+    current = load_run_id(state_dir)
+    if run_id is None or current is None or current == run_id:
+        return state_dir
+    earlier = state_dir / PREVIOUS_RUNS / run_id
+    if earlier.is_dir():
+        return earlier
+    raise FileNotFoundError(f"{state_dir}: no private parts of run {run_id} (the checkpoint's); it holds those of run {current}")
 
 
 def build_trained(trained: TrainedModel) -> Denoiser:

@@ -143,6 +143,8 @@ def _print_status(s) -> None:  # s: feddiff_pb2.StatusResponse
         print(f"    ... and {s.workers_omitted} more not listed (the least recently heard)")
     print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up")
     print(f"  parameters: {s.parameters_exchanged:,} exchanged, plain FedAvg {s.full_fedavg_parameters:,}: {s.reduction_vs_full:.1%} less")
+    if s.run_id:  # empty from a coordinator that predates run ids
+        print(f"  run: {s.run_id}")
 
 
 def _add_certs_flags(p: argparse.ArgumentParser) -> None:

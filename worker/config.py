@@ -58,7 +58,7 @@ class WorkerConfig:
     coordinator: ConnectAddress  # HOST:PORT of the coordinator
     worker_id: WorkerId = ""  # stable identity; default: the one saved in state_dir, else a new random one
     # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
-    client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (with data_dir)
+    client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (data_dir holds the images)
     num_clients: Positive = 1
     split: SplitKind = "iid"
     beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
@@ -91,8 +91,20 @@ class WorkerConfig:
     tls_server_name: str = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
-        if self.data_dir == "" and not 0 <= self.client_index < self.num_clients:
-            raise ValueError(f"--client-index {self.client_index} must be in 0..{self.num_clients - 1} (or pass --data-dir)")
+        if self.data_dir and self.client_index >= 0:
+            raise ValueError(
+                f"--client-index {self.client_index} and --data-dir {self.data_dir}: give one source of images, a Fashion-MNIST shard or a folder of your own"
+            )
+        if not self.data_dir and self.client_index < 0:
+            raise ValueError(
+                "no images to train on: pass --data-dir FOLDER (a folder of your images) or --client-index N (shard N of "
+                f"Fashion-MNIST, N in 0..{self.num_clients - 1} for {settings.shown(self, 'num_clients')})"
+            )
+        if not self.data_dir and self.client_index >= self.num_clients:
+            raise ValueError(
+                f"--client-index {self.client_index} is not a shard of {settings.shown(self, 'num_clients')}: give 0..{self.num_clients - 1}, "
+                "or --num-clients above it"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: give both (this worker's certificate and its key), or neither")
         if self.tls_cert and not self.tls_ca:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from fedcore import settings
 from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import DataConfig, client_shard
@@ -80,7 +81,8 @@ class WorkerDaemon:
     def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics)  # locked by this process
+        default = settings.is_default(cfg, "state_dir")
+        self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics, default=default)  # locked by this process
         self.state_dir = self.state.path
         self.worker_id = self.state.identity.worker_id
         self.stop_event = threading.Event()
@@ -154,9 +156,7 @@ class WorkerDaemon:
 
     def _forget_private_state(self, e: MissingPrivateState) -> None:
         """Join again, after the backoff, as a worker without private parts."""
-        self.private = None
-        if self.runtime is not None:
-            self.runtime.private.clear()
+        self._set_private(None)
         log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
         self._back_off()
 
@@ -226,8 +226,28 @@ class WorkerDaemon:
             session_over.set()
 
     def _join(self, client: CoordinatorClient) -> pb.JoinResponse:
+        """Join, declaring whether this worker holds private parts; once the coordinator has named its run, the
+        state dir holds that run's parts alone (`StateDir.enter_run`), and a worker whose parts changed with it
+        (moved aside, or back) joins again at once declaring what it now holds."""
+        has_private = self._has_private()
+        joined = self._join_once(client, has_private)
+        if joined.run_id:  # empty from a coordinator that predates run ids: the parts are used as before
+            self._enter_run(joined.run_id)
+            if has_private != self._has_private():
+                joined = self._join_once(client, self._has_private())
+        if self.runtime is None or self.runtime.model_name != joined.model:
+            try:
+                self._build(joined.model)
+            except (DataMismatch, ModelUnavailable) as e:  # stay joined: each task is refused, and the coordinator counts it
+                self.runtime, self.unfit = None, e
+                log.error("worker %s: %s", self.worker_id, e)
+        return joined
+
+    def _has_private(self) -> bool:
+        return bool(self.runtime.private if self.runtime else self.private)
+
+    def _join_once(self, client: CoordinatorClient, has_private: bool) -> pb.JoinResponse:
         device = str(self.runtime.trainer.speed.device if self.runtime else resolve_device(self.cfg.speed.device))
-        has_private = bool(self.runtime.private if self.runtime else self.private)
         identity = self.state.identity
         info = worker_info(self.worker_id, device, len(self.images), has_private, installation_id=identity.installation_id, instance_id=identity.instance_id)
         try:
@@ -236,13 +256,28 @@ class WorkerDaemon:
             self._react("join", e)
             raise SessionOver from e  # every failed join ends the session (worker/status.py)
         self.metrics.joins.labels("accepted").inc()
-        if self.runtime is None or self.runtime.model_name != joined.model:
-            try:
-                self._build(joined.model)
-            except (DataMismatch, ModelUnavailable) as e:  # stay joined: each task is refused, and the coordinator counts it
-                self.runtime, self.unfit = None, e
-                log.error("worker %s: %s", self.worker_id, e)
         return joined
+
+    def _enter_run(self, run_id: str) -> None:
+        """Hold the private parts of run `run_id` alone: those of another run are moved aside and dropped from
+        memory, the run's own loaded (`StateDir.enter_run`). A run id that is no id, or a state dir whose files
+        cannot be moved, ends the session before any task (joined again after the backoff, and tried again)."""
+        try:
+            changed = self.state.enter_run(run_id)
+        except (OSError, ValueError) as e:
+            log.error("worker %s: cannot keep the private parts of run %s apart in %s: %s", self.worker_id, run_id, self.state_dir, e)
+            raise SessionOver from e
+        if changed:
+            found = self.state.load_private()
+            self._set_private(found[0] if found else None)
+            if found:
+                log.info("worker %s: private parts of round %d of run %s restored from %s", self.worker_id, found[1], run_id, self.state_dir)
+
+    def _set_private(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.private = tensors
+        if self.runtime is not None:
+            self.runtime.private.clear()
+            self.runtime.private.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
 
     def _build(self, model_name: str) -> None:
         """Model and trainer (compiled on GPU): built once per process and reused every round."""

@@ -4,8 +4,12 @@ that a failed save (a full or failing disk) leaves the last good files as they w
 Layout of a --state-dir:
   lock                        held (flock) by the worker process using the directory; holds its pid
   identity.json               {"worker_id", "installation_id"}: the same across restarts
+  run.json                    {"run_id"}: the run the files below belong to (the coordinator's, told at join)
   private-r0003.safetensors   private parts after 3 completed rounds (the last two are kept)
-  samples/r0003.png           sample grids of evaluate tasks"""
+  samples/r0003.png           sample grids of evaluate tasks
+  previous-runs/<run id>/     the private parts and samples of other runs, moved aside when this worker joined
+                              another run (never loaded by it; moved back if it joins that run again);
+                              unknown-<UTC time> for files saved before run ids, whose run is not known"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +25,15 @@ import torch
 
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.federation import checkpoint
-from fedcore.wire.bounds import WORKER_ID
+from fedcore.wire.bounds import RUN_ID, WORKER_ID
 from worker.metrics import Metrics
 
 log = logging.getLogger("feddiff.worker")
 
 IDENTITY_FILE = "identity.json"
 PRIVATE_STEM = "private"
+SAMPLES = "samples"
+PREVIOUS_RUNS = checkpoint.PREVIOUS_RUNS
 TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
 
 
@@ -58,21 +65,25 @@ class StateDir:
         self.identity = identity
         self.metrics = metrics
         self.unsaved: UnsavedPrivate | None = None
+        self.run_id: str | None = None  # the run joined (None before a join, or with a coordinator that predates run ids)
+        self._run_file_pending = False  # run.json does not name it yet (its write failed)
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, path: str | Path, requested_worker_id: str, metrics: Metrics) -> StateDir:
+    def open(cls, path: str | Path, requested_worker_id: str, metrics: Metrics, *, default: bool = False) -> StateDir:
         """Lock the directory (created if missing) for this process and read or create its identity;
-        StateDirError when another process holds it or it cannot be written at all."""
+        StateDirError when another process holds it or it cannot be written at all (`default`: the flag was
+        not given, and the message says so)."""
         path = Path(path)
+        named = f"--state-dir {str(path)!r}{' (the default)' if default else ''}"
         try:
             writable_folder(path)
-            lock_fd = _lock(path)
+            lock_fd = _lock(path, named)
         except OSError as e:
-            raise StateDirError(f"--state-dir {str(path)!r} cannot be used: {e.strerror or e}") from e
+            raise StateDirError(f"{named} cannot be used: {e.strerror or e}") from e
         try:
             _remove_temporary_files(path)
-            identity = _load_identity(path, requested_worker_id)
+            identity = _load_identity(path, requested_worker_id, named)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -88,10 +99,88 @@ class StateDir:
     def load_private(self) -> tuple[dict[str, torch.Tensor], int] | None:
         return checkpoint.load_private(self.path, PRIVATE_STEM)
 
+    # --- the run they belong to ------------------------------------------------------------------------------
+    def enter_run(self, run_id: str) -> bool:
+        """Make this state dir hold the files of run `run_id` (told by the coordinator at join): those of another
+        run, or of an unknown one (saved before run ids), are moved to previous-runs/ (not loaded, not deleted;
+        in-memory parts whose save failed are saved there, if they can be); the run's own, moved there earlier,
+        are moved back. True when the private parts on disk changed (the caller loads them again). ValueError
+        for a run id that is no id."""
+        problem = RUN_ID.problem(run_id)
+        if problem or not run_id:
+            raise ValueError(f"the coordinator's run id {problem or 'is empty'}")
+        saved = self._saved_run_id()
+        if saved == run_id:
+            self.run_id = run_id
+            return False
+        changed = self._move_aside(saved, run_id)
+        changed |= self._move_back(run_id)
+        self.run_id, self._run_file_pending = run_id, True
+        try:
+            self._save_run_id()
+        except OSError as e:  # the files moved aside stay there; the next save of private parts writes it first
+            log.error("worker %s: cannot save run id %s in %s (%s); retried with the next save", self.identity.worker_id, run_id, self.path, e)
+        return changed
+
+    def _save_run_id(self) -> None:
+        if self._run_file_pending and self.run_id:
+            checkpoint.save_run_id(self.path, self.run_id)
+            self._run_file_pending = False
+
+    def _saved_run_id(self) -> str | None:
+        """The run of the files in this state dir; None when unknown (no run.json, or one that is no run id)."""
+        try:
+            return checkpoint.load_run_id(self.path)
+        except ValueError as e:
+            log.warning("worker %s: %s: the run of the files here is taken as unknown", self.identity.worker_id, e)
+            return None
+
+    def _run_files(self) -> list[Path]:
+        private = sorted(self.path.glob(f"{PRIVATE_STEM}-r*.safetensors"))
+        return private + ([self.path / SAMPLES] if (self.path / SAMPLES).exists() else [])
+
+    def _move_aside(self, run_id: str | None, joining: str) -> bool:
+        """Move the files of run `run_id` (None: unknown) to previous-runs/ as this worker joins run `joining`;
+        True when private parts moved."""
+        files, unsaved = self._run_files(), self.unsaved
+        if not files and unsaved is None:
+            return False
+        label = run_id or time.strftime("unknown-%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = _new_folder(self.path / PREVIOUS_RUNS, label)
+        for f in files:
+            os.replace(f, aside / f.name)
+        if unsaved is not None:
+            self.unsaved = None
+            self.metrics.private_state_unsaved.set(0)
+            try:
+                checkpoint.save_private(aside, PRIVATE_STEM, unsaved.completed_rounds, unsaved.tensors)
+            except OSError as e:
+                log.error("worker %s: the unsaved private parts of round %d are lost: %s", self.identity.worker_id, unsaved.completed_rounds, e)
+        private = any(f.name.startswith(PRIVATE_STEM) for f in files) or unsaved is not None
+        held = " and ".join(what for what, there in (("private parts", private), ("sample grids", (self.path / SAMPLES) in files)) if there)
+        log.warning(
+            "worker %s: this state dir held the %s of %s; joining run %s, they were moved to %s (kept, not used)%s",
+            self.identity.worker_id, held, f"run {run_id}" if run_id else "a run of unknown id (saved before run ids)", joining, aside,
+            " and this run starts from the global model" if private else "",
+        )  # fmt: skip
+        return private
+
+    def _move_back(self, run_id: str) -> bool:
+        """The files of run `run_id`, moved aside when this worker joined another run, back in place."""
+        earlier = self.path / PREVIOUS_RUNS / run_id
+        if not earlier.is_dir():
+            return False
+        for f in sorted(earlier.iterdir()):
+            os.replace(f, self.path / f.name)
+        earlier.rmdir()
+        log.info("worker %s: run %s again: its private parts, moved aside before, are back from %s", self.identity.worker_id, run_id, earlier)
+        return True
+
     def save_private(self, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> bool:
         """Save the private parts after `completed_rounds` rounds; on failure keep them in memory (replacing
         older unsaved ones) for `retry`. The files saved before stay as they were. True when saved."""
         try:
+            self._save_run_id()  # first: parts saved must never be taken for another run's
             checkpoint.save_private(self.path, PRIVATE_STEM, completed_rounds, tensors)
         except OSError as e:
             self.unsaved = UnsavedPrivate(completed_rounds, tensors)
@@ -117,12 +206,25 @@ class StateDir:
         return self.save_private(self.unsaved.completed_rounds, self.unsaved.tensors)
 
 
-def _lock(path: Path) -> int:
+def _new_folder(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... when it exists: created, empty."""
+    parent.mkdir(exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise OSError(f"{parent}: no free name for {name}")
+
+
+def _lock(path: Path, named: str) -> int:
     """An exclusive lock on path/lock for this process, or StateDirError naming the process holding it."""
     try:
         return lock_folder(path)
     except FolderInUse as e:
-        raise StateDirError(f"--state-dir {str(path)!r} is in use by another worker process (pid {e.holder}): each worker needs its own state dir") from None
+        raise StateDirError(f"{named} is in use by another worker process (pid {e.holder}): each worker needs its own state dir") from None
 
 
 def _remove_temporary_files(path: Path) -> None:
@@ -133,7 +235,7 @@ def _remove_temporary_files(path: Path) -> None:
             log.info("removed %s, left by an interrupted write", f)
 
 
-def _load_identity(path: Path, requested: str) -> Identity:
+def _load_identity(path: Path, requested: str, named: str) -> Identity:
     """The requested worker id, else the one saved in the state dir, else a new one; the installation id
     saved there, else a new one. Saved when new (StateDirError when that fails: a restart would not be told
     from another worker)."""
@@ -160,5 +262,5 @@ def _load_identity(path: Path, requested: str) -> Identity:
         try:
             atomic_write_json(file, fresh)
         except OSError as e:
-            raise StateDirError(f"--state-dir {str(path)!r}: cannot save the worker's identity in {IDENTITY_FILE}: {e.strerror or e}") from e
+            raise StateDirError(f"{named}: cannot save the worker's identity in {IDENTITY_FILE}: {e.strerror or e}") from e
     return Identity(worker_id, installation_id, secrets.token_hex(8))

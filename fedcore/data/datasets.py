@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV: Final = "FEDDIFF_FASHION_MNIST_DIR"  # overrides DEFAULT_FASHION_MNIST_DIR
@@ -36,20 +36,28 @@ _IDX_DTYPES: Final[MappingProxyType[int, np.dtype[Any]]] = MappingProxyType(
 # Image folders: the files read (any case), and how each Pillow mode reaches the model's channels.
 IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 _CHANNEL_MODES: Final = MappingProxyType({1: "L", 3: "RGB"})
-# 16-bit grayscale is scaled by the full 16-bit range, which is what a 16-bit sample means in both formats
-# that carry it: PNG scales samples of fewer significant bits up to the bit depth (PNG spec, 12.5 "Sample
-# depth scaling"; sBIT only informs), and TIFF's MaxSampleValue "is not to be used to affect the visual
-# appearance of an image" (TIFF 6.0, tag 281).
-_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_SIXTEEN_BIT_MAX: Final = 65535
-# Modes whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
-# refused rather than guessed, since per-image min/max scaling would re-expose every image differently.
-_UNKNOWN_RANGE_MODES: Final = MappingProxyType(
+# Integer grayscale is scaled by the full range of the sample type the file stores, which is what an integer
+# sample means in both formats that carry one: PNG scales samples of fewer significant bits up to the bit depth
+# (PNG spec, 12.5 "Sample depth scaling"; sBIT only informs), and TIFF's MaxSampleValue "is not to be used to
+# affect the visual appearance of an image" (TIFF 6.0, tag 281). Unsigned n bits: 0 .. 2^n - 1 to 0 .. 255;
+# signed 16-bit (TIFF SampleFormat 2, which Pillow opens in mode "I"): -32768 .. 32767 to 0 .. 255, so that 0
+# is mid-grey. Keyed by Pillow's raw mode (the stored type), as its mode "I" holds several.
+_INTEGER_SAMPLES: Final = MappingProxyType(
     {
-        "I": "32-bit integer pixels",
-        "F": "32-bit floating-point pixels",
+        "I;16": (0, 65535), "I;16L": (0, 65535), "I;16B": (0, 65535), "I;16N": (0, 65535), "I;16R": (0, 65535),
+        "I;16S": (-32768, 32767), "I;16BS": (-32768, 32767),
+        "I;12": (0, 4095),  # a TIFF of 12 bits per sample, which Pillow opens in mode "I;16" unscaled
     }
-)
+)  # fmt: skip
+# Samples whose files state no value range (counts, Hounsfield units, linear radiance, [0, 1] floats ...):
+# refused rather than guessed, since per-image min/max scaling would re-expose every image differently.
+_UNKNOWN_RANGE_SAMPLES: Final = MappingProxyType(
+    {
+        "I;32S": "32-bit signed integer samples", "I;32BS": "32-bit signed integer samples", "I;32N": "32-bit signed integer samples",
+        "I;32": "32-bit integer samples", "I": "32-bit integer samples",
+        "F;32F": "32-bit floating-point samples", "F;32BF": "32-bit floating-point samples", "F": "32-bit floating-point samples",
+    }
+)  # fmt: skip
 _ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _ICC_MODES: Final = frozenset({"RGB", "RGBA", "CMYK"})  # converted to sRGB when they embed an ICC profile
 ALPHA_BACKGROUND: Final = 0  # transparent pixels are composited over black (docs/reliability.md, image folders)
@@ -234,11 +242,21 @@ def _flatten(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def _sixteen_bit_plane(image: Image.Image) -> Image.Image:
-    """16-bit grayscale as a float image in [0, 255], by the 16-bit range; samples equal to a tRNS key are
-    transparent and become ALPHA_BACKGROUND."""
-    values = np.asarray(image)  # (H, W) uint16 in the file's byte order
-    plane = values.astype(np.float32) * np.float32(255 / _SIXTEEN_BIT_MAX)
+def _stored_samples(image: Image.Image) -> str:
+    """The sample type an opened integer or float image stores (Pillow's raw mode: "I;16S" for a signed 16-bit
+    TIFF that Pillow opens in mode "I", "I;12" for a 12-bit one it opens in mode "I;16"); its mode for any other
+    image."""
+    if (image.mode in ("I", "F") or image.mode.startswith("I;16")) and isinstance(image, ImageFile.ImageFile) and image.tile:
+        args = image.tile[0].args
+        return str(args[0] if isinstance(args, tuple) else args)
+    return image.mode
+
+
+def _integer_plane(image: Image.Image, low: int, high: int) -> Image.Image:
+    """Integer grayscale as a float image in [0, 255], by its sample type's range low..high; samples equal to
+    a tRNS key are transparent and become ALPHA_BACKGROUND."""
+    values = np.asarray(image)  # (H, W) uint16 in the file's byte order, or int32 (mode "I")
+    plane = (values.astype(np.float32) - np.float32(low)) * np.float32(255 / (high - low))
     key = image.info.get("transparency")
     if isinstance(key, int):
         plane[values == key] = ALPHA_BACKGROUND
@@ -254,10 +272,10 @@ def _square(image: Image.Image, image_size: int) -> Image.Image:
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
-def _pixels(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """An opened image of any mode but I and F as (channels, image_size, image_size) uint8."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        plane = np.asarray(_square(_sixteen_bit_plane(image), image_size))
+def _pixels(image: Image.Image, image_size: int, channels: int, samples: str) -> np.ndarray:
+    """An opened image whose samples (`_stored_samples`) are not refused as (channels, image_size, image_size) uint8."""
+    if samples in _INTEGER_SAMPLES:
+        plane = np.asarray(_square(_integer_plane(image, *_INTEGER_SAMPLES[samples]), image_size))
         # (H, W) float -> (channels, H, W) uint8; Lanczos may ring past the range, hence the clip
         return np.repeat(np.clip(np.rint(plane), 0, 255).astype(np.uint8)[None], channels, axis=0)
     pixels = np.asarray(_square(_flatten(image, _CHANNEL_MODES[channels]), image_size), dtype=np.uint8)
@@ -270,13 +288,15 @@ def _load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     names the file and why it cannot be used."""
     try:
         with Image.open(path) as opened:
-            if opened.mode in _UNKNOWN_RANGE_MODES:
+            samples = _stored_samples(opened)  # before the EXIF turn, which makes a new image
+            if samples in _UNKNOWN_RANGE_SAMPLES or (opened.mode in ("I", "F") and samples not in _INTEGER_SAMPLES):
+                stored = _UNKNOWN_RANGE_SAMPLES.get(samples, f"samples stored as {samples!r}")
                 raise DatasetError(
-                    f"{str(path)!r} has mode {opened.mode!r} ({_UNKNOWN_RANGE_MODES[opened.mode]}), whose value range "
-                    f"the file does not state; convert it to 8- or 16-bit with the range you mean"
+                    f"{str(path)!r} has mode {opened.mode!r} ({stored}), whose value range the file does not state; "
+                    "convert it to 8- or 16-bit with the range you mean"
                 )
             # Oriented as a camera's EXIF tag says the image is viewed.
-            return _pixels(ImageOps.exif_transpose(opened), image_size, channels)
+            return _pixels(ImageOps.exif_transpose(opened), image_size, channels, samples)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{str(path)!r} cannot be read: {e}") from e
 
@@ -286,9 +306,9 @@ def load_image_folder(path: Path | str, image_size: int, channels: int) -> Image
     channels, center-cropped to a square and resized to `image_size`: unlabeled (N, channels, image_size,
     image_size) uint8, which `to_model_range` maps to [-1, 1].
 
-    Every mode Pillow opens is converted (16-bit grayscale by its 16-bit range; palettes, 1-bit, CMYK,
-    YCbCr, LAB; colour through its ICC profile; transparency over ALPHA_BACKGROUND), except 32-bit integer
-    and float images, whose range is unknown: a DatasetError names every file that is refused or
+    Every mode Pillow opens is converted (16-bit grayscale, unsigned or signed, by its sample type's range;
+    palettes, 1-bit, CMYK, YCbCr, LAB; colour through its ICC profile; transparency over ALPHA_BACKGROUND),
+    except 32-bit integer and float images, whose range is unknown: a DatasetError names every file that is refused or
     unreadable, before any training."""
     if channels not in _CHANNEL_MODES:
         raise ValueError(f"channels is {channels}, expected 1 (grayscale) or 3 (RGB)")

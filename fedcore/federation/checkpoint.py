@@ -6,6 +6,7 @@ Layout of a checkpoint directory:
                              settings that may change on resume, which file is current
   rounds.jsonl               the round log: one JSON line per closed round (fedcore.federation.roundlog)
   final.safetensors          the global model after the last round (the coordinator's)
+  run.json                   {"run_id"}: the run's identity, created with the run and kept across --resume
   clients/<id>-r0003.safetensors  a client's private parts (simulation and workers' --state-dir)
 A round is committed when state.json names its files; files of an uncommitted round are ignored. A new run
 never starts in a folder that holds one (`run_in`): its files would overwrite and prune the other's."""
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from fedcore.payload.serialization import load_file, save_file
 STATE_FILE = "state.json"
 ROUNDS_LOG = "rounds.jsonl"
 FINAL_MODEL = "final.safetensors"
+RUN_FILE = "run.json"
+PREVIOUS_RUNS = "previous-runs"  # in a worker's --state-dir: previous-runs/<run id>/, the files of other runs
 KEEP = 2
 
 
@@ -145,6 +149,30 @@ def check_not_run_file(path: str | Path, flag: str) -> None:
     found = run_in(path.parent) if is_run_name else None
     if found:
         raise ValueError(f"{flag} {str(path)!r} would replace a file of the run in {str(path.parent)!r} ({found}); write it under another name")
+
+
+def new_run_id() -> str:
+    """A run's identity: 32 random hex digits."""
+    return secrets.token_hex(16)
+
+
+def load_run_id(directory: str | Path) -> str | None:
+    """The run id saved in `directory` (RUN_FILE), None when there is none; ValueError when the file is not one."""
+    file = Path(directory) / RUN_FILE
+    if not file.exists():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file}: not a run id (JSON): {e}") from None
+    run_id = raw.get("run_id") if isinstance(raw, dict) else None
+    if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{1,64}", run_id):
+        raise ValueError(f'{file}: not a run id: expected {{"run_id": up to 64 lowercase hex digits}}')
+    return run_id
+
+
+def save_run_id(directory: str | Path, run_id: str) -> None:
+    atomic_write_json(Path(directory) / RUN_FILE, {"run_id": run_id})
 
 
 def save_private(directory: str | Path, client: str, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> None:

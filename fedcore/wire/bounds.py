@@ -27,6 +27,7 @@ U64 = (1 << 64) - 1
 MAX_NUM_EXAMPLES = U32  # images one worker declares: its shard (the FedAvg weight, before the coordinator's bounds)
 MAX_TASK_ID = 256  # "r<round>.<attempt>-<worker id>" with the longest worker id fits
 MAX_SESSION_ID = 64  # the coordinator issues 32 hex digits
+MAX_RUN_ID = 64  # the coordinator issues 32 hex digits
 MAX_LABEL = 128  # device, GPU, software version, feature extractor, a model name
 MAX_MESSAGE = 4096  # an explanation for the operator (a refused task, a failed run)
 # A training loss, computed in float32: any finite one. Honest losses have no smaller bound: a global model
@@ -41,12 +42,14 @@ MAX_STATUS_WORKERS = 1000  # workers listed in one status reply; the rest are co
 MAX_PARTS = 3
 MAX_DIGESTS = 8
 
-TextKind = Literal["printable", "id", "digest", "text"]
+TextKind = Literal["printable", "id", "hex", "digest", "text"]
 _ID = re.compile(r"[A-Za-z0-9._-]*")
+_HEX = re.compile(r"[0-9a-f]*")
 _DIGEST = re.compile(r"(?:[0-9a-f]{64})?")
 _KIND_WORDS = {
     "printable": "printable characters",
     "id": "characters of [A-Za-z0-9._-]",
+    "hex": "lowercase hex digits",
     "text": "characters, no control characters but newline and tab",
 }
 
@@ -76,6 +79,8 @@ class Text:
         if not self.least <= len(value) <= self.most:
             return f"has {len(value)} characters"
         if self.kind == "id" and not _ID.fullmatch(value):
+            return f"is {value[:40]!r}"
+        if self.kind == "hex" and not _HEX.fullmatch(value):
             return f"is {value[:40]!r}"
         if self.kind == "digest" and not _DIGEST.fullmatch(value):
             return f"is {value[:80]!r}"
@@ -142,6 +147,7 @@ Bound = Scalar | Items
 
 WORKER_ID = Text(1, 128, "id")  # it names files and certificates
 SESSION = Text(0, MAX_SESSION_ID, "id")  # looked up, not checked (`check`)
+RUN_ID = Text(0, MAX_RUN_ID, "hex")
 TASK_ID = Text(1, MAX_TASK_ID, "id")
 LABEL = Text(0, MAX_LABEL)
 DIGEST = Text(0, 64, "digest")
@@ -168,6 +174,8 @@ BOUNDS: Mapping[str, Bound] = {
     "JoinResponse.chunk_size": Number(1, MAX_CHUNK_SIZE),
     "JoinResponse.rounds": Number(1, U32),
     "JoinResponse.digests": DIGEST_NAMES,
+    # Empty from a coordinator that predates run ids; hex, as the worker names a folder by it
+    "JoinResponse.run_id": RUN_ID,
     "HeartbeatRequest.session_id": SESSION,
     "HeartbeatResponse.round": ROUND,
     "LeaveRequest.session_id": SESSION,
@@ -241,6 +249,7 @@ BOUNDS: Mapping[str, Bound] = {
     "StatusResponse.error": Text(0, MAX_MESSAGE, "text"),
     "StatusResponse.workers_omitted": ROUND,
     "StatusResponse.workers_connected": ROUND,
+    "StatusResponse.run_id": RUN_ID,
 }
 
 

@@ -153,7 +153,7 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
             {"worker_sizes": "../x=5,y=5"},
             "--worker-sizes = '../x=5,y=5': expected a mapping of worker id to images in 1..4294967295 (a flag: ID=N,ID=N); '../x' is no worker id",
         ),
-        ({"worker_sizes": "hospital-1=5"}, "min_workers 2 is more than the 1 workers in worker_sizes: no round could start"),
+        ({"worker_sizes": "hospital-1=5"}, "--min-workers 2 (the default) is more than the 1 workers in --worker-sizes: no round could start"),
         ({"clip_multiplier": "nan"}, "--clip-multiplier = 'nan': expected a finite number >= 0"),
         ({"max_delta_value": "-1"}, "--max-delta-value = '-1': expected a finite number >= 0"),
         ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected a finite number >= 0"),

@@ -256,6 +256,31 @@ def _swapped_primaries_profile() -> bytes:
     return bytes(profile)
 
 
+def _integer_tiff(path: Path, values: np.ndarray, *, signed: bool = False, bits: int = 16) -> None:
+    """A baseline grayscale TIFF of `values` ((SIDE, SIDE) integers, 16-bit in their byte order, or 12-bit
+    packed) with SampleFormat 2 (signed) or 1: Pillow writes neither signed 16-bit nor 12-bit TIFFs; scanners,
+    microscopes, cameras and CT exports do."""
+    order = b"MM" if values.dtype.byteorder == ">" else b"II"
+    e = ">" if order == b"MM" else "<"
+    if bits == 12:  # two samples in three bytes, most significant bits first
+        flat = values.ravel().astype(np.uint32)
+        data = np.stack([flat[0::2] >> 4, ((flat[0::2] & 0xF) << 4) | (flat[1::2] >> 8), flat[1::2] & 0xFF], axis=1).astype(np.uint8).tobytes()
+    else:
+        data = values.tobytes()
+    tags = [(256, 3, SIDE), (257, 3, SIDE), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 3, SIDE),
+            (279, 4, len(data)), (339, 3, 2 if signed else 1)]  # fmt: skip
+    header = order + struct.pack(f"{e}HI", 42, 8 + len(data))
+    ifd = struct.pack(f"{e}H", len(tags)) + b"".join(
+        struct.pack(f"{e}HHI", tag, kind, 1) + (struct.pack(f"{e}HH", value, 0) if kind == 3 else struct.pack(f"{e}I", value)) for tag, kind, value in tags
+    )
+    path.write_bytes(header + data + ifd + struct.pack(f"{e}I", 0))
+
+
+def _signed_ramp(dtype: str) -> np.ndarray:
+    """-32768, -32768 + 257, ..., 32767: the 256 levels of the signed 16-bit range, row by row."""
+    return (np.arange(SIDE * SIDE) * 257 - 32768).astype(dtype).reshape(SIDE, SIDE)
+
+
 RED, GREEN, BLUE = [255, 0, 0], [0, 255, 0], [0, 0, 255]
 
 
@@ -287,6 +312,28 @@ MODE_CASES = [
     ModeCase("I16-halves.png", "I;16", lambda p: _halves("I;16", 1000, 64000).save(p), (126.5, 126.5, 126.5), (4, 249), (126.5, 4, 249), 0),
     ModeCase("I16-trns.png", "I;16", lambda p: _halves("I;16", 64000, 1000).save(p, transparency=1000), (124.5, 124.5, 124.5), (0, 249), (124.5, 0, 249), 0),
     ModeCase("I16B-ramp.tif", "I;16B", lambda p: _ramp("I;16B", 257, ">u2").save(p), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    # Signed 16-bit (mode "I", stored as I;16S or I;16BS): -32768..32767 to 0..255, so 0 is mid-grey.
+    ModeCase("I16S-ramp.tif", "I", lambda p: _integer_tiff(p, _signed_ramp("<i2"), signed=True), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase("I16BS-ramp.tif", "I", lambda p: _integer_tiff(p, _signed_ramp(">i2"), signed=True), (127.5, 127.5, 127.5), (0, 255), (127.5, 0, 255), 0),
+    ModeCase(
+        "I16S-halves.tif",
+        "I",
+        lambda p: _integer_tiff(p, np.repeat(np.array([-1000, 0], dtype="<i2"), SIDE // 2)[None].repeat(SIDE, axis=0), signed=True),
+        (126, 126, 126),  # (-1000 + 32768) * 255 / 65535 = 123.6 -> 124; 0 -> 127.502 -> 128
+        (124, 128),
+        (126, 124, 128),
+        0,
+    ),
+    # 12 bits per sample: 0..4095 to 0..255 (Pillow opens it in mode I;16, its values unscaled).
+    ModeCase(
+        "I12-ramp.tif",
+        "I;16",
+        lambda p: _integer_tiff(p, np.rint(np.arange(SIDE * SIDE) * 4095 / 255).astype("<u2").reshape(SIDE, SIDE), bits=12),
+        (127.5, 127.5, 127.5),
+        (0, 255),
+        (127.5, 0, 255),
+        0,
+    ),
     # 12-bit data in 16-bit samples stays dark: a 16-bit sample means a fraction of 65535 (PNG, TIFF 6.0).
     ModeCase("I16-12bit.tif", "I;16", lambda p: _ramp("I;16", 16, "<u2").save(p), (7.9375, 7.9375, 7.9375), (0, 16), (7.9375, 0, 16), 0),
     ModeCase("CMYK.tif", "CMYK", lambda p: _halves("CMYK", (0, 255, 255, 0), (0, 0, 0, 255)).save(p), (127.5, 0, 0), (0, 255), (38, 0, 76), 0),
@@ -346,8 +393,8 @@ def every_mode_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_cases_cover_every_mode_pillow_writes_to_the_accepted_formats() -> None:
-    writable = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "I;16", "I;16B"}
-    refused = {"I", "F"}  # tested below
+    writable = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "I;16", "I;16B", "I"}  # I: signed 16-bit
+    refused = {"F"}  # tested below, with 32-bit integer files (mode I too)
     never_in_a_file = {"HSV", "La", "RGBa", "RGBX", "I;16L", "I;16N"}  # Pillow opens no file in these modes
     assert {case.opens_as for case in MODE_CASES} == writable
     assert writable | refused | never_in_a_file == set(Image.MODES)
@@ -374,7 +421,7 @@ def test_sixteen_bit_grayscale_keeps_its_levels(every_mode_folder: Path) -> None
     names = sorted(CASES)
 
     eight_bit = images[names.index("L.png")]
-    for name in ("I16-ramp.png", "I16B-ramp.tif"):
+    for name in ("I16-ramp.png", "I16B-ramp.tif", "I16S-ramp.tif", "I16BS-ramp.tif", "I12-ramp.tif"):
         np.testing.assert_array_equal(images[names.index(name)], eight_bit)
     assert len(np.unique(images[names.index("I16-ramp.png")])) == 256
     x = to_model_range(images[names.index("I16-ramp.png")][None])
@@ -419,8 +466,8 @@ def test_float_and_32_bit_images_are_refused_naming_file_and_mode(tmp_path: Path
 
     message = str(info.value)
     assert "2 of 3 images cannot be used" in message
-    assert f"{str(tmp_path / 'depth.tif')!r} has mode 'F' (32-bit floating-point pixels)" in message
-    assert f"{str(tmp_path / 'counts.TIFF')!r} has mode 'I' (32-bit integer pixels)" in message
+    assert f"{str(tmp_path / 'depth.tif')!r} has mode 'F' (32-bit floating-point samples)" in message
+    assert f"{str(tmp_path / 'counts.TIFF')!r} has mode 'I' (32-bit signed integer samples)" in message
     assert "convert it to 8- or 16-bit" in message and "fine.png" not in message
 
 

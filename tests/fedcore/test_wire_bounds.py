@@ -126,6 +126,8 @@ def _largest_scalar(bound: bounds.Scalar, field: FieldDescriptor, index: int = 0
     if isinstance(bound, bounds.Text):
         if bound.kind == "digest":
             return "f" * 64
+        if bound.kind == "hex":
+            return "f" * bound.most
         if bound.kind == "id":
             return f"{index:0{bound.most}d}"  # distinct keys of a map
         return WIDE * bound.most

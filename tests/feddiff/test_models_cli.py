@@ -105,6 +105,30 @@ def test_export_of_a_worker_state_dir_is_its_personalised_model(run_dir: Path, w
     assert {p: v["from"] for p, v in config["parts"].items()} == {"encoder": "worker", "bottleneck": "worker", "decoder": "global"}
 
 
+def test_export_takes_the_private_parts_of_the_checkpoints_run(run_dir: Path, worker_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A state dir reused for a later run keeps this run's parts in previous-runs/<run id>/: the export takes
+    those, not the later run's in the state dir itself."""
+    run_a, run_b = "a" * 32, "b" * 32
+    checkpoints = tmp_path / "run-a"
+    shutil.copytree(run_dir, checkpoints)
+    (checkpoints / "run.json").write_text(json.dumps({"run_id": run_a}))
+    (worker_state / "previous-runs" / run_a).mkdir(parents=True)
+    (worker_state / "private-r0001.safetensors").rename(worker_state / "previous-runs" / run_a / "private-r0001.safetensors")
+    shutil.copy(run_dir / "clients" / "client-0-r0001.safetensors", worker_state / "private-r0001.safetensors")  # run B's
+    (worker_state / "run.json").write_text(json.dumps({"run_id": run_b}))
+    out = tmp_path / "hospital-1.safetensors"
+
+    assert main(["export", "--checkpoint-dir", str(checkpoints), "--worker-state", str(worker_state), "--out", str(out)]) == 0
+
+    tensors, _ = load_file(out)
+    private, _ = saved_private(worker_state / "previous-runs" / run_a, "private")
+    assert all(torch.equal(tensors[k], v) for k, v in private.items())
+
+    shutil.rmtree(worker_state / "previous-runs")
+    assert main(["export", "--checkpoint-dir", str(checkpoints), "--worker-state", str(worker_state), "--out", str(tmp_path / "x.safetensors")]) != 0
+    assert f"no private parts of run {run_a} (the checkpoint's); it holds those of run {run_b}" in capsys.readouterr().err
+
+
 def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "client-0.safetensors"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -154,4 +155,101 @@ def test_one_port_given_to_two_listeners_of_a_coordinator_is_refused_before_anyt
     line = _one_line(_feddiff("coordinator", *COORDINATOR, "--checkpoint-dir", str(tmp_path / "ckpt"), *ports, cwd=tmp_path))
 
     assert line.endswith(f"{named.replace('P', port)}; each listener needs its own port"), line
+    assert not (tmp_path / "ckpt").exists()
+
+
+def _ipv6_loopback() -> str:
+    """Why ::1 cannot be listened on here ('' when it can)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return f"no IPv6 loopback on this host ({e.strerror or e})"
+    return ""
+
+
+def _listening(ip: str, port: int = 0) -> socket.socket:
+    """A socket of another 'process' listening on ip:port (port 0: a free one)."""
+    holder = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    holder.bind((ip, port))
+    holder.listen()
+    return holder
+
+
+def _free_on_both_loopbacks() -> int:
+    """A port free on 127.0.0.1 and on ::1 (tried until one is)."""
+    for _ in range(50):
+        with _listening("127.0.0.1") as v4:
+            port = int(v4.getsockname()[1])
+        try:
+            with _listening("::1", port):
+                return port
+        except OSError:
+            continue
+    raise AssertionError("no port free on both loopbacks")
+
+
+@pytest.mark.parametrize("held", ["::1", "127.0.0.1"])
+def test_localhost_covers_both_loopbacks(held: str) -> None:
+    """'localhost' is both loopbacks to gRPC (and to clients), whatever /etc/hosts says: a port another process
+    holds on either one is refused, naming the address it holds."""
+    if _ipv6_loopback():
+        pytest.skip(_ipv6_loopback())
+    port = _free_on_both_loopbacks()
+    shown = f"[{held}]:{port}" if ":" in held else f"{held}:{port}"
+    refusal = rf"^--listen localhost:{port}: address already in use \(another process listens on {re.escape(shown)}\)$"
+    with _listening(held, port), pytest.raises(CannotListen, match=refusal):
+        check_free("--listen", "localhost", port)
+    check_free("--listen", "localhost", port)  # free again
+
+
+def test_a_wildcard_covers_the_ipv6_addresses_of_its_port() -> None:
+    """gRPC listens on a wildcard dual-stack and falls back to IPv4 alone when another process holds an IPv6
+    address of the port; the metrics endpoint listens on 0.0.0.0: either would start beside that process."""
+    if _ipv6_loopback():
+        pytest.skip(_ipv6_loopback())
+    port = _free_on_both_loopbacks()
+    with _listening("::1", port):
+        for host in ("0.0.0.0", "::", ""):
+            with pytest.raises(CannotListen, match=rf"--metrics-port {host}:{port}: address already in use"):
+                check_free("--metrics-port", host, port)
+
+
+def test_an_explicit_address_is_that_address_alone() -> None:
+    """127.0.0.1 and ::1 are two listeners that clients tell apart: one held does not refuse the other."""
+    port = _free_on_both_loopbacks() if not _ipv6_loopback() else 0
+    with _listening("127.0.0.1", port) as holder:
+        port = int(holder.getsockname()[1])
+        with pytest.raises(CannotListen, match=rf"^--listen 127\.0\.0\.1:{port}: address already in use \(another process listens there\)$"):
+            check_free("--listen", "127.0.0.1", port)
+        if not _ipv6_loopback():
+            check_free("--listen", "::1", port)
+
+
+def test_a_default_port_that_is_taken_says_it_is_the_default() -> None:
+    with _listening("127.0.0.1") as holder:
+        port = int(holder.getsockname()[1])
+        with pytest.raises(CannotListen) as e:
+            check_free("--metrics-port", "127.0.0.1", port, default=True)
+    assert (
+        str(e.value)
+        == f"--metrics-port 127.0.0.1:{port} (the default): address already in use (another process listens there); pass --metrics-port to choose another port"
+    )
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--health-port", "--metrics-port"])
+def test_a_coordinator_on_localhost_exits_when_another_process_holds_the_port_on_ipv6_loopback(flag: str, tmp_path: Path) -> None:
+    """Real processes: a coordinator whose --listen is localhost (its health port too) or whose metrics port
+    is the wildcard's, while another process listens on [::1] of that port: one line, exit 1, nothing set up."""
+    if _ipv6_loopback():
+        pytest.skip(_ipv6_loopback())
+    port = _free_on_both_loopbacks()
+    ports = {"--listen": "localhost:0", "--health-port": "0", "--metrics-port": "0"}
+    ports[flag] = f"localhost:{port}" if flag == "--listen" else str(port)
+    with _listening("::1", port):
+        done = _feddiff("coordinator", *COORDINATOR, "--checkpoint-dir", str(tmp_path / "ckpt"), *(x for kv in ports.items() for x in kv), cwd=tmp_path)
+
+    line = _one_line(done)
+    assert line.startswith(f"feddiff coordinator: error: {flag} ") and f":{port}: address already in use (another process listens on " in line, line
+    assert f"[::1]:{port}" in line or f"an IPv6 address of port {port}" in line, line
     assert not (tmp_path / "ckpt").exists()

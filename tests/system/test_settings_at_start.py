@@ -5,9 +5,11 @@ takes; every number a worker is sent fits its field of the wire contract at the 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -141,6 +143,26 @@ def _coordinator(tmp_path: Path, **overrides: Any) -> Iterator[Coordinator]:
         coord.stop(grace=0)
 
 
+def test_a_start_refused_after_the_lock_leaves_no_run_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new run's id is saved once its start can no longer be refused (here: no certificate, no --insecure)."""
+    folder = tmp_path / "ckpt"
+
+    assert main(["coordinator", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--checkpoint-dir", str(folder)]) != 0
+
+    assert "no TLS certificate given" in capsys.readouterr().err
+    assert not (folder / "run.json").exists()
+
+
+def test_the_wait_for_workers_names_the_setting_it_waits_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """'1 of 2 connected' said nothing to a user who never set --min-workers."""
+    caplog.set_level(logging.INFO, logger="feddiff.coordinator")
+    with _coordinator(tmp_path):
+        deadline = time.monotonic() + 30
+        while "waiting for workers" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "waiting for workers: 0 connected, --min-workers 2 (the default)" in caplog.text
+
+
 def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -> None:
     """The join that ended in UNKNOWN (heartbeat_interval_ms and rounds out of uint32) at the largest values
     the settings now take."""
@@ -174,7 +196,8 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         (["coordinator", "--round-deadline", "inf"], f"--round-deadline = 'inf': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
         (["coordinator", "--upload-idle-timeout", "nan"], f"--upload-idle-timeout = 'nan': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
         (["coordinator", "--clip-norm", "1e400"], "--clip-norm = '1e400': expected a finite number >= 0"),
-        (["coordinator", "--heartbeat-interval", "30"], "heartbeat_timeout 30 s must be longer than heartbeat_interval 30 s"),
+        (["coordinator", "--heartbeat-interval", "30"], "--heartbeat-timeout 30 s (the default) must be longer than --heartbeat-interval 30 s: "),
+        (["coordinator", "--heartbeat-timeout", "2"], "--heartbeat-timeout 2 s must be longer than --heartbeat-interval 5 s (the default): "),
         (
             ["coordinator", "--eval-device", "tpu"],
             "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu",
@@ -239,6 +262,14 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         ([*WORKER, "--tls-ca", "{file}", "--tls-key", "{file}"], "--tls-cert and --tls-key go together"),
         ([*WORKER, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
         ([*WORKER, "--data-dir", "{missing}"], "--data-dir = '{missing}': expected a readable folder; no such file or folder"),
+        (
+            ["worker", "--coordinator", "127.0.0.1:9", "--insecure"],  # the README's first try: no data flag at all
+            "no images to train on: pass --data-dir FOLDER (a folder of your images) or --client-index N (shard N of Fashion-MNIST, "
+            "N in 0..0 for --num-clients 1 (the default))",
+        ),
+        ([*WORKER[:-3], "--client-index", "1", "--insecure"], "--client-index 1 is not a shard of --num-clients 1 (the default): give 0..0"),
+        ([*WORKER[:-3], "--client-index", "3", "--num-clients", "2", "--insecure"], "--client-index 3 is not a shard of --num-clients 2: give 0..1, or"),
+        ([*WORKER, "--data-dir", "{tmp}"], "--client-index 0 and --data-dir {tmp}: give one source of images"),
         ([*WORKER, "--data-root", "{file}"], "--data-root = '{file}': expected a readable folder; not a folder"),
         ([*WORKER, "--inception-weights", "{tmp}"], "--inception-weights = '{tmp}': expected a readable file; not a file"),
     ],
@@ -398,6 +429,20 @@ def test_a_run_without_committed_state_is_still_a_run(tmp_path: Path, left: str)
     assert run_in(tmp_path) is None and run_in(tmp_path / "absent") is None
     (tmp_path / left).write_bytes(b"{}\n")
     assert run_in(tmp_path) == left
+
+
+def test_a_default_folder_that_holds_a_run_is_named_as_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user who never typed --checkpoint-dir is told the folder is the default one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "coordinator").mkdir(parents=True)
+    (tmp_path / "runs" / "coordinator" / "final.safetensors").write_bytes(b"{}\n")
+
+    assert main(["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny"]) == 2
+
+    assert capsys.readouterr().err.startswith(
+        "feddiff coordinator: error: --checkpoint-dir runs/coordinator (the default) holds a run (final.safetensors): pass --resume to continue it, "
+        "or give another --checkpoint-dir for a new run"
+    )
 
 
 def test_a_second_coordinator_on_a_checkpoint_dir_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from fedcore.atomic import LOCK_FILE
+from fedcore.federation.checkpoint import load_private
 from tests.tmpfs import fill, mounted_tmpfs, remount
 from worker.metrics import Metrics
-from worker.state_dir import IDENTITY_FILE, StateDir, StateDirError
+from worker.state_dir import IDENTITY_FILE, StateDir, StateDirError, UnsavedPrivate
 
 PRIVATE_BYTES = 100_000  # one private-rNNNN.safetensors file, about
 
@@ -94,6 +95,13 @@ def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path) -> No
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
 
 
+def test_a_default_state_dir_in_use_is_named_as_the_default(tmp_path: Path) -> None:
+    first = _open(tmp_path)
+    with pytest.raises(StateDirError, match=rf"^--state-dir '{tmp_path}' \(the default\) is in use by another worker process"):
+        StateDir.open(tmp_path, "hospital-1", Metrics(), default=True)
+    first.close()
+
+
 def test_temporary_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> None:
     left = tmp_path / ".private-r0002.safetensors.tmp-4242"
     left.write_bytes(b"half a file")
@@ -168,3 +176,60 @@ def test_a_newer_save_replaces_older_unsaved_parts(tmp_path: Path) -> None:
         assert state.retry()
 
         assert [f.name for f in path.glob("private-r*.safetensors")] == ["private-r0002.safetensors"]
+
+
+# --- one run's private parts ---------------------------------------------------------------------------------
+RUN_A, RUN_B = "a" * 32, "b" * 32
+
+
+def test_parts_saved_before_run_ids_are_of_an_unknown_run_and_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The safe choice: parts whose run is unknown are never loaded into a run (they might be another's), and
+    never deleted (they might be this one's: the operator can move them back)."""
+    state = _open(tmp_path)
+    state.save_private(3, _private(0))
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "r0002.png").write_bytes(b"png")
+    before = _sha(tmp_path / "private-r0003.safetensors")
+
+    assert state.enter_run(RUN_A) is True
+
+    (aside,) = (tmp_path / "previous-runs").iterdir()
+    assert aside.name.startswith("unknown-") and _sha(aside / "private-r0003.safetensors") == before
+    assert (aside / "samples" / "r0002.png").read_bytes() == b"png"
+    assert state.load_private() is None and json.loads((tmp_path / "run.json").read_text()) == {"run_id": RUN_A}
+    assert "held the private parts and sample grids of a run of unknown id (saved before run ids)" in caplog.text
+
+
+def test_the_same_run_keeps_its_parts_and_a_new_run_starts_without_them(tmp_path: Path) -> None:
+    state = _open(tmp_path)
+    assert state.enter_run(RUN_A) is False  # nothing here yet
+    state.save_private(1, _private(1))
+    assert state.enter_run(RUN_A) is False and state.load_private() is not None
+
+    assert state.enter_run(RUN_B) is True
+    assert state.load_private() is None and (tmp_path / "previous-runs" / RUN_A / "private-r0001.safetensors").exists()
+    state.save_private(1, _private(2))
+    assert state.enter_run(RUN_A) is True  # back: A's own parts, B's aside
+    found = state.load_private()
+    assert found is not None and torch.equal(found[0]["mid.weight"], _private(1)["mid.weight"])
+    assert (tmp_path / "previous-runs" / RUN_B / "private-r0001.safetensors").exists() and not (tmp_path / "previous-runs" / RUN_A).exists()
+
+
+def test_parts_held_unsaved_for_another_run_are_saved_aside_not_into_the_new_run(tmp_path: Path) -> None:
+    state = _open(tmp_path)
+    state.enter_run(RUN_A)
+    state.unsaved = UnsavedPrivate(4, _private(4))  # as after a failed save
+
+    assert state.enter_run(RUN_B) is True
+
+    assert state.unsaved is None and state.load_private() is None
+    assert torch.equal(load_private(tmp_path / "previous-runs" / RUN_A, "private")[0]["mid.weight"], _private(4)["mid.weight"])
+
+
+@pytest.mark.parametrize("run_id", ["", "../x", "A" * 32, "f" * 65])
+def test_a_run_id_that_is_no_id_is_refused_before_anything_moves(tmp_path: Path, run_id: str) -> None:
+    state = _open(tmp_path)
+    state.save_private(1, _private(1))
+    with pytest.raises(ValueError, match="the coordinator's run id"):
+        state.enter_run(run_id)
+    assert state.load_private() is not None and not (tmp_path / "previous-runs").exists()

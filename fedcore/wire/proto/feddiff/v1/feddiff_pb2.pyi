@@ -129,6 +129,7 @@ class JoinResponse(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """bound: 1..64 characters of [A-Za-z0-9._-]"""
     heartbeat_interval_ms: _builtins.int
@@ -141,6 +142,11 @@ class JoinResponse(_message.Message):
     """bytes per chunk the coordinator sends and wants; bound: 1..2^22"""
     rounds: _builtins.int
     """bound: 1..2^32-1"""
+    run_id: _builtins.str
+    """The run this coordinator serves, the same across its restarts (--resume), another for a new run: a worker
+    keeps its private parts for one run. Empty from a coordinator that predates it.
+    bound: 0..64 lowercase hex digits
+    """
     @_builtins.property
     def digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Update digests the coordinator checks besides "sha256" (today: "blake3");
@@ -157,10 +163,11 @@ class JoinResponse(_message.Message):
         chunk_size: _builtins.int = ...,
         rounds: _builtins.int = ...,
         digests: _abc.Iterable[_builtins.str] | None = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "digests", b"digests", "heartbeat_interval_ms", b"heartbeat_interval_ms", "model", b"model", "rounds", b"rounds", "session_id", b"session_id", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "digests", b"digests", "heartbeat_interval_ms", b"heartbeat_interval_ms", "model", b"model", "rounds", b"rounds", "run_id", b"run_id", "session_id", b"session_id", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -895,6 +902,7 @@ class StatusResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WORKERS_OMITTED_FIELD_NUMBER: _builtins.int
     WORKERS_CONNECTED_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"waiting_for_workers", "training", "evaluating", "done", "failed", "stopped";
     bound: 1..32 characters of [A-Za-z0-9._-]
@@ -927,6 +935,10 @@ class StatusResponse(_message.Message):
     """known workers not listed in `workers`; bound: 0..2^32-1"""
     workers_connected: _builtins.int
     """known workers with a live session, listed or not; bound: 0..2^32-1"""
+    run_id: _builtins.str
+    """The run's id, as sent at join (JoinResponse.run_id); empty from a coordinator that predates it;
+    bound: 0..64 lowercase hex digits
+    """
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
         """Connected workers first (by id), then the others, most recently heard first; workers_omitted counts those
@@ -959,10 +971,11 @@ class StatusResponse(_message.Message):
         error: _builtins.str = ...,
         workers_omitted: _builtins.int = ...,
         workers_connected: _builtins.int = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_rounds", b"completed_rounds", "error", b"error", "frechet_distance", b"frechet_distance", "full_fedavg_parameters", b"full_fedavg_parameters", "model", b"model", "parameters_exchanged", b"parameters_exchanged", "payload_bytes_down", b"payload_bytes_down", "payload_bytes_up", b"payload_bytes_up", "reduction_vs_full", b"reduction_vs_full", "round_done", b"round_done", "round_selected", b"round_selected", "rounds", b"rounds", "state", b"state", "strategy", b"strategy", "workers", b"workers", "workers_connected", b"workers_connected", "workers_omitted", b"workers_omitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_rounds", b"completed_rounds", "error", b"error", "frechet_distance", b"frechet_distance", "full_fedavg_parameters", b"full_fedavg_parameters", "model", b"model", "parameters_exchanged", b"parameters_exchanged", "payload_bytes_down", b"payload_bytes_down", "payload_bytes_up", b"payload_bytes_up", "reduction_vs_full", b"reduction_vs_full", "round_done", b"round_done", "round_selected", b"round_selected", "rounds", b"rounds", "run_id", b"run_id", "state", b"state", "strategy", b"strategy", "workers", b"workers", "workers_connected", b"workers_connected", "workers_omitted", b"workers_omitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
