@@ -79,6 +79,21 @@ def noise_loss(predicted: torch.Tensor, noise: torch.Tensor, kind: LossKind) -> 
     raise ValueError(f"unknown loss {kind!r}; expected 'huber' or 'mse'")
 
 
+def training_draws(
+    schedule: Schedule, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's random draws of Algorithm 1, in this order: t ~ U{0..T-1} per sample (B,), then the noise eps
+    of the batch's `shape` (B, C, H, W)."""
+    t = torch.randint(0, schedule.timesteps, (shape[0],), device=device, generator=generator)
+    noise = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    return t, noise
+
+
+def noise_prediction_loss(model: NoisePredictor, schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kind: LossKind) -> torch.Tensor:
+    """The loss of predicting `noise` from x_t (Algorithm 1, line 5), a mean over the elements of the batch."""
+    return noise_loss(model(q_sample(schedule, x0, t, noise), t), noise, kind)
+
+
 def training_loss(
     model: NoisePredictor,
     schedule: Schedule,
@@ -87,9 +102,8 @@ def training_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One DDPM training objective: t ~ U{0..T-1} per sample, predict the added noise (Algorithm 1)."""
-    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    return noise_loss(model(q_sample(schedule, x0, t, noise), t), noise, kind)
+    t, noise = training_draws(schedule, x0.shape, x0.dtype, x0.device, generator)
+    return noise_prediction_loss(model, schedule, x0, t, noise, kind)
 
 
 SamplerKind = Literal["ddpm", "ddim"]

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.model.denoiser import Denoiser
-from fedcore.model.diffusion import LossKind, NoisePredictor, Schedule, training_loss
+from fedcore.model.diffusion import LossKind, NoisePredictor, Schedule, noise_prediction_loss, training_draws
+from fedcore.model.ranks import Ranks
 from fedcore.settings import BatchSize, Epochs, LearningRate, Threads
 
 Toggle = Literal["auto", "on", "off"]
@@ -165,10 +167,20 @@ class LocalTrainer:
     between rounds: received weights are copied into the same parameters (ClientRuntime.load) and
     `reset_optimizer` empties Adam's state in place (a fresh Adam, as the paper does every round), so the
     captured graphs stay valid. Every batch is trained, the last partial one too (a second static shape,
-    compiled once), so the fast path trains the same function as the fp32 eager loop."""
+    compiled once), so the fast path trains the same function as the fp32 eager loop.
 
-    def __init__(self, model: Denoiser, schedule: Schedule, speed: SpeedConfig = SpeedConfig()):
+    With `ranks` of more than one process (torch.distributed initialised, `worker.team`), each rank trains its
+    share of every global batch (`Ranks.share`) in a DistributedDataParallel wrap of the model, built at the
+    first `train` (its construction is a collective all ranks enter together), compiled as one process is but
+    without CUDA graphs (DDP's gradient hooks reduce between the graph's kernels)."""
+
+    def __init__(
+        self, model: Denoiser, schedule: Schedule, speed: SpeedConfig = SpeedConfig(), ranks: Ranks = Ranks(), stop_group: dist.ProcessGroup | None = None
+    ):
         self.speed = ResolvedSpeed.of(speed)
+        self.ranks = ranks
+        self.stop_group = stop_group  # a gloo group of the ranks for the stop flag (None: the default group, or one rank)
+        self.cuda_graphs = self.speed.cuda_graphs and not ranks.distributed
         if speed.threads > 0:
             torch.set_num_threads(speed.threads)
         if self.speed.device.type == "cuda":
@@ -179,13 +191,25 @@ class LocalTrainer:
         self.model.train()
         # The compiled module shares its parameters with `model`, so weights loaded in place are what the next
         # round trains; "reduce-overhead" captures CUDA graphs, the default mode (CPU) only generates kernels.
-        mode = "reduce-overhead" if self.speed.cuda_graphs else None
-        self.net: NoisePredictor = torch.compile(self.model, mode=mode, dynamic=False) if self.speed.compile else self.model
+        self.net: NoisePredictor | None = None if ranks.distributed else self._compiled(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=ADAM_BETAS, fused=True if self.speed.fused_adam else None)
 
     @property
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.speed.channels_last else torch.contiguous_format
+
+    def _compiled(self, module: torch.nn.Module) -> NoisePredictor:
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        return torch.compile(module, mode=mode, dynamic=False) if self.speed.compile else module
+
+    def _network(self) -> NoisePredictor:
+        """What a step calls: the model (compiled), or with several ranks its DDP wrap, built on first use."""
+        if self.net is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.speed.device.index] if self.speed.device.type == "cuda" else None
+            self.net = self._compiled(DistributedDataParallel(self.model, device_ids=device_ids))
+        return self.net
 
     # --- optimizer ------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float) -> None:
@@ -200,12 +224,19 @@ class LocalTrainer:
                     value.zero_()
 
     # --- steps ----------------------------------------------------------------------------------------------
-    def _step(self, x0: torch.Tensor, loss_kind: LossKind, generator: torch.Generator) -> torch.Tensor:
-        if self.speed.cuda_graphs:
+    def _step(self, data: torch.Tensor, batch: torch.Tensor, loss_kind: LossKind, generator: torch.Generator) -> torch.Tensor:
+        """One Adam step on the global batch `batch` (image indices into `data`): the draws of the whole batch
+        (every rank makes them alike), this rank's share of it trained. A rank whose share of a short last
+        batch is empty trains one image at weight 0, so that DDP's gradient reduction still sees it."""
+        net = self._network()
+        if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead from here
         self.optimizer.zero_grad(set_to_none=True)
+        t, noise = training_draws(self.schedule, (len(batch), *data.shape[1:]), data.dtype, data.device, generator)
+        mine = self.ranks.share(len(batch)) if self.ranks.share_size(len(batch)) else slice(0, 1)
         with torch.autocast(self.speed.device.type, dtype=torch.bfloat16, enabled=self.speed.bf16):
-            loss = training_loss(self.net, self.schedule, x0, loss_kind, generator)
+            loss = noise_prediction_loss(net, self.schedule, data[batch[mine]], t[mine], noise[mine], loss_kind)
+            loss = loss * self.ranks.loss_weight(len(batch))  # 1.0 for one rank
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -229,7 +260,11 @@ class LocalTrainer:
         noise-prediction objective of DDPM (Ho et al. 2020, Algorithm 1; `diffusion.training_loss`, cfg.loss).
 
         `on_step(epoch, step in epoch, steps per epoch, loss)` follows every step; `should_stop` is asked before
-        each one. ValueError for an empty shard; TrainingInterrupted when `should_stop` answers True."""
+        each one. ValueError for an empty shard; TrainingInterrupted when `should_stop` answers True (on any
+        rank: all ranks stop at the same step).
+
+        With several ranks, every rank passes the same `data` (the worker's whole shard) and `seed`; the
+        losses and the images seen are those of the global batches, as one process reports them."""
         n = data.shape[0]
         if n == 0:
             raise ValueError("cannot train on an empty shard")
@@ -239,12 +274,12 @@ class LocalTrainer:
         losses: list[torch.Tensor] = []  # stay on the device: no host sync per step
         start = time.perf_counter()
         for epoch, step, batch in shuffled_batches(n, cfg.batch_size, cfg.epochs, generator):
-            if should_stop is not None and should_stop():
+            if self.ranks.any(should_stop is not None and should_stop(), self.stop_group):
                 raise TrainingInterrupted(f"stopped at epoch {epoch}, step {step}")
-            losses.append(self._step(data[batch], cfg.loss, generator))
+            losses.append(self._step(data, batch, cfg.loss, generator))
             if on_step is not None:
                 on_step(epoch, step, steps, losses[-1])
-        return _train_result(losses, cfg.epochs * n, start)
+        return _train_result(self.ranks.global_losses(torch.stack(losses)), cfg.epochs * n, start)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -261,8 +296,8 @@ def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Gene
             yield epoch, step, order[step * batch_size : (step + 1) * batch_size]
 
 
-def _train_result(losses: list[torch.Tensor], images: int, start: float) -> TrainResult:
-    """The step losses fetched from the device in one sync, and the seconds from `start` up to it."""
-    values = torch.stack(losses).float().cpu().tolist()
+def _train_result(losses: torch.Tensor, images: int, start: float) -> TrainResult:
+    """The step losses (steps,) fetched from the device in one sync, and the seconds from `start` up to it."""
+    values = losses.float().cpu().tolist()
     seconds = time.perf_counter() - start
     return TrainResult(images_seen=images, steps=len(values), mean_loss=sum(values) / len(values), seconds=seconds, losses=values)
