@@ -49,14 +49,29 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    """A worker daemon, until the run ends (or it is stopped)."""
-    from service.allocator import tune_for_streaming
+    """A worker daemon, until the run ends (or it is stopped); with --nproc-per-node N, the launcher of its N
+    ranks (`worker_rank` each); under torchrun, one of its ranks."""
     from worker.config import from_args
-    from worker.daemon import run_worker
+    from worker.launch import launch
+
+    cfg = from_args(args, speed_values(args))
+    if cfg.ranks_per_node > 1:
+        _setup_logging()
+        return launch(cfg, worker_rank)
+    return worker_rank(cfg)
+
+
+def worker_rank(cfg) -> int:  # cfg: worker.config.WorkerConfig
+    """One worker process, or one rank of a worker (spawned by `launch`, or by torchrun); a rank's uncaught
+    error is written where the launcher reads it (torch's @record), so that it names it."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from service.allocator import tune_for_streaming
+    from worker.launch import run_worker
 
     tune_for_streaming()
     _setup_logging()
-    return run_worker(from_args(args, speed_values(args)))
+    return record(run_worker)(cfg)
 
 
 def _add_tool_flags(p: argparse.ArgumentParser) -> None:

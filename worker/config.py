@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
+import torch
 from annotated_types import Interval
 from pydantic import AfterValidator
 
@@ -43,8 +44,19 @@ def _worker_id(text: str) -> str:
     return text
 
 
+def _nproc_per_node(text: str) -> str:
+    if text == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("this host shows no CUDA GPU to give a rank")
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError()  # the type's words say it all
+    return str(int(text))
+
+
 WorkerId = Annotated[str, AfterValidator(_worker_id), settings.Described(f"a worker id of {WORKER_ID.describe()}")]
 Channels = Annotated[int, AfterValidator(_grayscale_or_rgb), settings.Described("1 (grayscale) or 3 (RGB)")]
+NprocPerNode = Annotated[str, AfterValidator(_nproc_per_node), settings.Described("a number of ranks (1 or more), or gpu: one per GPU this host shows")]
 # The long poll's length, sent in milliseconds (WaitTaskRequest.timeout_ms)
 WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeout_ms", per_unit=1000))]
 
@@ -70,6 +82,10 @@ class WorkerConfig:
     channels: Channels = 1  # for --data-dir images
     state_dir: Folder = "runs/worker"  # identity and private parts, kept across restarts
     speed: SpeedConfig = SpeedConfig()
+    # Ranks that train this worker's shard together (torch.distributed DDP): this process launches them as
+    # torchrun does. Under torchrun itself leave it at 1: the ranks come from RANK, WORLD_SIZE, LOCAL_RANK.
+    nproc_per_node: NprocPerNode = "1"
+    collective_timeout: Seconds = 300.0  # seconds a rank waits in a collective (a dead rank ends the others then)
     metrics_port: Port = -1  # Prometheus /metrics; -1 disables, 0 picks a free port
     wait_timeout: WaitTimeout = 30.0  # long-poll duration of one WaitTask call
     backoff_initial: Seconds = 0.5  # first delay after a failure (reconnect, refused task), doubled up to backoff_max
@@ -109,6 +125,24 @@ class WorkerConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both (this worker's certificate and its key), or neither")
         if self.tls_cert and not self.tls_ca:
             raise ValueError("--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against")
+        if self.ranks_per_node > 1:
+            _check_rank_devices(self.ranks_per_node, self.speed.device)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """The ranks --nproc-per-node asks for ("gpu": one per CUDA GPU this host shows)."""
+        return torch.cuda.device_count() if self.nproc_per_node == "gpu" else int(self.nproc_per_node)
+
+
+def _check_rank_devices(ranks: int, device: str) -> None:
+    """Several ranks train on the CPU, or on one CUDA GPU each (rank r on cuda:r)."""
+    kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if kind.type == "cuda" and kind.index is not None:
+        raise ValueError(f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda")
+    if kind.type == "cuda" and ranks > torch.cuda.device_count():
+        raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs")
+    if kind.type not in ("cuda", "cpu"):
+        raise ValueError(f"--nproc-per-node {ranks} trains on CUDA GPUs or CPUs, not on --device {device}")
 
 
 # What each flag means; its type, range and default come from WorkerConfig's fields.
@@ -132,6 +166,8 @@ _MEANING = {
     "download_rate_limit": "cap on weight downloads in bytes per second (0 = none)",
     "inception_weights": "pytorch-fid Inception weights file for FD (never downloaded)",
     "ready_file": "write the worker id and metrics port here once started (scripts, tests)",
+    "nproc_per_node": "ranks that train this worker's shard together (DDP; NCCL on GPUs, gloo on CPUs)",
+    "collective_timeout": "seconds a rank waits in a collective before it gives up (a dead rank ends the others)",
     "progress": "a live bar on a terminal (auto), bar, log lines, or nothing",
     "insecure": "plain-text gRPC",
     "tls_ca": "CA certificate the coordinator's certificate is checked against",

@@ -23,19 +23,20 @@ from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateSta
 from fedcore.federation.server import payload_bytes_by_part
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
+from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, TrainResult, resolve_device
 from fedcore.model.unet import build_model, preset
 from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.bounds import MAX_GRID_BYTES
 from fedcore.wire.convert import any_task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from service.ports import check_free
 from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig
 from worker.metrics import Metrics
 from worker.progress import TrainingProgress
 from worker.state_dir import StateDir
 from worker.status import Action, Call, Reaction, reaction
+from worker.team import Team
 
 log = logging.getLogger("feddiff.worker")
 
@@ -78,8 +79,13 @@ class Backoff:
 
 
 class WorkerDaemon:
-    def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None):
+    """The worker's session with the coordinator; with several ranks (`team`), rank 0's: it alone talks to the
+    coordinator, keeps the state dir, serves the metrics and shows the progress, and the other ranks train
+    each task with it (`worker.team`)."""
+
+    def __init__(self, cfg: WorkerConfig, metrics: Metrics | None = None, team: Team | None = None):
         self.cfg = cfg
+        self.team = team
         self.metrics = metrics or Metrics()
         default = settings.is_default(cfg, "state_dir")
         self.state = StateDir.open(cfg.state_dir, cfg.worker_id, self.metrics, default=default)  # locked by this process
@@ -120,7 +126,10 @@ class WorkerDaemon:
         if port is not None:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
         if self.cfg.ready_file:
-            atomic_write_json(self.cfg.ready_file, {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()})
+            ready = {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()}
+            if self.team is not None:  # every rank's process, by rank (the first is this one)
+                ready["rank_pids"] = self.team.pids()
+            atomic_write_json(self.cfg.ready_file, ready)
 
     def _connection(self) -> int | None:
         """One connection to the coordinator and a session over it: the exit code when the worker is through,
@@ -129,8 +138,9 @@ class WorkerDaemon:
         client = CoordinatorClient(channel, self._metadata(), upload_rate_limit=self.cfg.upload_rate_limit, download_rate_limit=self.cfg.download_rate_limit)
         try:
             return self._through(self._session(client))
-        except TrainingInterrupted:
+        except TrainingInterrupted:  # asked to stop, here or (with several ranks) on another rank: all stop
             log.info("worker %s: training interrupted", self.worker_id)
+            self.stop()
         except MissingPrivateState as e:  # the coordinator hears of it at the join: its task then carries the whole model
             self._forget_private_state(e)
         except SessionOver:  # counted and logged where its call failed (`_react`)
@@ -287,10 +297,13 @@ class WorkerDaemon:
             raise DataMismatch(
                 f"local images {tuple(self.images.images.shape[1:])} do not fit model {model_name!r}, which takes {model_takes} (channels, height, width)"
             )
-        trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed)
+        team = self.team
+        ranks, stop_group = (team.ranks, team.stop_group) if team else (Ranks(), None)
+        trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed, ranks, stop_group)
         data = trainer.prepare_data(to_model_range(self.images.images))
         self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
-        log.info("worker %s: %d local images on %s", self.worker_id, len(self.images), trainer.speed.device)
+        ranks = f" with {team.ranks.world_size} ranks" if team else ""
+        log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, ranks)
 
     def _heartbeats(self, client: CoordinatorClient, over: threading.Event) -> None:
         while not over.wait(client.heartbeat_interval):
@@ -310,7 +323,7 @@ class WorkerDaemon:
                 self._run_evaluation(client, task)
                 taken = True
             else:
-                taken = self._train(client, task)
+                taken = self._train(client, task, msg)
         except TaskRefused as e:
             self._refuse(client, msg.task_id, e)
         except torch.OutOfMemoryError as e:
@@ -338,11 +351,14 @@ class WorkerDaemon:
                 raise SessionOver from e
         self._back_off()
 
-    def _train(self, client: CoordinatorClient, task: TrainTask) -> bool:
-        """Download, train and upload one task; False when the coordinator refused the update."""
+    def _train(self, client: CoordinatorClient, task: TrainTask, msg: pb.Task) -> bool:
+        """Download, train and upload one task; False when the coordinator refused the update. With several
+        ranks, the others get the task and the loaded weights, and train it with this one."""
         runtime = self.runtime
         assert runtime is not None
         self._load(client, runtime, task)
+        if self.team is not None:
+            self.team.start_training(runtime.model_name, msg, runtime.trainer.model)
         result = self._train_locally(runtime, task)
         update = runtime.update(task)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
@@ -443,14 +459,3 @@ def evaluation_report(task: EvalTask, score: GeneratorScore) -> pb.EvaluationRep
         num_samples=task.spec.num_samples,
         sample_grid_png=png_within(score.samples, MAX_GRID_BYTES) if task.share_samples else b"",
     )
-
-
-def run_worker(cfg: WorkerConfig) -> int:
-    import signal
-
-    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
-    torch.set_num_threads(cfg.speed.threads) if cfg.speed.threads > 0 else None
-    daemon = WorkerDaemon(cfg)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop())
-    return daemon.run()

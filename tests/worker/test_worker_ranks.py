@@ -1,0 +1,127 @@
+"""A worker of several ranks (torch.distributed, gloo on the CPU) with a real coordinator over gRPC: it trains
+the delta one process trains, takes part in a run beside a plain worker, and a rank that dies ends it with a
+clear error while the round closes by quorum and the restarted worker rejoins with its private parts."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcore.model.unet import build_model
+from fedcore.payload.serialization import load_file, save_file
+from fedcore.model.parts import Part
+from feddiff.local import LocalCluster, sample, scrape, status, wait_for_state
+from tests.reliability.support import ENV, LIVENESS, TINY, metric, rounds_log, wait_until
+
+pytestmark = pytest.mark.e2e
+
+TINY_RUN = ["--model", "tiny", "--seed", "7", "--epochs", "2", "--batch-size", "16"]
+FP32 = ["--bf16", "off", "--threads", "1"]  # the equivalence holds in fp32 (bf16 rounds each rank's batch apart)
+
+
+def _one_round(tmp_path: Path, init: Path, ranks: int) -> dict[str, torch.Tensor]:
+    """The model after one plain-FedAvg round of one worker (init + its delta) on 33 images: steps of 16, 16
+    and 1 images an epoch, so that rank 1's share of the last batch is empty."""
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        run = ["--strategy", "full", *TINY_RUN, "--lr", "1e-3", "--rounds", "1", "--min-workers", "1", "--init-from", str(init)]
+        coord = cluster.coordinator("--insecure", *run)
+        worker = cluster.shard_worker(
+            coord.ready["address"], 0, 1, "--max-images", "33", "--nproc-per-node", str(ranks), *FP32, keep_running=False, ready_timeout=120
+        )
+        wait_for_state(coord.ready["address"], "done", timeout=180, procs=[coord, worker])
+        assert worker.proc.wait(60) == 0, worker.output()[-3000:]
+    return load_file(tmp_path / "checkpoints" / "final.safetensors")[0]
+
+
+def test_two_ranks_at_half_the_batch_train_the_delta_of_one_process(tmp_path: Path) -> None:
+    """Same seed, same sample order: 2 gloo ranks at 8 images each per step give the delta one process gives at
+    16, within a tolerance derived from where they differ. Both take the gradient of the mean over the same 16
+    images (and the same t and noise per image), summed in another order: two partial sums added by the
+    all-reduce, each scaled by N n_r / B. For most elements that is a relative difference of a few float32
+    ulps (~1e-6), which Adam's step lr m/(sqrt(v) + eps) passes on about unchanged: ~1e-9 per step at lr =
+    1e-3. Where an element's gradient is a sum that cancels to near zero, the same absolute rounding is a large
+    relative error, and Adam's normalisation turns it into a step error of up to a fraction of lr (never more
+    than the 2 lr of a flipped sign). So: 99.9% of the elements within 1e-6 (a thousandth of one step), and
+    every element within 1e-4 (1/60 of the S * lr = 6e-3 the S = 6 steps can move it). A wrong sample order,
+    noise draw or loss scale moves most elements by ~1e-3."""
+    init = build_model("tiny").state_dict()
+    save_file(tmp_path / "init.safetensors", init)
+    single = _one_round(tmp_path / "one", tmp_path / "init.safetensors", 1)
+    ranked = _one_round(tmp_path / "two", tmp_path / "init.safetensors", 2)
+    assert single.keys() == ranked.keys() == init.keys()
+    moved = torch.cat([(single[k] - init[k]).flatten() for k in init])
+    apart = torch.cat([(single[k] - ranked[k]).flatten() for k in init]).abs()
+    assert float(moved.abs().median()) > 1e-3, "the round must move the model for the comparison to mean anything"
+    assert float(apart.max()) <= 1e-4, f"an element of 2 ranks' delta differs from one process's by {float(apart.max()):.3g}"
+    assert float((apart > 1e-6).float().mean()) <= 1e-3, f"{int((apart > 1e-6).sum())} of {apart.numel()} elements differ by more than 1e-6"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # exited, not yet reaped by its launcher
+
+
+def test_a_two_rank_worker_and_a_plain_one_run_udec_and_sigterm_stops_every_rank(tmp_path: Path) -> None:
+    """Coordinator + one worker of 2 ranks + one plain worker, UDec, 2 rounds: both take part in every round with
+    their image counts as FedAvg weights; rank 0 alone serves the metrics, which count the worker's whole shard;
+    SIGTERM to the launcher stops both ranks, and it exits 0."""
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN, "--rounds", "2", "--min-workers", "2", "--round-deadline", "120")
+        address = coord.ready["address"]
+        ranked = cluster.shard_worker(address, 0, 2, "--max-images", "96", "--nproc-per-node", "2", ready_timeout=120)
+        plain = cluster.shard_worker(address, 1, 2, "--max-images", "96")
+        wait_for_state(address, "done", timeout=180, procs=[coord, ranked, plain])
+        pids = ranked.ready["rank_pids"]
+        images = metric(ranked.ready["metrics_port"], "feddiff_train_images_total")
+        assert ranked.stop() == 0, ranked.output()[-3000:]
+        wait_until(lambda: all(_gone(p) for p in pids), "every rank gone after SIGTERM", 30)
+    rounds = rounds_log(tmp_path / "checkpoints")
+    assert [r["participants"] for r in rounds] == [["client-0", "client-1"]] * 2
+    assert [r["weights"] for r in rounds] == [{"client-0": 48, "client-1": 48}] * 2, "the FedAvg weight is the worker's image count"
+    assert len(pids) == 2 and pids[0] == ranked.ready["pid"]
+    assert images == 2 * 2 * 48, "2 rounds of 2 epochs over the worker's 48 images, counted once (on rank 0)"
+
+
+def _training_round_2(metrics_port: int) -> bool:
+    """Round 2's weights (a decoder) are in and its update is not yet out."""
+    m = scrape(metrics_port)
+    decoder_down = sample(m, "feddiff_parameters_total", direction="down", part="decoder")
+    return decoder_down == 2 * TINY.sizes[Part.DECODER] and sample(m, "feddiff_updates_total", outcome="accepted") == 1
+
+
+def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_it_rejoins_with_its_private_parts(tmp_path: Path) -> None:
+    deadline = 30  # round 1 must fit on a loaded machine
+    timeout = 20  # --collective-timeout
+    run = ["--strategy", "udec", "--model", "tiny", "--seed", "7", "--epochs", "4", "--batch-size", "16"]  # seconds of training
+    ranked_flags = ["--max-images", "240", "--nproc-per-node", "2", "--collective-timeout", str(timeout)]
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator("--insecure", *run, "--rounds", "3", "--min-workers", "2", "--quorum", "0.5", "--round-deadline", str(deadline), *LIVENESS)
+        address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
+        victim = cluster.shard_worker(address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
+        healthy = cluster.shard_worker(address, 1, 2, "--max-images", "240", keep_running=False)
+        port = victim.ready["metrics_port"]
+        wait_until(lambda: int(status(address)["completed_rounds"]) >= 1, "round 1", 120, [coord, victim, healthy])
+        wait_until(lambda: _training_round_2(port), "the worker training round 2", 60, [coord, victim, healthy], every=0.02)
+        os.kill(victim.ready["rank_pids"][1], signal.SIGKILL)
+        exit_code = victim.proc.wait(timeout + 10)
+        wait_until(lambda: int(status(address)["completed_rounds"]) >= 2, "round 2 closed by quorum", deadline + 30, [coord, healthy])
+        restarted = cluster.shard_worker(address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
+        wait_for_state(address, "done", 120, [coord, healthy, restarted])
+        quorum = metric(coord_port, "feddiff_round_attempts_total", outcome="quorum")
+        restarted_log = restarted.output()
+    assert exit_code == 1
+    log = victim.output()
+    assert "rank 1 of 2" in log and "signal SIGKILL" in log and "the other ranks were stopped" in log, log[-3000:]
+    rounds = rounds_log(tmp_path / "checkpoints")
+    assert [r["participants"] for r in rounds] == [["client-0", "client-1"], ["client-1"], ["client-0", "client-1"]]
+    assert quorum == 1
+    assert "private parts of round 1 restored" in restarted_log
+    # It rejoined with its private parts: round 3 sent the decoder only, to both workers.
+    assert rounds[2]["parameters"]["down"] == {"encoder": 0, "bottleneck": 0, "decoder": 2 * TINY.sizes[Part.DECODER]}

@@ -1,0 +1,172 @@
+"""How a worker process starts: one process as before, or one rank of several (torchrun's RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or, with --nproc-per-node N, the launcher of N ranks on this host.
+
+The launcher is torchrun's own engine (torch.distributed's elastic agent, as `torchrun --standalone` runs
+it): it starts the ranks, forwards SIGTERM to them, and when one exits with an error it stops the others at
+once and ends with that rank's error. Rank 0 runs the worker daemon; the others follow it (`follow`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn
+
+import torch
+
+from fedcore.data.datasets import to_model_range
+from fedcore.federation.client import TrainTask
+from fedcore.model.diffusion import Schedule
+from fedcore.model.ranks import Ranks
+from fedcore.model.training import LocalTrainer, SpeedConfig, TrainingInterrupted, resolve_device
+from fedcore.model.unet import build_model
+from fedcore.wire.convert import any_task_from_proto
+from service.ports import check_free
+from worker.config import WorkerConfig
+from worker.daemon import WorkerDaemon, load_local_data
+from worker.team import RanksLost, Team
+
+log = logging.getLogger("feddiff.worker")
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """The worker in this process: the whole worker, or the rank the environment names (torchrun's variables).
+    Rank 0 runs the daemon; the exit code is rank 0's on every rank."""
+    ranks = Ranks.from_env()
+    if ranks.leader:
+        check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
+    cfg = dataclasses.replace(cfg, speed=rank_speed(cfg.speed, ranks))
+    threads = cfg.speed.threads or _cpu_share(cfg.speed, ranks)
+    torch.set_num_threads(threads) if threads > 0 else None
+    if not ranks.distributed:
+        return _lead(WorkerDaemon(cfg), _Signals())
+    team = Team(ranks, resolve_device(cfg.speed.device), cfg.collective_timeout)
+    signals = _Signals()
+    try:
+        exit_code = _lead(WorkerDaemon(cfg, team=team), signals) if ranks.leader else follow(cfg, team, signals.stop)
+    finally:
+        team.close()
+    if signals.received.is_set():
+        _exit_now(exit_code)
+    return exit_code
+
+
+class _Signals:
+    """SIGTERM and SIGINT as a stop (between training steps, or as the process waits), and whether one came."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.received = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, *_: object) -> None:
+        self.received.set()
+        self.stop.set()
+
+
+def _exit_now(exit_code: int) -> NoReturn:
+    """End a rank the launcher stopped as soon as it has stopped: a rank spawned by torch's launcher would
+    otherwise wait, once its function returned, for a launcher that is shutting down to read its result."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+def _lead(daemon: WorkerDaemon, signals: _Signals) -> int:
+    """The daemon until it is through (stopped by `signals`); then, with several ranks, the others end with its
+    exit code."""
+    signals.stop = daemon.stop_event
+    exit_code = 1
+    try:
+        exit_code = daemon.run()
+    finally:
+        if daemon.team is not None:
+            daemon.team.stop(exit_code)
+    return exit_code
+
+
+def rank_speed(speed: SpeedConfig, ranks: Ranks) -> SpeedConfig:
+    """The speed settings of one rank: on CUDA, rank r of a host trains on cuda:r (LOCAL_RANK)."""
+    if ranks.distributed and resolve_device(speed.device).type == "cuda":
+        return dataclasses.replace(speed, device=f"cuda:{ranks.local_rank}")
+    return speed
+
+
+def _cpu_share(speed: SpeedConfig, ranks: Ranks) -> int:
+    """CPU threads of a rank on the CPU when none were asked for: the host's cores shared among its ranks (as
+    torchrun's OMP_NUM_THREADS=1 avoids N ranks each taking every core); 0 (torch's default) for one rank."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
+    if not ranks.distributed or resolve_device(speed.device).type != "cpu":
+        return 0
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+# --- the ranks other than 0 ------------------------------------------------------------------------------------
+def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
+    """A rank other than 0: train each task rank 0 sends, with the weights it broadcasts, until it says stop
+    (its exit code), or this rank was stopped while it waited (0). The shard is the worker's whole shard: each
+    step trains this rank's share of the global batch (`Ranks.share`)."""
+    images = load_local_data(cfg)
+    trainer: LocalTrainer | None = None
+    data, model_name = torch.empty(0), ""
+    try:
+        while (command := team.next_command(stopped)) is not None:
+            if command.kind == "stop":
+                return command.exit_code
+            if trainer is None or model_name != command.model:  # built once, as rank 0 builds its own
+                trainer = LocalTrainer(build_model(command.model), Schedule(), cfg.speed, team.ranks, team.stop_group)
+                data, model_name = trainer.prepare_data(to_model_range(images.images)), command.model
+            task = any_task_from_proto(command.train_task())
+            assert isinstance(task, TrainTask), "rank 0 sends train tasks only"
+            team.ranks.broadcast_model(trainer.model)
+            try:
+                trainer.train(data, task.train, seed=task.seed, should_stop=stopped.is_set)
+            except TrainingInterrupted:
+                log.info("rank %d: training interrupted", team.ranks.rank)
+    except RanksLost as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+# --- the launcher ----------------------------------------------------------------------------------------------
+def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
+    """Start cfg.ranks_per_node ranks of this worker on this host, each running `rank_main(cfg)` (a module-level
+    function: the ranks are spawned), and wait for them: rank 0's exit code; 1 when a rank failed (the others
+    stopped then); 0 when stopped by a signal (forwarded to the ranks, which leave the session)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the ranks start: rank 0 would fail later
+    n = cfg.ranks_per_node
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=n,
+        run_id=f"feddiff-worker-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",  # torchrun --standalone: a store on a free port of this host
+        max_restarts=0,  # a failed rank ends the worker; its supervisor (systemd, Kubernetes) restarts it
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    log.info("worker: starting %d ranks", n)
+    try:
+        results = elastic_launch(config, rank_main)(dataclasses.replace(cfg, nproc_per_node="1"))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        log.error("worker: rank %d of %d (pid %d) ended with %s; the other ranks were stopped: %s", rank, n, failure.pid, how, failure.message)
+        return 1
+    except SignalException as e:
+        log.info("worker: stopped by %s; the %d ranks were stopped", signal.Signals(e.sigval).name, n)
+        return 0
+    return int(results[0])

@@ -1,0 +1,119 @@
+"""The ranks of one multi-process worker as a team: their process group, and rank 0's word to the others.
+
+Rank 0 alone talks to the coordinator. For each train task it sends the other ranks the task (the protobuf
+bytes it received) through the process group's TCP store, then broadcasts the weights it loaded, and all ranks
+train together (DistributedDataParallel); the delta is taken on rank 0. Between tasks the other ranks wait on
+the store, not in a collective: a worker may wait for its next round far longer than any collective timeout.
+Every collective of training is bounded by `collective_timeout`, so a rank that dies ends the others with an
+error instead of a hang (the launcher, torchrun's agent, ends them at once when it sees a rank exit)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fedcore.model.ranks import Ranks
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+
+log = logging.getLogger("feddiff.worker")
+
+POLL_SECONDS = 0.2  # how often a waiting rank looks for rank 0's next command
+
+
+class RanksLost(Exception):
+    """The team cannot go on: a rank, or the store rank 0 serves, is gone."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """What rank 0 asks of the other ranks: train a task of `model`, or stop with `exit_code`."""
+
+    kind: str  # "train" or "stop"
+    model: str = ""
+    task: bytes = b""  # a serialized pb.Task
+    exit_code: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"kind": self.kind, "model": self.model, "task": self.task.hex(), "exit_code": self.exit_code}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Command:
+        d = json.loads(raw)
+        return cls(d["kind"], d["model"], bytes.fromhex(d["task"]), d["exit_code"])
+
+    def train_task(self) -> pb.Task:
+        return pb.Task.FromString(self.task)
+
+
+class Team:
+    """This process's rank, the process group of all ranks (NCCL on GPUs, gloo on CPUs) with a gloo group
+    beside it for the stop flag, and the store rank 0 posts its commands in (one key per command, numbered)."""
+
+    def __init__(self, ranks: Ranks, device: torch.device, collective_timeout: float):
+        self.ranks = ranks
+        self.device = device
+        self.timeout = datetime.timedelta(seconds=collective_timeout)
+        env = os.environ
+        # Under torchrun's agent the agent serves the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does.
+        hosts_store = ranks.leader and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        try:
+            address, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{ranks.world_size} ranks need MASTER_ADDR and MASTER_PORT (torchrun sets them): {e}") from e
+        store = dist.TCPStore(address, port, ranks.world_size, is_master=hosts_store, timeout=self.timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=ranks.rank, world_size=ranks.world_size, timeout=self.timeout)
+        self.stop_group = dist.new_group(backend="gloo", timeout=self.timeout) if backend != "gloo" else None
+        self.store = dist.PrefixStore("feddiff", store)
+        self.sent = 0  # commands posted (rank 0) or read (the others)
+        self.store.set(f"pid/{ranks.rank}", str(os.getpid()))
+        log.info("rank %d of %d on %s (%s), pid %d", ranks.rank, ranks.world_size, device, backend, os.getpid())
+
+    def pids(self) -> list[int]:
+        """Every rank's process id, by rank (each posts its own as it starts; waits for them up to the timeout)."""
+        return [int(self.store.get(f"pid/{r}")) for r in range(self.ranks.world_size)]
+
+    # --- rank 0 ---------------------------------------------------------------------------------------------
+    def post(self, command: Command) -> None:
+        self.store.set(f"command/{self.sent}", command.encode())
+        self.sent += 1
+
+    def start_training(self, model_name: str, task: pb.Task, model: torch.nn.Module) -> None:
+        """Rank 0: the others are told to train `task`, then get the weights rank 0 loaded (shared and private)."""
+        self.post(Command("train", model_name, task.SerializeToString()))
+        self.ranks.broadcast_model(model)
+
+    def stop(self, exit_code: int) -> None:
+        """Rank 0: the others end with `exit_code` (they may be gone already)."""
+        try:
+            self.post(Command("stop", exit_code=exit_code))
+        except (RuntimeError, dist.DistError) as e:
+            log.warning("rank 0: could not tell the other ranks to stop: %s", e)
+
+    # --- the other ranks ------------------------------------------------------------------------------------
+    def next_command(self, stopped: threading.Event) -> Command | None:
+        """Rank 0's next command, or None when this rank was stopped while it waited; RanksLost when the store
+        is gone (rank 0 served it and died)."""
+        key = f"command/{self.sent}"
+        while not stopped.is_set():
+            try:
+                if self.store.check([key]):
+                    self.sent += 1
+                    return Command.decode(self.store.get(key))
+            except (RuntimeError, dist.DistError) as e:
+                raise RanksLost(f"rank {self.ranks.rank}: rank 0's store is gone: {e}") from e
+            stopped.wait(POLL_SECONDS)
+        return None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
