@@ -271,6 +271,19 @@ def test_compose_coordinator_listens_where_workers_dial_and_publishes_ports(comp
     assert any(p.endswith(":3000") for p in compose["services"]["grafana"]["ports"])
 
 
+def test_compose_gpu_worker_0_trains_on_every_gpu_with_the_shard_and_state_of_the_base_file(compose: dict[str, Any]) -> None:
+    gpu = load_yaml(COMPOSE / "compose.gpu.yaml")["services"]
+    base = compose["services"]["worker-0"]["command"]
+    argv = gpu["worker-0"]["command"]
+
+    assert flag_value(argv, "--nproc-per-node") == "gpu" and flag_value(argv, "--device") == "cuda"
+    assert [d["count"] for d in gpu["worker-0"]["deploy"]["resources"]["reservations"]["devices"]] == ["all"]
+    assert gpu["worker-0"]["shm_size"]  # NCCL's shared memory beyond Docker's 64 MB
+    for flag in ("--coordinator", "--worker-id", "--client-index", "--num-clients", "--split", "--seed", "--state-dir", "--metrics-port"):
+        assert flag_value(argv, flag) == flag_value(base, flag), flag
+    assert ("--insecure" in argv) == ("--insecure" in base)
+
+
 @pytest.mark.parametrize("compose_file", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_bind_mounts_and_named_volumes_exist(compose_file: str) -> None:
     spec = load_yaml(COMPOSE / compose_file)
@@ -474,9 +487,12 @@ def test_worker_statefulset(k8s_docs: list[dict[str, Any]]) -> None:
     assert env["POD_INDEX"] == "metadata.labels['apps.kubernetes.io/pod-index']"
     assert flag_value(argv, "--num-clients") == str(statefulset["spec"]["replicas"])
     assert find(k8s_docs, "Service", statefulset["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
-    # one GPU each
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    # several GPUs each, one rank per GPU the pod gets, and shared memory for NCCL beyond the runtime's 64 MiB
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus >= 2 and container["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert flag_value(argv, "--nproc-per-node") == "gpu" and flag_value(argv, "--device") == "cuda"
+    shm = {v["name"]: v for v in spec["volumes"]}[{m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/dev/shm"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
     # private parts survive restarts
     [claim] = statefulset["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

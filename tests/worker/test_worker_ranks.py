@@ -24,13 +24,14 @@ FP32 = ["--bf16", "off", "--threads", "1"]  # the equivalence holds in fp32 (bf1
 
 
 def _one_round(tmp_path: Path, init: Path, ranks: int) -> dict[str, torch.Tensor]:
-    """The model after one plain-FedAvg round of one worker (init + its delta) on 33 images: steps of 16, 16
-    and 1 images an epoch, so that rank 1's share of the last batch is empty."""
+    """The model after one plain-FedAvg round of one worker (init + its delta) on 35 images: steps of 16, 16
+    and 3 images an epoch, so that the ranks' shares of the last batch differ (2 and 1 images): only the loss
+    weight N n_r / B makes DDP's average of their gradients the mean over the 3."""
     with LocalCluster(tmp_path, env=ENV) as cluster:
         run = ["--strategy", "full", *TINY_RUN, "--lr", "1e-3", "--rounds", "1", "--min-workers", "1", "--init-from", str(init)]
         coord = cluster.coordinator("--insecure", *run)
         worker = cluster.shard_worker(
-            coord.ready["address"], 0, 1, "--max-images", "33", "--nproc-per-node", str(ranks), *FP32, keep_running=False, ready_timeout=120
+            coord.ready["address"], 0, 1, "--max-images", "35", "--nproc-per-node", str(ranks), *FP32, keep_running=False, ready_timeout=120
         )
         wait_for_state(coord.ready["address"], "done", timeout=180, procs=[coord, worker])
         assert worker.proc.wait(60) == 0, worker.output()[-3000:]
@@ -71,12 +72,13 @@ def _gone(pid: int) -> bool:
 def test_a_two_rank_worker_and_a_plain_one_run_udec_and_sigterm_stops_every_rank(tmp_path: Path) -> None:
     """Coordinator + one worker of 2 ranks + one plain worker, UDec, 2 rounds: both take part in every round with
     their image counts as FedAvg weights; rank 0 alone serves the metrics, which count the worker's whole shard;
-    SIGTERM to the launcher stops both ranks, and it exits 0."""
+    SIGTERM to the launcher stops both ranks, and it exits 0. 49 images at batch 16 end each epoch with a batch
+    of one image, of which rank 1's share is empty (it trains one image at weight 0)."""
     with LocalCluster(tmp_path, env=ENV) as cluster:
         coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN, "--rounds", "2", "--min-workers", "2", "--round-deadline", "120")
         address = coord.ready["address"]
-        ranked = cluster.shard_worker(address, 0, 2, "--max-images", "96", "--nproc-per-node", "2", ready_timeout=120)
-        plain = cluster.shard_worker(address, 1, 2, "--max-images", "96")
+        ranked = cluster.shard_worker(address, 0, 2, "--max-images", "98", "--nproc-per-node", "2", ready_timeout=120)
+        plain = cluster.shard_worker(address, 1, 2, "--max-images", "98")
         wait_for_state(address, "done", timeout=180, procs=[coord, ranked, plain])
         pids = ranked.ready["rank_pids"]
         images = metric(ranked.ready["metrics_port"], "feddiff_train_images_total")
@@ -84,9 +86,9 @@ def test_a_two_rank_worker_and_a_plain_one_run_udec_and_sigterm_stops_every_rank
         wait_until(lambda: all(_gone(p) for p in pids), "every rank gone after SIGTERM", 30)
     rounds = rounds_log(tmp_path / "checkpoints")
     assert [r["participants"] for r in rounds] == [["client-0", "client-1"]] * 2
-    assert [r["weights"] for r in rounds] == [{"client-0": 48, "client-1": 48}] * 2, "the FedAvg weight is the worker's image count"
+    assert [r["weights"] for r in rounds] == [{"client-0": 49, "client-1": 49}] * 2, "the FedAvg weight is the worker's image count"
     assert len(pids) == 2 and pids[0] == ranked.ready["pid"]
-    assert images == 2 * 2 * 48, "2 rounds of 2 epochs over the worker's 48 images, counted once (on rank 0)"
+    assert images == 2 * 2 * 49, "2 rounds of 2 epochs over the worker's 49 images, counted once (on rank 0)"
 
 
 def _training_round_2(metrics_port: int) -> bool:
