@@ -12,11 +12,21 @@ check: the fast path against fp32 eager from the same init and seed for 200 step
 
     python -m bench.train_throughput --quick                        # CPU, under 3 minutes
     python -m bench.train_throughput --data-root DIR                # a GPU: everything in one command
+
+With --nproc-per-node N it measures the worker's trainer on N ranks instead (torch.distributed DDP, NCCL on
+GPUs, gloo on CPUs, launched as `feddiff worker --nproc-per-node` launches them; N = 1 is the one-process
+trainer): the global images/s at the global batch --batch-size (each rank trains B/N of it), and the largest
+difference between the weights after --curve-steps steps on N ranks and on one process from the same init and
+seed (the delta's equivalence; run with --bf16 off for fp32, where it is float32 rounding).
+
+    python -m bench.train_throughput --quick --nproc-per-node 2     # CPU: 2 gloo ranks
+    python -m bench.train_throughput --data-root DIR --nproc-per-node 8   # a host of 8 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +40,7 @@ from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import LossKind, Schedule, training_loss
 from fedcore.model.parts import ALL_PARTS
+from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, ResolvedSpeed, SpeedConfig, Toggle, TrainConfig, resolve_device
 from fedcore.model.unet import build_model
 from fedcore.payload import serialization
@@ -201,6 +212,83 @@ def loss_curve_check(fast: LocalTrainer, images: torch.Tensor, steps: int, batch
     }
 
 
+# --- ranks ----------------------------------------------------------------------------------------------------
+
+
+def ranks_figures(args: argparse.Namespace, plan: Plan) -> dict[str, object]:
+    """On every rank (from the environment; one rank without it): the trainer's images/s in `plan.blocks` blocks
+    of `plan.steps` global batches after `plan.warmup`, then the equivalence check; rank 0's figures count."""
+    from worker.launch import rank_speed
+    from worker.team import Team
+
+    ranks = Ranks.from_env()
+    device = resolve_device(args.device)
+    if args.threads == 0 and device.type == "cpu":  # the cores shared among the ranks, as the worker does
+        args.threads = max(1, (os.cpu_count() or 1) // ranks.world_size)
+    speed = rank_speed(speed_from(args, device), ranks)
+    team = Team(ranks, resolve_device(speed.device), collective_timeout=300) if ranks.distributed else None
+    trainer = LocalTrainer(build_model(MODEL, seed=args.seed), Schedule(), speed, ranks, team.stop_group if team else None)
+    images = to_model_range(load_fashion_mnist(train=True, root=args.data_root).images[: plan.shard])
+    data = trainer.prepare_data(images)
+    batch = args.batch_size
+    fast_block(trainer, data, plan.warmup, batch, seed=10_000)  # builds DDP (and compiles)
+    blocks = []
+    for b in range(plan.blocks):
+        n, seconds = fast_block(trainer, data, plan.steps, batch, seed=b)
+        blocks.append(n / seconds)
+        log(f"rank {ranks.rank}: block {b}: {n / seconds:.1f} images/s")
+    figures: dict[str, object] = {
+        **machine(), "device": str(trainer.speed.device), "model": MODEL, "ranks": ranks.world_size,
+        "backend": "nccl" if trainer.speed.device.type == "cuda" else "gloo" if team else "none",
+        "threads_per_rank": torch.get_num_threads(), "batch_size": batch, "batch_per_rank": batch / ranks.world_size,
+        "bf16": trainer.speed.bf16, "compile": trainer.speed.compile, "images_per_s": median(blocks),
+    }  # fmt: skip
+    figures.update(_equivalence(trainer, images, speed, plan.curve_steps, batch, args.seed))
+    if team is not None:
+        team.close()
+    return figures
+
+
+def _equivalence(trainer: LocalTrainer, images: torch.Tensor, speed: SpeedConfig, steps: int, batch: int, seed: int) -> dict[str, object]:
+    """`steps` steps from the same init and seed on the ranks and, on rank 0, in one process: the largest
+    element of the delta and the largest difference between the two (0 on one rank, where they are the same)."""
+    init = build_model(MODEL, seed=seed).state_dict()
+    trainer.model.load_state_dict(init)  # in place: DDP and compiled graphs keep their parameters
+    cfg = TrainConfig(epochs=1, batch_size=batch)
+    trainer.train(trainer.prepare_data(images[: steps * batch]), cfg, seed=seed)
+    if not trainer.ranks.leader:
+        return {}
+    ranked = {k: v.detach().float().cpu() for k, v in trainer.model.state_dict().items()}
+    alone = ranked
+    if trainer.ranks.distributed:
+        single = LocalTrainer(build_model(MODEL, seed=seed), Schedule(), speed)
+        single.train(single.prepare_data(images[: steps * batch]), cfg, seed=seed)
+        alone = {k: v.detach().float().cpu() for k, v in single.model.state_dict().items()}
+    return {
+        "equivalence_steps": steps,
+        "delta_max_abs": max(float((alone[k] - init[k].float()).abs().max()) for k in init),
+        "delta_max_abs_diff_vs_one_process": max(float((ranked[k] - alone[k]).abs().max()) for k in init),
+    }
+
+
+def _rank_main(args: argparse.Namespace, plan: Plan) -> dict[str, object]:
+    """A spawned rank (module level: the launcher pickles it by name)."""
+    return ranks_figures(args, plan)
+
+
+def run_ranks(args: argparse.Namespace, plan: Plan) -> dict[str, object]:
+    """`ranks_figures` on --nproc-per-node ranks of this host, started by torch's launcher (one: in-process)."""
+    if args.nproc_per_node == 1:
+        return ranks_figures(args, plan)
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"bench-{os.getpid()}",
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, start_method="spawn",
+    )  # fmt: skip
+    return elastic_launch(config, _rank_main)(args, plan)[0]
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 
 
@@ -229,14 +317,20 @@ def main() -> int:
     p.add_argument("--paper-workers", type=int, default=0, help="DataLoader workers of the paper loop")
     p.add_argument("--seed", type=int, default=0)
     add_speed_flags(p)
+    p.add_argument("--nproc-per-node", type=int, default=0, help="measure the trainer on this many ranks instead (see above)")
     for name in ("warmup", "steps", "blocks", "shard", "rounds", "curve-steps"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the plan")
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    speed = speed_from(args, device)
     plan = plan_for(device, args.quick)
     plan = Plan(**{f: getattr(args, f) if getattr(args, f) is not None else getattr(plan, f) for f in Plan.__dataclass_fields__})
+    if args.nproc_per_node < 0:
+        p.error(f"--nproc-per-node {args.nproc_per_node}: expected a number of ranks (1 or more)")
+    if args.nproc_per_node:
+        emit(run_ranks(args, plan))
+        return 0
+    speed = speed_from(args, device)
     resolved = ResolvedSpeed.of(speed)
     batch = args.batch_size
     images = load_fashion_mnist(train=True, root=args.data_root).images  # (60000, 1, 28, 28) uint8

@@ -7,6 +7,7 @@ from dataclasses import fields
 from typing import Any, Literal, get_origin, get_type_hints
 
 import pytest
+import torch
 
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
@@ -105,3 +106,24 @@ def test_an_empty_state_dir_is_refused_not_taken_for_the_working_directory() -> 
 
     with pytest.raises(settings.SettingsError, match=r"^--state-dir = '': expected a folder path$"):
         settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=settings.flag)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_nproc_per_node_takes_a_number_of_ranks_or_gpu(value: str, capsys) -> None:
+    code = main([*BASE, "--nproc-per-node", value])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--nproc-per-node = {value!r}: expected a number of ranks (1 or more), or gpu" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_nproc_per_node_gpu_is_refused_on_a_host_without_one(capsys) -> None:
+    assert main([*BASE, "--nproc-per-node", "gpu"]) == 2
+    assert "--nproc-per-node = 'gpu'" in capsys.readouterr().err
+
+
+def test_several_cpu_ranks_are_a_setting_and_the_collective_timeout_a_number_of_seconds() -> None:
+    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", "2", "--device", "cpu", "--collective-timeout", "20"]), {"device": "cpu"})
+
+    assert cfg.ranks_per_node == 2 and cfg.collective_timeout == 20.0
