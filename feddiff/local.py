@@ -70,7 +70,7 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
 
-    def _start(self, name: str, args: Sequence[str], ready_timeout: float) -> Process:
+    def _start(self, name: str, args: Sequence[str], ready_timeout: float, launcher: Sequence[str] = ()) -> Process:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
@@ -78,7 +78,7 @@ class LocalCluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "feddiff", *args, "--ready-file", str(ready)],
+                [sys.executable, *launcher, "-m", "feddiff", *args, "--ready-file", str(ready)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -92,8 +92,9 @@ class LocalCluster:
         base = ["coordinator", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--checkpoint-dir", str(self.workdir / "checkpoints")]
         return self._start(name, [*base, *args], ready_timeout)
 
-    def worker(self, address: str, worker_id: str, *args: str, name: str = "", ready_timeout: float = 60.0) -> Process:
-        """A worker process named `name` (default: its worker id), with its state dir in workers/<name>."""
+    def worker(self, address: str, worker_id: str, *args: str, name: str = "", ready_timeout: float = 60.0, launcher: Sequence[str] = ()) -> Process:
+        """A worker process named `name` (default: its worker id), with its state dir in workers/<name>; under
+        `launcher` (python's arguments before `-m feddiff`: `-m torch.distributed.run ...` runs it under torchrun)."""
         name = name or worker_id
         base = [
             "worker",
@@ -108,13 +109,16 @@ class LocalCluster:
             "--progress",
             "log",
         ]
-        return self._start(name, [*base, *args], ready_timeout)
+        return self._start(name, [*base, *args], ready_timeout, launcher)
 
-    def shard_worker(self, address: str, index: int, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0) -> Process:
+    def shard_worker(
+        self, address: str, index: int, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0, launcher: Sequence[str] = ()
+    ) -> Process:
         """Worker `client-<index>` on Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU
         thread; with `keep_running` it stays connected after the last round (its metrics stay scrapeable)."""
         flags = ["--insecure", "--client-index", str(index), "--num-clients", str(num_clients), "--threads", "1"]
-        return self.worker(address, f"client-{index}", *flags, *(["--keep-running"] if keep_running else []), *args, ready_timeout=ready_timeout)
+        running = ["--keep-running"] if keep_running else []
+        return self.worker(address, f"client-{index}", *flags, *running, *args, ready_timeout=ready_timeout, launcher=launcher)
 
     def shard_workers(self, address: str, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0) -> list[Process]:
         """A `shard_worker` for each of the `num_clients` shards."""

@@ -144,8 +144,10 @@ def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the ranks start: rank 0 would fail later
     n = cfg.ranks_per_node
+    if "LOCAL_RANK" in os.environ:
+        raise ValueError(f"--nproc-per-node {cfg.nproc_per_node} under torchrun: leave it out, torchrun's own --nproc-per-node starts the ranks")
+    check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the ranks start: rank 0 would fail later
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     config = LaunchConfig(
         min_nodes=1,

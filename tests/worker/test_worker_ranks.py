@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def _training_round_2(metrics_port: int) -> bool:
 
 
 def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_it_rejoins_with_its_private_parts(tmp_path: Path) -> None:
+    """One rank SIGKILLed while round 2 trains: the worker exits 1 naming it, well within the collective
+    timeout; round 2 closes at its deadline with the plain worker; the worker, restarted under torchrun on its
+    state dir, rejoins with its round-1 private parts and gets the decoder only in round 3."""
     deadline = 30  # round 1 must fit on a loaded machine
     timeout = 20  # --collective-timeout
     run = ["--strategy", "udec", "--model", "tiny", "--seed", "7", "--epochs", "4", "--batch-size", "16"]  # seconds of training
@@ -111,19 +115,24 @@ def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_
         port = victim.ready["metrics_port"]
         wait_until(lambda: int(status(address)["completed_rounds"]) >= 1, "round 1", 120, [coord, victim, healthy])
         wait_until(lambda: _training_round_2(port), "the worker training round 2", 60, [coord, victim, healthy], every=0.02)
+        killed_at = time.monotonic()
         os.kill(victim.ready["rank_pids"][1], signal.SIGKILL)
         exit_code = victim.proc.wait(timeout + 10)
+        ended_after = time.monotonic() - killed_at
         wait_until(lambda: int(status(address)["completed_rounds"]) >= 2, "round 2 closed by quorum", deadline + 30, [coord, healthy])
-        restarted = cluster.shard_worker(address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
+        # Restarted under torchrun this time: the same worker, its ranks from torchrun's environment.
+        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        restarted = cluster.shard_worker(address, 0, 2, *ranked_flags[:2], *ranked_flags[4:], keep_running=False, ready_timeout=120, launcher=torchrun)
         wait_for_state(address, "done", 120, [coord, healthy, restarted])
         quorum = metric(coord_port, "feddiff_round_attempts_total", outcome="quorum")
         restarted_log = restarted.output()
-    assert exit_code == 1
+    assert exit_code == 1 and ended_after < timeout, f"exit code {exit_code} after {ended_after:.1f}s"
     log = victim.output()
     assert "rank 1 of 2" in log and "signal SIGKILL" in log and "the other ranks were stopped" in log, log[-3000:]
     rounds = rounds_log(tmp_path / "checkpoints")
     assert [r["participants"] for r in rounds] == [["client-0", "client-1"], ["client-1"], ["client-0", "client-1"]]
     assert quorum == 1
     assert "private parts of round 1 restored" in restarted_log
+    assert "rank 1 of 2 on cpu (gloo)" in restarted_log and "with 2 ranks" in restarted_log
     # It rejoined with its private parts: round 3 sent the decoder only, to both workers.
     assert rounds[2]["parameters"]["down"] == {"encoder": 0, "bottleneck": 0, "decoder": 2 * TINY.sizes[Part.DECODER]}
