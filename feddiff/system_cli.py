@@ -71,7 +71,8 @@ def worker_rank(cfg) -> int:  # cfg: worker.config.WorkerConfig
 
     tune_for_streaming()
     _setup_logging()
-    return record(run_worker)(cfg)
+    exit_code: int = record(run_worker)(cfg)  # type: ignore[assignment]  # record's wrapper keeps no return type
+    return exit_code
 
 
 def _add_tool_flags(p: argparse.ArgumentParser) -> None:

@@ -138,7 +138,9 @@ def _check_rank_devices(ranks: int, device: str) -> None:
     """Several ranks train on the CPU, or on one CUDA GPU each (rank r on cuda:r)."""
     kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     if kind.type == "cuda" and kind.index is not None:
-        raise ValueError(f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda")
+        raise ValueError(
+            f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda"
+        )
     if kind.type == "cuda" and ranks > torch.cuda.device_count():
         raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs")
     if kind.type not in ("cuda", "cpu"):

@@ -126,7 +126,7 @@ class WorkerDaemon:
         if port is not None:
             log.info("worker %s: metrics on :%d", self.worker_id, port)
         if self.cfg.ready_file:
-            ready = {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()}
+            ready: dict[str, object] = {"worker_id": self.worker_id, "metrics_port": port, "pid": os.getpid()}
             if self.team is not None:  # every rank's process, by rank (the first is this one)
                 ready["rank_pids"] = self.team.pids()
             atomic_write_json(self.cfg.ready_file, ready)
@@ -302,8 +302,8 @@ class WorkerDaemon:
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed, ranks, stop_group)
         data = trainer.prepare_data(to_model_range(self.images.images))
         self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
-        ranks = f" with {team.ranks.world_size} ranks" if team else ""
-        log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, ranks)
+        with_ranks = f" with {team.ranks.world_size} ranks" if team else ""
+        log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, with_ranks)
 
     def _heartbeats(self, client: CoordinatorClient, over: threading.Event) -> None:
         while not over.wait(client.heartbeat_interval):
@@ -323,7 +323,7 @@ class WorkerDaemon:
                 self._run_evaluation(client, task)
                 taken = True
             else:
-                taken = self._train(client, task, msg)
+                taken = self._train(client, task)
         except TaskRefused as e:
             self._refuse(client, msg.task_id, e)
         except torch.OutOfMemoryError as e:
@@ -351,14 +351,14 @@ class WorkerDaemon:
                 raise SessionOver from e
         self._back_off()
 
-    def _train(self, client: CoordinatorClient, task: TrainTask, msg: pb.Task) -> bool:
+    def _train(self, client: CoordinatorClient, task: TrainTask) -> bool:
         """Download, train and upload one task; False when the coordinator refused the update. With several
         ranks, the others get the task and the loaded weights, and train it with this one."""
         runtime = self.runtime
         assert runtime is not None
         self._load(client, runtime, task)
         if self.team is not None:
-            self.team.start_training(runtime.model_name, msg, runtime.trainer.model)
+            self.team.start_training(runtime.model_name, task, runtime.trainer.model)
         result = self._train_locally(runtime, task)
         update = runtime.update(task)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)

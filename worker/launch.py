@@ -19,12 +19,10 @@ from typing import NoReturn
 import torch
 
 from fedcore.data.datasets import to_model_range
-from fedcore.federation.client import TrainTask
 from fedcore.model.diffusion import Schedule
 from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainingInterrupted, resolve_device
 from fedcore.model.unet import build_model
-from fedcore.wire.convert import any_task_from_proto
 from service.ports import check_free
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon, load_local_data
@@ -122,11 +120,9 @@ def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
             if trainer is None or model_name != command.model:  # built once, as rank 0 builds its own
                 trainer = LocalTrainer(build_model(command.model), Schedule(), cfg.speed, team.ranks, team.stop_group)
                 data, model_name = trainer.prepare_data(to_model_range(images.images)), command.model
-            task = any_task_from_proto(command.train_task())
-            assert isinstance(task, TrainTask), "rank 0 sends train tasks only"
             team.ranks.broadcast_model(trainer.model)
             try:
-                trainer.train(data, task.train, seed=task.seed, should_stop=stopped.is_set)
+                trainer.train(data, command.train, seed=command.seed, should_stop=stopped.is_set)
             except TrainingInterrupted:
                 log.info("rank %d: training interrupted", team.ranks.rank)
     except RanksLost as e:

@@ -1,7 +1,7 @@
 """The ranks of one multi-process worker as a team: their process group, and rank 0's word to the others.
 
-Rank 0 alone talks to the coordinator. For each train task it sends the other ranks the task (the protobuf
-bytes it received) through the process group's TCP store, then broadcasts the weights it loaded, and all ranks
+Rank 0 alone talks to the coordinator. For each train task it sends the other ranks the task's training
+settings and seed through the process group's TCP store, then broadcasts the weights it loaded, and all ranks
 train together (DistributedDataParallel); the delta is taken on rank 0. Between tasks the other ranks wait on
 the store, not in a collective: a worker may wait for its next round far longer than any collective timeout.
 Every collective of training is bounded by `collective_timeout`, so a rank that dies ends the others with an
@@ -9,18 +9,21 @@ error instead of a hang (the launcher, torchrun's agent, ends them at once when 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from fedcore.federation.client import TrainTask
 from fedcore.model.ranks import Ranks
-from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from fedcore.model.training import TrainConfig
 
 log = logging.getLogger("feddiff.worker")
 
@@ -33,23 +36,22 @@ class RanksLost(Exception):
 
 @dataclass(frozen=True)
 class Command:
-    """What rank 0 asks of the other ranks: train a task of `model`, or stop with `exit_code`."""
+    """What rank 0 asks of the other ranks: train `model` as `train` says, seeded by `seed` (a task's training),
+    or stop with `exit_code`."""
 
-    kind: str  # "train" or "stop"
+    kind: Literal["train", "stop"]
     model: str = ""
-    task: bytes = b""  # a serialized pb.Task
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
     exit_code: int = 0
 
-    def encode(self) -> bytes:
-        return json.dumps({"kind": self.kind, "model": self.model, "task": self.task.hex(), "exit_code": self.exit_code}).encode()
+    def encode(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def decode(cls, raw: bytes) -> Command:
         d = json.loads(raw)
-        return cls(d["kind"], d["model"], bytes.fromhex(d["task"]), d["exit_code"])
-
-    def train_task(self) -> pb.Task:
-        return pb.Task.FromString(self.task)
+        return cls(**{**d, "train": TrainConfig(**d["train"])})
 
 
 class Team:
@@ -87,9 +89,9 @@ class Team:
         self.store.set(f"command/{self.sent}", command.encode())
         self.sent += 1
 
-    def start_training(self, model_name: str, task: pb.Task, model: torch.nn.Module) -> None:
+    def start_training(self, model_name: str, task: TrainTask, model: torch.nn.Module) -> None:
         """Rank 0: the others are told to train `task`, then get the weights rank 0 loaded (shared and private)."""
-        self.post(Command("train", model_name, task.SerializeToString()))
+        self.post(Command("train", model_name, task.train, task.seed))
         self.ranks.broadcast_model(model)
 
     def stop(self, exit_code: int) -> None:

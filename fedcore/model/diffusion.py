@@ -80,7 +80,7 @@ def noise_loss(predicted: torch.Tensor, noise: torch.Tensor, kind: LossKind) -> 
 
 
 def training_draws(
-    schedule: Schedule, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+    schedule: Schedule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's random draws of Algorithm 1, in this order: t ~ U{0..T-1} per sample (B,), then the noise eps
     of the batch's `shape` (B, C, H, W)."""

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedcore.model.parts import Part
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file, save_file
-from fedcore.model.parts import Part
 from feddiff.local import LocalCluster, sample, scrape, status, wait_for_state
 from tests.reliability.support import ENV, LIVENESS, TINY, metric, rounds_log, wait_until
 
