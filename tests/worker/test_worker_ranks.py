@@ -111,7 +111,7 @@ def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_
         coord = cluster.coordinator("--insecure", *run, "--rounds", "3", "--min-workers", "2", "--quorum", "0.5", "--round-deadline", str(deadline), *LIVENESS)
         address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
         victim = cluster.shard_worker(address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
-        healthy = cluster.shard_worker(address, 1, 2, "--max-images", "240", keep_running=False)
+        healthy = cluster.shard_worker(address, 1, 2, "--max-images", "240")  # stays up after the run: stopped at the end
         port = victim.ready["metrics_port"]
         wait_until(lambda: int(status(address)["completed_rounds"]) >= 1, "round 1", 120, [coord, victim, healthy])
         wait_until(lambda: _training_round_2(port), "the worker training round 2", 60, [coord, victim, healthy], every=0.02)
@@ -122,7 +122,7 @@ def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_
         wait_until(lambda: int(status(address)["completed_rounds"]) >= 2, "round 2 closed by quorum", deadline + 30, [coord, healthy])
         # Restarted under torchrun this time: the same worker, its ranks from torchrun's environment.
         torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        restarted = cluster.shard_worker(address, 0, 2, *ranked_flags[:2], *ranked_flags[4:], keep_running=False, ready_timeout=120, launcher=torchrun)
+        restarted = cluster.shard_worker(address, 0, 2, *ranked_flags[:2], *ranked_flags[4:], ready_timeout=120, launcher=torchrun)
         wait_for_state(address, "done", 120, [coord, healthy, restarted])
         quorum = metric(coord_port, "feddiff_round_attempts_total", outcome="quorum")
         restarted_log = restarted.output()
