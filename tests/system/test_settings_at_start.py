@@ -61,12 +61,13 @@ LOCAL = {
 } | {
     (WorkerConfig, name)
     for name in ("client_index", "num_clients", "beta", "seed", "max_images", "image_size", "channels", "metrics_port", "backoff_initial",
-                 "backoff_max", "upload_rate_limit", "download_rate_limit")
+                 "backoff_max", "upload_rate_limit", "download_rate_limit", "collective_timeout")
 } | {(SpeedConfig, "threads")}  # fmt: skip
 # Seconds waited here (threading and asyncio waits, gRPC deadlines): at most what Python's waits take.
 WAITS = [
     (CoordinatorConfig, "round_deadline"), (CoordinatorConfig, "upload_idle_timeout"), (CoordinatorConfig, "heartbeat_timeout"),
     (CoordinatorConfig, "heartbeat_interval"), (CoordinatorConfig, "final_save_timeout"), (WorkerConfig, "wait_timeout"), (WorkerConfig, "backoff_initial"), (WorkerConfig, "backoff_max"),
+    (WorkerConfig, "collective_timeout"),
 ]  # fmt: skip
 
 
