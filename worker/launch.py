@@ -108,15 +108,13 @@ def _cpu_share(speed: SpeedConfig, ranks: Ranks) -> int:
 # --- the ranks other than 0 ------------------------------------------------------------------------------------
 def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
     """A rank other than 0: train each task rank 0 sends, with the weights it broadcasts, until it says stop
-    (its exit code), or this rank was stopped while it waited (0). The shard is the worker's whole shard: each
-    step trains this rank's share of the global batch (`Ranks.share`)."""
+    (its exit code). The shard is the worker's whole shard: each step trains this rank's share of the global
+    batch (`Ranks.share`). Stopped (`stopped`), it stops training at the ranks' next step, together."""
     images = load_local_data(cfg)
     trainer: LocalTrainer | None = None
     data, model_name = torch.empty(0), ""
     try:
-        while (command := team.next_command(stopped)) is not None:
-            if command.kind == "stop":
-                return command.exit_code
+        while (command := team.next_command()).kind == "train":
             if trainer is None or model_name != command.model:  # built once, as rank 0 builds its own
                 trainer = LocalTrainer(build_model(command.model), Schedule(), cfg.speed, team.ranks, team.stop_group)
                 data, model_name = trainer.prepare_data(to_model_range(images.images)), command.model
@@ -128,7 +126,8 @@ def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
     except RanksLost as e:
         log.error("%s", e)
         return 1
-    return 0
+    log.info("rank %d: stopped with rank 0 (exit code %d)", team.ranks.rank, command.exit_code)
+    return command.exit_code
 
 
 # --- the launcher ----------------------------------------------------------------------------------------------

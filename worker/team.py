@@ -14,7 +14,7 @@ import datetime
 import json
 import logging
 import os
-import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,19 +102,19 @@ class Team:
             log.warning("rank 0: could not tell the other ranks to stop: %s", e)
 
     # --- the other ranks ------------------------------------------------------------------------------------
-    def next_command(self, stopped: threading.Event) -> Command | None:
-        """Rank 0's next command, or None when this rank was stopped while it waited; RanksLost when the store
-        is gone (rank 0 served it and died)."""
+    def next_command(self) -> Command:
+        """Rank 0's next command; RanksLost when the store is gone (rank 0 served it and died). A rank asked to
+        stop while it waits still waits for it: rank 0 may be about to send a task, whose training then stops
+        at its first step on every rank, and rank 0 ends the others once it is through."""
         key = f"command/{self.sent}"
-        while not stopped.is_set():
+        while True:
             try:
                 if self.store.check([key]):
                     self.sent += 1
                     return Command.decode(self.store.get(key))
             except (RuntimeError, dist.DistError) as e:
                 raise RanksLost(f"rank {self.ranks.rank}: rank 0's store is gone: {e}") from e
-            stopped.wait(POLL_SECONDS)
-        return None
+            time.sleep(POLL_SECONDS)
 
     def close(self) -> None:
         if dist.is_initialized():

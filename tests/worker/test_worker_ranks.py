@@ -136,3 +136,20 @@ def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_
     assert "rank 1 of 2 on cpu (gloo)" in restarted_log and "with 2 ranks" in restarted_log
     # It rejoined with its private parts: round 3 sent the decoder only, to both workers.
     assert rounds[2]["parameters"]["down"] == {"encoder": 0, "bottleneck": 0, "decoder": 2 * TINY.sizes[Part.DECODER]}
+
+
+def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) -> None:
+    """SIGTERM to the launcher while its ranks train: torch's launcher forwards it, the ranks agree to stop at
+    the same step (a stop asked of any rank stops all), rank 0 leaves the session, and the worker exits 0."""
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN[:4], "--epochs", "50", "--batch-size", "16", "--min-workers", "1")
+        worker = cluster.shard_worker(coord.ready["address"], 0, 1, "--max-images", "200", "--nproc-per-node", "2", keep_running=False, ready_timeout=120)
+        port = worker.ready["metrics_port"]
+        wait_until(lambda: metric(port, "feddiff_parameters_total", direction="down", part="decoder"), "round 1's weights", 60, [coord, worker])
+        worker.proc.send_signal(signal.SIGTERM)
+        exit_code = worker.proc.wait(30)
+        log = worker.output()
+        left = wait_until(lambda: int(status(coord.ready["address"])["workers_connected"]) == 0 or None, "the worker gone", 30)
+    assert exit_code == 0, log[-3000:]
+    assert "worker client-0: training interrupted" in log and "rank 1: training interrupted" in log, log[-3000:]
+    assert left and all(_gone(pid) for pid in worker.ready["rank_pids"])
