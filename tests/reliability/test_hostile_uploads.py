@@ -136,18 +136,24 @@ MIB = 1 << 20
 # update (576 KB). Before the per-worker bound and the 64 KiB stream window, 300 streams waiting for a slot
 # raised it by 180 MiB (the test prints the figures).
 MEMORY_LIMIT = 48 * MIB
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel's own connection, not one shared with the others
 
 
 async def _join_and_wait(address: str, worker_ids: list[str]) -> list[tuple[str, pb.Task]]:
-    """Sessions of `worker_ids` and their tasks, once the round that selects them all opens."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+    """Sessions of `worker_ids` and their tasks, once the round that selects them all opens (their long polls
+    over connections of 75 calls: the coordinator serves 100 per connection at once)."""
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(4)]
+    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    try:
         sessions = []
         for worker_id in worker_ids:
-            joined = await stub.Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, device="cpu", num_examples=IMAGES)), timeout=60)
+            joined = await stubs[0].Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, device="cpu", num_examples=IMAGES)), timeout=60)
             sessions.append(joined.session_id)
-        polls = [stub.WaitTask(pb.WaitTaskRequest(session_id=s, timeout_ms=60_000), timeout=90) for s in sessions]
+        polls = [stubs[i % 4].WaitTask(pb.WaitTaskRequest(session_id=s, timeout_ms=60_000), timeout=90) for i, s in enumerate(sessions)]
         return [(s, r.task) for s, r in zip(sessions, await asyncio.gather(*polls), strict=True)]
+    finally:
+        for c in channels:
+            await c.close()
 
 
 async def _hold_streams(
@@ -157,7 +163,7 @@ async def _hold_streams(
     through and never its last message; `settle` seconds after each batch call `measure` (earlier batches
     still open). Then every worker of `tasks` refuses its task (RejectTask), which closes the round, and the
     coordinator ends the streams. What `measure` returned after each batch, and every stream's status."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(8)]
     stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
 
     async def send(messages: list[pb.UpdateChunk]) -> AsyncIterator[pb.UpdateChunk]:
