@@ -159,11 +159,12 @@ async def _join_and_wait(address: str, worker_ids: list[str]) -> list[tuple[str,
 async def _hold_streams(
     address: str, batches: list[list[list[pb.UpdateChunk]]], settle: float, measure: Callable[[], T], tasks: list[tuple[str, pb.Task]]
 ) -> tuple[list[T], list[grpc.StatusCode]]:
-    """Open the streams of each batch at once over a few connections, each sending what flow control lets
+    """Open the streams of each batch at once over 16 connections, each sending what flow control lets
     through and never its last message; `settle` seconds after each batch call `measure` (earlier batches
     still open). Then every worker of `tasks` refuses its task (RejectTask), which closes the round, and the
     coordinator ends the streams. What `measure` returned after each batch, and every stream's status."""
-    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(8)]
+    # 16 connections: 599 uploads and 300 refusals, fewer than 100 calls on each (max_streams_per_connection)
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(16)]
     stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
 
     async def send(messages: list[pb.UpdateChunk]) -> AsyncIterator[pb.UpdateChunk]:
@@ -185,7 +186,7 @@ async def _hold_streams(
             await asyncio.sleep(settle)
             measured.append(measure())
         rejections = [pb.RejectTaskRequest(session_id=s, task_id=t.task_id, reason="other", message="holding uploads") for s, t in tasks]
-        await asyncio.gather(*(stubs[0].RejectTask(r, timeout=60) for r in rejections))
+        await asyncio.gather(*(stubs[i % len(stubs)].RejectTask(r, timeout=60) for i, r in enumerate(rejections)))
         return measured, list(await asyncio.gather(*(status(c) for c in calls)))
     finally:
         for c in channels:
