@@ -45,6 +45,7 @@ from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
 EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples"))]  # 0 = no evaluation
 Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
+CallCount = Annotated[int, Interval(ge=1, le=(1 << 31) - 1)]  # gRPC takes it as a C int
 HeartbeatInterval = Annotated[float, Interval(gt=0, le=largest("JoinResponse.heartbeat_interval_ms", per_unit=1000))]  # sent in ms
 
 
@@ -115,6 +116,18 @@ class CoordinatorConfig:
     # An upload that receives nothing for this long is cut off (outcome "aborted") and its slot handed on. Keep
     # it above the time one chunk (--chunk-size) takes on the slowest worker's link: 30 s is 1 MiB at 35 kB/s.
     upload_idle_timeout: Seconds = 30.0
+    # A weights download its worker reads nothing of for this long is cut off (its unsent chunks freed).
+    download_idle_timeout: Seconds = 30.0
+    # Calls in progress at once, server-wide, on the worker-facing port; more are refused (RESOURCE_EXHAUSTED).
+    # A worker holds up to 4 (a long poll, a heartbeat, a download or an upload, a report); each call holds at
+    # most one request message (the chunk size + 64 KiB) in memory: this bounds what the port's streams hold.
+    max_concurrent_rpcs: CallCount = 1024
+    # HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; RFC 9113 advises no
+    # fewer than 100). A worker holds up to 4 calls on a connection of its own; a caller's burst of calls beyond
+    # this waits in its client, not in the server's queue of calls not yet served, where a flood of thousands
+    # got other workers' calls cancelled. Raise it above the calls of the workers that share a connection (a
+    # proxy): HTTP/2 refuses a stream beyond it (UNAVAILABLE) when a client's calls outrun the ends of earlier ones.
+    max_streams_per_connection: CallCount = 100
     heartbeat_interval: HeartbeatInterval = 5.0  # seconds between worker heartbeats (sent in ms)
     heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
     progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
@@ -145,6 +158,9 @@ class CoordinatorConfig:
     tls_key: ExistingFile = ""
     tls_ca: ExistingFile = ""  # with tls_ca set, workers must present a certificate signed by it (mutual TLS)
     tokens_file: ExistingFile = ""  # YAML/JSON map worker_id -> token, for identity without mTLS
+    # File holding the operator's token for GetStatus (`feddiff status --token-file`). Once set, GetStatus
+    # needs it; with tokens_file and without mutual TLS, GetStatus is refused to any caller without it.
+    status_token_file: ExistingFile = ""
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:

@@ -51,15 +51,48 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     return raw
 
 
+def load_status_token(path: str | Path, worker_tokens: dict[str, str]) -> str:
+    """The operator's GetStatus token: the file's text, stripped; ValueError when it is empty or a worker's."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"--status-token-file {path}: the file is empty")
+    if token in worker_tokens.values():
+        raise ValueError(f"--status-token-file {path}: it is the token of a worker in --tokens-file; the operator's must be its own")
+    return token
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str:
+    """The token a call carries (`authorization: Bearer ...`), or ""."""
+    presented = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            presented = value[len("Bearer ") :]
+    return presented
+
+
 class Authenticator:
     """Who is calling: the common name of the client certificate (mutual TLS), else the worker whose token
-    the call carries (`authorization: Bearer ...`), else nobody can tell (plain text or one-way TLS)."""
+    the call carries (`authorization: Bearer ...`), else nobody can tell (plain text or one-way TLS). And who
+    may read the run's status (`check_status`)."""
 
     def __init__(self, cfg: CoordinatorConfig):
         self.mutual_tls = bool(cfg.tls_ca and cfg.tls_cert)
         self.tokens = load_tokens(cfg.tokens_file) if cfg.tokens_file else {}
+        self.status_token = load_status_token(cfg.status_token_file, self.tokens) if cfg.status_token_file else ""
         if not self.mutual_tls and not self.tokens:
             log.warning("worker identities are not verified (no mutual TLS, no --tokens-file): any caller may claim any worker id")
+        if self.tokens and not self.mutual_tls and not self.status_token:
+            log.warning("GetStatus (feddiff status) is refused to every caller: --tokens-file without --status-token-file")
+
+    def check_status(self, context: grpc.aio.ServicerContext) -> None:
+        """GetStatus lists the workers: with a status token it needs that token; with worker tokens and no mutual
+        TLS it needs one (a worker's token does not do: workers are not trusted); otherwise anyone connected
+        may ask (with mutual TLS, only holders of a certificate of the run's CA connect). UnknownWorker if not."""
+        if self.status_token:
+            if not hmac.compare_digest(bearer_token(context).encode(), self.status_token.encode()):
+                raise UnknownWorker("GetStatus needs the operator's status token (--status-token-file) in the call's metadata")
+        elif self.tokens and not self.mutual_tls:
+            raise UnknownWorker("GetStatus needs the operator's status token: this coordinator verifies callers by token and has no --status-token-file")
 
     def identity(self, context: grpc.aio.ServicerContext) -> str | None:
         """The verified identity of the caller; UnknownWorker when verification is on and fails."""
@@ -69,10 +102,7 @@ class Authenticator:
                 raise UnknownWorker("the client certificate carries no common name")
             return names[0].decode()
         if self.tokens:
-            presented = ""
-            for key, value in context.invocation_metadata() or ():
-                if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                    presented = value[len("Bearer ") :]
+            presented = bearer_token(context)
             found = None
             for worker_id, token in self.tokens.items():  # compare against every token: no timing hint
                 if hmac.compare_digest(token.encode(), presented.encode()):

@@ -30,7 +30,8 @@ from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
 from fedcore.federation.server import Federation
 from fedcore.payload.pretrained import initial_weights
-from fedcore.wire.stream import MAX_MESSAGE_BYTES
+from fedcore.wire.bounds import MAX_LABEL
+from fedcore.wire.stream import MAX_MESSAGE_BYTES, request_limit
 from service.ports import check_distinct, check_free, split_address
 
 log = logging.getLogger("feddiff.coordinator")
@@ -42,7 +43,6 @@ STREAM_WINDOW = 64 << 10  # bytes: HTTP/2's default stream window
 # would share the connections out between the two runs. Off, the second one's bind fails.
 SERVER_PORT_OPTIONS = [("grpc.so_reuseport", 0)]
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -59,6 +59,37 @@ GRPC_OPTIONS = [
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
     *SERVER_PORT_OPTIONS,
 ]
+# The health-only port answers HealthCheckRequest{service}: a service name (ours are "" and SERVICE_NAME; a
+# probe names one of them) of at most MAX_LABEL characters, 4 UTF-8 bytes each, and 3 bytes of framing. A
+# request announced larger is refused on its length prefix, before anything of it is buffered; without the
+# limit, 100 probe calls each announcing a 4 MiB request and never finishing it held 400 MiB.
+PROBE_MESSAGE_BYTES = 3 + 4 * MAX_LABEL
+PROBE_STREAMS_PER_CONNECTION = 4  # a probe makes one call per connection
+PROBE_CALLS = 64  # at once on the health port; more are refused (RESOURCE_EXHAUSTED)
+# Every connection to the health port is closed after about a minute (a GOAWAY, then 5 s for its calls): a
+# caller that opens calls and never finishes them holds them that long, not for ever. Probes (kubelet's, or
+# `feddiff health`) make a call or two per connection and never meet it.
+PROBE_CONNECTION_AGE_MS = 60_000
+PROBE_OPTIONS = [
+    ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", PROBE_STREAMS_PER_CONNECTION),
+    ("grpc.max_connection_age_ms", PROBE_CONNECTION_AGE_MS),
+    ("grpc.max_connection_age_grace_ms", 5_000),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+    *SERVER_PORT_OPTIONS,
+]
+
+
+def server_options(cfg: CoordinatorConfig) -> list[tuple[str, object]]:
+    """The worker-facing server's channel options: GRPC_OPTIONS, the largest request this run needs (a request
+    announced larger is refused on its length prefix, before gRPC buffers any of it), and the per-connection
+    stream bound. What its calls hold in all is at most max_concurrent_rpcs times that request."""
+    return [
+        *GRPC_OPTIONS,
+        ("grpc.max_receive_message_length", request_limit(cfg.chunk_size, grids=cfg.share_samples)),
+        ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+    ]
 
 
 def check_ports(cfg: CoordinatorConfig) -> None:
@@ -195,7 +226,7 @@ class Coordinator:
 
     async def _serve(self) -> None:
         """Create and start the servers on the event loop (grpc.aio objects belong to the loop they are made on)."""
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=server_options(self.cfg), maximum_concurrent_rpcs=self.cfg.max_concurrent_rpcs)
         self._servers.append(server)
         self._servicer = CoordinatorServicer(self.cfg, self.driver, self.registry, self.metrics, self.auth, run_id=self.run_id)
         register(self._servicer, server)
@@ -204,7 +235,7 @@ class Coordinator:
         # Probes (kubelet's native gRPC probe) speak plain text: a second server carries the health service
         # alone, so the worker-facing port can require mutual TLS.
         if self.cfg.health_port >= 0:
-            probes = grpc.aio.server(options=SERVER_PORT_OPTIONS)
+            probes = grpc.aio.server(options=PROBE_OPTIONS, maximum_concurrent_rpcs=PROBE_CALLS)
             self._servers.append(probes)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
             host = self.cfg.listen.rsplit(":", 1)[0]

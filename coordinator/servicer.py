@@ -7,10 +7,11 @@ or when their round closes (coordinator/uploads.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import NoReturn
 
 import grpc
@@ -18,6 +19,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter
 
 from coordinator.config import CoordinatorConfig
+from coordinator.downloads import OpenDownloads, Unsendable
 from coordinator.handlers import Handlers
 from coordinator.metrics import Metrics
 from coordinator.registry import WorkerRegistry
@@ -70,11 +72,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         loop = asyncio.get_running_loop()
         self._changes = Changes(loop)
         self._uploads = OpenUploads()
+        self._downloads = OpenDownloads(cfg.download_idle_timeout)
+        self._polls: dict[str, asyncio.Event] = {}  # session id -> what ends its long poll in progress
         self._receiver = UploadReceiver(max(1, cfg.max_concurrent_uploads), cfg.upload_idle_timeout)
         end_closed = functools.partial(self._uploads.end_closed, driver.accepting)
+        end_downloads = functools.partial(self._downloads.end_closed, driver.accepting)
         self._unsubscribe = [
             driver.on_change(self._changes.notify),
             driver.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
+            driver.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
         ]
 
     def close(self) -> None:
@@ -133,12 +139,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.aio.ServicerContext) -> pb.WaitTaskResponse:
         """The long poll: the worker's next task, Done once the run is over, or Idle after its timeout."""
         worker_id = await self._worker(request.session_id, context)
-        outcome = await self._next_task(worker_id, min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000)
+        with self._long_poll(request.session_id) as superseded:
+            outcome = await self._next_task(worker_id, min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000, superseded)
         self.registry.touch(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         return self.handlers.task_response(outcome)
 
-    async def _next_task(self, worker_id: str, timeout: float) -> IssuedTask | str:
-        """This worker's task, "done", "stopped", or "idle" after `timeout` seconds."""
+    @contextlib.contextmanager
+    def _long_poll(self, session_id: str) -> Iterator[asyncio.Event]:
+        """One long poll per session: a newer one answers the older at once (Idle), so that a session that
+        asks thousands of times holds one waiting call, not thousands of the server's."""
+        older = self._polls.get(session_id)
+        if older is not None:
+            older.set()
+            log.debug("long poll of session %s superseded by a newer one", session_id[:8])
+        mine = self._polls[session_id] = asyncio.Event()
+        try:
+            yield mine
+        finally:
+            if self._polls.get(session_id) is mine:
+                del self._polls[session_id]
+
+    async def _next_task(self, worker_id: str, timeout: float, superseded: asyncio.Event) -> IssuedTask | str:
+        """This worker's task, "done", "stopped", or "idle" after `timeout` seconds or once `superseded`."""
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -146,23 +168,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     outcome = self.driver.poll_task(worker_id)
                     if outcome is not None:
                         return outcome
-                    await change.wait()
+                    if superseded.is_set():
+                        return "idle"
+                    await first_of(change, superseded)
         except TimeoutError:
             return "idle"
 
-    # Besides the header message it yields data messages serialized already (codec.data_frames), which the
+    # Besides the header message it writes data messages serialized already (codec.data_frames), which the
     # generated base class cannot say; its serializer, codec.serialize (`register`), takes both.
-    async def DownloadWeights(  # type: ignore[override]
-        self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WeightsChunk | bytes]:
-        """The weights of the worker's task: their header, then the payload in chunks; counted once drained."""
+    async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        """The weights of the worker's task: their header, then the payload in chunks; counted once drained.
+        One download per worker at a time, none outliving its round, none left unread for longer than
+        `download_idle_timeout` (coordinator/downloads.py)."""
         worker_id = await self._worker(request.session_id, context)
         header, payload = self.handlers.weights(worker_id, request.task_id)
-        sent = header.ByteSize()
-        yield header
-        for frame in codec.data_frames(payload, self.cfg.chunk_size):
-            sent += len(frame)
-            yield frame  # serialized already (`register` gives this method codec.serialize)
+        try:
+            with self._downloads.open(worker_id, request.session_id, request.task_id, context) as download:
+                await download.write(context, header)
+                sent = header.ByteSize()
+                for frame in codec.data_frames(payload, self.cfg.chunk_size):
+                    await download.write(context, frame)  # serialized already (`register` gives this method codec.serialize)
+                    sent += len(frame)
+        except Unsendable as e:  # counted as the refusal it is; the call ends without a status, which cannot be sent
+            self.metrics.refusals.labels("DownloadWeights", e.error.reason).inc()
+            log.info("DownloadWeights ended unread: %s: %s", e.error.reason, e.error)
+            raise asyncio.CancelledError from None
         # Reached only when the client drained the stream: count the transfer now, not when it started.
         self.metrics.wire_bytes.labels("down").inc(sent)
         self.handlers.download_complete(worker_id, request.task_id)
@@ -251,8 +281,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     # --- tools -----------------------------------------------------------------------------------------------
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        """The run's progress, for `feddiff status`."""
+        """The run's progress, for `feddiff status`: to the operator (`Authenticator.check_status`)."""
+        self.auth.check_status(context)
         return self.handlers.status()
+
+
+async def first_of(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]

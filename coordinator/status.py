@@ -13,6 +13,11 @@ _CODES: list[tuple[type[errors.FeddiffError], grpc.StatusCode]] = [
     (errors.UploadInProgress, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.UploadAborted, grpc.StatusCode.ABORTED),
+    (errors.DownloadInProgress, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.TaskClosed, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.DownloadSuperseded, grpc.StatusCode.ABORTED),
+    (errors.DownloadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.DownloadEnded, grpc.StatusCode.ABORTED),  # any other end of a download the coordinator makes
     (errors.UnknownWorker, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAssigned, grpc.StatusCode.PERMISSION_DENIED),
     (errors.UnregisteredWorker, grpc.StatusCode.PERMISSION_DENIED),

@@ -101,6 +101,36 @@ class LateUpdate(RoundError):
     reason = "late"
 
 
+class DownloadEnded(FeddiffError):
+    """A weights download the coordinator ended before its last byte."""
+
+    reason = "download_ended"
+
+
+class TaskClosed(DownloadEnded, LateUpdate):
+    """A weights download whose task's round (or evaluation phase) closed before the stream was read to its end."""
+
+    reason = LateUpdate.reason
+
+
+class DownloadSuperseded(DownloadEnded):
+    """A weights download of an earlier session, ended because its worker joined again and downloads anew."""
+
+    reason = "superseded"
+
+
+class DownloadInProgress(FeddiffError):
+    """A second download from a session whose earlier one has not ended on the wire: one at a time per worker."""
+
+    reason = "download_in_progress"
+
+
+class DownloadStalled(DownloadEnded):
+    """A weights download its worker read nothing of for the coordinator's `download_idle_timeout`: cut off."""
+
+    reason = "stalled"
+
+
 class BadEvaluation(FeddiffError):
     """An evaluation report its task cannot have produced: a Frechet distance that is not a finite number >= 0,
     or another number of samples than the task asked for."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from feddiff.args import Command, add_speed_flags, speed_values
 
@@ -120,6 +121,7 @@ def _add_status_flags(p: argparse.ArgumentParser) -> None:
     """status's flags."""
     _add_tool_flags(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--token-file", default="", help="file holding the operator's status token (the coordinator's --status-token-file)")
 
 
 def status(args: argparse.Namespace) -> int:
@@ -130,9 +132,16 @@ def status(args: argparse.Namespace) -> int:
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
+    metadata: tuple[tuple[str, str], ...] = ()
+    if args.token_file:
+        try:
+            metadata = (("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"),)
+        except OSError as e:
+            print(f"feddiff status: error: --token-file {args.token_file}: cannot read it ({e.strerror or e})", file=sys.stderr)
+            return 2
     with _tool_channel(args) as channel:
         try:
-            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=args.timeout)
+            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
             print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

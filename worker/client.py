@@ -14,7 +14,7 @@ from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.wire import bounds, codec, convert
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, ReceiveBuffer, StreamHeader, digest_for
+from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from service.channels import channel_to
 from service.tls import check_tls_files
 from worker.config import WorkerConfig
@@ -24,6 +24,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A connection of its own, also beside other workers in one process (gRPC would share one between channels
+    # to one address): the coordinator bounds the calls of a connection (max_streams_per_connection).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -95,7 +98,7 @@ class CoordinatorClient:
     def join(self, info: pb.WorkerInfo, timeout: float = 30.0) -> pb.JoinResponse:
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=timeout, metadata=self.metadata)
         self.session_id = resp.session_id
-        self.chunk_size = min(max(resp.chunk_size, 1 << 16), MAX_CHUNK_SIZE)
+        self.chunk_size = min(max(resp.chunk_size, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE)
         self.heartbeat_interval = max(resp.heartbeat_interval_ms / 1000, 0.2)
         self.upload_digest = digest_for(resp.digests)
         return resp

@@ -15,11 +15,23 @@ from fedcore.errors import HashMismatch, HeaderError, SizeMismatch, StreamTooLon
 from fedcore.payload.serialization import FORMAT_VERSION
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
+MIN_CHUNK_SIZE = 64 << 10  # a worker uploads in the chunks its coordinator names, never smaller than this
 MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
+# Every field of a message but a chunk's data or a sample grid, each within its bound of fedcore.wire.bounds,
+# takes less than this (tests/fedcore/test_wire_bounds.py holds it).
+FRAMING_BYTES = 64 << 10
 # The largest gRPC message either side sends or receives: a chunk, or a shared sample grid, and the few fields
-# around it (every field within its bound of fedcore.wire.bounds; tests/fedcore/test_bounds.py holds it).
-MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + (64 << 10)
+# around it.
+MAX_MESSAGE_BYTES = MAX_CHUNK_SIZE + FRAMING_BYTES
 THREADED_DIGEST_MIN = 16 << 20  # bytes: a stream at least this long is hashed in a thread beside its reception
+
+
+def request_limit(chunk_size: int, grids: bool) -> int:
+    """The largest request message a coordinator needs to accept: an upload's chunk of `chunk_size` (what it
+    tells its workers; at least MIN_CHUNK_SIZE), a sample grid when workers share them (`grids`), or any other
+    request, each with its fields around it. gRPC holds up to this much of every request it is receiving."""
+    largest = max(min(max(chunk_size, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE), MAX_CHUNK_SIZE if grids else 0)
+    return largest + FRAMING_BYTES
 
 
 class Hasher(Protocol):

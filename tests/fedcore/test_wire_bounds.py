@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from fedcore.errors import FieldOutOfRange
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from fedcore.wire.stream import MAX_MESSAGE_BYTES
+from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, FRAMING_BYTES, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, request_limit
 
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"
 
@@ -189,3 +189,34 @@ def test_the_largest_message_within_the_bounds_fits_the_message_limit(name: str)
 
     bounds.check(message, FieldOutOfRange)
     assert message.ByteSize() <= MAX_MESSAGE_BYTES, f"{name}: {message.ByteSize()} bytes"
+
+
+# --- the coordinator's request limit -------------------------------------------------------------------------
+REQUESTS = sorted({m.input_type.name for m in pb.DESCRIPTOR.services_by_name["Coordinator"].methods})
+
+
+@pytest.mark.parametrize("name", REQUESTS)
+def test_every_request_but_its_bulk_fits_the_framing_margin(name: str) -> None:
+    """Every request a coordinator receives, every field at its bound but a chunk's data and a sample grid,
+    fits FRAMING_BYTES: the coordinator's receive limit (`request_limit`) is the bulk it expects plus that."""
+    message = _largest(getattr(pb, name)())
+    if name == "UpdateChunk":
+        message = pb.UpdateChunk(header=cast(pb.UpdateHeader, _largest(pb.UpdateHeader())))
+    if name == "EvaluationReport":
+        message.ClearField("sample_grid_png")
+
+    assert message.ByteSize() < FRAMING_BYTES, f"{name}: {message.ByteSize()} bytes"
+
+
+@pytest.mark.parametrize("chunk_size", [1, MIN_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, 1 << 30])
+def test_the_request_limit_takes_the_chunks_and_grids_of_the_run(chunk_size: int) -> None:
+    """A chunk of the size a worker uploads in (the coordinator's, between MIN_CHUNK_SIZE and MAX_CHUNK_SIZE)
+    fits; the largest grid fits only when grids are shared, and then the limit is gRPC's whole message limit."""
+    sent = min(max(chunk_size, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE)
+    chunk = pb.UpdateChunk(data=b"\xff" * sent).ByteSize()
+    grid = _largest(pb.EvaluationReport()).ByteSize()
+
+    assert chunk <= request_limit(chunk_size, grids=False) < chunk + FRAMING_BYTES
+    assert grid <= request_limit(chunk_size, grids=True) == MAX_MESSAGE_BYTES
+    if sent < MAX_CHUNK_SIZE:
+        assert grid > request_limit(chunk_size, grids=False)

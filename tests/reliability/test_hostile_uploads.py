@@ -9,125 +9,32 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import pytest
-import safetensors.torch
-import torch
 
 from bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes
-from fedcore.federation import checkpoint
 from fedcore.federation.client import TrainTask
-from fedcore.model.unet import build_model, layout_of
-from fedcore.payload import serialization
-from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from feddiff.local import LocalCluster, Process
-from tests.reliability.support import ENV, HealthProbe, metric, wait_until
+from feddiff.local import Process
+from tests.reliability.hostile_run import CHUNK, HEALTH_LIMIT, IMAGES, Honest, committed, coordinator_process, delta_for, payload_for, probes_address
+from tests.reliability.support import HealthProbe, metric, wait_until
 from tests.system.raw_client import RawWorker, StalledUpload
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
-
-MODEL = "tiny"
-LAYOUT = layout_of(build_model(MODEL, seed=0))
-IMAGES = 64  # FedAvg weight of every worker: a power of two, so one update's mean is that update, bit for bit
-CHUNK = 16 << 10
-HEALTH_LIMIT = 0.1  # seconds
 Code = grpc.StatusCode
 T = TypeVar("T")
-Tensors = dict[str, torch.Tensor]
 
 
 # --- the coordinator and its workers -----------------------------------------------------------------------
-def _delta(task: TrainTask, seed: int) -> Tensors:
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s.shape, generator=g) * 1e-5 for n, s in LAYOUT.specs(task.returns).items()}
-
-
-def _payload(task: TrainTask, delta: Tensors) -> bytes:
-    return serialization.encode(delta, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns))
-
-
-def _identical(a: Tensors, b: Tensors) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n].view(torch.int32), b[n].view(torch.int32)) for n in a)
-
-
-@dataclass
-class Honest:
-    """A worker that downloads the global model and uploads a known delta (full strategy: every part)."""
-
-    worker: RawWorker
-    task: TrainTask = field(init=False)  # set by take_task
-    before: Tensors | None = None  # the global model its round started from
-    delta: Tensors | None = None
-
-    def take_task(self, timeout: float = 30.0) -> None:
-        """Its task, once the round opens (the long poll asked again until then), and the model it starts from."""
-        deadline = time.monotonic() + timeout
-        while (task := self.worker.stub.WaitTask(pb.WaitTaskRequest(session_id=self.worker.session_id, timeout_ms=10_000), timeout=30)).WhichOneof(
-            "outcome"
-        ) != "task":
-            assert time.monotonic() < deadline, f"no task after {timeout} s"
-        self.task = task_from_proto(task.task)
-        _, weights = self.worker.download(self.task.task_id)
-        self.before = safetensors.torch.load(weights)
-
-    def upload(self, seed: int = 2, timeout: float = 30.0) -> pb.UploadResponse:
-        self.delta = _delta(self.task, seed)
-        return self.worker.upload_messages(self.worker.update_messages(self.task, _payload(self.task, self.delta), chunk_size=CHUNK), timeout=timeout)
-
-    def assert_round_change_is_its_delta(self, checkpoints: Path) -> None:
-        """The committed global model is the one the round started from plus this worker's delta, bit for bit."""
-        saved = checkpoint.load_run(checkpoints)
-        assert saved is not None and saved[1].completed_rounds == 1
-        assert self.before is not None and self.delta is not None
-        assert _identical(saved[0], {n: self.before[n] + self.delta[n] for n in self.before})
-
-
-@contextmanager
-def _coordinator(tmp_path: Path, *args: str) -> Iterator[tuple[Process, grpc.Channel]]:
-    with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator(
-            "--insecure",
-            "--model",
-            MODEL,
-            "--strategy",
-            "full",
-            "--rounds",
-            "1",
-            "--epochs",
-            "1",
-            "--progress",
-            "off",
-            "--health-port",
-            "0",
-            *args,
-            ready_timeout=120,
-        )
-        with grpc.insecure_channel(coord.ready["address"]) as channel:
-            yield coord, channel
-
-
 def _stall(worker: RawWorker, task: TrainTask, payload: bytes, release: threading.Event) -> StalledUpload:
     """An upload of `payload` that stops after its header and three chunks."""
     return StalledUpload(worker, list(worker.update_messages(task, payload, chunk_size=CHUNK))[:4], release)
-
-
-def _probes(coord: Process) -> str:
-    """The address of the coordinator's health-only port, which Kubernetes' probes ask."""
-    return f"127.0.0.1:{coord.ready['health_port']}"
-
-
-def _committed(tmp_path: Path) -> bool:
-    saved = checkpoint.load_run(tmp_path / "checkpoints")
-    return saved is not None and saved[1].completed_rounds == 1
 
 
 def _read(coord: Process) -> float:
@@ -145,15 +52,15 @@ def test_a_stalled_upload_holds_one_slot_at_most_and_is_cut_off_at_its_idle_time
     honest upload goes in while the first is still open, and the first is cut off after the idle timeout."""
     idle = 3.0
     release = threading.Event()
-    with _coordinator(tmp_path, "--min-workers", "2", "--round-deadline", "60", "--upload-idle-timeout", str(idle)) as (coord, channel):
+    with coordinator_process(tmp_path, "--min-workers", "2", "--round-deadline", "60", "--upload-idle-timeout", str(idle)) as (coord, channel):
         bad, good = RawWorker(channel, "bad", IMAGES), Honest(RawWorker(channel, "good", IMAGES))
         bad.join()
         good.worker.join()
         try:
-            with HealthProbe(_probes(coord)) as health:
+            with HealthProbe(probes_address(coord)) as health:
                 bad_task = task_from_proto(bad.wait_task())
                 good.take_task()
-                payload = _payload(bad_task, _delta(bad_task, seed=1))
+                payload = payload_for(bad_task, delta_for(bad_task, seed=1))
                 first = _stall(bad, bad_task, payload, release)
                 wait_until(lambda: _read(coord) >= 3 * CHUNK, "the stalled upload read", 10)
                 second = _stall(bad, bad_task, payload, release)
@@ -170,7 +77,7 @@ def test_a_stalled_upload_holds_one_slot_at_most_and_is_cut_off_at_its_idle_time
                 third.call.cancel()
                 wait_until(lambda: _updates(coord, "aborted") == 2, "the cancelled upload counted", 10)
                 bad.stub.RejectTask(pb.RejectTaskRequest(session_id=bad.session_id, task_id=bad_task.task_id, reason="other", message="gave up"), timeout=10)
-                wait_until(lambda: _committed(tmp_path), "round 1 committed", 20)
+                wait_until(lambda: committed(tmp_path), "round 1 committed", 20)
             outcomes = {o: _updates(coord, o) for o in ("accepted", "upload_in_progress", "aborted", "bad_size")}
         finally:
             release.set()
@@ -189,20 +96,20 @@ def test_upload_streams_end_with_their_round(tmp_path: Path) -> None:
     deadline = 4.0
     release = threading.Event()
     args = ["--min-workers", "3", "--quorum", "0.3", "--round-deadline", str(deadline), "--max-concurrent-uploads", "1", "--upload-idle-timeout", "300"]
-    with _coordinator(tmp_path, *args) as (coord, channel):
+    with coordinator_process(tmp_path, *args) as (coord, channel):
         good = Honest(RawWorker(channel, "good", IMAGES))
         stalling, waiting = RawWorker(channel, "stalling", IMAGES), RawWorker(channel, "waiting", IMAGES)
         for w in (good.worker, stalling, waiting):
             w.join()
         try:
-            with HealthProbe(_probes(coord)) as health:
+            with HealthProbe(probes_address(coord)) as health:
                 good.take_task()
                 assert good.upload().outcome == "accepted"
                 streams = []
                 for w in (stalling, waiting):
                     task = task_from_proto(w.wait_task())
                     read = _read(coord)
-                    streams.append(_stall(w, task, _payload(task, _delta(task, seed=1)), release))
+                    streams.append(_stall(w, task, payload_for(task, delta_for(task, seed=1)), release))
                     if w is stalling:  # it holds the slot before the other one asks for it
 
                         def read_past(target: float = read + 3 * CHUNK) -> bool:
@@ -211,7 +118,7 @@ def test_upload_streams_end_with_their_round(tmp_path: Path) -> None:
                         wait_until(read_past, "the stalled upload read", 10)
 
                 codes = [s.code(deadline + 5) for s in streams]  # open until the round closes, no longer
-                wait_until(lambda: _committed(tmp_path), "round 1 committed", 10)
+                wait_until(lambda: committed(tmp_path), "round 1 committed", 10)
             late = _updates(coord, "late")
         finally:
             release.set()
@@ -229,28 +136,35 @@ MIB = 1 << 20
 # update (576 KB). Before the per-worker bound and the 64 KiB stream window, 300 streams waiting for a slot
 # raised it by 180 MiB (the test prints the figures).
 MEMORY_LIMIT = 48 * MIB
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel's own connection, not one shared with the others
 
 
 async def _join_and_wait(address: str, worker_ids: list[str]) -> list[tuple[str, pb.Task]]:
-    """Sessions of `worker_ids` and their tasks, once the round that selects them all opens."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+    """Sessions of `worker_ids` and their tasks, once the round that selects them all opens (their long polls
+    over connections of 75 calls: the coordinator serves 100 per connection at once)."""
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(4)]
+    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    try:
         sessions = []
         for worker_id in worker_ids:
-            joined = await stub.Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, device="cpu", num_examples=IMAGES)), timeout=60)
+            joined = await stubs[0].Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=worker_id, device="cpu", num_examples=IMAGES)), timeout=60)
             sessions.append(joined.session_id)
-        polls = [stub.WaitTask(pb.WaitTaskRequest(session_id=s, timeout_ms=60_000), timeout=90) for s in sessions]
+        polls = [stubs[i % 4].WaitTask(pb.WaitTaskRequest(session_id=s, timeout_ms=60_000), timeout=90) for i, s in enumerate(sessions)]
         return [(s, r.task) for s, r in zip(sessions, await asyncio.gather(*polls), strict=True)]
+    finally:
+        for c in channels:
+            await c.close()
 
 
 async def _hold_streams(
     address: str, batches: list[list[list[pb.UpdateChunk]]], settle: float, measure: Callable[[], T], tasks: list[tuple[str, pb.Task]]
 ) -> tuple[list[T], list[grpc.StatusCode]]:
-    """Open the streams of each batch at once over a few connections, each sending what flow control lets
+    """Open the streams of each batch at once over 16 connections, each sending what flow control lets
     through and never its last message; `settle` seconds after each batch call `measure` (earlier batches
     still open). Then every worker of `tasks` refuses its task (RejectTask), which closes the round, and the
     coordinator ends the streams. What `measure` returned after each batch, and every stream's status."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
+    # 16 connections: 599 uploads and 300 refusals, fewer than 100 calls on each (max_streams_per_connection)
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(16)]
     stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
 
     async def send(messages: list[pb.UpdateChunk]) -> AsyncIterator[pb.UpdateChunk]:
@@ -272,7 +186,7 @@ async def _hold_streams(
             await asyncio.sleep(settle)
             measured.append(measure())
         rejections = [pb.RejectTaskRequest(session_id=s, task_id=t.task_id, reason="other", message="holding uploads") for s, t in tasks]
-        await asyncio.gather(*(stubs[0].RejectTask(r, timeout=60) for r in rejections))
+        await asyncio.gather(*(stubs[i % len(stubs)].RejectTask(r, timeout=60) for i, r in enumerate(rejections)))
         return measured, list(await asyncio.gather(*(status(c) for c in calls)))
     finally:
         for c in channels:
@@ -285,18 +199,18 @@ def test_hundreds_of_upload_streams_hold_no_memory(tmp_path: Path) -> None:
     coordinator's RSS grows by less than MEMORY_LIMIT, and every stream ends when the round closes."""
     hostile = [f"h{i:03d}" for i in range(STREAMS)]
     args = ["--min-workers", str(STREAMS + 1), "--quorum", "0.001", "--round-deadline", "120", "--upload-idle-timeout", "300"]
-    with _coordinator(tmp_path, *args) as (coord, channel):
+    with coordinator_process(tmp_path, *args) as (coord, channel):
         pid, address = coord.ready["pid"], coord.ready["address"]
         good = Honest(RawWorker(channel, "good", IMAGES))
         good.worker.join()
-        with HealthProbe(_probes(coord)) as health:
+        with HealthProbe(probes_address(coord)) as health:
             waiting = threading.Thread(target=good.take_task, args=(60.0,))
             waiting.start()
             tasks = asyncio.run(_join_and_wait(address, hostile))
             waiting.join()
             assert good.upload().outcome == "accepted"
 
-            payload = _payload(good.task, _delta(good.task, seed=1))  # every task of the round returns every part
+            payload = payload_for(good.task, delta_for(good.task, seed=1))  # every task of the round returns every part
             data = list(good.worker.update_messages(good.task, payload, chunk_size=CHUNK))[1:]
 
             def stream(session: str, task: pb.Task) -> list[pb.UpdateChunk]:
@@ -315,7 +229,7 @@ def test_hundreds_of_upload_streams_hold_no_memory(tmp_path: Path) -> None:
                 return peak, now
 
             measured, codes = asyncio.run(_hold_streams(address, [one_worker, many_workers], 2.0, measure, tasks))
-            wait_until(lambda: _committed(tmp_path), "round 1 committed", 10)
+            wait_until(lambda: committed(tmp_path), "round 1 committed", 10)
             after = rss_bytes(pid) - idle
         outcomes = {o: _updates(coord, o) for o in ("accepted", "upload_in_progress", "late", "aborted", "rejected_other")}
 

@@ -3,6 +3,7 @@ server's pool had threads (256), the coordinator still answers health checks and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from service.health import health_check
 
 WAITING = 300
+CONNECTIONS = 10  # the coordinator serves 100 calls per connection at once (max_streams_per_connection)
 
 
 def test_hundreds_of_long_polls_leave_the_coordinator_responsive(tmp_path: Path) -> None:
@@ -32,13 +34,17 @@ def test_hundreds_of_long_polls_leave_the_coordinator_responsive(tmp_path: Path)
     )  # fmt: skip  (one worker short of a round: every poll waits until its timeout)
     coord = Coordinator(cfg, Metrics()).start()
     try:
-        with grpc.insecure_channel(coord.address) as channel:
+        channels = [grpc.insecure_channel(coord.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CONNECTIONS)]
+        with contextlib.ExitStack() as stack, grpc.insecure_channel(coord.address) as channel:
+            for c in channels:
+                stack.enter_context(c)
             stub = pb_grpc.CoordinatorStub(channel)
             sessions = [
                 stub.Join(pb.JoinRequest(worker=pb.WorkerInfo(worker_id=f"w{i:03d}", device="cpu", num_examples=10)), timeout=10).session_id
                 for i in range(WAITING)
             ]
-            polls = [stub.WaitTask.future(pb.WaitTaskRequest(session_id=s, timeout_ms=4000), timeout=30) for s in sessions]
+            stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+            polls = [stubs[i % CONNECTIONS].WaitTask.future(pb.WaitTaskRequest(session_id=s, timeout_ms=4000), timeout=30) for i, s in enumerate(sessions)]
             time.sleep(0.5)
             assert not any(p.done() for p in polls)
 

@@ -56,7 +56,8 @@ LOCAL = {
     for name in (
         "clients_per_round", "min_workers", "round_deadline", "quorum", "health_port", "metrics_port", "max_concurrent_uploads",
         "upload_idle_timeout", "heartbeat_timeout", "max_failed_attempts", "final_save_timeout", "max_delta_value", "max_weight_share", "clip_norm",
-        "clip_multiplier", "departed_retention", "eval_every",
+        "clip_multiplier", "departed_retention", "eval_every", "download_idle_timeout", "max_concurrent_rpcs",
+        "max_streams_per_connection",
     )
 } | {
     (WorkerConfig, name)
@@ -66,8 +67,8 @@ LOCAL = {
 # Seconds waited here (threading and asyncio waits, gRPC deadlines): at most what Python's waits take.
 WAITS = [
     (CoordinatorConfig, "round_deadline"), (CoordinatorConfig, "upload_idle_timeout"), (CoordinatorConfig, "heartbeat_timeout"),
-    (CoordinatorConfig, "heartbeat_interval"), (CoordinatorConfig, "final_save_timeout"), (WorkerConfig, "wait_timeout"), (WorkerConfig, "backoff_initial"), (WorkerConfig, "backoff_max"),
-    (WorkerConfig, "collective_timeout"),
+    (CoordinatorConfig, "heartbeat_interval"), (CoordinatorConfig, "final_save_timeout"), (CoordinatorConfig, "download_idle_timeout"),
+    (WorkerConfig, "wait_timeout"), (WorkerConfig, "backoff_initial"), (WorkerConfig, "backoff_max"), (WorkerConfig, "collective_timeout"),
 ]  # fmt: skip
 
 
