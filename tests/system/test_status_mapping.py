@@ -155,7 +155,8 @@ def test_a_long_poll_whose_session_ends_meanwhile_is_unauthenticated_without_a_t
     coord, channel, metadata = served
     stub = pb_grpc.CoordinatorStub(channel)
     session = _join(stub, metadata, "a" * 32, "1")
-    poll = stub.WaitTask.future(pb.WaitTaskRequest(session_id=session, timeout_ms=1500), timeout=20, metadata=metadata)
+    # The poll waits 4 s: on a loaded machine the join or leave below may take well over a second
+    poll = stub.WaitTask.future(pb.WaitTaskRequest(session_id=session, timeout_ms=4000), timeout=20, metadata=metadata)
     if end == "restart":
         _join(stub, metadata, "a" * 32, "2")
     else:
