@@ -36,6 +36,34 @@ class ValueOutOfBounds(PayloadError):
     reason = "out_of_bounds"
 
 
+class CodecSpecError(PayloadError):
+    """A coded tensor's spec (fedcore.payload.codecs) that is malformed, names a codec this version does not know,
+    or another codec than the receiver expects."""
+
+    reason = "bad_codec"
+
+
+class BadScale(PayloadError):
+    """A block's scale (its absmax, fedcore.payload.codecs) that is negative or disagrees with its codes: zero for
+    a block holding a nonzero code, positive for a block whose largest |code| is not the codec's largest."""
+
+    reason = "bad_scale"
+
+
+class CodeOutOfRange(PayloadError):
+    """A quantized code outside its codec's symmetric range (-127..127 for int8, -7..7 for int4), or the padding
+    nibble of an odd-length int4 tensor that is not zero (fedcore.payload.codecs)."""
+
+    reason = "bad_code"
+
+
+class BadIndices(PayloadError):
+    """Sparse (top-k) indices that are not strictly increasing within [0, n): out of range, repeated or unsorted
+    (fedcore.payload.codecs)."""
+
+    reason = "bad_indices"
+
+
 class StreamError(FeddiffError):
     """A chunked stream that does not match its header."""
 
