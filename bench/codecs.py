@@ -1,0 +1,135 @@
+"""Delta codecs (fedcore.payload.codecs) on a real paper-fmnist delta: encode and decode MB/s of float32 input per
+codec, the compression ratio against float32 and the relative error, beside today's float32 payload path.
+
+The delta is real: paper-fmnist trained for a few Adam steps at the paper's lr (1e-4) on Fashion-MNIST with
+the worker's trainer (fedcore.model.training.LocalTrainer), less its initial weights; every tensor of the
+model (all three parts). Each codec encodes and decodes every tensor of it (decode checks every field, as a
+receiver does); the reference is the float32 payload as sent today, on the same delta in the same run:
+`fedcore.payload.serialization.encode` (safetensors bytes) and `PayloadReader.read` (header, schema and
+finiteness checks, zero-copy views). The codecs and the reference are timed round-robin, one pass of each per
+repeat, so all see the same machine load; the figures are medians over the repeats. Rates are MB (1e6 bytes)
+of float32 input per second; `<codec>_encode_vs_fp32_payload` is the codec's encode rate over the reference's
+(likewise for decode).
+
+    python -m bench.codecs --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from bench.common import MB, emit, log, machine, median
+from fedcore.data.datasets import load_fashion_mnist, to_model_range
+from fedcore.model.diffusion import Schedule
+from fedcore.model.parts import ALL_PARTS
+from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
+from fedcore.model.unet import build_model, layout_of
+from fedcore.payload import serialization
+from fedcore.payload.codecs import Codec, Encoded
+from fedcore.payload.serialization import PayloadMeta
+
+MODEL = "paper-fmnist"
+CODECS = ("none", "bf16", "int8", "int4", "topk:0.1", "topk:0.1+int8", "topk:0.01+int8")
+
+
+def real_delta(model: str, steps: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor's change over `steps` Adam steps (lr 1e-4, batch `batch`) on Fashion-MNIST, on the CPU."""
+    net = build_model(model, seed=seed)
+    before = {name: t.detach().clone() for name, t in net.state_dict().items()}
+    trainer = LocalTrainer(net, Schedule(), SpeedConfig(device="cpu"))
+    images = to_model_range(torch.from_numpy(load_fashion_mnist().images[: steps * batch]))
+    trainer.train(trainer.prepare_data(images), TrainConfig(epochs=1, batch_size=batch, lr=1e-4), seed=seed)
+    return {name: (t.detach() - before[name]).contiguous() for name, t in net.state_dict().items()}
+
+
+def _timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], repeats: int) -> dict[str, object]:
+    """The figures for `delta`, every tensor of `model`: one pass of each side per repeat, round-robin."""
+    layout = layout_of(build_model(model, seed=0))
+    fp32_bytes = sum(t.numel() * 4 for t in delta.values())
+    meta = PayloadMeta("delta", model, 0, ALL_PARTS)
+    reader = serialization.PayloadReader(layout, kind="delta")
+    payload = bytearray(serialization.encode(delta, meta))
+    parsed = {name: Codec.parse(name) for name in codecs}
+    coded: dict[str, dict[str, Encoded]] = {}
+
+    def encode(codec: Codec) -> Callable[[], object]:
+        return lambda: coded.__setitem__(str(codec), {n: codec.encode(t, name=n) for n, t in delta.items()})
+
+    def decode(codec: Codec) -> Callable[[], object]:
+        return lambda: [codec.decode(e.tensors, e.shape, name=n) for n, e in coded[str(codec)].items()]
+
+    sides: dict[str, Callable[[], object]] = {
+        "fp32_payload_encode": lambda: serialization.encode(delta, meta),
+        "fp32_payload_decode": lambda: reader.read(payload, ALL_PARTS),
+    }
+    for name, codec in parsed.items():
+        sides[f"{name}_encode"], sides[f"{name}_decode"] = encode(codec), decode(codec)
+    for work in sides.values():  # warm-up; the encodes leave what the decodes read
+        work()
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    for r in range(repeats):
+        for side, work in sides.items():
+            seconds[side].append(_timed(work))
+        log(f"repeat {r + 1}/{repeats}")
+
+    rate = {side: fp32_bytes / MB / median(s) for side, s in seconds.items()}
+    figures: dict[str, object] = {
+        "model": model,
+        "tensors": len(delta),
+        "fp32_mb": fp32_bytes / MB,
+        "fp32_payload_encode_mb_s": rate["fp32_payload_encode"],
+        "fp32_payload_decode_mb_s": rate["fp32_payload_decode"],
+    }
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in delta.values()))
+    for name, codec in parsed.items():
+        encoded = coded[name]
+        size = sum(e.nbytes for e in encoded.values())
+        assert size == sum(codec.encoded_bytes(t.numel()) for t in delta.values())  # the closed form holds
+        error = math.sqrt(sum(float((e.decode() - delta[n]).double().square().sum()) for n, e in encoded.items()))
+        key = name.replace(":", "_").replace("+", "_")
+        figures.update(
+            {
+                f"{key}_encode_mb_s": rate[f"{name}_encode"],
+                f"{key}_decode_mb_s": rate[f"{name}_decode"],
+                f"{key}_encode_vs_fp32_payload": rate[f"{name}_encode"] / rate["fp32_payload_encode"],
+                f"{key}_decode_vs_fp32_payload": rate[f"{name}_decode"] / rate["fp32_payload_decode"],
+                f"{key}_ratio_vs_fp32": fp32_bytes / size,
+                f"{key}_rel_l2_error": error / norm,
+            }
+        )
+    return figures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (CPU, about a minute)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=4, help="Adam steps that make the delta (default 4)")
+    p.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
+    p.add_argument("--codecs", default=",".join(CODECS), help=f"comma-separated codec names (default {','.join(CODECS)})")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    codecs = [str(Codec.parse(name)) for name in args.codecs.split(",")]
+    figures: dict[str, object] = {**machine(), "torch_threads": torch.get_num_threads()}
+    log(f"{MODEL}: training {args.steps} steps of {args.batch} images for the delta")
+    delta = real_delta(MODEL, args.steps, args.batch, seed=0)
+    figures.update({"delta_steps": args.steps, "delta_batch": args.batch})
+    figures.update(measure(MODEL, delta, codecs, repeats=5 if args.quick else 20))
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

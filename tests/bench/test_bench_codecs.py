@@ -1,0 +1,37 @@
+"""The codec benchmark's flags parse and its figures come out right on the tiny model."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from bench import codecs
+from fedcore.model.unet import build_model
+from fedcore.payload.codecs import Codec
+
+
+def test_its_flags_parse(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["codecs", "--help"])
+
+    with pytest.raises(SystemExit) as done:
+        codecs.main()
+
+    assert done.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_the_figures_of_a_tiny_delta() -> None:
+    g = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(t.shape, generator=g) * 1e-4 for n, t in build_model("tiny", seed=0).state_dict().items()}
+    numel = sum(t.numel() for t in delta.values())
+
+    figures = codecs.measure("tiny", delta, ["none", "int8", "topk:0.1+int8"], repeats=1)
+    rates = {name: value for name, value in figures.items() if isinstance(value, float)}
+
+    assert figures["fp32_mb"] == numel * 4 / 1e6
+    assert figures["none_ratio_vs_fp32"] == 1 and figures["none_rel_l2_error"] == 0
+    int8_bytes = sum(Codec.parse("int8").encoded_bytes(t.numel()) for t in delta.values())
+    assert figures["int8_ratio_vs_fp32"] == numel * 4 / int8_bytes
+    assert 0 < rates["int8_rel_l2_error"] < 0.01 < rates["topk_0.1_int8_rel_l2_error"] < 1
+    assert all(rates[f"{k}_{side}_mb_s"] > 0 for k in ("none", "int8", "topk_0.1_int8") for side in ("encode", "decode"))
