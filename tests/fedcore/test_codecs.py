@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedcore.errors import BadIndices, BadScale, CodecSpecError, CodeOutOfRange, NonFiniteTensor, PayloadError, SchemaError
-from fedcore.payload.codecs import BFloat16, Blockwise, Codec, Encoded, ErrorFeedback, Identity, TopK, decode, read_spec
+from fedcore.payload.codecs import BFloat16, Blockwise, Codec, Encoded, Identity, TopK, decode, read_spec
+from fedcore.payload.feedback import ErrorFeedback
 
 CODECS = ["none", "bf16", "int8", "int8:7", "int4", "int4:5", "topk:0.1", "topk:0.1+int8", "topk:0.25+int4:3", "topk:0.5+bf16", "topk:1"]
 SHAPES = [(), (0,), (1,), (2,), (63,), (64,), (65,), (129,), (3, 0), (8, 4, 3, 3), (7, 5, 3, 3)]  # conv weights last
@@ -264,6 +265,47 @@ def test_bf16_refuses_finite_values_beyond_its_range() -> None:
         Codec.parse("bf16").encode(torch.tensor([1.0, 3.4e38]))
 
 
+# --- batches ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*CODECS, "int4:1", "topk:0.3+int4:5"])
+def test_a_batch_codes_each_tensor_as_it_is_coded_alone(name: str) -> None:
+    codec = Codec.parse(name)
+    tensors = {f"t{i}": _delta(shape, seed=i) for i, shape in enumerate(SHAPES)}
+
+    batch = codec.encode_all(tensors)
+    decoded = codec.decode_all({n: e.tensors for n, e in batch.items()}, {n: t.shape for n, t in tensors.items()})
+
+    assert list(batch) == list(decoded) == list(tensors)
+    for n, t in tensors.items():
+        alone = codec.encode(t, name=n)
+        assert batch[n].shape == alone.shape and list(batch[n].tensors) == list(alone.tensors)
+        assert all(torch.equal(batch[n].tensors[r], alone.tensors[r]) for r in alone.tensors)
+        assert torch.equal(decoded[n], alone.decode()) and decoded[n].shape == t.shape
+
+
+def test_an_empty_batch_codes_to_nothing() -> None:
+    for name in CODECS:
+        assert Codec.parse(name).encode_all({}) == {} and Codec.parse(name).decode_all({}, {}) == {}
+
+
+def test_a_batch_refuses_unknown_and_missing_tensors() -> None:
+    codec = Codec.parse("int8")
+    coded = {n: e.tensors for n, e in codec.encode_all({"a": torch.ones(3), "b": torch.ones(4)}).items()}
+
+    with pytest.raises(SchemaError, match="unknown tensor 'b'"):
+        codec.decode_all(coded, {"a": (3,)})
+    with pytest.raises(SchemaError, match="missing tensor 'c'"):
+        codec.decode_all(coded, {"a": (3,), "b": (4,), "c": (1,)})
+
+
+def test_a_batch_names_the_tensor_that_cannot_be_coded() -> None:
+    with pytest.raises(ValueError, match="'b' holds 1 NaN/Inf"):
+        Codec.parse("int8").encode_all({"a": torch.ones(3), "b": torch.tensor([1.0, math.nan]), "c": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"'c' holds a value of magnitude 3\.4e\+38"):
+        Codec.parse("bf16").encode_all({"a": torch.ones(3), "c": torch.tensor([3.4e38])})
+
+
 # --- error feedback ----------------------------------------------------------------------------------------
 
 
@@ -416,6 +458,22 @@ def test_a_malformed_field_is_refused_with_its_typed_error(name: str, what: str,
         codec.decode(tensors, X.shape, name="ups.0.weight")
 
     assert isinstance(refused.value, PayloadError) and str(refused.value).startswith(f"'ups.0.weight' ({codec})")
+
+
+@pytest.mark.parametrize(("name", "what", "mutate", "error", "message"), MALFORMED, ids=[f"{c[0]}: {c[1]}" for c in MALFORMED])
+def test_a_malformed_field_in_a_batch_is_refused_naming_its_tensor(name: str, what: str, mutate: Mutation, error: type[PayloadError], message: str) -> None:
+    codec = Codec.parse(name)
+    good = {"downs.0.weight": _delta((7, 5, 3, 3)), "downs.0.bias": _delta((13,), seed=1)}
+    coded = {
+        n: dict(e.tensors)
+        for n, e in codec.encode_all({"downs.0.weight": good["downs.0.weight"], "ups.0.weight": X, "downs.0.bias": good["downs.0.bias"]}).items()
+    }
+    mutate(coded["ups.0.weight"])
+
+    with pytest.raises(error, match=message) as refused:
+        codec.decode_all(coded, {"downs.0.weight": (7, 5, 3, 3), "ups.0.weight": X.shape, "downs.0.bias": (13,)})
+
+    assert str(refused.value).startswith(f"'ups.0.weight' ({codec})")
 
 
 def test_the_good_fields_of_the_malformed_cases_decode() -> None:
