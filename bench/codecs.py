@@ -4,14 +4,15 @@ codec, the compression ratio against float32 and the relative error, beside toda
 The delta is real: paper-fmnist trained for a few Adam steps at the paper's lr (1e-4) on Fashion-MNIST with
 the worker's trainer (fedcore.model.training.LocalTrainer), less its initial weights; every tensor of the
 model (all three parts). Each codec encodes and decodes all the tensors in one call (`encode_all`,
-`decode_all`, which checks every field of every tensor, as a receiver does); the reference is the float32 payload as sent today, on the same delta in the same run:
-`fedcore.payload.serialization.encode` (safetensors bytes) and `PayloadReader.read` (header, schema and
-finiteness checks, zero-copy views). The codecs and the reference are timed round-robin, one pass of each per
-repeat, so all see the same machine load. Rates are MB (1e6 bytes) of float32 input per second, the median
-over the repeats (`*_mb_s`) and the fastest repeat (`*_best_mb_s`: what the work costs when the machine leaves
-it alone); `<codec>_encode_vs_fp32_payload` is the codec's median encode rate over the reference's (likewise
-for decode). On a CPU shared with other work, `--threads 1` keeps the small operations of 220 tensors from
-waiting on a second, descheduled thread.
+`decode_all`, which checks every field of every tensor, as a receiver does), and decodes them one call per
+tensor too (`<codec>_decode_each_mb_s`, `<codec>_decode_all_vs_each`). The reference is the float32 payload
+as sent today, on the same delta in the same run: `fedcore.payload.serialization.encode` (safetensors bytes)
+and `PayloadReader.read` (header, schema and finiteness checks, zero-copy views). All sides are timed
+round-robin, one pass of each per repeat, so all see the same machine load. Rates are MB (1e6 bytes) of
+float32 input per second, the median over the repeats (`*_mb_s`) and the fastest repeat (`*_best_mb_s`: what
+the work costs when the machine leaves it alone); `<codec>_encode_vs_fp32_payload` is the codec's median
+encode rate over the reference's (likewise for decode). On a CPU shared with other work, `--threads 1` keeps
+the small operations of 220 tensors from waiting on a second, descheduled thread.
 
     python -m bench.codecs --quick
 """
@@ -64,7 +65,6 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
     payload = bytearray(serialization.encode(delta, meta))
     parsed = {name: Codec.parse(name) for name in codecs}
     coded: dict[str, dict[str, Encoded]] = {}
-
     shapes = {name: tuple(t.shape) for name, t in delta.items()}
 
     def encode(codec: Codec) -> Callable[[], object]:
@@ -73,12 +73,15 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
     def decode(codec: Codec) -> Callable[[], object]:
         return lambda: codec.decode_all({n: e.tensors for n, e in coded[str(codec)].items()}, shapes)
 
+    def decode_each(codec: Codec) -> Callable[[], object]:
+        return lambda: [e.decode(name=n) for n, e in coded[str(codec)].items()]
+
     sides: dict[str, Callable[[], object]] = {
         "fp32_payload_encode": lambda: serialization.encode(delta, meta),
         "fp32_payload_decode": lambda: reader.read(payload, ALL_PARTS),
     }
     for name, codec in parsed.items():
-        sides[f"{name}_encode"], sides[f"{name}_decode"] = encode(codec), decode(codec)
+        sides.update({f"{name}_encode": encode(codec), f"{name}_decode": decode(codec), f"{name}_decode_each": decode_each(codec)})
     for work in sides.values():  # warm-up; the encodes leave what the decodes read
         work()
     seconds: dict[str, list[float]] = {side: [] for side in sides}
@@ -105,6 +108,8 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
                 f"{key}_encode_best_mb_s": best[f"{name}_encode"],
                 f"{key}_decode_mb_s": rate[f"{name}_decode"],
                 f"{key}_decode_best_mb_s": best[f"{name}_decode"],
+                f"{key}_decode_each_mb_s": rate[f"{name}_decode_each"],
+                f"{key}_decode_all_vs_each": rate[f"{name}_decode"] / rate[f"{name}_decode_each"],
                 f"{key}_encode_vs_fp32_payload": rate[f"{name}_encode"] / rate["fp32_payload_encode"],
                 f"{key}_decode_vs_fp32_payload": rate[f"{name}_decode"] / rate["fp32_payload_decode"],
                 f"{key}_ratio_vs_fp32": fp32_bytes / size,
