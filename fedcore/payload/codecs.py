@@ -59,7 +59,7 @@ import torch
 
 from fedcore.errors import BadIndices, BadScale, CodecSpecError, CodeOutOfRange, NonFiniteTensor, SchemaError
 from fedcore.model.parts import TensorSpec
-from fedcore.payload.serialization import largest_magnitude
+from fedcore.payload.serialization import check_schema, largest_magnitude
 
 DEFAULT_BLOCK = 64  # elements per scale of int8 / int4 (bitsandbytes' smallest block, QLoRA's 4-bit block)
 MAX_BLOCK = 1 << 20  # the largest block a codec name may give
@@ -141,12 +141,9 @@ class Codec(ABC):
         in `coded` (on one device), once every field of every tensor is checked (module docstring): SchemaError,
         NonFiniteTensor, BadScale, BadIndices or CodeOutOfRange, naming the tensor. Views of one buffer they
         share, in the order of `shapes`; `none` decodes to views of its "values"."""
-        unknown = sorted(set(coded) - set(shapes))
-        if unknown:
-            raise SchemaError(f"unknown tensor {unknown[0][:200]!r} ({len(unknown)} unknown in all)")
-        missing = [name for name in shapes if name not in coded]
-        if missing:
-            raise SchemaError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        if set(coded) != set(shapes):
+            unknown, missing = sorted(set(coded) - set(shapes)), [name for name in shapes if name not in coded]
+            raise SchemaError(f"unknown tensor {unknown[0][:200]!r}" if unknown else f"missing tensor {missing[0]!r}")
         if not shapes:
             return {}
         numels = [math.prod(shape) for shape in shapes.values()]
@@ -156,19 +153,11 @@ class Codec(ABC):
         return {name: flat.view(tuple(shape)) for (name, shape), flat in zip(shapes.items(), flats, strict=True)}
 
     def _check_layout(self, tensors: Roles, numel: int, name: str) -> None:
-        expected = self.layout(numel)
-        unknown = sorted(set(tensors) - set(expected))
-        if unknown:
-            raise SchemaError(f"{name!r} ({self}) has an unknown coded tensor {unknown[0][:100]!r}; expected {list(expected)}")
-        missing = [role for role in expected if role not in tensors]
-        if missing:
-            raise SchemaError(f"{name!r} ({self}) misses its coded tensor {missing[0]!r}; expected {list(expected)}")
-        for role, spec in expected.items():
-            t = tensors[role]
-            if t.dtype != spec.dtype:
-                raise SchemaError(f"{name!r} ({self}): {role!r} is {t.dtype}, expected {spec.dtype}")
-            if tuple(t.shape) != spec.shape:
-                raise SchemaError(f"{name!r} ({self}): {role!r} has shape {tuple(t.shape)}, expected {spec.shape} for {numel} elements")
+        """SchemaError naming the tensor unless its coded tensors are the roles, dtypes and shapes of `layout`."""
+        try:
+            check_schema({role: (t.dtype, tuple(t.shape)) for role, t in tensors.items()}, self.layout(numel))
+        except SchemaError as e:
+            raise SchemaError(f"{name!r} ({self}, {numel} elements): coded {e}") from None
 
     @abstractmethod
     def _encode_all(self, flats: list[torch.Tensor], names: list[str]) -> list[dict[str, torch.Tensor]]:
