@@ -53,7 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Literal, NoReturn
+from typing import ClassVar, Literal, NoReturn
 
 import torch
 
@@ -216,42 +216,48 @@ def decode(spec: object, tensors: Roles, *, shape: Sequence[int], expected: Code
 # --- the codecs --------------------------------------------------------------------------------------------
 
 
+class _Dense(Codec):
+    """Every value, in `dtype`: one role, "values", (n,)."""
+
+    dtype: ClassVar[torch.dtype]
+
+    def layout(self, numel: int) -> dict[str, TensorSpec]:
+        return {"values": TensorSpec((numel,), self.dtype)}
+
+    def encoded_bytes(self, numel: int) -> int:
+        return numel * self.dtype.itemsize
+
+    def _decode_all(self, coded: list[Roles], numels: list[int], wheres: list[str]) -> list[torch.Tensor]:
+        values = [roles["values"] for roles in coded]
+        _check_finite(values, wheres, "values")
+        if self.dtype == torch.float32:
+            return values  # the received tensors themselves
+        return list(_concat(values, numels).to(torch.float32).split(numels))
+
+
 @dataclass(frozen=True)
-class Identity(Codec):
+class Identity(_Dense):
     """`none`: the float32 values."""
+
+    dtype = torch.float32
 
     @property
     def name(self) -> str:
         return "none"
 
-    def layout(self, numel: int) -> dict[str, TensorSpec]:
-        return {"values": TensorSpec((numel,), torch.float32)}
-
-    def encoded_bytes(self, numel: int) -> int:
-        return 4 * numel
-
     def _encode_all(self, flats: list[torch.Tensor], names: list[str]) -> list[dict[str, torch.Tensor]]:
         return [{"values": flat} for flat in flats]
 
-    def _decode_all(self, coded: list[Roles], numels: list[int], wheres: list[str]) -> list[torch.Tensor]:
-        values = [roles["values"] for roles in coded]
-        _check_finite(values, wheres, "values")
-        return values
-
 
 @dataclass(frozen=True)
-class BFloat16(Codec):
+class BFloat16(_Dense):
     """`bf16`: the values rounded to the nearest bfloat16 (ties to even), 8 significant bits."""
+
+    dtype = torch.bfloat16
 
     @property
     def name(self) -> str:
         return "bf16"
-
-    def layout(self, numel: int) -> dict[str, TensorSpec]:
-        return {"values": TensorSpec((numel,), torch.bfloat16)}
-
-    def encoded_bytes(self, numel: int) -> int:
-        return 2 * numel
 
     def _encode_all(self, flats: list[torch.Tensor], names: list[str]) -> list[dict[str, torch.Tensor]]:
         values = [flat.to(torch.bfloat16) for flat in flats]
@@ -259,11 +265,6 @@ class BFloat16(Codec):
             name, flat = next((n, f) for n, f, v in zip(names, flats, values, strict=True) if not math.isfinite(largest_magnitude(v)))
             raise ValueError(f"{name!r} holds a value of magnitude {largest_magnitude(flat):.4g}, beyond bfloat16's range")
         return [{"values": v} for v in values]
-
-    def _decode_all(self, coded: list[Roles], numels: list[int], wheres: list[str]) -> list[torch.Tensor]:
-        values = [roles["values"] for roles in coded]
-        _check_finite(values, wheres, "values")
-        return list(_concat(values, numels).to(torch.float32).split(numels))
 
 
 @dataclass(frozen=True)
