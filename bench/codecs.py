@@ -7,7 +7,9 @@ model (all three parts). Each codec encodes and decodes all the tensors in one c
 `decode_all`, which checks every field of every tensor, as a receiver does), and decodes them one call per
 tensor too (`<codec>_decode_each_mb_s`, `<codec>_decode_all_vs_each`). The reference is the float32 payload
 as sent today, on the same delta in the same run: `fedcore.payload.serialization.encode` (safetensors bytes)
-and `PayloadReader.read` (header, schema and finiteness checks, zero-copy views). All sides are timed
+and `PayloadReader.read` (header, schema and finiteness checks, zero-copy views). For some codecs
+(ACCEPT_CODECS) the coordinator's whole accept of one update is timed too (`<codec>_accept_ms`, `none` being
+today's float32 path; `<codec>_accept_vs_fp32` its median over none's). All sides are timed
 round-robin, one pass of each per repeat, so all see the same machine load. Rates are MB (1e6 bytes) of
 float32 input per second, the median over the repeats (`*_mb_s`) and the fastest repeat (`*_best_mb_s`: what
 the work costs when the machine leaves it alone); `<codec>_encode_vs_fp32_payload` is the codec's median
@@ -32,12 +34,15 @@ from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 from fedcore.model.unet import build_model, layout_of
-from fedcore.payload import serialization
+from fedcore.federation.server import Federation, FederationConfig
+from fedcore.federation.strategies import Strategy
+from fedcore.payload import coded, serialization
 from fedcore.payload.codecs import Codec, Encoded
 from fedcore.payload.serialization import PayloadMeta
 
 MODEL = "paper-fmnist"
-CODECS = ("none", "bf16", "int8", "int4", "topk:0.1", "topk:0.1+int8", "topk:0.01+int8")
+CODECS = ("none", "bf16", "int8", "int4", "topk:0.1", "topk:0.1+int8", "topk:0.05+int8", "topk:0.01+int8")
+ACCEPT_CODECS = ("none", "int8", "int4", "topk:0.05+int8")  # the coordinator's accept per update is timed with these
 
 
 def real_delta(model: str, steps: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -82,6 +87,8 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
     }
     for name, codec in parsed.items():
         sides.update({f"{name}_encode": encode(codec), f"{name}_decode": decode(codec), f"{name}_decode_each": decode_each(codec)})
+    accepting = [name for name in parsed if name in ACCEPT_CODECS]
+    sides.update({f"{name}_accept": accept(model, delta, parsed[name], calls=repeats + 1) for name in accepting})
     for work in sides.values():  # warm-up; the encodes leave what the decodes read
         work()
     seconds: dict[str, list[float]] = {side: [] for side in sides}
@@ -116,7 +123,29 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
                 f"{key}_rel_l2_error": error / norm,
             }
         )
+        if name in accepting:
+            figures.update(
+                {
+                    f"{key}_accept_ms": 1e3 * median(seconds[f"{name}_accept"]),
+                    f"{key}_accept_best_ms": 1e3 * min(seconds[f"{name}_accept"]),
+                    f"{key}_accept_vs_fp32": median(seconds[f"{name}_accept"]) / median(seconds["none_accept"]) if "none" in accepting else math.nan,
+                }
+            )
     return figures
+
+
+def accept(model: str, delta: dict[str, torch.Tensor], codec: Codec, calls: int) -> Callable[[], object]:
+    """The coordinator's accept of one update (`OpenRound.accept`: header, schema, every field and the values'
+    bound checked, decoded when coded, folded into the round's sums), a new client's each call, of a round of
+    `calls` clients of a run with `codec`. The payload is one received buffer, as the coordinator's receiver
+    holds it (read, never written)."""
+    train = TrainConfig(epochs=1, batch_size=16, lr=1e-4)
+    federation = Federation(FederationConfig(Strategy.FULL, model, rounds=1, train=train, compression=codec))
+    clients = [f"client-{i}" for i in range(calls)]
+    open_round = federation.open_round(federation.plan(clients), dict.fromkeys(clients, 64))
+    payload = bytearray(coded.encode(delta, PayloadMeta("delta", model, 0, ALL_PARTS, codec=codec.name)))
+    pending = iter(clients)
+    return lambda: open_round.accept(next(pending), payload, mean_loss=0.1, images_seen=64)
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ import torch
 from coordinator.metrics import Metrics
 from fedcore.atomic import append_json_line, naming
 from fedcore.federation import checkpoint
-from fedcore.federation.server import Federation
+from fedcore.federation.server import SHARED_STEM, Federation
 from fedcore.payload.serialization import save_file
 
 log = logging.getLogger("feddiff.coordinator")
@@ -34,6 +34,7 @@ class Unsaved:
 
     global_state: dict[str, torch.Tensor]
     state: checkpoint.RunState
+    shared: dict[str, torch.Tensor] | None = None  # the shared model of a run with coded downloads
 
 
 def described(e: OSError, directory: Path) -> str:
@@ -85,7 +86,8 @@ class CheckpointWriter:
             try:
                 federation.save(self.directory)
             except OSError as e:
-                self._unsaved = Unsaved({k: v.clone() for k, v in federation.global_state.items()}, federation.run_state())
+                shared = None if federation.shared is None else {k: v.clone() for k, v in federation.shared.items()}
+                self._unsaved = Unsaved({k: v.clone() for k, v in federation.global_state.items()}, federation.run_state(), shared)
                 self._failed(e)
                 return False
             self.saved_rounds = federation.completed_rounds
@@ -139,6 +141,8 @@ class CheckpointWriter:
         logged unless `quiet`)."""
         try:
             if self._unsaved is not None:
+                if self._unsaved.shared is not None:
+                    checkpoint.save_private(self.directory, SHARED_STEM, self._unsaved.state.completed_rounds, self._unsaved.shared)
                 checkpoint.save_run(self.directory, self._unsaved.global_state, self._unsaved.state)
                 self.saved_rounds = self._unsaved.state.completed_rounds
                 self._unsaved = None

@@ -18,6 +18,7 @@ from fedcore.federation.strategies import StrategyName
 from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
+from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec
 from fedcore.settings import (
     BatchSize,
     Epochs,
@@ -105,6 +106,10 @@ class CoordinatorConfig:
     batch_size: BatchSize = 128
     lr: LearningRate = 1e-4
     loss: LossKind = "huber"
+    # How workers code their deltas (sent with each task): none, bf16, int8[:B], int4[:B], topk:F[+bf16|+int8|+int4],
+    # with error feedback on the worker (fedcore.payload.codecs)
+    compression: CompressionName = "none"
+    compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
     seed: Seed = 0  # initial model, plans, client samples, training seeds
     init_from: ExistingPath = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
     checkpoint_dir: Folder = "runs/coordinator"
@@ -164,6 +169,7 @@ class CoordinatorConfig:
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:
+        compression_codec(self.compression, self.compression_block)  # ValueError for a block the codec has no use for
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"{settings.shown(self, 'heartbeat_timeout', 's')} must be longer than {settings.shown(self, 'heartbeat_interval', 's')}: "
@@ -178,7 +184,7 @@ class CoordinatorConfig:
 
     @property
     def federation(self) -> FederationConfig:
-        names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
+        names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss", "compression", "compression_block")
         return FederationConfig.from_settings(**{n: getattr(self, n) for n in names})
 
     def resumable(self) -> dict[str, Any]:

@@ -20,12 +20,12 @@ from coordinator.metrics import Metrics
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerRecord, WorkerRegistry
 from fedcore import settings
-from fedcore.errors import DuplicateUpdate, LateUpdate, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
+from fedcore.errors import DuplicateUpdate, LateUpdate, MissingSharedState, NonFiniteAggregate, NotAssigned, UploadAborted, WrongRound
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
 from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound, RoundOutcome
 from fedcore.model.parts import PART_ORDER, Part
-from fedcore.payload.serialization import max_payload_bytes
+from fedcore.payload import coded
 from fedcore.wire.stream import StreamHeader, digest_for
 
 log = logging.getLogger("feddiff.coordinator")
@@ -75,6 +75,7 @@ class RoundDriver:
         self._round: OpenRound | None = None  # the phase in progress: a round attempt,
         self._eval: EvalPhase | None = None  # or an evaluation
         self._issued: dict[str, IssuedTask] = {}  # its tasks, by worker
+        self._holder_instances: dict[str, str] = {}  # worker -> the process whose last download was counted (coded downloads)
         self._refusals: dict[str, Refusal] = {}  # of them, those their workers refused
         self._closed_task_ids: set[str] = set()  # tasks of phases that ended: their uploads are late
         self._failed_attempts = FailedAttempts(cfg.max_failed_attempts, cfg.round_deadline)
@@ -176,13 +177,14 @@ class RoundDriver:
     def _round_tasks(self, open_round: OpenRound, connected: Sequence[WorkerRecord]) -> dict[str, IssuedTask]:
         """Each selected worker's task with its payload's header: one hash per distinct payload and digest."""
         digests = {r.worker_id: digest_for(r.info.digests) for r in connected}
-        headers: dict[tuple[frozenset[Part], str], StreamHeader] = {}
+        headers: dict[tuple[bytes, str], StreamHeader] = {}
         issued = {}
         for c in open_round.plan.clients:
             task = open_round.task(c)
-            key = (task.receives, digests[c])
+            payload = open_round.payload_for(c)  # one object per distinct payload: its identity keys the hash
+            key = (id(payload).to_bytes(8, "little"), digests[c])
             if key not in headers:
-                headers[key] = StreamHeader.of(open_round.payload(task.receives), digests[c])
+                headers[key] = StreamHeader.of(payload, digests[c])
             issued[c] = IssuedTask(task, headers[key])
         return issued
 
@@ -420,7 +422,7 @@ class RoundDriver:
             if self._eval is not None:
                 return self._eval.payload, issued
         open_round, issued = self._current(worker_id, task_id)
-        return open_round.payload(issued.task.receives), issued
+        return open_round.payload_for(worker_id), issued
 
     def download_complete(self, worker_id: str, task_id: str) -> Ledger | None:
         """Count a drained download. Evaluation downloads are not part of the paper's accounting."""
@@ -429,6 +431,9 @@ class RoundDriver:
                 return None
         open_round, _ = self._current(worker_id, task_id)
         event = open_round.mark_sent(worker_id)
+        record = self.registry.record(worker_id)
+        with self._cond:
+            self._holder_instances[worker_id] = record.info.instance_id if record is not None else ""
         self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
         return event
 
@@ -446,7 +451,7 @@ class RoundDriver:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)
             raise NotAssigned(f"update carries parts {got}, task {task_id!r} returns {want}")
-        return max_payload_bytes(self.federation.layout, parts)
+        return coded.max_payload_bytes(self.federation.layout, parts, self.federation.config.compression)
 
     def accepting(self, task_id: str) -> bool:
         """Whether the round of a task that `upload_limit` let through still takes its update (False once that
@@ -477,12 +482,32 @@ class RoundDriver:
         if num_examples > size:
             log.warning("worker %s claims %d images, more than the %d registered for it: it weighs %d", worker_id, num_examples, size, size)
 
+    def _holder_restarted(self, worker_id: str, instance_id: str) -> None:
+        """In a run with coded downloads: a worker that joins from another process than the one whose downloads
+        were counted (a restart, or a worker that does not say) holds no shared model, so its downloads are the
+        values from now on, its task in progress included."""
+        with self._cond:
+            if instance_id and self._holder_instances.get(worker_id) == instance_id:
+                return
+            self.federation.forget_holdings(worker_id)
+            issued = self._issued.get(worker_id)
+            if self._round is None or issued is None or not isinstance(issued.task, TrainTask) or self._finished(worker_id):
+                return
+            if not self._round.send_values(worker_id):
+                return
+            record = self.registry.record(worker_id)
+            digest = digest_for(record.info.digests) if record is not None else issued.header.algorithm
+            self._issued[worker_id] = IssuedTask(issued.task, StreamHeader.of(self._round.payload_for(worker_id), digest))
+            self._changed()
+
     def joined(self, worker_id: str) -> None:
         """A worker joined (again). When it holds no private parts but its open task of the phase in progress
         counts on them (another installation took its identity over, or it lost its state and says so), it
         is never handed that task, which it could only fail: a training task is given again with the whole
         model, and an evaluate task is withdrawn (it has no model of its own to score)."""
         record = self.registry.record(worker_id)
+        if record is not None and self.federation.shared is not None:
+            self._holder_restarted(worker_id, record.info.instance_id)
         if record is None or record.info.has_private_state:
             return
         with self._cond:
@@ -491,7 +516,7 @@ class RoundDriver:
                 return
             if self._round is not None:
                 task = self._round.send_whole_model(worker_id)
-                header = StreamHeader.of(self._round.payload(task.receives), digest_for(record.info.digests))
+                header = StreamHeader.of(self._round.payload_for(worker_id), digest_for(record.info.digests))
                 self._issued[worker_id] = IssuedTask(task, header)
                 log.info("worker %s holds no private parts: task %s now carries the whole model", worker_id, task.task_id)
             else:
@@ -517,6 +542,8 @@ class RoundDriver:
             if self._finished(worker_id):
                 raise DuplicateUpdate(f"worker {worker_id!r} already answered task {task_id!r}")
             refusal = self._refusals[worker_id] = Refusal.of(worker_id, task_id, reason, message)
+            if reason == MissingSharedState.reason:  # its next download: the values
+                self.federation.forget_holdings(worker_id)
             self._arrivals.notify_all()
         log.warning("worker %s refused task %s (%s): %s", worker_id, task_id, refusal.reason, refusal.message)
         return refusal

@@ -240,7 +240,16 @@ class ModelUnavailable(TaskRefused):
     reason = "model_unavailable"
 
 
-REJECTION_REASONS = frozenset(cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory, ModelUnavailable))
+class MissingSharedState(TaskRefused):
+    """A coded change of the shared model (a run with coded downloads) from another version than the worker holds:
+    the coordinator counted a download the worker never applied. The coordinator sends it the values next."""
+
+    reason = "missing_shared_state"
+
+
+REJECTION_REASONS = frozenset(
+    cls.reason for cls in (TaskRefused, MalformedTask, SettingOutOfRange, DataMismatch, OutOfMemory, ModelUnavailable, MissingSharedState)
+)
 
 
 def rejected_outcome(reason: str) -> str:

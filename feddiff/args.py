@@ -33,6 +33,8 @@ RUN_MEANING = {
     "lr": "Adam's step size",
     "loss": "training loss",
     "seed": "model init, plans, training and sampling noise",
+    "compression": "how clients code their deltas, with error feedback (none, bf16, int8, int4, topk:0.05+int8, ...)",
+    "compression_block": "int8 / int4 elements per scale (0 = the codec name's: 64 unless it says)",
     "split": "how the clients' shards are drawn",
     "beta": "Dirichlet concentration of the skewed splits",
     "split_seed": "seed of the split",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 
 from fedcore import flags, settings
@@ -47,22 +48,35 @@ def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0, help="seeds USplit's random pairing")
+    p.add_argument(
+        "--compression", default="none", metavar="CODEC[,CODEC...]", help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8)"
+    )
     p.add_argument("--json", action="store_true")
 
 
 def strategies(args: argparse.Namespace) -> int:
-    """The parameters each strategy exchanges over a run."""
-    from fedcore.federation.strategies import Strategy, account
+    """The parameters each strategy exchanges over a run, and the bytes they take with each codec."""
+    from fedcore.federation.strategies import Strategy, account, coded_bytes
     from fedcore.model.unet import build_model, layout_of
+    from fedcore.payload.codecs import Codec
 
-    sizes = layout_of(build_model(args.model)).sizes
-    rows = [account(s, sizes, args.clients, args.rounds, seed=args.seed).as_json() for s in Strategy]
+    try:
+        codecs = [Codec.parse(name.strip()) for name in args.compression.split(",")]
+    except ValueError as e:
+        print(f"feddiff strategies: --compression: {e}", file=sys.stderr)
+        return 2
+    layout = layout_of(build_model(args.model))
+    summaries = [account(s, layout.sizes, args.clients, args.rounds, seed=args.seed) for s in Strategy]
+    rows = [{**a.as_json(), **coded_bytes(a, layout, c, seed=args.seed)} for a in summaries for c in codecs]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{args.model}, K={args.clients}, R={args.rounds}")
+        print(f"{args.model}, K={args.clients}, R={args.rounds}; bytes without the payloads' safetensors headers")
         for r in rows:
-            print(f"  {r['strategy']:<8} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:.1%}")
+            print(
+                f"  {r['strategy']:<8} {r['compression']:<16} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:6.1%}  "
+                f"{r['bytes_down'] / 1e6:9.1f} MB down {r['bytes_up'] / 1e6:8.1f} MB up: {r['bytes_vs_fedavg_fp32']:.2f}x fewer than plain FedAvg float32"
+            )
     return 0
 
 

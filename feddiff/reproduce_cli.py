@@ -12,6 +12,7 @@ from fedcore import flags, settings
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, Protocol, ProtocolName, ReproduceConfig, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
+from fedcore.payload.codecs import CompressionName
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
 
@@ -28,6 +29,7 @@ class ReproduceSettings:
     strategies: str = ",".join(STRATEGIES)  # comma list
     splits: str = ",".join(SPLITS)  # comma list
     clients: Positive = 5  # K of the federated cells (the centralised one has 1)
+    compression: CompressionName = "none"  # the federated cells' delta codec (each codec its own cells, lines and folders)
     beta: Concentration = 0.5
     split_seed: Seed = 2023
     seed: Seed = 0  # model init, plans, training and sampling noise; each seed is its own results line and folder
@@ -62,7 +64,7 @@ class ReproduceSettings:
         out = Path(self.out) if self.out else Path("runs/reproduce") / protocol.name
         return ReproduceConfig(
             protocol=protocol,
-            cells=tuple(select_cells(_list(self.strategies), _list(self.splits), self.only)),
+            cells=tuple(select_cells(_list(self.strategies), _list(self.splits), self.only, self.compression)),
             out=out,
             results=Path(self.results) if self.results else out / "results.jsonl",
             docs=None if self.no_docs else Path(self.docs),

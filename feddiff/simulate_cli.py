@@ -16,6 +16,7 @@ from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
+from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec
 from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
 
@@ -33,6 +34,8 @@ class SimulateConfig:
     clients_per_round: NonNegative = 0  # 0 = every client, else a seeded sample
     train: TrainConfig = TrainConfig()  # epochs, batch size, learning rate, loss
     seed: Seed = 0  # initial model, plans, client samples, training seeds
+    compression: CompressionName = "none"  # how clients code their deltas, with error feedback (fedcore.payload.codecs)
+    compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
     clients: Positive = 5  # K
     split: SplitKind = "iid"
     beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
@@ -48,11 +51,13 @@ class SimulateConfig:
     def __post_init__(self) -> None:
         if self.devices and self.speed.device != "auto":
             raise ValueError(f"--device {self.speed.device} and --devices {','.join(self.devices)}: give one (--devices trains on each device it names)")
+        compression_codec(self.compression, self.compression_block)  # ValueError for a block the codec has no use for
 
     @property
     def simulation(self) -> SimulationConfig:
         """The run these settings describe."""
-        federation = FederationConfig(Strategy(self.strategy), self.model, self.rounds, self.clients_per_round, self.seed, self.train)
+        codec = compression_codec(self.compression, self.compression_block)
+        federation = FederationConfig(Strategy(self.strategy), self.model, self.rounds, self.clients_per_round, self.seed, self.train, codec)
         data = DataConfig(
             num_clients=self.clients, split=self.split, beta=self.beta, split_seed=self.split_seed, max_images=self.max_images, root=self.data_root
         )

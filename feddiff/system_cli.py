@@ -166,7 +166,9 @@ def _print_status(s) -> None:  # s: feddiff_pb2.StatusResponse
         print(f"    {w.worker_id:<20} {'up' if w.connected else 'down':<5} {w.device}{gpu}, {w.num_examples} images, seen {w.last_seen_seconds_ago:.0f}s ago")
     if s.workers_omitted:
         print(f"    ... and {s.workers_omitted} more not listed (the least recently heard)")
-    print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up")
+    payload, fp32 = s.payload_bytes_down + s.payload_bytes_up, 4 * s.full_fedavg_parameters  # plain FedAvg: float32, 4 bytes per parameter
+    fewer = f": {fp32 / payload:.1f}x fewer than plain FedAvg in float32 ({fp32 / 1e6:.2f} MB)" if payload else ""
+    print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up{fewer}")
     print(f"  parameters: {s.parameters_exchanged:,} exchanged, plain FedAvg {s.full_fedavg_parameters:,}: {s.reduction_vs_full:.1%} less")
     if s.run_id:  # empty from a coordinator that predates run ids
         print(f"  run: {s.run_id}")

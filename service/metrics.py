@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from fedcore.model.parts import PART_ORDER, Part
+from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER, Part
 from service import ports
 
 
@@ -29,12 +29,22 @@ class ProcessMetrics:
             "Parameters plain FedAvg would have exchanged for the same rounds and participants",
             registry=r,
         )
+        # What the payloads stand for in float32 (4 bytes per parameter), beside the bytes they took: a codec's
+        # reduction is feddiff_payload_bytes_total / feddiff_payload_fp32_bytes_total, and against plain FedAvg
+        # in float32 sum(feddiff_payload_bytes_total) / feddiff_full_fedavg_fp32_bytes_total
+        self.payload_fp32_bytes = Counter(
+            "feddiff_payload_fp32_bytes", "Bytes the parameters of the payloads exchanged take as float32 (4 per parameter)", ["direction", "part"], registry=r
+        )
+        self.full_fedavg_fp32_bytes = Counter(
+            "feddiff_full_fedavg_fp32_bytes", "Bytes plain FedAvg in float32 would have exchanged for the same rounds and participants", registry=r
+        )
         self.updates = Counter("feddiff_updates", "Updates by outcome (accepted, late, or the refusal reason)", ["outcome"], registry=r)
         self.joins = Counter("feddiff_joins", "Joins by outcome (accepted, or the refusal reason)", ["outcome"], registry=r)
         self.fd = Gauge("feddiff_fd", "Frechet distance of a model's samples to real images", ["model"], registry=r)
         for p in PART_ORDER:  # export zeros so dashboards and recording rules see every series from the start
             for d in ("down", "up"):
                 self.payload_bytes.labels(d, p.value)
+                self.payload_fp32_bytes.labels(d, p.value)
                 self.parameters.labels(d, p.value)
         for d in ("down", "up"):
             self.wire_bytes.labels(d)
@@ -45,9 +55,11 @@ class ProcessMetrics:
         for p in PART_ORDER:
             if parameters.get(p):
                 self.parameters.labels(direction, p.value).inc(parameters[p])
+                self.payload_fp32_bytes.labels(direction, p.value).inc(FLOAT32_BYTES * parameters[p])
             if payload_bytes.get(p):
                 self.payload_bytes.labels(direction, p.value).inc(payload_bytes[p])
         self.full_fedavg_parameters.inc(full_fedavg)
+        self.full_fedavg_fp32_bytes.inc(FLOAT32_BYTES * full_fedavg)
 
     def serve(self, port: int, addr: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one). CannotListen, naming

@@ -26,6 +26,7 @@ from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, TrainResult, resolve_device
 from fedcore.model.unet import build_model, preset
+from fedcore.payload import coded
 from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.bounds import MAX_GRID_BYTES
 from fedcore.wire.convert import any_task_from_proto
@@ -97,6 +98,8 @@ class WorkerDaemon:
         self.private = found[0] if found else None
         if found:
             log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
+        kept = self.state.load_residuals()
+        self.residuals = kept[0] if kept else None  # error feedback of a lossy compression, from the last run
         self.runtime: ClientRuntime | None = None
         self.progress = TrainingProgress(self.worker_id, cfg.progress)
         self.rounds_done = 0
@@ -280,6 +283,10 @@ class WorkerDaemon:
         if changed:
             found = self.state.load_private()
             self._set_private(found[0] if found else None)
+            kept = self.state.load_residuals()  # the run's error feedback: none, or its own moved back
+            self.residuals = kept[0] if kept else None
+            if self.runtime is not None:
+                self.runtime.residuals = {k: v.clone() for k, v in (self.residuals or {}).items()}
             if found:
                 log.info("worker %s: private parts of round %d of run %s restored from %s", self.worker_id, found[1], run_id, self.state_dir)
 
@@ -301,7 +308,7 @@ class WorkerDaemon:
         ranks, stop_group = (team.ranks, team.stop_group) if team else (Ranks(), None)
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed, ranks, stop_group)
         data = trainer.prepare_data(to_model_range(self.images.images))
-        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private)
+        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private, self.residuals)
         with_ranks = f" with {team.ranks.world_size} ranks" if team else ""
         log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, with_ranks)
 
@@ -313,7 +320,10 @@ class WorkerDaemon:
     # --- one task -------------------------------------------------------------------------------------------
     def _download(self, client: CoordinatorClient, layout: PartLayout, task: TrainTask | EvalTask) -> memoryview:
         """The task's weights, checked against their header; bounded by what its parts can take."""
-        return client.download(task, max_bytes=max_payload_bytes(layout, task.receives), on_wire=self.metrics.wire_bytes.labels("down").inc)
+        most = max_payload_bytes(layout, task.receives)  # the values; a coded change of them may take more (topk:1)
+        if isinstance(task, TrainTask):
+            most = max(most, coded.max_payload_bytes(layout, task.receives, task.codec))
+        return client.download(task, max_bytes=most, on_wire=self.metrics.wire_bytes.labels("down").inc)
 
     def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:
         """Run a task, or refuse it when this worker cannot (RejectTask) and wait before asking again."""
@@ -361,6 +371,8 @@ class WorkerDaemon:
             self.team.start_training(runtime.model_name, task, runtime.trainer.model)
         result = self._train_locally(runtime, task)
         update = runtime.update(task)
+        if runtime.residuals:  # kept across restarts, beside the private parts
+            self.state.save_residuals(task.round_index + 1, runtime.residuals)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
         try:
             client.upload(task, update, report, on_wire=self.metrics.wire_bytes.labels("up").inc)

@@ -6,6 +6,7 @@ Layout of a --state-dir:
   identity.json               {"worker_id", "installation_id"}: the same across restarts
   run.json                    {"run_id"}: the run the files below belong to (the coordinator's, told at join)
   private-r0003.safetensors   private parts after 3 completed rounds (the last two are kept)
+  residual-r0003.safetensors  what a lossy compression left out of the updates up to round 3 (error feedback)
   samples/r0003.png           sample grids of evaluate tasks
   previous-runs/<run id>/     the private parts and samples of other runs, moved aside when this worker joined
                               another run (never loaded by it; moved back if it joins that run again);
@@ -34,6 +35,7 @@ IDENTITY_FILE = "identity.json"
 PRIVATE_STEM = "private"
 SAMPLES = "samples"
 PREVIOUS_RUNS = checkpoint.PREVIOUS_RUNS
+RESIDUAL_STEM = "residual"
 TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
 
 
@@ -104,7 +106,8 @@ class StateDir:
         """Make this state dir hold the files of run `run_id` (told by the coordinator at join): those of another
         run, or of an unknown one (saved before run ids), are moved to previous-runs/ (not loaded, not deleted;
         in-memory parts whose save failed are saved there, if they can be); the run's own, moved there earlier,
-        are moved back. True when the private parts on disk changed (the caller loads them again). ValueError
+        are moved back. True when the private parts or error-feedback residuals on disk changed (the caller loads
+        them again). ValueError
         for a run id that is no id."""
         problem = RUN_ID.problem(run_id)
         if problem or not run_id:
@@ -137,7 +140,8 @@ class StateDir:
 
     def _run_files(self) -> list[Path]:
         private = sorted(self.path.glob(f"{PRIVATE_STEM}-r*.safetensors"))
-        return private + ([self.path / SAMPLES] if (self.path / SAMPLES).exists() else [])
+        residuals = sorted(self.path.glob(f"{RESIDUAL_STEM}-r*.safetensors"))  # a run's error feedback, with its parts
+        return private + residuals + ([self.path / SAMPLES] if (self.path / SAMPLES).exists() else [])
 
     def _move_aside(self, run_id: str | None, joining: str) -> bool:
         """Move the files of run `run_id` (None: unknown) to previous-runs/ as this worker joins run `joining`;
@@ -157,13 +161,14 @@ class StateDir:
             except OSError as e:
                 log.error("worker %s: the unsaved private parts of round %d are lost: %s", self.identity.worker_id, unsaved.completed_rounds, e)
         private = any(f.name.startswith(PRIVATE_STEM) for f in files) or unsaved is not None
+        residuals = any(f.name.startswith(RESIDUAL_STEM) for f in files)
         held = " and ".join(what for what, there in (("private parts", private), ("sample grids", (self.path / SAMPLES) in files)) if there)
         log.warning(
             "worker %s: this state dir held the %s of %s; joining run %s, they were moved to %s (kept, not used)%s",
             self.identity.worker_id, held, f"run {run_id}" if run_id else "a run of unknown id (saved before run ids)", joining, aside,
             " and this run starts from the global model" if private else "",
         )  # fmt: skip
-        return private
+        return private or residuals
 
     def _move_back(self, run_id: str) -> bool:
         """The files of run `run_id`, moved aside when this worker joined another run, back in place."""
@@ -197,6 +202,22 @@ class StateDir:
         self.unsaved = None
         self.metrics.state_saves.labels("saved").inc()
         self.metrics.private_state_unsaved.set(0)
+        return True
+
+    # --- error-feedback residuals ----------------------------------------------------------------------------
+    def load_residuals(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        return checkpoint.load_private(self.path, RESIDUAL_STEM)
+
+    def save_residuals(self, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Save the residuals of the update of round `completed_rounds` (atomically, as the private parts); a
+        failed save is logged and leaves the files saved before as they were: the residuals stay in memory, and
+        the next round's save carries them. True when saved."""
+        try:
+            self._save_run_id()  # first: residuals saved must never be taken for another run's
+            checkpoint.save_private(self.path, RESIDUAL_STEM, completed_rounds, tensors)
+        except OSError as e:
+            log.error("worker %s: saving the error-feedback residuals of round %d to %s failed (%s); they are kept in memory", self.identity.worker_id, completed_rounds, self.path, e)
+            return False
         return True
 
     def retry(self) -> bool:

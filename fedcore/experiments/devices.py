@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import connection
 from multiprocessing.connection import Connection
 from typing import Annotated, Any, NoReturn, Protocol
@@ -94,13 +94,41 @@ class ClientJob:
     task: TrainTask
     weights: bytes | bytearray | memoryview  # the received weights payload (safetensors)
     private: Mapping[str, torch.Tensor]  # on the CPU
+    kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # what a compressed run's client keeps
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _job, (self.client_id, self.task, bytes(self.weights), _pack(self.private))
+        return _job, (self.client_id, self.task, bytes(self.weights), _pack(self.private), self.kept.packed())
 
 
-def _job(client_id: str, task: TrainTask, weights: bytes, private: tuple[tuple[str, ...], bytes]) -> ClientJob:
-    return ClientJob(client_id, task, weights, _unpack(private))
+def _job(client_id: str, task: TrainTask, weights: bytes, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientJob:
+    return ClientJob(client_id, task, weights, _unpack(private), KeptState.unpacked(kept))
+
+
+@dataclass(frozen=True)
+class KeptState:
+    """What a client of a compressed run keeps between rounds besides its private parts, on the CPU: its
+    error-feedback residuals, and the shared model (and its version) its coded downloads change."""
+
+    residuals: Mapping[str, torch.Tensor]
+    shared: Mapping[str, torch.Tensor]
+    shared_version: int
+
+    @classmethod
+    def of(cls, runtime: ClientRuntime) -> KeptState:
+        return cls(dict(runtime.residuals), dict(runtime.shared), runtime.shared_version)
+
+    def into(self, runtime: ClientRuntime) -> None:
+        runtime.residuals = {k: v.clone() for k, v in self.residuals.items()}
+        runtime.shared = {k: v.clone() for k, v in self.shared.items()}
+        runtime.shared_version = self.shared_version
+
+    def packed(self) -> tuple[Any, ...]:
+        return _pack(self.residuals), _pack(self.shared), self.shared_version
+
+    @classmethod
+    def unpacked(cls, packed: tuple[Any, ...]) -> KeptState:
+        residuals, shared, version = packed
+        return cls(_unpack(residuals), _unpack(shared), version)
 
 
 @dataclass(frozen=True)
@@ -112,13 +140,14 @@ class ClientOutcome:
     mean_loss: float
     images_seen: int
     private: Mapping[str, torch.Tensor]  # on the CPU
+    kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private))
+        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private), self.kept.packed())
 
 
-def _outcome(client_id: str, update: bytes, mean_loss: float, images_seen: int, private: tuple[tuple[str, ...], bytes]) -> ClientOutcome:
-    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private))
+def _outcome(client_id: str, update: bytes, mean_loss: float, images_seen: int, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientOutcome:
+    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private), KeptState.unpacked(kept))
 
 
 class ClientTraining(Protocol):
@@ -141,9 +170,11 @@ class InProcessTraining:
     def train_one(self, job: ClientJob) -> ClientOutcome:
         runtime = self.runtimes[job.client_id]
         runtime.private = dict(job.private)
+        job.kept.into(runtime)
         runtime.load(job.weights, job.task)
         result = runtime.train(job.task)
-        return ClientOutcome(job.client_id, runtime.update(job.task), result.mean_loss, result.images_seen, runtime.private)
+        update = runtime.update(job.task)
+        return ClientOutcome(job.client_id, update, result.mean_loss, result.images_seen, runtime.private, KeptState.of(runtime))
 
 
 # --- the processes --------------------------------------------------------------------------------------------

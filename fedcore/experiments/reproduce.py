@@ -41,6 +41,7 @@ from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
 from fedcore.model.unet import build_model
+from fedcore.payload.codecs import Codec
 
 ProtocolName = Literal["quick", "paper", "cpu", "mini"]
 CENTRALISED = "centralised"
@@ -86,9 +87,16 @@ PROTOCOLS: dict[str, Protocol] = {
 class Cell:
     strategy: str  # one of STRATEGIES
     split: str  # one of SPLITS, or ALL_DATA for the centralised reference
+    compression: str = "none"  # the clients' delta codec (fedcore.payload.codecs); the centralised reference has none
 
     @property
     def key(self) -> str:
+        """"udec:iid", or "udec:iid@int8" for a cell with compressed updates."""
+        return self.grid_key + ("" if self.compression == "none" else f"@{self.compression}")
+
+    @property
+    def grid_key(self) -> str:
+        """The cell's place in the grid, STRATEGY:SPLIT, whatever its compression (what --only names)."""
         return f"{self.strategy}:{self.split}"
 
     @property
@@ -111,8 +119,9 @@ class Cell:
         return self.split
 
 
-def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS) -> list[Cell]:
-    """The cells of the grid in run order: the centralised reference first, then split by split."""
+def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS, compression: str = "none") -> list[Cell]:
+    """The cells of the grid in run order: the centralised reference first (never compressed), then split by split,
+    the federated cells with `compression`."""
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
@@ -120,7 +129,7 @@ def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS)
         if s not in SPLITS:
             raise ValueError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
     cells = [Cell(CENTRALISED, ALL_DATA)] if CENTRALISED in strategies else []
-    cells += [Cell(st, sp) for sp in SPLITS if sp in splits for st in STRATEGIES if st in strategies and st != CENTRALISED]
+    cells += [Cell(st, sp, compression) for sp in SPLITS if sp in splits for st in STRATEGIES if st in strategies and st != CENTRALISED]
     return cells
 
 
@@ -138,11 +147,11 @@ def parse_only(specs: Iterable[str]) -> set[str]:
     return keys
 
 
-def select_cells(strategies: Sequence[str], splits: Sequence[str], only: Iterable[str] = ()) -> list[Cell]:
-    cells = grid(strategies, splits)
+def select_cells(strategies: Sequence[str], splits: Sequence[str], only: Iterable[str] = (), compression: str = "none") -> list[Cell]:
+    cells = grid(strategies, splits, compression)
     keys = parse_only(only)
     if keys:
-        cells = [c for c in cells if c.key in keys]
+        cells = [c for c in cells if c.grid_key in keys]
         if not cells:
             raise ValueError(f"--only {sorted(keys)} selects no cell of strategies {list(strategies)} x splits {list(splits)}")
     return cells
@@ -328,6 +337,7 @@ def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
             rounds=p.rounds,
             seed=cfg.seed,
             train=TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr),
+            compression=Codec.parse(cell.compression),
         ),
         data=DataConfig(
             num_clients=cell.num_clients(cfg.clients),
@@ -355,8 +365,9 @@ def _check_cell_folder(folder: Path, sim_cfg: SimulationConfig) -> None:
 
 
 def cell_folder(cfg: ReproduceConfig, cell: Cell) -> Path:
-    """A cell's run folder: `udec-iid`, or `udec-iid-seed1` for another seed than 0."""
-    return cfg.out / (f"{cell.strategy}-{cell.split}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
+    """A cell's run folder: `udec-iid`, `udec-iid-int8` with compressed updates, `udec-iid-seed1` for another seed than 0."""
+    codec = "" if cell.compression == "none" else f"-{cell.compression}"
+    return cfg.out / (f"{cell.strategy}-{cell.split}{codec}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
 
 
 def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callable[[str], None] = print, pool: DevicePool | None = None) -> CellResult:
@@ -429,6 +440,7 @@ def _cell_result(cfg: ReproduceConfig, cell: Cell, sim: Simulation, evaluator: E
         date=datetime.now(UTC).strftime("%Y-%m-%d"), torch=torch.__version__, losses=tuple(r.mean_loss for r in rounds),
         cumulative_parameters=tuple(r.cumulative_parameters for r in rounds),
         curve=tuple(replace(pt, fd_per_model=None) for _, pt in sorted(points.items())),
+        compression=cell.compression, payload_bytes=sim.federation.ledger.payload_bytes, full_fedavg_fp32_bytes=sim.federation.ledger.full_fedavg_fp32_bytes,
     )  # fmt: skip
 
 

@@ -124,6 +124,9 @@ class CellResult:
     losses: tuple[float, ...]  # mean local loss of each round
     cumulative_parameters: tuple[int, ...]  # parameters exchanged up to each round
     curve: tuple[CurvePoint, ...]  # in round order, without the per-model FDs
+    compression: str = "none"  # the clients' delta codec
+    payload_bytes: int | None = None  # payload bytes exchanged over the run, both ways (None in older lines)
+    full_fedavg_fp32_bytes: int | None = None  # what plain FedAvg in float32 would have exchanged (None in older lines)
 
     @property
     def key(self) -> ResultKey:
@@ -131,8 +134,9 @@ class CellResult:
         return result_key(self.protocol, self.cell, self.clients, self.max_images, self.seed)
 
     def as_json(self) -> dict[str, Any]:
-        """The results line's object, keys in field order; the optional fields that are None are left out."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        """The results line's object, keys in field order; the optional fields that are None are left out, and
+        the compression of a cell without ("none"), as lines before compression have it."""
+        return {f.name: _plain(v) for f in fields(self) if (v := getattr(self, f.name)) is not None and not (f.name == "compression" and v == "none")}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CellResult:
@@ -176,6 +180,9 @@ class CellResult:
             losses=tuple(float(x) for x in obj["losses"]),
             cumulative_parameters=tuple(int(x) for x in obj["cumulative_parameters"]),
             curve=tuple(CurvePoint.from_json(p) for p in obj["curve"]),
+            compression=str(obj.get("compression", "none")),
+            payload_bytes=_optional(int, obj.get("payload_bytes")),
+            full_fedavg_fp32_bytes=_optional(int, obj.get("full_fedavg_fp32_bytes")),
         )
 
 

@@ -16,7 +16,7 @@ import torch
 from fedcore.data.shards import DataConfig, load_training_pool
 from fedcore.data.splits import split_indices
 from fedcore.errors import ExistingRun
-from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining
+from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining, KeptState
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, round_record, truncate_log
 from fedcore.federation.server import Federation, FederationConfig, OpenRound, RoundOutcome
@@ -24,6 +24,10 @@ from fedcore.federation.strategies import private_parts
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.pretrained import initial_weights
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
+
+
+CLIENTS = "clients"  # each client's private parts, by round
+RESIDUALS = "residuals"  # each client's error-feedback residuals (a lossy compression), by round
 
 
 def client_ids(num_clients: int) -> list[str]:
@@ -55,6 +59,7 @@ class SimulatedClient:
     client_id: str
     images: np.ndarray  # (N, C, H, W) uint8: its shard of the training pool
     private: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the parts it keeps for good
+    kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # a compressed run's residuals and shared model
 
     @property
     def num_examples(self) -> int:
@@ -105,8 +110,11 @@ class Simulation:
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
             clients[cid] = SimulatedClient(cid, pool_images.images[idx])
             if federation.completed_rounds and private_parts(fcfg.strategy):
-                found = checkpoint.load_private(out / "clients", cid, federation.completed_rounds)
+                found = checkpoint.load_private(out / CLIENTS, cid, federation.completed_rounds)
                 clients[cid].private = found[0] if found else {}
+            if federation.completed_rounds:
+                found = checkpoint.load_private(out / RESIDUALS, cid, federation.completed_rounds)
+                clients[cid].kept = KeptState(found[0] if found else {}, {}, -1)
         images = {cid: c.images for cid, c in clients.items()}
         training = pool.setup(fcfg.model, fcfg.seed, images) if pool else InProcessTraining(fcfg.model, fcfg.seed, cfg.speed, images)
         return cls(cfg, out, federation, clients, training, log)
@@ -121,9 +129,11 @@ class Simulation:
             cid, task = trained.client_id, open_round.task(trained.client_id)
             update = transfer(trained.update, self.config.chunk_size)
             open_round.accept(cid, update, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
-            self.clients[cid].private = dict(trained.private)
+            self.clients[cid].private, self.clients[cid].kept = dict(trained.private), trained.kept
             if task.private:
-                checkpoint.save_private(self.out_dir / "clients", cid, task.round_index + 1, self.clients[cid].private)
+                checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private)
+            if trained.kept.residuals:
+                checkpoint.save_private(self.out_dir / RESIDUALS, cid, task.round_index + 1, dict(trained.kept.residuals))
         outcome = open_round.close()
         fed.save(self.out_dir)
         record = round_record(outcome, fed.ledger, time.perf_counter() - started)
@@ -136,9 +146,9 @@ class Simulation:
     def _job(self, open_round: OpenRound, cid: str) -> ClientJob:
         """A client's training this round, its weights sent through the stream format (and counted as sent)."""
         task = open_round.task(cid)
-        weights = transfer(open_round.payload(task.receives), self.config.chunk_size)
+        weights = transfer(open_round.payload_for(cid), self.config.chunk_size)
         open_round.mark_sent(cid)
-        return ClientJob(cid, task, weights, self.clients[cid].private)
+        return ClientJob(cid, task, weights, self.clients[cid].private, self.clients[cid].kept)
 
     def run(self) -> list[RoundRecord]:
         while not self.federation.finished:

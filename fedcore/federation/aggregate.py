@@ -81,10 +81,7 @@ class RunningAggregate:
         self._check(parts, weight)
         values = update.values()
         if values is None:  # not float32 back to back: tensor by tensor, part by part
-            by_part = self._by_part(update.tensors())
-            norms = {p: _norm(list(ts.values())) for p, ts in by_part.items()} if clip is not None else {}
-            for p, tensors in by_part.items():
-                self._add(tensors, weight * _scale(norms.get(p), (clip or {}).get(p)))
+            norms = self._fold_by_part(update.tensors(), weight, clip)
         else:
             plan = self._copy_plan(update.table)
             norms = {p: _norm([values[s : s + c] for s, _, c in runs]) for p, runs in plan.items()} if clip is not None else {}
@@ -93,6 +90,23 @@ class RunningAggregate:
                 for src, dst, count in runs:
                     self._flat[dst : dst + count].add_(values[src : src + count], alpha=alpha)
         self._count(parts, weight)
+        return norms
+
+    def fold_tensors(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, clip: Mapping[Part, float] | None = None) -> dict[Part, float]:
+        """`fold_decoded` for float32 tensors of `parts` already checked against this aggregate's layout (a
+        decoded coded update, fedcore.payload.coded): clipped as there, tensor by tensor."""
+        parts = frozenset(parts)
+        self._check(parts, weight)
+        norms = self._fold_by_part(update, weight, clip)
+        self._count(parts, weight)
+        return norms
+
+    def _fold_by_part(self, update: Mapping[str, torch.Tensor], weight: float, clip: Mapping[Part, float] | None) -> dict[Part, float]:
+        """Add each part's tensors, scaled down to its clipping bound where `clip` has one; the norms taken."""
+        by_part = self._by_part(update)
+        norms = {p: _norm(list(ts.values())) for p, ts in by_part.items()} if clip is not None else {}
+        for p, tensors in by_part.items():
+            self._add(tensors, weight * _scale(norms.get(p), (clip or {}).get(p)))
         return norms
 
     def _by_part(self, tensors: Mapping[str, torch.Tensor]) -> dict[Part, dict[str, torch.Tensor]]:

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcore.errors import FeddiffError
+from fedcore.errors import FeddiffError, MissingSharedState
 from fedcore.federation.aggregate import delta
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec
-from fedcore.model.parts import Part, PartLayout
+from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
 from fedcore.model.unet import layout_of
-from fedcore.payload import serialization
+from fedcore.payload import coded, serialization
+from fedcore.payload.codecs import Codec, Identity
+from fedcore.payload.feedback import ErrorFeedback
 from fedcore.payload.serialization import PayloadMeta
 
 
@@ -29,6 +31,7 @@ class TrainTask:
     private: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
     train: TrainConfig
     seed: int  # seeds the shuffling, timesteps and noise of this round's training
+    codec: Codec = Identity()  # how the delta goes back (fedcore.payload.codecs), with error feedback
 
     @property
     def payload_round(self) -> int:
@@ -72,6 +75,7 @@ class ClientRuntime:
         trainer: LocalTrainer,
         data: torch.Tensor,
         private: Mapping[str, torch.Tensor] | None = None,
+        residuals: Mapping[str, torch.Tensor] | None = None,
     ):
         self.client_id = client_id
         self.model_name = model_name
@@ -81,6 +85,14 @@ class ClientRuntime:
         self._params = trainer.model.state_dict()  # views of the live parameters
         self.private: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in (private or {}).items()}
         self._base: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, torch.Tensor] = {}  # the shared model of a run with coded downloads, as received
+        self.shared_version = -1  # its version (-1: none)
+        # What a lossy codec left out of the updates so far, per tensor (error feedback); residuals of tensors
+        # this model does not have (another run's state) are dropped
+        specs = self.layout.specs(PART_ORDER)
+        self.residuals: dict[str, torch.Tensor] = {
+            name: t.detach().cpu().float() for name, t in (residuals or {}).items() if name in specs and tuple(t.shape) == specs[name].shape
+        }
 
     @property
     def num_examples(self) -> int:
@@ -92,8 +104,16 @@ class ClientRuntime:
 
     @torch.no_grad()
     def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
-        """Put the received parts and this client's private parts into the model."""
-        received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.payload_round, model=self.model_name)
+        """Put the received parts and this client's private parts into the model. In a run with coded downloads
+        the received parts are the shared model's: its values, or its coded change since the version this
+        client holds, added to it as the coordinator adds it (`shared`, bit for bit)."""
+        meta = serialization.read_meta(payload)
+        if meta.base >= 0:
+            received = self._apply_change(payload, task, meta)
+        else:
+            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.payload_round, model=self.model_name)
+            if meta.version >= 0:
+                self.shared, self.shared_version = {n: t.clone() for n, t in received.items()}, meta.version
         for name, t in received.items():
             self._params[name].copy_(t)
         for name in self.layout.names(task.private - task.receives):
@@ -101,6 +121,21 @@ class ClientRuntime:
                 raise MissingPrivateState(f"client {self.client_id!r} holds no private tensor {name!r}; it needs the full model again")
             self._params[name].copy_(self.private[name])
         self._base = {name: self._params[name].detach().clone() for name in self.layout.names(task.returns)}
+
+    def _apply_change(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask, meta: PayloadMeta) -> dict[str, torch.Tensor]:
+        """The shared model after a coded change from the version this client holds; MissingSharedState when it
+        holds another version or not every part the change is for."""
+        names = self.layout.names(task.receives)
+        if meta.base != self.shared_version or not all(n in self.shared for n in names):
+            raise MissingSharedState(
+                f"client {self.client_id!r} holds version {self.shared_version} of the shared model, the change is from version {meta.base}; it needs the values again"
+            )
+        codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
+        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.payload_round, model=self.model_name)
+        change, _ = coded.decode(reader, codec, payload, task.receives)
+        self.shared = {n: self.shared[n].add_(change[n]) for n in names}
+        self.shared_version = meta.version
+        return self.shared
 
     def train(
         self,
@@ -114,10 +149,18 @@ class ClientRuntime:
         return result
 
     def update(self, task: TrainTask) -> bytes:
-        """Safetensors bytes of local - received for the parts this client returns."""
+        """Safetensors bytes of local - received for the parts this client returns, coded by the task's codec:
+        plus what the codec left out of this client's earlier updates, and keeping what it leaves out of this
+        one (`residuals`, error feedback; none for `none`)."""
         local = {name: self._params[name] for name in self._base}
-        meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns)
-        return serialization.encode(delta(local, self._base), meta)
+        meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns, codec=task.codec.name)
+        deltas = delta(local, self._base)
+        if isinstance(task.codec, Identity):
+            return serialization.encode(deltas, meta)
+        feedback = ErrorFeedback(task.codec, self.residuals)
+        encoded = feedback.compress_all(deltas)
+        self.residuals = feedback.state_dict()
+        return coded.encode(deltas, meta, encoded)
 
     def sampling_model(self) -> Denoiser:
         """The model as loaded (for evaluation after `load` of an EvalTask)."""

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from fedcore.atomic import read_json_lines, read_records
 from fedcore.federation.checkpoint import ROUNDS_LOG
 from fedcore.federation.server import Ledger, RoundOutcome
-from fedcore.model.parts import Part
+from fedcore.model.parts import FLOAT32_BYTES, Part
 
 __all__ = [
     "ROUNDS_LOG",
@@ -48,6 +48,7 @@ class RoundRecord:
     seconds: float  # wall time of the round, to the millisecond
     weights: Mapping[str, int] = field(default_factory=dict)  # FedAvg weights, after any bound (fedcore.federation.robust); {} in logs before bounds
     clipped: Mapping[str, Mapping[Part, float]] = field(default_factory=dict)  # norm clipping's factors, by client and part
+    cumulative_payload_bytes: int | None = None  # payload bytes exchanged by the run up to this round, both ways (None in older logs)
 
     def as_json(self) -> dict[str, Any]:
         """The log line's object, keys in the order the log has always had them."""
@@ -63,6 +64,7 @@ class RoundRecord:
             "cumulative_parameters": self.cumulative_parameters,
             "cumulative_full_fedavg_parameters": self.cumulative_full_fedavg_parameters,
             "reduction_so_far": self.reduction_so_far,
+            **({} if self.cumulative_payload_bytes is None else {"cumulative_payload_bytes": self.cumulative_payload_bytes}),
             "seconds": self.seconds,
         }
 
@@ -83,7 +85,15 @@ class RoundRecord:
             seconds=float(obj["seconds"]),
             weights={str(c): int(w) for c, w in obj.get("weights", {}).items()},
             clipped={str(c): {Part(p): float(f) for p, f in factors.items()} for c, factors in obj.get("clipped", {}).items()},
+            cumulative_payload_bytes=None if obj.get("cumulative_payload_bytes") is None else int(obj["cumulative_payload_bytes"]),
         )
+
+    @property
+    def bytes_vs_fedavg_fp32(self) -> float | None:
+        """How many times fewer bytes the run exchanged up to this round than plain FedAvg in float32 (None in older logs)."""
+        if not self.cumulative_payload_bytes:
+            return None
+        return FLOAT32_BYTES * self.cumulative_full_fedavg_parameters / self.cumulative_payload_bytes
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> R
         seconds=round(seconds, 3),
         weights={u.client: u.weight for u in outcome.accepted},
         clipped={u.client: dict(u.clipped) for u in outcome.accepted if u.clipped},
+        cumulative_payload_bytes=cumulative.payload_bytes,
     )
 
 
@@ -158,9 +169,11 @@ def format_round(record: RoundRecord) -> str:
     """One line for the console or the process log."""
     down = sum(record.ledger.bytes_down.values())
     up = sum(record.ledger.bytes_up.values())
+    fewer = record.bytes_vs_fedavg_fp32
+    in_bytes = "" if fewer is None else f", {fewer:.1f}x fewer bytes than plain FedAvg float32"
     return (
         f"round {record.round_number}: {len(record.participants)}/{len(record.planned)} clients, "
-        f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record.reduction_so_far:.1%}, "
+        f"down {down / 1e6:.2f} MB, up {up / 1e6:.2f} MB, reduction so far {record.reduction_so_far:.1%}{in_bytes}, "
         f"loss {record.mean_loss:.4f}, {record.seconds:.1f}s"
     )
 

@@ -4,9 +4,10 @@ Both the gRPC coordinator and the in-process simulation drive this class, so the
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from fedcore.federation.strategies import (
     round_rng,
     select_clients,
 )
-from fedcore.model.parts import PART_ORDER, Part, PartLayout
+from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER, Part, PartLayout
 from fedcore.model.training import TrainConfig
 from fedcore.model.unet import build_model, layout_of, preset
-from fedcore.payload import serialization
+from fedcore.payload import coded, serialization
+from fedcore.payload.codecs import Codec, Encoded, Identity, compression_codec
 from fedcore.payload.serialization import PayloadMeta
 
 
@@ -43,24 +45,33 @@ class FederationConfig:
     clients_per_round: int = 0  # 0 = every available client, else a seeded sample
     seed: int = 0  # seeds the initial model, the plans, the samples and every client's training
     train: TrainConfig = TrainConfig()  # sent to the clients with each task
+    compression: Codec = Identity()  # how clients code their deltas (sent with each task; fedcore.payload.codecs)
 
     # What a resumed run must share with its checkpoint to compute what the uninterrupted run would have: the
     # model and how rounds are planned, sampled, seeded and trained. `rounds` is not among them: a run may be
     # extended, or shortened to the rounds it has completed.
-    DEFINING = ("strategy", "model", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss")
+    DEFINING = ("strategy", "model", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss", "compression")
 
     @classmethod
     def from_settings(
         cls, *, strategy: str, model: str, rounds: int, clients_per_round: int, seed: int,
-        epochs: int, batch_size: int, lr: float, loss: str,
+        epochs: int, batch_size: int, lr: float, loss: str, compression: str = "none", compression_block: int = 0,
     ) -> FederationConfig:  # fmt: skip
         """From flat settings (flags, YAML): the one place that nests them; SettingsError for a training
-        setting outside the range a worker runs."""
+        setting outside the range a worker runs, or a compression_block the codec cannot take."""
         train = settings.build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss})
-        return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train)
+        try:
+            codec = compression_codec(compression, compression_block)
+        except ValueError as e:
+            raise settings.SettingsError(str(e)) from None
+        return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train, codec)
 
     def as_json(self) -> dict[str, object]:
+        """The run's identity (a resumed run must match it); compression only when there is some, so that
+        the runs of earlier versions resume."""
+        compression = {} if isinstance(self.compression, Identity) else {"compression": self.compression.name}
         return {
+            **compression,
             "strategy": self.strategy.value,
             "model": self.model,
             "rounds": self.rounds,
@@ -76,7 +87,7 @@ class FederationConfig:
         """Each setting that defines a run (`DEFINING`) whose value in `saved` (an `as_json()`) differs from this
         config's: (key, saved value, this value)."""
         now = self.as_json()
-        return [(key, saved.get(key), now[key]) for key in self.DEFINING if saved.get(key) != now[key]]
+        return [(key, saved.get(key), now.get(key)) for key in self.DEFINING if saved.get(key) != now.get(key)]  # no compression: none
 
 
 def task_seed(seed: int, round_index: int, client: str) -> int:
@@ -97,6 +108,21 @@ class Ledger:
     @property
     def reduction_vs_full(self) -> float:
         return 1.0 - self.traffic.total / self.full_fedavg if self.full_fedavg else 0.0
+
+    @property
+    def payload_bytes(self) -> int:
+        """The bytes of the payloads exchanged, both ways (a codec's, with their safetensors headers)."""
+        return sum(self.bytes_down.values()) + sum(self.bytes_up.values())
+
+    @property
+    def fp32_bytes(self) -> int:
+        """The bytes the parameters exchanged take as float32: what the payloads stand for."""
+        return FLOAT32_BYTES * self.traffic.total
+
+    @property
+    def full_fedavg_fp32_bytes(self) -> int:
+        """The bytes plain FedAvg in float32 would have exchanged."""
+        return FLOAT32_BYTES * self.full_fedavg
 
     def copy(self) -> Ledger:
         """A copy that later `add`s to this ledger leave as it is."""
@@ -199,10 +225,18 @@ class RoundOutcome:
         return sum(u.mean_loss * u.weight for u in self.accepted) / total if total else float("nan")
 
 
+SHARED_STEM = "shared"  # the shared model of a run with lossy coding, checkpointed beside the global one
+
+
+def _holds(held: tuple[int, frozenset[Part]] | None, version: int, parts: frozenset[Part]) -> bool:
+    """Whether a client's holding is `version` of at least `parts`."""
+    return held is not None and held[0] == version and parts <= held[1]
+
+
 def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartLayout) -> dict[Part, int]:
-    """A payload's size split over its parts (`PartLayout.split_bytes`)."""
+    """A payload's size split over its parts (`PartLayout.split_bytes`), plain or coded."""
     _, entries, _ = serialization.read_header(payload)
-    return layout.split_bytes(len(payload), {name: e.end - e.begin for name, e in entries.items()})
+    return layout.split_bytes(len(payload), coded.tensor_bytes({name: (e.begin, e.end) for name, e in entries.items()}))
 
 
 def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mapping[Part, int], *, down: bool) -> Ledger:
@@ -234,6 +268,7 @@ class Federation:
         robust: RobustConfig = RobustConfig(),
         norms: NormHistory | None = None,
         settings: Mapping[str, Any] | None = None,
+        shared: Mapping[str, torch.Tensor] | None = None,
     ):
         preset(cfg.model)  # validates the name
         self.config = cfg
@@ -254,6 +289,15 @@ class Federation:
         # before it saves, so that a resumed one can say what changed)
         self.settings: dict[str, Any] = dict(settings or {})
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
+        # With a lossy codec the downloads are coded too: `shared` is the model as the clients reconstruct it,
+        # bit for bit, version `shared_version`; `holds` says which version and parts each client holds
+        # (a download counted). The global model's lead over it is carried into the next round's change.
+        self.shared: dict[str, torch.Tensor] | None = None
+        if not isinstance(cfg.compression, Identity):
+            source = self.global_state if shared is None else shared
+            self.shared = {k: source[k].detach().float().clone() for k in self.global_state}
+        self.shared_version = 0
+        self.holds: dict[str, tuple[int, frozenset[Part]]] = {}
 
     @property
     def finished(self) -> bool:
@@ -261,7 +305,14 @@ class Federation:
 
     def save(self, directory: str | Path) -> None:
         """Checkpoint the global model and the round state (atomically; see fedcore.federation.checkpoint)."""
+        self.save_shared(directory)
         checkpoint.save_run(directory, self.global_state, self.run_state())
+
+    def save_shared(self, directory: str | Path) -> None:
+        """In a run with coded downloads, the shared model of this round, before the run's state that names the
+        round: a resumed run finds it."""
+        if self.shared is not None:
+            checkpoint.save_private(directory, SHARED_STEM, self.completed_rounds, self.shared)
 
     def run_state(self) -> checkpoint.RunState:
         """The round state a checkpoint of the federation as it is now commits."""
@@ -291,6 +342,9 @@ class Federation:
             raise DifferentRun(directory, differences)
         if cfg.rounds < state.completed_rounds:
             raise ValueError(f"--rounds {cfg.rounds} is fewer than the {state.completed_rounds} rounds the run in {directory} has completed")
+        shared = checkpoint.load_private(directory, SHARED_STEM, state.completed_rounds)
+        if not isinstance(cfg.compression, Identity) and (shared is None or shared[1] != state.completed_rounds):
+            raise ValueError(f"{directory}: no shared model of round {state.completed_rounds} ({SHARED_STEM}-r{state.completed_rounds:04d}.safetensors) to resume with")
         return cls(
             cfg,
             global_state=weights,
@@ -301,6 +355,7 @@ class Federation:
             robust=robust,
             norms=NormHistory.from_json(state.norms),
             settings=state.settings,
+            shared=shared[0] if shared else None,
         )
 
     def plan(self, available: Sequence[str], *, lost_state: Collection[str] = ()) -> RoundPlan:
@@ -316,7 +371,24 @@ class Federation:
         if plan.round_index != self.completed_rounds:
             raise ValueError(f"plan for round {plan.round_index}, but round {self.completed_rounds} is next")
         self._attempts += 1
-        return OpenRound(self, plan, num_examples, attempt=self._attempts)
+        return OpenRound(self, plan, num_examples, attempt=self._attempts, downlink=self._advance_shared())
+
+    def _advance_shared(self) -> dict[str, Encoded] | None:
+        """The coded change from the shared model to the global one, applied to the shared model as a client
+        applies it (a new version); None in a run without lossy coding."""
+        if self.shared is None:
+            return None
+        codec = self.config.compression
+        encoded = codec.encode_all({n: self.global_state[n] - s for n, s in self.shared.items()})
+        decoded = codec.decode_all({n: e.tensors for n, e in encoded.items()}, {n: e.shape for n, e in encoded.items()})
+        for n, s in self.shared.items():
+            s.add_(decoded[n])
+        self.shared_version += 1
+        return encoded
+
+    def forget_holdings(self, client: str) -> None:
+        """`client` holds no shared model any more (a new process): its next download is the values."""
+        self.holds.pop(client, None)
 
     def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
         """Apply the round's mean update; NonFiniteAggregate, with nothing changed, when it would make the
@@ -334,8 +406,12 @@ class OpenRound:
 
     Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
 
-    def __init__(self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1):
+    def __init__(self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1, downlink: Mapping[str, Encoded] | None = None):
         self.federation = federation
+        self.downlink = downlink  # the coded change since the last version of the shared model (lossy runs)
+        self.version = federation.shared_version
+        # Clients that hold the last version of every part they receive get the change, the others the values
+        self._changes = {c for c in plan.clients if downlink is not None and _holds(federation.holds.get(c), self.version - 1, plan.assignment(c).receives)}
         self.attempt = attempt
         self.plan = plan
         self.num_examples = {c: num_examples.get(c, 0) for c in plan.clients}
@@ -349,12 +425,13 @@ class OpenRound:
         self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
         self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round_index, model=federation.config.model)
-        self._payloads: dict[frozenset[Part], tuple[bytes, dict[Part, int]]] = {}
+        self._payloads: dict[tuple[frozenset[Part], bool], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
-        self._downloaded: set[tuple[str, frozenset[Part]]] = set()  # (client, parts) whose download is counted
+        self._downloaded: set[tuple[str, frozenset[Part], bool]] = set()  # (client, parts, a change) whose download is counted
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()
+        self._decode_lock = threading.Lock()
         self.closed = False
 
     @property
@@ -372,41 +449,79 @@ class OpenRound:
             private=a.private,
             train=cfg.train,
             seed=task_seed(cfg.seed, self.round_index, client),
+            codec=cfg.compression,
         )
 
     def payload(self, parts: frozenset[Part]) -> bytes:
-        """The weights payload for a set of parts; serialized once per round, whatever the number of clients."""
-        return self._payload(parts)[0]
+        """The weights payload of the values of a set of parts; serialized once per round, whatever the number
+        of clients."""
+        return self._payload(parts, change=False)[0]
 
-    def _payload(self, parts: frozenset[Part]) -> tuple[bytes, dict[Part, int]]:
+    def payload_for(self, client: str) -> bytes:
+        """The weights payload of `client`'s task: the values of the parts it receives, or in a run with lossy
+        coding and when it holds the last version of them, their coded change."""
+        return self._payload_of(client)[0]
+
+    def _payload_of(self, client: str) -> tuple[bytes, dict[Part, int]]:
+        receives = self.plan.assignment(client).receives
         with self._lock:
-            cached = self._payloads.get(parts)
+            change = client in self._changes
+        return self._payload(receives, change=change)
+
+    def _payload(self, parts: frozenset[Part], *, change: bool) -> tuple[bytes, dict[Part, int]]:
+        with self._lock:
+            cached = self._payloads.get((parts, change))
             if cached is None:
-                fed = self.federation
-                meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts)
-                tensors = {n: fed.global_state[n] for n in fed.layout.names(parts)}
-                data = serialization.encode(tensors, meta)
-                cached = self._payloads[parts] = (data, payload_bytes_by_part(data, fed.layout))
+                data = self._change(parts) if change else self._values(parts)
+                cached = self._payloads[(parts, change)] = (data, payload_bytes_by_part(data, self.federation.layout))
             return cached
+
+    def _values(self, parts: frozenset[Part]) -> bytes:
+        """The parts' values: the shared model's in a run with lossy coding (version `version`), else the global's."""
+        fed = self.federation
+        source = fed.global_state if fed.shared is None else fed.shared
+        version = -1 if fed.shared is None else self.version
+        meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, version=version)
+        return serialization.encode({n: source[n] for n in fed.layout.names(parts)}, meta)
+
+    def _change(self, parts: frozenset[Part]) -> bytes:
+        """The parts' coded change from version `version` - 1 of the shared model to version `version`."""
+        fed, downlink = self.federation, self.downlink
+        assert downlink is not None
+        codec = fed.config.compression.name
+        meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, codec=codec, version=self.version, base=self.version - 1)
+        return coded.encode({}, meta, {n: downlink[n] for n in fed.layout.names(parts)})
 
     def send_whole_model(self, client: str) -> TrainTask:
         """`client`'s task again, receiving the whole model: it lost the private parts its task counted on
         (another installation took its identity over, or its state is gone). Its update is the same parts."""
         with self._lock:
             self.plan = self.plan.with_whole_model(client)
+            self._changes.discard(client)
         return self.task(client)
+
+    def send_values(self, client: str) -> bool:
+        """`client`'s download is the values of its parts, not their change: it holds no shared model (a new
+        process). The task is the same. True when its download was the change."""
+        with self._lock:
+            was = client in self._changes
+            self._changes.discard(client)
+            return was
 
     def mark_sent(self, client: str) -> Ledger:
         """Count a completed download (returned: what it adds); a client that got the whole model holds one.
         A task's payload counts once: downloading it again (a retry, or a worker inflating the run's traffic)
         adds nothing; the task made anew with the whole model (`send_whole_model`) counts again."""
         a = self.plan.assignment(client)
-        _, by_part = self._payload(a.receives)
+        _, by_part = self._payload_of(client)
         event = _transfer_ledger(self.federation.layout, a.receives, by_part, down=True)
         with self._lock:
-            if (client, a.receives) in self._downloaded:
+            if self.federation.shared is not None:  # the client holds this version of the parts it received
+                self.federation.holds[client] = (self.version, a.receives)
+            key = (client, a.receives, client in self._changes)
+            if key in self._downloaded:
                 return Ledger()
-            self._downloaded.add((client, a.receives))
+            self._downloaded.add(key)
             self._ledger.add(event)
             if a.receives == frozenset(PART_ORDER):
                 self.federation.contacted.add(client)
@@ -438,16 +553,29 @@ class OpenRound:
             if client in self._accepted:
                 raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round_index}")
         self.check_report(client, images_seen)
-        # Schema once per distinct header; finite values no larger than the task's training can produce.
-        decoded = self._reader.read(payload, a.returns, max_magnitude=self.value_bound(client))
-        event = _transfer_ledger(self.federation.layout, a.returns, decoded.table.bytes_by_part, down=False)
+        codec, bound = self.federation.config.compression, self.value_bound(client)
+        if isinstance(codec, Identity):
+            # Schema once per distinct header; finite values no larger than the task's training can produce.
+            decoded = self._reader.read(payload, a.returns, max_magnitude=bound)
+            fold = functools.partial(self.aggregate.fold_decoded, decoded)
+            return self._fold(client, decoded.table.bytes_by_part, fold, mean_loss, images_seen)
+        with self._decode_lock:  # one decoded float32 update at a time, whatever the uploads in progress
+            tensors, by_part = coded.decode(self._reader, codec, payload, a.returns, max_magnitude=bound)
+            fold = functools.partial(self.aggregate.fold_tensors, tensors, a.returns)
+            return self._fold(client, by_part, fold, mean_loss, images_seen)
+
+    def _fold(self, client: str, by_part: Mapping[Part, int], fold: Callable[[float, Mapping[Part, float] | None], dict[Part, float]], mean_loss: float, images_seen: int) -> AcceptedUpdate:
+        """Fold a checked update in with `fold(weight, clip bounds)` (returning its norms) unless the round has
+        it already or has closed; counted as `by_part` bytes."""
+        a = self.plan.assignment(client)
+        event = _transfer_ledger(self.federation.layout, a.returns, by_part, down=False)
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:
                     raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round_index}")
                 if self.closed:
                     raise LateUpdate(f"round {self.round_index} closed before the update of {client!r} was folded")
-            norms = self.aggregate.fold_decoded(decoded, float(self.weights[client]), self.clip_bounds)
+            norms = fold(float(self.weights[client]), self.clip_bounds)
             bounds = self.clip_bounds or {}
             clipped = {p: bounds[p] / n for p, n in norms.items() if p in bounds and n > bounds[p]}
             update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event, norms, clipped)

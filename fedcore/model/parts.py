@@ -18,6 +18,7 @@ class Part(enum.StrEnum):
 
 ALL_PARTS: frozenset[Part] = frozenset(Part)
 PART_ORDER: tuple[Part, ...] = (Part.ENCODER, Part.BOTTLENECK, Part.DECODER)
+FLOAT32_BYTES = 4  # a parameter's bytes as float32: what every count of parameters stands for, uncompressed
 
 
 def parse_parts(names: Iterable[str]) -> frozenset[Part]:

@@ -53,10 +53,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import ClassVar, Literal, NoReturn
+from typing import Annotated, ClassVar, Literal, NoReturn
 
 import torch
+from annotated_types import Interval
+from pydantic import AfterValidator
 
+from fedcore import settings
 from fedcore.errors import BadIndices, BadScale, CodecSpecError, CodeOutOfRange, NonFiniteTensor, SchemaError
 from fedcore.model.parts import TensorSpec
 from fedcore.payload.serialization import check_schema, largest_magnitude
@@ -482,6 +485,31 @@ def _parse_fraction(text: str) -> Decimal:
         return Decimal(text)
     except InvalidOperation:
         raise ValueError(text) from None
+
+
+def compression_codec(name: str, block: int = 0) -> Codec:
+    """The codec of a run's `compression` and `compression_block` settings: `name` parsed (`Codec.parse`), and
+    with `block` > 0 that block size for its blockwise part (int8 / int4, alone or as top-k's values).
+    ValueError naming the values when `block` has no blockwise part to apply to, or the name gives another."""
+    codec = Codec.parse(name)
+    if block == 0:
+        return codec
+    blockwise = codec.values if isinstance(codec, TopK) else codec
+    if not isinstance(blockwise, Blockwise):
+        raise ValueError(f"compression_block {block} is given, but codec {name!r} has no int8 or int4 blocks")
+    if ":" in name.partition("+")[2 if isinstance(codec, TopK) else 0] and blockwise.block != block:
+        raise ValueError(f"codec {name!r} names block size {blockwise.block}, compression_block {block}: give one")
+    sized = Blockwise(blockwise.bits, block)
+    return TopK(codec.fraction, sized) if isinstance(codec, TopK) else sized
+
+
+def _canonical_name(name: str) -> str:
+    return Codec.parse(name).name
+
+
+# A run's `compression` setting: a codec name, kept in its canonical spelling ("int8:64" reads as "int8")
+CompressionName = Annotated[str, AfterValidator(_canonical_name), settings.Described("a codec name")]
+CompressionBlock = Annotated[int, Interval(ge=0, le=MAX_BLOCK)]  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
 
 
 # --- vectorised helpers ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 
 from fedcore.atomic import atomic_write
-from fedcore.errors import NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, ValueOutOfBounds, WrongRound
+from fedcore.errors import CodecSpecError, NonFiniteTensor, NotAssigned, NotSafetensors, SchemaError, ValueOutOfBounds, WrongRound
 from fedcore.model.parts import Part, PartLayout, TensorSpec, parse_parts, sorted_parts
 
 PayloadKind = Literal["weights", "delta"]
@@ -61,9 +61,14 @@ class PayloadMeta:
     round_index: int  # 0-based round the payload belongs to (metadata key "round")
     parts: frozenset[Part]  # which parts' tensors it holds
     format_version: int = FORMAT_VERSION
+    codec: str = "none"  # how the tensors are coded (fedcore.payload.coded); "none": float32, as they are
+    # Weights of a run whose downloads are coded: the version of the model the clients hold that this payload
+    # gives (-1: none, a run without), and for a coded change the version it is a change from (-1: the values)
+    version: int = -1
+    base: int = -1
 
     def as_metadata(self) -> dict[str, str]:
-        return {
+        md = {
             "format_version": str(self.format_version),
             "kind": self.kind,
             "model": self.model,
@@ -71,6 +76,10 @@ class PayloadMeta:
             "parts": ",".join(p.value for p in sorted_parts(self.parts)),
             "dtype": "float32",
         }
+        if self.codec != "none":  # a plain payload's metadata as before
+            md["codec"] = self.codec
+        md.update({key: str(v) for key, v in (("version", self.version), ("base", self.base)) if v >= 0})
+        return md
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, str]) -> PayloadMeta:
@@ -84,6 +93,9 @@ class PayloadMeta:
                 round_index=int(md["round"]),
                 parts=parse_parts(p for p in md["parts"].split(",") if p),
                 format_version=int(md["format_version"]),
+                codec=md.get("codec", "none"),
+                version=int(md.get("version", "-1")),
+                base=int(md.get("base", "-1")),
             )
         except (KeyError, ValueError) as e:
             raise NotSafetensors(f"payload metadata is not feddiff's: {e} in {dict(md)!r}"[:500]) from None
@@ -241,10 +253,16 @@ def check_magnitude(tensors: Mapping[str, torch.Tensor], bound: float) -> None:
     """ValueOutOfBounds, naming the first tensor that holds one, when a |value| of finite `tensors` exceeds
     `bound`."""
     floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
-    peaks = torch._foreach_norm([t for _, t in floats], math.inf)  # the largest |value| of each tensor
-    for (name, _), peak in zip(floats, peaks, strict=True):
-        if float(peak) > bound:
-            raise ValueOutOfBounds(f"tensor {name!r} holds a value of magnitude {float(peak):.4g}; an update of this task holds at most {bound:.4g}")
+    if not floats:
+        return
+    # The largest |value| of each tensor from its smallest and largest, one host sync for all (one aminmax per
+    # tensor: a tenth of the time of torch._foreach_norm(inf) on paper-fmnist's 220 tensors)
+    lows, highs = zip(*(torch.aminmax(t) for _, t in floats), strict=True)
+    peaks = torch.maximum(-torch.stack([x.float() for x in lows]), torch.stack([x.float() for x in highs]))
+    over = peaks > bound
+    if bool(over.any()):
+        i = int(over.nonzero()[0, 0])
+        raise ValueOutOfBounds(f"tensor {floats[i][0]!r} holds a value of magnitude {float(peaks[i]):.4g}; an update of this task holds at most {bound:.4g}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,13 +355,16 @@ class PayloadReader:
         """`read`, as one tensor per name in the layout's order."""
         return self.read(data, parts).tensors()
 
-    def _build_table(self, raw: bytes, data_len: int, parts: frozenset[Part]) -> TensorTable:
-        metadata, entries, offset = _remembered_header(raw, data_len) if len(raw) <= MEMO_HEADER_BYTES else _parse_header(raw, data_len)
-        meta = PayloadMeta.from_metadata(metadata)
+    def check_meta(self, meta: PayloadMeta, parts: frozenset[Part], codec: str = "none") -> None:
+        """Refuse a payload whose metadata is not this reader's: another format version or kind (NotSafetensors),
+        codec than `codec` (CodecSpecError; this reader reads "none", float32 payloads, and fedcore.payload.coded
+        the others), model (SchemaError), round (WrongRound) or parts than `parts` (NotAssigned)."""
         if meta.format_version != FORMAT_VERSION:
             raise NotSafetensors(f"payload format version {meta.format_version} is not supported (expected {FORMAT_VERSION})")
         if meta.kind != self.kind:
             raise NotSafetensors(f"payload kind {meta.kind!r}, expected {self.kind!r}")
+        if meta.codec != codec:
+            raise CodecSpecError(f"payload is coded as {meta.codec[:64]!r}, expected {codec!r}")
         if self.model is not None and meta.model != self.model:
             raise SchemaError(f"payload is for model {meta.model!r}, expected {self.model!r}")
         if self.round_index is not None and meta.round_index != self.round_index:
@@ -351,6 +372,10 @@ class PayloadReader:
         if meta.parts != parts:
             got, want = [p.value for p in sorted_parts(meta.parts)], [p.value for p in sorted_parts(parts)]
             raise NotAssigned(f"payload holds parts {got}, expected {want}")
+
+    def _build_table(self, raw: bytes, data_len: int, parts: frozenset[Part]) -> TensorTable:
+        metadata, entries, offset = _remembered_header(raw, data_len) if len(raw) <= MEMO_HEADER_BYTES else _parse_header(raw, data_len)
+        self.check_meta(PayloadMeta.from_metadata(metadata), parts)
         check_schema({n: (e.dtype, e.shape) for n, e in entries.items()}, self.layout.specs(parts))
         names = tuple(self.layout.names(parts))
         placed = tuple(entries[n]._replace(begin=offset + entries[n].begin, end=offset + entries[n].end) for n in names)

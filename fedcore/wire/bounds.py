@@ -40,6 +40,7 @@ MAX_PAYLOAD_BYTES = 1 << 40
 MAX_GRID_BYTES = MAX_CHUNK_SIZE  # a shared sample grid (PNG): its message fits the limit of one (MAX_MESSAGE_BYTES)
 MAX_STATUS_WORKERS = 1000  # workers listed in one status reply; the rest are counted (workers_omitted)
 MAX_PARTS = 3
+MAX_CODEC_NAME = 64  # fedcore.payload.codecs.MAX_NAME
 MAX_DIGESTS = 8
 
 TextKind = Literal["printable", "id", "hex", "digest", "text"]
@@ -184,6 +185,7 @@ BOUNDS: Mapping[str, Bound] = {
     "TrainSpec.lr": Number(0.0, 1.0, open_low=True, open_high=True),
     "TrainSpec.loss": Text(1, 16, "id"),
     "TrainSpec.seed": Number(0, U64),
+    "TrainSpec.compression": Text(0, MAX_CODEC_NAME),
     "EvalSpec.sampler": Text(1, 16, "id"),
     "EvalSpec.steps": Number(1, MAX_SAMPLING_STEPS),
     "EvalSpec.num_samples": Number(1, MAX_EVAL_SAMPLES),

@@ -11,6 +11,7 @@ from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part, parse_parts, sorted_parts
 from fedcore.model.training import TrainConfig
+from fedcore.payload.codecs import Codec, Identity
 from fedcore.wire.bounds import WORKER_ID
 from fedcore.wire.codec import ChunkMessage, data_message_size
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -51,7 +52,10 @@ def _task_message(kind: pb.Task.Kind.ValueType, task: TrainTask | EvalTask, head
 
 
 def task_to_proto(task: TrainTask, header: StreamHeader) -> pb.Task:
-    train = pb.TrainSpec(epochs=task.train.epochs, batch_size=task.train.batch_size, lr=task.train.lr, loss=task.train.loss, seed=task.seed)
+    compression = "" if isinstance(task.codec, Identity) else task.codec.name  # a run without: as before
+    train = pb.TrainSpec(
+        epochs=task.train.epochs, batch_size=task.train.batch_size, lr=task.train.lr, loss=task.train.loss, seed=task.seed, compression=compression
+    )
     return _task_message(pb.Task.TRAIN, task, header, returns=parts_to_proto(task.returns), train=train)
 
 
@@ -71,7 +75,16 @@ def task_from_proto(msg: pb.Task) -> TrainTask:
         private=_task_parts(msg.task_id, msg.private_parts),
         train=train,
         seed=spec.seed,
+        codec=_task_codec(msg.task_id, spec.compression),
     )
+
+
+def _task_codec(task_id: str, name: str) -> Codec:
+    """The codec a task names (empty: none); MalformedTask for one this version does not know."""
+    try:
+        return Codec.parse(name or "none")
+    except ValueError as e:
+        raise MalformedTask(f"task {task_id!r}: {e}") from None
 
 
 def _checked(cls: type[T], task_id: str, values: dict[str, object]) -> T:

@@ -35,3 +35,12 @@ def test_the_figures_of_a_tiny_delta() -> None:
     assert figures["int8_ratio_vs_fp32"] == numel * 4 / int8_bytes
     assert 0 < rates["int8_rel_l2_error"] < 0.01 < rates["topk_0.1_int8_rel_l2_error"] < 1
     assert all(rates[f"{k}_{side}_mb_s"] > 0 for k in ("none", "int8", "topk_0.1_int8") for side in ("encode", "decode"))
+
+
+def test_the_coordinators_accept_is_timed_with_and_without_compression() -> None:
+    delta = {n: torch.full(t.shape, 1e-6) for n, t in build_model("tiny", seed=0).state_dict().items()}
+
+    figures = codecs.measure("tiny", delta, ["none", "int8", "topk:0.05+int8", "bf16"], repeats=2)
+
+    assert all(isinstance(figures[f"{k}_accept_ms"], float) and figures[f"{k}_accept_ms"] > 0 for k in ("none", "int8", "topk_0.05_int8"))
+    assert figures["none_accept_vs_fp32"] == 1 and "bf16_accept_ms" not in figures

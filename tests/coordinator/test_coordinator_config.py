@@ -164,3 +164,14 @@ def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[st
         CoordinatorConfig.load(None, overrides)
 
     assert str(e.value).startswith(line), str(e.value)
+
+
+def test_compression_comes_from_the_file_or_a_flag_and_an_unknown_codec_is_refused_by_name(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, {"compression": "topk:0.05+int8", "compression_block": 32})
+
+    assert CoordinatorConfig.load(path, {}).federation.compression.name == "topk:0.05+int8:32"
+    assert CoordinatorConfig.load(path, {"compression": "int4", "compression_block": "0"}).federation.compression.name == "int4"
+    with pytest.raises(SettingsError, match=r"^--compression = 'int3': expected a codec name"):
+        CoordinatorConfig.load(path, {"compression": "int3"})
+    with pytest.raises(SettingsError, match="compression_block 32 is given, but codec 'bf16' has no int8 or int4 blocks"):
+        CoordinatorConfig.load(path, {"compression": "bf16"})

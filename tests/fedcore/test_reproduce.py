@@ -266,3 +266,19 @@ def test_another_seed_is_its_own_line_and_folder(mini: Path) -> None:
     md = (mini / "docs" / report.RESULTS_MD).read_text()
     [full] = [line for line in md.splitlines() if line.startswith("| full |")]
     assert "| 0, 1 (+-" in full
+
+
+def test_a_compressed_cell_is_its_own_line_and_folder_and_row_beside_its_plain_one(mini: Path) -> None:
+    assert _reproduce(mini, "--only", "udec:iid", "--clients", str(K), "--compression", "topk:0.05+int8") == 0
+
+    rows = _rows(mini)
+    coded, plain = rows["udec:iid@topk:0.05+int8"], rows["udec:iid"]
+    assert (coded.folder, coded.compression, plain.compression) == ("udec-iid-topk:0.05+int8", "topk:0.05+int8", "none")
+    assert coded.parameters_exchanged == plain.parameters_exchanged  # the paper's count is the codec's too
+    assert coded.payload_bytes is not None and plain.payload_bytes is not None and coded.payload_bytes < plain.payload_bytes
+    md = (mini / "docs" / report.RESULTS_MD).read_text()
+    [line] = [line for line in md.splitlines() if "`topk:0.05+int8`" in line]
+    fewer = coded.full_fedavg_fp32_bytes / coded.payload_bytes  # type: ignore[operator]
+    assert line.startswith(f"| mini | udec | iid | `topk:0.05+int8` | {coded.payload_bytes / 1e6:,.1f} MB | {fewer:.1f}x |")
+    assert f"| {coded.fd_mean / plain.fd_mean:.2f}x |" in line
+    assert [row for row in md.splitlines() if row.startswith("| udec | iid |")] != []  # the plain row stays in the grid's table

@@ -124,3 +124,14 @@ def test_a_complete_line_that_is_no_record_is_refused_naming_the_file_and_line(t
 
     with pytest.raises(ValueError, match=r"rounds.jsonl, line 2: not a round log record \(KeyError: 'planned'\)"):
         read_round_log(log)
+
+
+def test_a_round_line_with_its_bytes_shows_them_against_plain_fedavg_in_float32() -> None:
+    obj = json.loads(round_line(2, 0.125))
+    obj["cumulative_payload_bytes"] = 1200  # plain FedAvg float32: 4 x the cumulative plain FedAvg parameters
+
+    record = RoundRecord.from_json(obj)
+
+    assert record.as_json() == obj
+    assert record.bytes_vs_fedavg_fp32 == 4 * record.cumulative_full_fedavg_parameters / 1200
+    assert f"83.3%, {record.bytes_vs_fedavg_fp32:.1f}x fewer bytes than plain FedAvg float32, loss" in format_round(record)

@@ -26,8 +26,9 @@ from fedcore.errors import MalformedTask, SettingOutOfRange, TaskRefused
 from fedcore.federation.client import TrainTask
 from fedcore.model.parts import ALL_PARTS, Part
 from fedcore.model.unet import ModelName, build_model, layout_of
-from fedcore.payload import serialization
-from fedcore.payload.serialization import PayloadKind, PayloadMeta
+from fedcore.payload import coded, serialization
+from fedcore.payload.codecs import Codec, Identity
+from fedcore.payload.serialization import PayloadKind, PayloadMeta, PayloadReader
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import StreamHeader
@@ -91,6 +92,7 @@ class Round:
     coord: Coordinator
     bad: RawWorker
     good: RawWorker
+    codec: Codec  # how the round's updates are coded
     bad_task: TrainTask = field(init=False)  # set by next_tasks
     good_task: TrainTask = field(init=False)
     before: Tensors = field(init=False)  # the global model the round started from
@@ -111,21 +113,26 @@ class Round:
         assert _identical(self.coord.federation.global_state, self.before)
         return e.value
 
-    def upload(self, worker: RawWorker, task: TrainTask, delta: Tensors) -> None:
-        assert worker.upload_messages(worker.update_messages(task, _payload(task, delta), chunk_size=CHUNK), timeout=10).outcome == "accepted"
+    def upload(self, worker: RawWorker, task: TrainTask, delta: Tensors) -> Tensors:
+        """A well-formed update of `delta`, coded as the round codes them, goes in: returns what it stands for."""
+        meta = PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns, codec=self.codec.name)
+        payload = coded.encode(delta, meta)
+        assert worker.upload_messages(worker.update_messages(task, payload, chunk_size=CHUNK), timeout=10).outcome == "accepted"
+        return delta if isinstance(self.codec, Identity) else coded.decode(PayloadReader(LAYOUT, kind="delta"), self.codec, payload, task.returns)[0]
 
     def close_with_good(self, seed: int = 2) -> Tensors:
-        """The good worker's update goes in; the round closes (at its deadline when the bad one has none in)."""
+        """The good worker's update goes in; the round closes (at its deadline when the bad one has none in).
+        Returns what the update stands for (its delta, decoded as sent)."""
         closed = self.coord.federation.completed_rounds + 1
-        delta = _delta(self.good_task.returns, seed)
-        self.upload(self.good, self.good_task, delta)
+        delta = self.upload(self.good, self.good_task, _delta(self.good_task.returns, seed))
         _wait_for(lambda: self.coord.federation.completed_rounds == closed, DEADLINE + 10)
         return delta
 
 
 @contextmanager
-def _round(tmp_path: Path, rounds: int = 1) -> Iterator[Round]:
+def _round(tmp_path: Path, rounds: int = 1, compression: str = "none") -> Iterator[Round]:
     cfg = CoordinatorConfig(
+        compression=compression,
         model=MODEL,
         strategy="udec",
         rounds=rounds,
@@ -143,7 +150,7 @@ def _round(tmp_path: Path, rounds: int = 1) -> Iterator[Round]:
     coord = Coordinator(cfg, Metrics()).start()
     try:
         with grpc.insecure_channel(coord.address) as channel:
-            r = Round(coord, RawWorker(channel, "bad", IMAGES), RawWorker(channel, "good", IMAGES))
+            r = Round(coord, RawWorker(channel, "bad", IMAGES), RawWorker(channel, "good", IMAGES), Codec.parse(compression))
             r.bad.join()
             r.good.join()
             r.next_tasks()
@@ -288,6 +295,88 @@ CASES = [
     pytest.param(_upload(tensors=lambda d: {n: t * 100 for n, t in d.items()}), INVALID, "out_of_bounds", id="x100-beyond-adam"),
     pytest.param(_upload(edit=_set("session_id", "0" * 32)), Code.UNAUTHENTICATED, "unauthenticated", id="unknown-session"),
 ]
+
+
+# --- coded updates (a run with --compression) -------------------------------------------------------------
+Roles = dict[str, dict[str, torch.Tensor]]
+
+
+def _coded(codec: str, edit: Callable[[Roles], object] | None = None, *, says: str | None = None) -> Callable[[TrainTask, Tensors], bytes]:
+    """A delta payload coded by `codec` ("<tensor>/<role>" tensors, fedcore.payload.coded), its coded tensors
+    changed by `edit`, its metadata naming codec `says` (default: `codec`)."""
+
+    def payload(task: TrainTask, delta: Tensors) -> bytes:
+        roles = {name: dict(e.tensors) for name, e in Codec.parse(codec).encode_all(delta).items()}
+        if edit:
+            edit(roles)
+        tensors = {coded.coded_name(name, role): t.clone() for name, rs in roles.items() for role, t in rs.items()}
+        return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns, codec=says or codec))
+
+    return payload
+
+
+def _role(role: str, change: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[[Roles], None]:
+    """Change one coded tensor of the largest tensor (in place, or replaced by what `change` returns; dropped when
+    `role` is "-" + a role)."""
+
+    def edit(roles: Roles) -> None:
+        largest = max(roles, key=lambda n: LAYOUT.specs(ALL_PARTS)[n].numel)
+        if role.startswith("-"):
+            del roles[largest][role[1:]]
+            return
+        t = roles[largest][role].clone()
+        roles[largest][role] = t if (changed := change(t)) is None else changed
+
+    return edit
+
+
+def _at(i: int, value: float) -> Callable[[torch.Tensor], None]:
+    def change(t: torch.Tensor) -> None:
+        t[i] = value
+
+    return change
+
+
+TOPK = "topk:0.05+int8"
+CODED_CASES = [
+    # another codec than the run's
+    pytest.param("int8", _upload(_coded("int4")), INVALID, "bad_codec", id="int4-in-an-int8-run"),
+    pytest.param("int8", _upload(_coded("int8:32")), INVALID, "bad_codec", id="other-block-size"),
+    pytest.param("int8", _upload(_payload), TOO_LARGE, "too_large", id="float32-in-an-int8-run"),  # over the int8 bound, unread
+    pytest.param("int4", _upload(_coded("int8")), INVALID, "bad_codec", id="int8-in-an-int4-run"),
+    pytest.param("int8", _upload(_coded("int8", says="int9")), INVALID, "bad_codec", id="unknown-codec"),
+    pytest.param("none", _upload(_coded("int8")), INVALID, "bad_codec", id="int8-in-a-float32-run"),
+    # scales: negative, zero over nonzero codes, larger than the codes say
+    pytest.param("int8", _upload(_coded("int8", _role("absmax", lambda t: -t))), INVALID, "bad_scale", id="negative-absmax"),
+    pytest.param("int8", _upload(_coded("int8", _role("absmax", _at(0, 0.0)))), INVALID, "bad_scale", id="zero-absmax"),
+    pytest.param("int8", _upload(_coded("int8", _role("codes", lambda t: t // 2))), INVALID, "bad_scale", id="codes-below-their-scale"),
+    pytest.param("int8", _upload(_coded("int8", _role("absmax", _at(0, math.nan)))), INVALID, "non_finite", id="nan-absmax"),
+    pytest.param("int8", _upload(_coded("int8", _role("absmax", lambda t: t * 1e4))), INVALID, "out_of_bounds", id="x10000-absmax"),
+    # codes outside -Q..Q
+    pytest.param("int8", _upload(_coded("int8", _role("codes", _at(0, -128)))), INVALID, "bad_code", id="int8-code-minus-128"),
+    pytest.param("int4", _upload(_coded("int4", _role("codes", _at(0, 0x80)))), INVALID, "bad_code", id="int4-code-minus-8"),
+    # top-k indices: unsorted, repeated, out of range
+    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t.flip(0)))), INVALID, "bad_indices", id="indices-decreasing"),
+    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t.index_fill_(0, torch.tensor([1]), int(t[0]))))), INVALID, "bad_indices", id="index-repeated"),
+    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", _at(-1, 2**31 - 1)))), INVALID, "bad_indices", id="index-past-the-end"),
+    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", _at(0, -1)))), INVALID, "bad_indices", id="index-negative"),
+    pytest.param("topk:0.05", _upload(_coded("topk:0.05", _role("values", _at(0, math.inf)))), INVALID, "non_finite", id="topk-value-inf"),
+    # coded tensors missing, mis-typed or mis-sized
+    pytest.param("int8", _upload(_coded("int8", _role("-absmax", lambda t: None))), INVALID, "bad_schema", id="absmax-missing"),
+    pytest.param("int8", _upload(_coded("int8", _role("codes", lambda t: t.to(torch.int16)))), INVALID, "bad_schema", id="codes-int16"),
+    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t[:-1]))), INVALID, "bad_schema", id="one-index-short"),
+]
+
+
+@pytest.mark.parametrize(("codec", "build", "code", "reason"), CODED_CASES)
+def test_a_bad_coded_update_is_refused_and_the_round_closes_with_the_good_one(codec: str, build: Build, code: grpc.StatusCode, reason: str, tmp_path: Path) -> None:
+    with _round(tmp_path, compression=codec) as r:
+        r.refuse(build(r), code, reason)
+
+        delta = r.close_with_good()
+
+        assert _identical(r.coord.federation.global_state, _plus(r.before, delta))
+        assert r.metric("feddiff_updates_total", outcome="accepted") == 1
 
 
 @pytest.mark.parametrize(("build", "code", "reason"), CASES)

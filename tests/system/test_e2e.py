@@ -24,8 +24,8 @@ RUN = ["--model", "tiny", "--rounds", str(R), "--epochs", "1", "--batch-size", "
 DATA = ["--max-images", "240"]
 
 
-def simulate(strategy: str, out: Path) -> dict[str, torch.Tensor]:
-    cmd = [sys.executable, "-m", "feddiff", "simulate", "--strategy", strategy, "--clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out)]
+def simulate(strategy: str, out: Path, *flags: str) -> dict[str, torch.Tensor]:
+    cmd = [sys.executable, "-m", "feddiff", "simulate", "--strategy", strategy, "--clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out), *flags]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return load_file(out / f"global-r{R:04d}.safetensors")[0]
 

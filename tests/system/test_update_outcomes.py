@@ -1,5 +1,6 @@
 """A test per outcome label of feddiff_updates_total (coordinator.metrics.UPDATE_OUTCOMES) against a coordinator on
-loopback: the refusals of malformed updates, one case each, are in tests/reliability/test_badinput.py (CASES);
+loopback: the refusals of malformed updates, one case each, are in tests/reliability/test_badinput.py (CASES,
+and CODED_CASES for coded ones);
 the others are here. Labels new in a version reach the run's tally that a checkpoint keeps and a resumed
 coordinator shows."""
 
@@ -29,7 +30,7 @@ from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.checkpoints import saved_run
-from tests.reliability.test_badinput import CASES
+from tests.reliability.test_badinput import CASES, CODED_CASES
 from tests.system.raw_client import RawWorker, StalledUpload
 
 LAYOUT = layout_of(build_model("tiny", seed=0))
@@ -102,7 +103,7 @@ def _wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
 
 # --- the catalogue ------------------------------------------------------------------------------------------
 def test_every_outcome_label_has_a_test() -> None:
-    by_badinput = {case.values[2] for case in CASES}
+    by_badinput = {case.values[2] for case in CASES} | {case.values[3] for case in CODED_CASES}
 
     assert set(UPDATE_OUTCOMES) <= TESTED_HERE | by_badinput, set(UPDATE_OUTCOMES) - TESTED_HERE - by_badinput
     assert TESTED_HERE | by_badinput <= set(UPDATE_OUTCOMES)

@@ -233,3 +233,16 @@ def test_a_run_id_that_is_no_id_is_refused_before_anything_moves(tmp_path: Path,
     with pytest.raises(ValueError, match="the coordinator's run id"):
         state.enter_run(run_id)
     assert state.load_private() is not None and not (tmp_path / "previous-runs").exists()
+# --- error-feedback residuals -------------------------------------------------------------------------------
+def test_residuals_are_kept_beside_the_private_parts_across_a_restart(tmp_path: Path) -> None:
+    state = _open(tmp_path)
+    state.save_private(2, _private(1))
+    assert state.save_residuals(2, _private(2)) and state.save_residuals(3, _private(3))
+    state.close()
+
+    again = _open(tmp_path)
+    residuals, private = again.load_residuals(), again.load_private()
+
+    assert residuals is not None and residuals[1] == 3
+    assert all(torch.equal(residuals[0][n], t) for n, t in _private(3).items())
+    assert private is not None and private[1] == 2 and all(torch.equal(private[0][n], t) for n, t in _private(1).items())

@@ -259,6 +259,7 @@ class TrainSpec(_message.Message):
     LR_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """bound: 1..10000"""
     batch_size: _builtins.int
@@ -269,6 +270,10 @@ class TrainSpec(_message.Message):
     """"huber" or "mse"; bound: 1..16 characters of [A-Za-z0-9._-]"""
     seed: _builtins.int
     """seeds shuffling, timesteps and noise of this task; bound: 0..2^64-1"""
+    compression: _builtins.str
+    """How the delta goes back: a codec name ("int8", "topk:0.05+int8"; fedcore.payload.codecs), with error
+    feedback on the worker; empty: "none", plain float32 as before; bound: 0..64 printable characters
+    """
     def __init__(
         self,
         *,
@@ -277,10 +282,11 @@ class TrainSpec(_message.Message):
         lr: _builtins.float = ...,
         loss: _builtins.str = ...,
         seed: _builtins.int = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "loss", b"loss", "lr", b"lr", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compression", b"compression", "epochs", b"epochs", "loss", b"loss", "lr", b"lr", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
