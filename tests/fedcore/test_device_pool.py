@@ -37,16 +37,18 @@ def _files(folder: Path) -> dict[str, bytes]:
 # --- the same bytes as the sequential run ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["full", "udec"])
-def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy: str, tmp_path: Path, fashion_mnist_dir: Path) -> None:
+@pytest.mark.parametrize(("strategy", "compression"), [("full", "none"), ("udec", "none"), ("udec", "topk:0.05+int8")])
+def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy: str, compression: str, tmp_path: Path, fashion_mnist_dir: Path) -> None:
     sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
+    run = [*SIM, "--strategy", strategy, "--compression", compression]
 
-    assert main(["simulate", *SIM, "--strategy", strategy, "--device", "cpu", "--out", str(sequential)]) == 0
-    assert main(["simulate", *SIM, "--strategy", strategy, "--devices", "cpu,cpu", "--out", str(parallel)]) == 0
+    assert main(["simulate", *run, "--device", "cpu", "--out", str(sequential)]) == 0
+    assert main(["simulate", *run, "--devices", "cpu,cpu", "--out", str(parallel)]) == 0
 
     files = _files(sequential)
     assert any(name.startswith("global-r0002") for name in files)
     assert strategy == "full" or "clients/client-2-r0002.safetensors" in files, "udec keeps private parts"
+    assert compression == "none" or {"residuals/client-2-r0002.safetensors", "shared-r0002.safetensors"} <= set(files), "the error feedback and the shared model"
     assert _files(parallel) == files
 
 
