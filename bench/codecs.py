@@ -30,12 +30,12 @@ import torch
 
 from bench.common import MB, emit, log, machine, median
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
+from fedcore.federation.server import Federation, FederationConfig
+from fedcore.federation.strategies import Strategy
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig
 from fedcore.model.unet import build_model, layout_of
-from fedcore.federation.server import Federation, FederationConfig
-from fedcore.federation.strategies import Strategy
 from fedcore.payload import coded, serialization
 from fedcore.payload.codecs import Codec, Encoded
 from fedcore.payload.serialization import PayloadMeta

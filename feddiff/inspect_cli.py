@@ -49,7 +49,10 @@ def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0, help="seeds USplit's random pairing")
     p.add_argument(
-        "--compression", default="none", metavar="CODEC[,CODEC...]", help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8)"
+        "--compression",
+        default="none",
+        metavar="CODEC[,CODEC...]",
+        help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8)",
     )
     p.add_argument("--json", action="store_true")
 

@@ -216,7 +216,13 @@ class StateDir:
             self._save_run_id()  # first: residuals saved must never be taken for another run's
             checkpoint.save_private(self.path, RESIDUAL_STEM, completed_rounds, tensors)
         except OSError as e:
-            log.error("worker %s: saving the error-feedback residuals of round %d to %s failed (%s); they are kept in memory", self.identity.worker_id, completed_rounds, self.path, e)
+            log.error(
+                "worker %s: saving the error-feedback residuals of round %d to %s failed (%s); they are kept in memory",
+                self.identity.worker_id,
+                completed_rounds,
+                self.path,
+                e,
+            )
             return False
         return True
 

@@ -91,7 +91,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """"udec:iid", or "udec:iid@int8" for a cell with compressed updates."""
+        """ "udec:iid", or "udec:iid@int8" for a cell with compressed updates."""
         return self.grid_key + ("" if self.compression == "none" else f"@{self.compression}")
 
     @property

@@ -25,7 +25,6 @@ from fedcore.model.training import SpeedConfig
 from fedcore.payload.pretrained import initial_weights
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, Reassembler, StreamHeader, iter_chunks
 
-
 CLIENTS = "clients"  # each client's private parts, by round
 RESIDUALS = "residuals"  # each client's error-feedback residuals (a lossy compression), by round
 

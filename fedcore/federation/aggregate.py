@@ -92,7 +92,9 @@ class RunningAggregate:
         self._count(parts, weight)
         return norms
 
-    def fold_tensors(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, clip: Mapping[Part, float] | None = None) -> dict[Part, float]:
+    def fold_tensors(
+        self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, clip: Mapping[Part, float] | None = None
+    ) -> dict[Part, float]:
         """`fold_decoded` for float32 tensors of `parts` already checked against this aggregate's layout (a
         decoded coded update, fedcore.payload.coded): clipped as there, tensor by tensor."""
         parts = frozenset(parts)

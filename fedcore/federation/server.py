@@ -344,7 +344,9 @@ class Federation:
             raise ValueError(f"--rounds {cfg.rounds} is fewer than the {state.completed_rounds} rounds the run in {directory} has completed")
         shared = checkpoint.load_private(directory, SHARED_STEM, state.completed_rounds)
         if not isinstance(cfg.compression, Identity) and (shared is None or shared[1] != state.completed_rounds):
-            raise ValueError(f"{directory}: no shared model of round {state.completed_rounds} ({SHARED_STEM}-r{state.completed_rounds:04d}.safetensors) to resume with")
+            raise ValueError(
+                f"{directory}: no shared model of round {state.completed_rounds} ({SHARED_STEM}-r{state.completed_rounds:04d}.safetensors) to resume with"
+            )
         return cls(
             cfg,
             global_state=weights,
@@ -406,7 +408,9 @@ class OpenRound:
 
     Thread-safe: transports call `payload`, `mark_sent` and `accept` from many threads."""
 
-    def __init__(self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1, downlink: Mapping[str, Encoded] | None = None):
+    def __init__(
+        self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1, downlink: Mapping[str, Encoded] | None = None
+    ):
         self.federation = federation
         self.downlink = downlink  # the coded change since the last version of the shared model (lossy runs)
         self.version = federation.shared_version
@@ -489,7 +493,9 @@ class OpenRound:
         fed, downlink = self.federation, self.downlink
         assert downlink is not None
         codec = fed.config.compression.name
-        meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, codec=codec, version=self.version, base=self.version - 1)
+        meta = PayloadMeta(
+            kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, codec=codec, version=self.version, base=self.version - 1
+        )
         return coded.encode({}, meta, {n: downlink[n] for n in fed.layout.names(parts)})
 
     def send_whole_model(self, client: str) -> TrainTask:
@@ -564,7 +570,14 @@ class OpenRound:
             fold = functools.partial(self.aggregate.fold_tensors, tensors, a.returns)
             return self._fold(client, by_part, fold, mean_loss, images_seen)
 
-    def _fold(self, client: str, by_part: Mapping[Part, int], fold: Callable[[float, Mapping[Part, float] | None], dict[Part, float]], mean_loss: float, images_seen: int) -> AcceptedUpdate:
+    def _fold(
+        self,
+        client: str,
+        by_part: Mapping[Part, int],
+        fold: Callable[[float, Mapping[Part, float] | None], dict[Part, float]],
+        mean_loss: float,
+        images_seen: int,
+    ) -> AcceptedUpdate:
         """Fold a checked update in with `fold(weight, clip bounds)` (returning its norms) unless the round has
         it already or has closed; counted as `by_part` bytes."""
         a = self.plan.assignment(client)

@@ -244,4 +244,10 @@ def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, se
             up += sum(coded[p] for p in a.returns)
             held[a.client] = a.receives
     fedavg = FLOAT32_BYTES * summary.full_fedavg
-    return {"compression": codec.name, "bytes_down": down, "bytes_up": up, "full_fedavg_fp32_bytes": fedavg, "bytes_vs_fedavg_fp32": round(fedavg / (down + up), 3)}
+    return {
+        "compression": codec.name,
+        "bytes_down": down,
+        "bytes_up": up,
+        "full_fedavg_fp32_bytes": fedavg,
+        "bytes_vs_fedavg_fp32": round(fedavg / (down + up), 3),
+    }

@@ -68,7 +68,9 @@ def encode(deltas: Mapping[str, torch.Tensor], meta: PayloadMeta, encoded: Mappi
     return serialization.encode(tensors, replace(meta, codec=codec.name))
 
 
-def decode(reader: PayloadReader, codec: Codec, data: bytes | bytearray | memoryview, parts: Iterable[Part], *, max_magnitude: float = math.inf) -> tuple[dict[str, torch.Tensor], dict[Part, int]]:
+def decode(
+    reader: PayloadReader, codec: Codec, data: bytes | bytearray | memoryview, parts: Iterable[Part], *, max_magnitude: float = math.inf
+) -> tuple[dict[str, torch.Tensor], dict[Part, int]]:
     """The float32 tensors of a payload coded by `codec` that must hold exactly `parts` of `reader`'s layout,
     in the layout's order, and its size split over the parts; every check of the module docstring first, and
     those of the reader's metadata (kind, model, round, parts). The tensors are a fresh buffer of their own."""

@@ -11,12 +11,11 @@ import torch
 
 from fedcore import settings
 from fedcore.data.shards import DataConfig
-from fedcore.errors import MalformedTask
+from fedcore.errors import MalformedTask, MissingSharedState
 from fedcore.experiments.simulation import RESIDUALS, Simulation, SimulationConfig, client_ids
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import delta
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.errors import MissingSharedState
 from fedcore.federation.server import Federation, FederationConfig
 from fedcore.federation.strategies import Strategy, account, coded_bytes
 from fedcore.model.diffusion import Schedule
@@ -35,7 +34,17 @@ LAYOUT = layout_of(build_model("tiny", seed=0))
 
 # --- the setting --------------------------------------------------------------------------------------------
 def _federation(**values: object) -> FederationConfig:
-    flat: dict[str, object] = {"strategy": "udec", "model": "tiny", "rounds": 1, "clients_per_round": 0, "seed": 0, "epochs": 1, "batch_size": 8, "lr": 1e-3, "loss": "huber"}
+    flat: dict[str, object] = {
+        "strategy": "udec",
+        "model": "tiny",
+        "rounds": 1,
+        "clients_per_round": 0,
+        "seed": 0,
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "loss": "huber",
+    }
     return FederationConfig.from_settings(**{**flat, **values})  # type: ignore[arg-type]
 
 
@@ -46,7 +55,10 @@ def test_the_compression_setting_gives_the_codec_and_its_block() -> None:
     assert _federation(compression="int4").as_json()["compression"] == "int4"
 
 
-@pytest.mark.parametrize(("values", "words"), [({"compression": "none", "compression_block": 8}, "has no int8 or int4 blocks"), ({"compression": "int8:32", "compression_block": 64}, "give one")])
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [({"compression": "none", "compression_block": 8}, "has no int8 or int4 blocks"), ({"compression": "int8:32", "compression_block": 64}, "give one")],
+)
 def test_a_block_size_the_codec_cannot_take_is_refused(values: dict[str, object], words: str) -> None:
     with pytest.raises(settings.SettingsError, match=words):
         _federation(**values)
@@ -54,7 +66,9 @@ def test_a_block_size_the_codec_cannot_take_is_refused(values: dict[str, object]
 
 # --- the task -----------------------------------------------------------------------------------------------
 def _task(codec: Codec) -> TrainTask:
-    return TrainTask(0, "r0.1-w", frozenset({Part.DECODER}), frozenset({Part.DECODER}), frozenset({Part.ENCODER}), TrainConfig(epochs=1, batch_size=8), 5, codec)
+    return TrainTask(
+        0, "r0.1-w", frozenset({Part.DECODER}), frozenset({Part.DECODER}), frozenset({Part.ENCODER}), TrainConfig(epochs=1, batch_size=8), 5, codec
+    )
 
 
 @pytest.mark.parametrize("name", ["none", "bf16", "int8:32", "int4", "topk:0.05+int8"])
@@ -188,6 +202,7 @@ def test_every_client_reconstructs_the_shared_model_bit_for_bit_a_late_and_a_res
         (2, "a"): "change", (2, "b"): "values", (2, "c"): "change",
         (3, "a"): "change", (3, "b"): "change", (3, "c"): "change",
     }  # fmt: skip
+
     def lead() -> float:
         return max(float((federation.global_state[n] - s).abs().max()) for n, s in federation.shared.items())  # type: ignore[union-attr]
 

@@ -48,7 +48,9 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
     files = _files(sequential)
     assert any(name.startswith("global-r0002") for name in files)
     assert strategy == "full" or "clients/client-2-r0002.safetensors" in files, "udec keeps private parts"
-    assert compression == "none" or {"residuals/client-2-r0002.safetensors", "shared-r0002.safetensors"} <= set(files), "the error feedback and the shared model"
+    assert compression == "none" or {"residuals/client-2-r0002.safetensors", "shared-r0002.safetensors"} <= set(files), (
+        "the error feedback and the shared model"
+    )
     assert _files(parallel) == files
 
 

@@ -357,7 +357,9 @@ CODED_CASES = [
     pytest.param("int4", _upload(_coded("int4", _role("codes", _at(0, 0x80)))), INVALID, "bad_code", id="int4-code-minus-8"),
     # top-k indices: unsorted, repeated, out of range
     pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t.flip(0)))), INVALID, "bad_indices", id="indices-decreasing"),
-    pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t.index_fill_(0, torch.tensor([1]), int(t[0]))))), INVALID, "bad_indices", id="index-repeated"),
+    pytest.param(
+        TOPK, _upload(_coded(TOPK, _role("indices", lambda t: t.index_fill_(0, torch.tensor([1]), int(t[0]))))), INVALID, "bad_indices", id="index-repeated"
+    ),
     pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", _at(-1, 2**31 - 1)))), INVALID, "bad_indices", id="index-past-the-end"),
     pytest.param(TOPK, _upload(_coded(TOPK, _role("indices", _at(0, -1)))), INVALID, "bad_indices", id="index-negative"),
     pytest.param("topk:0.05", _upload(_coded("topk:0.05", _role("values", _at(0, math.inf)))), INVALID, "non_finite", id="topk-value-inf"),
@@ -369,7 +371,9 @@ CODED_CASES = [
 
 
 @pytest.mark.parametrize(("codec", "build", "code", "reason"), CODED_CASES)
-def test_a_bad_coded_update_is_refused_and_the_round_closes_with_the_good_one(codec: str, build: Build, code: grpc.StatusCode, reason: str, tmp_path: Path) -> None:
+def test_a_bad_coded_update_is_refused_and_the_round_closes_with_the_good_one(
+    codec: str, build: Build, code: grpc.StatusCode, reason: str, tmp_path: Path
+) -> None:
     with _round(tmp_path, compression=codec) as r:
         r.refuse(build(r), code, reason)
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.parts import PART_ORDER

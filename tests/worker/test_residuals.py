@@ -53,7 +53,9 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
     daemon = WorkerDaemon(cfg)
     daemon._build("tiny")
     train = pb.TrainSpec(epochs=1, batch_size=4, lr=1e-3, loss="huber", seed=0, compression="int4")
-    task = task_from_proto(pb.Task(kind=pb.Task.TRAIN, round=3, task_id="r3.1-w", receives=["encoder", "bottleneck", "decoder"], returns=["decoder"], train=train))
+    task = task_from_proto(
+        pb.Task(kind=pb.Task.TRAIN, round=3, task_id="r3.1-w", receives=["encoder", "bottleneck", "decoder"], returns=["decoder"], train=train)
+    )
     initial = build_model("tiny", seed=1).state_dict()
     coordinator = Coordinator(serialization.encode(initial, PayloadMeta(kind="weights", model="tiny", round_index=3, parts=ALL_PARTS)))
 
@@ -65,6 +67,6 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
     sent, _ = coded.decode(PayloadReader(LAYOUT, kind="delta"), Codec.parse("int4"), coordinator.update, DECODER)
     kept = daemon.state.load_residuals()
     assert kept is not None and kept[1] == 4
-    for name in saved:  # what went up plus what is kept is the true delta plus what was kept before
-        assert torch.allclose(sent[name] + kept[0][name], local[name] - initial[name] + saved[name], atol=1e-6)
+    for name, before in saved.items():  # what went up plus what is kept is the true delta plus what was kept before
+        assert torch.allclose(sent[name] + kept[0][name], local[name] - initial[name] + before, atol=1e-6)
         assert torch.equal(kept[0][name], runtime.residuals[name])

@@ -233,6 +233,8 @@ def test_a_run_id_that_is_no_id_is_refused_before_anything_moves(tmp_path: Path,
     with pytest.raises(ValueError, match="the coordinator's run id"):
         state.enter_run(run_id)
     assert state.load_private() is not None and not (tmp_path / "previous-runs").exists()
+
+
 # --- error-feedback residuals -------------------------------------------------------------------------------
 def test_residuals_are_kept_beside_the_private_parts_across_a_restart(tmp_path: Path) -> None:
     state = _open(tmp_path)
