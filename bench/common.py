@@ -25,7 +25,7 @@ from bench.report import MB, emit, log, machine, median  # noqa: F401  (re-expor
 from fedcore.federation.client import TrainTask
 from fedcore.model.parts import Part, PartLayout
 from fedcore.model.unet import PRESETS, UNetConfig, build_model, layout_of, preset
-from fedcore.payload import serialization
+from fedcore.payload import coded
 from fedcore.payload.serialization import PayloadMeta
 from fedcore.wire.convert import task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
@@ -82,8 +82,9 @@ def random_delta(layout: PartLayout, parts: frozenset[Part], seed: int = 0) -> d
 
 
 def delta_payload(model: str, task: TrainTask, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    meta = PayloadMeta(kind="delta", model=model, round_index=task.round_index, parts=task.returns)
-    return serialization.encode(tensors, meta)
+    """The update of `tensors` for `task`, coded by the task's codec (plain float32 for none)."""
+    meta = PayloadMeta(kind="delta", model=model, round_index=task.round_index, parts=task.returns, codec=task.codec.name)
+    return coded.encode(tensors, meta)
 
 
 # --- a coordinator in its own process ----------------------------------------------------------------------

@@ -46,3 +46,28 @@ def test_the_coordinators_accept_is_timed_with_and_without_compression() -> None
     accept = {k: figures[f"{k}_accept_ms"] for k in ("none", "int8", "topk_0.05_int8")}
     assert all(isinstance(ms, float) and ms > 0 for ms in accept.values()), accept
     assert figures["none_accept_vs_fp32"] == 1 and "bf16_accept_ms" not in figures
+
+
+def test_the_coordinators_memory_is_measured_with_coded_updates(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real coordinator process takes two workers' int8 updates; the peak is read against one float32 update."""
+    from bench import coordinator_memory
+
+    monkeypatch.setattr(sys, "argv", ["coordinator_memory", "--k", "2", "--update-mb", "4", "--compression", "int8"])
+
+    assert coordinator_memory.main() == 0
+
+    figures = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)
+    assert figures["compression"] == "int8"
+    assert 0 < float(figures["peak_over_update_max"]) < 10
+    assert float(figures["k2_upload_mb_s"]) > 0
+
+
+def test_the_memory_benchmark_refuses_an_unknown_codec(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import coordinator_memory
+
+    monkeypatch.setattr(sys, "argv", ["coordinator_memory", "--compression", "int9"])
+
+    with pytest.raises(SystemExit) as done:
+        coordinator_memory.main()
+
+    assert done.value.code == 2 and "int9" in capsys.readouterr().err
