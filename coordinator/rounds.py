@@ -345,10 +345,12 @@ class RoundDriver:
             self._changed()
         ledger = self.federation.ledger
         log.info(
-            "done: %d rounds, %d parameters exchanged, %.1f%% less than plain FedAvg",
+            "done: %d rounds, %d parameters exchanged, %.1f%% less than plain FedAvg; %.2f MB of payloads, %.1fx fewer bytes than plain FedAvg in float32",
             self.federation.completed_rounds,
             ledger.traffic.total,
             100 * ledger.reduction_vs_full,
+            ledger.payload_bytes / 1e6,
+            ledger.full_fedavg_fp32_bytes / max(ledger.payload_bytes, 1),
         )
 
     # --- called from gRPC handlers --------------------------------------------------------------------------
