@@ -194,7 +194,9 @@ class ClientRuntime:
         return {name: t.detach().cpu().clone() for name, t in self._params.items()}
 
 
-def _check_unchanged(reader: serialization.PayloadReader, codec: Codec, payload: bytes | bytearray | memoryview, parts: frozenset[Part], meta: PayloadMeta) -> None:
+def _check_unchanged(
+    reader: serialization.PayloadReader, codec: Codec, payload: bytes | bytearray | memoryview, parts: frozenset[Part], meta: PayloadMeta
+) -> None:
     """Refuse an "unchanged" payload (version = base) that is not one: metadata other than the reader's and the
     task's (`PayloadReader.check_meta`), or any tensor (SchemaError naming the first)."""
     reader.check_meta(meta, parts, codec.name)

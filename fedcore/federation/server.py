@@ -523,8 +523,11 @@ class OpenRound:
         and its digest (fedcore.payload.initial), for the clients that hold none."""
         fed, downlink = self.federation, self.downlink
         cfg = fed.config
-        seed = {"seed": cfg.seed, "digest": fed.seed_digest} if self.base == 0 and fed.seed_digest is not None else {}
-        meta = PayloadMeta(kind="weights", model=cfg.model, round_index=self.round_index, parts=parts, codec=cfg.compression.name, version=self.version, base=self.base, **seed)
+        digest = fed.seed_digest if self.base == 0 else None  # version 0 built from the seed (a fresh run)
+        meta = PayloadMeta(
+            kind="weights", model=cfg.model, round_index=self.round_index, parts=parts, codec=cfg.compression.name,
+            version=self.version, base=self.base, seed=cfg.seed if digest else -1, digest=digest or "",
+        )  # fmt: skip
         if downlink is None:
             return serialization.encode({}, meta)
         return coded.encode({}, meta, {n: downlink[n] for n in fed.layout.names(parts)})

@@ -11,12 +11,11 @@ import torch
 
 from fedcore import settings
 from fedcore.data.shards import DataConfig
-from fedcore.errors import MalformedTask
+from fedcore.errors import MalformedTask, MissingSharedState
 from fedcore.experiments.simulation import RESIDUALS, Simulation, SimulationConfig, client_ids
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import delta
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.errors import MissingSharedState
 from fedcore.federation.server import Federation, FederationConfig
 from fedcore.federation.strategies import Strategy, account, coded_bytes
 from fedcore.model.diffusion import Schedule

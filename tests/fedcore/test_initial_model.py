@@ -228,7 +228,7 @@ DIGEST = "0123456789abcdef" * 4
         ({"seed": "x3"}, "seed 'x3' is not an integer"),
         ({"seed": "-3"}, "seed '-3' is not an integer"),
         ({"seed": str(1 << 64)}, "is not an integer in 0..18446744073709551615"),
-        ({"seed": "３"}, "is not an integer"),  # a decimal digit, but not ASCII
+        ({"seed": "\uff13"}, "is not an integer"),  # a decimal digit (fullwidth 3), but not ASCII
         ({"digest": DIGEST.upper()}, "is not 64 lowercase hex digits"),
         ({"digest": DIGEST[:63]}, "is not 64 lowercase hex digits"),
         ({"digest": ""}, "is not 64 lowercase hex digits"),
