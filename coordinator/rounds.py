@@ -487,7 +487,8 @@ class RoundDriver:
     def _holder_restarted(self, worker_id: str, instance_id: str) -> None:
         """In a run with coded downloads: a worker that joins from another process than the one whose downloads
         were counted (a restart, or a worker that does not say) holds no shared model, so its downloads are the
-        values from now on, its task in progress included."""
+        values from now on, its task in progress included (a change from version 0 it builds from the seed
+        stays as it is)."""
         with self._cond:
             if instance_id and self._holder_instances.get(worker_id) == instance_id:
                 return
@@ -544,8 +545,8 @@ class RoundDriver:
             if self._finished(worker_id):
                 raise DuplicateUpdate(f"worker {worker_id!r} already answered task {task_id!r}")
             refusal = self._refusals[worker_id] = Refusal.of(worker_id, task_id, reason, message)
-            if reason == MissingSharedState.reason:  # its next download: the values
-                self.federation.forget_holdings(worker_id)
+            if reason == MissingSharedState.reason:  # its next download: the values, never the seed
+                self.federation.refused_shared(worker_id)
             self._arrivals.notify_all()
         log.warning("worker %s refused task %s (%s): %s", worker_id, task_id, refusal.reason, refusal.message)
         return refusal

@@ -52,7 +52,8 @@ def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
         "--compression",
         default="none",
         metavar="CODEC[,CODEC...]",
-        help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8)",
+        help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8); with a lossy codec the downloads "
+        "are coded changes too, and the first contact is the initial model each client builds from the run's seed (nothing downloaded)",
     )
     p.add_argument("--json", action="store_true")
 
@@ -61,7 +62,7 @@ def strategies(args: argparse.Namespace) -> int:
     """The parameters each strategy exchanges over a run, and the bytes they take with each codec."""
     from fedcore.federation.strategies import Strategy, account, coded_bytes
     from fedcore.model.unet import build_model, layout_of
-    from fedcore.payload.codecs import Codec
+    from fedcore.payload.codecs import Codec, Identity
 
     try:
         codecs = [Codec.parse(name.strip()) for name in args.compression.split(",")]
@@ -75,6 +76,8 @@ def strategies(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(f"{args.model}, K={args.clients}, R={args.rounds}; bytes without the payloads' safetensors headers")
+        if any(not isinstance(c, Identity) for c in codecs):
+            print("  lossy codecs: downloads are coded changes; the first contact builds the initial model from the run's seed (nothing downloaded)")
         for r in rows:
             print(
                 f"  {r['strategy']:<8} {r['compression']:<16} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:6.1%}  "

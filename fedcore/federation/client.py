@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcore.errors import FeddiffError, MissingSharedState
+from fedcore.errors import FeddiffError, MissingSharedState, SchemaError
 from fedcore.federation.aggregate import delta
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import LocalTrainer, StepCallback, TrainConfig, TrainResult
 from fedcore.model.unet import layout_of
-from fedcore.payload import coded, serialization
+from fedcore.payload import coded, initial, serialization
 from fedcore.payload.codecs import Codec, Identity
 from fedcore.payload.feedback import ErrorFeedback
 from fedcore.payload.serialization import PayloadMeta
@@ -123,19 +123,42 @@ class ClientRuntime:
         self._base = {name: self._params[name].detach().clone() for name in self.layout.names(task.returns)}
 
     def _apply_change(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask, meta: PayloadMeta) -> dict[str, torch.Tensor]:
-        """The shared model after a coded change from the version this client holds; MissingSharedState when it
-        holds another version or not every part the change is for."""
+        """The shared model after a coded change from the version this client holds (none when the payload says
+        it is unchanged: version = base, no tensors). A change from version 0 that carries the run's seed is
+        applied to the model this client builds from it when it holds no version 0 (`_build_from_seed`).
+        MissingSharedState when it holds another version or not every part the change is for, or its build
+        from the seed differs from the coordinator's; payload errors (fedcore.errors) for a payload that is not
+        the change it says, with nothing loaded."""
         names = self.layout.names(task.receives)
-        if meta.base != self.shared_version or not all(n in self.shared for n in names):
+        holds = meta.base == self.shared_version and all(n in self.shared for n in names)
+        codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
+        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.payload_round, model=self.model_name)
+        if not holds and meta.seed < 0:
             raise MissingSharedState(
                 f"client {self.client_id!r} holds version {self.shared_version} of the shared model, the change is from version {meta.base}; it needs the values again"
             )
-        codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
-        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.payload_round, model=self.model_name)
-        change, _ = coded.decode(reader, codec, payload, task.receives)
-        self.shared = {n: self.shared[n].add_(change[n]) for n in names}
+        if meta.version == meta.base:
+            _check_unchanged(reader, codec, payload, task.receives, meta)
+            change = None
+        else:
+            change, _ = coded.decode(reader, codec, payload, task.receives)
+        shared = self.shared if holds else self._build_from_seed(meta)
+        self.shared = {n: shared[n] if change is None else shared[n].add_(change[n]) for n in names}
         self.shared_version = meta.version
         return self.shared
+
+    def _build_from_seed(self, meta: PayloadMeta) -> dict[str, torch.Tensor]:
+        """Version 0 of the shared model, the run's initial model, built from the payload's seed; MissingSharedState
+        naming both digests when this build's differs from the coordinator's (another torch version or platform
+        initialises differently): the coordinator then sends the values."""
+        state = initial.initial_state(self.model_name, meta.seed)
+        digest = initial.state_digest(state, self.layout)
+        if digest != meta.digest:
+            raise MissingSharedState(
+                f"client {self.client_id!r} built the initial model of {self.model_name!r} with seed {meta.seed} as digest {digest}, "
+                f"the coordinator's is {meta.digest}; it needs the values"
+            )
+        return state
 
     def train(
         self,
@@ -169,3 +192,14 @@ class ClientRuntime:
     def model_state(self) -> dict[str, torch.Tensor]:
         """This client's current full model (its personalised one under udec/ulatdec), on the CPU."""
         return {name: t.detach().cpu().clone() for name, t in self._params.items()}
+
+
+def _check_unchanged(
+    reader: serialization.PayloadReader, codec: Codec, payload: bytes | bytearray | memoryview, parts: frozenset[Part], meta: PayloadMeta
+) -> None:
+    """Refuse an "unchanged" payload (version = base) that is not one: metadata other than the reader's and the
+    task's (`PayloadReader.check_meta`), or any tensor (SchemaError naming the first)."""
+    reader.check_meta(meta, parts, codec.name)
+    _, entries, _ = serialization.read_header(payload)
+    if entries:
+        raise SchemaError(f"unchanged payload of version {meta.version} holds tensor {next(iter(entries))!r} ({len(entries)} in all); it holds none")

@@ -34,6 +34,7 @@ from fedcore.model.training import TrainConfig
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.payload import coded, serialization
 from fedcore.payload.codecs import Codec, Encoded, Identity, compression_codec
+from fedcore.payload.initial import state_digest
 from fedcore.payload.serialization import PayloadMeta
 
 
@@ -234,8 +235,11 @@ def _holds(held: tuple[int, frozenset[Part]] | None, version: int, parts: frozen
 
 
 def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartLayout) -> dict[Part, int]:
-    """A payload's size split over its parts (`PartLayout.split_bytes`), plain or coded."""
-    _, entries, _ = serialization.read_header(payload)
+    """A payload's size split over its parts (`PartLayout.split_bytes`), plain or coded; one without tensors
+    (the shared model unchanged) over the parts its metadata names, in proportion to their tensors."""
+    metadata, entries, _ = serialization.read_header(payload)
+    if not entries:
+        return layout.split_bytes(len(payload), dict.fromkeys(layout.names(PayloadMeta.from_metadata(metadata).parts), 0))
     return layout.split_bytes(len(payload), coded.tensor_bytes({name: (e.begin, e.end) for name, e in entries.items()}))
 
 
@@ -278,6 +282,7 @@ class Federation:
         if global_state is not None:
             serialization.check_schema({k: (v.dtype, tuple(v.shape)) for k, v in global_state.items()}, self.layout.specs(PART_ORDER))
             initial = {k: v.detach().float().clone() for k, v in global_state.items()}
+        seeded = global_state is None and shared is None  # version 0 is the model the run's seed builds
         self.global_state: dict[str, torch.Tensor] = initial
         self.completed_rounds = completed_rounds
         self.contacted: set[str] = set(contacted)
@@ -292,12 +297,20 @@ class Federation:
         # With a lossy codec the downloads are coded too: `shared` is the model as the clients reconstruct it,
         # bit for bit, version `shared_version`; `holds` says which version and parts each client holds
         # (a download counted). The global model's lead over it is carried into the next round's change.
+        # In a fresh run version 0 is the initial model, which a client builds from the seed instead of
+        # downloading it (fedcore.payload.initial): `seed_digest` checks its build; `unseeded` are the clients
+        # whose build differed (their downloads are the values). A resumed run or one started from given
+        # weights has none.
         self.shared: dict[str, torch.Tensor] | None = None
+        self.seed_digest: str | None = None
         if not isinstance(cfg.compression, Identity):
             source = self.global_state if shared is None else shared
             self.shared = {k: source[k].detach().float().clone() for k in self.global_state}
+            if seeded:
+                self.seed_digest = state_digest(self.shared, self.layout)
         self.shared_version = 0
         self.holds: dict[str, tuple[int, frozenset[Part]]] = {}
+        self.unseeded: set[str] = set()
 
     @property
     def finished(self) -> bool:
@@ -377,8 +390,10 @@ class Federation:
 
     def _advance_shared(self) -> dict[str, Encoded] | None:
         """The coded change from the shared model to the global one, applied to the shared model as a client
-        applies it (a new version); None in a run without lossy coding."""
-        if self.shared is None:
+        applies it (a new version); None in a run without lossy coding, and when the global model equals the
+        shared one (round 1 of a fresh run, a round opened again after an attempt without quorum): no new
+        version, the clients that hold the current one apply nothing."""
+        if self.shared is None or all(torch.equal(self.global_state[n], s) for n, s in self.shared.items()):
             return None
         codec = self.config.compression
         encoded = codec.encode_all({n: self.global_state[n] - s for n, s in self.shared.items()})
@@ -389,8 +404,22 @@ class Federation:
         return encoded
 
     def forget_holdings(self, client: str) -> None:
-        """`client` holds no shared model any more (a new process): its next download is the values."""
+        """`client` holds no shared model any more (a new process): its next download is the values, or a change
+        from version 0 while it may build that from the seed (`can_hold`)."""
         self.holds.pop(client, None)
+
+    def refused_shared(self, client: str) -> None:
+        """`client` refused a download of the shared model (MissingSharedState): it holds no version the
+        coordinator knows of, and is never offered the seed again (its build of version 0 differed from this
+        one, or it applied another download than was counted): its downloads are the values from now on."""
+        self.forget_holdings(client)
+        self.unseeded.add(client)
+
+    def can_hold(self, client: str, version: int, parts: frozenset[Part]) -> bool:
+        """Whether `client` holds `version` of the shared model's `parts`, or can build it: version 0 from the
+        run's seed, unless its build differed once."""
+        seeded = version == 0 and self.seed_digest is not None and client not in self.unseeded
+        return seeded or _holds(self.holds.get(client), version, parts)
 
     def _commit(self, outcome: RoundOutcome, aggregate: RunningAggregate) -> None:
         """Apply the round's mean update; NonFiniteAggregate, with nothing changed, when it would make the
@@ -412,10 +441,13 @@ class OpenRound:
         self, federation: Federation, plan: RoundPlan, num_examples: Mapping[str, int], *, attempt: int = 1, downlink: Mapping[str, Encoded] | None = None
     ):
         self.federation = federation
-        self.downlink = downlink  # the coded change since the last version of the shared model (lossy runs)
+        self.downlink = downlink  # the coded change since the last version of the shared model (lossy runs; None: unchanged)
         self.version = federation.shared_version
-        # Clients that hold the last version of every part they receive get the change, the others the values
-        self._changes = {c for c in plan.clients if downlink is not None and _holds(federation.holds.get(c), self.version - 1, plan.assignment(c).receives)}
+        self.base = self.version - 1 if downlink is not None else self.version  # the version the change is from
+        # In a run with lossy coding, clients that hold (or can build) the base version of every part they
+        # receive get the change (nothing when unchanged), the others the values
+        lossy = federation.shared is not None
+        self._changes = {c for c in plan.clients if lossy and federation.can_hold(c, self.base, plan.assignment(c).receives)}
         self.attempt = attempt
         self.plan = plan
         self.num_examples = {c: num_examples.get(c, 0) for c in plan.clients}
@@ -463,7 +495,8 @@ class OpenRound:
 
     def payload_for(self, client: str) -> bytes:
         """The weights payload of `client`'s task: the values of the parts it receives, or in a run with lossy
-        coding and when it holds the last version of them, their coded change."""
+        coding and when it holds (or can build from the seed) the version before, their coded change (nothing
+        when the round made no new version)."""
         return self._payload_of(client)[0]
 
     def _payload_of(self, client: str) -> tuple[bytes, dict[Part, int]]:
@@ -489,13 +522,25 @@ class OpenRound:
         return serialization.encode({n: source[n] for n in fed.layout.names(parts)}, meta)
 
     def _change(self, parts: frozenset[Part]) -> bytes:
-        """The parts' coded change from version `version` - 1 of the shared model to version `version`."""
+        """The parts' coded change from version `base` of the shared model to version `version`: no tensors when
+        they are the same version (unchanged). From version 0 of a fresh run, with the seed that builds version 0
+        and its digest (fedcore.payload.initial), for the clients that hold none."""
         fed, downlink = self.federation, self.downlink
-        assert downlink is not None
-        codec = fed.config.compression.name
+        cfg = fed.config
+        digest = fed.seed_digest if self.base == 0 else None  # version 0 built from the seed (a fresh run)
         meta = PayloadMeta(
-            kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, codec=codec, version=self.version, base=self.version - 1
+            kind="weights",
+            model=cfg.model,
+            round_index=self.round_index,
+            parts=parts,
+            codec=cfg.compression.name,
+            version=self.version,
+            base=self.base,
+            seed=cfg.seed if digest else -1,
+            digest=digest or "",
         )
+        if downlink is None:
+            return serialization.encode({}, meta)
         return coded.encode({}, meta, {n: downlink[n] for n in fed.layout.names(parts)})
 
     def send_whole_model(self, client: str) -> TrainTask:
@@ -503,16 +548,19 @@ class OpenRound:
         (another installation took its identity over, or its state is gone). Its update is the same parts."""
         with self._lock:
             self.plan = self.plan.with_whole_model(client)
-            self._changes.discard(client)
+            if not self.federation.can_hold(client, self.base, self.plan.assignment(client).receives):
+                self._changes.discard(client)
         return self.task(client)
 
     def send_values(self, client: str) -> bool:
         """`client`'s download is the values of its parts, not their change: it holds no shared model (a new
-        process). The task is the same. True when its download was the change."""
+        process; its holdings forgotten), unless it can build the change's base from the seed. The task is the
+        same. True when its download was the change and is now the values."""
         with self._lock:
-            was = client in self._changes
+            if client not in self._changes or self.federation.can_hold(client, self.base, self.plan.assignment(client).receives):
+                return False
             self._changes.discard(client)
-            return was
+            return True
 
     def mark_sent(self, client: str) -> Ledger:
         """Count a completed download (returned: what it adds); a client that got the whole model holds one.

@@ -226,21 +226,25 @@ def account(strategy: Strategy, sizes: Mapping[Part, int], clients: int, rounds:
 
 def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, seed: int = 0) -> dict[str, Any]:
     """The bytes of a summary's transfers (`account`, every client in every round) with `codec`: the updates coded,
-    and with a lossy codec the downloads too, as the coordinator sends them (fedcore.federation.server): the
-    coded change of the parts a client received in the round before, the values (float32) of the others (the
-    first contact, a part it did not hold). The coded tensors' bytes (`Codec.encoded_bytes`, in closed form),
-    without the payloads' safetensors headers; and how many times fewer they are than plain FedAvg's in float32."""
+    and with a lossy codec the downloads too, as the coordinator sends them in a fresh run
+    (fedcore.federation.server): nothing in round 1 (every client builds the initial model from the run's seed,
+    fedcore.payload.initial), then the coded change of the parts a client received in the round before or
+    built from the seed, the values (float32) of the others (a part it did not hold). The coded tensors' bytes
+    (`Codec.encoded_bytes`, in closed form), without the payloads' safetensors headers; and how many times fewer
+    they are than plain FedAvg's in float32."""
     coded = {p: sum(codec.encoded_bytes(spec.numel) for spec in layout.tensors[p].values()) for p in PART_ORDER}
     values = {p: FLOAT32_BYTES * n for p, n in layout.sizes.items()}
     lossy = not isinstance(codec, Identity)
     ids = [f"client-{i}" for i in range(summary.clients)]
-    held: dict[str, frozenset[Part]] = {}  # the parts each client received in the round before
+    seen: set[str] = set()
+    held = dict.fromkeys(ids, ALL_PARTS if lossy else frozenset())  # the parts each client holds the last version of
     down = up = 0
     for r in range(summary.rounds):
-        plan = plan_round(summary.strategy, r, ids, round_rng(seed, r), first_contact=[c for c in ids if c not in held])
+        plan = plan_round(summary.strategy, r, ids, round_rng(seed, r), first_contact=[c for c in ids if c not in seen])
+        seen.update(ids)
         for a in plan.assignments:
-            change = lossy and a.receives <= held.get(a.client, frozenset())
-            down += sum((coded if change else values)[p] for p in a.receives)
+            change = lossy and a.receives <= held[a.client]
+            down += 0 if change and r == 0 else sum((coded if change else values)[p] for p in a.receives)  # round 1: unchanged
             up += sum(coded[p] for p in a.returns)
             held[a.client] = a.receives
     fedavg = FLOAT32_BYTES * summary.full_fedavg

@@ -13,11 +13,12 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import BinaryIO, Literal, NamedTuple, TypeGuard, get_args
+from typing import Any, BinaryIO, Literal, NamedTuple, TypeGuard, get_args
 
 import safetensors.torch
 import torch
@@ -63,9 +64,14 @@ class PayloadMeta:
     format_version: int = FORMAT_VERSION
     codec: str = "none"  # how the tensors are coded (fedcore.payload.coded); "none": float32, as they are
     # Weights of a run whose downloads are coded: the version of the model the clients hold that this payload
-    # gives (-1: none, a run without), and for a coded change the version it is a change from (-1: the values)
+    # gives (-1: none, a run without), and for a coded change the version it is a change from (-1: the values;
+    # `base` = `version`: unchanged, no tensors)
     version: int = -1
     base: int = -1
+    # A change from version 0 when version 0 is the run's initial model: the seed that builds it
+    # (fedcore.payload.initial; -1: none) and the SHA-256 digest (64 lowercase hex digits) a build must match
+    seed: int = -1
+    digest: str = ""
 
     def as_metadata(self) -> dict[str, str]:
         md = {
@@ -79,6 +85,8 @@ class PayloadMeta:
         if self.codec != "none":  # a plain payload's metadata as before
             md["codec"] = self.codec
         md.update({key: str(v) for key, v in (("version", self.version), ("base", self.base)) if v >= 0})
+        if self.seed >= 0:
+            md.update(seed=str(self.seed), digest=self.digest)
         return md
 
     @classmethod
@@ -96,9 +104,29 @@ class PayloadMeta:
                 codec=md.get("codec", "none"),
                 version=int(md.get("version", "-1")),
                 base=int(md.get("base", "-1")),
+                **_seed_fields(md),
             )
         except (KeyError, ValueError) as e:
             raise NotSafetensors(f"payload metadata is not feddiff's: {e} in {dict(md)!r}"[:500]) from None
+
+
+MAX_SEED = (1 << 64) - 1  # what numpy's SeedSequence and torch take (fedcore.settings.Seed)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _seed_fields(md: Mapping[str, str]) -> dict[str, Any]:
+    """The seed and digest of a payload's metadata, checked: both or neither, a decimal seed in 0..MAX_SEED, a
+    digest of 64 lowercase hex digits, and only for a change from version 0 (ValueError naming the value)."""
+    if "seed" not in md and "digest" not in md:
+        return {}
+    seed, digest = md.get("seed", ""), md.get("digest", "")
+    if not (seed.isascii() and seed.isdecimal() and len(seed) <= 20 and int(seed) <= MAX_SEED):
+        raise ValueError(f"seed {seed[:40]!r} is not an integer in 0..{MAX_SEED}")
+    if _DIGEST.fullmatch(digest) is None:
+        raise ValueError(f"digest {digest[:80]!r} is not 64 lowercase hex digits")
+    if md.get("base") != "0":
+        raise ValueError(f"a seed with base {md.get('base')!r}: only version 0 is built from the seed")
+    return {"seed": int(seed), "digest": digest}
 
 
 def encode(tensors: Mapping[str, torch.Tensor], meta: PayloadMeta) -> bytes:

@@ -160,7 +160,7 @@ def test_a_strategys_bytes_with_a_codec_are_its_coded_updates_tensor_bytes() -> 
 
         per_update = sum(e.end - e.begin for e in entries.values())
         assert row["bytes_up"] == 3 * 2 * per_update  # K x R updates of the decoder
-        assert row["bytes_down"] == 4 * LAYOUT.total * 3 + 3 * per_update  # the whole model's values, then the decoder's change
+        assert row["bytes_down"] == 3 * per_update  # round 1 built from the seed (nothing), then the decoder's change
         assert row["bytes_vs_fedavg_fp32"] == round(4 * summary.full_fedavg / (row["bytes_down"] + row["bytes_up"]), 3)
 
 
@@ -169,6 +169,14 @@ def _runtime(client: str) -> ClientRuntime:
     trainer = LocalTrainer(build_model("tiny", seed=0), Schedule(), SPEED)
     data = trainer.prepare_data(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(len(client))) * 2 - 1)
     return ClientRuntime(client, "tiny", trainer, data)
+
+
+def _download_kind(payload: bytes, client: ClientRuntime) -> str:
+    """What a download is to a client: the values, a change, or nothing (unchanged); ", seed" when the client
+    holds no version and builds the change's base from the seed."""
+    meta = serialization.read_meta(payload)
+    kind = "values" if meta.base < 0 else "unchanged" if meta.version == meta.base else "change"
+    return kind + (", seed" if meta.seed >= 0 and client.shared_version < 0 else "")
 
 
 def test_every_client_reconstructs_the_shared_model_bit_for_bit_a_late_and_a_restarted_one_from_the_values() -> None:
@@ -187,7 +195,7 @@ def test_every_client_reconstructs_the_shared_model_bit_for_bit_a_late_and_a_res
         for c in clients:
             task = open_round.task(c)
             payload = open_round.payload_for(c)
-            got[r, c] = "change" if serialization.read_meta(payload).base >= 0 else "values"
+            got[r, c] = _download_kind(payload, runtimes[c])
             runtimes[c].load(payload, task)
             open_round.mark_sent(c)
             assert runtimes[c].shared_version == federation.shared_version
@@ -197,8 +205,8 @@ def test_every_client_reconstructs_the_shared_model_bit_for_bit_a_late_and_a_res
         open_round.close()
 
     assert got == {
-        (0, "a"): "values", (0, "b"): "values",
-        (1, "a"): "change", (1, "b"): "change", (1, "c"): "values",
+        (0, "a"): "unchanged, seed", (0, "b"): "unchanged, seed",
+        (1, "a"): "change", (1, "b"): "change", (1, "c"): "change, seed",
         (2, "a"): "change", (2, "b"): "values", (2, "c"): "change",
         (3, "a"): "change", (3, "b"): "change", (3, "c"): "change",
     }  # fmt: skip
@@ -215,22 +223,23 @@ def test_a_change_from_another_version_than_the_client_holds_is_refused_and_the_
     codec = Codec.parse("int4")
     federation = Federation(FederationConfig(Strategy.FULL, "tiny", rounds=3, seed=3, compression=codec))
     client = _runtime("a")
-    zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(PART_ORDER).items()}
+    steps = {n: torch.full(s.shape, 1e-3) for n, s in LAYOUT.specs(PART_ORDER).items()}  # each round a new version
     for r in range(3):
         open_round = federation.open_round(federation.plan(["a"]), {"a": 8})
         task = open_round.task("a")
         payload = open_round.payload_for("a")
-        open_round.mark_sent("a")  # counted every round; the download of round 2 never reaches the client
+        open_round.mark_sent("a")  # counted every round; the download of round 1 never reaches the client
         if r == 0:
             client.load(payload, task)
         if r == 2:
-            with pytest.raises(MissingSharedState, match="holds version 1 of the shared model, the change is from version 2"):
+            with pytest.raises(MissingSharedState, match="holds version 0 of the shared model, the change is from version 1"):
                 client.load(payload, task)
-            federation.forget_holdings("a")  # what the coordinator does when the worker refuses the task so
+            federation.refused_shared("a")  # what the coordinator does when the worker refuses the task so
         meta = PayloadMeta(kind="delta", model="tiny", round_index=r, parts=task.returns, codec=codec.name)
-        open_round.accept("a", coded.encode(zeros, meta), mean_loss=0.1, images_seen=8)
+        open_round.accept("a", coded.encode(steps, meta), mean_loss=0.1, images_seen=8)
         open_round.close()
 
     open_round = federation.open_round(federation.plan(["a"]), {"a": 8})
+    assert serialization.read_meta(open_round.payload_for("a")).base == -1
     client.load(open_round.payload_for("a"), open_round.task("a"))
     assert all(torch.equal(client.shared[n], federation.shared[n]) for n in federation.global_state)  # type: ignore[index]

@@ -1,5 +1,6 @@
 """End to end over gRPC with compressed updates, real processes on loopback: the model equals `feddiff simulate`'s
-with the same codec (both fold what the same error feedback sent), and the metrics equal the accounting."""
+with the same codec (both fold what the same error feedback sent), the metrics equal the accounting, and round 1
+downloads no model (the clients build it from the run's seed)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_pa
     assert up == sim_up == sum(sum(sample(m, "feddiff_payload_bytes_total", direction="up", part=p.value) for p in PART_ORDER) for m in worker_metrics)
     acct = account(Strategy(strategy), layout_of(build_model("tiny")).sizes, K, R, seed=7)
     assert up < 4 * sum(acct.traffic.up.values()) / 2
+    # round 1's downloads are a few headers: each client builds the initial model from the run's seed
+    assert sum(rounds[0]["bytes"]["down"].values()) < K * 1024 < 4 * layout_of(build_model("tiny")).total
     for direction, counts in (("down", acct.traffic.down), ("up", acct.traffic.up)):
         for part in PART_ORDER:  # the paper's parameter counts, unchanged by the codec, and the float32 bytes they stand for
             assert sample(coordinator_metrics, "feddiff_parameters_total", direction=direction, part=part.value) == counts[part]
