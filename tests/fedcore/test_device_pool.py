@@ -48,7 +48,9 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
     files = _files(sequential)
     assert any(name.startswith("global-r0002") for name in files)
     assert strategy == "full" or "clients/client-2-r0002.safetensors" in files, "udec keeps private parts"
-    assert compression == "none" or {"residuals/client-2-r0002.safetensors", "shared-r0002.safetensors"} <= set(files), "the error feedback and the shared model"
+    assert compression == "none" or {"residuals/client-2-r0002.safetensors", "shared-r0002.safetensors"} <= set(files), (
+        "the error feedback and the shared model"
+    )
     assert _files(parallel) == files
 
 
@@ -170,6 +172,20 @@ def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: 
     assert code == 2
     assert err.startswith(f"feddiff {command}: error: --devices = 'cpu,cuda:5': expected a comma list of devices") and "device 'cuda:5'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "reproduce"])
+def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cpus = os.cpu_count() or 1
+    given = ",".join(["cpu"] * (cpus + 1))
+    code = main([command, "--devices", given, "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff {command}: error: --devices = {given!r}: expected a comma list of devices"), err
+    assert f"{cpus + 1} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}" in err, err
+    assert not (tmp_path / "out").exists()
+    assert len(parse_devices(["cpu"] * cpus)) == cpus
 
 
 def test_simulate_takes_devices_or_a_device_not_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
