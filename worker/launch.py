@@ -2,8 +2,9 @@
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or, with --nproc-per-node N, the launcher of N ranks on this host.
 
 The launcher is torchrun's own engine (torch.distributed's elastic agent, as `torchrun --standalone` runs
-it): it starts the ranks, forwards SIGTERM to them, and when one exits with an error it stops the others at
-once and ends with that rank's error. Rank 0 runs the worker daemon; the others follow it (`follow`)."""
+it): it starts the ranks, forwards SIGTERM to them, and when one exits with an error or is ended by a signal
+it stops the others at once and ends naming that rank. Rank 0 runs the worker daemon; the others follow it
+(`follow`)."""
 
 from __future__ import annotations
 
@@ -166,8 +167,9 @@ def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
 # --- the launcher ----------------------------------------------------------------------------------------------
 def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
     """Start cfg.ranks_per_node ranks of this worker on this host, each running `rank_main(cfg)` (a module-level
-    function: the ranks are spawned), and wait for them: rank 0's exit code; 1 when a rank failed (the others
-    stopped then); 0 when stopped by a signal (forwarded to the ranks, which leave the session)."""
+    function: the ranks are spawned), and wait for them: rank 0's exit code; 1 when a rank failed or a signal
+    of its own ended it (the others stopped then, and one line names the rank and its error or signal); 0 when
+    this process is stopped by a signal (forwarded to the ranks, which leave the session)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -68,6 +68,8 @@ def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_
         assert rows["parallel"][key] == rows["sequential"][key], key
     curves = {run: [{k: v for k, v in point.items() if k != "seconds"} for point in row["curve"]] for run, row in rows.items()}
     assert curves["parallel"] == curves["sequential"]
+    model = rows["sequential"]["device"].removeprefix("cpu: ").rsplit(", ", 1)[0]
+    assert rows["parallel"]["device"] == f"cpu x2: {model}, 1 thread each", rows["parallel"]["device"]
 
 
 # --- a process that fails ends the run ------------------------------------------------------------------------
