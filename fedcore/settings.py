@@ -6,6 +6,8 @@ them at start, and a worker every task it receives."""
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import json
 import os
@@ -160,16 +162,48 @@ def flag(loc: Location) -> str:
     return "--" + str(loc[-1]).replace("_", "-")
 
 
+# The names of the settings given to a config `build` built (a flag, a key of a settings file), kept on the
+# config itself: `given` reads them, and `replace` carries them over.
+_GIVEN = "_settings_given"
+# The config `build` is validating now and the names given to it, for the messages of its own checks
+# (`__post_init__` runs before `build` can keep the names on the config).
+_building: contextvars.ContextVar[tuple[type, frozenset[str]] | None] = contextvars.ContextVar("settings_building", default=None)
+
+
+def given(config: object) -> frozenset[str] | None:
+    """The names of the settings given to `config` when `build` built it (the others hold their defaults);
+    None for a config built otherwise (in code, by `dataclasses.replace`)."""
+    names: frozenset[str] | None = vars(config).get(_GIVEN)
+    building = _building.get()
+    if names is None and building is not None and type(config) is building[0]:
+        return building[1]
+    return names
+
+
+def replace(config: T, **changes: Any) -> T:
+    """`dataclasses.replace`, the new config keeping the record of which settings were given (`given`)."""
+    new = dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    names = given(config)
+    if names is not None:
+        object.__setattr__(new, _GIVEN, names)
+    return new
+
+
 def is_default(config: object, name: str) -> bool:
-    """Whether the setting `name` of a config (a dataclass) holds its declared default."""
+    """Whether the setting `name` of a config (a dataclass) was left at its default: not given, when `build`
+    built it (a value given that equals the default was given all the same); else whether it holds its
+    declared default."""
+    names = given(config)
+    if names is not None:
+        return name not in names
     (f,) = [f for f in fields(config) if f.name == name]  # type: ignore[arg-type]
     default = f.default_factory() if callable(f.default_factory) else f.default
     return bool(getattr(config, name) == default)
 
 
 def shown(config: object, name: str, unit: str = "") -> str:
-    """A setting as a message names it: its flag and value, and "(the default)" when it holds its default, so
-    that a message about a setting the user never gave says so ("--heartbeat-timeout 30 s (the default)")."""
+    """A setting as a message names it: its flag and value, and "(the default)" when it was not given, so that
+    a message about a setting the user never gave says so ("--heartbeat-timeout 30 s (the default)")."""
     value = getattr(config, name)
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return f"{flag((name,))} {text}{f' {unit}' if unit else ''}{' (the default)' if is_default(config, name) else ''}"
@@ -180,17 +214,22 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
     int; 2.5 is no int, True no number, 1 no boolean, 'inf' and 'nan' no number at all); SettingsError for an
     unknown key, a value that does not convert or one outside its range, and for what the dataclass's own
     checks refuse. `name` turns a setting's location into the name the user knows it by (a flag, a key of a
-    file)."""
+    file). The config keeps the names of `values` as the settings given (`given`); the others hold defaults."""
     key: type = cls  # the cache's key (mypy does not take a type[T] for Hashable)
     adapter = _adapter(key)
     errors = _strict_bools(cls, values, ())
+    names = frozenset(values)
+    building = _building.set((cls, names))
     try:
         built = adapter.validate_python(dict(values))
     except ValidationError as e:
         taken = {tuple(err["loc"]) for err in errors}
         errors += [err for err in e.errors() if tuple(err["loc"]) not in taken]
+    finally:
+        _building.reset(building)
     if errors:
         raise SettingsError("; ".join(_message(cls, err, name) for err in errors)) from None
+    object.__setattr__(built, _GIVEN, names)  # a frozen dataclass: set as its own __init__ sets its fields
     return built
 
 

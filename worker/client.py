@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -94,6 +95,7 @@ class CoordinatorClient:
         self.heartbeat_interval = 5.0
         self._received = ReceiveBuffer()  # one download at a time: every round reuses the same memory
         self.upload_digest = LEGACY_DIGEST  # until the coordinator names the digests it checks (Join)
+        self._waiting: grpc.Future | None = None  # the long poll in progress
 
     def join(self, info: pb.WorkerInfo, timeout: float = 30.0) -> pb.JoinResponse:
         resp = self.stub.Join(pb.JoinRequest(worker=info), timeout=timeout, metadata=self.metadata)
@@ -109,9 +111,24 @@ class CoordinatorClient:
     def leave(self) -> None:
         self.stub.Leave(pb.LeaveRequest(session_id=self.session_id), timeout=5, metadata=self.metadata)
 
-    def wait_task(self, timeout: float) -> pb.WaitTaskResponse:
+    def wait_task(self, timeout: float, stop: threading.Event | None = None) -> pb.WaitTaskResponse:
+        """The coordinator's answer to a long poll of `timeout` seconds. `cancel_wait` (or `stop`, set before
+        the poll could be cancelled) ends it at once: grpc.FutureCancelledError."""
         req = pb.WaitTaskRequest(session_id=self.session_id, timeout_ms=int(timeout * 1000))
-        return self.stub.WaitTask(req, timeout=timeout + 30, metadata=self.metadata)
+        call = self.stub.WaitTask.future(req, timeout=timeout + 30, metadata=self.metadata)
+        self._waiting = call
+        try:
+            if stop is not None and stop.is_set():
+                call.cancel()
+            return call.result()
+        finally:
+            self._waiting = None
+
+    def cancel_wait(self) -> None:
+        """End the long poll in progress, if any (a stop: SIGTERM): `wait_task` raises FutureCancelledError at once."""
+        call = self._waiting
+        if call is not None:
+            call.cancel()
 
     def download(self, task: TrainTask | EvalTask, *, max_bytes: int, on_wire: Callable[[int], None]) -> memoryview:
         """The task's weights payload, checked against its header (size, hash) before it is returned. It lives

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
@@ -135,14 +136,20 @@ class WorkerConfig:
 
 
 def _check_rank_devices(ranks: int, device: str) -> None:
-    """Several ranks train on the CPU, or on one CUDA GPU each (rank r on cuda:r)."""
+    """Several ranks train on the CPU, at most one per CPU of this host (each rank is a process of its own
+    that takes at least one), or on one CUDA GPU each (rank r on cuda:r)."""
     kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     if kind.type == "cuda" and kind.index is not None:
         raise ValueError(
             f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda"
         )
     if kind.type == "cuda" and ranks > torch.cuda.device_count():
-        raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs")
+        raise ValueError(
+            f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs: give at most {torch.cuda.device_count()}"
+        )
+    cpus = os.cpu_count() or 1
+    if kind.type == "cpu" and ranks > cpus:
+        raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {cpus} CPUs (each rank trains on one at least): give at most {cpus}")
     if kind.type not in ("cuda", "cpu"):
         raise ValueError(f"--nproc-per-node {ranks} trains on CUDA GPUs or CPUs, not on --device {device}")
 
@@ -195,5 +202,5 @@ def _flag(loc: settings.Location) -> str:
 def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
     """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
     line) names every flag whose value does not convert."""
-    values = {**flags.given(args, WorkerConfig), "speed": speed, "exit_when_done": not args.keep_running}
+    values = {**flags.given(args, WorkerConfig), "speed": speed, **({"exit_when_done": False} if args.keep_running else {})}
     return settings.build(WorkerConfig, values, name=_flag)

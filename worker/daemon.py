@@ -107,10 +107,16 @@ class WorkerDaemon:
         self.failure = ""  # why the coordinator stopped the run, once it says so
         self.backoff = Backoff(cfg.backoff_initial, cfg.backoff_max)
         self._quality: tuple[FeatureExtractor, ReferenceStats] | None = None  # loaded on the first evaluate task
+        self._client: CoordinatorClient | None = None  # the connection's client, while connected
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Stop at the next step of training, or at once when waiting (a long poll in progress is cancelled):
+        the session is left and `run` returns. Safe to call from a signal handler."""
         self.stop_event.set()
+        client = self._client
+        if client is not None:
+            client.cancel_wait()
 
     def run(self) -> int:
         """Serve tasks until the federation is done (0), or until stopped (0), or until the coordinator says the
@@ -139,6 +145,7 @@ class WorkerDaemon:
         None to connect again (after the backoff when the session failed)."""
         channel = open_channel(self.cfg)
         client = CoordinatorClient(channel, self._metadata(), upload_rate_limit=self.cfg.upload_rate_limit, download_rate_limit=self.cfg.download_rate_limit)
+        self._client = client
         try:
             return self._through(self._session(client))
         except TrainingInterrupted:  # asked to stop, here or (with several ranks) on another rank: all stop
@@ -152,6 +159,7 @@ class WorkerDaemon:
             self._react("session", e)
             self._back_off()
         finally:
+            self._client = None
             self._hang_up(client, channel)
         return None
 
@@ -223,7 +231,10 @@ class WorkerDaemon:
             log.info("worker %s: joined %s (%s, %s, %d rounds)", self.worker_id, self.cfg.coordinator, joined.strategy, joined.model, joined.rounds)
             while not self.stop_event.is_set():
                 self.state.retry()  # private parts whose save failed, before the next task
-                resp = client.wait_task(self.cfg.wait_timeout)
+                try:
+                    resp = client.wait_task(self.cfg.wait_timeout, self.stop_event)
+                except grpc.FutureCancelledError:  # stopped while waiting (`stop` cancels the poll)
+                    break
                 kind = resp.WhichOneof("outcome")
                 if kind == "done":
                     self.failure = resp.done.error

@@ -2,8 +2,9 @@
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or, with --nproc-per-node N, the launcher of N ranks on this host.
 
 The launcher is torchrun's own engine (torch.distributed's elastic agent, as `torchrun --standalone` runs
-it): it starts the ranks, forwards SIGTERM to them, and when one exits with an error it stops the others at
-once and ends with that rank's error. Rank 0 runs the worker daemon; the others follow it (`follow`)."""
+it): it starts the ranks, forwards SIGTERM to them, and when one exits with an error or is ended by a signal
+it stops the others at once and ends naming that rank. Rank 0 runs the worker daemon; the others follow it
+(`follow`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
+from fedcore import settings
 from fedcore.data.datasets import to_model_range
 from fedcore.model.diffusion import Schedule
 from fedcore.model.ranks import Ranks
@@ -28,16 +30,21 @@ from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon, load_local_data
 from worker.team import RanksLost, Team
 
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
 log = logging.getLogger("feddiff.worker")
 
 
 def run_worker(cfg: WorkerConfig) -> int:
     """The worker in this process: the whole worker, or the rank the environment names (torchrun's variables).
-    Rank 0 runs the daemon; the exit code is rank 0's on every rank."""
+    Rank 0 runs the daemon; the exit code is rank 0's on every rank. SIGTERM or SIGINT stops the worker (exit
+    code 0); a rank it stops leaves the team cleanly and then ends by that signal, so that its launcher (this
+    worker's, or torchrun) sees which rank a signal ended and ends the others."""
     ranks = Ranks.from_env()
     if ranks.leader:
         check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
-    cfg = dataclasses.replace(cfg, speed=rank_speed(cfg.speed, ranks))
+    cfg = settings.replace(cfg, speed=rank_speed(cfg.speed, ranks))
     threads = cfg.speed.threads or _cpu_share(cfg.speed, ranks)
     torch.set_num_threads(threads) if threads > 0 else None
     if not ranks.distributed:
@@ -48,41 +55,64 @@ def run_worker(cfg: WorkerConfig) -> int:
         exit_code = _lead(WorkerDaemon(cfg, team=team), signals) if ranks.leader else follow(cfg, team, signals.stop)
     finally:
         team.close()
-    if signals.received.is_set():
-        _exit_now(exit_code)
+        signals.restore()  # a rank through with its work may wait for its launcher, which can now end it at once
+    if signals.received is not None:
+        _end_by(signals.received)
     return exit_code
 
 
 class _Signals:
-    """SIGTERM and SIGINT as a stop (between training steps, or as the process waits), and whether one came."""
+    """SIGTERM and SIGINT as a stop (between training steps, or at once as the process waits), and which one
+    came first."""
+
+    STOPPING = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.stop = threading.Event()
-        self.received = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.received: signal.Signals | None = None
+        self._actions: list[Callable[[], None]] = []
+        for sig in self.STOPPING:
             signal.signal(sig, self._handle)
 
-    def _handle(self, *_: object) -> None:
-        self.received.set()
+    def on_stop(self, action: Callable[[], None]) -> None:
+        """Call `action` when a signal stops the process; at once if one already has."""
+        self._actions.append(action)
+        if self.stop.is_set():
+            action()
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received = self.received or signal.Signals(signum)
         self.stop.set()
+        for action in self._actions:
+            action()
+
+    def restore(self) -> None:
+        """The signals' default actions again (each ends the process)."""
+        for sig in self.STOPPING:
+            signal.signal(sig, signal.SIG_DFL)
 
 
-def _exit_now(exit_code: int) -> NoReturn:
-    """End a rank the launcher stopped as soon as it has stopped: a rank spawned by torch's launcher would
-    otherwise wait, once its function returned, for a launcher that is shutting down to read its result."""
+def _end_by(sig: signal.Signals) -> NoReturn:
+    """End this rank by `sig`, its default action restored: its launcher reads the signal from its exit status
+    (a rank spawned by torch's launcher would otherwise also wait, once its function returned, for a launcher
+    that is shutting down to read its result)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # not reached: the signal ends the process first
 
 
 def _lead(daemon: WorkerDaemon, signals: _Signals) -> int:
     """The daemon until it is through (stopped by `signals`); then, with several ranks, the others end with its
     exit code."""
-    signals.stop = daemon.stop_event
+    signals.on_stop(daemon.stop)
     exit_code = 1
     try:
         exit_code = daemon.run()
+    except RanksLost as e:
+        log.error("%s", e)
     finally:
         if daemon.team is not None:
             daemon.team.stop(exit_code)
@@ -109,12 +139,13 @@ def _cpu_share(speed: SpeedConfig, ranks: Ranks) -> int:
 def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
     """A rank other than 0: train each task rank 0 sends, with the weights it broadcasts, until it says stop
     (its exit code). The shard is the worker's whole shard: each step trains this rank's share of the global
-    batch (`Ranks.share`). Stopped (`stopped`), it stops training at the ranks' next step, together."""
+    batch (`Ranks.share`). Stopped (`stopped`), it stops training at the ranks' next step, together, and stops
+    waiting for rank 0 at once."""
     images = load_local_data(cfg)
     trainer: LocalTrainer | None = None
     data, model_name = torch.empty(0), ""
     try:
-        while (command := team.next_command()).kind == "train":
+        while (command := team.next_command(stopped)).kind == "train":
             if trainer is None or model_name != command.model:  # built once, as rank 0 builds its own
                 trainer = LocalTrainer(build_model(command.model), Schedule(), cfg.speed, team.ranks, team.stop_group)
                 data, model_name = trainer.prepare_data(to_model_range(images.images)), command.model
@@ -126,15 +157,19 @@ def follow(cfg: WorkerConfig, team: Team, stopped: threading.Event) -> int:
     except RanksLost as e:
         log.error("%s", e)
         return 1
-    log.info("rank %d: stopped with rank 0 (exit code %d)", team.ranks.rank, command.exit_code)
+    if stopped.is_set():
+        log.info("rank %d: stopped", team.ranks.rank)
+    else:
+        log.info("rank %d: stopped with rank 0 (exit code %d)", team.ranks.rank, command.exit_code)
     return command.exit_code
 
 
 # --- the launcher ----------------------------------------------------------------------------------------------
 def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
     """Start cfg.ranks_per_node ranks of this worker on this host, each running `rank_main(cfg)` (a module-level
-    function: the ranks are spawned), and wait for them: rank 0's exit code; 1 when a rank failed (the others
-    stopped then); 0 when stopped by a signal (forwarded to the ranks, which leave the session)."""
+    function: the ranks are spawned), and wait for them: rank 0's exit code; 1 when a rank failed or a signal
+    of its own ended it (the others stopped then, and one line names the rank and its error or signal); 0 when
+    this process is stopped by a signal (forwarded to the ranks, which leave the session)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -143,7 +178,7 @@ def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
     if "LOCAL_RANK" in os.environ:
         raise ValueError(f"--nproc-per-node {cfg.nproc_per_node} under torchrun: leave it out, torchrun's own --nproc-per-node starts the ranks")
     check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the ranks start: rank 0 would fail later
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # how each rank ended: one line of ours, below
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -157,13 +192,22 @@ def launch(cfg: WorkerConfig, rank_main: Callable[[WorkerConfig], int]) -> int:
     )
     log.info("worker: starting %d ranks", n)
     try:
-        results = elastic_launch(config, rank_main)(dataclasses.replace(cfg, nproc_per_node="1"))
+        results = elastic_launch(config, rank_main)(settings.replace(cfg, nproc_per_node="1"))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        log.error("worker: rank %d of %d (pid %d) ended with %s; the other ranks were stopped: %s", rank, n, failure.pid, how, failure.message)
+        log.error("worker: rank %d of %d (pid %d) %s; the other ranks were stopped%s", rank, n, failure.pid, *_failure(failure))
         return 1
     except SignalException as e:
         log.info("worker: stopped by %s; the %d ranks were stopped", signal.Signals(e.sigval).name, n)
         return 0
     return int(results[0])
+
+
+def _failure(failure: ProcessFailure) -> tuple[str, str]:
+    """How a rank ended ("ended by signal SIGTERM", "ended with exit code 1") and, after an error, the first line of
+    the error it raised (": RuntimeError: ...")."""
+    if failure.exitcode < 0:
+        return f"ended by signal {failure.signal_name()}", ""
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+    lines = str(message).strip().splitlines()
+    return f"ended with exit code {failure.exitcode}", f": {lines[0]}" if lines else ""

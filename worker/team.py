@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from fedcore.federation.client import TrainTask
 from fedcore.model.ranks import Ranks
-from fedcore.model.training import TrainConfig
+from fedcore.model.training import TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("feddiff.worker")
 
@@ -85,36 +86,47 @@ class Team:
         return [int(self.store.get(f"pid/{r}")) for r in range(self.ranks.world_size)]
 
     # --- rank 0 ---------------------------------------------------------------------------------------------
-    def post(self, command: Command) -> None:
-        self.store.set(f"command/{self.sent}", command.encode())
+    def _claim(self, command: Command) -> Command:
+        """The team's next command: `command`, unless a rank has claimed its place first (rank 0 posts each
+        command; a rank stopped as it waits claims the place of the next with a stop). The store's compare-and-set
+        decides: a command and a stop are never both taken, and rank 0 never waits on a rank that is gone."""
+        stored = self.store.compare_set(f"command/{self.sent}", "", command.encode())
         self.sent += 1
+        return Command.decode(stored)
 
     def start_training(self, model_name: str, task: TrainTask, model: torch.nn.Module) -> None:
-        """Rank 0: the others are told to train `task`, then get the weights rank 0 loaded (shared and private)."""
-        self.post(Command("train", model_name, task.train, task.seed))
-        self.ranks.broadcast_model(model)
+        """Rank 0: the others are told to train `task`, then get the weights rank 0 loaded (shared and private);
+        TrainingInterrupted when a rank stopped first (it ends: all stop), RanksLost when a rank is gone."""
+        if self._claim(Command("train", model_name, task.train, task.seed)).kind == "stop":
+            raise TrainingInterrupted(f"rank 0: a rank stopped before task {task.task_id}")
+        try:
+            self.ranks.broadcast_model(model)
+        except (RuntimeError, dist.DistError) as e:
+            raise RanksLost(f"rank 0: the other ranks did not take the weights of task {task.task_id}: {e}") from e
 
     def stop(self, exit_code: int) -> None:
         """Rank 0: the others end with `exit_code` (they may be gone already)."""
         try:
-            self.post(Command("stop", exit_code=exit_code))
+            self._claim(Command("stop", exit_code=exit_code))
         except (RuntimeError, dist.DistError) as e:
             log.warning("rank 0: could not tell the other ranks to stop: %s", e)
 
     # --- the other ranks ------------------------------------------------------------------------------------
-    def next_command(self) -> Command:
-        """Rank 0's next command; RanksLost when the store is gone (rank 0 served it and died). A rank asked to
-        stop while it waits still waits for it: rank 0 may be about to send a task, whose training then stops
-        at its first step on every rank, and rank 0 ends the others once it is through."""
+    def next_command(self, stopped: threading.Event | None = None) -> Command:
+        """Rank 0's next command; RanksLost when the store is gone (rank 0 served it and died). Once `stopped` is
+        set as this rank waits, it claims the next command's place with a stop (exit code 0) and returns that, or
+        the command rank 0 posted first: a task then trains, and stops at its first step on every rank. A rank
+        stopped alone thus ends at once, and its launcher ends the others."""
         key = f"command/{self.sent}"
-        while True:
-            try:
-                if self.store.check([key]):
-                    self.sent += 1
-                    return Command.decode(self.store.get(key))
-            except (RuntimeError, dist.DistError) as e:
-                raise RanksLost(f"rank {self.ranks.rank}: rank 0's store is gone: {e}") from e
-            time.sleep(POLL_SECONDS)
+        try:
+            while not self.store.check([key]):
+                if stopped is not None and stopped.is_set():
+                    return self._claim(Command("stop"))
+                time.sleep(POLL_SECONDS)
+            self.sent += 1
+            return Command.decode(self.store.get(key))
+        except (RuntimeError, dist.DistError) as e:
+            raise RanksLost(f"rank {self.ranks.rank}: rank 0's store is gone: {e}") from e
 
     def close(self) -> None:
         if dist.is_initialized():

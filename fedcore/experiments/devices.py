@@ -11,6 +11,7 @@ processes use the same number of torch threads (`--threads`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -39,8 +40,9 @@ from fedcore.model.unet import build_model
 
 def parse_devices(given: str | Sequence[str]) -> tuple[str, ...]:
     """`cuda:0,cuda:1` or `cpu,cpu` (or a list of names) -> the devices, one training process each; ValueError
-    naming the entry that is no device of this machine, or devices of two kinds (a client's bytes would then
-    depend on which process trained it). A name may repeat: `cpu,cpu` is two processes on the CPU."""
+    naming the entry that is no device of this machine, devices of two kinds (a client's bytes would then
+    depend on which process trained it), or more devices than this machine has CPUs (each process takes one at
+    least). A name may repeat: `cpu,cpu` is two processes on the CPU."""
     names = [s.strip() for s in given.split(",")] if isinstance(given, str) else [str(s).strip() for s in given]
     devices = []
     for name in names:
@@ -51,6 +53,9 @@ def parse_devices(given: str | Sequence[str]) -> tuple[str, ...]:
             raise ValueError(f"device {name!r}: {problem}")
         device = torch.device(name)
         devices.append(f"{device.type}:0" if device.type == "cuda" and device.index is None else str(device))
+    cpus = os.cpu_count() or 1
+    if len(devices) > cpus:
+        raise ValueError(f"{len(devices)} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}")
     kinds = sorted({torch.device(d).type for d in devices})
     if len(kinds) > 1:
         raise ValueError(f"devices of kinds {', '.join(kinds)}: a client's model would depend on which one trained it; give devices of one kind")

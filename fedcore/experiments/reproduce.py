@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -315,17 +316,35 @@ def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n:
 # One cell
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the cores torch uses, e.g. "cpu: AMD EPYC, 2 threads"."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def _cpu_model() -> str:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"cpu: {model}, {torch.get_num_threads()} threads"
+                return line.split(":", 1)[1].strip()
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the cores torch uses, e.g. "cpu: AMD EPYC, 2 threads"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def devices_label(evaluation: torch.device, pool: DevicePool | None) -> str:
+    """Where a cell ran: `device_name` of the evaluation device when its clients trained in this process; else
+    the devices of the pool's training processes ("cpu x2: AMD EPYC, 1 thread each", "NVIDIA H100 x2"), and the
+    evaluation device when it is of another kind."""
+    if pool is None:
+        return device_name(evaluation)
+    kind = torch.device(pool.devices[0]).type
+    if kind == "cuda":
+        names = Counter(torch.cuda.get_device_name(torch.device(d)) for d in pool.devices)
+        label = ", ".join(name if n == 1 else f"{name} x{n}" for name, n in names.items())
+    else:
+        label = f"{kind} x{len(pool.devices)}: {_cpu_model()}, {pool.threads} thread{'s' if pool.threads > 1 else ''} each"
+    return label if evaluation.type == kind else f"{label}; evaluation on {device_name(evaluation)}"
 
 
 def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
@@ -381,7 +400,7 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     save_grid(next(iter(final.images.values()))[:64], sim.out_dir / "samples.png")
     if not all(math.isfinite(f) for f in final.fds.values()):
         log(f"[{cell.key}] warning: non-finite FD {final.fds}")
-    return _cell_result(cfg, cell, sim, evaluator, final, points)
+    return _cell_result(cfg, cell, sim, evaluator, final, points, devices_label(evaluator.device, pool))
 
 
 def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None], pool: DevicePool | None) -> Simulation:
@@ -416,8 +435,11 @@ def _curve_point(sim: Simulation, p: Protocol, seed: int, evaluator: Evaluator, 
     return point
 
 
-def _cell_result(cfg: ReproduceConfig, cell: Cell, sim: Simulation, evaluator: Evaluator, final: RoundScores, points: Mapping[int, CurvePoint]) -> CellResult:
-    """The cell's results line, from its settings, its final scores, its round log and its curve points."""
+def _cell_result(
+    cfg: ReproduceConfig, cell: Cell, sim: Simulation, evaluator: Evaluator, final: RoundScores, points: Mapping[int, CurvePoint], device: str
+) -> CellResult:
+    """The cell's results line, from its settings, its final scores, its round log, its curve points and where it
+    ran (`devices_label`)."""
     p = cfg.protocol
     rounds = round_records(sim.out_dir / ROUNDS_LOG)
     last = rounds[-1]
@@ -436,7 +458,7 @@ def _cell_result(cfg: ReproduceConfig, cell: Cell, sim: Simulation, evaluator: E
         reference=ReferenceSet(evaluator.reference.dataset, evaluator.reference.count), samples=p.samples, sampler=f"{p.sampler}-{steps}",
         parameters_exchanged=last.cumulative_parameters, full_fedavg_parameters=last.cumulative_full_fedavg_parameters,
         reduction_vs_full=last.reduction_so_far, train_seconds=round(train_seconds, 1), eval_seconds=round(eval_seconds, 1),
-        wall_seconds=round(train_seconds + eval_seconds, 1), device=device_name(evaluator.device),
+        wall_seconds=round(train_seconds + eval_seconds, 1), device=device,
         date=datetime.now(UTC).strftime("%Y-%m-%d"), torch=torch.__version__, losses=tuple(r.mean_loss for r in rounds),
         cumulative_parameters=tuple(r.cumulative_parameters for r in rounds),
         curve=tuple(replace(pt, fd_per_model=None) for _, pt in sorted(points.items())),

@@ -118,7 +118,7 @@ class CellResult:
     train_seconds: float
     eval_seconds: float
     wall_seconds: float
-    device: str  # device_name(): the GPU's name, or "cpu: MODEL, N threads"
+    device: str  # devices_label(): the GPU's name or "cpu: MODEL, N threads"; with --devices, the training processes' ("cpu x2: MODEL, 1 thread each")
     date: str  # YYYY-MM-DD, UTC
     torch: str  # torch.__version__
     losses: tuple[float, ...]  # mean local loss of each round

@@ -68,6 +68,8 @@ def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_
         assert rows["parallel"][key] == rows["sequential"][key], key
     curves = {run: [{k: v for k, v in point.items() if k != "seconds"} for point in row["curve"]] for run, row in rows.items()}
     assert curves["parallel"] == curves["sequential"]
+    model = rows["sequential"]["device"].removeprefix("cpu: ").rsplit(", ", 1)[0]
+    assert rows["parallel"]["device"] == f"cpu x2: {model}, 1 thread each", rows["parallel"]["device"]
 
 
 # --- a process that fails ends the run ------------------------------------------------------------------------
@@ -172,6 +174,20 @@ def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: 
     assert code == 2
     assert err.startswith(f"feddiff {command}: error: --devices = 'cpu,cuda:5': expected a comma list of devices") and "device 'cuda:5'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "reproduce"])
+def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cpus = os.cpu_count() or 1
+    given = ",".join(["cpu"] * (cpus + 1))
+    code = main([command, "--devices", given, "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff {command}: error: --devices = {given!r}: expected a comma list of devices"), err
+    assert f"{cpus + 1} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}" in err, err
+    assert not (tmp_path / "out").exists()
+    assert len(parse_devices(["cpu"] * cpus)) == cpus
 
 
 def test_simulate_takes_devices_or_a_device_not_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,9 +7,11 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedcore.experiments import report
@@ -282,3 +284,18 @@ def test_a_compressed_cell_is_its_own_line_and_folder_and_row_beside_its_plain_o
     assert line.startswith(f"| mini | udec | iid | `topk:0.05+int8` | {coded.payload_bytes / 1e6:,.1f} MB | {fewer:.1f}x |")
     assert f"| {coded.fd_mean / plain.fd_mean:.2f}x |" in line
     assert [row for row in md.splitlines() if row.startswith("| udec | iid |")] != []  # the plain row stays in the grid's table
+
+
+def test_the_device_label_names_the_training_processes_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --devices the clients train in the pool's processes: the label names them, not the default device."""
+    from fedcore.experiments import reproduce
+
+    monkeypatch.setattr(reproduce, "_cpu_model", lambda: "Some CPU")
+    monkeypatch.setattr(reproduce.torch.cuda, "get_device_name", lambda d: "NVIDIA H100")
+    cpu = torch.device("cpu")
+
+    assert reproduce.devices_label(cpu, None).startswith("cpu: Some CPU, ")
+    assert reproduce.devices_label(cpu, SimpleNamespace(devices=("cpu", "cpu"), threads=1)) == "cpu x2: Some CPU, 1 thread each"  # type: ignore[arg-type]
+    assert reproduce.devices_label(cpu, SimpleNamespace(devices=("cpu",) * 3, threads=4)) == "cpu x3: Some CPU, 4 threads each"  # type: ignore[arg-type]
+    on_gpus = reproduce.devices_label(cpu, SimpleNamespace(devices=("cuda:0", "cuda:1"), threads=1))  # type: ignore[arg-type]
+    assert on_gpus.startswith("NVIDIA H100 x2; evaluation on cpu: Some CPU, "), on_gpus

@@ -147,3 +147,38 @@ def test_sampling_settings_are_checked_at_start_and_for_each_evaluate_task() -> 
 def test_a_simulation_refuses_the_same_ranges() -> None:
     with pytest.raises(SettingsError, match=r"lr = 10000.0: expected a number in \(0, 1\)"):
         FederationConfig.from_settings(strategy="udec", model="tiny", rounds=1, clients_per_round=0, seed=0, epochs=1, batch_size=8, lr=1e4, loss="huber")
+
+
+# --- which settings were given ------------------------------------------------------------------------------
+
+
+def test_a_setting_given_at_its_default_value_is_not_shown_as_the_default(tmp_path) -> None:
+    """'--min-workers 2 (the default)' told a user who passed --min-workers 2 that the flag went unseen."""
+    not_given = CoordinatorConfig.load(None, {"min_workers": None})
+    flag = CoordinatorConfig.load(None, {"min_workers": "2"})
+    config_file = tmp_path / "coordinator.yaml"
+    config_file.write_text("min-workers: 2\n")
+    from_file = CoordinatorConfig.load(config_file, {})
+
+    assert not_given.min_workers == flag.min_workers == from_file.min_workers == 2
+    assert settings.shown(not_given, "min_workers") == "--min-workers 2 (the default)"
+    assert settings.shown(flag, "min_workers") == settings.shown(from_file, "min_workers") == "--min-workers 2"
+    assert settings.shown(flag, "heartbeat_timeout", "s") == "--heartbeat-timeout 30 s (the default)"
+    assert settings.given(flag) == frozenset({"min_workers"})
+
+
+def test_the_checks_of_a_config_being_built_know_what_was_given() -> None:
+    with pytest.raises(SettingsError, match=r"^--min-workers 2 is more than the 1 workers in --worker-sizes"):
+        CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=5", "min_workers": "2"})
+    with pytest.raises(SettingsError, match=r"^--min-workers 2 \(the default\) is more than the 1 workers in --worker-sizes"):
+        CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=5"})
+
+
+def test_a_replaced_config_keeps_what_was_given_and_one_built_in_code_compares_with_the_defaults() -> None:
+    cfg = build(Outer, {"count": "1"})
+    replaced = settings.replace(cfg, rate=0.25)
+
+    assert replaced.rate == 0.25 and settings.given(replaced) == frozenset({"count"})
+    assert not settings.is_default(replaced, "count") and settings.is_default(replaced, "rate")
+    assert settings.given(Outer(count=1)) is None and settings.is_default(Outer(count=1), "count")
+    assert not settings.is_default(Outer(count=2), "count")

@@ -3,6 +3,7 @@ type or refused at start in one line that names the flag, the value and what was
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from typing import Any, Literal, get_origin, get_type_hints
 
@@ -121,6 +122,23 @@ def test_nproc_per_node_takes_a_number_of_ranks_or_gpu(value: str, capsys) -> No
 def test_nproc_per_node_gpu_is_refused_on_a_host_without_one(capsys) -> None:
     assert main([*BASE, "--nproc-per-node", "gpu"]) == 2
     assert "--nproc-per-node = 'gpu'" in capsys.readouterr().err
+
+
+def test_more_cpu_ranks_than_the_host_has_cpus_are_refused_naming_the_value_and_the_cap(capsys) -> None:
+    cpus = os.cpu_count() or 1
+    for value in (str(cpus + 1), "100000"):
+        assert main([*BASE, "--nproc-per-node", value, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"--nproc-per-node {value} asks for more ranks than this host's {cpus} CPUs" in err and f"give at most {cpus}" in err, err
+    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", str(cpus), "--device", "cpu"]), {"device": "cpu"})
+    assert cfg.ranks_per_node == cpus
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_more_ranks_than_cpus_on_the_default_device_of_a_host_without_gpus_are_refused(capsys) -> None:
+    assert main([*BASE, "--nproc-per-node", "100000"]) == 2
+    assert f"--nproc-per-node 100000 asks for more ranks than this host's {os.cpu_count() or 1} CPUs" in capsys.readouterr().err
 
 
 def test_several_cpu_ranks_are_a_setting_and_the_collective_timeout_a_number_of_seconds() -> None:

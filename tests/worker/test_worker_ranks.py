@@ -15,8 +15,8 @@ import torch
 from fedcore.model.parts import Part
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file, save_file
-from feddiff.local import LocalCluster, sample, scrape, status, wait_for_state
-from tests.reliability.support import ENV, LIVENESS, TINY, metric, rounds_log, wait_until
+from feddiff.local import LocalCluster, Process, sample, scrape, status, wait_for_state
+from tests.reliability.support import ENV, LIVENESS, RUN, TINY, metric, rounds_log, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -142,10 +142,9 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     """SIGTERM to the launcher while its ranks train: torch's launcher forwards it, the ranks agree to stop at
     the same step (a stop asked of any rank stops all), rank 0 leaves the session, and the worker exits 0."""
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN[:4], "--epochs", "50", "--batch-size", "16", "--min-workers", "1")
+        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1")
         worker = cluster.shard_worker(coord.ready["address"], 0, 1, "--max-images", "200", "--nproc-per-node", "2", keep_running=False, ready_timeout=120)
-        port = worker.ready["metrics_port"]
-        wait_until(lambda: metric(port, "feddiff_parameters_total", direction="down", part="decoder"), "round 1's weights", 60, [coord, worker])
+        wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
         worker.proc.send_signal(signal.SIGTERM)
         exit_code = worker.proc.wait(30)
         log = worker.output()
@@ -153,3 +152,61 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     assert exit_code == 0, log[-3000:]
     assert "worker client-0: training interrupted" in log and "rank 1: training interrupted" in log, log[-3000:]
     assert left and all(_gone(pid) for pid in worker.ready["rank_pids"])
+
+
+def _waiting_worker(cluster: LocalCluster, *flags: str, training: bool = False) -> tuple[Process, Process]:
+    """A coordinator and one worker (of `flags`): in its long poll (the coordinator waits for a second worker),
+    or `training` round 1 (for minutes)."""
+    run = [*TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1"] if training else [*RUN, "--min-workers", "2"]
+    coord = cluster.coordinator("--insecure", *run)
+    worker = cluster.shard_worker(coord.ready["address"], 0, 2, "--max-images", "200" if training else "40", *flags, keep_running=False, ready_timeout=120)
+    if training:
+        wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
+    else:
+        wait_until(lambda: "worker client-0: joined" in worker.output(), "the worker joined", 60, [coord, worker])
+        time.sleep(1)  # well into its first long poll
+    return coord, worker
+
+
+def _stopped_after(worker: Process, pid: int, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, float]:
+    """`sig` to `pid`: the worker's exit code and the seconds it took to exit."""
+    sent = time.monotonic()
+    os.kill(pid, sig)
+    exit_code = worker.proc.wait(timeout)
+    return exit_code, time.monotonic() - sent
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_stops_a_worker_in_its_long_poll_at_once_and_it_leaves(tmp_path: Path, ranks: int) -> None:
+    """SIGTERM to a worker (one process, or the launcher of 2 ranks) that waits in a 30 s long poll: the poll is
+    cancelled, the worker leaves the session and exits 0 within seconds, every rank gone."""
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        coord, worker = _waiting_worker(cluster, "--nproc-per-node", str(ranks))
+        exit_code, took = _stopped_after(worker, worker.proc.pid)
+        log = worker.output()
+        left = wait_until(lambda: int(status(coord.ready["address"])["workers_connected"]) == 0 or None, "the worker gone", 10)
+    assert exit_code == 0 and took < 8, f"exit code {exit_code} after {took:.1f}s (the long poll lasts 30 s):\n{log[-3000:]}"
+    assert "worker client-0: stopped" in log and left
+    assert all(_gone(pid) for pid in worker.ready.get("rank_pids", [worker.proc.pid]))
+
+
+@pytest.mark.parametrize(("rank", "training"), [(1, False), (0, False), (1, True)])
+def test_sigterm_to_one_rank_ends_the_worker_naming_the_rank_and_the_signal(tmp_path: Path, rank: int, training: bool) -> None:
+    """SIGTERM to one rank of a 2-rank worker (not to its launcher), as it waits for its next task or as it
+    trains: that rank stops (training stops on both at the same step) and ends by the signal, the launcher ends
+    the other rank and exits 1 with one line naming the rank and the signal, long before the collective timeout."""
+    timeout = 60
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        _, worker = _waiting_worker(cluster, "--nproc-per-node", "2", "--collective-timeout", str(timeout), training=training)
+        pids = worker.ready["rank_pids"]
+        exit_code, took = _stopped_after(worker, pids[rank], timeout=timeout)
+        log = worker.output()
+    assert exit_code == 1 and took < 15, f"exit code {exit_code} after {took:.1f}s:\n{log[-3000:]}"
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert errors == [
+        f"{errors[0][:8]} ERROR feddiff.worker: worker: rank {rank} of 2 (pid {pids[rank]}) ended by signal SIGTERM; the other ranks were stopped"
+    ], log
+    assert "Traceback" not in log, log
+    if training:
+        assert "worker client-0: training interrupted" in log and "rank 1: training interrupted" in log, log[-3000:]
+    wait_until(lambda: all(_gone(p) for p in pids), "every rank gone", 10)
