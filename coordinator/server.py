@@ -305,9 +305,9 @@ class Coordinator:
             ready = {"address": self.address, "metrics_port": self.metrics_port, "health_port": self.health_port, "pid": os.getpid()}
             atomic_write_json(self.cfg.ready_file, ready)
         log.info(
-            "coordinator serving on %s (metrics on :%s), %s on %s for %d rounds",
+            "coordinator serving on %s (%s), %s on %s for %d rounds",
             self.address,
-            self.metrics_port,
+            "metrics off" if self.metrics_port is None else f"metrics on :{self.metrics_port}",
             self.cfg.strategy,
             self.cfg.model,
             self.cfg.rounds,
