@@ -275,5 +275,8 @@ def test_a_resume_with_nothing_to_resume_is_refused(folder: str, tmp_path: Path,
 
     assert main(["simulate", "--model", "tiny", "--rounds", "1", "--max-images", "64", "--device", "cpu", "--resume", "--out", str(out)]) == 2
 
-    assert capsys.readouterr().err == f"feddiff simulate: error: --resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there\n"
+    assert (
+        capsys.readouterr().err
+        == f"feddiff simulate: error: --resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there\n"
+    )
     assert sorted(tmp_path.rglob("*")) == ([out] if folder == "empty" else [])
