@@ -137,7 +137,10 @@ class CoordinatorConfig:
     heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
     progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
     ready_file: ReadyFile = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
-    resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    resume: bool = False  # continue the run in checkpoint_dir; refused when it holds none (nothing to resume)
+    # Continue the run in checkpoint_dir when it holds one, else start a new run there: for a process manager
+    # that starts the same command every time (a Kubernetes Deployment, compose's restart policy)
+    resume_or_start: bool = False
     exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
     # Attempts of one round in a row that nothing could close (no update accepted, every missing update refused by
     # its worker, or an average that is not finite) before the run stops, naming the round and the likely cause
@@ -189,10 +192,15 @@ class CoordinatorConfig:
 
     def resumable(self) -> dict[str, Any]:
         """The settings a resumed run may change (all but those that define it, `FederationConfig.DEFINING`, and
-        the start-only `resume` and `init_from`), by name: checkpoints carry them so that a resume can say which
-        changed."""
-        fixed = {*FederationConfig.DEFINING, "resume", "init_from"}
+        the start-only `resume`, `resume_or_start` and `init_from`), by name: checkpoints carry them so that a
+        resume can say which changed."""
+        fixed = {*FederationConfig.DEFINING, "resume", "resume_or_start", "init_from"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed}
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this start goes on with the run in checkpoint_dir when there is one (--resume, --resume-or-start)."""
+        return self.resume or self.resume_or_start
 
     @property
     def robust(self) -> RobustConfig:

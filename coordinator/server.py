@@ -114,9 +114,10 @@ def add_port(server: grpc.aio.Server, flag: str, address: str, credentials: grpc
 
 def build_federation(cfg: CoordinatorConfig) -> Federation:
     """A fresh federation (its global model seeded, or read from --init-from), or the one in checkpoint_dir
-    with --resume; it only reads. ValueError when --init-from is not a model of the preset; ExistingRun when
-    checkpoint_dir holds a run and --resume was not given."""
-    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resume else None
+    with --resume (or --resume-or-start); it only reads. ValueError when --init-from is not a model of the
+    preset, or when there is no run to resume (`check_resumable`); ExistingRun when checkpoint_dir holds a run
+    and neither was given."""
+    federation = Federation.restore(cfg.federation, cfg.checkpoint_dir, robust=cfg.robust) if cfg.resuming else None
     if federation is not None:
         log.info("resuming after round %d from %s", federation.completed_rounds, cfg.checkpoint_dir)
         if cfg.init_from:
@@ -124,12 +125,11 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         _log_changes(federation.settings, cfg.resumable())
         federation.settings = cfg.resumable()
         return federation
-    found = None if cfg.resume else checkpoint.run_in(cfg.checkpoint_dir)
-    if found:
-        default = " (the default)" if settings.is_default(cfg, "checkpoint_dir") else ""
-        raise ExistingRun(f"{cfg.checkpoint_dir}{default}", found, "--checkpoint-dir")
-    if cfg.resume:
-        log.warning("--resume: no checkpoint in %s, starting from round 1", cfg.checkpoint_dir)
+    found = checkpoint.run_in(cfg.checkpoint_dir)
+    if found and not cfg.resuming:
+        raise ExistingRun(_shown_dir(cfg), found, "--checkpoint-dir")
+    if cfg.resuming:
+        check_resumable(cfg, found)
     if not cfg.init_from:
         return Federation(cfg.federation, robust=cfg.robust, settings=cfg.resumable())
     try:
@@ -138,6 +138,42 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         raise ValueError(f"--init-from {e}") from None
     log.info("global model of round 1: %s", cfg.init_from)
     return Federation(cfg.federation, global_state=initial, robust=cfg.robust, settings=cfg.resumable())
+
+
+def check_resumable(cfg: CoordinatorConfig, found: str | None) -> None:
+    """With --resume (or --resume-or-start) and no checkpoint in checkpoint_dir: go on only with a run that
+    began there and committed no round yet (its run id saved, killed before its first checkpoint: it starts
+    again from round 1), or with --resume-or-start in a folder that holds nothing of a run (a new run starts).
+    ValueError, in one line naming the folder, for anything else: --resume with nothing to resume (a missing or
+    empty folder), or files of a run (`found`) that no checkpoint commits, which a new run would write over."""
+    directory = Path(cfg.checkpoint_dir)
+    strict = not cfg.resume_or_start  # --resume alone
+    flag = "--resume" if strict else "--resume-or-start"
+    try:
+        begun = checkpoint.load_run_id(directory)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if begun is not None:
+        log.warning("%s: run %s in %s committed no round before it stopped: it starts again from round 1", flag, begun, directory)
+        return
+    if found:
+        raise ValueError(
+            f"{flag}: --checkpoint-dir {_shown_dir(cfg)} holds no checkpoint to resume (no {checkpoint.STATE_FILE}), only files of a run "
+            f"({found}): move them away, or give another --checkpoint-dir for a new run; nothing in it was changed"
+        )
+    if not strict:
+        log.info("--resume-or-start: no run in %s, starting a new one", directory)
+        return
+    where = "does not exist" if not directory.exists() else f"holds no checkpoint (no {checkpoint.STATE_FILE})"
+    raise ValueError(
+        f"--resume: --checkpoint-dir {_shown_dir(cfg)} {where}: there is nothing to resume; drop --resume to start a new run there"
+        + ("" if not directory.exists() else "; nothing in it was changed")
+    )
+
+
+def _shown_dir(cfg: CoordinatorConfig) -> str:
+    """checkpoint_dir as messages name it: "(the default)" when the user never gave it."""
+    return f"{cfg.checkpoint_dir}{' (the default)' if settings.is_default(cfg, 'checkpoint_dir') else ''}"
 
 
 def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
@@ -152,14 +188,14 @@ def run_of(cfg: CoordinatorConfig) -> tuple[str, bool]:
     """The run's id, and whether it is new (to be saved by `save_run`): with --resume the one saved in the
     checkpoint dir, else a new one. A run resumed from a checkpoint that predates run ids gets one now."""
     try:
-        run_id = checkpoint.load_run_id(cfg.checkpoint_dir) if cfg.resume else None
+        run_id = checkpoint.load_run_id(cfg.checkpoint_dir) if cfg.resuming else None
     except ValueError as e:
         raise ValueError(f"--resume: {e}") from None
     if run_id is not None:
         log.info("run %s, resumed", run_id)
         return run_id, False
     run_id = checkpoint.new_run_id()
-    log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resume and checkpoint.run_in(cfg.checkpoint_dir) else "")
+    log.info("run %s%s", run_id, " (the checkpoint had no run id)" if cfg.resuming and checkpoint.run_in(cfg.checkpoint_dir) else "")
     return run_id, True
 
 
@@ -269,9 +305,9 @@ class Coordinator:
             ready = {"address": self.address, "metrics_port": self.metrics_port, "health_port": self.health_port, "pid": os.getpid()}
             atomic_write_json(self.cfg.ready_file, ready)
         log.info(
-            "coordinator serving on %s (metrics on :%s), %s on %s for %d rounds",
+            "coordinator serving on %s (%s), %s on %s for %d rounds",
             self.address,
-            self.metrics_port,
+            "metrics off" if self.metrics_port is None else f"metrics on :{self.metrics_port}",
             self.cfg.strategy,
             self.cfg.model,
             self.cfg.rounds,

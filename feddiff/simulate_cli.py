@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedcore import flags, settings
 from fedcore.data.shards import DataConfig
 from fedcore.data.splits import SplitKind
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.simulation import SimulationConfig
+from fedcore.federation.checkpoint import STATE_FILE
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
@@ -69,7 +71,7 @@ MEANING = {
     **SPEED_MEANING,
     "clients": "K; --clients 1 --strategy full is the centralised baseline",
     "out": "output folder: rounds.jsonl and checkpoints",
-    "resume": "continue the run in --out from its last checkpoint",
+    "resume": "continue the run in --out from its last checkpoint (refused when there is none)",
     "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors",
     "devices": DEVICES_MEANING,
 }
@@ -87,6 +89,8 @@ def simulate(args: argparse.Namespace) -> int:
     from fedcore.experiments.simulation import Simulation
 
     cfg = flags.build(SimulateConfig, args, speed=speed_values(args))
+    if cfg.resume:
+        _check_resumable(Path(cfg.out))
     try:
         with device_pool(cfg.devices or (), cfg.speed) as pool:
             if pool is not None:
@@ -98,6 +102,15 @@ def simulate(args: argparse.Namespace) -> int:
         return 1
     print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out}")
     return 0
+
+
+def _check_resumable(out: Path) -> None:
+    """ValueError, naming --out, when --resume finds no checkpoint there: a new run would start from round 1
+    as if --resume had not been given."""
+    if (out / STATE_FILE).is_file():
+        return
+    where = "does not exist" if not out.exists() else f"holds no checkpoint (no {STATE_FILE})"
+    raise ValueError(f"--resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there")
 
 
 COMMANDS = {"simulate": Command(add_simulate_flags, simulate)}

@@ -260,3 +260,23 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused(runs) -> None:
     with pytest.raises(ExistingRun, match=rf"--out {folder} holds a run \(2 rounds completed \(state.json\)\): pass --resume"):
         Simulation.create(_config(Strategy.USPLIT), folder, log=lambda _: None)
     assert {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()} == before
+
+
+@pytest.mark.timeout(60)  # a run that is not refused trains for its rounds
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_a_resume_with_nothing_to_resume_is_refused(folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`feddiff simulate --resume` on a folder without a checkpoint started a new run there from round 1."""
+    from feddiff.cli import main
+
+    out = tmp_path / "run"
+    if folder == "empty":
+        out.mkdir()
+    where = "holds no checkpoint (no state.json)" if folder == "empty" else "does not exist"
+
+    assert main(["simulate", "--model", "tiny", "--rounds", "1", "--max-images", "64", "--device", "cpu", "--resume", "--out", str(out)]) == 2
+
+    assert (
+        capsys.readouterr().err
+        == f"feddiff simulate: error: --resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there\n"
+    )
+    assert sorted(tmp_path.rglob("*")) == ([out] if folder == "empty" else [])

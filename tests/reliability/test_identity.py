@@ -4,10 +4,13 @@ installation takes its session over at once; two processes on one state dir are 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,43 @@ def test_a_second_installation_of_a_live_worker_id_is_refused_counted_and_the_fi
         twin.join()
         assert _joins(coord, "accepted") == 2
         assert [r.info.installation_id for r in coord.registry.connected()] == [SECOND]
+
+
+def _join_after(barrier: threading.Barrier, worker: RawWorker) -> grpc.RpcError | None:
+    """Join once every thread of `barrier` is ready; the refusal, or None."""
+    barrier.wait(timeout=10)
+    try:
+        worker.join()
+    except grpc.RpcError as e:
+        return e
+    return None
+
+
+def test_two_installations_joining_as_one_id_at_once_get_one_session_and_one_refusal(
+    coordinator: tuple[Coordinator, tuple[tuple[str, str], ...]],
+) -> None:
+    """Two worker processes started together under one --worker-id (a copied config): their joins race. Each
+    time exactly one gets the id; the other is refused with ALREADY_EXISTS naming the id and the winner's
+    installation, and the winner's session goes on untouched."""
+    coord, metadata = coordinator
+    attempts = 10
+    with grpc.insecure_channel(coord.address) as channel, ThreadPoolExecutor(2) as pool:
+        for attempt in range(attempts):
+            twins = [RawWorker(channel, "hospital-1", metadata=metadata, installation_id=i, instance_id=f"p{attempt}-{i[0]}") for i in (FIRST, SECOND)]
+            outcomes = list(pool.map(functools.partial(_join_after, threading.Barrier(2)), twins))
+
+            [(winner, _)] = [(w, e) for w, e in zip(twins, outcomes, strict=True) if e is None]
+            [refused] = [e for e in outcomes if e is not None]
+            assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert (refused.details() or "").startswith(
+                f"duplicate_worker: worker id 'hospital-1' is held by a live session of another installation (installation '{winner.installation_id[:12]}'"
+            )
+            winner.stub.Heartbeat(pb.HeartbeatRequest(session_id=winner.session_id), timeout=10, metadata=metadata)
+            assert [(r.worker_id, r.info.installation_id, r.info.instance_id) for r in coord.registry.connected()] == [
+                ("hospital-1", winner.installation_id, winner.instance_id)
+            ]
+            winner.stub.Leave(pb.LeaveRequest(session_id=winner.session_id), timeout=10, metadata=metadata)  # the id is free for the next pair
+    assert (_joins(coord, "accepted"), _joins(coord, "duplicate_worker")) == (attempts, attempts)
 
 
 def test_a_restart_of_the_same_installation_takes_its_session_over_at_once(

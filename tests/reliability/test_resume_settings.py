@@ -1,7 +1,7 @@
 """What a resume may change, with real processes: `--resume --rounds 3` after a run of 2 rounds runs one more
 round, logging each setting that changed; a resume with settings that define the run (strategy, lr, ...)
 is refused at start with exit status 2 and one line naming each of them, and nothing in the checkpoint dir
-changes."""
+changes. `--resume` with nothing to resume is refused the same way; `--resume-or-start` starts the run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.federation import checkpoint
-from feddiff.local import LocalCluster
+from feddiff.local import LocalCluster, status
 from tests.reliability.support import ENV, LIVENESS, RUN, rounds_log, start_workers
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -63,3 +63,30 @@ def test_a_resume_extends_the_rounds_and_refuses_settings_that_define_the_run(tm
     saved = checkpoint.load_run(ckpt)
     assert saved is not None and saved[1].completed_rounds == 3 and saved[1].config["rounds"] == 3
     assert (ckpt / checkpoint.FINAL_MODEL).is_file()
+
+
+def test_a_resume_with_nothing_to_resume_is_refused_and_resume_or_start_begins_the_run(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"  # LocalCluster's
+    args = ["--insecure", *RUN, "--min-workers", "2", *LIVENESS]
+    refused = subprocess.run(
+        [sys.executable, "-m", "feddiff", "coordinator", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--checkpoint-dir", str(ckpt), *args, "--resume"],
+        check=False, capture_output=True, text=True, timeout=60, env={**os.environ, **ENV},
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"feddiff coordinator: error: --resume: --checkpoint-dir {ckpt} does not exist: there is nothing to resume; drop --resume to start a new run there"
+    ]
+    assert not ckpt.exists(), "the refused start created nothing"
+
+    with LocalCluster(tmp_path, env=ENV) as cluster:
+        started = cluster.coordinator(*args, "--resume-or-start", name="coordinator")
+        run_id = status(started.ready["address"])["run_id"]
+        assert started.stop() == 0, started.output()[-3000:]
+        again = cluster.coordinator(*args, "--resume", name="coordinator-again")  # stopped before its first round: the same run
+        assert status(again.ready["address"])["run_id"] == run_id
+        assert again.stop() == 0, again.output()[-3000:]
+
+    assert f"--resume-or-start: no run in {ckpt}, starting a new one" in started.output()
+    assert f"--resume: run {run_id} in {ckpt} committed no round before it stopped: it starts again from round 1" in again.output()
+    for log in (started.output(), again.output()):
+        assert log.count("coordinator serving on") == 1, log

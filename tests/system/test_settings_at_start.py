@@ -29,6 +29,7 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
+from feddiff.local import sample, scrape
 from tests.parsers import subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
@@ -445,6 +446,87 @@ def test_a_default_folder_that_holds_a_run_is_named_as_the_default(tmp_path: Pat
         "feddiff coordinator: error: --checkpoint-dir runs/coordinator (the default) holds a run (final.safetensors): pass --resume to continue it, "
         "or give another --checkpoint-dir for a new run"
     )
+
+
+@pytest.mark.timeout(60)  # a start that is not refused serves until stopped
+@pytest.mark.parametrize("folder", ["missing", "empty", "the default"])
+def test_a_resume_with_nothing_to_resume_is_refused_and_creates_nothing(
+    folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume` on a folder that holds no run started a new run there, as if --resume were not given: a typo
+    in --checkpoint-dir (or a volume not mounted) began the run again from round 1. Now it exits 2 naming the
+    folder and the way to a new run, and the folder is left as it was (still missing, still empty)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", "--resume"]
+    given = {"missing": tmp_path / "ckpt", "empty": tmp_path / "ckpt", "the default": Path("runs/coordinator")}[folder]
+    if folder == "empty":
+        given.mkdir()
+    shown, where = {
+        "missing": (given, "does not exist"),
+        "empty": (given, "holds no checkpoint (no state.json)"),
+        "the default": ("runs/coordinator (the default)", "does not exist"),
+    }[folder]
+    unchanged = "; nothing in it was changed" if folder == "empty" else ""
+
+    assert main([*argv, *(["--checkpoint-dir", str(given)] if folder != "the default" else [])]) == 2
+
+    assert capsys.readouterr().err == (
+        f"feddiff coordinator: error: --resume: --checkpoint-dir {shown} {where}: there is nothing to resume; drop --resume to start a new run there{unchanged}\n"
+    )
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == ([Path("ckpt")] if folder == "empty" else [])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", ["--resume", "--resume-or-start"])
+def test_files_of_a_run_that_no_checkpoint_commits_are_not_resumed_over(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A round log and a global model without state.json (nor the run id a coordinator saves at its start): a
+    resume found no checkpoint and started a new run over them."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "rounds.jsonl").write_text('{"round": 1}\n')
+    (folder / "global-r0001.safetensors").write_bytes(b"{}")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    argv = ["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--model", "tiny", flag, "--checkpoint-dir", str(folder)]
+
+    assert main(argv) == 2
+
+    assert capsys.readouterr().err == (
+        f"feddiff coordinator: error: {flag}: --checkpoint-dir {folder} holds no checkpoint to resume (no state.json), only files of a run "
+        "(global-r0001.safetensors, rounds.jsonl): move them away, or give another --checkpoint-dir for a new run; nothing in it was changed\n"
+    )
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+
+
+def test_resume_or_start_starts_a_new_run_where_there_is_none_and_goes_on_with_one_that_is_there(
+    tmp_path: Path, fashion_mnist_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """For a process manager that runs one command at every start: a new run in a missing folder; the same run,
+    its id kept, after a stop before its first round (--resume then goes on with it too); a checkpointed run
+    from its last round, with the run's gauges (rounds completed, bytes) restored from the first scrape."""
+    caplog.set_level(logging.INFO, "feddiff.coordinator")
+    with _coordinator(tmp_path, resume_or_start=True) as first:
+        run_id = first.run_id
+    assert "--resume-or-start: no run in" in caplog.text
+    with _coordinator(tmp_path, resume=True) as again:
+        assert again.run_id == run_id and again.federation.completed_rounds == 0
+    assert f"--resume: run {run_id} in {tmp_path / 'ckpt'} committed no round before it stopped: it starts again from round 1" in caplog.text
+
+    folder = tmp_path / "finished"
+    _finished_run(folder)
+    cfg = CoordinatorConfig(
+        model="tiny", strategy="udec", rounds=1, epochs=1, batch_size=32, lr=1e-3, min_workers=2, listen="localhost:0", metrics_port=0,
+        insecure=True, progress="off", checkpoint_dir=str(folder), resume_or_start=True,
+    )  # fmt: skip
+    coord = Coordinator(cfg, Metrics()).start()
+    try:
+        assert coord.metrics_port is not None
+        scraped = scrape(coord.metrics_port)
+    finally:
+        coord.stop(grace=0)
+    assert coord.federation.completed_rounds == 1
+    assert sample(scraped, "feddiff_round") == 1
+    assert sample(scraped, "feddiff_run_parameters", direction="down", part="decoder") > 0
+    assert sum(v for (name, _), v in scraped.items() if name == "feddiff_round_attempts_total") == 0, "this process's counters start at zero"
 
 
 def test_a_second_coordinator_on_a_checkpoint_dir_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
