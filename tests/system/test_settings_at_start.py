@@ -26,6 +26,7 @@ from coordinator.server import Coordinator
 from fedcore import settings
 from fedcore.errors import FieldOutOfRange
 from fedcore.model.training import SpeedConfig, TrainConfig
+from fedcore.payload.codecs import compression_codec
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
@@ -52,6 +53,7 @@ SENT = {
     (WorkerConfig, "wait_timeout"): ("WaitTaskRequest.timeout_ms", 1000),
 }
 SENT_OPEN = {(CoordinatorConfig, "lr"): "TrainSpec.lr"}  # a range open at its top, as the wire's
+SENT_IN_NAME = {(CoordinatorConfig, "compression_block"): "TrainSpec.compression"}  # travels inside the codec's name
 LOCAL = {
     (CoordinatorConfig, name)
     for name in (
@@ -91,7 +93,14 @@ def _upper(cls: type, name: str) -> float:
 def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
     """A new numeric setting fails here until someone has looked at what it feeds."""
     numeric = {*_numeric(CoordinatorConfig), *_numeric(WorkerConfig), *_numeric(SpeedConfig)}
-    assert numeric == set(SENT) | set(SENT_OPEN) | LOCAL
+    assert numeric == set(SENT) | set(SENT_OPEN) | set(SENT_IN_NAME) | LOCAL
+
+
+def test_the_largest_block_gives_a_codec_name_the_wire_takes() -> None:
+    ((setting, field),) = SENT_IN_NAME.items()
+    bound = bounds.BOUNDS[field]
+    longest = compression_codec("topk:0.000000000001+int8", int(_upper(*setting))).name
+    assert isinstance(bound, bounds.Text) and len(longest) <= bound.most, longest
 
 
 @pytest.mark.parametrize(("setting", "sent"), list(SENT.items()), ids=[f"{c.__name__}.{n}" for c, n in SENT])
