@@ -100,6 +100,8 @@ class WorkerDaemon:
             log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
         kept = self.state.load_residuals()
         self.residuals = kept[0] if kept else None  # error feedback of a lossy compression, from the last run
+        if kept:
+            log.info("worker %s: error-feedback residuals of round %d restored from %s", self.worker_id, kept[1], self.state_dir)
         self.runtime: ClientRuntime | None = None
         self.progress = TrainingProgress(self.worker_id, cfg.progress)
         self.rounds_done = 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
+from fedcore.errors import FeddiffError
 from fedcore.federation import checkpoint
 from fedcore.wire.bounds import RUN_ID, WORKER_ID
 from worker.metrics import Metrics
@@ -40,7 +41,8 @@ TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
 
 
 class StateDirError(ValueError):
-    """A state directory this process cannot use at all: in use by another worker process, or not writable."""
+    """A state directory this process cannot use at all: in use by another worker process, not writable, or a
+    saved file in it unreadable."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,14 @@ class StateDir:
 
     # --- private parts ---------------------------------------------------------------------------------------
     def load_private(self) -> tuple[dict[str, torch.Tensor], int] | None:
-        return checkpoint.load_private(self.path, PRIVATE_STEM)
+        """The newest private parts and their round count; StateDirError naming the file when it cannot be read."""
+        return self._load(PRIVATE_STEM, "the coordinator then sends this worker the whole model again")
+
+    def _load(self, stem: str, without: str) -> tuple[dict[str, torch.Tensor], int] | None:
+        try:
+            return checkpoint.load_private(self.path, stem)
+        except (FeddiffError, OSError) as e:
+            raise StateDirError(f"worker state in {self.path} cannot be read: {e}; move that file aside to start without it ({without})") from e
 
     # --- the run they belong to ------------------------------------------------------------------------------
     def enter_run(self, run_id: str) -> bool:
@@ -206,7 +215,8 @@ class StateDir:
 
     # --- error-feedback residuals ----------------------------------------------------------------------------
     def load_residuals(self) -> tuple[dict[str, torch.Tensor], int] | None:
-        return checkpoint.load_private(self.path, RESIDUAL_STEM)
+        """The newest error-feedback residuals and their round count; StateDirError naming the file when it cannot be read."""
+        return self._load(RESIDUAL_STEM, "the error feedback then starts afresh")
 
     def save_residuals(self, completed_rounds: int, tensors: dict[str, torch.Tensor]) -> bool:
         """Save the residuals of the update of round `completed_rounds` (atomically, as the private parts); a

@@ -70,7 +70,7 @@ MAX_INT32_ELEMENTS = 1 << 31  # top-k indices are int32 up to this many elements
 MAX_NAME = 64  # characters of a codec name; longer ones are refused unread
 _SAMPLE = 1 << 14  # elements sampled to narrow a large top-k (`_largest`)
 
-_GRAMMAR = f"none, bf16, int8[:B], int4[:B] or topk:F[+bf16|+int8[:B]|+int4[:B]] (B a block size in 1..{MAX_BLOCK}, F a fraction in (0, 1])"
+_GRAMMAR = f"none, bf16, int8[:B], int4[:B] or topk:F[+bf16|+int8[:B]|+int4[:B]] (B a block size in 1..{MAX_BLOCK}, F a fraction in (0, 1] written with digits and a point, as 0.05 or 1)"
 _BLOCK = re.compile(r"[1-9][0-9]{0,6}")
 _FRACTION = re.compile(r"[0-9]{1,3}(\.[0-9]{1,12})?")
 

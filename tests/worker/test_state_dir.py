@@ -248,3 +248,15 @@ def test_residuals_are_kept_beside_the_private_parts_across_a_restart(tmp_path: 
     assert residuals is not None and residuals[1] == 3
     assert all(torch.equal(residuals[0][n], t) for n, t in _private(3).items())
     assert private is not None and private[1] == 2 and all(torch.equal(private[0][n], t) for n, t in _private(1).items())
+
+
+@pytest.mark.parametrize("stem", ["private", "residual"])
+def test_a_corrupt_saved_file_is_an_error_naming_it_and_stays_as_it_was(tmp_path: Path, stem: str) -> None:
+    state = _open(tmp_path)
+    bad = tmp_path / f"{stem}-r0001.safetensors"
+    bad.write_bytes(b"garbage\n")
+    load = state.load_private if stem == "private" else state.load_residuals
+
+    with pytest.raises(StateDirError, match=rf"{bad.name}.*move that file aside"):
+        load()
+    assert bad.read_bytes() == b"garbage\n"
