@@ -113,7 +113,7 @@ class RobustConfig:
     def round_weights(self, claimed: Mapping[str, int]) -> RoundWeights:
         """The FedAvg weights of a round's clients from the images each claimed: at most its registered size,
         then at most `max_weight_share` of the round's sum (`capped_weights`)."""
-        granted = {c: min(n, self.registered.get(c, n)) for c, n in claimed.items()}
+        granted = {c: self.trained_images(c, n) for c, n in claimed.items()}
         weights = capped_weights(granted, self.max_weight_share)
         lowered = {
             c: tuple(b for b, lower in zip(WEIGHT_BOUNDS, (granted[c] < n, weights[c] < granted[c]), strict=True) if lower)
@@ -122,11 +122,15 @@ class RobustConfig:
         }
         return RoundWeights(weights, lowered)
 
-    def value_bound(self, train: TrainConfig, weight: int) -> float:
+    def trained_images(self, client: str, claimed: int) -> int:
+        """The images a client's training is taken to run over: its claim, at most its registered size."""
+        return min(claimed, self.registered.get(client, claimed))
+
+    def value_bound(self, train: TrainConfig, images: int) -> float:
         """The largest |value| of an update: `max_delta_value`, else what training as `train` says reaches on
-        `weight` images, the client's FedAvg weight in the round (`round_weights`: its claim, at most its
-        registered size and the share cap). A claim beyond the weight it is granted raises neither."""
-        return self.max_delta_value or delta_value_bound(train, weight)
+        `images` images (`trained_images`: its claim, at most its registered size). Not the share cap: that
+        lowers a large client's FedAvg weight, not the steps its honest training takes over all its images."""
+        return self.max_delta_value or delta_value_bound(train, images)
 
     @property
     def clips(self) -> bool:

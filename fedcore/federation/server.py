@@ -593,8 +593,9 @@ class OpenRound:
 
     def value_bound(self, client: str) -> float:
         """The largest |value| this client's update may hold (fedcore.federation.robust): what its training
-        reaches on the images it weighs in this round (its claim after the registered size and the share cap)."""
-        return self.federation.robust.value_bound(self.federation.config.train, self.weights[client])
+        reaches on the images it trains on (its claim, at most its registered size)."""
+        robust = self.federation.robust
+        return robust.value_bound(self.federation.config.train, robust.trained_images(client, self.num_examples[client]))
 
     def accept(self, client: str, payload: bytes | bytearray | memoryview, *, mean_loss: float, images_seen: int) -> AcceptedUpdate:
         """Check one client's delta and fold it in (clipped when the round clips); a refused update leaves the

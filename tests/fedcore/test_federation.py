@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -231,11 +232,9 @@ def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded()
     assert round_.accepted == ["alice"]
 
 
-@pytest.mark.parametrize(("registered", "share"), [({}, 0.5), ({"mallory": 30, "alice": 30}, 1.0)], ids=["share-cap", "registered"])
-def test_a_claim_beyond_the_weight_granted_raises_neither_the_weight_nor_the_value_bound(registered: dict[str, int], share: float) -> None:
-    """A worker claiming 2^32-1 images weighed what the share cap let it, but its values were bounded by its
-    claim (Adam's bound over 2^32-1 images of steps: millions); now by the weight it is granted."""
-    fed = _hostile_federation(max_weight_share=share, registered=registered)
+def test_a_claim_beyond_the_registered_size_raises_neither_the_weight_nor_the_value_bound() -> None:
+    """A worker claiming 2^32-1 images is bounded, in weight and in values, as the size registered for it."""
+    fed = _hostile_federation(max_weight_share=1.0, registered={"mallory": 30, "alice": 30})
     honest = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 30})
     round_ = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 2**32 - 1})
 
@@ -243,6 +242,19 @@ def test_a_claim_beyond_the_weight_granted_raises_neither_the_weight_nor_the_val
     assert round_.value_bound("mallory") == honest.value_bound("mallory") == pytest.approx(8 * 1e-4 * 5)
     with pytest.raises(ValueOutOfBounds):
         round_.accept("mallory", _filled(fed, 1.01 * honest.value_bound("mallory")), mean_loss=0.1, images_seen=30)
+
+
+def test_a_large_honest_worker_is_weighed_by_the_share_cap_but_its_values_bounded_by_its_images() -> None:
+    """Beside a worker of 2 images, one of 3,000 weighs 2 (the share cap) but trains 3,000 images' steps: its
+    honest values passed 8 lr x the 2-image steps, and were refused at every try, so the round never closed."""
+    fed = _hostile_federation(max_weight_share=0.5)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 2, "bob": 3000})
+    steps = 5 * math.ceil(3000 / 128)  # 5 epochs of batches of 128 (the default training)
+
+    assert round_.weights == {"alice": 2, "bob": 2}
+    assert round_.value_bound("bob") == pytest.approx(8 * 1e-4 * steps)
+    round_.accept("bob", _filled(fed, 1e-4 * steps), mean_loss=0.1, images_seen=5 * 3000)  # one lr per step, 12x the 2-image bound
+    assert round_.accepted == ["bob"]
 
 
 def test_a_task_downloaded_again_adds_nothing_to_the_run_traffic() -> None:
