@@ -28,7 +28,7 @@ from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
-from fedcore.federation.server import Federation
+from fedcore.federation.server import Federation, FederationConfig
 from fedcore.payload.pretrained import initial_weights
 from fedcore.wire.bounds import MAX_LABEL
 from fedcore.wire.stream import MAX_MESSAGE_BYTES, request_limit
@@ -176,6 +176,32 @@ def _shown_dir(cfg: CoordinatorConfig) -> str:
     return f"{cfg.checkpoint_dir}{' (the default)' if settings.is_default(cfg, 'checkpoint_dir') else ''}"
 
 
+# The settings a resume takes from the run's checkpoint when they are not given: those that define the run
+# (FederationConfig.DEFINING, compression's block inside its name) and the rounds it was to run.
+_SAVED_WHEN_NOT_GIVEN = (*FederationConfig.DEFINING, "rounds")
+
+
+def with_saved_settings(cfg: CoordinatorConfig) -> CoordinatorConfig:
+    """With --resume (or --resume-or-start) and a checkpoint in checkpoint_dir: `cfg` with each setting that
+    defines the run, and `rounds`, taken from the checkpoint where this start does not give it (flag or
+    settings file), so that resuming needs only --resume; those given are compared with the saved ones by
+    `Federation.restore`. Else `cfg` as it is. ValueError when the checkpoint's state is not one."""
+    if not cfg.resuming:
+        return cfg
+    state = checkpoint.load_state(cfg.checkpoint_dir)
+    if state is None:
+        return cfg
+    saved = {key: state.config[key] for key in _SAVED_WHEN_NOT_GIVEN if key in state.config}
+    saved.setdefault("compression", "none")  # checkpoints of runs without compression do not name it
+    taken = {key: value for key, value in saved.items() if settings.is_default(cfg, key) and getattr(cfg, key) != value}
+    if "compression" in taken and settings.is_default(cfg, "compression_block"):
+        taken["compression_block"] = 0  # the saved name holds its block
+    if not taken:
+        return cfg
+    log.info("--resume: from the run's checkpoint, not given: %s", ", ".join(f"{key} {value!r}" for key, value in taken.items()))
+    return settings.replace(cfg, **taken)
+
+
 def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     """Log each setting a resume changes, with its saved and its new value (a checkpoint older than the saved
     settings has none to compare)."""
@@ -215,7 +241,7 @@ class Coordinator:
     another thread."""
 
     def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
-        self.cfg = cfg
+        cfg = self.cfg = with_saved_settings(cfg)
         check_ports(cfg)
         check_evaluation_data(cfg)
         # Read before anything is written: a refused start (a run in the way, an --init-from that is no model)

@@ -98,6 +98,16 @@ def global_file_name(completed_rounds: int) -> str:
 
 def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] | None:
     """The last committed checkpoint, or None when the directory holds none."""
+    state = load_state(directory)
+    if state is None:
+        return None
+    tensors, _ = load_file(Path(directory) / state.global_file)
+    return tensors, state
+
+
+def load_state(directory: str | Path) -> RunState | None:
+    """The last committed checkpoint's state (state.json) without its model, or None when there is none;
+    ValueError when the file is not a run's state."""
     directory = Path(directory)
     try:
         raw = json.loads((directory / STATE_FILE).read_text())
@@ -107,7 +117,7 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         raise ValueError(f"{directory / STATE_FILE}: not a run's state (JSON): {e}") from None
     if not isinstance(raw, dict) or not {"completed_rounds", "config", "contacted", "ledger", "global_file"} <= raw.keys():
         raise ValueError(f"{directory / STATE_FILE}: not a run's state: expected a JSON object with completed_rounds, config, contacted, ledger, global_file")
-    state = RunState(
+    return RunState(
         completed_rounds=int(raw["completed_rounds"]),
         config=dict(raw["config"]),
         contacted=tuple(raw["contacted"]),
@@ -117,8 +127,6 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
         norms=dict(raw.get("norms", {})),
         settings=dict(raw.get("settings", {})),
     )
-    tensors, _ = load_file(directory / state.global_file)
-    return tensors, state
 
 
 def run_in(directory: str | Path) -> str | None:

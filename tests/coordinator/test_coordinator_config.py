@@ -175,3 +175,23 @@ def test_compression_comes_from_the_file_or_a_flag_and_an_unknown_codec_is_refus
         CoordinatorConfig.load(path, {"compression": "int3"})
     with pytest.raises(SettingsError, match="compression_block 32 is given, but codec 'bf16' has no int8 or int4 blocks"):
         CoordinatorConfig.load(path, {"compression": "bf16"})
+
+
+def test_a_resume_takes_the_settings_that_define_the_run_from_its_checkpoint_when_not_given(tmp_path: Path) -> None:
+    """`--resume` alone resumes a run made with other settings than the defaults: they come from its checkpoint
+    (a start without them compared the defaults with it and was refused: "model (saved 'tiny', given
+    'paper-fmnist')"), and a finished run is not extended to the default 15 rounds. Settings given still win."""
+    from coordinator.server import build_federation, with_saved_settings
+    from fedcore.federation.server import Federation, FederationConfig
+
+    made = {"strategy": "full", "model": "tiny", "rounds": 2, "seed": 7, "epochs": 1, "batch_size": 8, "lr": 1e-3, "loss": "mse", "compression": "int8"}
+    Federation(FederationConfig.from_settings(clients_per_round=0, **made)).save(tmp_path)  # type: ignore[arg-type]
+
+    resumed = with_saved_settings(settings.build(CoordinatorConfig, {"resume": True, "checkpoint_dir": str(tmp_path)}))
+    extended = with_saved_settings(settings.build(CoordinatorConfig, {"resume": True, "checkpoint_dir": str(tmp_path), "rounds": 3}))
+    fresh = with_saved_settings(settings.build(CoordinatorConfig, {"checkpoint_dir": str(tmp_path / "new")}))
+
+    assert {k: getattr(resumed, k) for k in made} == made
+    assert build_federation(resumed).config == resumed.federation  # accepted: nothing differs
+    assert (extended.rounds, extended.model) == (3, "tiny")
+    assert fresh.model == "paper-fmnist"
