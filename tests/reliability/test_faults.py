@@ -257,7 +257,7 @@ def test_a_full_worker_state_dir_keeps_the_saved_files_and_the_round_still_gets_
         log = victim.output()
 
     assert unsaved_while_full == 1 and failed_saves >= 1
-    assert files_while_full == ["filler", "identity.json", "lock", "private-r0001.safetensors"], "no temporary file, nothing pruned"
+    assert files_while_full == ["filler", "identity.json", "lock", "private-r0001.safetensors", "run.json"], "no temporary file, nothing pruned"
     assert intact, "round 1's private parts are untouched"
     assert attempts == {"complete": 2, "quorum": 0, "no_quorum": 0}, "round 2 closed with the victim's update"
     assert [r["participants"] for r in rounds_log(tmp_path / "checkpoints")] == [["client-0", "client-1"]] * 2
