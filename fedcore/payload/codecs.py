@@ -503,12 +503,21 @@ def compression_codec(name: str, block: int = 0) -> Codec:
     return TopK(codec.fraction, sized) if isinstance(codec, TopK) else sized
 
 
-def _canonical_name(name: str) -> str:
-    return Codec.parse(name).name
+def _checked_name(name: str) -> str:
+    Codec.parse(name)
+    return name
 
 
-# A run's `compression` setting: a codec name, kept in its canonical spelling ("int8:64" reads as "int8")
-CompressionName = Annotated[str, AfterValidator(_canonical_name), settings.Described("a codec name")]
+def canonical_compression(name: str, block: int = 0) -> tuple[str, int]:
+    """A run's `compression` and `compression_block` settings in their canonical spelling: the block folded
+    into the codec's name, which drops the default ("int8:64" and ("int8", 64) read as ("int8", 0); ("int8",
+    32) as ("int8:32", 0)). ValueError as `compression_codec`."""
+    return compression_codec(name, block).name, 0
+
+
+# A run's `compression` setting: a codec name as given, checked; the config that holds it keeps it in its
+# canonical spelling with its block (`canonical_compression`), once the block setting is seen beside it
+CompressionName = Annotated[str, AfterValidator(_checked_name), settings.Described("a codec name")]
 CompressionBlock = Annotated[int, Interval(ge=0, le=MAX_BLOCK)]  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
 
 

@@ -3,6 +3,7 @@ start in one line that names the key, the value and what was expected."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -175,6 +176,23 @@ def test_compression_comes_from_the_file_or_a_flag_and_an_unknown_codec_is_refus
         CoordinatorConfig.load(path, {"compression": "int3"})
     with pytest.raises(SettingsError, match="compression_block 32 is given, but codec 'bf16' has no int8 or int4 blocks"):
         CoordinatorConfig.load(path, {"compression": "bf16"})
+
+
+@pytest.mark.parametrize("name", ["int8:64", "topk:0.05+int8:64", "int4:128"])
+def test_a_codec_name_whose_block_differs_from_the_block_setting_is_refused_even_at_the_default(name: str) -> None:
+    """The name is checked as given: "int8:64" names the default block, and is still not "int8:32"."""
+    with pytest.raises(SettingsError, match=f"codec {re.escape(repr(name))} names block size .*, compression_block 32: give one"):
+        CoordinatorConfig.load(None, {"compression": name, "compression_block": "32", "insecure": "true"})
+
+
+@pytest.mark.parametrize(
+    ("name", "block", "canonical"),
+    [("int8:64", 0, "int8"), ("int8", 64, "int8"), ("int8", 32, "int8:32"), ("int8:32", 32, "int8:32"), ("topk:0.05+int4", 16, "topk:0.05+int4:16")],
+)
+def test_the_config_keeps_the_codec_in_one_spelling_with_its_block_in_the_name(name: str, block: int, canonical: str) -> None:
+    cfg = CoordinatorConfig.load(None, {"compression": name, "compression_block": str(block), "insecure": "true"})
+
+    assert (cfg.compression, cfg.compression_block, cfg.federation.compression.name) == (canonical, 0, canonical)
 
 
 def test_a_resume_takes_the_settings_that_define_the_run_from_its_checkpoint_when_not_given(tmp_path: Path) -> None:
