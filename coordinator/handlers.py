@@ -139,6 +139,7 @@ class Handlers:
             workers_omitted=omitted,
             workers_connected=connected,
             run_id=self.run_id,
+            compression=fed.config.compression.name,
         )
 
     def _worker_status(self, r: WorkerRecord) -> pb.WorkerStatus:

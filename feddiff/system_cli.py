@@ -146,15 +146,24 @@ def status(args: argparse.Namespace) -> int:
             print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps(MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)))
+        reply = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        print(json.dumps({**reply, "bytes_vs_fp32_fedavg": _bytes_vs_fp32_fedavg(s)}))
     else:
         _print_status(s)
     return 0
 
 
+def _bytes_vs_fp32_fedavg(s) -> float | None:  # s: feddiff_pb2.StatusResponse
+    """How many times fewer bytes the run sent (both ways) than plain FedAvg in float32 (4 bytes for each of
+    its parameters) would have; None before any byte was sent."""
+    payload = s.payload_bytes_down + s.payload_bytes_up
+    return 4 * s.full_fedavg_parameters / payload if payload else None
+
+
 def _print_status(s) -> None:  # s: feddiff_pb2.StatusResponse
     """A StatusResponse as lines for a person."""
-    print(f"{s.state}: round {s.completed_rounds}/{s.rounds} ({s.strategy}, {s.model})")
+    codec = f", {s.compression}" if s.compression not in ("", "none") else ""  # empty from a coordinator that predates the field
+    print(f"{s.state}: round {s.completed_rounds}/{s.rounds} ({s.strategy}, {s.model}{codec})")
     if s.error:
         print(f"  error: {s.error}")
     if s.round_selected:
@@ -166,8 +175,8 @@ def _print_status(s) -> None:  # s: feddiff_pb2.StatusResponse
         print(f"    {w.worker_id:<20} {'up' if w.connected else 'down':<5} {w.device}{gpu}, {w.num_examples} images, seen {w.last_seen_seconds_ago:.0f}s ago")
     if s.workers_omitted:
         print(f"    ... and {s.workers_omitted} more not listed (the least recently heard)")
-    payload, fp32 = s.payload_bytes_down + s.payload_bytes_up, 4 * s.full_fedavg_parameters  # plain FedAvg: float32, 4 bytes per parameter
-    fewer = f": {fp32 / payload:.1f}x fewer than plain FedAvg in float32 ({fp32 / 1e6:.2f} MB)" if payload else ""
+    ratio = _bytes_vs_fp32_fedavg(s)
+    fewer = f": {ratio:.1f}x fewer than plain FedAvg in float32 ({4 * s.full_fedavg_parameters / 1e6:.2f} MB)" if ratio else ""
     print(f"  bytes: {s.payload_bytes_down / 1e6:.2f} MB down, {s.payload_bytes_up / 1e6:.2f} MB up{fewer}")
     print(f"  parameters: {s.parameters_exchanged:,} exchanged, plain FedAvg {s.full_fedavg_parameters:,}: {s.reduction_vs_full:.1%} less")
     if s.run_id:  # empty from a coordinator that predates run ids

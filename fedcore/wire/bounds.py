@@ -252,6 +252,7 @@ BOUNDS: Mapping[str, Bound] = {
     "StatusResponse.workers_omitted": ROUND,
     "StatusResponse.workers_connected": ROUND,
     "StatusResponse.run_id": RUN_ID,
+    "StatusResponse.compression": Text(0, MAX_CODEC_NAME),
 }
 
 

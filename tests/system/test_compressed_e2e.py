@@ -12,7 +12,9 @@ import pytest
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.parts import PART_ORDER
 from fedcore.model.unet import build_model, layout_of
+from fedcore.payload.codecs import Codec
 from fedcore.payload.serialization import load_file
+from feddiff.cli import main
 from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 from tests.system.test_e2e import DATA, RUN, K, R, simulate
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize(("strategy", "codec"), [("full", "int8"), ("full", "topk:0.05"), ("udec", "int8:32"), ("udec", "topk:0.05+int8")])
-def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_path: Path) -> None:
+def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expected = simulate(strategy, tmp_path / "sim", "--compression", codec)
     with LocalCluster(tmp_path / "grpc") as cluster:
         coord = cluster.coordinator("--insecure", "--strategy", strategy, "--compression", codec, *RUN, "--min-workers", str(K), "--round-deadline", "120")
@@ -29,6 +31,11 @@ def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_pa
         wait_for_state(address, "done", timeout=240, procs=[coord, *workers])
         coordinator_metrics = scrape(coord.ready["metrics_port"])
         worker_metrics = [scrape(w.ready["metrics_port"]) for w in workers]
+        capsys.readouterr()
+        assert main(["status", "--address", address, "--insecure"]) == 0
+        text = capsys.readouterr().out
+        assert main(["status", "--address", address, "--insecure", "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
 
     got = load_file(tmp_path / "grpc" / "checkpoints" / "final.safetensors")[0]
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
@@ -52,3 +59,8 @@ def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_pa
     payload = sum(sample(coordinator_metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
     assert payload == sum(sum(r["bytes"][d].values()) for r in rounds for d in ("down", "up"))  # the simulation's ledger, both ways
     assert rounds[-1]["cumulative_payload_bytes"] == payload
+    # `feddiff status` names the codec and both reductions: parameters (the paper's) and bytes (the codec's too)
+    canonical = Codec.parse(codec).name
+    assert status["compression"] == canonical and status["bytes_vs_fp32_fedavg"] == pytest.approx(4 * acct.full_fedavg / payload)
+    assert f"({strategy}, tiny, {canonical})" in text and f"{4 * acct.full_fedavg / payload:.1f}x fewer than plain FedAvg in float32" in text
+    assert f"{acct.reduction_vs_full:.1%} less" in text

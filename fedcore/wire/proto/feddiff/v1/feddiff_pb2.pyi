@@ -909,6 +909,7 @@ class StatusResponse(_message.Message):
     WORKERS_OMITTED_FIELD_NUMBER: _builtins.int
     WORKERS_CONNECTED_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"waiting_for_workers", "training", "evaluating", "done", "failed", "stopped";
     bound: 1..32 characters of [A-Za-z0-9._-]
@@ -945,6 +946,10 @@ class StatusResponse(_message.Message):
     """The run's id, as sent at join (JoinResponse.run_id); empty from a coordinator that predates it;
     bound: 0..64 lowercase hex digits
     """
+    compression: _builtins.str
+    """The run's delta codec (TrainSpec.compression): "none", "int8", "topk:0.05+int8", ...; empty from a
+    coordinator that predates it; bound: 0..64 printable characters
+    """
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
         """Connected workers first (by id), then the others, most recently heard first; workers_omitted counts those
@@ -978,10 +983,11 @@ class StatusResponse(_message.Message):
         workers_omitted: _builtins.int = ...,
         workers_connected: _builtins.int = ...,
         run_id: _builtins.str = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_rounds", b"completed_rounds", "error", b"error", "frechet_distance", b"frechet_distance", "full_fedavg_parameters", b"full_fedavg_parameters", "model", b"model", "parameters_exchanged", b"parameters_exchanged", "payload_bytes_down", b"payload_bytes_down", "payload_bytes_up", b"payload_bytes_up", "reduction_vs_full", b"reduction_vs_full", "round_done", b"round_done", "round_selected", b"round_selected", "rounds", b"rounds", "run_id", b"run_id", "state", b"state", "strategy", b"strategy", "workers", b"workers", "workers_connected", b"workers_connected", "workers_omitted", b"workers_omitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_rounds", b"completed_rounds", "compression", b"compression", "error", b"error", "frechet_distance", b"frechet_distance", "full_fedavg_parameters", b"full_fedavg_parameters", "model", b"model", "parameters_exchanged", b"parameters_exchanged", "payload_bytes_down", b"payload_bytes_down", "payload_bytes_up", b"payload_bytes_up", "reduction_vs_full", b"reduction_vs_full", "round_done", b"round_done", "round_selected", b"round_selected", "rounds", b"rounds", "run_id", b"run_id", "state", b"state", "strategy", b"strategy", "workers", b"workers", "workers_connected", b"workers_connected", "workers_omitted", b"workers_omitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
