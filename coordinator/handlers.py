@@ -1,6 +1,7 @@
-"""What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the round driver
-or the worker registry, protobuf out. Refusals are raised as domain errors (fedcore.errors) and mapped to status
-codes by the servicer (coordinator/status.py); nothing here knows gRPC's call context."""
+"""What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the phase in
+progress (coordinator/phase.py) or the worker registry, protobuf out. Refusals are raised as domain errors
+(fedcore.errors) and mapped to status codes by the servicer (coordinator/status.py); nothing here knows gRPC's
+call context."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalReport
+from coordinator.phase import IssuedTask
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
-from coordinator.rounds import IssuedTask, RoundDriver
+from coordinator.rounds import RoundDriver
 from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError
 from fedcore.federation.client import EvalTask
 from fedcore.wire import bounds, convert
@@ -27,7 +29,8 @@ class Handlers:
     def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, *, run_id: str):
         self.cfg = cfg
         self.run_id = run_id  # sent at every join: a worker keeps its private parts for one run
-        self.driver = driver
+        self.driver = driver  # the run's federation and latest FDs
+        self.phase = driver.phase  # the tasks of the phase in progress, and the run's state
         self.registry = registry
 
     # --- membership ------------------------------------------------------------------------------------------
@@ -36,7 +39,7 @@ class Handlers:
         bound), UnknownWorker (from `verify`), UnregisteredWorker or DuplicateWorker."""
         bounds.check(w, BadWorkerInfo)
         verify(w.worker_id)
-        self.driver.admit(w.worker_id, w.num_examples)
+        self.phase.admit(w.worker_id, w.num_examples)
         session, replaced = self.registry.join(worker_info(w))
         record = self.registry.record(w.worker_id)  # private state disowned when another installation took the id over
         again = ""
@@ -65,7 +68,7 @@ class Handlers:
     def task_response(self, outcome: IssuedTask | str) -> pb.WaitTaskResponse:
         """A long poll's answer: the task issued, Done (the run is over, with its error if it failed), or Idle."""
         if outcome == "done":
-            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.driver.failure))
+            return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.phase.failure))
         if not isinstance(outcome, IssuedTask):  # "idle" or "stopped"
             return pb.WaitTaskResponse(idle=pb.Idle())
         if isinstance(outcome.task, EvalTask):
@@ -74,7 +77,7 @@ class Handlers:
 
     def weights(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
         """The first message of a task's weights stream (its header) and the payload that follows it."""
-        payload, issued = self.driver.weights_for(worker_id, task_id)
+        payload, issued = self.phase.weights_for(worker_id, task_id)
         task = issued.task
         header = convert.header_to_proto(issued.header, round_index=task.payload_round, task_id=task.task_id, parts=task.receives)
         return pb.WeightsChunk(header=header), payload
@@ -82,7 +85,7 @@ class Handlers:
     def download_complete(self, worker_id: str, task_id: str) -> None:
         """A weights stream drained by its worker: counted, unless its round closed meanwhile (logged)."""
         try:
-            self.driver.download_complete(worker_id, task_id)
+            self.phase.download_complete(worker_id, task_id)
         except FeddiffError as e:
             log.info("download of %s completed after its round closed: %s", task_id, e)
 
@@ -91,37 +94,37 @@ class Handlers:
         the wire contract (HeaderError) and against the worker's task: its round, its parts and the size they
         bound (WrongRound, NotAssigned, DuplicateUpdate, LateUpdate, StreamTooLong)."""
         bounds.check(h, HeaderError)
-        self.driver.note_training_time(worker_id, h.stream.task_id, h.report.seconds)
+        self.phase.note_training_time(worker_id, h.stream.task_id, h.report.seconds)
         parts = convert.parts_from_proto(h.stream.parts)
-        limit = self.driver.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
+        limit = self.phase.upload_limit(worker_id, h.stream.task_id, parts, h.stream.round)
         header = convert.header_from_proto(h.stream)
         header.check(max_bytes=limit)
         return header, limit
 
     def accept(self, worker_id: str, h: pb.UpdateHeader, payload: bytes | bytearray | memoryview) -> None:
         """Fold a received update into its round (its payload and report checked first)."""
-        self.driver.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
+        self.phase.accept(worker_id, h.stream.task_id, payload, mean_loss=h.report.mean_loss, images_seen=h.report.images_seen)
 
     def report_evaluation(self, worker_id: str, r: pb.EvaluationReport) -> None:
         """Record a worker's evaluation of its own model (and the sample grid it shares, if any)."""
         report = EvalReport(worker_id, r.task_id, r.round, r.frechet_distance, r.feature_extractor, r.num_samples)
-        self.driver.report_evaluation(report, r.sample_grid_png)
+        self.phase.report_evaluation(report, r.sample_grid_png)
 
     def reject_task(self, worker_id: str, r: pb.RejectTaskRequest) -> Refusal:
         """A task its worker cannot run: not given to it again in this attempt."""
-        return self.driver.reject(worker_id, r.task_id, r.reason, r.message)
+        return self.phase.reject(worker_id, r.task_id, r.reason, r.message)
 
     # --- tools -----------------------------------------------------------------------------------------------
     def status(self) -> pb.StatusResponse:
         """The run's progress for `feddiff status`: a bounded listing of the workers, and the run's totals."""
         fed = self.driver.federation
         ledger = fed.ledger
-        progress = self.driver.progress()
-        down, up = self.driver.bytes_total()
+        progress = self.phase.progress()
+        down, up = self.phase.bytes_total()
         listed, omitted, connected = self.registry.listing(bounds.MAX_STATUS_WORKERS)  # a bounded reply
         scored = {"global", *(r.worker_id for r in listed)}
         return pb.StatusResponse(
-            state=self.driver.state,
+            state=self.phase.state,
             completed_rounds=fed.completed_rounds,
             rounds=fed.config.rounds,
             strategy=fed.config.strategy.value,
@@ -135,7 +138,7 @@ class Handlers:
             full_fedavg_parameters=ledger.full_fedavg,
             reduction_vs_full=ledger.reduction_vs_full,
             frechet_distance={model: fd for model, fd in self.driver.last_fd.items() if model in scored},
-            error=self.driver.failure,
+            error=self.phase.failure,
             workers_omitted=omitted,
             workers_connected=connected,
             run_id=self.run_id,

@@ -6,7 +6,8 @@ import logging
 import sys
 import threading
 
-from coordinator.rounds import RoundDriver, RoundProgress
+from coordinator.phase import RoundProgress
+from coordinator.rounds import RoundDriver
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -43,10 +44,10 @@ class ProgressReporter:
 
             with Live("", transient=True, refresh_per_second=4) as live:
                 while not self._stop.wait(self.interval):
-                    live.update(_line(self.driver.progress(), rounds))
+                    live.update(_line(self.driver.phase.progress(), rounds))
             return
         while not self._stop.wait(self.interval):
-            p = self.driver.progress()
+            p = self.driver.phase.progress()
             key = (p.state, p.round_number, p.done)
             if p.selected and key != last:
                 log.info(_line(p, rounds))

@@ -1,6 +1,6 @@
 """gRPC servicer on the asyncio server: each call's request checked at the edge, one call into its handler
 (coordinator/handlers.py), its refusals mapped to status codes (coordinator/status.py) and counted. Handlers run
-on the server's event loop and never block it: a long poll awaits the driver's next change, and a large update
+on the server's event loop and never block it: a long poll awaits the phase's next change, and a large update
 is checked and folded in an accept thread. Upload streams are bounded: one per worker, cut off when they stall
 or when their round closes (coordinator/uploads.py)."""
 
@@ -22,8 +22,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.downloads import OpenDownloads, Unsendable
 from coordinator.handlers import Handlers
 from coordinator.metrics import Metrics
+from coordinator.phase import IssuedTask
 from coordinator.registry import WorkerRegistry
-from coordinator.rounds import IssuedTask, RoundDriver
+from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator
 from coordinator.status import abort
 from coordinator.uploads import OpenUploads, UploadReceiver
@@ -40,7 +41,7 @@ MAX_WAIT_MS = 60_000
 
 
 class Changes:
-    """The driver's changes (tasks issued, state) as an asyncio signal: `current()` is set at the next one.
+    """The phase's changes (tasks issued, state; coordinator/phase.py) as an asyncio signal: `current()` is set at the next one.
 
     `notify` may be called from any thread; the event is set on the loop."""
 
@@ -66,6 +67,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.cfg = cfg
         self.auth = auth
         self.driver = driver
+        self.phase = driver.phase  # the tasks of the phase in progress: what the calls ask and change
         self.registry = registry
         self.metrics = metrics
         self.handlers = Handlers(cfg, driver, registry, run_id=run_id)
@@ -75,16 +77,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._downloads = OpenDownloads(cfg.download_idle_timeout)
         self._polls: dict[str, asyncio.Event] = {}  # session id -> what ends its long poll in progress
         self._receiver = UploadReceiver(max(1, cfg.max_concurrent_uploads), cfg.upload_idle_timeout)
-        end_closed = functools.partial(self._uploads.end_closed, driver.accepting)
-        end_downloads = functools.partial(self._downloads.end_closed, driver.accepting)
+        end_closed = functools.partial(self._uploads.end_closed, self.phase.accepting)
+        end_downloads = functools.partial(self._downloads.end_closed, self.phase.accepting)
         self._unsubscribe = [
-            driver.on_change(self._changes.notify),
-            driver.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
-            driver.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
+            self.phase.on_change(self._changes.notify),
+            self.phase.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
+            self.phase.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
         ]
 
     def close(self) -> None:
-        """Stop hearing of the driver's changes (the event loop is about to close); end the accept threads."""
+        """Stop hearing of the phase's changes (the event loop is about to close); end the accept threads."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._receiver.close()
@@ -120,7 +122,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except FeddiffError as e:
             await self._refuse(context, e, self.metrics.joins, what=f"join of {worker_id[:140]!r}")
         # Before it hears of its session: a task it could only fail is replaced (hashing a payload, off the loop).
-        await asyncio.get_running_loop().run_in_executor(None, self.driver.joined, worker_id)
+        await asyncio.get_running_loop().run_in_executor(None, self.phase.joined, worker_id)
         self.metrics.joins.labels("accepted").inc()
         return self.handlers.join_response(session)
 
@@ -165,7 +167,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             async with asyncio.timeout(timeout):
                 while True:
                     change = self._changes.current()  # taken before asking: a change after the answer sets it
-                    outcome = self.driver.poll_task(worker_id)
+                    outcome = self.phase.poll_task(worker_id)
                     if outcome is not None:
                         return outcome
                     if superseded.is_set():

@@ -86,7 +86,7 @@ def test_a_refused_task_is_counted_and_not_given_again_in_the_attempt(tmp_path: 
 
         assert _refused(coord, "out_of_range") == 1
         assert _poll(a, 0.5).WhichOneof("outcome") == "idle"  # the same task is not handed out again
-        assert coord.driver.progress().round_number == 1 and _attempts(coord, "no_quorum") == 0  # b has not answered yet
+        assert coord.driver.phase.progress().round_number == 1 and _attempts(coord, "no_quorum") == 0  # b has not answered yet
 
 
 def test_an_attempt_every_worker_answered_ends_at_once_and_refusals_stop_the_run_after_n(tmp_path: Path, capsys) -> None:
