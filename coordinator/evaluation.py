@@ -1,7 +1,8 @@
 """Evaluation during a run: when it is due and how the models are sampled; the workers scoring their own
 personalised models (udec, ulatdec) in an evaluate phase, or this coordinator scoring the global model (full,
 usplit) in the background; and where the results go: the FD gauges, the round log and the sample grids in
-checkpoint_dir/samples. The round driver runs the phase's tasks as it runs a round's (coordinator/rounds.py)."""
+checkpoint_dir/samples. The round driver runs the phase's tasks as it runs a round's
+(coordinator/rounds.py, coordinator/phase.py)."""
 
 from __future__ import annotations
 

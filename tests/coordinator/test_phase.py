@@ -1,0 +1,109 @@
+"""The phase in progress without a server: what a long poll hears, how an attempt ends once every task is
+answered, and what a task of a phase that ended gets (late)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from coordinator.evaluation import EvalPhase, EvalReport
+from coordinator.metrics import Metrics
+from coordinator.phase import IssuedTask, Phase
+from coordinator.registry import WorkerRegistry
+from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
+from fedcore.federation.client import EvalTask
+from fedcore.federation.server import Federation, FederationConfig, OpenRound
+from fedcore.model.diffusion import SamplingSpec
+from fedcore.model.parts import Part
+from fedcore.wire.stream import StreamHeader
+
+SPEC = SamplingSpec(num_samples=16, sampler="ddim", steps=10, seed=0)
+WORKERS = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def federation() -> Federation:
+    made = {"strategy": "udec", "model": "tiny", "rounds": 2, "seed": 7, "epochs": 1, "batch_size": 8, "lr": 1e-3, "loss": "mse", "compression": "none"}
+    return Federation(FederationConfig.from_settings(clients_per_round=0, **made))  # type: ignore[arg-type]
+
+
+def _phase(federation: Federation) -> tuple[Phase, threading.Event, list[tuple[str, int, bytes]], list[int]]:
+    stop, grids, changes = threading.Event(), [], [0]
+    phase = Phase(federation, WorkerRegistry(heartbeat_timeout=30.0), Metrics(), stop, lambda *grid: grids.append(grid))
+    phase.on_change(lambda: changes.__setitem__(0, changes[0] + 1))
+    return phase, stop, grids, changes
+
+
+def _open_round(phase: Phase, federation: Federation) -> OpenRound:
+    open_round = federation.open_round(federation.plan(list(WORKERS)), dict.fromkeys(WORKERS, 8))
+    issued = {w: IssuedTask(open_round.task(w), StreamHeader.of(open_round.payload_for(w), "sha256")) for w in WORKERS}
+    phase.open_round(open_round, issued)
+    return open_round
+
+
+def _eval_phase() -> EvalPhase:
+    tasks = {
+        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER}), spec=SPEC) for w in WORKERS
+    }
+    return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"weights", digests=dict.fromkeys(tasks, "sha256"))
+
+
+def test_an_evaluation_ends_at_once_when_every_task_is_answered_and_its_tasks_are_late_after(federation: Federation) -> None:
+    phase, _, grids, changes = _phase(federation)
+    phase.open_evaluation(_eval_phase())
+    issued = phase.poll_task("a")
+    assert isinstance(issued, IssuedTask) and issued.task.task_id == "e3-a" and phase.state == "evaluating" and changes == [1]
+    assert phase.weights_for("a", "e3-a") == (b"weights", issued)
+
+    phase.report_evaluation(EvalReport("a", "e3-a", 3, 25.0, "fmnist-classifier", 16), b"png")
+    phase.reject("b", "e3-b", "data_mismatch", "images do not fit")
+    with pytest.raises(DuplicateUpdate):
+        phase.reject("b", "e3-b", "data_mismatch", "again")
+    started = time.monotonic()
+    phase.await_answers(time.monotonic() + 30)
+
+    assert time.monotonic() - started < 5, "an evaluation every worker answered waited for its deadline"
+    assert (phase.poll_task("a"), phase.poll_task("b")) == (None, None)
+    assert [r.worker_id for r in phase.refusals()] == ["b"] and grids == [("a", 3, b"png")]
+    assert (phase.progress().selected, phase.progress().done) == (2, 1)
+    phase.close()
+    assert not phase.accepting("e3-a") and changes == [2]
+    with pytest.raises(LateUpdate):
+        phase.report_evaluation(EvalReport("a", "e3-a", 3, 25.0, "fmnist-classifier", 16), b"")
+
+
+def test_a_round_checks_each_upload_against_its_task_until_it_closes(federation: Federation) -> None:
+    phase, _, _, _ = _phase(federation)
+    open_round = _open_round(phase, federation)
+    task_a, task_b = open_round.task("a"), open_round.task("b")
+
+    assert phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round) > 0
+    with pytest.raises(NotAssigned):
+        phase.upload_limit("a", task_b.task_id, task_b.returns, task_b.payload_round)  # another worker's task
+    with pytest.raises(WrongRound):
+        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round + 1)
+    with pytest.raises(WrongRound):
+        phase.report_evaluation(EvalReport("a", task_a.task_id, 0, 25.0, "fmnist-classifier", 16), b"")  # no evaluation in progress
+    phase.note_training_time("a", task_a.task_id, 1.5)
+    phase.note_training_time("a", "r9.1-a", 99.0)  # no task of this run: not taken
+    assert phase.training_seconds() == {"a": 1.5} and phase.progress().round_number == 1
+
+    phase.close()
+    assert not phase.accepting(task_a.task_id) and phase.poll_task("a") is None
+    with pytest.raises(LateUpdate):
+        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round)
+
+
+def test_long_polls_hear_stopped_and_done(federation: Federation) -> None:
+    phase, stop, _, changes = _phase(federation)
+    assert phase.poll_task("a") is None
+    stop.set()
+    phase.wake()
+    assert phase.poll_task("a") == "stopped" and changes == [1]
+    phase.await_answers(time.monotonic() + 30)  # returns at once once stopped
+    phase.fail("round 1 failed")
+    assert phase.poll_task("a") == "done" and (phase.state, phase.failure) == ("failed", "round 1 failed")
+    phase.ended()
+    assert phase.state == "failed"
