@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 K, R = 3, 2
 RUN = ["--model", "tiny", "--rounds", str(R), "--epochs", "1", "--batch-size", "32", "--seed", "7"]
-DATA = ["--max-images", "240"]
+DATA = ["--max-images", "144"]  # 48 images a client: a full batch of 32 and a partial one each round
 
 
 def simulate(strategy: str, out: Path, *flags: str) -> dict[str, torch.Tensor]:
