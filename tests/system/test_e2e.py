@@ -72,12 +72,12 @@ def test_worker_joining_mid_round_waits_for_the_next_round(tmp_path: Path) -> No
         run = ["--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "1", "--batch-size", "16", "--min-workers", "2"]
         coord = cluster.coordinator("--insecure", *run, *patient)
         address = coord.ready["address"]
-        first = cluster.shard_workers(address, 3, "--max-images", "600", count=2)
+        first = cluster.shard_workers(address, 3, "--max-images", "300", count=2)
         wait_for_state(address, "training", timeout=60, procs=[coord, *first])
-        # frozen before it can upload (it has yet to download and train 200 images): round 1 stays open
+        # frozen before it can upload (it has yet to download and train 100 images): round 1 stays open
         os.kill(first[1].proc.pid, signal.SIGSTOP)
         try:
-            late = cluster.shard_worker(address, 2, 3, "--max-images", "600")
+            late = cluster.shard_worker(address, 2, 3, "--max-images", "300")
             joined = _wait_until_known(address, "client-2")
         finally:
             os.kill(first[1].proc.pid, signal.SIGCONT)
