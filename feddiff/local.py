@@ -77,7 +77,7 @@ class LocalCluster:
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
-    _coordinators: list[Process] = field(default_factory=list)
+    _coordinators: list[Process] = field(default_factory=list, init=False, repr=False)  # stopped after the workers
 
     def _start(self, name: str, args: Sequence[str], ready_timeout: float, launcher: Sequence[str] = ()) -> Process:
         p = self._spawn(name, args, launcher)
