@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +49,21 @@ class Process:
     ready: dict
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        self.signal(sig)
+        return self.reap(timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` while the process runs; `reap` then waits for it."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def reap(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit, killing it after `timeout` seconds; its exit status."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
     def output(self) -> str:
@@ -69,8 +77,15 @@ class LocalCluster:
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    _coordinators: list[Process] = field(default_factory=list, init=False, repr=False)  # stopped after the workers
 
     def _start(self, name: str, args: Sequence[str], ready_timeout: float, launcher: Sequence[str] = ()) -> Process:
+        p = self._spawn(name, args, launcher)
+        p.ready = _wait_file(self.workdir / f"{name}.ready.json", p.proc, ready_timeout, p.log)
+        return p
+
+    def _spawn(self, name: str, args: Sequence[str], launcher: Sequence[str] = ()) -> Process:
+        """Start the process and return at once; its `ready` is empty until `_wait_file` has read its ready file."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
@@ -85,17 +100,21 @@ class LocalCluster:
             )
         p = Process(name, proc, log, {})
         self.processes.append(p)
-        p.ready = _wait_file(ready, proc, ready_timeout, log)
         return p
 
     def coordinator(self, *args: str, name: str = "coordinator", ready_timeout: float = 60.0) -> Process:
         base = ["coordinator", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--checkpoint-dir", str(self.workdir / "checkpoints")]
-        return self._start(name, [*base, *args], ready_timeout)
+        coordinator = self._start(name, [*base, *args], ready_timeout)
+        self._coordinators.append(coordinator)
+        return coordinator
 
     def worker(self, address: str, worker_id: str, *args: str, name: str = "", ready_timeout: float = 60.0, launcher: Sequence[str] = ()) -> Process:
         """A worker process named `name` (default: its worker id), with its state dir in workers/<name>; under
         `launcher` (python's arguments before `-m feddiff`: `-m torch.distributed.run ...` runs it under torchrun)."""
         name = name or worker_id
+        return self._start(name, self._worker_args(address, worker_id, name, args), ready_timeout, launcher)
+
+    def _worker_args(self, address: str, worker_id: str, name: str, args: Sequence[str]) -> list[str]:
         base = [
             "worker",
             "--coordinator",
@@ -109,30 +128,48 @@ class LocalCluster:
             "--progress",
             "log",
         ]
-        return self._start(name, [*base, *args], ready_timeout, launcher)
+        return [*base, *args]
 
     def shard_worker(
         self, address: str, index: int, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0, launcher: Sequence[str] = ()
     ) -> Process:
         """Worker `client-<index>` on Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU
         thread; with `keep_running` it stays connected after the last round (its metrics stay scrapeable)."""
-        flags = ["--insecure", "--client-index", str(index), "--num-clients", str(num_clients), "--threads", "1"]
-        running = ["--keep-running"] if keep_running else []
-        return self.worker(address, f"client-{index}", *flags, *running, *args, ready_timeout=ready_timeout, launcher=launcher)
+        return self.worker(address, f"client-{index}", *_shard_flags(index, num_clients, keep_running), *args, ready_timeout=ready_timeout, launcher=launcher)
 
-    def shard_workers(self, address: str, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0) -> list[Process]:
-        """A `shard_worker` for each of the `num_clients` shards."""
-        return [self.shard_worker(address, i, num_clients, *args, keep_running=keep_running, ready_timeout=ready_timeout) for i in range(num_clients)]
+    def shard_workers(
+        self, address: str, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0, count: int | None = None
+    ) -> list[Process]:
+        """A `shard_worker` for each of the `num_clients` shards (the first `count` of them when given), started together."""
+        flags = {f"client-{i}": [*_shard_flags(i, num_clients, keep_running), *args] for i in range(num_clients if count is None else count)}
+        return self.workers(address, flags, ready_timeout=ready_timeout)
+
+    def workers(self, address: str, flags: Mapping[str, Sequence[str]], ready_timeout: float = 60.0) -> list[Process]:
+        """A `worker` for each worker id of `flags` with its flags, all started at once (their imports overlap),
+        returned when every one is ready."""
+        started = [self._spawn(worker_id, self._worker_args(address, worker_id, worker_id, args)) for worker_id, args in flags.items()]
+        for w in started:
+            w.ready = _wait_file(self.workdir / f"{w.name}.ready.json", w.proc, ready_timeout, w.log)
+        return started
 
     def stop_all(self) -> None:
-        for p in reversed(self.processes):
-            p.stop()
+        """SIGTERM to every worker at once, and once they are gone to the coordinators."""
+        for group in ([p for p in self.processes if p not in self._coordinators], self._coordinators):
+            for p in reversed(group):
+                p.signal()
+            for p in reversed(group):
+                p.reap()
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _shard_flags(index: int, num_clients: int, keep_running: bool) -> list[str]:
+    """A shard worker's flags: Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU thread."""
+    return ["--insecure", "--client-index", str(index), "--num-clients", str(num_clients), "--threads", "1", *(["--keep-running"] if keep_running else [])]
 
 
 def status(address: str, timeout: float = 5.0) -> dict:

@@ -33,7 +33,7 @@ SPEED = SpeedConfig(device="cpu", threads=1)
 def _config(strategy: Strategy, rounds: int = R) -> SimulationConfig:
     return SimulationConfig(
         federation=FederationConfig(strategy=strategy, model="tiny", rounds=rounds, seed=SEED, train=TrainConfig(epochs=1, batch_size=32)),
-        data=DataConfig(num_clients=K, split="iid", max_images=300),
+        data=DataConfig(num_clients=K, split="iid", max_images=150),
         speed=SPEED,
     )
 
@@ -150,7 +150,7 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
         locals_.append({n: t.detach().double() for n, t in model.state_dict().items()})
         weights.append(len(idx))
 
-    assert weights == [100, 100, 100]
+    assert weights == [50, 50, 50]
     for n in after_2:
         expected = sum(w * m[n] for m, w in zip(locals_, weights, strict=True)) / sum(weights)
         torch.testing.assert_close(after_2[n].double(), expected, rtol=0, atol=1e-6)

@@ -4,8 +4,8 @@ equal fedcore's accounting, and a worker that joins mid-round waits for the next
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,18 +15,19 @@ from fedcore.federation.strategies import Strategy, account
 from fedcore.model.parts import PART_ORDER
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import load_file
+from feddiff.cli import main
 from feddiff.local import LocalCluster, sample, scrape, wait_for_state
 
 pytestmark = pytest.mark.e2e
 
 K, R = 3, 2
 RUN = ["--model", "tiny", "--rounds", str(R), "--epochs", "1", "--batch-size", "32", "--seed", "7"]
-DATA = ["--max-images", "240"]
+DATA = ["--max-images", "144"]  # 48 images a client: a full batch of 32 and a partial one each round
 
 
 def simulate(strategy: str, out: Path, *flags: str) -> dict[str, torch.Tensor]:
-    cmd = [sys.executable, "-m", "feddiff", "simulate", "--strategy", strategy, "--clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out), *flags]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    """`feddiff simulate` through its CLI handler, in this process (torch is imported once, not once a run)."""
+    assert main(["simulate", "--strategy", strategy, "--clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out), *flags]) == 0
     return load_file(out / f"global-r{R:04d}.safetensors")[0]
 
 
@@ -66,14 +67,20 @@ def test_grpc_run_equals_simulation_and_metrics_equal_accounting(strategy: str, 
 
 def test_worker_joining_mid_round_waits_for_the_next_round(tmp_path: Path) -> None:
     with LocalCluster(tmp_path) as cluster:
-        coord = cluster.coordinator(
-            "--insecure", "--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "6", "--batch-size", "16", "--min-workers", "2"
-        )
+        # client-1 is frozen while the late worker starts: these timeouts outlast a slow start
+        patient = ["--heartbeat-timeout", "120", "--download-idle-timeout", "120", "--upload-idle-timeout", "120"]
+        run = ["--strategy", "udec", "--model", "tiny", "--rounds", "2", "--epochs", "1", "--batch-size", "16", "--min-workers", "2"]
+        coord = cluster.coordinator("--insecure", *run, *patient)
         address = coord.ready["address"]
-        first = [cluster.shard_worker(address, i, 3, "--max-images", "600") for i in range(2)]
+        first = cluster.shard_workers(address, 3, "--max-images", "300", count=2)
         wait_for_state(address, "training", timeout=60, procs=[coord, *first])
-        late = cluster.shard_worker(address, 2, 3, "--max-images", "600")
-        joined = _wait_until_known(address, "client-2")
+        # frozen before it can upload (it has yet to download and train 100 images): round 1 stays open
+        os.kill(first[1].proc.pid, signal.SIGSTOP)
+        try:
+            late = cluster.shard_worker(address, 2, 3, "--max-images", "300")
+            joined = _wait_until_known(address, "client-2")
+        finally:
+            os.kill(first[1].proc.pid, signal.SIGCONT)
         assert joined["completed_rounds"] == 0 and joined["state"] == "training", "the late worker must join during round 1"
         wait_for_state(address, "done", timeout=240, procs=[coord, *first, late])
         rounds = [json.loads(line) for line in (tmp_path / "checkpoints" / "rounds.jsonl").read_text().splitlines()]

@@ -152,28 +152,29 @@ def test_a_federated_run_over_mutual_tls_with_real_worker_processes(pki: Path, t
             *tls, "--model", "tiny", "--strategy", "udec", "--rounds", "1", "--epochs", "1", "--min-workers", "2", "--listen", "localhost:0"
         )
         address = coord.ready["address"].replace("127.0.0.1", "localhost")
-        workers = [
-            cluster.worker(
-                address,
-                f"client-{i}",
-                "--tls-ca",
-                str(pki / "ca.crt"),
-                "--tls-cert",
-                str(pki / f"client-{i}.crt"),
-                "--tls-key",
-                str(pki / f"client-{i}.key"),
-                "--client-index",
-                str(i),
-                "--num-clients",
-                "2",
-                "--max-images",
-                "64",
-                "--threads",
-                "1",
-                "--keep-running",
-            )
-            for i in range(2)
-        ]
+        workers = cluster.workers(
+            address,
+            {
+                f"client-{i}": [
+                    "--tls-ca",
+                    str(pki / "ca.crt"),
+                    "--tls-cert",
+                    str(pki / f"client-{i}.crt"),
+                    "--tls-key",
+                    str(pki / f"client-{i}.key"),
+                    "--client-index",
+                    str(i),
+                    "--num-clients",
+                    "2",
+                    "--max-images",
+                    "64",
+                    "--threads",
+                    "1",
+                    "--keep-running",
+                ]
+                for i in range(2)
+            },
+        )
         import time
 
         deadline = time.monotonic() + 120
