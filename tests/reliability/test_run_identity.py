@@ -14,10 +14,12 @@ import pytest
 
 from fedcore.federation.checkpoint import RUN_FILE, load_private
 from feddiff.local import LocalCluster, Process, status
-from tests.reliability.support import DATA, ENV, RUN, free_port
+from tests.reliability.support import ENV, RUN, free_port
 from worker.state_dir import PREVIOUS_RUNS, PRIVATE_STEM
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+DATA = ["--max-images", "64", "--threads", "1"]  # rounds of a second or two: what is checked is where the parts go
 
 
 def _digests(folder: Path) -> dict[str, str]:

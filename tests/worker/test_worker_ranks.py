@@ -17,7 +17,7 @@ from fedcore.model.parts import Part
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file, save_file
 from feddiff.local import LocalCluster, Process, sample, scrape, status, wait_for_state
-from tests.reliability.support import ENV, LIVENESS, RUN, TINY, metric, rounds_log, wait_until
+from tests.reliability.support import ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -147,8 +147,8 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     """SIGTERM to the launcher while its ranks train: torch's launcher forwards it, the ranks agree to stop at
     the same step (a stop asked of any rank stops all), rank 0 leaves the session, and the worker exits 0."""
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1")
-        worker = cluster.shard_worker(coord.ready["address"], 0, 1, "--max-images", "200", "--nproc-per-node", "2", keep_running=False, ready_timeout=120)
+        run = ["--strategy", "udec", *TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1"]
+        coord, worker = _side_by_side(cluster, run, 1, "--max-images", "200", "--nproc-per-node", "2")
         wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
         worker.proc.send_signal(signal.SIGTERM)
         exit_code = worker.proc.wait(30)
@@ -159,12 +159,21 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     assert left and all(_gone(pid) for pid in worker.ready["rank_pids"])
 
 
+def _side_by_side(cluster: LocalCluster, run: list[str], clients: int, *flags: str) -> tuple[Process, Process]:
+    """A coordinator of `run` and worker client-0 (shard 0 of `clients`, of `flags`, exiting when done), started
+    side by side: the coordinator on a port picked beforehand, which the worker dials until it is up."""
+    address = f"127.0.0.1:{free_port()}"
+    with ThreadPoolExecutor(1) as pool:
+        coord = pool.submit(cluster.coordinator, "--insecure", *run, "--listen", address)
+        worker = cluster.shard_worker(address, 0, clients, *flags, keep_running=False, ready_timeout=120)
+        return coord.result(), worker
+
+
 def _waiting_worker(cluster: LocalCluster, *flags: str, training: bool = False) -> tuple[Process, Process]:
     """A coordinator and one worker (of `flags`): in its long poll (the coordinator waits for a second worker),
     or `training` round 1 (for minutes)."""
     run = [*TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1"] if training else [*RUN, "--min-workers", "2"]
-    coord = cluster.coordinator("--insecure", *run)
-    worker = cluster.shard_worker(coord.ready["address"], 0, 2, "--max-images", "200" if training else "40", *flags, keep_running=False, ready_timeout=120)
+    coord, worker = _side_by_side(cluster, run, 2, "--max-images", "200" if training else "40", *flags)
     if training:
         wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
     else:
