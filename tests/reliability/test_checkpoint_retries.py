@@ -27,7 +27,8 @@ def _full_after_round_1(cluster: LocalCluster, ckpt: Path, *extra: str) -> tuple
     (round 2 cannot close meanwhile: the workers are paused); the file that fills it."""
     args = ["--insecure", *RUN, "--rounds", str(ROUNDS), "--min-workers", "2", "--round-deadline", "60", *LIVENESS, *extra]
     coord, workers = start_run(cluster, args, [[], []])
-    wait_until((ckpt / checkpoint.STATE_FILE).exists, "round 1's checkpoint", 90, [coord, *workers], every=0.01)
+    # The checkpoint, then its round log line (never ahead of it): both on disk before the dir fills up.
+    wait_until(lambda: [r["round"] for r in rounds_log(ckpt)] == [1], "round 1's checkpoint and round log line", 90, [coord, *workers], every=0.01)
     for w in workers:
         w.proc.send_signal(signal.SIGSTOP)
     filler = fill(ckpt)

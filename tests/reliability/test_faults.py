@@ -196,7 +196,8 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
             args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS]
             coord, workers = start_run(cluster, args, [["--keep-running"], ["--keep-running"]])
             address = coord.ready["address"]
-            wait_until((ckpt / checkpoint.STATE_FILE).exists, "the first checkpoint", 90, [coord, *workers], every=0.02)
+            # The first checkpoint, then its round log line (never ahead of it): both on disk before the failure.
+            wait_until(lambda: rounds_log(ckpt), "the first checkpoint and its round log line", 90, [coord, *workers], every=0.02)
             filler = fill(ckpt) if failure == "full" else None
             if failure == "read_only":
                 remount(ckpt, "ro")
