@@ -69,6 +69,19 @@ def start_workers(cluster: LocalCluster, address: str, extra: Sequence[Sequence[
         return list(pool.map(start, range(k)))
 
 
+def start_run(
+    cluster: LocalCluster, args: Sequence[str], extra: Sequence[Sequence[str]], name: str = "coordinator", address: str = ""
+) -> tuple[Process, list[Process]]:
+    """A coordinator of `args` and `start_workers(extra)`, all started side by side: the coordinator on
+    `address` (default: a free port picked here), which the workers dial (retrying after their backoff) until
+    it is up."""
+    address = address or f"127.0.0.1:{free_port()}"
+    with ThreadPoolExecutor(1) as pool:
+        coord = pool.submit(cluster.coordinator, *args, "--listen", address, name=name)
+        workers = start_workers(cluster, address, extra)
+        return coord.result(), workers
+
+
 def image_folder(path: Path, n: int = 8, size: int = 28) -> Path:
     """A `--data-dir` of `n` random grayscale PNGs of `size` x `size`."""
     import numpy as np

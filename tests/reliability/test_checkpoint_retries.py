@@ -14,7 +14,7 @@ import pytest
 from fedcore.federation import checkpoint
 from feddiff.local import LocalCluster, Process, status
 from tests.checkpoints import saved_run
-from tests.reliability.support import ENV, LIVENESS, RUN, metric, rounds_log, start_workers, wait_until
+from tests.reliability.support import ENV, LIVENESS, RUN, metric, rounds_log, start_run, wait_until
 from tests.tmpfs import fill, mounted_tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -26,9 +26,9 @@ def _full_after_round_1(cluster: LocalCluster, ckpt: Path, *extra: str) -> tuple
     """A coordinator of ROUNDS rounds and two workers, the checkpoint dir filled up once round 1 is checkpointed
     (round 2 cannot close meanwhile: the workers are paused); the file that fills it."""
     args = ["--insecure", *RUN, "--rounds", str(ROUNDS), "--min-workers", "2", "--round-deadline", "60", *LIVENESS, *extra]
-    coord = cluster.coordinator(*args)
-    workers = start_workers(cluster, coord.ready["address"], [[], []])
-    wait_until((ckpt / checkpoint.STATE_FILE).exists, "round 1's checkpoint", 90, [coord, *workers], every=0.01)
+    coord, workers = start_run(cluster, args, [[], []])
+    # The checkpoint, then its round log line (never ahead of it): both on disk before the dir fills up.
+    wait_until(lambda: [r["round"] for r in rounds_log(ckpt)] == [1], "round 1's checkpoint and round log line", 90, [coord, *workers], every=0.01)
     for w in workers:
         w.proc.send_signal(signal.SIGSTOP)
     filler = fill(ckpt)

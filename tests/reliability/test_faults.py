@@ -15,7 +15,7 @@ from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file
 from feddiff.local import LocalCluster, status, wait_for_state
 from tests.checkpoints import saved_run
-from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_workers, wait_until
+from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_run, wait_until
 from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -41,12 +41,23 @@ def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_i
     deadline = 12  # round 1 must fit the paced victim (~4 s of download or ~3 s of upload) on a loaded machine
     ckpt = tmp_path / "checkpoints"
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator(
-            "--insecure", *RUN, "--rounds", "3", "--min-workers", "3", "--quorum", "0.6",
-            "--round-deadline", str(deadline), "--chunk-size", "16384", *LIVENESS,
-        )  # fmt: skip
+        args = [
+            "--insecure",
+            *RUN,
+            "--rounds",
+            "3",
+            "--min-workers",
+            "3",
+            "--quorum",
+            "0.6",
+            "--round-deadline",
+            str(deadline),
+            "--chunk-size",
+            "16384",
+            *LIVENESS,
+        ]
+        coord, (healthy_a, healthy_b, victim) = start_run(cluster, args, [["--keep-running"], ["--keep-running"], ["--keep-running", *pacing]])
         address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
-        healthy_a, healthy_b, victim = start_workers(cluster, address, [["--keep-running"], ["--keep-running"], ["--keep-running", *pacing]])
         alive = [coord, healthy_a, healthy_b]
         wait_until(lambda: _completed(address) >= 1, "round 1", 90, [*alive, victim])
         port = victim.ready["metrics_port"]
@@ -108,13 +119,11 @@ def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_i
 
 def test_coordinator_killed_mid_round_resumes_after_the_last_round_and_workers_reconnect(tmp_path: Path) -> None:
     rounds_total = 3
-    listen = ["--listen", f"127.0.0.1:{free_port()}"]  # the same address for both runs: workers redial it
-    args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "3", "--round-deadline", "60", *LIVENESS, *listen]
+    address = f"127.0.0.1:{free_port()}"  # the same address for both runs: workers redial it
+    args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "3", "--round-deadline", "60", *LIVENESS]
     ckpt = tmp_path / "checkpoints"
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        first = cluster.coordinator(*args)
-        address = first.ready["address"]
-        workers = start_workers(cluster, address, [[], [], []])
+        first, workers = start_run(cluster, args, [[], [], []], address=address)
         pids = [w.proc.pid for w in workers]
         # Round 2 is open once round 1 is committed and its tasks are out.
         wait_until(
@@ -124,7 +133,7 @@ def test_coordinator_killed_mid_round_resumes_after_the_last_round_and_workers_r
         saved = checkpoint.load_run(ckpt)
         assert saved is not None and saved[1].completed_rounds == 1
 
-        resumed = cluster.coordinator(*args, "--resume", name="coordinator-resumed")
+        resumed = cluster.coordinator(*args, "--listen", address, "--resume", name="coordinator-resumed")
         assert resumed.ready["address"] == address
         wait_for_state(address, "done", 120, [resumed, *workers])
         resumed_log = resumed.output()
@@ -141,8 +150,8 @@ def test_coordinator_killed_mid_round_resumes_after_the_last_round_and_workers_r
     final = checkpoint.load_run(ckpt)
     assert final is not None and final[1].completed_rounds == rounds_total
     for log in worker_logs:
-        assert "coordinator unavailable" in log
         assert log.count(": joined ") >= 2, "each worker joined the restarted coordinator by itself"
+        assert "coordinator unavailable" in log.split(": joined ", 1)[1], "the kill cut a joined worker off"
 
 
 # --- a worker slower than the deadline -----------------------------------------------------------------------
@@ -152,9 +161,9 @@ def test_worker_slower_than_the_deadline_has_its_late_update_refused_and_counted
     """Its update (6 kB/s on a ~150 kB decoder: ~24 s) is still streaming when the round closes at its deadline."""
     deadline = 8
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", *RUN, "--rounds", "1", "--min-workers", "3", "--quorum", "0.6", "--round-deadline", str(deadline), *LIVENESS)
+        args = ["--insecure", *RUN, "--rounds", "1", "--min-workers", "3", "--quorum", "0.6", "--round-deadline", str(deadline), *LIVENESS]
+        coord, (fast_a, fast_b, slow) = start_run(cluster, args, [[], [], ["--upload-rate-limit", "6000", "--keep-running"]])
         address, port = coord.ready["address"], coord.ready["metrics_port"]
-        fast_a, fast_b, slow = start_workers(cluster, address, [[], [], ["--upload-rate-limit", "6000", "--keep-running"]])
         wait_for_state(address, "done", 90, [coord, fast_a, fast_b, slow])
         wait_until(lambda: metric(port, "feddiff_updates_total", outcome="late"), "the late update", 60, [coord, slow])
         coordinator_metrics = {name: metric(port, "feddiff_updates_total", outcome=name) for name in ("accepted", "late")} | {
@@ -184,10 +193,11 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_valid_and_the_run
     mount_tmpfs(ckpt, "8m")
     try:
         with LocalCluster(tmp_path, env=ENV) as cluster:
-            coord = cluster.coordinator("--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS)
+            args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS]
+            coord, workers = start_run(cluster, args, [["--keep-running"], ["--keep-running"]])
             address = coord.ready["address"]
-            workers = start_workers(cluster, address, [["--keep-running"], ["--keep-running"]])
-            wait_until((ckpt / checkpoint.STATE_FILE).exists, "the first checkpoint", 90, [coord, *workers], every=0.02)
+            # The first checkpoint, then its round log line (never ahead of it): both on disk before the failure.
+            wait_until(lambda: rounds_log(ckpt), "the first checkpoint and its round log line", 90, [coord, *workers], every=0.02)
             filler = fill(ckpt) if failure == "full" else None
             if failure == "read_only":
                 remount(ckpt, "ro")
@@ -231,10 +241,10 @@ def test_a_full_worker_state_dir_keeps_the_saved_files_and_the_round_still_gets_
     state_dir = tmp_path / "workers" / "client-1"
     first = state_dir / "private-r0001.safetensors"
     with mounted_tmpfs(state_dir, "2m"), LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", *RUN, "--rounds", "2", "--min-workers", "2", "--quorum", "1.0", "--round-deadline", "60", *LIVENESS)
-        address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
         idle = ["--keep-running", "--wait-timeout", "1"]
-        steady, victim = start_workers(cluster, address, [idle, idle])
+        args = ["--insecure", *RUN, "--rounds", "2", "--min-workers", "2", "--quorum", "1.0", "--round-deadline", "60", *LIVENESS]
+        coord, (steady, victim) = start_run(cluster, args, [idle, idle])
+        address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
         wait_until(first.exists, "round 1's private parts", 90, [coord, steady, victim], every=0.01)
         filler = fill(state_dir)
         saved_sha = _sha(first)

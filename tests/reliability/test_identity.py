@@ -22,7 +22,7 @@ from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.local import LocalCluster, wait_for_state
-from tests.reliability.support import DATA, ENV, LIVENESS, RUN, free_port, metric, rounds_log, start_workers, wait_until
+from tests.reliability.support import DATA, ENV, LIVENESS, RUN, free_port, metric, rounds_log, start_run, wait_until
 from tests.system.raw_client import RawWorker
 from worker.metrics import Metrics as WorkerMetrics
 from worker.state_dir import IDENTITY_FILE, StateDir
@@ -159,9 +159,9 @@ def test_a_second_worker_process_with_the_same_worker_id_is_refused_and_the_firs
     (and keeps retrying), the first one takes part in every round."""
     rounds_total = 3
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS)
+        args = ["--insecure", *RUN, "--rounds", str(rounds_total), "--min-workers", "2", "--round-deadline", "60", *LIVENESS]
+        coord, (client_0, client_1) = start_run(cluster, args, [[], []])
         address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
-        client_0, client_1 = start_workers(cluster, address, [[], []])
         wait_until(lambda: metric(coord_port, "feddiff_joins_total", outcome="accepted") >= 2, "both workers joined", 60, [coord, client_0, client_1])
         twin = cluster.worker(address, "client-1", "--insecure", "--client-index", "0", "--num-clients", "2", *DATA, name="client-1-twin")
         wait_until(

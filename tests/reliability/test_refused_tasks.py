@@ -6,6 +6,7 @@ says so in its status (and, with --exit-when-done, in its exit status), the work
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def test_workers_that_refuse_every_task_stop_the_run_after_three_attempts(tmp_pa
         coord = cluster.coordinator(*RUN, "--min-workers", "2")
         address, port = coord.ready["address"], coord.ready["metrics_port"]
         start = time.monotonic()
-        workers = [cluster.worker(address, f"w{i}", "--insecure", "--data-dir", str(images), "--image-size", "32") for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:  # started side by side
+            workers = list(pool.map(lambda i: cluster.worker(address, f"w{i}", "--insecure", "--data-dir", str(images), "--image-size", "32"), range(2)))
 
         failed = wait_for_state(address, "failed", 120, [coord])
         took = time.monotonic() - start

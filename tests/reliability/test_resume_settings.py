@@ -15,7 +15,7 @@ import pytest
 
 from fedcore.federation import checkpoint
 from feddiff.local import LocalCluster, status
-from tests.reliability.support import ENV, LIVENESS, RUN, rounds_log, start_workers
+from tests.reliability.support import ENV, LIVENESS, RUN, rounds_log, start_run
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -26,9 +26,8 @@ def _files(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 def _run(cluster: LocalCluster, args: list[str], name: str) -> str:
-    """A coordinator and two workers until the run is done; the coordinator's log."""
-    coord = cluster.coordinator(*args, name=name)
-    workers = start_workers(cluster, coord.ready["address"], [[], []])
+    """A coordinator and two workers (started side by side) until the run is done; the coordinator's log."""
+    coord, workers = start_run(cluster, args, [[], []], name)
     assert coord.proc.wait(120) == 0, coord.output()[-3000:]
     assert [w.proc.wait(60) for w in workers] == [0, 0]
     return coord.output()

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fedcore.federation.checkpoint import RUN_FILE, load_private
 from feddiff.local import LocalCluster, Process, status
-from tests.reliability.support import DATA, ENV, RUN
+from tests.reliability.support import ENV, RUN, free_port
 from worker.state_dir import PREVIOUS_RUNS, PRIVATE_STEM
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+DATA = ["--max-images", "64", "--threads", "1"]  # rounds of a second or two: what is checked is where the parts go
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -29,12 +32,17 @@ def _run_id(folder: Path) -> str:
 
 def _one_run(cluster: LocalCluster, name: str, checkpoints: Path, rounds: int, state: Path, *, resume: bool = False) -> Process:
     """A coordinator run of `rounds` tiny udec rounds and one worker on `state`, which is through (exit status
-    0); the worker's process. Resumed, the run is over already: the worker joins, hears it is done and exits."""
-    coord = cluster.coordinator(
-        *RUN, "--rounds", str(rounds), "--min-workers", "1", "--insecure", "--progress", "log", "--checkpoint-dir", str(checkpoints),
-        *(["--resume"] if resume else ["--exit-when-done"]), name=name,
-    )  # fmt: skip
-    worker = cluster.worker(coord.ready["address"], "hospital-1", "--insecure", "--client-index", "0", *DATA, "--state-dir", str(state), name=f"{name}-worker")
+    0); the worker's process. Resumed, the run is over already: the worker joins, hears it is done and exits. Both
+    start side by side, the coordinator on a port picked beforehand: the worker connects once it is up."""
+    address = f"127.0.0.1:{free_port()}"
+    with ThreadPoolExecutor(1) as pool:
+        coord_start = pool.submit(
+            cluster.coordinator,
+            *RUN, "--rounds", str(rounds), "--min-workers", "1", "--insecure", "--progress", "log", "--checkpoint-dir", str(checkpoints),
+            "--listen", address, *(["--resume"] if resume else ["--exit-when-done"]), name=name,
+        )  # fmt: skip
+        worker = cluster.worker(address, "hospital-1", "--insecure", "--client-index", "0", *DATA, "--state-dir", str(state), name=f"{name}-worker")
+        coord = coord_start.result()
     assert worker.proc.wait(180) == 0, worker.output()[-3000:]
     if resume:  # serving the finished run: `feddiff status` names it
         assert status(coord.ready["address"])["run_id"] == _run_id(checkpoints)

@@ -11,7 +11,7 @@ import pytest
 
 from fedcore.federation import checkpoint
 from feddiff.local import LocalCluster, status
-from tests.reliability.support import ENV, LIVENESS, RUN, rounds_log, start_workers, wait_until
+from tests.reliability.support import ENV, LIVENESS, RUN, rounds_log, start_run, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -22,16 +22,15 @@ ATTEMPTS = 15  # long enough in all (15 s) for a late update to report its train
 def test_a_deadline_shorter_than_training_stops_the_run_naming_it_and_a_resume_with_a_longer_one_finishes(tmp_path: Path) -> None:
     args = ["--insecure", *RUN, "--epochs", "4", "--rounds", "1", "--min-workers", "2", *LIVENESS, "--exit-when-done"]
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator(*args, "--round-deadline", str(DEADLINE), "--max-failed-attempts", str(ATTEMPTS))
-        workers = start_workers(cluster, coord.ready["address"], [[], []])
+        coord, workers = start_run(cluster, [*args, "--round-deadline", str(DEADLINE), "--max-failed-attempts", str(ATTEMPTS)], [[], []])
         assert coord.proc.wait(120) == 1, coord.output()[-3000:]
         first_log = coord.output()
         for w in workers:  # one that was training when the run failed retries the coordinator that has gone
             w.stop()
 
-        resumed = cluster.coordinator(*args, "--resume", "--round-deadline", "120", name="coordinator-resumed")
+        # A third of the images: the round that finishes the run need not be long.
+        resumed, workers = start_run(cluster, [*args, "--resume", "--round-deadline", "120"], [["--max-images", "80"]] * 2, "coordinator-resumed")
         address = resumed.ready["address"]
-        workers = start_workers(cluster, address, [[], []])
         wait_until(lambda: status(address)["state"] in ("done", "failed"), "the resumed run's end", 120, [resumed, *workers])
         assert resumed.proc.wait(60) == 0, resumed.output()[-3000:]
         resumed_log = resumed.output()

@@ -3,6 +3,7 @@ as one process codes its own, and keeps the residual in its state dir."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,8 @@ def test_two_ranks_code_their_update_as_one_process_does(tmp_path: Path) -> None
     order or a residual lost moves most elements by ~1e-4."""
     init = build_model("tiny").state_dict()
     save_file(tmp_path / "init.safetensors", init)
-    single, single_bytes = _run(tmp_path / "one", tmp_path / "init.safetensors", 1)
-    ranked, ranked_bytes = _run(tmp_path / "two", tmp_path / "init.safetensors", 2)
+    with ThreadPoolExecutor(2) as pool:  # two runs of their own, side by side: each is deterministic (fp32, one thread a rank)
+        (single, single_bytes), (ranked, ranked_bytes) = pool.map(lambda ranks: _run(tmp_path / f"ranks-{ranks}", tmp_path / "init.safetensors", ranks), [1, 2])
 
     moved = torch.cat([(single[k] - init[k]).flatten() for k in init])
     apart = torch.cat([(single[k] - ranked[k]).flatten() for k in init]).abs()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fedcore.model.parts import Part
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file, save_file
 from feddiff.local import LocalCluster, Process, sample, scrape, status, wait_for_state
-from tests.reliability.support import ENV, LIVENESS, RUN, TINY, metric, rounds_log, wait_until
+from tests.reliability.support import ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -52,8 +53,8 @@ def test_two_ranks_at_half_the_batch_train_the_delta_of_one_process(tmp_path: Pa
     noise draw or loss scale moves most elements by ~1e-3."""
     init = build_model("tiny").state_dict()
     save_file(tmp_path / "init.safetensors", init)
-    single = _one_round(tmp_path / "one", tmp_path / "init.safetensors", 1)
-    ranked = _one_round(tmp_path / "two", tmp_path / "init.safetensors", 2)
+    with ThreadPoolExecutor(2) as pool:  # two runs of their own, side by side: each is deterministic (fp32, one thread a rank)
+        single, ranked = pool.map(lambda ranks: _one_round(tmp_path / f"ranks-{ranks}", tmp_path / "init.safetensors", ranks), [1, 2])
     assert single.keys() == ranked.keys() == init.keys()
     moved = torch.cat([(single[k] - init[k]).flatten() for k in init])
     apart = torch.cat([(single[k] - ranked[k]).flatten() for k in init]).abs()
@@ -78,8 +79,10 @@ def test_a_two_rank_worker_and_a_plain_one_run_udec_and_sigterm_stops_every_rank
     with LocalCluster(tmp_path, env=ENV) as cluster:
         coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN, "--rounds", "2", "--min-workers", "2", "--round-deadline", "120")
         address = coord.ready["address"]
-        ranked = cluster.shard_worker(address, 0, 2, "--max-images", "98", "--nproc-per-node", "2", ready_timeout=120)
-        plain = cluster.shard_worker(address, 1, 2, "--max-images", "98")
+        with ThreadPoolExecutor(2) as pool:  # started side by side
+            ranked_start = pool.submit(cluster.shard_worker, address, 0, 2, "--max-images", "98", "--nproc-per-node", "2", ready_timeout=120)
+            plain = cluster.shard_worker(address, 1, 2, "--max-images", "98")
+            ranked = ranked_start.result()
         wait_for_state(address, "done", timeout=180, procs=[coord, ranked, plain])
         pids = ranked.ready["rank_pids"]
         images = metric(ranked.ready["metrics_port"], "feddiff_train_images_total")
@@ -103,15 +106,17 @@ def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_
     """One rank SIGKILLed while round 2 trains: the worker exits 1 naming it, well within the collective
     timeout; round 2 closes at its deadline with the plain worker; the worker, restarted under torchrun on its
     state dir, rejoins with its round-1 private parts and gets the decoder only in round 3."""
-    deadline = 30  # round 1 must fit on a loaded machine
+    deadline = 20  # rounds 1 and 3 (5 to 15 s here, a worker building its model included) must fit on a loaded machine
     timeout = 20  # --collective-timeout
-    run = ["--strategy", "udec", "--model", "tiny", "--seed", "7", "--epochs", "4", "--batch-size", "16"]  # seconds of training
-    ranked_flags = ["--max-images", "240", "--nproc-per-node", "2", "--collective-timeout", str(timeout)]
+    run = ["--strategy", "udec", "--model", "tiny", "--seed", "7", "--epochs", "2", "--batch-size", "16"]  # a second or more of training
+    ranked_flags = ["--max-images", "160", "--nproc-per-node", "2", "--collective-timeout", str(timeout)]
     with LocalCluster(tmp_path, env=ENV) as cluster:
         coord = cluster.coordinator("--insecure", *run, "--rounds", "3", "--min-workers", "2", "--quorum", "0.5", "--round-deadline", str(deadline), *LIVENESS)
         address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
-        victim = cluster.shard_worker(address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
-        healthy = cluster.shard_worker(address, 1, 2, "--max-images", "240")  # stays up after the run: stopped at the end
+        with ThreadPoolExecutor(2) as pool:  # started side by side
+            victim_start = pool.submit(cluster.shard_worker, address, 0, 2, *ranked_flags, keep_running=False, ready_timeout=120)
+            healthy = cluster.shard_worker(address, 1, 2, "--max-images", "160")  # stays up after the run: stopped at the end
+            victim = victim_start.result()
         port = victim.ready["metrics_port"]
         wait_until(lambda: int(status(address)["completed_rounds"]) >= 1, "round 1", 120, [coord, victim, healthy])
         wait_until(lambda: _training_round_2(port), "the worker training round 2", 60, [coord, victim, healthy], every=0.02)
@@ -142,8 +147,8 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     """SIGTERM to the launcher while its ranks train: torch's launcher forwards it, the ranks agree to stop at
     the same step (a stop asked of any rank stops all), rank 0 leaves the session, and the worker exits 0."""
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        coord = cluster.coordinator("--insecure", "--strategy", "udec", *TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1")
-        worker = cluster.shard_worker(coord.ready["address"], 0, 1, "--max-images", "200", "--nproc-per-node", "2", keep_running=False, ready_timeout=120)
+        run = ["--strategy", "udec", *TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1"]
+        coord, worker = _side_by_side(cluster, run, 1, "--max-images", "200", "--nproc-per-node", "2")
         wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
         worker.proc.send_signal(signal.SIGTERM)
         exit_code = worker.proc.wait(30)
@@ -154,12 +159,21 @@ def test_sigterm_mid_round_stops_both_ranks_between_two_steps(tmp_path: Path) ->
     assert left and all(_gone(pid) for pid in worker.ready["rank_pids"])
 
 
+def _side_by_side(cluster: LocalCluster, run: list[str], clients: int, *flags: str) -> tuple[Process, Process]:
+    """A coordinator of `run` and worker client-0 (shard 0 of `clients`, of `flags`, exiting when done), started
+    side by side: the coordinator on a port picked beforehand, which the worker dials until it is up."""
+    address = f"127.0.0.1:{free_port()}"
+    with ThreadPoolExecutor(1) as pool:
+        coord = pool.submit(cluster.coordinator, "--insecure", *run, "--listen", address)
+        worker = cluster.shard_worker(address, 0, clients, *flags, keep_running=False, ready_timeout=120)
+        return coord.result(), worker
+
+
 def _waiting_worker(cluster: LocalCluster, *flags: str, training: bool = False) -> tuple[Process, Process]:
     """A coordinator and one worker (of `flags`): in its long poll (the coordinator waits for a second worker),
     or `training` round 1 (for minutes)."""
     run = [*TINY_RUN[:4], "--epochs", "500", "--batch-size", "16", "--min-workers", "1"] if training else [*RUN, "--min-workers", "2"]
-    coord = cluster.coordinator("--insecure", *run)
-    worker = cluster.shard_worker(coord.ready["address"], 0, 2, "--max-images", "200" if training else "40", *flags, keep_running=False, ready_timeout=120)
+    coord, worker = _side_by_side(cluster, run, 2, "--max-images", "200" if training else "40", *flags)
     if training:
         wait_until(lambda: "worker client-0: round 1: epoch" in worker.output(), "round 1 training", 60, [coord, worker])
     else:
