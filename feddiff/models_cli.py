@@ -324,9 +324,6 @@ def sample(cfg: SampleConfig) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------------------------
 
-FASHION_MNIST_TEST = "fashion-mnist-test"
-
-
 def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tuple[int, ...]) -> ReferenceStats:
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range

@@ -31,8 +31,10 @@ MAY_IMPORT = {
     "worker": {"fedcore", "service", "worker"},
     "feddiff": {"fedcore", "service", "coordinator", "worker", "feddiff"},
 }
-TRANSPORT = ("grpc", "google.protobuf", "fedcore.wire.proto")  # within fedcore, the wire room's alone
-NEVER_IN_FEDCORE = ("prometheus_client",)  # each process's metrics live with the process (service/)
+# within fedcore, the wire room's alone (grpc_health, grpc_status, ... are gRPC too)
+TRANSPORT = ("grpc", "grpc_health", "grpc_status", "grpc_reflection", "google.protobuf", "fedcore.wire.proto")
+# each process's metrics, certificates and malloc tuning live with the processes (service/, feddiff/certs.py)
+NEVER_IN_FEDCORE = ("prometheus_client", "cryptography", "ssl", "ctypes")
 
 
 def _within(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -79,7 +81,7 @@ def crossings(module: str, source: str, *, is_package: bool = False) -> list[str
         if top != "fedcore":
             continue
         if _within(imported, NEVER_IN_FEDCORE):
-            found.append(f"{where}: fedcore is the pure core, the processes' metrics live outside it")
+            found.append(f"{where}: fedcore is the pure core, the processes' metrics, certificates and malloc tuning live outside it")
         if _within(imported, TRANSPORT) and not _within(module, ("fedcore.wire",)):
             found.append(f"{where}: only fedcore.wire knows grpc and protobuf")
         if target == "fedcore" and room_of(imported) > room_of(module):
@@ -119,7 +121,10 @@ def test_rooms_are_the_subpackages_of_fedcore() -> None:
         ("fedcore.federation.client", "import grpc", "only fedcore.wire knows grpc"),
         ("fedcore.evaluation.fid", "from google.protobuf.message import Message", "only fedcore.wire knows grpc"),
         ("fedcore.evaluation.images", "from fedcore.wire.proto.feddiff.v1 import feddiff_pb2", "only fedcore.wire"),
-        ("fedcore.model.training", "from prometheus_client import Counter", "the processes' metrics live outside it"),
+        ("fedcore.model.training", "from prometheus_client import Counter", "the processes' metrics, certificates"),
+        ("fedcore.model.unet", "from grpc_health.v1 import health", "only fedcore.wire knows grpc"),
+        ("fedcore.federation.checkpoint", "from cryptography import x509", "certificates and malloc tuning live outside"),
+        ("fedcore.data.datasets", "import ctypes", "certificates and malloc tuning live outside"),
         ("fedcore.experiments.simulation", "from coordinator.rounds import RoundDriver", "fedcore may import only"),
         ("fedcore.data.datasets", "import service.ports", "fedcore may import only"),
         ("coordinator.rounds", "from worker.client import CoordinatorClient", "coordinator may import only"),
