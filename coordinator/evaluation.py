@@ -22,7 +22,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import WorkerRecord
 from fedcore.data.datasets import DatasetError, fashion_mnist_files
 from fedcore.errors import BadEvaluation, DuplicateUpdate, NotAssigned, WrongRound
-from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
+from fedcore.evaluation.extractors import FeatureExtractor, load_extractor, load_inception
 from fedcore.evaluation.fid import ReferenceStats, curve_point_due, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import save_grid
 from fedcore.federation.client import EvalTask
@@ -236,7 +236,7 @@ class GlobalEvaluator:
 
     def _prepare(self) -> tuple[FeatureExtractor, ReferenceStats]:
         if self._prepared is None:
-            extractor = load_inception(self.inception_weights, self.device) if self.inception_weights else load_fmnist_classifier(self.device)
+            extractor = load_extractor(self.inception_weights, self.device)
             self._prepared = extractor, fashion_mnist_reference(extractor, root=self.data_root)
         return self._prepared
 

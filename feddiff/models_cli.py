@@ -324,6 +324,7 @@ def sample(cfg: SampleConfig) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------------------------
 
+
 def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tuple[int, ...]) -> ReferenceStats:
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
@@ -346,23 +347,17 @@ def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tu
     return ReferenceStats.compute(extractor, to_model_range(images), name)
 
 
-def _extractor(inception_weights: str, device: torch.device) -> FeatureExtractor:
-    """The features the distance is taken on: a user's pytorch-fid Inception weights, else the bundled classifier."""
-    from fedcore.evaluation.extractors import load_fmnist_classifier, load_inception
-
-    return load_inception(inception_weights, device) if inception_weights else load_fmnist_classifier(device)
-
-
 def evaluate(cfg: EvaluateConfig) -> int:
     """The Frechet distance of a model's samples to real images, on the committed classifier's features or
     on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
+    from fedcore.evaluation.extractors import load_extractor
     from fedcore.evaluation.fid import score_generator
     from fedcore.evaluation.images import save_grid
 
     if cfg.grid:
         check_not_run_file(cfg.grid, "--grid")
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
-    extractor = _extractor(cfg.inception_weights, device)
+    extractor = load_extractor(cfg.inception_weights, device)
     reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))
     score = score_generator(model, reference, extractor, cfg.sampling, device=device)
     if cfg.grid:

@@ -16,7 +16,7 @@ from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import DataConfig, client_shard
 from fedcore.errors import DataMismatch, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
-from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
+from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
@@ -460,7 +460,7 @@ class WorkerDaemon:
     def _quality_reference(self, device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
         """Features and real-image statistics for FD: the Fashion-MNIST test set, or this worker's own images."""
         if self._quality is None:
-            extractor = load_inception(self.cfg.inception_weights, device) if self.cfg.inception_weights else load_fmnist_classifier(device)
+            extractor = load_extractor(self.cfg.inception_weights, device)
             if self.cfg.data_dir:
                 reference = ReferenceStats.compute(extractor, to_model_range(self.images.images), f"local:{self.cfg.data_dir}")
             else:

@@ -197,3 +197,9 @@ def load_inception(weights_path: Path | str, device: str | torch.device = "cpu")
         name=f"inception-v3-fid:{sha256_of_file(path)[:12]}", dim=FID_FEATURE_DIM, network=model,
         embed=model, default_batch_size=32, device=device,
     )  # fmt: skip
+
+
+def load_extractor(inception_weights: Path | str | None, device: str | torch.device = "cpu") -> ModuleFeatureExtractor:
+    """The features a Frechet distance is taken on: a user's pytorch-fid Inception weights (`load_inception`)
+    when a file is given, else the bundled Fashion-MNIST classifier (`load_fmnist_classifier`)."""
+    return load_inception(inception_weights, device) if inception_weights else load_fmnist_classifier(device)

@@ -27,7 +27,7 @@ import torch
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.data.shards import DataConfig
 from fedcore.data.splits import SplitKind, is_split_kind
-from fedcore.evaluation.extractors import FeatureExtractor, load_fmnist_classifier, load_inception
+from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
 from fedcore.evaluation.images import save_grid
 from fedcore.experiments import report
@@ -198,10 +198,7 @@ class Evaluator:
     @classmethod
     def create(cls, cfg: ReproduceConfig, log: Callable[[str], None] = print) -> Evaluator:
         speed = ResolvedSpeed.of(cfg.speed)
-        if cfg.inception_weights:
-            extractor: FeatureExtractor = load_inception(cfg.inception_weights, speed.device)
-        else:
-            extractor = load_fmnist_classifier(speed.device)
+        extractor: FeatureExtractor = load_extractor(cfg.inception_weights, speed.device)
         n = cfg.protocol.reference_images
         dataset = "fashion-mnist/test" if n <= 0 else f"fashion-mnist/test[:{n}]"
 
