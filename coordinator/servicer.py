@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from coordinator.config import CoordinatorConfig
 from coordinator.downloads import OpenDownloads, Unsendable
 from coordinator.handlers import Handlers
+from coordinator.log_limit import LimitedLog
 from coordinator.metrics import Metrics
 from coordinator.phase import IssuedTask
 from coordinator.registry import WorkerRegistry
@@ -71,6 +72,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.registry = registry
         self.metrics = metrics
         self.handlers = Handlers(cfg, driver, registry, run_id=run_id)
+        self._refusal_log = LimitedLog(log)  # a flood of bad calls is counted in full, logged in part
         loop = asyncio.get_running_loop()
         self._changes = Changes(loop)
         self._uploads = OpenUploads()
@@ -96,9 +98,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         `counted_in`; an upload cut off on the way is `aborted`: logged as such, not as a refusal."""
         counted_in.labels(error.reason).inc()
         if isinstance(error, UploadAborted):
-            log.warning("upload cut off (%s): %s", error.reason, error)
+            self._refusal_log.refused(error.reason, "upload cut off (%s): %s", error.reason, error)
         else:
-            log.warning("%s refused: %s: %s", what, error.reason, error)
+            self._refusal_log.refused(error.reason, "%s refused: %s: %s", what, error.reason, error)
         await abort(context, error)
 
     async def _worker(self, session_id: str, context: grpc.aio.ServicerContext, *, counted_in: Counter | None = None) -> str:
