@@ -328,6 +328,7 @@ class Coordinator:
         # What exists now (torch, the model, the servers) lives as long as the run: out of the collector's
         # sight, a full collection scans only what the run allocates since, not ~100 ms of that heap, which
         # held the event loop (and a health check) each time (the gc.freeze advice for long-running servers).
+        gc.collect()  # garbage of the start is freed first, not frozen with the rest
         gc.freeze()
         self._loop.start()
         self.progress.start()
