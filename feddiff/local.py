@@ -80,8 +80,11 @@ class LocalCluster:
     _coordinators: list[Process] = field(default_factory=list, init=False, repr=False)  # stopped after the workers
 
     def _start(self, name: str, args: Sequence[str], ready_timeout: float, launcher: Sequence[str] = ()) -> Process:
-        p = self._spawn(name, args, launcher)
-        p.ready = _wait_file(self.workdir / f"{name}.ready.json", p.proc, ready_timeout, p.log)
+        return self._await_ready(self._spawn(name, args, launcher), ready_timeout)
+
+    def _await_ready(self, p: Process, timeout: float) -> Process:
+        """`p` once its ready file is written (its `ready` read from it)."""
+        p.ready = _wait_file(self.workdir / f"{p.name}.ready.json", p.proc, timeout, p.log)
         return p
 
     def _spawn(self, name: str, args: Sequence[str], launcher: Sequence[str] = ()) -> Process:
@@ -135,22 +138,20 @@ class LocalCluster:
     ) -> Process:
         """Worker `client-<index>` on Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU
         thread; with `keep_running` it stays connected after the last round (its metrics stay scrapeable)."""
-        return self.worker(address, f"client-{index}", *_shard_flags(index, num_clients, keep_running), *args, ready_timeout=ready_timeout, launcher=launcher)
+        return self.worker(address, f"client-{index}", *shard_flags(index, num_clients, keep_running), *args, ready_timeout=ready_timeout, launcher=launcher)
 
     def shard_workers(
         self, address: str, num_clients: int, *args: str, keep_running: bool = True, ready_timeout: float = 60.0, count: int | None = None
     ) -> list[Process]:
         """A `shard_worker` for each of the `num_clients` shards (the first `count` of them when given), started together."""
-        flags = {f"client-{i}": [*_shard_flags(i, num_clients, keep_running), *args] for i in range(num_clients if count is None else count)}
+        flags = {f"client-{i}": [*shard_flags(i, num_clients, keep_running), *args] for i in range(num_clients if count is None else count)}
         return self.workers(address, flags, ready_timeout=ready_timeout)
 
     def workers(self, address: str, flags: Mapping[str, Sequence[str]], ready_timeout: float = 60.0) -> list[Process]:
         """A `worker` for each worker id of `flags` with its flags, all started at once (their imports overlap),
         returned when every one is ready."""
         started = [self._spawn(worker_id, self._worker_args(address, worker_id, worker_id, args)) for worker_id, args in flags.items()]
-        for w in started:
-            w.ready = _wait_file(self.workdir / f"{w.name}.ready.json", w.proc, ready_timeout, w.log)
-        return started
+        return [self._await_ready(w, ready_timeout) for w in started]
 
     def stop_all(self) -> None:
         """SIGTERM to every worker at once, and once they are gone to the coordinators."""
@@ -167,7 +168,7 @@ class LocalCluster:
         self.stop_all()
 
 
-def _shard_flags(index: int, num_clients: int, keep_running: bool) -> list[str]:
+def shard_flags(index: int, num_clients: int, keep_running: bool = True) -> list[str]:
     """A shard worker's flags: Fashion-MNIST shard `index` of `num_clients`, plain-text gRPC, one CPU thread."""
     return ["--insecure", "--client-index", str(index), "--num-clients", str(num_clients), "--threads", "1", *(["--keep-running"] if keep_running else [])]
 

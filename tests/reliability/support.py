@@ -18,7 +18,7 @@ from typing import TypeVar
 from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.model.parts import Part
 from fedcore.model.unet import build_model, layout_of
-from feddiff.local import LocalCluster, Process, sample, scrape
+from feddiff.local import LocalCluster, Process, sample, scrape, shard_flags
 
 # Tiny UDec rounds that take a second or two on one CPU thread.
 RUN = ["--strategy", "udec", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--seed", "7"]
@@ -59,14 +59,9 @@ def metric(port: int, name: str, **labels: str) -> float:
 
 
 def start_workers(cluster: LocalCluster, address: str, extra: Sequence[Sequence[str]]) -> list[Process]:
-    """Worker `client-i` for each entry of `extra` (its additional flags), started in parallel."""
-    k = len(extra)
-
-    def start(i: int) -> Process:
-        return cluster.shard_worker(address, i, k, *DATA, *extra[i], keep_running=False)
-
-    with ThreadPoolExecutor(k) as pool:
-        return list(pool.map(start, range(k)))
+    """Worker `client-i` for each entry of `extra` (its additional flags), started together."""
+    flags = {f"client-{i}": [*shard_flags(i, len(extra), keep_running=False), *DATA, *more] for i, more in enumerate(extra)}
+    return cluster.workers(address, flags)
 
 
 def start_run(
