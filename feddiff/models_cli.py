@@ -326,9 +326,10 @@ def sample(cfg: SampleConfig) -> int:
 
 
 def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tuple[int, ...]) -> ReferenceStats:
-    """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder."""
+    """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder (kept in
+    the user's cache of reference statistics, so the next evaluation against the same images reuses them)."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
-    from fedcore.evaluation.fid import ReferenceStats
+    from fedcore.evaluation.fid import ReferenceStatsCache
 
     channels, size = image_shape[0], image_shape[1]
     if cfg.reference_dir:
@@ -344,7 +345,7 @@ def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tu
         name += f"[:{len(images)}]"
     if len(images) < 2:
         raise ValueError(f"the reference has {len(images)} image(s); the Frechet distance needs at least 2")
-    return ReferenceStats.compute(extractor, to_model_range(images), name)
+    return ReferenceStatsCache.default().get(extractor, name, to_model_range(images))
 
 
 def evaluate(cfg: EvaluateConfig) -> int:

@@ -1,15 +1,17 @@
-"""Shared fixtures: one CPU thread, seeding, and the part layouts of the tiny and paper models."""
+"""Shared fixtures: one CPU thread, one cache of reference statistics, seeding, and the part layouts of the tiny and paper models."""
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR
+from fedcore.evaluation.fid import CACHE_DIR_ENV
 from fedcore.model.parts import Part, PartLayout
 from fedcore.model.unet import build_model, layout_of
 
@@ -18,6 +20,19 @@ from fedcore.model.unet import build_model, layout_of
 def _one_cpu_thread() -> None:
     """The suite shares two cores with other jobs: one intra-op thread keeps timings stable."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One cache of reference statistics for the session's processes (the coordinators and workers tests start
+    inherit it), never the user's: each set of real images is featurized once per session, not per process."""
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("feddiff-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
 
 
 @pytest.fixture

@@ -7,18 +7,25 @@ guards follow pytorch-fid's `calculate_frechet_distance`; the matrix square root
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Final
 
 import numpy as np
 import torch
 from scipy import linalg
 
+from fedcore.atomic import atomic_write
 from fedcore.evaluation.extractors import FeatureExtractor
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec, Schedule
 from fedcore.model.diffusion import sample as generate
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # Statistics and the distance
@@ -95,7 +102,7 @@ class ReferenceStats:
         mu, sigma = feature_statistics(extractor.features(images, batch_size))
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
-    def save(self, path: Path | str) -> None:
+    def save(self, path: Path | str | BinaryIO) -> None:
         np.savez(
             path, mu=self.mu, sigma=self.sigma, extractor=np.array(self.extractor),
             dataset=np.array(self.dataset), count=np.array(self.count),
@@ -110,43 +117,93 @@ class ReferenceStats:
             )  # fmt: skip
 
 
-class ReferenceStatsCache:
-    """Owns the reference statistics per (extractor, dataset): computed on first use, then reused.
+CACHE_DIR_ENV: Final = "FEDDIFF_CACHE_DIR"  # where reference statistics persist; default: the user's cache folder
 
-    With `directory`, statistics also persist as `<extractor>__<dataset>.npz` files across processes.
+
+def default_cache_dir() -> Path:
+    """Where reference statistics persist between processes: $FEDDIFF_CACHE_DIR, else $XDG_CACHE_HOME/feddiff,
+    else ~/.cache/feddiff (the XDG base directory default)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "feddiff"
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of the images' values, shape and dtype: what a cached statistic is of."""
+    x = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(x.shape)}:{x.dtype}".encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ReferenceStatsCache:
+    """Owns the reference statistics of image sets: computed on first use, then reused.
+
+    Statistics are keyed by the extractor's name (network and weights), the dataset's name and a digest of the
+    images themselves, so a changed dataset or extractor never gets another one's statistics. With
+    `directory`, they also persist as `<extractor>__<dataset>__<digest>.npz` files, written atomically, for
+    every later process; a file that cannot be read or does not match its key is computed again and replaced,
+    and a directory that cannot be written is logged once and used as an in-memory cache only.
     """
 
     def __init__(self, directory: Path | str | None = None):
         self._directory = Path(directory) if directory is not None else None
-        self._stats: dict[tuple[str, str], ReferenceStats] = {}
+        self._stats: dict[tuple[str, str, str], ReferenceStats] = {}
 
-    def _path(self, extractor: str, dataset: str) -> Path | None:
+    @classmethod
+    def default(cls) -> ReferenceStatsCache:
+        """The cache in `default_cache_dir()`/reference, shared by every process of the user."""
+        return cls(default_cache_dir() / "reference")
+
+    def _path(self, key: tuple[str, str, str]) -> Path | None:
         if self._directory is None:
             return None
-        stem = f"{extractor}__{dataset}".replace("/", "-").replace(":", "-")
+        stem = "__".join(key).replace("/", "-").replace(":", "-")
         return self._directory / f"{stem}.npz"
 
-    def get(
-        self,
-        extractor: FeatureExtractor,
-        dataset: str,
-        images: Callable[[], torch.Tensor],
-        batch_size: int | None = None,
-    ) -> ReferenceStats:
-        """The statistics of `dataset`; `images()` (N, C, H, W) in [-1, 1] is called only on a miss."""
-        key = (extractor.name, dataset)
+    def get(self, extractor: FeatureExtractor, dataset: str, images: torch.Tensor, batch_size: int | None = None) -> ReferenceStats:
+        """The statistics of `images` (N, C, H, W) in [-1, 1], named `dataset`, on `extractor`'s features."""
+        key = (extractor.name, dataset, images_digest(images))
         if key in self._stats:
             return self._stats[key]
-        path = self._path(*key)
-        if path is not None and path.is_file():
-            stats = ReferenceStats.load(path)
-        else:
-            stats = ReferenceStats.compute(extractor, images(), dataset, batch_size)
+        path = self._path(key)
+        stats = self._load(path, extractor, dataset, len(images)) if path is not None else None
+        if stats is None:
+            stats = ReferenceStats.compute(extractor, images, dataset, batch_size)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stats.save(path)
+                self._save(stats, path)
         self._stats[key] = stats
         return stats
+
+    @staticmethod
+    def _load(path: Path, extractor: FeatureExtractor, dataset: str, count: int) -> ReferenceStats | None:
+        """The statistics in `path` when they are those of the key; None (computed again) when not there or not."""
+        if not path.is_file():
+            return None
+        try:
+            stats = ReferenceStats.load(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            log.warning("reference statistics %s cannot be read (%s): computing them again", path, e)
+            return None
+        dim = extractor.dim
+        if (
+            (stats.extractor, stats.dataset, stats.count) != (extractor.name, dataset, count)
+            or stats.mu.shape != (dim,)
+            or stats.sigma.shape != (dim, dim)
+            or not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all())
+        ):
+            log.warning("reference statistics %s are not those of %s (%d images, %s): computing them again", path, dataset, count, extractor.name)
+            return None
+        return stats
+
+    def _save(self, stats: ReferenceStats, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, stats.save)
+        except OSError as e:
+            log.warning("reference statistics cannot be kept in %s (%s): they stay in this process only", path.parent, e.strerror or e)
+            self._directory = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,8 +240,9 @@ def score_generator(
 
 
 def fashion_mnist_reference(extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None) -> ReferenceStats:
-    """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with)."""
+    """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with), from
+    `cache` (default: the user's, `ReferenceStatsCache.default()`), computed there on its first use."""
     from fedcore.data.datasets import load_fashion_mnist, to_model_range
 
-    cache = cache or ReferenceStatsCache()
-    return cache.get(extractor, "fashion-mnist/test", lambda: to_model_range(load_fashion_mnist(train=False, root=root).images))
+    cache = cache or ReferenceStatsCache.default()
+    return cache.get(extractor, "fashion-mnist/test", to_model_range(load_fashion_mnist(train=False, root=root).images))

@@ -202,10 +202,8 @@ class Evaluator:
         n = cfg.protocol.reference_images
         dataset = "fashion-mnist/test" if n <= 0 else f"fashion-mnist/test[:{n}]"
 
-        def test_images() -> torch.Tensor:
-            images = load_fashion_mnist(train=False, root=cfg.data_root).images
-            return to_model_range(images[:n] if n > 0 else images)
-
+        images = load_fashion_mnist(train=False, root=cfg.data_root).images
+        test_images = to_model_range(images[:n] if n > 0 else images)
         reference = ReferenceStatsCache(cfg.out / "reference").get(extractor, dataset, test_images)
         network = build_model(cfg.protocol.model).to(speed.device)
         if speed.channels_last:

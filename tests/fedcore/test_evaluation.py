@@ -24,9 +24,11 @@ from fedcore.evaluation.extractors import (
     sha256_of_file,
 )
 from fedcore.evaluation.fid import (
+    CACHE_DIR_ENV,
     ReferenceStats,
     ReferenceStatsCache,
     curve_point_due,
+    default_cache_dir,
     fd_between,
     feature_statistics,
     frechet_distance,
@@ -207,23 +209,88 @@ def test_fd_between_matches_reference_path(classifier, test_subset, train_subset
 # Reference statistics cache
 
 
-def test_reference_stats_are_computed_once_and_persist(classifier, test_subset, tmp_path):
-    calls = []
+class CountingExtractor:
+    """The classifier, counting how many images it featurizes (a computed reference counts; a cached one not)."""
 
-    def images() -> torch.Tensor:
-        calls.append(1)
-        return test_subset[0][:200]
+    def __init__(self, extractor):
+        self._extractor = extractor
+        self.name, self.dim = extractor.name, extractor.dim
+        self.featurized = 0
+
+    def features(self, images, batch_size=None):
+        self.featurized += len(images)
+        return self._extractor.features(images, batch_size)
+
+
+def test_reference_stats_are_computed_once_and_persist(classifier, test_subset, tmp_path):
+    counting = CountingExtractor(classifier)
+    images = test_subset[0][:200]
 
     cache = ReferenceStatsCache(tmp_path)
-    first = cache.get(classifier, "fashion-mnist/test[200]", images)
-    again = cache.get(classifier, "fashion-mnist/test[200]", images)
-    reloaded = ReferenceStatsCache(tmp_path).get(classifier, "fashion-mnist/test[200]", images)
+    first = cache.get(counting, "fashion-mnist/test[200]", images)
+    again = cache.get(counting, "fashion-mnist/test[200]", images.clone())
+    reloaded = ReferenceStatsCache(tmp_path).get(counting, "fashion-mnist/test[200]", images)
 
-    assert len(calls) == 1
+    assert counting.featurized == 200
     assert again is first
     assert reloaded.extractor == first.extractor and reloaded.count == 200
     np.testing.assert_array_equal(reloaded.mu, first.mu)
     np.testing.assert_array_equal(reloaded.sigma, first.sigma)
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_other_images_under_the_same_name_get_their_own_statistics(classifier, test_subset, tmp_path):
+    counting = CountingExtractor(classifier)
+    a = ReferenceStatsCache(tmp_path).get(counting, "fashion-mnist/test", test_subset[0][:100])
+    b = ReferenceStatsCache(tmp_path).get(counting, "fashion-mnist/test", test_subset[0][100:200])
+
+    assert counting.featurized == 200
+    assert not np.array_equal(a.mu, b.mu)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_count", "not_finite"])
+def test_a_damaged_or_foreign_cache_file_is_computed_again_and_replaced(classifier, test_subset, tmp_path, damage, caplog):
+    images = test_subset[0][:100]
+    good = ReferenceStatsCache(tmp_path).get(classifier, "fashion-mnist/test", images)
+    (path,) = tmp_path.glob("*.npz")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    elif damage == "other_count":
+        ReferenceStats(good.extractor, good.dataset, 99, good.mu, good.sigma).save(path)
+    else:
+        ReferenceStats(good.extractor, good.dataset, 100, good.mu * np.nan, good.sigma).save(path)
+
+    counting = CountingExtractor(classifier)
+    again = ReferenceStatsCache(tmp_path).get(counting, "fashion-mnist/test", images)
+
+    assert counting.featurized == 100
+    np.testing.assert_allclose(again.mu, good.mu)
+    assert str(path) in caplog.text and "computing them again" in caplog.text
+    reread = ReferenceStats.load(path)
+    assert reread.count == 100 and np.isfinite(reread.mu).all()
+
+
+def test_a_cache_folder_that_cannot_be_written_keeps_the_statistics_in_memory(classifier, test_subset, tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    cache = ReferenceStatsCache(blocked / "reference")
+
+    first = cache.get(classifier, "fashion-mnist/test", test_subset[0][:50])
+
+    assert cache.get(classifier, "fashion-mnist/test", test_subset[0][:50]) is first
+    assert "stay in this process only" in caplog.text and str(blocked) in caplog.text
+
+
+def test_the_default_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "feddiff"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/is/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "feddiff"
 
 
 def test_reference_from_another_extractor_is_refused(classifier, reference, test_subset):
