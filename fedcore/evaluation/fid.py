@@ -17,7 +17,6 @@ from typing import BinaryIO, Final
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from fedcore.atomic import atomic_write
 from fedcore.evaluation.extractors import FeatureExtractor
@@ -52,6 +51,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"means have shapes {mu1.shape} and {mu2.shape}, expected equal")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
         raise ValueError(f"covariances have shapes {sigma1.shape} and {sigma2.shape}, expected {(mu1.shape[0],) * 2}")
+    from scipy import linalg  # here, not at import: every worker and coordinator imports this module, few use it
+
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
