@@ -11,7 +11,7 @@ import yaml
 from annotated_types import Interval
 from pydantic import BeforeValidator
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.federation.robust import RobustConfig
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import StrategyName
@@ -41,6 +41,7 @@ from fedcore.settings import (
 )
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
+from service import flags
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
@@ -253,7 +254,7 @@ def read_settings_file(path: Path) -> dict[Any, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every setting (`fedcore.flags`: each with the type, range and choices its field declares);
+    """Flags for every setting (`service.flags`: each with the type, range and choices its field declares);
     values stay strings, None when not given, so that the YAML file's values stand unless overridden:
     `CoordinatorConfig.load` converts them, with the file's, in one place."""
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")

@@ -57,8 +57,8 @@ SPEED_MEANING = {  # what each speed flag means; its type, range and default com
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
     """The speed flags, each with the type, range or choices its SpeedConfig field declares."""
-    from fedcore import flags
     from fedcore.model.training import SpeedConfig
+    from service import flags
 
     flags.add_flags(p, SpeedConfig, SPEED_MEANING)
     p.add_argument("--no-compile", action="store_true", help="same as --compile off")
@@ -66,8 +66,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 def speed_values(args: argparse.Namespace) -> dict[str, object]:
     """The speed flags given (strings), by SpeedConfig field; --no-compile as compile off."""
-    from fedcore import flags
     from fedcore.model.training import SpeedConfig
+    from service import flags
 
     return {**flags.given(args, SpeedConfig), **({"compile": "off"} if args.no_compile else {})}
 

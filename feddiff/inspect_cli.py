@@ -8,10 +8,11 @@ import json
 import sys
 from dataclasses import dataclass
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.data.splits import SplitKind
 from fedcore.settings import Concentration, ExistingFolder, Positive, Seed
 from feddiff.args import RUN_MEANING, Command
+from service import flags
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:

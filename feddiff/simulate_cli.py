@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.data.shards import DataConfig
 from fedcore.data.splits import SplitKind
 from fedcore.experiments.devices import DeviceList
@@ -21,6 +21,7 @@ from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, canonical_compression, compression_codec
 from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+from service import flags
 
 
 @dataclass(frozen=True)

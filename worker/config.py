@@ -12,7 +12,7 @@ import torch
 from annotated_types import Interval
 from pydantic import AfterValidator
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import (
@@ -30,6 +30,7 @@ from fedcore.settings import (
     Seed,
 )
 from fedcore.wire.bounds import WORKER_ID, largest
+from service import flags
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -189,7 +190,7 @@ _NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # sp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The worker's flags, each with the type, range or choices its field declares (`fedcore.flags`). Values
+    """The worker's flags, each with the type, range or choices its field declares (`service.flags`). Values
     stay strings here (None: not given): `from_args` converts them to the settings' types."""
     flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
     p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")

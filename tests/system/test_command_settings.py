@@ -14,7 +14,6 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from fedcore import flags
 from fedcore.model.training import SpeedConfig
 from fedcore.model.unet import ModelName
 from feddiff import cli
@@ -22,6 +21,7 @@ from feddiff.inspect_cli import SplitSettings
 from feddiff.models_cli import EvaluateConfig, ExportConfig, SampleConfig
 from feddiff.reproduce_cli import ReproduceSettings
 from feddiff.simulate_cli import SimulateConfig
+from service import flags
 from tests.parsers import subcommands
 from worker.config import WorkerConfig
 
