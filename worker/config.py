@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -193,15 +192,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The worker's flags, each with the type, range or choices its field declares (`service.flags`). Values
     stay strings here (None: not given): `from_args` converts them to the settings' types."""
     flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
-    p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
+    flags.add_switch(p, "--keep-running", "exit_when_done", False, "stay connected after the last round")
 
 
-def _flag(loc: settings.Location) -> str:
-    return "--keep-running" if loc == ("exit_when_done",) else settings.flag(loc)
-
-
-def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
-    """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
-    line) names every flag whose value does not convert."""
-    values = {**flags.given(args, WorkerConfig), "speed": speed, **({"exit_when_done": False} if args.keep_running else {})}
-    return settings.build(WorkerConfig, values, name=_flag)
+def from_args(args: argparse.Namespace) -> WorkerConfig:
+    """The worker's configuration, with its speed settings (the speed flags, `feddiff.args`); SettingsError
+    (one line) names every flag whose value does not convert."""
+    return flags.build(WorkerConfig, args)
