@@ -44,7 +44,7 @@ def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any =
     flag = settings.flag((name,))
     if tp is bool:
         return parser.add_argument(flag, **{"action": "store_const", "const": True, "default": None, "help": words or None, **options})
-    shown = None if default is REQUIRED or default == {} else ",".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else None if default is REQUIRED or default == {} else default
     kwargs = {"default": None, "required": default is REQUIRED, "choices": choices(tp), "help": settings.flag_help(tp, shown, words)}
     return parser.add_argument(flag, **{**kwargs, **options})
 
