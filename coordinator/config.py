@@ -1,17 +1,16 @@
-"""The coordinator's configuration: built once from a YAML file and command-line flags (flags win)."""
+"""The coordinator's configuration: built once from command-line flags and a YAML file of settings (flags win)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from annotated_types import Interval
 from pydantic import BeforeValidator
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.federation.robust import RobustConfig
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import StrategyName
@@ -41,6 +40,7 @@ from fedcore.settings import (
 )
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
+from service import flags
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
@@ -90,7 +90,7 @@ WorkerSizes = Annotated[
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    """Every setting of a coordinator. Its types carry the ranges and allowed values: `load` converts each
+    """Every setting of a coordinator. Its types carry the ranges and allowed values: `from_args` converts each
     value to its type or refuses it (training settings with the ranges the workers run, `fedcore.settings`)."""
 
     __pydantic_config__ = settings.CONFIG
@@ -214,53 +214,17 @@ class CoordinatorConfig:
             registered=dict(self.worker_sizes),
         )
 
-    @classmethod
-    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:
-        """Defaults, then the YAML file, then the flags that were given (None = not given), each value
-        converted to its setting's type; SettingsError (one line) names every value that is not."""
-        values: dict[str, Any] = {}
-        if path:
-            raw = read_settings_file(Path(path))
-            spelled: dict[str, str] = {}
-            for key in map(str, raw):
-                other = spelled.setdefault(key.replace("-", "_"), key)
-                if other != key:
-                    raise settings.SettingsError(f"--config {path}: {other!r} and {key!r} are one setting, given twice")
-            values.update({str(k).replace("-", "_"): v for k, v in raw.items()})
-        given = {k: v for k, v in overrides.items() if v is not None}
-        values.update(given)
-
-        def name(loc: settings.Location) -> str:
-            return settings.flag(loc) if loc[0] in given else f"{settings.dotted(loc)} (in {path})"
-
-        return settings.build(cls, values, name=name)
-
-
-def read_settings_file(path: Path) -> dict[Any, Any]:
-    """The mapping in a YAML settings file; SettingsError (one line, the file and where it fails) when the
-    file cannot be read or is not a YAML mapping."""
-    try:
-        raw = settings.load_yaml(path.read_text()) or {}
-    except OSError as e:
-        raise settings.SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise settings.SettingsError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(raw, dict):
-        raise settings.SettingsError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
-    return raw
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags for every setting (`fedcore.flags`: each with the type, range and choices its field declares);
-    values stay strings, None when not given, so that the YAML file's values stand unless overridden:
-    `CoordinatorConfig.load` converts them, with the file's, in one place."""
-    p.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
-    for name, tp, default in flags.settings_of(CoordinatorConfig):
-        flags.add_flag(p, name, tp, default if default != {} else None)  # worker_sizes: none by default
+    """--config and a flag for every setting (`service.flags`: each with the type, range and choices its field
+    declares); values stay strings, None when not given, so that the file's values stand unless a flag is
+    given: `from_args` converts them, with the file's, in one place."""
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (keys as the flags, with underscores); a flag given wins over it")
+    flags.add_flags(p, CoordinatorConfig)
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(CoordinatorConfig)}
-    return CoordinatorConfig.load(args.config, overrides)
+    """The coordinator's configuration: the defaults, under the --config file's settings, under the flags
+    given; SettingsError (one line) names every value that does not convert, a flag by its flag and a file's
+    value by its key in the file."""
+    return flags.build(CoordinatorConfig, args, config_file=args.config)

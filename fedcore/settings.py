@@ -348,7 +348,7 @@ def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
     """A flag's help: its meaning (`words`), then the type and range its setting declares, in the words of
     `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
     boolean) and a free string (a path, an address) have their meaning alone, and their default if any; so does
-    a Literal, whose values the flag lists as its choices (`fedcore.flags`)."""
+    a Literal, whose values the flag lists as its choices."""
     typed = [] if tp in (bool, str, str | None) or literal_values(tp) else [expected(tp)]
     given = [] if default in (None, "") or tp is bool else [f"default {default}"]
     text = ", ".join(typed + given)

@@ -7,10 +7,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fedcore.model.training import SpeedConfig
 
 
 @dataclass(frozen=True)
@@ -56,25 +52,10 @@ SPEED_MEANING = {  # what each speed flag means; its type, range and default com
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    """The speed flags, each with the type, range or choices its SpeedConfig field declares."""
-    from fedcore import flags
+    """The speed flags, each with the type, range or choices its SpeedConfig field declares, and --no-compile;
+    a command's config that holds a SpeedConfig takes them (`service.flags.build`)."""
     from fedcore.model.training import SpeedConfig
+    from service import flags
 
     flags.add_flags(p, SpeedConfig, SPEED_MEANING)
-    p.add_argument("--no-compile", action="store_true", help="same as --compile off")
-
-
-def speed_values(args: argparse.Namespace) -> dict[str, object]:
-    """The speed flags given (strings), by SpeedConfig field; --no-compile as compile off."""
-    from fedcore import flags
-    from fedcore.model.training import SpeedConfig
-
-    return {**flags.given(args, SpeedConfig), **({"compile": "off"} if args.no_compile else {})}
-
-
-def speed_config(args: argparse.Namespace) -> SpeedConfig:
-    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
-    from fedcore import settings
-    from fedcore.model.training import SpeedConfig
-
-    return settings.build(SpeedConfig, speed_values(args), name=settings.flag)
+    flags.add_switch(p, "--no-compile", "compile", "off", "same as --compile off")

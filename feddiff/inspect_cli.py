@@ -5,77 +5,113 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
+from typing import Annotated
 
-from fedcore import flags, settings
+from pydantic import BeforeValidator
+
+from fedcore import settings
 from fedcore.data.splits import SplitKind
+from fedcore.model.unet import ModelName, build_model, layout_of
+from fedcore.payload.codecs import Codec, Identity
 from fedcore.settings import Concentration, ExistingFolder, Positive, Seed
 from feddiff.args import RUN_MEANING, Command
+from service import flags
 
 
-def _add_model_flag(p: argparse.ArgumentParser) -> None:
-    from fedcore.model.unet import ModelName
+def _codec_names(value: object) -> object:
+    """A comma list of codec names ('none,int8,topk:0.05+int8') as a tuple of them; ValueError naming the first
+    that is no codec (`Codec.parse`, the check of a run's `compression`)."""
+    if not isinstance(value, str):
+        return value  # a tuple already (the default)
+    names = tuple(name.strip() for name in value.split(","))
+    for name in names:
+        Codec.parse(name)
+    return names
 
-    flags.add_flag(p, "model", ModelName, "paper-fmnist", "model preset")
-    p.set_defaults(model="paper-fmnist")  # no typed config here: the handler reads the flag as it is
+
+CodecNames = Annotated[tuple[str, ...], BeforeValidator(_codec_names), settings.Described("codec names, comma-separated")]
+
+
+@dataclass(frozen=True)
+class ModelInfoSettings:
+    """Every setting of `feddiff model-info`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    model: ModelName = "paper-fmnist"  # model preset
+    json: bool = False
+
+
+MODEL_INFO_MEANING = {"model": RUN_MEANING["model"], "json": "one JSON object for scripts"}
 
 
 def _add_model_info_flags(p: argparse.ArgumentParser) -> None:
-    """model-info's flags."""
-    _add_model_flag(p)
-    p.add_argument("--json", action="store_true")
+    """model-info's flags: one per setting of ModelInfoSettings."""
+    flags.add_flags(p, ModelInfoSettings, MODEL_INFO_MEANING)
 
 
 def model_info(args: argparse.Namespace) -> int:
     """The parameters of a model preset, by part."""
-    from fedcore.model.unet import build_model, layout_of
-
-    layout = layout_of(build_model(args.model))
+    cfg = flags.build(ModelInfoSettings, args)
+    layout = layout_of(build_model(cfg.model))
     parts = {p.value: n for p, n in layout.sizes.items()}
-    if args.json:
-        print(json.dumps({"model": args.model, "total": layout.total, "parts": parts}))
+    if cfg.json:
+        print(json.dumps({"model": cfg.model, "total": layout.total, "parts": parts}))
     else:
-        print(f"{args.model}: {layout.total:,} parameters")
+        print(f"{cfg.model}: {layout.total:,} parameters")
         for part, n in parts.items():
             print(f"  {part:<10} {n:>12,}  {n / layout.total:6.1%}")
     return 0
 
 
+@dataclass(frozen=True)
+class StrategiesSettings:
+    """Every setting of `feddiff strategies`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    model: ModelName = "paper-fmnist"  # model preset
+    clients: Positive = 5  # K, every one in every round
+    rounds: Positive = 15  # R
+    seed: Seed = 0  # USplit's pairing; the initial model the clients build (lossy codecs)
+    compression: CodecNames = ("none",)  # the bytes are counted with each of these codecs
+    json: bool = False
+
+    @property
+    def codecs(self) -> list[Codec]:
+        return [Codec.parse(name) for name in self.compression]
+
+
+STRATEGIES_MEANING = {
+    "model": RUN_MEANING["model"],
+    "clients": "K, every client in every round",
+    "rounds": "R, federated rounds",
+    "seed": "seeds USplit's random pairing",
+    "compression": "the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8); with a lossy codec the downloads "
+    "are coded changes too, and the first contact is the initial model each client builds from the run's seed (nothing downloaded)",
+    "json": "one JSON list for scripts",
+}
+
+
 def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
-    """strategies' flags."""
-    _add_model_flag(p)
-    p.add_argument("--clients", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0, help="seeds USplit's random pairing")
-    p.add_argument(
-        "--compression",
-        default="none",
-        metavar="CODEC[,CODEC...]",
-        help="the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8); with a lossy codec the downloads "
-        "are coded changes too, and the first contact is the initial model each client builds from the run's seed (nothing downloaded)",
-    )
-    p.add_argument("--json", action="store_true")
+    """strategies' flags: one per setting of StrategiesSettings."""
+    flags.add_flags(p, StrategiesSettings, STRATEGIES_MEANING, metavars={"compression": "CODEC[,CODEC...]"})
 
 
 def strategies(args: argparse.Namespace) -> int:
     """The parameters each strategy exchanges over a run, and the bytes they take with each codec."""
     from fedcore.federation.strategies import Strategy, account, coded_bytes
-    from fedcore.model.unet import build_model, layout_of
-    from fedcore.payload.codecs import Codec, Identity
 
-    try:
-        codecs = [Codec.parse(name.strip()) for name in args.compression.split(",")]
-    except ValueError as e:
-        print(f"feddiff strategies: --compression: {e}", file=sys.stderr)
-        return 2
-    layout = layout_of(build_model(args.model))
-    summaries = [account(s, layout.sizes, args.clients, args.rounds, seed=args.seed) for s in Strategy]
-    rows = [{**a.as_json(), **coded_bytes(a, layout, c, seed=args.seed)} for a in summaries for c in codecs]
-    if args.json:
+    cfg = flags.build(StrategiesSettings, args)
+    codecs = cfg.codecs
+    layout = layout_of(build_model(cfg.model))
+    summaries = [account(s, layout.sizes, cfg.clients, cfg.rounds, seed=cfg.seed) for s in Strategy]
+    rows = [{**a.as_json(), **coded_bytes(a, layout, c, seed=cfg.seed)} for a in summaries for c in codecs]
+    if cfg.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{args.model}, K={args.clients}, R={args.rounds}; bytes without the payloads' safetensors headers")
+        print(f"{cfg.model}, K={cfg.clients}, R={cfg.rounds}; bytes without the payloads' safetensors headers")
         if any(not isinstance(c, Identity) for c in codecs):
             print("  lossy codecs: downloads are coded changes; the first contact builds the initial model from the run's seed (nothing downloaded)")
         for r in rows:

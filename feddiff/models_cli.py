@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from annotated_types import Interval
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.federation.checkpoint import (
     FINAL_MODEL,
     PREVIOUS_RUNS,
@@ -41,6 +41,7 @@ from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
 from fedcore.settings import EvalSamples, ExistingFile, ExistingFolder, ExistingPath, NonNegative, SamplingSteps, Seed, Threads
 from feddiff.args import Command
+from service import flags
 
 if TYPE_CHECKING:
     import torch

@@ -8,13 +8,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, Protocol, ProtocolName, ReproduceConfig, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, canonical_compression
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from service import flags
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from fedcore.experiments.devices import TrainingProcessFailed
     from fedcore.experiments.reproduce import render, reproduce
 
-    given = flags.build(ReproduceSettings, args, speed=speed_values(args))
+    given = flags.build(ReproduceSettings, args)
     cfg = given.reproduce
     if given.render:
         for path in render(cfg):

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.data.shards import DataConfig
 from fedcore.data.splits import SplitKind
 from fedcore.experiments.devices import DeviceList
@@ -20,7 +20,8 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, canonical_compression, compression_codec
 from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, speed_values
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from service import flags
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def simulate(args: argparse.Namespace) -> int:
     from fedcore.experiments.devices import TrainingProcessFailed, device_pool
     from fedcore.experiments.simulation import Simulation
 
-    cfg = flags.build(SimulateConfig, args, speed=speed_values(args))
+    cfg = flags.build(SimulateConfig, args)
     if cfg.resume:
         _check_resumable(Path(cfg.out))
     try:

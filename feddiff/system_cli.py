@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from feddiff.args import Command, add_speed_flags, speed_values
+from feddiff.args import Command, add_speed_flags
 
 TOOL_TIMEOUT = 5.0  # seconds health and status wait for the coordinator's answer
 
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> int:
     from worker.config import from_args
     from worker.launch import launch
 
-    cfg = from_args(args, speed_values(args))
+    cfg = from_args(args)
     if cfg.ranks_per_node > 1:
         _setup_logging()
         return launch(cfg, worker_rank)

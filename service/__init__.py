@@ -1,2 +1,3 @@
-"""What the coordinator and worker processes share outside the pure core: the ports they listen on, the Prometheus
-metrics both keep, and glibc malloc settings for streaming weights."""
+"""What the coordinator and worker processes and the command line share outside the pure core: the ports they
+listen on, the Prometheus metrics both keep, glibc malloc settings for streaming weights, and the command-line
+flags of typed settings."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import torch
 from annotated_types import Interval
 from pydantic import AfterValidator
 
-from fedcore import flags, settings
+from fedcore import settings
 from fedcore.data.splits import SplitKind
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import (
@@ -30,6 +29,7 @@ from fedcore.settings import (
     Seed,
 )
 from fedcore.wire.bounds import WORKER_ID, largest
+from service import flags
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -189,18 +189,13 @@ _NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # sp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The worker's flags, each with the type, range or choices its field declares (`fedcore.flags`). Values
+    """The worker's flags, each with the type, range or choices its field declares (`service.flags`). Values
     stay strings here (None: not given): `from_args` converts them to the settings' types."""
     flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
-    p.add_argument("--keep-running", action="store_true", help="stay connected after the last round")
+    flags.add_switch(p, "--keep-running", "exit_when_done", False, "stay connected after the last round")
 
 
-def _flag(loc: settings.Location) -> str:
-    return "--keep-running" if loc == ("exit_when_done",) else settings.flag(loc)
-
-
-def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
-    """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
-    line) names every flag whose value does not convert."""
-    values = {**flags.given(args, WorkerConfig), "speed": speed, **({"exit_when_done": False} if args.keep_running else {})}
-    return settings.build(WorkerConfig, values, name=_flag)
+def from_args(args: argparse.Namespace) -> WorkerConfig:
+    """The worker's configuration, with its speed settings (the speed flags, `feddiff.args`); SettingsError
+    (one line) names every flag whose value does not convert."""
+    return flags.build(WorkerConfig, args)

@@ -15,6 +15,7 @@ from coordinator.config import CoordinatorConfig
 from fedcore import settings
 from fedcore.settings import SettingsError
 from feddiff.cli import main
+from tests.parsers import coordinator_config
 
 TYPES = get_type_hints(CoordinatorConfig, include_extras=True)
 SETTINGS = [f.name for f in fields(CoordinatorConfig)]
@@ -47,7 +48,7 @@ def test_yaml_1_1_strings_become_the_numbers_they_spell(tmp_path: Path) -> None:
     path.write_text("lr: 1e-4\nmin_workers: '1'\nround_deadline: '30'\nquorum: 1\nresume: 'true'\n")
     assert yaml.safe_load(path.read_text())["lr"] == "1e-4"  # what YAML 1.1 makes of it
 
-    cfg = CoordinatorConfig.load(path, {})
+    cfg = coordinator_config(path, {})
 
     assert (cfg.lr, cfg.min_workers, cfg.round_deadline, cfg.quorum, cfg.resume) == (1e-4, 1, 30.0, 1.0, True)
     assert isinstance(cfg.lr, float) and isinstance(cfg.min_workers, int)
@@ -60,7 +61,7 @@ def test_every_setting_refuses_a_value_of_the_wrong_type_in_the_file(name: str, 
     path = _yaml(tmp_path, {name: bad})
 
     with pytest.raises(SettingsError) as e:
-        CoordinatorConfig.load(path, {})
+        coordinator_config(path, {})
 
     assert str(e.value).startswith(f"{name} (in {path}) = {bad!r}: expected {settings.expected(TYPES[name])}")
 
@@ -68,29 +69,29 @@ def test_every_setting_refuses_a_value_of_the_wrong_type_in_the_file(name: str, 
 @pytest.mark.parametrize("name", [n for n in SETTINGS if TYPES[n] not in (bool, str)])
 def test_every_flag_is_converted_from_its_string_and_refused_by_name(name: str) -> None:
     default = getattr(CoordinatorConfig(), name)
-    assert getattr(CoordinatorConfig.load(None, {name: str(default)}), name) == default
+    assert getattr(coordinator_config(None, {name: str(default)}), name) == default
 
     with pytest.raises(SettingsError, match=f"^--{name.replace('_', '-')} = {_wrong_value(name)!r}: expected "):
-        CoordinatorConfig.load(None, {name: _wrong_value(name)})
+        coordinator_config(None, {name: _wrong_value(name)})
 
 
 def test_flags_override_the_file_and_each_is_named_by_where_it_came_from(tmp_path: Path) -> None:
     path = _yaml(tmp_path, {"rounds": 2.5, "epochs": 3})
 
     with pytest.raises(SettingsError) as e:
-        CoordinatorConfig.load(path, {"batch_size": "0", "epochs": "2"})
+        coordinator_config(path, {"batch_size": "0", "epochs": "2"})
 
     assert str(e.value) == (
         f"rounds (in {path}) = 2.5: expected an integer in 1..{2**32 - 1}; --batch-size = '0': expected an integer in 1..{settings.MAX_BATCH}"
     )
-    assert CoordinatorConfig.load(path, {"rounds": "4", "epochs": "2"}).epochs == 2
+    assert coordinator_config(path, {"rounds": "4", "epochs": "2"}).epochs == 2
 
 
 def test_an_unknown_key_and_a_malformed_address_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"^unknown setting learning_rate \(in .*\) \(known: strategy, model, "):
-        CoordinatorConfig.load(_yaml(tmp_path, {"learning_rate": 0.1}), {})
+        coordinator_config(_yaml(tmp_path, {"learning_rate": 0.1}), {})
     with pytest.raises(SettingsError, match=r"^--listen = 'localhost': expected HOST:PORT with a port in 0\.\.65535 \(0: a free one\)$"):
-        CoordinatorConfig.load(None, {"listen": "localhost"})
+        coordinator_config(None, {"listen": "localhost"})
 
 
 @pytest.mark.parametrize(
@@ -133,8 +134,8 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
     path = tmp_path / "coordinator.yaml"
     path.write_text("worker_sizes:\n  hospital-1: 6000\n  2: '4000'\nmax_weight_share: 1\nclip_norm: '0.5'\n")
 
-    from_file = CoordinatorConfig.load(path, {})
-    from_flag = CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=6000, 2=4000", "max_weight_share": "1", "clip_norm": "0.5"})
+    from_file = coordinator_config(path, {})
+    from_flag = coordinator_config(None, {"worker_sizes": "hospital-1=6000, 2=4000", "max_weight_share": "1", "clip_norm": "0.5"})
 
     assert from_file.worker_sizes == from_flag.worker_sizes == {"hospital-1": 6000, "2": 4000}
     assert from_file.robust == from_flag.robust
@@ -162,7 +163,7 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
 )
 def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[str, str], line: str) -> None:
     with pytest.raises(SettingsError) as e:
-        CoordinatorConfig.load(None, overrides)
+        coordinator_config(None, overrides)
 
     assert str(e.value).startswith(line), str(e.value)
 
@@ -170,19 +171,19 @@ def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[st
 def test_compression_comes_from_the_file_or_a_flag_and_an_unknown_codec_is_refused_by_name(tmp_path: Path) -> None:
     path = _yaml(tmp_path, {"compression": "topk:0.05+int8", "compression_block": 32})
 
-    assert CoordinatorConfig.load(path, {}).federation.compression.name == "topk:0.05+int8:32"
-    assert CoordinatorConfig.load(path, {"compression": "int4", "compression_block": "0"}).federation.compression.name == "int4"
+    assert coordinator_config(path, {}).federation.compression.name == "topk:0.05+int8:32"
+    assert coordinator_config(path, {"compression": "int4", "compression_block": "0"}).federation.compression.name == "int4"
     with pytest.raises(SettingsError, match=r"^--compression = 'int3': expected a codec name"):
-        CoordinatorConfig.load(path, {"compression": "int3"})
+        coordinator_config(path, {"compression": "int3"})
     with pytest.raises(SettingsError, match="compression_block 32 is given, but codec 'bf16' has no int8 or int4 blocks"):
-        CoordinatorConfig.load(path, {"compression": "bf16"})
+        coordinator_config(path, {"compression": "bf16"})
 
 
 @pytest.mark.parametrize("name", ["int8:64", "topk:0.05+int8:64", "int4:128"])
 def test_a_codec_name_whose_block_differs_from_the_block_setting_is_refused_even_at_the_default(name: str) -> None:
     """The name is checked as given: "int8:64" names the default block, and is still not "int8:32"."""
     with pytest.raises(SettingsError, match=f"codec {re.escape(repr(name))} names block size .*, compression_block 32: give one"):
-        CoordinatorConfig.load(None, {"compression": name, "compression_block": "32", "insecure": "true"})
+        coordinator_config(None, {"compression": name, "compression_block": "32", "insecure": "true"})
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_a_codec_name_whose_block_differs_from_the_block_setting_is_refused_even
     [("int8:64", 0, "int8"), ("int8", 64, "int8"), ("int8", 32, "int8:32"), ("int8:32", 32, "int8:32"), ("topk:0.05+int4", 16, "topk:0.05+int4:16")],
 )
 def test_the_config_keeps_the_codec_in_one_spelling_with_its_block_in_the_name(name: str, block: int, canonical: str) -> None:
-    cfg = CoordinatorConfig.load(None, {"compression": name, "compression_block": str(block), "insecure": "true"})
+    cfg = coordinator_config(None, {"compression": name, "compression_block": str(block), "insecure": "true"})
 
     assert (cfg.compression, cfg.compression_block, cfg.federation.compression.name) == (canonical, 0, canonical)
 

@@ -21,6 +21,7 @@ from fedcore.model.unet import PRESETS, ModelName
 from fedcore.settings import SettingsError, build, expected
 from fedcore.wire.convert import eval_task_from_proto, task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from tests.parsers import coordinator_config
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,11 @@ RANGES = [  # (setting, the last value inside, the first outside)
 
 @pytest.mark.parametrize(("setting", "inside", "outside"), RANGES)
 def test_the_coordinator_at_start_and_a_worker_for_each_task_apply_the_same_range(setting: str, inside: object, outside: object) -> None:
-    assert getattr(CoordinatorConfig.load(None, {setting: str(inside)}), setting) == inside
+    assert getattr(coordinator_config(None, {setting: str(inside)}), setting) == inside
     assert getattr(task_from_proto(_task(**{setting: inside})).train, setting) == inside
 
     with pytest.raises(SettingsError, match=f"--{setting.replace('_', '-')} = '{outside}': expected "):
-        CoordinatorConfig.load(None, {setting: str(outside)})
+        coordinator_config(None, {setting: str(outside)})
     with pytest.raises(SettingOutOfRange, match=f"{setting} = {outside!r}: expected "):
         task_from_proto(_task(**{setting: outside}))
 
@@ -136,7 +137,7 @@ def test_every_training_setting_has_its_range_in_its_type() -> None:
 def test_sampling_settings_are_checked_at_start_and_for_each_evaluate_task() -> None:
     for setting, outside in (("eval_samples", settings.MAX_EVAL_SAMPLES + 1), ("eval_steps", settings.MAX_SAMPLING_STEPS + 1), ("eval_steps", 0)):
         with pytest.raises(SettingsError, match=f"--{setting.replace('_', '-')} = '{outside}'"):
-            CoordinatorConfig.load(None, {setting: str(outside)})
+            coordinator_config(None, {setting: str(outside)})
     for spec, refused in (({"num_samples": settings.MAX_EVAL_SAMPLES + 1}, "num_samples"), ({"steps": 0}, "steps"), ({"sampler": "euler"}, "sampler")):
         values: dict[str, Any] = {"sampler": "ddim", "steps": 10, "num_samples": 4, "seed": 0, **spec}
         msg = pb.Task(kind=pb.Task.EVALUATE, round=1, task_id="e1-w", receives=["decoder"], eval=pb.EvalSpec(**values))
@@ -154,11 +155,11 @@ def test_a_simulation_refuses_the_same_ranges() -> None:
 
 def test_a_setting_given_at_its_default_value_is_not_shown_as_the_default(tmp_path) -> None:
     """'--min-workers 2 (the default)' told a user who passed --min-workers 2 that the flag went unseen."""
-    not_given = CoordinatorConfig.load(None, {"min_workers": None})
-    flag = CoordinatorConfig.load(None, {"min_workers": "2"})
+    not_given = coordinator_config(None, {"min_workers": None})
+    flag = coordinator_config(None, {"min_workers": "2"})
     config_file = tmp_path / "coordinator.yaml"
     config_file.write_text("min-workers: 2\n")
-    from_file = CoordinatorConfig.load(config_file, {})
+    from_file = coordinator_config(config_file, {})
 
     assert not_given.min_workers == flag.min_workers == from_file.min_workers == 2
     assert settings.shown(not_given, "min_workers") == "--min-workers 2 (the default)"
@@ -169,9 +170,9 @@ def test_a_setting_given_at_its_default_value_is_not_shown_as_the_default(tmp_pa
 
 def test_the_checks_of_a_config_being_built_know_what_was_given() -> None:
     with pytest.raises(SettingsError, match=r"^--min-workers 2 is more than the 1 workers in --worker-sizes"):
-        CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=5", "min_workers": "2"})
+        coordinator_config(None, {"worker_sizes": "hospital-1=5", "min_workers": "2"})
     with pytest.raises(SettingsError, match=r"^--min-workers 2 \(the default\) is more than the 1 workers in --worker-sizes"):
-        CoordinatorConfig.load(None, {"worker_sizes": "hospital-1=5"})
+        coordinator_config(None, {"worker_sizes": "hospital-1=5"})
 
 
 def test_a_replaced_config_keeps_what_was_given_and_one_built_in_code_compares_with_the_defaults() -> None:

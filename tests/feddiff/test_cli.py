@@ -35,11 +35,36 @@ def test_model_info_text_names_every_part(capsys) -> None:
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["encoder", "bottleneck", "decoder"]
 
 
-def test_model_info_of_an_unknown_preset_is_a_usage_error(capsys) -> None:
-    code = main(["model-info", "--model", "nope"])
+PRESETS = "'paper-fmnist', 'paper-celeba64', 'tiny', 'diffusers-tiny', 'diffusers-fmnist', 'ddpm-cifar10'"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["model-info", "--model", "nope"], f"--model = 'nope': expected one of {PRESETS}"),
+        (["strategies", "--model", "nope"], f"--model = 'nope': expected one of {PRESETS}"),
+        (["strategies", "--clients", "0"], "--clients = '0': expected an integer >= 1"),
+        (["strategies", "--clients", "2.5"], "--clients = '2.5': expected an integer >= 1"),
+        (["strategies", "--rounds", "0"], "--rounds = '0': expected an integer >= 1"),
+        (["strategies", "--seed", "-1"], "--seed = '-1': expected an integer in 0..18446744073709551615"),
+        (
+            ["strategies", "--compression", "none,int3"],
+            "--compression = 'none,int3': expected codec names, comma-separated; unknown codec 'int3': expected none, bf16, int8[:B], int4[:B] or "
+            "topk:F[+bf16|+int8[:B]|+int4[:B]] (B a block size in 1..1048576, F a fraction in (0, 1] written with digits and a point, as 0.05 or 1)",
+        ),
+    ],
+)
+def test_a_bad_value_of_model_info_or_strategies_is_refused_in_one_line_with_status_2(argv: list[str], line: str, capsys) -> None:
+    code = main(argv)
 
     assert code == 2
-    assert "unknown model preset 'nope'" in capsys.readouterr().err
+    assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
+
+
+def test_strategies_counts_the_bytes_with_each_codec_of_its_list(capsys) -> None:
+    _, rows = _run_json(capsys, ["strategies", "--model", "tiny", "--clients", "2", "--rounds", "2", "--compression", "none, int8", "--json"])
+
+    assert [(r["strategy"], r["compression"]) for r in rows] == [(s, c) for s in ("full", "usplit", "udec", "ulatdec") for c in ("none", "int8")]
 
 
 def test_strategies_json_has_the_golden_values(capsys) -> None:

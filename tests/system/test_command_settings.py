@@ -1,7 +1,7 @@
 """Every command's flags come from its typed config: a Literal setting is an argparse choice listed in --help,
-and a bad value of any setting of split, simulate, reproduce, export, sample and evaluate ends the command
-with exit status 2 and one line naming the flag, the value and what it takes, before anything runs.
-`feddiff --help` and `feddiff status` start without torch or pydantic."""
+and a bad value of any setting of model-info, strategies, split, simulate, reproduce, export, sample and
+evaluate ends the command with exit status 2 and one line naming the flag, the value and what it takes, before
+anything runs. `feddiff --help` and `feddiff status` start without torch or pydantic."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from fedcore import flags
 from fedcore.model.training import SpeedConfig
-from fedcore.model.unet import ModelName
 from feddiff import cli
-from feddiff.inspect_cli import SplitSettings
+from feddiff.inspect_cli import ModelInfoSettings, SplitSettings, StrategiesSettings
 from feddiff.models_cli import EvaluateConfig, ExportConfig, SampleConfig
 from feddiff.reproduce_cli import ReproduceSettings
 from feddiff.simulate_cli import SimulateConfig
+from service import flags
 from tests.parsers import subcommands
 from worker.config import WorkerConfig
 
@@ -34,8 +33,8 @@ def _settings(*configs: type) -> dict[str, Any]:
 
 # The settings each command's flags set, by name: a new command fails the first test until it is listed here.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "model-info": {"model": ModelName},
-    "strategies": {"model": ModelName},
+    "model-info": _settings(ModelInfoSettings),
+    "strategies": _settings(StrategiesSettings),
     "split": _settings(SplitSettings),
     "simulate": _settings(SimulateConfig),
     "reproduce": _settings(ReproduceSettings),
@@ -76,6 +75,8 @@ def test_a_choice_is_checked_by_the_typed_config_in_its_one_line(tmp_path: Path,
 
 # --- a bad value of every typed setting, refused at start in one line ----------------------------------------
 TYPED = {
+    "model-info": ModelInfoSettings,
+    "strategies": StrategiesSettings,
     "split": SplitSettings,
     "simulate": SimulateConfig,
     "reproduce": ReproduceSettings,
@@ -98,6 +99,8 @@ def _base(command: str, tmp_path: Path) -> list[str]:
     """The flags a command needs besides the one under test, each writing (if it ran) inside tmp_path/out."""
     out = str(tmp_path / "out")
     return {
+        "model-info": ["model-info"],
+        "strategies": ["strategies"],
         "split": ["split"],
         "simulate": ["simulate", "--out", out],
         "reproduce": ["reproduce", "--out", out, "--docs", out],

@@ -31,7 +31,7 @@ from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
 from feddiff.local import sample, scrape
-from tests.parsers import subcommands
+from tests.parsers import coordinator_config, subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
 
@@ -180,7 +180,7 @@ def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -
     the settings now take."""
     rounds, interval = int(_upper(CoordinatorConfig, "rounds")), _upper(CoordinatorConfig, "heartbeat_interval")
     timeout = _upper(CoordinatorConfig, "heartbeat_timeout")
-    cfg = CoordinatorConfig.load(None, {"rounds": str(rounds), "heartbeat_interval": str(interval), "heartbeat_timeout": str(timeout)})
+    cfg = coordinator_config(None, {"rounds": str(rounds), "heartbeat_interval": str(interval), "heartbeat_timeout": str(timeout)})
 
     with (
         _coordinator(tmp_path, rounds=cfg.rounds, heartbeat_interval=cfg.heartbeat_interval, heartbeat_timeout=cfg.heartbeat_timeout) as coord,

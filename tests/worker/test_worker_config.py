@@ -13,7 +13,6 @@ import torch
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Folder
-from feddiff.args import speed_config
 from feddiff.cli import build_parser, main
 from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
@@ -75,7 +74,7 @@ def test_flags_become_typed_settings() -> None:
     ]
     args = build_parser().parse_args(argv)
 
-    cfg = from_args(args, speed_config(args))
+    cfg = from_args(args)
 
     assert (cfg.num_clients, cfg.beta, cfg.split, cfg.wait_timeout, cfg.exit_when_done) == (3, 0.25, "label", 5.0, False)
     assert cfg.speed == SpeedConfig(bf16="off", compile="off", threads=2)
@@ -131,7 +130,7 @@ def test_more_cpu_ranks_than_the_host_has_cpus_are_refused_naming_the_value_and_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert f"--nproc-per-node {value} asks for more ranks than this host's {cpus} CPUs" in err and f"give at most {cpus}" in err, err
-    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", str(cpus), "--device", "cpu"]), {"device": "cpu"})
+    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", str(cpus), "--device", "cpu"]))
     assert cfg.ranks_per_node == cpus
 
 
@@ -142,6 +141,6 @@ def test_more_ranks_than_cpus_on_the_default_device_of_a_host_without_gpus_are_r
 
 
 def test_several_cpu_ranks_are_a_setting_and_the_collective_timeout_a_number_of_seconds() -> None:
-    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", "2", "--device", "cpu", "--collective-timeout", "20"]), {"device": "cpu"})
+    cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", "2", "--device", "cpu", "--collective-timeout", "20"]))
 
     assert cfg.ranks_per_node == 2 and cfg.collective_timeout == 20.0

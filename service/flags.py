@@ -1,0 +1,159 @@
+"""Command-line flags of typed settings: a flag per setting of a config, its help, choices and default taken
+from the setting's type; and `build`, the one way a command's config is made from them: the flags given over a
+settings file's values (--config) over the defaults, each converted in one place (`settings.build`), a bad one
+refused in one line that names the flag (or the file's key), the value and what it takes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+from fedcore import settings
+
+T = TypeVar("T")
+REQUIRED = MISSING  # the default of a setting without one: its flag must be given
+
+
+class Choices(tuple[str, ...]):
+    """The values of a Literal setting, for argparse to list (usage, help, shell completion). Every value
+    passes the parse: the typed config refuses one outside them in the one line every bad setting gives
+    ("--split = 'dirichlet': expected one of 'iid', 'quantity', 'label'"), not argparse in other words."""
+
+    __slots__ = ()
+
+    def __contains__(self, value: object) -> bool:
+        return True
+
+
+def choices(tp: Any) -> Choices | None:
+    """The values a setting of type `tp` takes when it is a Literal (or an optional one); None otherwise."""
+    values = settings.literal_values(tp)
+    return Choices(str(value) for value in values) if values else None
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any = REQUIRED, words: str = "", **options: Any) -> argparse.Action:
+    """The flag of setting `name` (`batch_size`: --batch-size): a switch for a boolean, the values of a Literal
+    as choices, the help in `settings.flag_help`'s words (a tuple's default as the comma list its flag takes; an
+    empty mapping's not at all). Its value stays a string, None when not given, so that the setting's default (or
+    a file's value) stands; `options` go to argparse as they are."""
+    flag = settings.flag((name,))
+    if tp is bool:
+        return parser.add_argument(flag, **{"action": "store_const", "const": True, "default": None, "help": words or None, **options})
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else None if default is REQUIRED or default == {} else default
+    kwargs = {"default": None, "required": default is REQUIRED, "choices": choices(tp), "help": settings.flag_help(tp, shown, words)}
+    return parser.add_argument(flag, **{**kwargs, **options})
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: object, words: str) -> argparse.Action:
+    """A switch `flag` that gives setting `name` the value `value` (--keep-running: exit_when_done false), as
+    that setting's own flag would: the last of the two given wins."""
+    return parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=words)
+
+
+def settings_of(cls: type, skip: Collection[str] = ()) -> Iterator[tuple[str, Any, Any]]:
+    """(name, type, default) of every setting of the config `cls` but those named in `skip`; those of a config
+    it holds in its place, as flags name them (`train.epochs` is --epochs). One without a default has REQUIRED."""
+    hints = get_type_hints(cls, include_extras=True)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if f.name in skip:
+            continue
+        if isinstance(tp, type) and is_dataclass(tp):
+            yield from settings_of(tp, skip)
+        elif f.default is not MISSING:
+            yield f.name, tp, f.default
+        else:
+            yield f.name, tp, REQUIRED if f.default_factory is MISSING else f.default_factory()
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    meaning: Mapping[str, str] | None = None,
+    *,
+    skip: Collection[str] = (),
+    metavars: Mapping[str, str] | None = None,
+) -> None:
+    """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it
+    (none: its type's words alone) and the metavar `metavars` names (a path's kind: DIR, FILE)."""
+    for name, tp, default in settings_of(cls, skip):
+        options = {"metavar": metavars[name]} if metavars and name in metavars else {}
+        add_flag(parser, name, tp, default, meaning[name] if meaning is not None else "", **options)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of the flags of `cls`'s settings that were given, nested as `cls` holds its configs."""
+    hints = get_type_hints(cls, include_extras=True)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        tp = hints[f.name]
+        value = given(args, tp) if isinstance(tp, type) and is_dataclass(tp) else getattr(args, f.name, None)
+        if value not in (None, {}):
+            values[f.name] = value
+    return values
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a YAML file (--config), by name: its keys as the settings' names, with dashes or
+    underscores. SettingsError (one line, the file and what is wrong) when the file cannot be read, is not a
+    YAML mapping, or gives a setting twice in the two spellings."""
+    try:
+        raw = settings.load_yaml(path.read_text()) or {}
+    except OSError as e:
+        raise settings.SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise settings.SettingsError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise settings.SettingsError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        other = spelled.setdefault(name, str(key))
+        if other != str(key):
+            raise settings.SettingsError(f"--config {path}: {other!r} and {str(key)!r} are one setting, given twice")
+        values[name] = value
+    return values
+
+
+def build(cls: type[T], args: argparse.Namespace, *, config_file: str | Path | None = None) -> T:
+    """`cls` from its defaults, under the settings of `config_file` (`read_config_file`; None: no file), under
+    the flags given in `args`: each value converted to its setting's type (`settings.build`). SettingsError
+    (one line) names every value that does not convert by where it came from: a flag's by the flag
+    ("--batch-size = '0': ..."), a file's by its key in the file ("rounds (in FILE) = 2.5: ...")."""
+    from_file = read_config_file(Path(config_file)) if config_file else {}
+    from_flags = given(args, cls)
+
+    def name(loc: settings.Location) -> str:
+        in_file = _holds(from_file, loc) and not _holds(from_flags, loc)
+        return f"{settings.dotted(loc)} (in {config_file})" if in_file else settings.flag(loc)
+
+    return settings.build(cls, _layered(from_file, from_flags), name=name)
+
+
+def _layered(under: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over`'s values over `under`'s; the settings of a config held in another, one by one."""
+    merged = dict(under)
+    for key, value in over.items():
+        below = merged.get(key)
+        merged[key] = _layered(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def _holds(values: Any, loc: settings.Location) -> bool:
+    """Whether `values` (nested as the config holds its configs) gives the setting at `loc`, or the whole value
+    it is part of."""
+    for part in loc:
+        if not isinstance(values, dict):
+            return True
+        if part not in values:
+            return False
+        values = values[part]
+    return True

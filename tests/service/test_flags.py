@@ -1,0 +1,82 @@
+"""The one way a command's config is built from its flags (service.flags.build): the flags given over a
+settings file over the defaults, a config held in another merged setting by setting, every bad value named by
+where it came from, and a switch that sets another setting."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from fedcore import settings
+from fedcore.settings import Positive, SettingsError
+from service import flags
+
+
+@dataclass(frozen=True)
+class Inner:
+    __pydantic_config__ = settings.CONFIG
+
+    mode: Literal["fast", "slow"] = "fast"
+    depth: Positive = 1
+
+
+@dataclass(frozen=True)
+class Outer:
+    __pydantic_config__ = settings.CONFIG
+
+    count: Positive = 1
+    done: bool = True
+    inner: Inner = Inner()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Outer, skip=("done",))
+    flags.add_switch(parser, "--keep-going", "done", False, "do not stop")
+    return parser.parse_args(argv)
+
+
+def test_the_flags_win_over_the_file_and_a_held_config_takes_both_setting_by_setting(tmp_path: Path) -> None:
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text("count: 3\ninner:\n  mode: slow\n  depth: 2\n")
+
+    cfg = flags.build(Outer, _parse(["--depth", "5"]), config_file=config_file)
+
+    assert cfg == Outer(count=3, inner=Inner(mode="slow", depth=5))
+
+
+def test_a_bad_value_is_named_by_the_flag_or_by_its_key_in_the_file(tmp_path: Path) -> None:
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text("count: 0\ninner:\n  mode: slow\n  depth: 0\n")
+
+    with pytest.raises(SettingsError) as e:
+        flags.build(Outer, _parse(["--mode", "quick"]), config_file=config_file)
+
+    assert str(e.value) == (
+        f"count (in {config_file}) = 0: expected an integer >= 1; --mode = 'quick': expected one of 'fast', 'slow'; "
+        f"inner.depth (in {config_file}) = 0: expected an integer >= 1"
+    )
+
+
+def test_a_key_given_in_both_spellings_is_refused(tmp_path: Path) -> None:
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text("max-images: 1\nmax_images: 2\n")
+
+    with pytest.raises(SettingsError, match=f"^--config {config_file}: 'max-images' and 'max_images' are one setting, given twice$"):
+        flags.build(Outer, _parse([]), config_file=config_file)
+
+
+def test_a_switch_sets_its_setting_and_the_last_of_it_and_the_setting_s_flag_wins() -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Inner)
+    flags.add_switch(parser, "--slow", "mode", "slow", "same as --mode slow")
+
+    assert flags.build(Outer, _parse([])).done is True
+    assert flags.build(Outer, _parse(["--keep-going"])).done is False
+    assert flags.build(Inner, parser.parse_args(["--slow"])).mode == "slow"
+    assert flags.build(Inner, parser.parse_args(["--mode", "fast", "--slow"])).mode == "slow"
+    assert flags.build(Inner, parser.parse_args(["--slow", "--mode", "fast"])).mode == "fast"
