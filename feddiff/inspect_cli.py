@@ -115,12 +115,12 @@ def split(args: argparse.Namespace) -> int:
 
     cfg = flags.build(SplitSettings, args)
     labels = load_fashion_mnist(train=True, root=cfg.data_root).class_labels()
-    rows = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
+    shards = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
     if cfg.json:
-        print(json.dumps(rows))
+        print(json.dumps([shard.as_json() for shard in shards]))
     else:
-        for r in rows:
-            print(f"client {r['client']:>3}: {r['size']:>6} images  classes {r['classes']}")
+        for shard in shards:
+            print(f"client {shard.client:>3}: {shard.num_examples:>6} images  classes {list(shard.classes)}")
     return 0
 
 
