@@ -189,7 +189,7 @@ class BadWorkerInfo(FeddiffError):
 
 
 class UnregisteredWorker(FeddiffError):
-    """A worker id missing from the coordinator's registered worker sizes: it has no FedAvg weight to get."""
+    """A worker id missing from the coordinator's registered image counts (worker_sizes): it has no FedAvg weight to get."""
 
     reason = "unregistered"
 
