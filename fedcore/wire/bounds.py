@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.errors import FeddiffError
+from fedcore.errors import FeddiffError, shortened
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES, MAX_SAMPLING_STEPS
 from fedcore.wire.stream import MAX_CHUNK_SIZE
 
@@ -302,9 +302,8 @@ def check(msg: Message, refusal: type[FeddiffError]) -> None:
 
 def bounded_text(text: str, most: int = MAX_MESSAGE) -> str:
     """`text` as a message field takes it: control characters other than newline and tab made spaces, at most
-    `most` characters (the end cut, marked with "...")."""
-    clean = "".join(c if c in "\n\t" or c.isprintable() else " " for c in text)
-    return clean if len(clean) <= most else clean[: most - 3] + "..."
+    `most` characters (`shortened`: the end cut, marked with "...")."""
+    return shortened("".join(c if c in "\n\t" or c.isprintable() else " " for c in text), most)
 
 
 @dataclass(frozen=True)

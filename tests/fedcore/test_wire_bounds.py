@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.errors import FieldOutOfRange
+from fedcore.errors import FieldOutOfRange, shortened
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, FRAMING_BYTES, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, request_limit
@@ -104,6 +104,12 @@ def test_a_field_outside_its_bound_is_refused_by_name(msg: Message, message: str
 
     assert str(e.value).startswith(message), str(e.value)
     assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
+
+
+def test_a_message_past_its_bound_is_cut_with_a_mark() -> None:
+    assert shortened("abcdef", 6) == "abcdef"
+    assert shortened("abcdefg", 6) == "abc..."
+    assert shortened("x" * 10_000, 512) == "x" * 509 + "..."
 
 
 def test_a_message_is_brought_within_its_bound() -> None:
