@@ -71,17 +71,17 @@ def strategies(args: argparse.Namespace) -> int:
         return 2
     layout = layout_of(build_model(args.model))
     summaries = [account(s, layout.sizes, args.clients, args.rounds, seed=args.seed) for s in Strategy]
-    rows = [{**a.as_json(), **coded_bytes(a, layout, c, seed=args.seed)} for a in summaries for c in codecs]
+    rows = [(summary, coded_bytes(summary, layout, c, seed=args.seed)) for summary in summaries for c in codecs]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{**summary.as_json(), **coded.as_json()} for summary, coded in rows], indent=2))
     else:
         print(f"{args.model}, K={args.clients}, R={args.rounds}; bytes without the payloads' safetensors headers")
         if any(not isinstance(c, Identity) for c in codecs):
             print("  lossy codecs: downloads are coded changes; the first contact builds the initial model from the run's seed (nothing downloaded)")
-        for r in rows:
+        for summary, coded in rows:
             print(
-                f"  {r['strategy']:<8} {r['compression']:<16} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:6.1%}  "
-                f"{r['bytes_down'] / 1e6:9.1f} MB down {r['bytes_up'] / 1e6:8.1f} MB up: {r['bytes_vs_fedavg_fp32']:.2f}x fewer than plain FedAvg float32"
+                f"  {summary.strategy.value:<8} {coded.compression:<16} {summary.traffic.total:>14,} parameters  reduction {summary.reduction_vs_full:6.1%}  "
+                f"{coded.bytes_down / 1e6:9.1f} MB down {coded.bytes_up / 1e6:8.1f} MB up: {coded.bytes_vs_fedavg_fp32:.2f}x fewer than plain FedAvg float32"
             )
     return 0
 
