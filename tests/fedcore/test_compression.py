@@ -102,7 +102,7 @@ def test_what_was_sent_plus_the_residual_is_the_sum_of_the_true_deltas(name: str
         task = TrainTask(r, f"r{r}.1-c", frozenset(ALL_PARTS), parts, frozenset(), TrainConfig(epochs=1, batch_size=8, lr=1e-3), r, codec)
         runtime.load(serialization.encode(state, PayloadMeta(kind="weights", model="tiny", round_index=r, parts=frozenset(ALL_PARTS))), task)
         runtime.train(task)
-        local = runtime.model_state()
+        local = runtime.sampling_model().state_dict()
         payload = runtime.update(task)
 
         decoded, _ = coded.decode(reader, codec, payload, parts)
