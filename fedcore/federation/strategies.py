@@ -76,11 +76,6 @@ class RoundPlan:
     def averaged_parts(self) -> frozenset[Part]:
         return frozenset().union(*(a.returns for a in self.assignments))
 
-    @property
-    def receive_sets(self) -> set[frozenset[Part]]:
-        """The distinct payloads this round needs: each is serialized once, whatever the number of clients."""
-        return {a.receives for a in self.assignments}
-
 
 def round_rng(seed: int, round_index: int) -> np.random.Generator:
     """The planning RNG of one round; the same (seed, round) gives the same plan on every machine."""
