@@ -266,21 +266,6 @@ def largest(field: str, *, per_unit: int = 1) -> float:
     return bound.most if per_unit == 1 else bound.most / per_unit
 
 
-_BOUNDED_TYPES = frozenset(
-    {
-        FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT,
-        FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
-    }
-)  # fmt: skip
-
-
-def needs_bound(field: FieldDescriptor) -> bool:
-    """Strings, bytes, numbers and repeated fields (maps too) carry a bound; booleans, enums and single
-    messages do not (a message's own fields do)."""
-    return field.is_repeated or field.type in _BOUNDED_TYPES
-
-
 def _message_type(field: FieldDescriptor) -> Descriptor:
     """The type of a message field's messages (protobuf sets it for every field of TYPE_MESSAGE)."""
     if field.message_type is None:
