@@ -7,10 +7,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fedcore.model.training import SpeedConfig
 
 
 @dataclass(frozen=True)
@@ -70,11 +66,3 @@ def speed_values(args: argparse.Namespace) -> dict[str, object]:
     from fedcore.model.training import SpeedConfig
 
     return {**flags.given(args, SpeedConfig), **({"compile": "off"} if args.no_compile else {})}
-
-
-def speed_config(args: argparse.Namespace) -> SpeedConfig:
-    """The speed flags as a SpeedConfig; SettingsError (one line) names a flag whose value does not convert."""
-    from fedcore import settings
-    from fedcore.model.training import SpeedConfig
-
-    return settings.build(SpeedConfig, speed_values(args), name=settings.flag)

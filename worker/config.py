@@ -199,8 +199,8 @@ def _flag(loc: settings.Location) -> str:
     return "--keep-running" if loc == ("exit_when_done",) else settings.flag(loc)
 
 
-def from_args(args: argparse.Namespace, speed: SpeedConfig | Mapping[str, object]) -> WorkerConfig:
-    """The worker's configuration, with its speed settings (built, or the flags' values); SettingsError (one
-    line) names every flag whose value does not convert."""
+def from_args(args: argparse.Namespace, speed: Mapping[str, object]) -> WorkerConfig:
+    """The worker's configuration, with the speed flags' values (`feddiff.args.speed_values`); SettingsError (one
+    line) names every flag whose value does not convert, speed flags too."""
     values = {**flags.given(args, WorkerConfig), "speed": speed, **({"exit_when_done": False} if args.keep_running else {})}
     return settings.build(WorkerConfig, values, name=_flag)

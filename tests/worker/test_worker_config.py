@@ -13,7 +13,7 @@ import torch
 from fedcore import settings
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Folder
-from feddiff.args import speed_config
+from feddiff.args import speed_values
 from feddiff.cli import build_parser, main
 from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
@@ -75,7 +75,7 @@ def test_flags_become_typed_settings() -> None:
     ]
     args = build_parser().parse_args(argv)
 
-    cfg = from_args(args, speed_config(args))
+    cfg = from_args(args, speed_values(args))  # as `feddiff worker` builds it
 
     assert (cfg.num_clients, cfg.beta, cfg.split, cfg.wait_timeout, cfg.exit_when_done) == (3, 0.25, "label", 5.0, False)
     assert cfg.speed == SpeedConfig(bf16="off", compile="off", threads=2)
