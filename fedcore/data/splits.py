@@ -165,7 +165,4 @@ def describe_split(labels: np.ndarray, shards: list[np.ndarray], num_classes: in
     labels = np.asarray(labels)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
-    return [
-        ShardSummary(i, len(shard), tuple(np.bincount(labels[shard], minlength=num_classes).tolist()))
-        for i, shard in enumerate(shards)
-    ]
+    return [ShardSummary(i, len(shard), tuple(np.bincount(labels[shard], minlength=num_classes).tolist())) for i, shard in enumerate(shards)]
