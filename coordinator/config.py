@@ -69,7 +69,7 @@ def _worker_sizes(value: object) -> dict[str, int]:
         value = {k.strip(): v.strip() for k, _, v in pairs}
     if not isinstance(value, dict):
         raise ValueError("not a mapping")
-    sizes = {}
+    num_examples = {}
     for key, count in value.items():
         worker_id = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
         if not (isinstance(worker_id, str) and WORKER_ID.problem(worker_id) is None):
@@ -77,8 +77,8 @@ def _worker_sizes(value: object) -> dict[str, int]:
         images = int(count) if isinstance(count, str) and count.isdigit() else count
         if not (isinstance(images, int) and not isinstance(images, bool) and 1 <= images <= MAX_NUM_EXAMPLES):
             raise ValueError(f"worker {worker_id!r}: {images!r} images")
-        sizes[worker_id] = images
-    return sizes
+        num_examples[worker_id] = images
+    return num_examples
 
 
 WorkerSizes = Annotated[

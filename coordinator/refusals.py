@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedcore.errors import REJECTION_REASONS, TaskRefused, rejected_outcome
+from fedcore.errors import REJECTION_REASONS, TaskRefused, rejected_outcome, shortened
 
 MAX_MESSAGE = 300  # characters of a worker's explanation kept (it goes to the log and the run's error)
 
@@ -20,9 +20,7 @@ class Refusal:
     @classmethod
     def of(cls, worker_id: str, task_id: str, reason: str, message: str) -> Refusal:
         """As a worker stated it, bounded: an unknown reason is "other" (the reason labels a metric)."""
-        if len(message) > MAX_MESSAGE:
-            message = message[: MAX_MESSAGE - 3] + "..."
-        return cls(worker_id, task_id, reason if reason in REJECTION_REASONS else TaskRefused.reason, message)
+        return cls(worker_id, task_id, reason if reason in REJECTION_REASONS else TaskRefused.reason, shortened(message, MAX_MESSAGE))
 
     @property
     def outcome(self) -> str:

@@ -49,8 +49,5 @@ MAX_DETAILS = 512
 
 async def abort(context: grpc.aio.ServicerContext, error: errors.FeddiffError) -> NoReturn:
     """End the call with the error's status code and its message (which names the offending value)."""
-    details = f"{error.reason}: {error}"
-    if len(details) > MAX_DETAILS:
-        details = details[: MAX_DETAILS - 3] + "..."
-    await context.abort(code_for(error), details)
+    await context.abort(code_for(error), errors.shortened(f"{error.reason}: {error}", MAX_DETAILS))
     raise AssertionError("unreachable: context.abort raises")

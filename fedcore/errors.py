@@ -1,4 +1,5 @@
-"""Typed domain errors; each carries the `reason` that labels it in metrics. gRPC codes are mapped elsewhere."""
+"""Typed domain errors; each carries the `reason` that labels it in metrics. gRPC codes are mapped elsewhere.
+Also `shortened`: an error's or a worker's message cut to the bound of where it goes."""
 
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ class BadWorkerInfo(FeddiffError):
 
 
 class UnregisteredWorker(FeddiffError):
-    """A worker id missing from the coordinator's registered worker sizes: it has no FedAvg weight to get."""
+    """A worker id missing from the coordinator's registered image counts (worker_sizes): it has no FedAvg weight to get."""
 
     reason = "unregistered"
 
@@ -288,3 +289,12 @@ class DifferentRun(FeddiffError):
             f"--resume: the run in {directory} was made with other settings that define it: {keys}; resume with the saved "
             "values, or start a new run in another folder; nothing in it was changed"
         )
+
+
+ELLIPSIS = "..."  # the mark at the end of a message cut to its bound
+
+
+def shortened(message: str, most: int) -> str:
+    """`message` when it has at most `most` characters, else its start cut to `most` with ELLIPSIS at the end: an
+    explanation or a status kept within its bound (a log line, a status's trailers, a message field)."""
+    return message if len(message) <= most else message[: most - len(ELLIPSIS)] + ELLIPSIS

@@ -107,17 +107,17 @@ def strategies(args: argparse.Namespace) -> int:
     codecs = cfg.codecs
     layout = layout_of(build_model(cfg.model))
     summaries = [account(s, layout.sizes, cfg.clients, cfg.rounds, seed=cfg.seed) for s in Strategy]
-    rows = [{**a.as_json(), **coded_bytes(a, layout, c, seed=cfg.seed)} for a in summaries for c in codecs]
+    rows = [(summary, coded_bytes(summary, layout, c, seed=cfg.seed)) for summary in summaries for c in codecs]
     if cfg.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{**summary.as_json(), **coded.as_json()} for summary, coded in rows], indent=2))
     else:
         print(f"{cfg.model}, K={cfg.clients}, R={cfg.rounds}; bytes without the payloads' safetensors headers")
         if any(not isinstance(c, Identity) for c in codecs):
             print("  lossy codecs: downloads are coded changes; the first contact builds the initial model from the run's seed (nothing downloaded)")
-        for r in rows:
+        for summary, coded in rows:
             print(
-                f"  {r['strategy']:<8} {r['compression']:<16} {r['parameters_total']:>14,} parameters  reduction {r['reduction_vs_full']:6.1%}  "
-                f"{r['bytes_down'] / 1e6:9.1f} MB down {r['bytes_up'] / 1e6:8.1f} MB up: {r['bytes_vs_fedavg_fp32']:.2f}x fewer than plain FedAvg float32"
+                f"  {summary.strategy.value:<8} {coded.compression:<16} {summary.traffic.total:>14,} parameters  reduction {summary.reduction_vs_full:6.1%}  "
+                f"{coded.bytes_down / 1e6:9.1f} MB down {coded.bytes_up / 1e6:8.1f} MB up: {coded.bytes_vs_fedavg_fp32:.2f}x fewer than plain FedAvg float32"
             )
     return 0
 
@@ -151,12 +151,12 @@ def split(args: argparse.Namespace) -> int:
 
     cfg = flags.build(SplitSettings, args)
     labels = load_fashion_mnist(train=True, root=cfg.data_root).class_labels()
-    rows = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
+    shards = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
     if cfg.json:
-        print(json.dumps(rows))
+        print(json.dumps([shard.as_json() for shard in shards]))
     else:
-        for r in rows:
-            print(f"client {r['client']:>3}: {r['size']:>6} images  classes {r['classes']}")
+        for shard in shards:
+            print(f"client {shard.client:>3}: {shard.num_examples:>6} images  classes {list(shard.classes)}")
     return 0
 
 

@@ -28,12 +28,13 @@ from fedcore import settings
 from fedcore.federation.checkpoint import (
     FINAL_MODEL,
     PREVIOUS_RUNS,
-    STATE_FILE,
+    RunState,
     check_not_run_file,
     global_file_name,
     global_versions,
     load_private,
     load_run_id,
+    load_state,
     personalised_state,
 )
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
@@ -84,15 +85,8 @@ class TrainedModel:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def _run_state(directory: Path) -> dict[str, Any] | None:
-    """A run's state.json as parsed (RunState's fields), or None without one."""
-
-    path = directory / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _preset_name(given: str, state: Mapping[str, Any] | None, where: Path) -> str:
-    recorded = str(state["config"]["model"]) if state else ""
+def _preset_name(given: str, state: RunState | None, where: Path) -> str:
+    recorded = str(state.config["model"]) if state else ""
     if given and recorded and given != recorded:
         raise ValueError(f"--model {given!r}, but {where} holds a run of {recorded!r}")
     if not (given or recorded):
@@ -103,9 +97,9 @@ def _preset_name(given: str, state: Mapping[str, Any] | None, where: Path) -> st
 def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     from fedcore.payload.serialization import load_file
 
-    state = _run_state(directory)
+    state = load_state(directory)
     name = _preset_name(model, state, directory)
-    committed = int(state["completed_rounds"]) if state else None
+    committed = state.completed_rounds if state else None
     run_id = load_run_id(directory)
     final = directory / FINAL_MODEL
     if final.is_file():
@@ -114,7 +108,7 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
         if committed is None or (rounds is not None and rounds >= committed):
             return TrainedModel(tensors, name, _strategy(state), rounds, run_id=run_id)
     if state is not None:
-        tensors, _ = load_file(directory / str(state["global_file"]))
+        tensors, _ = load_file(directory / state.global_file)
         return TrainedModel(tensors, name, _strategy(state), committed, run_id=run_id)
     versions = global_versions(directory)
     if not versions:
@@ -123,8 +117,8 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     return TrainedModel(tensors, name, None, versions[-1], run_id=run_id)
 
 
-def _strategy(state: Mapping[str, Any] | None) -> str | None:
-    return str(state["config"]["strategy"]) if state else None
+def _strategy(state: RunState | None) -> str | None:
+    return str(state.config["strategy"]) if state else None
 
 
 def _from_file(path: Path, model: str) -> TrainedModel:
@@ -136,7 +130,7 @@ def _from_file(path: Path, model: str) -> TrainedModel:
         if model and model != cfg["model"]:
             raise ValueError(f"--model {model!r}, but {path} holds a {cfg['model']!r} model")
         return TrainedModel(tensors, cfg["model"], cfg["strategy"], cfg["completed_rounds"], cfg["kind"], cfg["worker"], cfg["private_round"])
-    state = _run_state(path.parent)  # a global-rNNNN or final.safetensors inside a checkpoint dir
+    state = load_state(path.parent)  # a global-rNNNN or final.safetensors inside a checkpoint dir
     rounds = int(md["completed_rounds"]) if "completed_rounds" in md else None
     run_id = load_run_id(path.parent) if state is not None else None
     return TrainedModel(tensors, _preset_name(model, state, path), _strategy(state), rounds, run_id=run_id)

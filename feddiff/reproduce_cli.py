@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedcore import settings
 from fedcore.experiments.devices import DeviceList
-from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, Protocol, ProtocolName, ReproduceConfig, select_cells, with_overrides
+from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, ProtocolName, ReproduceConfig, ReproductionProtocol, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, canonical_compression
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
@@ -54,10 +54,10 @@ class ReproduceSettings:
         object.__setattr__(self, "compression", canonical_compression(self.compression)[0])  # a frozen dataclass: its settled value
 
     @property
-    def protocol_run(self) -> Protocol:
+    def protocol_run(self) -> ReproductionProtocol:
         """The protocol with the sizes the flags override."""
-        sizes = {"max_images": self.max_images, "samples": self.samples, "curve_samples": self.curve_samples, "eval_every": self.eval_every}
-        return with_overrides(PROTOCOLS[self.protocol], **sizes)
+        overrides = {"max_images": self.max_images, "samples": self.samples, "curve_samples": self.curve_samples, "eval_every": self.eval_every}
+        return with_overrides(PROTOCOLS[self.protocol], **overrides)
 
     @property
     def reproduce(self) -> ReproduceConfig:

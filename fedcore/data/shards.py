@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedcore.data.datasets import ImageDataset, load_fashion_mnist
@@ -30,10 +31,14 @@ def load_training_pool(cfg: DataConfig) -> ImageDataset:
     return ds
 
 
+def shard_indices(cfg: DataConfig, pool: ImageDataset) -> list[np.ndarray]:
+    """Every client's shard of `pool` under the split of `cfg`: one sorted index array per client, in client order."""
+    return split_indices(pool.class_labels(), cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
+
+
 def client_shard(cfg: DataConfig, index: int, pool: ImageDataset | None = None) -> ImageDataset:
     """Client `index`'s private images under the split of `cfg`."""
     pool = pool if pool is not None else load_training_pool(cfg)
     if not 0 <= index < cfg.num_clients:
         raise ValueError(f"client index {index} is outside 0..{cfg.num_clients - 1}")
-    parts = split_indices(pool.class_labels(), cfg.num_clients, cfg.split, beta=cfg.beta, seed=cfg.split_seed)
-    return pool.subset(parts[index])
+    return pool.subset(shard_indices(cfg, pool)[index])

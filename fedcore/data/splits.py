@@ -1,8 +1,9 @@
-"""Seeded partitions of a labelled dataset over K clients: IID, quantity skew and Dirichlet label skew."""
+"""Seeded splits of a labelled dataset into K clients' shards: IID, quantity skew and Dirichlet label skew."""
 
 from __future__ import annotations
 
-from typing import Final, Literal, TypeGuard, get_args
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeGuard, get_args
 
 import numpy as np
 
@@ -25,10 +26,11 @@ def split_indices(
     seed: int = 2023,
     min_size: int = 10,
 ) -> list[np.ndarray]:
-    """Partition the indices of `labels` (N,) over `num_clients` clients, as the paper's "Data splits" say.
+    """Split the indices of `labels` (N,) into one shard per client (`num_clients` of them), as the paper's
+    "Data splits" say.
 
-    Returns one sorted int64 index array per client; the arrays are disjoint and together hold every
-    index. The same arguments always give the same partition (numpy `default_rng(seed)`). ValueError, naming
+    Returns each client's shard as a sorted int64 index array; the shards are disjoint and together hold every
+    index. The same arguments always give the same shards (numpy `default_rng(seed)`). ValueError, naming
     the value, for labels that are not (N,) class ids >= 0, an unknown kind, num_clients < 1, beta <= 0,
     min_size < 0, or fewer than num_clients x min_size labels; and when the skewed splits' Dirichlet draws
     leave a client below min_size MAX_REDRAWS times.
@@ -37,8 +39,8 @@ def split_indices(
     _check_split_settings(len(labels), num_clients, kind, beta, min_size)
     if num_clients == 1:
         return [np.arange(len(labels), dtype=np.int64)]
-    parts = _draw_split(labels, num_clients, kind, beta, min_size, np.random.default_rng(seed))
-    return [np.sort(part).astype(np.int64) for part in parts]
+    shards = _draw_split(labels, num_clients, kind, beta, min_size, np.random.default_rng(seed))
+    return [np.sort(shard).astype(np.int64) for shard in shards]
 
 
 def _checked_labels(labels: np.ndarray) -> np.ndarray:
@@ -66,7 +68,7 @@ def _check_split_settings(n: int, num_clients: int, kind: SplitKind, beta: float
 
 
 def _draw_split(labels: np.ndarray, num_clients: int, kind: SplitKind, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The clients' index arrays (unsorted) of a split of `kind` over two or more clients."""
+    """The clients' shards (unsorted index arrays) of a split of `kind` over two or more clients."""
     if kind == "iid":
         return _split_iid(len(labels), num_clients, rng)
     if kind == "quantity":
@@ -75,14 +77,14 @@ def _draw_split(labels: np.ndarray, num_clients: int, kind: SplitKind, beta: flo
 
 
 def _split_iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """IID: a random permutation cut into equal shares (sizes differ by at most one)."""
+    """IID: a random permutation cut into equal shards (their image counts differ by at most one)."""
     return np.array_split(rng.permutation(n), num_clients)
 
 
 def _split_quantity_skew(labels: np.ndarray, num_clients: int, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Quantity skew with balanced labels.
 
-    Client sizes follow NIID-Bench's "iid-diff-quantity" (Li et al. 2022, "Federated Learning on Non-IID
+    Shard sizes follow NIID-Bench's "iid-diff-quantity" (Li et al. 2022, "Federated Learning on Non-IID
     Data Silos: An Experimental Study", `partition_data`): proportions q ~ Dir(beta), cut points
     floor(cumsum(q) * N), redrawn until every client has >= min_size images. Unlike NIID-Bench, whose
     clients take a plain random slice, each client's images are stratified over the classes, so every
@@ -92,8 +94,8 @@ def _split_quantity_skew(labels: np.ndarray, num_clients: int, beta: float, min_
     for _ in range(MAX_REDRAWS):
         proportions = rng.dirichlet(np.full(num_clients, beta))
         cuts = (np.cumsum(proportions) * n).astype(np.int64)[:-1]
-        sizes = np.diff(np.concatenate([[0], cuts, [n]]))
-        if sizes.min() >= min_size:
+        num_examples = np.diff(np.concatenate([[0], cuts, [n]]))  # (K,) images per client
+        if num_examples.min() >= min_size:
             break
     else:
         raise _redraws_exhausted("quantity", num_clients, beta, min_size)
@@ -122,20 +124,20 @@ def _split_label_skew(labels: np.ndarray, num_clients: int, beta: float, min_siz
     capacity = n / num_clients
     classes = np.unique(labels)
     for _ in range(MAX_REDRAWS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        sizes = np.zeros(num_clients, dtype=np.int64)
+        shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        num_examples = np.zeros(num_clients, dtype=np.int64)  # (K,) images per client so far
         for c in classes:
             members = rng.permutation(np.flatnonzero(labels == c))
             proportions = rng.dirichlet(np.full(num_clients, beta))
-            proportions = proportions * (sizes < capacity)
-            # The clients' sizes so far sum to less than N, so some client is below N/K and the sum is > 0.
+            proportions = proportions * (num_examples < capacity)
+            # The clients' image counts so far sum to less than N, so some client is below N/K and the sum is > 0.
             proportions = proportions / proportions.sum()
             cuts = (np.cumsum(proportions) * len(members)).astype(np.int64)[:-1]
             for client, share in enumerate(np.split(members, cuts)):
-                parts[client].append(share)
-                sizes[client] += len(share)
-        if sizes.min() >= min_size:
-            return [np.concatenate(p) for p in parts]
+                shards[client].append(share)
+                num_examples[client] += len(share)
+        if num_examples.min() >= min_size:
+            return [np.concatenate(shard) for shard in shards]
     raise _redraws_exhausted("label", num_clients, beta, min_size)
 
 
@@ -146,16 +148,21 @@ def _redraws_exhausted(kind: SplitKind, num_clients: int, beta: float, min_size:
     )
 
 
-def describe_split(labels: np.ndarray, parts: list[np.ndarray], num_classes: int | None = None) -> list[dict]:
-    """Per client `{"client": i, "size": n, "classes": [count of class 0, class 1, ...]}`, for logs and tests."""
+@dataclass(frozen=True)
+class ShardSummary:
+    """One client's shard as logs and `feddiff split` show it."""
+
+    client: int  # the client's index
+    num_examples: int  # images in the shard
+    classes: tuple[int, ...]  # images of class 0, 1, ...
+
+    def as_json(self) -> dict[str, Any]:
+        return {"client": self.client, "size": self.num_examples, "classes": list(self.classes)}
+
+
+def describe_split(labels: np.ndarray, shards: list[np.ndarray], num_classes: int | None = None) -> list[ShardSummary]:
+    """Each client's shard: its image count and class histogram (`num_classes` bins, default: max label + 1)."""
     labels = np.asarray(labels)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
-    return [
-        {
-            "client": i,
-            "size": len(part),
-            "classes": np.bincount(labels[part], minlength=num_classes).tolist(),
-        }
-        for i, part in enumerate(parts)
-    ]
+    return [ShardSummary(i, len(shard), tuple(np.bincount(labels[shard], minlength=num_classes).tolist())) for i, shard in enumerate(shards)]

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -144,13 +143,6 @@ def load_fmnist_classifier(device: str | torch.device = "cpu", asset_dir: Path |
         name=f"fmnist-cnn:{actual[:12]}", dim=FMNISTClassifier.feature_dim, network=model,
         embed=model.features, default_batch_size=512, device=device,
     )  # fmt: skip
-
-
-def classifier_metadata(asset_dir: Path | str | None = None) -> dict[str, str]:
-    """The safetensors metadata of the committed classifier (test_accuracy, seed, epochs as strings)."""
-    directory = Path(asset_dir) if asset_dir is not None else ASSET_DIR
-    with safe_open(directory / CLASSIFIER_WEIGHTS, framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def _read_inception_state_dict(path: Path) -> dict[str, torch.Tensor]:

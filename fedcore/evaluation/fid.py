@@ -65,18 +65,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def fd_between(
-    extractor: FeatureExtractor,
-    images_a: torch.Tensor,
-    images_b: torch.Tensor,
-    batch_size: int | None = None,
-) -> float:
-    """FD between two image sets (N, C, H, W) in [-1, 1] on `extractor`'s features."""
-    mu_a, sigma_a = feature_statistics(extractor.features(images_a, batch_size))
-    mu_b, sigma_b = feature_statistics(extractor.features(images_b, batch_size))
-    return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reference statistics of the real data
 

@@ -54,7 +54,9 @@ EVALUATIONS = "evaluations.jsonl"  # FD curve points of a cell, one per evaluate
 
 
 @dataclass(frozen=True)
-class Protocol:
+class ReproductionProtocol:
+    """How the experiments of a reproduction run: model, training, sampling and the images its FD is measured on."""
+
     name: ProtocolName
     model: str  # model preset
     rounds: int  # R
@@ -70,17 +72,17 @@ class Protocol:
     reference_images: int  # real test images in the reference statistics (0 = all 10,000)
 
 
-PROTOCOLS: dict[str, Protocol] = {
+PROTOCOLS: dict[str, ReproductionProtocol] = {
     # One GPU, minutes per cell: E = 1, FD on 2,000 DDIM-100 samples per model.
-    "quick": Protocol("quick", "paper-fmnist", 15, 1, 128, 1e-4, 0, "ddim", 100, 2000, 5, 500, 0),
+    "quick": ReproductionProtocol("quick", "paper-fmnist", 15, 1, 128, 1e-4, 0, "ddim", 100, 2000, 5, 500, 0),
     # The paper's protocol: E = 5, ancestral sampling over all 1,000 steps, about 1,000 samples per model.
-    "paper": Protocol("paper", "paper-fmnist", 15, 5, 128, 1e-4, 0, "ddpm", 1000, 1000, 15, 1000, 0),
+    "paper": ReproductionProtocol("paper", "paper-fmnist", 15, 5, 128, 1e-4, 0, "ddpm", 1000, 1000, 15, 1000, 0),
     # Two CPU cores, the five IID rows in about 80 minutes: the tiny UNet at lr 2e-3 and batch 32 (what reached
     # the lowest FD per image seen), all 60,000 images, 5 rounds of one local epoch; FD on 1,000 DDIM-20 samples
     # (20, 50 and 100 steps scored alike on this model). Sizing measurements: docs/results.md.
-    "cpu": Protocol("cpu", "tiny", 5, 1, 32, 2e-3, 0, "ddim", 20, 1000, 1, 500, 0),
+    "cpu": ReproductionProtocol("cpu", "tiny", 5, 1, 32, 2e-3, 0, "ddim", 20, 1000, 1, 500, 0),
     # The CI miniature: tiny UNet, 300 images, 2 rounds, 160 five-step samples per model; CPU seconds.
-    "mini": Protocol("mini", "tiny", 2, 1, 32, 1e-4, 300, "ddim", 5, 160, 1, 160, 1000),
+    "mini": ReproductionProtocol("mini", "tiny", 2, 1, 32, 1e-4, 300, "ddim", 5, 160, 1, 160, 1000),
 }
 
 
@@ -160,7 +162,7 @@ def select_cells(strategies: Sequence[str], splits: Sequence[str], only: Iterabl
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    protocol: Protocol
+    protocol: ReproductionProtocol
     cells: tuple[Cell, ...]
     out: Path  # run folder: one sub-folder per cell, reference statistics
     results: Path  # JSONL, one line per finished cell
@@ -220,7 +222,7 @@ class Evaluator:
         )
         return cls(extractor, reference, network, sampler_net, speed.device, speed.bf16, batch, baselines, log=log)
 
-    def generate(self, state: Mapping[str, torch.Tensor], protocol: Protocol, n: int, seed: int) -> torch.Tensor:
+    def generate(self, state: Mapping[str, torch.Tensor], protocol: ReproductionProtocol, n: int, seed: int) -> torch.Tensor:
         """n samples (n, C, H, W) in [-1, 1] on the CPU from a model state."""
         self.network.load_state_dict(state)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -233,7 +235,7 @@ class Evaluator:
                 self.sampler_net = self.network
                 return self._sample(self.network, protocol, n, seed)
 
-    def _sample(self, net: Denoiser, protocol: Protocol, n: int, seed: int) -> torch.Tensor:
+    def _sample(self, net: Denoiser, protocol: ReproductionProtocol, n: int, seed: int) -> torch.Tensor:
         return sample(
             net, self.schedule, n, sampler=protocol.sampler, steps=protocol.steps, seed=seed, device=self.device,
             batch_size=min(n, self.batch_size),
@@ -282,7 +284,7 @@ class RoundScores:
     images: dict[str, torch.Tensor]  # by model: the n samples (n, C, H, W) in [-1, 1], on the CPU
 
 
-def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: Protocol, n: int, seed: int, curve_n: int) -> RoundScores:
+def evaluate_round(sim: Simulation, evaluator: Evaluator, protocol: ReproductionProtocol, n: int, seed: int, curve_n: int) -> RoundScores:
     """FD of every model of the cell on n samples, and on the first curve_n of them (the curve point);
     every model draws the same noise (seed), so differences between cells are not sampling luck."""
     started = time.perf_counter()
@@ -409,7 +411,7 @@ def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None], poo
     return sim
 
 
-def _train_with_curve(sim: Simulation, p: Protocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> dict[int, CurvePoint]:
+def _train_with_curve(sim: Simulation, p: ReproductionProtocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> dict[int, CurvePoint]:
     """Train the cell's remaining rounds, scoring a curve point before each round that is due one; returns the
     cell's curve points so far, by round, those of earlier calls (its evaluations file) included."""
     points = {pt.round_number: pt for pt in load_curve(sim.out_dir / EVALUATIONS)}
@@ -422,7 +424,7 @@ def _train_with_curve(sim: Simulation, p: Protocol, seed: int, evaluator: Evalua
         sim.run_round()
 
 
-def _curve_point(sim: Simulation, p: Protocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> CurvePoint:
+def _curve_point(sim: Simulation, p: ReproductionProtocol, seed: int, evaluator: Evaluator, log: Callable[[str], None]) -> CurvePoint:
     """Score the cell's models on the curve's sample count and append the point to its evaluations file."""
     point = evaluate_round(sim, evaluator, p, p.curve_samples, seed, p.curve_samples).point
     append_result(sim.out_dir / EVALUATIONS, point)
@@ -438,7 +440,7 @@ def _cell_result(
     p = cfg.protocol
     rounds = round_records(sim.out_dir / ROUNDS_LOG)
     last = rounds[-1]
-    sizes = {cid: c.num_examples for cid, c in sim.clients.items()}
+    num_examples = {cid: c.num_examples for cid, c in sim.clients.items()}
     fd_mean, fd_std = _summary(list(final.fds.values()))
     train_seconds = sum(r.seconds for r in rounds)
     eval_seconds = final.point.seconds + sum(pt.seconds for r, pt in points.items() if r != p.rounds)
@@ -446,9 +448,9 @@ def _cell_result(
     return CellResult(
         protocol=p.name, cell=cell.key, folder=sim.out_dir.name, strategy=cell.strategy, split=cell.split,
         clients=cell.num_clients(cfg.clients), model=p.model, rounds=p.rounds, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-        max_images=p.max_images, images=sum(sizes.values()), beta=cfg.beta, split_seed=cfg.split_seed, seed=cfg.seed,
+        max_images=p.max_images, images=sum(num_examples.values()), beta=cfg.beta, split_seed=cfg.split_seed, seed=cfg.seed,
         fd_mean=fd_mean, fd_std=fd_std,  # population std over the models evaluated
-        fd_per_model=tuple(ModelFd(name, sizes.get(name, sum(sizes.values())), fd) for name, fd in final.fds.items()),
+        fd_per_model=tuple(ModelFd(name, num_examples.get(name, sum(num_examples.values())), fd) for name, fd in final.fds.items()),
         feature_extractor=evaluator.extractor.name, floor_fd=evaluator.baselines.floor, noise_fd=evaluator.baselines.noise,
         reference=ReferenceSet(evaluator.reference.dataset, evaluator.reference.count), samples=p.samples, sampler=f"{p.sampler}-{steps}",
         parameters_exchanged=last.cumulative_parameters, full_fedavg_parameters=last.cumulative_full_fedavg_parameters,
@@ -511,10 +513,10 @@ def render(cfg: ReproduceConfig) -> list[Path]:
     return report.render(load_results(cfg.results), cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
 
 
-def with_overrides(p: Protocol, **changes: int | None) -> Protocol:
+def with_overrides(p: ReproductionProtocol, **changes: int | None) -> ReproductionProtocol:
     """The protocol with the CLI's overrides (max_images, samples, curve_samples, eval_every); None keeps it."""
     for name, value in changes.items():
         if value is not None and (value < 0 or (value == 0 and name != "max_images")):
             raise ValueError(f"--{name.replace('_', '-')} is {value}, expected {'>= 0' if name == 'max_images' else '>= 1'}")
-    given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}  # names of Protocol's int fields
+    given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}  # names of ReproductionProtocol's int fields
     return replace(p, **given)

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcore.data.shards import DataConfig, load_training_pool
-from fedcore.data.splits import split_indices
+from fedcore.data.shards import DataConfig, load_training_pool, shard_indices
 from fedcore.errors import ExistingRun
 from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining, KeptState
 from fedcore.federation import checkpoint
@@ -104,7 +103,7 @@ class Simulation:
         else:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
         pool_images = load_training_pool(cfg.data)
-        shards = split_indices(pool_images.class_labels(), cfg.data.num_clients, cfg.data.split, beta=cfg.data.beta, seed=cfg.data.split_seed)
+        shards = shard_indices(cfg.data, pool_images)
         clients = {}
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
             clients[cid] = SimulatedClient(cid, pool_images.images[idx])

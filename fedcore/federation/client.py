@@ -189,10 +189,6 @@ class ClientRuntime:
         """The model as loaded (for evaluation after `load` of an EvalTask)."""
         return self.trainer.model
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """This client's current full model (its personalised one under udec/ulatdec), on the CPU."""
-        return {name: t.detach().cpu().clone() for name, t in self._params.items()}
-
 
 def _check_unchanged(
     reader: serialization.PayloadReader, codec: Codec, payload: bytes | bytearray | memoryview, parts: frozenset[Part], meta: PayloadMeta

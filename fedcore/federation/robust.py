@@ -1,5 +1,5 @@
 """Bounds on what one client's update can do to the global model: the largest value a trained delta can hold,
-FedAvg weights bounded by registered sizes and capped per round, and update norm clipping (fixed, or adaptive
+FedAvg weights bounded by registered image counts and capped per round, and update norm clipping (fixed, or adaptive
 to the last round's norms).
 
 The value bound leaves every honest update as it is; the weight bounds leave honest weights as they are
@@ -106,12 +106,12 @@ class RobustConfig:
             raise ValueError(f"registered sizes {bad}: expected an image count >= 1 per client")
 
     def check_registered(self, client: str) -> None:
-        """UnregisteredWorker when sizes are registered and `client` has none: it has no weight to get."""
+        """UnregisteredWorker when image counts are registered and `client` has none: it has no weight to get."""
         if self.registered and client not in self.registered:
             raise UnregisteredWorker(f"worker {client!r} has no registered size (worker_sizes): it may not take part in this run")
 
     def round_weights(self, claimed: Mapping[str, int]) -> RoundWeights:
-        """The FedAvg weights of a round's clients from the images each claimed: at most its registered size,
+        """The FedAvg weights of a round's clients from the images each claimed: at most its registered image count,
         then at most `max_weight_share` of the round's sum (`capped_weights`)."""
         granted = {c: self.trained_images(c, n) for c, n in claimed.items()}
         weights = capped_weights(granted, self.max_weight_share)
@@ -123,12 +123,12 @@ class RobustConfig:
         return RoundWeights(weights, lowered)
 
     def trained_images(self, client: str, claimed: int) -> int:
-        """The images a client's training is taken to run over: its claim, at most its registered size."""
+        """The images a client's training is taken to run over: its claim, at most its registered image count."""
         return min(claimed, self.registered.get(client, claimed))
 
     def value_bound(self, train: TrainConfig, images: int) -> float:
         """The largest |value| of an update: `max_delta_value`, else what training as `train` says reaches on
-        `images` images (`trained_images`: its claim, at most its registered size). Not the share cap: that
+        `images` images (`trained_images`: its claim, at most its registered image count). Not the share cap: that
         lowers a large client's FedAvg weight, not the steps its honest training takes over all its images."""
         return self.max_delta_value or delta_value_bound(train, images)
 

@@ -593,7 +593,7 @@ class OpenRound:
 
     def value_bound(self, client: str) -> float:
         """The largest |value| this client's update may hold (fedcore.federation.robust): what its training
-        reaches on the images it trains on (its claim, at most its registered size)."""
+        reaches on the images it trains on (its claim, at most its registered image count)."""
         robust = self.federation.robust
         return robust.value_bound(self.federation.config.train, robust.trained_images(client, self.num_examples[client]))
 

@@ -76,11 +76,6 @@ class RoundPlan:
     def averaged_parts(self) -> frozenset[Part]:
         return frozenset().union(*(a.returns for a in self.assignments))
 
-    @property
-    def receive_sets(self) -> set[frozenset[Part]]:
-        """The distinct payloads this round needs: each is serialized once, whatever the number of clients."""
-        return {a.receives for a in self.assignments}
-
 
 def round_rng(seed: int, round_index: int) -> np.random.Generator:
     """The planning RNG of one round; the same (seed, round) gives the same plan on every machine."""
@@ -224,7 +219,27 @@ def account(strategy: Strategy, sizes: Mapping[Part, int], clients: int, rounds:
     return AccountingSummary(strategy, clients, rounds, traffic, full)
 
 
-def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, seed: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CodedTraffic:
+    """The bytes of an `AccountingSummary`'s transfers with a codec (`coded_bytes`)."""
+
+    compression: str  # the codec's name
+    bytes_down: int
+    bytes_up: int
+    full_fedavg_fp32_bytes: int  # plain FedAvg's over the same rounds and participants, in float32
+    bytes_vs_fedavg_fp32: float  # how many times fewer bytes than plain FedAvg's, to 3 decimals
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "compression": self.compression,
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "full_fedavg_fp32_bytes": self.full_fedavg_fp32_bytes,
+            "bytes_vs_fedavg_fp32": self.bytes_vs_fedavg_fp32,
+        }
+
+
+def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, seed: int = 0) -> CodedTraffic:
     """The bytes of a summary's transfers (`account`, every client in every round) with `codec`: the updates coded,
     and with a lossy codec the downloads too, as the coordinator sends them in a fresh run
     (fedcore.federation.server): nothing in round 1 (every client builds the initial model from the run's seed,
@@ -248,10 +263,4 @@ def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, se
             up += sum(coded[p] for p in a.returns)
             held[a.client] = a.receives
     fedavg = FLOAT32_BYTES * summary.full_fedavg
-    return {
-        "compression": codec.name,
-        "bytes_down": down,
-        "bytes_up": up,
-        "full_fedavg_fp32_bytes": fedavg,
-        "bytes_vs_fedavg_fp32": round(fedavg / (down + up), 3),
-    }
+    return CodedTraffic(codec.name, down, up, fedavg, round(fedavg / (down + up), 3))

@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.errors import FeddiffError
+from fedcore.errors import FeddiffError, shortened
 from fedcore.settings import MAX_BATCH, MAX_EPOCHS, MAX_EVAL_SAMPLES, MAX_SAMPLING_STEPS
 from fedcore.wire.stream import MAX_CHUNK_SIZE
 
@@ -266,21 +266,6 @@ def largest(field: str, *, per_unit: int = 1) -> float:
     return bound.most if per_unit == 1 else bound.most / per_unit
 
 
-_BOUNDED_TYPES = frozenset(
-    {
-        FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT,
-        FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
-    }
-)  # fmt: skip
-
-
-def needs_bound(field: FieldDescriptor) -> bool:
-    """Strings, bytes, numbers and repeated fields (maps too) carry a bound; booleans, enums and single
-    messages do not (a message's own fields do)."""
-    return field.is_repeated or field.type in _BOUNDED_TYPES
-
-
 def _message_type(field: FieldDescriptor) -> Descriptor:
     """The type of a message field's messages (protobuf sets it for every field of TYPE_MESSAGE)."""
     if field.message_type is None:
@@ -302,9 +287,8 @@ def check(msg: Message, refusal: type[FeddiffError]) -> None:
 
 def bounded_text(text: str, most: int = MAX_MESSAGE) -> str:
     """`text` as a message field takes it: control characters other than newline and tab made spaces, at most
-    `most` characters (the end cut, marked with "...")."""
-    clean = "".join(c if c in "\n\t" or c.isprintable() else " " for c in text)
-    return clean if len(clean) <= most else clean[: most - 3] + "..."
+    `most` characters (`shortened`: the end cut, marked with "...")."""
+    return shortened("".join(c if c in "\n\t" or c.isprintable() else " " for c in text), most)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def test_what_was_sent_plus_the_residual_is_the_sum_of_the_true_deltas(name: str
         task = TrainTask(r, f"r{r}.1-c", frozenset(ALL_PARTS), parts, frozenset(), TrainConfig(epochs=1, batch_size=8, lr=1e-3), r, codec)
         runtime.load(serialization.encode(state, PayloadMeta(kind="weights", model="tiny", round_index=r, parts=frozenset(ALL_PARTS))), task)
         runtime.train(task)
-        local = runtime.model_state()
+        local = runtime.sampling_model().state_dict()
         payload = runtime.update(task)
 
         decoded, _ = coded.decode(reader, codec, payload, parts)
@@ -159,9 +159,17 @@ def test_a_strategys_bytes_with_a_codec_are_its_coded_updates_tensor_bytes() -> 
         row = coded_bytes(summary, LAYOUT, Codec.parse(name))
 
         per_update = sum(e.end - e.begin for e in entries.values())
-        assert row["bytes_up"] == 3 * 2 * per_update  # K x R updates of the decoder
-        assert row["bytes_down"] == 3 * per_update  # round 1 built from the seed (nothing), then the decoder's change
-        assert row["bytes_vs_fedavg_fp32"] == round(4 * summary.full_fedavg / (row["bytes_down"] + row["bytes_up"]), 3)
+        assert row.bytes_up == 3 * 2 * per_update  # K x R updates of the decoder
+        assert row.bytes_down == 3 * per_update  # round 1 built from the seed (nothing), then the decoder's change
+        assert row.full_fedavg_fp32_bytes == 4 * summary.full_fedavg
+        assert row.bytes_vs_fedavg_fp32 == round(4 * summary.full_fedavg / (row.bytes_down + row.bytes_up), 3)
+        assert row.as_json() == {
+            "compression": name,
+            "bytes_down": row.bytes_down,
+            "bytes_up": row.bytes_up,
+            "full_fedavg_fp32_bytes": row.full_fedavg_fp32_bytes,
+            "bytes_vs_fedavg_fp32": row.bytes_vs_fedavg_fp32,
+        }
 
 
 # --- coded downloads ----------------------------------------------------------------------------------------

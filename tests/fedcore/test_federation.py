@@ -383,7 +383,7 @@ def test_client_round_trip_through_the_federation() -> None:
     task = round_.task("alice")
 
     client.load(round_.payload(task.receives), task)
-    loaded = client.model_state()
+    loaded = {n: t.clone() for n, t in client.sampling_model().state_dict().items()}  # before training changes it
     result = client.train(task)
     update = client.update(task)
     round_.accept("alice", update, mean_loss=result.mean_loss, images_seen=result.images_seen)
@@ -392,7 +392,7 @@ def test_client_round_trip_through_the_federation() -> None:
 
     assert all(torch.equal(loaded[n], before[n]) for n in before)  # the payload replaced the client's own init
     assert set(client.private) == set(fed.layout.names({ENC, MID}))
-    trained = client.model_state()
+    trained = client.sampling_model().state_dict()
     assert all(torch.equal(client.private[n], trained[n]) for n in client.private)
     # One client: the global decoder becomes the client's decoder; the encoder is never averaged.
     for n in fed.layout.names({DEC}):
@@ -432,7 +432,7 @@ def test_client_update_is_the_delta_of_its_returned_parts() -> None:
 
     update = decode(client.update(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
 
-    expected = delta(client.model_state(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
+    expected = delta(client.sampling_model().state_dict(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
     assert set(update) == set(fed.layout.names({MID, DEC}))
     assert all(torch.equal(update[n], expected[n]) for n in expected)
     assert any(bool(t.abs().sum() > 0) for t in update.values())

@@ -50,7 +50,8 @@ def _step(open_round: OpenRound, client: str, task: TrainTask, value: float = 1e
 
 
 def _model(runtime: ClientRuntime) -> dict[str, torch.Tensor]:
-    return runtime.model_state()
+    """The client's full model as it samples with it (its personalised one under udec/ulatdec), a copy."""
+    return {n: t.clone() for n, t in runtime.sampling_model().state_dict().items()}
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str]) -> bool:

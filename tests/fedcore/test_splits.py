@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcore.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx
-from fedcore.data.splits import SplitKind, describe_split, split_indices
+from fedcore.data.splits import ShardSummary, SplitKind, describe_split, split_indices
 
 KINDS: list[SplitKind] = ["iid", "quantity", "label"]
 CLIENT_COUNTS = [5, 10]
@@ -27,15 +27,15 @@ def splits(labels: np.ndarray) -> dict[tuple[str, int], list[np.ndarray]]:
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_partition_is_disjoint_and_complete(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str, num_clients: int) -> None:
-    parts = splits[kind, num_clients]
+def test_shards_are_disjoint_and_complete(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, kind: str, num_clients: int) -> None:
+    shards = splits[kind, num_clients]
 
-    assert len(parts) == num_clients
-    for part in parts:
-        assert part.dtype == np.int64
-        assert np.all(np.diff(part) > 0)  # sorted, no repeats
-        assert len(part) >= 10
-    everything = np.concatenate(parts)
+    assert len(shards) == num_clients
+    for shard in shards:
+        assert shard.dtype == np.int64
+        assert np.all(np.diff(shard) > 0)  # sorted, no repeats
+        assert len(shard) >= 10
+    everything = np.concatenate(shards)
     assert len(everything) == len(labels)  # disjoint ...
     np.testing.assert_array_equal(np.sort(everything), np.arange(len(labels)))  # ... and complete
 
@@ -51,30 +51,30 @@ def test_seeded(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndar
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
 def test_iid_equal_sizes(splits: dict[tuple[str, int], list[np.ndarray]], num_clients: int) -> None:
-    sizes = [len(p) for p in splits["iid", num_clients]]
+    num_examples = [len(shard) for shard in splits["iid", num_clients]]
 
-    assert max(sizes) - min(sizes) <= 1
+    assert max(num_examples) - min(num_examples) <= 1
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
 def test_quantity_skew_sizes_vary_labels_balanced(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int) -> None:
     stats = describe_split(labels, splits["quantity", num_clients], num_classes=10)
 
-    sizes = np.array([s["size"] for s in stats])
-    assert sizes.max() > 3 * sizes.min()  # Dirichlet(0.5) sizes, far from equal
-    assert sizes.std() / sizes.mean() > 0.3
+    num_examples = np.array([s.num_examples for s in stats])
+    assert num_examples.max() > 3 * num_examples.min()  # Dirichlet(0.5) shard sizes, far from equal
+    assert num_examples.std() / num_examples.mean() > 0.3
     for s in stats:
         # Fashion-MNIST's classes are equal, so every client holds each class within one image.
-        assert max(s["classes"]) - min(s["classes"]) <= 1
+        assert max(s.classes) - min(s.classes) <= 1
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
 def test_label_skew_histograms_skewed(splits: dict[tuple[str, int], list[np.ndarray]], labels: np.ndarray, num_clients: int) -> None:
     stats = describe_split(labels, splits["label", num_clients])
 
-    top_class_share = np.mean([max(s["classes"]) / s["size"] for s in stats])
+    top_class_share = np.mean([max(s.classes) / s.num_examples for s in stats])
     assert top_class_share > 0.3  # 0.1 for balanced clients
-    assert sum(min(s["classes"]) == 0 for s in stats) >= 1  # some client lacks a class entirely
+    assert sum(min(s.classes) == 0 for s in stats) >= 1  # some client lacks a class entirely
 
 
 @pytest.mark.parametrize("num_clients", CLIENT_COUNTS)
@@ -83,16 +83,16 @@ def test_label_skew_stops_filling_full_clients(splits: dict[tuple[str, int], lis
 
     # Classes are dealt in ascending order: before the last class a client received, it held < N/K.
     for s in describe_split(labels, splits["label", num_clients]):
-        counts = np.array(s["classes"])
+        counts = np.array(s.classes)
         last = np.flatnonzero(counts)[-1]
         assert counts[:last].sum() < capacity
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_client_gets_everything(labels: np.ndarray, kind: SplitKind) -> None:
-    (part,) = split_indices(labels, 1, kind)
+    (shard,) = split_indices(labels, 1, kind)
 
-    np.testing.assert_array_equal(part, np.arange(len(labels)))
+    np.testing.assert_array_equal(shard, np.arange(len(labels)))
 
 
 def test_describe_split_counts() -> None:
@@ -100,7 +100,8 @@ def test_describe_split_counts() -> None:
 
     stats = describe_split(toy, [np.array([0, 3]), np.array([1, 2, 4, 5])])
 
-    assert stats == [
+    assert stats == [ShardSummary(0, 2, (1, 0, 1)), ShardSummary(1, 4, (1, 1, 2))]
+    assert [s.as_json() for s in stats] == [
         {"client": 0, "size": 2, "classes": [1, 0, 1]},
         {"client": 1, "size": 4, "classes": [1, 1, 2]},
     ]

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from fedcore.errors import FieldOutOfRange
+from fedcore.errors import FieldOutOfRange, shortened
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, FRAMING_BYTES, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, request_limit
@@ -26,6 +26,21 @@ def _fields() -> list[tuple[str, FieldDescriptor]]:
         for field in message.fields:
             out.append((f"{message.name}.{field.name}", field))
     return out
+
+
+_BOUNDED_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT,
+        FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
+    }
+)  # fmt: skip
+
+
+def _needs_bound(field: FieldDescriptor) -> bool:
+    """Strings, bytes, numbers and repeated fields (maps too) carry a bound; booleans, enums and single
+    messages do not (a message's own fields do)."""
+    return field.is_repeated or field.type in _BOUNDED_TYPES
 
 
 def _documentation(message: str, field: str) -> str:
@@ -43,7 +58,7 @@ def _documentation(message: str, field: str) -> str:
 
 
 def test_every_string_bytes_number_and_repeated_field_has_a_bound() -> None:
-    missing = [name for name, field in _fields() if bounds.needs_bound(field) and name not in bounds.BOUNDS]
+    missing = [name for name, field in _fields() if _needs_bound(field) and name not in bounds.BOUNDS]
     unknown = sorted(set(bounds.BOUNDS) - {name for name, _ in _fields()})
 
     assert missing == [], "give these fields a bound in fedcore/bounds.py and the .proto"
@@ -104,6 +119,12 @@ def test_a_field_outside_its_bound_is_refused_by_name(msg: Message, message: str
 
     assert str(e.value).startswith(message), str(e.value)
     assert len(str(e.value)) < 300, "the message quotes at most the start of a value"
+
+
+def test_a_message_past_its_bound_is_cut_with_a_mark() -> None:
+    assert shortened("abcdef", 6) == "abcdef"
+    assert shortened("abcdefg", 6) == "abc..."
+    assert shortened("x" * 10_000, 512) == "x" * 509 + "..."
 
 
 def test_a_message_is_brought_within_its_bound() -> None:

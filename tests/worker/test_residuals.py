@@ -63,7 +63,7 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
 
     runtime = daemon.runtime
     assert runtime is not None
-    local = runtime.model_state()
+    local = runtime.sampling_model().state_dict()
     sent, _ = coded.decode(PayloadReader(LAYOUT, kind="delta"), Codec.parse("int4"), coordinator.update, DECODER)
     kept = daemon.state.load_residuals()
     assert kept is not None and kept[1] == 4
