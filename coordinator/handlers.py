@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalReport
-from coordinator.phase import IssuedTask
+from coordinator.phase import IssuedTask, PollEnd, PollOutcome
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
 from coordinator.rounds import RoundDriver
@@ -65,11 +65,11 @@ class Handlers:
         )
 
     # --- tasks -----------------------------------------------------------------------------------------------
-    def task_response(self, outcome: IssuedTask | str) -> pb.WaitTaskResponse:
+    def task_response(self, outcome: PollOutcome) -> pb.WaitTaskResponse:
         """A long poll's answer: the task issued, Done (the run is over, with its error if it failed), or Idle."""
-        if outcome == "done":
+        if outcome is PollEnd.DONE:
             return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.phase.failure))
-        if not isinstance(outcome, IssuedTask):  # "idle" or "stopped"
+        if not isinstance(outcome, IssuedTask):  # IDLE or STOPPED
             return pb.WaitTaskResponse(idle=pb.Idle())
         if isinstance(outcome.task, EvalTask):
             return pb.WaitTaskResponse(task=convert.eval_task_to_proto(outcome.task, outcome.header))

@@ -92,7 +92,7 @@ class RoundDriver:
             self.phase.ended()
 
     def stop(self) -> None:
-        """End the round loop: the phase in progress stops waiting, and long polls hear "stopped"."""
+        """End the round loop: the phase in progress stops waiting, and long polls hear STOPPED."""
         self._stop.set()
         self.phase.wake()
 

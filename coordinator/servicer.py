@@ -23,7 +23,7 @@ from coordinator.downloads import OpenDownloads, Unsendable
 from coordinator.handlers import Handlers
 from coordinator.log_limit import LimitedLog
 from coordinator.metrics import Metrics
-from coordinator.phase import IssuedTask
+from coordinator.phase import PollEnd, PollOutcome
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator
@@ -163,8 +163,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if self._polls.get(session_id) is mine:
                 del self._polls[session_id]
 
-    async def _next_task(self, worker_id: str, timeout: float, superseded: asyncio.Event) -> IssuedTask | str:
-        """This worker's task, "done", "stopped", or "idle" after `timeout` seconds or once `superseded`."""
+    async def _next_task(self, worker_id: str, timeout: float, superseded: asyncio.Event) -> PollOutcome:
+        """This worker's task, DONE, STOPPED, or IDLE after `timeout` seconds or once `superseded`."""
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -173,10 +173,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     if outcome is not None:
                         return outcome
                     if superseded.is_set():
-                        return "idle"
+                        return PollEnd.IDLE
                     await first_of(change, superseded)
         except TimeoutError:
-            return "idle"
+            return PollEnd.IDLE
 
     # Besides the header message it writes data messages serialized already (codec.data_frames), which the
     # generated base class cannot say; its serializer, codec.serialize (`register`), takes both.

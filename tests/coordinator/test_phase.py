@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.evaluation import EvalPhase, EvalReport
 from coordinator.metrics import Metrics
-from coordinator.phase import IssuedTask, Phase
+from coordinator.phase import IssuedTask, Phase, PollEnd
 from coordinator.registry import WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
 from fedcore.federation.client import EvalTask
@@ -101,9 +101,9 @@ def test_long_polls_hear_stopped_and_done(federation: Federation) -> None:
     assert phase.poll_task("a") is None
     stop.set()
     phase.wake()
-    assert phase.poll_task("a") == "stopped" and changes == [1]
+    assert phase.poll_task("a") is PollEnd.STOPPED and changes == [1]
     phase.await_answers(time.monotonic() + 30)  # returns at once once stopped
     phase.fail("round 1 failed")
-    assert phase.poll_task("a") == "done" and (phase.state, phase.failure) == ("failed", "round 1 failed")
+    assert phase.poll_task("a") is PollEnd.DONE and (phase.state, phase.failure) == ("failed", "round 1 failed")
     phase.ended()
     assert phase.state == "failed"
