@@ -19,7 +19,7 @@ STATUS_GRACE = 1.0  # seconds an ended download's last message may take to go ou
 
 
 class OpenDownload:
-    """One worker's weights stream while the coordinator writes it."""
+    """One worker's download while the coordinator writes it."""
 
     def __init__(self, worker_id: str, session_id: str, task_id: str, idle_timeout: float):
         self.worker_id = worker_id
@@ -71,7 +71,7 @@ class Unsendable(Exception):
 
 
 class OpenDownloads:
-    """The weights streams in progress, by worker: none holds the unsent messages of more than one."""
+    """The downloads in progress, by worker: none holds the unsent messages of more than one."""
 
     def __init__(self, idle_timeout: float):
         self.idle_timeout = idle_timeout
@@ -114,6 +114,6 @@ class OpenDownloads:
 
     def _end_in_turns(self, downloads: list[OpenDownload]) -> None:
         for download in downloads[:ENDS_PER_TURN]:
-            download.end(TaskClosed(f"task {download.task_id!r}: its round closed before its weights were read"))
+            download.end(TaskClosed(f"task {download.task_id!r}: its round closed before its payload was read"))
         if len(downloads) > ENDS_PER_TURN:
             asyncio.get_running_loop().call_soon(self._end_in_turns, downloads[ENDS_PER_TURN:])

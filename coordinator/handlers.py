@@ -75,15 +75,15 @@ class Handlers:
             return pb.WaitTaskResponse(task=convert.eval_task_to_proto(outcome.task, outcome.header))
         return pb.WaitTaskResponse(task=convert.task_to_proto(outcome.task, outcome.header))
 
-    def weights(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
-        """The first message of a task's weights stream (its header) and the payload that follows it."""
-        payload, issued = self.phase.weights_for(worker_id, task_id)
+    def task_payload(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
+        """The first message of a task's download (its stream header) and the payload that follows it."""
+        payload, issued = self.phase.task_payload(worker_id, task_id)
         task = issued.task
         header = convert.header_to_proto(issued.header, round_index=task.payload_round, task_id=task.task_id, parts=task.receives)
         return pb.WeightsChunk(header=header), payload
 
     def download_complete(self, worker_id: str, task_id: str) -> None:
-        """A weights stream drained by its worker: counted, unless its round closed meanwhile (logged)."""
+        """A download drained by its worker: counted, unless its round closed meanwhile (logged)."""
         try:
             self.phase.download_complete(worker_id, task_id)
         except FeddiffError as e:

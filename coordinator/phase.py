@@ -243,8 +243,8 @@ class Phase:
                 raise WrongRound(f"task {task_id!r} is not a training task of the round in progress")
             return self._round, issued
 
-    def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
-        """The weights payload of this worker's task of the phase in progress, and the task."""
+    def task_payload(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        """The payload this worker downloads for its task of the phase in progress, and the task."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._eval is not None:

@@ -185,7 +185,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         One download per worker at a time, none outliving its round, none left unread for longer than
         `download_idle_timeout` (coordinator/downloads.py)."""
         worker_id = await self._worker(request.session_id, context)
-        header, payload = self.handlers.weights(worker_id, request.task_id)
+        header, payload = self.handlers.task_payload(worker_id, request.task_id)
         try:
             with self._downloads.open(worker_id, request.session_id, request.task_id, context) as download:
                 await download.write(context, header)

@@ -47,7 +47,7 @@ def _eval_phase() -> EvalPhase:
     tasks = {
         w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER}), spec=SPEC) for w in WORKERS
     }
-    return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"weights", digests=dict.fromkeys(tasks, "sha256"))
+    return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"payload", digests=dict.fromkeys(tasks, "sha256"))
 
 
 def test_an_evaluation_ends_at_once_when_every_task_is_answered_and_its_tasks_are_late_after(federation: Federation) -> None:
@@ -55,7 +55,7 @@ def test_an_evaluation_ends_at_once_when_every_task_is_answered_and_its_tasks_ar
     phase.open_evaluation(_eval_phase())
     issued = phase.poll_task("a")
     assert isinstance(issued, IssuedTask) and issued.task.task_id == "e3-a" and phase.state == "evaluating" and changes == [1]
-    assert phase.weights_for("a", "e3-a") == (b"weights", issued)
+    assert phase.task_payload("a", "e3-a") == (b"payload", issued)
 
     phase.report_evaluation(EvalReport("a", "e3-a", 3, 25.0, "fmnist-classifier", 16), b"png")
     phase.reject("b", "e3-b", "data_mismatch", "images do not fit")
