@@ -5,6 +5,7 @@ call context."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -34,9 +35,25 @@ class Handlers:
         self.registry = registry
 
     # --- membership ------------------------------------------------------------------------------------------
-    def join(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> str:
-        """A session for a checked worker whose identity `verify` confirms; BadWorkerInfo (a field outside its
-        bound), UnknownWorker (from `verify`), UnregisteredWorker or DuplicateWorker."""
+    def check_session(self, session_id: str) -> None:
+        """UnknownWorker for a session never issued, ended or forgotten (it is only looked up)."""
+        self.registry.check_session(session_id)
+
+    def worker_of(self, session_id: str) -> str:
+        """The worker behind a session, marked as seen now; UnknownWorker for an unknown or ended session."""
+        return self.registry.touch(session_id).worker_id
+
+    async def join(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> pb.JoinResponse:
+        """A session for a checked worker whose identity `verify` confirms, once a task of its that it could only
+        fail is replaced; BadWorkerInfo (a field outside its bound), UnknownWorker (from `verify`),
+        UnregisteredWorker or DuplicateWorker."""
+        session = self._session(w, verify)
+        # Before it hears of its session: a task it could only fail is replaced (hashing a payload, off the loop).
+        await asyncio.get_running_loop().run_in_executor(None, self.phase.joined, w.worker_id)
+        return self._join_response(session)
+
+    def _session(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> str:
+        """A new session for a checked and verified worker, admitted to the run (`join`)."""
         bounds.check(w, BadWorkerInfo)
         verify(w.worker_id)
         self.phase.admit(w.worker_id, w.num_examples)
@@ -50,7 +67,7 @@ class Handlers:
         log.info("worker %s joined%s (%s%s, %d images)", w.worker_id, again, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
         return session
 
-    def join_response(self, session_id: str) -> pb.JoinResponse:
+    def _join_response(self, session_id: str) -> pb.JoinResponse:
         """What a joined worker learns: its session, the run, and how to talk to this coordinator."""
         fed = self.driver.federation.config
         return pb.JoinResponse(
@@ -63,6 +80,15 @@ class Handlers:
             digests=sorted(set(DIGESTS) - {LEGACY_DIGEST}),
             run_id=self.run_id,
         )
+
+    def heartbeat(self) -> pb.HeartbeatResponse:
+        """The answer to a live worker: how many rounds are complete."""
+        return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
+
+    def leave(self, session_id: str) -> pb.LeaveResponse:
+        """The worker ends its session."""
+        self.registry.leave(session_id)
+        return pb.LeaveResponse()
 
     # --- tasks -----------------------------------------------------------------------------------------------
     def task_response(self, outcome: PollOutcome) -> pb.WaitTaskResponse:
