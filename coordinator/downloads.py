@@ -86,7 +86,8 @@ class OpenDownloads:
 
     async def send(self, context: grpc.aio.ServicerContext, worker_id: str, session_id: str, task_id: str, header: pb.WeightsChunk, payload: bytes) -> int:
         """Write a task's download in its worker's one place (`open`): its header, then its payload in chunks;
-        the bytes written, once the worker drained them. Why it ended early (a DownloadEnded), or Unsendable."""
+        the bytes written, once the worker drained them. Raises why it ended early (a DownloadEnded), or
+        Unsendable when no status can reach the worker either."""
         with self.open(worker_id, session_id, task_id, context) as download:
             await download.write(context, header)
             sent = header.ByteSize()

@@ -1,7 +1,8 @@
 """What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the phase in
 progress (coordinator/phase.py) or the worker registry, protobuf out. Refusals are raised as domain errors
 (fedcore.errors) and mapped to status codes by the servicer (coordinator/status.py); nothing here knows gRPC's
-call context."""
+call context. Called on the server's event loop: what could hold it (a join's task replaced, its payload hashed)
+runs in a thread."""
 
 from __future__ import annotations
 
