@@ -9,16 +9,15 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from coordinator.metrics import Metrics
 from fedcore.atomic import append_json_line, naming
 from fedcore.federation import checkpoint
+from fedcore.federation.roundlog import LogRecord
 from fedcore.federation.server import SHARED_STEM, Federation
 from fedcore.payload.serialization import save_file
 
@@ -58,7 +57,7 @@ class CheckpointWriter:
         self.saved_rounds = saved_rounds  # completed rounds of the checkpoint on disk
         self._lock = threading.Lock()  # one write at a time, and guards the state below
         self._unsaved: Unsaved | None = None  # the latest checkpoint not yet written
-        self._records: list[Mapping[str, Any]] = []  # round log lines waiting for their checkpoint (or a failed append)
+        self._records: list[LogRecord] = []  # round log records waiting for their checkpoint (or a failed append)
         self._final: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # the final model, once asked for
         self._failures = 0  # failed writes in a row
         self._error = ""  # the last one, in words
@@ -74,8 +73,8 @@ class CheckpointWriter:
     def _pending(self) -> bool:
         return self._unsaved is not None or bool(self._records) or self._final is not None
 
-    def checkpoint(self, federation: Federation, record: Mapping[str, Any] | None = None) -> bool:
-        """Checkpoint the federation as it is now, then append `record` (a round's log line) to the round log;
+    def checkpoint(self, federation: Federation, record: LogRecord | None = None) -> bool:
+        """Checkpoint the federation as it is now, then append `record` (a round's) to the round log;
         True when both are on disk. When the checkpoint fails, a copy is held and retried (the previous
         checkpoint stays the valid one) and the line waits for it. Call from the thread that changes the
         federation."""
@@ -94,8 +93,8 @@ class CheckpointWriter:
             self.metrics.checkpoint_saves.labels("saved").inc()
             return self._write_held()
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Append a line to the round log, after any checkpoint still held (an evaluation's line)."""
+    def append(self, record: LogRecord) -> None:
+        """Append a record to the round log, after any checkpoint still held (an evaluation's)."""
         with self._lock:
             self._records.append(record)
             if self._unsaved is None:
@@ -149,7 +148,7 @@ class CheckpointWriter:
                 self.metrics.checkpoint_saves.labels("saved").inc()
             while self._records:
                 with naming(self.directory / checkpoint.ROUNDS_LOG):
-                    append_json_line(self.directory / checkpoint.ROUNDS_LOG, self._records[0])
+                    append_json_line(self.directory / checkpoint.ROUNDS_LOG, self._records[0].as_json())
                 self._records.pop(0)
             if self._final is not None:
                 with naming(self.directory / checkpoint.FINAL_MODEL):

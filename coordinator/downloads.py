@@ -1,8 +1,9 @@
-"""Weights downloads in progress: one per worker, each ended when its task's round closes, when its worker reads
-nothing of it for `download_idle_timeout`, or when its worker joined again and downloads anew. A download that is
-not read holds its unsent messages in the coordinator's memory, and a place among the server's calls: until its
-worker reads or its connection ends, even once ended, since HTTP/2 sends a stream's end after its data. These
-bounds keep that to one stream per worker. Used on the server's event loop only."""
+"""Downloads in progress (DownloadWeights), each written as its stream header then its payload in chunks: one
+per worker, each ended when its task's round closes, when its worker reads nothing of it for
+`download_idle_timeout`, or when its worker joined again and downloads anew. A download that is not read holds
+its unsent messages in the coordinator's memory, and a place among the server's calls: until its worker reads
+or its connection ends, even once ended, since HTTP/2 sends a stream's end after its data. These bounds keep
+that to one stream per worker. Used on the server's event loop only."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import grpc
 
 from coordinator.uploads import ENDS_PER_TURN
 from fedcore.errors import DownloadEnded, DownloadInProgress, DownloadStalled, DownloadSuperseded, TaskClosed
+from fedcore.wire import codec
+from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 STATUS_GRACE = 1.0  # seconds an ended download's last message may take to go out before its status
 
 
 class OpenDownload:
-    """One worker's weights stream while the coordinator writes it."""
+    """One worker's download while the coordinator writes it."""
 
     def __init__(self, worker_id: str, session_id: str, task_id: str, idle_timeout: float):
         self.worker_id = worker_id
@@ -71,14 +74,27 @@ class Unsendable(Exception):
 
 
 class OpenDownloads:
-    """The weights streams in progress, by worker: none holds the unsent messages of more than one."""
+    """The downloads in progress, by worker: none holds the unsent messages of more than one."""
 
-    def __init__(self, idle_timeout: float):
+    def __init__(self, idle_timeout: float, chunk_size: int):
         self.idle_timeout = idle_timeout
+        self.chunk_size = chunk_size  # payload bytes in each data message
         self._by_worker: dict[str, OpenDownload] = {}
 
     def __len__(self) -> int:
         return len(self._by_worker)
+
+    async def send(self, context: grpc.aio.ServicerContext, worker_id: str, session_id: str, task_id: str, header: pb.WeightsChunk, payload: bytes) -> int:
+        """Write a task's download in its worker's one place (`open`): its header, then its payload in chunks;
+        the bytes written, once the worker drained them. Raises why it ended early (a DownloadEnded), or
+        Unsendable when no status can reach the worker either."""
+        with self.open(worker_id, session_id, task_id, context) as download:
+            await download.write(context, header)
+            sent = header.ByteSize()
+            for frame in codec.data_frames(payload, self.chunk_size):
+                await download.write(context, frame)  # serialized already: the method's serializer (codec.serialize) takes both
+                sent += len(frame)
+        return sent
 
     @contextmanager
     def open(self, worker_id: str, session_id: str, task_id: str, context: grpc.aio.ServicerContext) -> Iterator[OpenDownload]:
@@ -114,6 +130,6 @@ class OpenDownloads:
 
     def _end_in_turns(self, downloads: list[OpenDownload]) -> None:
         for download in downloads[:ENDS_PER_TURN]:
-            download.end(TaskClosed(f"task {download.task_id!r}: its round closed before its weights were read"))
+            download.end(TaskClosed(f"task {download.task_id!r}: its round closed before its payload was read"))
         if len(downloads) > ENDS_PER_TURN:
             asyncio.get_running_loop().call_soon(self._end_in_turns, downloads[ENDS_PER_TURN:])

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -108,25 +107,25 @@ class EvalPhase:
         check_report(task, report)
         self.reports[report.worker_id] = report
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EvaluationRecord:
+        """What the workers reported: each one's FD, by worker id, and their mean and spread."""
         fds = [r.fd for r in self.reports.values()]
-        return {
-            "round": self.completed_rounds,
-            "kind": "evaluation",
-            "models": "personalised",
-            "fd": {w: r.fd for w, r in sorted(self.reports.items())},
-            "fd_mean": statistics.fmean(fds) if fds else float("nan"),
-            "fd_std": statistics.pstdev(fds) if len(fds) > 1 else 0.0,
-            "extractor": next(iter(self.reports.values())).extractor if fds else "",
-            "evaluated": len(fds),
-            "asked": len(self.tasks),
-        }
+        return EvaluationRecord(
+            round_number=self.completed_rounds,
+            models="personalised",
+            fd_by_model={w: r.fd for w, r in sorted(self.reports.items())},
+            fd_mean=statistics.fmean(fds) if fds else float("nan"),
+            fd_std=statistics.pstdev(fds) if len(fds) > 1 else 0.0,
+            extractor=next(iter(self.reports.values())).extractor if fds else "",
+            evaluated=len(fds),
+            asked=len(self.tasks),
+        )
 
 
 class Evaluation:
     """The run's evaluation after its rounds: when it is due, who scores, and where the results go."""
 
-    def __init__(self, cfg: CoordinatorConfig, federation: Federation, metrics: Metrics, append_log: Callable[[Mapping[str, Any]], None]):
+    def __init__(self, cfg: CoordinatorConfig, federation: Federation, metrics: Metrics, append_log: Callable[[EvaluationRecord], None]):
         self.cfg = cfg
         self.federation = federation
         self.metrics = metrics
@@ -167,13 +166,12 @@ class Evaluation:
         if phase.reports:
             self.record(phase.summary())
 
-    def record(self, summary: Mapping[str, Any]) -> None:
-        """An evaluation's FDs in the gauges and a round log line of kind "evaluation" (`EvalPhase.summary`,
+    def record(self, record: EvaluationRecord) -> None:
+        """An evaluation's FDs in the gauges and in a line of the round log (`EvalPhase.summary`,
         `GlobalEvaluator.evaluate`)."""
-        record = EvaluationRecord.from_json(summary)
-        self.show(record.fd)
+        self.show(record.fd_by_model)
         try:
-            self._append_log(record.as_json())
+            self._append_log(record)
         except OSError as e:
             log.error("writing the evaluation to the round log failed: %s", e)
         log.info(format_evaluation(record))
@@ -240,7 +238,8 @@ class GlobalEvaluator:
             self._prepared = extractor, fashion_mnist_reference(extractor, root=self.data_root)
         return self._prepared
 
-    def evaluate(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec) -> dict[str, Any]:
+    def evaluate(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec) -> EvaluationRecord:
+        """The global model's FD after `completed_rounds`, its sample grid saved to samples/global-r<rounds>.png."""
         with self._lock:
             extractor, reference = self._prepare()
             model = build_model(self.model_name)
@@ -257,19 +256,18 @@ class GlobalEvaluator:
             extractor.name,
             grid,
         )
-        return {
-            "round": completed_rounds,
-            "kind": "evaluation",
-            "models": "global",
-            "fd": {"global": score.fd},
-            "fd_mean": score.fd,
-            "fd_std": 0.0,
-            "extractor": extractor.name,
-            "evaluated": 1,
-            "asked": 1,
-        }
+        return EvaluationRecord(
+            round_number=completed_rounds,
+            models="global",
+            fd_by_model={"global": score.fd},
+            fd_mean=score.fd,
+            fd_std=0.0,
+            extractor=extractor.name,
+            evaluated=1,
+            asked=1,
+        )
 
-    def submit(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec, on_result: Callable[[dict[str, Any]], None]) -> None:
+    def submit(self, state: dict[str, torch.Tensor], completed_rounds: int, spec: SamplingSpec, on_result: Callable[[EvaluationRecord], None]) -> None:
         snapshot = {k: v.clone() for k, v in state.items()}
 
         def run() -> None:

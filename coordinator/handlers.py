@@ -1,16 +1,18 @@
 """What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the phase in
 progress (coordinator/phase.py) or the worker registry, protobuf out. Refusals are raised as domain errors
 (fedcore.errors) and mapped to status codes by the servicer (coordinator/status.py); nothing here knows gRPC's
-call context."""
+call context. Called on the server's event loop: what could hold it (a join's task replaced, its payload hashed)
+runs in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalReport
-from coordinator.phase import IssuedTask
+from coordinator.phase import IssuedTask, PollEnd, PollOutcome
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
 from coordinator.rounds import RoundDriver
@@ -34,9 +36,25 @@ class Handlers:
         self.registry = registry
 
     # --- membership ------------------------------------------------------------------------------------------
-    def join(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> str:
-        """A session for a checked worker whose identity `verify` confirms; BadWorkerInfo (a field outside its
-        bound), UnknownWorker (from `verify`), UnregisteredWorker or DuplicateWorker."""
+    def check_session(self, session_id: str) -> None:
+        """UnknownWorker for a session never issued, ended or forgotten (it is only looked up)."""
+        self.registry.check_session(session_id)
+
+    def worker_of(self, session_id: str) -> str:
+        """The worker behind a session, marked as seen now; UnknownWorker for an unknown or ended session."""
+        return self.registry.touch(session_id).worker_id
+
+    async def join(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> pb.JoinResponse:
+        """A session for a checked worker whose identity `verify` confirms, once a task of its that it could only
+        fail is replaced; BadWorkerInfo (a field outside its bound), UnknownWorker (from `verify`),
+        UnregisteredWorker or DuplicateWorker."""
+        session = self._session(w, verify)
+        # Before it hears of its session: a task it could only fail is replaced (hashing a payload, off the loop).
+        await asyncio.get_running_loop().run_in_executor(None, self.phase.joined, w.worker_id)
+        return self._join_response(session)
+
+    def _session(self, w: pb.WorkerInfo, verify: Callable[[str], None]) -> str:
+        """A new session for a checked and verified worker, admitted to the run (`join`)."""
         bounds.check(w, BadWorkerInfo)
         verify(w.worker_id)
         self.phase.admit(w.worker_id, w.num_examples)
@@ -50,7 +68,7 @@ class Handlers:
         log.info("worker %s joined%s (%s%s, %d images)", w.worker_id, again, w.device, f" {w.gpu_name}" if w.gpu_name else "", w.num_examples)
         return session
 
-    def join_response(self, session_id: str) -> pb.JoinResponse:
+    def _join_response(self, session_id: str) -> pb.JoinResponse:
         """What a joined worker learns: its session, the run, and how to talk to this coordinator."""
         fed = self.driver.federation.config
         return pb.JoinResponse(
@@ -64,26 +82,35 @@ class Handlers:
             run_id=self.run_id,
         )
 
+    def heartbeat(self) -> pb.HeartbeatResponse:
+        """The answer to a live worker: how many rounds are complete."""
+        return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
+
+    def leave(self, session_id: str) -> pb.LeaveResponse:
+        """The worker ends its session."""
+        self.registry.leave(session_id)
+        return pb.LeaveResponse()
+
     # --- tasks -----------------------------------------------------------------------------------------------
-    def task_response(self, outcome: IssuedTask | str) -> pb.WaitTaskResponse:
+    def task_response(self, outcome: PollOutcome) -> pb.WaitTaskResponse:
         """A long poll's answer: the task issued, Done (the run is over, with its error if it failed), or Idle."""
-        if outcome == "done":
+        if outcome is PollEnd.DONE:
             return pb.WaitTaskResponse(done=pb.Done(rounds=self.driver.federation.completed_rounds, error=self.phase.failure))
-        if not isinstance(outcome, IssuedTask):  # "idle" or "stopped"
+        if not isinstance(outcome, IssuedTask):  # IDLE or STOPPED
             return pb.WaitTaskResponse(idle=pb.Idle())
         if isinstance(outcome.task, EvalTask):
             return pb.WaitTaskResponse(task=convert.eval_task_to_proto(outcome.task, outcome.header))
         return pb.WaitTaskResponse(task=convert.task_to_proto(outcome.task, outcome.header))
 
-    def weights(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
-        """The first message of a task's weights stream (its header) and the payload that follows it."""
-        payload, issued = self.phase.weights_for(worker_id, task_id)
+    def task_payload(self, worker_id: str, task_id: str) -> tuple[pb.WeightsChunk, bytes]:
+        """The first message of a task's download (its stream header) and the payload that follows it."""
+        payload, issued = self.phase.task_payload(worker_id, task_id)
         task = issued.task
         header = convert.header_to_proto(issued.header, round_index=task.payload_round, task_id=task.task_id, parts=task.receives)
         return pb.WeightsChunk(header=header), payload
 
     def download_complete(self, worker_id: str, task_id: str) -> None:
-        """A weights stream drained by its worker: counted, unless its round closed meanwhile (logged)."""
+        """A download drained by its worker: counted, unless its round closed meanwhile (logged)."""
         try:
             self.phase.download_complete(worker_id, task_id)
         except FeddiffError as e:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
 from coordinator.evaluation import EvalPhase, EvalReport
@@ -42,7 +43,18 @@ class RoundProgress:
 @dataclass(frozen=True)
 class IssuedTask:
     task: TrainTask | EvalTask
-    header: StreamHeader  # of the weights payload the worker downloads
+    header: StreamHeader  # of the payload the worker downloads for it
+
+
+class PollEnd(Enum):
+    """How a worker's long poll ends without a task."""
+
+    DONE = "done"  # the run is over: its last round saved, or it failed (`Phase.failure` says why)
+    STOPPED = "stopped"  # the round loop stopped
+    IDLE = "idle"  # nothing for the worker within the poll's timeout, or a newer poll of its session came
+
+
+PollOutcome = IssuedTask | PollEnd  # a long poll's answer
 
 
 class Phase:
@@ -185,19 +197,19 @@ class Phase:
         for listener in self._listeners:
             listener()
 
-    def poll_task(self, worker_id: str) -> IssuedTask | Literal["done", "stopped"] | None:
-        """This worker's open task of the phase in progress; "done" after the last round or once the run failed
-        (`failure` says why), "stopped" once the round loop stops; None while there is nothing for it (wait for
+    def poll_task(self, worker_id: str) -> PollOutcome | None:
+        """This worker's open task of the phase in progress; DONE after the last round or once the run failed
+        (`failure` says why), STOPPED once the round loop stops; None while there is nothing for it (wait for
         the next change)."""
         with self._cond:
             if self.state == "failed":
                 self._told.add(worker_id)
             if self.state in ("done", "failed"):
-                return "done"
+                return PollEnd.DONE
             issued = self._issued.get(worker_id)
             if issued is not None and not self._finished(worker_id):
                 return issued
-            return "stopped" if self._stop.is_set() else None
+            return PollEnd.STOPPED if self._stop.is_set() else None
 
     def _finished(self, worker_id: str) -> bool:
         """Whether this worker is through with the task of the phase in progress (or refused it)."""
@@ -231,8 +243,8 @@ class Phase:
                 raise WrongRound(f"task {task_id!r} is not a training task of the round in progress")
             return self._round, issued
 
-    def weights_for(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
-        """The weights payload of this worker's task of the phase in progress, and the task."""
+    def task_payload(self, worker_id: str, task_id: str) -> tuple[bytes, IssuedTask]:
+        """The payload this worker downloads for its task of the phase in progress, and the task."""
         with self._cond:
             issued = self._issued_task(worker_id, task_id)
             if self._eval is not None:

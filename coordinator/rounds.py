@@ -11,7 +11,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from coordinator.attempts import Attempt, FailedAttempts
 from coordinator.checkpoints import CheckpointWriter
@@ -22,7 +21,7 @@ from coordinator.phase import IssuedTask, Phase, State
 from coordinator.registry import WorkerRecord, WorkerRegistry
 from fedcore import settings
 from fedcore.errors import NonFiniteAggregate, UploadAborted
-from fedcore.federation.roundlog import ROUNDS_LOG, format_round, latest_in_log, round_record
+from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, latest_in_log, round_record
 from fedcore.federation.server import Federation, OpenRound, RoundOutcome
 from fedcore.wire.stream import StreamHeader, digest_for
 
@@ -92,7 +91,7 @@ class RoundDriver:
             self.phase.ended()
 
     def stop(self) -> None:
-        """End the round loop: the phase in progress stops waiting, and long polls hear "stopped"."""
+        """End the round loop: the phase in progress stops waiting, and long polls hear STOPPED."""
         self._stop.set()
         self.phase.wake()
 
@@ -210,10 +209,10 @@ class RoundDriver:
         self.metrics.completed_rounds.set(self.federation.completed_rounds)
         self.metrics.round_mean_loss.set(outcome.mean_loss)
         record = round_record(outcome, self.federation.ledger, seconds)
-        self._checkpoint(record.as_json())
+        self._checkpoint(record)
         log.info(format_round(record))
 
-    def _checkpoint(self, record: Mapping[str, Any] | None = None) -> None:
+    def _checkpoint(self, record: RoundRecord | None = None) -> None:
         """Save the run: the global model, the round state and the tally of outcomes (the checkpoint's plus this
         process's counters), then `record` in the round log; the run gauges show these totals. A failed write
         is logged and retried (`CheckpointWriter`), the run goes on."""

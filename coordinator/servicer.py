@@ -1,17 +1,17 @@
-"""gRPC servicer on the asyncio server: each call's request checked at the edge, one call into its handler
-(coordinator/handlers.py), its refusals mapped to status codes (coordinator/status.py) and counted. Handlers run
-on the server's event loop and never block it: a long poll awaits the phase's next change, and a large update
-is checked and folded in an accept thread. Upload streams are bounded: one per worker, cut off when they stall
-or when their round closes (coordinator/uploads.py)."""
+"""gRPC servicer on the asyncio server: each call's request checked at the edge (bounds, the session and the
+caller's identity), one call into its handler (coordinator/handlers.py), its refusals mapped to status codes
+(coordinator/status.py) and counted. Handlers run on the server's event loop and never block it: a long poll
+awaits the phase's next change (coordinator/polls.py), and a large update is checked and folded in an accept
+thread. Streams are bounded, one per worker each way, cut off when they stall or when their round closes
+(coordinator/uploads.py, coordinator/downloads.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
 import grpc
@@ -23,7 +23,7 @@ from coordinator.downloads import OpenDownloads, Unsendable
 from coordinator.handlers import Handlers
 from coordinator.log_limit import LimitedLog
 from coordinator.metrics import Metrics
-from coordinator.phase import IssuedTask
+from coordinator.polls import LongPolls
 from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator
@@ -38,28 +38,6 @@ from fedcore.wire.stream import StreamHeader
 
 log = logging.getLogger("feddiff.coordinator")
 
-MAX_WAIT_MS = 60_000
-
-
-class Changes:
-    """The phase's changes (tasks issued, state; coordinator/phase.py) as an asyncio signal: `current()` is set at the next one.
-
-    `notify` may be called from any thread; the event is set on the loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._loop.call_soon_threadsafe(self._fire)
-
-    def _fire(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
-
-    def current(self) -> asyncio.Event:
-        return self._event
-
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Create it on the event loop that serves it."""
@@ -67,24 +45,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, auth: Authenticator, *, run_id: str):
         self.cfg = cfg
         self.auth = auth
-        self.driver = driver
-        self.phase = driver.phase  # the tasks of the phase in progress: what the calls ask and change
-        self.registry = registry
         self.metrics = metrics
         self.handlers = Handlers(cfg, driver, registry, run_id=run_id)
         self._refusal_log = LimitedLog(log)  # a flood of bad calls is counted in full, logged in part
         loop = asyncio.get_running_loop()
-        self._changes = Changes(loop)
+        phase = driver.phase  # its changes answer long polls and end the streams of a round that closed
+        self._polls = LongPolls(phase.poll_task, loop)
         self._uploads = OpenUploads()
-        self._downloads = OpenDownloads(cfg.download_idle_timeout)
-        self._polls: dict[str, asyncio.Event] = {}  # session id -> what ends its long poll in progress
+        self._downloads = OpenDownloads(cfg.download_idle_timeout, cfg.chunk_size)
         self._receiver = UploadReceiver(max(1, cfg.max_concurrent_uploads), cfg.upload_idle_timeout)
-        end_closed = functools.partial(self._uploads.end_closed, self.phase.accepting)
-        end_downloads = functools.partial(self._downloads.end_closed, self.phase.accepting)
+        end_closed = functools.partial(self._uploads.end_closed, phase.accepting)
+        end_downloads = functools.partial(self._downloads.end_closed, phase.accepting)
         self._unsubscribe = [
-            self.phase.on_change(self._changes.notify),
-            self.phase.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
-            self.phase.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
+            phase.on_change(self._polls.changes.notify),
+            phase.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
+            phase.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
         ]
 
     def close(self) -> None:
@@ -107,7 +82,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """The worker behind a session, checked against the caller's verified identity, else UnknownWorker,
         counted in `counted_in` when given (uploads), else in feddiff_refusals_total (`mapped`)."""
         try:
-            worker_id = self.registry.touch(session_id).worker_id
+            worker_id = self.handlers.worker_of(session_id)
             self.auth.check(context, worker_id)
             return worker_id
         except UnknownWorker as e:
@@ -118,87 +93,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # --- membership ------------------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         """A session for a checked, verified worker; refusals counted in feddiff_joins_total."""
-        worker_id = request.worker.worker_id
         try:
-            session = self.handlers.join(request.worker, verify=functools.partial(self.auth.check, context))
+            response = await self.handlers.join(request.worker, verify=functools.partial(self.auth.check, context))
         except FeddiffError as e:
-            await self._refuse(context, e, self.metrics.joins, what=f"join of {worker_id[:140]!r}")
-        # Before it hears of its session: a task it could only fail is replaced (hashing a payload, off the loop).
-        await asyncio.get_running_loop().run_in_executor(None, self.phase.joined, worker_id)
+            await self._refuse(context, e, self.metrics.joins, what=f"join of {request.worker.worker_id[:140]!r}")
         self.metrics.joins.labels("accepted").inc()
-        return self.handlers.join_response(session)
+        return response
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         """The worker is alive; the answer says how many rounds are complete."""
         await self._worker(request.session_id, context)
-        return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
+        return self.handlers.heartbeat()
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         """The worker ends its session."""
         await self._worker(request.session_id, context)
-        self.registry.leave(request.session_id)
-        return pb.LeaveResponse()
+        return self.handlers.leave(request.session_id)
 
     # --- tasks -----------------------------------------------------------------------------------------------
     async def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.aio.ServicerContext) -> pb.WaitTaskResponse:
         """The long poll: the worker's next task, Done once the run is over, or Idle after its timeout."""
         worker_id = await self._worker(request.session_id, context)
-        with self._long_poll(request.session_id) as superseded:
-            outcome = await self._next_task(worker_id, min(request.timeout_ms or MAX_WAIT_MS, MAX_WAIT_MS) / 1000, superseded)
-        self.registry.touch(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
+        outcome = await self._polls.next_task(worker_id, request.session_id, request.timeout_ms)
+        self.handlers.worker_of(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         return self.handlers.task_response(outcome)
-
-    @contextlib.contextmanager
-    def _long_poll(self, session_id: str) -> Iterator[asyncio.Event]:
-        """One long poll per session: a newer one answers the older at once (Idle), so that a session that
-        asks thousands of times holds one waiting call, not thousands of the server's."""
-        older = self._polls.get(session_id)
-        if older is not None:
-            older.set()
-            log.debug("long poll of session %s superseded by a newer one", session_id[:8])
-        mine = self._polls[session_id] = asyncio.Event()
-        try:
-            yield mine
-        finally:
-            if self._polls.get(session_id) is mine:
-                del self._polls[session_id]
-
-    async def _next_task(self, worker_id: str, timeout: float, superseded: asyncio.Event) -> IssuedTask | str:
-        """This worker's task, "done", "stopped", or "idle" after `timeout` seconds or once `superseded`."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    change = self._changes.current()  # taken before asking: a change after the answer sets it
-                    outcome = self.phase.poll_task(worker_id)
-                    if outcome is not None:
-                        return outcome
-                    if superseded.is_set():
-                        return "idle"
-                    await first_of(change, superseded)
-        except TimeoutError:
-            return "idle"
 
     # Besides the header message it writes data messages serialized already (codec.data_frames), which the
     # generated base class cannot say; its serializer, codec.serialize (`register`), takes both.
     async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
-        """The weights of the worker's task: their header, then the payload in chunks; counted once drained.
-        One download per worker at a time, none outliving its round, none left unread for longer than
-        `download_idle_timeout` (coordinator/downloads.py)."""
+        """The payload of the worker's task: its header, then the payload in chunks (coordinator/downloads.py);
+        counted once drained. One that cannot end with a status ends without (`mapped`)."""
         worker_id = await self._worker(request.session_id, context)
-        header, payload = self.handlers.weights(worker_id, request.task_id)
-        try:
-            with self._downloads.open(worker_id, request.session_id, request.task_id, context) as download:
-                await download.write(context, header)
-                sent = header.ByteSize()
-                for frame in codec.data_frames(payload, self.cfg.chunk_size):
-                    await download.write(context, frame)  # serialized already (`register` gives this method codec.serialize)
-                    sent += len(frame)
-        except Unsendable as e:  # counted as the refusal it is; the call ends without a status, which cannot be sent
-            self.metrics.refusals.labels("DownloadWeights", e.error.reason).inc()
-            log.info("DownloadWeights ended unread: %s: %s", e.error.reason, e.error)
-            raise asyncio.CancelledError from None
-        # Reached only when the client drained the stream: count the transfer now, not when it started.
-        self.metrics.wire_bytes.labels("down").inc(sent)
+        header, payload = self.handlers.task_payload(worker_id, request.task_id)
+        sent = await self._downloads.send(context, worker_id, request.session_id, request.task_id, header, payload)
+        self.metrics.wire_bytes.labels("down").inc(sent)  # reached only when the worker drained the stream
         self.handlers.download_complete(worker_id, request.task_id)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext) -> pb.UploadResponse:
@@ -280,7 +208,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         contract's bounds (FieldOutOfRange, naming the field)."""
         session_id = getattr(request, "session_id", None)  # a field of every request but a join's and the tools'
         if session_id is not None:
-            self.registry.check_session(session_id)
+            self.handlers.check_session(session_id)
         bounds.check(request, FieldOutOfRange)
 
     # --- tools -----------------------------------------------------------------------------------------------
@@ -288,16 +216,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """The run's progress, for `feddiff status`: to the operator (`Authenticator.check_status`)."""
         self.auth.check_status(context)
         return self.handlers.status()
-
-
-async def first_of(*events: asyncio.Event) -> None:
-    """Wait until one of `events` is set."""
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
@@ -319,7 +237,8 @@ def mapped(handler: Callable, metrics: Metrics, check: Callable[[Message], None]
     """`handler` with every domain error it raises, wherever it raises it, ended with its mapped status code
     (coordinator/status.py) and counted in feddiff_refusals_total, instead of UNKNOWN and a traceback in the
     log; its request first passed to `check`. (Join and UploadUpdate count their refusals in
-    feddiff_joins_total and feddiff_updates_total.)"""
+    feddiff_joins_total and feddiff_updates_total.) A download ended while its worker reads nothing
+    (Unsendable) is counted alike, and its call ends without a status, which could not be sent."""
     refuse = _refusal(handler.__name__, metrics)
     checked = check or (lambda request: None)
     if inspect.isasyncgenfunction(handler):
@@ -327,13 +246,18 @@ def mapped(handler: Callable, metrics: Metrics, check: Callable[[Message], None]
     return _mapped_unary(handler, checked, refuse)
 
 
-Refuse = Callable[[grpc.aio.ServicerContext, FeddiffError], Awaitable[NoReturn]]
+Refuse = Callable[[grpc.aio.ServicerContext, FeddiffError | Unsendable], Awaitable[NoReturn]]
 
 
 def _refusal(rpc: str, metrics: Metrics) -> Refuse:
-    """How `rpc` refuses a call: counted by RPC and reason, logged, ended with the error's status code."""
+    """How `rpc` refuses a call: counted by RPC and reason, logged, ended with the error's status code (or,
+    Unsendable, cancelled without one)."""
 
-    async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError) -> NoReturn:
+    async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError | Unsendable) -> NoReturn:
+        if isinstance(error, Unsendable):
+            metrics.refusals.labels(rpc, error.error.reason).inc()
+            log.info("%s ended unread: %s: %s", rpc, error.error.reason, error.error)
+            raise asyncio.CancelledError from None
         metrics.refusals.labels(rpc, error.reason).inc()
         log.info("%s refused: %s: %s", rpc, error.reason, error)
         await abort(context, error)
@@ -347,7 +271,7 @@ def _mapped_unary(handler: Callable, check: Callable[[Message], None], refuse: R
         try:
             check(request)
             return await handler(request, context)
-        except FeddiffError as e:
+        except (FeddiffError, Unsendable) as e:
             await refuse(context, e)
 
     return unary
@@ -360,7 +284,7 @@ def _mapped_stream(handler: Callable, check: Callable[[Message], None], refuse: 
             check(request)
             async for response in handler(request, context):
                 yield response
-        except FeddiffError as e:
+        except (FeddiffError, Unsendable) as e:
             await refuse(context, e)
 
     return stream

@@ -57,7 +57,7 @@ def print_table(records: list[LogRecord]) -> None:
 
 def print_quality(records: list[LogRecord], p: dict[str, Any], reduction: float) -> None:
     """The last lines: worker 0's FD after round 1 and after the last round, beside the reduction."""
-    fds = {r.round_number: r.fd[FD_WORKER] for r in records if isinstance(r, EvaluationRecord) and FD_WORKER in r.fd}
+    fds = {r.round_number: r.fd_by_model[FD_WORKER] for r in records if isinstance(r, EvaluationRecord) and FD_WORKER in r.fd_by_model}
     if 1 not in fds or len(fds) < 2:
         print(f"no FD of {FD_WORKER}'s model after round 1 and the last round: see the coordinator's log")
         return

@@ -102,9 +102,9 @@ class EvaluationRecord:
 
     round_number: int  # 1-based number of the round after which the models were scored ("round" on disk)
     models: ScoredModels  # the global model, or each worker's personalised one
-    fd: Mapping[str, float]  # by model: "global", or each worker's id
-    fd_mean: float  # mean over `fd` (NaN when no model was scored)
-    fd_std: float  # population standard deviation over `fd` (0 for one model)
+    fd_by_model: Mapping[str, float]  # each model's Frechet distance, by model: "global", or each worker's id ("fd" on disk)
+    fd_mean: float  # mean over `fd_by_model` (NaN when no model was scored)
+    fd_std: float  # population standard deviation over `fd_by_model` (0 for one model)
     extractor: str  # the feature network the distances are measured in
     evaluated: int  # models scored
     asked: int  # models asked for (workers given an evaluate task, or 1 for the global model)
@@ -115,7 +115,7 @@ class EvaluationRecord:
             "round": self.round_number,
             "kind": EVALUATION,
             "models": self.models,
-            "fd": dict(self.fd),
+            "fd": dict(self.fd_by_model),
             "fd_mean": self.fd_mean,
             "fd_std": self.fd_std,
             "extractor": self.extractor,
@@ -134,7 +134,7 @@ class EvaluationRecord:
         return cls(
             round_number=int(obj["round"]),
             models=models,
-            fd={str(m): float(fd) for m, fd in obj["fd"].items()},
+            fd_by_model={str(m): float(fd) for m, fd in obj["fd"].items()},
             fd_mean=float(obj["fd_mean"]),
             fd_std=float(obj["fd_std"]),
             extractor=str(obj["extractor"]),
@@ -213,7 +213,7 @@ def latest_in_log(path: Path, completed_rounds: int) -> tuple[float | None, dict
         if isinstance(record, RoundRecord) and record.round_number == completed_rounds:
             mean_loss = record.mean_loss
         if isinstance(record, EvaluationRecord):
-            fds.update(record.fd)
+            fds.update(record.fd_by_model)
     return mean_loss, fds
 
 

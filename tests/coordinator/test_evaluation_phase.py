@@ -65,4 +65,26 @@ def test_a_report_is_taken_once() -> None:
     with pytest.raises(DuplicateUpdate):
         phase.report(_report(fd=1.0))
 
-    assert phase.summary()["fd"] == {"a": 0.0} and phase.summary()["asked"] == 2
+    summary = phase.summary()
+    assert summary.fd_by_model == {"a": 0.0} and (summary.evaluated, summary.asked) == (1, 2)
+
+
+def test_the_summary_is_the_round_log_line_the_reports_make() -> None:
+    phase = _phase()
+    phase.report(_report(worker_id="b", task_id="e3-b", fd=30.0))
+    phase.report(_report(fd=20.0))
+
+    line = phase.summary().as_json()
+
+    assert line == {
+        "round": 3,
+        "kind": "evaluation",
+        "models": "personalised",
+        "fd": {"a": 20.0, "b": 30.0},
+        "fd_mean": 25.0,
+        "fd_std": 5.0,
+        "extractor": "fmnist-classifier",
+        "evaluated": 2,
+        "asked": 2,
+    }
+    assert list(line) == ["round", "kind", "models", "fd", "fd_mean", "fd_std", "extractor", "evaluated", "asked"]

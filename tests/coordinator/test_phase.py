@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.evaluation import EvalPhase, EvalReport
 from coordinator.metrics import Metrics
-from coordinator.phase import IssuedTask, Phase
+from coordinator.phase import IssuedTask, Phase, PollEnd
 from coordinator.registry import WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
 from fedcore.federation.client import EvalTask
@@ -47,7 +47,7 @@ def _eval_phase() -> EvalPhase:
     tasks = {
         w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER}), spec=SPEC) for w in WORKERS
     }
-    return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"weights", digests=dict.fromkeys(tasks, "sha256"))
+    return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"payload", digests=dict.fromkeys(tasks, "sha256"))
 
 
 def test_an_evaluation_ends_at_once_when_every_task_is_answered_and_its_tasks_are_late_after(federation: Federation) -> None:
@@ -55,7 +55,7 @@ def test_an_evaluation_ends_at_once_when_every_task_is_answered_and_its_tasks_ar
     phase.open_evaluation(_eval_phase())
     issued = phase.poll_task("a")
     assert isinstance(issued, IssuedTask) and issued.task.task_id == "e3-a" and phase.state == "evaluating" and changes == [1]
-    assert phase.weights_for("a", "e3-a") == (b"weights", issued)
+    assert phase.task_payload("a", "e3-a") == (b"payload", issued)
 
     phase.report_evaluation(EvalReport("a", "e3-a", 3, 25.0, "fmnist-classifier", 16), b"png")
     phase.reject("b", "e3-b", "data_mismatch", "images do not fit")
@@ -101,9 +101,9 @@ def test_long_polls_hear_stopped_and_done(federation: Federation) -> None:
     assert phase.poll_task("a") is None
     stop.set()
     phase.wake()
-    assert phase.poll_task("a") == "stopped" and changes == [1]
+    assert phase.poll_task("a") is PollEnd.STOPPED and changes == [1]
     phase.await_answers(time.monotonic() + 30)  # returns at once once stopped
     phase.fail("round 1 failed")
-    assert phase.poll_task("a") == "done" and (phase.state, phase.failure) == ("failed", "round 1 failed")
+    assert phase.poll_task("a") is PollEnd.DONE and (phase.state, phase.failure) == ("failed", "round 1 failed")
     phase.ended()
     assert phase.state == "failed"

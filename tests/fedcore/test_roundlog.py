@@ -72,7 +72,7 @@ def test_an_evaluation_line_reads_as_its_record_and_writes_back_byte_for_byte() 
     record = EvaluationRecord.from_json(json.loads(line))
 
     assert json.dumps(record.as_json()) == line
-    assert record.round_number == 3 and record.fd == {"client-0": 30.0, "client-1": 35.0} and record.models == "personalised"
+    assert record.round_number == 3 and record.fd_by_model == {"client-0": 30.0, "client-1": 35.0} and record.models == "personalised"
     assert format_evaluation(record) == "evaluation after round 3: FD 32.50 +- 2.50 over 2 of 3 models (fmnist-cnn:8120e5f0dddc)"
 
 
