@@ -98,6 +98,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except FeddiffError as e:
             await self._refuse(context, e, self.metrics.joins, what=f"join of {request.worker.worker_id[:140]!r}")
         self.metrics.joins.labels("accepted").inc()
+        self._polls.end_sessions_of(request.worker.worker_id, but=response.session_id)
         return response
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
@@ -108,7 +109,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         """The worker ends its session."""
         await self._worker(request.session_id, context)
-        return self.handlers.leave(request.session_id)
+        response = self.handlers.leave(request.session_id)
+        self._polls.end_session(request.session_id)
+        return response
 
     # --- tasks -----------------------------------------------------------------------------------------------
     async def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.aio.ServicerContext) -> pb.WaitTaskResponse:

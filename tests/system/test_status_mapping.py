@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,15 +156,18 @@ def test_a_long_poll_whose_session_ends_meanwhile_is_unauthenticated_without_a_t
     coord, channel, metadata = served
     stub = pb_grpc.CoordinatorStub(channel)
     session = _join(stub, metadata, "a" * 32, "1")
-    # The poll waits 4 s: on a loaded machine the join or leave below may take well over a second
-    poll = stub.WaitTask.future(pb.WaitTaskRequest(session_id=session, timeout_ms=4000), timeout=20, metadata=metadata)
+    # The poll would wait 60 s: it ends when its session does, not at its timeout
+    poll = stub.WaitTask.future(pb.WaitTaskRequest(session_id=session, timeout_ms=60_000), timeout=90, metadata=metadata)
+    time.sleep(0.2)  # the poll is waiting
+    assert not poll.done(), "the poll was waiting when its session ended"
+    ended = time.monotonic()
     if end == "restart":
         _join(stub, metadata, "a" * 32, "2")
     else:
         stub.Leave(pb.LeaveRequest(session_id=session), timeout=10, metadata=metadata)
-    assert not poll.done(), "the poll was waiting when its session ended"
 
     error = poll.exception(timeout=20)
+    assert time.monotonic() - ended < 10, "the poll was answered when its session ended, not at its timeout"
     assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAUTHENTICATED, error
     assert _counted(coord, "WaitTask", "unauthenticated") == 1
     assert _tracebacks(caplog) == []
