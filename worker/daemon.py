@@ -333,9 +333,7 @@ class WorkerDaemon:
     # --- one task -------------------------------------------------------------------------------------------
     def _download(self, client: CoordinatorClient, layout: PartLayout, task: TrainTask | EvalTask) -> memoryview:
         """The task's weights, checked against their header; bounded by what its parts can take."""
-        most = max_payload_bytes(layout, task.receives)  # the values; a coded change of them may take more (topk:1)
-        if isinstance(task, TrainTask):
-            most = max(most, coded.max_payload_bytes(layout, task.receives, task.codec))
+        most = coded.max_download_bytes(layout, task.receives, task.codec) if isinstance(task, TrainTask) else max_payload_bytes(layout, task.receives)
         return client.download(task, max_bytes=most, on_wire=self.metrics.wire_bytes.labels("down").inc)
 
     def _run_task(self, client: CoordinatorClient, msg: pb.Task) -> None:

@@ -57,6 +57,14 @@ def max_payload_bytes(layout: PartLayout, parts: Iterable[Part], codec: Codec) -
     return sum(codec.encoded_bytes(s.numel) + HEADER_BYTES_PER_TENSOR * roles for s in specs) + HEADER_SLACK
 
 
+def max_download_bytes(layout: PartLayout, parts: Iterable[Part], codec: Codec) -> int:
+    """The most bytes a task's download of `parts` takes in a run whose deltas `codec` codes: the values
+    (to a worker that holds no earlier version) or a change coded by `codec` (to one that does), whichever
+    may be larger (top-k of every value takes more than the values). The bound a worker puts on the declared
+    size of its download, as `max_payload_bytes` is the coordinator's on an update."""
+    return max(serialization.max_payload_bytes(layout, parts), max_payload_bytes(layout, parts, codec))
+
+
 def encode(deltas: Mapping[str, torch.Tensor], meta: PayloadMeta, encoded: Mapping[str, Encoded] | None = None) -> bytes:
     """The payload of `deltas` as `meta.codec` codes them (`encoded`: their coded form, when the caller has it,
     as error feedback does); plain float32 for "none"."""

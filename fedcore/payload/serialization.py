@@ -143,8 +143,8 @@ HEADER_SLACK = 64 << 10
 
 def max_payload_bytes(layout: PartLayout, parts: Iterable[Part]) -> int:
     """The most bytes a payload of `parts` of `layout` takes: their float32 values and the safetensors header
-    that describes them. Both ends bound a weights stream's declared size by it before they read a byte of
-    it: the coordinator an update's, a worker its download's."""
+    that describes them. The streams' bounds build on it (`fedcore.payload.coded`: `max_payload_bytes` for an
+    update, `max_download_bytes` for a task's download), each checked before a byte of the stream is read."""
     sizes = layout.sizes
     return sum(4 * sizes[p] + HEADER_BYTES_PER_TENSOR * len(layout.tensors[p]) for p in frozenset(parts)) + HEADER_SLACK
 

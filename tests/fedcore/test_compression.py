@@ -125,6 +125,15 @@ def test_a_coded_payload_fits_its_bound() -> None:
         assert len(payload) <= coded.max_payload_bytes(LAYOUT, PART_ORDER, Codec.parse(name)), name
 
 
+@pytest.mark.parametrize(("name", "larger"), [("none", "values"), ("int8", "values"), ("topk:1", "coded")])
+def test_a_download_is_bounded_by_the_values_or_a_coded_change_whichever_is_larger(name: str, larger: str) -> None:
+    codec = Codec.parse(name)
+    values, change = serialization.max_payload_bytes(LAYOUT, PART_ORDER), coded.max_payload_bytes(LAYOUT, PART_ORDER, codec)
+    bound = coded.max_download_bytes(LAYOUT, PART_ORDER, codec)
+
+    assert bound == max(values, change) == {"values": values, "coded": change}[larger]
+
+
 # --- a compressed simulation resumes with its residuals ----------------------------------------------------
 def _config(rounds: int) -> SimulationConfig:
     train = TrainConfig(epochs=1, batch_size=32, lr=1e-3)
