@@ -17,7 +17,7 @@ from fedcore.federation.strategies import StrategyName
 from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
-from fedcore.payload.codecs import CompressionBlock, CompressionName, canonical_compression
+from fedcore.payload.codecs import CompressionBlock, CompressionName, settle_compression
 from fedcore.settings import (
     BatchSize,
     Epochs,
@@ -172,9 +172,7 @@ class CoordinatorConfig:
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:
-        # ValueError for a block the codec has no use for, or one its name gives otherwise; then one spelling
-        for name, value in zip(("compression", "compression_block"), canonical_compression(self.compression, self.compression_block), strict=True):
-            object.__setattr__(self, name, value)  # a frozen dataclass: its own settled value
+        settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"{settings.shown(self, 'heartbeat_timeout', 's')} must be longer than {settings.shown(self, 'heartbeat_interval', 's')}: "

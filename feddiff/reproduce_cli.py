@@ -12,7 +12,7 @@ from fedcore import settings
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, ProtocolName, ReproduceConfig, ReproductionProtocol, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
-from fedcore.payload.codecs import CompressionName, canonical_compression
+from fedcore.payload.codecs import CompressionName, settle_compression
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
@@ -51,7 +51,7 @@ class ReproduceSettings:
     def __post_init__(self) -> None:
         if self.render and self.no_docs:
             raise ValueError("--render with --no-docs renders nothing")
-        object.__setattr__(self, "compression", canonical_compression(self.compression)[0])  # a frozen dataclass: its settled value
+        settle_compression(self)
 
     @property
     def protocol_run(self) -> ReproductionProtocol:
