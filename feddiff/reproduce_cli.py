@@ -90,8 +90,8 @@ MEANING = {
     **SPEED_MEANING,
     "protocol": "quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
     "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); mini: the CI miniature (tiny model, 300 images, 2 rounds)",
-    "strategies": "comma list",
-    "splits": "comma list of iid, label, quantity",
+    "strategies": "strategies of the cells to run, a comma list",
+    "splits": "data splits of the cells to run, a comma list of iid, label, quantity",
     "clients": "K of the federated cells (the centralised one has 1)",
     "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
     "out": "run folder (default runs/reproduce/PROTOCOL)",
