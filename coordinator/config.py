@@ -17,7 +17,7 @@ from fedcore.federation.strategies import StrategyName
 from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
-from fedcore.payload.codecs import CompressionBlock, CompressionName, canonical_compression
+from fedcore.payload.codecs import CompressionBlock, CompressionName, settle_compression
 from fedcore.settings import (
     BatchSize,
     Epochs,
@@ -172,9 +172,7 @@ class CoordinatorConfig:
     insecure: bool = False  # plain-text gRPC (needs this explicit flag)
 
     def __post_init__(self) -> None:
-        # ValueError for a block the codec has no use for, or one its name gives otherwise; then one spelling
-        for name, value in zip(("compression", "compression_block"), canonical_compression(self.compression, self.compression_block), strict=True):
-            object.__setattr__(self, name, value)  # a frozen dataclass: its own settled value
+        settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"{settings.shown(self, 'heartbeat_timeout', 's')} must be longer than {settings.shown(self, 'heartbeat_interval', 's')}: "
@@ -215,12 +213,72 @@ class CoordinatorConfig:
         )
 
 
+# What each flag does, in its help; its type, range and default come from CoordinatorConfig's fields, whose
+# comments say more where one line cannot.
+_MEANING = {
+    "strategy": "which UNet parts the workers exchange",
+    "model": "model preset",
+    "rounds": "R, federated rounds",
+    "clients_per_round": "workers per round (0 = every connected worker, else a seeded sample of this many)",
+    "min_workers": "connected workers needed to start a round",
+    "round_deadline": "seconds a round waits for updates before it closes with a quorum",
+    "quorum": "fraction of a round's selected workers whose updates must be in to close it",
+    "epochs": "local epochs per round (sent with each task)",
+    "batch_size": "images per training step (sent with each task)",
+    "lr": "Adam's step size (sent with each task)",
+    "loss": "training loss (sent with each task)",
+    "compression": "how workers code their deltas, with error feedback on the worker (none, bf16, int8[:B], int4[:B], topk:F[+bf16|+int8|+int4])",
+    "compression_block": "int8 / int4 elements per scale (0 = the codec name's: 64 unless it says)",
+    "seed": "seed of the initial model, the plans, the client samples and the training",
+    "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not used on a resume)",
+    "checkpoint_dir": "folder of the run: its checkpoints, round log and final model",
+    "listen": "gRPC address the workers connect to",
+    "health_port": "plain-text gRPC port serving only the health service, for Kubernetes probes (-1 = off)",
+    "metrics_port": "Prometheus /metrics port (-1 = off, 0 = a free one)",
+    "chunk_size": "bytes per stream chunk, both directions",
+    "max_concurrent_uploads": "updates received and decoded at once; the others wait (back-pressure)",
+    "upload_idle_timeout": "seconds an upload may receive nothing before it is cut off (keep it above one chunk's time on the slowest link)",
+    "download_idle_timeout": "seconds a weights download may go unread before it is cut off",
+    "max_concurrent_rpcs": "calls in progress at once on the worker-facing port; more are refused (RESOURCE_EXHAUSTED)",
+    "max_streams_per_connection": "HTTP/2 streams one connection may hold open at once (raise it for workers behind one proxy)",
+    "heartbeat_interval": "seconds between a worker's heartbeats",
+    "heartbeat_timeout": "seconds a worker may go unheard before it counts as disconnected",
+    "progress": "a live line on a terminal (auto), bar, log lines, or nothing",
+    "ready_file": "once serving, write the address and metrics port here (scripts, tests)",
+    "resume": "continue the run in --checkpoint-dir (refused when it holds none)",
+    "resume_or_start": "continue the run in --checkpoint-dir when it holds one, else start one there (for a process manager)",
+    "exit_when_done": "exit after the last round (non-zero when the run failed) instead of serving status",
+    "max_failed_attempts": "attempts in a row of one round that close nothing before the run stops",
+    "final_save_timeout": "seconds the final model (and a checkpoint still unsaved) is retried at the end before the run fails",
+    "max_delta_value": "largest |value| of an update (0 = what its task's training can reach: Adam's bound)",
+    "max_weight_share": "largest share of a round's planned FedAvg weight one worker gets (1 = as claimed)",
+    "worker_sizes": "most images each worker is weighed by; once given, unlisted workers are refused",
+    "clip_norm": "largest L2 norm of one part of an update; a larger part is scaled down to it (0 = off)",
+    "clip_multiplier": "adaptive clipping: bound each part's L2 norm at this times the last round's median norm of the part (0 = off)",
+    "departed_retention": "seconds a departed worker stays listed before it is forgotten",
+    "eval_every": "evaluate after round 1, every N rounds and after the last (0 = after the last round only)",
+    "eval_samples": "samples per evaluated model (0 = no evaluation)",
+    "eval_steps": "DDIM steps of each evaluation (of the final one too with --eval-final-sampler ddim)",
+    "eval_final_sampler": "sampler of the evaluation after the last round: ddpm (all 1000 steps, the paper's) or ddim",
+    "share_samples": "workers send a grid of their samples back (without it no image leaves a worker)",
+    "eval_device": "where the coordinator scores the global model (strategies full and usplit)",
+    "eval_data_root": "Fashion-MNIST IDX folder of the real test images (default: Debian's package)",
+    "inception_weights": "pytorch-fid Inception weights file for FD (never downloaded; default: the bundled classifier's features)",
+    "tls_cert": "the coordinator's TLS certificate",
+    "tls_key": "its private key",
+    "tls_ca": "CA the workers' certificates must be signed by (mutual TLS)",
+    "tokens_file": "YAML/JSON map of worker id to token, for identity without mutual TLS",
+    "status_token_file": "file holding the operator's token for GetStatus (feddiff status --token-file); once given, GetStatus needs it",
+    "insecure": "serve plain-text gRPC (without --tls-cert a coordinator starts only with this flag)",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """--config and a flag for every setting (`service.flags`: each with the type, range and choices its field
-    declares); values stay strings, None when not given, so that the file's values stand unless a flag is
-    given: `from_args` converts them, with the file's, in one place."""
+    """--config and a flag for every setting (`service.flags`: each with the words `_MEANING` has for it and the
+    type, range and choices its field declares); values stay strings, None when not given, so that the file's
+    values stand unless a flag is given: `from_args` converts them, with the file's, in one place."""
     p.add_argument("--config", metavar="FILE", help="YAML file of settings (keys as the flags, with underscores); a flag given wins over it")
-    flags.add_flags(p, CoordinatorConfig)
+    flags.add_flags(p, CoordinatorConfig, _MEANING)
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:

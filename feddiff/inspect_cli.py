@@ -136,7 +136,7 @@ class SplitSettings:
     json: bool = False
 
 
-SPLIT_MEANING = {**RUN_MEANING, "clients": "K", "seed": "seed of the split", "json": "one JSON list for scripts"}
+SPLIT_MEANING = {**RUN_MEANING, "clients": "K, clients the training set is split among", "seed": "seed of the split", "json": "one JSON list for scripts"}
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:

@@ -511,7 +511,7 @@ def _command(name: str, cls: type, run: Callable[[Any], int]) -> Command:
     """The command `name`: a flag per setting of `cls`, and `run` given the config the flags build."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        flags.add_flags(p, cls, {**MEANING, "out": OUT_MEANING.get(name, "")}, metavars=METAVARS)
+        flags.add_flags(p, cls, {**MEANING, "out": OUT_MEANING[name]} if name in OUT_MEANING else MEANING, metavars=METAVARS)
 
     return Command(add, lambda args: run(flags.build(cls, args)))
 

@@ -12,7 +12,7 @@ from fedcore import settings
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, ProtocolName, ReproduceConfig, ReproductionProtocol, select_cells, with_overrides
 from fedcore.model.training import SpeedConfig
-from fedcore.payload.codecs import CompressionName, canonical_compression
+from fedcore.payload.codecs import CompressionName, settle_compression
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
@@ -51,7 +51,7 @@ class ReproduceSettings:
     def __post_init__(self) -> None:
         if self.render and self.no_docs:
             raise ValueError("--render with --no-docs renders nothing")
-        object.__setattr__(self, "compression", canonical_compression(self.compression)[0])  # a frozen dataclass: its settled value
+        settle_compression(self)
 
     @property
     def protocol_run(self) -> ReproductionProtocol:
@@ -90,8 +90,8 @@ MEANING = {
     **SPEED_MEANING,
     "protocol": "quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
     "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); mini: the CI miniature (tiny model, 300 images, 2 rounds)",
-    "strategies": "comma list",
-    "splits": "comma list of iid, label, quantity",
+    "strategies": "strategies of the cells to run, a comma list",
+    "splits": "data splits of the cells to run, a comma list of iid, label, quantity",
     "clients": "K of the federated cells (the centralised one has 1)",
     "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
     "out": "run folder (default runs/reproduce/PROTOCOL)",

@@ -18,7 +18,7 @@ from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
-from fedcore.payload.codecs import CompressionBlock, CompressionName, canonical_compression, compression_codec
+from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
 from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
@@ -54,9 +54,7 @@ class SimulateConfig:
     def __post_init__(self) -> None:
         if self.devices and self.speed.device != "auto":
             raise ValueError(f"--device {self.speed.device} and --devices {','.join(self.devices)}: give one (--devices trains on each device it names)")
-        # ValueError for a block the codec has no use for, or one its name gives otherwise; then one spelling
-        for name, value in zip(("compression", "compression_block"), canonical_compression(self.compression, self.compression_block), strict=True):
-            object.__setattr__(self, name, value)  # a frozen dataclass: its own settled value
+        settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
 
     @property
     def simulation(self) -> SimulationConfig:

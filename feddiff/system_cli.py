@@ -78,13 +78,13 @@ def worker_rank(cfg) -> int:  # cfg: worker.config.WorkerConfig
 
 def _add_tool_flags(p: argparse.ArgumentParser) -> None:
     """How health and status reach a coordinator."""
-    p.add_argument("--address", "--coordinator", dest="address", required=True, help="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=TOOL_TIMEOUT)
+    p.add_argument("--address", "--coordinator", dest="address", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--timeout", type=float, default=TOOL_TIMEOUT, help="seconds to wait for the coordinator's answer: default %(default)s")
     p.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-ca)")
-    p.add_argument("--tls-ca", default="")
-    p.add_argument("--tls-cert", default="")
-    p.add_argument("--tls-key", default="")
-    p.add_argument("--tls-server-name", default="")
+    p.add_argument("--tls-ca", default="", help="CA certificate the coordinator's certificate is checked against (TLS)")
+    p.add_argument("--tls-cert", default="", help="a client certificate, for a coordinator that asks for one (mutual TLS)")
+    p.add_argument("--tls-key", default="", help="its private key")
+    p.add_argument("--tls-server-name", default="", help="name checked in the coordinator's certificate (default: the host of --address)")
 
 
 def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
@@ -120,7 +120,7 @@ def health(args: argparse.Namespace) -> int:
 def _add_status_flags(p: argparse.ArgumentParser) -> None:
     """status's flags."""
     _add_tool_flags(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
     p.add_argument("--token-file", default="", help="file holding the operator's status token (the coordinator's --status-token-file)")
 
 

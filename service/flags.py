@@ -36,14 +36,15 @@ def choices(tp: Any) -> Choices | None:
     return Choices(str(value) for value in values) if values else None
 
 
-def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any = REQUIRED, words: str = "", **options: Any) -> argparse.Action:
+def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, words: str, **options: Any) -> argparse.Action:
     """The flag of setting `name` (`batch_size`: --batch-size): a switch for a boolean, the values of a Literal
-    as choices, the help in `settings.flag_help`'s words (a tuple's default as the comma list its flag takes; an
-    empty mapping's not at all). Its value stays a string, None when not given, so that the setting's default (or
-    a file's value) stands; `options` go to argparse as they are."""
+    as choices, the help in `settings.flag_help`'s words: `words` (what the flag does), then its type's (a
+    tuple's default as the comma list its flag takes; an empty mapping's not at all). Its value stays a string,
+    None when not given, so that the setting's default (REQUIRED: none) or a file's value stands; `options` go
+    to argparse as they are."""
     flag = settings.flag((name,))
     if tp is bool:
-        return parser.add_argument(flag, **{"action": "store_const", "const": True, "default": None, "help": words or None, **options})
+        return parser.add_argument(flag, **{"action": "store_const", "const": True, "default": None, "help": words, **options})
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else None if default is REQUIRED or default == {} else default
     kwargs = {"default": None, "required": default is REQUIRED, "choices": choices(tp), "help": settings.flag_help(tp, shown, words)}
     return parser.add_argument(flag, **{**kwargs, **options})
@@ -74,16 +75,22 @@ def settings_of(cls: type, skip: Collection[str] = ()) -> Iterator[tuple[str, An
 def add_flags(
     parser: argparse.ArgumentParser,
     cls: type,
-    meaning: Mapping[str, str] | None = None,
+    meaning: Mapping[str, str],
     *,
     skip: Collection[str] = (),
     metavars: Mapping[str, str] | None = None,
 ) -> None:
-    """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it
-    (none: its type's words alone) and the metavar `metavars` names (a path's kind: DIR, FILE)."""
-    for name, tp, default in settings_of(cls, skip):
+    """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it and
+    the metavar `metavars` names (a path's kind: DIR, FILE). ValueError, before any flag is added, when
+    `meaning` has no words for one of them: a flag's help says what it does, not only what it takes."""
+    found = list(settings_of(cls, skip))
+    wordless = [name for name, _, _ in found if not meaning.get(name, "").strip()]
+    if wordless:
+        named = ", ".join(f"{name} ({settings.flag((name,))})" for name in wordless)
+        raise ValueError(f"{cls.__name__}: the flags of {named} have no words: give each what it does in the meaning its command passes")
+    for name, tp, default in found:
         options = {"metavar": metavars[name]} if metavars and name in metavars else {}
-        add_flag(parser, name, tp, default, meaning[name] if meaning is not None else "", **options)
+        add_flag(parser, name, tp, default, meaning[name], **options)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -38,8 +38,7 @@ class RunningAggregate:
         self._flat = torch.zeros(total, dtype=torch.float32)
         self._sums = {name: self._flat[o : o + specs[name].numel].view(specs[name].shape) for name, o in self._offsets.items()}
         self._copy_plans: dict[TensorTable, dict[Part, tuple[tuple[int, int, int], ...]]] = {}
-        self._weight = dict.fromkeys(self.parts, 0.0)
-        self._reporters = dict.fromkeys(self.parts, 0)
+        self._weight = dict.fromkeys(self.parts, 0.0)  # positive once an update carried the part (`_check`)
 
     def _check(self, parts: frozenset[Part], weight: float) -> None:
         if not parts:
@@ -53,7 +52,6 @@ class RunningAggregate:
     def _count(self, parts: frozenset[Part], weight: float) -> None:
         for p in parts:
             self._weight[p] += weight
-            self._reporters[p] += 1
 
     def fold(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, *, checked_finite: bool = False) -> None:
         """Add `weight` x `update` to the running sums. `checked_finite`: the caller has already refused
@@ -136,15 +134,12 @@ class RunningAggregate:
             plan = self._copy_plans[table] = {p: tuple((s, d, c) for s, d, c in r) for p, r in runs.items()}
         return plan
 
-    def reporters(self, part: Part) -> int:
-        return self._reporters[part]
-
     def weight(self, part: Part) -> float:
         return self._weight[part]
 
     @property
     def reported_parts(self) -> frozenset[Part]:
-        return frozenset(p for p in self.parts if self._reporters[p] > 0)
+        return frozenset(p for p in self.parts if self._weight[p] > 0)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean delta of every part at least one client returned."""

@@ -116,11 +116,6 @@ class Ledger:
         return sum(self.bytes_down.values()) + sum(self.bytes_up.values())
 
     @property
-    def fp32_bytes(self) -> int:
-        """The bytes the parameters exchanged take as float32: what the payloads stand for."""
-        return FLOAT32_BYTES * self.traffic.total
-
-    @property
     def full_fedavg_fp32_bytes(self) -> int:
         """The bytes plain FedAvg in float32 would have exchanged."""
         return FLOAT32_BYTES * self.full_fedavg

@@ -61,10 +61,6 @@ class RoundPlan:
                 return a
         raise KeyError(f"client {client!r} is not in round {self.round_index}")
 
-    def reporters(self, part: Part) -> list[str]:
-        """Clients whose update carries `part`: the part is averaged over these alone."""
-        return [a.client for a in self.assignments if part in a.returns]
-
     def with_whole_model(self, client: str) -> RoundPlan:
         """This plan with `client` receiving the whole model, as on first contact (it holds no private parts
         any more); what it returns and keeps stays as planned. KeyError for a client not in the plan."""

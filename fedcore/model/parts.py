@@ -133,8 +133,3 @@ class PartLayout:
         if present:
             shares[present[-1]] += header - sum(shares.values())
         return {p: data[p] + shares.get(p, 0) for p in PART_ORDER}
-
-
-def select(state: Mapping[str, torch.Tensor], layout: PartLayout, parts: Iterable[Part]) -> dict[str, torch.Tensor]:
-    """The tensors of `state` that belong to `parts`, in the layout's order."""
-    return {name: state[name] for name in layout.names(parts)}

@@ -53,7 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Annotated, ClassVar, Literal, NoReturn
+from typing import Annotated, Any, ClassVar, Literal, NoReturn
 
 import torch
 from annotated_types import Interval
@@ -508,15 +508,20 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def canonical_compression(name: str, block: int = 0) -> tuple[str, int]:
-    """A run's `compression` and `compression_block` settings in their canonical spelling: the block folded
-    into the codec's name, which drops the default ("int8:64" and ("int8", 64) read as ("int8", 0); ("int8",
-    32) as ("int8:32", 0)). ValueError as `compression_codec`."""
-    return compression_codec(name, block).name, 0
+def settle_compression(config: Any) -> None:
+    """Put a frozen config's `compression` and `compression_block` settings (a config without the block setting:
+    its codec name alone) in their one spelling, as its `__post_init__` settles them: the block folded into the
+    codec's name, which drops the default ("int8:64" and ("int8", 64) become ("int8", 0); ("int8", 32)
+    ("int8:32", 0)). ValueError as `compression_codec`."""
+    has_block = hasattr(config, "compression_block")
+    name = compression_codec(config.compression, config.compression_block if has_block else 0).name
+    object.__setattr__(config, "compression", name)  # a frozen dataclass: its own settled value
+    if has_block:
+        object.__setattr__(config, "compression_block", 0)
 
 
 # A run's `compression` setting: a codec name as given, checked; the config that holds it keeps it in its
-# canonical spelling with its block (`canonical_compression`), once the block setting is seen beside it
+# one spelling with its block (`settle_compression`), once the block setting is seen beside it
 CompressionName = Annotated[str, AfterValidator(_checked_name), settings.Described("a codec name")]
 CompressionBlock = Annotated[int, Interval(ge=0, le=MAX_BLOCK)]  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
 

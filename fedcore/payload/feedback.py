@@ -35,9 +35,6 @@ class ErrorFeedback:
                 raise ValueError(f"error-feedback residual {name!r} is not finite float32 ({residual.dtype})")
             self._residuals[name] = residual
 
-    def compress(self, name: str, delta: torch.Tensor) -> Encoded:
-        return self.compress_all({name: delta})[name]
-
     def compress_all(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, Encoded]:
         """The coded form of each delta plus the residual kept for its name, whose residual becomes what this code
         drops. ValueError when a residual kept has another shape than its delta."""

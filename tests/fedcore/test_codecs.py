@@ -332,8 +332,8 @@ def test_error_feedback_loses_nothing_over_rounds(name: str) -> None:
 def test_error_feedback_sends_what_it_dropped_the_round_before() -> None:
     feedback = ErrorFeedback(Codec.parse("topk:0.5"))
 
-    first = feedback.compress("w", torch.tensor([1.0, -4.0, 2.0, 0.5])).decode()
-    second = feedback.compress("w", torch.zeros(4)).decode()
+    first = feedback.compress_all({"w": torch.tensor([1.0, -4.0, 2.0, 0.5])})["w"].decode()
+    second = feedback.compress_all({"w": torch.zeros(4)})["w"].decode()
 
     assert first.tolist() == [0.0, -4.0, 2.0, 0.0]
     assert second.tolist() == [1.0, 0.0, 0.0, 0.5]  # the residual, sent once it is the largest
@@ -345,13 +345,13 @@ def test_error_feedback_state_resumes_where_it_stopped() -> None:
     deltas = [_delta((7, 5, 3, 3), seed=s) for s in range(3)]
     whole = ErrorFeedback(codec)
     for d in deltas:
-        expected = whole.compress("w", d)
+        expected = whole.compress_all({"w": d})["w"]
 
     first = ErrorFeedback(codec)
     for d in deltas[:2]:
-        first.compress("w", d)
+        first.compress_all({"w": d})
     resumed = ErrorFeedback(codec, {n: t.clone() for n, t in first.state_dict().items()})
-    got = resumed.compress("w", deltas[2])
+    got = resumed.compress_all({"w": deltas[2]})["w"]
 
     assert all(torch.equal(got.tensors[r], expected.tensors[r]) for r in expected.tensors)
     assert torch.equal(resumed.state_dict()["w"], whole.state_dict()["w"])
@@ -359,7 +359,7 @@ def test_error_feedback_state_resumes_where_it_stopped() -> None:
 
 def test_lossless_codecs_leave_no_residual() -> None:
     feedback = ErrorFeedback(Codec.parse("none"))
-    feedback.compress("w", _delta((65,)))
+    feedback.compress_all({"w": _delta((65,))})
 
     assert not bool(feedback.state_dict()["w"].any())
 
@@ -367,7 +367,7 @@ def test_lossless_codecs_leave_no_residual() -> None:
 def test_error_feedback_refuses_a_residual_of_another_shape_or_a_bad_state() -> None:
     feedback = ErrorFeedback(Codec.parse("int8"), {"w": torch.zeros(4)})
     with pytest.raises(ValueError, match=r"residual 'w' has shape \(4,\), the delta \(5,\)"):
-        feedback.compress("w", torch.zeros(5))
+        feedback.compress_all({"w": torch.zeros(5)})
     with pytest.raises(ValueError, match="residual 'w' is not finite float32"):
         ErrorFeedback(Codec.parse("int8"), {"w": torch.tensor([math.nan])})
     with pytest.raises(ValueError, match="residual 'w' is not finite float32"):

@@ -94,7 +94,7 @@ def test_accept_refuses_duplicates_strangers_and_wrong_parts() -> None:
     after = round_.aggregate.mean()
     assert all(torch.equal(after[n], sums_before[n]) for n in sums_before)
     assert round_.accepted == ["alice"]
-    assert round_.aggregate.reporters(DEC) == 1
+    assert round_.aggregate.reported_parts == {DEC} and round_.aggregate.weight(DEC) == round_.weights["alice"]
 
 
 def test_late_update_after_close_is_refused() -> None:

@@ -21,7 +21,7 @@ from fedcore.errors import (
     WrongRound,
 )
 from fedcore.model.diffusers_unet import DiffusersUNetConfig
-from fedcore.model.parts import ALL_PARTS, Part, PartLayout, select
+from fedcore.model.parts import ALL_PARTS, Part, PartLayout
 from fedcore.model.unet import PRESETS, build_model, layout_of, preset
 from fedcore.payload.serialization import HEADER_BYTES_PER_TENSOR, PayloadMeta, decode, encode, load_file, max_payload_bytes, read_meta, save_file
 
@@ -32,6 +32,11 @@ DECODER_ONLY = frozenset({DEC})
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
     return build_model("tiny", seed=0).state_dict()
+
+
+def _parts_of(state: dict[str, torch.Tensor], layout: PartLayout, parts) -> dict[str, torch.Tensor]:
+    """The tensors of `state` in `parts`, in the layout's order: a payload as the coordinator and workers send it."""
+    return {n: state[n] for n in layout.names(parts)}
 
 
 def _meta(parts=DECODER_ONLY, kind="delta", round_index=3, model="tiny") -> PayloadMeta:
@@ -55,7 +60,7 @@ def _raw(header: object, body: bytes = b"") -> bytes:
     [ALL_PARTS, frozenset({ENC}), frozenset({MID}), DECODER_ONLY, frozenset({MID, DEC}), frozenset({ENC, MID})],
 )
 def test_roundtrip_of_parts(parts: frozenset[Part], state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, parts)
+    tensors = _parts_of(state, tiny_layout, parts)
     data = encode(tensors, _meta(parts))
 
     decoded = _decode(bytearray(data), tiny_layout, parts)
@@ -66,7 +71,7 @@ def test_roundtrip_of_parts(parts: frozenset[Part], state, tiny_layout: PartLayo
 
 
 def test_decode_of_a_bytearray_shares_its_memory(state, tiny_layout: PartLayout) -> None:
-    buffer = bytearray(encode(select(state, tiny_layout, DECODER_ONLY), _meta()))
+    buffer = bytearray(encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta()))
 
     decoded = _decode(buffer, tiny_layout)
 
@@ -78,7 +83,7 @@ def test_decode_of_a_bytearray_shares_its_memory(state, tiny_layout: PartLayout)
 
 
 def test_decode_of_read_only_bytes_copies(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta())
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta())
 
     decoded = _decode(data, tiny_layout)
     next(iter(decoded.values())).add_(1.0)  # writable, and the bytes are untouched
@@ -156,7 +161,7 @@ def test_garbage_is_not_safetensors(data: bytes, tiny_layout: PartLayout) -> Non
 
 
 def test_truncated_payload_is_not_safetensors(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta())
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta())
 
     for cut in (4, 8, 20, len(data) // 2, len(data) - 1):
         with pytest.raises(NotSafetensors):
@@ -177,7 +182,7 @@ def _with(tensors: dict[str, torch.Tensor], **changes) -> dict[str, torch.Tensor
 
 
 def test_unknown_tensor_is_named(state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     tensors["ups.9.sneaky.weight"] = torch.zeros(3)
 
     with pytest.raises(SchemaError, match=r"unknown tensor 'ups\.9\.sneaky\.weight'") as excinfo:
@@ -187,7 +192,7 @@ def test_unknown_tensor_is_named(state, tiny_layout: PartLayout) -> None:
 
 
 def test_tensor_of_another_part_is_unknown(state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     tensors["init_conv.weight"] = state["init_conv.weight"]
 
     with pytest.raises(SchemaError, match=r"unknown tensor 'init_conv\.weight'"):
@@ -195,7 +200,7 @@ def test_tensor_of_another_part_is_unknown(state, tiny_layout: PartLayout) -> No
 
 
 def test_missing_tensor_is_named(state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     del tensors["final_conv.bias"]
 
     with pytest.raises(SchemaError, match=r"missing tensor 'final_conv\.bias'"):
@@ -203,7 +208,7 @@ def test_missing_tensor_is_named(state, tiny_layout: PartLayout) -> None:
 
 
 def test_wrong_shape_is_named(state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     expected = tuple(tensors["final_conv.weight"].shape)
     tensors["final_conv.weight"] = torch.zeros(2, *expected[1:])
 
@@ -213,7 +218,7 @@ def test_wrong_shape_is_named(state, tiny_layout: PartLayout) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16, torch.int32])
 def test_wrong_dtype_is_named(dtype: torch.dtype, state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     tensors["final_conv.weight"] = tensors["final_conv.weight"].to(dtype)
 
     with pytest.raises(SchemaError, match=rf"tensor 'final_conv\.weight' has dtype {dtype}, expected torch.float32"):
@@ -222,7 +227,7 @@ def test_wrong_dtype_is_named(dtype: torch.dtype, state, tiny_layout: PartLayout
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_are_named(bad: float, state, tiny_layout: PartLayout) -> None:
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     poisoned = tensors["final_conv.weight"].clone()
     poisoned.view(-1)[1] = bad
     tensors["final_conv.weight"] = poisoned
@@ -237,7 +242,7 @@ def test_non_finite_values_are_named(bad: float, state, tiny_layout: PartLayout)
 
 
 def test_wrong_kind_is_refused(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(kind="weights"))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(kind="weights"))
 
     with pytest.raises(PayloadError, match="payload kind 'weights', expected 'delta'") as excinfo:
         _decode(data, tiny_layout, kind="delta")
@@ -246,14 +251,14 @@ def test_wrong_kind_is_refused(state, tiny_layout: PartLayout) -> None:
 
 
 def test_wrong_model_is_refused(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(model="paper-fmnist"))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(model="paper-fmnist"))
 
     with pytest.raises(SchemaError, match="model 'paper-fmnist', expected 'tiny'"):
         _decode(data, tiny_layout)
 
 
 def test_wrong_round_is_refused(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=2))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=2))
 
     with pytest.raises(WrongRound, match="round 2, expected round 3") as excinfo:
         _decode(data, tiny_layout, round_index=3)
@@ -267,7 +272,7 @@ def test_wrong_round_is_refused(state, tiny_layout: PartLayout) -> None:
     [(ALL_PARTS, DECODER_ONLY), (frozenset({MID, DEC}), DECODER_ONLY), (DECODER_ONLY, frozenset({MID, DEC}))],
 )
 def test_wrong_parts_are_not_assigned(sent, expected, state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, sent), _meta(sent))
+    data = encode(_parts_of(state, tiny_layout, sent), _meta(sent))
 
     with pytest.raises(NotAssigned, match="payload holds parts") as excinfo:
         _decode(data, tiny_layout, parts=expected)
@@ -277,14 +282,14 @@ def test_wrong_parts_are_not_assigned(sent, expected, state, tiny_layout: PartLa
 
 def test_parts_metadata_must_match_the_tensors(state, tiny_layout: PartLayout) -> None:
     # Metadata claims the decoder, but the tensors are the bottleneck's.
-    data = encode(select(state, tiny_layout, {MID}), _meta(DECODER_ONLY))
+    data = encode(_parts_of(state, tiny_layout, {MID}), _meta(DECODER_ONLY))
 
     with pytest.raises(SchemaError, match="unknown tensor 'mid_"):
         _decode(data, tiny_layout)
 
 
 def test_round_and_model_checks_are_optional(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=99, model="tiny"))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=99, model="tiny"))
 
     decoded = decode(data, tiny_layout, kind="delta", parts=DECODER_ONLY)
 
@@ -292,7 +297,7 @@ def test_round_and_model_checks_are_optional(state, tiny_layout: PartLayout) -> 
 
 
 def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLayout) -> None:
-    tensors = {n: t.contiguous() for n, t in select(state, tiny_layout, DECODER_ONLY).items()}
+    tensors = {n: t.contiguous() for n, t in _parts_of(state, tiny_layout, DECODER_ONLY).items()}
     data = safetensors.torch.save(tensors, metadata=_meta().as_metadata())
 
     decoded = _decode(data, tiny_layout)
@@ -306,7 +311,7 @@ def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLa
 def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout, monkeypatch) -> None:
     from fedcore.payload import serialization
 
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
     parses = []
     parse = serialization._parse_header
 
@@ -325,7 +330,7 @@ def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout
 
 
 def test_a_remembered_header_is_checked_again_for_a_shorter_payload(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=42))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=42))
     _decode(bytearray(data), tiny_layout, round_index=42)  # remembered now
 
     with pytest.raises(NotSafetensors, match="outside the payload"):
@@ -357,7 +362,7 @@ def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayou
     from fedcore.payload import serialization
 
     reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=43, model="tiny")
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
     checks = []
     check = serialization.check_schema
 
@@ -382,7 +387,7 @@ def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLay
     from fedcore.payload import serialization
 
     reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=45, model="tiny")
-    tensors = select(state, tiny_layout, DECODER_ONLY)
+    tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
     reader.read(bytearray(encode(tensors, _meta(round_index=45))), DECODER_ONLY)  # its header is remembered now
     poisoned = dict(tensors, **{"final_conv.bias": tensors["final_conv.bias"].clone()})
     poisoned["final_conv.bias"][0] = float("inf")
@@ -394,7 +399,7 @@ def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLay
 def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_layout: PartLayout, monkeypatch) -> None:
     from fedcore.payload import serialization
 
-    data = encode(select(state, tiny_layout, DECODER_ONLY), _meta(round_index=46))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=46))
     (n,) = struct.unpack("<Q", data[:8])
     pad = serialization.MEMO_HEADER_BYTES + 8  # JSON allows trailing spaces; the data offsets do not move
     padded = struct.pack("<Q", n + pad) + data[8 : 8 + n] + b" " * pad + data[8 + n :]
@@ -419,7 +424,7 @@ def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_la
 @pytest.mark.parametrize("kind", ["weights", "delta"])
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({ENC}), frozenset({MID}), DECODER_ONLY, frozenset({MID, DEC})])
 def test_a_payload_of_parts_is_within_their_bound(parts: frozenset[Part], kind: str, state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, parts), _meta(parts, kind=kind, round_index=2**31 - 1))
+    data = encode(_parts_of(state, tiny_layout, parts), _meta(parts, kind=kind, round_index=2**31 - 1))
 
     values = 4 * sum(tiny_layout.sizes[p] for p in parts)
     assert values < len(data) <= max_payload_bytes(tiny_layout, parts) < values + (1 << 20)
@@ -432,7 +437,7 @@ def _entry_bytes(name: str, shape: tuple[int, ...], total: int) -> int:
 
 
 def test_the_entries_of_a_header_are_measured_as_safetensors_writes_them(state, tiny_layout: PartLayout) -> None:
-    data = encode(select(state, tiny_layout, ALL_PARTS), _meta(ALL_PARTS))
+    data = encode(_parts_of(state, tiny_layout, ALL_PARTS), _meta(ALL_PARTS))
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     metadata = len(json.dumps({"__metadata__": header.pop("__metadata__")}, separators=(",", ":")))

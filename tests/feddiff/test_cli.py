@@ -1,7 +1,9 @@
-"""Tests for the `feddiff` CLI's own commands: model-info, strategies and split, with --json."""
+"""Tests for the `feddiff` CLI's own commands: model-info, strategies and split, with --json; and the help
+of every command's options."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from feddiff.cli import main
+from feddiff.cli import COMMANDS, build_parser, main
+from tests.parsers import subcommands
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,3 +126,18 @@ def test_unknown_command_exits_with_usage() -> None:
         main(["frobnicate"])
 
     assert excinfo.value.code == 2
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    commands = subcommands(build_parser())
+
+    wordless = [
+        f"feddiff {name} {'/'.join(action.option_strings)}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+
+    assert set(commands) == set(COMMANDS)
+    assert wordless == []
+    assert all(parser.format_help() for parser in commands.values())  # each help renders (a stray % in one would not)

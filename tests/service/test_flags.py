@@ -33,9 +33,12 @@ class Outer:
     inner: Inner = Inner()
 
 
+MEANING = {"count": "how many", "mode": "how fast", "depth": "how deep"}
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    flags.add_flags(parser, Outer, skip=("done",))
+    flags.add_flags(parser, Outer, MEANING, skip=("done",))
     flags.add_switch(parser, "--keep-going", "done", False, "do not stop")
     return parser.parse_args(argv)
 
@@ -72,7 +75,7 @@ def test_a_key_given_in_both_spellings_is_refused(tmp_path: Path) -> None:
 
 def test_a_switch_sets_its_setting_and_the_last_of_it_and_the_setting_s_flag_wins() -> None:
     parser = argparse.ArgumentParser()
-    flags.add_flags(parser, Inner)
+    flags.add_flags(parser, Inner, MEANING)
     flags.add_switch(parser, "--slow", "mode", "slow", "same as --mode slow")
 
     assert flags.build(Outer, _parse([])).done is True
@@ -80,3 +83,29 @@ def test_a_switch_sets_its_setting_and_the_last_of_it_and_the_setting_s_flag_win
     assert flags.build(Inner, parser.parse_args(["--slow"])).mode == "slow"
     assert flags.build(Inner, parser.parse_args(["--mode", "fast", "--slow"])).mode == "slow"
     assert flags.build(Inner, parser.parse_args(["--slow", "--mode", "fast"])).mode == "fast"
+
+
+def test_a_flag_s_help_says_what_it_does_before_what_it_takes() -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Inner, MEANING)
+
+    helps = {a.dest: a.help for a in parser._actions}
+
+    assert helps["mode"] == "how fast: default fast"
+    assert helps["depth"] == "how deep: an integer >= 1, default 1"
+
+
+@pytest.mark.parametrize("meaning", [{"mode": "how fast"}, {"mode": "how fast", "depth": ""}, {"mode": "how fast", "depth": "  "}])
+def test_a_setting_without_words_is_refused_before_any_flag_is_added(meaning: dict[str, str]) -> None:
+    parser = argparse.ArgumentParser()
+
+    with pytest.raises(ValueError, match=r"^Inner: the flags of depth \(--depth\) have no words: "):
+        flags.add_flags(parser, Inner, meaning)
+    assert [a.dest for a in parser._actions] == ["help"]
+
+
+def test_a_held_config_s_settings_and_only_those_not_skipped_need_words() -> None:
+    with pytest.raises(ValueError, match=r"^Outer: the flags of mode \(--mode\), depth \(--depth\) have no words: "):
+        flags.add_flags(argparse.ArgumentParser(), Outer, {"count": "how many"}, skip=("done",))
+
+    flags.add_flags(argparse.ArgumentParser(), Outer, {"count": "how many"}, skip=("done", "inner"))
