@@ -1,5 +1,5 @@
 """`feddiff coordinator` and `worker`, the processes of the federated system, and the tools around them:
-`health`, `status` and `certs`."""
+`health`, `status` and `certs`, each tool's flags turned into its typed config at the edge (`flags.build`)."""
 
 from __future__ import annotations
 
