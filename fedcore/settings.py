@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Interval
-from pydantic import AfterValidator, ConfigDict, StringConstraints, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -56,6 +56,19 @@ Port = Annotated[int, Interval(ge=-1, le=65535)]  # -1 = off, 0 = a free port th
 # torch's CPU threads: more than the machine's CPUs never runs faster, and torch tries to start every one of them
 Threads = Annotated[int, Interval(ge=0, le=os.cpu_count() or 1)]
 ProgressMode = Literal["auto", "bar", "log", "off"]  # auto: a live line on a terminal, log lines otherwise
+
+
+def _comma_list(value: object) -> object:
+    """A comma list given as one string ('iid,label', a flag's) as the tuple of its items, blanks dropped; any
+    other value as it is (a list from a YAML file, a tuple default)."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+# A tuple setting given as a comma list (`Annotated[tuple[SplitKind, ...], CommaList]`): each item is then
+# checked as the tuple's item type says, a wrong one named by the setting's flag ("--splits = 'dirichlet': ...").
+CommaList = BeforeValidator(_comma_list)
 
 
 @dataclass(frozen=True)
@@ -158,8 +171,10 @@ def dotted(loc: Location) -> str:
 
 
 def flag(loc: Location) -> str:
-    """A setting's command-line flag: `batch_size` and `speed.batch_size` are both --batch-size."""
-    return "--" + str(loc[-1]).replace("_", "-")
+    """A setting's command-line flag: `batch_size` and `speed.batch_size` are both --batch-size; an item of a
+    list (`splits.1`, the second of --splits a,b) is named by its setting's flag."""
+    name = next(part for part in reversed(loc) if isinstance(part, str))
+    return "--" + name.replace("_", "-")
 
 
 # The names of the settings given to a config `build` built (a flag, a key of a settings file), kept on the
@@ -290,13 +305,17 @@ def _message(cls: type, err: Any, name: Callable[[Location], str]) -> str:
 
 
 def _field_type(cls: type, loc: Location) -> Any:
-    """The declared type of the setting at `loc`, nested dataclasses followed."""
+    """The declared type of the setting at `loc`, nested dataclasses followed, and a tuple's items (`splits.1`:
+    the type of --splits' items)."""
     tp: Any = cls
     for part in loc:
         target = _strip(tp)
-        if not (is_dataclass(target) and isinstance(part, str)):
+        if is_dataclass(target) and isinstance(part, str):
+            tp = get_type_hints(target, include_extras=True)[part]
+        elif isinstance(part, int) and get_origin(target) is tuple and get_args(target)[1:] == (Ellipsis,):
+            tp = get_args(target)[0]
+        else:
             break
-        tp = get_type_hints(target, include_extras=True)[part]
     return tp
 
 
@@ -328,6 +347,8 @@ def expected(tp: Any) -> str:
         return text
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple and get_args(tp)[1:] == (Ellipsis,) and literal_values(get_args(tp)[0]):
+        return "a comma list of " + ", ".join(repr(a) for a in literal_values(get_args(tp)[0]))
     if origin in (Union, types.UnionType):
         return " or ".join(expected(a) for a in get_args(tp) if a is not type(None))
     return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
@@ -347,9 +368,9 @@ def _interval(m: Interval, *, integral: bool) -> str:
 def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
     """A flag's help: its meaning (`words`), then the type and range its setting declares, in the words of
     `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
-    boolean) and a free string (a path, an address) have their meaning alone, and their default if any; so does
-    a Literal, whose values the flag lists as its choices."""
-    typed = [] if tp in (bool, str, str | None) or literal_values(tp) else [expected(tp)]
+    boolean), a free string (a path, an address) and free strings (a repeatable flag) have their meaning alone,
+    and their default if any; so does a Literal, whose values the flag lists as its choices."""
+    typed = [] if tp in (bool, str, str | None, tuple[str, ...]) or literal_values(tp) else [expected(tp)]
     given = [] if default in (None, "") or tp is bool else [f"default {default}"]
     text = ", ".join(typed + given)
     return f"{words}: {text}" if words and text else words or text

@@ -1,6 +1,6 @@
 """What feddiff's commands share on the command line: a command as its flags and what runs it, the speed flags
 of the commands that train, and the words of the flags that more than one command takes. Light to import:
-what a command needs (pydantic too, `feddiff status` has none of it) is imported when it runs."""
+what a command needs (torch above all, which `feddiff status` never imports) is imported when it runs."""
 
 from __future__ import annotations
 

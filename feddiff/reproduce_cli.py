@@ -7,10 +7,22 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from fedcore import settings
+from fedcore.data.splits import SplitKind
 from fedcore.experiments.devices import DeviceList
-from fedcore.experiments.reproduce import PROTOCOLS, SPLITS, STRATEGIES, ProtocolName, ReproduceConfig, ReproductionProtocol, select_cells, with_overrides
+from fedcore.experiments.reproduce import (
+    PROTOCOLS,
+    SPLITS,
+    STRATEGIES,
+    CellStrategy,
+    ProtocolName,
+    ReproduceConfig,
+    ReproductionProtocol,
+    select_cells,
+    with_overrides,
+)
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, settle_compression
 from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
@@ -27,8 +39,8 @@ class ReproduceSettings:
 
     protocol: ProtocolName = "quick"
     only: tuple[str, ...] = ()  # cells to run, STRATEGY:SPLIT or centralised (each may be a comma list)
-    strategies: str = ",".join(STRATEGIES)  # comma list
-    splits: str = ",".join(SPLITS)  # comma list
+    strategies: Annotated[tuple[CellStrategy, ...], settings.CommaList] = STRATEGIES  # the strategies whose cells run
+    splits: Annotated[tuple[SplitKind, ...], settings.CommaList] = SPLITS  # the splits whose federated cells run
     clients: Positive = 5  # K of the federated cells (the centralised one has 1)
     compression: CompressionName = "none"  # the federated cells' delta codec (each codec its own cells, lines and folders)
     beta: Concentration = 0.5
@@ -66,7 +78,7 @@ class ReproduceSettings:
         out = Path(self.out) if self.out else Path("runs/reproduce") / protocol.name
         return ReproduceConfig(
             protocol=protocol,
-            cells=tuple(select_cells(_list(self.strategies), _list(self.splits), self.only, self.compression)),
+            cells=tuple(select_cells(self.strategies, self.splits, self.only, self.compression)),
             out=out,
             results=Path(self.results) if self.results else out / "results.jsonl",
             docs=None if self.no_docs else Path(self.docs),
@@ -81,17 +93,13 @@ class ReproduceSettings:
         )
 
 
-def _list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 MEANING = {
     **RUN_MEANING,
     **SPEED_MEANING,
     "protocol": "quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
     "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); mini: the CI miniature (tiny model, 300 images, 2 rounds)",
-    "strategies": "strategies of the cells to run, a comma list",
-    "splits": "data splits of the cells to run, a comma list of iid, label, quantity",
+    "strategies": "the strategies whose cells run (centralised: the reference trained on every image)",
+    "splits": "the splits whose federated cells run",
     "clients": "K of the federated cells (the centralised one has 1)",
     "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
     "out": "run folder (default runs/reproduce/PROTOCOL)",

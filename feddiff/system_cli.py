@@ -1,16 +1,21 @@
 """`feddiff coordinator` and `worker`, the processes of the federated system, and the tools around them:
-`health`, `status` and `certs`."""
+`health`, `status` and `certs`, each tool's flags turned into its typed config at the edge (`flags.build`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator
+
+from fedcore import settings
+from fedcore.settings import ConnectAddress, ExistingFile, Folder, Seconds
 from feddiff.args import Command, add_speed_flags
-
-TOOL_TIMEOUT = 5.0  # seconds health and status wait for the coordinator's answer
+from service import flags
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -76,27 +81,63 @@ def worker_rank(cfg) -> int:  # cfg: worker.config.WorkerConfig
     return exit_code
 
 
-def _add_tool_flags(p: argparse.ArgumentParser) -> None:
-    """How health and status reach a coordinator."""
-    p.add_argument("--address", "--coordinator", dest="address", required=True, help="HOST:PORT of the coordinator")
-    p.add_argument("--timeout", type=float, default=TOOL_TIMEOUT, help="seconds to wait for the coordinator's answer: default %(default)s")
-    p.add_argument("--insecure", action="store_true", help="plain text (the default without --tls-ca)")
-    p.add_argument("--tls-ca", default="", help="CA certificate the coordinator's certificate is checked against (TLS)")
-    p.add_argument("--tls-cert", default="", help="a client certificate, for a coordinator that asks for one (mutual TLS)")
-    p.add_argument("--tls-key", default="", help="its private key")
-    p.add_argument("--tls-server-name", default="", help="name checked in the coordinator's certificate (default: the host of --address)")
+@dataclass(frozen=True)
+class ToolChannel:
+    """How health and status reach a coordinator: its address, how long they wait for its answer, and TLS in
+    the types of the worker's TLS settings (plain text without --tls-ca)."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    address: ConnectAddress  # HOST:PORT of the coordinator
+    timeout: Seconds = 5.0  # seconds to wait for the coordinator's answer
+    insecure: bool = False  # plain text, said out loud (it is the default without --tls-ca)
+    tls_ca: ExistingFile = ""
+    tls_cert: ExistingFile = ""
+    tls_key: ExistingFile = ""
+    tls_server_name: str = ""  # override the name checked in the coordinator's certificate
+
+    def __post_init__(self) -> None:
+        if self.insecure and self.tls_ca:
+            raise ValueError("--insecure and --tls-ca: give one, plain text or TLS checked against this CA")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither")
+        if (self.tls_cert or self.tls_server_name) and not self.tls_ca:
+            flag = "--tls-cert" if self.tls_cert else "--tls-server-name"
+            raise ValueError(f"{flag} needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)")
 
 
-def _tool_channel(args: argparse.Namespace):  # -> grpc.Channel
+TOOL_MEANING = {  # what the flags of ToolChannel mean; their types, ranges and defaults come from its fields
+    "address": "the coordinator (--coordinator is the same flag)",
+    "timeout": "seconds to wait for the coordinator's answer",
+    "insecure": "plain text (the default without --tls-ca)",
+    "tls_ca": "CA certificate the coordinator's certificate is checked against",
+    "tls_cert": "a client certificate (mutual TLS), e.g. a worker's",
+    "tls_key": "its private key",
+    "tls_server_name": "name checked in the coordinator's certificate (default: the host of --address)",
+}
+
+
+def _add_tool_flags(p: argparse.ArgumentParser, cls: type[ToolChannel], meaning: dict[str, str]) -> None:
+    """The flags of health or status (`cls`): how they reach a coordinator, and their own `meaning`."""
+    flags.add_flags(p, cls, {**TOOL_MEANING, **meaning}, aliases={"address": ("--coordinator",)}, metavars={"address": "HOST:PORT"})
+
+
+def _tool_channel(cfg: ToolChannel):  # -> grpc.Channel
     from service.channels import channel_to
 
-    return channel_to(args.address, args.tls_ca, args.tls_key, args.tls_cert, args.tls_server_name)
+    return channel_to(cfg.address, cfg.tls_ca, cfg.tls_key, cfg.tls_cert, cfg.tls_server_name)
+
+
+@dataclass(frozen=True)
+class HealthConfig(ToolChannel):
+    """Every setting of `feddiff health`."""
+
+    service: str = ""  # the service whose health is asked ('' = the server)
 
 
 def _add_health_flags(p: argparse.ArgumentParser) -> None:
-    """health's flags."""
-    _add_tool_flags(p)
-    p.add_argument("--service", default="", help="service name to check ('' = the server)")
+    """health's flags: one per setting of HealthConfig."""
+    _add_tool_flags(p, HealthConfig, {"service": "service name to check ('' = the server)"})
 
 
 def health(args: argparse.Namespace) -> int:
@@ -106,22 +147,30 @@ def health(args: argparse.Namespace) -> int:
 
     from service.health import health_check
 
-    with _tool_channel(args) as channel:
+    cfg = flags.build(HealthConfig, args)
+    with _tool_channel(cfg) as channel:
         try:
-            resp = health_check(channel)(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            resp = health_check(channel)(health_pb2.HealthCheckRequest(service=cfg.service), timeout=cfg.timeout)
         except grpc.RpcError as e:
-            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-    print(f"{args.address}: {status}")
+    print(f"{cfg.address}: {status}")
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+@dataclass(frozen=True)
+class StatusConfig(ToolChannel):
+    """Every setting of `feddiff status`."""
+
+    json: bool = False  # one JSON object, for scripts
+    token_file: ExistingFile = ""  # the operator's status token (the coordinator's --status-token-file)
+
+
 def _add_status_flags(p: argparse.ArgumentParser) -> None:
-    """status's flags."""
-    _add_tool_flags(p)
-    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
-    p.add_argument("--token-file", default="", help="file holding the operator's status token (the coordinator's --status-token-file)")
+    """status's flags: one per setting of StatusConfig."""
+    meaning = {"json": "one JSON object for scripts", "token_file": "file holding the operator's status token (the coordinator's --status-token-file)"}
+    _add_tool_flags(p, StatusConfig, meaning)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -132,20 +181,20 @@ def status(args: argparse.Namespace) -> int:
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
+    cfg = flags.build(StatusConfig, args)
     metadata: tuple[tuple[str, str], ...] = ()
-    if args.token_file:
+    if cfg.token_file:
         try:
-            metadata = (("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"),)
-        except OSError as e:
-            print(f"feddiff status: error: --token-file {args.token_file}: cannot read it ({e.strerror or e})", file=sys.stderr)
-            return 2
-    with _tool_channel(args) as channel:
+            metadata = (("authorization", f"Bearer {Path(cfg.token_file).read_text().strip()}"),)
+        except OSError as e:  # readable when the setting was built, no more now
+            raise ValueError(f"--token-file {cfg.token_file}: cannot read it ({e.strerror or e})") from None
+    with _tool_channel(cfg) as channel:
         try:
-            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=args.timeout, metadata=metadata)
+            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=cfg.timeout, metadata=metadata)
         except grpc.RpcError as e:
-            print(f"{args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    if args.json:
+    if cfg.json:
         reply = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         print(json.dumps({**reply, "bytes_vs_fp32_fedavg": _bytes_vs_fp32_fedavg(s)}))
     else:
@@ -183,24 +232,55 @@ def _print_status(s) -> None:  # s: feddiff_pb2.StatusResponse
         print(f"  run: {s.run_id}")
 
 
+def _certificate_holder(worker_id: str) -> str:
+    """`worker_id` when it can name a worker's certificate and key files: a worker id, and neither the CA's
+    files' name nor the coordinator's."""
+    from fedcore.wire.bounds import WORKER_ID  # with torch: the one command that needs it imports it
+
+    if WORKER_ID.problem(worker_id) is not None:
+        raise ValueError(f"a worker id takes {WORKER_ID.describe()}")
+    if worker_id in ("ca", "coordinator"):
+        raise ValueError()  # the type's words say it all
+    return worker_id
+
+
+CertificateHolder = Annotated[str, AfterValidator(_certificate_holder), settings.Described("a worker id other than 'ca' and 'coordinator'")]
+CertificateHolders = Annotated[tuple[CertificateHolder, ...], settings.Described("a worker id other than 'ca' and 'coordinator', each")]
+
+
+@dataclass(frozen=True)
+class CertsConfig:
+    """Every setting of `feddiff certs`."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    out: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
+    coordinator_host: tuple[str, ...] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
+    worker: CertificateHolders = ()  # one certificate each, its common name the worker id
+
+
+CERTS_MEANING = {
+    "out": "folder for ca.crt/ca.key (reused when present) and the issued pairs",
+    "coordinator_host": "DNS name or IP the workers dial (repeatable)",
+    "worker": "a worker to issue a certificate for, its id the common name (repeatable)",
+}
+
+
 def _add_certs_flags(p: argparse.ArgumentParser) -> None:
-    """certs' flags."""
-    p.add_argument("--out", required=True, help="folder for ca.crt/ca.key (reused when present) and the issued pairs")
-    p.add_argument("--coordinator-host", action="append", default=[], help="DNS name or IP the workers dial (repeatable)")
-    p.add_argument("--worker", action="append", default=[], help="a worker id: its certificate's common name (repeatable)")
+    """certs' flags: one per setting of CertsConfig, --coordinator-host and --worker repeatable."""
+    repeatable = {"coordinator_host": "HOST", "worker": "ID"}
+    flags.add_flags(p, CertsConfig, CERTS_MEANING, skip=repeatable, metavars={"out": "DIR"})
+    for name, tp, default in flags.settings_of(CertsConfig):
+        if name in repeatable:
+            flags.add_flag(p, name, tp, default, CERTS_MEANING[name], action="append", metavar=repeatable[name])
 
 
 def certs(args: argparse.Namespace) -> int:
     """A project CA, the coordinator's certificate and one per worker; the paths written, one a line."""
-    from pathlib import Path
-
-    from fedcore.wire.convert import valid_worker_id
     from feddiff.certs import create_project
 
-    bad = [w for w in args.worker if not valid_worker_id(w) or w in ("ca", "coordinator")]
-    if bad:
-        raise ValueError(f"worker ids {bad} must be letters, digits, '-', '_' or '.', and not 'ca' or 'coordinator'")
-    for path in create_project(Path(args.out), args.coordinator_host, args.worker):
+    cfg = flags.build(CertsConfig, args)
+    for path in create_project(Path(cfg.out), cfg.coordinator_host, cfg.worker):
         print(path)
     return 0
 

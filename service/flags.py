@@ -6,7 +6,7 @@ refused in one line that names the flag (or the file's key), the value and what 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -36,18 +36,18 @@ def choices(tp: Any) -> Choices | None:
     return Choices(str(value) for value in values) if values else None
 
 
-def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, words: str, **options: Any) -> argparse.Action:
-    """The flag of setting `name` (`batch_size`: --batch-size): a switch for a boolean, the values of a Literal
-    as choices, the help in `settings.flag_help`'s words: `words` (what the flag does), then its type's (a
-    tuple's default as the comma list its flag takes; an empty mapping's not at all). Its value stays a string,
-    None when not given, so that the setting's default (REQUIRED: none) or a file's value stands; `options` go
-    to argparse as they are."""
-    flag = settings.flag((name,))
+def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, words: str, *, aliases: Sequence[str] = (), **options: Any) -> argparse.Action:
+    """The flag of setting `name` (`batch_size`: --batch-size), and its `aliases` (other spellings of it): a
+    switch for a boolean, the values of a Literal as choices, the help in `settings.flag_help`'s words: `words`
+    (what the flag does), then its type's (a tuple's default as the comma list its flag takes; an empty one's
+    and an empty mapping's not at all). Its value stays a string, None when not given, so that the setting's
+    default (REQUIRED: none) or a file's value stands; `options` go to argparse as they are."""
+    spellings = (settings.flag((name,)), *aliases)
     if tp is bool:
-        return parser.add_argument(flag, **{"action": "store_const", "const": True, "default": None, "help": words, **options})
+        return parser.add_argument(*spellings, **{"action": "store_const", "const": True, "default": None, "help": words, **options})
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else None if default is REQUIRED or default == {} else default
     kwargs = {"default": None, "required": default is REQUIRED, "choices": choices(tp), "help": settings.flag_help(tp, shown, words)}
-    return parser.add_argument(flag, **{**kwargs, **options})
+    return parser.add_argument(*spellings, **{**kwargs, **options})
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: object, words: str) -> argparse.Action:
@@ -79,10 +79,12 @@ def add_flags(
     *,
     skip: Collection[str] = (),
     metavars: Mapping[str, str] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
-    """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it and
-    the metavar `metavars` names (a path's kind: DIR, FILE). ValueError, before any flag is added, when
-    `meaning` has no words for one of them: a flag's help says what it does, not only what it takes."""
+    """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it,
+    the metavar `metavars` names (a path's kind: DIR, FILE) and the other spellings `aliases` gives it
+    (--coordinator for --address). ValueError, before any flag is added, when `meaning` has no words for one
+    of them: a flag's help says what it does, not only what it takes."""
     found = list(settings_of(cls, skip))
     wordless = [name for name, _, _ in found if not meaning.get(name, "").strip()]
     if wordless:
@@ -90,7 +92,7 @@ def add_flags(
         raise ValueError(f"{cls.__name__}: the flags of {named} have no words: give each what it does in the meaning its command passes")
     for name, tp, default in found:
         options = {"metavar": metavars[name]} if metavars and name in metavars else {}
-        add_flag(parser, name, tp, default, meaning[name], **options)
+        add_flag(parser, name, tp, default, meaning[name], aliases=aliases.get(name, ()) if aliases else (), **options)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

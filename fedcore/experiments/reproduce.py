@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation import checkpoint
 from fedcore.federation.roundlog import ROUNDS_LOG, round_records
 from fedcore.federation.server import FederationConfig
-from fedcore.federation.strategies import Strategy, private_parts
+from fedcore.federation.strategies import Strategy, StrategyName, private_parts
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplerKind, Schedule, sample
 from fedcore.model.training import ResolvedSpeed, SpeedConfig, TrainConfig
@@ -45,8 +45,9 @@ from fedcore.model.unet import build_model
 from fedcore.payload.codecs import Codec
 
 ProtocolName = Literal["quick", "paper", "cpu", "mini"]
-CENTRALISED = "centralised"
-STRATEGIES: tuple[str, ...] = (CENTRALISED, "full", "usplit", "ulatdec", "udec")  # table order
+CENTRALISED: Final = "centralised"
+CellStrategy = Literal["centralised", StrategyName]  # a cell's: the centralised reference, or a federated strategy
+STRATEGIES: tuple[CellStrategy, ...] = (CENTRALISED, "full", "usplit", "ulatdec", "udec")  # table order
 SPLITS: tuple[SplitKind, ...] = ("iid", "label", "quantity")
 ALL_DATA = "all"  # the centralised cell's split: every image on one party
 CELL_SPEC = "cell.json"  # what a cell folder was trained with (checked on resume)

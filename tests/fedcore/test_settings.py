@@ -80,6 +80,7 @@ def test_a_value_that_does_not_fit_is_refused_in_one_line_naming_it(values: dict
         (settings.Epochs, f"an integer in 1..{settings.MAX_EPOCHS}"),
         (settings.LearningRate, "a number in (0, 1)"),
         (settings.ProgressMode, "one of 'auto', 'bar', 'log', 'off'"),
+        (Annotated[tuple[StrategyName, ...], settings.CommaList], "a comma list of 'full', 'usplit', 'udec', 'ulatdec'"),
     ],
 )
 def test_what_a_type_takes_in_words(tp: object, words: str) -> None:

@@ -1,5 +1,6 @@
-"""Tests for the `feddiff` CLI's own commands: model-info, strategies and split, with --json; and the help
-of every command's options."""
+"""Tests for the `feddiff` CLI's own commands: model-info, strategies and split, with --json; the flags of health,
+status and certs, each value refused in one line before anything is reached or written; and the help of every
+command's options."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcore.settings import MAX_WAIT_SECONDS
 from feddiff.cli import COMMANDS, build_parser, main
 from tests.parsers import subcommands
 
@@ -62,6 +64,50 @@ def test_a_bad_value_of_model_info_or_strategies_is_refused_in_one_line_with_sta
 
     assert code == 2
     assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
+
+
+TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag must stop the command before it dials
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["status", *TOOL, "--timeout", "-1"], f"--timeout = '-1': expected a number in (0, {MAX_WAIT_SECONDS}]"),
+        (["health", *TOOL, "--timeout", "nan"], f"--timeout = 'nan': expected a number in (0, {MAX_WAIT_SECONDS}]"),
+        (["health", "--coordinator", "coordinator"], "--address = 'coordinator': expected HOST:PORT with a port in 1..65535"),
+        (["status", "--address", "127.0.0.1:0"], "--address = '127.0.0.1:0': expected HOST:PORT with a port in 1..65535"),
+        (["health", *TOOL, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
+        (["status", *TOOL, "--tls-ca", "{file}", "--tls-key", "{tmp}"], "--tls-key = '{tmp}': expected a readable file; not a file"),
+        (["status", *TOOL, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
+        (
+            ["health", *TOOL, "--tls-ca", "{file}", "--tls-cert", "{file}"],
+            "--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither",
+        ),
+        (
+            ["status", *TOOL, "--tls-cert", "{file}", "--tls-key", "{file}"],
+            "--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)",
+        ),
+        (["health", *TOOL, "--insecure", "--tls-ca", "{file}"], "--insecure and --tls-ca: give one, plain text or TLS checked against this CA"),
+        (["certs", "--out", "{out}", "--worker", "hospital-1", "--worker", "ca"], "--worker = 'ca': expected a worker id other than 'ca' and 'coordinator'"),
+        (
+            ["certs", "--out", "{out}", "--worker", "a/b"],
+            "--worker = 'a/b': expected a worker id other than 'ca' and 'coordinator'; a worker id takes 1..128 characters of [A-Za-z0-9._-]",
+        ),
+        (["certs", "--out", ""], "--out = '': expected a folder path"),
+    ],
+)
+def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("not a certificate")
+    paths = {"{missing}": str(tmp_path / "missing"), "{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path), "{out}": str(tmp_path / "out")}
+    argv = [paths.get(a, a) for a in argv]
+    for placeholder, path in paths.items():
+        line = line.replace(placeholder, path)
+
+    code = main(argv)
+
+    assert code == 2
+    assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_strategies_counts_the_bytes_with_each_codec_of_its_list(capsys) -> None:

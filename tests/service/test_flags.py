@@ -1,13 +1,14 @@
 """The one way a command's config is built from its flags (service.flags.build): the flags given over a
 settings file over the defaults, a config held in another merged setting by setting, every bad value named by
-where it came from, and a switch that sets another setting."""
+where it came from (an item of a list by its list's flag), a switch that sets another setting, and a flag's
+other spellings."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
@@ -109,3 +110,43 @@ def test_a_held_config_s_settings_and_only_those_not_skipped_need_words() -> Non
         flags.add_flags(argparse.ArgumentParser(), Outer, {"count": "how many"}, skip=("done",))
 
     flags.add_flags(argparse.ArgumentParser(), Outer, {"count": "how many"}, skip=("done", "inner"))
+
+
+Mode = Literal["fast", "slow"]
+
+
+@dataclass(frozen=True)
+class Listed:
+    __pydantic_config__ = settings.CONFIG
+
+    modes: Annotated[tuple[Mode, ...], settings.CommaList] = ("fast", "slow")
+    target: str = ""
+
+
+def _listed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Listed, {"modes": "modes to run", "target": "where"}, aliases={"target": ("--to",)})
+    return parser.parse_args(argv)
+
+
+def test_a_comma_list_of_choices_is_a_tuple_and_a_wrong_item_is_named_by_the_list_s_flag(tmp_path: Path) -> None:
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text("modes: [slow, quick]\n")
+
+    assert flags.build(Listed, _listed(["--modes", "slow, fast,"])).modes == ("slow", "fast")
+    with pytest.raises(SettingsError) as from_flag:
+        flags.build(Listed, _listed(["--modes", "slow,quick"]))
+    with pytest.raises(SettingsError) as from_file:
+        flags.build(Listed, _listed([]), config_file=config_file)
+
+    assert str(from_flag.value) == "--modes = 'quick': expected one of 'fast', 'slow'"
+    assert str(from_file.value) == f"modes.1 (in {config_file}) = 'quick': expected one of 'fast', 'slow'"
+
+
+def test_a_comma_list_s_help_lists_the_choices_and_an_alias_sets_the_same_setting() -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Listed, {"modes": "modes to run", "target": "where"}, aliases={"target": ("--to",)})
+
+    assert "modes to run: a comma list of 'fast', 'slow', default fast,slow" in " ".join(parser.format_help().split())
+    assert flags.build(Listed, _listed(["--to", "there"])).target == "there"
+    assert flags.build(Listed, _listed(["--to", "there", "--target", "here"])).target == "here"

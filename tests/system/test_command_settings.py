@@ -1,7 +1,8 @@
 """Every command's flags come from its typed config: a Literal setting is an argparse choice listed in --help,
-and a bad value of any setting of model-info, strategies, split, simulate, reproduce, export, sample and
-evaluate ends the command with exit status 2 and one line naming the flag, the value and what it takes, before
-anything runs. `feddiff --help` and `feddiff status` start without torch or pydantic."""
+and a bad value of any setting of model-info, strategies, split, simulate, reproduce, export, sample, evaluate,
+health, status and certs ends the command with exit status 2 and one line naming the flag, the value and what
+it takes, before anything runs. `feddiff --help` starts without torch or pydantic, `feddiff status` without
+torch."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 
 from coordinator.config import CoordinatorConfig
+from fedcore import settings
 from fedcore.model.training import SpeedConfig
 from feddiff import cli
 from feddiff.inspect_cli import ModelInfoSettings, SplitSettings, StrategiesSettings
 from feddiff.models_cli import EvaluateConfig, ExportConfig, SampleConfig
 from feddiff.reproduce_cli import ReproduceSettings
 from feddiff.simulate_cli import SimulateConfig
+from feddiff.system_cli import CertsConfig, HealthConfig, StatusConfig
 from service import flags
 from tests.parsers import subcommands
 from worker.config import WorkerConfig
@@ -40,9 +43,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "reproduce": _settings(ReproduceSettings),
     "coordinator": _settings(CoordinatorConfig),
     "worker": _settings(WorkerConfig, SpeedConfig),
-    "certs": {},
-    "health": {},
-    "status": {},
+    "certs": _settings(CertsConfig),
+    "health": _settings(HealthConfig),
+    "status": _settings(StatusConfig),
     "export": _settings(ExportConfig),
     "sample": _settings(SampleConfig),
     "evaluate": _settings(EvaluateConfig),
@@ -83,8 +86,11 @@ TYPED = {
     "export": ExportConfig,
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
+    "health": HealthConfig,
+    "status": StatusConfig,
+    "certs": CertsConfig,
 }
-FREE = (str, bool, str | None, tuple[str, ...])  # a free string (an output path, a comma list) or a switch
+FREE = (str, bool, str | None, tuple[str, ...], settings.Folder)  # a free string (an output path, a comma list) or a switch
 
 
 def _valued() -> list[tuple[str, str, Any]]:
@@ -107,6 +113,9 @@ def _base(command: str, tmp_path: Path) -> list[str]:
         "export": ["export", "--checkpoint-dir", str(tmp_path), "--out", out],
         "sample": ["sample", "--checkpoint", str(tmp_path), "--out", out],
         "evaluate": ["evaluate", "--checkpoint", str(tmp_path), "--grid", out],
+        "health": ["health", "--address", "127.0.0.1:1"],
+        "status": ["status", "--address", "127.0.0.1:1"],
+        "certs": ["certs", "--out", out],
     }[command]
 
 
@@ -134,6 +143,8 @@ def test_every_typed_setting_refuses_a_bad_value_in_one_line(command: str, flag:
         (["reproduce", "--samples", "0"], "--samples = '0': expected an integer in 1..100000"),
         (["reproduce", "--eval-every", "0"], "--eval-every = '0': expected an integer >= 1"),
         (["reproduce", "--render", "--no-docs"], "--render with --no-docs renders nothing"),
+        (["reproduce", "--splits", "iid,dirichlet"], "--splits = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
+        (["reproduce", "--strategies", "udec, fedprox"], "--strategies = 'fedprox': expected one of 'centralised', 'full', 'usplit', 'udec', 'ulatdec'"),
         (["sample", "--checkpoint", "{tmp}", "--n", "0"], "--n = '0': expected an integer in 1..100000"),
         (["sample", "--checkpoint", "{tmp}", "--steps", "1001"], "--steps = '1001': expected an integer in 1..1000"),
         (["sample", "--checkpoint", "{tmp}", "--scale", "17"], "--scale = '17': expected an integer in 1..16"),
@@ -156,14 +167,14 @@ def test_a_value_outside_its_range_is_named_with_the_range(argv: list[str], line
     assert capsys.readouterr().err == f"feddiff {argv[0]}: error: {line}\n"
 
 
-def test_help_and_status_start_without_torch_or_pydantic() -> None:
+def test_help_starts_without_torch_or_pydantic_and_status_without_torch() -> None:
     script = (
         "import sys\n"
         "from feddiff.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "loaded = [m for m in ('torch', 'pydantic') if m in sys.modules]\n"
         "code = main(['status', '--address', '127.0.0.1:1', '--timeout', '0.01'])\n"
-        "print(loaded, [m for m in ('torch', 'pydantic') if m in sys.modules], code)\n"
+        "print(loaded, [m for m in ('torch',) if m in sys.modules], code)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False
