@@ -295,7 +295,7 @@ class Phase:
         for part, factor in update.clipped.items():
             self.metrics.clipped_updates.labels(part.value).inc()
             log.info("update of worker %s for task %s: %s scaled by %.3g to the clipping bound", worker_id, task_id, part.value, factor)
-        if open_round.plan.assignment(worker_id).private:
+        if open_round.plan.assignment(worker_id).private_parts:
             self.registry.mark_has_private_state(worker_id)
         with self._arrivals:
             self._arrivals.notify_all()
@@ -341,7 +341,7 @@ class Phase:
             return
         with self._cond:
             issued = self._issued.get(worker_id)
-            if issued is None or self._finished(worker_id) or issued.task.private <= issued.task.receives:
+            if issued is None or self._finished(worker_id) or issued.task.private_parts <= issued.task.receives:
                 return
             if self._round is not None:
                 task = self._round.send_whole_model(worker_id)

@@ -95,7 +95,7 @@ class WorkerDaemon:
         self.stop_event = threading.Event()
         self.images = load_local_data(cfg)
         found = self.state.load_private()
-        self.private = found[0] if found else None
+        self.private_tensors = found[0] if found else None
         if found:
             log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
         kept = self.state.load_residuals()
@@ -179,7 +179,7 @@ class WorkerDaemon:
 
     def _forget_private_state(self, e: MissingPrivateState) -> None:
         """Join again, after the backoff, as a worker without private parts."""
-        self._set_private(None)
+        self._set_private_tensors(None)
         log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
         self._back_off()
 
@@ -270,7 +270,7 @@ class WorkerDaemon:
         return joined
 
     def _has_private(self) -> bool:
-        return bool(self.runtime.private if self.runtime else self.private)
+        return bool(self.runtime.private_tensors if self.runtime else self.private_tensors)
 
     def _join_once(self, client: CoordinatorClient, has_private: bool) -> pb.JoinResponse:
         device = str(self.runtime.trainer.speed.device if self.runtime else resolve_device(self.cfg.speed.device))
@@ -295,7 +295,7 @@ class WorkerDaemon:
             raise SessionOver from e
         if changed:
             found = self.state.load_private()
-            self._set_private(found[0] if found else None)
+            self._set_private_tensors(found[0] if found else None)
             kept = self.state.load_residuals()  # the run's error feedback: none, or its own moved back
             self.residuals = kept[0] if kept else None
             if self.runtime is not None:
@@ -303,11 +303,11 @@ class WorkerDaemon:
             if found:
                 log.info("worker %s: private parts of round %d of run %s restored from %s", self.worker_id, found[1], run_id, self.state_dir)
 
-    def _set_private(self, tensors: dict[str, torch.Tensor] | None) -> None:
-        self.private = tensors
+    def _set_private_tensors(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.private_tensors = tensors
         if self.runtime is not None:
-            self.runtime.private.clear()
-            self.runtime.private.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
+            self.runtime.private_tensors.clear()
+            self.runtime.private_tensors.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
 
     def _build(self, model_name: str) -> None:
         """Model and trainer (compiled on GPU): built once per process and reused every round."""
@@ -321,7 +321,7 @@ class WorkerDaemon:
         ranks, stop_group = (team.ranks, team.stop_group) if team else (Ranks(), None)
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed, ranks, stop_group)
         data = trainer.prepare_data(to_model_range(self.images.images))
-        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private, self.residuals)
+        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private_tensors, self.residuals)
         with_ranks = f" with {team.ranks.world_size} ranks" if team else ""
         log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, with_ranks)
 
@@ -408,8 +408,8 @@ class WorkerDaemon:
         self.metrics.local_loss.set(result.mean_loss)
         self.metrics.train_images.inc(result.images_seen)
         self.metrics.train_images_per_second.set(result.images_per_second)
-        if task.private:  # the update goes up whether the save succeeds or not
-            self.state.save_private(task.round_index + 1, runtime.private)
+        if task.private_parts:  # the update goes up whether the save succeeds or not
+            self.state.save_private(task.round_index + 1, runtime.private_tensors)
         return result
 
     def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> bool:

@@ -98,15 +98,15 @@ class ClientJob:
     client_id: str
     task: TrainTask
     weights: bytes | bytearray | memoryview  # the received weights payload (safetensors)
-    private: Mapping[str, torch.Tensor]  # on the CPU
+    private_tensors: Mapping[str, torch.Tensor]  # on the CPU
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # what a compressed run's client keeps
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _job, (self.client_id, self.task, bytes(self.weights), _pack(self.private), self.kept.packed())
+        return _job, (self.client_id, self.task, bytes(self.weights), _pack(self.private_tensors), self.kept.packed())
 
 
-def _job(client_id: str, task: TrainTask, weights: bytes, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientJob:
-    return ClientJob(client_id, task, weights, _unpack(private), KeptState.unpacked(kept))
+def _job(client_id: str, task: TrainTask, weights: bytes, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientJob:
+    return ClientJob(client_id, task, weights, _unpack(private_tensors), KeptState.unpacked(kept))
 
 
 @dataclass(frozen=True)
@@ -144,15 +144,17 @@ class ClientOutcome:
     update: bytes  # the delta payload (safetensors)
     mean_loss: float
     images_seen: int
-    private: Mapping[str, torch.Tensor]  # on the CPU
+    private_tensors: Mapping[str, torch.Tensor]  # on the CPU
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private), self.kept.packed())
+        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private_tensors), self.kept.packed())
 
 
-def _outcome(client_id: str, update: bytes, mean_loss: float, images_seen: int, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientOutcome:
-    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private), KeptState.unpacked(kept))
+def _outcome(
+    client_id: str, update: bytes, mean_loss: float, images_seen: int, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]
+) -> ClientOutcome:
+    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private_tensors), KeptState.unpacked(kept))
 
 
 class ClientTraining(Protocol):
@@ -174,12 +176,12 @@ class InProcessTraining:
 
     def train_one(self, job: ClientJob) -> ClientOutcome:
         runtime = self.runtimes[job.client_id]
-        runtime.private = dict(job.private)
+        runtime.private_tensors = dict(job.private_tensors)
         job.kept.into(runtime)
         runtime.load(job.weights, job.task)
         result = runtime.train(job.task)
         update = runtime.update(job.task)
-        return ClientOutcome(job.client_id, update, result.mean_loss, result.images_seen, runtime.private, KeptState.of(runtime))
+        return ClientOutcome(job.client_id, update, result.mean_loss, result.images_seen, runtime.private_tensors, KeptState.of(runtime))
 
 
 # --- the processes --------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class SimulatedClient:
 
     client_id: str
     images: np.ndarray  # (N, C, H, W) uint8: its shard of the training pool
-    private: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the parts it keeps for good
+    private_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the values of the parts it keeps for good
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # a compressed run's residuals and shared model
 
     @property
@@ -109,7 +109,7 @@ class Simulation:
             clients[cid] = SimulatedClient(cid, pool_images.images[idx])
             if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / CLIENTS, cid, federation.completed_rounds)
-                clients[cid].private = found[0] if found else {}
+                clients[cid].private_tensors = found[0] if found else {}
             if federation.completed_rounds:
                 found = checkpoint.load_private(out / RESIDUALS, cid, federation.completed_rounds)
                 clients[cid].kept = KeptState(found[0] if found else {}, {}, -1)
@@ -127,9 +127,9 @@ class Simulation:
             cid, task = trained.client_id, open_round.task(trained.client_id)
             update = transfer(trained.update, self.config.chunk_size)
             open_round.accept(cid, update, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
-            self.clients[cid].private, self.clients[cid].kept = dict(trained.private), trained.kept
-            if task.private:
-                checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private)
+            self.clients[cid].private_tensors, self.clients[cid].kept = dict(trained.private_tensors), trained.kept
+            if task.private_parts:
+                checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private_tensors)
             if trained.kept.residuals:
                 checkpoint.save_private(self.out_dir / RESIDUALS, cid, task.round_index + 1, dict(trained.kept.residuals))
         outcome = open_round.close()
@@ -146,7 +146,7 @@ class Simulation:
         task = open_round.task(cid)
         weights = transfer(open_round.payload_for(cid), self.config.chunk_size)
         open_round.mark_sent(cid)
-        return ClientJob(cid, task, weights, self.clients[cid].private, self.clients[cid].kept)
+        return ClientJob(cid, task, weights, self.clients[cid].private_tensors, self.clients[cid].kept)
 
     def run(self) -> list[RoundRecord]:
         while not self.federation.finished:

@@ -28,7 +28,7 @@ class TrainTask:
     task_id: str  # unique per (round, client)
     receives: frozenset[Part]  # parts in the weights payload
     returns: frozenset[Part]  # parts whose delta goes back
-    private: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
+    private_parts: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
     train: TrainConfig
     seed: int  # seeds the shuffling, timesteps and noise of this round's training
     codec: Codec = Identity()  # how the delta goes back (fedcore.payload.codecs), with error feedback
@@ -46,7 +46,7 @@ class EvalTask:
     completed_rounds: int  # rounds completed when the evaluation was asked for
     task_id: str
     receives: frozenset[Part]  # the shared parts, as the global model has them now
-    private: frozenset[Part]  # the client's own parts
+    private_parts: frozenset[Part]  # the client's own parts
     spec: SamplingSpec
     share_samples: bool = False  # send a sample grid back (off: no image leaves the client)
     returns: frozenset[Part] = frozenset()  # nothing goes back but the score
@@ -74,7 +74,7 @@ class ClientRuntime:
         model_name: str,
         trainer: LocalTrainer,
         data: torch.Tensor,
-        private: Mapping[str, torch.Tensor] | None = None,
+        private_tensors: Mapping[str, torch.Tensor] | None = None,
         residuals: Mapping[str, torch.Tensor] | None = None,
     ):
         self.client_id = client_id
@@ -83,7 +83,7 @@ class ClientRuntime:
         self.data = data  # (N, C, H, W) in model range, on the training device
         self.layout: PartLayout = layout_of(trainer.model)
         self._params = trainer.model.state_dict()  # views of the live parameters
-        self.private: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in (private or {}).items()}
+        self.private_tensors: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in (private_tensors or {}).items()}
         self._base: dict[str, torch.Tensor] = {}
         self.shared: dict[str, torch.Tensor] = {}  # the shared model of a run with coded downloads, as received
         self.shared_version = -1  # its version (-1: none)
@@ -100,7 +100,7 @@ class ClientRuntime:
 
     @property
     def has_private_state(self) -> bool:
-        return bool(self.private)
+        return bool(self.private_tensors)
 
     @torch.no_grad()
     def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
@@ -116,10 +116,10 @@ class ClientRuntime:
                 self.shared, self.shared_version = {n: t.clone() for n, t in received.items()}, meta.version
         for name, t in received.items():
             self._params[name].copy_(t)
-        for name in self.layout.names(task.private - task.receives):
-            if name not in self.private:
+        for name in self.layout.names(task.private_parts - task.receives):
+            if name not in self.private_tensors:
                 raise MissingPrivateState(f"client {self.client_id!r} holds no private tensor {name!r}; it needs the full model again")
-            self._params[name].copy_(self.private[name])
+            self._params[name].copy_(self.private_tensors[name])
         self._base = {name: self._params[name].detach().clone() for name in self.layout.names(task.returns)}
 
     def _apply_change(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask, meta: PayloadMeta) -> dict[str, torch.Tensor]:
@@ -168,7 +168,7 @@ class ClientRuntime:
         should_stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
         result = self.trainer.train(self.data, task.train, seed=task.seed, on_step=on_step, should_stop=should_stop)
-        self.private = {name: self._params[name].detach().cpu().clone() for name in self.layout.names(task.private)}
+        self.private_tensors = {name: self._params[name].detach().cpu().clone() for name in self.layout.names(task.private_parts)}
         return result
 
     def update(self, task: TrainTask) -> bytes:

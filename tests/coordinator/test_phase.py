@@ -45,7 +45,8 @@ def _open_round(phase: Phase, federation: Federation) -> OpenRound:
 
 def _eval_phase() -> EvalPhase:
     tasks = {
-        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER}), spec=SPEC) for w in WORKERS
+        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private_parts=frozenset({Part.ENCODER}), spec=SPEC)
+        for w in WORKERS
     }
     return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"payload", digests=dict.fromkeys(tasks, "sha256"))
 

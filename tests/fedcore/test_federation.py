@@ -149,7 +149,7 @@ def test_udec_second_round_sends_only_the_decoder_except_to_newcomers() -> None:
     assert round_.payload(frozenset({DEC})) is round_.payload(frozenset({DEC}))
     assert len(round_.payload(frozenset({DEC}))) < len(round_.payload(ALL_PARTS))
     task = round_.task("alice")
-    assert task.round_index == 1 and task.private == {ENC, MID} and task.returns == {DEC}
+    assert task.round_index == 1 and task.private_parts == {ENC, MID} and task.returns == {DEC}
     assert task.seed == task_seed(3, 1, "alice") != task_seed(3, 1, "bob")
 
 
@@ -391,9 +391,9 @@ def test_client_round_trip_through_the_federation() -> None:
     round_.close()
 
     assert all(torch.equal(loaded[n], before[n]) for n in before)  # the payload replaced the client's own init
-    assert set(client.private) == set(fed.layout.names({ENC, MID}))
+    assert set(client.private_tensors) == set(fed.layout.names({ENC, MID}))
     trained = client.sampling_model().state_dict()
-    assert all(torch.equal(client.private[n], trained[n]) for n in client.private)
+    assert all(torch.equal(client.private_tensors[n], trained[n]) for n in client.private_tensors)
     # One client: the global decoder becomes the client's decoder; the encoder is never averaged.
     for n in fed.layout.names({DEC}):
         torch.testing.assert_close(fed.global_state[n], trained[n], rtol=0, atol=1e-6)
@@ -413,7 +413,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
         task_id="r1-alice",
         receives=frozenset({DEC}),
         returns=frozenset({DEC}),
-        private=frozenset({ENC, MID}),
+        private_parts=frozenset({ENC, MID}),
         train=TrainConfig(),
         seed=0,
     )
