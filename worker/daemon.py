@@ -383,15 +383,15 @@ class WorkerDaemon:
         if self.team is not None:
             self.team.start_training(runtime.model_name, task, runtime.trainer.model)
         result = self._train_locally(runtime, task)
-        update = runtime.update(task)
+        payload = runtime.delta_payload(task)
         if runtime.residuals:  # kept across restarts, beside the private parts
             self.state.save_residuals(task.round_index + 1, runtime.residuals)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
         try:
-            client.upload(task, update, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
+            client.upload(task, payload, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
         except grpc.RpcError as e:
             return self._upload_failed(task, e)
-        self._delivered(runtime, task, update, result)
+        self._delivered(runtime, task, payload, result)
         return True
 
     def _load(self, client: CoordinatorClient, runtime: ClientRuntime, task: TrainTask) -> None:
@@ -420,14 +420,14 @@ class WorkerDaemon:
             raise SessionOver from error
         return action is Action.NEXT_TASK
 
-    def _delivered(self, runtime: ClientRuntime, task: TrainTask, update: bytes, result: TrainResult) -> None:
+    def _delivered(self, runtime: ClientRuntime, task: TrainTask, payload: bytes, result: TrainResult) -> None:
         """An update the coordinator took: counted and logged."""
-        self._count(runtime.layout, "up", task.returns, update)
+        self._count(runtime.layout, "up", task.returns, payload)
         self.metrics.updates.labels("accepted").inc()
         self.rounds_done += 1
         log.info(
             "worker %s: round %d: trained %d images at %.0f images/s, loss %.4f; sent %.2f MB",
-            self.worker_id, task.round_index + 1, result.images_seen, result.images_per_second, result.mean_loss, len(update) / 1e6,
+            self.worker_id, task.round_index + 1, result.images_seen, result.images_per_second, result.mean_loss, len(payload) / 1e6,
         )  # fmt: skip
 
     def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:

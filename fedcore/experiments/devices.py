@@ -138,23 +138,23 @@ class KeptState:
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """What a client's training gives back: its update payload, its report, and its private tensors now."""
+    """What a client's training gives back: its delta's payload, its report, and its private tensors now."""
 
     client_id: str
-    update: bytes  # the delta payload (safetensors)
+    delta_payload: bytes  # the delta's payload (safetensors)
     mean_loss: float
     images_seen: int
     private_tensors: Mapping[str, torch.Tensor]  # on the CPU
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private_tensors), self.kept.packed())
+        return _outcome, (self.client_id, self.delta_payload, self.mean_loss, self.images_seen, _pack(self.private_tensors), self.kept.packed())
 
 
 def _outcome(
-    client_id: str, update: bytes, mean_loss: float, images_seen: int, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]
+    client_id: str, delta_payload: bytes, mean_loss: float, images_seen: int, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]
 ) -> ClientOutcome:
-    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private_tensors), KeptState.unpacked(kept))
+    return ClientOutcome(client_id, delta_payload, mean_loss, images_seen, _unpack(private_tensors), KeptState.unpacked(kept))
 
 
 class ClientTraining(Protocol):
@@ -180,8 +180,8 @@ class InProcessTraining:
         job.kept.into(runtime)
         runtime.load(job.weights, job.task)
         result = runtime.train(job.task)
-        update = runtime.update(job.task)
-        return ClientOutcome(job.client_id, update, result.mean_loss, result.images_seen, runtime.private_tensors, KeptState.of(runtime))
+        delta_payload = runtime.delta_payload(job.task)
+        return ClientOutcome(job.client_id, delta_payload, result.mean_loss, result.images_seen, runtime.private_tensors, KeptState.of(runtime))
 
 
 # --- the processes --------------------------------------------------------------------------------------------

@@ -125,8 +125,8 @@ class Simulation:
         open_round = fed.open_round(plan, {c: self.clients[c].num_examples for c in plan.clients})
         for trained in self.training.train(self._job(open_round, cid) for cid in plan.clients):
             cid, task = trained.client_id, open_round.task(trained.client_id)
-            update = transfer(trained.update, self.config.chunk_size)
-            open_round.accept(cid, update, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
+            payload = transfer(trained.delta_payload, self.config.chunk_size)
+            open_round.accept(cid, payload, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
             self.clients[cid].private_tensors, self.clients[cid].kept = dict(trained.private_tensors), trained.kept
             if task.private_parts:
                 checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private_tensors)

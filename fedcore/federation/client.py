@@ -171,9 +171,9 @@ class ClientRuntime:
         self.private_tensors = {name: self._params[name].detach().cpu().clone() for name in self.layout.names(task.private_parts)}
         return result
 
-    def update(self, task: TrainTask) -> bytes:
-        """Safetensors bytes of local - received for the parts this client returns, coded by the task's codec:
-        plus what the codec left out of this client's earlier updates, and keeping what it leaves out of this
+    def delta_payload(self, task: TrainTask) -> bytes:
+        """The delta's payload: safetensors bytes of local - received for the parts this client returns, coded by
+        the task's codec: plus what the codec left out of this client's earlier deltas, and keeping what it leaves out of this
         one (`residuals`, error feedback; none for `none`)."""
         local = {name: self._params[name] for name in self._base}
         meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns, codec=task.codec.name)

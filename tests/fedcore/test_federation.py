@@ -385,8 +385,8 @@ def test_client_round_trip_through_the_federation() -> None:
     client.load(round_.payload(task.receives), task)
     loaded = {n: t.clone() for n, t in client.sampling_model().state_dict().items()}  # before training changes it
     result = client.train(task)
-    update = client.update(task)
-    round_.accept("alice", update, mean_loss=result.mean_loss, images_seen=result.images_seen)
+    payload = client.delta_payload(task)
+    round_.accept("alice", payload, mean_loss=result.mean_loss, images_seen=result.images_seen)
     before = {n: t.clone() for n, t in fed.global_state.items()}
     round_.close()
 
@@ -422,7 +422,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
         client.load(payload, task)
 
 
-def test_client_update_is_the_delta_of_its_returned_parts() -> None:
+def test_client_delta_payload_is_the_delta_of_its_returned_parts() -> None:
     fed = _federation(Strategy.ULATDEC, train=TrainConfig(epochs=1, batch_size=8))
     round_ = fed.open_round(fed.plan(["alice"]), {"alice": 8})
     client = _runtime("alice", seed=1, images=8)
@@ -430,9 +430,9 @@ def test_client_update_is_the_delta_of_its_returned_parts() -> None:
     client.load(round_.payload(task.receives), task)
     client.train(task)
 
-    update = decode(client.update(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
+    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
 
     expected = delta(client.sampling_model().state_dict(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
-    assert set(update) == set(fed.layout.names({MID, DEC}))
-    assert all(torch.equal(update[n], expected[n]) for n in expected)
-    assert any(bool(t.abs().sum() > 0) for t in update.values())
+    assert set(decoded) == set(fed.layout.names({MID, DEC}))
+    assert all(torch.equal(decoded[n], expected[n]) for n in expected)
+    assert any(bool(t.abs().sum() > 0) for t in decoded.values())

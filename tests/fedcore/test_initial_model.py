@@ -122,7 +122,7 @@ def test_a_client_first_contacted_in_round_two_applies_the_change_to_the_model_i
     early.load(open_round.payload_for("a"), task)
     open_round.mark_sent("a")
     early.train(task)
-    open_round.accept("a", early.update(task), mean_loss=0.1, images_seen=8)
+    open_round.accept("a", early.delta_payload(task), mean_loss=0.1, images_seen=8)
     open_round.close()
 
     open_round = _open(federation, ["a", "b"])
