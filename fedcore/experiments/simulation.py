@@ -142,11 +142,11 @@ class Simulation:
         return outcome
 
     def _job(self, open_round: OpenRound, cid: str) -> ClientJob:
-        """A client's training this round, its weights sent through the stream format (and counted as sent)."""
+        """A client's training this round, its weights payload sent through the stream format (and counted as sent)."""
         task = open_round.task(cid)
-        weights = transfer(open_round.payload_for(cid), self.config.chunk_size)
+        payload = transfer(open_round.payload_for(cid), self.config.chunk_size)
         open_round.mark_sent(cid)
-        return ClientJob(cid, task, weights, self.clients[cid].private_tensors, self.clients[cid].kept)
+        return ClientJob(cid, task, payload, self.clients[cid].private_tensors, self.clients[cid].kept)
 
     def run(self) -> list[RoundRecord]:
         while not self.federation.finished:
