@@ -273,8 +273,8 @@ class Phase:
             raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
         if worker_id in open_round.accepted:  # before a slot is taken or a byte is read
             raise DuplicateUpdate(f"worker {worker_id!r} already delivered its update for task {task_id!r}")
-        if round_index != issued.task.payload_round:
-            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.payload_round}")
+        if round_index != issued.task.wire_round:
+            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.wire_round}")
         if parts != issued.task.returns:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)

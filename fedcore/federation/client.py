@@ -34,8 +34,9 @@ class TrainTask:
     codec: Codec = Identity()  # how the delta goes back (fedcore.payload.codecs), with error feedback
 
     @property
-    def payload_round(self) -> int:
-        """The round its payloads and stream headers name (the wire's `round`): the round index."""
+    def wire_round(self) -> int:
+        """What the wire's `round` fields carry for this task (`Task.round`, its stream headers, its payloads'
+        `round` metadata): for a train task, its round index."""
         return self.round_index
 
 
@@ -52,8 +53,9 @@ class EvalTask:
     returns: frozenset[Part] = frozenset()  # nothing goes back but the score
 
     @property
-    def payload_round(self) -> int:
-        """The round its payloads and stream headers name (the wire's `round`): the rounds completed."""
+    def wire_round(self) -> int:
+        """What the wire's `round` fields carry for this task (`Task.round`, its stream headers, its payload's
+        `round` metadata): for an evaluate task, the rounds completed."""
         return self.completed_rounds
 
 
@@ -111,7 +113,7 @@ class ClientRuntime:
         if meta.base >= 0:
             received = self._apply_change(payload, task, meta)
         else:
-            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.payload_round, model=self.model_name)
+            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.wire_round, model=self.model_name)
             if meta.version >= 0:
                 self.shared, self.shared_version = {n: t.clone() for n, t in received.items()}, meta.version
         for name, t in received.items():
@@ -132,7 +134,7 @@ class ClientRuntime:
         names = self.layout.names(task.receives)
         holds = meta.base == self.shared_version and all(n in self.shared for n in names)
         codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
-        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.payload_round, model=self.model_name)
+        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.wire_round, model=self.model_name)
         if not holds and meta.seed < 0:
             raise MissingSharedState(
                 f"client {self.client_id!r} holds version {self.shared_version} of the shared model, the change is from version {meta.base}; it needs the values again"

@@ -40,7 +40,7 @@ def _task_message(kind: pb.Task.Kind.ValueType, task: TrainTask | EvalTask, head
     """The envelope every task shares (round, id, parts, the payload's size and digest) around its `spec`."""
     msg = pb.Task(
         kind=kind,
-        round=task.payload_round,
+        round=task.wire_round,
         task_id=task.task_id,
         receives=parts_to_proto(task.receives),
         private_parts=parts_to_proto(task.private_parts),
