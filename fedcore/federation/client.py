@@ -89,7 +89,7 @@ class ClientRuntime:
         self._base: dict[str, torch.Tensor] = {}
         self.shared: dict[str, torch.Tensor] = {}  # the shared model of a run with coded downloads, as received
         self.shared_version = -1  # its version (-1: none)
-        # What a lossy codec left out of the updates so far, per tensor (error feedback); residuals of tensors
+        # What a lossy codec left out of the deltas so far, per tensor (error feedback); residuals of tensors
         # this model does not have (another run's state) are dropped
         specs = self.layout.specs(PART_ORDER)
         self.residuals: dict[str, torch.Tensor] = {
