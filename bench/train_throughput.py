@@ -185,9 +185,9 @@ def round_seconds(trainer: LocalTrainer, shard: torch.Tensor, batch: int, rounds
         start = time.perf_counter()
         runtime.load(payload, task)
         runtime.train(task)
-        update = runtime.update(task)
+        delta_payload = runtime.delta_payload(task)
         seconds = time.perf_counter() - start
-        log(f"round {r}: {seconds:.2f}s for {shard.shape[0]} images ({len(update) / 1e6:.1f} MB delta)")
+        log(f"round {r}: {seconds:.2f}s for {shard.shape[0]} images ({len(delta_payload) / 1e6:.1f} MB delta)")
         if r >= warmup:
             times.append(seconds)
     return median(times)

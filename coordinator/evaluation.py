@@ -91,7 +91,7 @@ class EvalPhase:
         meta = PayloadMeta(kind="weights", model=federation.config.model, round_index=r, parts=parts)
         payload = serialization.encode({n: federation.global_state[n] for n in federation.layout.names(parts)}, meta)
         tasks = {
-            w: EvalTask(completed_rounds=r, task_id=f"e{r}-{w}", receives=parts, private=private_parts(strategy), spec=spec, share_samples=share_samples)
+            w: EvalTask(completed_rounds=r, task_id=f"e{r}-{w}", receives=parts, private_parts=private_parts(strategy), spec=spec, share_samples=share_samples)
             for w in digests
         }
         return cls(r, tasks, payload, dict(digests))

@@ -273,8 +273,8 @@ class Phase:
             raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
         if worker_id in open_round.accepted:  # before a slot is taken or a byte is read
             raise DuplicateUpdate(f"worker {worker_id!r} already delivered its update for task {task_id!r}")
-        if round_index != issued.task.payload_round:
-            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.payload_round}")
+        if round_index != issued.task.wire_round:
+            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.wire_round}")
         if parts != issued.task.returns:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)
@@ -295,7 +295,7 @@ class Phase:
         for part, factor in update.clipped.items():
             self.metrics.clipped_updates.labels(part.value).inc()
             log.info("update of worker %s for task %s: %s scaled by %.3g to the clipping bound", worker_id, task_id, part.value, factor)
-        if open_round.plan.assignment(worker_id).private:
+        if open_round.plan.assignment(worker_id).private_parts:
             self.registry.mark_has_private_state(worker_id)
         with self._arrivals:
             self._arrivals.notify_all()
@@ -341,7 +341,7 @@ class Phase:
             return
         with self._cond:
             issued = self._issued.get(worker_id)
-            if issued is None or self._finished(worker_id) or issued.task.private <= issued.task.receives:
+            if issued is None or self._finished(worker_id) or issued.task.private_parts <= issued.task.receives:
                 return
             if self._round is not None:
                 task = self._round.send_whole_model(worker_id)

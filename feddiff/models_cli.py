@@ -181,10 +181,10 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     if found is None:
         rounds = f" of round {trained.completed_rounds} or earlier" if trained.completed_rounds is not None else ""
         raise FileNotFoundError(f"{state_dir}: no private parts {stem}-rNNNN.safetensors{rounds}")
-    private, private_round = found
+    private_tensors, private_round = found
     identity = state_dir / WORKER_IDENTITY_FILE
     worker = json.loads(identity.read_text())["worker_id"] if identity.is_file() else stem
-    tensors = personalised_state(trained.tensors, private)
+    tensors = personalised_state(trained.tensors, private_tensors)
     return replace(trained, tensors=tensors, kind="personalised", worker=worker, private_round=private_round)
 
 
@@ -225,7 +225,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
     from fedcore.model.unet import build_model, layout_of, preset
 
     layout = layout_of(build_model(trained.model))
-    private = private_parts(Strategy(trained.strategy)) if trained.kind == "personalised" and trained.strategy else frozenset()
+    worker_parts = private_parts(Strategy(trained.strategy)) if trained.kind == "personalised" and trained.strategy else frozenset()
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -238,7 +238,7 @@ def export_config(trained: TrainedModel, file_name: str) -> dict[str, object]:
         "worker": trained.worker,
         "private_round": trained.private_round,
         "parameters": layout.total,
-        "parts": {p.value: {"parameters": layout.numel(p), "from": "worker" if p in private else "global"} for p in PART_ORDER},
+        "parts": {p.value: {"parameters": layout.numel(p), "from": "worker" if p in worker_parts else "global"} for p in PART_ORDER},
     }
 
 

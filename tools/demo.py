@@ -121,9 +121,9 @@ def main() -> int:
     loaded = checkpoint.load_private(args.workdir / "workers" / "client-0", "private")
     if loaded is None:
         raise SystemExit(f"{args.workdir / 'workers' / 'client-0'}: client-0 saved no private parts")
-    private, _ = loaded
+    private_tensors, _ = loaded
     model = build_model(str(p["model"]))
-    model.load_state_dict(checkpoint.personalised_state(global_state, private))
+    model.load_state_dict(checkpoint.personalised_state(global_state, private_tensors))
     model.to(str(p["device"]))
     images = generate(model, Schedule(), 64, sampler="ddim", steps=100, seed=0, device=str(p["device"]))
     out = save_grid(images, args.workdir / "samples-client-0.png", nrow=8, scale=3)

@@ -139,7 +139,7 @@ class CoordinatorClient:
             raise HeaderError("weights stream did not start with a header")
         on_wire(first.ByteSize())
         h = first.header
-        if h.task_id != task.task_id or h.round != task.payload_round or convert.parts_from_proto(h.parts) != task.receives:
+        if h.task_id != task.task_id or h.round != task.wire_round or convert.parts_from_proto(h.parts) != task.receives:
             raise HeaderError(f"weights header for task {h.task_id!r} round {h.round}, expected {task.task_id!r}")
 
         pace = Pace(self.download_rate_limit)

@@ -95,7 +95,7 @@ class WorkerDaemon:
         self.stop_event = threading.Event()
         self.images = load_local_data(cfg)
         found = self.state.load_private()
-        self.private = found[0] if found else None
+        self.private_tensors = found[0] if found else None
         if found:
             log.info("worker %s: private parts of round %d restored from %s", self.worker_id, found[1], self.state_dir)
         kept = self.state.load_residuals()
@@ -179,7 +179,7 @@ class WorkerDaemon:
 
     def _forget_private_state(self, e: MissingPrivateState) -> None:
         """Join again, after the backoff, as a worker without private parts."""
-        self._set_private(None)
+        self._set_private_tensors(None)
         log.error("worker %s: %s; rejoining without private state in %.1fs", self.worker_id, e, self.backoff.delay)
         self._back_off()
 
@@ -270,7 +270,7 @@ class WorkerDaemon:
         return joined
 
     def _has_private(self) -> bool:
-        return bool(self.runtime.private if self.runtime else self.private)
+        return bool(self.runtime.private_tensors if self.runtime else self.private_tensors)
 
     def _join_once(self, client: CoordinatorClient, has_private: bool) -> pb.JoinResponse:
         device = str(self.runtime.trainer.speed.device if self.runtime else resolve_device(self.cfg.speed.device))
@@ -295,7 +295,7 @@ class WorkerDaemon:
             raise SessionOver from e
         if changed:
             found = self.state.load_private()
-            self._set_private(found[0] if found else None)
+            self._set_private_tensors(found[0] if found else None)
             kept = self.state.load_residuals()  # the run's error feedback: none, or its own moved back
             self.residuals = kept[0] if kept else None
             if self.runtime is not None:
@@ -303,11 +303,11 @@ class WorkerDaemon:
             if found:
                 log.info("worker %s: private parts of round %d of run %s restored from %s", self.worker_id, found[1], run_id, self.state_dir)
 
-    def _set_private(self, tensors: dict[str, torch.Tensor] | None) -> None:
-        self.private = tensors
+    def _set_private_tensors(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.private_tensors = tensors
         if self.runtime is not None:
-            self.runtime.private.clear()
-            self.runtime.private.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
+            self.runtime.private_tensors.clear()
+            self.runtime.private_tensors.update({k: v.detach().cpu().clone() for k, v in (tensors or {}).items()})
 
     def _build(self, model_name: str) -> None:
         """Model and trainer (compiled on GPU): built once per process and reused every round."""
@@ -321,7 +321,7 @@ class WorkerDaemon:
         ranks, stop_group = (team.ranks, team.stop_group) if team else (Ranks(), None)
         trainer = LocalTrainer(build_model(model_name), Schedule(), self.cfg.speed, ranks, stop_group)
         data = trainer.prepare_data(to_model_range(self.images.images))
-        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private, self.residuals)
+        self.runtime = ClientRuntime(self.worker_id, model_name, trainer, data, self.private_tensors, self.residuals)
         with_ranks = f" with {team.ranks.world_size} ranks" if team else ""
         log.info("worker %s: %d local images on %s%s", self.worker_id, len(self.images), trainer.speed.device, with_ranks)
 
@@ -381,15 +381,15 @@ class WorkerDaemon:
         if self.team is not None:
             self.team.start_training(runtime.model_name, task, runtime.trainer.model)
         result = self._train_locally(runtime, task)
-        update = runtime.update(task)
+        payload = runtime.delta_payload(task)
         if runtime.residuals:  # kept across restarts, beside the private parts
             self.state.save_residuals(task.round_index + 1, runtime.residuals)
         report = pb.TrainReport(images_seen=result.images_seen, mean_loss=result.mean_loss, seconds=result.seconds)
         try:
-            client.upload(task, update, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
+            client.upload(task, payload, report, on_wire=self.metrics.wire_bytes.labels("up").inc)
         except grpc.RpcError as e:
             return self._upload_failed(task, e)
-        self._delivered(runtime, task, update, result)
+        self._delivered(runtime, task, payload, result)
         return True
 
     def _load(self, client: CoordinatorClient, runtime: ClientRuntime, task: TrainTask) -> None:
@@ -406,8 +406,8 @@ class WorkerDaemon:
         self.metrics.local_loss.set(result.mean_loss)
         self.metrics.train_images.inc(result.images_seen)
         self.metrics.train_images_per_second.set(result.images_per_second)
-        if task.private:  # the update goes up whether the save succeeds or not
-            self.state.save_private(task.round_index + 1, runtime.private)
+        if task.private_parts:  # the update goes up whether the save succeeds or not
+            self.state.save_private(task.round_index + 1, runtime.private_tensors)
         return result
 
     def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> bool:
@@ -418,14 +418,14 @@ class WorkerDaemon:
             raise SessionOver from error
         return action is Action.NEXT_TASK
 
-    def _delivered(self, runtime: ClientRuntime, task: TrainTask, update: bytes, result: TrainResult) -> None:
+    def _delivered(self, runtime: ClientRuntime, task: TrainTask, payload: bytes, result: TrainResult) -> None:
         """An update the coordinator took: counted and logged."""
-        self._count(runtime.layout, "up", task.returns, update)
+        self._count(runtime.layout, "up", task.returns, payload)
         self.metrics.updates.labels("accepted").inc()
         self.rounds_done += 1
         log.info(
             "worker %s: round %d: trained %d images at %.0f images/s, loss %.4f; sent %.2f MB",
-            self.worker_id, task.round_index + 1, result.images_seen, result.images_per_second, result.mean_loss, len(update) / 1e6,
+            self.worker_id, task.round_index + 1, result.images_seen, result.images_per_second, result.mean_loss, len(payload) / 1e6,
         )  # fmt: skip
 
     def _run_evaluation(self, client: CoordinatorClient, task: EvalTask) -> None:

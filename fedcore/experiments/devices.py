@@ -1,7 +1,7 @@
 """Training a simulated round's clients: in this process on one trainer, or in parallel over several devices
 with one persistent process per device (`--devices cuda:0,cuda:1`, `--devices cpu,cpu`).
 
-A client's training depends only on what its job carries (task, seed, received weights, private tensors) and
+A client's training depends only on what its job carries (task, seed, received payload, private tensors) and
 on its shard, never on the process that runs it or on what that process trained before: every task loads the
 whole model (received parts and the client's own private parts) and starts a fresh Adam. So the processes
 return the same bytes as one process would, and the caller folds them in the plan's order, as a sequential
@@ -92,21 +92,21 @@ def _unpack(packed: tuple[tuple[str, ...], bytes]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ClientJob:
-    """One client's training in one round, as the server hands it over: task, weights, and the private
+    """One client's training in one round, as the server hands it over: task, received payload, and the private
     tensors the client kept from earlier rounds."""
 
     client_id: str
     task: TrainTask
-    weights: bytes | bytearray | memoryview  # the received weights payload (safetensors)
-    private: Mapping[str, torch.Tensor]  # on the CPU
+    payload: bytes | bytearray | memoryview  # the received weights payload (safetensors)
+    private_tensors: Mapping[str, torch.Tensor]  # on the CPU
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # what a compressed run's client keeps
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _job, (self.client_id, self.task, bytes(self.weights), _pack(self.private), self.kept.packed())
+        return _job, (self.client_id, self.task, bytes(self.payload), _pack(self.private_tensors), self.kept.packed())
 
 
-def _job(client_id: str, task: TrainTask, weights: bytes, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientJob:
-    return ClientJob(client_id, task, weights, _unpack(private), KeptState.unpacked(kept))
+def _job(client_id: str, task: TrainTask, payload: bytes, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientJob:
+    return ClientJob(client_id, task, payload, _unpack(private_tensors), KeptState.unpacked(kept))
 
 
 @dataclass(frozen=True)
@@ -138,21 +138,23 @@ class KeptState:
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """What a client's training gives back: its update payload, its report, and its private tensors now."""
+    """What a client's training gives back: its delta's payload, its report, and its private tensors now."""
 
     client_id: str
-    update: bytes  # the delta payload (safetensors)
+    delta_payload: bytes  # the delta's payload (safetensors)
     mean_loss: float
     images_seen: int
-    private: Mapping[str, torch.Tensor]  # on the CPU
+    private_tensors: Mapping[str, torch.Tensor]  # on the CPU
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _outcome, (self.client_id, self.update, self.mean_loss, self.images_seen, _pack(self.private), self.kept.packed())
+        return _outcome, (self.client_id, self.delta_payload, self.mean_loss, self.images_seen, _pack(self.private_tensors), self.kept.packed())
 
 
-def _outcome(client_id: str, update: bytes, mean_loss: float, images_seen: int, private: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]) -> ClientOutcome:
-    return ClientOutcome(client_id, update, mean_loss, images_seen, _unpack(private), KeptState.unpacked(kept))
+def _outcome(
+    client_id: str, delta_payload: bytes, mean_loss: float, images_seen: int, private_tensors: tuple[tuple[str, ...], bytes], kept: tuple[Any, ...]
+) -> ClientOutcome:
+    return ClientOutcome(client_id, delta_payload, mean_loss, images_seen, _unpack(private_tensors), KeptState.unpacked(kept))
 
 
 class ClientTraining(Protocol):
@@ -174,12 +176,12 @@ class InProcessTraining:
 
     def train_one(self, job: ClientJob) -> ClientOutcome:
         runtime = self.runtimes[job.client_id]
-        runtime.private = dict(job.private)
+        runtime.private_tensors = dict(job.private_tensors)
         job.kept.into(runtime)
-        runtime.load(job.weights, job.task)
+        runtime.load(job.payload, job.task)
         result = runtime.train(job.task)
-        update = runtime.update(job.task)
-        return ClientOutcome(job.client_id, update, result.mean_loss, result.images_seen, runtime.private, KeptState.of(runtime))
+        delta_payload = runtime.delta_payload(job.task)
+        return ClientOutcome(job.client_id, delta_payload, result.mean_loss, result.images_seen, runtime.private_tensors, KeptState.of(runtime))
 
 
 # --- the processes --------------------------------------------------------------------------------------------

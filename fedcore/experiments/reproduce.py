@@ -268,7 +268,7 @@ def cell_models(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
     global_state = sim.federation.global_state
     if not private_parts(sim.config.federation.strategy):
         return {"global": global_state}
-    return {cid: checkpoint.personalised_state(global_state, c.private) for cid, c in sim.clients.items()}
+    return {cid: checkpoint.personalised_state(global_state, c.private_tensors) for cid, c in sim.clients.items()}
 
 
 def _summary(fds: Sequence[float]) -> tuple[float, float]:

@@ -56,7 +56,7 @@ class SimulatedClient:
 
     client_id: str
     images: np.ndarray  # (N, C, H, W) uint8: its shard of the training pool
-    private: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the parts it keeps for good
+    private_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # on the CPU: the values of the parts it keeps for good
     kept: KeptState = field(default_factory=lambda: KeptState({}, {}, -1))  # a compressed run's residuals and shared model
 
     @property
@@ -109,7 +109,7 @@ class Simulation:
             clients[cid] = SimulatedClient(cid, pool_images.images[idx])
             if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / CLIENTS, cid, federation.completed_rounds)
-                clients[cid].private = found[0] if found else {}
+                clients[cid].private_tensors = found[0] if found else {}
             if federation.completed_rounds:
                 found = checkpoint.load_private(out / RESIDUALS, cid, federation.completed_rounds)
                 clients[cid].kept = KeptState(found[0] if found else {}, {}, -1)
@@ -125,11 +125,11 @@ class Simulation:
         open_round = fed.open_round(plan, {c: self.clients[c].num_examples for c in plan.clients})
         for trained in self.training.train(self._job(open_round, cid) for cid in plan.clients):
             cid, task = trained.client_id, open_round.task(trained.client_id)
-            update = transfer(trained.update, self.config.chunk_size)
-            open_round.accept(cid, update, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
-            self.clients[cid].private, self.clients[cid].kept = dict(trained.private), trained.kept
-            if task.private:
-                checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private)
+            payload = transfer(trained.delta_payload, self.config.chunk_size)
+            open_round.accept(cid, payload, mean_loss=trained.mean_loss, images_seen=trained.images_seen)
+            self.clients[cid].private_tensors, self.clients[cid].kept = dict(trained.private_tensors), trained.kept
+            if task.private_parts:
+                checkpoint.save_private(self.out_dir / CLIENTS, cid, task.round_index + 1, self.clients[cid].private_tensors)
             if trained.kept.residuals:
                 checkpoint.save_private(self.out_dir / RESIDUALS, cid, task.round_index + 1, dict(trained.kept.residuals))
         outcome = open_round.close()
@@ -142,11 +142,11 @@ class Simulation:
         return outcome
 
     def _job(self, open_round: OpenRound, cid: str) -> ClientJob:
-        """A client's training this round, its weights sent through the stream format (and counted as sent)."""
+        """A client's training this round, its weights payload sent through the stream format (and counted as sent)."""
         task = open_round.task(cid)
-        weights = transfer(open_round.payload_for(cid), self.config.chunk_size)
+        payload = transfer(open_round.payload_for(cid), self.config.chunk_size)
         open_round.mark_sent(cid)
-        return ClientJob(cid, task, weights, self.clients[cid].private, self.clients[cid].kept)
+        return ClientJob(cid, task, payload, self.clients[cid].private_tensors, self.clients[cid].kept)
 
     def run(self) -> list[RoundRecord]:
         while not self.federation.finished:

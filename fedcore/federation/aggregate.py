@@ -1,4 +1,4 @@
-"""Streaming FedAvg (McMahan et al. 2017): weighted mean of deltas per part, folded in one update at a time."""
+"""Streaming FedAvg (McMahan et al. 2017): weighted mean of deltas per part, folded in one delta at a time."""
 
 from __future__ import annotations
 
@@ -13,23 +13,23 @@ from fedcore.payload.serialization import Decoded, TensorTable, check_finite, ch
 
 
 def delta(local: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A worker's update for the parts it returns: local - received, per tensor."""
+    """A worker's delta for the parts it returns: local - received, per tensor."""
     return {name: (local[name].detach().float() - received[name].float()).cpu() for name in received}
 
 
 class RunningAggregate:
     """The weighted sum of the deltas accepted so far, per part, and the total weight behind each part.
 
-    Memory is one copy of the averaged parts whatever the number of clients. An update is checked in full
-    (names, shapes, dtypes, finite values, weight) before it touches the sums, so a refused update leaves
+    Memory is one copy of the averaged parts whatever the number of clients. A delta is checked in full
+    (names, shapes, dtypes, finite values, weight) before it touches the sums, so a refused one leaves
     them as they were. The result depends on arrival order only through float rounding."""
 
     def __init__(self, layout: PartLayout, parts: Iterable[Part]):
         self.layout = layout
         self.parts = frozenset(parts)
         specs = layout.specs(self.parts)
-        # One flat buffer, tensors in name order (the order of the safetensors files every update arrives
-        # in), so that a decoded update is added with a few slices instead of an operation per tensor.
+        # One flat buffer, tensors in name order (the order of the safetensors files every delta arrives
+        # in), so that a decoded delta is added with a few slices instead of an operation per tensor.
         self._offsets: dict[str, int] = {}
         total = 0
         for name in sorted(specs):
@@ -53,35 +53,35 @@ class RunningAggregate:
         for p in parts:
             self._weight[p] += weight
 
-    def fold(self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, *, checked_finite: bool = False) -> None:
-        """Add `weight` x `update` to the running sums. `checked_finite`: the caller has already refused
+    def fold(self, delta: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, *, checked_finite: bool = False) -> None:
+        """Add `weight` x `delta` to the running sums. `checked_finite`: the caller has already refused
         NaN and Inf, so the values are not scanned a second time."""
         parts = frozenset(parts)
         self._check(parts, weight)
-        check_schema({n: (t.dtype, tuple(t.shape)) for n, t in update.items()}, self.layout.specs(parts))
+        check_schema({n: (t.dtype, tuple(t.shape)) for n, t in delta.items()}, self.layout.specs(parts))
         if not checked_finite:
-            check_finite(update)
-        self._add(update, weight)
+            check_finite(delta)
+        self._add(delta, weight)
         self._count(parts, weight)
 
-    def _add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
-        names = list(update)
-        torch._foreach_add_([self._sums[n] for n in names], [update[n] for n in names], alpha=weight)  # one call, not one per tensor
+    def _add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        names = list(delta)
+        torch._foreach_add_([self._sums[n] for n in names], [delta[n] for n in names], alpha=weight)  # one call, not one per tensor
 
-    def fold_decoded(self, update: Decoded, weight: float, clip: Mapping[Part, float] | None = None) -> dict[Part, float]:
+    def fold_decoded(self, delta: Decoded, weight: float, clip: Mapping[Part, float] | None = None) -> dict[Part, float]:
         """Add `weight` x a payload checked by a `PayloadReader` against this aggregate's layout (schema and
         finite values): one add per run of tensors that lie in the same order in both buffers.
 
         With `clip` (norm clipping: a bound per part, possibly none), each part's L2 norm is taken first and a
         part whose norm exceeds its bound is folded scaled down to it: one pass for the norms, one for the
         scaled add, no copy. Returns the norms (empty without `clip`)."""
-        parts = update.table.parts
+        parts = delta.table.parts
         self._check(parts, weight)
-        values = update.values()
+        values = delta.values()
         if values is None:  # not float32 back to back: tensor by tensor, part by part
-            norms = self._fold_by_part(update.tensors(), weight, clip)
+            norms = self._fold_by_part(delta.tensors(), weight, clip)
         else:
-            plan = self._copy_plan(update.table)
+            plan = self._copy_plan(delta.table)
             norms = {p: _norm([values[s : s + c] for s, _, c in runs]) for p, runs in plan.items()} if clip is not None else {}
             for p, runs in plan.items():
                 alpha = weight * _scale(norms.get(p), (clip or {}).get(p))
@@ -91,19 +91,19 @@ class RunningAggregate:
         return norms
 
     def fold_tensors(
-        self, update: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, clip: Mapping[Part, float] | None = None
+        self, delta: Mapping[str, torch.Tensor], parts: Iterable[Part], weight: float, clip: Mapping[Part, float] | None = None
     ) -> dict[Part, float]:
         """`fold_decoded` for float32 tensors of `parts` already checked against this aggregate's layout (a
-        decoded coded update, fedcore.payload.coded): clipped as there, tensor by tensor."""
+        decoded coded delta, fedcore.payload.coded): clipped as there, tensor by tensor."""
         parts = frozenset(parts)
         self._check(parts, weight)
-        norms = self._fold_by_part(update, weight, clip)
+        norms = self._fold_by_part(delta, weight, clip)
         self._count(parts, weight)
         return norms
 
-    def _fold_by_part(self, update: Mapping[str, torch.Tensor], weight: float, clip: Mapping[Part, float] | None) -> dict[Part, float]:
+    def _fold_by_part(self, delta: Mapping[str, torch.Tensor], weight: float, clip: Mapping[Part, float] | None) -> dict[Part, float]:
         """Add each part's tensors, scaled down to its clipping bound where `clip` has one; the norms taken."""
-        by_part = self._by_part(update)
+        by_part = self._by_part(delta)
         norms = {p: _norm(list(ts.values())) for p, ts in by_part.items()} if clip is not None else {}
         for p, tensors in by_part.items():
             self._add(tensors, weight * _scale(norms.get(p), (clip or {}).get(p)))
@@ -116,7 +116,7 @@ class RunningAggregate:
         return out
 
     def _copy_plan(self, table: TensorTable) -> dict[Part, tuple[tuple[int, int, int], ...]]:
-        """Per part, (first value in the update, first value in the sums, count) per run, once per distinct
+        """Per part, (first value in the delta, first value in the sums, count) per run, once per distinct
         header. A run never spans two parts, so that each part can be folded with its own factor."""
         plan = self._copy_plans.get(table)
         if plan is None:
@@ -154,7 +154,7 @@ class RunningAggregate:
 
     def check_applicable(self, state: Mapping[str, torch.Tensor]) -> None:
         """NonFiniteAggregate unless global + mean delta is finite everywhere (`apply_to` would leave NaN or an
-        infinity, as finite updates whose weighted sum overflows float32 do). The new values are computed as
+        infinity, as finite deltas whose weighted sum overflows float32 do). The new values are computed as
         `apply_to` computes them, one tensor at a time, and dropped: no second copy of the model."""
         for p in sorted_parts(self.reported_parts):
             for name in self.layout.tensors[p]:

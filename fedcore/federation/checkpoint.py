@@ -205,9 +205,9 @@ def load_private(directory: str | Path, client: str, completed_rounds: int | Non
     return tensors, versions[-1]
 
 
-def personalised_state(global_state: dict[str, torch.Tensor], private: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def personalised_state(global_state: dict[str, torch.Tensor], private_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A client's own model under udec/ulatdec: the shared parts of the global model, its private parts."""
-    unknown = sorted(set(private) - set(global_state))
+    unknown = sorted(set(private_tensors) - set(global_state))
     if unknown:
         raise ValueError(f"private tensor {unknown[0]!r} is not part of the model")
-    return {**global_state, **private}
+    return {**global_state, **private_tensors}

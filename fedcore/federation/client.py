@@ -28,14 +28,15 @@ class TrainTask:
     task_id: str  # unique per (round, client)
     receives: frozenset[Part]  # parts in the weights payload
     returns: frozenset[Part]  # parts whose delta goes back
-    private: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
+    private_parts: frozenset[Part]  # parts the client keeps for good (its own, from earlier rounds)
     train: TrainConfig
     seed: int  # seeds the shuffling, timesteps and noise of this round's training
     codec: Codec = Identity()  # how the delta goes back (fedcore.payload.codecs), with error feedback
 
     @property
-    def payload_round(self) -> int:
-        """The round its payloads and stream headers name (the wire's `round`): the round index."""
+    def wire_round(self) -> int:
+        """What the wire's `round` fields carry for this task (`Task.round`, its stream headers, its payloads'
+        `round` metadata): for a train task, its round index."""
         return self.round_index
 
 
@@ -46,14 +47,15 @@ class EvalTask:
     completed_rounds: int  # rounds completed when the evaluation was asked for
     task_id: str
     receives: frozenset[Part]  # the shared parts, as the global model has them now
-    private: frozenset[Part]  # the client's own parts
+    private_parts: frozenset[Part]  # the client's own parts
     spec: SamplingSpec
     share_samples: bool = False  # send a sample grid back (off: no image leaves the client)
     returns: frozenset[Part] = frozenset()  # nothing goes back but the score
 
     @property
-    def payload_round(self) -> int:
-        """The round its payloads and stream headers name (the wire's `round`): the rounds completed."""
+    def wire_round(self) -> int:
+        """What the wire's `round` fields carry for this task (`Task.round`, its stream headers, its payload's
+        `round` metadata): for an evaluate task, the rounds completed."""
         return self.completed_rounds
 
 
@@ -74,7 +76,7 @@ class ClientRuntime:
         model_name: str,
         trainer: LocalTrainer,
         data: torch.Tensor,
-        private: Mapping[str, torch.Tensor] | None = None,
+        private_tensors: Mapping[str, torch.Tensor] | None = None,
         residuals: Mapping[str, torch.Tensor] | None = None,
     ):
         self.client_id = client_id
@@ -83,11 +85,11 @@ class ClientRuntime:
         self.data = data  # (N, C, H, W) in model range, on the training device
         self.layout: PartLayout = layout_of(trainer.model)
         self._params = trainer.model.state_dict()  # views of the live parameters
-        self.private: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in (private or {}).items()}
+        self.private_tensors: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in (private_tensors or {}).items()}
         self._base: dict[str, torch.Tensor] = {}
         self.shared: dict[str, torch.Tensor] = {}  # the shared model of a run with coded downloads, as received
         self.shared_version = -1  # its version (-1: none)
-        # What a lossy codec left out of the updates so far, per tensor (error feedback); residuals of tensors
+        # What a lossy codec left out of the deltas so far, per tensor (error feedback); residuals of tensors
         # this model does not have (another run's state) are dropped
         specs = self.layout.specs(PART_ORDER)
         self.residuals: dict[str, torch.Tensor] = {
@@ -100,7 +102,7 @@ class ClientRuntime:
 
     @property
     def has_private_state(self) -> bool:
-        return bool(self.private)
+        return bool(self.private_tensors)
 
     @torch.no_grad()
     def load(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask) -> None:
@@ -111,15 +113,15 @@ class ClientRuntime:
         if meta.base >= 0:
             received = self._apply_change(payload, task, meta)
         else:
-            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.payload_round, model=self.model_name)
+            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.wire_round, model=self.model_name)
             if meta.version >= 0:
                 self.shared, self.shared_version = {n: t.clone() for n, t in received.items()}, meta.version
         for name, t in received.items():
             self._params[name].copy_(t)
-        for name in self.layout.names(task.private - task.receives):
-            if name not in self.private:
+        for name in self.layout.names(task.private_parts - task.receives):
+            if name not in self.private_tensors:
                 raise MissingPrivateState(f"client {self.client_id!r} holds no private tensor {name!r}; it needs the full model again")
-            self._params[name].copy_(self.private[name])
+            self._params[name].copy_(self.private_tensors[name])
         self._base = {name: self._params[name].detach().clone() for name in self.layout.names(task.returns)}
 
     def _apply_change(self, payload: bytes | bytearray | memoryview, task: TrainTask | EvalTask, meta: PayloadMeta) -> dict[str, torch.Tensor]:
@@ -132,7 +134,7 @@ class ClientRuntime:
         names = self.layout.names(task.receives)
         holds = meta.base == self.shared_version and all(n in self.shared for n in names)
         codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
-        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.payload_round, model=self.model_name)
+        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.wire_round, model=self.model_name)
         if not holds and meta.seed < 0:
             raise MissingSharedState(
                 f"client {self.client_id!r} holds version {self.shared_version} of the shared model, the change is from version {meta.base}; it needs the values again"
@@ -168,12 +170,12 @@ class ClientRuntime:
         should_stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
         result = self.trainer.train(self.data, task.train, seed=task.seed, on_step=on_step, should_stop=should_stop)
-        self.private = {name: self._params[name].detach().cpu().clone() for name in self.layout.names(task.private)}
+        self.private_tensors = {name: self._params[name].detach().cpu().clone() for name in self.layout.names(task.private_parts)}
         return result
 
-    def update(self, task: TrainTask) -> bytes:
-        """Safetensors bytes of local - received for the parts this client returns, coded by the task's codec:
-        plus what the codec left out of this client's earlier updates, and keeping what it leaves out of this
+    def delta_payload(self, task: TrainTask) -> bytes:
+        """The delta's payload: safetensors bytes of local - received for the parts this client returns, coded by
+        the task's codec: plus what the codec left out of this client's earlier deltas, and keeping what it leaves out of this
         one (`residuals`, error feedback; none for `none`)."""
         local = {name: self._params[name] for name in self._base}
         meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns, codec=task.codec.name)

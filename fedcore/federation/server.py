@@ -477,7 +477,7 @@ class OpenRound:
             task_id=f"r{self.round_index}.{self.attempt}-{client}",
             receives=a.receives,
             returns=a.returns,
-            private=a.private,
+            private_parts=a.private_parts,
             train=cfg.train,
             seed=task_seed(cfg.seed, self.round_index, client),
             codec=cfg.compression,

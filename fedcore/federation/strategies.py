@@ -42,7 +42,7 @@ class ClientAssignment:
     client: str  # stable client identity
     receives: frozenset[Part]  # parts the server sends this round
     returns: frozenset[Part]  # parts whose delta the client sends back
-    private: frozenset[Part]  # parts the client keeps for good
+    private_parts: frozenset[Part]  # parts the client keeps for good
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,13 @@ def plan_round(
     if len(set(clients)) != len(clients):
         raise ValueError(f"round {round_index}: duplicate client ids in {list(clients)}")
     shared = shared_parts(strategy)
-    private = private_parts(strategy)
     returns = _usplit_returns(list(clients), rng) if strategy is Strategy.USPLIT else dict.fromkeys(clients, shared)
     assignments = tuple(
         ClientAssignment(
             client=c,
             receives=ALL_PARTS if c in first_contact else shared,
             returns=returns[c],
-            private=private,
+            private_parts=private_parts(strategy),
         )
         for c in clients
     )

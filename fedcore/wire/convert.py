@@ -40,10 +40,10 @@ def _task_message(kind: pb.Task.Kind.ValueType, task: TrainTask | EvalTask, head
     """The envelope every task shares (round, id, parts, the payload's size and digest) around its `spec`."""
     msg = pb.Task(
         kind=kind,
-        round=task.payload_round,
+        round=task.wire_round,
         task_id=task.task_id,
         receives=parts_to_proto(task.receives),
-        private_parts=parts_to_proto(task.private),
+        private_parts=parts_to_proto(task.private_parts),
         payload_bytes=header.total_bytes,
         **spec,
     )
@@ -72,7 +72,7 @@ def task_from_proto(msg: pb.Task) -> TrainTask:
         task_id=msg.task_id,
         receives=receives,
         returns=returns,
-        private=_task_parts(msg.task_id, msg.private_parts),
+        private_parts=_task_parts(msg.task_id, msg.private_parts),
         train=train,
         seed=spec.seed,
         codec=_task_codec(msg.task_id, spec.compression),
@@ -117,7 +117,7 @@ def eval_task_from_proto(msg: pb.Task) -> EvalTask:
         completed_rounds=msg.round,
         task_id=msg.task_id,
         receives=receives,
-        private=_task_parts(msg.task_id, msg.private_parts),
+        private_parts=_task_parts(msg.task_id, msg.private_parts),
         spec=sampling,
         share_samples=spec.share_samples,
     )

@@ -18,7 +18,9 @@ SPEC = SamplingSpec(num_samples=16, sampler="ddim", steps=10, seed=0)
 
 def _phase() -> EvalPhase:
     tasks = {
-        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER, Part.BOTTLENECK}), spec=SPEC)
+        w: EvalTask(
+            completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private_parts=frozenset({Part.ENCODER, Part.BOTTLENECK}), spec=SPEC
+        )
         for w in ("a", "b")
     }
     return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"", digests=dict.fromkeys(tasks, "sha256"))

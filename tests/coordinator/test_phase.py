@@ -45,7 +45,8 @@ def _open_round(phase: Phase, federation: Federation) -> OpenRound:
 
 def _eval_phase() -> EvalPhase:
     tasks = {
-        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private=frozenset({Part.ENCODER}), spec=SPEC) for w in WORKERS
+        w: EvalTask(completed_rounds=3, task_id=f"e3-{w}", receives=frozenset({Part.DECODER}), private_parts=frozenset({Part.ENCODER}), spec=SPEC)
+        for w in WORKERS
     }
     return EvalPhase(completed_rounds=3, tasks=tasks, payload=b"payload", digests=dict.fromkeys(tasks, "sha256"))
 
@@ -79,11 +80,11 @@ def test_a_round_checks_each_upload_against_its_task_until_it_closes(federation:
     open_round = _open_round(phase, federation)
     task_a, task_b = open_round.task("a"), open_round.task("b")
 
-    assert phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round) > 0
+    assert phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.wire_round) > 0
     with pytest.raises(NotAssigned):
-        phase.upload_limit("a", task_b.task_id, task_b.returns, task_b.payload_round)  # another worker's task
+        phase.upload_limit("a", task_b.task_id, task_b.returns, task_b.wire_round)  # another worker's task
     with pytest.raises(WrongRound):
-        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round + 1)
+        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.wire_round + 1)
     with pytest.raises(WrongRound):
         phase.report_evaluation(EvalReport("a", task_a.task_id, 0, 25.0, "fmnist-classifier", 16), b"")  # no evaluation in progress
     phase.note_training_time("a", task_a.task_id, 1.5)
@@ -93,7 +94,7 @@ def test_a_round_checks_each_upload_against_its_task_until_it_closes(federation:
     phase.close()
     assert not phase.accepting(task_a.task_id) and phase.poll_task("a") is None
     with pytest.raises(LateUpdate):
-        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.payload_round)
+        phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.wire_round)
 
 
 def test_long_polls_hear_stopped_and_done(federation: Federation) -> None:

@@ -103,7 +103,7 @@ def test_what_was_sent_plus_the_residual_is_the_sum_of_the_true_deltas(name: str
         runtime.load(serialization.encode(state, PayloadMeta(kind="weights", model="tiny", round_index=r, parts=frozenset(ALL_PARTS))), task)
         runtime.train(task)
         local = runtime.sampling_model().state_dict()
-        payload = runtime.update(task)
+        payload = runtime.delta_payload(task)
 
         decoded, _ = coded.decode(reader, codec, payload, parts)
         for n, d in delta({n: local[n] for n in true}, {n: state[n] for n in true}).items():
@@ -218,7 +218,7 @@ def test_every_client_reconstructs_the_shared_model_bit_for_bit_a_late_and_a_res
             assert runtimes[c].shared_version == federation.shared_version
             assert all(torch.equal(runtimes[c].shared[n], federation.shared[n]) for n in federation.global_state)  # type: ignore[index]
             runtimes[c].train(task)
-            open_round.accept(c, runtimes[c].update(task), mean_loss=0.1, images_seen=8)
+            open_round.accept(c, runtimes[c].delta_payload(task), mean_loss=0.1, images_seen=8)
         open_round.close()
 
     assert got == {

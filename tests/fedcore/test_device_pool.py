@@ -91,7 +91,7 @@ def test_a_process_that_raises_ends_simulate_with_its_error(
 
     def corrupt(self: Simulation, open_round: OpenRound, cid: str) -> devices.ClientJob:
         made = job(self, open_round, cid)
-        return replace(made, weights=b"no safetensors") if cid == "client-1" else made
+        return replace(made, payload=b"no safetensors") if cid == "client-1" else made
 
     monkeypatch.setattr(Simulation, "_job", corrupt)
 

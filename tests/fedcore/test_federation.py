@@ -149,7 +149,7 @@ def test_udec_second_round_sends_only_the_decoder_except_to_newcomers() -> None:
     assert round_.payload(frozenset({DEC})) is round_.payload(frozenset({DEC}))
     assert len(round_.payload(frozenset({DEC}))) < len(round_.payload(ALL_PARTS))
     task = round_.task("alice")
-    assert task.round_index == 1 and task.private == {ENC, MID} and task.returns == {DEC}
+    assert task.round_index == 1 and task.private_parts == {ENC, MID} and task.returns == {DEC}
     assert task.seed == task_seed(3, 1, "alice") != task_seed(3, 1, "bob")
 
 
@@ -385,15 +385,15 @@ def test_client_round_trip_through_the_federation() -> None:
     client.load(round_.payload(task.receives), task)
     loaded = {n: t.clone() for n, t in client.sampling_model().state_dict().items()}  # before training changes it
     result = client.train(task)
-    update = client.update(task)
-    round_.accept("alice", update, mean_loss=result.mean_loss, images_seen=result.images_seen)
+    payload = client.delta_payload(task)
+    round_.accept("alice", payload, mean_loss=result.mean_loss, images_seen=result.images_seen)
     before = {n: t.clone() for n, t in fed.global_state.items()}
     round_.close()
 
     assert all(torch.equal(loaded[n], before[n]) for n in before)  # the payload replaced the client's own init
-    assert set(client.private) == set(fed.layout.names({ENC, MID}))
+    assert set(client.private_tensors) == set(fed.layout.names({ENC, MID}))
     trained = client.sampling_model().state_dict()
-    assert all(torch.equal(client.private[n], trained[n]) for n in client.private)
+    assert all(torch.equal(client.private_tensors[n], trained[n]) for n in client.private_tensors)
     # One client: the global decoder becomes the client's decoder; the encoder is never averaged.
     for n in fed.layout.names({DEC}):
         torch.testing.assert_close(fed.global_state[n], trained[n], rtol=0, atol=1e-6)
@@ -413,7 +413,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
         task_id="r1-alice",
         receives=frozenset({DEC}),
         returns=frozenset({DEC}),
-        private=frozenset({ENC, MID}),
+        private_parts=frozenset({ENC, MID}),
         train=TrainConfig(),
         seed=0,
     )
@@ -422,7 +422,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
         client.load(payload, task)
 
 
-def test_client_update_is_the_delta_of_its_returned_parts() -> None:
+def test_client_delta_payload_is_the_delta_of_its_returned_parts() -> None:
     fed = _federation(Strategy.ULATDEC, train=TrainConfig(epochs=1, batch_size=8))
     round_ = fed.open_round(fed.plan(["alice"]), {"alice": 8})
     client = _runtime("alice", seed=1, images=8)
@@ -430,9 +430,9 @@ def test_client_update_is_the_delta_of_its_returned_parts() -> None:
     client.load(round_.payload(task.receives), task)
     client.train(task)
 
-    update = decode(client.update(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
+    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
 
     expected = delta(client.sampling_model().state_dict(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
-    assert set(update) == set(fed.layout.names({MID, DEC}))
-    assert all(torch.equal(update[n], expected[n]) for n in expected)
-    assert any(bool(t.abs().sum() > 0) for t in update.values())
+    assert set(decoded) == set(fed.layout.names({MID, DEC}))
+    assert all(torch.equal(decoded[n], expected[n]) for n in expected)
+    assert any(bool(t.abs().sum() > 0) for t in decoded.values())

@@ -122,7 +122,7 @@ def test_a_client_first_contacted_in_round_two_applies_the_change_to_the_model_i
     early.load(open_round.payload_for("a"), task)
     open_round.mark_sent("a")
     early.train(task)
-    open_round.accept("a", early.update(task), mean_loss=0.1, images_seen=8)
+    open_round.accept("a", early.delta_payload(task), mean_loss=0.1, images_seen=8)
     open_round.close()
 
     open_round = _open(federation, ["a", "b"])
@@ -133,7 +133,7 @@ def test_a_client_first_contacted_in_round_two_applies_the_change_to_the_model_i
     late.load(payload, task)
     from_values.load(open_round.payload(ALL_PARTS), task)  # what it downloaded before: version 1's values
 
-    assert task.receives == ALL_PARTS and task.private  # the first contact: the private parts come with it
+    assert task.receives == ALL_PARTS and task.private_parts  # the first contact: the private parts come with it
     assert (meta.version, meta.base, meta.seed) == (1, 0, 3)
     assert len(payload) < 4 * LAYOUT.total / 5
     assert _equal(_model(late), _model(from_values), ALL_NAMES)  # shared and private parts, bit for bit

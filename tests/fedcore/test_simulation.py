@@ -178,7 +178,7 @@ def test_udec_clients_keep_their_own_encoders_and_share_one_decoder(runs, initia
     for cid, tensors in private.items():
         assert set(tensors) == set(enc_mid), cid
         assert not _same(tensors, initial, _names(layout, [ENC])), cid
-        assert _same(tensors, sim.clients[cid].private, enc_mid), cid
+        assert _same(tensors, sim.clients[cid].private_tensors, enc_mid), cid
     ids = client_ids(K)
     for i, a in enumerate(ids):
         for b in ids[i + 1 :]:

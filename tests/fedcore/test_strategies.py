@@ -147,7 +147,7 @@ def test_usplit_pairing_rule(clients: int) -> None:
         returns = {a.client: a.returns for a in plan.assignments}
 
         # Everyone receives the whole model and keeps nothing private.
-        assert all(a.receives == ALL_PARTS and a.private == frozenset() for a in plan.assignments)
+        assert all(a.receives == ALL_PARTS and a.private_parts == frozenset() for a in plan.assignments)
         # Every part is returned by someone, every round.
         assert plan.averaged_parts == ALL_PARTS
         if clients == 1:
@@ -226,7 +226,7 @@ def test_udec_first_contact_gets_everything_then_only_the_decoder() -> None:
     later = plan_round(Strategy.UDEC, 1, ids, round_rng(0, 1), first_contact=())
 
     assert all(a.receives == ALL_PARTS for a in first.assignments)
-    assert all(a.returns == {DEC} and a.private == {ENC, MID} for a in first.assignments)
+    assert all(a.returns == {DEC} and a.private_parts == {ENC, MID} for a in first.assignments)
     assert all(a.receives == {DEC} and a.returns == {DEC} for a in later.assignments)
     assert {a.receives for a in first.assignments} == {ALL_PARTS}
     assert {a.receives for a in later.assignments} == {frozenset({DEC})}
@@ -238,13 +238,13 @@ def test_a_late_joiner_gets_the_whole_model_once() -> None:
     assert plan.assignment("new").receives == ALL_PARTS
     assert plan.assignment("a").receives == {MID, DEC}
     assert {a.receives for a in plan.assignments} == {ALL_PARTS, frozenset({MID, DEC})}
-    assert all(a.returns == {MID, DEC} and a.private == {ENC} for a in plan.assignments)
+    assert all(a.returns == {MID, DEC} and a.private_parts == {ENC} for a in plan.assignments)
 
 
 def test_full_plan_sends_and_returns_everything() -> None:
     plan = plan_round(Strategy.FULL, 0, _ids(4), round_rng(0, 0))
 
-    assert all(a.receives == a.returns == ALL_PARTS and not a.private for a in plan.assignments)
+    assert all(a.receives == a.returns == ALL_PARTS and not a.private_parts for a in plan.assignments)
     assert plan_traffic(plan, {ENC: 1, MID: 10, DEC: 100}).total == 2 * 4 * 111
 
 

@@ -31,13 +31,13 @@ class Coordinator:
 
     def __init__(self, weights: bytes):
         self.weights = weights
-        self.update = b""
+        self.uploaded = b""  # the payload of the delta it uploads
 
     def download(self, task: Any, *, max_bytes: int, on_wire: Any) -> memoryview:
         return memoryview(bytearray(self.weights))
 
-    def upload(self, task: Any, update: bytes, report: Any, *, on_wire: Any) -> None:
-        self.update = update
+    def upload(self, task: Any, payload: bytes, report: Any, *, on_wire: Any) -> None:
+        self.uploaded = payload
 
 
 def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
     runtime = daemon.runtime
     assert runtime is not None
     local = runtime.sampling_model().state_dict()
-    sent, _ = coded.decode(PayloadReader(LAYOUT, kind="delta"), Codec.parse("int4"), coordinator.update, DECODER)
+    sent, _ = coded.decode(PayloadReader(LAYOUT, kind="delta"), Codec.parse("int4"), coordinator.uploaded, DECODER)
     kept = daemon.state.load_residuals()
     assert kept is not None and kept[1] == 4
     for name, before in saved.items():  # what went up plus what is kept is the true delta plus what was kept before

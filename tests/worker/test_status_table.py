@@ -134,7 +134,9 @@ def test_a_failed_join_ends_the_session_counted_and_logged(code: Code, daemon: W
         assert line.startswith(f"worker w: coordinator unavailable (StatusCode.{code.name}: ")
 
 
-TASK = TrainTask(round_index=0, task_id="r0.1-w", receives=frozenset(Part), returns=frozenset({Part.DECODER}), private=frozenset(), train=TrainConfig(), seed=0)
+TASK = TrainTask(
+    round_index=0, task_id="r0.1-w", receives=frozenset(Part), returns=frozenset({Part.DECODER}), private_parts=frozenset(), train=TrainConfig(), seed=0
+)
 
 
 @pytest.mark.parametrize("code", CODES, ids=lambda c: c.name)

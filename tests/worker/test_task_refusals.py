@@ -179,7 +179,7 @@ def test_every_rejoin_and_refusal_waits_by_one_policy_a_lost_private_state_inclu
     daemon = _daemon(tmp_path, backoff_initial=0.5, backoff_max=3.0, insecure=True)
     daemon._build("tiny")
     assert daemon.runtime is not None
-    daemon.runtime.private["stale"] = torch.zeros(1)
+    daemon.runtime.private_tensors["stale"] = torch.zeros(1)
     daemon.stop_event = StopAfter(5)
     outcomes = iter(
         [
@@ -204,4 +204,4 @@ def test_every_rejoin_and_refusal_waits_by_one_policy_a_lost_private_state_inclu
 
     assert _waits(daemon) == [0.5, 1.0, 2.0, 3.0, 3.0]
     assert daemon.runtime is not None
-    assert daemon.runtime.private == {} and daemon.private is None, "it rejoins as a worker without private state"
+    assert daemon.runtime.private_tensors == {} and daemon.private_tensors is None, "it rejoins as a worker without private state"

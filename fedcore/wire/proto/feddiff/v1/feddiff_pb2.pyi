@@ -360,7 +360,7 @@ class Task(_message.Message):
     PAYLOAD_BLAKE3_FIELD_NUMBER: _builtins.int
     kind: Global___Task.Kind.ValueType
     round: _builtins.int
-    """0-based round index; bound: 0..2^32-1"""
+    """TRAIN: the 0-based round index; EVALUATE: the rounds completed (the global model's); bound: 0..2^32-1"""
     task_id: _builtins.str
     """bound: 1..256 characters of [A-Za-z0-9._-]"""
     payload_bytes: _builtins.int
@@ -539,7 +539,7 @@ class StreamHeader(_message.Message):
     FORMAT_VERSION_FIELD_NUMBER: _builtins.int
     BLAKE3_FIELD_NUMBER: _builtins.int
     round: _builtins.int
-    """the task's round; bound: 0..2^32-1"""
+    """the task's round (Task.round); bound: 0..2^32-1"""
     task_id: _builtins.str
     """bound: 1..256 characters of [A-Za-z0-9._-]"""
     total_bytes: _builtins.int
