@@ -64,7 +64,7 @@ class SessionOver(Exception):
 class Backoff:
     """The worker's one wait policy after anything that did not go as asked: a connection lost or refused, a
     join refused, a task it refused or could not load. `backoff_initial` first, doubled after each further
-    failure up to `backoff_max`, and from the start again once a task ran."""
+    failure up to `backoff_max`, and from the start again once a task ran and its result was taken."""
 
     def __init__(self, initial: float, most: float):
         self.initial, self.most = initial, most
@@ -342,19 +342,20 @@ class WorkerDaemon:
             task = self._runnable(msg)
             if isinstance(task, EvalTask):
                 self._run_evaluation(client, task)
-                taken = True
+                refused = None
             else:
-                taken = self._train(client, task)
+                refused = self._train(client, task)
         except TaskRefused as e:
             self._refuse(client, msg.task_id, e)
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             self._refuse(client, msg.task_id, OutOfMemory(f"task {msg.task_id!r}: {str(e).splitlines()[0]}"))
         else:
-            if taken:
+            if refused is None:  # the task ran and its result was taken
                 self.backoff.reset()
-            else:  # the coordinator refused the update: the same task again at once would be refused the same way
+            elif refused is Action.BACK_OFF:  # the same task again at once would be refused the same way
                 self._back_off()
+            # an update that missed its round: the next task at once, the backoff left as it is (nothing was taken)
 
     def _runnable(self, msg: pb.Task) -> TrainTask | EvalTask:
         if self.runtime is None:
@@ -372,9 +373,10 @@ class WorkerDaemon:
                 raise SessionOver from e
         self._back_off()
 
-    def _train(self, client: CoordinatorClient, task: TrainTask) -> bool:
-        """Download, train and upload one task; False when the coordinator refused the update. With several
-        ranks, the others get the task and the loaded weights, and train it with this one."""
+    def _train(self, client: CoordinatorClient, task: TrainTask) -> Action | None:
+        """Download, train and upload one task; None when the coordinator took the update, else what to do
+        after its refusal (BACK_OFF, or NEXT_TASK for an update that missed its round). With several ranks, the
+        others get the task and the loaded weights, and train it with this one."""
         runtime = self.runtime
         assert runtime is not None
         self._load(client, runtime, task)
@@ -390,7 +392,7 @@ class WorkerDaemon:
         except grpc.RpcError as e:
             return self._upload_failed(task, e)
         self._delivered(runtime, task, payload, result)
-        return True
+        return None
 
     def _load(self, client: CoordinatorClient, runtime: ClientRuntime, task: TrainTask) -> None:
         """Download the task's weights, count them, and load them (MissingPrivateState when the private parts
@@ -410,13 +412,13 @@ class WorkerDaemon:
             self.state.save_private(task.round_index + 1, runtime.private_tensors)
         return result
 
-    def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> bool:
-        """After an upload that failed: True to go on to the next task at once (its round moved on), False to
-        back off first (the update was refused); SessionOver when the session is over."""
+    def _upload_failed(self, task: TrainTask, error: grpc.RpcError) -> Action:
+        """After an upload that failed: NEXT_TASK to go on at once (its round moved on), BACK_OFF to wait first
+        (the update was refused); SessionOver when the session is over."""
         action = self._react("upload", error, task.task_id).action
         if action is Action.REJOIN:
             raise SessionOver from error
-        return action is Action.NEXT_TASK
+        return action
 
     def _delivered(self, runtime: ClientRuntime, task: TrainTask, payload: bytes, result: TrainResult) -> None:
         """An update the coordinator took: counted and logged."""

@@ -59,7 +59,7 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
     initial = build_model("tiny", seed=1).state_dict()
     coordinator = Coordinator(serialization.encode(initial, PayloadMeta(kind="weights", model="tiny", round_index=3, parts=ALL_PARTS)))
 
-    assert daemon._train(coordinator, task)  # type: ignore[arg-type]
+    assert daemon._train(coordinator, task) is None  # type: ignore[arg-type]
 
     runtime = daemon.runtime
     assert runtime is not None

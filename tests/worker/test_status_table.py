@@ -147,7 +147,7 @@ def test_a_failed_upload_goes_on_backs_off_or_ends_the_session_as_its_row_says(c
         with pytest.raises(SessionOver):
             daemon._upload_failed(TASK, Failed(code))
     else:
-        assert daemon._upload_failed(TASK, Failed(code)) is (row.action is Action.NEXT_TASK)
+        assert daemon._upload_failed(TASK, Failed(code)) is row.action
         assert _count(daemon, "feddiff_updates_total", row.outcome) == 1
 
 

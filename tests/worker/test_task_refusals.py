@@ -19,6 +19,7 @@ from tests.reliability.support import image_folder
 from worker.client import CoordinatorClient
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon
+from worker.status import Action
 
 
 class FakeClient(CoordinatorClient):
@@ -142,7 +143,7 @@ def test_a_task_too_large_for_the_device_is_refused_and_a_task_that_runs_resets_
     monkeypatch.setattr(daemon, "_train", out_of_memory)
     daemon._run_task(client, _task(batch_size=65536))
     daemon._run_task(client, _task(batch_size=65536))
-    monkeypatch.setattr(daemon, "_train", lambda client, task: True)  # its update was taken
+    monkeypatch.setattr(daemon, "_train", lambda client, task: None)  # its update was taken
     daemon._run_task(client, _task())
     monkeypatch.setattr(daemon, "_train", out_of_memory)
     daemon._run_task(client, _task(batch_size=65536))
@@ -150,6 +151,24 @@ def test_a_task_too_large_for_the_device_is_refused_and_a_task_that_runs_resets_
     assert [r for _, r, _ in client.refusals] == ["out_of_memory"] * 3
     assert client.refusals[0][2] == "task 'r0.1-w': CUDA out of memory. Tried to allocate 20.00 GiB"
     assert _waits(daemon) == [0.5, 1.0, 0.5]
+
+
+def test_an_update_that_missed_its_round_neither_waits_nor_resets_the_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A late update was not taken: the next task comes at once, and the next refusal waits on from where the
+    backoff stood (a worker refused until its round closes must not start again from the shortest wait)."""
+    daemon = _daemon(tmp_path)
+    daemon._build("tiny")
+    client = FakeClient()
+
+    monkeypatch.setattr(daemon, "_train", lambda client, task: Action.BACK_OFF)  # its update was refused
+    daemon._run_task(client, _task())
+    daemon._run_task(client, _task())
+    monkeypatch.setattr(daemon, "_train", lambda client, task: Action.NEXT_TASK)  # its round had closed
+    daemon._run_task(client, _task())
+    monkeypatch.setattr(daemon, "_train", lambda client, task: Action.BACK_OFF)
+    daemon._run_task(client, _task())
+
+    assert _waits(daemon) == [0.5, 1.0, 2.0]
 
 
 def test_against_a_coordinator_without_reject_task_the_worker_still_waits(tmp_path: Path) -> None:
