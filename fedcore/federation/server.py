@@ -455,7 +455,7 @@ class OpenRound:
         self.lowered = bounded.lowered  # client -> the bounds that lowered its weight below its claim
         self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
-        self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round_index, model=federation.config.model)
+        self._reader = serialization.PayloadReader(federation.layout, kind="delta", wire_round=plan.round_index, model=federation.config.model)
         self._payloads: dict[tuple[frozenset[Part], bool], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
@@ -513,7 +513,7 @@ class OpenRound:
         fed = self.federation
         source = fed.global_state if fed.shared is None else fed.shared
         version = -1 if fed.shared is None else self.version
-        meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, version=version)
+        meta = PayloadMeta(kind="weights", model=fed.config.model, wire_round=self.round_index, parts=parts, version=version)
         return serialization.encode({n: source[n] for n in fed.layout.names(parts)}, meta)
 
     def _change(self, parts: frozenset[Part]) -> bytes:
@@ -526,7 +526,7 @@ class OpenRound:
         meta = PayloadMeta(
             kind="weights",
             model=cfg.model,
-            round_index=self.round_index,
+            wire_round=self.round_index,
             parts=parts,
             codec=cfg.compression.name,
             version=self.version,

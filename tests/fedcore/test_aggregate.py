@@ -195,14 +195,14 @@ def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
 def _payload(layout: PartLayout, tensors, parts, round_index: int = 0) -> bytearray:
     from fedcore.payload.serialization import PayloadMeta, encode
 
-    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))))
+    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=frozenset(parts))))
 
 
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({MID, DEC}), frozenset({ENC})])
 def test_a_decoded_payload_folds_to_the_same_sums_as_its_tensors(parts, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     by_tensor, by_payload = RunningAggregate(tiny_layout, ALL_PARTS), RunningAggregate(tiny_layout, ALL_PARTS)
     for i, m in enumerate(_local_models(global_state, 3, seed=11)):
         update = _parts_of(tiny_layout, delta(m, global_state), parts)
@@ -238,7 +238,7 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
 
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     decoded = reader.read(_padded(_payload(tiny_layout, update, {DEC})), {DEC})
     assert decoded.values() is None
     agg, reference = RunningAggregate(tiny_layout, {DEC}), RunningAggregate(tiny_layout, {DEC})
@@ -251,7 +251,7 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
 def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad_value: float, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
     good = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=13)[0], global_state), ALL_PARTS)
     agg.fold_decoded(reader.read(_payload(tiny_layout, good, ALL_PARTS), ALL_PARTS), 2.0)
@@ -278,7 +278,7 @@ def test_the_largest_magnitude_is_finite_for_finite_values_only() -> None:
 def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=14)[0], global_state), {DEC})
     name = sorted(update)[3]
     update[name] = update[name].clone()
@@ -294,7 +294,7 @@ def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_stat
 def test_clipping_scales_each_part_down_to_its_bound_and_returns_the_norms(padded: bool, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=15)[0], global_state), ALL_PARTS)
     norms = {p: float(torch.cat([update[n].double().flatten() for n in tiny_layout.tensors[p]]).norm()) for p in PART_ORDER}
     bounds = {DEC: norms[DEC] / 4, ENC: norms[ENC] * 2}  # the decoder is clipped, the encoder within, the bottleneck unbounded

@@ -32,7 +32,7 @@ def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
 def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 1e-4) -> tuple[bytes, dict]:
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(fed.global_state[n].shape, generator=g) for n in fed.layout.names(parts)}
-    meta = PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))
+    meta = PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=frozenset(parts))
     return encode(tensors, meta), tensors
 
 
@@ -46,7 +46,7 @@ def test_a_two_client_full_round_by_hand() -> None:
     payloads = {c: round_.payload(plan.assignment(c).receives) for c in plan.clients}
     assert plan.clients == ["alice", "bob"]
     assert payloads["alice"] is payloads["bob"]
-    weights = decode(payloads["alice"], fed.layout, kind="weights", parts=ALL_PARTS, round_index=0, model="tiny")
+    weights = decode(payloads["alice"], fed.layout, kind="weights", parts=ALL_PARTS, wire_round=0, model="tiny")
     assert all(torch.equal(weights[n], initial[n]) for n in initial)
 
     for c in plan.clients:
@@ -214,7 +214,7 @@ def _hostile_federation(**robust: Any) -> Federation:
 
 def _filled(fed: Federation, value: float, round_index: int = 0) -> bytes:
     tensors = {n: torch.full(t.shape, value) for n, t in fed.global_state.items()}
-    return encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=ALL_PARTS))
+    return encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=ALL_PARTS))
 
 
 def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded() -> None:
@@ -311,7 +311,7 @@ def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
     fed = _hostile_federation(clip_norm=0.05, max_delta_value=1e6)  # the value bound would refuse it: clipping alone
     honest, _ = _delta_payload(fed, 0, ALL_PARTS, seed=0)
     _, hostile = _delta_payload(fed, 0, ALL_PARTS, seed=1)
-    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", round_index=0, parts=ALL_PARTS))
+    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", wire_round=0, parts=ALL_PARTS))
     before = {n: t.clone() for n, t in fed.global_state.items()}
     round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
 
@@ -406,7 +406,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
     client = _runtime("alice", seed=0)
     payload = encode(
         {n: fed.global_state[n] for n in fed.layout.names({DEC})},
-        PayloadMeta(kind="weights", model="tiny", round_index=1, parts=frozenset({DEC})),
+        PayloadMeta(kind="weights", model="tiny", wire_round=1, parts=frozenset({DEC})),
     )
     task = TrainTask(
         round_index=1,
@@ -430,7 +430,7 @@ def test_client_delta_payload_is_the_delta_of_its_returned_parts() -> None:
     client.load(round_.payload(task.receives), task)
     client.train(task)
 
-    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
+    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, wire_round=0, model="tiny")
 
     expected = delta(client.sampling_model().state_dict(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
     assert set(decoded) == set(fed.layout.names({MID, DEC}))
