@@ -28,11 +28,11 @@ def _ledger_fields(down: int, up: int) -> str:
 
 def round_line(number: int, mean_loss: float, *, bounds: bool = True) -> str:
     """A round's line byte for byte as the coordinator and the simulation write it; `bounds=False`: as logs
-    written before FedAvg weights were bounded and updates clipped hold it (no weights, no clipped)."""
-    weights = '"weights": {"client-0": 80, "client-1": 40}, "clipped": {"client-1": {"decoder": 0.5}}, ' if bounds else ""
+    written before FedAvg weights were bounded and updates clipped hold it (no "weights" key, no "clipped")."""
+    bounded = '"weights": {"client-0": 80, "client-1": 40}, "clipped": {"client-1": {"decoder": 0.5}}, ' if bounds else ""
     return (
         f'{{"round": {number}, "participants": ["client-0", "client-1"], "planned": ["client-0", "client-1", "client-2"], '
-        f'"mean_loss": {mean_loss}, "client_loss": {{"client-0": {mean_loss}, "client-1": {mean_loss}}}, {weights}'
+        f'"mean_loss": {mean_loss}, "client_loss": {{"client-0": {mean_loss}, "client-1": {mean_loss}}}, {bounded}'
         f"{_ledger_fields(2000, 1000)}, "
         f'"cumulative_parameters": {3000 * number}, "cumulative_full_fedavg_parameters": {18000 * number}, '
         f'"reduction_so_far": 0.8333333333333334, "seconds": 1.25}}'
