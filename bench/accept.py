@@ -23,7 +23,7 @@ from fedcore.payload.serialization import PayloadMeta
 def per_update_ms(model: str, repeats: int) -> dict[str, float]:
     layout = meta_layout(model)
     payload = bytearray(serialization.encode(random_delta(layout, ALL_PARTS), PayloadMeta("delta", model, 0, ALL_PARTS)))
-    reader = serialization.PayloadReader(layout, kind="delta", round_index=0, model=model)
+    reader = serialization.PayloadReader(layout, kind="delta", wire_round=0, model=model)
     by_tensor, flat = RunningAggregate(layout, ALL_PARTS), RunningAggregate(layout, ALL_PARTS)
 
     table = reader.read(payload, ALL_PARTS).table

@@ -83,7 +83,7 @@ def random_delta(layout: PartLayout, parts: frozenset[Part], seed: int = 0) -> d
 
 def delta_payload(model: str, task: TrainTask, tensors: Mapping[str, torch.Tensor]) -> bytes:
     """The update of `tensors` for `task`, coded by the task's codec (plain float32 for none)."""
-    meta = PayloadMeta(kind="delta", model=model, round_index=task.round_index, parts=task.returns, codec=task.codec.name)
+    meta = PayloadMeta(kind="delta", model=model, wire_round=task.round_index, parts=task.returns, codec=task.codec.name)
     return coded.encode(tensors, meta)
 
 

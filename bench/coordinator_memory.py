@@ -41,7 +41,7 @@ from bench.common import (
 )
 from fedcore.model.parts import ALL_PARTS
 from fedcore.payload.codecs import Codec
-from feddiff.local import sample
+from feddiff.local import metric_value
 from service.allocator import tune_for_streaming
 
 
@@ -75,7 +75,7 @@ def one_k(model: str, k: int, update: bytes | None, slots: int, compression: str
             upload_seconds = time.perf_counter() - start
             during_uploads = peak_rss_bytes(coord.pid) if exact else sampler.peak
             deadline = time.monotonic() + 120
-            while sample(coord.metrics(), "feddiff_round") < 1 and time.monotonic() < deadline:
+            while metric_value(coord.metrics(), "feddiff_round") < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.5)  # the checkpoint of the closed round
         peak = peak_rss_bytes(coord.pid) if exact else sampler.peak

@@ -37,7 +37,7 @@ from bench.common import CoordinatorProcess, LightWorker, delta_payload, emit, l
 from fedcore.federation.client import TrainTask
 from fedcore.model.parts import ALL_PARTS
 from fedcore.payload.serialization import max_payload_bytes
-from feddiff.local import sample
+from feddiff.local import metric_value
 from service.health import health_check
 
 MODEL = "tiny"
@@ -196,9 +196,9 @@ def main() -> int:
             deadline = time.monotonic() + 60 + rounds * (args.work * (1 + args.jitter) + 60)
             while seen < rounds and time.monotonic() < deadline:
                 m = coord.metrics()
-                done = int(sample(m, "feddiff_round"))
+                done = int(metric_value(m, "feddiff_round"))
                 if done > seen:
-                    s = sample(m, "feddiff_round_duration_seconds_sum")
+                    s = metric_value(m, "feddiff_round_duration_seconds_sum")
                     if done == seen + 1:
                         durations.append(s - total)
                         now_cpu = sum(cpu.cpu_times()[:2])

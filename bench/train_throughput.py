@@ -180,7 +180,7 @@ def round_seconds(trainer: LocalTrainer, shard: torch.Tensor, batch: int, rounds
     warmup = 1 if trainer.speed.compile else 0  # the first compiled round also compiles the last batch's shape
     for r in range(rounds + warmup):
         task = TrainTask(r, f"r{r}", ALL_PARTS, ALL_PARTS, frozenset(), TrainConfig(epochs=1, batch_size=batch), seed=r)
-        payload = bytearray(serialization.encode(state, PayloadMeta(kind="weights", model=MODEL, round_index=r, parts=ALL_PARTS)))
+        payload = bytearray(serialization.encode(state, PayloadMeta(kind="weights", model=MODEL, wire_round=r, parts=ALL_PARTS)))
         sync(trainer.speed.device)
         start = time.perf_counter()
         runtime.load(payload, task)

@@ -44,7 +44,7 @@ from bench.common import (
 from fedcore.model.parts import ALL_PARTS, PART_ORDER
 from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.stream import DIGESTS, StreamHeader
-from feddiff.local import sample
+from feddiff.local import metric_value
 from service.allocator import tune_for_streaming
 
 
@@ -108,8 +108,8 @@ def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence
         reference.close()
     size = payload_down / rounds
     size_up = payload_up / rounds
-    coord_payload = sum(sample(metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
-    coord_wire = sum(sample(metrics, "feddiff_wire_bytes_total", direction=d) for d in ("down", "up"))
+    coord_payload = sum(metric_value(metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
+    coord_wire = sum(metric_value(metrics, "feddiff_wire_bytes_total", direction=d) for d in ("down", "up"))
     figures = {
         "payload_mb": size / MB,
         "download_mb_s": size / median(down) / MB,
@@ -184,9 +184,9 @@ def broadcast(model: str, k: int, rounds: int) -> dict[str, float]:
             down_rates.append(down_rate)
             up_rates.append(up_rate)
         deadline = time.monotonic() + 60
-        while sample(coord.metrics(), "feddiff_round") < rounds and time.monotonic() < deadline:
+        while metric_value(coord.metrics(), "feddiff_round") < rounds and time.monotonic() < deadline:
             time.sleep(0.1)
-        serializations = sample(coord.metrics(), "bench_weights_serializations_total")
+        serializations = metric_value(coord.metrics(), "bench_weights_serializations_total")
         for w in workers:
             w.close()
     return {

@@ -91,85 +91,76 @@ WorkerSizes = Annotated[
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """Every setting of a coordinator. Its types carry the ranges and allowed values: `from_args` converts each
-    value to its type or refuses it (training settings with the ranges the workers run, `fedcore.settings`)."""
+    value to its type or refuses it (training settings with the ranges the workers run, `fedcore.settings`).
+    What each setting does is said once, in the words of its flag's help (`_MEANING`); a comment here adds only
+    what one line of help cannot (a reason, a unit on the wire, a format)."""
 
     __pydantic_config__ = settings.CONFIG
 
     strategy: StrategyName = "udec"
-    model: ModelName = "paper-fmnist"  # model preset
-    rounds: Rounds = 15  # R
-    clients_per_round: NonNegative = 0  # 0 = every connected worker, else a seeded sample
-    min_workers: Positive = 2  # connected workers needed to start a round
-    round_deadline: Seconds = 3600.0  # seconds a round waits for updates before closing with quorum
-    quorum: Fraction = 0.5  # fraction of a round's selected workers whose updates must be in to close it
-    epochs: Epochs = 5  # local epochs per round (sent with each task)
+    model: ModelName = "paper-fmnist"
+    rounds: Rounds = 15
+    clients_per_round: NonNegative = 0
+    min_workers: Positive = 2
+    round_deadline: Seconds = 3600.0
+    quorum: Fraction = 0.5
+    epochs: Epochs = 5
     batch_size: BatchSize = 128
     lr: LearningRate = 1e-4
     loss: LossKind = "huber"
-    # How workers code their deltas (sent with each task): none, bf16, int8[:B], int4[:B], topk:F[+bf16|+int8|+int4],
-    # with error feedback on the worker (fedcore.payload.codecs)
-    compression: CompressionName = "none"
-    compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
-    seed: Seed = 0  # initial model, plans, client samples, training seeds
-    init_from: ExistingPath = ""  # start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors (not on --resume)
+    compression: CompressionName = "none"  # the codecs: fedcore.payload.codecs
+    compression_block: CompressionBlock = 0
+    seed: Seed = 0
+    init_from: ExistingPath = ""
     checkpoint_dir: Folder = "runs/coordinator"
-    listen: ListenAddress = "0.0.0.0:50051"  # gRPC address; port 0 picks a free one
-    health_port: Port = -1  # plain-text gRPC port serving only the health service (Kubernetes probes); -1 = off
-    metrics_port: Port = 9100  # Prometheus /metrics; 0 picks a free one, -1 disables
-    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE  # bytes per stream chunk, both directions
-    max_concurrent_uploads: Positive = 2  # updates received and decoded at once; the rest wait (back-pressure)
-    # An upload that receives nothing for this long is cut off (outcome "aborted") and its slot handed on. Keep
-    # it above the time one chunk (--chunk-size) takes on the slowest worker's link: 30 s is 1 MiB at 35 kB/s.
-    upload_idle_timeout: Seconds = 30.0
-    # A weights download its worker reads nothing of for this long is cut off (its unsent chunks freed).
-    download_idle_timeout: Seconds = 30.0
-    # Calls in progress at once, server-wide, on the worker-facing port; more are refused (RESOURCE_EXHAUSTED).
-    # A worker holds up to 4 (a long poll, a heartbeat, a download or an upload, a report); each call holds at
-    # most one request message (the chunk size + 64 KiB) in memory: this bounds what the port's streams hold.
+    listen: ListenAddress = "0.0.0.0:50051"
+    health_port: Port = -1
+    metrics_port: Port = 9100
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE
+    max_concurrent_uploads: Positive = 2
+    upload_idle_timeout: Seconds = 30.0  # the cut upload's outcome is "aborted"; 30 s is 1 MiB at 35 kB/s
+    download_idle_timeout: Seconds = 30.0  # the cut download's unsent chunks are freed
+    # Each call holds at most one request message (the chunk size + 64 KiB) in memory, and a worker holds up to 4
+    # (a long poll, a heartbeat, a download or an upload, a report): this bounds what the port's streams hold.
     max_concurrent_rpcs: CallCount = 1024
-    # HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; RFC 9113 advises no
-    # fewer than 100). A worker holds up to 4 calls on a connection of its own; a caller's burst of calls beyond
-    # this waits in its client, not in the server's queue of calls not yet served, where a flood of thousands
-    # got other workers' calls cancelled. Raise it above the calls of the workers that share a connection (a
-    # proxy): HTTP/2 refuses a stream beyond it (UNAVAILABLE) when a client's calls outrun the ends of earlier ones.
+    # SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 advises no fewer than 100). A worker holds up to 4 calls on a
+    # connection of its own; a caller's burst of calls beyond this waits in its client, not in the server's queue
+    # of calls not yet served, where a flood of thousands got other workers' calls cancelled. HTTP/2 refuses a
+    # stream beyond it (UNAVAILABLE) when the calls of workers behind one proxy outrun the ends of earlier ones.
     max_streams_per_connection: CallCount = 100
-    heartbeat_interval: HeartbeatInterval = 5.0  # seconds between worker heartbeats (sent in ms)
-    heartbeat_timeout: Seconds = 30.0  # a worker unheard of for this long is no longer connected
-    progress: ProgressMode = "auto"  # "auto" (a live line on a terminal, log lines otherwise), "bar", "log", "off"
-    ready_file: ReadyFile = ""  # once serving, write {"address", "metrics_port"} here (for scripts and tests)
-    resume: bool = False  # continue the run in checkpoint_dir; refused when it holds none (nothing to resume)
-    # Continue the run in checkpoint_dir when it holds one, else start a new run there: for a process manager
-    # that starts the same command every time (a Kubernetes Deployment, compose's restart policy)
-    resume_or_start: bool = False
-    exit_when_done: bool = False  # exit after the last round (non-zero when the run failed) instead of serving status
-    # Attempts of one round in a row that nothing could close (no update accepted, every missing update refused by
-    # its worker, or an average that is not finite) before the run stops, naming the round and the likely cause
+    heartbeat_interval: HeartbeatInterval = 5.0  # sent in ms
+    heartbeat_timeout: Seconds = 30.0
+    progress: ProgressMode = "auto"
+    ready_file: ReadyFile = ""  # {"address", "metrics_port"}
+    resume: bool = False
+    resume_or_start: bool = False  # for a Kubernetes Deployment, compose's restart policy
+    exit_when_done: bool = False
+    # Attempts that close nothing: no update accepted, every missing update refused by its worker, or an average
+    # that is not finite; the run stops naming the round and the likely cause
     max_failed_attempts: Positive = 3
-    final_save_timeout: Seconds = 300.0  # seconds the final model (and a checkpoint still unsaved) is retried at the end before the run fails
+    final_save_timeout: Seconds = 300.0
     # Hostile or broken workers (docs/reliability.md, threat model)
-    max_delta_value: FiniteNonNegative = 0.0  # largest |value| of an update; 0 = what its task's training can reach (Adam's bound)
-    max_weight_share: Fraction = 0.5  # most of a round's planned FedAvg weight one worker gets (1 = as claimed)
-    worker_sizes: WorkerSizes = field(default_factory=dict)  # worker id -> most images it weighs; set: unlisted workers are refused
-    clip_norm: FiniteNonNegative = 0.0  # norm clipping: largest L2 norm of one part of an update (0 = off)
-    clip_multiplier: FiniteNonNegative = 0.0  # adaptive clipping: this times the last round's median norm of the part (0 = off)
-    departed_retention: FiniteNonNegative = 3600.0  # seconds a departed worker stays listed before the registry forgets it
-    eval_every: NonNegative = 0  # evaluate after round 1, every N rounds and the last (0 = only after the last round)
-    eval_samples: EvalSamplesOrOff = 0  # samples per evaluated model (0 = no evaluation)
-    eval_steps: SamplingSteps = 100  # DDIM steps for evaluations during training
-    eval_final_sampler: SamplerKind = "ddpm"  # after the last round: "ddpm" (all 1000 steps, the paper) or "ddim"
-    share_samples: bool = False  # workers send a grid of their samples back (off: no image leaves a worker)
-    eval_device: Device = "auto"  # where the coordinator scores the global model (full, usplit)
-    eval_data_root: ExistingFolder = ""  # Fashion-MNIST folder for the real test images (default: Debian's package)
-    inception_weights: ExistingFile = ""  # pytorch-fid Inception weights file; default features: the bundled classifier
-    # Security (mTLS / tokens): paths, empty = not used
+    max_delta_value: FiniteNonNegative = 0.0
+    max_weight_share: Fraction = 0.5
+    worker_sizes: WorkerSizes = field(default_factory=dict)
+    clip_norm: FiniteNonNegative = 0.0
+    clip_multiplier: FiniteNonNegative = 0.0
+    departed_retention: FiniteNonNegative = 3600.0
+    eval_every: NonNegative = 0
+    eval_samples: EvalSamplesOrOff = 0
+    eval_steps: SamplingSteps = 100
+    eval_final_sampler: SamplerKind = "ddpm"
+    share_samples: bool = False
+    eval_device: Device = "auto"
+    eval_data_root: ExistingFolder = ""
+    inception_weights: ExistingFile = ""
+    # Security (mutual TLS, tokens): paths, empty = not used
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
-    tls_ca: ExistingFile = ""  # with tls_ca set, workers must present a certificate signed by it (mutual TLS)
-    tokens_file: ExistingFile = ""  # YAML/JSON map worker_id -> token, for identity without mTLS
-    # File holding the operator's token for GetStatus (`feddiff status --token-file`). Once set, GetStatus
-    # needs it; with tokens_file and without mutual TLS, GetStatus is refused to any caller without it.
-    status_token_file: ExistingFile = ""
-    insecure: bool = False  # plain-text gRPC (needs this explicit flag)
+    tls_ca: ExistingFile = ""
+    tokens_file: ExistingFile = ""
+    status_token_file: ExistingFile = ""  # with tokens_file and without mutual TLS, GetStatus needs it
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
@@ -213,8 +204,8 @@ class CoordinatorConfig:
         )
 
 
-# What each flag does, in its help; its type, range and default come from CoordinatorConfig's fields, whose
-# comments say more where one line cannot.
+# What each setting does: the one place that says it (its flag's help); its type, range and default come from
+# CoordinatorConfig's fields, whose comments add only what one line cannot.
 _MEANING = {
     "strategy": "which UNet parts the workers exchange",
     "model": "model preset",

@@ -88,7 +88,7 @@ class EvalPhase:
         strategy = federation.config.strategy
         parts = shared_parts(strategy)
         r = federation.completed_rounds
-        meta = PayloadMeta(kind="weights", model=federation.config.model, round_index=r, parts=parts)
+        meta = PayloadMeta(kind="weights", model=federation.config.model, wire_round=r, parts=parts)
         payload = serialization.encode({n: federation.global_state[n] for n in federation.layout.names(parts)}, meta)
         tasks = {
             w: EvalTask(completed_rounds=r, task_id=f"e{r}-{w}", receives=parts, private_parts=private_parts(strategy), spec=spec, share_samples=share_samples)

@@ -106,7 +106,7 @@ class Handlers:
         """The first message of a task's download (its stream header) and the payload that follows it."""
         payload, issued = self.phase.task_payload(worker_id, task_id)
         task = issued.task
-        header = convert.header_to_proto(issued.header, round_index=task.wire_round, task_id=task.task_id, parts=task.receives)
+        header = convert.header_to_proto(issued.header, wire_round=task.wire_round, task_id=task.task_id, parts=task.receives)
         return pb.WeightsChunk(header=header), payload
 
     def download_complete(self, worker_id: str, task_id: str) -> None:

@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics: rounds, workers, refusals, bounded weights and clipped updates, and the
+"""The coordinator's Prometheus metrics: rounds, workers, refusals, bounded FedAvg weights and clipped updates, and the
 run's committed totals, besides the metrics both processes keep (service.metrics).
 
 Counters (`*_total`) count what this process did since it started, and restart at zero with it, as
@@ -94,7 +94,7 @@ class Metrics(ProcessMetrics):
         )
 
     def _count_workers(self) -> None:
-        """The workers: how many are connected, their refused calls, bounded weights and clipped updates."""
+        """The workers: how many are connected, their refused calls, bounded FedAvg weights and clipped updates."""
         r = self.registry
         self.workers_connected = Gauge("feddiff_workers_connected", "Workers with a live session", registry=r)
         self.min_workers = Gauge("feddiff_min_workers", "Workers needed to start a round", registry=r)
@@ -104,7 +104,7 @@ class Metrics(ProcessMetrics):
             ["rpc", "outcome"],
             registry=r,
         )
-        self.weights_bounded = Counter(
+        self.fedavg_weights_bounded = Counter(
             "feddiff_weights_bounded",
             "Workers whose FedAvg weight in a round attempt a bound lowered below the images they claimed, by bound (registered, share)",
             ["bound"],
@@ -112,7 +112,7 @@ class Metrics(ProcessMetrics):
         )
         self.clipped_updates = Counter("feddiff_clipped_updates", "Accepted updates that norm clipping scaled down, by part", ["part"], registry=r)
         for bound in WEIGHT_BOUNDS:
-            self.weights_bounded.labels(bound)
+            self.fedavg_weights_bounded.labels(bound)
 
     def _run_totals(self) -> None:
         """The run's committed totals: the last checkpoint's, restored with --resume (`show_run`)."""

@@ -265,7 +265,7 @@ class Phase:
         self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
         return event
 
-    def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part], round_index: int) -> int:
+    def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part], wire_round: int) -> int:
         """The largest update payload this worker may send for this task, after checking the task, its round
         (as the stream header states it) and the parts."""
         open_round, issued = self._current(worker_id, task_id)
@@ -273,8 +273,8 @@ class Phase:
             raise NotAssigned(f"worker {worker_id!r} refused task {task_id!r}")
         if worker_id in open_round.accepted:  # before a slot is taken or a byte is read
             raise DuplicateUpdate(f"worker {worker_id!r} already delivered its update for task {task_id!r}")
-        if round_index != issued.task.wire_round:
-            raise WrongRound(f"update header is for round {round_index}, task {task_id!r} belongs to round {issued.task.wire_round}")
+        if wire_round != issued.task.wire_round:
+            raise WrongRound(f"update header is for round {wire_round}, task {task_id!r} belongs to round {issued.task.wire_round}")
         if parts != issued.task.returns:
             got = sorted(p.value for p in parts)
             want = sorted(p.value for p in issued.task.returns)

@@ -23,7 +23,7 @@ class WorkerInfo:
     device: str
     gpu_name: str
     gpu_memory_bytes: int
-    num_examples: int  # FedAvg weight
+    num_examples: int  # images it declares: its FedAvg weight before the bounds (fedcore.federation.robust)
     software_version: str
     has_private_state: bool
     digests: frozenset[str] = frozenset()  # payload digests it checks besides SHA-256 (fedcore.wire.stream.DIGESTS)

@@ -132,7 +132,7 @@ class RoundDriver:
         plan = self.federation.plan([r.worker_id for r in connected], lost_state=lost)
         with self.phase.lock:
             open_round = self.federation.open_round(plan, {r.worker_id: r.info.num_examples for r in connected})
-            self._count_lowered_weights(open_round)
+            self._count_lowered_fedavg_weights(open_round)
             updates_before = self.metrics.outcome_counts()[1]
             self._round_started = time.monotonic()
             self.phase.open_round(open_round, self._round_tasks(open_round, connected))
@@ -153,13 +153,13 @@ class RoundDriver:
             issued[c] = IssuedTask(task, headers[key])
         return issued
 
-    def _count_lowered_weights(self, open_round: OpenRound) -> None:
+    def _count_lowered_fedavg_weights(self, open_round: OpenRound) -> None:
         for worker_id, bounds in open_round.lowered.items():
             for bound in bounds:
-                self.metrics.weights_bounded.labels(bound).inc()
+                self.metrics.fedavg_weights_bounded.labels(bound).inc()
             log.warning(
                 "round %d: worker %s claims %d images; its FedAvg weight is %d (bounded by %s)",
-                open_round.round_index + 1, worker_id, open_round.num_examples[worker_id], open_round.weights[worker_id], " and ".join(bounds),
+                open_round.round_index + 1, worker_id, open_round.num_examples[worker_id], open_round.fedavg_weights[worker_id], " and ".join(bounds),
             )  # fmt: skip
 
     def _seal(self, open_round: OpenRound, updates_before: Mapping[str, int]) -> Attempt:

@@ -10,7 +10,7 @@ ROOMS, never a room to its right (tests/test_import_walls.py checks every import
                checkpoints, the round log
   wire         the only room that knows protobuf: generated code, streams, chunk codec, converters, bounds
   evaluation   after a round: the Frechet distance of a model's samples, sample grids
-  experiments  whole runs in one process: the simulation, the paper's experiment grid, its report
+  experiments  whole runs in one process: the simulation, the paper's experiment table, its report
 """
 
 ROOMS = ("data", "model", "payload", "federation", "wire", "evaluation", "experiments")

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "strategies": ("parameters each strategy exchanges, counted the paper's way", "feddiff.inspect_cli"),
     "split": ("each client's size and class histogram under a data split", "feddiff.inspect_cli"),
     "simulate": ("a whole federated run in one process (experiments on one GPU)", "feddiff.simulate_cli"),
-    "reproduce": ("the paper's experiment grid in simulation, one cell at a time, resumable; renders docs/results.md", "feddiff.reproduce_cli"),
+    "reproduce": ("the paper's experiment table in simulation, one cell at a time, resumable; renders docs/results.md", "feddiff.reproduce_cli"),
     "coordinator": ("run the coordinator (gRPC server, round loop, checkpoints, metrics)", "feddiff.system_cli"),
     "worker": ("run a worker daemon that trains on this host's private images", "feddiff.system_cli"),
     "certs": ("create a project CA, the coordinator's certificate and one per worker (mutual TLS)", "feddiff.system_cli"),

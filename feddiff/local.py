@@ -26,7 +26,8 @@ def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> dict[tup
     return out
 
 
-def sample(metrics: dict, name: str, **labels: str) -> float:
+def metric_value(metrics: dict, name: str, **labels: str) -> float:
+    """The value of metric `name` with exactly these labels in a `scrape`; 0.0 when it has none."""
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 

@@ -1,4 +1,4 @@
-"""`feddiff reproduce`: flags of the experiment-grid runner, turned into a `ReproduceConfig` at the edge: every
+"""`feddiff reproduce`: flags of the experiment-table runner, turned into a `ReproduceConfig` at the edge: every
 value converted to its setting's type, or refused in one line before any cell runs."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ReproduceSettings:
 
     @property
     def reproduce(self) -> ReproduceConfig:
-        """The grid these settings select (ValueError for --only, --strategies or --splits that name no cell)."""
+        """The cells of the table these settings select (ValueError for --only, --strategies or --splits that name no cell)."""
         protocol = self.protocol_run
         out = Path(self.out) if self.out else Path("runs/reproduce") / protocol.name
         return ReproduceConfig(

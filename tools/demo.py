@@ -25,7 +25,7 @@ from fedcore.model.diffusion import sample as generate
 from fedcore.model.parts import PART_ORDER
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 FD_WORKER = "client-0"
 
@@ -111,8 +111,8 @@ def main() -> int:
     rounds = read_round_log(args.workdir / "checkpoints" / ROUNDS_LOG)
     print()
     print_table(rounds)
-    exchanged = sum(sample(metrics, "feddiff_parameters_total", direction=d, part=q.value) for d in ("down", "up") for q in PART_ORDER)
-    full = sample(metrics, "feddiff_full_fedavg_parameters_total")
+    exchanged = sum(metric_value(metrics, "feddiff_parameters_total", direction=d, part=q.value) for d in ("down", "up") for q in PART_ORDER)
+    full = metric_value(metrics, "feddiff_full_fedavg_parameters_total")
     reduction = 1 - exchanged / full
     print(f"\nparameters exchanged {exchanged:,.0f}, plain FedAvg would have {full:,.0f}: {reduction:.1%} less (from /metrics)")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.parts import PART_ORDER
 from fedcore.model.unet import build_model, layout_of
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 K, R, SEED = 2, 2, 0
 
@@ -37,12 +37,12 @@ def main() -> int:
     for direction, counts in (("down", acct.traffic.down), ("up", acct.traffic.up)):
         for part in PART_ORDER:
             want = counts[part]
-            got = sample(sides["coordinator"], "feddiff_parameters_total", direction=direction, part=part.value)
-            on_workers = sum(sample(m, "feddiff_parameters_total", direction=direction, part=part.value) for n, m in sides.items() if n != "coordinator")
+            got = metric_value(sides["coordinator"], "feddiff_parameters_total", direction=direction, part=part.value)
+            on_workers = sum(metric_value(m, "feddiff_parameters_total", direction=direction, part=part.value) for n, m in sides.items() if n != "coordinator")
             print(f"parameters {direction:<4} {part.value:<10} accounting {want:>8}  coordinator {got:>10.0f}  workers {on_workers:>10.0f}")
             if got != want or on_workers != want:
                 failures.append(f"{direction}/{part.value}")
-    full = sample(sides["coordinator"], "feddiff_full_fedavg_parameters_total")
+    full = metric_value(sides["coordinator"], "feddiff_full_fedavg_parameters_total")
     reduction = 1 - acct.traffic.total / acct.full_fedavg
     print(f"reduction vs plain FedAvg: {reduction:.1%} (full FedAvg {full:.0f} parameters, accounting {acct.full_fedavg})")
     if full != acct.full_fedavg:

@@ -171,7 +171,7 @@ class CoordinatorClient:
             first = pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
-                    stream=convert.header_to_proto(header, round_index=task.round_index, task_id=task.task_id, parts=task.returns),
+                    stream=convert.header_to_proto(header, wire_round=task.round_index, task_id=task.task_id, parts=task.returns),
                     report=report,
                 )
             )

@@ -64,48 +64,50 @@ WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeou
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Every setting of a worker; `from_args` converts each flag to its type or refuses it."""
+    """Every setting of a worker; `from_args` converts each flag to its type or refuses it. What a setting with
+    a flag does is said once, in the words of its help (`_MEANING`); a comment here adds only what one line of
+    help cannot, and says what the settings without a flag do."""
 
     __pydantic_config__ = settings.CONFIG
 
-    coordinator: ConnectAddress  # HOST:PORT of the coordinator
-    worker_id: WorkerId = ""  # stable identity; default: the one saved in state_dir, else a new random one
+    coordinator: ConnectAddress
+    worker_id: WorkerId = ""
     # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
     client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (data_dir holds the images)
     num_clients: Positive = 1
     split: SplitKind = "iid"
-    beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
-    seed: Seed = 2023  # split seed
-    max_images: NonNegative = 0  # 0 = all training images (before splitting)
-    data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
-    data_dir: ExistingFolder = ""  # a folder of images (PNG, JPEG, TIFF, WebP, BMP) instead of Fashion-MNIST
-    image_size: Positive = 28  # size the --data-dir images are brought to (must match the model)
-    channels: Channels = 1  # for --data-dir images
-    state_dir: Folder = "runs/worker"  # identity and private parts, kept across restarts
-    speed: SpeedConfig = SpeedConfig()
-    # Ranks that train this worker's shard together (torch.distributed DDP): this process launches them as
-    # torchrun does. Under torchrun itself leave it at 1: the ranks come from RANK, WORLD_SIZE, LOCAL_RANK.
+    beta: Concentration = 0.5
+    seed: Seed = 2023
+    max_images: NonNegative = 0
+    data_root: ExistingFolder | None = None
+    data_dir: ExistingFolder = ""
+    image_size: Positive = 28  # must match the model
+    channels: Channels = 1
+    state_dir: Folder = "runs/worker"
+    speed: SpeedConfig = SpeedConfig()  # its flags and their words: feddiff.args
+    # Under torchrun itself leave it at 1: the ranks come from RANK, WORLD_SIZE, LOCAL_RANK; else this process
+    # launches them as torchrun does.
     nproc_per_node: NprocPerNode = "1"
-    collective_timeout: Seconds = 300.0  # seconds a rank waits in a collective (a dead rank ends the others then)
-    metrics_port: Port = -1  # Prometheus /metrics; -1 disables, 0 picks a free port
-    wait_timeout: WaitTimeout = 30.0  # long-poll duration of one WaitTask call
-    backoff_initial: Seconds = 0.5  # first delay after a failure (reconnect, refused task), doubled up to backoff_max
-    backoff_max: Seconds = 30.0
-    # Bandwidth caps in bytes per second (0 = none), for a worker on a shared or metered link: uploads are
-    # paced as they are sent; downloads as they are read, and HTTP/2 flow control slows the coordinator down.
+    collective_timeout: Seconds = 300.0
+    metrics_port: Port = -1
+    wait_timeout: WaitTimeout = 30.0
+    backoff_initial: Seconds = 0.5  # no flag: first delay after a failure (reconnect, refused task), doubled up to backoff_max
+    backoff_max: Seconds = 30.0  # no flag: the longest delay between two tries
+    # For a worker on a shared or metered link: uploads are paced as they are sent; downloads as they are read,
+    # and HTTP/2 flow control slows the coordinator down.
     upload_rate_limit: NonNegative = 0
     download_rate_limit: NonNegative = 0
-    exit_when_done: bool = True  # exit once the coordinator reports the last round done
-    inception_weights: ExistingFile = ""  # pytorch-fid Inception weights for FD; default: the bundled classifier
-    ready_file: ReadyFile = ""  # write {"worker_id", "metrics_port"} here once started
-    progress: ProgressMode = "auto"  # "auto" (a live bar on a terminal, log lines otherwise), "bar", "log", "off"
+    exit_when_done: bool = True  # exit once the coordinator reports the last round done (its flag: --keep-running, stay)
+    inception_weights: ExistingFile = ""
+    ready_file: ReadyFile = ""  # {"worker_id", "metrics_port"}
+    progress: ProgressMode = "auto"
     # Security
     insecure: bool = False
     tls_ca: ExistingFile = ""
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
     token_file: ExistingFile = ""
-    tls_server_name: str = ""  # override the name checked in the coordinator's certificate
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         if self.data_dir and self.client_index >= 0:
@@ -154,7 +156,8 @@ def _check_rank_devices(ranks: int, device: str) -> None:
         raise ValueError(f"--nproc-per-node {ranks} trains on CUDA GPUs or CPUs, not on --device {device}")
 
 
-# What each flag means; its type, range and default come from WorkerConfig's fields.
+# What each setting with a flag does: the one place that says it (its flag's help); its type, range and default
+# come from WorkerConfig's fields.
 _MEANING = {
     "coordinator": "HOST:PORT of the coordinator",
     "worker_id": "stable identity (default: the one saved in --state-dir, else a new random one)",

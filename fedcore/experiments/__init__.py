@@ -1,2 +1,2 @@
-"""Experiments, whole runs in one process: the federated simulation, the paper's experiment grid, its results
+"""Experiments, whole runs in one process: the federated simulation, the paper's experiment table, its results
 lines, and its report (docs/results.md)."""

@@ -299,8 +299,8 @@ def compression_table(rows: Sequence[CellResult]) -> str:
 
 def markdown(rows: Sequence[CellResult], results_path: str = "", plots: bool = True, docs: Path | None = None, notes: str = "") -> str:
     compressed = compression_table(rows)
-    rows = [r for r in rows if r.compression == "none"]  # the paper's grid: float32 updates
-    parts = ["# Results: the paper's experiment grid in simulation\n", _status(rows)]
+    rows = [r for r in rows if r.compression == "none"]  # the paper's table: float32 updates
+    parts = ["# Results: the paper's experiment table in simulation\n", _status(rows)]
     parts.append(
         f"## Reproduce\n\nOn a CPU (2 cores: about 3.5 hours for all three):\n\n```\n{CPU_COMMANDS}\n```\n\n"
         f"On one GPU:\n\n```\n{GPU_COMMAND}\n```\n\n{GPU_NOTE}\n"
@@ -412,7 +412,7 @@ def render(rows: Sequence[CellResult], docs: Path | str, results_path: str = "",
     written: list[Path] = []
     if rows:
         atomic_write(docs / RESULTS_COPY, "".join(json.dumps(r.as_json()) + "\n" for r in rows).encode())
-        plain = [r for r in rows if r.compression == "none"]  # the plots are the paper's grid's
+        plain = [r for r in rows if r.compression == "none"]  # the plots are the paper's table's
         written += [docs / RESULTS_COPY, plot_fd_vs_parameters(plain, docs / FD_PLOT), plot_loss(plain, docs / LOSS_PLOT)]
         if run_dir is not None:
             written += copy_grids(rows, run_dir, docs)

@@ -1,4 +1,4 @@
-"""The paper's experiment grid in simulation: protocols, cells, a resumable runner and its JSONL results file.
+"""The paper's experiment table in simulation: protocols, cells, a resumable runner and its JSONL results file.
 
 A cell is one (strategy, split) pair trained with `Simulation` in its own folder; the centralised reference
 is plain FedAvg with K = 1 on all images. A finished cell appends one line to the results file; a cell whose
@@ -96,11 +96,11 @@ class Cell:
     @property
     def key(self) -> str:
         """ "udec:iid", or "udec:iid@int8" for a cell with compressed updates."""
-        return self.grid_key + ("" if self.compression == "none" else f"@{self.compression}")
+        return self.table_key + ("" if self.compression == "none" else f"@{self.compression}")
 
     @property
-    def grid_key(self) -> str:
-        """The cell's place in the grid, STRATEGY:SPLIT, whatever its compression (what --only names)."""
+    def table_key(self) -> str:
+        """The cell's place in the table, STRATEGY:SPLIT, whatever its compression (what --only names)."""
         return f"{self.strategy}:{self.split}"
 
     @property
@@ -123,8 +123,8 @@ class Cell:
         return self.split
 
 
-def grid(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS, compression: str = "none") -> list[Cell]:
-    """The cells of the grid in run order: the centralised reference first (never compressed), then split by split,
+def table_cells(strategies: Sequence[str] = STRATEGIES, splits: Sequence[str] = SPLITS, compression: str = "none") -> list[Cell]:
+    """The cells of the table (strategy x split) in run order: the centralised reference first (never compressed), then split by split,
     the federated cells with `compression`."""
     for s in strategies:
         if s not in STRATEGIES:
@@ -152,10 +152,10 @@ def parse_only(specs: Iterable[str]) -> set[str]:
 
 
 def select_cells(strategies: Sequence[str], splits: Sequence[str], only: Iterable[str] = (), compression: str = "none") -> list[Cell]:
-    cells = grid(strategies, splits, compression)
+    cells = table_cells(strategies, splits, compression)
     keys = parse_only(only)
     if keys:
-        cells = [c for c in cells if c.grid_key in keys]
+        cells = [c for c in cells if c.table_key in keys]
         if not cells:
             raise ValueError(f"--only {sorted(keys)} selects no cell of strategies {list(strategies)} x splits {list(splits)}")
     return cells
@@ -465,7 +465,7 @@ def _cell_result(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The grid
+# The runner
 
 
 def _release_memory() -> None:

@@ -113,7 +113,7 @@ class ClientRuntime:
         if meta.base >= 0:
             received = self._apply_change(payload, task, meta)
         else:
-            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, round_index=task.wire_round, model=self.model_name)
+            received = serialization.decode(payload, self.layout, kind="weights", parts=task.receives, wire_round=task.wire_round, model=self.model_name)
             if meta.version >= 0:
                 self.shared, self.shared_version = {n: t.clone() for n, t in received.items()}, meta.version
         for name, t in received.items():
@@ -134,7 +134,7 @@ class ClientRuntime:
         names = self.layout.names(task.receives)
         holds = meta.base == self.shared_version and all(n in self.shared for n in names)
         codec = task.codec if isinstance(task, TrainTask) else Codec.parse(meta.codec)
-        reader = serialization.PayloadReader(self.layout, kind="weights", round_index=task.wire_round, model=self.model_name)
+        reader = serialization.PayloadReader(self.layout, kind="weights", wire_round=task.wire_round, model=self.model_name)
         if not holds and meta.seed < 0:
             raise MissingSharedState(
                 f"client {self.client_id!r} holds version {self.shared_version} of the shared model, the change is from version {meta.base}; it needs the values again"
@@ -178,7 +178,7 @@ class ClientRuntime:
         the task's codec: plus what the codec left out of this client's earlier deltas, and keeping what it leaves out of this
         one (`residuals`, error feedback; none for `none`)."""
         local = {name: self._params[name] for name in self._base}
-        meta = PayloadMeta(kind="delta", model=self.model_name, round_index=task.round_index, parts=task.returns, codec=task.codec.name)
+        meta = PayloadMeta(kind="delta", model=self.model_name, wire_round=task.round_index, parts=task.returns, codec=task.codec.name)
         deltas = delta(local, self._base)
         if isinstance(task.codec, Identity):
             return serialization.encode(deltas, meta)

@@ -1,8 +1,8 @@
 """Bounds on what one client's update can do to the global model: the largest value a trained delta can hold,
-FedAvg weights bounded by registered image counts and capped per round, and update norm clipping (fixed, or adaptive
-to the last round's norms).
+FedAvg weights (`fedavg_weights`: each client's n_k in the mean) bounded by registered image counts and capped
+per round, and update norm clipping (fixed, or adaptive to the last round's norms).
 
-The value bound leaves every honest update as it is; the weight bounds leave honest weights as they are
+The value bound leaves every honest update as it is; the weight bounds leave honest FedAvg weights as they are
 unless one client holds more than its share of a round's images; clipping is off unless configured (the
 paper's FedAvg exactly)."""
 
@@ -48,14 +48,14 @@ def delta_value_bound(train: TrainConfig, num_examples: int) -> float:
     return ADAM_STEP_BOUND * train.lr * local_steps(train, num_examples)
 
 
-def capped_weights(weights: Mapping[str, int], share: float) -> dict[str, int]:
+def capped_fedavg_weights(fedavg_weights: Mapping[str, int], share: float) -> dict[str, int]:
     """FedAvg weights such that no client holds more than `share` of their sum: the largest ones are lowered
     to a common cap (water-filling), the others kept. Where the cap cannot hold (fewer than 1/share clients)
     every client weighs the same, the smallest weight. Weights stay integers of at least 1 (the cap rounded
     down), so a capped client's share is at most `share`."""
-    if share >= 1 or not weights:
-        return dict(weights)
-    ordered = sorted(weights.values(), reverse=True)
+    if share >= 1 or not fedavg_weights:
+        return dict(fedavg_weights)
+    ordered = sorted(fedavg_weights.values(), reverse=True)
     rest = sum(ordered)
     for capped, largest in enumerate(ordered):  # `capped` clients at the cap, the others as they are
         if capped * share >= 1:
@@ -63,12 +63,12 @@ def capped_weights(weights: Mapping[str, int], share: float) -> dict[str, int]:
         cap = share * rest / (1 - capped * share)  # the cap t solves t = share * (capped * t + rest)
         if largest <= cap:
             if capped == 0:
-                return dict(weights)
+                return dict(fedavg_weights)
             whole = max(1, math.floor(cap))
-            return {c: min(w, whole) for c, w in weights.items()}
+            return {c: min(w, whole) for c, w in fedavg_weights.items()}
         rest -= largest
     smallest = ordered[-1]
-    return dict.fromkeys(weights, smallest)
+    return dict.fromkeys(fedavg_weights, smallest)
 
 
 WeightBound = Literal["registered", "share"]  # what lowered a client's FedAvg weight (feddiff_weights_bounded_total)
@@ -76,10 +76,10 @@ WEIGHT_BOUNDS: tuple[WeightBound, ...] = get_args(WeightBound)
 
 
 @dataclass(frozen=True)
-class RoundWeights:
+class FedAvgWeights:
     """The FedAvg weight of each client of a round, and which bounds lowered it below the images it claimed."""
 
-    weights: Mapping[str, int]
+    fedavg_weights: Mapping[str, int]
     lowered: Mapping[str, tuple[WeightBound, ...]]  # only the clients a bound lowered
 
 
@@ -110,17 +110,17 @@ class RobustConfig:
         if self.registered and client not in self.registered:
             raise UnregisteredWorker(f"worker {client!r} has no registered size (worker_sizes): it may not take part in this run")
 
-    def round_weights(self, claimed: Mapping[str, int]) -> RoundWeights:
+    def bound_fedavg_weights(self, claimed: Mapping[str, int]) -> FedAvgWeights:
         """The FedAvg weights of a round's clients from the images each claimed: at most its registered image count,
-        then at most `max_weight_share` of the round's sum (`capped_weights`)."""
+        then at most `max_weight_share` of the round's sum (`capped_fedavg_weights`)."""
         granted = {c: self.trained_images(c, n) for c, n in claimed.items()}
-        weights = capped_weights(granted, self.max_weight_share)
+        fedavg_weights = capped_fedavg_weights(granted, self.max_weight_share)
         lowered = {
-            c: tuple(b for b, lower in zip(WEIGHT_BOUNDS, (granted[c] < n, weights[c] < granted[c]), strict=True) if lower)
+            c: tuple(b for b, lower in zip(WEIGHT_BOUNDS, (granted[c] < n, fedavg_weights[c] < granted[c]), strict=True) if lower)
             for c, n in claimed.items()
-            if weights[c] < n
+            if fedavg_weights[c] < n
         }
-        return RoundWeights(weights, lowered)
+        return FedAvgWeights(fedavg_weights, lowered)
 
     def trained_images(self, client: str, claimed: int) -> int:
         """The images a client's training is taken to run over: its claim, at most its registered image count."""

@@ -46,7 +46,7 @@ class RoundRecord:
     cumulative_full_fedavg_parameters: int  # what plain FedAvg would have exchanged by then
     reduction_so_far: float  # 1 - cumulative_parameters / cumulative_full_fedavg_parameters
     seconds: float  # wall time of the round, to the millisecond
-    weights: Mapping[str, int] = field(default_factory=dict)  # FedAvg weights, after any bound (fedcore.federation.robust); {} in logs before bounds
+    fedavg_weights: Mapping[str, int] = field(default_factory=dict)  # after any bound (fedcore.federation.robust); log key "weights"; {} before bounds
     clipped: Mapping[str, Mapping[Part, float]] = field(default_factory=dict)  # norm clipping's factors, by client and part
     cumulative_payload_bytes: int | None = None  # payload bytes exchanged by the run up to this round, both ways (None in older logs)
 
@@ -58,7 +58,7 @@ class RoundRecord:
             "planned": list(self.planned),
             "mean_loss": self.mean_loss,
             "client_loss": dict(self.client_loss),
-            "weights": dict(self.weights),
+            "weights": dict(self.fedavg_weights),
             "clipped": {client: {p.value: f for p, f in factors.items()} for client, factors in self.clipped.items()},
             **{k: v for k, v in self.ledger.as_json().items() if k != "reduction_vs_full"},
             "cumulative_parameters": self.cumulative_parameters,
@@ -70,7 +70,7 @@ class RoundRecord:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> RoundRecord:
-        """A line as `as_json` writes it, or as logs written before the FedAvg bounds hold it (no weights, no clipped);
+        """A line as `as_json` writes it, or as logs written before the FedAvg bounds hold it (no FedAvg weights, no clipped);
         an error naming what does not fit (one of `fedcore.atomic.MALFORMED`)."""
         return cls(
             round_number=int(obj["round"]),
@@ -83,7 +83,7 @@ class RoundRecord:
             cumulative_full_fedavg_parameters=int(obj["cumulative_full_fedavg_parameters"]),
             reduction_so_far=float(obj["reduction_so_far"]),
             seconds=float(obj["seconds"]),
-            weights={str(c): int(w) for c, w in obj.get("weights", {}).items()},
+            fedavg_weights={str(c): int(w) for c, w in obj.get("weights", {}).items()},
             clipped={str(c): {Part(p): float(f) for p, f in factors.items()} for c, factors in obj.get("clipped", {}).items()},
             cumulative_payload_bytes=None if obj.get("cumulative_payload_bytes") is None else int(obj["cumulative_payload_bytes"]),
         )
@@ -159,7 +159,7 @@ def round_record(outcome: RoundOutcome, cumulative: Ledger, seconds: float) -> R
         cumulative_full_fedavg_parameters=cumulative.full_fedavg,
         reduction_so_far=cumulative.reduction_vs_full,
         seconds=round(seconds, 3),
-        weights={u.client: u.weight for u in outcome.accepted},
+        fedavg_weights={u.client: u.fedavg_weight for u in outcome.accepted},
         clipped={u.client: dict(u.clipped) for u in outcome.accepted if u.clipped},
         cumulative_payload_bytes=cumulative.payload_bytes,
     )

@@ -197,7 +197,7 @@ def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
 class AcceptedUpdate:
     client: str
     parts: frozenset[Part]
-    weight: int  # its FedAvg weight: the images it trained on, or less where a bound lowered it (fedcore.federation.robust)
+    fedavg_weight: int  # its FedAvg weight: the images it trained on, or less where a bound lowered it (fedcore.federation.robust)
     mean_loss: float
     images_seen: int
     ledger: Ledger  # the communication this upload adds
@@ -217,8 +217,8 @@ class RoundOutcome:
     def mean_loss(self) -> float:
         """Mean local loss, weighted as the updates were averaged (by FedAvg weight): a report moves it no more
         than its update moves the model."""
-        total = sum(u.weight for u in self.accepted)
-        return sum(u.mean_loss * u.weight for u in self.accepted) / total if total else float("nan")
+        total = sum(u.fedavg_weight for u in self.accepted)
+        return sum(u.mean_loss * u.fedavg_weight for u in self.accepted) / total if total else float("nan")
 
 
 SHARED_STEM = "shared"  # the shared model of a run with lossy coding, checkpointed beside the global one
@@ -294,8 +294,8 @@ class Federation:
         # (a download counted). The global model's lead over it is carried into the next round's change.
         # In a fresh run version 0 is the initial model, which a client builds from the seed instead of
         # downloading it (fedcore.payload.initial): `seed_digest` checks its build; `unseeded` are the clients
-        # whose build differed (their downloads are the values). A resumed run or one started from given
-        # weights has none.
+        # whose build differed (their downloads are the values). A resumed run or one started from a given
+        # model has none.
         self.shared: dict[str, torch.Tensor] | None = None
         self.seed_digest: str | None = None
         if not isinstance(cfg.compression, Identity):
@@ -450,12 +450,12 @@ class OpenRound:
         if missing:
             raise ValueError(f"clients {missing} have no positive image count")
         robust = federation.robust
-        bounded = robust.round_weights(self.num_examples)
-        self.weights = dict(bounded.weights)  # FedAvg weights
+        bounded = robust.bound_fedavg_weights(self.num_examples)
+        self.fedavg_weights = dict(bounded.fedavg_weights)
         self.lowered = bounded.lowered  # client -> the bounds that lowered its weight below its claim
         self.clip_bounds = robust.clip_bounds(federation.norms) if robust.clips else None  # per part; None: no norms taken
         self.aggregate = RunningAggregate(federation.layout, plan.averaged_parts)
-        self._reader = serialization.PayloadReader(federation.layout, kind="delta", round_index=plan.round_index, model=federation.config.model)
+        self._reader = serialization.PayloadReader(federation.layout, kind="delta", wire_round=plan.round_index, model=federation.config.model)
         self._payloads: dict[tuple[frozenset[Part], bool], tuple[bytes, dict[Part, int]]] = {}
         self._accepted: dict[str, AcceptedUpdate] = {}
         self._ledger = Ledger()
@@ -513,7 +513,7 @@ class OpenRound:
         fed = self.federation
         source = fed.global_state if fed.shared is None else fed.shared
         version = -1 if fed.shared is None else self.version
-        meta = PayloadMeta(kind="weights", model=fed.config.model, round_index=self.round_index, parts=parts, version=version)
+        meta = PayloadMeta(kind="weights", model=fed.config.model, wire_round=self.round_index, parts=parts, version=version)
         return serialization.encode({n: source[n] for n in fed.layout.names(parts)}, meta)
 
     def _change(self, parts: frozenset[Part]) -> bytes:
@@ -526,7 +526,7 @@ class OpenRound:
         meta = PayloadMeta(
             kind="weights",
             model=cfg.model,
-            round_index=self.round_index,
+            wire_round=self.round_index,
             parts=parts,
             codec=cfg.compression.name,
             version=self.version,
@@ -632,10 +632,10 @@ class OpenRound:
                     raise DuplicateUpdate(f"client {client!r} already delivered its update for round {self.round_index}")
                 if self.closed:
                     raise LateUpdate(f"round {self.round_index} closed before the update of {client!r} was folded")
-            norms = fold(float(self.weights[client]), self.clip_bounds)
+            norms = fold(float(self.fedavg_weights[client]), self.clip_bounds)
             bounds = self.clip_bounds or {}
             clipped = {p: bounds[p] / n for p, n in norms.items() if p in bounds and n > bounds[p]}
-            update = AcceptedUpdate(client, a.returns, self.weights[client], float(mean_loss), int(images_seen), event, norms, clipped)
+            update = AcceptedUpdate(client, a.returns, self.fedavg_weights[client], float(mean_loss), int(images_seen), event, norms, clipped)
             with self._lock:
                 self._accepted[client] = update
                 self._ledger.add(event)

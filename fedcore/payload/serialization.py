@@ -59,7 +59,9 @@ class PayloadMeta:
 
     kind: PayloadKind  # "weights" (server -> client) or "delta" (client -> server: local - received)
     model: str  # model preset name
-    round_index: int  # 0-based round the payload belongs to (metadata key "round")
+    # The metadata key "round", as the wire's `round` fields carry it for the payload's task (its `wire_round`,
+    # fedcore.federation.client): a train task's 0-based round index, an evaluate task's rounds completed
+    wire_round: int
     parts: frozenset[Part]  # which parts' tensors it holds
     format_version: int = FORMAT_VERSION
     codec: str = "none"  # how the tensors are coded (fedcore.payload.coded); "none": float32, as they are
@@ -78,7 +80,7 @@ class PayloadMeta:
             "format_version": str(self.format_version),
             "kind": self.kind,
             "model": self.model,
-            "round": str(self.round_index),
+            "round": str(self.wire_round),
             "parts": ",".join(p.value for p in sorted_parts(self.parts)),
             "dtype": "float32",
         }
@@ -98,7 +100,7 @@ class PayloadMeta:
             return cls(
                 kind=kind,
                 model=md["model"],
-                round_index=int(md["round"]),
+                wire_round=int(md["round"]),
                 parts=parse_parts(p for p in md["parts"].split(",") if p),
                 format_version=int(md["format_version"]),
                 codec=md.get("codec", "none"),
@@ -340,7 +342,7 @@ class Decoded(NamedTuple):
 
 
 class PayloadReader:
-    """Decodes payloads of one kind (and, when given, one model and round) against a layout.
+    """Decodes payloads of one kind (and, when given, one model and wire round: `PayloadMeta.wire_round`) against a layout.
 
     Every check that depends only on the header (metadata, names, dtypes, shapes, byte ranges) runs once per
     distinct header, which is then remembered by its exact bytes, the payload's length and the expected
@@ -348,10 +350,10 @@ class PayloadReader:
     payload, as one reduction over all its values when they are float32 and back to back (the case for
     every payload `encode` writes). A refused header is never remembered. Thread-safe."""
 
-    def __init__(self, layout: PartLayout, *, kind: PayloadKind, round_index: int | None = None, model: str | None = None, memo: int = 16):
+    def __init__(self, layout: PartLayout, *, kind: PayloadKind, wire_round: int | None = None, model: str | None = None, memo: int = 16):
         self.layout = layout
         self.kind = kind
-        self.round_index = round_index
+        self.wire_round = wire_round
         self.model = model
         self._table = functools.lru_cache(maxsize=memo)(self._build_table)
 
@@ -395,8 +397,8 @@ class PayloadReader:
             raise CodecSpecError(f"payload is coded as {meta.codec[:64]!r}, expected {codec!r}")
         if self.model is not None and meta.model != self.model:
             raise SchemaError(f"payload is for model {meta.model!r}, expected {self.model!r}")
-        if self.round_index is not None and meta.round_index != self.round_index:
-            raise WrongRound(f"payload is for round {meta.round_index}, expected round {self.round_index}")
+        if self.wire_round is not None and meta.wire_round != self.wire_round:
+            raise WrongRound(f"payload is for round {meta.wire_round}, expected round {self.wire_round}")
         if meta.parts != parts:
             got, want = [p.value for p in sorted_parts(meta.parts)], [p.value for p in sorted_parts(parts)]
             raise NotAssigned(f"payload holds parts {got}, expected {want}")
@@ -420,12 +422,12 @@ def decode(
     *,
     kind: PayloadKind,
     parts: Iterable[Part],
-    round_index: int | None = None,
+    wire_round: int | None = None,
     model: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tensors of a payload that must hold exactly `parts` of `layout`, checked before use (`PayloadReader`,
     for one payload)."""
-    return PayloadReader(layout, kind=kind, round_index=round_index, model=model, memo=1).decode(data, parts)
+    return PayloadReader(layout, kind=kind, wire_round=wire_round, model=model, memo=1).decode(data, parts)
 
 
 def read_meta(data: bytes | bytearray | memoryview) -> PayloadMeta:

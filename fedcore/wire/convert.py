@@ -132,9 +132,9 @@ def any_task_from_proto(msg: pb.Task) -> TrainTask | EvalTask:
     raise MalformedTask(f"task {msg.task_id!r} has unknown kind {msg.kind}")
 
 
-def header_to_proto(header: StreamHeader, *, round_index: int, task_id: str, parts: Iterable[Part]) -> pb.StreamHeader:
+def header_to_proto(header: StreamHeader, *, wire_round: int, task_id: str, parts: Iterable[Part]) -> pb.StreamHeader:
     return pb.StreamHeader(
-        round=round_index,
+        round=wire_round,
         task_id=task_id,
         parts=parts_to_proto(parts),
         total_bytes=header.total_bytes,

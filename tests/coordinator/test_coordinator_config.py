@@ -139,7 +139,7 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
 
     assert from_file.worker_sizes == from_flag.worker_sizes == {"hospital-1": 6000, "2": 4000}
     assert from_file.robust == from_flag.robust
-    assert from_file.robust.round_weights({"hospital-1": 10**9, "2": 10}).weights == {"hospital-1": 6000, "2": 10}
+    assert from_file.robust.bound_fedavg_weights({"hospital-1": 10**9, "2": 10}).fedavg_weights == {"hospital-1": 6000, "2": 10}
     assert (from_file.robust.clip_norm, CoordinatorConfig().robust.max_weight_share) == (0.5, 0.5)
 
 

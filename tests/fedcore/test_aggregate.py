@@ -29,10 +29,10 @@ def _local_models(global_state, k: int, seed: int) -> list[dict[str, torch.Tenso
     return [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in global_state.items()} for _ in range(k)]
 
 
-def _direct_mean(models, weights, names) -> dict[str, torch.Tensor]:
+def _direct_mean(models, fedavg_weights, names) -> dict[str, torch.Tensor]:
     """The FedAvg target computed independently, in float64: sum_k w_k x_k / sum_k w_k."""
-    total = float(sum(weights))
-    return {n: sum(w * m[n].double() for m, w in zip(models, weights, strict=True)) / total for n in names}
+    total = float(sum(fedavg_weights))
+    return {n: sum(w * m[n].double() for m, w in zip(models, fedavg_weights, strict=True)) / total for n in names}
 
 
 def _parts_of(layout: PartLayout, state, parts) -> dict[str, torch.Tensor]:
@@ -51,24 +51,24 @@ def test_delta_is_local_minus_received(global_state) -> None:
 
 def test_weighted_mean_equals_the_direct_fedavg(global_state, tiny_layout: PartLayout) -> None:
     models = _local_models(global_state, 4, seed=1)
-    weights = [12_000, 3, 700, 47_297]
+    fedavg_weights = [12_000, 3, 700, 47_297]
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
 
-    for m, w in zip(models, weights, strict=True):
+    for m, w in zip(models, fedavg_weights, strict=True):
         agg.fold(delta(m, global_state), ALL_PARTS, float(w))
     new_global = {n: t.clone() for n, t in global_state.items()}
     changed = agg.apply_to(new_global)
 
-    expected = _direct_mean(models, weights, global_state)
+    expected = _direct_mean(models, fedavg_weights, global_state)
     assert changed == ALL_PARTS
     for n in global_state:
         torch.testing.assert_close(new_global[n].double(), expected[n], rtol=0, atol=1e-6)
-    assert agg.reported_parts == ALL_PARTS and all(agg.weight(p) == sum(weights) for p in PART_ORDER)
+    assert agg.reported_parts == ALL_PARTS and all(agg.weight(p) == sum(fedavg_weights) for p in PART_ORDER)
 
 
 def test_mean_is_independent_of_arrival_order(global_state, tiny_layout: PartLayout) -> None:
     models = _local_models(global_state, 5, seed=2)
-    weights = [10.0, 20.0, 30.0, 40.0, 1000.0]
+    fedavg_weights = [10.0, 20.0, 30.0, 40.0, 1000.0]
     deltas = [delta(m, global_state) for m in models]
     means = []
 
@@ -76,7 +76,7 @@ def test_mean_is_independent_of_arrival_order(global_state, tiny_layout: PartLay
         order = torch.randperm(5, generator=torch.Generator().manual_seed(perm_seed)).tolist()
         agg = RunningAggregate(tiny_layout, ALL_PARTS)
         for i in order:
-            agg.fold(deltas[i], ALL_PARTS, weights[i])
+            agg.fold(deltas[i], ALL_PARTS, fedavg_weights[i])
         means.append(agg.mean())
 
     for other in means[1:]:
@@ -87,21 +87,21 @@ def test_mean_is_independent_of_arrival_order(global_state, tiny_layout: PartLay
 def test_each_part_is_averaged_over_its_reporters_only(global_state, tiny_layout: PartLayout) -> None:
     # USplit-like round: a returns encoder + bottleneck, b the decoder, c the encoder, d decoder + bottleneck.
     models = _local_models(global_state, 4, seed=3)
-    weights = [100, 200, 300, 400]
+    fedavg_weights = [100, 200, 300, 400]
     returns = [{ENC, MID}, {DEC}, {ENC}, {DEC, MID}]
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
 
-    for m, w, parts in zip(models, weights, returns, strict=True):
+    for m, w, parts in zip(models, fedavg_weights, returns, strict=True):
         agg.fold(_parts_of(tiny_layout, delta(m, global_state), parts), parts, float(w))
     new_global = {n: t.clone() for n, t in global_state.items()}
     agg.apply_to(new_global)
 
     for part in PART_ORDER:
         idx = [i for i, parts in enumerate(returns) if part in parts]
-        expected = _direct_mean([models[i] for i in idx], [weights[i] for i in idx], tiny_layout.names([part]))
+        expected = _direct_mean([models[i] for i in idx], [fedavg_weights[i] for i in idx], tiny_layout.names([part]))
         for n, value in expected.items():
             torch.testing.assert_close(new_global[n].double(), value, rtol=0, atol=1e-6)
-        assert agg.weight(part) == sum(weights[i] for i in idx)  # each subset of the weights has its own sum
+        assert agg.weight(part) == sum(fedavg_weights[i] for i in idx)  # each subset of the FedAvg weights has its own sum
     assert agg.reported_parts == ALL_PARTS
 
 
@@ -151,7 +151,7 @@ def test_refused_updates_leave_the_sums_untouched(global_state, tiny_layout: Par
     agg = RunningAggregate(tiny_layout, {MID, DEC})
     agg.fold(_valid_update(global_state, tiny_layout, {MID, DEC}, seed=6), {MID, DEC}, 10.0)
     before = {n: t.clone() for n, t in agg.mean().items()}
-    weights_before = {p: agg.weight(p) for p in (MID, DEC)}
+    fedavg_weights_before = {p: agg.weight(p) for p in (MID, DEC)}
 
     for label, update, parts, weight, error in _refusals(global_state, tiny_layout):
         with pytest.raises(error):
@@ -159,7 +159,7 @@ def test_refused_updates_leave_the_sums_untouched(global_state, tiny_layout: Par
         after = agg.mean()
         assert set(after) == set(before), label
         assert all(torch.equal(after[n], before[n]) for n in before), label
-        assert {p: agg.weight(p) for p in (MID, DEC)} == weights_before, label  # counted once, the valid update
+        assert {p: agg.weight(p) for p in (MID, DEC)} == fedavg_weights_before, label  # counted once, the valid update
 
 
 def test_memory_is_one_float32_copy_of_the_averaged_parts(global_state, tiny_layout: PartLayout) -> None:
@@ -195,14 +195,14 @@ def test_empty_aggregate_has_no_mean(tiny_layout: PartLayout) -> None:
 def _payload(layout: PartLayout, tensors, parts, round_index: int = 0) -> bytearray:
     from fedcore.payload.serialization import PayloadMeta, encode
 
-    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))))
+    return bytearray(encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=frozenset(parts))))
 
 
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({MID, DEC}), frozenset({ENC})])
 def test_a_decoded_payload_folds_to_the_same_sums_as_its_tensors(parts, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     by_tensor, by_payload = RunningAggregate(tiny_layout, ALL_PARTS), RunningAggregate(tiny_layout, ALL_PARTS)
     for i, m in enumerate(_local_models(global_state, 3, seed=11)):
         update = _parts_of(tiny_layout, delta(m, global_state), parts)
@@ -238,7 +238,7 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
 
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=12)[0], global_state), {DEC})
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     decoded = reader.read(_padded(_payload(tiny_layout, update, {DEC})), {DEC})
     assert decoded.values() is None
     agg, reference = RunningAggregate(tiny_layout, {DEC}), RunningAggregate(tiny_layout, {DEC})
@@ -251,7 +251,7 @@ def test_a_payload_that_is_not_back_to_back_is_folded_tensor_by_tensor(global_st
 def test_non_finite_values_in_a_decoded_payload_are_named_and_leave_the_sums(bad_value: float, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     agg = RunningAggregate(tiny_layout, ALL_PARTS)
     good = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=13)[0], global_state), ALL_PARTS)
     agg.fold_decoded(reader.read(_payload(tiny_layout, good, ALL_PARTS), ALL_PARTS), 2.0)
@@ -278,7 +278,7 @@ def test_the_largest_magnitude_is_finite_for_finite_values_only() -> None:
 def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=14)[0], global_state), {DEC})
     name = sorted(update)[3]
     update[name] = update[name].clone()
@@ -294,7 +294,7 @@ def test_a_value_beyond_the_bound_is_named_and_refused(padded: bool, global_stat
 def test_clipping_scales_each_part_down_to_its_bound_and_returns_the_norms(padded: bool, global_state, tiny_layout: PartLayout) -> None:
     from fedcore.payload.serialization import PayloadReader
 
-    reader = PayloadReader(tiny_layout, kind="delta", round_index=0, model="tiny")
+    reader = PayloadReader(tiny_layout, kind="delta", wire_round=0, model="tiny")
     update = _parts_of(tiny_layout, delta(_local_models(global_state, 1, seed=15)[0], global_state), ALL_PARTS)
     norms = {p: float(torch.cat([update[n].double().flatten() for n in tiny_layout.tensors[p]]).norm()) for p in PART_ORDER}
     bounds = {DEC: norms[DEC] / 4, ENC: norms[ENC] * 2}  # the decoder is clipped, the encoder within, the bottleneck unbounded

@@ -100,7 +100,7 @@ def test_what_was_sent_plus_the_residual_is_the_sum_of_the_true_deltas(name: str
     true = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(parts).items()}
     for r in range(3):
         task = TrainTask(r, f"r{r}.1-c", frozenset(ALL_PARTS), parts, frozenset(), TrainConfig(epochs=1, batch_size=8, lr=1e-3), r, codec)
-        runtime.load(serialization.encode(state, PayloadMeta(kind="weights", model="tiny", round_index=r, parts=frozenset(ALL_PARTS))), task)
+        runtime.load(serialization.encode(state, PayloadMeta(kind="weights", model="tiny", wire_round=r, parts=frozenset(ALL_PARTS))), task)
         runtime.train(task)
         local = runtime.sampling_model().state_dict()
         payload = runtime.delta_payload(task)
@@ -120,7 +120,7 @@ def test_a_coded_payload_fits_its_bound() -> None:
     g = torch.Generator().manual_seed(0)
     deltas = {n: torch.randn(s.shape, generator=g) for n, s in LAYOUT.specs(PART_ORDER).items()}
     for name in ("none", "bf16", "int8", "int4:16", "topk:1", "topk:0.05+int4"):
-        meta = PayloadMeta(kind="delta", model="tiny", round_index=0, parts=frozenset(PART_ORDER), codec=name)
+        meta = PayloadMeta(kind="delta", model="tiny", wire_round=0, parts=frozenset(PART_ORDER), codec=name)
         payload = coded.encode(deltas, meta)
         assert len(payload) <= coded.max_payload_bytes(LAYOUT, PART_ORDER, Codec.parse(name)), name
 
@@ -163,7 +163,7 @@ def test_a_strategys_bytes_with_a_codec_are_its_coded_updates_tensor_bytes() -> 
     parts = frozenset({Part.DECODER})
     for name in ("int8", "topk:0.05+int4"):
         deltas = {n: torch.randn(s.shape) for n, s in LAYOUT.specs(parts).items()}
-        _, entries, _ = serialization.read_header(coded.encode(deltas, PayloadMeta(kind="delta", model="tiny", round_index=0, parts=parts, codec=name)))
+        _, entries, _ = serialization.read_header(coded.encode(deltas, PayloadMeta(kind="delta", model="tiny", wire_round=0, parts=parts, codec=name)))
 
         row = coded_bytes(summary, LAYOUT, Codec.parse(name))
 
@@ -252,7 +252,7 @@ def test_a_change_from_another_version_than_the_client_holds_is_refused_and_the_
             with pytest.raises(MissingSharedState, match="holds version 0 of the shared model, the change is from version 1"):
                 client.load(payload, task)
             federation.refused_shared("a")  # what the coordinator does when the worker refuses the task so
-        meta = PayloadMeta(kind="delta", model="tiny", round_index=r, parts=task.returns, codec=codec.name)
+        meta = PayloadMeta(kind="delta", model="tiny", wire_round=r, parts=task.returns, codec=codec.name)
         open_round.accept("a", coded.encode(steps, meta), mean_loss=0.1, images_seen=8)
         open_round.close()
 

@@ -22,7 +22,7 @@ from fedcore.model.unet import build_model
 from fedcore.payload.serialization import PayloadMeta, decode, encode
 
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
-WEIGHTS = {"alice": 30, "bob": 10}
+NUM_EXAMPLES = {"alice": 30, "bob": 10}
 
 
 def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
@@ -32,7 +32,7 @@ def _federation(strategy: Strategy = Strategy.FULL, **kw) -> Federation:
 def _delta_payload(fed: Federation, round_index: int, parts, seed: int, scale: float = 1e-4) -> tuple[bytes, dict]:
     g = torch.Generator().manual_seed(seed)
     tensors = {n: scale * torch.randn(fed.global_state[n].shape, generator=g) for n in fed.layout.names(parts)}
-    meta = PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=frozenset(parts))
+    meta = PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=frozenset(parts))
     return encode(tensors, meta), tensors
 
 
@@ -40,21 +40,21 @@ def test_a_two_client_full_round_by_hand() -> None:
     fed = _federation()
     initial = {n: t.clone() for n, t in fed.global_state.items()}
     plan = fed.plan(["bob", "alice"])
-    round_ = fed.open_round(plan, WEIGHTS)
+    round_ = fed.open_round(plan, NUM_EXAMPLES)
 
     # One payload per receive set, whatever the number of clients.
     payloads = {c: round_.payload(plan.assignment(c).receives) for c in plan.clients}
     assert plan.clients == ["alice", "bob"]
     assert payloads["alice"] is payloads["bob"]
-    weights = decode(payloads["alice"], fed.layout, kind="weights", parts=ALL_PARTS, round_index=0, model="tiny")
+    weights = decode(payloads["alice"], fed.layout, kind="weights", parts=ALL_PARTS, wire_round=0, model="tiny")
     assert all(torch.equal(weights[n], initial[n]) for n in initial)
 
     for c in plan.clients:
         round_.mark_sent(c)
     updates = {c: _delta_payload(fed, 0, ALL_PARTS, seed=i) for i, c in enumerate(plan.clients)}
     for c, (data, _) in updates.items():
-        accepted = round_.accept(c, data, mean_loss=0.5, images_seen=2 * WEIGHTS[c])
-        assert accepted.weight == WEIGHTS[c] and accepted.parts == ALL_PARTS
+        accepted = round_.accept(c, data, mean_loss=0.5, images_seen=2 * NUM_EXAMPLES[c])
+        assert accepted.fedavg_weight == NUM_EXAMPLES[c] and accepted.parts == ALL_PARTS
     outcome = round_.close()
 
     # close applies the weighted mean: global += (30 d_alice + 10 d_bob) / 40
@@ -77,7 +77,7 @@ def test_a_two_client_full_round_by_hand() -> None:
 def test_accept_refuses_duplicates_strangers_and_wrong_parts() -> None:
     fed = _federation(Strategy.UDEC)
     plan = fed.plan(["alice", "bob"])
-    round_ = fed.open_round(plan, WEIGHTS)
+    round_ = fed.open_round(plan, NUM_EXAMPLES)
     good, _ = _delta_payload(fed, 0, {DEC}, seed=0)
     round_.accept("alice", good, mean_loss=0.1, images_seen=30)
     sums_before = {n: t.clone() for n, t in round_.aggregate.mean().items()}
@@ -94,13 +94,13 @@ def test_accept_refuses_duplicates_strangers_and_wrong_parts() -> None:
     after = round_.aggregate.mean()
     assert all(torch.equal(after[n], sums_before[n]) for n in sums_before)
     assert round_.accepted == ["alice"]
-    assert round_.aggregate.reported_parts == {DEC} and round_.aggregate.weight(DEC) == round_.weights["alice"]
+    assert round_.aggregate.reported_parts == {DEC} and round_.aggregate.weight(DEC) == round_.fedavg_weights["alice"]
 
 
 def test_late_update_after_close_is_refused() -> None:
     fed = _federation()
     plan = fed.plan(["alice", "bob"])
-    round_ = fed.open_round(plan, WEIGHTS)
+    round_ = fed.open_round(plan, NUM_EXAMPLES)
     round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
     round_.close()
 
@@ -116,9 +116,9 @@ def test_open_round_checks_the_plan_and_weights() -> None:
 
     with pytest.raises(ValueError, match=r"clients \['bob'\] have no positive image count"):
         fed.open_round(plan, {"alice": 3, "bob": 0})
-    fed.open_round(plan, WEIGHTS).close()
+    fed.open_round(plan, NUM_EXAMPLES).close()
     with pytest.raises(ValueError, match="plan for round 0, but round 1 is next"):
-        fed.open_round(plan, WEIGHTS)
+        fed.open_round(plan, NUM_EXAMPLES)
 
 
 def test_closing_with_no_updates_keeps_the_global_model() -> None:
@@ -135,13 +135,13 @@ def test_closing_with_no_updates_keeps_the_global_model() -> None:
 
 def test_udec_second_round_sends_only_the_decoder_except_to_newcomers() -> None:
     fed = _federation(Strategy.UDEC)
-    first = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    first = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     for c in ("alice", "bob"):
         first.mark_sent(c)
     first.close()
 
     plan = fed.plan(["alice", "bob", "carol"], lost_state=["bob"])
-    round_ = fed.open_round(plan, {**WEIGHTS, "carol": 5})
+    round_ = fed.open_round(plan, {**NUM_EXAMPLES, "carol": 5})
 
     assert plan.assignment("alice").receives == {DEC}
     assert plan.assignment("bob").receives == ALL_PARTS  # lost its private parts: the full model again
@@ -170,7 +170,7 @@ def test_payload_bytes_by_part_add_up(tiny_layout) -> None:
 
 def test_ledger_json_roundtrip() -> None:
     fed = _federation()
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     round_.mark_sent("alice")
     round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
     ledger = round_.close().ledger
@@ -194,7 +194,7 @@ def test_tally_adds_counts_and_roundtrips_through_json() -> None:
 
 def test_the_tally_is_checkpointed_and_restored_with_the_ledger(tmp_path) -> None:
     fed = _federation()
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     round_.mark_sent("alice")
     round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=30)
     round_.close()
@@ -207,19 +207,19 @@ def test_the_tally_is_checkpointed_and_restored_with_the_ledger(tmp_path) -> Non
     assert again.tally == fed.tally and again.ledger == fed.ledger and again.completed_rounds == 1
 
 
-# --- hostile updates: values, reports, weights, clipping, an overflowing aggregate --------------------------
+# --- hostile updates: values, reports, FedAvg weights, clipping, an overflowing aggregate -------------------
 def _hostile_federation(**robust: Any) -> Federation:
     return Federation(FederationConfig(strategy=Strategy.FULL, model="tiny", rounds=3, seed=3), robust=RobustConfig(**robust))
 
 
 def _filled(fed: Federation, value: float, round_index: int = 0) -> bytes:
     tensors = {n: torch.full(t.shape, value) for n, t in fed.global_state.items()}
-    return encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=round_index, parts=ALL_PARTS))
+    return encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=round_index, parts=ALL_PARTS))
 
 
 def test_an_update_beyond_what_training_reaches_is_refused_before_it_is_folded() -> None:
     fed = _federation()
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     bound = round_.value_bound("alice")
 
     with pytest.raises(ValueOutOfBounds, match=r"holds a value of magnitude 1e\+38; an update of this task holds at most"):
@@ -238,7 +238,7 @@ def test_a_claim_beyond_the_registered_size_raises_neither_the_weight_nor_the_va
     honest = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 30})
     round_ = fed.open_round(fed.plan(["alice", "mallory"]), {"alice": 30, "mallory": 2**32 - 1})
 
-    assert round_.weights["mallory"] == 30
+    assert round_.fedavg_weights["mallory"] == 30
     assert round_.value_bound("mallory") == honest.value_bound("mallory") == pytest.approx(8 * 1e-4 * 5)
     with pytest.raises(ValueOutOfBounds):
         round_.accept("mallory", _filled(fed, 1.01 * honest.value_bound("mallory")), mean_loss=0.1, images_seen=30)
@@ -251,7 +251,7 @@ def test_a_large_honest_worker_is_weighed_by_the_share_cap_but_its_values_bounde
     round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 2, "bob": 3000})
     steps = 5 * math.ceil(3000 / 128)  # 5 epochs of batches of 128 (the default training)
 
-    assert round_.weights == {"alice": 2, "bob": 2}
+    assert round_.fedavg_weights == {"alice": 2, "bob": 2}
     assert round_.value_bound("bob") == pytest.approx(8 * 1e-4 * steps)
     round_.accept("bob", _filled(fed, 1e-4 * steps), mean_loss=0.1, images_seen=5 * 3000)  # one lr per step, 12x the 2-image bound
     assert round_.accepted == ["bob"]
@@ -260,7 +260,7 @@ def test_a_large_honest_worker_is_weighed_by_the_share_cap_but_its_values_bounde
 def test_a_task_downloaded_again_adds_nothing_to_the_run_traffic() -> None:
     """1000 downloads of one task counted 1000 payloads in the run's traffic; a task counts once."""
     fed = _federation()
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     first = round_.mark_sent("alice")
 
     again = [round_.mark_sent("alice") for _ in range(5)]
@@ -272,7 +272,7 @@ def test_a_task_downloaded_again_adds_nothing_to_the_run_traffic() -> None:
 @pytest.mark.parametrize("images_seen", [0, 5 * 30 + 1, 10**12])
 def test_a_training_report_outside_its_task_is_refused(images_seen: int) -> None:
     fed = _federation()
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
 
     with pytest.raises(HeaderError, match=f"images_seen {images_seen} outside 1..150 \\(5 epochs over the 30 images 'alice' declared\\)"):
         round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=images_seen)
@@ -282,7 +282,7 @@ def test_a_training_report_outside_its_task_is_refused(images_seen: int) -> None
 def test_an_aggregate_that_overflows_is_not_committed_and_the_round_runs_again() -> None:
     fed = _hostile_federation(max_delta_value=3e38)
     before = {n: t.clone() for n, t in fed.global_state.items()}
-    round_ = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    round_ = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     round_.accept("alice", _filled(fed, 1e38), mean_loss=0.1, images_seen=30)  # 30 x 1e38 overflows float32
 
     with pytest.raises(NonFiniteAggregate, match=r"would make .* values of tensor .* NaN or infinite"):
@@ -290,19 +290,19 @@ def test_an_aggregate_that_overflows_is_not_committed_and_the_round_runs_again()
 
     assert fed.completed_rounds == 0
     assert all(torch.equal(fed.global_state[n], before[n]) for n in before)
-    again = fed.open_round(fed.plan(["alice", "bob"]), WEIGHTS)
+    again = fed.open_round(fed.plan(["alice", "bob"]), NUM_EXAMPLES)
     again.accept("bob", _delta_payload(fed, 0, ALL_PARTS, seed=1)[0], mean_loss=0.1, images_seen=10)
     assert again.attempt == 2 and again.close().accepted[0].client == "bob" and fed.completed_rounds == 1
 
 
 def test_a_claim_over_the_registered_size_or_the_share_weighs_less() -> None:
     fed = _hostile_federation(max_weight_share=0.5, registered={"alice": 30, "bob": 10, "mallory": 20})
-    round_ = fed.open_round(fed.plan(["alice", "bob", "mallory"]), {**WEIGHTS, "mallory": 2**32 - 1})
+    round_ = fed.open_round(fed.plan(["alice", "bob", "mallory"]), {**NUM_EXAMPLES, "mallory": 2**32 - 1})
 
-    assert round_.weights == {"alice": 30, "bob": 10, "mallory": 20}
+    assert round_.fedavg_weights == {"alice": 30, "bob": 10, "mallory": 20}
     assert round_.lowered == {"mallory": ("registered",)}
     accepted = round_.accept("mallory", _delta_payload(fed, 0, ALL_PARTS, seed=2)[0], mean_loss=999.0, images_seen=5 * (2**32 - 1))
-    assert accepted.weight == 20
+    assert accepted.fedavg_weight == 20
     round_.accept("alice", _delta_payload(fed, 0, ALL_PARTS, seed=0)[0], mean_loss=0.1, images_seen=150)
     assert round_.close().mean_loss == pytest.approx((20 * 999 + 30 * 0.1) / 50), "the loss is weighted as the update"
 
@@ -311,7 +311,7 @@ def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
     fed = _hostile_federation(clip_norm=0.05, max_delta_value=1e6)  # the value bound would refuse it: clipping alone
     honest, _ = _delta_payload(fed, 0, ALL_PARTS, seed=0)
     _, hostile = _delta_payload(fed, 0, ALL_PARTS, seed=1)
-    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", round_index=0, parts=ALL_PARTS))
+    scaled = encode({n: t * 1e6 for n, t in hostile.items()}, PayloadMeta(kind="delta", model="tiny", wire_round=0, parts=ALL_PARTS))
     before = {n: t.clone() for n, t in fed.global_state.items()}
     round_ = fed.open_round(fed.plan(["alice", "bob"]), {"alice": 10, "bob": 10})
 
@@ -327,7 +327,7 @@ def test_a_scaled_update_is_clipped_to_the_fixed_bound() -> None:
     assert fed.norms.median(DEC) == min(a.norms[DEC], b.norms[DEC]), "norms before clipping, for the next round"
     assert outcome.accepted[1].clipped[DEC] == pytest.approx(0.05 / b.norms[DEC])
     record = round_record(outcome, fed.ledger, 1.0)
-    assert record.weights == {"alice": 10, "bob": 10} and set(record.clipped) == {"bob"}, "the round log says who was clipped"
+    assert record.fedavg_weights == {"alice": 10, "bob": 10} and set(record.clipped) == {"bob"}, "the round log says who was clipped"
     assert record.as_json()["clipped"] == {"bob": {p.value: b.clipped[p] for p in PART_ORDER}}
 
 
@@ -406,7 +406,7 @@ def test_client_without_private_state_asks_for_the_full_model() -> None:
     client = _runtime("alice", seed=0)
     payload = encode(
         {n: fed.global_state[n] for n in fed.layout.names({DEC})},
-        PayloadMeta(kind="weights", model="tiny", round_index=1, parts=frozenset({DEC})),
+        PayloadMeta(kind="weights", model="tiny", wire_round=1, parts=frozenset({DEC})),
     )
     task = TrainTask(
         round_index=1,
@@ -430,7 +430,7 @@ def test_client_delta_payload_is_the_delta_of_its_returned_parts() -> None:
     client.load(round_.payload(task.receives), task)
     client.train(task)
 
-    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, round_index=0, model="tiny")
+    decoded = decode(client.delta_payload(task), fed.layout, kind="delta", parts={MID, DEC}, wire_round=0, model="tiny")
 
     expected = delta(client.sampling_model().state_dict(), {n: fed.global_state[n] for n in fed.layout.names({MID, DEC})})
     assert set(decoded) == set(fed.layout.names({MID, DEC}))

@@ -45,7 +45,7 @@ def _open(federation: Federation, clients: list[str]) -> OpenRound:
 def _step(open_round: OpenRound, client: str, task: TrainTask, value: float = 1e-3) -> None:
     """`client`'s update: `value` added to every parameter it returns (a new version of the shared model)."""
     steps = {n: torch.full(s.shape, value) for n, s in LAYOUT.specs(task.returns).items()}
-    meta = PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns, codec=task.codec.name)
+    meta = PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns, codec=task.codec.name)
     open_round.accept(client, coded.encode(steps, meta), mean_loss=0.1, images_seen=8)
 
 

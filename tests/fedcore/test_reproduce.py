@@ -156,7 +156,7 @@ def test_trained_cell_without_result_is_scored_from_its_checkpoint(mini: Path, t
 # --- cells, options, rendering ------------------------------------------------------------------------------
 
 
-def test_grid_runs_centralised_first_then_split_by_split() -> None:
+def test_table_runs_centralised_first_then_split_by_split() -> None:
     cells = select_cells(["centralised", "full", "udec"], ["iid", "label"])
 
     assert [c.key for c in cells] == ["centralised:all", "full:iid", "udec:iid", "full:label", "udec:label"]
@@ -283,7 +283,7 @@ def test_a_compressed_cell_is_its_own_line_and_folder_and_row_beside_its_plain_o
     fewer = coded.full_fedavg_fp32_bytes / coded.payload_bytes  # type: ignore[operator]
     assert line.startswith(f"| mini | udec | iid | `topk:0.05+int8` | {coded.payload_bytes / 1e6:,.1f} MB | {fewer:.1f}x |")
     assert f"| {coded.fd_mean / plain.fd_mean:.2f}x |" in line
-    assert [row for row in md.splitlines() if row.startswith("| udec | iid |")] != []  # the plain row stays in the grid's table
+    assert [row for row in md.splitlines() if row.startswith("| udec | iid |")] != []  # the plain row stays in the table
 
 
 def test_the_device_label_names_the_training_processes_devices(monkeypatch: pytest.MonkeyPatch) -> None:

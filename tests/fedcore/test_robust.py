@@ -12,11 +12,11 @@ import torch
 from fedcore.errors import UnregisteredWorker
 from fedcore.federation.robust import (
     ADAM_STEP_BOUND,
+    FedAvgWeights,
     NormHistory,
     RobustConfig,
-    RoundWeights,
     adam_step_bound,
-    capped_weights,
+    capped_fedavg_weights,
     delta_value_bound,
     local_steps,
 )
@@ -87,37 +87,37 @@ def test_the_value_bound_is_lr_times_steps_times_eight() -> None:
 
 
 @pytest.mark.parametrize(
-    ("weights", "share", "expected"),
+    ("fedavg_weights", "share", "expected"),
     [
         ({"a": 100, "b": 10, "c": 10}, 1.0, {"a": 100, "b": 10, "c": 10}),  # no cap
         ({"a": 30, "b": 30, "c": 40}, 0.5, {"a": 30, "b": 30, "c": 40}),  # within the cap: untouched
         ({"a": 100, "b": 10, "c": 10}, 0.5, {"a": 20, "b": 10, "c": 10}),  # 20 / 40 = one half
         ({"a": 10**12, "b": 6000, "c": 6000}, 0.4, {"a": 8000, "b": 6000, "c": 6000}),  # 8000 / 20000
-        ({"a": 10**12, "b": 6000, "c": 6000}, 0.25, {"a": 6000, "b": 6000, "c": 6000}),  # three cannot stay under 1/4: equal weights
+        ({"a": 10**12, "b": 6000, "c": 6000}, 0.25, {"a": 6000, "b": 6000, "c": 6000}),  # three cannot stay under 1/4: equal FedAvg weights
         ({"a": 90, "b": 80, "c": 5, "d": 5}, 0.3, {"a": 7, "b": 7, "c": 5, "d": 5}),  # two capped: 7 / 24 (the cap 7.5 rounded down)
-        ({"a": 100, "b": 10}, 0.4, {"a": 10, "b": 10}),  # two clients cannot both stay under 0.4: equal weights
+        ({"a": 100, "b": 10}, 0.4, {"a": 10, "b": 10}),  # two clients cannot both stay under 0.4: equal FedAvg weights
     ],
 )
-def test_no_client_weighs_more_than_its_share(weights: dict[str, int], share: float, expected: dict[str, int]) -> None:
-    capped = capped_weights(weights, share)
+def test_no_client_weighs_more_than_its_share(fedavg_weights: dict[str, int], share: float, expected: dict[str, int]) -> None:
+    capped = capped_fedavg_weights(fedavg_weights, share)
 
     assert capped == expected
-    if len(weights) * share >= 1:
+    if len(fedavg_weights) * share >= 1:
         assert max(capped.values()) <= share * sum(capped.values())
 
 
-def test_capped_weights_hold_for_random_claims() -> None:
+def test_capped_fedavg_weights_hold_for_random_claims() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         k = int(torch.randint(2, 9, (1,), generator=g))
-        weights = {str(i): int(w) for i, w in enumerate(torch.randint(1, 10**6, (k,), generator=g))}
+        fedavg_weights = {str(i): int(w) for i, w in enumerate(torch.randint(1, 10**6, (k,), generator=g))}
         share = float(torch.empty(1).uniform_(1 / k, 1, generator=g))
 
-        capped = capped_weights(weights, share)
+        capped = capped_fedavg_weights(fedavg_weights, share)
 
         assert max(capped.values()) <= share * sum(capped.values()) + 1e-9
-        assert all(1 <= capped[c] <= w for c, w in weights.items())
-        assert all(capped[c] == max(capped.values()) for c in weights if capped[c] != weights[c]), "lowered to one common cap"
+        assert all(1 <= capped[c] <= w for c, w in fedavg_weights.items())
+        assert all(capped[c] == max(capped.values()) for c in fedavg_weights if capped[c] != fedavg_weights[c]), "lowered to one common cap"
 
 
 @pytest.mark.parametrize("claim", [10**12, 2**64 - 1])
@@ -127,21 +127,21 @@ def test_an_absurd_claim_is_held_to_the_registered_size_and_the_share(claim: int
     both = RobustConfig(max_weight_share=0.5, registered={"mallory": 9000, "alice": 6000, "bob": 3000})
     claims = {"mallory": claim, "alice": 6000, "bob": 3000}
 
-    assert registered.round_weights(claims) == RoundWeights({"mallory": 6000, "alice": 6000, "bob": 3000}, {"mallory": ("registered",)})
-    assert capped.round_weights(claims) == RoundWeights({"mallory": 9000, "alice": 6000, "bob": 3000}, {"mallory": ("share",)})
-    assert both.round_weights(claims).lowered == {"mallory": ("registered",)}, "9000 of 18000 is within the share"
-    assert RobustConfig().round_weights(claims).weights == claims, "no bound configured: as claimed"
+    assert registered.bound_fedavg_weights(claims) == FedAvgWeights({"mallory": 6000, "alice": 6000, "bob": 3000}, {"mallory": ("registered",)})
+    assert capped.bound_fedavg_weights(claims) == FedAvgWeights({"mallory": 9000, "alice": 6000, "bob": 3000}, {"mallory": ("share",)})
+    assert both.bound_fedavg_weights(claims).lowered == {"mallory": ("registered",)}, "9000 of 18000 is within the share"
+    assert RobustConfig().bound_fedavg_weights(claims).fedavg_weights == claims, "no bound configured: as claimed"
 
 
 def test_honest_claims_keep_their_weights_and_a_shrunk_shard_weighs_less() -> None:
     policy = RobustConfig(max_weight_share=0.5, registered={"alice": 6000, "bob": 3000, "carol": 3000})
 
-    assert policy.round_weights({"alice": 6000, "bob": 3000, "carol": 3000}) == RoundWeights({"alice": 6000, "bob": 3000, "carol": 3000}, {})
-    assert policy.round_weights({"alice": 2000, "bob": 3000, "carol": 3000}).lowered == {}, "a claim under its size is kept"
-    assert policy.round_weights({"alice": 9000, "bob": 1000, "carol": 1000}) == RoundWeights(
+    assert policy.bound_fedavg_weights({"alice": 6000, "bob": 3000, "carol": 3000}) == FedAvgWeights({"alice": 6000, "bob": 3000, "carol": 3000}, {})
+    assert policy.bound_fedavg_weights({"alice": 2000, "bob": 3000, "carol": 3000}).lowered == {}, "a claim under its size is kept"
+    assert policy.bound_fedavg_weights({"alice": 9000, "bob": 1000, "carol": 1000}) == FedAvgWeights(
         {"alice": 2000, "bob": 1000, "carol": 1000}, {"alice": ("registered", "share")}
     ), "both bounds lowered it: 6000 registered, then one half of the round"
-    assert policy.round_weights({"alice": 6000, "bob": 3000}).weights == {"alice": 3000, "bob": 3000}, "an honest majority is capped too"
+    assert policy.bound_fedavg_weights({"alice": 6000, "bob": 3000}).fedavg_weights == {"alice": 3000, "bob": 3000}, "an honest majority is capped too"
 
 
 def test_an_unregistered_client_is_refused_only_where_sizes_are_registered() -> None:

@@ -28,11 +28,11 @@ def _ledger_fields(down: int, up: int) -> str:
 
 def round_line(number: int, mean_loss: float, *, bounds: bool = True) -> str:
     """A round's line byte for byte as the coordinator and the simulation write it; `bounds=False`: as logs
-    written before FedAvg weights were bounded and updates clipped hold it (no weights, no clipped)."""
-    weights = '"weights": {"client-0": 80, "client-1": 40}, "clipped": {"client-1": {"decoder": 0.5}}, ' if bounds else ""
+    written before FedAvg weights were bounded and updates clipped hold it (no "weights" key, no "clipped")."""
+    bounded = '"weights": {"client-0": 80, "client-1": 40}, "clipped": {"client-1": {"decoder": 0.5}}, ' if bounds else ""
     return (
         f'{{"round": {number}, "participants": ["client-0", "client-1"], "planned": ["client-0", "client-1", "client-2"], '
-        f'"mean_loss": {mean_loss}, "client_loss": {{"client-0": {mean_loss}, "client-1": {mean_loss}}}, {weights}'
+        f'"mean_loss": {mean_loss}, "client_loss": {{"client-0": {mean_loss}, "client-1": {mean_loss}}}, {bounded}'
         f"{_ledger_fields(2000, 1000)}, "
         f'"cumulative_parameters": {3000 * number}, "cumulative_full_fedavg_parameters": {18000 * number}, '
         f'"reduction_so_far": 0.8333333333333334, "seconds": 1.25}}'
@@ -55,7 +55,7 @@ def test_a_round_line_reads_as_its_record_and_writes_back_byte_for_byte() -> Non
 
     assert json.dumps(record.as_json()) == line
     assert record.round_number == 2 and record.participants == ("client-0", "client-1") and len(record.planned) == 3
-    assert record.weights == {"client-0": 80, "client-1": 40} and record.clipped == {"client-1": {Part.DECODER: 0.5}}
+    assert record.fedavg_weights == {"client-0": 80, "client-1": 40} and record.clipped == {"client-1": {Part.DECODER: 0.5}}
     assert record.ledger.traffic.total == 3000 and record.ledger.bytes_down[Part.DECODER] == 8120
     assert format_round(record) == "round 2: 2/3 clients, down 0.01 MB, up 0.00 MB, reduction so far 83.3%, loss 0.1250, 1.2s"
 
@@ -63,7 +63,7 @@ def test_a_round_line_reads_as_its_record_and_writes_back_byte_for_byte() -> Non
 def test_a_round_line_from_before_the_bounds_still_reads() -> None:
     record = RoundRecord.from_json(json.loads(round_line(1, 0.5, bounds=False)))
 
-    assert record.weights == {} and record.clipped == {} and record.mean_loss == 0.5
+    assert record.fedavg_weights == {} and record.clipped == {} and record.mean_loss == 0.5
 
 
 def test_an_evaluation_line_reads_as_its_record_and_writes_back_byte_for_byte() -> None:

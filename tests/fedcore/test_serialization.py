@@ -20,7 +20,9 @@ from fedcore.errors import (
     SchemaError,
     WrongRound,
 )
+from fedcore.federation.client import EvalTask
 from fedcore.model.diffusers_unet import DiffusersUNetConfig
+from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import ALL_PARTS, Part, PartLayout
 from fedcore.model.unet import PRESETS, build_model, layout_of, preset
 from fedcore.payload.serialization import HEADER_BYTES_PER_TENSOR, PayloadMeta, decode, encode, load_file, max_payload_bytes, read_meta, save_file
@@ -39,12 +41,12 @@ def _parts_of(state: dict[str, torch.Tensor], layout: PartLayout, parts) -> dict
     return {n: state[n] for n in layout.names(parts)}
 
 
-def _meta(parts=DECODER_ONLY, kind="delta", round_index=3, model="tiny") -> PayloadMeta:
-    return PayloadMeta(kind=kind, model=model, round_index=round_index, parts=frozenset(parts))
+def _meta(parts=DECODER_ONLY, kind="delta", wire_round=3, model="tiny") -> PayloadMeta:
+    return PayloadMeta(kind=kind, model=model, wire_round=wire_round, parts=frozenset(parts))
 
 
-def _decode(data, layout: PartLayout, parts=DECODER_ONLY, kind="delta", round_index=3):
-    return decode(data, layout, kind=kind, parts=parts, round_index=round_index, model="tiny")
+def _decode(data, layout: PartLayout, parts=DECODER_ONLY, kind="delta", wire_round=3):
+    return decode(data, layout, kind=kind, parts=parts, wire_round=wire_round, model="tiny")
 
 
 def _raw(header: object, body: bytes = b"") -> bytes:
@@ -92,7 +94,7 @@ def test_decode_of_read_only_bytes_copies(state, tiny_layout: PartLayout) -> Non
 
 
 def test_metadata_names_format_kind_round_and_parts() -> None:
-    md = _meta(frozenset({DEC, MID}), kind="weights", round_index=7).as_metadata()
+    md = _meta(frozenset({DEC, MID}), kind="weights", wire_round=7).as_metadata()
 
     assert md == {
         "format_version": "1",
@@ -258,13 +260,25 @@ def test_wrong_model_is_refused(state, tiny_layout: PartLayout) -> None:
 
 
 def test_wrong_round_is_refused(state, tiny_layout: PartLayout) -> None:
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=2))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=2))
 
     with pytest.raises(WrongRound, match="round 2, expected round 3") as excinfo:
-        _decode(data, tiny_layout, round_index=3)
+        _decode(data, tiny_layout, wire_round=3)
 
     assert excinfo.value.reason == "wrong_round"
     assert isinstance(excinfo.value, RoundError)
+
+
+def test_an_evaluation_payload_says_the_rounds_completed_not_a_round_index(state, tiny_layout: PartLayout) -> None:
+    """The global model an evaluate task scores after 3 rounds: its payload's `round` metadata is the 3 rounds
+    completed (the task's wire round), not the index 2 of the last round."""
+    task = EvalTask(completed_rounds=3, task_id="e3-w", receives=DECODER_ONLY, private_parts=frozenset(), spec=SamplingSpec(num_samples=4))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(kind="weights", wire_round=task.wire_round))
+
+    assert read_meta(data).wire_round == 3
+    _decode(data, tiny_layout, kind="weights", wire_round=task.wire_round)
+    with pytest.raises(WrongRound, match="round 3, expected round 2"):
+        _decode(data, tiny_layout, kind="weights", wire_round=task.completed_rounds - 1)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +303,7 @@ def test_parts_metadata_must_match_the_tensors(state, tiny_layout: PartLayout) -
 
 
 def test_round_and_model_checks_are_optional(state, tiny_layout: PartLayout) -> None:
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=99, model="tiny"))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=99, model="tiny"))
 
     decoded = decode(data, tiny_layout, kind="delta", parts=DECODER_ONLY)
 
@@ -311,7 +325,7 @@ def test_payload_written_by_plain_safetensors_is_read(state, tiny_layout: PartLa
 def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout, monkeypatch) -> None:
     from fedcore.payload import serialization
 
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=41))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=41))
     parses = []
     parse = serialization._parse_header
 
@@ -330,11 +344,11 @@ def test_a_header_seen_before_is_not_parsed_again(state, tiny_layout: PartLayout
 
 
 def test_a_remembered_header_is_checked_again_for_a_shorter_payload(state, tiny_layout: PartLayout) -> None:
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=42))
-    _decode(bytearray(data), tiny_layout, round_index=42)  # remembered now
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=42))
+    _decode(bytearray(data), tiny_layout, wire_round=42)  # remembered now
 
     with pytest.raises(NotSafetensors, match="outside the payload"):
-        _decode(bytearray(data[:-4]), tiny_layout, round_index=42)
+        _decode(bytearray(data[:-4]), tiny_layout, wire_round=42)
 
 
 def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> None:
@@ -361,8 +375,8 @@ def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> 
 def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayout, monkeypatch) -> None:
     from fedcore.payload import serialization
 
-    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=43, model="tiny")
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=43))
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=43, model="tiny")
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=43))
     checks = []
     check = serialization.check_schema
 
@@ -380,30 +394,30 @@ def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayou
     with pytest.raises(NotAssigned):  # the same header against other parts is checked, and refused
         reader.read(bytearray(data), frozenset({MID}))
     with pytest.raises(WrongRound):  # another round's reader
-        serialization.PayloadReader(tiny_layout, kind="delta", round_index=44).read(bytearray(data), DECODER_ONLY)
+        serialization.PayloadReader(tiny_layout, kind="delta", wire_round=44).read(bytearray(data), DECODER_ONLY)
 
 
 def test_a_reader_checks_the_values_of_every_payload(state, tiny_layout: PartLayout) -> None:
     from fedcore.payload import serialization
 
-    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=45, model="tiny")
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=45, model="tiny")
     tensors = _parts_of(state, tiny_layout, DECODER_ONLY)
-    reader.read(bytearray(encode(tensors, _meta(round_index=45))), DECODER_ONLY)  # its header is remembered now
+    reader.read(bytearray(encode(tensors, _meta(wire_round=45))), DECODER_ONLY)  # its header is remembered now
     poisoned = dict(tensors, **{"final_conv.bias": tensors["final_conv.bias"].clone()})
     poisoned["final_conv.bias"][0] = float("inf")
 
     with pytest.raises(NonFiniteTensor, match=r"tensor 'final_conv\.bias' holds 1 NaN/Inf"):
-        reader.read(bytearray(encode(poisoned, _meta(round_index=45))), DECODER_ONLY)
+        reader.read(bytearray(encode(poisoned, _meta(wire_round=45))), DECODER_ONLY)
 
 
 def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_layout: PartLayout, monkeypatch) -> None:
     from fedcore.payload import serialization
 
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(round_index=46))
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=46))
     (n,) = struct.unpack("<Q", data[:8])
     pad = serialization.MEMO_HEADER_BYTES + 8  # JSON allows trailing spaces; the data offsets do not move
     padded = struct.pack("<Q", n + pad) + data[8 : 8 + n] + b" " * pad + data[8 + n :]
-    reader = serialization.PayloadReader(tiny_layout, kind="delta", round_index=46, model="tiny")
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=46, model="tiny")
     checks = []
     check = serialization.check_schema
 
@@ -424,7 +438,7 @@ def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_la
 @pytest.mark.parametrize("kind", ["weights", "delta"])
 @pytest.mark.parametrize("parts", [ALL_PARTS, frozenset({ENC}), frozenset({MID}), DECODER_ONLY, frozenset({MID, DEC})])
 def test_a_payload_of_parts_is_within_their_bound(parts: frozenset[Part], kind: str, state, tiny_layout: PartLayout) -> None:
-    data = encode(_parts_of(state, tiny_layout, parts), _meta(parts, kind=kind, round_index=2**31 - 1))
+    data = encode(_parts_of(state, tiny_layout, parts), _meta(parts, kind=kind, wire_round=2**31 - 1))
 
     values = 4 * sum(tiny_layout.sizes[p] for p in parts)
     assert values < len(data) <= max_payload_bytes(tiny_layout, parts) < values + (1 << 20)

@@ -139,7 +139,7 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
     after_2, _ = load_file(folder / global_file_name(2))
     pool = load_training_pool(cfg.data)
     shards = split_indices(pool.class_labels(), K, "iid", seed=cfg.data.split_seed)
-    locals_, weights = [], []
+    locals_, fedavg_weights = [], []
 
     for cid, idx in zip(client_ids(K), shards, strict=True):
         model = build_model("tiny", seed=0)
@@ -148,11 +148,11 @@ def test_full_round_two_is_the_weighted_mean_of_independently_trained_models(run
         data = trainer.prepare_data(to_model_range(pool.images[idx]))
         trainer.train(data, cfg.federation.train, seed=task_seed(SEED, 1, cid))
         locals_.append({n: t.detach().double() for n, t in model.state_dict().items()})
-        weights.append(len(idx))
+        fedavg_weights.append(len(idx))
 
-    assert weights == [50, 50, 50]
+    assert fedavg_weights == [50, 50, 50]
     for n in after_2:
-        expected = sum(w * m[n] for m, w in zip(locals_, weights, strict=True)) / sum(weights)
+        expected = sum(w * m[n] for m, w in zip(locals_, fedavg_weights, strict=True)) / sum(fedavg_weights)
         torch.testing.assert_close(after_2[n].double(), expected, rtol=0, atol=1e-6)
 
 

@@ -40,7 +40,7 @@ def delta_for(task: TrainTask, seed: int) -> Tensors:
 
 
 def payload_for(task: TrainTask, delta: Tensors) -> bytes:
-    return serialization.encode(delta, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns))
+    return serialization.encode(delta, PayloadMeta(kind="delta", model=MODEL, wire_round=task.round_index, parts=task.returns))
 
 
 def identical(a: Tensors, b: Tensors) -> bool:

@@ -18,7 +18,7 @@ from typing import TypeVar
 from fedcore.federation.roundlog import ROUNDS_LOG
 from fedcore.model.parts import Part
 from fedcore.model.unet import build_model, layout_of
-from feddiff.local import LocalCluster, Process, sample, scrape, shard_flags
+from feddiff.local import LocalCluster, Process, metric_value, scrape, shard_flags
 
 # Tiny UDec rounds that take a second or two on one CPU thread.
 RUN = ["--strategy", "udec", "--model", "tiny", "--epochs", "1", "--batch-size", "32", "--seed", "7"]
@@ -55,7 +55,7 @@ def rounds_log(checkpoint_dir: Path) -> list[dict]:
 
 
 def metric(port: int, name: str, **labels: str) -> float:
-    return sample(scrape(port), name, **labels)
+    return metric_value(scrape(port), name, **labels)
 
 
 def start_workers(cluster: LocalCluster, address: str, extra: Sequence[Sequence[str]]) -> list[Process]:

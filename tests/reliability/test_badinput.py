@@ -56,7 +56,7 @@ def _payload(
     task: TrainTask, tensors: Tensors, *, kind: PayloadKind = "delta", model: str = MODEL, round_index: int | None = None, parts: frozenset[Part] | None = None
 ) -> bytes:
     round_index = task.round_index if round_index is None else round_index
-    meta = PayloadMeta(kind=kind, model=model, round_index=round_index, parts=task.returns if parts is None else parts)
+    meta = PayloadMeta(kind=kind, model=model, wire_round=round_index, parts=task.returns if parts is None else parts)
     return serialization.encode(tensors, meta)
 
 
@@ -115,7 +115,7 @@ class Round:
 
     def upload(self, worker: RawWorker, task: TrainTask, delta: Tensors) -> Tensors:
         """A well-formed update of `delta`, coded as the round codes them, goes in: returns what it stands for."""
-        meta = PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns, codec=self.codec.name)
+        meta = PayloadMeta(kind="delta", model=MODEL, wire_round=task.round_index, parts=task.returns, codec=self.codec.name)
         payload = coded.encode(delta, meta)
         assert worker.upload_messages(worker.update_messages(task, payload, chunk_size=CHUNK), timeout=10).outcome == "accepted"
         return delta if isinstance(self.codec, Identity) else coded.decode(PayloadReader(LAYOUT, kind="delta"), self.codec, payload, task.returns)[0]
@@ -314,7 +314,7 @@ def _coded(codec: str, edit: Callable[[Roles], object] | None = None, *, says: s
         if edit:
             edit(roles)
         tensors = {coded.coded_name(name, role): t.clone() for name, rs in roles.items() for role, t in rs.items()}
-        return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns, codec=says or codec))
+        return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, wire_round=task.round_index, parts=task.returns, codec=says or codec))
 
     return payload
 

@@ -127,7 +127,7 @@ PARTS = frozenset({ENC, DEC})
 ROUND = 3
 VALID = serialization.encode(
     {n: torch.arange(s.numel, dtype=torch.float32).reshape(s.shape) / 7 for n, s in LAYOUT.specs(PARTS).items()},
-    PayloadMeta(kind="delta", model="fuzz", round_index=ROUND, parts=PARTS),
+    PayloadMeta(kind="delta", model="fuzz", wire_round=ROUND, parts=PARTS),
 )
 (VALID_HEADER_LEN,) = struct.unpack("<Q", VALID[:8])
 VALID_HEADER: dict[str, object] = json.loads(VALID[8 : 8 + VALID_HEADER_LEN])
@@ -137,7 +137,7 @@ VALID_BODY = VALID[8 + VALID_HEADER_LEN :]
 def _check_decode(data: bytes | bytearray) -> None:
     """Decoding gives tensors of exactly the expected schema, finite, or a typed error; nothing else."""
     try:
-        tensors = serialization.decode(bytearray(data), LAYOUT, kind="delta", parts=PARTS, round_index=ROUND, model="fuzz")
+        tensors = serialization.decode(bytearray(data), LAYOUT, kind="delta", parts=PARTS, wire_round=ROUND, model="fuzz")
     except FeddiffError:
         return
     specs = LAYOUT.specs(PARTS)
@@ -250,7 +250,7 @@ def test_an_edited_header_decodes_to_the_schema_or_gives_a_typed_error(data: byt
 
 
 def test_the_valid_payload_decodes() -> None:
-    tensors = serialization.decode(bytearray(VALID), LAYOUT, kind="delta", parts=PARTS, round_index=ROUND, model="fuzz")
+    tensors = serialization.decode(bytearray(VALID), LAYOUT, kind="delta", parts=PARTS, wire_round=ROUND, model="fuzz")
     assert list(tensors) == ["enc.w", "enc.b", "dec.w", "dec.empty"]
 
 

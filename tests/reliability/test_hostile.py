@@ -60,12 +60,12 @@ def _payload(task: TrainTask, tensors: Tensors | bytes) -> bytes:
     """An update of `tensors` for `task` (bytes: encoded already, for round 0 of every part)."""
     if isinstance(tensors, bytes):
         return tensors
-    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=task.round_index, parts=task.returns))
+    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, wire_round=task.round_index, parts=task.returns))
 
 
 def _round_zero(tensors: Tensors) -> bytes:
     """`tensors` encoded ahead of the round, so that the upload starts as soon as the task is in."""
-    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, round_index=0, parts=ALL_PARTS))
+    return serialization.encode(tensors, PayloadMeta(kind="delta", model=MODEL, wire_round=0, parts=ALL_PARTS))
 
 
 def _bits(state: Tensors) -> dict[str, bytes]:
@@ -74,7 +74,7 @@ def _bits(state: Tensors) -> dict[str, bytes]:
 
 def _averaged(before: Tensors, updates: list[tuple[Tensors, float]], clip: dict[Part, float] | None = None) -> Tensors:
     """`before` plus the streaming FedAvg of `updates` (delta, weight), folded as the coordinator folds them."""
-    reader = PayloadReader(LAYOUT, kind="delta", round_index=0, model=MODEL)
+    reader = PayloadReader(LAYOUT, kind="delta", wire_round=0, model=MODEL)
     aggregate = RunningAggregate(LAYOUT, ALL_PARTS)
     for tensors, weight in updates:
         aggregate.fold_decoded(reader.read(bytearray(_round_zero(tensors)), ALL_PARTS), weight, clip)
@@ -85,7 +85,7 @@ def _averaged(before: Tensors, updates: list[tuple[Tensors, float]], clip: dict[
 
 def _norms(tensors: Tensors) -> dict[Part, float]:
     """Each part's L2 norm as the coordinator takes it when it clips (RunningAggregate.fold_decoded)."""
-    reader = PayloadReader(LAYOUT, kind="delta", round_index=0, model=MODEL)
+    reader = PayloadReader(LAYOUT, kind="delta", wire_round=0, model=MODEL)
     return RunningAggregate(LAYOUT, ALL_PARTS).fold_decoded(reader.read(bytearray(_round_zero(tensors)), ALL_PARTS), 1.0, {})
 
 

@@ -57,7 +57,7 @@ def _first_round(coord: Coordinator, worker: RawWorker) -> None:
     worker.download(msg.task_id)
     task = task_from_proto(msg)
     delta = {n: torch.full(s.shape, 1e-4) for n, s in TINY.specs(task.returns).items()}
-    payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns))
+    payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns))
     assert worker.upload_messages(worker.update_messages(task, payload)).outcome == "accepted"
     wait_until(lambda: coord.federation.completed_rounds == 1, "round 1 closed", 30)
 

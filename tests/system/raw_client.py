@@ -72,7 +72,7 @@ class RawWorker:
         images_seen = self.num_examples if images_seen is None else images_seen
         stream = convert.header_to_proto(
             header,
-            round_index=task.round_index if round_index is None else round_index,
+            wire_round=task.round_index if round_index is None else round_index,
             task_id=task.task_id if task_id is None else task_id,
             parts=task.returns,
         )

@@ -38,7 +38,7 @@ def _download(worker: RawWorker) -> tuple[TrainTask, PayloadMeta, int]:
 def _deliver(worker: RawWorker, task: TrainTask) -> None:
     """An update that moves every parameter it returns (the next round makes a new version of the shared model)."""
     steps = {n: torch.full(s.shape, 1e-3) for n, s in LAYOUT.specs(task.returns).items()}
-    payload = coded.encode(steps, PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns, codec=task.codec.name))
+    payload = coded.encode(steps, PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns, codec=task.codec.name))
     assert worker.upload_messages(worker.update_messages(task, payload, chunk_size=16 << 10), timeout=10).outcome == "accepted"
 
 

@@ -15,7 +15,7 @@ from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.codecs import Codec
 from fedcore.payload.serialization import load_file
 from feddiff.cli import main
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 from tests.system.test_e2e import DATA, RUN, K, R, simulate
 
 pytestmark = pytest.mark.e2e
@@ -44,19 +44,19 @@ def test_compressed_grpc_run_equals_simulation(strategy: str, codec: str, tmp_pa
     # the updates went up coded: the bytes counted are the simulation's, fewer than float32's
     rounds = [json.loads(line) for line in (tmp_path / "sim" / "rounds.jsonl").read_text().splitlines()]
     sim_up = sum(sum(r["bytes"]["up"].values()) for r in rounds)
-    up = sum(sample(coordinator_metrics, "feddiff_payload_bytes_total", direction="up", part=p.value) for p in PART_ORDER)
-    assert up == sim_up == sum(sum(sample(m, "feddiff_payload_bytes_total", direction="up", part=p.value) for p in PART_ORDER) for m in worker_metrics)
+    up = sum(metric_value(coordinator_metrics, "feddiff_payload_bytes_total", direction="up", part=p.value) for p in PART_ORDER)
+    assert up == sim_up == sum(sum(metric_value(m, "feddiff_payload_bytes_total", direction="up", part=p.value) for p in PART_ORDER) for m in worker_metrics)
     acct = account(Strategy(strategy), layout_of(build_model("tiny")).sizes, K, R, seed=7)
     assert up < 4 * sum(acct.traffic.up.values()) / 2
     # round 1's downloads are a few headers: each client builds the initial model from the run's seed
     assert sum(rounds[0]["bytes"]["down"].values()) < K * 1024 < 4 * layout_of(build_model("tiny")).total
     for direction, counts in (("down", acct.traffic.down), ("up", acct.traffic.up)):
         for part in PART_ORDER:  # the paper's parameter counts, unchanged by the codec, and the float32 bytes they stand for
-            assert sample(coordinator_metrics, "feddiff_parameters_total", direction=direction, part=part.value) == counts[part]
-            assert sample(coordinator_metrics, "feddiff_payload_fp32_bytes_total", direction=direction, part=part.value) == 4 * counts[part]
-            assert sum(sample(m, "feddiff_payload_fp32_bytes_total", direction=direction, part=part.value) for m in worker_metrics) == 4 * counts[part]
-    assert sample(coordinator_metrics, "feddiff_full_fedavg_fp32_bytes_total") == 4 * acct.full_fedavg
-    payload = sum(sample(coordinator_metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
+            assert metric_value(coordinator_metrics, "feddiff_parameters_total", direction=direction, part=part.value) == counts[part]
+            assert metric_value(coordinator_metrics, "feddiff_payload_fp32_bytes_total", direction=direction, part=part.value) == 4 * counts[part]
+            assert sum(metric_value(m, "feddiff_payload_fp32_bytes_total", direction=direction, part=part.value) for m in worker_metrics) == 4 * counts[part]
+    assert metric_value(coordinator_metrics, "feddiff_full_fedavg_fp32_bytes_total") == 4 * acct.full_fedavg
+    payload = sum(metric_value(coordinator_metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
     assert payload == sum(sum(r["bytes"][d].values()) for r in rounds for d in ("down", "up"))  # the simulation's ledger, both ways
     assert rounds[-1]["cumulative_payload_bytes"] == payload
     # `feddiff status` names the codec and both reductions: parameters (the paper's) and bytes (the codec's too)

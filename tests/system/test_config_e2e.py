@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 from tests.reliability.support import ENV, image_folder
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +27,7 @@ def test_a_yaml_config_of_strings_runs_a_round(tmp_path: Path) -> None:
         wait_for_state(coord.ready["address"], "done", 120, [coord, worker])
         metrics = scrape(coord.ready["metrics_port"])
 
-    assert sample(metrics, "feddiff_updates_total", outcome="accepted") == 1
+    assert metric_value(metrics, "feddiff_updates_total", outcome="accepted") == 1
     assert "Traceback" not in coord.output() + worker.output()
 
 

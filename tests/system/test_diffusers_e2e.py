@@ -140,7 +140,7 @@ def test_round_one_broadcasts_the_weights_of_init_from(tmp_path: Path) -> None:
         coord.stop(grace=0)
 
     layout = layout_of(build_model(MODEL))
-    received = serialization.decode(payload, layout, kind="weights", parts=ALL_PARTS, round_index=0, model=MODEL)
+    received = serialization.decode(payload, layout, kind="weights", parts=ALL_PARTS, wire_round=0, model=MODEL)
     assert received.keys() == saved.keys()
     assert all(torch.equal(received[k], saved[k]) for k in saved)
 

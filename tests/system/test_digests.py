@@ -30,7 +30,7 @@ def _delta_payload(task: TrainTask, layout: PartLayout) -> bytes:
     import torch
 
     tensors = {n: torch.full(s.shape, 1e-4) for n, s in layout.specs(task.returns).items()}  # about one Adam step at lr 1e-4
-    return serialization.encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns))
+    return serialization.encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns))
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from fedcore.model.parts import PART_ORDER
 from fedcore.model.unet import build_model, layout_of
 from fedcore.payload.serialization import load_file
 from feddiff.cli import main
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 pytestmark = pytest.mark.e2e
 
@@ -51,17 +51,19 @@ def test_grpc_run_equals_simulation_and_metrics_equal_accounting(strategy: str, 
     for direction, counts in (("down", acct.traffic.down), ("up", acct.traffic.up)):
         for part in PART_ORDER:
             want = counts[part]
-            assert sample(coordinator_metrics, "feddiff_parameters_total", direction=direction, part=part.value) == want
-            assert sum(sample(m, "feddiff_parameters_total", direction=direction, part=part.value) for m in worker_metrics) == want
-    assert sample(coordinator_metrics, "feddiff_full_fedavg_parameters_total") == acct.full_fedavg
-    assert sample(coordinator_metrics, "feddiff_round") == R
-    assert sample(coordinator_metrics, "feddiff_updates_total", outcome="accepted") == K * R
+            assert metric_value(coordinator_metrics, "feddiff_parameters_total", direction=direction, part=part.value) == want
+            assert sum(metric_value(m, "feddiff_parameters_total", direction=direction, part=part.value) for m in worker_metrics) == want
+    assert metric_value(coordinator_metrics, "feddiff_full_fedavg_parameters_total") == acct.full_fedavg
+    assert metric_value(coordinator_metrics, "feddiff_round") == R
+    assert metric_value(coordinator_metrics, "feddiff_updates_total", outcome="accepted") == K * R
     assert status["parameters_exchanged"] == str(acct.traffic.total)
     # Bytes: what the coordinator sent is what the workers received, and the wire adds under 1%.
     for direction in ("down", "up"):
-        payload = sum(sample(coordinator_metrics, "feddiff_payload_bytes_total", direction=direction, part=p.value) for p in PART_ORDER)
-        assert payload == sum(sum(sample(m, "feddiff_payload_bytes_total", direction=direction, part=p.value) for p in PART_ORDER) for m in worker_metrics)
-        wire = sample(coordinator_metrics, "feddiff_wire_bytes_total", direction=direction)
+        payload = sum(metric_value(coordinator_metrics, "feddiff_payload_bytes_total", direction=direction, part=p.value) for p in PART_ORDER)
+        assert payload == sum(
+            sum(metric_value(m, "feddiff_payload_bytes_total", direction=direction, part=p.value) for p in PART_ORDER) for m in worker_metrics
+        )
+        wire = metric_value(coordinator_metrics, "feddiff_wire_bytes_total", direction=direction)
         assert payload < wire <= payload * 1.01
 
 

@@ -40,7 +40,7 @@ def _train_round(worker: RawWorker) -> str:
     task = task_from_proto(worker.wait_task())
     worker.download(task.task_id)
     zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(task.returns).items()}
-    payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns))
+    payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns))
     assert worker.upload_messages(worker.update_messages(task, payload)).outcome == "accepted"
     return task.task_id
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from feddiff.local import LocalCluster, sample, scrape, wait_for_state
+from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +43,8 @@ def test_udec_workers_score_their_own_models(tmp_path: Path) -> None:
     assert fds["client-0"] != fds["client-1"], "each worker scores its own model"
     assert evaluation["fd_mean"] == pytest.approx(sum(fds.values()) / 2)
     for i, m in enumerate(worker_metrics):
-        assert sample(metrics, "feddiff_fd", model=f"client-{i}") == pytest.approx(fds[f"client-{i}"])
-        assert sample(m, "feddiff_fd", model=f"client-{i}") == pytest.approx(fds[f"client-{i}"])
+        assert metric_value(metrics, "feddiff_fd", model=f"client-{i}") == pytest.approx(fds[f"client-{i}"])
+        assert metric_value(m, "feddiff_fd", model=f"client-{i}") == pytest.approx(fds[f"client-{i}"])
         assert Image.open(tmp_path / "workers" / f"client-{i}" / "samples" / "r0001.png").size[0] > 28
         assert Image.open(tmp_path / "checkpoints" / "samples" / f"client-{i}-r0001.png").size[0] > 28  # --share-samples
     assert status["frechet_distance"] == pytest.approx(fds)
@@ -67,5 +67,5 @@ def test_full_global_model_is_scored_by_the_coordinator(tmp_path: Path) -> None:
         metrics = scrape(coord.ready["metrics_port"])
     [evaluation] = _evaluations(tmp_path)
     assert evaluation["models"] == "global" and math.isfinite(evaluation["fd"]["global"])
-    assert sample(metrics, "feddiff_fd", model="global") == pytest.approx(evaluation["fd"]["global"])
+    assert metric_value(metrics, "feddiff_fd", model="global") == pytest.approx(evaluation["fd"]["global"])
     assert (tmp_path / "checkpoints" / "samples" / "global-r0001.png").exists()

@@ -120,7 +120,7 @@ def test_a_round_that_still_has_its_quorum_closes_at_once_beside_a_refusal(tmp_p
         ta, tb = a.wait_task(), task_from_proto(b.wait_task())
         _reject(a, ta.task_id, reason="data_mismatch", message="local images (1, 32, 32) do not fit model 'tiny'")
         zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(tb.returns).items()}
-        payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round_index=tb.round_index, parts=tb.returns))
+        payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", wire_round=tb.round_index, parts=tb.returns))
         assert b.upload_messages(b.update_messages(tb, payload)).outcome == "accepted"
 
         _wait(lambda: coord.driver.state == "done")
@@ -141,7 +141,7 @@ def test_an_attempt_that_took_an_update_starts_the_count_over_and_any_stuck_ones
                 _reject(b, tb.task_id, reason)
             else:
                 zeros = {n: torch.zeros(s.shape) for n, s in LAYOUT.specs(tb.returns).items()}
-                payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", round_index=tb.round_index, parts=tb.returns))
+                payload = serialization.encode(zeros, PayloadMeta(kind="delta", model="tiny", wire_round=tb.round_index, parts=tb.returns))
                 assert b.upload_messages(b.update_messages(tb, payload)).outcome == "accepted"
             _wait(lambda attempt=attempt: _attempts(coord, "no_quorum") == attempt)
         assert coord.driver.state == "training" and coord.driver.failure == ""

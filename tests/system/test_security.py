@@ -123,7 +123,7 @@ def test_tokens_identify_workers_and_an_upload_for_another_identity_is_denied(tm
             # Worker 0 uploads a well-formed update for worker 1's task: not its task.
             layout = layout_of(build_model("tiny"))
             delta = {n: torch.zeros(s.shape) + 0.01 for n, s in layout.specs(t1.returns).items()}
-            payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", round_index=t1.round_index, parts=t1.returns))
+            payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", wire_round=t1.round_index, parts=t1.returns))
             with pytest.raises(grpc.RpcError) as e:
                 w0.upload_messages(w0.update_messages(t1, payload))
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -30,7 +30,7 @@ from fedcore.payload.codecs import compression_codec
 from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
-from feddiff.local import sample, scrape
+from feddiff.local import metric_value, scrape
 from tests.parsers import coordinator_config, subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
@@ -533,8 +533,8 @@ def test_resume_or_start_starts_a_new_run_where_there_is_none_and_goes_on_with_o
     finally:
         coord.stop(grace=0)
     assert coord.federation.completed_rounds == 1
-    assert sample(scraped, "feddiff_round") == 1
-    assert sample(scraped, "feddiff_run_parameters", direction="down", part="decoder") > 0
+    assert metric_value(scraped, "feddiff_round") == 1
+    assert metric_value(scraped, "feddiff_run_parameters", direction="down", part="decoder") > 0
     assert sum(v for (name, _), v in scraped.items() if name == "feddiff_round_attempts_total") == 0, "this process's counters start at zero"
 
 

@@ -83,7 +83,7 @@ def _round(tmp_path: Path, silent: int = 1, **settings: Any) -> Iterator[Round]:
             task = task_from_proto(worker.wait_task())
             g = torch.Generator().manual_seed(1)
             delta = {n: torch.randn(s.shape, generator=g) * 1e-5 for n, s in LAYOUT.specs(task.returns).items()}
-            payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", round_index=task.round_index, parts=task.returns))
+            payload = serialization.encode(delta, PayloadMeta(kind="delta", model="tiny", wire_round=task.round_index, parts=task.returns))
             yield Round(coord, worker, task, payload, release)
     finally:
         release.set()

@@ -57,7 +57,7 @@ def test_a_restarted_worker_adds_the_residuals_it_saved_to_its_next_update(tmp_p
         pb.Task(kind=pb.Task.TRAIN, round=3, task_id="r3.1-w", receives=["encoder", "bottleneck", "decoder"], returns=["decoder"], train=train)
     )
     initial = build_model("tiny", seed=1).state_dict()
-    coordinator = Coordinator(serialization.encode(initial, PayloadMeta(kind="weights", model="tiny", round_index=3, parts=ALL_PARTS)))
+    coordinator = Coordinator(serialization.encode(initial, PayloadMeta(kind="weights", model="tiny", wire_round=3, parts=ALL_PARTS)))
 
     assert daemon._train(coordinator, task) is None  # type: ignore[arg-type]
 

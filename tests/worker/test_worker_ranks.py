@@ -16,7 +16,7 @@ import torch
 from fedcore.model.parts import Part
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import load_file, save_file
-from feddiff.local import LocalCluster, Process, sample, scrape, status, wait_for_state
+from feddiff.local import LocalCluster, Process, metric_value, scrape, status, wait_for_state
 from tests.reliability.support import ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -98,8 +98,8 @@ def test_a_two_rank_worker_and_a_plain_one_run_udec_and_sigterm_stops_every_rank
 def _training_round_2(metrics_port: int) -> bool:
     """Round 2's weights (a decoder) are in and its update is not yet out."""
     m = scrape(metrics_port)
-    decoder_down = sample(m, "feddiff_parameters_total", direction="down", part="decoder")
-    return decoder_down == 2 * TINY.sizes[Part.DECODER] and sample(m, "feddiff_updates_total", outcome="accepted") == 1
+    decoder_down = metric_value(m, "feddiff_parameters_total", direction="down", part="decoder")
+    return decoder_down == 2 * TINY.sizes[Part.DECODER] and metric_value(m, "feddiff_updates_total", outcome="accepted") == 1
 
 
 def test_a_rank_killed_mid_round_ends_the_worker_the_round_closes_by_quorum_and_it_rejoins_with_its_private_parts(tmp_path: Path) -> None:
