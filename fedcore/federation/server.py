@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -95,6 +95,9 @@ def task_seed(seed: int, round_index: int, client: str) -> int:
     """The training seed of one client in one round, the same wherever that client runs."""
     seq = np.random.SeedSequence([seed, round_index, zlib.crc32(client.encode())])
     return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+Direction = Literal["down", "up"]  # of a transfer: to a client, or from it
 
 
 @dataclass
@@ -238,11 +241,14 @@ def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartL
     return layout.split_bytes(len(payload), coded.tensor_bytes({name: (e.begin, e.end) for name, e in entries.items()}))
 
 
-def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mapping[Part, int], *, down: bool) -> Ledger:
-    """One payload's worth of communication, and what plain FedAvg would have sent instead (the whole model)."""
+def transfer_ledger(layout: PartLayout, direction: Direction, parts: frozenset[Part], by_part: Mapping[Part, int]) -> Ledger:
+    """One payload's worth of communication: the parameters of `parts` and the payload's bytes by part
+    (`payload_bytes_by_part`), and what plain FedAvg would have sent instead (the whole model). The coordinator's
+    round and the worker count a transfer with it, both ends alike."""
     sizes = layout.sizes
     params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
     zeros = dict.fromkeys(PART_ORDER, 0)
+    down = direction == "down"
     return Ledger(
         traffic=Traffic(down=params, up=zeros) if down else Traffic(down=zeros, up=params),
         full_fedavg=layout.total,
@@ -563,7 +569,7 @@ class OpenRound:
         adds nothing; the task made anew with the whole model (`send_whole_model`) counts again."""
         a = self.plan.assignment(client)
         _, by_part = self._payload_of(client)
-        event = _transfer_ledger(self.federation.layout, a.receives, by_part, down=True)
+        event = transfer_ledger(self.federation.layout, "down", a.receives, by_part)
         with self._lock:
             if self.federation.shared is not None:  # the client holds this version of the parts it received
                 self.federation.holds[client] = (self.version, a.receives)
@@ -625,7 +631,7 @@ class OpenRound:
         """Fold a checked update in with `fold(weight, clip bounds)` (returning its norms) unless the round has
         it already or has closed; counted as `by_part` bytes."""
         a = self.plan.assignment(client)
-        event = _transfer_ledger(self.federation.layout, a.returns, by_part, down=False)
+        event = transfer_ledger(self.federation.layout, "up", a.returns, by_part)
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:
