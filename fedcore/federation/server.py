@@ -67,28 +67,30 @@ class FederationConfig:
             raise settings.SettingsError(str(e)) from None
         return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train, codec)
 
-    def as_json(self) -> dict[str, object]:
-        """The run's identity (a resumed run must match it); compression only when there is some, so that
-        the runs of earlier versions resume."""
-        compression = {} if isinstance(self.compression, Identity) else {"compression": self.compression.name}
-        return {
-            **compression,
-            "strategy": self.strategy.value,
-            "model": self.model,
-            "rounds": self.rounds,
-            "clients_per_round": self.clients_per_round,
-            "seed": self.seed,
-            "epochs": self.train.epochs,
-            "batch_size": self.train.batch_size,
-            "lr": self.train.lr,
-            "loss": self.train.loss,
-        }
+    def record(self) -> checkpoint.RunConfig:
+        """The run's settings as its checkpoints record them (a resumed run must match those in `DEFINING`)."""
+        return checkpoint.RunConfig(
+            strategy=self.strategy.value,
+            model=self.model,
+            rounds=self.rounds,
+            clients_per_round=self.clients_per_round,
+            seed=self.seed,
+            epochs=self.train.epochs,
+            batch_size=self.train.batch_size,
+            lr=self.train.lr,
+            loss=self.train.loss,
+            compression=self.compression.name,
+        )
 
-    def differences(self, saved: Mapping[str, Any]) -> list[tuple[str, object, object]]:
-        """Each setting that defines a run (`DEFINING`) whose value in `saved` (an `as_json()`) differs from this
+    def as_json(self) -> dict[str, object]:
+        """`record()` as state.json holds it: compression only when there is some."""
+        return self.record().as_json()
+
+    def differences(self, saved: checkpoint.RunConfig) -> list[tuple[str, object, object]]:
+        """Each setting that defines a run (`DEFINING`) whose value in `saved` (a checkpoint's) differs from this
         config's: (key, saved value, this value)."""
-        now = self.as_json()
-        return [(key, saved.get(key), now.get(key)) for key in self.DEFINING if saved.get(key) != now.get(key)]  # no compression: none
+        now = self.record()
+        return [(key, getattr(saved, key), getattr(now, key)) for key in self.DEFINING if getattr(saved, key) != getattr(now, key)]
 
 
 def task_seed(seed: int, round_index: int, client: str) -> int:
@@ -332,7 +334,7 @@ class Federation:
         """The round state a checkpoint of the federation as it is now commits."""
         return checkpoint.RunState(
             completed_rounds=self.completed_rounds,
-            config=self.config.as_json(),
+            config=self.config.record(),
             contacted=tuple(sorted(self.contacted)),
             ledger=self.ledger.as_json(),
             global_file=checkpoint.global_file_name(self.completed_rounds),
