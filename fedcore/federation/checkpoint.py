@@ -68,14 +68,19 @@ class RunConfig:
                 if f.default is MISSING:
                     raise ValueError(f"{where}: config has no {f.name!r}")
                 continue
-            value, kind = obj[f.name], _JSON_TYPES[str(f.type)]  # f.type: the annotation's text
-            if not isinstance(value, kind) or isinstance(value, bool):
+            value = obj[f.name]
+            if not _is_json(value, str(f.type)):  # f.type: the annotation's text
                 raise ValueError(f"{where}: config {f.name} is {value!r}, expected {f.type}")
             values[f.name] = float(value) if f.type == "float" else value
         return cls(**values)
 
 
 _JSON_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+
+
+def _is_json(value: object, annotation: str) -> bool:
+    """Whether JSON gave `value` as a field annotated `annotation` takes it (an integer for a float too; no bool)."""
+    return isinstance(value, _JSON_TYPES[annotation]) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
