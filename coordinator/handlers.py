@@ -1,24 +1,29 @@
 """What each call of the Coordinator service does, in the run's terms: protobuf in, one call into the phase in
-progress (coordinator/phase.py) or the worker registry, protobuf out. Refusals are raised as domain errors
-(fedcore.errors) and mapped to status codes by the servicer (coordinator/status.py); nothing here knows gRPC's
-call context. Called on the server's event loop: what could hold it (a join's task replaced, its payload hashed)
+progress (coordinator/phase.py) or the worker registry, protobuf out; an update's stream read into an upload
+slot (coordinator/uploads.py) on the way. Refusals are raised as domain errors (fedcore.errors) and mapped to
+status codes by the servicer (coordinator/status.py); nothing here knows gRPC's call context. Called on the
+server's event loop: what could hold it (a join's task replaced, its payload hashed, a large update folded in)
 runs in a thread."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvalReport
+from coordinator.metrics import Metrics
 from coordinator.phase import IssuedTask, PollEnd, PollOutcome
 from coordinator.refusals import Refusal
 from coordinator.registry import WorkerInfo, WorkerRecord, WorkerRegistry
 from coordinator.rounds import RoundDriver
-from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError
+from coordinator.uploads import OpenUploads, UploadReceiver
+from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError, UploadAborted, UploadStalled
 from fedcore.federation.client import EvalTask
 from fedcore.wire import bounds, convert
+from fedcore.wire.codec import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, StreamHeader
 
@@ -28,12 +33,19 @@ log = logging.getLogger("feddiff.coordinator")
 class Handlers:
     """The Coordinator service's calls, each given its checked request and the worker behind its session."""
 
-    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, *, run_id: str):
+    def __init__(self, cfg: CoordinatorConfig, driver: RoundDriver, registry: WorkerRegistry, metrics: Metrics, *, run_id: str):
         self.cfg = cfg
         self.run_id = run_id  # sent at every join: a worker keeps its private parts for one run
         self.driver = driver  # the run's federation and latest FDs
         self.phase = driver.phase  # the tasks of the phase in progress, and the run's state
         self.registry = registry
+        self.metrics = metrics  # an update's bytes on the wire and how it ended (its refusals: the servicer's)
+        self.uploads = OpenUploads()  # the upload streams in progress, one per worker
+        self.receiver = UploadReceiver(max(1, cfg.max_concurrent_uploads), cfg.upload_idle_timeout)
+
+    def close(self) -> None:
+        """End the accept threads (after the accepts in progress)."""
+        self.receiver.close()
 
     # --- membership ------------------------------------------------------------------------------------------
     def check_session(self, session_id: str) -> None:
@@ -116,6 +128,37 @@ class Handlers:
         except FeddiffError as e:
             log.info("download of %s completed after its round closed: %s", task_id, e)
 
+    # --- updates ---------------------------------------------------------------------------------------------
+    async def upload(
+        self, messages: AsyncIterator[pb.UpdateChunk | DataChunk], verify: Callable[[str], None], cancelled: Callable[[], bool]
+    ) -> pb.UploadResponse:
+        """An update stream: its header (`_first_message`), from the worker behind its session, whose identity
+        `verify` confirms; the header checked against the worker's task (`update_header`); then its data
+        received into an upload slot and folded in (`accept`). Answered "accepted", or "aborted" when its
+        connection ended on the way (`cancelled`); a refusal of the header, the stream or the update raised."""
+        worker_id, h = await self._first_message(messages, verify)
+        header, limit = self.update_header(worker_id, h)
+        if not await self._receive(worker_id, h, header, limit, messages, cancelled):
+            return pb.UploadResponse(outcome=UploadAborted.reason)
+        self.metrics.updates.labels("accepted").inc()
+        return pb.UploadResponse(outcome="accepted")
+
+    async def _first_message(self, messages: AsyncIterator[pb.UpdateChunk | DataChunk], verify: Callable[[str], None]) -> tuple[str, pb.UpdateHeader]:
+        """The stream's first message, its header, within the idle timeout (else UploadStalled; HeaderError when
+        it is not a header); and the worker behind the session it names, verified (UnknownWorker)."""
+        idle = self.cfg.upload_idle_timeout
+        try:
+            async with asyncio.timeout(idle):
+                first = await anext(aiter(messages), None)
+        except TimeoutError:
+            raise UploadStalled(f"upload stream sent no header for {idle:g} s (upload_idle_timeout): cut off") from None
+        if not isinstance(first, pb.UpdateChunk) or not first.HasField("header"):  # None, or data first
+            raise HeaderError("an update stream must start with its header")
+        worker_id = self.worker_of(first.header.session_id)
+        verify(worker_id)
+        self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
+        return worker_id, first.header
+
     def update_header(self, worker_id: str, h: pb.UpdateHeader) -> tuple[StreamHeader, int]:
         """An update's stream header and the most bytes its payload may take, once the header is checked against
         the wire contract (HeaderError) and against the worker's task: its round, its parts and the size they
@@ -127,6 +170,37 @@ class Handlers:
         header = convert.header_from_proto(h.stream)
         header.check(max_bytes=limit)
         return header, limit
+
+    async def _receive(
+        self,
+        worker_id: str,
+        h: pb.UpdateHeader,
+        header: StreamHeader,
+        limit: int,
+        messages: AsyncIterator[pb.UpdateChunk | DataChunk],
+        cancelled: Callable[[], bool],
+    ) -> bool:
+        """Receive an update's stream into an upload slot and fold it in: True, or False when its connection
+        ended on the way (counted as cut off); a refusal of the stream or the update raised."""
+        try:
+            with self.uploads.open(worker_id, h.session_id, h.stream.task_id) as upload:
+                on_wire = self.metrics.wire_bytes.labels("up").inc
+                accept = functools.partial(self.accept, worker_id, h)
+                await self.receiver.receive(upload, header, limit, messages, on_wire=on_wire, accept=accept)
+                return True
+        except asyncio.CancelledError:  # the worker's end of the call is gone
+            self._cut_off(worker_id, h.stream.task_id)
+            raise
+        except FeddiffError:
+            if not cancelled():
+                raise
+            self._cut_off(worker_id, h.stream.task_id)  # it ended early because its connection did
+            return False
+
+    def _cut_off(self, worker_id: str, task_id: str) -> None:
+        """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
+        self.metrics.updates.labels(UploadAborted.reason).inc()
+        log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
 
     def accept(self, worker_id: str, h: pb.UpdateHeader, payload: bytes | bytearray | memoryview) -> None:
         """Fold a received update into its round (its payload and report checked first)."""

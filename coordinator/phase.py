@@ -262,7 +262,7 @@ class Phase:
         record = self.registry.record(worker_id)
         with self._cond:
             self._holder_instances[worker_id] = record.info.instance_id if record is not None else ""
-        self.metrics.count_transfer("down", event.traffic.down, event.bytes_down, event.full_fedavg)
+        self.metrics.count_transfer("down", event)
         return event
 
     def upload_limit(self, worker_id: str, task_id: str, parts: frozenset[Part], wire_round: int) -> int:
@@ -291,7 +291,7 @@ class Phase:
         """Fold a worker's received update into the round in progress (checked there first) and count it."""
         open_round, _ = self._current(worker_id, task_id)
         update = open_round.accept(worker_id, payload, mean_loss=mean_loss, images_seen=images_seen)
-        self.metrics.count_transfer("up", update.ledger.traffic.up, update.ledger.bytes_up, update.ledger.full_fedavg)
+        self.metrics.count_transfer("up", update.ledger)
         for part, factor in update.clipped.items():
             self.metrics.clipped_updates.labels(part.value).inc()
             log.info("update of worker %s for task %s: %s scaled by %.3g to the clipping bound", worker_id, task_id, part.value, factor)

@@ -191,8 +191,7 @@ def with_saved_settings(cfg: CoordinatorConfig) -> CoordinatorConfig:
     state = checkpoint.load_state(cfg.checkpoint_dir)
     if state is None:
         return cfg
-    saved = {key: state.config[key] for key in _SAVED_WHEN_NOT_GIVEN if key in state.config}
-    saved.setdefault("compression", "none")  # checkpoints of runs without compression do not name it
+    saved = {key: getattr(state.config, key) for key in _SAVED_WHEN_NOT_GIVEN}
     taken = {key: value for key, value in saved.items() if settings.is_default(cfg, key) and getattr(cfg, key) != value}
     if "compression" in taken and settings.is_default(cfg, "compression_block"):
         taken["compression_block"] = 0  # the saved name holds its block

@@ -16,7 +16,6 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf.message import Message
-from prometheus_client import Counter
 
 from coordinator.config import CoordinatorConfig
 from coordinator.downloads import OpenDownloads, Unsendable
@@ -28,13 +27,11 @@ from coordinator.registry import WorkerRegistry
 from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator
 from coordinator.status import abort
-from coordinator.uploads import OpenUploads, UploadReceiver
-from fedcore.errors import FeddiffError, FieldOutOfRange, HeaderError, UnknownWorker, UploadAborted, UploadStalled
+from fedcore.errors import FeddiffError, FieldOutOfRange, UploadAborted
 from fedcore.wire import bounds, codec
 from fedcore.wire.codec import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-from fedcore.wire.stream import StreamHeader
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -46,19 +43,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.cfg = cfg
         self.auth = auth
         self.metrics = metrics
-        self.handlers = Handlers(cfg, driver, registry, run_id=run_id)
-        self._refusal_log = LimitedLog(log)  # a flood of bad calls is counted in full, logged in part
+        self.handlers = Handlers(cfg, driver, registry, metrics, run_id=run_id)
+        self.refusal_log = LimitedLog(log)  # a flood of bad joins or updates is counted in full, logged in part
         loop = asyncio.get_running_loop()
         phase = driver.phase  # its changes answer long polls and end the streams of a round that closed
         self._polls = LongPolls(phase.poll_task, loop)
-        self._uploads = OpenUploads()
         self._downloads = OpenDownloads(cfg.download_idle_timeout, cfg.chunk_size)
-        self._receiver = UploadReceiver(max(1, cfg.max_concurrent_uploads), cfg.upload_idle_timeout)
-        end_closed = functools.partial(self._uploads.end_closed, phase.accepting)
+        end_uploads = functools.partial(self.handlers.uploads.end_closed, phase.accepting)
         end_downloads = functools.partial(self._downloads.end_closed, phase.accepting)
         self._unsubscribe = [
             phase.on_change(self._polls.changes.notify),
-            phase.on_change(lambda: loop.call_soon_threadsafe(end_closed)),
+            phase.on_change(lambda: loop.call_soon_threadsafe(end_uploads)),
             phase.on_change(lambda: loop.call_soon_threadsafe(end_downloads)),
         ]
 
@@ -66,49 +61,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """Stop hearing of the phase's changes (the event loop is about to close); end the accept threads."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
-        self._receiver.close()
+        self.handlers.close()
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, error: FeddiffError, counted_in: Counter, what: str = "update") -> NoReturn:
-        """End a join or an upload (`what`, for the log) with its mapped status, counted by reason in
-        `counted_in`; an upload cut off on the way is `aborted`: logged as such, not as a refusal."""
-        counted_in.labels(error.reason).inc()
-        if isinstance(error, UploadAborted):
-            self._refusal_log.refused(error.reason, "upload cut off (%s): %s", error.reason, error)
-        else:
-            self._refusal_log.refused(error.reason, "%s refused: %s: %s", what, error.reason, error)
-        await abort(context, error)
-
-    async def _worker(self, session_id: str, context: grpc.aio.ServicerContext, *, counted_in: Counter | None = None) -> str:
-        """The worker behind a session, checked against the caller's verified identity, else UnknownWorker,
-        counted in `counted_in` when given (uploads), else in feddiff_refusals_total (`mapped`)."""
-        try:
-            worker_id = self.handlers.worker_of(session_id)
-            self.auth.check(context, worker_id)
-            return worker_id
-        except UnknownWorker as e:
-            if counted_in is not None:
-                await self._refuse(context, e, counted_in)
-            raise
+    def _worker(self, session_id: str, context: grpc.aio.ServicerContext) -> str:
+        """The worker behind a session, checked against the caller's verified identity, else UnknownWorker."""
+        worker_id = self.handlers.worker_of(session_id)
+        self.auth.check(context, worker_id)
+        return worker_id
 
     # --- membership ------------------------------------------------------------------------------------------
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
         """A session for a checked, verified worker; refusals counted in feddiff_joins_total."""
-        try:
-            response = await self.handlers.join(request.worker, verify=functools.partial(self.auth.check, context))
-        except FeddiffError as e:
-            await self._refuse(context, e, self.metrics.joins, what=f"join of {request.worker.worker_id[:140]!r}")
+        response = await self.handlers.join(request.worker, verify=functools.partial(self.auth.check, context))
         self.metrics.joins.labels("accepted").inc()
         self._polls.end_sessions_of(request.worker.worker_id, but=response.session_id)
         return response
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         """The worker is alive; the answer says how many rounds are complete."""
-        await self._worker(request.session_id, context)
+        self._worker(request.session_id, context)
         return self.handlers.heartbeat()
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         """The worker ends its session."""
-        await self._worker(request.session_id, context)
+        self._worker(request.session_id, context)
         response = self.handlers.leave(request.session_id)
         self._polls.end_session(request.session_id)
         return response
@@ -116,7 +92,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # --- tasks -----------------------------------------------------------------------------------------------
     async def WaitTask(self, request: pb.WaitTaskRequest, context: grpc.aio.ServicerContext) -> pb.WaitTaskResponse:
         """The long poll: the worker's next task, Done once the run is over, or Idle after its timeout."""
-        worker_id = await self._worker(request.session_id, context)
+        worker_id = self._worker(request.session_id, context)
         outcome = await self._polls.next_task(worker_id, request.session_id, request.timeout_ms)
         self.handlers.worker_of(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         return self.handlers.task_response(outcome)
@@ -126,7 +102,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         """The payload of the worker's task: its header, then the payload in chunks (coordinator/downloads.py);
         counted once drained. One that cannot end with a status ends without (`mapped`)."""
-        worker_id = await self._worker(request.session_id, context)
+        worker_id = self._worker(request.session_id, context)
         header, payload = self.handlers.task_payload(worker_id, request.task_id)
         sent = await self._downloads.send(context, worker_id, request.session_id, request.task_id, header, payload)
         self.metrics.wire_bytes.labels("down").inc(sent)  # reached only when the worker drained the stream
@@ -134,73 +110,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext) -> pb.UploadResponse:
         """An update: its header checked against the worker's task, then its stream received and folded in."""
-        worker_id, h = await self._update_header(request_iterator, context)
-        try:
-            header, limit = self.handlers.update_header(worker_id, h)
-        except FeddiffError as e:
-            await self._refuse(context, e, self.metrics.updates)
-        if not await self._receive(worker_id, h, header, limit, request_iterator, context):
-            return pb.UploadResponse(outcome=UploadAborted.reason)
-        self.metrics.updates.labels("accepted").inc()
-        return pb.UploadResponse(outcome="accepted")
-
-    async def _receive(
-        self,
-        worker_id: str,
-        h: pb.UpdateHeader,
-        header: StreamHeader,
-        limit: int,
-        request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk],
-        context: grpc.aio.ServicerContext,
-    ) -> bool:
-        """Receive an update's stream into an upload slot and fold it in: True, or False when its connection
-        ended on the way (counted as cut off); a refusal of the stream or the update ends the call."""
-        try:
-            with self._uploads.open(worker_id, h.session_id, h.stream.task_id) as upload:
-                on_wire = self.metrics.wire_bytes.labels("up").inc
-                accept = functools.partial(self.handlers.accept, worker_id, h)
-                await self._receiver.receive(upload, header, limit, request_iterator, on_wire=on_wire, accept=accept)
-                return True
-        except asyncio.CancelledError:  # the worker's end of the call is gone
-            self._cut_off(worker_id, h.stream.task_id)
-            raise
-        except FeddiffError as e:
-            if context.cancelled():  # it ended early because its connection did
-                self._cut_off(worker_id, h.stream.task_id)
-                return False
-            await self._refuse(context, e, self.metrics.updates)
-
-    async def _update_header(
-        self, request_iterator: AsyncIterator[pb.UpdateChunk | DataChunk], context: grpc.aio.ServicerContext
-    ) -> tuple[str, pb.UpdateHeader]:
-        """The stream's first message, its header, within the idle timeout; and the worker whose session it names."""
-        idle = self.cfg.upload_idle_timeout
-        first = None
-        try:
-            async with asyncio.timeout(idle):
-                first = await anext(aiter(request_iterator), None)
-        except TimeoutError:
-            await self._refuse(context, UploadStalled(f"upload stream sent no header for {idle:g} s (upload_idle_timeout): cut off"), self.metrics.updates)
-        if not isinstance(first, pb.UpdateChunk) or not first.HasField("header"):  # None, or data first
-            await self._refuse(context, HeaderError("an update stream must start with its header"), self.metrics.updates)
-        worker_id = await self._worker(first.header.session_id, context, counted_in=self.metrics.updates)
-        self.metrics.wire_bytes.labels("up").inc(first.ByteSize())
-        return worker_id, first.header
-
-    def _cut_off(self, worker_id: str, task_id: str) -> None:
-        """An upload whose connection ended mid-stream (worker killed, link cut): dropped, and counted."""
-        self.metrics.updates.labels(UploadAborted.reason).inc()
-        log.warning("upload from worker %s for task %s was cut off mid-stream; dropped", worker_id, task_id)
+        return await self.handlers.upload(request_iterator, verify=functools.partial(self.auth.check, context), cancelled=context.cancelled)
 
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext) -> pb.EvaluationAck:
         """A worker's evaluation of its own model, for its evaluate task."""
-        worker_id = await self._worker(request.session_id, context)
+        worker_id = self._worker(request.session_id, context)
         self.handlers.report_evaluation(worker_id, request)
         return pb.EvaluationAck()
 
     async def RejectTask(self, request: pb.RejectTaskRequest, context: grpc.aio.ServicerContext) -> pb.RejectTaskResponse:
         """A task the worker cannot run, with its reason; counted in feddiff_updates_total as rejected_<reason>."""
-        worker_id = await self._worker(request.session_id, context)
+        worker_id = self._worker(request.session_id, context)
         refusal = self.handlers.reject_task(worker_id, request)
         self.metrics.updates.labels(refusal.outcome).inc()
         return pb.RejectTaskResponse()
@@ -222,8 +142,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
-# Calls that check their own request at the edge, counting refusals in their own metric: a join's WorkerInfo
-# (feddiff_joins_total), an update's header (feddiff_updates_total).
+# Calls that check their own request at the edge: a join's WorkerInfo, an update's header.
 SELF_CHECKED = frozenset({"Join", "UploadUpdate"})
 # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
 _DESERIALIZERS = {"UploadUpdate": codec.parser(pb.UpdateChunk)}
@@ -236,33 +155,43 @@ _HANDLERS = {
 }
 
 
-def mapped(handler: Callable, metrics: Metrics, check: Callable[[Message], None] | None = None) -> Callable:
-    """`handler` with every domain error it raises, wherever it raises it, ended with its mapped status code
-    (coordinator/status.py) and counted in feddiff_refusals_total, instead of UNKNOWN and a traceback in the
-    log; its request first passed to `check`. (Join and UploadUpdate count their refusals in
-    feddiff_joins_total and feddiff_updates_total.) A download ended while its worker reads nothing
-    (Unsendable) is counted alike, and its call ends without a status, which could not be sent."""
-    refuse = _refusal(handler.__name__, metrics)
+def mapped(handler: Callable, refuse: Refuse, check: Callable[[Message], None] | None = None) -> Callable:
+    """`handler` with every domain error it raises, wherever it raises it, refused by `refuse` (`refusal`:
+    counted, logged, ended with its mapped status code, coordinator/status.py) instead of ending in UNKNOWN and
+    a traceback in the log; its request first passed to `check`. A download ended while its worker reads
+    nothing (Unsendable) is refused alike, and its call ends without a status, which could not be sent."""
     checked = check or (lambda request: None)
     if inspect.isasyncgenfunction(handler):
         return _mapped_stream(handler, checked, refuse)
     return _mapped_unary(handler, checked, refuse)
 
 
-Refuse = Callable[[grpc.aio.ServicerContext, FeddiffError | Unsendable], Awaitable[NoReturn]]
+Refuse = Callable[[grpc.aio.ServicerContext, FeddiffError | Unsendable, object], Awaitable[NoReturn]]
 
 
-def _refusal(rpc: str, metrics: Metrics) -> Refuse:
-    """How `rpc` refuses a call: counted by RPC and reason, logged, ended with the error's status code (or,
-    Unsendable, cancelled without one)."""
+def refusal(rpc: str, metrics: Metrics, limited: LimitedLog) -> Refuse:
+    """How `rpc` refuses a call (given its request): counted by reason, in feddiff_joins_total for a join, in
+    feddiff_updates_total for an update, else in feddiff_refusals_total by RPC; logged, a join's or an update's
+    as a warning limited per reason (`limited`), any other's at info; ended with the error's status code (or,
+    Unsendable, cancelled without one). An update cut off on the way (UploadAborted) is logged as such."""
+    own = {"Join": metrics.joins, "UploadUpdate": metrics.updates}.get(rpc)
 
-    async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError | Unsendable) -> NoReturn:
+    def count(reason: str) -> None:
+        (metrics.refusals.labels(rpc, reason) if own is None else own.labels(reason)).inc()
+
+    async def refuse(context: grpc.aio.ServicerContext, error: FeddiffError | Unsendable, request: object) -> NoReturn:
         if isinstance(error, Unsendable):
-            metrics.refusals.labels(rpc, error.error.reason).inc()
+            count(error.error.reason)
             log.info("%s ended unread: %s: %s", rpc, error.error.reason, error.error)
             raise asyncio.CancelledError from None
-        metrics.refusals.labels(rpc, error.reason).inc()
-        log.info("%s refused: %s: %s", rpc, error.reason, error)
+        count(error.reason)
+        if isinstance(error, UploadAborted):
+            limited.refused(error.reason, "upload cut off (%s): %s", error.reason, error)
+        elif own is None:
+            log.info("%s refused: %s: %s", rpc, error.reason, error)
+        else:
+            what = f"join of {request.worker.worker_id[:140]!r}" if isinstance(request, pb.JoinRequest) else "update"
+            limited.refused(error.reason, "%s refused: %s: %s", what, error.reason, error)
         await abort(context, error)
 
     return refuse
@@ -275,7 +204,7 @@ def _mapped_unary(handler: Callable, check: Callable[[Message], None], refuse: R
             check(request)
             return await handler(request, context)
         except (FeddiffError, Unsendable) as e:
-            await refuse(context, e)
+            await refuse(context, e, request)
 
     return unary
 
@@ -288,7 +217,7 @@ def _mapped_stream(handler: Callable, check: Callable[[Message], None], refuse: 
             async for response in handler(request, context):
                 yield response
         except (FeddiffError, Unsendable) as e:
-            await refuse(context, e)
+            await refuse(context, e, request)
 
     return stream
 
@@ -296,12 +225,16 @@ def _mapped_stream(handler: Callable, check: Callable[[Message], None], refuse: 
 def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
     with the chunk codec on the weights streams, every request checked at the edge and every method's domain
-    errors mapped (`mapped`)."""
+    errors refused in one way (`mapped`, `refusal`)."""
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
-            mapped(getattr(servicer, method.name), servicer.metrics, None if method.name in SELF_CHECKED else servicer.check_request),
+            mapped(
+                getattr(servicer, method.name),
+                refusal(method.name, servicer.metrics, servicer.refusal_log),
+                None if method.name in SELF_CHECKED else servicer.check_request,
+            ),
             request_deserializer=_DESERIALIZERS.get(method.name, request.FromString),
             response_serializer=_SERIALIZERS.get(method.name, response.SerializeToString),
         )

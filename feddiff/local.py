@@ -175,16 +175,10 @@ def shard_flags(index: int, num_clients: int, keep_running: bool = True) -> list
 
 
 def status(address: str, timeout: float = 5.0) -> dict:
-    """The coordinator's GetStatus as a dict."""
-    import grpc
-    from google.protobuf.json_format import MessageToDict
+    """The coordinator's GetStatus as a dict, asked over plain text as `feddiff status --json` asks it."""
+    from feddiff.system_cli import StatusConfig, ask_status, status_dict
 
-    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-    from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
-    return MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return status_dict(ask_status(StatusConfig(address=address, timeout=timeout)))
 
 
 def wait_for_state(address: str, state: str, timeout: float, procs: Sequence[Process] = ()) -> dict:

@@ -86,7 +86,7 @@ class TrainedModel:
 
 
 def _preset_name(given: str, state: RunState | None, where: Path) -> str:
-    recorded = str(state.config["model"]) if state else ""
+    recorded = state.config.model if state else ""
     if given and recorded and given != recorded:
         raise ValueError(f"--model {given!r}, but {where} holds a run of {recorded!r}")
     if not (given or recorded):
@@ -118,7 +118,7 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
 
 
 def _strategy(state: RunState | None) -> str | None:
-    return str(state.config["strategy"]) if state else None
+    return state.config.strategy if state else None
 
 
 def _from_file(path: Path, model: str) -> TrainedModel:

@@ -176,12 +176,26 @@ def _add_status_flags(p: argparse.ArgumentParser) -> None:
 def status(args: argparse.Namespace) -> int:
     """A coordinator's round, workers, bytes and reduction, as lines or (--json) one object."""
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
+    cfg = flags.build(StatusConfig, args)
+    try:
+        s = ask_status(cfg)
+    except grpc.RpcError as e:
+        print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if cfg.json:
+        print(json.dumps({**status_dict(s), "bytes_vs_fp32_fedavg": _bytes_vs_fp32_fedavg(s)}))
+    else:
+        _print_status(s)
+    return 0
+
+
+def ask_status(cfg: StatusConfig):  # -> feddiff_pb2.StatusResponse
+    """The coordinator's GetStatus, with the operator's token when --token-file names one; grpc.RpcError when
+    it does not answer. `feddiff status` and the local cluster (feddiff/local.py) ask with it."""
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
     from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
-    cfg = flags.build(StatusConfig, args)
     metadata: tuple[tuple[str, str], ...] = ()
     if cfg.token_file:
         try:
@@ -189,17 +203,14 @@ def status(args: argparse.Namespace) -> int:
         except OSError as e:  # readable when the setting was built, no more now
             raise ValueError(f"--token-file {cfg.token_file}: cannot read it ({e.strerror or e})") from None
     with _tool_channel(cfg) as channel:
-        try:
-            s = pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=cfg.timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    if cfg.json:
-        reply = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        print(json.dumps({**reply, "bytes_vs_fp32_fedavg": _bytes_vs_fp32_fedavg(s)}))
-    else:
-        _print_status(s)
-    return 0
+        return pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=cfg.timeout, metadata=metadata)
+
+
+def status_dict(s) -> dict:  # s: feddiff_pb2.StatusResponse
+    """A StatusResponse as a JSON object: every field by its name, those at their default too."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def _bytes_vs_fp32_fedavg(s) -> float | None:  # s: feddiff_pb2.StatusResponse

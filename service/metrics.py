@@ -7,12 +7,15 @@ Prometheus's rate() and increase() expect."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER, Part
+from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER
 from service import ports
+
+if TYPE_CHECKING:
+    from fedcore.federation.server import Direction, Ledger
 
 
 class ProcessMetrics:
@@ -51,7 +54,12 @@ class ProcessMetrics:
         for outcome in ("accepted", "bad_worker_info", "unauthenticated", "duplicate_worker"):
             self.joins.labels(outcome)
 
-    def count_transfer(self, direction: str, parameters: Mapping[Part, int], payload_bytes: Mapping[Part, int], full_fedavg: int) -> None:
+    def count_transfer(self, direction: Direction, transfer: Ledger) -> None:
+        """Count one payload sent or received, as `fedcore.federation.server.transfer_ledger` accounts it."""
+        down = direction == "down"
+        parameters = transfer.traffic.down if down else transfer.traffic.up
+        payload_bytes = transfer.bytes_down if down else transfer.bytes_up
+        full_fedavg = transfer.full_fedavg
         for p in PART_ORDER:
             if parameters.get(p):
                 self.parameters.labels(direction, p.value).inc(parameters[p])

@@ -20,9 +20,9 @@ from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
-from fedcore.federation.server import payload_bytes_by_part
+from fedcore.federation.server import Direction, payload_bytes_by_part, transfer_ledger
 from fedcore.model.diffusion import Schedule
-from fedcore.model.parts import PART_ORDER, Part, PartLayout
+from fedcore.model.parts import Part, PartLayout
 from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, TrainingInterrupted, TrainResult, resolve_device
 from fedcore.model.unet import build_model, preset
@@ -468,10 +468,9 @@ class WorkerDaemon:
             self._quality = (extractor, reference)
         return self._quality
 
-    def _count(self, layout: PartLayout, direction: str, parts: frozenset[Part], payload: bytes | bytearray | memoryview) -> None:
-        sizes = layout.sizes
-        params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
-        self.metrics.count_transfer(direction, params, payload_bytes_by_part(payload, layout), layout.total)
+    def _count(self, layout: PartLayout, direction: Direction, parts: frozenset[Part], payload: bytes | bytearray | memoryview) -> None:
+        """A payload received or sent, counted as the coordinator counts it (`transfer_ledger`)."""
+        self.metrics.count_transfer(direction, transfer_ledger(layout, direction, parts, payload_bytes_by_part(payload, layout)))
 
 
 def evaluation_report(task: EvalTask, score: GeneratorScore) -> pb.EvaluationReport:

@@ -17,7 +17,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,66 @@ KEEP = 2
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """The settings of a run as its checkpoint records them (state.json's "config", `FederationConfig.record`):
+    those that define it and the rounds it is to run, flat, in JSON's types."""
+
+    strategy: str  # a strategy's name (fedcore.federation.strategies.Strategy)
+    model: str  # model preset
+    rounds: int
+    clients_per_round: int  # 0 = every available client
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    loss: str  # fedcore.model.diffusion.LossKind
+    compression: str = "none"  # the codec's name, its block included; a run without one does not record it
+
+    def as_json(self) -> dict[str, object]:
+        """state.json's "config": compression only when there is some, so that earlier versions resume the run."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        compression = saved.pop("compression")
+        return {"compression": compression, **saved} if compression != "none" else saved
+
+    @classmethod
+    def from_json(cls, obj: object, where: Path) -> RunConfig:
+        """From state.json's "config" as `as_json` writes it (the checkpoints of every version); ValueError naming
+        `where` and the key for anything else."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: config is {obj!r}, expected a JSON object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in obj:
+                if f.default is MISSING:
+                    raise ValueError(f"{where}: config has no {f.name!r}")
+                continue
+            value = obj[f.name]
+            if not _is_json(value, str(f.type)):  # f.type: the annotation's text
+                raise ValueError(f"{where}: config {f.name} is {value!r}, expected {f.type}")
+            values[f.name] = float(value) if f.type == "float" else value
+        return cls(**values)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+
+
+def _is_json(value: object, annotation: str) -> bool:
+    """Whether JSON gave `value` as a field annotated `annotation` takes it (an integer for a float too; no bool)."""
+    return isinstance(value, _JSON_TYPES[annotation]) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class RunState:
     completed_rounds: int
-    config: Mapping[str, Any]  # FederationConfig.as_json() of the run
+    config: RunConfig  # the run's settings (FederationConfig.record())
     contacted: tuple[str, ...]  # clients that hold a model (got the initial broadcast)
     ledger: Mapping[str, Any]  # Ledger.as_json()
     global_file: str  # file name of the current global model
     tally: Mapping[str, Any] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
     norms: Mapping[str, Any] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
-    settings: Mapping[str, Any] = field(default_factory=dict)  # the driver's settings that may change on resume; absent in older ones
+    # The settings of the process that runs the federation (the coordinator's CoordinatorConfig.resumable()) that a
+    # resume may change, by name: fedcore only carries them (it may not import the coordinator); absent in older ones
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _versioned(stem: str, round_count: int) -> str:
@@ -79,7 +130,7 @@ def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state
         save_file(directory / state.global_file, global_state, {"completed_rounds": str(state.completed_rounds)})
     run = {
         "completed_rounds": state.completed_rounds,
-        "config": state.config,
+        "config": state.config.as_json(),
         "contacted": sorted(state.contacted),
         "ledger": state.ledger,
         "global_file": state.global_file,
@@ -119,7 +170,7 @@ def load_state(directory: str | Path) -> RunState | None:
         raise ValueError(f"{directory / STATE_FILE}: not a run's state: expected a JSON object with completed_rounds, config, contacted, ledger, global_file")
     return RunState(
         completed_rounds=int(raw["completed_rounds"]),
-        config=dict(raw["config"]),
+        config=RunConfig.from_json(raw["config"], directory / STATE_FILE),
         contacted=tuple(raw["contacted"]),
         ledger=dict(raw["ledger"]),
         global_file=str(raw["global_file"]),

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -67,34 +67,39 @@ class FederationConfig:
             raise settings.SettingsError(str(e)) from None
         return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train, codec)
 
-    def as_json(self) -> dict[str, object]:
-        """The run's identity (a resumed run must match it); compression only when there is some, so that
-        the runs of earlier versions resume."""
-        compression = {} if isinstance(self.compression, Identity) else {"compression": self.compression.name}
-        return {
-            **compression,
-            "strategy": self.strategy.value,
-            "model": self.model,
-            "rounds": self.rounds,
-            "clients_per_round": self.clients_per_round,
-            "seed": self.seed,
-            "epochs": self.train.epochs,
-            "batch_size": self.train.batch_size,
-            "lr": self.train.lr,
-            "loss": self.train.loss,
-        }
+    def record(self) -> checkpoint.RunConfig:
+        """The run's settings as its checkpoints record them (a resumed run must match those in `DEFINING`)."""
+        return checkpoint.RunConfig(
+            strategy=self.strategy.value,
+            model=self.model,
+            rounds=self.rounds,
+            clients_per_round=self.clients_per_round,
+            seed=self.seed,
+            epochs=self.train.epochs,
+            batch_size=self.train.batch_size,
+            lr=self.train.lr,
+            loss=self.train.loss,
+            compression=self.compression.name,
+        )
 
-    def differences(self, saved: Mapping[str, Any]) -> list[tuple[str, object, object]]:
-        """Each setting that defines a run (`DEFINING`) whose value in `saved` (an `as_json()`) differs from this
+    def as_json(self) -> dict[str, object]:
+        """`record()` as state.json holds it: compression only when there is some."""
+        return self.record().as_json()
+
+    def differences(self, saved: checkpoint.RunConfig) -> list[tuple[str, object, object]]:
+        """Each setting that defines a run (`DEFINING`) whose value in `saved` (a checkpoint's) differs from this
         config's: (key, saved value, this value)."""
-        now = self.as_json()
-        return [(key, saved.get(key), now.get(key)) for key in self.DEFINING if saved.get(key) != now.get(key)]  # no compression: none
+        now = self.record()
+        return [(key, getattr(saved, key), getattr(now, key)) for key in self.DEFINING if getattr(saved, key) != getattr(now, key)]
 
 
 def task_seed(seed: int, round_index: int, client: str) -> int:
     """The training seed of one client in one round, the same wherever that client runs."""
     seq = np.random.SeedSequence([seed, round_index, zlib.crc32(client.encode())])
     return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+Direction = Literal["down", "up"]  # of a transfer: to a client, or from it
 
 
 @dataclass
@@ -238,11 +243,14 @@ def payload_bytes_by_part(payload: bytes | bytearray | memoryview, layout: PartL
     return layout.split_bytes(len(payload), coded.tensor_bytes({name: (e.begin, e.end) for name, e in entries.items()}))
 
 
-def _transfer_ledger(layout: PartLayout, parts: frozenset[Part], by_part: Mapping[Part, int], *, down: bool) -> Ledger:
-    """One payload's worth of communication, and what plain FedAvg would have sent instead (the whole model)."""
+def transfer_ledger(layout: PartLayout, direction: Direction, parts: frozenset[Part], by_part: Mapping[Part, int]) -> Ledger:
+    """One payload's worth of communication: the parameters of `parts` and the payload's bytes by part
+    (`payload_bytes_by_part`), and what plain FedAvg would have sent instead (the whole model). The coordinator's
+    round and the worker count a transfer with it, both ends alike."""
     sizes = layout.sizes
     params = {p: sizes[p] if p in parts else 0 for p in PART_ORDER}
     zeros = dict.fromkeys(PART_ORDER, 0)
+    down = direction == "down"
     return Ledger(
         traffic=Traffic(down=params, up=zeros) if down else Traffic(down=zeros, up=params),
         full_fedavg=layout.total,
@@ -326,7 +334,7 @@ class Federation:
         """The round state a checkpoint of the federation as it is now commits."""
         return checkpoint.RunState(
             completed_rounds=self.completed_rounds,
-            config=self.config.as_json(),
+            config=self.config.record(),
             contacted=tuple(sorted(self.contacted)),
             ledger=self.ledger.as_json(),
             global_file=checkpoint.global_file_name(self.completed_rounds),
@@ -563,7 +571,7 @@ class OpenRound:
         adds nothing; the task made anew with the whole model (`send_whole_model`) counts again."""
         a = self.plan.assignment(client)
         _, by_part = self._payload_of(client)
-        event = _transfer_ledger(self.federation.layout, a.receives, by_part, down=True)
+        event = transfer_ledger(self.federation.layout, "down", a.receives, by_part)
         with self._lock:
             if self.federation.shared is not None:  # the client holds this version of the parts it received
                 self.federation.holds[client] = (self.version, a.receives)
@@ -625,7 +633,7 @@ class OpenRound:
         """Fold a checked update in with `fold(weight, clip bounds)` (returning its norms) unless the round has
         it already or has closed; counted as `by_part` bytes."""
         a = self.plan.assignment(client)
-        event = _transfer_ledger(self.federation.layout, a.returns, by_part, down=False)
+        event = transfer_ledger(self.federation.layout, "up", a.returns, by_part)
         with self._fold_lock:
             with self._lock:
                 if client in self._accepted:

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedcore.federation import checkpoint
 from fedcore.federation.checkpoint import (
     STATE_FILE,
+    RunConfig,
     RunState,
     global_file_name,
     load_private,
     load_run,
+    load_state,
     save_private,
     save_run,
 )
 from fedcore.payload.serialization import save_file
 from tests.checkpoints import saved_run
 
-CONFIG = {"strategy": "udec", "model": "tiny", "rounds": 3, "seed": 0}
+CONFIG = RunConfig(strategy="udec", model="tiny", rounds=3, clients_per_round=0, seed=0, epochs=1, batch_size=8, lr=1e-4, loss="huber")
 LEDGER = {"parameters_total": 123}
 
 
@@ -78,6 +82,46 @@ def test_tally_is_saved_and_a_state_json_without_one_loads(tmp_path: Path) -> No
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
 
     assert saved_run(tmp_path)[1].tally == {}
+
+
+def test_the_config_of_an_earlier_version_loads_and_is_written_as_it_was(tmp_path: Path) -> None:
+    save_run(tmp_path, _weights(1.0), _state(1))
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    # As every version wrote it: the run's settings by name, compression only when the run has some.
+    assert state["config"] == {
+        "strategy": "udec",
+        "model": "tiny",
+        "rounds": 3,
+        "clients_per_round": 0,
+        "seed": 0,
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "loss": "huber",
+    }
+    state["config"] = {"compression": "int8", **state["config"], "lr": 1}  # an lr JSON wrote as an integer
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    config = saved_run(tmp_path)[1].config
+
+    assert config == RunConfig(
+        strategy="udec", model="tiny", rounds=3, clients_per_round=0, seed=0, epochs=1, batch_size=8, lr=1.0, loss="huber", compression="int8"
+    )
+    assert config.as_json() == state["config"]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"seed": None}, "config has no 'seed'"), ({"epochs": "5"}, "config epochs is '5', expected int"), ({"lr": True}, "config lr is True, expected float")],
+)
+def test_a_config_that_is_not_a_runs_is_refused_naming_the_file_and_key(change: dict[str, object], named: str, tmp_path: Path) -> None:
+    save_run(tmp_path, _weights(1.0), _state(1))
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    state["config"] = {k: v for k, v in {**state["config"], **change}.items() if v is not None}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / STATE_FILE}: {named}")):
+        load_state(tmp_path)
 
 
 def test_crash_before_state_json_keeps_the_committed_checkpoint(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def test_a_resume_extends_the_rounds_and_refuses_settings_that_define_the_run(tm
     assert "--resume: settings changed since the run's last checkpoint: rounds 2 -> 3, round_deadline 60.0 -> 90.0, quorum 0.5 -> 1.0" in resumed_log
     assert [r["round"] for r in rounds_log(ckpt)] == [1, 2, 3], "one more round, each once in the round log"
     saved = checkpoint.load_run(ckpt)
-    assert saved is not None and saved[1].completed_rounds == 3 and saved[1].config["rounds"] == 3
+    assert saved is not None and saved[1].completed_rounds == 3 and saved[1].config.rounds == 3
     assert (ckpt / checkpoint.FINAL_MODEL).is_file()
 
 

@@ -196,7 +196,7 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
     when an upload first takes it."""
     with _coordinator(tmp_path, max_concurrent_uploads=10**9) as coord, grpc.insecure_channel(coord.address) as channel:
         RawWorker(channel, "w").join()
-        assert coord._servicer is not None and coord._servicer._receiver.receive_buffers == []
+        assert coord._servicer is not None and coord._servicer.handlers.receiver.receive_buffers == []
 
 
 # --- refused at start, in one line --------------------------------------------------------------------------
