@@ -13,8 +13,8 @@ import json
 import os
 import threading
 import types
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import Field, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -186,8 +186,9 @@ _building: contextvars.ContextVar[tuple[type, frozenset[str]] | None] = contextv
 
 
 def given(config: object) -> frozenset[str] | None:
-    """The names of the settings given to `config` when `build` built it (the others hold their defaults);
-    None for a config built otherwise (in code, by `dataclasses.replace`)."""
+    """The names of the settings given to `config` when `build` built it (the others hold their defaults), a
+    setting of a config it holds by its dotted name as well (`data.num_clients`, next to `data`); None for a
+    config built otherwise (in code, by `dataclasses.replace`)."""
     names: frozenset[str] | None = vars(config).get(_GIVEN)
     building = _building.get()
     if names is None and building is not None and type(config) is building[0]:
@@ -205,23 +206,37 @@ def replace(config: T, **changes: Any) -> T:
 
 
 def is_default(config: object, name: str) -> bool:
-    """Whether the setting `name` of a config (a dataclass) was left at its default: not given, when `build`
-    built it (a value given that equals the default was given all the same); else whether it holds its
-    declared default."""
+    """Whether the setting `name` of a config (a dataclass; `data.num_clients` for one of a config it holds)
+    was left at its default: not given, when `build` built it (a value given that equals the default was given
+    all the same); else whether it holds its declared default."""
     names = given(config)
     if names is not None:
         return name not in names
-    (f,) = [f for f in fields(config) if f.name == name]  # type: ignore[arg-type]
+    return bool(value_of(config, name) == default_of(type(config), name))
+
+
+def value_of(config: object, name: str) -> Any:
+    """The setting `name` of `config`, `data.num_clients` that of the config it holds as `data`."""
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of setting `name` of `cls`; that of a held config's setting (`data.num_clients`)
+    as the held config's own default holds it (a command's config may hold one with other defaults)."""
+    first, _, rest = name.partition(".")
+    (f,) = [f for f in fields(cls) if f.name == first]
     default = f.default_factory() if callable(f.default_factory) else f.default
-    return bool(getattr(config, name) == default)
+    return value_of(default, rest) if rest else default
 
 
 def shown(config: object, name: str, unit: str = "") -> str:
     """A setting as a message names it: its flag and value, and "(the default)" when it was not given, so that
     a message about a setting the user never gave says so ("--heartbeat-timeout 30 s (the default)")."""
-    value = getattr(config, name)
+    value = value_of(config, name)
     text = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{flag((name,))} {text}{f' {unit}' if unit else ''}{' (the default)' if is_default(config, name) else ''}"
+    return f"{flag(tuple(name.split('.')))} {text}{f' {unit}' if unit else ''}{' (the default)' if is_default(config, name) else ''}"
 
 
 def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location], str] = dotted) -> T:
@@ -229,14 +244,15 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
     int; 2.5 is no int, True no number, 1 no boolean, 'inf' and 'nan' no number at all); SettingsError for an
     unknown key, a value that does not convert or one outside its range, and for what the dataclass's own
     checks refuse. `name` turns a setting's location into the name the user knows it by (a flag, a key of a
-    file). The config keeps the names of `values` as the settings given (`given`); the others hold defaults."""
+    file). The config keeps the names of `values` as the settings given (`given`); the others hold defaults,
+    those of a config it holds the defaults of the config its field holds by default (`SplitConfig(num_clients=1)`)."""
     key: type = cls  # the cache's key (mypy does not take a type[T] for Hashable)
     adapter = _adapter(key)
     errors = _strict_bools(cls, values, ())
-    names = frozenset(values)
+    names = _names(cls, values, ())
     building = _building.set((cls, names))
     try:
-        built = adapter.validate_python(dict(values))
+        built = adapter.validate_python(_over_held_defaults(cls, values))
     except ValidationError as e:
         taken = {tuple(err["loc"]) for err in errors}
         errors += [err for err in e.errors() if tuple(err["loc"]) not in taken]
@@ -246,6 +262,39 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
         raise SettingsError("; ".join(_message(cls, err, name) for err in errors)) from None
     object.__setattr__(built, _GIVEN, names)  # a frozen dataclass: set as its own __init__ sets its fields
     return built
+
+
+def _held(cls: type) -> Iterator[tuple[Field[Any], type]]:
+    """(field, its config class) of every config `cls` holds in a field."""
+    hints = get_type_hints(cls, include_extras=True)
+    for f in fields(cls):
+        target = _strip(hints[f.name])
+        if isinstance(target, type) and is_dataclass(target):
+            yield f, target
+
+
+def _names(cls: type, values: Mapping[str, Any], loc: Location) -> frozenset[str]:
+    """The names of the settings `values` gives: its keys, and a held config's settings by their dotted names."""
+    names = {dotted((*loc, key)) for key in values}
+    for f, target in _held(cls):
+        if isinstance(values.get(f.name), Mapping):
+            names |= _names(target, values[f.name], (*loc, f.name))
+    return frozenset(names)
+
+
+def _over_held_defaults(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values`, a held config's settings given over the settings its field's default holds where they differ
+    from its class's defaults (pydantic builds a held config from its class's defaults alone)."""
+    merged = dict(values)
+    for f, target in _held(cls):
+        given_here = values.get(f.name)
+        if not isinstance(given_here, Mapping):
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        kept = [g.name for g in fields(target) if g.name not in given_here] if is_dataclass(default) else []
+        own = {name: getattr(default, name) for name in kept if getattr(default, name) != default_of(target, name)}
+        merged[f.name] = {**own, **_over_held_defaults(target, given_here)}
+    return merged
 
 
 @functools.cache

@@ -6,8 +6,9 @@ refused in one line that names the flag (or the file's key), the value and what 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -36,18 +37,64 @@ def choices(tp: Any) -> Choices | None:
     return Choices(str(value) for value in values) if values else None
 
 
-def add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, words: str, *, aliases: Sequence[str] = (), **options: Any) -> argparse.Action:
-    """The flag of setting `name` (`batch_size`: --batch-size), and its `aliases` (other spellings of it): a
-    switch for a boolean, the values of a Literal as choices, the help in `settings.flag_help`'s words: `words`
-    (what the flag does), then its type's (a tuple's default as the comma list its flag takes; an empty one's
-    and an empty mapping's not at all). Its value stays a string, None when not given, so that the setting's
-    default (REQUIRED: none) or a file's value stands; `options` go to argparse as they are."""
-    spellings = (settings.flag((name,)), *aliases)
+class _Spelled(argparse.Action):
+    """A flag's value stored as `store` (or, with no argument, `store_const`) stores it; given by one of its
+    `old` spellings, a one-line notice on stderr names the flag's own (the old spelling still works)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, old: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = tuple(old)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        if option_string in self.old:
+            print(f"{parser.prog}: notice: {option_string} is deprecated, it is spelled {self.option_strings[0]} now", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_flag(
+    parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, words: str, *, aliases: Sequence[str] = (), old: Sequence[str] = (), **options: Any
+) -> argparse.Action:
+    """The flag of setting `name` (`batch_size`: --batch-size), its `aliases` (other spellings of it) and its
+    `old` spellings (which still work, with a notice that names the flag): a switch for a boolean, the values
+    of a Literal as choices, the help in `settings.flag_help`'s words: `words` (what the flag does), then its
+    type's (a tuple's default as the comma list its flag takes; an empty one's and an empty mapping's not at
+    all). Its value stays a string, None when not given, so that the setting's default (REQUIRED: none) or a
+    file's value stands; `options` go to argparse as they are."""
+    spellings = (settings.flag((name,)), *aliases, *old)
     if tp is bool:
-        return parser.add_argument(*spellings, **{"action": "store_const", "const": True, "default": None, "help": words, **options})
+        return parser.add_argument(*spellings, **{"action": _Spelled, "old": old, "nargs": 0, "const": True, "default": None, "help": words, **options})
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else None if default is REQUIRED or default == {} else default
-    kwargs = {"default": None, "required": default is REQUIRED, "choices": choices(tp), "help": settings.flag_help(tp, shown, words)}
+    kwargs = {
+        "action": _Spelled,
+        "old": old,
+        "default": None,
+        "required": default is REQUIRED,
+        "choices": choices(tp),
+        "help": settings.flag_help(tp, shown, words),
+    }
     return parser.add_argument(*spellings, **{**kwargs, **options})
+
+
+_RETIRED = "_flags_retired"  # the retired spellings given (`add_retired`), refused by `build`
+
+
+class _Retired(argparse.Action):
+    """A spelling that no longer names a setting of this command: kept for `build`, which refuses it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, words: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.words = words
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        spelled = option_string if values is None else f"{option_string} {values}"
+        setattr(namespace, _RETIRED, [*getattr(namespace, _RETIRED, []), f"{spelled} {self.words}"])
+
+
+def add_retired(parser: argparse.ArgumentParser, spelling: str, words: str) -> argparse.Action:
+    """A flag this command took once, with another meaning than the one other commands give it, and that now
+    names nothing here: `build` refuses it in one line, `spelling` followed by `words` (what to give instead),
+    rather than argparse's "unrecognized arguments". The help does not show it."""
+    return parser.add_argument(spelling, action=_Retired, words=words, nargs="?", dest=_RETIRED + spelling, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: object, words: str) -> argparse.Action:
@@ -56,20 +103,27 @@ def add_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: obj
     return parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=words)
 
 
-def settings_of(cls: type, skip: Collection[str] = ()) -> Iterator[tuple[str, Any, Any]]:
+def settings_of(cls: type, skip: Collection[str] = (), held: object = None) -> Iterator[tuple[str, Any, Any]]:
     """(name, type, default) of every setting of the config `cls` but those named in `skip`; those of a config
-    it holds in its place, as flags name them (`train.epochs` is --epochs). One without a default has REQUIRED."""
+    it holds in its place, as flags name them (`train.epochs` is --epochs), with the defaults of the config its
+    field holds by default (`held`). One without a default has REQUIRED."""
     hints = get_type_hints(cls, include_extras=True)
     for f in fields(cls):
         tp = hints[f.name]
         if f.name in skip:
             continue
+        default = getattr(held, f.name) if held is not None else _default(f)
         if isinstance(tp, type) and is_dataclass(tp):
-            yield from settings_of(tp, skip)
-        elif f.default is not MISSING:
-            yield f.name, tp, f.default
+            yield from settings_of(tp, skip, default if is_dataclass(default) else None)
         else:
-            yield f.name, tp, REQUIRED if f.default_factory is MISSING else f.default_factory()
+            yield f.name, tp, default
+
+
+def _default(f: Field[Any]) -> Any:
+    """A field's default; REQUIRED for one without."""
+    if f.default is not MISSING:
+        return f.default
+    return REQUIRED if f.default_factory is MISSING else f.default_factory()
 
 
 def add_flags(
@@ -80,11 +134,15 @@ def add_flags(
     skip: Collection[str] = (),
     metavars: Mapping[str, str] | None = None,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    old: Mapping[str, Sequence[str]] | None = None,
+    shown_defaults: Mapping[str, str] | None = None,
 ) -> None:
     """A flag for every setting of `cls` but those in `skip` (`add_flag`), with the words `meaning` has for it,
-    the metavar `metavars` names (a path's kind: DIR, FILE) and the other spellings `aliases` gives it
-    (--coordinator for --address). ValueError, before any flag is added, when `meaning` has no words for one
-    of them: a flag's help says what it does, not only what it takes."""
+    the metavar `metavars` names (a path's kind: DIR, FILE), the other spellings `aliases` gives it
+    (--coordinator for --address), the `old` spellings it had (each still works, with a notice) and, where
+    `shown_defaults` names one, the default its help shows (one the command settles otherwise: "the
+    protocol's"). ValueError, before any flag is added, when `meaning` has no words for one of them: a flag's
+    help says what it does, not only what it takes."""
     found = list(settings_of(cls, skip))
     wordless = [name for name, _, _ in found if not meaning.get(name, "").strip()]
     if wordless:
@@ -92,7 +150,10 @@ def add_flags(
         raise ValueError(f"{cls.__name__}: the flags of {named} have no words: give each what it does in the meaning its command passes")
     for name, tp, default in found:
         options = {"metavar": metavars[name]} if metavars and name in metavars else {}
-        add_flag(parser, name, tp, default, meaning[name], aliases=aliases.get(name, ()) if aliases else (), **options)
+        if shown_defaults and name in shown_defaults:
+            options["help"] = settings.flag_help(tp, shown_defaults[name], meaning[name])
+        spelled = {"aliases": aliases.get(name, ()) if aliases else (), "old": old.get(name, ()) if old else ()}
+        add_flag(parser, name, tp, default, meaning[name], **spelled, **options)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -137,6 +198,9 @@ def build(cls: type[T], args: argparse.Namespace, *, config_file: str | Path | N
     the flags given in `args`: each value converted to its setting's type (`settings.build`). SettingsError
     (one line) names every value that does not convert by where it came from: a flag's by the flag
     ("--batch-size = '0': ..."), a file's by its key in the file ("rounds (in FILE) = 2.5: ...")."""
+    retired = getattr(args, _RETIRED, None)
+    if retired:
+        raise settings.SettingsError("; ".join(retired))
     from_file = read_config_file(Path(config_file)) if config_file else {}
     from_flags = given(args, cls)
 
