@@ -394,7 +394,7 @@ def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_p
 def _finished_run(folder: Path) -> dict[str, bytes]:
     """A real one-round run of the tiny model in `folder`, with a final model as the coordinator leaves it;
     every file's bytes."""
-    from fedcore.data.shards import DataConfig
+    from fedcore.data.shards import SplitConfig
     from fedcore.experiments.simulation import Simulation, SimulationConfig
     from fedcore.federation.checkpoint import FINAL_MODEL, load_run
     from fedcore.federation.server import FederationConfig
@@ -403,7 +403,7 @@ def _finished_run(folder: Path) -> dict[str, bytes]:
     federation = FederationConfig.from_settings(
         strategy="udec", model="tiny", rounds=1, clients_per_round=0, seed=0, epochs=1, batch_size=32, lr=1e-3, loss="huber"
     )
-    cfg = SimulationConfig(federation=federation, data=DataConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
+    cfg = SimulationConfig(federation=federation, data=SplitConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
     Simulation.create(cfg, folder, log=lambda _: None).run()
     loaded = load_run(folder)
     assert loaded is not None
