@@ -15,7 +15,6 @@ from fedcore import settings
 from fedcore.data.shards import SplitConfig
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import (
-    ConnectAddress,
     ExistingFile,
     ExistingFolder,
     Folder,
@@ -23,11 +22,11 @@ from fedcore.settings import (
     Port,
     Positive,
     ProgressMode,
-    ReadyFile,
     Seconds,
 )
 from fedcore.wire.bounds import WORKER_ID, largest
 from service import flags
+from service.process_settings import ConnectAddress, ReadyFile
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -108,11 +107,11 @@ class WorkerConfig:
         if not self.data_dir and self.client_index < 0:
             raise ValueError(
                 "no images to train on: pass --data-dir FOLDER (a folder of your images) or --client-index N (shard N of "
-                f"Fashion-MNIST, N in 0..{self.data.num_clients - 1} for {settings.shown(self, 'data.num_clients')})"
+                f"Fashion-MNIST, N in 0..{self.data.num_clients - 1} for {flags.shown(self, 'data.num_clients')})"
             )
         if not self.data_dir and self.client_index >= self.data.num_clients:
             raise ValueError(
-                f"--client-index {self.client_index} is not a shard of {settings.shown(self, 'data.num_clients')}: give 0..{self.data.num_clients - 1}, "
+                f"--client-index {self.client_index} is not a shard of {flags.shown(self, 'data.num_clients')}: give 0..{self.data.num_clients - 1}, "
                 "or --num-clients above it"
             )
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -177,7 +177,7 @@ def test_a_held_config_keeps_its_field_s_defaults_under_the_flags_given_and_its_
     cfg = flags.build(Deep, _deep(["--depth", "5"]))
     assert cfg.inner == Inner(mode="slow", depth=5)
     assert settings.is_default(cfg, "inner.mode") and not settings.is_default(cfg, "inner.depth")
-    assert settings.shown(cfg, "inner.mode") == "--mode slow (the default)" and settings.shown(cfg, "inner.depth") == "--depth 5"
+    assert flags.shown(cfg, "inner.mode") == "--mode slow (the default)" and flags.shown(cfg, "inner.depth") == "--depth 5"
     assert settings.is_default(Deep(), "inner.depth") and not settings.is_default(Deep(inner=Inner()), "inner.depth")
     assert {a.dest: a.help for a in parser._actions}["depth"] == "how deep: an integer >= 1, default 3"
 

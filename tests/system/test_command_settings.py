@@ -64,7 +64,7 @@ def test_every_command_is_listed_here() -> None:
 @pytest.mark.parametrize(("command", "name", "tp"), LITERALS, ids=[f"{c}--{n}" for c, n, _ in LITERALS])
 def test_every_literal_setting_is_a_choice_listed_in_help(command: str, name: str, tp: Any) -> None:
     parser = subcommands(cli.build_parser())[command]
-    flag = flags.settings.flag((name,))
+    flag = flags.flag((name,))
     (action,) = [a for a in parser._actions if flag in a.option_strings]
     literal = tp if get_origin(tp) is Literal else next(a for a in get_args(tp) if get_origin(a) is Literal)
 
@@ -98,7 +98,7 @@ FREE = (str, bool, str | None, tuple[str, ...], settings.Folder)  # a free strin
 
 def _valued() -> list[tuple[str, str, Any]]:
     """(command, flag, type) of every setting of the typed commands whose flag takes a value that can be wrong."""
-    return [(c, flags.settings.flag((n,)), tp) for c, cls in TYPED.items() for n, tp, _ in flags.settings_of(cls, SKIPPED.get(cls, ())) if tp not in FREE]
+    return [(c, flags.flag((n,)), tp) for c, cls in TYPED.items() for n, tp, _ in flags.settings_of(cls, SKIPPED.get(cls, ())) if tp not in FREE]
 
 
 VALUED = _valued()

@@ -31,6 +31,7 @@ from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
 from feddiff.local import sample, scrape
+from service import flags
 from tests.parsers import coordinator_config, subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
@@ -366,7 +367,7 @@ def test_help_shows_each_flags_type_and_range_from_its_setting() -> None:
         helps = {o: a.help or "" for a in commands[command]._actions for o in a.option_strings}
         for cls in classes:
             for _, name in _numeric(cls):
-                flag = settings.flag((name,))
+                flag = flags.flag((name,))
                 if flag in helps:  # backoff_*: not flags
                     tp = get_type_hints(cls, include_extras=True)[name]
                     assert settings.expected(tp) in helps[flag], (flag, helps[flag])

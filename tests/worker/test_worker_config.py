@@ -15,6 +15,7 @@ from fedcore.data.shards import SplitConfig
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Folder
 from feddiff.cli import build_parser, main
+from service import flags
 from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
 
@@ -109,7 +110,7 @@ def test_an_empty_state_dir_is_refused_not_taken_for_the_working_directory() -> 
     from fedcore import settings
 
     with pytest.raises(settings.SettingsError, match=r"^--state-dir = '': expected a folder path$"):
-        settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=settings.flag)
+        settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=flags.flag)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
