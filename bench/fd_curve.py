@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.report import emit, log, machine
+from fedcore.data.shards import SplitConfig
 from fedcore.experiments.reproduce import ALL_DATA, CENTRALISED, PROTOCOLS, Cell, Evaluator, ReproduceConfig, run_cell
 from fedcore.model.training import SpeedConfig
 
@@ -33,7 +34,9 @@ def curve(
         batch_size=batch_size or p.batch_size, lr=lr or p.lr,
     )  # fmt: skip
     cell = Cell(CENTRALISED, ALL_DATA)
-    cfg = ReproduceConfig(protocol=p, cells=(cell,), out=out, results=out / "results.jsonl", docs=None, data_root=data_root, speed=SpeedConfig())
+    cfg = ReproduceConfig(
+        protocol=p, cells=(cell,), out=out, results=out / "results.jsonl", docs=None, data=SplitConfig(data_root=data_root), speed=SpeedConfig()
+    )
     evaluator = Evaluator.create(cfg, log)
     row = run_cell(cfg, cell, evaluator, log)
     per_round = row.images * p.epochs

@@ -28,12 +28,10 @@ from fedcore.settings import (
     Folder,
     Fraction,
     LearningRate,
-    ListenAddress,
     NonNegative,
     Port,
     Positive,
     ProgressMode,
-    ReadyFile,
     SamplingSteps,
     Seconds,
     Seed,
@@ -41,6 +39,7 @@ from fedcore.settings import (
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
 from service import flags
+from service.process_settings import ListenAddress, ReadyFile
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
@@ -55,7 +54,7 @@ def _worker_sizes(value: object) -> dict[str, int]:
     anything else."""
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
-            value = settings.load_yaml(value)
+            value = flags.load_yaml(value)
         except yaml.YAMLError as e:
             raise ValueError(getattr(e, "problem", None) or "not a YAML mapping") from None
     elif isinstance(value, str):
@@ -166,7 +165,7 @@ class CoordinatorConfig:
         settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
-                f"{settings.shown(self, 'heartbeat_timeout', 's')} must be longer than {settings.shown(self, 'heartbeat_interval', 's')}: "
+                f"{flags.shown(self, 'heartbeat_timeout', 's')} must be longer than {flags.shown(self, 'heartbeat_interval', 's')}: "
                 "every worker would count as gone between two of its heartbeats"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -174,7 +173,7 @@ class CoordinatorConfig:
         if self.tls_ca and not self.tls_cert:
             raise ValueError("--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key")
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
-            raise ValueError(f"{settings.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
+            raise ValueError(f"{flags.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
 
     @property
     def federation(self) -> FederationConfig:

@@ -19,11 +19,11 @@ from coordinator.evaluation import EvalPhase, Evaluation
 from coordinator.metrics import Metrics
 from coordinator.phase import IssuedTask, Phase, State
 from coordinator.registry import WorkerRecord, WorkerRegistry
-from fedcore import settings
 from fedcore.errors import NonFiniteAggregate, UploadAborted
 from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, latest_in_log, round_record
 from fedcore.federation.server import Federation, OpenRound, RoundOutcome
 from fedcore.wire.stream import StreamHeader, digest_for
+from service import flags
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -103,7 +103,7 @@ class RoundDriver:
             if len(connected) >= self.cfg.min_workers:
                 return True
             if not logged:
-                log.info("waiting for workers: %d connected, %s", len(connected), settings.shown(self.cfg, "min_workers"))
+                log.info("waiting for workers: %d connected, %s", len(connected), flags.shown(self.cfg, "min_workers"))
                 logged = True
             self.phase.wait_for_workers(timeout=0.2)
         return False

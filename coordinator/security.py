@@ -11,9 +11,9 @@ import grpc
 import yaml
 
 from coordinator.config import CoordinatorConfig
-from fedcore import settings
 from fedcore.errors import UnknownWorker
 from fedcore.wire.bounds import WORKER_ID
+from service import flags
 from service.tls import check_tls_files
 
 log = logging.getLogger("feddiff.coordinator")
@@ -36,7 +36,7 @@ def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
 def load_tokens(path: str | Path) -> dict[str, str]:
     """worker id -> token, from a YAML or JSON mapping."""
     try:
-        raw = settings.load_yaml(Path(path).read_text())  # JSON is YAML
+        raw = flags.load_yaml(Path(path).read_text())  # JSON is YAML
     except yaml.YAMLError as e:
         raise ValueError(f"--tokens-file {path}: not valid YAML or JSON: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()):

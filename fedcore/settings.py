@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import json
 import os
 import threading
 import types
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import yaml
 from annotated_types import Interval
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
@@ -78,38 +76,7 @@ class Described:
     words: str
 
 
-# --- YAML ---------------------------------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(text: str) -> Any:
-    """A YAML document (JSON is one too) as Python values, safely; yaml.YAMLError, with the line, for text that
-    is not YAML and for a key given twice in one mapping."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain values only
-
-
-# --- addresses and paths: checked at start, so that a typo stops the process before it joins a run -----------
-def _address(text: str, *, least_port: int) -> str:
-    host, colon, port = text.rpartition(":")
-    if not (colon and host.strip("[]") and not any(c.isspace() for c in host) and port.isdigit() and least_port <= int(port) <= 65535):
-        raise ValueError()  # the type's words say what it takes
-    return text
-
-
-ListenAddress = Annotated[str, AfterValidator(functools.partial(_address, least_port=0)), Described("HOST:PORT with a port in 0..65535 (0: a free one)")]
-ConnectAddress = Annotated[str, AfterValidator(functools.partial(_address, least_port=1)), Described("HOST:PORT with a port in 1..65535")]
-
-
+# --- paths: checked at start, so that a typo stops the process before it reads or writes anything -----------
 def _path(text: str, *, kind: Literal["file", "folder", "either"]) -> str:
     """`text` when it is empty (not used) or names a readable file or folder of `kind`; ValueError saying what
     is wrong with it otherwise."""
@@ -127,28 +94,6 @@ def _path(text: str, *, kind: Literal["file", "folder", "either"]) -> str:
     return text
 
 
-def _ready_file(text: str) -> str:
-    """`text` when empty (not used), or a path whose folder exists and which is new or a ready file written
-    before (a JSON object): a typo must not overwrite a file of another kind (run as root: any file)."""
-    if not text:
-        return text
-    path = Path(text)
-    if not path.parent.is_dir():
-        raise ValueError(f"no folder {str(path.parent)!r}")
-    if path.is_dir():
-        raise ValueError("a folder")
-    if path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if not isinstance(earlier, dict):
-            raise ValueError("an existing file that is not a ready file; give a new path")
-    return text
-
-
-# A file the process writes once it serves, for scripts and tests: {"address", "metrics_port", ...}
-ReadyFile = Annotated[str, AfterValidator(_ready_file), Described("a new file in an existing folder, or an earlier ready file")]
 # A folder the process writes (created if missing); "" is no folder (it would write into the working directory)
 Folder = Annotated[str, StringConstraints(min_length=1), Described("a folder path")]
 
@@ -170,13 +115,6 @@ def dotted(loc: Location) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def flag(loc: Location) -> str:
-    """A setting's command-line flag: `batch_size` and `speed.batch_size` are both --batch-size; an item of a
-    list (`splits.1`, the second of --splits a,b) is named by its setting's flag."""
-    name = next(part for part in reversed(loc) if isinstance(part, str))
-    return "--" + name.replace("_", "-")
-
-
 # The names of the settings given to a config `build` built (a flag, a key of a settings file), kept on the
 # config itself: `given` reads them, and `replace` carries them over.
 _GIVEN = "_settings_given"
@@ -186,8 +124,9 @@ _building: contextvars.ContextVar[tuple[type, frozenset[str]] | None] = contextv
 
 
 def given(config: object) -> frozenset[str] | None:
-    """The names of the settings given to `config` when `build` built it (the others hold their defaults);
-    None for a config built otherwise (in code, by `dataclasses.replace`)."""
+    """The names of the settings given to `config` when `build` built it (the others hold their defaults), a
+    setting of a config it holds by its dotted name as well (`data.num_clients`, next to `data`); None for a
+    config built otherwise (in code, by `dataclasses.replace`)."""
     names: frozenset[str] | None = vars(config).get(_GIVEN)
     building = _building.get()
     if names is None and building is not None and type(config) is building[0]:
@@ -205,23 +144,29 @@ def replace(config: T, **changes: Any) -> T:
 
 
 def is_default(config: object, name: str) -> bool:
-    """Whether the setting `name` of a config (a dataclass) was left at its default: not given, when `build`
-    built it (a value given that equals the default was given all the same); else whether it holds its
-    declared default."""
+    """Whether the setting `name` of a config (a dataclass; `data.num_clients` for one of a config it holds)
+    was left at its default: not given, when `build` built it (a value given that equals the default was given
+    all the same); else whether it holds its declared default."""
     names = given(config)
     if names is not None:
         return name not in names
-    (f,) = [f for f in fields(config) if f.name == name]  # type: ignore[arg-type]
+    return bool(value_of(config, name) == default_of(type(config), name))
+
+
+def value_of(config: object, name: str) -> Any:
+    """The setting `name` of `config`, `data.num_clients` that of the config it holds as `data`."""
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of setting `name` of `cls`; that of a held config's setting (`data.num_clients`)
+    as the held config's own default holds it (a command's config may hold one with other defaults)."""
+    first, _, rest = name.partition(".")
+    (f,) = [f for f in fields(cls) if f.name == first]
     default = f.default_factory() if callable(f.default_factory) else f.default
-    return bool(getattr(config, name) == default)
-
-
-def shown(config: object, name: str, unit: str = "") -> str:
-    """A setting as a message names it: its flag and value, and "(the default)" when it was not given, so that
-    a message about a setting the user never gave says so ("--heartbeat-timeout 30 s (the default)")."""
-    value = getattr(config, name)
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{flag((name,))} {text}{f' {unit}' if unit else ''}{' (the default)' if is_default(config, name) else ''}"
+    return value_of(default, rest) if rest else default
 
 
 def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location], str] = dotted) -> T:
@@ -229,14 +174,15 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
     int; 2.5 is no int, True no number, 1 no boolean, 'inf' and 'nan' no number at all); SettingsError for an
     unknown key, a value that does not convert or one outside its range, and for what the dataclass's own
     checks refuse. `name` turns a setting's location into the name the user knows it by (a flag, a key of a
-    file). The config keeps the names of `values` as the settings given (`given`); the others hold defaults."""
+    file). The config keeps the names of `values` as the settings given (`given`); the others hold defaults,
+    those of a config it holds the defaults of the config its field holds by default (`SplitConfig(num_clients=1)`)."""
     key: type = cls  # the cache's key (mypy does not take a type[T] for Hashable)
     adapter = _adapter(key)
     errors = _strict_bools(cls, values, ())
-    names = frozenset(values)
+    names = _names(cls, values, ())
     building = _building.set((cls, names))
     try:
-        built = adapter.validate_python(dict(values))
+        built = adapter.validate_python(_over_held_defaults(cls, values))
     except ValidationError as e:
         taken = {tuple(err["loc"]) for err in errors}
         errors += [err for err in e.errors() if tuple(err["loc"]) not in taken]
@@ -246,6 +192,39 @@ def build(cls: type[T], values: Mapping[str, Any], *, name: Callable[[Location],
         raise SettingsError("; ".join(_message(cls, err, name) for err in errors)) from None
     object.__setattr__(built, _GIVEN, names)  # a frozen dataclass: set as its own __init__ sets its fields
     return built
+
+
+def _held(cls: type) -> Iterator[tuple[Field[Any], type]]:
+    """(field, its config class) of every config `cls` holds in a field."""
+    hints = get_type_hints(cls, include_extras=True)
+    for f in fields(cls):
+        target = _strip(hints[f.name])
+        if isinstance(target, type) and is_dataclass(target):
+            yield f, target
+
+
+def _names(cls: type, values: Mapping[str, Any], loc: Location) -> frozenset[str]:
+    """The names of the settings `values` gives: its keys, and a held config's settings by their dotted names."""
+    names = {dotted((*loc, key)) for key in values}
+    for f, target in _held(cls):
+        if isinstance(values.get(f.name), Mapping):
+            names |= _names(target, values[f.name], (*loc, f.name))
+    return frozenset(names)
+
+
+def _over_held_defaults(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values`, a held config's settings given over the settings its field's default holds where they differ
+    from its class's defaults (pydantic builds a held config from its class's defaults alone)."""
+    merged = dict(values)
+    for f, target in _held(cls):
+        given_here = values.get(f.name)
+        if not isinstance(given_here, Mapping):
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        kept = [g.name for g in fields(target) if g.name not in given_here] if is_dataclass(default) else []
+        own = {name: getattr(default, name) for name in kept if getattr(default, name) != default_of(target, name)}
+        merged[f.name] = {**own, **_over_held_defaults(target, given_here)}
+    return merged
 
 
 @functools.cache
@@ -363,17 +342,6 @@ def _interval(m: Interval, *, integral: bool) -> str:
     if low is not None:
         return f"{'>=' if m.ge is not None else '>'} {low}"
     return f"{'<=' if m.le is not None else '<'} {high}"
-
-
-def flag_help(tp: Any, default: Any = None, words: str = "") -> str:
-    """A flag's help: its meaning (`words`), then the type and range its setting declares, in the words of
-    `expected`, and its default: "local epochs per round: an integer in 1..10000, default 5". A switch (a
-    boolean), a free string (a path, an address) and free strings (a repeatable flag) have their meaning alone,
-    and their default if any; so does a Literal, whose values the flag lists as its choices."""
-    typed = [] if tp in (bool, str, str | None, tuple[str, ...]) or literal_values(tp) else [expected(tp)]
-    given = [] if default in (None, "") or tp is bool else [f"default {default}"]
-    text = ", ".join(typed + given)
-    return f"{words}: {text}" if words and text else words or text
 
 
 def literal_values(tp: Any) -> tuple[Any, ...]:

@@ -11,11 +11,11 @@ from typing import Annotated
 from pydantic import BeforeValidator
 
 from fedcore import settings
-from fedcore.data.splits import SplitKind
+from fedcore.data.shards import SplitConfig
 from fedcore.model.unet import ModelName, build_model, layout_of
 from fedcore.payload.codecs import Codec, Identity
-from fedcore.settings import Concentration, ExistingFolder, Positive, Seed
-from feddiff.args import RUN_MEANING, Command
+from fedcore.settings import Positive, Seed
+from feddiff.args import RETIRED_SEED, RUN_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command
 from service import flags
 
 
@@ -72,7 +72,7 @@ class StrategiesSettings:
     __pydantic_config__ = settings.CONFIG
 
     model: ModelName = "paper-fmnist"  # model preset
-    clients: Positive = 5  # K, every one in every round
+    num_clients: Positive = 5  # K, every one in every round
     rounds: Positive = 15  # R
     seed: Seed = 0  # USplit's pairing; the initial model the clients build (lossy codecs)
     compression: CodecNames = ("none",)  # the bytes are counted with each of these codecs
@@ -85,7 +85,7 @@ class StrategiesSettings:
 
 STRATEGIES_MEANING = {
     "model": RUN_MEANING["model"],
-    "clients": "K, every client in every round",
+    "num_clients": "K, every client in every round",
     "rounds": "R, federated rounds",
     "seed": "seeds USplit's random pairing",
     "compression": "the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8); with a lossy codec the downloads "
@@ -96,7 +96,7 @@ STRATEGIES_MEANING = {
 
 def _add_strategies_flags(p: argparse.ArgumentParser) -> None:
     """strategies' flags: one per setting of StrategiesSettings."""
-    flags.add_flags(p, StrategiesSettings, STRATEGIES_MEANING, metavars={"compression": "CODEC[,CODEC...]"})
+    flags.add_flags(p, StrategiesSettings, STRATEGIES_MEANING, metavars={"compression": "CODEC[,CODEC...]"}, old=SPLIT_OLD_SPELLINGS)
 
 
 def strategies(args: argparse.Namespace) -> int:
@@ -106,12 +106,12 @@ def strategies(args: argparse.Namespace) -> int:
     cfg = flags.build(StrategiesSettings, args)
     codecs = cfg.codecs
     layout = layout_of(build_model(cfg.model))
-    summaries = [account(s, layout.sizes, cfg.clients, cfg.rounds, seed=cfg.seed) for s in Strategy]
+    summaries = [account(s, layout.sizes, cfg.num_clients, cfg.rounds, seed=cfg.seed) for s in Strategy]
     rows = [(summary, coded_bytes(summary, layout, c, seed=cfg.seed)) for summary in summaries for c in codecs]
     if cfg.json:
         print(json.dumps([{**summary.as_json(), **coded.as_json()} for summary, coded in rows], indent=2))
     else:
-        print(f"{cfg.model}, K={cfg.clients}, R={cfg.rounds}; bytes without the payloads' safetensors headers")
+        print(f"{cfg.model}, K={cfg.num_clients}, R={cfg.rounds}; bytes without the payloads' safetensors headers")
         if any(not isinstance(c, Identity) for c in codecs):
             print("  lossy codecs: downloads are coded changes; the first contact builds the initial model from the run's seed (nothing downloaded)")
         for summary, coded in rows:
@@ -128,30 +128,25 @@ class SplitSettings:
 
     __pydantic_config__ = settings.CONFIG
 
-    clients: Positive = 5  # K
-    split: SplitKind = "iid"
-    beta: Concentration = 0.5
-    seed: Seed = 2023
-    data_root: ExistingFolder | None = None
+    data: SplitConfig = SplitConfig()  # the split shown
     json: bool = False
 
 
-SPLIT_MEANING = {**RUN_MEANING, "clients": "K, clients the training set is split among", "seed": "seed of the split", "json": "one JSON list for scripts"}
-
-
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
-    """split's flags: one per setting of SplitSettings."""
-    flags.add_flags(p, SplitSettings, SPLIT_MEANING)
+    """split's flags: one per setting of SplitSettings; --seed, this command's split seed once, is refused."""
+    flags.add_flags(p, SplitSettings, {**SPLIT_MEANING, "json": "one JSON list for scripts"}, old=SPLIT_OLD_SPELLINGS)
+    flags.add_retired(p, "--seed", RETIRED_SEED)
 
 
 def split(args: argparse.Namespace) -> int:
     """Each client's size and class histogram under a data split."""
-    from fedcore.data.datasets import load_fashion_mnist
-    from fedcore.data.splits import describe_split, split_indices
+    from fedcore.data.datasets import FASHION_MNIST_NUM_CLASSES
+    from fedcore.data.shards import load_training_pool, shard_indices
+    from fedcore.data.splits import describe_split
 
     cfg = flags.build(SplitSettings, args)
-    labels = load_fashion_mnist(train=True, root=cfg.data_root).class_labels()
-    shards = describe_split(labels, split_indices(labels, cfg.clients, cfg.split, beta=cfg.beta, seed=cfg.seed))
+    pool = load_training_pool(cfg.data)  # the images the workers' shards are cut from (--max-images: a sample)
+    shards = describe_split(pool.class_labels(), shard_indices(cfg.data, pool), FASHION_MNIST_NUM_CLASSES)
     if cfg.json:
         print(json.dumps([shard.as_json() for shard in shards]))
     else:

@@ -403,13 +403,13 @@ class ModelSource:
     __pydantic_config__ = settings.CONFIG
 
     worker_state: ExistingFolder = ""  # a worker's --state-dir (or simulate's OUT/clients): its personalised model
-    client: str = WORKER_PRIVATE_STEM  # name stem of the private-parts files in worker_state
+    private_stem: str = WORKER_PRIVATE_STEM  # name stem of the private-parts files in worker_state (a client's, in simulate's)
     model: ModelName | None = None  # model preset, where the checkpoint does not record it
 
     def load(self, checkpoint: str) -> TrainedModel:
         """The model of `checkpoint` (a checkpoint dir, a .safetensors file or a diffusers folder) this names."""
         trained = load_trained(checkpoint, self.model or "")
-        return personalise(trained, self.worker_state, self.client) if self.worker_state else trained
+        return personalise(trained, self.worker_state, self.private_stem) if self.worker_state else trained
 
 
 @dataclass(frozen=True)
@@ -473,7 +473,7 @@ MEANING = {  # what each flag means; its type, range or choices and default come
     "checkpoint_dir": "the coordinator's (or `feddiff simulate`'s) checkpoint dir, a .safetensors file or a diffusers folder",
     "checkpoint": "a checkpoint dir (its final or newest global model), a .safetensors file or a diffusers folder",
     "worker_state": "a worker's --state-dir: its personalised model (the global shared parts + its private parts)",
-    "client": "name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
+    "private_stem": "name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
     "model": "model preset, where the checkpoint does not record it",
     "format": "feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)",
     "n": "number of samples",
@@ -500,7 +500,7 @@ METAVARS = {
     "checkpoint_dir": "DIR_OR_FILE",
     "checkpoint": "FILE_OR_DIR",
     "worker_state": "DIR",
-    "client": "STEM",
+    "private_stem": "STEM",
     "reference_dir": "DIR",
     "inception_weights": "PATH",
     "grid": "PNG",
@@ -511,7 +511,8 @@ def _command(name: str, cls: type, run: Callable[[Any], int]) -> Command:
     """The command `name`: a flag per setting of `cls`, and `run` given the config the flags build."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        flags.add_flags(p, cls, {**MEANING, "out": OUT_MEANING[name]} if name in OUT_MEANING else MEANING, metavars=METAVARS)
+        meaning = {**MEANING, "out": OUT_MEANING[name]} if name in OUT_MEANING else MEANING
+        flags.add_flags(p, cls, meaning, metavars=METAVARS, old={"private_stem": ("--client",)})  # --client: a name, unlike --client-index
 
     return Command(add, lambda args: run(flags.build(cls, args)))
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
 from fedcore import settings
+from fedcore.data.shards import SplitConfig
 from fedcore.data.splits import SplitKind
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.reproduce import (
@@ -25,15 +26,16 @@ from fedcore.experiments.reproduce import (
 )
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, settle_compression
-from fedcore.settings import Concentration, EvalSamples, ExistingFile, ExistingFolder, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from fedcore.settings import EvalSamples, ExistingFile, Positive, Seed
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command, add_speed_flags
 from service import flags
 
 
 @dataclass(frozen=True)
 class ReproduceSettings:
     """Every setting of `feddiff reproduce`; the protocol's sizes that a flag overrides (None: the protocol's)
-    take the ranges of the settings they are."""
+    take the ranges of the settings they are. The split's kind is each cell's (--splits), and its max_images,
+    when --max-images is not given, the protocol's."""
 
     __pydantic_config__ = settings.CONFIG
 
@@ -41,19 +43,15 @@ class ReproduceSettings:
     only: tuple[str, ...] = ()  # cells to run, STRATEGY:SPLIT or centralised (each may be a comma list)
     strategies: Annotated[tuple[CellStrategy, ...], settings.CommaList] = STRATEGIES  # the strategies whose cells run
     splits: Annotated[tuple[SplitKind, ...], settings.CommaList] = SPLITS  # the splits whose federated cells run
-    clients: Positive = 5  # K of the federated cells (the centralised one has 1)
+    data: SplitConfig = SplitConfig()  # K of the federated cells (the centralised one has 1), beta, split seed, ...
     compression: CompressionName = "none"  # the federated cells' delta codec (each codec its own cells, lines and folders)
-    beta: Concentration = 0.5
-    split_seed: Seed = 2023
     seed: Seed = 0  # model init, plans, training and sampling noise; each seed is its own results line and folder
-    data_root: ExistingFolder | None = None
     out: str | None = None  # run folder (None: runs/reproduce/PROTOCOL)
     results: str | None = None  # results JSONL (None: OUT/results.jsonl)
     docs: str = "docs"  # folder for results.md and its plots
     no_docs: bool = False
     render: bool = False  # only render the docs from the results file
     inception_weights: ExistingFile | None = None
-    max_images: NonNegative | None = None
     samples: EvalSamples | None = None
     curve_samples: EvalSamples | None = None
     eval_every: Positive | None = None
@@ -68,7 +66,8 @@ class ReproduceSettings:
     @property
     def protocol_run(self) -> ReproductionProtocol:
         """The protocol with the sizes the flags override."""
-        overrides = {"max_images": self.max_images, "samples": self.samples, "curve_samples": self.curve_samples, "eval_every": self.eval_every}
+        max_images = None if settings.is_default(self, "data.max_images") else self.data.max_images
+        overrides = {"max_images": max_images, "samples": self.samples, "curve_samples": self.curve_samples, "eval_every": self.eval_every}
         return with_overrides(PROTOCOLS[self.protocol], **overrides)
 
     @property
@@ -82,11 +81,8 @@ class ReproduceSettings:
             out=out,
             results=Path(self.results) if self.results else out / "results.jsonl",
             docs=None if self.no_docs else Path(self.docs),
-            clients=self.clients,
-            beta=self.beta,
-            split_seed=self.split_seed,
+            data=replace(self.data, max_images=protocol.max_images),
             seed=self.seed,
-            data_root=self.data_root,
             inception_weights=self.inception_weights,
             speed=self.speed,
             devices=self.devices or (),
@@ -96,18 +92,19 @@ class ReproduceSettings:
 MEANING = {
     **RUN_MEANING,
     **SPEED_MEANING,
+    **SPLIT_MEANING,
     "protocol": "quick: R=15 E=1, FD on 2,000 DDIM-100 samples (one GPU); paper: R=15 E=5, 1,000-step DDPM; "
     "cpu: sized for 2 CPU cores (five IID rows in under 90 minutes); mini: the CI miniature (tiny model, 300 images, 2 rounds)",
     "strategies": "the strategies whose cells run (centralised: the reference trained on every image)",
     "splits": "the splits whose federated cells run",
-    "clients": "K of the federated cells (the centralised one has 1)",
+    "num_clients": "K of the federated cells (the centralised one has 1)",
     "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
     "out": "run folder (default runs/reproduce/PROTOCOL)",
     "results": "results JSONL (default OUT/results.jsonl)",
     "docs": "folder for results.md and its plots",
     "no_docs": "do not render the docs after each cell",
     "render": "only render the docs from the results file; train nothing",
-    "max_images": "training images (0 = all; default: the protocol's)",
+    "max_images": "training images, drawn before splitting (0 = all)",
     "samples": "samples per model for the final FD (default: the protocol's)",
     "curve_samples": "samples per model at the curve points (default: the protocol's)",
     "eval_every": "rounds between FD curve points (default: the protocol's, quick 5, paper 15)",
@@ -115,9 +112,12 @@ MEANING = {
 }
 
 
+NOT_FLAGS = ("only", "speed", "split")  # --only takes its own flag, speed the speed flags; the split's kind is each cell's (--splits)
+
+
 def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
     """reproduce's flags: one per setting of ReproduceSettings."""
-    flags.add_flags(p, ReproduceSettings, MEANING, skip=("only", "speed"))
+    flags.add_flags(p, ReproduceSettings, MEANING, skip=NOT_FLAGS, old=SPLIT_OLD_SPELLINGS, shown_defaults={"max_images": "the protocol's"})
     p.add_argument("--only", action="append", metavar="STRATEGY:SPLIT", help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)")
     add_speed_flags(p)
 

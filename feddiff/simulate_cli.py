@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcore import settings
-from fedcore.data.shards import DataConfig
-from fedcore.data.splits import SplitKind
+from fedcore.data.shards import SplitConfig
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.simulation import SimulationConfig
 from fedcore.federation.checkpoint import STATE_FILE
@@ -19,8 +18,8 @@ from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
-from fedcore.settings import Concentration, ExistingFolder, ExistingPath, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from fedcore.settings import ExistingPath, NonNegative, Positive, Seed
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command, add_speed_flags
 from service import flags
 
 
@@ -39,12 +38,7 @@ class SimulateConfig:
     seed: Seed = 0  # initial model, plans, client samples, training seeds
     compression: CompressionName = "none"  # how clients code their deltas, with error feedback (fedcore.payload.codecs)
     compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
-    clients: Positive = 5  # K
-    split: SplitKind = "iid"
-    beta: Concentration = 0.5  # Dirichlet concentration of the skewed splits
-    split_seed: Seed = 2023
-    max_images: NonNegative = 0  # 0 = all training images
-    data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
+    data: SplitConfig = SplitConfig()  # K and how the training set is split among the clients
     out: str = "runs/simulate"  # rounds.jsonl and checkpoints
     resume: bool = False  # continue the run in `out` from its last checkpoint
     init_from: ExistingPath = ""  # a diffusers UNet or pipeline folder, or a feddiff .safetensors
@@ -61,16 +55,14 @@ class SimulateConfig:
         """The run these settings describe."""
         codec = compression_codec(self.compression, self.compression_block)
         federation = FederationConfig(Strategy(self.strategy), self.model, self.rounds, self.clients_per_round, self.seed, self.train, codec)
-        data = DataConfig(
-            num_clients=self.clients, split=self.split, beta=self.beta, split_seed=self.split_seed, max_images=self.max_images, root=self.data_root
-        )
-        return SimulationConfig(federation=federation, data=data, speed=self.speed, init_from=self.init_from)
+        return SimulationConfig(federation=federation, data=self.data, speed=self.speed, init_from=self.init_from)
 
 
 MEANING = {
     **RUN_MEANING,
     **SPEED_MEANING,
-    "clients": "K; --clients 1 --strategy full is the centralised baseline",
+    **SPLIT_MEANING,
+    "num_clients": "K; --num-clients 1 --strategy full is the centralised baseline",
     "out": "output folder: rounds.jsonl and checkpoints",
     "resume": "continue the run in --out from its last checkpoint (refused when there is none)",
     "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors",
@@ -80,7 +72,7 @@ MEANING = {
 
 def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     """simulate's flags: one per setting of SimulateConfig."""
-    flags.add_flags(p, SimulateConfig, MEANING, skip=("speed",))
+    flags.add_flags(p, SimulateConfig, MEANING, skip=("speed",), old=SPLIT_OLD_SPELLINGS)
     add_speed_flags(p)
 
 

@@ -13,9 +13,10 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from fedcore import settings
-from fedcore.settings import ConnectAddress, ExistingFile, Folder, Seconds
+from fedcore.settings import ExistingFile, Folder, Seconds
 from feddiff.args import Command, add_speed_flags
 from service import flags
+from service.process_settings import ConnectAddress
 
 
 def _setup_logging(verbose: bool = False) -> None:

@@ -1,6 +1,7 @@
 """The walls between feddiff's packages and between fedcore's rooms, read from every import of every module (ast).
 
-- fedcore imports none of the processes' packages (service, coordinator, worker, feddiff), and not Prometheus;
+- fedcore imports none of the processes' packages (service, coordinator, worker, feddiff), not Prometheus, and
+  not the command line's argparse or YAML (flags, their help and settings files live in service);
 - inside fedcore only the wire room imports grpc, protobuf or the generated code (fedcore.wire.proto);
 - a room of fedcore imports no room to its right in the order a round flows (fedcore.ROOMS), and the modules
   at fedcore's top (errors, atomic, settings) import no room;
@@ -35,6 +36,8 @@ MAY_IMPORT = {
 TRANSPORT = ("grpc", "grpc_health", "grpc_status", "grpc_reflection", "google.protobuf", "fedcore.wire.proto")
 # each process's metrics, certificates and malloc tuning live with the processes (service/, feddiff/certs.py)
 NEVER_IN_FEDCORE = ("prometheus_client", "cryptography", "ssl", "ctypes")
+# the command line's flags, help and settings files live with it (service/flags.py): fedcore knows settings by name
+COMMAND_LINE = ("argparse", "yaml")
 
 
 def _within(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -82,6 +85,8 @@ def crossings(module: str, source: str, *, is_package: bool = False) -> list[str
             continue
         if _within(imported, NEVER_IN_FEDCORE):
             found.append(f"{where}: fedcore is the pure core, the processes' metrics, certificates and malloc tuning live outside it")
+        if _within(imported, COMMAND_LINE):
+            found.append(f"{where}: fedcore builds typed configs from plain values, the command line and its files live in service")
         if _within(imported, TRANSPORT) and not _within(module, ("fedcore.wire",)):
             found.append(f"{where}: only fedcore.wire knows grpc and protobuf")
         if target == "fedcore" and room_of(imported) > room_of(module):
@@ -127,6 +132,8 @@ def test_rooms_are_the_subpackages_of_fedcore() -> None:
         ("fedcore.data.datasets", "import ctypes", "certificates and malloc tuning live outside"),
         ("fedcore.experiments.simulation", "from coordinator.rounds import RoundDriver", "fedcore may import only"),
         ("fedcore.data.datasets", "import service.ports", "fedcore may import only"),
+        ("fedcore.settings", "import argparse", "the command line and its files live in service"),
+        ("fedcore.data.shards", "import yaml", "the command line and its files live in service"),
         ("coordinator.rounds", "from worker.client import CoordinatorClient", "coordinator may import only"),
         ("worker.daemon", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from coordinator import metrics", "worker may import only"),
         ("worker.daemon", "from feddiff.cli import main", "worker may import only"),

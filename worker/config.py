@@ -12,11 +12,9 @@ from annotated_types import Interval
 from pydantic import AfterValidator
 
 from fedcore import settings
-from fedcore.data.splits import SplitKind
+from fedcore.data.shards import SplitConfig
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import (
-    Concentration,
-    ConnectAddress,
     ExistingFile,
     ExistingFolder,
     Folder,
@@ -24,12 +22,11 @@ from fedcore.settings import (
     Port,
     Positive,
     ProgressMode,
-    ReadyFile,
     Seconds,
-    Seed,
 )
 from fedcore.wire.bounds import WORKER_ID, largest
 from service import flags
+from service.process_settings import ConnectAddress, ReadyFile
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -72,14 +69,9 @@ class WorkerConfig:
 
     coordinator: ConnectAddress
     worker_id: WorkerId = ""
-    # Data: a Fashion-MNIST shard (client_index of num_clients under a split), or a folder of images
+    # Data: a Fashion-MNIST shard (client_index of data.num_clients under the split), or a folder of images
     client_index: Annotated[int, Interval(ge=-1)] = -1  # -1: none (data_dir holds the images)
-    num_clients: Positive = 1
-    split: SplitKind = "iid"
-    beta: Concentration = 0.5
-    seed: Seed = 2023
-    max_images: NonNegative = 0
-    data_root: ExistingFolder | None = None
+    data: SplitConfig = SplitConfig(num_clients=1)  # the split every worker of the run gives alike; one shard unless told
     data_dir: ExistingFolder = ""
     image_size: Positive = 28  # must match the model
     channels: Channels = 1
@@ -117,11 +109,11 @@ class WorkerConfig:
         if not self.data_dir and self.client_index < 0:
             raise ValueError(
                 "no images to train on: pass --data-dir FOLDER (a folder of your images) or --client-index N (shard N of "
-                f"Fashion-MNIST, N in 0..{self.num_clients - 1} for {settings.shown(self, 'num_clients')})"
+                f"Fashion-MNIST, N in 0..{self.data.num_clients - 1} for {flags.shown(self, 'data.num_clients')})"
             )
-        if not self.data_dir and self.client_index >= self.num_clients:
+        if not self.data_dir and self.client_index >= self.data.num_clients:
             raise ValueError(
-                f"--client-index {self.client_index} is not a shard of {settings.shown(self, 'num_clients')}: give 0..{self.num_clients - 1}, "
+                f"--client-index {self.client_index} is not a shard of {flags.shown(self, 'data.num_clients')}: give 0..{self.data.num_clients - 1}, "
                 "or --num-clients above it"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -162,11 +154,11 @@ _MEANING = {
     "coordinator": "HOST:PORT of the coordinator",
     "worker_id": "stable identity (default: the one saved in --state-dir, else a new random one)",
     "client_index": "this worker's Fashion-MNIST shard",
-    "num_clients": "Fashion-MNIST shards in the split",
+    "num_clients": "K, the Fashion-MNIST shards in the split (give every worker of a run the same split)",
     "split": "how the shards are drawn",
     "beta": "Dirichlet concentration of the skewed splits",
-    "seed": "split seed",
-    "max_images": "training images used before splitting (0 = all)",
+    "split_seed": "seed of the split and of the --max-images sample",
+    "max_images": "training images used, drawn before splitting (0 = all)",
     "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
     "data_dir": "a folder of images (PNG, JPEG, TIFF, WebP, BMP) to train on instead",
     "image_size": "--data-dir images are resized to this",
@@ -195,6 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The worker's flags, each with the type, range or choices its field declares (`service.flags`). Values
     stay strings here (None: not given): `from_args` converts them to the settings' types."""
     flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
+    flags.add_retired(p, "--seed", "no longer names the split's seed (--seed seeds the model in simulate, reproduce and the coordinator): give --split-seed")
     flags.add_switch(p, "--keep-running", "exit_when_done", False, "stay connected after the last round")
 
 

@@ -14,7 +14,7 @@ import torch
 from fedcore import settings
 from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
-from fedcore.data.shards import DataConfig, client_shard
+from fedcore.data.shards import client_shard
 from fedcore.errors import DataMismatch, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
@@ -45,15 +45,7 @@ log = logging.getLogger("feddiff.worker")
 def load_local_data(cfg: WorkerConfig) -> ImageDataset:
     if cfg.data_dir:
         return load_image_folder(cfg.data_dir, cfg.image_size, cfg.channels)
-    data_cfg = DataConfig(
-        num_clients=cfg.num_clients,
-        split=cfg.split,
-        beta=cfg.beta,
-        split_seed=cfg.seed,
-        max_images=cfg.max_images,
-        root=cfg.data_root,
-    )
-    return client_shard(data_cfg, cfg.client_index)
+    return client_shard(cfg.data, cfg.client_index)
 
 
 class SessionOver(Exception):
@@ -464,7 +456,7 @@ class WorkerDaemon:
             if self.cfg.data_dir:
                 reference = ReferenceStats.compute(extractor, to_model_range(self.images.images), f"local:{self.cfg.data_dir}")
             else:
-                reference = fashion_mnist_reference(extractor, root=self.cfg.data_root)
+                reference = fashion_mnist_reference(extractor, root=self.cfg.data.data_root)
             self._quality = (extractor, reference)
         return self._quality
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.data.shards import DataConfig
+from fedcore.data.shards import SplitConfig
 from fedcore.data.splits import SplitKind, is_split_kind
 from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
@@ -168,11 +168,10 @@ class ReproduceConfig:
     out: Path  # run folder: one sub-folder per cell, reference statistics
     results: Path  # JSONL, one line per finished cell
     docs: Path | None  # where results.md and the plots go after each cell (None = do not render)
-    clients: int = 5  # K of the federated cells
-    beta: float = 0.5  # Dirichlet concentration of the skewed splits
-    split_seed: int = 2023
+    # The federated cells' split: K, beta, seed and the Fashion-MNIST folder (each cell its kind, the
+    # protocol its max_images; the centralised cell has K = 1)
+    data: SplitConfig = SplitConfig()
     seed: int = 0  # model init, plans, training and the sampling noise
-    data_root: str | None = None  # Fashion-MNIST folder
     inception_weights: str | None = None  # pytorch-fid Inception weights; None = the project's classifier
     speed: SpeedConfig = SpeedConfig()  # training (sequential) and evaluation
     devices: tuple[str, ...] = ()  # train each round's clients in parallel, one process per device (none: in this process)
@@ -205,7 +204,7 @@ class Evaluator:
         n = cfg.protocol.reference_images
         dataset = "fashion-mnist/test" if n <= 0 else f"fashion-mnist/test[:{n}]"
 
-        images = load_fashion_mnist(train=False, root=cfg.data_root).images
+        images = load_fashion_mnist(train=False, root=cfg.data.data_root).images
         test_images = to_model_range(images[:n] if n > 0 else images)
         reference = ReferenceStatsCache(cfg.out / "reference").get(extractor, dataset, test_images)
         network = build_model(cfg.protocol.model).to(speed.device)
@@ -216,7 +215,7 @@ class Evaluator:
         # The compiled module forwards what it does not define (config, training, eval) to `network`.
         sampler_net = cast(Denoiser, torch.compile(network)) if speed.compile else network
         batch = 500 if speed.device.type == "cuda" else 250  # 500 divides every protocol's sample counts
-        baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.split_seed, cfg.data_root)
+        baselines = reference_baselines(extractor, reference, cfg.protocol.samples, cfg.data.split_seed, cfg.data.data_root)
         log(
             f"FD features: {extractor.name}, reference {reference.dataset} ({reference.count} images); "
             f"{cfg.protocol.samples} training images score {baselines.floor:.2f}, uniform noise {baselines.noise:.2f}"
@@ -356,21 +355,14 @@ def simulation_config(cfg: ReproduceConfig, cell: Cell) -> SimulationConfig:
             train=TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr),
             compression=Codec.parse(cell.compression),
         ),
-        data=DataConfig(
-            num_clients=cell.num_clients(cfg.clients),
-            split=cell.data_split,
-            beta=cfg.beta,
-            split_seed=cfg.split_seed,
-            max_images=p.max_images,
-            root=cfg.data_root,
-        ),
+        data=replace(cfg.data, num_clients=cell.num_clients(cfg.data.num_clients), split=cell.data_split, max_images=p.max_images),
         speed=cfg.speed,
     )
 
 
 def _check_cell_folder(folder: Path, sim_cfg: SimulationConfig) -> None:
     """A cell folder holds one training configuration; resuming it with another would mix two runs."""
-    spec = {"federation": sim_cfg.federation.as_json(), "data": {k: v for k, v in asdict(sim_cfg.data).items() if k != "root"}}
+    spec = {"federation": sim_cfg.federation.as_json(), "data": {k: v for k, v in asdict(sim_cfg.data).items() if k != "data_root"}}
     path = folder / CELL_SPEC
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -448,8 +440,8 @@ def _cell_result(
     steps = p.steps if p.sampler == "ddim" else evaluator.schedule.timesteps
     return CellResult(
         protocol=p.name, cell=cell.key, folder=sim.out_dir.name, strategy=cell.strategy, split=cell.split,
-        clients=cell.num_clients(cfg.clients), model=p.model, rounds=p.rounds, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-        max_images=p.max_images, images=sum(num_examples.values()), beta=cfg.beta, split_seed=cfg.split_seed, seed=cfg.seed,
+        clients=cell.num_clients(cfg.data.num_clients), model=p.model, rounds=p.rounds, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+        max_images=p.max_images, images=sum(num_examples.values()), beta=cfg.data.beta, split_seed=cfg.data.split_seed, seed=cfg.seed,
         fd_mean=fd_mean, fd_std=fd_std,  # population std over the models evaluated
         fd_per_model=tuple(ModelFd(name, num_examples.get(name, sum(num_examples.values())), fd) for name, fd in final.fds.items()),
         feature_extractor=evaluator.extractor.name, floor_fd=evaluator.baselines.floor, noise_fd=evaluator.baselines.noise,
@@ -477,7 +469,7 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
     """Run every selected cell that the results file lacks, appending its line and re-rendering the docs."""
     done = {r.key for r in load_results(cfg.results)}
     p = cfg.protocol
-    todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.clients), p.max_images, cfg.seed) not in done]
+    todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.data.num_clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
     log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
     if not todo:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcore.data.shards import DataConfig, load_training_pool, shard_indices
+from fedcore.data.shards import SplitConfig, load_training_pool, shard_indices
 from fedcore.errors import ExistingRun
 from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining, KeptState
 from fedcore.federation import checkpoint
@@ -44,7 +44,7 @@ def transfer(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> bytearray 
 @dataclass(frozen=True)
 class SimulationConfig:
     federation: FederationConfig
-    data: DataConfig = DataConfig()
+    data: SplitConfig = SplitConfig()
     speed: SpeedConfig = SpeedConfig()
     chunk_size: int = DEFAULT_CHUNK_SIZE
     init_from: str = ""  # the starting global model: a diffusers UNet or pipeline folder, or a feddiff .safetensors

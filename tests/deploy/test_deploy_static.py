@@ -255,6 +255,39 @@ def test_compose_worker_joins_coordinator_with_its_own_shard_and_state(compose: 
     assert "9101" in worker["healthcheck"]["test"][-1]  # workers serve no gRPC
 
 
+def _worker_flags() -> set[str]:
+    """Every spelling `feddiff worker` shows in its help (not one it refuses as retired)."""
+    import argparse
+
+    from feddiff.cli import build_parser
+    from tests.parsers import subcommands
+
+    parser = subcommands(build_parser())["worker"]
+    return {o for action in parser._actions if action.help != argparse.SUPPRESS for o in action.option_strings}
+
+
+def _deployed_flags(argv: list[str]) -> set[str]:
+    return {a for a in argv if a.startswith("--")}
+
+
+def test_compose_workers_pass_flags_that_build_a_worker_config_with_one_split(compose: dict[str, Any]) -> None:
+    from fedcore.data.shards import SplitConfig
+    from feddiff.cli import build_parser
+    from worker.config import from_args
+
+    for index in range(3):
+        argv = [str(a) for a in compose["services"][f"worker-{index}"]["command"]]
+        assert _deployed_flags(argv) <= _worker_flags(), argv
+        cfg = from_args(build_parser().parse_args(argv))
+        assert (cfg.client_index, cfg.data) == (index, SplitConfig(num_clients=3, split="iid", split_seed=0))
+
+
+def test_k8s_workers_pass_only_flags_the_worker_takes(k8s_docs: list[dict[str, Any]]) -> None:
+    [container] = pod_spec(find(k8s_docs, "StatefulSet", "feddiff-worker"))["containers"]
+
+    assert _deployed_flags(container["args"]) <= _worker_flags(), container["args"]
+
+
 def test_compose_coordinator_listens_where_workers_dial_and_publishes_ports(compose: dict[str, Any]) -> None:
     coordinator = compose["services"]["coordinator"]
     argv = coordinator["command"]
@@ -279,7 +312,7 @@ def test_compose_gpu_worker_0_trains_on_every_gpu_with_the_shard_and_state_of_th
     assert flag_value(argv, "--nproc-per-node") == "gpu" and flag_value(argv, "--device") == "cuda"
     assert [d["count"] for d in gpu["worker-0"]["deploy"]["resources"]["reservations"]["devices"]] == ["all"]
     assert gpu["worker-0"]["shm_size"]  # NCCL's shared memory beyond Docker's 64 MB
-    for flag in ("--coordinator", "--worker-id", "--client-index", "--num-clients", "--split", "--seed", "--state-dir", "--metrics-port"):
+    for flag in ("--coordinator", "--worker-id", "--client-index", "--num-clients", "--split", "--split-seed", "--state-dir", "--metrics-port"):
         assert flag_value(argv, flag) == flag_value(base, flag), flag
     assert ("--insecure" in argv) == ("--insecure" in base)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedcore import settings
-from fedcore.data.shards import DataConfig
+from fedcore.data.shards import SplitConfig
 from fedcore.errors import MalformedTask, MissingSharedState
 from fedcore.experiments.simulation import RESIDUALS, Simulation, SimulationConfig, client_ids
 from fedcore.federation import checkpoint
@@ -139,7 +139,7 @@ def _config(rounds: int) -> SimulationConfig:
     train = TrainConfig(epochs=1, batch_size=32, lr=1e-3)
     return SimulationConfig(
         federation=FederationConfig(Strategy.UDEC, "tiny", rounds, seed=7, train=train, compression=Codec.parse("topk:0.05+int8")),
-        data=DataConfig(num_clients=2, split="iid", max_images=128),
+        data=SplitConfig(num_clients=2, split="iid", max_images=128),
         speed=SPEED,
     )
 

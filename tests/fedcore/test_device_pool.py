@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.data.shards import DataConfig
+from fedcore.data.shards import SplitConfig
 from fedcore.experiments import devices
 from fedcore.experiments.devices import DevicePool, TrainingProcessFailed, parse_devices, threads_per_process
 from fedcore.experiments.simulation import Simulation, SimulationConfig
@@ -21,7 +21,7 @@ from fedcore.federation.strategies import Strategy
 from fedcore.model.training import SpeedConfig, TrainConfig
 from feddiff.cli import main
 
-SIM = ["--model", "tiny", "--rounds", "2", "--clients", "3", "--max-images", "150", "--epochs", "1", "--batch-size", "32", "--seed", "3", "--threads", "1"]
+SIM = ["--model", "tiny", "--rounds", "2", "--num-clients", "3", "--max-images", "150", "--epochs", "1", "--batch-size", "32", "--seed", "3", "--threads", "1"]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -55,7 +55,7 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
 
 
 def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    common = ["reproduce", "--protocol", "mini", "--only", "udec:iid", "--clients", "2", "--no-docs", "--threads", "1", "--device", "cpu"]
+    common = ["reproduce", "--protocol", "mini", "--only", "udec:iid", "--num-clients", "2", "--no-docs", "--threads", "1", "--device", "cpu"]
 
     assert main([*common, "--out", str(tmp_path / "sequential")]) == 0
     assert main([*common, "--devices", "cpu,cpu", "--out", str(tmp_path / "parallel")]) == 0
@@ -78,7 +78,7 @@ def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_
 def _config(strategy: Strategy = Strategy.FULL) -> SimulationConfig:
     return SimulationConfig(
         federation=FederationConfig(strategy=strategy, model="tiny", rounds=2, seed=1, train=TrainConfig(epochs=1, batch_size=32)),
-        data=DataConfig(num_clients=3, split="iid", max_images=90),
+        data=SplitConfig(num_clients=3, split="iid", max_images=90),
         speed=SpeedConfig(device="cpu", threads=1),
     )
 

@@ -111,7 +111,7 @@ def test_model_info_and_strategies_report_a_diffusers_preset(capsys: pytest.Capt
 
     assert main(["model-info", "--model", TINY, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert main(["strategies", "--model", TINY, "--clients", "3", "--rounds", "2", "--json"]) == 0
+    assert main(["strategies", "--model", TINY, "--num-clients", "3", "--rounds", "2", "--json"]) == 0
     rows = {r["strategy"]: r for r in json.loads(capsys.readouterr().out)}
 
     assert info == {"model": TINY, "total": sum(sizes.values()), "parts": {p.value: n for p, n in sizes.items()}}
@@ -260,7 +260,7 @@ def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_pa
 
 
 def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    from fedcore.data.shards import DataConfig
+    from fedcore.data.shards import SplitConfig
     from fedcore.experiments.simulation import Simulation, SimulationConfig
     from fedcore.federation.server import FederationConfig
     from fedcore.model.training import SpeedConfig
@@ -268,7 +268,7 @@ def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: P
     saved = saved_unet(tmp_path / "unet")
     cfg = SimulationConfig(
         federation=FederationConfig(Strategy.UDEC, TINY, rounds=1),
-        data=DataConfig(num_clients=2, max_images=64, root=str(fashion_mnist_dir)),
+        data=SplitConfig(num_clients=2, max_images=64, data_root=str(fashion_mnist_dir)),
         speed=SpeedConfig(device="cpu", compile="off"),
         init_from=str(tmp_path / "unet"),
     )

@@ -33,7 +33,7 @@ def _reproduce(tmp: Path, *extra: str) -> int:
 def mini(tmp_path_factory, fashion_mnist_dir) -> Path:
     """The miniature with two strategies, run once through the CLI handler and shared by the tests below."""
     tmp = tmp_path_factory.mktemp("reproduce")
-    assert _reproduce(tmp, "--only", CELLS, "--clients", str(K)) == 0
+    assert _reproduce(tmp, "--only", CELLS, "--num-clients", str(K)) == 0
     return tmp
 
 
@@ -128,7 +128,7 @@ def test_second_invocation_trains_nothing(mini: Path) -> None:
     logs = {c: (mini / "run" / c / ROUNDS_LOG).read_bytes() for c in ("full-iid", "udec-iid")}
 
     started = time.perf_counter()
-    assert _reproduce(mini, "--only", CELLS, "--clients", str(K)) == 0
+    assert _reproduce(mini, "--only", CELLS, "--num-clients", str(K)) == 0
 
     assert time.perf_counter() - started < 10
     assert (mini / "run" / "results.jsonl").read_bytes() == results
@@ -146,7 +146,7 @@ def test_trained_cell_without_result_is_scored_from_its_checkpoint(mini: Path, t
                 (dst / f.relative_to(src)).write_bytes(f.read_bytes())
     rounds_log = (tmp_path / "run" / "full-iid" / ROUNDS_LOG).read_bytes()
 
-    assert _reproduce(tmp_path, "--only", "full:iid", "--clients", str(K)) == 0
+    assert _reproduce(tmp_path, "--only", "full:iid", "--num-clients", str(K)) == 0
 
     [row] = load_results(tmp_path / "run" / "results.jsonl")
     assert (tmp_path / "run" / "full-iid" / ROUNDS_LOG).read_bytes() == rounds_log
@@ -260,7 +260,7 @@ def test_skewed_rows_list_each_personalised_model_with_its_images() -> None:
 
 
 def test_another_seed_is_its_own_line_and_folder(mini: Path) -> None:
-    assert _reproduce(mini, "--only", "full:iid", "--clients", str(K), "--seed", "1") == 0
+    assert _reproduce(mini, "--only", "full:iid", "--num-clients", str(K), "--seed", "1") == 0
 
     rows = [r for r in load_results(mini / "run" / "results.jsonl") if r.cell == "full:iid"]
     assert [(r.seed, r.folder) for r in rows] == [(0, "full-iid"), (1, "full-iid-seed1")]
@@ -271,7 +271,7 @@ def test_another_seed_is_its_own_line_and_folder(mini: Path) -> None:
 
 
 def test_a_compressed_cell_is_its_own_line_and_folder_and_row_beside_its_plain_one(mini: Path) -> None:
-    assert _reproduce(mini, "--only", "udec:iid", "--clients", str(K), "--compression", "topk:0.05+int8") == 0
+    assert _reproduce(mini, "--only", "udec:iid", "--num-clients", str(K), "--compression", "topk:0.05+int8") == 0
 
     rows = _rows(mini)
     coded, plain = rows["udec:iid@topk:0.05+int8"], rows["udec:iid"]

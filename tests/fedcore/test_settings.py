@@ -21,6 +21,7 @@ from fedcore.model.unet import PRESETS, ModelName
 from fedcore.settings import SettingsError, build, expected
 from fedcore.wire.convert import eval_task_from_proto, task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
+from service import flags
 from tests.parsers import coordinator_config
 
 
@@ -163,9 +164,9 @@ def test_a_setting_given_at_its_default_value_is_not_shown_as_the_default(tmp_pa
     from_file = coordinator_config(config_file, {})
 
     assert not_given.min_workers == flag.min_workers == from_file.min_workers == 2
-    assert settings.shown(not_given, "min_workers") == "--min-workers 2 (the default)"
-    assert settings.shown(flag, "min_workers") == settings.shown(from_file, "min_workers") == "--min-workers 2"
-    assert settings.shown(flag, "heartbeat_timeout", "s") == "--heartbeat-timeout 30 s (the default)"
+    assert flags.shown(not_given, "min_workers") == "--min-workers 2 (the default)"
+    assert flags.shown(flag, "min_workers") == flags.shown(from_file, "min_workers") == "--min-workers 2"
+    assert flags.shown(flag, "heartbeat_timeout", "s") == "--heartbeat-timeout 30 s (the default)"
     assert settings.given(flag) == frozenset({"min_workers"})
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedcore.data.datasets import to_model_range
-from fedcore.data.shards import DataConfig, load_training_pool
+from fedcore.data.shards import SplitConfig, load_training_pool
 from fedcore.data.splits import split_indices
 from fedcore.errors import DifferentRun, ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
@@ -33,7 +33,7 @@ SPEED = SpeedConfig(device="cpu", threads=1)
 def _config(strategy: Strategy, rounds: int = R) -> SimulationConfig:
     return SimulationConfig(
         federation=FederationConfig(strategy=strategy, model="tiny", rounds=rounds, seed=SEED, train=TrainConfig(epochs=1, batch_size=32)),
-        data=DataConfig(num_clients=K, split="iid", max_images=150),
+        data=SplitConfig(num_clients=K, split="iid", max_images=150),
         speed=SPEED,
     )
 

@@ -48,8 +48,8 @@ PRESETS = "'paper-fmnist', 'paper-celeba64', 'tiny', 'diffusers-tiny', 'diffuser
     [
         (["model-info", "--model", "nope"], f"--model = 'nope': expected one of {PRESETS}"),
         (["strategies", "--model", "nope"], f"--model = 'nope': expected one of {PRESETS}"),
-        (["strategies", "--clients", "0"], "--clients = '0': expected an integer >= 1"),
-        (["strategies", "--clients", "2.5"], "--clients = '2.5': expected an integer >= 1"),
+        (["strategies", "--num-clients", "0"], "--num-clients = '0': expected an integer >= 1"),
+        (["strategies", "--num-clients", "2.5"], "--num-clients = '2.5': expected an integer >= 1"),
         (["strategies", "--rounds", "0"], "--rounds = '0': expected an integer >= 1"),
         (["strategies", "--seed", "-1"], "--seed = '-1': expected an integer in 0..18446744073709551615"),
         (
@@ -111,13 +111,13 @@ def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_statu
 
 
 def test_strategies_counts_the_bytes_with_each_codec_of_its_list(capsys) -> None:
-    _, rows = _run_json(capsys, ["strategies", "--model", "tiny", "--clients", "2", "--rounds", "2", "--compression", "none, int8", "--json"])
+    _, rows = _run_json(capsys, ["strategies", "--model", "tiny", "--num-clients", "2", "--rounds", "2", "--compression", "none, int8", "--json"])
 
     assert [(r["strategy"], r["compression"]) for r in rows] == [(s, c) for s in ("full", "usplit", "udec", "ulatdec") for c in ("none", "int8")]
 
 
 def test_strategies_json_has_the_golden_values(capsys) -> None:
-    _, rows = _run_json(capsys, ["strategies", "--model", "paper-fmnist", "--clients", "10", "--rounds", "15", "--json"])
+    _, rows = _run_json(capsys, ["strategies", "--model", "paper-fmnist", "--num-clients", "10", "--rounds", "15", "--json"])
 
     by_name = {r["strategy"]: r for r in rows}
     assert list(by_name) == ["full", "usplit", "udec", "ulatdec"]
@@ -136,7 +136,7 @@ def test_strategies_json_has_the_golden_values(capsys) -> None:
 def test_split_json_sizes_sum_to_the_training_set(capsys, fashion_mnist_dir) -> None:
     _, rows = _run_json(
         capsys,
-        ["split", "--clients", "5", "--split", "label", "--beta", "0.5", "--seed", "2023", "--json", "--data-root", str(fashion_mnist_dir)],
+        ["split", "--num-clients", "5", "--split", "label", "--beta", "0.5", "--split-seed", "2023", "--json", "--data-root", str(fashion_mnist_dir)],
     )
 
     assert [r["client"] for r in rows] == [0, 1, 2, 3, 4]
@@ -144,6 +144,26 @@ def test_split_json_sizes_sum_to_the_training_set(capsys, fashion_mnist_dir) -> 
     assert all(r["size"] >= 10 and sum(r["classes"]) == r["size"] and len(r["classes"]) == 10 for r in rows)
     # Label skew: the class mix differs between clients.
     assert len({tuple(r["classes"]) for r in rows}) == 5
+
+
+def test_split_shows_the_shards_a_worker_of_the_same_flags_trains_on(capsys, fashion_mnist_dir) -> None:
+    from fedcore.data.shards import client_shard
+    from worker.config import from_args
+
+    split = ["--num-clients", "3", "--split", "quantity", "--split-seed", "11", "--max-images", "600", "--data-root", str(fashion_mnist_dir)]
+    _, rows = _run_json(capsys, ["split", *split, "--json"])
+    worker = from_args(build_parser().parse_args(["worker", "--coordinator", "127.0.0.1:9", "--client-index", "2", *split]))
+
+    assert sum(r["size"] for r in rows) == 600
+    assert rows[2]["size"] == len(client_shard(worker.data, 2))
+
+
+def test_the_old_spelling_of_a_flag_still_works_with_a_one_line_notice(capsys) -> None:
+    assert main(["strategies", "--model", "tiny", "--clients", "3", "--rounds", "2", "--json"]) == 0
+
+    out, err = capsys.readouterr()
+    assert err == "feddiff strategies: notice: --clients is deprecated, it is spelled --num-clients now\n"
+    assert all(r["clients"] == 3 for r in json.loads(out))
 
 
 def test_split_with_a_missing_dataset_is_an_error(capsys, tmp_path) -> None:

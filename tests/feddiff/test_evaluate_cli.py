@@ -23,7 +23,7 @@ SAMPLING = ["--samples", "200", "--steps", "10", "--reference-images", "2000", "
 def trained(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
     """`feddiff simulate`: centralised (K = 1, full), the tiny model on 2,000 images for 3 epochs at lr 2e-3."""
     out = tmp_path_factory.mktemp("evaluate") / "run"
-    code = main(["simulate", "--model", "tiny", "--strategy", "full", "--clients", "1", "--rounds", "1", "--epochs", "3",
+    code = main(["simulate", "--model", "tiny", "--strategy", "full", "--num-clients", "1", "--rounds", "1", "--epochs", "3",
                  "--batch-size", "32", "--lr", "2e-3", "--max-images", "2000", "--threads", "1", "--out", str(out)])  # fmt: skip
     assert code == 0
     return out
@@ -103,12 +103,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
 
 def test_personalised_model_of_a_client(tmp_path: Path, fashion_mnist_dir: Path, capsys) -> None:
     out = tmp_path / "udec"
-    assert main(["simulate", "--model", "tiny", "--strategy", "udec", "--clients", "2", "--rounds", "1", "--epochs", "1",
+    assert main(["simulate", "--model", "tiny", "--strategy", "udec", "--num-clients", "2", "--rounds", "1", "--epochs", "1",
                  "--max-images", "128", "--threads", "1", "--out", str(out)]) == 0  # fmt: skip
     capsys.readouterr()
 
     one = _evaluate(capsys, "--checkpoint", str(out), "--worker-state", str(out / "clients"), "--client", "client-1")
-    zero = _evaluate(capsys, "--checkpoint", str(out), "--worker-state", str(out / "clients"), "--client", "client-0")
+    zero = _evaluate(capsys, "--checkpoint", str(out), "--worker-state", str(out / "clients"), "--private-stem", "client-0")
 
     assert one["kind"] == "personalised" and one["worker"] == "client-1"
     assert one["fd"] != zero["fd"]  # own encoders and bottlenecks

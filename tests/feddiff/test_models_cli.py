@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -
             "tiny",
             "--strategy",
             "udec",
-            "--clients",
+            "--num-clients",
             "2",
             "--rounds",
             "1",
@@ -132,7 +132,7 @@ def test_export_takes_the_private_parts_of_the_checkpoints_run(run_dir: Path, wo
 def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "client-0.safetensors"
 
-    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(run_dir / "clients"), "--client", "client-0", "--out", str(out)])
+    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(run_dir / "clients"), "--private-stem", "client-0", "--out", str(out)])
 
     assert code == 0
     global_state, _ = saved_run(run_dir)

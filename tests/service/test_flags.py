@@ -150,3 +150,55 @@ def test_a_comma_list_s_help_lists_the_choices_and_an_alias_sets_the_same_settin
     assert "modes to run: a comma list of 'fast', 'slow', default fast,slow" in " ".join(parser.format_help().split())
     assert flags.build(Listed, _listed(["--to", "there"])).target == "there"
     assert flags.build(Listed, _listed(["--to", "there", "--target", "here"])).target == "here"
+
+
+@dataclass(frozen=True)
+class Deep:
+    """A config whose held config has other defaults than its class's (the worker's one-shard split)."""
+
+    __pydantic_config__ = settings.CONFIG
+
+    inner: Inner = Inner(mode="slow", depth=3)
+    count: Positive = 1
+
+
+def _deep(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="deep")
+    flags.add_flags(parser, Deep, MEANING, old={"depth": ("--levels",)})
+    flags.add_retired(parser, "--seed", "is gone: give --depth")
+    return parser.parse_args(argv)
+
+
+def test_a_held_config_keeps_its_field_s_defaults_under_the_flags_given_and_its_help_shows_them() -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_flags(parser, Deep, MEANING)
+
+    assert flags.build(Deep, _deep([])).inner == Inner(mode="slow", depth=3)
+    cfg = flags.build(Deep, _deep(["--depth", "5"]))
+    assert cfg.inner == Inner(mode="slow", depth=5)
+    assert settings.is_default(cfg, "inner.mode") and not settings.is_default(cfg, "inner.depth")
+    assert flags.shown(cfg, "inner.mode") == "--mode slow (the default)" and flags.shown(cfg, "inner.depth") == "--depth 5"
+    assert settings.is_default(Deep(), "inner.depth") and not settings.is_default(Deep(inner=Inner()), "inner.depth")
+    assert {a.dest: a.help for a in parser._actions}["depth"] == "how deep: an integer >= 1, default 3"
+
+
+def test_an_old_spelling_sets_the_setting_with_a_one_line_notice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert flags.build(Deep, _deep(["--levels", "4"])).inner.depth == 4
+    assert capsys.readouterr().err == "deep: notice: --levels is deprecated, it is spelled --depth now\n"
+
+    assert flags.build(Deep, _deep(["--depth", "4"])).inner.depth == 4
+    assert capsys.readouterr().err == ""
+
+
+def test_a_retired_spelling_is_refused_by_build_in_one_line_naming_its_value() -> None:
+    args = _deep(["--count", "2", "--seed", "7"])
+
+    with pytest.raises(SettingsError, match=r"^--seed 7 is gone: give --depth$"):
+        flags.build(Deep, args)
+
+
+def test_a_retired_spelling_is_not_in_the_help() -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_retired(parser, "--seed", "is gone")
+
+    assert "--seed" not in parser.format_help()

@@ -50,7 +50,7 @@ def grpc_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) 
 
 def test_a_grpc_run_equals_the_simulation(grpc_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sim"
-    assert main(["simulate", "--clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out)]) == 0  # in this process: torch is imported
+    assert main(["simulate", "--num-clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out)]) == 0  # in this process: torch is imported
 
     expected = load_file(out / f"global-r{R:04d}.safetensors")[0]
     got = load_file(grpc_run / "checkpoints" / "final.safetensors")[0]

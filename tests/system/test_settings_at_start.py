@@ -31,6 +31,7 @@ from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from feddiff.cli import build_parser, main
 from feddiff.local import metric_value, scrape
+from service import flags
 from tests.parsers import coordinator_config, subcommands
 from tests.system.raw_client import RawWorker
 from worker.config import WorkerConfig
@@ -366,7 +367,7 @@ def test_help_shows_each_flags_type_and_range_from_its_setting() -> None:
         helps = {o: a.help or "" for a in commands[command]._actions for o in a.option_strings}
         for cls in classes:
             for _, name in _numeric(cls):
-                flag = settings.flag((name,))
+                flag = flags.flag((name,))
                 if flag in helps:  # backoff_*: not flags
                     tp = get_type_hints(cls, include_extras=True)[name]
                     assert settings.expected(tp) in helps[flag], (flag, helps[flag])
@@ -394,7 +395,7 @@ def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_p
 def _finished_run(folder: Path) -> dict[str, bytes]:
     """A real one-round run of the tiny model in `folder`, with a final model as the coordinator leaves it;
     every file's bytes."""
-    from fedcore.data.shards import DataConfig
+    from fedcore.data.shards import SplitConfig
     from fedcore.experiments.simulation import Simulation, SimulationConfig
     from fedcore.federation.checkpoint import FINAL_MODEL, load_run
     from fedcore.federation.server import FederationConfig
@@ -403,7 +404,7 @@ def _finished_run(folder: Path) -> dict[str, bytes]:
     federation = FederationConfig.from_settings(
         strategy="udec", model="tiny", rounds=1, clients_per_round=0, seed=0, epochs=1, batch_size=32, lr=1e-3, loss="huber"
     )
-    cfg = SimulationConfig(federation=federation, data=DataConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
+    cfg = SimulationConfig(federation=federation, data=SplitConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
     Simulation.create(cfg, folder, log=lambda _: None).run()
     loaded = load_run(folder)
     assert loaded is not None

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from fedcore import settings
+from fedcore.data.shards import SplitConfig
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Folder
 from feddiff.cli import build_parser, main
+from service import flags
 from tests.parsers import subcommands
 from worker.config import WorkerConfig, from_args
 
@@ -26,7 +28,7 @@ def _flags() -> list[tuple[str, Any]]:
     worker = subcommands(parser)["worker"]
     options = {o for action in worker._actions for o in action.option_strings}
     out = []
-    for cls in (WorkerConfig, SpeedConfig):
+    for cls in (WorkerConfig, SplitConfig, SpeedConfig):
         for name, tp in get_type_hints(cls, include_extras=True).items():
             flag = "--" + name.replace("_", "-")
             if flag in options and tp not in (str, bool, str | None, Folder):  # a folder path takes any name
@@ -39,7 +41,7 @@ FLAGS = _flags()
 
 def test_every_setting_with_a_value_has_a_flag_here() -> None:
     names = {flag for flag, _ in FLAGS}
-    assert {"--num-clients", "--beta", "--seed", "--split", "--metrics-port", "--wait-timeout", "--progress", "--bf16", "--threads"} <= names
+    assert {"--num-clients", "--beta", "--split-seed", "--split", "--metrics-port", "--wait-timeout", "--progress", "--bf16", "--threads"} <= names
 
 
 @pytest.mark.parametrize(("flag", "tp"), FLAGS, ids=[f for f, _ in FLAGS])
@@ -63,6 +65,8 @@ def test_flags_become_typed_settings() -> None:
         "0.25",
         "--split",
         "label",
+        "--split-seed",
+        "7",
         "--wait-timeout",
         "5",
         "--threads",
@@ -76,7 +80,8 @@ def test_flags_become_typed_settings() -> None:
 
     cfg = from_args(args)
 
-    assert (cfg.num_clients, cfg.beta, cfg.split, cfg.wait_timeout, cfg.exit_when_done) == (3, 0.25, "label", 5.0, False)
+    assert cfg.data == SplitConfig(num_clients=3, split="label", beta=0.25, split_seed=7)
+    assert (cfg.client_index, cfg.wait_timeout, cfg.exit_when_done) == (0, 5.0, False)
     assert cfg.speed == SpeedConfig(bf16="off", compile="off", threads=2)
 
 
@@ -105,7 +110,7 @@ def test_an_empty_state_dir_is_refused_not_taken_for_the_working_directory() -> 
     from fedcore import settings
 
     with pytest.raises(settings.SettingsError, match=r"^--state-dir = '': expected a folder path$"):
-        settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=settings.flag)
+        settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=flags.flag)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
