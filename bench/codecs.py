@@ -61,25 +61,25 @@ def _timed(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], repeats: int) -> dict[str, object]:
-    """The figures for `delta`, every tensor of `model`: one pass of each side per repeat, round-robin."""
+def _sides(
+    model: str, delta: dict[str, torch.Tensor], parsed: dict[str, Codec], accepting: list[str], repeats: int, encoded: dict[str, dict[str, Encoded]]
+) -> dict[str, Callable[[], object]]:
+    """Each side's one pass, by name: the float32 payload's encode and decode, each codec's encode (into
+    `encoded`), decode of all tensors and of each, and the coordinator's accept for the `accepting` codecs."""
     layout = layout_of(build_model(model, seed=0))
-    fp32_bytes = sum(t.numel() * 4 for t in delta.values())
     meta = PayloadMeta("delta", model, 0, ALL_PARTS)
     reader = serialization.PayloadReader(layout, kind="delta")
     payload = bytearray(serialization.encode(delta, meta))
-    parsed = {name: Codec.parse(name) for name in codecs}
-    coded: dict[str, dict[str, Encoded]] = {}
     shapes = {name: tuple(t.shape) for name, t in delta.items()}
 
     def encode(codec: Codec) -> Callable[[], object]:
-        return lambda: coded.__setitem__(str(codec), codec.encode_all(delta))
+        return lambda: encoded.__setitem__(str(codec), codec.encode_all(delta))
 
     def decode(codec: Codec) -> Callable[[], object]:
-        return lambda: codec.decode_all({n: e.tensors for n, e in coded[str(codec)].items()}, shapes)
+        return lambda: codec.decode_all({n: e.tensors for n, e in encoded[str(codec)].items()}, shapes)
 
     def decode_each(codec: Codec) -> Callable[[], object]:
-        return lambda: [e.decode(name=n) for n, e in coded[str(codec)].items()]
+        return lambda: [e.decode(name=n) for n, e in encoded[str(codec)].items()]
 
     sides: dict[str, Callable[[], object]] = {
         "fp32_payload_encode": lambda: serialization.encode(delta, meta),
@@ -87,8 +87,12 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
     }
     for name, codec in parsed.items():
         sides.update({f"{name}_encode": encode(codec), f"{name}_decode": decode(codec), f"{name}_decode_each": decode_each(codec)})
-    accepting = [name for name in parsed if name in ACCEPT_CODECS]
     sides.update({f"{name}_accept": accept(model, delta, parsed[name], calls=repeats + 1) for name in accepting})
+    return sides
+
+
+def _round_robin(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each side per repeat, one pass of each in turn, after one warm-up pass of all."""
     for work in sides.values():  # warm-up; the encodes leave what the decodes read
         work()
     seconds: dict[str, list[float]] = {side: [] for side in sides}
@@ -96,6 +100,50 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
         for side, work in sides.items():
             seconds[side].append(_timed(work))
         log(f"repeat {r + 1}/{repeats}")
+    return seconds
+
+
+def _codec_figures(
+    name: str, codec: Codec, delta: dict[str, torch.Tensor], norm: float, encoded: dict[str, Encoded], rate: dict[str, float], best: dict[str, float]
+) -> dict[str, object]:
+    """One codec's rates, against the float32 payload's too, its size against float32 and its error relative to
+    the delta's L2 `norm`."""
+    fp32_bytes = sum(t.numel() * 4 for t in delta.values())
+    size = sum(e.nbytes for e in encoded.values())
+    assert size == sum(codec.encoded_bytes(t.numel()) for t in delta.values())  # the closed form holds
+    error = math.sqrt(sum(float((e.decode() - delta[n]).double().square().sum()) for n, e in encoded.items()))
+    key = name.replace(":", "_").replace("+", "_")
+    return {
+        f"{key}_encode_mb_s": rate[f"{name}_encode"],
+        f"{key}_encode_best_mb_s": best[f"{name}_encode"],
+        f"{key}_decode_mb_s": rate[f"{name}_decode"],
+        f"{key}_decode_best_mb_s": best[f"{name}_decode"],
+        f"{key}_decode_each_mb_s": rate[f"{name}_decode_each"],
+        f"{key}_decode_all_vs_each": rate[f"{name}_decode"] / rate[f"{name}_decode_each"],
+        f"{key}_encode_vs_fp32_payload": rate[f"{name}_encode"] / rate["fp32_payload_encode"],
+        f"{key}_decode_vs_fp32_payload": rate[f"{name}_decode"] / rate["fp32_payload_decode"],
+        f"{key}_ratio_vs_fp32": fp32_bytes / size,
+        f"{key}_rel_l2_error": error / norm,
+    }
+
+
+def _accept_figures(name: str, seconds: dict[str, list[float]], accepting: list[str]) -> dict[str, object]:
+    """The coordinator's accept of one update with codec `name`, against today's float32 path (`none`)."""
+    key = name.replace(":", "_").replace("+", "_")
+    return {
+        f"{key}_accept_ms": 1e3 * median(seconds[f"{name}_accept"]),
+        f"{key}_accept_best_ms": 1e3 * min(seconds[f"{name}_accept"]),
+        f"{key}_accept_vs_fp32": median(seconds[f"{name}_accept"]) / median(seconds["none_accept"]) if "none" in accepting else math.nan,
+    }
+
+
+def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], repeats: int) -> dict[str, object]:
+    """The figures for `delta`, every tensor of `model`: one pass of each side per repeat, round-robin."""
+    fp32_bytes = sum(t.numel() * 4 for t in delta.values())
+    parsed = {name: Codec.parse(name) for name in codecs}
+    accepting = [name for name in parsed if name in ACCEPT_CODECS]
+    encoded: dict[str, dict[str, Encoded]] = {}
+    seconds = _round_robin(_sides(model, delta, parsed, accepting, repeats, encoded), repeats)
 
     rate = {side: fp32_bytes / MB / median(s) for side, s in seconds.items()}
     best = {side: fp32_bytes / MB / min(s) for side, s in seconds.items()}
@@ -104,33 +152,9 @@ def measure(model: str, delta: dict[str, torch.Tensor], codecs: Sequence[str], r
         figures.update({f"{side}_mb_s": rate[side], f"{side}_best_mb_s": best[side]})
     norm = math.sqrt(sum(float(t.double().square().sum()) for t in delta.values()))
     for name, codec in parsed.items():
-        encoded = coded[name]
-        size = sum(e.nbytes for e in encoded.values())
-        assert size == sum(codec.encoded_bytes(t.numel()) for t in delta.values())  # the closed form holds
-        error = math.sqrt(sum(float((e.decode() - delta[n]).double().square().sum()) for n, e in encoded.items()))
-        key = name.replace(":", "_").replace("+", "_")
-        figures.update(
-            {
-                f"{key}_encode_mb_s": rate[f"{name}_encode"],
-                f"{key}_encode_best_mb_s": best[f"{name}_encode"],
-                f"{key}_decode_mb_s": rate[f"{name}_decode"],
-                f"{key}_decode_best_mb_s": best[f"{name}_decode"],
-                f"{key}_decode_each_mb_s": rate[f"{name}_decode_each"],
-                f"{key}_decode_all_vs_each": rate[f"{name}_decode"] / rate[f"{name}_decode_each"],
-                f"{key}_encode_vs_fp32_payload": rate[f"{name}_encode"] / rate["fp32_payload_encode"],
-                f"{key}_decode_vs_fp32_payload": rate[f"{name}_decode"] / rate["fp32_payload_decode"],
-                f"{key}_ratio_vs_fp32": fp32_bytes / size,
-                f"{key}_rel_l2_error": error / norm,
-            }
-        )
+        figures.update(_codec_figures(name, codec, delta, norm, encoded[name], rate, best))
         if name in accepting:
-            figures.update(
-                {
-                    f"{key}_accept_ms": 1e3 * median(seconds[f"{name}_accept"]),
-                    f"{key}_accept_best_ms": 1e3 * min(seconds[f"{name}_accept"]),
-                    f"{key}_accept_vs_fp32": median(seconds[f"{name}_accept"]) / median(seconds["none_accept"]) if "none" in accepting else math.nan,
-                }
-            )
+            figures.update(_accept_figures(name, seconds, accepting))
     return figures
 
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import psutil
@@ -134,7 +135,20 @@ def percentile(values: list[float], q: float) -> float:
 # --- main ---------------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+@dataclass
+class Watched:
+    """What the rounds cost, watched from outside the coordinator: one entry per round closed, in order."""
+
+    durations: list[float] = field(default_factory=list)  # feddiff_round_duration_seconds of each round
+    cpu_seconds: list[float] = field(default_factory=list)  # the coordinator's CPU time (all threads) between round closes
+    client_cpu_seconds: list[float] = field(default_factory=list)  # the same for the client processes together (they share the cores)
+    health: list[float] = field(default_factory=list)  # health check latencies on the worker-facing port
+    health_port: list[float] = field(default_factory=list)  # and on the health-only port
+    health_failures: int = 0
+    records: list[dict] = field(default_factory=list)  # one per (worker, round), as the client processes print them
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 rounds (CPU, under 3 minutes)")
     p.add_argument("--workers", type=int, default=200)
@@ -145,88 +159,104 @@ def main() -> int:
     p.add_argument("--jitter", type=float, default=0.0, help="local work is work * (1 + jitter * U[0, 1))")
     p.add_argument("--client", nargs=3, type=int, metavar=("FIRST", "COUNT", "ROUNDS"), help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.client:
-        first, count, rounds = args.client
-        run_clients(args.address, first, count, rounds, args.work, args.jitter)
-        return 0
+    return p.parse_args()
 
-    rounds = args.rounds or (3 if args.quick else 5)
+
+def start_clients(address: str, args: argparse.Namespace, rounds: int) -> list[subprocess.Popen]:
+    """The client processes, `args.workers` light workers spread over `args.processes` of them."""
+    per_process = -(-args.workers // args.processes)
+    clients = []
+    for first in range(0, args.workers, per_process):
+        count = min(per_process, args.workers - first)
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.rounds_scale",
+            "--address",
+            address,
+            "--client",
+            str(first),
+            str(count),
+            str(rounds),
+            "--work",
+            str(args.work),
+            "--jitter",
+            str(args.jitter),
+        ]
+        clients.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    return clients
+
+
+def cpu_seconds_of(processes: list[psutil.Process]) -> float:
+    """User and system CPU time of `processes` together, all their threads."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def watch_rounds(coord: CoordinatorProcess, clients: list[subprocess.Popen], rounds: int, deadline: float, watched: Watched) -> None:
+    """Scrapes the coordinator until `rounds` rounds closed or `deadline` (monotonic) passed; each round's
+    duration, and the CPU the coordinator and the clients took since the round before."""
+    coordinator = [psutil.Process(coord.pid)]
+    client_procs = [psutil.Process(c.pid) for c in clients]
+    seen, total = 0, 0.0
+    last_cpu = cpu_seconds_of(coordinator)
+    last_client_cpu = cpu_seconds_of(client_procs)
+    while seen < rounds and time.monotonic() < deadline:
+        m = coord.metrics()
+        done = int(metric_value(m, "feddiff_round"))
+        if done > seen:
+            s = metric_value(m, "feddiff_round_duration_seconds_sum")
+            if done == seen + 1:
+                watched.durations.append(s - total)
+                now_cpu = cpu_seconds_of(coordinator)
+                watched.cpu_seconds.append(now_cpu - last_cpu)
+                last_cpu = now_cpu
+                now_client_cpu = cpu_seconds_of(client_procs)
+                watched.client_cpu_seconds.append(now_client_cpu - last_client_cpu)
+                last_client_cpu = now_client_cpu
+                log(
+                    f"round {done}: {watched.durations[-1] * 1000:.0f} ms, CPU: coordinator {watched.cpu_seconds[-1] * 1000:.0f} ms, clients {watched.client_cpu_seconds[-1] * 1000:.0f} ms"
+                )
+            seen, total = done, s
+        time.sleep(0.1)  # a scrape costs the coordinator CPU: 10 a second, not 50
+
+
+def run_rounds(args: argparse.Namespace, rounds: int) -> Watched:
+    """The coordinator and the client processes, the rounds watched while both ports' health is probed."""
     settings = {
         "model": MODEL, "strategy": args.strategy, "rounds": rounds, "min_workers": args.workers, "epochs": 1,
         "health_port": 0,  # the plain-text health-only server that Kubernetes probes (deploy/k8s)
     }  # fmt: skip
-    per_process = -(-args.workers // args.processes)
-    durations: list[float] = []
-    records: list[dict] = []
+    watched = Watched()
     with CoordinatorProcess(settings) as coord:
-        clients = []
-        for first in range(0, args.workers, per_process):
-            count = min(per_process, args.workers - first)
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.rounds_scale",
-                "--address",
-                coord.address,
-                "--client",
-                str(first),
-                str(count),
-                str(rounds),
-                "--work",
-                str(args.work),
-                "--jitter",
-                str(args.jitter),
-            ]
-            clients.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
-        cpu = psutil.Process(coord.pid)
-        client_procs = [psutil.Process(c.pid) for c in clients]
-        cpu_seconds: list[float] = []  # the coordinator's CPU time (all threads) between round closes
-        client_cpu_seconds: list[float] = []  # the same for the client processes together (they share the cores)
-
-        def clients_cpu() -> float:
-            return sum(sum(p.cpu_times()[:2]) for p in client_procs)
-
+        clients = start_clients(coord.address, args, rounds)
         # two probes at 50 a second each: together the 100 checks a second of one probe every 10 ms
         probe_port = HealthProbe(f"127.0.0.1:{coord.ready['health_port']}", interval=0.02)
         with HealthProbe(coord.address, interval=0.02) as probe, probe_port:
-            seen, total = 0, 0.0
-            last_cpu = sum(cpu.cpu_times()[:2])
-            last_client_cpu = clients_cpu()
             deadline = time.monotonic() + 60 + rounds * (args.work * (1 + args.jitter) + 60)
-            while seen < rounds and time.monotonic() < deadline:
-                m = coord.metrics()
-                done = int(metric_value(m, "feddiff_round"))
-                if done > seen:
-                    s = metric_value(m, "feddiff_round_duration_seconds_sum")
-                    if done == seen + 1:
-                        durations.append(s - total)
-                        now_cpu = sum(cpu.cpu_times()[:2])
-                        cpu_seconds.append(now_cpu - last_cpu)
-                        last_cpu = now_cpu
-                        now_client_cpu = clients_cpu()
-                        client_cpu_seconds.append(now_client_cpu - last_client_cpu)
-                        last_client_cpu = now_client_cpu
-                        log(
-                            f"round {done}: {durations[-1] * 1000:.0f} ms, CPU: coordinator {cpu_seconds[-1] * 1000:.0f} ms, clients {client_cpu_seconds[-1] * 1000:.0f} ms"
-                        )
-                    seen, total = done, s
-                time.sleep(0.1)  # a scrape costs the coordinator CPU: 10 a second, not 50
-            health = list(probe.latencies)
-            health_port = list(probe_port.latencies)
+            watch_rounds(coord, clients, rounds, deadline, watched)
+            watched.health = list(probe.latencies)
+            watched.health_port = list(probe_port.latencies)
+        watched.health_failures = probe.failures + probe_port.failures
         for c in clients:
             out, _ = c.communicate(timeout=120)
-            records.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
-    if len(durations) < rounds:
-        raise RuntimeError(f"only {len(durations)} of {rounds} rounds completed:\n{coord.output()[-3000:]}")
-    full_payload = payload_bytes_of(meta_layout(MODEL))
+            watched.records.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
+    if len(watched.durations) < rounds:
+        raise RuntimeError(f"only {len(watched.durations)} of {rounds} rounds completed:\n{coord.output()[-3000:]}")
+    return watched
+
+
+def bare_overheads(args: argparse.Namespace, rounds: int, full_payload: int) -> dict[str, float]:
+    """The median round overhead of as many workers over bare gRPC: the feddiff calls, and one stream each."""
     bare = {}
     for calls in ("feddiff", "stream"):
         log(f"bare gRPC, {calls} calls: {args.workers} workers, {rounds} rounds")
         bare[calls] = median(bare_rounds.overheads(args.workers, args.processes, rounds, args.work, full_payload, calls))
-    slowest = [max(r["work"] for r in records if r["round"] == i) for i in range(rounds)]
-    overhead = [d - w for d, w in zip(durations, slowest, strict=True)]
-    phases: dict[str, list[float]] = {"tasks_out": [], "downloads": [], "uploads": []}  # seconds, as the workers saw them
+    return bare
+
+
+def worker_phases(records: list[dict], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round, as the workers saw them: tasks handed out, downloads done, uploads."""
+    phases: dict[str, list[float]] = {"tasks_out": [], "downloads": [], "uploads": []}
     for i in range(rounds):
         rs = [r for r in records if r["round"] == i]
         phases["tasks_out"].append(max(r["task"] for r in rs) - min(r["task"] for r in rs))
@@ -236,26 +266,27 @@ def main() -> int:
             f"round {i + 1}: tasks handed out over {phases['tasks_out'][-1] * 1000:.0f} ms, downloads done after "
             f"{phases['downloads'][-1] * 1000:.0f} ms, uploads took {phases['uploads'][-1] * 1000:.0f} ms"
         )
-    figures: dict[str, object] = {
-        **machine(),
-        "model": MODEL,
-        "strategy": args.strategy,
-        "workers": args.workers,
-        "rounds": rounds,
-        "local_work_s": args.work,
-        "work_jitter": args.jitter,
-        "round_seconds_median": median(durations),
-        "coordinator_cpu_ms_per_round": median(cpu_seconds[1:] or cpu_seconds) * 1000,
-        "clients_cpu_ms_per_round": median(client_cpu_seconds[1:] or client_cpu_seconds) * 1000,
+    return phases
+
+
+def cpu_figures(watched: Watched, workers: int) -> dict[str, object]:
+    """CPU per round, the first round left out when there are others (it includes the start)."""
+    cpu_seconds = watched.cpu_seconds[1:] or watched.cpu_seconds
+    client_cpu_seconds = watched.client_cpu_seconds[1:] or watched.client_cpu_seconds
+    return {
+        "coordinator_cpu_ms_per_round": median(cpu_seconds) * 1000,
+        "clients_cpu_ms_per_round": median(client_cpu_seconds) * 1000,
         # all the CPU a round takes on this machine (coordinator and clients share its cores) spread over the
         # cores: a floor for the overhead when the local work is the same everywhere, as it is by default
-        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds[1:] or cpu_seconds, client_cpu_seconds[1:] or client_cpu_seconds, strict=True)])
-        / (os.cpu_count() or 1)
-        * 1000,
-        "coordinator_cpu_ms_per_worker_round": median(cpu_seconds[1:] or cpu_seconds) / args.workers * 1000,
-        "download_phase_ms": median(phases["downloads"]) * 1000,
-        "upload_phase_ms": median(phases["uploads"]) * 1000,
-        "round_overhead_ms_max": max(overhead) * 1000,
+        "round_cpu_ms_over_cores": median([(c + k) for c, k in zip(cpu_seconds, client_cpu_seconds, strict=True)]) / (os.cpu_count() or 1) * 1000,
+        "coordinator_cpu_ms_per_worker_round": median(cpu_seconds) / workers * 1000,
+    }
+
+
+def health_figures(watched: Watched) -> dict[str, object]:
+    """Health check latencies on both ports during the rounds, and the checks that failed."""
+    health, health_port = watched.health, watched.health_port
+    return {
         "health_checks": len(health),
         "health_p50_ms": percentile(health, 0.5) * 1000,
         "health_p99_ms": percentile(health, 0.99) * 1000,
@@ -264,7 +295,38 @@ def main() -> int:
         "health_port_p50_ms": percentile(health_port, 0.5) * 1000,
         "health_port_p99_ms": percentile(health_port, 0.99) * 1000,
         "health_port_max_ms": max(health_port) * 1000 if health_port else float("nan"),
-        "health_failures": probe.failures + probe_port.failures,
+        "health_failures": watched.health_failures,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    if args.client:
+        first, count, rounds = args.client
+        run_clients(args.address, first, count, rounds, args.work, args.jitter)
+        return 0
+
+    rounds = args.rounds or (3 if args.quick else 5)
+    watched = run_rounds(args, rounds)
+    full_payload = payload_bytes_of(meta_layout(MODEL))
+    bare = bare_overheads(args, rounds, full_payload)
+    slowest = [max(r["work"] for r in watched.records if r["round"] == i) for i in range(rounds)]
+    overhead = [d - w for d, w in zip(watched.durations, slowest, strict=True)]
+    phases = worker_phases(watched.records, rounds)
+    figures: dict[str, object] = {
+        **machine(),
+        "model": MODEL,
+        "strategy": args.strategy,
+        "workers": args.workers,
+        "rounds": rounds,
+        "local_work_s": args.work,
+        "work_jitter": args.jitter,
+        "round_seconds_median": median(watched.durations),
+        **cpu_figures(watched, args.workers),
+        "download_phase_ms": median(phases["downloads"]) * 1000,
+        "upload_phase_ms": median(phases["uploads"]) * 1000,
+        "round_overhead_ms_max": max(overhead) * 1000,
+        **health_figures(watched),
         "bare_grpc_payload_bytes": full_payload,
         "bare_grpc_round_overhead_ms": bare["feddiff"] * 1000,
         "bare_grpc_stream_round_overhead_ms": bare["stream"] * 1000,

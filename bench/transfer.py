@@ -21,6 +21,7 @@ import argparse
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,69 +49,71 @@ from feddiff.local import metric_value
 from service.allocator import tune_for_streaming
 
 
-def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence[str] | None = None) -> dict[str, float]:
-    """One worker, `rounds` rounds of plain FedAvg (the whole model both ways) after one warm-up round; medians
-    over the rounds. The warm-up round is reported apart (`cold_*`): the first transfer of a process also
-    maps the memory both ends reuse afterwards. With `bare`, a bare gRPC stream of the same size is timed in
-    each round too (bench.bare_grpc), without a digest and with each. `digests`: as `LightWorker`'s."""
-    layout = meta_layout(model)
-    max_bytes = max_payload_bytes(layout, ALL_PARTS)
-    tensors = random_delta(layout, ALL_PARTS)
-    down: list[float] = []  # seconds, per round: payload download and upload
-    up: list[float] = []
-    raw_down: list[float] = []  # the same bytes over a raw TCP socket
-    raw_up: list[float] = []
-    bare_down: list[float] = []  # and over a bare gRPC stream
-    bare_up: list[float] = []
-    digest: list[float] = []  # computing the upload's digest
-    hashed_down: dict[str, list[float]] = {a: [] for a in DIGESTS}
-    hashed_up: dict[str, list[float]] = {a: [] for a in DIGESTS}
-    reference = BareStream(payload_bytes_of(layout)) if bare else None
-    payload_down = payload_up = 0
-    settings = {"model": model, "strategy": "full", "rounds": rounds + 1, "min_workers": 1, "epochs": 1}
-    with CoordinatorProcess(settings) as coord:
-        worker = LightWorker(coord.address, "bench-0", digests=digests)
-        worker.join()
-        for i in range(rounds + 1):
-            if i == 1:  # the warm-up round is over
-                cold = {"cold_download_s": down.pop(), "cold_upload_s": up.pop()}
-                for series in (raw_down, raw_up, bare_down, bare_up, digest, *hashed_down.values(), *hashed_up.values()):
-                    del series[:]
-                payload_down = payload_up = 0
-                worker.wire_down = worker.wire_up = 0
-            task = worker.next_task()
-            assert task is not None
-            start = time.perf_counter()
-            weights = worker.download(task, max_bytes)
-            down.append(time.perf_counter() - start)
-            payload_down += len(weights)
-            raw_down.append(raw_tcp_seconds(weights))
-            del weights
-            update = delta_payload(model, task, tensors)
-            start = time.perf_counter()
-            header = StreamHeader.of(update, worker.client.upload_digest)  # made with the payload, like the broadcast's
-            digest.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            worker.upload(task, update, header=header)
-            up.append(time.perf_counter() - start)
-            payload_up += len(update)
-            raw_up.append(raw_tcp_seconds(update))
-            del update
-            if reference is not None:
-                bare_down.append(reference.download_seconds())
-                bare_up.append(reference.upload_seconds())
-                for a in DIGESTS:
-                    hashed_down[a].append(reference.download_seconds(a))
-                    hashed_up[a].append(reference.upload_seconds(a))
-        metrics = coord.metrics()
-        worker.close()
-    if reference is not None:
-        reference.close()
-    size = payload_down / rounds
-    size_up = payload_up / rounds
+@dataclass
+class StreamTimes:
+    """One worker's transfers, round by round: seconds per round, and the payload bytes moved."""
+
+    down: list[float] = field(default_factory=list)  # payload download and upload
+    up: list[float] = field(default_factory=list)
+    raw_down: list[float] = field(default_factory=list)  # the same bytes over a raw TCP socket
+    raw_up: list[float] = field(default_factory=list)
+    bare_down: list[float] = field(default_factory=list)  # and over a bare gRPC stream
+    bare_up: list[float] = field(default_factory=list)
+    digest: list[float] = field(default_factory=list)  # computing the upload's digest
+    hashed_down: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in DIGESTS})  # a bare stream with each digest
+    hashed_up: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in DIGESTS})
+    payload_down: int = 0
+    payload_up: int = 0
+
+    def end_warm_up(self) -> dict[str, float]:
+        """Forgets the warm-up round; its download and upload seconds (`cold_*`)."""
+        cold = {"cold_download_s": self.down.pop(), "cold_upload_s": self.up.pop()}
+        for series in (self.raw_down, self.raw_up, self.bare_down, self.bare_up, self.digest, *self.hashed_down.values(), *self.hashed_up.values()):
+            del series[:]
+        self.payload_down = self.payload_up = 0
+        return cold
+
+
+def _timed_round(model: str, worker: LightWorker, tensors: Mapping[str, torch.Tensor], max_bytes: int, times: StreamTimes) -> None:
+    """One round's download and upload, each timed, then the same bytes over a raw TCP socket."""
+    task = worker.next_task()
+    assert task is not None
+    start = time.perf_counter()
+    weights = worker.download(task, max_bytes)
+    times.down.append(time.perf_counter() - start)
+    times.payload_down += len(weights)
+    times.raw_down.append(raw_tcp_seconds(weights))
+    del weights
+    update = delta_payload(model, task, tensors)
+    start = time.perf_counter()
+    header = StreamHeader.of(update, worker.client.upload_digest)  # made with the payload, like the broadcast's
+    times.digest.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    worker.upload(task, update, header=header)
+    times.up.append(time.perf_counter() - start)
+    times.payload_up += len(update)
+    times.raw_up.append(raw_tcp_seconds(update))
+    del update
+
+
+def _timed_bare_round(reference: BareStream, times: StreamTimes) -> None:
+    """A bare gRPC stream of the same size each way, without a digest and with each."""
+    times.bare_down.append(reference.download_seconds())
+    times.bare_up.append(reference.upload_seconds())
+    for a in DIGESTS:
+        times.hashed_down[a].append(reference.download_seconds(a))
+        times.hashed_up[a].append(reference.upload_seconds(a))
+
+
+def _stream_figures(times: StreamTimes, cold: dict[str, float], rounds: int, wire_bytes: int, metrics: dict) -> dict[str, float]:
+    """Payload rates against raw TCP on the same bytes, the upload's digest and the wire overhead at both ends
+    (`wire_bytes`: the worker's weight-stream message bytes, both ways)."""
+    size = times.payload_down / rounds
+    size_up = times.payload_up / rounds
+    down, up, raw_down, raw_up, digest = times.down, times.up, times.raw_down, times.raw_up, times.digest
     coord_payload = sum(metric_value(metrics, "feddiff_payload_bytes_total", direction=d, part=p.value) for d in ("down", "up") for p in PART_ORDER)
     coord_wire = sum(metric_value(metrics, "feddiff_wire_bytes_total", direction=d) for d in ("down", "up"))
-    figures = {
+    return {
         "payload_mb": size / MB,
         "download_mb_s": size / median(down) / MB,
         "upload_mb_s": size_up / median(up) / MB,
@@ -124,17 +127,55 @@ def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence
         "ratio_vs_raw_tcp_with_upload_digest": (median(raw_down) + median(raw_up)) / (median(down) + median(up) + median(digest)),
         "cold_download_mb_s": size / cold["cold_download_s"] / MB,
         "cold_upload_mb_s": size_up / cold["cold_upload_s"] / MB,
-        "wire_overhead": (worker.wire_down + worker.wire_up) / (payload_down + payload_up),
+        "wire_overhead": wire_bytes / (times.payload_down + times.payload_up),
         "coordinator_wire_overhead": coord_wire / coord_payload if coord_payload else float("nan"),
     }
+
+
+def _bare_figures(times: StreamTimes) -> dict[str, float]:
+    """The same bytes over bare gRPC streams against raw TCP, and feddiff's transfers against them."""
+    raw = median(times.raw_down) + median(times.raw_up)
+    feddiff = median(times.down) + median(times.up)
+    # the same bytes as 1 MiB messages without protobuf fields, header, hash or checks
+    figures = {
+        "bare_grpc_ratio_vs_raw_tcp": raw / (median(times.bare_down) + median(times.bare_up)),
+        "ratio_vs_bare_grpc": (median(times.bare_down) + median(times.bare_up)) / feddiff,
+    }
+    # the same bare stream with a digest of what is received, as every receiver here must check
+    for a in DIGESTS:
+        figures[f"bare_grpc_{a}_ratio_vs_raw_tcp"] = raw / (median(times.hashed_down[a]) + median(times.hashed_up[a]))
+        figures[f"ratio_vs_bare_grpc_{a}"] = (median(times.hashed_down[a]) + median(times.hashed_up[a])) / feddiff
+    return figures
+
+
+def single_stream(model: str, rounds: int, bare: bool = False, digests: Sequence[str] | None = None) -> dict[str, float]:
+    """One worker, `rounds` rounds of plain FedAvg (the whole model both ways) after one warm-up round; medians
+    over the rounds. The warm-up round is reported apart (`cold_*`): the first transfer of a process also
+    maps the memory both ends reuse afterwards. With `bare`, a bare gRPC stream of the same size is timed in
+    each round too (bench.bare_grpc), without a digest and with each. `digests`: as `LightWorker`'s."""
+    layout = meta_layout(model)
+    max_bytes = max_payload_bytes(layout, ALL_PARTS)
+    tensors = random_delta(layout, ALL_PARTS)
+    times = StreamTimes()
+    reference = BareStream(payload_bytes_of(layout)) if bare else None
+    settings = {"model": model, "strategy": "full", "rounds": rounds + 1, "min_workers": 1, "epochs": 1}
+    with CoordinatorProcess(settings) as coord:
+        worker = LightWorker(coord.address, "bench-0", digests=digests)
+        worker.join()
+        for i in range(rounds + 1):
+            if i == 1:  # the warm-up round is over
+                cold = times.end_warm_up()
+                worker.wire_down = worker.wire_up = 0
+            _timed_round(model, worker, tensors, max_bytes, times)
+            if reference is not None:
+                _timed_bare_round(reference, times)
+        metrics = coord.metrics()
+        worker.close()
+    if reference is not None:
+        reference.close()
+    figures = _stream_figures(times, cold, rounds, worker.wire_down + worker.wire_up, metrics)
     if bare:
-        # the same bytes as 1 MiB messages without protobuf fields, header, hash or checks
-        figures["bare_grpc_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(bare_down) + median(bare_up))
-        figures["ratio_vs_bare_grpc"] = (median(bare_down) + median(bare_up)) / (median(down) + median(up))
-        # the same bare stream with a digest of what is received, as every receiver here must check
-        for a in DIGESTS:
-            figures[f"bare_grpc_{a}_ratio_vs_raw_tcp"] = (median(raw_down) + median(raw_up)) / (median(hashed_down[a]) + median(hashed_up[a]))
-            figures[f"ratio_vs_bare_grpc_{a}"] = (median(hashed_down[a]) + median(hashed_up[a])) / (median(down) + median(up))
+        figures.update(_bare_figures(times))
     return figures
 
 

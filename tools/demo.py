@@ -68,14 +68,8 @@ def print_quality(records: list[LogRecord], p: dict[str, Any], reduction: float)
     print(f"  after round {last}: {fds[last]:8.1f}   ({fds[last] / fds[1] - 1:+.0%}), with {reduction:.1%} fewer parameters exchanged than plain FedAvg")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    args = parser.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    p = plan()
-    print(f"feddiff demo: udec, {p['workers']} workers, {p['model']} on {p['device']}, {p['rounds']} rounds; logs in {args.workdir}")
-    started = time.perf_counter()
+def coordinator_flags(p: dict[str, Any]) -> list[str]:
+    """The coordinator's flags for the plan: the run (udec) and the evaluation of the workers' models."""
     run = [
         "--model",
         str(p["model"]),
@@ -100,33 +94,59 @@ def main() -> int:
         "--eval-final-sampler",
         "ddim",
     ]
+    return [*run, *evaluate]
+
+
+def run_cluster(workdir: Path, p: dict[str, Any]) -> dict:
+    """The coordinator and the workers as processes until the run is done; the coordinator's last /metrics."""
     data = ["--num-clients", str(p["workers"]), "--max-images", str(p["max_images"]), "--threads", str(p["threads"])]
-    with LocalCluster(args.workdir) as cluster:
-        coord = cluster.coordinator("--insecure", *run, *evaluate, "--min-workers", str(p["workers"]), "--round-deadline", "900")
+    with LocalCluster(workdir) as cluster:
+        coord = cluster.coordinator("--insecure", *coordinator_flags(p), "--min-workers", str(p["workers"]), "--round-deadline", "900")
         address = coord.ready["address"]
         print(f"coordinator on {address}, metrics on http://127.0.0.1:{coord.ready['metrics_port']}/metrics")
         workers = [cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), *data, "--keep-running") for i in range(int(p["workers"]))]
         wait_for_state(address, "done", timeout=3600, procs=[coord, *workers])
-        metrics = scrape(coord.ready["metrics_port"])
-    rounds = read_round_log(args.workdir / "checkpoints" / ROUNDS_LOG)
-    print()
-    print_table(rounds)
+        return scrape(coord.ready["metrics_port"])
+
+
+def print_reduction(metrics: dict) -> float:
+    """The parameters exchanged against plain FedAvg's, from /metrics; the reduction."""
     exchanged = sum(metric_value(metrics, "feddiff_parameters_total", direction=d, part=q.value) for d in ("down", "up") for q in PART_ORDER)
     full = metric_value(metrics, "feddiff_full_fedavg_parameters_total")
     reduction = 1 - exchanged / full
     print(f"\nparameters exchanged {exchanged:,.0f}, plain FedAvg would have {full:,.0f}: {reduction:.1%} less (from /metrics)")
+    return reduction
 
-    # One worker's personalised model: the shared decoder of the final global model, its own encoder and bottleneck.
-    global_state, _ = load_file(args.workdir / "checkpoints" / "final.safetensors")
-    loaded = checkpoint.load_private(args.workdir / "workers" / "client-0", "private")
+
+def save_personalised_samples(workdir: Path, p: dict[str, Any]) -> Path:
+    """A grid of samples of one worker's personalised model: the shared decoder of the final global model, its
+    own encoder and bottleneck."""
+    global_state, _ = load_file(workdir / "checkpoints" / "final.safetensors")
+    loaded = checkpoint.load_private(workdir / "workers" / "client-0", "private")
     if loaded is None:
-        raise SystemExit(f"{args.workdir / 'workers' / 'client-0'}: client-0 saved no private parts")
+        raise SystemExit(f"{workdir / 'workers' / 'client-0'}: client-0 saved no private parts")
     private_tensors, _ = loaded
     model = build_model(str(p["model"]))
     model.load_state_dict(checkpoint.personalised_state(global_state, private_tensors))
     model.to(str(p["device"]))
     images = generate(model, Schedule(), 64, sampler="ddim", steps=100, seed=0, device=str(p["device"]))
-    out = save_grid(images, args.workdir / "samples-client-0.png", nrow=8, scale=3)
+    return save_grid(images, workdir / "samples-client-0.png", nrow=8, scale=3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    p = plan()
+    print(f"feddiff demo: udec, {p['workers']} workers, {p['model']} on {p['device']}, {p['rounds']} rounds; logs in {args.workdir}")
+    started = time.perf_counter()
+    metrics = run_cluster(args.workdir, p)
+    rounds = read_round_log(args.workdir / "checkpoints" / ROUNDS_LOG)
+    print()
+    print_table(rounds)
+    reduction = print_reduction(metrics)
+    out = save_personalised_samples(args.workdir, p)
     print(f"samples of {FD_WORKER}'s personalised model: {out}")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     print_quality(rounds, p, reduction)

@@ -18,7 +18,7 @@ DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
 MIN_CHUNK_SIZE = 64 << 10  # a worker uploads in the chunks its coordinator names, never smaller than this
 MAX_CHUNK_SIZE = 4 << 20  # 4 MiB: never a raised multi-GB message limit
 # Every field of a message but a chunk's data or a sample grid, each within its bound of fedcore.wire.bounds,
-# takes less than this (tests/fedcore/test_wire_bounds.py holds it).
+# takes less than this (tests/fedcore/wire/test_wire_bounds.py holds it).
 FRAMING_BYTES = 64 << 10
 # The largest gRPC message either side sends or receives: a chunk, or a shared sample grid, and the few fields
 # around it.

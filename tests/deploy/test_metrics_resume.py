@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -89,13 +90,68 @@ def paused(processes: list[Process]) -> Iterator[Callable[[], None]]:
         resume()
 
 
-def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(tmp_path: Path) -> None:
-    metrics_port = free_port()  # the same scrape target before and after the restart
-    args = [
+@dataclass(frozen=True)
+class Reading:
+    """The run as one moment shows it: the coordinator's run samples on /metrics, `feddiff status`, and every
+    run query as Prometheus evaluates it."""
+
+    samples: dict
+    status: dict
+    evaluated: dict[str, dict[str, float]]
+
+
+def coordinator_args(metrics_port: int) -> list[str]:
+    return [
         "--insecure", "--model", "tiny", "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--seed", str(SEED),
         "--min-workers", str(K), "--round-deadline", "90", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3",
         "--listen", f"127.0.0.1:{free_port()}", "--metrics-port", str(metrics_port),
     ]  # fmt: skip
+
+
+def wait_completed_rounds(address: str, rounds: int, processes: list[Process], timeout: float) -> None:
+    """Until `rounds` rounds are completed; fails when `timeout` seconds pass first or one of `processes` exits."""
+    deadline = time.monotonic() + timeout
+    while int(status(address)["completed_rounds"]) < rounds:
+        assert time.monotonic() < deadline, f"round {rounds} not completed in {timeout:.0f} s"
+        assert all(p.proc.poll() is None for p in processes), "a process exited"
+        time.sleep(0.02)
+
+
+def assert_the_resumed_run_reads_as_before(before: Reading, after: Reading, counters_after: dict) -> None:
+    # /metrics: the run's gauges are the checkpoint's; this process's counters began at zero.
+    assert before.samples[("feddiff_round", ())] == 2
+    assert after.samples == before.samples
+    assert sum(v for (name, _), v in counters_after.items() if name == "feddiff_parameters_total") == 0
+    # Prometheus: every run rule and panel as before the kill, with data.
+    for name in (
+        REDUCTION_RULE,
+        "direction_part:feddiff_payload_bytes:per_round",
+        "Updates in the run by outcome [A]",
+        "Round attempts in the run by outcome [A]",
+        "Loss [B]",
+    ):
+        assert before.evaluated[name], name
+    assert after.evaluated == before.evaluated
+    # ... and what `feddiff status` says.
+    [reduction] = before.evaluated[REDUCTION_RULE].values()
+    assert reduction == pytest.approx(before.status["reduction_vs_full"], abs=1e-12) == after.status["reduction_vs_full"]
+
+
+def assert_the_finished_run_is_fedcores_accounting(final_reduction: float | None, final_samples: dict, final_status: dict) -> None:
+    """Every round attempted once after the restart's re-run."""
+    acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
+    assert final_reduction == pytest.approx(1 - acct.traffic.total / acct.full_fedavg, abs=1e-12)
+    assert final_reduction == pytest.approx(final_status["reduction_vs_full"], abs=1e-12)
+    for direction, by_part in (("down", acct.traffic.down), ("up", acct.traffic.up)):
+        for part, n in by_part.items():
+            assert final_samples[("feddiff_run_parameters", (("direction", direction), ("part", part.value)))] == n
+    assert final_samples[("feddiff_run_round_attempts", (("outcome", "complete"),))] == R
+    assert final_samples[("feddiff_run_updates", (("outcome", "accepted"),))] == K * R
+
+
+def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(tmp_path: Path) -> None:
+    metrics_port = free_port()  # the same scrape target before and after the restart
+    args = coordinator_args(metrics_port)
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config({COORDINATOR_JOB: [f"127.0.0.1:{metrics_port}"], WORKER_JOB: []})))
     queries = run_queries()
@@ -106,11 +162,7 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
         try:
             api.wait_ready()
             workers = cluster.shard_workers(address, K, "--max-images", "256", keep_running=False)
-            deadline = time.monotonic() + 120
-            while int(status(address)["completed_rounds"]) < 2:
-                assert time.monotonic() < deadline, "round 2 not completed in 120 s"
-                assert all(p.proc.poll() is None for p in (first, *workers)), "a process exited"
-                time.sleep(0.02)
+            wait_completed_rounds(address, 2, [first, *workers], timeout=120)
             # Round 3 is open; the workers, paused, cannot finish it before the kill.
             with paused(workers) as go_on:
                 round_2_at = time.time()
@@ -118,7 +170,7 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
                 assert int(status_before["completed_rounds"]) == 2
                 scraped_before = run_samples(metrics_port)
                 wait_evaluated_after(api, round_2_at)
-                before = evaluate(api, queries)
+                before = Reading(scraped_before, status_before, evaluate(api, queries))
 
                 first.stop(signal.SIGKILL)
                 saved = checkpoint.load_run(tmp_path / "cluster" / "checkpoints")
@@ -130,7 +182,7 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
                 status_after = status(address)
                 counters_after = scrape(metrics_port)
                 wait_evaluated_after(api, resumed_at)
-                after = evaluate(api, queries)
+                after = Reading(scraped_after, status_after, evaluate(api, queries))
                 go_on()
             wait_for_state(address, "done", timeout=180, procs=[resumed, *workers])
             wait_evaluated_after(api, time.time())
@@ -140,29 +192,5 @@ def test_run_metrics_read_the_same_after_the_coordinator_is_killed_and_resumed(t
         finally:
             stop_prometheus(api)
 
-    # /metrics: the run's gauges are the checkpoint's; this process's counters began at zero.
-    assert scraped_before[("feddiff_round", ())] == 2
-    assert scraped_after == scraped_before
-    assert sum(v for (name, _), v in counters_after.items() if name == "feddiff_parameters_total") == 0
-    # Prometheus: every run rule and panel as before the kill, with data.
-    for name in (
-        REDUCTION_RULE,
-        "direction_part:feddiff_payload_bytes:per_round",
-        "Updates in the run by outcome [A]",
-        "Round attempts in the run by outcome [A]",
-        "Loss [B]",
-    ):
-        assert before[name], name
-    assert after == before
-    # ... and what `feddiff status` says.
-    [reduction] = before[REDUCTION_RULE].values()
-    assert reduction == pytest.approx(status_before["reduction_vs_full"], abs=1e-12) == status_after["reduction_vs_full"]
-    # The finished run: fedcore's accounting, every round attempted once after the restart's re-run.
-    acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
-    assert final_reduction == pytest.approx(1 - acct.traffic.total / acct.full_fedavg, abs=1e-12)
-    assert final_reduction == pytest.approx(final_status["reduction_vs_full"], abs=1e-12)
-    for direction, by_part in (("down", acct.traffic.down), ("up", acct.traffic.up)):
-        for part, n in by_part.items():
-            assert final_samples[("feddiff_run_parameters", (("direction", direction), ("part", part.value)))] == n
-    assert final_samples[("feddiff_run_round_attempts", (("outcome", "complete"),))] == R
-    assert final_samples[("feddiff_run_updates", (("outcome", "accepted"),))] == K * R
+    assert_the_resumed_run_reads_as_before(before, after, counters_after)
+    assert_the_finished_run_is_fedcores_accounting(final_reduction, final_samples, final_status)

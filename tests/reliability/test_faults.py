@@ -7,13 +7,15 @@ import hashlib
 import re
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import torch
 
 from fedcore.federation import checkpoint
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import load_file
-from feddiff.local import LocalCluster, status, wait_for_state
+from feddiff.local import LocalCluster, Process, status, wait_for_state
 from tests.checkpoints import saved_run
 from tests.reliability.support import DECODER_BYTES, ENV, LIVENESS, RUN, TINY, free_port, metric, rounds_log, start_run, wait_until
 from tests.tmpfs import fill, mount_tmpfs, mounted_tmpfs, remount, unmount
@@ -32,52 +34,97 @@ def _sha(path: Path) -> str:
 # --- a worker killed mid-stream ------------------------------------------------------------------------------
 
 
+class _Kept(NamedTuple):
+    """The victim's newest private parts on disk after the kill."""
+
+    path: Path
+    round_number: int
+    sha: str
+    tensors: dict[str, torch.Tensor]
+
+
+def _mid_stream_args(deadline: int) -> list[str]:
+    """3 rounds of 3 workers closing at quorum 0.6 after `deadline` seconds; small chunks, so that a paced
+    stream is many messages."""
+    return [
+        "--insecure",
+        *RUN,
+        "--rounds",
+        "3",
+        "--min-workers",
+        "3",
+        "--quorum",
+        "0.6",
+        "--round-deadline",
+        str(deadline),
+        "--chunk-size",
+        "16384",
+        *LIVENESS,
+    ]
+
+
+def _kill_mid_stream(address: str, victim: Process, phase: str, alive: list[Process]) -> None:
+    """SIGKILL the victim once its round-2 stream in `phase` has moved some bytes, and not all of them."""
+    direction = {"download": "down", "upload": "up"}[phase]
+    port = victim.ready["metrics_port"]
+    after_round_1 = metric(port, "feddiff_wire_bytes_total", direction=direction)
+    least = DECODER_BYTES // 10 if phase == "upload" else 1  # a tenth of an upload: the coordinator is reading it
+    streamed = wait_until(
+        lambda: (n := metric(port, "feddiff_wire_bytes_total", direction=direction) - after_round_1) >= least and n,
+        f"round 2 {phase}", 30, [*alive, victim], every=0.02,
+    )  # fmt: skip
+    assert _completed(address) == 1
+    victim.stop(signal.SIGKILL)
+    assert 0 < streamed < DECODER_BYTES, f"killed after {streamed} of ~{DECODER_BYTES} bytes: not mid-{phase}"
+
+
+def _kept_private_parts(state_dir: Path, phase: str) -> _Kept:
+    private = sorted(state_dir.glob("private-r*.safetensors"))
+    assert private, "the victim had private parts (round 1, or round 2 before its upload)"
+    kept_round = int(private[-1].stem.rsplit("-r", 1)[1])
+    assert kept_round == {"download": 1, "upload": 2}[phase]
+    kept_tensors, _ = load_file(private[-1])
+    return _Kept(private[-1], kept_round, _sha(private[-1]), kept_tensors)
+
+
+def _assert_round_2_closed_without_the_victim_and_round_3_with_it(ckpt: Path, deadline: int) -> None:
+    rounds = rounds_log(ckpt)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[1]["planned"] == ["client-0", "client-1", "client-2"]
+    assert rounds[1]["participants"] == ["client-0", "client-1"], "round 2 closes at its deadline without the victim"
+    assert rounds[1]["seconds"] >= deadline
+    assert rounds[2]["participants"] == ["client-0", "client-1", "client-2"], "the restarted worker rejoins round 3"
+    # It joined with has_private_state: round 3 sent it (and the others) the decoder only.
+    down = rounds[2]["parameters"]["down"]
+    assert down == {"encoder": 0, "bottleneck": 0, "decoder": 3 * TINY.sizes[Part.DECODER]}
+
+
+def _assert_private_parts_restored(state_dir: Path, kept: _Kept, restarted_log: str) -> None:
+    """Its private parts survived the kill untouched and are the ones it restored."""
+    assert f"private parts of round {kept.round_number} restored" in restarted_log
+    assert _sha(state_dir / kept.path.name) == kept.sha
+    newest = checkpoint.load_private(state_dir, "private")
+    assert newest is not None and newest[1] == 3, "it trained round 3 on its own encoder and saved it"
+    assert set(newest[0]) == set(kept.tensors)
+    assert all(name in TINY.names(frozenset({Part.ENCODER, Part.BOTTLENECK})) for name in kept.tensors)
+
+
 @pytest.mark.parametrize("phase", ["download", "upload"])
 def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_its_private_parts(phase: str, tmp_path: Path) -> None:
     """SIGKILL in round 2 while the victim's weight stream is half way; it is paced (--*-rate-limit) so that
     "half way" lasts seconds instead of milliseconds."""
-    direction = {"download": "down", "upload": "up"}[phase]
     pacing = {"download": ["--download-rate-limit", "150000"], "upload": ["--upload-rate-limit", "50000"]}[phase]
     deadline = 12  # round 1 must fit the paced victim (~4 s of download or ~3 s of upload) on a loaded machine
     ckpt = tmp_path / "checkpoints"
+    state_dir = tmp_path / "workers" / "client-2"
     with LocalCluster(tmp_path, env=ENV) as cluster:
-        args = [
-            "--insecure",
-            *RUN,
-            "--rounds",
-            "3",
-            "--min-workers",
-            "3",
-            "--quorum",
-            "0.6",
-            "--round-deadline",
-            str(deadline),
-            "--chunk-size",
-            "16384",
-            *LIVENESS,
-        ]
-        coord, (healthy_a, healthy_b, victim) = start_run(cluster, args, [["--keep-running"], ["--keep-running"], ["--keep-running", *pacing]])
+        extra = [["--keep-running"], ["--keep-running"], ["--keep-running", *pacing]]
+        coord, (healthy_a, healthy_b, victim) = start_run(cluster, _mid_stream_args(deadline), extra)
         address, coord_port = coord.ready["address"], coord.ready["metrics_port"]
         alive = [coord, healthy_a, healthy_b]
         wait_until(lambda: _completed(address) >= 1, "round 1", 90, [*alive, victim])
-        port = victim.ready["metrics_port"]
-        after_round_1 = metric(port, "feddiff_wire_bytes_total", direction=direction)
-        least = DECODER_BYTES // 10 if phase == "upload" else 1  # a tenth of an upload: the coordinator is reading it
-        streamed = wait_until(
-            lambda: (n := metric(port, "feddiff_wire_bytes_total", direction=direction) - after_round_1) >= least and n,
-            f"round 2 {phase}", 30, [*alive, victim], every=0.02,
-        )  # fmt: skip
-        assert _completed(address) == 1
-        victim.stop(signal.SIGKILL)
-        assert 0 < streamed < DECODER_BYTES, f"killed after {streamed} of ~{DECODER_BYTES} bytes: not mid-{phase}"
-
-        state_dir = tmp_path / "workers" / "client-2"
-        private = sorted(state_dir.glob("private-r*.safetensors"))
-        assert private, "the victim had private parts (round 1, or round 2 before its upload)"
-        kept_round = int(private[-1].stem.rsplit("-r", 1)[1])
-        assert kept_round == {"download": 1, "upload": 2}[phase]
-        kept_sha = _sha(private[-1])
-        kept_tensors, _ = load_file(private[-1])
+        _kill_mid_stream(address, victim, phase, alive)
+        kept = _kept_private_parts(state_dir, phase)
 
         wait_until(lambda: _completed(address) >= 2, "round 2 closed at its deadline", deadline + 30, alive)
         coordinator_after_round_2 = (
@@ -92,26 +139,12 @@ def test_worker_killed_mid_stream_round_closes_with_quorum_and_it_rejoins_with_i
         cut = tuple(metric(coord_port, "feddiff_updates_total", outcome=o) for o in ("aborted", "bad_size"))
         restarted_log = restarted.output()
 
-    rounds = rounds_log(ckpt)
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert rounds[1]["planned"] == ["client-0", "client-1", "client-2"]
-    assert rounds[1]["participants"] == ["client-0", "client-1"], "round 2 closes at its deadline without the victim"
-    assert rounds[1]["seconds"] >= deadline
-    assert rounds[2]["participants"] == ["client-0", "client-1", "client-2"], "the restarted worker rejoins round 3"
-    # It joined with has_private_state: round 3 sent it (and the others) the decoder only.
-    down = rounds[2]["parameters"]["down"]
-    assert down == {"encoder": 0, "bottleneck": 0, "decoder": 3 * TINY.sizes[Part.DECODER]}
+    _assert_round_2_closed_without_the_victim_and_round_3_with_it(ckpt, deadline)
     assert coordinator_after_round_2 == (1, 5)
     assert coordinator_metrics == {"complete": 2, "quorum": 1, "no_quorum": 0}
     assert accepted == 8
     assert cut == (1 if phase == "upload" else 0, 0)
-    # Its private parts survived the kill untouched and are the ones it restored.
-    assert f"private parts of round {kept_round} restored" in restarted_log
-    assert _sha(state_dir / private[-1].name) == kept_sha
-    newest = checkpoint.load_private(state_dir, "private")
-    assert newest is not None and newest[1] == 3, "it trained round 3 on its own encoder and saved it"
-    assert set(newest[0]) == set(kept_tensors)
-    assert all(name in TINY.names(frozenset({Part.ENCODER, Part.BOTTLENECK})) for name in kept_tensors)
+    _assert_private_parts_restored(state_dir, kept, restarted_log)
 
 
 # --- the coordinator killed mid-round ------------------------------------------------------------------------

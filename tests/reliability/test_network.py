@@ -155,17 +155,19 @@ def _ready(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 60) -
     return json.loads(path.read_text())
 
 
-def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab: Lab, tmp_path: Path) -> None:
-    rounds_total = 3
-    workers = ["client-0", "client-1", "client-2"]
+def _impaired_hosts(lab: Lab, workers: list[str]) -> dict[str, str]:
+    """The coordinator's host and the workers', each worker's link impaired; how each link is shaped."""
     lab.add_host("coordinator", COORDINATOR_IP)
     for i, w in enumerate(workers):
         lab.add_host(w, f"{SUBNET}.{11 + i}")
     shaping = {w: lab.impair(w) for w in workers}
     if shaping["client-0"] != NETEM:
         warnings.warn(f"sch_netem is missing: worker links shaped with {shaping['client-0']}", stacklevel=1)
+    return shaping
 
-    ckpt = tmp_path / "checkpoints"
+
+def _start_coordinator(lab: Lab, tmp_path: Path, ckpt: Path, rounds_total: int) -> subprocess.Popen:
+    """`rounds_total` rounds of 3 workers closing at quorum 0.6, on the coordinator's host; once it is ready."""
     coordinator = lab.start(
         "coordinator",
         [
@@ -177,6 +179,11 @@ def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab:
         tmp_path / "coordinator.log",
     )  # fmt: skip
     _ready(tmp_path / "coordinator.ready.json", coordinator, tmp_path / "coordinator.log")
+    return coordinator
+
+
+def _start_workers(lab: Lab, tmp_path: Path, workers: list[str]) -> tuple[dict[str, subprocess.Popen], dict[str, dict]]:
+    """Each worker on its host, client-2's uploads paced; the processes and, once each is ready, its ready file."""
     procs, ready = {}, {}
     for i, w in enumerate(workers):
         pacing = ["--upload-rate-limit", "40000"] if w == "client-2" else []  # its upload lasts ~4 s: time to cut it
@@ -191,13 +198,28 @@ def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab:
         )  # fmt: skip
     for w in workers:
         ready[w] = _ready(tmp_path / f"{w}.ready.json", procs[w], tmp_path / f"{w}.log")
+    return procs, ready
+
+
+def _failed(processes: dict[str, subprocess.Popen], logs: Path) -> bool:
+    """False, unless a process exited with an error: then that error (`failed() or done` waits for done)."""
+    for name, p in processes.items():
+        if p.poll() not in (None, 0):
+            raise RuntimeError(f"{name} exited with {p.returncode}:\n{(logs / f'{name}.log').read_text()[-3000:]}")
+    return False
+
+
+def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab: Lab, tmp_path: Path) -> None:
+    rounds_total = 3
+    workers = ["client-0", "client-1", "client-2"]
+    shaping = _impaired_hosts(lab, workers)
+    ckpt = tmp_path / "checkpoints"
+    coordinator = _start_coordinator(lab, tmp_path, ckpt, rounds_total)
+    procs, ready = _start_workers(lab, tmp_path, workers)
+    everyone = {"coordinator": coordinator, **procs}
 
     def failed() -> bool:
-        """False, unless a process exited with an error: then that error (`failed() or done` waits for done)."""
-        for name, p in [("coordinator", coordinator), *procs.items()]:
-            if p.poll() not in (None, 0):
-                raise RuntimeError(f"{name} exited with {p.returncode}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}")
-        return False
+        return _failed(everyone, tmp_path)
 
     def uploaded(w: str) -> float:
         return lab.scrape(w, ready[w]["metrics_port"]).get(("feddiff_wire_bytes_total", (("direction", "up"),)), 0.0)
@@ -211,7 +233,7 @@ def test_run_completes_over_impaired_links_with_a_link_cut_during_an_upload(lab:
     time.sleep(3)
     lab.set_link("client-2", "up")
 
-    for name, p in [("coordinator", coordinator), *procs.items()]:
+    for name, p in everyone.items():
         assert p.wait(240) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     rounds = rounds_log(ckpt)
     assert cut_during == 1, "the link was cut while round 2 was open"

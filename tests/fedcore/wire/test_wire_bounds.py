@@ -17,7 +17,7 @@ from fedcore.wire import bounds
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE, FRAMING_BYTES, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, request_limit
 
-PROTO = Path(__file__).resolve().parents[2] / "proto" / "feddiff" / "v1" / "feddiff.proto"
+PROTO = Path(__file__).resolve().parents[3] / "proto" / "feddiff" / "v1" / "feddiff.proto"
 
 
 def _fields() -> list[tuple[str, FieldDescriptor]]:

@@ -10,7 +10,7 @@ import pytest
 
 from fedcore.experiments.results import CellResult, CurvePoint, append_result, load_curve, load_results
 
-DOCS_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results.jsonl"
+DOCS_RESULTS = Path(__file__).resolve().parents[3] / "docs" / "results.jsonl"
 
 # A results line as the first version of `feddiff reproduce` wrote it: no folder, lr, floor or noise FD.
 OLD_LINE = (

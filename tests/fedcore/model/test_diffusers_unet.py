@@ -21,7 +21,7 @@ from feddiff.cli import main
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed: pip install 'feddiff[diffusers]'")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = "diffusers-tiny"
 
 
