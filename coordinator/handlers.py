@@ -99,8 +99,10 @@ class Handlers:
         return pb.HeartbeatResponse(round=self.driver.federation.completed_rounds)
 
     def leave(self, session_id: str) -> pb.LeaveResponse:
-        """The worker ends its session."""
-        self.registry.leave(session_id)
+        """The worker ends its session: a round with a quorum of updates in no longer waits for its task."""
+        worker_id = self.registry.leave(session_id)
+        if worker_id is not None:
+            self.phase.left(worker_id)
         return pb.LeaveResponse()
 
     # --- tasks -----------------------------------------------------------------------------------------------

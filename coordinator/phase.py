@@ -6,6 +6,7 @@ polls hear of."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -80,6 +81,7 @@ class Phase:
         self._issued: dict[str, IssuedTask] = {}  # its tasks, by worker
         self._holder_instances: dict[str, str] = {}  # worker -> the process whose last download was counted (coded downloads)
         self._refusals: dict[str, Refusal] = {}  # of them, those their workers refused
+        self._left: set[str] = set()  # of them, those whose workers left their session and have not joined again
         self._closed_task_ids: set[str] = set()  # tasks of phases that ended: their uploads are late
         self._training_seconds: dict[str, float] = {}  # the latest training time each worker reported (late ones too)
         self._told: set[str] = set()  # workers answered that the run failed
@@ -101,15 +103,17 @@ class Phase:
         """Hand out a phase's tasks (under the lock; `_round` or `_eval` set)."""
         self._issued = issued
         self._refusals = {}
+        self._left = set()
         self.state = state
         self._changed()
 
-    def await_answers(self, deadline: float) -> None:
-        """Wait (under the lock, released while waiting) until every task of the phase is answered, the
-        deadline passes or the round loop stops; the connected-workers gauge kept current meanwhile."""
+    def await_answers(self, deadline: float, quorum: float = math.inf) -> None:
+        """Wait (under the lock, released while waiting) until every task of the phase is answered (or, once
+        `quorum` updates are in, answered or left by its worker: `left`), the deadline passes or the round loop
+        stops; the connected-workers gauge kept current meanwhile."""
         with self._cond:
             gauge_due = 0.0
-            while not self._stop.is_set() and self._answered() < len(self._issued):
+            while not self._stop.is_set() and not self._settled(quorum):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -122,6 +126,16 @@ class Phase:
         """Tasks of the phase in progress that their workers answered: delivered, reported or refused."""
         done = len(self._round.accepted) if self._round is not None else len(self._eval.reports) if self._eval is not None else 0
         return done + len(self._refusals)
+
+    def _settled(self, quorum: float) -> bool:
+        """Whether the phase waits for nothing more: every task answered, or a round attempt with `quorum`
+        updates in whose other tasks are answered or left by their workers (they cannot deliver)."""
+        answered = self._answered()
+        if answered >= len(self._issued):
+            return True
+        if self._round is None or len(self._round.accepted) < quorum:
+            return False
+        return answered + sum(1 for w in self._left if not self._finished(w)) >= len(self._issued)
 
     def refusals(self) -> list[Refusal]:
         """The tasks of the phase in progress that their workers refused."""
@@ -329,11 +343,24 @@ class Phase:
             self._issued[worker_id] = IssuedTask(issued.task, StreamHeader.of(self._round.payload_for(worker_id), digest))
             self._changed()
 
+    def left(self, worker_id: str) -> None:
+        """A worker ended its session (it stops): a round attempt with a quorum of updates in no longer waits
+        for its open task (`await_answers`), which stays its own should it join again before the round closes."""
+        with self._cond:
+            issued = self._issued.get(worker_id)
+            if self._round is None or issued is None or self._finished(worker_id):
+                return
+            self._left.add(worker_id)
+            self._arrivals.notify_all()
+        log.info("worker %s left with task %s open: once a quorum of updates is in, the round does not wait for it", worker_id, issued.task.task_id)
+
     def joined(self, worker_id: str) -> None:
-        """A worker joined (again). When it holds no private parts but its open task of the phase in progress
-        counts on them (another installation took its identity over, or it lost its state and says so), it
-        is never handed that task, which it could only fail: a training task is given again with the whole
-        model, and an evaluate task is withdrawn (it has no model of its own to score)."""
+        """A worker joined (again): its open task of the phase in progress is waited for again. When it holds no
+        private parts but that task counts on them (another installation took its identity over, or it lost its
+        state and says so), it is never handed that task, which it could only fail: a training task is given
+        again with the whole model, and an evaluate task is withdrawn (it has no model of its own to score)."""
+        with self._cond:
+            self._left.discard(worker_id)
         record = self.registry.record(worker_id)
         if record is not None and self.federation.shared is not None:
             self._holder_restarted(worker_id, record.info.instance_id)

@@ -99,11 +99,14 @@ class WorkerRegistry:
             self._by_id[worker_id] = record
             return record
 
-    def leave(self, session_id: str) -> None:
+    def leave(self, session_id: str) -> str | None:
+        """End a session: the worker that held it, or None for a session unknown or already ended (a restart's
+        newer session stays)."""
         with self._lock:
             worker_id = self._sessions.pop(session_id, None)
             if worker_id is not None:
                 self._by_id[worker_id] = replace(self._by_id[worker_id], left=True)
+            return worker_id
 
     def mark_has_private_state(self, worker_id: str) -> None:
         with self._lock:

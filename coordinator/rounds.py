@@ -113,7 +113,7 @@ class RoundDriver:
         """One attempt at the next round; True when it closed (False: no quorum, not committed, or stopped)."""
         open_round, updates_before = self._open_round()
         with self.phase.lock:  # no handler call between the end of the answers and the round's close
-            self.phase.await_answers(self._round_started + self.cfg.round_deadline)
+            self.phase.await_answers(self._round_started + self.cfg.round_deadline, quorum=self._quorum(open_round))
             attempt = self._seal(open_round, updates_before)
             if self._stop.is_set():
                 return False
@@ -169,12 +169,16 @@ class RoundDriver:
             round_index=open_round.round_index,
             selected=len(open_round.plan.clients),
             got=got,
-            needed=max(1, math.ceil(self.cfg.quorum * len(open_round.plan.clients))),
+            needed=self._quorum(open_round),
             refusals=self.phase.refusals(),
             refused_updates=_refused_updates(updates_before, self.metrics.outcome_counts()[1]),
         )
         self.phase.close()
         return attempt
+
+    def _quorum(self, open_round: OpenRound) -> int:
+        """The updates an attempt needs to close: `quorum` of the workers selected, at least one."""
+        return max(1, math.ceil(self.cfg.quorum * len(open_round.plan.clients)))
 
     def _close(self, open_round: OpenRound, attempt: Attempt) -> tuple[RoundOutcome | None, Attempt]:
         """Average the attempt's updates into the global model; no outcome when the average is not finite

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from coordinator.evaluation import EvalPhase, EvalReport
 from coordinator.metrics import Metrics
@@ -17,6 +18,7 @@ from fedcore.federation.client import EvalTask
 from fedcore.federation.server import Federation, FederationConfig, OpenRound
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part
+from fedcore.payload.serialization import PayloadMeta, encode
 from fedcore.wire.stream import StreamHeader
 
 SPEC = SamplingSpec(num_samples=16, sampler="ddim", steps=10, seed=0)
@@ -95,6 +97,39 @@ def test_a_round_checks_each_upload_against_its_task_until_it_closes(federation:
     assert not phase.accepting(task_a.task_id) and phase.poll_task("a") is None
     with pytest.raises(LateUpdate):
         phase.upload_limit("a", task_a.task_id, task_a.returns, task_a.wire_round)
+
+
+def _deliver(phase: Phase, federation: Federation, open_round: OpenRound, worker_id: str) -> None:
+    """The worker's download counted and a small update of the parts its task returns accepted."""
+    task = open_round.task(worker_id)
+    phase.download_complete(worker_id, task.task_id)
+    tensors = {n: 1e-4 * torch.ones(federation.global_state[n].shape) for n in federation.layout.names(task.returns)}
+    payload = encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=open_round.round_index, parts=task.returns))
+    phase.accept(worker_id, task.task_id, payload, mean_loss=0.5, images_seen=8)
+
+
+def _waited(phase: Phase, seconds: float, quorum: int) -> float:
+    """How long `await_answers` waited, given a deadline `seconds` away."""
+    started = time.monotonic()
+    phase.await_answers(started + seconds, quorum=quorum)
+    return time.monotonic() - started
+
+
+def test_a_round_with_its_quorum_in_does_not_wait_for_a_worker_that_left_unless_it_joins_again(federation: Federation) -> None:
+    phase, _, _, _ = _phase(federation)
+    open_round = _open_round(phase, federation)
+
+    phase.left("b")  # no update in yet: the attempt waits for b, which may come back
+    assert _waited(phase, 0.3, quorum=1) >= 0.3
+    phase.joined("b")  # back in time: its task is its own and waited for again
+    _deliver(phase, federation, open_round, "a")
+    assert isinstance(phase.poll_task("b"), IssuedTask) and _waited(phase, 0.3, quorum=1) >= 0.3
+    assert _waited(phase, 0.3, quorum=2) >= 0.3
+
+    phase.left("b")  # stopped for good: a's update is the quorum of 1, nothing to wait for
+    assert _waited(phase, 30, quorum=1) < 5, "a round with its quorum in waited for a worker that left"
+    assert _waited(phase, 0.3, quorum=2) >= 0.3, "a round short of its quorum stopped waiting for a worker that left"
+    assert isinstance(phase.poll_task("b"), IssuedTask), "its task stays its own until the round closes"
 
 
 def test_long_polls_hear_stopped_and_done(federation: Federation) -> None:

@@ -84,11 +84,19 @@ def test_another_installation_is_accepted_once_the_first_is_unheard_for_the_hear
 
 def test_another_installation_is_accepted_once_the_first_has_left(registry: WorkerRegistry) -> None:
     first, _ = registry.join(_info("a" * 32))
-    registry.leave(first)
+    assert registry.leave(first) == "hospital-1" and registry.leave(first) is None, "a session ends once"
 
     second, replaced = registry.join(_info("b" * 32))
 
     assert replaced is None and registry.touch(second).worker_id == "hospital-1"
+
+
+def test_a_leave_of_a_session_a_restart_replaced_ends_nothing(registry: WorkerRegistry) -> None:
+    first, _ = registry.join(_info("a" * 32, "p1"))
+    second, replaced = registry.join(_info("a" * 32, "p2"))
+
+    assert replaced is not None and registry.leave(first) is None
+    assert [r.worker_id for r in registry.connected()] == ["hospital-1"] and registry.touch(second).worker_id == "hospital-1"
 
 
 def test_a_worker_without_installation_id_cannot_take_over_a_live_one_that_has_one(registry: WorkerRegistry) -> None:
