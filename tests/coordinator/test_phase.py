@@ -104,7 +104,7 @@ def _deliver(phase: Phase, federation: Federation, open_round: OpenRound, worker
     task = open_round.task(worker_id)
     phase.download_complete(worker_id, task.task_id)
     tensors = {n: 1e-4 * torch.ones(federation.global_state[n].shape) for n in federation.layout.names(task.returns)}
-    payload = encode(tensors, PayloadMeta(kind="delta", model="tiny", round_index=open_round.round_index, parts=task.returns))
+    payload = encode(tensors, PayloadMeta(kind="delta", model="tiny", wire_round=open_round.round_index, parts=task.returns))
     phase.accept(worker_id, task.task_id, payload, mean_loss=0.5, images_seen=8)
 
 
