@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import yaml
 from annotated_types import Interval
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from fedcore import settings
 from fedcore.federation.robust import RobustConfig
@@ -43,7 +43,15 @@ from service.process_settings import ListenAddress, ReadyFile
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
 ChunkSize = Annotated[int, Interval(ge=1, le=largest("JoinResponse.chunk_size"))]
-EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples"))]  # 0 = no evaluation
+
+
+def _fd_samples_or_off(n: int) -> int:
+    if n == 1:
+        raise ValueError("an FD needs at least 2 samples (0 = no evaluation)")
+    return n
+
+
+EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples")), AfterValidator(_fd_samples_or_off)]  # 0 = no evaluation
 Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
 CallCount = Annotated[int, Interval(ge=1, le=(1 << 31) - 1)]  # gRPC takes it as a C int
 HeartbeatInterval = Annotated[float, Interval(gt=0, le=largest("JoinResponse.heartbeat_interval_ms", per_unit=1000))]  # sent in ms

@@ -37,6 +37,7 @@ Epochs = Annotated[int, Interval(ge=1, le=MAX_EPOCHS)]  # local epochs per round
 BatchSize = Annotated[int, Interval(ge=1, le=MAX_BATCH)]
 LearningRate = Annotated[float, Interval(gt=0, lt=1)]  # Adam's step size; NaN and infinities fall outside
 EvalSamples = Annotated[int, Interval(ge=1, le=MAX_EVAL_SAMPLES)]  # images sampled per evaluated model
+FdSamples = Annotated[int, Interval(ge=2, le=MAX_EVAL_SAMPLES)]  # images sampled for an FD: a covariance needs two
 SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM steps
 
 # --- common shapes of settings ------------------------------------------------------------------------------

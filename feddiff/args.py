@@ -34,22 +34,6 @@ RUN_MEANING = {
     "inception_weights": "pytorch-fid Inception weights: FD on its features (never downloaded)",
 }
 
-# What the flags of a data split mean (fedcore.data.shards.SplitConfig: simulate, reproduce, split; the worker
-# says it in its own words); a command may say more of K.
-SPLIT_MEANING = {
-    "num_clients": "K, the clients the training set is split among",
-    "split": "how the clients' shards are drawn",
-    "beta": "Dirichlet concentration of the skewed splits",
-    "split_seed": "seed of the split and of the --max-images sample",
-    "max_images": "use only this many training images, drawn before splitting (0 = all)",
-    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
-}
-# The spellings the split's settings had before they were one config: --clients for K (simulate, reproduce,
-# split, strategies) still works, with a notice; --seed, the split's seed in the worker and split commands but
-# the model's seed elsewhere, is refused there with the flag to give instead.
-SPLIT_OLD_SPELLINGS = {"num_clients": ("--clients",)}
-RETIRED_SEED = "no longer names the split's seed (--seed seeds the model in simulate, reproduce and the coordinator): give --split-seed"
-
 DEVICES_MEANING = "train each round's clients in parallel, one process per device (--threads per process; default: torch's threads shared out)"
 
 SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields

@@ -53,24 +53,28 @@ class Subcommands(argparse._SubParsersAction):
         return parser
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
-        if values and values[0] in self._name_parser_map:
-            self.parser(values[0])
+        chosen = self.parser(values[0]) if values and values[0] in self._name_parser_map else None
         super().__call__(parser, namespace, values, option_string)
+        unknown = getattr(namespace, argparse._UNRECOGNIZED_ARGS_ATTR, None)
+        if chosen is not None and unknown:  # said with the command's usage, not feddiff's
+            chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """feddiff's parser: every command by name, each command's flags added when it is chosen."""
-    parser = argparse.ArgumentParser(prog="feddiff", description="Federated training of diffusion models.")
+    # No abbreviations: a prefix of one flag must never become another (--clients as --clients-per-round).
+    parser = argparse.ArgumentParser(prog="feddiff", description="Federated training of diffusion models.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=Subcommands)
     for name, (text, _) in COMMANDS.items():
-        sub.add_parser(name, help=text, description=text)
+        sub.add_parser(name, help=text, description=text, allow_abbrev=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command's exit status: 2 for a refused setting or a missing file, 1 when a port to listen on is
-    taken (or the coordinator's run failed), one line on stderr saying why."""
-    from fedcore.errors import CannotListen, DifferentRun, ExistingRun, ModelUnavailable
+    """The command's exit status: 2 for a refused setting or input file (missing, in the way, or not what it
+    should be), 1 when a port to listen on is taken (or the coordinator's run failed), one line on stderr
+    saying why."""
+    from fedcore.errors import CannotListen, FeddiffError
 
     args = build_parser().parse_args(argv)
     try:
@@ -80,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, ModelUnavailable, ExistingRun, DifferentRun) as e:
+    except (ValueError, FeddiffError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)
         return 2
 

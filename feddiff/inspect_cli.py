@@ -15,8 +15,9 @@ from fedcore.data.shards import SplitConfig
 from fedcore.model.unet import ModelName, build_model, layout_of
 from fedcore.payload.codecs import Codec, Identity
 from fedcore.settings import Positive, Seed
-from feddiff.args import RETIRED_SEED, RUN_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command
+from feddiff.args import RUN_MEANING, Command
 from service import flags
+from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
 def _codec_names(value: object) -> object:
@@ -78,16 +79,24 @@ class StrategiesSettings:
     compression: CodecNames = ("none",)  # the bytes are counted with each of these codecs
     json: bool = False
 
+    def __post_init__(self) -> None:
+        if self.num_clients * self.rounds > MAX_CLIENT_ROUNDS:
+            raise ValueError(
+                f"{flags.shown(self, 'num_clients')} and {flags.shown(self, 'rounds')} are {self.num_clients * self.rounds:,} "
+                f"client-rounds, each counted one by one: give at most {MAX_CLIENT_ROUNDS:,}"
+            )
+
     @property
     def codecs(self) -> list[Codec]:
         return [Codec.parse(name) for name in self.compression]
 
 
+MAX_CLIENT_ROUNDS = 1_000_000  # K x R that `strategies` counts in about a minute
 STRATEGIES_MEANING = {
     "model": RUN_MEANING["model"],
     "num_clients": "K, every client in every round",
     "rounds": "R, federated rounds",
-    "seed": "seeds USplit's random pairing",
+    "seed": "the run's seed: it draws USplit's pairing and the initial model clients build",
     "compression": "the bytes with the updates coded by each of these codecs (e.g. none,int8,topk:0.05+int8); with a lossy codec the downloads "
     "are coded changes too, and the first contact is the initial model each client builds from the run's seed (nothing downloaded)",
     "json": "one JSON list for scripts",

@@ -26,9 +26,10 @@ from fedcore.experiments.reproduce import (
 )
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, settle_compression
-from fedcore.settings import EvalSamples, ExistingFile, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command, add_speed_flags
+from fedcore.settings import ExistingFile, FdSamples, Positive, Seed
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
+from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class ReproduceSettings:
     no_docs: bool = False
     render: bool = False  # only render the docs from the results file
     inception_weights: ExistingFile | None = None
-    samples: EvalSamples | None = None
-    curve_samples: EvalSamples | None = None
+    samples: FdSamples | None = None
+    curve_samples: FdSamples | None = None
     eval_every: Positive | None = None
     devices: DeviceList | None = None  # train each round's clients in parallel, one process per device
     speed: SpeedConfig = SpeedConfig()

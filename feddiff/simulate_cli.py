@@ -19,8 +19,9 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
 from fedcore.settings import ExistingPath, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, SPLIT_MEANING, SPLIT_OLD_SPELLINGS, Command, add_speed_flags
+from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
+from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
 @dataclass(frozen=True)

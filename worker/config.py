@@ -27,6 +27,7 @@ from fedcore.settings import (
 from fedcore.wire.bounds import WORKER_ID, largest
 from service import flags
 from service.process_settings import ConnectAddress, ReadyFile
+from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
 def _grayscale_or_rgb(channels: int) -> int:
@@ -153,15 +154,11 @@ def _check_rank_devices(ranks: int, device: str) -> None:
 _MEANING = {
     "coordinator": "HOST:PORT of the coordinator",
     "worker_id": "stable identity (default: the one saved in --state-dir, else a new random one)",
-    "client_index": "this worker's Fashion-MNIST shard",
+    "client_index": "this worker's Fashion-MNIST shard (-1 = none: it trains on --data-dir)",
+    **SPLIT_MEANING,
     "num_clients": "K, the Fashion-MNIST shards in the split (give every worker of a run the same split)",
-    "split": "how the shards are drawn",
-    "beta": "Dirichlet concentration of the skewed splits",
-    "split_seed": "seed of the split and of the --max-images sample",
-    "max_images": "training images used, drawn before splitting (0 = all)",
-    "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
     "data_dir": "a folder of images (PNG, JPEG, TIFF, WebP, BMP) to train on instead",
-    "image_size": "--data-dir images are resized to this",
+    "image_size": "side in pixels the --data-dir images are resized to",
     "channels": "channels of the --data-dir images",
     "state_dir": "identity and private parts, kept across restarts",
     "metrics_port": "Prometheus /metrics (-1 = off, 0 = a free port)",
@@ -186,8 +183,8 @@ _NOT_FLAGS = ("speed", "backoff_initial", "backoff_max", "exit_when_done")  # sp
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The worker's flags, each with the type, range or choices its field declares (`service.flags`). Values
     stay strings here (None: not given): `from_args` converts them to the settings' types."""
-    flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS)
-    flags.add_retired(p, "--seed", "no longer names the split's seed (--seed seeds the model in simulate, reproduce and the coordinator): give --split-seed")
+    flags.add_flags(p, WorkerConfig, _MEANING, skip=_NOT_FLAGS, old=SPLIT_OLD_SPELLINGS)
+    flags.add_retired(p, "--seed", RETIRED_SEED)
     flags.add_switch(p, "--keep-running", "exit_when_done", False, "stay connected after the last round")
 
 

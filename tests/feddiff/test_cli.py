@@ -53,6 +53,10 @@ PRESETS = "'paper-fmnist', 'paper-celeba64', 'tiny', 'diffusers-tiny', 'diffuser
         (["strategies", "--rounds", "0"], "--rounds = '0': expected an integer >= 1"),
         (["strategies", "--seed", "-1"], "--seed = '-1': expected an integer in 0..18446744073709551615"),
         (
+            ["strategies", "--num-clients", "1000", "--rounds", "1001"],
+            "--num-clients 1000 and --rounds 1001 are 1,001,000 client-rounds, each counted one by one: give at most 1,000,000",
+        ),
+        (
             ["strategies", "--compression", "none,int3"],
             "--compression = 'none,int3': expected codec names, comma-separated; unknown codec 'int3': expected none, bf16, int8[:B], int4[:B] or "
             "topk:F[+bf16|+int8[:B]|+int4[:B]] (B a block size in 1..1048576, F a fraction in (0, 1] written with digits and a point, as 0.05 or 1)",
@@ -164,6 +168,91 @@ def test_the_old_spelling_of_a_flag_still_works_with_a_one_line_notice(capsys) -
     out, err = capsys.readouterr()
     assert err == "feddiff strategies: notice: --clients is deprecated, it is spelled --num-clients now\n"
     assert all(r["clients"] == 3 for r in json.loads(out))
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown"),
+    [
+        # once read as --clients-per-round 3 and --client-index 1; the bad --rounds and --num-clients stop them
+        # there, where the flag was taken
+        (["coordinator", "--clients", "3", "--rounds", "0", "--insecure"], "--clients 3"),
+        (["worker", "--client", "1", "--num-clients", "0", "--coordinator", "127.0.0.1:1", "--insecure"], "--client 1"),
+        (["split", "--num", "2"], "--num 2"),
+        (["split", "--bogus", "1"], "--bogus 1"),
+    ],
+)
+def test_a_flag_is_never_shortened_and_an_unknown_one_is_refused_with_its_commands_usage(
+    argv: list[str], unknown: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2
+    assert err.startswith(f"usage: feddiff {argv[0]} ")
+    assert err.endswith(f"feddiff {argv[0]}: error: unrecognized arguments: {unknown}\n")
+
+
+def test_the_worker_takes_the_old_spelling_of_k_too(capsys) -> None:
+    code = main(["worker", "--clients", "3", "--client-index", "5", "--coordinator", "127.0.0.1:1", "--insecure"])
+
+    assert code == 2  # refused for the index, after --clients 3 was read as --num-clients 3
+    assert capsys.readouterr().err == (
+        "feddiff worker: notice: --clients is deprecated, it is spelled --num-clients now\n"
+        "feddiff worker: error: --client-index 5 is not a shard of --num-clients 3: give 0..2, or --num-clients above it\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "export"])
+def test_a_checkpoint_that_is_not_safetensors_is_refused_in_one_line_naming_it(command: str, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "final.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # truncated: a header length and too few bytes
+    given = {
+        "sample": ["--checkpoint", str(bad), "--out", str(tmp_path / "grid.png")],
+        "evaluate": ["--checkpoint", str(bad)],
+        "export": ["--checkpoint-dir", str(bad), "--out", str(tmp_path / "out.safetensors")],
+    }[command]
+
+    code = main([command, *given, "--model", "tiny"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff {command}: error: {bad}: not a safetensors file (") and err.count("\n") == 1, err
+
+
+def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+
+    code = main(["certs", "--out", str(taken)])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("feddiff certs: error: ") and str(taken) in err and err.count("\n") == 1, err
+    assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["coordinator", "--eval-samples", "1", "--insecure"],
+            "--eval-samples = '1': expected an integer in 0..100000; an FD needs at least 2 samples (0 = no evaluation)",
+        ),
+        (["reproduce", "--samples", "1"], "--samples = '1': expected an integer in 2..100000"),
+        (["reproduce", "--curve-samples", "1"], "--curve-samples = '1': expected an integer in 2..100000"),
+    ],
+)
+def test_an_fd_of_one_sample_is_refused_at_start(argv: list[str], line: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written, and nothing is: the refusal comes first (before --resume
+    # finds no run to resume, where a coordinator that took one sample would stop)
+
+    code = main(argv)
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff {argv[0]}: error: {line}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_split_with_a_missing_dataset_is_an_error(capsys, tmp_path) -> None:

@@ -24,6 +24,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
 from fedcore import settings
+from fedcore.data.shards import SplitConfig
 from fedcore.errors import FieldOutOfRange
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.payload.codecs import compression_codec
@@ -65,9 +66,9 @@ LOCAL = {
     )
 } | {
     (WorkerConfig, name)
-    for name in ("client_index", "num_clients", "beta", "seed", "max_images", "image_size", "channels", "metrics_port", "backoff_initial",
-                 "backoff_max", "upload_rate_limit", "download_rate_limit", "collective_timeout")
-} | {(SpeedConfig, "threads")}  # fmt: skip
+    for name in ("client_index", "image_size", "channels", "metrics_port", "backoff_initial", "backoff_max", "upload_rate_limit",
+                 "download_rate_limit", "collective_timeout")
+} | {(SplitConfig, name) for name in ("num_clients", "beta", "split_seed", "max_images")} | {(SpeedConfig, "threads")}  # fmt: skip
 # Seconds waited here (threading and asyncio waits, gRPC deadlines): at most what Python's waits take.
 WAITS = [
     (CoordinatorConfig, "round_deadline"), (CoordinatorConfig, "upload_idle_timeout"), (CoordinatorConfig, "heartbeat_timeout"),
@@ -93,7 +94,7 @@ def _upper(cls: type, name: str) -> float:
 
 def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
     """A new numeric setting fails here until someone has looked at what it feeds."""
-    numeric = {*_numeric(CoordinatorConfig), *_numeric(WorkerConfig), *_numeric(SpeedConfig)}
+    numeric = {*_numeric(CoordinatorConfig), *_numeric(WorkerConfig), *_numeric(SplitConfig), *_numeric(SpeedConfig)}
     assert numeric == set(SENT) | set(SENT_OPEN) | set(SENT_IN_NAME) | LOCAL
 
 
