@@ -147,9 +147,9 @@ def test_every_typed_setting_refuses_a_bad_value_in_one_line(command: str, flag:
         (["split", "--max-images", "-1"], "--max-images = '-1': expected an integer >= 0"),
         (
             ["split", "--seed", "7"],
-            "--seed 7 no longer names the split's seed (--seed seeds the model in simulate, reproduce and the coordinator): give --split-seed",
+            "--seed 7 no longer names the split's seed (--seed seeds the run in the coordinator, simulate, reproduce and strategies): give --split-seed",
         ),
-        (["reproduce", "--samples", "0"], "--samples = '0': expected an integer in 1..100000"),
+        (["reproduce", "--samples", "0"], "--samples = '0': expected an integer in 2..100000"),
         (["reproduce", "--eval-every", "0"], "--eval-every = '0': expected an integer >= 1"),
         (["reproduce", "--render", "--no-docs"], "--render with --no-docs renders nothing"),
         (["reproduce", "--splits", "iid,dirichlet"], "--splits = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
