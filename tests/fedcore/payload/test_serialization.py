@@ -372,12 +372,11 @@ def test_checkpoint_files_are_read_back_by_the_safetensors_library(tmp_path) -> 
     assert load_file(path)[1] == {"completed_rounds": "7"}
 
 
-def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayout, monkeypatch) -> None:
+def _count_schema_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each schema check a reader makes."""
     from fedcore.payload import serialization
 
-    reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=43, model="tiny")
-    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=43))
-    checks = []
+    checks: list[int] = []
     check = serialization.check_schema
 
     def counted_check(*args: Any) -> None:
@@ -385,6 +384,15 @@ def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayou
         check(*args)
 
     monkeypatch.setattr(serialization, "check_schema", counted_check)
+    return checks
+
+
+def test_a_reader_checks_each_distinct_header_once(state, tiny_layout: PartLayout, monkeypatch) -> None:
+    from fedcore.payload import serialization
+
+    reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=43, model="tiny")
+    data = encode(_parts_of(state, tiny_layout, DECODER_ONLY), _meta(wire_round=43))
+    checks = _count_schema_checks(monkeypatch)
 
     first = reader.read(bytearray(data), DECODER_ONLY)
     again = reader.read(bytearray(data), DECODER_ONLY)
@@ -418,14 +426,7 @@ def test_a_header_padded_past_the_memo_limit_is_read_but_not_kept(state, tiny_la
     pad = serialization.MEMO_HEADER_BYTES + 8  # JSON allows trailing spaces; the data offsets do not move
     padded = struct.pack("<Q", n + pad) + data[8 : 8 + n] + b" " * pad + data[8 + n :]
     reader = serialization.PayloadReader(tiny_layout, kind="delta", wire_round=46, model="tiny")
-    checks = []
-    check = serialization.check_schema
-
-    def counted_check(*args: Any) -> None:
-        checks.append(1)
-        check(*args)
-
-    monkeypatch.setattr(serialization, "check_schema", counted_check)
+    checks = _count_schema_checks(monkeypatch)
 
     first = reader.read(bytearray(padded), DECODER_ONLY)
     again = reader.read(bytearray(padded), DECODER_ONLY)
