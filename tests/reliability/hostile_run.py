@@ -29,7 +29,7 @@ MODEL = "tiny"
 LAYOUT = layout_of(build_model(MODEL, seed=0))
 IMAGES = 64  # FedAvg weight of every worker: a power of two, so one update's mean is that update, bit for bit
 CHUNK = 16 << 10
-HEALTH_LIMIT = 0.1  # seconds
+HEALTH_LIMIT = 0.1  # seconds the median health check may take (each one: support.PROBE_TIMEOUT)
 Tensors = dict[str, torch.Tensor]
 
 

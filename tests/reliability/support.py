@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def free_port() -> int:
 
 
 MIN_ANSWERS = 10  # health checks a probe makes at the least, however short its block
+PROBE_TIMEOUT = 1.0  # seconds: Kubernetes' default timeoutSeconds, after which a probe counts as failed
 
 
 class HealthProbe:
@@ -134,7 +136,12 @@ class HealthProbe:
         self._out.close()
 
     def assert_answered_within(self, seconds: float) -> None:
+        """The median check answered within `seconds` and every one within PROBE_TIMEOUT. A probe blocked
+        behind busy handlers waits for them (seconds), which fails both; one check that a loaded machine's
+        scheduler held back for a few tens of milliseconds fails neither."""
         assert not self.failures, f"health checks failed: {self.failures[:5]}"
         assert len(self.latencies) >= MIN_ANSWERS, f"only {len(self.latencies)} health checks were answered"
-        worst = max(self.latencies)
-        assert worst < seconds, f"a health check took {worst * 1000:.0f} ms (of {len(self.latencies)}; limit {seconds * 1000:.0f} ms)"
+        median, worst = statistics.median(self.latencies), max(self.latencies)
+        of = f"of {len(self.latencies)} checks"
+        assert median < seconds, f"the median health check took {median * 1000:.0f} ms ({of}; limit {seconds * 1000:.0f} ms)"
+        assert worst < PROBE_TIMEOUT, f"a health check took {worst * 1000:.0f} ms ({of}; limit {PROBE_TIMEOUT * 1000:.0f} ms)"

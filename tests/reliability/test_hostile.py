@@ -44,7 +44,7 @@ IMAGES = 64  # each worker's declared images: one step of batch 128 per epoch, s
 CHUNK = 64 << 10
 DEADLINE = 3.0  # seconds a round waits for the hostile worker, then closes with the honest one (quorum: 1 of 2)
 BOTH: dict[str, Any] = {"round_deadline": 60.0}  # where both workers deliver: the round closes as the second update is in
-HEALTH_BUDGET = 0.1  # seconds a health check may take, throughout every test
+HEALTH_BUDGET = 0.1  # seconds the median health check may take, throughout every test (each one: PROBE_TIMEOUT)
 Code = grpc.StatusCode
 Tensors = dict[str, torch.Tensor]
 
