@@ -3,7 +3,7 @@
 - fedcore imports none of the processes' packages (service, coordinator, worker, feddiff), not Prometheus, and
   not the command line's argparse or YAML (flags, their help and settings files live in service);
 - inside fedcore only the wire room imports grpc, protobuf or the generated code (fedcore.wire.proto);
-- a room of fedcore imports no room to its right in the order a round flows (fedcore.ROOMS), and the modules
+- a room of fedcore imports no room to its right in fedcore.ROOMS, and the modules
   at fedcore's top (errors, atomic, settings) import no room;
 - service imports neither process; coordinator and worker never import each other; neither imports the CLI.
 
