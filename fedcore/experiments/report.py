@@ -46,7 +46,8 @@ plus a torch.compile warm-up per cell (15-45 s each); sampling is 13 models (3 g
 x (2,000 + 2 x 500) DDIM-100 samples = 3.9 M UNet forwards, each about a third of a training image
 (2-3 min with the compiled bf16 sampler). About 8-11 min in all. Where one call is capped near 8 minutes,
 split the row over two calls on the same results file: `--only centralised,full:iid,usplit:iid`
-(about 5 min), then `--only ulatdec:iid,udec:iid` (about 5 min).
+(about 5 min), then `--only ulatdec:iid,udec:iid` (about 5 min): `bench/gpu_checks.sh DIR repro-a repro-b`
+runs these two halves, each bounded in time, beside the GPU tests and benchmarks (its header lists the steps).
 The paper protocol (`--protocol paper`: E = 5, 1,000 ancestral DDPM steps, 1,000 samples per model) costs
 about 5x the training and 3.3x the sampling (13 M forwards for the IID row); run it one cell per call with
 `--only`, e.g. `--protocol paper --only udec:iid --device cuda`."""
