@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ class Federation:
         tally: Tally | None = None,
         robust: RobustConfig = RobustConfig(),
         norms: NormHistory | None = None,
-        settings: Mapping[str, Any] | None = None,
+        settings: checkpoint.ResumableSettings | None = None,
         shared: Mapping[str, torch.Tensor] | None = None,
     ):
         preset(cfg.model)  # validates the name
@@ -200,7 +200,7 @@ class Federation:
         self.norms = norms or NormHistory()  # adaptive clipping's memory of the last rounds' update norms
         # The driver's settings that may change on resume, as its checkpoints carry them (set by the coordinator
         # before it saves, so that a resumed one can say what changed)
-        self.settings: dict[str, Any] = dict(settings or {})
+        self.settings = settings or checkpoint.ResumableSettings()
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
         # With a lossy codec the downloads are coded too: `shared` is the model as the clients reconstruct it,
         # bit for bit, version `shared_version`; `holds` says which version and parts each client holds
@@ -241,11 +241,11 @@ class Federation:
             completed_rounds=self.completed_rounds,
             config=self.config.record(),
             contacted=tuple(sorted(self.contacted)),
-            ledger=self.ledger.as_json(),
+            ledger=self.ledger.copy(),  # later rounds add to the federation's, not to the checkpoint's
             global_file=checkpoint.global_file_name(self.completed_rounds),
-            tally=self.tally.as_json(),
-            norms=self.norms.as_json(),
-            settings=dict(self.settings),
+            tally=self.tally,
+            norms=self.norms,
+            settings=self.settings,
         )
 
     @classmethod
@@ -273,10 +273,10 @@ class Federation:
             global_state=weights,
             completed_rounds=state.completed_rounds,
             contacted=state.contacted,
-            ledger=Ledger.from_json(state.ledger),
-            tally=Tally.from_json(state.tally),
+            ledger=state.ledger.copy(),
+            tally=state.tally,
             robust=robust,
-            norms=NormHistory.from_json(state.norms),
+            norms=state.norms,
             settings=state.settings,
             shared=shared[0] if shared else None,
         )

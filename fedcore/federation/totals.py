@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedcore.federation.strategies import Traffic
 from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER, Part
@@ -63,16 +62,21 @@ class Ledger:
         }
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Ledger:
-        params, nbytes = obj["parameters"], obj["bytes"]
+    def from_json(cls, obj: object) -> Ledger:
+        """From `as_json`'s object (state.json's "ledger", a round log's line); ValueError naming the key and its
+        value where one is missing or not a count."""
+
+        def count(*path: str) -> int:
+            return _count(_field(obj, path), ".".join(path))
+
         return cls(
             traffic=Traffic(
-                down={p: int(params["down"][p.value]) for p in PART_ORDER},
-                up={p: int(params["up"][p.value]) for p in PART_ORDER},
+                down={p: count("parameters", "down", p.value) for p in PART_ORDER},
+                up={p: count("parameters", "up", p.value) for p in PART_ORDER},
             ),
-            full_fedavg=int(obj["full_fedavg_parameters"]),
-            bytes_down={p: int(nbytes["down"][p.value]) for p in PART_ORDER},
-            bytes_up={p: int(nbytes["up"][p.value]) for p in PART_ORDER},
+            full_fedavg=count("full_fedavg_parameters"),
+            bytes_down={p: count("bytes", "down", p.value) for p in PART_ORDER},
+            bytes_up={p: count("bytes", "up", p.value) for p in PART_ORDER},
         )
 
 
@@ -94,14 +98,42 @@ class Tally:
         return {"round_attempts": dict(sorted(self.round_attempts.items())), "updates": dict(sorted(self.updates.items()))}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Tally:
-        """From state.json (as parsed); a checkpoint written before tallies existed holds none: all zero."""
-        attempts, updates = obj.get("round_attempts", {}), obj.get("updates", {})
-        return cls(
-            {str(k): int(v) for k, v in attempts.items()},
-            {str(k): int(v) for k, v in updates.items()},
-        )
+    def from_json(cls, obj: object) -> Tally:
+        """From state.json's "tally" (as parsed); a checkpoint written before tallies existed holds none: all zero.
+        ValueError naming the key and its value where one is not a count."""
+        return cls(_counts(obj, "round_attempts"), _counts(obj, "updates"))
 
 
 def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
+
+
+def _field(obj: object, path: tuple[str, ...]) -> object:
+    """The value at `path` in the JSON object `obj`; ValueError naming where the path leaves the objects (its text
+    goes on from the name of what `obj` is: "ledger has no 'bytes'")."""
+    value = obj
+    for depth, key in enumerate(path):
+        if not isinstance(value, Mapping):
+            where = ".".join(path[:depth])
+            raise ValueError(f"{where + ' ' if where else ''}is {value!r}, expected a JSON object")
+        if key not in value:
+            raise ValueError(f"has no {'.'.join(path[: depth + 1])!r}")
+        value = value[key]
+    return value
+
+
+def _count(value: object, name: str) -> int:
+    """`value` as a count: a JSON integer >= 0 (not a boolean); ValueError naming `name` and the value else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"{name} is {value!r}, expected a count (an integer >= 0)")
+
+
+def _counts(obj: object, key: str) -> dict[str, int]:
+    """The counts by outcome under `key` of the JSON object `obj` ({} when it has none)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"is {obj!r}, expected a JSON object")
+    by_outcome = obj.get(key, {})
+    if not isinstance(by_outcome, Mapping):
+        raise ValueError(f"{key} is {by_outcome!r}, expected a JSON object")
+    return {str(outcome): _count(n, f"{key}.{outcome}") for outcome, n in by_outcome.items()}
