@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedcore import settings
-from fedcore.errors import DifferentRun, DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
+from fedcore.errors import DifferentRun, DuplicateUpdate, HeaderError, LateUpdate, NotAssigned, SettingsError
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
@@ -65,7 +65,7 @@ class FederationConfig:
         try:
             codec = compression_codec(compression, compression_block)
         except ValueError as e:
-            raise settings.SettingsError(str(e)) from None
+            raise SettingsError(str(e)) from None
         return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train, codec)
 
     def record(self) -> checkpoint.RunConfig:
