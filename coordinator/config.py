@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any
+from typing import Annotated
 
 import yaml
 from annotated_types import Interval
 from pydantic import AfterValidator, BeforeValidator
 
 from fedcore import settings
+from fedcore.federation.checkpoint import ResumableSettings
 from fedcore.federation.robust import RobustConfig
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import StrategyName
@@ -188,12 +189,12 @@ class CoordinatorConfig:
         names = ("strategy", "model", "rounds", "clients_per_round", "seed", "epochs", "batch_size", "lr", "loss", "compression", "compression_block")
         return FederationConfig.from_settings(**{n: getattr(self, n) for n in names})
 
-    def resumable(self) -> dict[str, Any]:
+    def resumable(self) -> ResumableSettings:
         """The settings a resumed run may change (all but those that define it, `FederationConfig.DEFINING`, and
         the start-only `resume`, `resume_or_start` and `init_from`), by name: checkpoints carry them so that a
         resume can say which changed."""
         fixed = {*FederationConfig.DEFINING, "resume", "resume_or_start", "init_from"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed}
+        return ResumableSettings({f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed})
 
     @property
     def resuming(self) -> bool:

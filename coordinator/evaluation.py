@@ -19,8 +19,8 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.registry import WorkerRecord
-from fedcore.data.datasets import DatasetError, fashion_mnist_files
-from fedcore.errors import BadEvaluation, DuplicateUpdate, NotAssigned, WrongRound
+from fedcore.data.datasets import fashion_mnist_files
+from fedcore.errors import BadEvaluation, DatasetError, DuplicateUpdate, NotAssigned, WrongRound
 from fedcore.evaluation.extractors import FeatureExtractor, load_extractor, load_inception
 from fedcore.evaluation.fid import ReferenceStats, curve_point_due, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import save_grid

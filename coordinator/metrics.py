@@ -17,7 +17,7 @@ from fedcore.model.parts import PART_ORDER
 from service.metrics import ProcessMetrics
 
 if TYPE_CHECKING:
-    from fedcore.federation.server import Ledger, Tally
+    from fedcore.federation.totals import Ledger, Tally
 
 ROUND_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 ROUND_ATTEMPT_OUTCOMES = ("complete", "quorum", "no_quorum", "non_finite")

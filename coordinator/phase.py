@@ -20,7 +20,8 @@ from coordinator.refusals import Refusal
 from coordinator.registry import WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, MissingSharedState, NotAssigned, WrongRound
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.federation.server import AcceptedUpdate, Federation, Ledger, OpenRound
+from fedcore.federation.server import AcceptedUpdate, Federation, OpenRound
+from fedcore.federation.totals import Ledger
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload import coded
 from fedcore.wire.stream import StreamHeader, digest_for

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -201,10 +201,10 @@ def with_saved_settings(cfg: CoordinatorConfig) -> CoordinatorConfig:
     return settings.replace(cfg, **taken)
 
 
-def _log_changes(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+def _log_changes(saved: checkpoint.ResumableSettings, given: checkpoint.ResumableSettings) -> None:
     """Log each setting a resume changes, with its saved and its new value (a checkpoint older than the saved
     settings has none to compare)."""
-    changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in given.items() if key in saved and saved[key] != value]
+    changed = [f"{key} {before!r} -> {after!r}" for key, before, after in saved.changed(given)]
     if changed:
         log.info("--resume: settings changed since the run's last checkpoint: %s", ", ".join(changed))
 

@@ -291,6 +291,38 @@ class DifferentRun(FeddiffError):
         )
 
 
+class MissingPrivateState(FeddiffError):
+    """Raised when a client is asked to train with private parts it does not hold (it needs the full model again)."""
+
+    reason = "missing_private_state"
+
+
+class TrainingProcessFailed(FeddiffError):
+    """Raised when a training process of a simulation's device pool raises or dies: the run stops with its error."""
+
+    reason = "training_process_failed"
+
+
+# --- a process's inputs, refused before (or instead of) any work: the command line says why in one line ---------
+class SettingsError(FeddiffError, ValueError):
+    """Raised when values are not of their setting's type or lie outside its range; the message is one line that
+    names each setting, its value and what was expected."""
+
+    reason = "bad_settings"
+
+
+class DatasetError(FeddiffError, ValueError):
+    """Raised when a dataset is missing on disk or its files are malformed."""
+
+    reason = "bad_dataset"
+
+
+class AssetIntegrityError(FeddiffError):
+    """Raised when a committed weights file does not match the sha256 recorded beside it."""
+
+    reason = "bad_asset"
+
+
 ELLIPSIS = "..."  # the mark at the end of a message cut to its bound
 
 

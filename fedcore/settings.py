@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from annotated_types import Interval
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
+from fedcore.errors import SettingsError
+
 T = TypeVar("T")
 
 # What every typed config built here takes (each declares `__pydantic_config__ = settings.CONFIG`, and `build`
@@ -102,11 +104,6 @@ Folder = Annotated[str, StringConstraints(min_length=1), Described("a folder pat
 ExistingFile = Annotated[str, AfterValidator(functools.partial(_path, kind="file")), Described("a readable file")]
 ExistingFolder = Annotated[str, AfterValidator(functools.partial(_path, kind="folder")), Described("a readable folder")]
 ExistingPath = Annotated[str, AfterValidator(functools.partial(_path, kind="either")), Described("a readable file or folder")]
-
-
-class SettingsError(ValueError):
-    """Values that are not of their setting's type or lie outside its range; the message is one line that
-    names each setting, its value and what was expected."""
 
 
 Location = tuple[str | int, ...]

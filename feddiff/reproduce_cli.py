@@ -125,7 +125,7 @@ def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """The selected cells that the results file lacks (or, --render, the docs alone)."""
-    from fedcore.experiments.devices import TrainingProcessFailed
+    from fedcore.errors import TrainingProcessFailed
     from fedcore.experiments.reproduce import render, reproduce
 
     given = flags.build(ReproduceSettings, args)

@@ -79,7 +79,8 @@ def add_simulate_flags(p: argparse.ArgumentParser) -> None:
 
 def simulate(args: argparse.Namespace) -> int:
     """The run of the flags, from its start or (--resume) its last checkpoint."""
-    from fedcore.experiments.devices import TrainingProcessFailed, device_pool
+    from fedcore.errors import TrainingProcessFailed
+    from fedcore.experiments.devices import device_pool
     from fedcore.experiments.simulation import Simulation
 
     cfg = flags.build(SimulateConfig, args)

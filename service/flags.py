@@ -17,6 +17,7 @@ from typing import Any, TypeVar, get_type_hints
 import yaml
 
 from fedcore import settings
+from fedcore.errors import SettingsError
 
 T = TypeVar("T")
 REQUIRED = MISSING  # the default of a setting without one: its flag must be given
@@ -217,20 +218,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         raw = load_yaml(path.read_text()) or {}
     except OSError as e:
-        raise settings.SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        raise SettingsError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise settings.SettingsError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        raise SettingsError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
-        raise settings.SettingsError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+        raise SettingsError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         other = spelled.setdefault(name, str(key))
         if other != str(key):
-            raise settings.SettingsError(f"--config {path}: {other!r} and {str(key)!r} are one setting, given twice")
+            raise SettingsError(f"--config {path}: {other!r} and {str(key)!r} are one setting, given twice")
         values[name] = value
     return values
 
@@ -242,7 +243,7 @@ def build(cls: type[T], args: argparse.Namespace, *, config_file: str | Path | N
     ("--batch-size = '0': ..."), a file's by its key in the file ("rounds (in FILE) = 2.5: ...")."""
     retired = getattr(args, _RETIRED, None)
     if retired:
-        raise settings.SettingsError("; ".join(retired))
+        raise SettingsError("; ".join(retired))
     from_file = read_config_file(Path(config_file)) if config_file else {}
     from_flags = given(args, cls)
 

@@ -15,7 +15,8 @@ from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER
 from service import ports
 
 if TYPE_CHECKING:
-    from fedcore.federation.server import Direction, Ledger
+    from fedcore.federation.server import Direction
+    from fedcore.federation.totals import Ledger
 
 
 class ProcessMetrics:

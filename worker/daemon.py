@@ -15,11 +15,11 @@ from fedcore import settings
 from fedcore.atomic import atomic_write_json
 from fedcore.data.datasets import ImageDataset, load_image_folder, to_model_range
 from fedcore.data.shards import client_shard
-from fedcore.errors import DataMismatch, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
+from fedcore.errors import DataMismatch, MissingPrivateState, ModelUnavailable, OutOfMemory, TaskRefused, rejected_outcome
 from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
-from fedcore.federation.client import ClientRuntime, EvalTask, MissingPrivateState, TrainTask
+from fedcore.federation.client import ClientRuntime, EvalTask, TrainTask
 from fedcore.federation.server import Direction, payload_bytes_by_part, transfer_ledger
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import Part, PartLayout

@@ -40,9 +40,11 @@ RESIDUAL_STEM = "residual"
 TEMPORARY_MARK = ".tmp-"  # fedcore.atomic's temporary files: .NAME.tmp-PID
 
 
-class StateDirError(ValueError):
+class StateDirError(FeddiffError, ValueError):
     """A state directory this process cannot use at all: in use by another worker process, not writable, or a
-    saved file in it unreadable."""
+    saved file in it unreadable. The worker does not start (or, for a run's files at a join, joins again later)."""
+
+    reason = "bad_state_dir"
 
 
 @dataclass(frozen=True)

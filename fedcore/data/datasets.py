@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
+from fedcore.errors import DatasetError
+
 DEFAULT_FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV: Final = "FEDDIFF_FASHION_MNIST_DIR"  # overrides DEFAULT_FASHION_MNIST_DIR
 FASHION_MNIST_PACKAGE: Final = "dataset-fashion-mnist"  # the Debian package that installs the IDX files
@@ -62,10 +64,6 @@ _ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _ICC_MODES: Final = frozenset({"RGB", "RGBA", "CMYK"})  # converted to sRGB when they embed an ICC profile
 ALPHA_BACKGROUND: Final = 0  # transparent pixels are composited over black (docs/reliability.md, image folders)
 _LISTED_PROBLEMS: Final = 10  # files named in the error about an image folder; the rest are counted
-
-
-class DatasetError(ValueError):
-    """A dataset is missing on disk or its files are malformed."""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,15 +22,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from fedcore.errors import AssetIntegrityError
 from fedcore.evaluation.inception import FID_FEATURE_DIM, FIDInceptionV3
 
 ASSET_DIR = Path(__file__).parent / "assets"
 CLASSIFIER_WEIGHTS = "fmnist_classifier.safetensors"  # file name inside the asset directory
 CLASSIFIER_MANIFEST = "fmnist_classifier.json"  # {"sha256", "test_accuracy", "epochs", "seed", ...}
-
-
-class AssetIntegrityError(RuntimeError):
-    """A committed weights file does not match the sha256 recorded beside it."""
 
 
 def sha256_of_file(path: Path) -> str:

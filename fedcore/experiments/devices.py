@@ -29,7 +29,7 @@ from pydantic import BeforeValidator
 
 from fedcore import settings
 from fedcore.data.datasets import to_model_range
-from fedcore.errors import FeddiffError
+from fedcore.errors import TrainingProcessFailed
 from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import Schedule
 from fedcore.model.training import LocalTrainer, SpeedConfig, device_problem
@@ -185,12 +185,6 @@ class InProcessTraining:
 
 
 # --- the processes --------------------------------------------------------------------------------------------
-
-
-class TrainingProcessFailed(FeddiffError):
-    """A training process raised or died: the run stops with its error rather than wait for it."""
-
-    reason = "training_process_failed"
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 
 from fedcore.atomic import atomic_write_json, naming
+from fedcore.federation.robust import NormHistory
+from fedcore.federation.totals import Ledger, Tally
 from fedcore.payload.serialization import load_file, save_file
 
 STATE_FILE = "state.json"
@@ -83,18 +85,52 @@ def _is_json(value: object, annotation: str) -> bool:
     return isinstance(value, _JSON_TYPES[annotation]) and not isinstance(value, bool)
 
 
+JsonScalar: TypeAlias = str | int | float | bool | None
+SettingValue: TypeAlias = JsonScalar | Mapping[str, JsonScalar]  # a mapping setting: an object of scalars
+
+
+@dataclass(frozen=True)
+class ResumableSettings:
+    """The settings of the process that runs the federation (the coordinator's `CoordinatorConfig.resumable()`)
+    that a resume may change, by name: fedcore only carries them (it may not import the coordinator), so that a
+    resumed process can say which changed. state.json's "settings"; absent in older checkpoints."""
+
+    values: Mapping[str, SettingValue] = field(default_factory=dict)
+
+    def changed(self, given: ResumableSettings) -> list[tuple[str, SettingValue, SettingValue]]:
+        """(name, saved value, given value) of each setting `given` changes; one saved before the setting
+        existed (or before settings were saved) has none to compare."""
+        saved = self.values
+        return [(name, saved[name], value) for name, value in given.values.items() if name in saved and saved[name] != value]
+
+    def as_json(self) -> dict[str, SettingValue]:
+        return dict(self.values)
+
+    @classmethod
+    def from_json(cls, obj: object) -> ResumableSettings:
+        """From state.json's "settings" (as parsed); ValueError naming the setting and its value where one is
+        neither a JSON scalar nor an object of them."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"is {obj!r}, expected a JSON object")
+        for name, value in obj.items():
+            scalars = value.values() if isinstance(value, dict) else [value]
+            if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
+                raise ValueError(f"{name} is {value!r}, expected a JSON scalar or an object of them")
+        return cls(dict(obj))
+
+
 @dataclass(frozen=True)
 class RunState:
+    """What state.json commits beside the global model, each part read and checked by `load_state`."""
+
     completed_rounds: int
     config: RunConfig  # the run's settings (FederationConfig.record())
     contacted: tuple[str, ...]  # clients that hold a model (got the initial broadcast)
-    ledger: Mapping[str, Any]  # Ledger.as_json()
+    ledger: Ledger  # the run's communication up to this checkpoint (a copy, never added to)
     global_file: str  # file name of the current global model
-    tally: Mapping[str, Any] = field(default_factory=dict)  # Tally.as_json(); absent in older checkpoints
-    norms: Mapping[str, Any] = field(default_factory=dict)  # NormHistory.as_json() (adaptive clipping); absent in older ones
-    # The settings of the process that runs the federation (the coordinator's CoordinatorConfig.resumable()) that a
-    # resume may change, by name: fedcore only carries them (it may not import the coordinator); absent in older ones
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    tally: Tally = field(default_factory=Tally)  # absent in older checkpoints: all zero
+    norms: NormHistory = field(default_factory=NormHistory)  # adaptive clipping's; absent in older checkpoints
+    settings: ResumableSettings = field(default_factory=ResumableSettings)
 
 
 def _versioned(stem: str, round_count: int) -> str:
@@ -132,11 +168,11 @@ def save_run(directory: str | Path, global_state: dict[str, torch.Tensor], state
         "completed_rounds": state.completed_rounds,
         "config": state.config.as_json(),
         "contacted": sorted(state.contacted),
-        "ledger": state.ledger,
+        "ledger": state.ledger.as_json(),
         "global_file": state.global_file,
-        "tally": state.tally,
-        "norms": state.norms,
-        "settings": state.settings,
+        "tally": state.tally.as_json(),
+        "norms": state.norms.as_json(),
+        "settings": state.settings.as_json(),
     }
     with naming(directory / STATE_FILE):
         atomic_write_json(directory / STATE_FILE, run)
@@ -158,26 +194,45 @@ def load_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], RunState] 
 
 def load_state(directory: str | Path) -> RunState | None:
     """The last committed checkpoint's state (state.json) without its model, or None when there is none;
-    ValueError when the file is not a run's state."""
-    directory = Path(directory)
+    ValueError naming the file, the key and its value when the file is not a run's state."""
+    where = Path(directory) / STATE_FILE
     try:
-        raw = json.loads((directory / STATE_FILE).read_text())
+        raw = json.loads(where.read_text())
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise ValueError(f"{directory / STATE_FILE}: not a run's state (JSON): {e}") from None
+        raise ValueError(f"{where}: not a run's state (JSON): {e}") from None
     if not isinstance(raw, dict) or not {"completed_rounds", "config", "contacted", "ledger", "global_file"} <= raw.keys():
-        raise ValueError(f"{directory / STATE_FILE}: not a run's state: expected a JSON object with completed_rounds, config, contacted, ledger, global_file")
+        raise ValueError(f"{where}: not a run's state: expected a JSON object with completed_rounds, config, contacted, ledger, global_file")
+    completed, contacted, global_file = raw["completed_rounds"], raw["contacted"], raw["global_file"]
+    if not (isinstance(completed, int) and not isinstance(completed, bool) and completed >= 0):
+        raise ValueError(f"{where}: completed_rounds is {completed!r}, expected an integer >= 0")
+    if not (isinstance(contacted, list) and all(isinstance(c, str) for c in contacted)):
+        raise ValueError(f"{where}: contacted is {contacted!r}, expected a list of client ids")
+    if not isinstance(global_file, str):
+        raise ValueError(f"{where}: global_file is {global_file!r}, expected a file name")
     return RunState(
-        completed_rounds=int(raw["completed_rounds"]),
-        config=RunConfig.from_json(raw["config"], directory / STATE_FILE),
-        contacted=tuple(raw["contacted"]),
-        ledger=dict(raw["ledger"]),
-        global_file=str(raw["global_file"]),
-        tally=dict(raw.get("tally", {})),
-        norms=dict(raw.get("norms", {})),
-        settings=dict(raw.get("settings", {})),
+        completed_rounds=completed,
+        config=RunConfig.from_json(raw["config"], where),
+        contacted=tuple(contacted),
+        ledger=_section(raw, "ledger", Ledger.from_json, where),
+        global_file=global_file,
+        tally=_section(raw, "tally", Tally.from_json, where),
+        norms=_section(raw, "norms", NormHistory.from_json, where),
+        settings=_section(raw, "settings", ResumableSettings.from_json, where),
     )
+
+
+Section = TypeVar("Section")
+
+
+def _section(raw: Mapping[str, object], key: str, parse: Callable[[object], Section], where: Path) -> Section:
+    """state.json's `key` (an empty object where an older checkpoint has none) read by `parse`; its ValueError
+    names the file and the key."""
+    try:
+        return parse(raw.get(key, {}))
+    except ValueError as e:
+        raise ValueError(f"{where}: {key} {e}") from None
 
 
 def run_in(directory: str | Path) -> str | None:

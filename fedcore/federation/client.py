@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcore.errors import FeddiffError, MissingSharedState, SchemaError
+from fedcore.errors import MissingPrivateState, MissingSharedState, SchemaError
 from fedcore.federation.aggregate import delta
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplingSpec
@@ -57,12 +57,6 @@ class EvalTask:
         """What the wire's `round` fields carry for this task (`Task.round`, its stream headers, its payload's
         `round` metadata): for an evaluate task, the rounds completed."""
         return self.completed_rounds
-
-
-class MissingPrivateState(FeddiffError):
-    """The client was asked to train with private parts it does not hold (it needs the full model again)."""
-
-    reason = "missing_private_state"
 
 
 class ClientRuntime:

@@ -12,7 +12,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from fedcore.errors import UnregisteredWorker
 from fedcore.model.parts import PART_ORDER, Part
@@ -177,6 +177,20 @@ class NormHistory:
         return {p.value: list(self.norms[p]) for p in PART_ORDER if p in self.norms}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> NormHistory:
-        """From state.json (as parsed); a checkpoint written before norms were kept holds none."""
-        return cls({Part(k): tuple(float(v) for v in values) for k, values in obj.items()})
+    def from_json(cls, obj: object) -> NormHistory:
+        """From state.json's "norms" (as parsed); a checkpoint written before norms were kept holds none.
+        ValueError naming the part and its value where one is not a part's list of norms."""
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"is {obj!r}, expected a JSON object")
+        norms: dict[Part, tuple[float, ...]] = {}
+        for name, values in obj.items():
+            if name not in {p.value for p in Part}:
+                raise ValueError(f"{name!r} is no part ({', '.join(PART_ORDER)})")
+            if not (isinstance(values, list) and all(_is_norm(v) for v in values)):
+                raise ValueError(f"{name} is {values!r}, expected a list of norms (finite numbers >= 0)")
+            norms[Part(name)] = tuple(float(v) for v in values)
+        return cls(norms)
+
+
+def _is_norm(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0

@@ -10,13 +10,13 @@ import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from fedcore import settings
-from fedcore.errors import DifferentRun, DuplicateUpdate, HeaderError, LateUpdate, NotAssigned
+from fedcore.errors import DifferentRun, DuplicateUpdate, HeaderError, LateUpdate, NotAssigned, SettingsError
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import RunningAggregate
 from fedcore.federation.client import TrainTask
@@ -29,7 +29,8 @@ from fedcore.federation.strategies import (
     round_rng,
     select_clients,
 )
-from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER, Part, PartLayout
+from fedcore.federation.totals import Ledger, Tally
+from fedcore.model.parts import PART_ORDER, Part, PartLayout
 from fedcore.model.training import TrainConfig
 from fedcore.model.unet import build_model, layout_of, preset
 from fedcore.payload import coded, serialization
@@ -64,7 +65,7 @@ class FederationConfig:
         try:
             codec = compression_codec(compression, compression_block)
         except ValueError as e:
-            raise settings.SettingsError(str(e)) from None
+            raise SettingsError(str(e)) from None
         return cls(Strategy(strategy), model, rounds, clients_per_round, seed, train, codec)
 
     def record(self) -> checkpoint.RunConfig:
@@ -100,102 +101,6 @@ def task_seed(seed: int, round_index: int, client: str) -> int:
 
 
 Direction = Literal["down", "up"]  # of a transfer: to a client, or from it
-
-
-@dataclass
-class Ledger:
-    """Cumulative communication of a run: the paper's parameter count and the bytes that carried it."""
-
-    traffic: Traffic = field(default_factory=Traffic.zero)
-    full_fedavg: int = 0  # what plain FedAvg would have exchanged with the same transfers
-    bytes_down: dict[Part, int] = field(default_factory=lambda: dict.fromkeys(PART_ORDER, 0))
-    bytes_up: dict[Part, int] = field(default_factory=lambda: dict.fromkeys(PART_ORDER, 0))
-
-    @property
-    def reduction_vs_full(self) -> float:
-        return 1.0 - self.traffic.total / self.full_fedavg if self.full_fedavg else 0.0
-
-    @property
-    def payload_bytes(self) -> int:
-        """The bytes of the payloads exchanged, both ways (a codec's, with their safetensors headers)."""
-        return sum(self.bytes_down.values()) + sum(self.bytes_up.values())
-
-    @property
-    def full_fedavg_fp32_bytes(self) -> int:
-        """The bytes plain FedAvg in float32 would have exchanged."""
-        return FLOAT32_BYTES * self.full_fedavg
-
-    def copy(self) -> Ledger:
-        """A copy that later `add`s to this ledger leave as it is."""
-        copy = Ledger()
-        copy.add(self)
-        return copy
-
-    def add(self, other: Ledger) -> None:
-        self.traffic = self.traffic + other.traffic
-        self.full_fedavg += other.full_fedavg
-        for p in PART_ORDER:
-            self.bytes_down[p] += other.bytes_down[p]
-            self.bytes_up[p] += other.bytes_up[p]
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "parameters": {
-                "down": {p.value: self.traffic.down[p] for p in PART_ORDER},
-                "up": {p.value: self.traffic.up[p] for p in PART_ORDER},
-            },
-            "bytes": {
-                "down": {p.value: self.bytes_down[p] for p in PART_ORDER},
-                "up": {p.value: self.bytes_up[p] for p in PART_ORDER},
-            },
-            "parameters_total": self.traffic.total,
-            "full_fedavg_parameters": self.full_fedavg,
-            "reduction_vs_full": self.reduction_vs_full,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Ledger:
-        params, nbytes = obj["parameters"], obj["bytes"]
-        return cls(
-            traffic=Traffic(
-                down={p: int(params["down"][p.value]) for p in PART_ORDER},
-                up={p: int(params["up"][p.value]) for p in PART_ORDER},
-            ),
-            full_fedavg=int(obj["full_fedavg_parameters"]),
-            bytes_down={p: int(nbytes["down"][p.value]) for p in PART_ORDER},
-            bytes_up={p: int(nbytes["up"][p.value]) for p in PART_ORDER},
-        )
-
-
-@dataclass(frozen=True)
-class Tally:
-    """How a run's round attempts and updates ended, by outcome: what a coordinator counted up to a checkpoint.
-
-    Checkpointed beside the ledger so that a resumed run goes on from its totals (Prometheus counters restart at
-    zero with each process, as they should; the run's totals are gauges, coordinator.metrics)."""
-
-    round_attempts: Mapping[str, int] = field(default_factory=dict)  # complete, quorum, no_quorum
-    updates: Mapping[str, int] = field(default_factory=dict)  # accepted, late, aborted, or the refusal reason
-
-    def plus(self, round_attempts: Mapping[str, int], updates: Mapping[str, int]) -> Tally:
-        """This tally with more counts added."""
-        return Tally(_summed(self.round_attempts, round_attempts), _summed(self.updates, updates))
-
-    def as_json(self) -> dict[str, object]:
-        return {"round_attempts": dict(sorted(self.round_attempts.items())), "updates": dict(sorted(self.updates.items()))}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Tally:
-        """From state.json (as parsed); a checkpoint written before tallies existed holds none: all zero."""
-        attempts, updates = obj.get("round_attempts", {}), obj.get("updates", {})
-        return cls(
-            {str(k): int(v) for k, v in attempts.items()},
-            {str(k): int(v) for k, v in updates.items()},
-        )
-
-
-def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
 
 
 @dataclass(frozen=True)
@@ -274,7 +179,7 @@ class Federation:
         tally: Tally | None = None,
         robust: RobustConfig = RobustConfig(),
         norms: NormHistory | None = None,
-        settings: Mapping[str, Any] | None = None,
+        settings: checkpoint.ResumableSettings | None = None,
         shared: Mapping[str, torch.Tensor] | None = None,
     ):
         preset(cfg.model)  # validates the name
@@ -295,7 +200,7 @@ class Federation:
         self.norms = norms or NormHistory()  # adaptive clipping's memory of the last rounds' update norms
         # The driver's settings that may change on resume, as its checkpoints carry them (set by the coordinator
         # before it saves, so that a resumed one can say what changed)
-        self.settings: dict[str, Any] = dict(settings or {})
+        self.settings = settings or checkpoint.ResumableSettings()
         self._attempts = 0  # rounds opened at the current index (a round without quorum is re-run)
         # With a lossy codec the downloads are coded too: `shared` is the model as the clients reconstruct it,
         # bit for bit, version `shared_version`; `holds` says which version and parts each client holds
@@ -336,11 +241,11 @@ class Federation:
             completed_rounds=self.completed_rounds,
             config=self.config.record(),
             contacted=tuple(sorted(self.contacted)),
-            ledger=self.ledger.as_json(),
+            ledger=self.ledger.copy(),  # later rounds add to the federation's, not to the checkpoint's
             global_file=checkpoint.global_file_name(self.completed_rounds),
-            tally=self.tally.as_json(),
-            norms=self.norms.as_json(),
-            settings=dict(self.settings),
+            tally=self.tally,
+            norms=self.norms,
+            settings=self.settings,
         )
 
     @classmethod
@@ -368,10 +273,10 @@ class Federation:
             global_state=weights,
             completed_rounds=state.completed_rounds,
             contacted=state.contacted,
-            ledger=Ledger.from_json(state.ledger),
-            tally=Tally.from_json(state.tally),
+            ledger=state.ledger.copy(),
+            tally=state.tally,
             robust=robust,
-            norms=NormHistory.from_json(state.norms),
+            norms=state.norms,
             settings=state.settings,
             shared=shared[0] if shared else None,
         )

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
 from fedcore import settings
-from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange
+from fedcore.errors import HeaderError, MalformedTask, SettingOutOfRange, SettingsError
 from fedcore.federation.client import EvalTask, TrainTask
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part, parse_parts, sorted_parts
@@ -90,7 +90,7 @@ def _task_codec(task_id: str, name: str) -> Codec:
 def _checked(cls: type[T], task_id: str, values: dict[str, object]) -> T:
     try:
         return settings.build(cls, values)
-    except settings.SettingsError as e:
+    except SettingsError as e:
         raise SettingOutOfRange(f"task {task_id!r}: {e}") from None
 
 

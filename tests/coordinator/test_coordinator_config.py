@@ -13,7 +13,7 @@ import yaml
 
 from coordinator.config import CoordinatorConfig
 from fedcore import settings
-from fedcore.settings import SettingsError
+from fedcore.errors import SettingsError
 from feddiff.cli import main
 from tests.parsers import coordinator_config
 

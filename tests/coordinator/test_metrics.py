@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from coordinator.metrics import Metrics
-from fedcore.federation.server import Ledger, Tally
 from fedcore.federation.strategies import Traffic
+from fedcore.federation.totals import Ledger, Tally
 from fedcore.model.parts import Part
 
 

@@ -10,8 +10,20 @@ from coordinator.status import code_for
 from fedcore import errors
 
 # Errors that never refuse a call: a worker's refusal of its task (it sends it with RejectTask, answered OK), a
-# process that does not start, a round that is not committed.
-NOT_REFUSALS = (errors.TaskRefused, errors.CannotListen, errors.ExistingRun, errors.DifferentRun, errors.NonFiniteAggregate)
+# process that does not start (or stops: its settings, data, assets, training processes), a round that is not
+# committed, a worker's own lack of its private parts (it joins again for the whole model).
+NOT_REFUSALS = (
+    errors.TaskRefused,
+    errors.CannotListen,
+    errors.ExistingRun,
+    errors.DifferentRun,
+    errors.NonFiniteAggregate,
+    errors.SettingsError,
+    errors.DatasetError,
+    errors.AssetIntegrityError,
+    errors.TrainingProcessFailed,
+    errors.MissingPrivateState,
+)
 REFUSALS = sorted(
     (e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, errors.FeddiffError) and not issubclass(e, NOT_REFUSALS)),
     key=lambda e: e.__name__,

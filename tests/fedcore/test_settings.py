@@ -13,12 +13,12 @@ from annotated_types import Interval
 
 from coordinator.config import CoordinatorConfig
 from fedcore import settings
-from fedcore.errors import SettingOutOfRange
+from fedcore.errors import SettingOutOfRange, SettingsError
 from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import PRESETS, ModelName
-from fedcore.settings import SettingsError, build, expected
+from fedcore.settings import build, expected
 from fedcore.wire.convert import eval_task_from_proto, task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from service import flags

@@ -4,12 +4,14 @@ set or a folder, in text and JSON; a trained tiny model scores better than an un
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fedcore.evaluation import extractors
 from fedcore.model.unet import build_model
 from fedcore.payload.serialization import save_file
 from feddiff.cli import main
@@ -112,3 +114,18 @@ def test_personalised_model_of_a_client(tmp_path: Path, fashion_mnist_dir: Path,
 
     assert one["kind"] == "personalised" and one["worker"] == "client-1"
     assert one["fd"] != zero["fd"]  # own encoders and bottlenecks
+
+
+def test_a_classifier_asset_that_is_not_the_committed_one_is_a_clear_error(untrained: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    assets = tmp_path / "assets"
+    shutil.copytree(extractors.ASSET_DIR, assets)
+    manifest = assets / extractors.CLASSIFIER_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sha256": "0" * 64}))
+    monkeypatch.setattr(extractors, "ASSET_DIR", assets)
+
+    assert main(["evaluate", "--checkpoint", str(untrained), "--model", "tiny", "--threads", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+
+    weights = assets / extractors.CLASSIFIER_WEIGHTS
+    assert len(err) == 1 and err[0].startswith(f"feddiff evaluate: error: {str(weights)!r} has sha256 "), err
+    assert f"but {str(manifest)!r} records {'0' * 64}" in err[0]

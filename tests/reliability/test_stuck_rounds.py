@@ -51,4 +51,4 @@ def test_a_deadline_shorter_than_training_stops_the_run_naming_it_and_a_resume_w
     assert [r["round"] for r in rounds_log(tmp_path / "checkpoints")] == [1]
     saved = checkpoint.load_run(tmp_path / "checkpoints")
     assert saved is not None and saved[1].completed_rounds == 1
-    assert saved[1].tally["round_attempts"]["no_quorum"] == ATTEMPTS, "the failed attempts are in the run's tally"
+    assert saved[1].tally.round_attempts["no_quorum"] == ATTEMPTS, "the failed attempts are in the run's tally"

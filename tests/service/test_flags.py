@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import pytest
 
 from fedcore import settings
-from fedcore.settings import Positive, SettingsError
+from fedcore.errors import SettingsError
+from fedcore.settings import Positive
 from service import flags
 
 

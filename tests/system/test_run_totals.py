@@ -5,9 +5,7 @@ start from zero."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +14,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
 from fedcore.federation import checkpoint
+from fedcore.federation.totals import Tally
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.system.raw_client import RawWorker
 
@@ -31,9 +30,9 @@ def _coordinator(tmp_path: Path, *, resume: bool) -> tuple[Coordinator, Metrics]
     return Coordinator(cfg, metrics).start(), metrics
 
 
-def _tally(tmp_path: Path) -> Mapping[str, Any]:
+def _tally(tmp_path: Path) -> Tally:
     saved = checkpoint.load_run(tmp_path)
-    return saved[1].tally if saved is not None else {}
+    return saved[1].tally if saved is not None else Tally()
 
 
 def _run_gauges(metrics: Metrics) -> dict[str, dict[str, float | None]]:
@@ -55,13 +54,13 @@ def test_attempts_without_quorum_and_refusals_survive_a_restart(tmp_path: Path) 
                 worker.upload_messages([pb.UpdateChunk(data=b"no header first")], timeout=10)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             deadline = time.monotonic() + 30
-            while _tally(tmp_path).get("round_attempts", {}).get("no_quorum", 0) < 1:
+            while _tally(tmp_path).round_attempts.get("no_quorum", 0) < 1:
                 assert time.monotonic() < deadline, "no attempt without quorum was checkpointed"
                 time.sleep(0.05)
     finally:
         first.stop(grace=0)
     tally = _tally(tmp_path)
-    attempts = tally["round_attempts"]["no_quorum"]
+    attempts = tally.round_attempts["no_quorum"]
     before = _run_gauges(metrics)
 
     resumed, fresh = _coordinator(tmp_path, resume=True)
@@ -71,7 +70,7 @@ def test_attempts_without_quorum_and_refusals_survive_a_restart(tmp_path: Path) 
     finally:
         resumed.stop(grace=0)
 
-    assert tally == {"round_attempts": {"complete": 0, "no_quorum": attempts, "non_finite": 0, "quorum": 0}, "updates": {"bad_header": 1}}
+    assert tally == Tally({"complete": 0, "no_quorum": attempts, "non_finite": 0, "quorum": 0}, {"bad_header": 1})
     assert before == after == {"round_attempts": {"complete": 0, "quorum": 0, "no_quorum": attempts}, "updates": {"bad_header": 1}}
     assert metrics.registry.get_sample_value("feddiff_round_attempts_total", {"outcome": "no_quorum"}) == attempts
     assert counted == ({"complete": 0, "quorum": 0, "no_quorum": 0, "non_finite": 0}, {}), "the resumed process's counters start at zero"

@@ -25,7 +25,7 @@ from coordinator.metrics import Metrics
 from coordinator.server import Coordinator
 from fedcore import settings
 from fedcore.data.shards import SplitConfig
-from fedcore.errors import FieldOutOfRange
+from fedcore.errors import FieldOutOfRange, SettingsError
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.payload.codecs import compression_codec
 from fedcore.wire import bounds
@@ -357,7 +357,7 @@ def test_no_number_takes_a_boolean_nor_a_boolean_a_number_nor_any_number_nan_or_
         if get_type_hints(cls)[f.name] is float:
             bad += [float("nan"), float("inf"), "-inf"]
         for value in bad:
-            with pytest.raises(settings.SettingsError, match=f"^{f.name} = {value!r}: expected "):
+            with pytest.raises(SettingsError, match=f"^{f.name} = {value!r}: expected "):
                 settings.build(cls, {**base, f.name: value})
 
 

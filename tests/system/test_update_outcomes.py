@@ -212,7 +212,7 @@ def test_new_labels_reach_the_checkpointed_tally_and_come_back_on_resume(tmp_pat
         r.worker.upload_messages(r.messages(), timeout=10)  # accepted: round 1 closes and is checkpointed
         _wait_for(lambda: (saved := checkpoint.load_run(tmp_path / "ckpt")) is not None and saved[1].completed_rounds == 1)
     tally = saved_run(tmp_path / "ckpt")[1].tally
-    assert tally["updates"] == {"accepted": 1, "aborted": 1, "upload_in_progress": 1}
+    assert tally.updates == {"accepted": 1, "aborted": 1, "upload_in_progress": 1}
 
     cfg = CoordinatorConfig(
         model="tiny", strategy="full", rounds=2, epochs=1, min_workers=5, listen="localhost:0", metrics_port=-1,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedcore.settings import SettingsError, build
+from fedcore.errors import SettingsError
+from fedcore.settings import build
 from worker.client import Pace
 from worker.config import WorkerConfig
 

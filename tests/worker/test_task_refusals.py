@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from fedcore.federation.client import MissingPrivateState
+from fedcore.errors import MissingPrivateState
 from fedcore.model.training import SpeedConfig
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.reliability.support import image_folder

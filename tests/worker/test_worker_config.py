@@ -12,6 +12,7 @@ import torch
 
 from fedcore import settings
 from fedcore.data.shards import SplitConfig
+from fedcore.errors import SettingsError
 from fedcore.model.training import SpeedConfig
 from fedcore.settings import Folder
 from feddiff.cli import build_parser, main
@@ -109,7 +110,7 @@ def test_the_types_name_what_each_setting_takes() -> None:
 def test_an_empty_state_dir_is_refused_not_taken_for_the_working_directory() -> None:
     from fedcore import settings
 
-    with pytest.raises(settings.SettingsError, match=r"^--state-dir = '': expected a folder path$"):
+    with pytest.raises(SettingsError, match=r"^--state-dir = '': expected a folder path$"):
         settings.build(WorkerConfig, {"coordinator": "localhost:50051", "client_index": 0, "state_dir": ""}, name=flags.flag)
 
 

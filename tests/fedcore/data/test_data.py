@@ -19,7 +19,6 @@ from fedcore.data.datasets import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_DIR_ENV,
     IMAGE_SUFFIXES,
-    DatasetError,
     ImageDataset,
     fashion_mnist_dir,
     from_model_range,
@@ -28,6 +27,7 @@ from fedcore.data.datasets import (
     read_idx,
     to_model_range,
 )
+from fedcore.errors import DatasetError
 
 needs_fashion_mnist = pytest.mark.skipif(
     not (DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

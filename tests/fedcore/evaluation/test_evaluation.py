@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
+from fedcore.errors import AssetIntegrityError
 from fedcore.evaluation.extractors import (
     ASSET_DIR,
     CLASSIFIER_MANIFEST,
     CLASSIFIER_WEIGHTS,
-    AssetIntegrityError,
     load_fmnist_classifier,
     load_inception,
     sha256_of_file,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from fedcore.data.shards import SplitConfig
+from fedcore.errors import TrainingProcessFailed
 from fedcore.experiments import devices
-from fedcore.experiments.devices import DevicePool, TrainingProcessFailed, parse_devices, threads_per_process
+from fedcore.experiments.devices import DevicePool, parse_devices, threads_per_process
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation.server import FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy

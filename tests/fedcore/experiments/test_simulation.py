@@ -17,7 +17,7 @@ from fedcore.errors import DifferentRun, ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.federation.checkpoint import global_file_name, load_private, load_run
 from fedcore.federation.roundlog import ROUNDS_LOG, round_records
-from fedcore.federation.server import FederationConfig, Ledger, task_seed
+from fedcore.federation.server import FederationConfig, task_seed
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER, Part
@@ -103,7 +103,7 @@ def test_ledger_equals_the_papers_accounting(strategy: Strategy, runs, layout) -
 
     saved = load_run(folder)
     assert saved is not None
-    ledger = Ledger.from_json(saved[1].ledger)
+    ledger = saved[1].ledger
 
     assert saved[1].completed_rounds == R
     assert ledger.traffic == expected.traffic

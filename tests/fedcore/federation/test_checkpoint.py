@@ -12,6 +12,7 @@ import torch
 from fedcore.federation import checkpoint
 from fedcore.federation.checkpoint import (
     STATE_FILE,
+    ResumableSettings,
     RunConfig,
     RunState,
     global_file_name,
@@ -21,11 +22,18 @@ from fedcore.federation.checkpoint import (
     save_private,
     save_run,
 )
+from fedcore.federation.robust import NormHistory
+from fedcore.federation.strategies import Traffic
+from fedcore.federation.totals import Ledger, Tally
+from fedcore.model.parts import Part
 from fedcore.payload.serialization import save_file
 from tests.checkpoints import saved_run
 
 CONFIG = RunConfig(strategy="udec", model="tiny", rounds=3, clients_per_round=0, seed=0, epochs=1, batch_size=8, lr=1e-4, loss="huber")
-LEDGER = {"parameters_total": 123}
+ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
+LEDGER = Ledger(
+    Traffic(down={ENC: 200, MID: 300, DEC: 400}, up={ENC: 0, MID: 0, DEC: 800}), 3600, {ENC: 820, MID: 1230, DEC: 1640}, {ENC: 0, MID: 0, DEC: 3280}
+)
 
 
 def _state(completed: int, contacted=("client-0", "client-1")) -> RunState:
@@ -73,7 +81,7 @@ def test_save_and_load_roundtrip(tmp_path: Path) -> None:
 
 
 def test_tally_is_saved_and_a_state_json_without_one_loads(tmp_path: Path) -> None:
-    tally = {"round_attempts": {"complete": 1}, "updates": {"accepted": 2}}
+    tally = Tally({"complete": 1}, {"accepted": 2})
     save_run(tmp_path, _weights(1.0), RunState(1, CONFIG, ("client-0",), LEDGER, global_file_name(1), tally))
     assert saved_run(tmp_path)[1].tally == tally
 
@@ -81,7 +89,7 @@ def test_tally_is_saved_and_a_state_json_without_one_loads(tmp_path: Path) -> No
     del state["tally"]  # as written before tallies existed
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
 
-    assert saved_run(tmp_path)[1].tally == {}
+    assert saved_run(tmp_path)[1].tally == Tally()
 
 
 def test_the_config_of_an_earlier_version_loads_and_is_written_as_it_was(tmp_path: Path) -> None:
@@ -118,6 +126,90 @@ def test_a_config_that_is_not_a_runs_is_refused_naming_the_file_and_key(change: 
     save_run(tmp_path, _weights(1.0), _state(1))
     state = json.loads((tmp_path / STATE_FILE).read_text())
     state["config"] = {k: v for k, v in {**state["config"], **change}.items() if v is not None}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / STATE_FILE}: {named}")):
+        load_state(tmp_path)
+
+
+# state.json as this version's predecessors wrote it (a federation with a ledger, a tally, norms and the
+# coordinator's settings, a mapping setting among them), keys sorted and indented by `atomic_write_json`
+EARLIER_STATE = (
+    '{"completed_rounds": 2, "config": {"batch_size": 128, "clients_per_round": 0, "epochs": 5, "loss": "huber", "lr": 0.0001, '
+    '"model": "tiny", "rounds": 3, "seed": 3, "strategy": "udec"}, "contacted": ["w1", "w2"], "global_file": "global-r0002.safetensors", '
+    '"ledger": {"bytes": {"down": {"bottleneck": 1230, "decoder": 1640, "encoder": 820}, "up": {"bottleneck": 0, "decoder": 3280, "encoder": 0}}, '
+    '"full_fedavg_parameters": 3600, "parameters": {"down": {"bottleneck": 300, "decoder": 400, "encoder": 200}, '
+    '"up": {"bottleneck": 0, "decoder": 800, "encoder": 0}}, "parameters_total": 1700, "reduction_vs_full": 0.5277777777777778}, '
+    '"norms": {"decoder": [0.5, 1.25]}, "settings": {"insecure": true, "listen": "127.0.0.1:0", "quorum": 0.5, "round_deadline": 60.0, '
+    '"rounds": 3, "worker_sizes": {"w1": 30, "w2": 40}}, '
+    '"tally": {"round_attempts": {"complete": 2, "no_quorum": 1}, "updates": {"accepted": 4, "late": 1}}}'
+)
+
+
+def _earlier_state_file(folder: Path) -> str:
+    """EARLIER_STATE written to `folder` as the file it was; its text."""
+    text = json.dumps(json.loads(EARLIER_STATE), indent=2, sort_keys=True) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STATE_FILE).write_text(text)
+    return text
+
+
+def test_a_state_json_of_earlier_versions_reads_as_typed_records_and_is_written_back_as_it_was(tmp_path: Path) -> None:
+    text = _earlier_state_file(tmp_path / "earlier")
+
+    state = load_state(tmp_path / "earlier")
+    assert state is not None
+    save_run(tmp_path / "again", _weights(2.0), state)
+
+    assert state.ledger == LEDGER and state.ledger.reduction_vs_full == pytest.approx(1 - 1700 / 3600)
+    assert state.tally == Tally({"complete": 2, "no_quorum": 1}, {"accepted": 4, "late": 1})
+    assert state.norms == NormHistory({DEC: (0.5, 1.25)})
+    assert state.settings.values["worker_sizes"] == {"w1": 30, "w2": 40} and state.settings.values["insecure"] is True
+    assert state.completed_rounds == 2 and state.contacted == ("w1", "w2") and state.config.seed == 3
+    assert (tmp_path / "again" / STATE_FILE).read_text() == text, "written back byte for byte"
+
+
+def test_the_settings_a_resume_changes_are_named_with_both_values() -> None:
+    saved = ResumableSettings({"rounds": 2, "quorum": 0.5, "worker_sizes": {"w1": 30}})
+    given = ResumableSettings({"rounds": 3, "quorum": 0.5, "worker_sizes": {"w1": 40}, "clip_norm": 1.0})
+
+    assert saved.changed(given) == [("rounds", 2, 3), ("worker_sizes", {"w1": 30}, {"w1": 40})], "a setting saved by none is not compared"
+    assert ResumableSettings().changed(given) == []
+
+
+DROP = object()  # the key is taken out of state.json
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        (("completed_rounds",), "2", "completed_rounds is '2', expected an integer >= 0"),
+        (("contacted",), ["w1", 2], "contacted is ['w1', 2], expected a list of client ids"),
+        (("ledger", "bytes"), DROP, "ledger has no 'bytes'"),
+        (("ledger", "parameters", "down"), 7, "ledger parameters.down is 7, expected a JSON object"),
+        (("ledger", "parameters", "up", "decoder"), 8.5, "ledger parameters.up.decoder is 8.5, expected a count (an integer >= 0)"),
+        (("ledger", "full_fedavg_parameters"), True, "ledger full_fedavg_parameters is True, expected a count"),
+        (("tally", "updates", "late"), -1, "tally updates.late is -1, expected a count (an integer >= 0)"),
+        (("tally", "round_attempts"), [], "tally round_attempts is [], expected a JSON object"),
+        (("norms", "middle"), [1.0], "norms 'middle' is no part (encoder, bottleneck, decoder)"),
+        (("norms", "decoder"), ["0.5"], "norms decoder is ['0.5'], expected a list of norms (finite numbers >= 0)"),
+        (("settings",), [], "settings is [], expected a JSON object"),
+        (("settings", "worker_sizes"), {"w1": [30]}, "settings worker_sizes is {'w1': [30]}, expected a JSON scalar or an object of them"),
+    ],
+)
+def test_a_state_json_that_does_not_fit_is_refused_naming_the_file_the_key_and_the_value(
+    path: tuple[str, ...], value: object, named: str, tmp_path: Path
+) -> None:
+    _earlier_state_file(tmp_path)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    *outer, last = path
+    holder = state
+    for key in outer:
+        holder = holder[key]
+    if value is DROP:
+        del holder[last]
+    else:
+        holder[last] = value
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
 
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / STATE_FILE}: {named}")):

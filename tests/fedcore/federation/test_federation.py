@@ -8,13 +8,24 @@ from typing import Any
 import pytest
 import torch
 
-from fedcore.errors import DuplicateUpdate, HeaderError, LateUpdate, NonFiniteAggregate, NotAssigned, SchemaError, ValueOutOfBounds, WrongRound
+from fedcore.errors import (
+    DuplicateUpdate,
+    HeaderError,
+    LateUpdate,
+    MissingPrivateState,
+    NonFiniteAggregate,
+    NotAssigned,
+    SchemaError,
+    ValueOutOfBounds,
+    WrongRound,
+)
 from fedcore.federation.aggregate import delta
-from fedcore.federation.client import ClientRuntime, MissingPrivateState, TrainTask
+from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.federation.robust import NormHistory, RobustConfig
 from fedcore.federation.roundlog import round_record
-from fedcore.federation.server import Federation, FederationConfig, Ledger, Tally, payload_bytes_by_part, task_seed
+from fedcore.federation.server import Federation, FederationConfig, payload_bytes_by_part, task_seed
 from fedcore.federation.strategies import Strategy, plan_traffic
+from fedcore.federation.totals import Ledger, Tally
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainConfig

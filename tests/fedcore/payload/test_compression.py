@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcore import settings
 from fedcore.data.shards import SplitConfig
-from fedcore.errors import MalformedTask, MissingSharedState
+from fedcore.errors import MalformedTask, MissingSharedState, SettingsError
 from fedcore.experiments.simulation import RESIDUALS, Simulation, SimulationConfig, client_ids
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import delta
@@ -60,7 +59,7 @@ def test_the_compression_setting_gives_the_codec_and_its_block() -> None:
     [({"compression": "none", "compression_block": 8}, "has no int8 or int4 blocks"), ({"compression": "int8:32", "compression_block": 64}, "give one")],
 )
 def test_a_block_size_the_codec_cannot_take_is_refused(values: dict[str, object], words: str) -> None:
-    with pytest.raises(settings.SettingsError, match=words):
+    with pytest.raises(SettingsError, match=words):
         _federation(**values)
 
 
