@@ -98,13 +98,9 @@ class ToolChannel:
     tls_server_name: str = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
-        if self.insecure and self.tls_ca:
-            raise ValueError("--insecure and --tls-ca: give one, plain text or TLS checked against this CA")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither")
-        if (self.tls_cert or self.tls_server_name) and not self.tls_ca:
-            flag = "--tls-cert" if self.tls_cert else "--tls-server-name"
-            raise ValueError(f"{flag} needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)")
+        from service import tls  # cryptography, not torch: `feddiff status` still starts without it
+
+        tls.check_tls_settings(tls.TOOL, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure, server_name=self.tls_server_name)
 
 
 TOOL_MEANING = {  # what the flags of ToolChannel mean; their types, ranges and defaults come from its fields

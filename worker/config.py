@@ -25,7 +25,7 @@ from fedcore.settings import (
     Seconds,
 )
 from fedcore.wire.bounds import WORKER_ID, largest
-from service import flags
+from service import flags, tls
 from service.process_settings import ConnectAddress, ReadyFile
 from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
@@ -117,10 +117,7 @@ class WorkerConfig:
                 f"--client-index {self.client_index} is not a shard of {flags.shown(self, 'data.num_clients')}: give 0..{self.data.num_clients - 1}, "
                 "or --num-clients above it"
             )
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both (this worker's certificate and its key), or neither")
-        if self.tls_cert and not self.tls_ca:
-            raise ValueError("--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against")
+        tls.check_tls_settings(tls.WORKER, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure, server_name=self.tls_server_name)
         if self.ranks_per_node > 1:
             _check_rank_devices(self.ranks_per_node, self.speed.device)
 

@@ -114,6 +114,59 @@ def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_statu
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from feddiff.certs import create_project
+
+    out = tmp_path_factory.mktemp("pki")
+    create_project(out, ["localhost"], ["client-0", "client-1"])
+    (out / "bad").write_text("not a certificate\n")
+    return out
+
+
+@pytest.mark.parametrize("command", ["health", "status"])
+@pytest.mark.parametrize(
+    ("files", "line"),
+    [
+        ({"--tls-ca": "bad"}, "--tls-ca {bad}: not a PEM certificate"),
+        ({"--tls-ca": "client-0.key"}, "--tls-ca {client-0.key}: not a PEM certificate"),
+        ({"--tls-ca": "ca.crt", "--tls-cert": "bad", "--tls-key": "client-0.key"}, "--tls-cert {bad}: not a PEM certificate"),
+        ({"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "bad"}, "--tls-key {bad}: not an unencrypted PEM private key"),
+        (
+            {"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "client-1.key"},
+            "--tls-key {client-1.key}: not the key of the certificate in --tls-cert {client-0.crt}",
+        ),
+    ],
+)
+def test_health_and_status_check_their_tls_files_at_start_as_the_worker_does(
+    command: str, files: dict[str, str], line: str, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens at TOOL's address: a command that dialled would end with status 1 and UNAVAILABLE."""
+    argv = [command, *TOOL, *(x for flag, name in files.items() for x in (flag, str(pki / name)))]
+    for name in files.values():
+        line = line.replace(f"{{{name}}}", str(pki / name))
+
+    code = main(argv)
+
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == "" and err.startswith(f"feddiff {command}: error: {line}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker", "status"])
+def test_one_check_refuses_a_bad_tls_file_alike_in_every_command(command: str, pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = {
+        "coordinator": ["coordinator", "--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key")],
+        "worker": ["worker", "--coordinator", "127.0.0.1:1", "--client-index", "0"],
+        "status": ["status", *TOOL],
+    }[command]
+
+    code = main([*argv, "--tls-ca", str(pki / "bad")])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff {command}: error: --tls-ca {pki / 'bad'}: not a PEM certificate\n"
+
+
 def test_strategies_counts_the_bytes_with_each_codec_of_its_list(capsys) -> None:
     _, rows = _run_json(capsys, ["strategies", "--model", "tiny", "--num-clients", "2", "--rounds", "2", "--compression", "none, int8", "--json"])
 
