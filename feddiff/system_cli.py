@@ -16,7 +16,7 @@ from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
 from feddiff.args import Command, add_speed_flags
 from service import flags
-from service.process_settings import ConnectAddress
+from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -95,7 +95,7 @@ class ToolChannel:
     tls_ca: ExistingFile = ""
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
-    tls_server_name: str = ""  # override the name checked in the coordinator's certificate
+    tls_server_name: ServerName = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
         from service import tls  # cryptography, not torch: `feddiff status` still starts without it
@@ -263,7 +263,9 @@ class CertsConfig:
     __pydantic_config__ = settings.CONFIG
 
     out: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
-    coordinator_host: tuple[str, ...] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
+    coordinator_host: Annotated[
+        tuple[HostName, ...], settings.Described(f"{HOST_NAME_WORDS}, each")
+    ] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
     worker: CertificateHolders = ()  # one certificate each, its common name the worker id
 
 

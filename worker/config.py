@@ -26,7 +26,7 @@ from fedcore.settings import (
 )
 from fedcore.wire.bounds import WORKER_ID, largest
 from service import flags, tls
-from service.process_settings import ConnectAddress, ReadyFile
+from service.process_settings import ConnectAddress, ReadyFile, ServerName
 from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
@@ -100,7 +100,7 @@ class WorkerConfig:
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
     token_file: ExistingFile = ""
-    tls_server_name: str = ""
+    tls_server_name: ServerName = ""
 
     def __post_init__(self) -> None:
         if self.data_dir and self.client_index >= 0:

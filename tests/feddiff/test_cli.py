@@ -70,6 +70,7 @@ def test_a_bad_value_of_model_info_or_strategies_is_refused_in_one_line_with_sta
     assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
 
 
+HOST = "a DNS name (letters, digits, hyphens and dots) or an IP address"
 TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag must stop the command before it dials
 
 
@@ -98,6 +99,21 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
             "--worker = 'a/b': expected a worker id other than 'ca' and 'coordinator'; a worker id takes 1..128 characters of [A-Za-z0-9._-]",
         ),
         (["certs", "--out", ""], "--out = '': expected a folder path"),
+        (["certs", "--out", "{out}", "--coordinator-host", ""], f"--coordinator-host = '': expected {HOST}; an empty name"),
+        (["certs", "--out", "{out}", "--coordinator-host", " \t"], f"--coordinator-host = ' \\t': expected {HOST}; an empty name"),
+        (
+            ["certs", "--out", "{out}", "--coordinator-host", "ok.example", "--coordinator-host", "my host"],
+            f"--coordinator-host = 'my host': expected {HOST}; a name with a space in it",
+        ),
+        (
+            ["certs", "--out", "{out}", "--coordinator-host=-bad.example"],
+            f"--coordinator-host = '-bad.example': expected {HOST}; label '-bad' is not letters, digits and inner hyphens",
+        ),
+        (["health", *TOOL, "--tls-ca", "{file}", "--tls-server-name", " "], f"--tls-server-name = ' ': expected {HOST}; an empty name"),
+        (
+            ["status", *TOOL, "--tls-ca", "{file}", "--tls-server-name", "a..b"],
+            f"--tls-server-name = 'a..b': expected {HOST}; label '' is not letters, digits and inner hyphens",
+        ),
     ],
 )
 def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:

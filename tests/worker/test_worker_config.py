@@ -93,6 +93,10 @@ def test_flags_become_typed_settings() -> None:
         (["--metrics-port", "-2"], "--metrics-port = '-2': expected an integer in -1..65535"),
         (["--wait-timeout", "0"], "--wait-timeout = '0': expected a number in (0, 4294967.295]"),
         (["--split", "dirichlet"], "--split = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
+        (
+            ["--tls-server-name", " "],
+            "--tls-server-name = ' ': expected a DNS name (letters, digits, hyphens and dots) or an IP address; an empty name",
+        ),
     ],
 )
 def test_the_worker_command_names_the_flag_its_value_and_what_it_takes(argv: list[str], line: str, capsys) -> None:
