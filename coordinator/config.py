@@ -54,7 +54,7 @@ def _fd_samples_or_off(n: int) -> int:
 EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples")), AfterValidator(_fd_samples_or_off)]  # 0 = no evaluation
 Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
 CallCount = Annotated[int, Interval(ge=1, le=(1 << 31) - 1)]  # gRPC takes it as a C int
-HeartbeatInterval = Annotated[float, Interval(gt=0, le=largest("JoinResponse.heartbeat_interval_ms", per_unit=1000))]  # sent in ms
+HeartbeatInterval = Seconds  # sent in ms: at most a week's, within JoinResponse.heartbeat_interval_ms
 
 
 def _worker_sizes(value: object) -> dict[str, int]:

@@ -47,10 +47,11 @@ SPEED_MEANING = {  # what each speed flag means; its type, range and default com
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    """The speed flags, each with the type, range or choices its SpeedConfig field declares, and --no-compile;
-    a command's config that holds a SpeedConfig takes them (`service.flags.build`)."""
+    """The speed flags, each with the type, range or choices its SpeedConfig field declares, and --no-compile,
+    the old spelling of --compile off (with a notice, not in the help); a command's config that holds a
+    SpeedConfig takes them (`service.flags.build`)."""
     from fedcore.model.training import SpeedConfig
     from service import flags
 
     flags.add_flags(p, SpeedConfig, SPEED_MEANING)
-    flags.add_switch(p, "--no-compile", "compile", "off", "same as --compile off")
+    flags.add_old_switch(p, "--no-compile", "compile", "off", "--compile off")

@@ -24,7 +24,7 @@ from fedcore.settings import (
     ProgressMode,
     Seconds,
 )
-from fedcore.wire.bounds import WORKER_ID, largest
+from fedcore.wire.bounds import WORKER_ID
 from service import flags, tls
 from service.process_settings import ConnectAddress, ReadyFile, ServerName
 from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
@@ -56,8 +56,8 @@ def _nproc_per_node(text: str) -> str:
 WorkerId = Annotated[str, AfterValidator(_worker_id), settings.Described(f"a worker id of {WORKER_ID.describe()}")]
 Channels = Annotated[int, AfterValidator(_grayscale_or_rgb), settings.Described("1 (grayscale) or 3 (RGB)")]
 NprocPerNode = Annotated[str, AfterValidator(_nproc_per_node), settings.Described("a number of ranks (1 or more), or gpu: one per GPU this host shows")]
-# The long poll's length, sent in milliseconds (WaitTaskRequest.timeout_ms)
-WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeout_ms", per_unit=1000))]
+# The long poll's length, sent in milliseconds: at most a week's, within WaitTaskRequest.timeout_ms
+WaitTimeout = Seconds
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.settings import MAX_WAIT_SECONDS
 from feddiff.cli import COMMANDS, build_parser, main
 from tests.parsers import subcommands
 
@@ -77,8 +76,8 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["status", *TOOL, "--timeout", "-1"], f"--timeout = '-1': expected a number in (0, {MAX_WAIT_SECONDS}]"),
-        (["health", *TOOL, "--timeout", "nan"], f"--timeout = 'nan': expected a number in (0, {MAX_WAIT_SECONDS}]"),
+        (["status", *TOOL, "--timeout", "-1"], "--timeout = '-1': expected more than 0 s, up to 604800 s (a week)"),
+        (["health", *TOOL, "--timeout", "nan"], "--timeout = 'nan': expected more than 0 s, up to 604800 s (a week)"),
         (["health", "--coordinator", "coordinator"], "--address = 'coordinator': expected HOST:PORT with a port in 1..65535"),
         (["status", "--address", "127.0.0.1:0"], "--address = '127.0.0.1:0': expected HOST:PORT with a port in 1..65535"),
         (["health", *TOOL, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
@@ -365,3 +364,47 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     assert set(commands) == set(COMMANDS)
     assert wordless == []
     assert all(parser.format_help() for parser in commands.values())  # each help renders (a stray % in one would not)
+
+
+def _help(command: str) -> str:
+    return " ".join(subcommands(build_parser())[command].format_help().split())
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("coordinator", "--round-deadline"),
+        ("coordinator", "--upload-idle-timeout"),
+        ("coordinator", "--heartbeat-interval"),
+        ("coordinator", "--final-save-timeout"),
+        ("worker", "--wait-timeout"),
+        ("worker", "--collective-timeout"),
+        ("status", "--timeout"),
+        ("health", "--timeout"),
+    ],
+)
+def test_a_durations_help_gives_its_range_in_seconds_a_user_would_give(command: str, flag: str) -> None:
+    help_text = _help(command)
+
+    entry = help_text.split(f"{flag} {flag[2:].upper().replace('-', '_')} ", 1)[1]
+    assert ": more than 0 s, up to 604800 s (a week), default " in entry.split(" --", 1)[0]
+    assert "9223372036" not in help_text and "4294967.295" not in help_text
+
+
+@pytest.mark.parametrize("command", ["worker", "simulate", "reproduce"])
+def test_threads_help_says_where_its_top_comes_from_and_no_compile_is_not_listed_twice(command: str) -> None:
+    import os
+
+    help_text = _help(command)
+
+    assert f"CPU threads for torch (0 = torch's default): an integer in 0..{os.cpu_count()} (this machine's CPUs), default 0" in help_text
+    assert "--no-compile" not in help_text and "--compile {auto,on,off}" in help_text
+
+
+def test_no_compile_still_works_as_the_old_spelling_of_compile_off(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.config import from_args
+
+    args = build_parser().parse_args(["worker", "--coordinator", "127.0.0.1:1", "--client-index", "0", "--no-compile"])
+
+    assert from_args(args).speed.compile == "off"
+    assert capsys.readouterr().err == "feddiff worker: notice: --no-compile is deprecated, it is spelled --compile off now\n"
