@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.data.shards import SplitConfig
-from fedcore.model.training import SpeedConfig
+from fedcore.model.training import SpeedConfig, resolve_device, training_processes
 from fedcore.settings import (
     ExistingFile,
     ExistingFolder,
@@ -128,22 +127,20 @@ class WorkerConfig:
 
 
 def _check_rank_devices(ranks: int, device: str) -> None:
-    """Several ranks train on the CPU, at most one per CPU of this host (each rank is a process of its own
-    that takes at least one), or on one CUDA GPU each (rank r on cuda:r)."""
-    kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    """Several ranks train on the CPU or on one CUDA GPU each (rank r on cuda:r), checked as every set of
+    training processes is (`training_processes`: devices this host has, at most one process per CPU)."""
+    kind = resolve_device(device)
     if kind.type == "cuda" and kind.index is not None:
         raise ValueError(
             f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda"
         )
-    if kind.type == "cuda" and ranks > torch.cuda.device_count():
-        raise ValueError(
-            f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs: give at most {torch.cuda.device_count()}"
-        )
-    cpus = os.cpu_count() or 1
-    if kind.type == "cpu" and ranks > cpus:
-        raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {cpus} CPUs (each rank trains on one at least): give at most {cpus}")
     if kind.type not in ("cuda", "cpu"):
         raise ValueError(f"--nproc-per-node {ranks} trains on CUDA GPUs or CPUs, not on --device {device}")
+    try:
+        training_processes([f"cuda:{rank}" for rank in range(ranks)] if kind.type == "cuda" else ["cpu"] * ranks)
+    except ValueError as e:
+        on = "CUDA GPUs, rank r on cuda:r" if kind.type == "cuda" else "the CPU"
+        raise ValueError(f"--nproc-per-node {ranks} on {on} (--device {device}): {e}") from None
 
 
 # What each setting with a flag does: the one place that says it (its flag's help); its type, range and default

@@ -14,11 +14,12 @@ import pytest
 
 from fedcore.data.shards import SplitConfig
 from fedcore.experiments import devices
-from fedcore.experiments.devices import DevicePool, TrainingProcessFailed, parse_devices, threads_per_process
+from fedcore.experiments.devices import DevicePool, TrainingProcessFailed, parse_devices
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation.server import FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy
-from fedcore.model.training import SpeedConfig, TrainConfig
+from fedcore.model import training
+from fedcore.model.training import SpeedConfig, TrainConfig, threads_per_process
 from feddiff.cli import main
 
 SIM = ["--model", "tiny", "--rounds", "2", "--num-clients", "3", "--max-images", "150", "--epochs", "1", "--batch-size", "32", "--seed", "3", "--threads", "1"]
@@ -150,7 +151,7 @@ def test_devices_may_repeat_and_are_checked_against_this_machine() -> None:
 
 
 def test_devices_of_two_kinds_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "device_problem", lambda name: None)  # as on a machine with a GPU
+    monkeypatch.setattr(training, "device_problem", lambda name: None)  # as on a machine with a GPU
 
     assert parse_devices("cuda,cuda:1") == ("cuda:0", "cuda:1")
     with pytest.raises(ValueError, match="devices of kinds cpu, cuda"):
@@ -158,12 +159,12 @@ def test_devices_of_two_kinds_are_refused(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_threads_are_shared_out_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 8)
 
-    assert threads_per_process(["cpu", "cpu"], SpeedConfig()) == 4
-    assert threads_per_process(["cpu"] * 3, SpeedConfig()) == 2
-    assert threads_per_process(["cpu"] * 16, SpeedConfig()) == 1
-    assert threads_per_process(["cpu", "cpu"], SpeedConfig(threads=1)) == 1
+    assert threads_per_process(2) == 4
+    assert threads_per_process(3) == 2
+    assert threads_per_process(16) == 1
+    assert threads_per_process(2, threads=1) == 1
 
 
 @pytest.mark.parametrize("command", ["simulate", "reproduce"])
@@ -185,7 +186,7 @@ def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(com
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"feddiff {command}: error: --devices = {given!r}: expected a comma list of devices"), err
-    assert f"{cpus + 1} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}" in err, err
+    assert f"{cpus + 1} training processes, one per device: more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}" in err, err
     assert not (tmp_path / "out").exists()
     assert len(parse_devices(["cpu"] * cpus)) == cpus
 
