@@ -34,6 +34,12 @@ RUN_MEANING = {
     "inception_weights": "pytorch-fid Inception weights: FD on its features (never downloaded)",
 }
 
+# The words of a path flag: --out-dir names a folder a command writes (simulate, reproduce, certs), --out a file
+# (sample's PNG, export's model); --checkpoint what a model is read from (a checkpoint folder or a file), and
+# --checkpoint-dir only the coordinator's run folder. The number of images a command generates is --samples
+# (sample, evaluate, reproduce; the coordinator's --eval-samples). Their old spellings still work, with a notice.
+OUT_DIR_OLD_SPELLINGS = {"out_dir": ("--out",)}
+
 DEVICES_MEANING = "train each round's clients in parallel, one process per device (--threads per process; default: torch's threads shared out)"
 
 SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields

@@ -14,7 +14,7 @@ from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
-from feddiff.args import Command, add_speed_flags
+from feddiff.args import OUT_DIR_OLD_SPELLINGS, Command, add_speed_flags
 from service import flags
 from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
 
@@ -262,7 +262,7 @@ class CertsConfig:
 
     __pydantic_config__ = settings.CONFIG
 
-    out: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
+    out_dir: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
     coordinator_host: Annotated[
         tuple[HostName, ...], settings.Described(f"{HOST_NAME_WORDS}, each")
     ] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
@@ -270,7 +270,7 @@ class CertsConfig:
 
 
 CERTS_MEANING = {
-    "out": "folder for ca.crt/ca.key (reused when present) and the issued pairs",
+    "out_dir": "folder for ca.crt/ca.key (reused when present) and the issued pairs",
     "coordinator_host": "DNS name or IP the workers dial (repeatable)",
     "worker": "a worker to issue a certificate for, its id the common name (repeatable)",
 }
@@ -279,7 +279,7 @@ CERTS_MEANING = {
 def _add_certs_flags(p: argparse.ArgumentParser) -> None:
     """certs' flags: one per setting of CertsConfig, --coordinator-host and --worker repeatable."""
     repeatable = {"coordinator_host": "HOST", "worker": "ID"}
-    flags.add_flags(p, CertsConfig, CERTS_MEANING, skip=repeatable, metavars={"out": "DIR"})
+    flags.add_flags(p, CertsConfig, CERTS_MEANING, skip=repeatable, metavars={"out_dir": "DIR"}, old=OUT_DIR_OLD_SPELLINGS)
     for name, tp, default in flags.settings_of(CertsConfig):
         if name in repeatable:
             flags.add_flag(p, name, tp, default, CERTS_MEANING[name], action="append", metavar=repeatable[name])
@@ -290,7 +290,7 @@ def certs(args: argparse.Namespace) -> int:
     from feddiff.certs import create_project
 
     cfg = flags.build(CertsConfig, args)
-    for path in create_project(Path(cfg.out), cfg.coordinator_host, cfg.worker):
+    for path in create_project(Path(cfg.out_dir), cfg.coordinator_host, cfg.worker):
         print(path)
     return 0
 

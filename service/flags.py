@@ -8,6 +8,7 @@ business; fedcore's typed-config machinery (`fedcore.settings`) knows settings b
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, Field, fields, is_dataclass
@@ -98,6 +99,19 @@ class _Spelled(argparse.Action):
         if option_string in self.old:
             print(f"{parser.prog}: notice: {option_string} is deprecated, it is spelled {self.spelled} now", file=sys.stderr)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, each flag listed by its spellings of today: an old one (`_Spelled.old`) still works,
+    with a notice, but the help does not list it beside the flag it repeats."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        old = getattr(action, "old", ())
+        if not old or not action.option_strings:
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [s for s in action.option_strings if s not in old]
+        return super()._format_action_invocation(shown)
 
 
 def add_flag(

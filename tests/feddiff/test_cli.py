@@ -92,20 +92,23 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
             "--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)",
         ),
         (["health", *TOOL, "--insecure", "--tls-ca", "{file}"], "--insecure and --tls-ca: give one, plain text or TLS checked against this CA"),
-        (["certs", "--out", "{out}", "--worker", "hospital-1", "--worker", "ca"], "--worker = 'ca': expected a worker id other than 'ca' and 'coordinator'"),
         (
-            ["certs", "--out", "{out}", "--worker", "a/b"],
+            ["certs", "--out-dir", "{out}", "--worker", "hospital-1", "--worker", "ca"],
+            "--worker = 'ca': expected a worker id other than 'ca' and 'coordinator'",
+        ),
+        (
+            ["certs", "--out-dir", "{out}", "--worker", "a/b"],
             "--worker = 'a/b': expected a worker id other than 'ca' and 'coordinator'; a worker id takes 1..128 characters of [A-Za-z0-9._-]",
         ),
-        (["certs", "--out", ""], "--out = '': expected a folder path"),
-        (["certs", "--out", "{out}", "--coordinator-host", ""], f"--coordinator-host = '': expected {HOST}; an empty name"),
-        (["certs", "--out", "{out}", "--coordinator-host", " \t"], f"--coordinator-host = ' \\t': expected {HOST}; an empty name"),
+        (["certs", "--out-dir", ""], "--out-dir = '': expected a folder path"),
+        (["certs", "--out-dir", "{out}", "--coordinator-host", ""], f"--coordinator-host = '': expected {HOST}; an empty name"),
+        (["certs", "--out-dir", "{out}", "--coordinator-host", " \t"], f"--coordinator-host = ' \\t': expected {HOST}; an empty name"),
         (
-            ["certs", "--out", "{out}", "--coordinator-host", "ok.example", "--coordinator-host", "my host"],
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "ok.example", "--coordinator-host", "my host"],
             f"--coordinator-host = 'my host': expected {HOST}; a name with a space in it",
         ),
         (
-            ["certs", "--out", "{out}", "--coordinator-host=-bad.example"],
+            ["certs", "--out-dir", "{out}", "--coordinator-host=-bad.example"],
             f"--coordinator-host = '-bad.example': expected {HOST}; label '-bad' is not letters, digits and inner hyphens",
         ),
         (["health", *TOOL, "--tls-ca", "{file}", "--tls-server-name", " "], f"--tls-server-name = ' ': expected {HOST}; an empty name"),
@@ -279,7 +282,7 @@ def test_a_checkpoint_that_is_not_safetensors_is_refused_in_one_line_naming_it(c
     given = {
         "sample": ["--checkpoint", str(bad), "--out", str(tmp_path / "grid.png")],
         "evaluate": ["--checkpoint", str(bad)],
-        "export": ["--checkpoint-dir", str(bad), "--out", str(tmp_path / "out.safetensors")],
+        "export": ["--checkpoint", str(bad), "--out", str(tmp_path / "out.safetensors")],
     }[command]
 
     code = main([command, *given, "--model", "tiny"])
@@ -293,7 +296,7 @@ def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path,
     taken = tmp_path / "taken"
     taken.write_text("keep me")
 
-    code = main(["certs", "--out", str(taken)])
+    code = main(["certs", "--out-dir", str(taken)])
 
     assert code == 2
     err = capsys.readouterr().err
@@ -408,3 +411,45 @@ def test_no_compile_still_works_as_the_old_spelling_of_compile_off(capsys: pytes
 
     assert from_args(args).speed.compile == "off"
     assert capsys.readouterr().err == "feddiff worker: notice: --no-compile is deprecated, it is spelled --compile off now\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "old", "new", "setting"),
+    [
+        (["simulate", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["reproduce", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["certs", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["export", "--checkpoint-dir", "{tmp}", "--out", "m.safetensors"], "--checkpoint-dir", "--checkpoint", "checkpoint"),
+        (["sample", "--checkpoint", "{tmp}", "--n", "4"], "--n", "--samples", "samples"),
+    ],
+)
+def test_a_renamed_flags_old_spelling_still_works_with_a_notice_naming_the_new(
+    argv: list[str], old: str, new: str, setting: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from feddiff.models_cli import ExportConfig, SampleConfig
+    from feddiff.reproduce_cli import ReproduceSettings
+    from feddiff.simulate_cli import SimulateConfig
+    from feddiff.system_cli import CertsConfig
+    from service import flags
+
+    configs = {"simulate": SimulateConfig, "reproduce": ReproduceSettings, "certs": CertsConfig, "export": ExportConfig, "sample": SampleConfig}
+    argv = [str(tmp_path) if a == "{tmp}" else a for a in argv]
+
+    built = flags.build(configs[argv[0]], build_parser().parse_args(argv))
+
+    assert capsys.readouterr().err == f"feddiff {argv[0]}: notice: {old} is deprecated, it is spelled {new} now\n"
+    assert str(getattr(built, setting)) == argv[argv.index(old) + 1]
+
+
+def test_the_help_lists_each_flag_by_its_spelling_of_today_only() -> None:
+    """An old spelling still works (the test above) but is not listed: not --clients beside --num-clients, not
+    --no-compile beside --compile."""
+    listed = {
+        name: {s for line in parser.format_help().splitlines() if line.startswith("  -") for s in line.replace(",", " ").split() if s.startswith("--")}
+        for name, parser in subcommands(build_parser()).items()
+    }
+    old = {name: {s for action in parser._actions for s in getattr(action, "old", ())} for name, parser in subcommands(build_parser()).items()}
+
+    assert {name: listed[name] & old[name] for name in listed if listed[name] & old[name]} == {}
+    assert {"--clients", "--no-compile"} <= old["simulate"] and "--num-clients" in listed["simulate"] and "--compile" in listed["simulate"]
+    assert {"--out", "--checkpoint-dir", "--n"} <= old["export"] | old["sample"] | old["certs"]

@@ -582,7 +582,7 @@ def test_a_state_json_that_is_not_a_run_state_is_named(tmp_path: Path, capsys: p
     [
         (["export", "--out", "{ckpt}/state.safetensors"], "--out", "state.json"),  # the export's config beside it
         (["export", "--out", "{ckpt}/global-r0001.safetensors"], "--out", "global-r0001.safetensors"),
-        (["sample", "--n", "1", "--out", "{ckpt}/state.json"], "--out", "state.json"),
+        (["sample", "--samples", "1", "--out", "{ckpt}/state.json"], "--out", "state.json"),
         (["evaluate", "--samples", "2", "--grid", "{ckpt}/rounds.jsonl"], "--grid", "rounds.jsonl"),
     ],
 )
@@ -592,7 +592,7 @@ def test_an_output_that_would_replace_a_file_of_a_run_is_refused(argv: list[str]
     folder = tmp_path / "ckpt"
     before = _finished_run(folder)
     flagged = [a.replace("{ckpt}", str(folder)) for a in argv]
-    source = "--checkpoint-dir" if argv[0] == "export" else "--checkpoint"
+    source = "--checkpoint"
 
     result = subprocess.run(
         [sys.executable, "-m", "feddiff", flagged[0], source, str(folder), *flagged[1:]],

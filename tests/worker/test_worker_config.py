@@ -158,7 +158,7 @@ def test_a_workers_ranks_and_simulates_devices_are_refused_by_one_check_in_the_s
     cpus = os.cpu_count() or 1
     assert main([*BASE, "--nproc-per-node", str(cpus + 1), "--device", "cpu"]) == 2
     worker = capsys.readouterr().err
-    assert main(["simulate", "--devices", ",".join(["cpu"] * (cpus + 1)), "--out", str(tmp_path / "out")]) == 2
+    assert main(["simulate", "--devices", ",".join(["cpu"] * (cpus + 1)), "--out-dir", str(tmp_path / "out")]) == 2
     simulate = capsys.readouterr().err
 
     words = f"{cpus + 1} training processes, one per device: more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}\n"

@@ -43,8 +43,8 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
     sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
     run = [*SIM, "--strategy", strategy, "--compression", compression]
 
-    assert main(["simulate", *run, "--device", "cpu", "--out", str(sequential)]) == 0
-    assert main(["simulate", *run, "--devices", "cpu,cpu", "--out", str(parallel)]) == 0
+    assert main(["simulate", *run, "--device", "cpu", "--out-dir", str(sequential)]) == 0
+    assert main(["simulate", *run, "--devices", "cpu,cpu", "--out-dir", str(parallel)]) == 0
 
     files = _files(sequential)
     assert any(name.startswith("global-r0002") for name in files)
@@ -58,8 +58,8 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
 def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     common = ["reproduce", "--protocol", "mini", "--only", "udec:iid", "--num-clients", "2", "--no-docs", "--threads", "1", "--device", "cpu"]
 
-    assert main([*common, "--out", str(tmp_path / "sequential")]) == 0
-    assert main([*common, "--devices", "cpu,cpu", "--out", str(tmp_path / "parallel")]) == 0
+    assert main([*common, "--out-dir", str(tmp_path / "sequential")]) == 0
+    assert main([*common, "--devices", "cpu,cpu", "--out-dir", str(tmp_path / "parallel")]) == 0
 
     cells = {run: _files(tmp_path / run / "udec-iid") for run in ("sequential", "parallel")}
     rows = {run: json.loads((tmp_path / run / "results.jsonl").read_text()) for run in cells}
@@ -96,7 +96,7 @@ def test_a_process_that_raises_ends_simulate_with_its_error(
 
     monkeypatch.setattr(Simulation, "_job", corrupt)
 
-    code = main(["simulate", *SIM, "--devices", "cpu,cpu", "--out", str(tmp_path / "run")])
+    code = main(["simulate", *SIM, "--devices", "cpu,cpu", "--out-dir", str(tmp_path / "run")])
 
     err = capsys.readouterr().err.splitlines()
     assert code == 1
@@ -169,7 +169,7 @@ def test_threads_are_shared_out_unless_given(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("command", ["simulate", "reproduce"])
 def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main([command, "--devices", "cpu,cuda:5", "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+    code = main([command, "--devices", "cpu,cuda:5", "--out-dir", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
 
     err = capsys.readouterr().err
     assert code == 2
@@ -181,7 +181,7 @@ def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: 
 def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cpus = os.cpu_count() or 1
     given = ",".join(["cpu"] * (cpus + 1))
-    code = main([command, "--devices", given, "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+    code = main([command, "--devices", given, "--out-dir", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
 
     err = capsys.readouterr().err
     assert code == 2
@@ -192,6 +192,6 @@ def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(com
 
 
 def test_simulate_takes_devices_or_a_device_not_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--devices", "cpu,cpu", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    assert main(["simulate", "--devices", "cpu,cpu", "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 2
 
     assert "--device cpu and --devices cpu,cpu: give one" in capsys.readouterr().err
