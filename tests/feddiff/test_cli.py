@@ -435,7 +435,7 @@ def test_a_renamed_flags_old_spelling_still_works_with_a_notice_naming_the_new(
     configs = {"simulate": SimulateConfig, "reproduce": ReproduceSettings, "certs": CertsConfig, "export": ExportConfig, "sample": SampleConfig}
     argv = [str(tmp_path) if a == "{tmp}" else a for a in argv]
 
-    built = flags.build(configs[argv[0]], build_parser().parse_args(argv))
+    built: object = flags.build(configs[argv[0]], build_parser().parse_args(argv))
 
     assert capsys.readouterr().err == f"feddiff {argv[0]}: notice: {old} is deprecated, it is spelled {new} now\n"
     assert str(getattr(built, setting)) == argv[argv.index(old) + 1]
