@@ -15,7 +15,7 @@ from pydantic import AfterValidator
 from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
 from feddiff.args import OUT_DIR_OLD_SPELLINGS, Command, add_speed_flags
-from service import flags
+from service import flags, tls
 from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
 
 
@@ -98,8 +98,6 @@ class ToolChannel:
     tls_server_name: ServerName = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
-        from service import tls  # cryptography, not torch: `feddiff status` still starts without it
-
         tls.check_tls_settings(tls.TOOL, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure, server_name=self.tls_server_name)
 
 
