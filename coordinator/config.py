@@ -39,7 +39,7 @@ from fedcore.settings import (
 )
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
 from fedcore.wire.stream import DEFAULT_CHUNK_SIZE
-from service import flags
+from service import flags, tls
 from service.process_settings import ListenAddress, ReadyFile
 
 # Settings the workers are sent: each within the bound of its field of the wire contract.
@@ -55,7 +55,7 @@ def _fd_samples_or_off(n: int) -> int:
 EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples")), AfterValidator(_fd_samples_or_off)]  # 0 = no evaluation
 Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
 CallCount = Annotated[int, Interval(ge=1, le=(1 << 31) - 1)]  # gRPC takes it as a C int
-HeartbeatInterval = Annotated[float, Interval(gt=0, le=largest("JoinResponse.heartbeat_interval_ms", per_unit=1000))]  # sent in ms
+HeartbeatInterval = Seconds  # sent in ms: at most a week's, within JoinResponse.heartbeat_interval_ms
 
 
 def _worker_sizes(value: object) -> dict[str, int]:
@@ -177,10 +177,7 @@ class CoordinatorConfig:
                 f"{flags.shown(self, 'heartbeat_timeout', 's')} must be longer than {flags.shown(self, 'heartbeat_interval', 's')}: "
                 "every worker would count as gone between two of its heartbeats"
             )
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both (the coordinator's certificate and its key), or neither with --insecure")
-        if self.tls_ca and not self.tls_cert:
-            raise ValueError("--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key")
+        tls.check_tls_settings(tls.COORDINATOR, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure)
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
             raise ValueError(f"{flags.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
 

@@ -14,7 +14,6 @@ from coordinator.config import CoordinatorConfig
 from fedcore.errors import UnknownWorker
 from fedcore.wire.bounds import WORKER_ID
 from service import flags
-from service.tls import check_tls_files
 
 log = logging.getLogger("feddiff.coordinator")
 
@@ -22,7 +21,6 @@ log = logging.getLogger("feddiff.coordinator")
 def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
     """TLS credentials (mutual when a CA is given), or None for plain text, which needs `insecure`."""
     if cfg.tls_cert and cfg.tls_key:
-        check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
         key = Path(cfg.tls_key).read_bytes()
         cert = Path(cfg.tls_cert).read_bytes()
         ca = Path(cfg.tls_ca).read_bytes() if cfg.tls_ca else None

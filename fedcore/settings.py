@@ -29,6 +29,14 @@ T = TypeVar("T")
 # '1e400' as a flag), whatever its range. Booleans are strict on top (`build`): True is no number, 1 no boolean.
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+
+@dataclass(frozen=True)
+class Described:
+    """A type's meaning in words, for `expected` (a mapping, or a value that has more than one spelling)."""
+
+    words: str
+
+
 # --- what a worker runs -------------------------------------------------------------------------------------
 MAX_EPOCHS = 10_000
 MAX_BATCH = 1 << 16
@@ -46,16 +54,20 @@ SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM st
 Positive = Annotated[int, Interval(ge=1)]
 NonNegative = Annotated[int, Interval(ge=0)]
 FiniteNonNegative = Annotated[float, Interval(ge=0)]
-# A duration waited here (threading, asyncio): at most what Python's waits take. One sent to the other side
-# takes its field's bound on top (`fedcore.wire.bounds.largest`).
+# The longest wait Python can time (threading, asyncio): every duration setting lies within it.
 MAX_WAIT_SECONDS = threading.TIMEOUT_MAX
-Seconds = Annotated[float, Interval(gt=0, le=MAX_WAIT_SECONDS)]
+# A duration setting, in seconds: at most a week, longer than any wait of a run needs (a round's deadline, a
+# save's retries), said in a user's units, and far within what Python's waits take and what the wire's
+# millisecond fields hold (a week is 6.048e8 ms, a uint32 field 4.29e9).
+MAX_SECONDS = 7 * 24 * 3600
+Seconds = Annotated[float, Interval(gt=0, le=MAX_SECONDS), Described(f"more than 0 s, up to {MAX_SECONDS} s (a week)")]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
 Concentration = Annotated[float, Interval(gt=0)]  # Dirichlet's beta: how skewed the skewed splits are
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1
 Port = Annotated[int, Interval(ge=-1, le=65535)]  # -1 = off, 0 = a free port the system picks
 # torch's CPU threads: more than the machine's CPUs never runs faster, and torch tries to start every one of them
-Threads = Annotated[int, Interval(ge=0, le=os.cpu_count() or 1)]
+MAX_THREADS = os.cpu_count() or 1
+Threads = Annotated[int, Interval(ge=0, le=MAX_THREADS), Described(f"an integer in 0..{MAX_THREADS} (this machine's CPUs)")]
 ProgressMode = Literal["auto", "bar", "log", "off"]  # auto: a live line on a terminal, log lines otherwise
 
 
@@ -70,13 +82,6 @@ def _comma_list(value: object) -> object:
 # A tuple setting given as a comma list (`Annotated[tuple[SplitKind, ...], CommaList]`): each item is then
 # checked as the tuple's item type says, a wrong one named by the setting's flag ("--splits = 'dirichlet': ...").
 CommaList = BeforeValidator(_comma_list)
-
-
-@dataclass(frozen=True)
-class Described:
-    """A type's meaning in words, for `expected` (a mapping, or a value that has more than one spelling)."""
-
-    words: str
 
 
 # --- paths: checked at start, so that a typo stops the process before it reads or writes anything -----------

@@ -34,6 +34,12 @@ RUN_MEANING = {
     "inception_weights": "pytorch-fid Inception weights: FD on its features (never downloaded)",
 }
 
+# The words of a path flag: --out-dir names a folder a command writes (simulate, reproduce, certs), --out a file
+# (sample's PNG, export's model); --checkpoint what a model is read from (a checkpoint folder or a file), and
+# --checkpoint-dir only the coordinator's run folder. The number of images a command generates is --samples
+# (sample, evaluate, reproduce; the coordinator's --eval-samples). Their old spellings still work, with a notice.
+OUT_DIR_OLD_SPELLINGS = {"out_dir": ("--out",)}
+
 DEVICES_MEANING = "train each round's clients in parallel, one process per device (--threads per process; default: torch's threads shared out)"
 
 SPEED_MEANING = {  # what each speed flag means; its type, range and default come from SpeedConfig's fields
@@ -47,10 +53,11 @@ SPEED_MEANING = {  # what each speed flag means; its type, range and default com
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    """The speed flags, each with the type, range or choices its SpeedConfig field declares, and --no-compile;
-    a command's config that holds a SpeedConfig takes them (`service.flags.build`)."""
+    """The speed flags, each with the type, range or choices its SpeedConfig field declares, and --no-compile,
+    the old spelling of --compile off (with a notice, not in the help); a command's config that holds a
+    SpeedConfig takes them (`service.flags.build`)."""
     from fedcore.model.training import SpeedConfig
     from service import flags
 
     flags.add_flags(p, SpeedConfig, SPEED_MEANING)
-    flags.add_switch(p, "--no-compile", "compile", "off", "same as --compile off")
+    flags.add_old_switch(p, "--no-compile", "compile", "off", "--compile off")

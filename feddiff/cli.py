@@ -49,6 +49,9 @@ class Subcommands(argparse._SubParsersAction):
         parser: argparse.ArgumentParser = self._name_parser_map[name]
         if name not in self._with_flags:
             command(name).add_flags(parser)
+            from service.flags import HelpFormatter  # what every command's module imports: no old spelling in its help
+
+            parser.formatter_class = HelpFormatter
             self._with_flags.add(name)
         return parser
 

@@ -246,7 +246,7 @@ def export(cfg: ExportConfig) -> int:
     """The model as FILE.safetensors with its config in FILE.json (or, --format diffusers, a pipeline folder)."""
     from fedcore.payload.serialization import save_file
 
-    trained = cfg.source.load(cfg.checkpoint_dir)
+    trained = cfg.source.load(cfg.checkpoint)
     model = build_trained(trained)  # refuse to export weights that do not make the model
     out = Path(cfg.out)
     if cfg.format == "diffusers":
@@ -310,10 +310,10 @@ def sample(cfg: SampleConfig) -> int:
 
     check_not_run_file(cfg.out, "--out")
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
-    images = generate(model, Schedule(), cfg.n, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
-    out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.n)), scale=cfg.scale)
+    images = generate(model, Schedule(), cfg.samples, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
+    out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.samples)), scale=cfg.scale)
     steps = "1000 steps" if cfg.sampler == "ddpm" else f"{cfg.steps} steps"
-    print(f"wrote {out}: {cfg.n} samples of {trained.describe()} ({cfg.sampler}, {steps}, seed {cfg.seed}, {device})")
+    print(f"wrote {out}: {cfg.samples} samples of {trained.describe()} ({cfg.sampler}, {steps}, seed {cfg.seed}, {device})")
     return 0
 
 
@@ -402,7 +402,7 @@ class ModelSource:
 
     __pydantic_config__ = settings.CONFIG
 
-    worker_state: ExistingFolder = ""  # a worker's --state-dir (or simulate's OUT/clients): its personalised model
+    worker_state: ExistingFolder = ""  # a worker's --state-dir (or simulate's OUT_DIR/clients): its personalised model
     private_stem: str = WORKER_PRIVATE_STEM  # name stem of the private-parts files in worker_state (a client's, in simulate's)
     model: ModelName | None = None  # model preset, where the checkpoint does not record it
 
@@ -418,7 +418,7 @@ class ExportConfig:
 
     __pydantic_config__ = settings.CONFIG
 
-    checkpoint_dir: ExistingPath  # a checkpoint dir, a .safetensors file or a diffusers folder
+    checkpoint: ExistingPath  # a checkpoint dir, a .safetensors file or a diffusers folder
     out: str  # FILE.safetensors, or a folder with format "diffusers"
     source: ModelSource = ModelSource()
     format: ExportFormat = "feddiff"
@@ -432,7 +432,7 @@ class SampleConfig:
 
     checkpoint: ExistingPath
     source: ModelSource = ModelSource()
-    n: EvalSamples = 64  # images in the grid
+    samples: EvalSamples = 64  # images in the grid
     out: str = "grid.png"
     sampler: SamplerKind = "ddim"
     steps: SamplingSteps = 100  # DDIM steps (DDPM takes all 1000)
@@ -470,13 +470,12 @@ class EvaluateConfig:
 
 
 MEANING = {  # what each flag means; its type, range or choices and default come from the configs' fields
-    "checkpoint_dir": "the coordinator's (or `feddiff simulate`'s) checkpoint dir, a .safetensors file or a diffusers folder",
-    "checkpoint": "a checkpoint dir (its final or newest global model), a .safetensors file or a diffusers folder",
+    "checkpoint": "a checkpoint dir (the coordinator's --checkpoint-dir or simulate's --out-dir: its final or newest global model), "
+    "a .safetensors file or a diffusers folder",
     "worker_state": "a worker's --state-dir: its personalised model (the global shared parts + its private parts)",
-    "private_stem": "name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT/clients",
+    "private_stem": "name stem of the private-parts files: 'private' in a worker's --state-dir; client-N in `feddiff simulate`'s OUT_DIR/clients",
     "model": "model preset, where the checkpoint does not record it",
     "format": "feddiff: FILE.safetensors + FILE.json; diffusers: a DDPMPipeline folder (diffusers-backbone models)",
-    "n": "number of samples",
     "sampler": "ddim (--steps steps) or ddpm (all 1000)",
     "steps": "DDIM steps",
     "seed": "sampling noise",
@@ -484,7 +483,6 @@ MEANING = {  # what each flag means; its type, range or choices and default come
     "threads": "CPU threads for torch (0 = torch's default)",
     "nrow": "images per row (0 = a square grid)",
     "scale": "enlarge each pixel this many times in the PNG",
-    "samples": "images generated for the FD",
     "reference_dir": "a folder of real images to compare with (default: the Fashion-MNIST test set)",
     "reference_images": "use the first N reference images (0 = all)",
     "data_root": "Fashion-MNIST IDX folder (default: Debian's package)",
@@ -492,13 +490,20 @@ MEANING = {  # what each flag means; its type, range or choices and default come
     "grid": "also write the first 64 samples as a grid",
     "json": "one JSON object for scripts",
 }
-OUT_MEANING = {
-    "export": "FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers",
-    "sample": "the PNG grid",
+OWN_MEANING = {  # the flags whose words differ between the commands
+    "export": {"out": "FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers"},
+    "sample": {"out": "the PNG grid", "samples": "images generated for the grid"},
+    "evaluate": {"samples": "images generated for the FD"},
+}
+# Old spellings, each still working with a notice: export's --checkpoint-dir (it takes a file too, as sample's and
+# evaluate's --checkpoint do; the coordinator's --checkpoint-dir is a folder), sample's --n (--samples, as evaluate
+# and reproduce say it), --client (a name, unlike --client-index).
+OLD_SPELLINGS = {
+    "export": {"checkpoint": ("--checkpoint-dir",)},
+    "sample": {"samples": ("--n",)},
 }
 METAVARS = {
-    "checkpoint_dir": "DIR_OR_FILE",
-    "checkpoint": "FILE_OR_DIR",
+    "checkpoint": "DIR_OR_FILE",
     "worker_state": "DIR",
     "private_stem": "STEM",
     "reference_dir": "DIR",
@@ -511,8 +516,9 @@ def _command(name: str, cls: type, run: Callable[[Any], int]) -> Command:
     """The command `name`: a flag per setting of `cls`, and `run` given the config the flags build."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        meaning = {**MEANING, "out": OUT_MEANING[name]} if name in OUT_MEANING else MEANING
-        flags.add_flags(p, cls, meaning, metavars=METAVARS, old={"private_stem": ("--client",)})  # --client: a name, unlike --client-index
+        old = {"private_stem": ("--client",), **OLD_SPELLINGS.get(name, {})}
+        metavars = {**METAVARS, "out": {"export": "FILE_OR_DIR", "sample": "PNG"}.get(name, "FILE")}
+        flags.add_flags(p, cls, {**MEANING, **OWN_MEANING[name]}, metavars=metavars, old=old)
 
     return Command(add, lambda args: run(flags.build(cls, args)))
 

@@ -27,7 +27,7 @@ from fedcore.experiments.reproduce import (
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, settle_compression
 from fedcore.settings import ExistingFile, FdSamples, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
@@ -47,8 +47,8 @@ class ReproduceSettings:
     data: SplitConfig = SplitConfig()  # K of the federated cells (the centralised one has 1), beta, split seed, ...
     compression: CompressionName = "none"  # the federated cells' delta codec (each codec its own cells, lines and folders)
     seed: Seed = 0  # model init, plans, training and sampling noise; each seed is its own results line and folder
-    out: str | None = None  # run folder (None: runs/reproduce/PROTOCOL)
-    results: str | None = None  # results JSONL (None: OUT/results.jsonl)
+    out_dir: str | None = None  # run folder (None: runs/reproduce/PROTOCOL)
+    results: str | None = None  # results JSONL (None: OUT_DIR/results.jsonl)
     docs: str = "docs"  # folder for results.md and its plots
     no_docs: bool = False
     render: bool = False  # only render the docs from the results file
@@ -75,7 +75,7 @@ class ReproduceSettings:
     def reproduce(self) -> ReproduceConfig:
         """The cells of the table these settings select (ValueError for --only, --strategies or --splits that name no cell)."""
         protocol = self.protocol_run
-        out = Path(self.out) if self.out else Path("runs/reproduce") / protocol.name
+        out = Path(self.out_dir) if self.out_dir else Path("runs/reproduce") / protocol.name
         return ReproduceConfig(
             protocol=protocol,
             cells=tuple(select_cells(self.strategies, self.splits, self.only, self.compression)),
@@ -100,8 +100,8 @@ MEANING = {
     "splits": "the splits whose federated cells run",
     "num_clients": "K of the federated cells (the centralised one has 1)",
     "seed": "model init, plans, training and sampling noise; each seed is its own results line and run folder",
-    "out": "run folder (default runs/reproduce/PROTOCOL)",
-    "results": "results JSONL (default OUT/results.jsonl)",
+    "out_dir": "run folder (default runs/reproduce/PROTOCOL)",
+    "results": "results JSONL (default OUT_DIR/results.jsonl)",
     "docs": "folder for results.md and its plots",
     "no_docs": "do not render the docs after each cell",
     "render": "only render the docs from the results file; train nothing",
@@ -118,7 +118,15 @@ NOT_FLAGS = ("only", "speed", "split")  # --only takes its own flag, speed the s
 
 def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
     """reproduce's flags: one per setting of ReproduceSettings."""
-    flags.add_flags(p, ReproduceSettings, MEANING, skip=NOT_FLAGS, old=SPLIT_OLD_SPELLINGS, shown_defaults={"max_images": "the protocol's"})
+    flags.add_flags(
+        p,
+        ReproduceSettings,
+        MEANING,
+        skip=NOT_FLAGS,
+        old={**SPLIT_OLD_SPELLINGS, **OUT_DIR_OLD_SPELLINGS},
+        metavars={"out_dir": "DIR"},
+        shown_defaults={"max_images": "the protocol's"},
+    )
     p.add_argument("--only", action="append", metavar="STRATEGY:SPLIT", help="run only these cells, e.g. udec:iid or centralised (repeatable, or a comma list)")
     add_speed_flags(p)
 

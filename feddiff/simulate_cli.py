@@ -19,7 +19,7 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
 from fedcore.settings import ExistingPath, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
@@ -40,8 +40,8 @@ class SimulateConfig:
     compression: CompressionName = "none"  # how clients code their deltas, with error feedback (fedcore.payload.codecs)
     compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
     data: SplitConfig = SplitConfig()  # K and how the training set is split among the clients
-    out: str = "runs/simulate"  # rounds.jsonl and checkpoints
-    resume: bool = False  # continue the run in `out` from its last checkpoint
+    out_dir: str = "runs/simulate"  # rounds.jsonl and checkpoints
+    resume: bool = False  # continue the run in `out_dir` from its last checkpoint
     init_from: ExistingPath = ""  # a diffusers UNet or pipeline folder, or a feddiff .safetensors
     devices: DeviceList | None = None  # train each round's clients in parallel, one process per device
     speed: SpeedConfig = SpeedConfig()
@@ -64,8 +64,8 @@ MEANING = {
     **SPEED_MEANING,
     **SPLIT_MEANING,
     "num_clients": "K; --num-clients 1 --strategy full is the centralised baseline",
-    "out": "output folder: rounds.jsonl and checkpoints",
-    "resume": "continue the run in --out from its last checkpoint (refused when there is none)",
+    "out_dir": "output folder: rounds.jsonl and checkpoints",
+    "resume": "continue the run in --out-dir from its last checkpoint (refused when there is none)",
     "init_from": "start the global model from a diffusers UNet or pipeline folder, or a feddiff .safetensors",
     "devices": DEVICES_MEANING,
 }
@@ -73,7 +73,7 @@ MEANING = {
 
 def add_simulate_flags(p: argparse.ArgumentParser) -> None:
     """simulate's flags: one per setting of SimulateConfig."""
-    flags.add_flags(p, SimulateConfig, MEANING, skip=("speed",), old=SPLIT_OLD_SPELLINGS)
+    flags.add_flags(p, SimulateConfig, MEANING, skip=("speed",), old={**SPLIT_OLD_SPELLINGS, **OUT_DIR_OLD_SPELLINGS}, metavars={"out_dir": "DIR"})
     add_speed_flags(p)
 
 
@@ -85,27 +85,27 @@ def simulate(args: argparse.Namespace) -> int:
 
     cfg = flags.build(SimulateConfig, args)
     if cfg.resume:
-        _check_resumable(Path(cfg.out))
+        _check_resumable(Path(cfg.out_dir))
     try:
         with device_pool(cfg.devices or (), cfg.speed) as pool:
             if pool is not None:
                 print(f"training on {pool}")
-            sim = Simulation.create(cfg.simulation, cfg.out, resume=cfg.resume, pool=pool)
+            sim = Simulation.create(cfg.simulation, cfg.out_dir, resume=cfg.resume, pool=pool)
             sim.run()
     except TrainingProcessFailed as e:
         print(f"feddiff simulate: error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out}")
+    print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out_dir}")
     return 0
 
 
 def _check_resumable(out: Path) -> None:
-    """ValueError, naming --out, when --resume finds no checkpoint there: a new run would start from round 1
+    """ValueError, naming --out-dir, when --resume finds no checkpoint there: a new run would start from round 1
     as if --resume had not been given."""
     if (out / STATE_FILE).is_file():
         return
     where = "does not exist" if not out.exists() else f"holds no checkpoint (no {STATE_FILE})"
-    raise ValueError(f"--resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there")
+    raise ValueError(f"--resume: --out-dir {out} {where}: there is nothing to resume; drop --resume to start a new run there")
 
 
 COMMANDS = {"simulate": Command(add_simulate_flags, simulate)}

@@ -14,9 +14,9 @@ from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
-from feddiff.args import Command, add_speed_flags
-from service import flags
-from service.process_settings import ConnectAddress
+from feddiff.args import OUT_DIR_OLD_SPELLINGS, Command, add_speed_flags
+from service import flags, tls
+from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -95,16 +95,10 @@ class ToolChannel:
     tls_ca: ExistingFile = ""
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
-    tls_server_name: str = ""  # override the name checked in the coordinator's certificate
+    tls_server_name: ServerName = ""  # override the name checked in the coordinator's certificate
 
     def __post_init__(self) -> None:
-        if self.insecure and self.tls_ca:
-            raise ValueError("--insecure and --tls-ca: give one, plain text or TLS checked against this CA")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither")
-        if (self.tls_cert or self.tls_server_name) and not self.tls_ca:
-            flag = "--tls-cert" if self.tls_cert else "--tls-server-name"
-            raise ValueError(f"{flag} needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)")
+        tls.check_tls_settings(tls.TOOL, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure, server_name=self.tls_server_name)
 
 
 TOOL_MEANING = {  # what the flags of ToolChannel mean; their types, ranges and defaults come from its fields
@@ -266,13 +260,15 @@ class CertsConfig:
 
     __pydantic_config__ = settings.CONFIG
 
-    out: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
-    coordinator_host: tuple[str, ...] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
+    out_dir: Folder  # ca.crt/ca.key (reused when present) and the issued pairs
+    coordinator_host: Annotated[
+        tuple[HostName, ...], settings.Described(f"{HOST_NAME_WORDS}, each")
+    ] = ()  # the DNS names and IPs the workers dial (localhost and 127.0.0.1 always)
     worker: CertificateHolders = ()  # one certificate each, its common name the worker id
 
 
 CERTS_MEANING = {
-    "out": "folder for ca.crt/ca.key (reused when present) and the issued pairs",
+    "out_dir": "folder for ca.crt/ca.key (reused when present) and the issued pairs",
     "coordinator_host": "DNS name or IP the workers dial (repeatable)",
     "worker": "a worker to issue a certificate for, its id the common name (repeatable)",
 }
@@ -281,7 +277,7 @@ CERTS_MEANING = {
 def _add_certs_flags(p: argparse.ArgumentParser) -> None:
     """certs' flags: one per setting of CertsConfig, --coordinator-host and --worker repeatable."""
     repeatable = {"coordinator_host": "HOST", "worker": "ID"}
-    flags.add_flags(p, CertsConfig, CERTS_MEANING, skip=repeatable, metavars={"out": "DIR"})
+    flags.add_flags(p, CertsConfig, CERTS_MEANING, skip=repeatable, metavars={"out_dir": "DIR"}, old=OUT_DIR_OLD_SPELLINGS)
     for name, tp, default in flags.settings_of(CertsConfig):
         if name in repeatable:
             flags.add_flag(p, name, tp, default, CERTS_MEANING[name], action="append", metavar=repeatable[name])
@@ -292,7 +288,7 @@ def certs(args: argparse.Namespace) -> int:
     from feddiff.certs import create_project
 
     cfg = flags.build(CertsConfig, args)
-    for path in create_project(Path(cfg.out), cfg.coordinator_host, cfg.worker):
+    for path in create_project(Path(cfg.out_dir), cfg.coordinator_host, cfg.worker):
         print(path)
     return 0
 

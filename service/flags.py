@@ -8,6 +8,7 @@ business; fedcore's typed-config machinery (`fedcore.settings`) knows settings b
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, Field, fields, is_dataclass
@@ -87,16 +88,31 @@ def choices(tp: Any) -> Choices | None:
 
 class _Spelled(argparse.Action):
     """A flag's value stored as `store` (or, with no argument, `store_const`) stores it; given by one of its
-    `old` spellings, a one-line notice on stderr names the flag's own (the old spelling still works)."""
+    `old` spellings, a one-line notice on stderr names the flag's own, or `spelled` (the old spelling still
+    works)."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, *, old: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(self, option_strings: Sequence[str], dest: str, *, old: Sequence[str] = (), spelled: str = "", **kwargs: Any) -> None:
         super().__init__(option_strings, dest, **kwargs)
         self.old = tuple(old)
+        self.spelled = spelled or self.option_strings[0]
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         if option_string in self.old:
-            print(f"{parser.prog}: notice: {option_string} is deprecated, it is spelled {self.option_strings[0]} now", file=sys.stderr)
+            print(f"{parser.prog}: notice: {option_string} is deprecated, it is spelled {self.spelled} now", file=sys.stderr)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, each flag listed by its spellings of today: an old one (`_Spelled.old`) still works,
+    with a notice, but the help does not list it beside the flag it repeats."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        old = getattr(action, "old", ())
+        if not old or not action.option_strings:
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [s for s in action.option_strings if s not in old]
+        return super()._format_action_invocation(shown)
 
 
 def add_flag(
@@ -144,6 +160,13 @@ def add_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: obj
     """A switch `flag` that gives setting `name` the value `value` (--keep-running: exit_when_done false), as
     that setting's own flag would: the last of the two given wins."""
     return parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=words)
+
+
+def add_old_switch(parser: argparse.ArgumentParser, flag: str, name: str, value: object, spelled: str) -> argparse.Action:
+    """A switch this command took once, `flag`, that gives setting `name` the value `value` as `spelled` (its
+    flag and that value: --no-compile, now --compile off) does: it still works, with the notice an old
+    spelling gives, and the help does not list it beside the flag it repeats."""
+    return parser.add_argument(flag, dest=name, action=_Spelled, nargs=0, const=value, default=None, old=(flag,), spelled=spelled, help=argparse.SUPPRESS)
 
 
 def settings_of(cls: type, skip: Collection[str] = (), held: object = None) -> Iterator[tuple[str, Any, Any]]:

@@ -1,10 +1,13 @@
-"""The types of the settings only a process's edge takes: the address it listens on or dials, and the ready
-file it writes for scripts. Each is checked at start, so that a typo stops the process before it joins a run."""
+"""The types of the settings only a process's edge takes: the address it listens on or dials, a host name a
+certificate names or is checked against, and the ready file it writes for scripts. Each is checked at start, so
+that a typo stops the process before it joins a run (or a certificate is issued for a name no one can dial)."""
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +45,38 @@ def _ready_file(text: str) -> str:
         if not isinstance(earlier, dict):
             raise ValueError("an existing file that is not a ready file; give a new path")
     return text
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+MAX_HOST_NAME = 253  # characters of a DNS name (RFC 1035), its dots included
+
+
+def _host_name(text: str) -> str:
+    """`text` when it is an IP address or a DNS name (RFC 1123 labels of letters, digits and inner hyphens,
+    dot-separated, the first one `*` in a wildcard name); ValueError saying what is wrong otherwise."""
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not text.strip():
+        raise ValueError("an empty name")
+    if any(c.isspace() for c in text):
+        raise ValueError("a name with a space in it")
+    labels = text.removesuffix(".").split(".")
+    bad = next((label for i, label in enumerate(labels) if not (_LABEL.fullmatch(label) or (i == 0 and label == "*" and len(labels) > 2))), None)
+    if bad is not None or len(text) > MAX_HOST_NAME:
+        raise ValueError(f"label {bad!r} is not letters, digits and inner hyphens" if bad is not None else f"longer than {MAX_HOST_NAME} characters")
+    return text
+
+
+def _server_name(text: str) -> str:
+    return _host_name(text) if text else text  # empty: not given
+
+
+HOST_NAME_WORDS = "a DNS name (letters, digits, hyphens and dots) or an IP address"
+HostName = Annotated[str, AfterValidator(_host_name), Described(HOST_NAME_WORDS)]
+ServerName = Annotated[str, AfterValidator(_server_name), Described(HOST_NAME_WORDS)]  # "" = not given
 
 
 # A file the process writes once it serves, for scripts and tests: {"address", "metrics_port", ...}

@@ -17,7 +17,6 @@ from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
 from service.channels import channel_to
-from service.tls import check_tls_files
 from worker.config import WorkerConfig
 
 CHANNEL_OPTIONS = [
@@ -35,7 +34,6 @@ def open_channel(cfg: WorkerConfig) -> grpc.Channel:
     """TLS (mutual with a client certificate) or, with --insecure, plain text."""
     if not cfg.tls_ca and not cfg.insecure:
         raise ValueError("no --tls-ca given: pass TLS settings, or --insecure for plain-text gRPC")
-    check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
     return channel_to(cfg.coordinator, cfg.tls_ca, cfg.tls_key, cfg.tls_cert, cfg.tls_server_name, CHANNEL_OPTIONS)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from pydantic import AfterValidator
 
 from fedcore import settings
 from fedcore.data.shards import SplitConfig
-from fedcore.model.training import SpeedConfig
+from fedcore.model.training import SpeedConfig, resolve_device, training_processes
 from fedcore.settings import (
     ExistingFile,
     ExistingFolder,
@@ -24,9 +23,9 @@ from fedcore.settings import (
     ProgressMode,
     Seconds,
 )
-from fedcore.wire.bounds import WORKER_ID, largest
-from service import flags
-from service.process_settings import ConnectAddress, ReadyFile
+from fedcore.wire.bounds import WORKER_ID
+from service import flags, tls
+from service.process_settings import ConnectAddress, ReadyFile, ServerName
 from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
@@ -56,8 +55,8 @@ def _nproc_per_node(text: str) -> str:
 WorkerId = Annotated[str, AfterValidator(_worker_id), settings.Described(f"a worker id of {WORKER_ID.describe()}")]
 Channels = Annotated[int, AfterValidator(_grayscale_or_rgb), settings.Described("1 (grayscale) or 3 (RGB)")]
 NprocPerNode = Annotated[str, AfterValidator(_nproc_per_node), settings.Described("a number of ranks (1 or more), or gpu: one per GPU this host shows")]
-# The long poll's length, sent in milliseconds (WaitTaskRequest.timeout_ms)
-WaitTimeout = Annotated[float, Interval(gt=0, le=largest("WaitTaskRequest.timeout_ms", per_unit=1000))]
+# The long poll's length, sent in milliseconds: at most a week's, within WaitTaskRequest.timeout_ms
+WaitTimeout = Seconds
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ class WorkerConfig:
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
     token_file: ExistingFile = ""
-    tls_server_name: str = ""
+    tls_server_name: ServerName = ""
 
     def __post_init__(self) -> None:
         if self.data_dir and self.client_index >= 0:
@@ -117,10 +116,7 @@ class WorkerConfig:
                 f"--client-index {self.client_index} is not a shard of {flags.shown(self, 'data.num_clients')}: give 0..{self.data.num_clients - 1}, "
                 "or --num-clients above it"
             )
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both (this worker's certificate and its key), or neither")
-        if self.tls_cert and not self.tls_ca:
-            raise ValueError("--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against")
+        tls.check_tls_settings(tls.WORKER, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure, server_name=self.tls_server_name)
         if self.ranks_per_node > 1:
             _check_rank_devices(self.ranks_per_node, self.speed.device)
 
@@ -131,22 +127,20 @@ class WorkerConfig:
 
 
 def _check_rank_devices(ranks: int, device: str) -> None:
-    """Several ranks train on the CPU, at most one per CPU of this host (each rank is a process of its own
-    that takes at least one), or on one CUDA GPU each (rank r on cuda:r)."""
-    kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    """Several ranks train on the CPU or on one CUDA GPU each (rank r on cuda:r), checked as every set of
+    training processes is (`training_processes`: devices this host has, at most one process per CPU)."""
+    kind = resolve_device(device)
     if kind.type == "cuda" and kind.index is not None:
         raise ValueError(
             f"--device {device} names one GPU, but each of the --nproc-per-node {ranks} ranks takes its own (rank r on cuda:r): pass --device cuda"
         )
-    if kind.type == "cuda" and ranks > torch.cuda.device_count():
-        raise ValueError(
-            f"--nproc-per-node {ranks} asks for more ranks than this host's {torch.cuda.device_count()} CUDA GPUs: give at most {torch.cuda.device_count()}"
-        )
-    cpus = os.cpu_count() or 1
-    if kind.type == "cpu" and ranks > cpus:
-        raise ValueError(f"--nproc-per-node {ranks} asks for more ranks than this host's {cpus} CPUs (each rank trains on one at least): give at most {cpus}")
     if kind.type not in ("cuda", "cpu"):
         raise ValueError(f"--nproc-per-node {ranks} trains on CUDA GPUs or CPUs, not on --device {device}")
+    try:
+        training_processes([f"cuda:{rank}" for rank in range(ranks)] if kind.type == "cuda" else ["cpu"] * ranks)
+    except ValueError as e:
+        on = "CUDA GPUs, rank r on cuda:r" if kind.type == "cuda" else "the CPU"
+        raise ValueError(f"--nproc-per-node {ranks} on {on} (--device {device}): {e}") from None
 
 
 # What each setting with a flag does: the one place that says it (its flag's help); its type, range and default

@@ -23,7 +23,7 @@ from fedcore import settings
 from fedcore.data.datasets import to_model_range
 from fedcore.model.diffusion import Schedule
 from fedcore.model.ranks import Ranks
-from fedcore.model.training import LocalTrainer, SpeedConfig, TrainingInterrupted, resolve_device
+from fedcore.model.training import LocalTrainer, SpeedConfig, TrainingInterrupted, resolve_device, threads_per_process
 from fedcore.model.unet import build_model
 from service.ports import check_free
 from worker.config import WorkerConfig
@@ -45,8 +45,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     if ranks.leader:
         check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
     cfg = settings.replace(cfg, speed=rank_speed(cfg.speed, ranks))
-    threads = cfg.speed.threads or _cpu_share(cfg.speed, ranks)
-    torch.set_num_threads(threads) if threads > 0 else None
+    _set_threads(cfg.speed, ranks)
     if not ranks.distributed:
         return _lead(WorkerDaemon(cfg), _Signals())
     team = Team(ranks, resolve_device(cfg.speed.device), cfg.collective_timeout)
@@ -126,13 +125,14 @@ def rank_speed(speed: SpeedConfig, ranks: Ranks) -> SpeedConfig:
     return speed
 
 
-def _cpu_share(speed: SpeedConfig, ranks: Ranks) -> int:
-    """CPU threads of a rank on the CPU when none were asked for: the host's cores shared among its ranks (as
-    torchrun's OMP_NUM_THREADS=1 avoids N ranks each taking every core); 0 (torch's default) for one rank."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
-    if not ranks.distributed or resolve_device(speed.device).type != "cpu":
-        return 0
-    return max(1, (os.cpu_count() or 1) // local)
+def _set_threads(speed: SpeedConfig, ranks: Ranks) -> None:
+    """torch's threads in this process: --threads when given; else, for one of several ranks on this host, the
+    host's threads shared out between them as simulate shares them between its processes (`threads_per_process`:
+    N ranks each taking every core ran slower), unless OMP_NUM_THREADS gives each rank its own (torchrun's
+    convention); else torch's default."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
+    if speed.threads or (ranks.distributed and "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(threads_per_process(local_ranks, speed.threads))
 
 
 # --- the ranks other than 0 ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ processes use the same number of torch threads (`--threads`)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import traceback
@@ -32,46 +31,27 @@ from fedcore.data.datasets import to_model_range
 from fedcore.errors import TrainingProcessFailed
 from fedcore.federation.client import ClientRuntime, TrainTask
 from fedcore.model.diffusion import Schedule
-from fedcore.model.training import LocalTrainer, SpeedConfig, device_problem
+from fedcore.model.training import LocalTrainer, SpeedConfig, threads_per_process, training_processes
 from fedcore.model.unet import build_model
 
 # --- the devices setting --------------------------------------------------------------------------------------
 
 
 def parse_devices(given: str | Sequence[str]) -> tuple[str, ...]:
-    """`cuda:0,cuda:1` or `cpu,cpu` (or a list of names) -> the devices, one training process each; ValueError
-    naming the entry that is no device of this machine, devices of two kinds (a client's bytes would then
-    depend on which process trained it), or more devices than this machine has CPUs (each process takes one at
-    least). A name may repeat: `cpu,cpu` is two processes on the CPU."""
+    """`cuda:0,cuda:1` or `cpu,cpu` (or a list of names) -> the devices, one training process each, checked as
+    every set of training processes is (`training_processes`); ValueError naming an empty or `auto` entry too
+    (each process needs its device named)."""
     names = [s.strip() for s in given.split(",")] if isinstance(given, str) else [str(s).strip() for s in given]
-    devices = []
-    for name in names:
-        if not name or name == "auto":
-            raise ValueError(f"entry {name!r}: name each device (cpu, cuda:N)")
-        problem = device_problem(name)
-        if problem is not None:
-            raise ValueError(f"device {name!r}: {problem}")
-        device = torch.device(name)
-        devices.append(f"{device.type}:0" if device.type == "cuda" and device.index is None else str(device))
-    cpus = os.cpu_count() or 1
-    if len(devices) > cpus:
-        raise ValueError(f"{len(devices)} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}")
-    kinds = sorted({torch.device(d).type for d in devices})
-    if len(kinds) > 1:
-        raise ValueError(f"devices of kinds {', '.join(kinds)}: a client's model would depend on which one trained it; give devices of one kind")
-    return tuple(devices)
+    unnamed = next((name for name in names if not name or name == "auto"), None)
+    if unnamed is not None:
+        raise ValueError(f"entry {unnamed!r}: name each device (cpu, cuda:N)")
+    return training_processes(names)
 
 
 # A comma list of devices, checked against this machine when the setting is built (at start).
 DeviceList = Annotated[
     tuple[str, ...], BeforeValidator(parse_devices), settings.Described("a comma list of devices of one kind, e.g. cuda:0,cuda:1 or cpu,cpu")
 ]
-
-
-def threads_per_process(devices: Sequence[str], speed: SpeedConfig) -> int:
-    """torch threads of each training process: --threads when given, else the threads torch takes in this
-    process (its default: the physical cores, or OMP_NUM_THREADS) shared out between the processes."""
-    return speed.threads or max(1, torch.get_num_threads() // len(devices))
 
 
 # --- one client's work --------------------------------------------------------------------------------------
@@ -250,7 +230,7 @@ class DevicePool:
     def __init__(self, devices: Sequence[str], speed: SpeedConfig):
         if not devices:
             raise ValueError("a device pool needs at least one device")
-        self.threads = threads_per_process(devices, speed)
+        self.threads = threads_per_process(len(devices), speed.threads)
         context = torch.multiprocessing.get_context("spawn")
         self._processes: list[_Process] = []
         try:

@@ -367,7 +367,7 @@ def _check_cell_folder(folder: Path, sim_cfg: SimulationConfig) -> None:
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved != spec:
-            raise ValueError(f"{str(folder)!r} was trained with {saved}, not {spec}; use another --out or delete the folder")
+            raise ValueError(f"{str(folder)!r} was trained with {saved}, not {spec}; use another --out-dir or delete the folder")
         return
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1) + "\n")

@@ -95,7 +95,7 @@ class Simulation:
         federation = Federation.restore(fcfg, out) if resume else None
         existing = None if resume else checkpoint.run_in(out)
         if existing:
-            raise ExistingRun(out, existing, "--out")
+            raise ExistingRun(out, existing, "--out-dir")
         if federation is None:
             initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
             federation = Federation(fcfg, global_state=initial)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -70,6 +71,37 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def training_processes(devices: Sequence[str]) -> tuple[str, ...]:
+    """The devices of training processes started together on this host, one process each, as torch names
+    them (`cuda` is cuda:0). ValueError naming the entry that is no device of this machine (`device_problem`),
+    devices of two kinds (a client's model would depend on which one trained it), or more processes than this
+    host's CPUs (each takes one at least). A device may repeat: `cpu,cpu` is two processes on the CPU. The one
+    check of `--devices` (simulate, reproduce) and of a worker's ranks (`--nproc-per-node`)."""
+    found = []
+    for name in devices:
+        problem = device_problem(name)
+        if problem is not None:
+            raise ValueError(f"device {name!r}: {problem}")
+        device = resolve_device(name)
+        found.append(f"{device.type}:0" if device.type == "cuda" and device.index is None else str(device))
+    cpus = os.cpu_count() or 1
+    if len(found) > cpus:
+        raise ValueError(
+            f"{len(found)} training processes, one per device: more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}"
+        )
+    kinds = sorted({torch.device(d).type for d in found})
+    if len(kinds) > 1:
+        raise ValueError(f"devices of kinds {', '.join(kinds)}: a client's model would depend on which one trained it; give devices of one kind")
+    return tuple(found)
+
+
+def threads_per_process(processes: int, threads: int = 0) -> int:
+    """torch threads of each of `processes` training processes on this host: `threads` (--threads) when given,
+    else the threads torch takes in this process (its default: the physical cores, or OMP_NUM_THREADS) shared
+    out between them, one at least. The one share of `--devices` (simulate, reproduce) and of a worker's ranks."""
+    return threads or max(1, torch.get_num_threads() // processes)
 
 
 def _on_this_machine(name: str) -> str:

@@ -75,7 +75,7 @@ def test_a_value_that_does_not_fit_is_refused_in_one_line_naming_it(values: dict
         (str | None, "a string"),
         (bool, "true or false"),
         (settings.Positive, "an integer >= 1"),
-        (settings.Seconds, f"a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        (settings.Seconds, "more than 0 s, up to 604800 s (a week)"),
         (settings.FiniteNonNegative, "a finite number >= 0"),
         (settings.Fraction, "a number in (0, 1]"),
         (settings.Epochs, f"an integer in 1..{settings.MAX_EPOCHS}"),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fedcore.settings import MAX_WAIT_SECONDS
 from feddiff.cli import COMMANDS, build_parser, main
 from tests.parsers import subcommands
 
@@ -70,14 +69,15 @@ def test_a_bad_value_of_model_info_or_strategies_is_refused_in_one_line_with_sta
     assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
 
 
+HOST = "a DNS name (letters, digits, hyphens and dots) or an IP address"
 TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag must stop the command before it dials
 
 
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["status", *TOOL, "--timeout", "-1"], f"--timeout = '-1': expected a number in (0, {MAX_WAIT_SECONDS}]"),
-        (["health", *TOOL, "--timeout", "nan"], f"--timeout = 'nan': expected a number in (0, {MAX_WAIT_SECONDS}]"),
+        (["status", *TOOL, "--timeout", "-1"], "--timeout = '-1': expected more than 0 s, up to 604800 s (a week)"),
+        (["health", *TOOL, "--timeout", "nan"], "--timeout = 'nan': expected more than 0 s, up to 604800 s (a week)"),
         (["health", "--coordinator", "coordinator"], "--address = 'coordinator': expected HOST:PORT with a port in 1..65535"),
         (["status", "--address", "127.0.0.1:0"], "--address = '127.0.0.1:0': expected HOST:PORT with a port in 1..65535"),
         (["health", *TOOL, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
@@ -92,12 +92,30 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
             "--tls-cert needs --tls-ca, the CA the coordinator's certificate is checked against (without it: plain text)",
         ),
         (["health", *TOOL, "--insecure", "--tls-ca", "{file}"], "--insecure and --tls-ca: give one, plain text or TLS checked against this CA"),
-        (["certs", "--out", "{out}", "--worker", "hospital-1", "--worker", "ca"], "--worker = 'ca': expected a worker id other than 'ca' and 'coordinator'"),
         (
-            ["certs", "--out", "{out}", "--worker", "a/b"],
+            ["certs", "--out-dir", "{out}", "--worker", "hospital-1", "--worker", "ca"],
+            "--worker = 'ca': expected a worker id other than 'ca' and 'coordinator'",
+        ),
+        (
+            ["certs", "--out-dir", "{out}", "--worker", "a/b"],
             "--worker = 'a/b': expected a worker id other than 'ca' and 'coordinator'; a worker id takes 1..128 characters of [A-Za-z0-9._-]",
         ),
-        (["certs", "--out", ""], "--out = '': expected a folder path"),
+        (["certs", "--out-dir", ""], "--out-dir = '': expected a folder path"),
+        (["certs", "--out-dir", "{out}", "--coordinator-host", ""], f"--coordinator-host = '': expected {HOST}; an empty name"),
+        (["certs", "--out-dir", "{out}", "--coordinator-host", " \t"], f"--coordinator-host = ' \\t': expected {HOST}; an empty name"),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "ok.example", "--coordinator-host", "my host"],
+            f"--coordinator-host = 'my host': expected {HOST}; a name with a space in it",
+        ),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host=-bad.example"],
+            f"--coordinator-host = '-bad.example': expected {HOST}; label '-bad' is not letters, digits and inner hyphens",
+        ),
+        (["health", *TOOL, "--tls-ca", "{file}", "--tls-server-name", " "], f"--tls-server-name = ' ': expected {HOST}; an empty name"),
+        (
+            ["status", *TOOL, "--tls-ca", "{file}", "--tls-server-name", "a..b"],
+            f"--tls-server-name = 'a..b': expected {HOST}; label '' is not letters, digits and inner hyphens",
+        ),
     ],
 )
 def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
@@ -112,6 +130,59 @@ def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_statu
     assert code == 2
     assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from feddiff.certs import create_project
+
+    out = tmp_path_factory.mktemp("pki")
+    create_project(out, ["localhost"], ["client-0", "client-1"])
+    (out / "bad").write_text("not a certificate\n")
+    return out
+
+
+@pytest.mark.parametrize("command", ["health", "status"])
+@pytest.mark.parametrize(
+    ("files", "line"),
+    [
+        ({"--tls-ca": "bad"}, "--tls-ca {bad}: not a PEM certificate"),
+        ({"--tls-ca": "client-0.key"}, "--tls-ca {client-0.key}: not a PEM certificate"),
+        ({"--tls-ca": "ca.crt", "--tls-cert": "bad", "--tls-key": "client-0.key"}, "--tls-cert {bad}: not a PEM certificate"),
+        ({"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "bad"}, "--tls-key {bad}: not an unencrypted PEM private key"),
+        (
+            {"--tls-ca": "ca.crt", "--tls-cert": "client-0.crt", "--tls-key": "client-1.key"},
+            "--tls-key {client-1.key}: not the key of the certificate in --tls-cert {client-0.crt}",
+        ),
+    ],
+)
+def test_health_and_status_check_their_tls_files_at_start_as_the_worker_does(
+    command: str, files: dict[str, str], line: str, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens at TOOL's address: a command that dialled would end with status 1 and UNAVAILABLE."""
+    argv = [command, *TOOL, *(x for flag, name in files.items() for x in (flag, str(pki / name)))]
+    for name in files.values():
+        line = line.replace(f"{{{name}}}", str(pki / name))
+
+    code = main(argv)
+
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == "" and err.startswith(f"feddiff {command}: error: {line}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["coordinator", "worker", "status"])
+def test_one_check_refuses_a_bad_tls_file_alike_in_every_command(command: str, pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = {
+        "coordinator": ["coordinator", "--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key")],
+        "worker": ["worker", "--coordinator", "127.0.0.1:1", "--client-index", "0"],
+        "status": ["status", *TOOL],
+    }[command]
+
+    code = main([*argv, "--tls-ca", str(pki / "bad")])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff {command}: error: --tls-ca {pki / 'bad'}: not a PEM certificate\n"
 
 
 def test_strategies_counts_the_bytes_with_each_codec_of_its_list(capsys) -> None:
@@ -211,7 +282,7 @@ def test_a_checkpoint_that_is_not_safetensors_is_refused_in_one_line_naming_it(c
     given = {
         "sample": ["--checkpoint", str(bad), "--out", str(tmp_path / "grid.png")],
         "evaluate": ["--checkpoint", str(bad)],
-        "export": ["--checkpoint-dir", str(bad), "--out", str(tmp_path / "out.safetensors")],
+        "export": ["--checkpoint", str(bad), "--out", str(tmp_path / "out.safetensors")],
     }[command]
 
     code = main([command, *given, "--model", "tiny"])
@@ -225,7 +296,7 @@ def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path,
     taken = tmp_path / "taken"
     taken.write_text("keep me")
 
-    code = main(["certs", "--out", str(taken)])
+    code = main(["certs", "--out-dir", str(taken)])
 
     assert code == 2
     err = capsys.readouterr().err
@@ -296,3 +367,89 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     assert set(commands) == set(COMMANDS)
     assert wordless == []
     assert all(parser.format_help() for parser in commands.values())  # each help renders (a stray % in one would not)
+
+
+def _help(command: str) -> str:
+    return " ".join(subcommands(build_parser())[command].format_help().split())
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("coordinator", "--round-deadline"),
+        ("coordinator", "--upload-idle-timeout"),
+        ("coordinator", "--heartbeat-interval"),
+        ("coordinator", "--final-save-timeout"),
+        ("worker", "--wait-timeout"),
+        ("worker", "--collective-timeout"),
+        ("status", "--timeout"),
+        ("health", "--timeout"),
+    ],
+)
+def test_a_durations_help_gives_its_range_in_seconds_a_user_would_give(command: str, flag: str) -> None:
+    help_text = _help(command)
+
+    entry = help_text.split(f"{flag} {flag[2:].upper().replace('-', '_')} ", 1)[1]
+    assert ": more than 0 s, up to 604800 s (a week), default " in entry.split(" --", 1)[0]
+    assert "9223372036" not in help_text and "4294967.295" not in help_text
+
+
+@pytest.mark.parametrize("command", ["worker", "simulate", "reproduce"])
+def test_threads_help_says_where_its_top_comes_from_and_no_compile_is_not_listed_twice(command: str) -> None:
+    import os
+
+    help_text = _help(command)
+
+    assert f"CPU threads for torch (0 = torch's default): an integer in 0..{os.cpu_count()} (this machine's CPUs), default 0" in help_text
+    assert "--no-compile" not in help_text and "--compile {auto,on,off}" in help_text
+
+
+def test_no_compile_still_works_as_the_old_spelling_of_compile_off(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.config import from_args
+
+    args = build_parser().parse_args(["worker", "--coordinator", "127.0.0.1:1", "--client-index", "0", "--no-compile"])
+
+    assert from_args(args).speed.compile == "off"
+    assert capsys.readouterr().err == "feddiff worker: notice: --no-compile is deprecated, it is spelled --compile off now\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "old", "new", "setting"),
+    [
+        (["simulate", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["reproduce", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["certs", "--out", "{tmp}"], "--out", "--out-dir", "out_dir"),
+        (["export", "--checkpoint-dir", "{tmp}", "--out", "m.safetensors"], "--checkpoint-dir", "--checkpoint", "checkpoint"),
+        (["sample", "--checkpoint", "{tmp}", "--n", "4"], "--n", "--samples", "samples"),
+    ],
+)
+def test_a_renamed_flags_old_spelling_still_works_with_a_notice_naming_the_new(
+    argv: list[str], old: str, new: str, setting: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from feddiff.models_cli import ExportConfig, SampleConfig
+    from feddiff.reproduce_cli import ReproduceSettings
+    from feddiff.simulate_cli import SimulateConfig
+    from feddiff.system_cli import CertsConfig
+    from service import flags
+
+    configs = {"simulate": SimulateConfig, "reproduce": ReproduceSettings, "certs": CertsConfig, "export": ExportConfig, "sample": SampleConfig}
+    argv = [str(tmp_path) if a == "{tmp}" else a for a in argv]
+
+    built: object = flags.build(configs[argv[0]], build_parser().parse_args(argv))
+
+    assert capsys.readouterr().err == f"feddiff {argv[0]}: notice: {old} is deprecated, it is spelled {new} now\n"
+    assert str(getattr(built, setting)) == argv[argv.index(old) + 1]
+
+
+def test_the_help_lists_each_flag_by_its_spelling_of_today_only() -> None:
+    """An old spelling still works (the test above) but is not listed: not --clients beside --num-clients, not
+    --no-compile beside --compile."""
+    listed = {
+        name: {s for line in parser.format_help().splitlines() if line.startswith("  -") for s in line.replace(",", " ").split() if s.startswith("--")}
+        for name, parser in subcommands(build_parser()).items()
+    }
+    old = {name: {s for action in parser._actions for s in getattr(action, "old", ())} for name, parser in subcommands(build_parser()).items()}
+
+    assert {name: listed[name] & old[name] for name in listed if listed[name] & old[name]} == {}
+    assert {"--clients", "--no-compile"} <= old["simulate"] and "--num-clients" in listed["simulate"] and "--compile" in listed["simulate"]
+    assert {"--out", "--checkpoint-dir", "--n"} <= old["export"] | old["sample"] | old["certs"]

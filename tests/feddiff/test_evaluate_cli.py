@@ -26,7 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -
     """`feddiff simulate`: centralised (K = 1, full), the tiny model on 2,000 images for 3 epochs at lr 2e-3."""
     out = tmp_path_factory.mktemp("evaluate") / "run"
     code = main(["simulate", "--model", "tiny", "--strategy", "full", "--num-clients", "1", "--rounds", "1", "--epochs", "3",
-                 "--batch-size", "32", "--lr", "2e-3", "--max-images", "2000", "--threads", "1", "--out", str(out)])  # fmt: skip
+                 "--batch-size", "32", "--lr", "2e-3", "--max-images", "2000", "--threads", "1", "--out-dir", str(out)])  # fmt: skip
     assert code == 0
     return out
 
@@ -63,7 +63,7 @@ def test_same_seed_same_fd_other_seed_other_fd(trained: Path, capsys) -> None:
 
 def test_exported_model_scores_as_its_checkpoint(trained: Path, tmp_path: Path, capsys) -> None:
     exported = tmp_path / "model.safetensors"
-    assert main(["export", "--checkpoint-dir", str(trained), "--out", str(exported)]) == 0
+    assert main(["export", "--checkpoint", str(trained), "--out", str(exported)]) == 0
     capsys.readouterr()
 
     assert _evaluate(capsys, "--checkpoint", str(exported))["fd"] == _evaluate(capsys, "--checkpoint", str(trained))["fd"]
@@ -106,7 +106,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_personalised_model_of_a_client(tmp_path: Path, fashion_mnist_dir: Path, capsys) -> None:
     out = tmp_path / "udec"
     assert main(["simulate", "--model", "tiny", "--strategy", "udec", "--num-clients", "2", "--rounds", "1", "--epochs", "1",
-                 "--max-images", "128", "--threads", "1", "--out", str(out)]) == 0  # fmt: skip
+                 "--max-images", "128", "--threads", "1", "--out-dir", str(out)]) == 0  # fmt: skip
     capsys.readouterr()
 
     one = _evaluate(capsys, "--checkpoint", str(out), "--worker-state", str(out / "clients"), "--client", "client-1")

@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -
             "128",
             "--threads",
             "1",
-            "--out",
+            "--out-dir",
             str(out),
         ]
     )
@@ -68,7 +68,7 @@ def read_png(path: Path) -> np.ndarray:
 def test_export_writes_the_global_model_and_its_config(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "export" / "global.safetensors"
 
-    code = main(["export", "--checkpoint-dir", str(run_dir), "--out", str(out)])
+    code = main(["export", "--checkpoint", str(run_dir), "--out", str(out)])
 
     assert code == 0
     tensors, metadata = load_file(out)
@@ -87,7 +87,7 @@ def test_export_writes_the_global_model_and_its_config(run_dir: Path, tmp_path: 
 def test_export_of_a_worker_state_dir_is_its_personalised_model(run_dir: Path, worker_state: Path, tmp_path: Path) -> None:
     out = tmp_path / "hospital-1.safetensors"
 
-    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(worker_state), "--out", str(out)])
+    code = main(["export", "--checkpoint", str(run_dir), "--worker-state", str(worker_state), "--out", str(out)])
 
     assert code == 0
     tensors, _ = load_file(out)
@@ -118,21 +118,21 @@ def test_export_takes_the_private_parts_of_the_checkpoints_run(run_dir: Path, wo
     (worker_state / "run.json").write_text(json.dumps({"run_id": run_b}))
     out = tmp_path / "hospital-1.safetensors"
 
-    assert main(["export", "--checkpoint-dir", str(checkpoints), "--worker-state", str(worker_state), "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(checkpoints), "--worker-state", str(worker_state), "--out", str(out)]) == 0
 
     tensors, _ = load_file(out)
     private, _ = saved_private(worker_state / "previous-runs" / run_a, "private")
     assert all(torch.equal(tensors[k], v) for k, v in private.items())
 
     shutil.rmtree(worker_state / "previous-runs")
-    assert main(["export", "--checkpoint-dir", str(checkpoints), "--worker-state", str(worker_state), "--out", str(tmp_path / "x.safetensors")]) != 0
+    assert main(["export", "--checkpoint", str(checkpoints), "--worker-state", str(worker_state), "--out", str(tmp_path / "x.safetensors")]) != 0
     assert f"no private parts of run {run_a} (the checkpoint's); it holds those of run {run_b}" in capsys.readouterr().err
 
 
 def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "client-0.safetensors"
 
-    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(run_dir / "clients"), "--private-stem", "client-0", "--out", str(out)])
+    code = main(["export", "--checkpoint", str(run_dir), "--worker-state", str(run_dir / "clients"), "--private-stem", "client-0", "--out", str(out)])
 
     assert code == 0
     global_state, _ = saved_run(run_dir)
@@ -147,7 +147,7 @@ def test_export_refuses_a_state_dir_without_private_parts(run_dir: Path, tmp_pat
     empty = tmp_path / "empty-state"
     empty.mkdir()
 
-    code = main(["export", "--checkpoint-dir", str(run_dir), "--worker-state", str(empty), "--out", str(tmp_path / "x.safetensors")])
+    code = main(["export", "--checkpoint", str(run_dir), "--worker-state", str(empty), "--out", str(tmp_path / "x.safetensors")])
 
     assert code == 2
     assert f"{empty}: no private parts private-rNNNN.safetensors" in capsys.readouterr().err
@@ -156,8 +156,8 @@ def test_export_refuses_a_state_dir_without_private_parts(run_dir: Path, tmp_pat
 
 def test_sample_writes_the_same_grid_from_a_checkpoint_dir_and_from_its_export(run_dir: Path, tmp_path: Path) -> None:
     exported = tmp_path / "global.safetensors"
-    assert main(["export", "--checkpoint-dir", str(run_dir), "--out", str(exported)]) == 0
-    common = ["--n", "4", "--steps", "5", "--seed", "3", "--device", "cpu", "--threads", "1"]
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    common = ["--samples", "4", "--steps", "5", "--seed", "3", "--device", "cpu", "--threads", "1"]
 
     assert main(["sample", "--checkpoint", str(run_dir), *common, "--out", str(tmp_path / "dir.png")]) == 0
     assert main(["sample", "--checkpoint", str(exported), *common, "--out", str(tmp_path / "file.png")]) == 0
@@ -170,7 +170,7 @@ def test_sample_writes_the_same_grid_from_a_checkpoint_dir_and_from_its_export(r
 
 
 def test_sample_of_a_personalised_model_differs_from_the_global_one(run_dir: Path, worker_state: Path, tmp_path: Path) -> None:
-    common = ["--checkpoint", str(run_dir), "--n", "4", "--steps", "5", "--device", "cpu", "--threads", "1"]
+    common = ["--checkpoint", str(run_dir), "--samples", "4", "--steps", "5", "--device", "cpu", "--threads", "1"]
 
     assert main(["sample", *common, "--out", str(tmp_path / "global.png")]) == 0
     assert main(["sample", *common, "--worker-state", str(worker_state), "--out", str(tmp_path / "own.png")]) == 0
@@ -187,7 +187,7 @@ def test_a_coordinators_final_model_is_preferred_to_the_last_round_checkpoint(ru
     final = {k: v + 1 for k, v in global_state.items()}
     save_file(checkpoints / "final.safetensors", final, {"completed_rounds": str(state.completed_rounds)})
 
-    assert main(["export", "--checkpoint-dir", str(checkpoints), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", "--checkpoint", str(checkpoints), "--out", str(tmp_path / "m.safetensors")]) == 0
 
     tensors, _ = load_file(tmp_path / "m.safetensors")
     assert all(torch.equal(tensors[k], final[k]) for k in final)

@@ -74,7 +74,7 @@ def test_every_literal_setting_is_a_choice_listed_in_help(command: str, name: st
 
 def test_a_choice_is_checked_by_the_typed_config_in_its_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """argparse lists the values; the config refuses one outside them, in the words of every other setting."""
-    assert cli.main(["simulate", "--strategy", "fedprox", "--out", str(tmp_path / "run")]) == 2
+    assert cli.main(["simulate", "--strategy", "fedprox", "--out-dir", str(tmp_path / "run")]) == 2
 
     assert capsys.readouterr().err == "feddiff simulate: error: --strategy = 'fedprox': expected one of 'full', 'usplit', 'udec', 'ulatdec'\n"
 
@@ -111,14 +111,14 @@ def _base(command: str, tmp_path: Path) -> list[str]:
         "model-info": ["model-info"],
         "strategies": ["strategies"],
         "split": ["split"],
-        "simulate": ["simulate", "--out", out],
-        "reproduce": ["reproduce", "--out", out, "--docs", out],
-        "export": ["export", "--checkpoint-dir", str(tmp_path), "--out", out],
+        "simulate": ["simulate", "--out-dir", out],
+        "reproduce": ["reproduce", "--out-dir", out, "--docs", out],
+        "export": ["export", "--checkpoint", str(tmp_path), "--out", out],
         "sample": ["sample", "--checkpoint", str(tmp_path), "--out", out],
         "evaluate": ["evaluate", "--checkpoint", str(tmp_path), "--grid", out],
         "health": ["health", "--address", "127.0.0.1:1"],
         "status": ["status", "--address", "127.0.0.1:1"],
-        "certs": ["certs", "--out", out],
+        "certs": ["certs", "--out-dir", out],
     }[command]
 
 
@@ -154,7 +154,7 @@ def test_every_typed_setting_refuses_a_bad_value_in_one_line(command: str, flag:
         (["reproduce", "--render", "--no-docs"], "--render with --no-docs renders nothing"),
         (["reproduce", "--splits", "iid,dirichlet"], "--splits = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
         (["reproduce", "--strategies", "udec, fedprox"], "--strategies = 'fedprox': expected one of 'centralised', 'full', 'usplit', 'udec', 'ulatdec'"),
-        (["sample", "--checkpoint", "{tmp}", "--n", "0"], "--n = '0': expected an integer in 1..100000"),
+        (["sample", "--checkpoint", "{tmp}", "--samples", "0"], "--samples = '0': expected an integer in 1..100000"),
         (["sample", "--checkpoint", "{tmp}", "--steps", "1001"], "--steps = '1001': expected an integer in 1..1000"),
         (["sample", "--checkpoint", "{tmp}", "--scale", "17"], "--scale = '17': expected an integer in 1..16"),
         (["sample", "--checkpoint", "{missing}"], "--checkpoint = '{missing}': expected a readable file or folder; no such file or folder"),
@@ -164,7 +164,7 @@ def test_every_typed_setting_refuses_a_bad_value_in_one_line(command: str, flag:
             ["evaluate", "--checkpoint", "{tmp}", "--reference-dir", "{missing}"],
             "--reference-dir = '{missing}': expected a readable folder; no such file or folder",
         ),
-        (["export", "--checkpoint-dir", "{tmp}", "--out", "m.safetensors", "--format", "onnx"], "--format = 'onnx': expected one of 'feddiff', 'diffusers'"),
+        (["export", "--checkpoint", "{tmp}", "--out", "m.safetensors", "--format", "onnx"], "--format = 'onnx': expected one of 'feddiff', 'diffusers'"),
     ],
 )
 def test_a_value_outside_its_range_is_named_with_the_range(argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,7 +50,7 @@ def grpc_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) 
 
 def test_a_grpc_run_equals_the_simulation(grpc_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sim"
-    assert main(["simulate", "--num-clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out)]) == 0  # in this process: torch is imported
+    assert main(["simulate", "--num-clients", str(K), *RUN, *DATA, "--threads", "1", "--out-dir", str(out)]) == 0  # in this process: torch is imported
 
     expected = load_file(out / f"global-r{R:04d}.safetensors")[0]
     got = load_file(grpc_run / "checkpoints" / "final.safetensors")[0]
@@ -64,7 +64,7 @@ def test_a_personalised_export_is_a_pipeline_diffusers_loads_and_samples(grpc_ru
     state_dir = grpc_run / "workers" / "client-1"
     out = tmp_path / "client-1-pipeline"
 
-    code = main(["export", "--checkpoint-dir", str(grpc_run / "checkpoints"), "--worker-state", str(state_dir), "--format", "diffusers", "--out", str(out)])
+    code = main(["export", "--checkpoint", str(grpc_run / "checkpoints"), "--worker-state", str(state_dir), "--format", "diffusers", "--out", str(out)])
 
     assert code == 0
     pipeline = diffusers.DDPMPipeline.from_pretrained(str(out))
@@ -88,8 +88,8 @@ def test_a_personalised_export_is_a_pipeline_diffusers_loads_and_samples(grpc_ru
 
 def test_the_export_samples_with_feddiff_too(grpc_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "global-pipeline"
-    assert main(["export", "--checkpoint-dir", str(grpc_run / "checkpoints"), "--format", "diffusers", "--out", str(out)]) == 0
-    common = ["--n", "2", "--steps", "3", "--seed", "1", "--device", "cpu", "--threads", "1"]
+    assert main(["export", "--checkpoint", str(grpc_run / "checkpoints"), "--format", "diffusers", "--out", str(out)]) == 0
+    common = ["--samples", "2", "--steps", "3", "--seed", "1", "--device", "cpu", "--threads", "1"]
 
     assert main(["sample", "--checkpoint", str(out), *common, "--out", str(tmp_path / "export.png")]) == 0
     assert main(["sample", "--checkpoint", str(grpc_run / "checkpoints"), *common, "--out", str(tmp_path / "run.png")]) == 0
@@ -102,7 +102,7 @@ def test_the_paper_unet_is_not_exported_as_a_pipeline(tmp_path: Path, capsys: py
 
     save_file(tmp_path / "tiny.safetensors", build_model("tiny", seed=0).state_dict())
 
-    code = main(["export", "--checkpoint-dir", str(tmp_path / "tiny.safetensors"), "--model", "tiny", "--format", "diffusers", "--out", str(tmp_path / "out")])
+    code = main(["export", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--model", "tiny", "--format", "diffusers", "--out", str(tmp_path / "out")])
 
     assert code == 2
     assert "'tiny' is feddiff's own UNet, for which diffusers has no class; export it with --format feddiff" in capsys.readouterr().err

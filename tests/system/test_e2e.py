@@ -27,7 +27,7 @@ DATA = ["--max-images", "144"]  # 48 images a client: a full batch of 32 and a p
 
 def simulate(strategy: str, out: Path, *flags: str) -> dict[str, torch.Tensor]:
     """`feddiff simulate` through its CLI handler, in this process (torch is imported once, not once a run)."""
-    assert main(["simulate", "--strategy", strategy, "--num-clients", str(K), *RUN, *DATA, "--threads", "1", "--out", str(out), *flags]) == 0
+    assert main(["simulate", "--strategy", strategy, "--num-clients", str(K), *RUN, *DATA, "--threads", "1", "--out-dir", str(out), *flags]) == 0
     return load_file(out / f"global-r{R:04d}.safetensors")[0]
 
 

@@ -64,7 +64,7 @@ def _mtls_channel(pki: Path, address: str, name: str, ca: Path | None = None) ->
 
 def test_certs_command_issues_a_ca_a_server_and_one_certificate_per_worker(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "feddiff", "certs", "--out", str(tmp_path), "--coordinator-host", "coord.example.org", "--worker", "hospital-3"],
+        [sys.executable, "-m", "feddiff", "certs", "--out-dir", str(tmp_path), "--coordinator-host", "coord.example.org", "--worker", "hospital-3"],
         check=True,
         capture_output=True,
         text=True,

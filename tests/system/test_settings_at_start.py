@@ -45,13 +45,16 @@ U32 = 2**32 - 1
 # the setting per unit of the field), or this process alone (a count, a local wait, a port, a local limit).
 SENT = {
     (CoordinatorConfig, "rounds"): ("JoinResponse.rounds", 1),
-    (CoordinatorConfig, "heartbeat_interval"): ("JoinResponse.heartbeat_interval_ms", 1000),
     (CoordinatorConfig, "chunk_size"): ("JoinResponse.chunk_size", 1),
     (CoordinatorConfig, "epochs"): ("TrainSpec.epochs", 1),
     (CoordinatorConfig, "batch_size"): ("TrainSpec.batch_size", 1),
     (CoordinatorConfig, "seed"): ("EvalSpec.seed", 1),
     (CoordinatorConfig, "eval_samples"): ("EvalSpec.num_samples", 1),
     (CoordinatorConfig, "eval_steps"): ("EvalSpec.steps", 1),
+}
+# Durations sent in milliseconds: a week at most (a user's units), within their field's bound.
+SENT_WITHIN = {
+    (CoordinatorConfig, "heartbeat_interval"): ("JoinResponse.heartbeat_interval_ms", 1000),
     (WorkerConfig, "wait_timeout"): ("WaitTaskRequest.timeout_ms", 1000),
 }
 SENT_OPEN = {(CoordinatorConfig, "lr"): "TrainSpec.lr"}  # a range open at its top, as the wire's
@@ -95,7 +98,7 @@ def _upper(cls: type, name: str) -> float:
 def test_every_numeric_setting_is_known_as_sent_or_local() -> None:
     """A new numeric setting fails here until someone has looked at what it feeds."""
     numeric = {*_numeric(CoordinatorConfig), *_numeric(WorkerConfig), *_numeric(SplitConfig), *_numeric(SpeedConfig)}
-    assert numeric == set(SENT) | set(SENT_OPEN) | set(SENT_IN_NAME) | LOCAL
+    assert numeric == set(SENT) | set(SENT_WITHIN) | set(SENT_OPEN) | set(SENT_IN_NAME) | LOCAL
 
 
 def test_the_largest_block_gives_a_codec_name_the_wire_takes() -> None:
@@ -110,6 +113,13 @@ def test_a_setting_sent_to_the_other_side_takes_its_fields_bound(setting: tuple[
     cls, name = setting
     field, per_unit = sent
     assert _upper(cls, name) == bounds.largest(field, per_unit=per_unit)
+
+
+@pytest.mark.parametrize(("setting", "sent"), list(SENT_WITHIN.items()), ids=[f"{c.__name__}.{n}" for c, n in SENT_WITHIN])
+def test_a_duration_sent_to_the_other_side_is_at_most_a_week_within_its_fields_bound(setting: tuple[type, str], sent: tuple[str, int]) -> None:
+    cls, name = setting
+    field, per_unit = sent
+    assert _upper(cls, name) == settings.MAX_SECONDS <= bounds.largest(field, per_unit=per_unit)
 
 
 def test_the_learning_rate_takes_the_wires_open_range() -> None:
@@ -141,7 +151,8 @@ def test_the_largest_values_fit_the_messages_they_are_sent_in() -> None:
 
     for msg in (join, wait, spec):
         bounds.check(msg, FieldOutOfRange)
-    assert (join.heartbeat_interval_ms, join.rounds, wait.timeout_ms) == (U32, U32, U32)
+    week_ms = settings.MAX_SECONDS * 1000
+    assert (join.heartbeat_interval_ms, join.rounds, wait.timeout_ms) == (week_ms, U32, week_ms)
 
 
 @contextmanager
@@ -179,9 +190,9 @@ def test_the_wait_for_workers_names_the_setting_it_waits_on(tmp_path: Path, capl
 
 def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -> None:
     """The join that ended in UNKNOWN (heartbeat_interval_ms and rounds out of uint32) at the largest values
-    the settings now take."""
-    rounds, interval = int(_upper(CoordinatorConfig, "rounds")), _upper(CoordinatorConfig, "heartbeat_interval")
+    the settings now take (the interval a second short of the timeout, which must be longer)."""
     timeout = _upper(CoordinatorConfig, "heartbeat_timeout")
+    rounds, interval = int(_upper(CoordinatorConfig, "rounds")), min(_upper(CoordinatorConfig, "heartbeat_interval"), timeout - 1)
     cfg = coordinator_config(None, {"rounds": str(rounds), "heartbeat_interval": str(interval), "heartbeat_timeout": str(timeout)})
 
     with (
@@ -190,7 +201,7 @@ def test_a_coordinator_at_the_top_of_its_ranges_answers_a_join(tmp_path: Path) -
     ):
         joined = RawWorker(channel, "w").join()
 
-    assert (joined.rounds, joined.heartbeat_interval_ms) == (U32, U32)
+    assert (joined.rounds, joined.heartbeat_interval_ms) == (U32, (settings.MAX_SECONDS - 1) * 1000)
 
 
 def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
@@ -205,10 +216,10 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["coordinator", "--heartbeat-interval", "5000000"], "--heartbeat-interval = '5000000': expected a number in (0, 4294967.295]"),
+        (["coordinator", "--heartbeat-interval", "5000000"], "--heartbeat-interval = '5000000': expected more than 0 s, up to 604800 s (a week)"),
         (["coordinator", "--rounds", str(2**32)], f"--rounds = '{2**32}': expected an integer in 1..{U32}"),
-        (["coordinator", "--round-deadline", "inf"], f"--round-deadline = 'inf': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
-        (["coordinator", "--upload-idle-timeout", "nan"], f"--upload-idle-timeout = 'nan': expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        (["coordinator", "--round-deadline", "inf"], "--round-deadline = 'inf': expected more than 0 s, up to 604800 s (a week)"),
+        (["coordinator", "--upload-idle-timeout", "nan"], "--upload-idle-timeout = 'nan': expected more than 0 s, up to 604800 s (a week)"),
         (["coordinator", "--clip-norm", "1e400"], "--clip-norm = '1e400': expected a finite number >= 0"),
         (["coordinator", "--heartbeat-interval", "30"], "--heartbeat-timeout 30 s (the default) must be longer than --heartbeat-interval 30 s: "),
         (["coordinator", "--heartbeat-timeout", "2"], "--heartbeat-timeout 2 s must be longer than --heartbeat-interval 5 s (the default): "),
@@ -216,11 +227,11 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
             ["coordinator", "--eval-device", "tpu"],
             "--eval-device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu",
         ),
-        ([*WORKER, "--wait-timeout", "5000000"], "--wait-timeout = '5000000': expected a number in (0, 4294967.295]"),
-        ([*WORKER, "--wait-timeout", "1e400"], "--wait-timeout = '1e400': expected a number in (0, 4294967.295]"),
-        ([*WORKER, "--wait-timeout", "inf"], "--wait-timeout = 'inf': expected a number in (0, 4294967.295]"),
+        ([*WORKER, "--wait-timeout", "5000000"], "--wait-timeout = '5000000': expected more than 0 s, up to 604800 s (a week)"),
+        ([*WORKER, "--wait-timeout", "1e400"], "--wait-timeout = '1e400': expected more than 0 s, up to 604800 s (a week)"),
+        ([*WORKER, "--wait-timeout", "inf"], "--wait-timeout = 'inf': expected more than 0 s, up to 604800 s (a week)"),
         ([*WORKER, "--beta", "nan"], "--beta = 'nan': expected a finite number > 0"),
-        ([*WORKER, "--threads", "1000000"], f"--threads = '1000000': expected an integer in 0..{os.cpu_count()}"),
+        ([*WORKER, "--threads", "1000000"], f"--threads = '1000000': expected an integer in 0..{os.cpu_count()} (this machine's CPUs)"),
         ([*WORKER, "--device", "tpu"], "--device = 'tpu': expected auto, cpu, cuda, cuda:N or mps; not a device name; this machine offers auto, cpu"),
         ([*WORKER, "--device", "cuda:7"], "--device = 'cuda:7': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
         ([*WORKER, "--device", "mps"], "--device = 'mps': expected auto, cpu, cuda, cuda:N or mps; no such device here; this machine offers auto, cpu"),
@@ -329,7 +340,7 @@ def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[st
     [
         ("rounds: 100000000000000000000000\n", f"rounds (in {{path}}) = 100000000000000000000000: expected an integer in 1..{U32}"),
         ("rounds: 1e23\n", f"rounds (in {{path}}) = '1e23': expected an integer in 1..{U32}"),
-        ("round_deadline: .inf\n", f"round_deadline (in {{path}}) = inf: expected a number in (0, {settings.MAX_WAIT_SECONDS}]"),
+        ("round_deadline: .inf\n", "round_deadline (in {path}) = inf: expected more than 0 s, up to 604800 s (a week)"),
         ("quorum: .nan\n", "quorum (in {path}) = nan: expected a number in (0, 1]"),
         ("epochs: true\n", "epochs (in {path}) = True: expected an integer in 1..10000"),
         ("lr: false\n", "lr (in {path}) = False: expected a number in (0, 1)"),
@@ -373,7 +384,7 @@ def test_help_shows_each_flags_type_and_range_from_its_setting() -> None:
                     tp = get_type_hints(cls, include_extras=True)[name]
                     assert settings.expected(tp) in helps[flag], (flag, helps[flag])
     worker_help = " ".join(commands["worker"].format_help().split())
-    assert "--wait-timeout WAIT_TIMEOUT seconds one WaitTask long poll lasts: a number in (0, 4294967.295], default 30.0" in worker_help
+    assert "--wait-timeout WAIT_TIMEOUT seconds one WaitTask long poll lasts: more than 0 s, up to 604800 s (a week), default 30.0" in worker_help
 
 
 def test_a_worker_with_a_device_this_machine_lacks_exits_2_before_it_joins(tmp_path: Path) -> None:
@@ -571,7 +582,7 @@ def test_a_state_json_that_is_not_a_run_state_is_named(tmp_path: Path, capsys: p
     [
         (["export", "--out", "{ckpt}/state.safetensors"], "--out", "state.json"),  # the export's config beside it
         (["export", "--out", "{ckpt}/global-r0001.safetensors"], "--out", "global-r0001.safetensors"),
-        (["sample", "--n", "1", "--out", "{ckpt}/state.json"], "--out", "state.json"),
+        (["sample", "--samples", "1", "--out", "{ckpt}/state.json"], "--out", "state.json"),
         (["evaluate", "--samples", "2", "--grid", "{ckpt}/rounds.jsonl"], "--grid", "rounds.jsonl"),
     ],
 )
@@ -581,7 +592,7 @@ def test_an_output_that_would_replace_a_file_of_a_run_is_refused(argv: list[str]
     folder = tmp_path / "ckpt"
     before = _finished_run(folder)
     flagged = [a.replace("{ckpt}", str(folder)) for a in argv]
-    source = "--checkpoint-dir" if argv[0] == "export" else "--checkpoint"
+    source = "--checkpoint"
 
     result = subprocess.run(
         [sys.executable, "-m", "feddiff", flagged[0], source, str(folder), *flagged[1:]],

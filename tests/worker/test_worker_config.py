@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal, get_origin, get_type_hints
 
 import pytest
@@ -92,8 +93,12 @@ def test_flags_become_typed_settings() -> None:
         (["--num-clients", "2.5"], "--num-clients = '2.5': expected an integer >= 1"),
         (["--channels", "2"], "--channels = '2': expected 1 (grayscale) or 3 (RGB)"),
         (["--metrics-port", "-2"], "--metrics-port = '-2': expected an integer in -1..65535"),
-        (["--wait-timeout", "0"], "--wait-timeout = '0': expected a number in (0, 4294967.295]"),
+        (["--wait-timeout", "0"], "--wait-timeout = '0': expected more than 0 s, up to 604800 s (a week)"),
         (["--split", "dirichlet"], "--split = 'dirichlet': expected one of 'iid', 'quantity', 'label'"),
+        (
+            ["--tls-server-name", " "],
+            "--tls-server-name = ' ': expected a DNS name (letters, digits, hyphens and dots) or an IP address; an empty name",
+        ),
     ],
 )
 def test_the_worker_command_names_the_flag_its_value_and_what_it_takes(argv: list[str], line: str, capsys) -> None:
@@ -135,7 +140,8 @@ def test_more_cpu_ranks_than_the_host_has_cpus_are_refused_naming_the_value_and_
         assert main([*BASE, "--nproc-per-node", value, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert f"--nproc-per-node {value} asks for more ranks than this host's {cpus} CPUs" in err and f"give at most {cpus}" in err, err
+        assert err.startswith(f"feddiff worker: error: --nproc-per-node {value} on the CPU (--device cpu): {value} training processes, one per device: "), err
+        assert f"more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}" in err, err
     cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", str(cpus), "--device", "cpu"]))
     assert cfg.ranks_per_node == cpus
 
@@ -143,10 +149,72 @@ def test_more_cpu_ranks_than_the_host_has_cpus_are_refused_naming_the_value_and_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
 def test_more_ranks_than_cpus_on_the_default_device_of_a_host_without_gpus_are_refused(capsys) -> None:
     assert main([*BASE, "--nproc-per-node", "100000"]) == 2
-    assert f"--nproc-per-node 100000 asks for more ranks than this host's {os.cpu_count() or 1} CPUs" in capsys.readouterr().err
+    assert (
+        f"--nproc-per-node 100000 on the CPU (--device auto): 100000 training processes, one per device: more than this machine's {os.cpu_count() or 1} CPUs"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_a_workers_ranks_and_simulates_devices_are_refused_by_one_check_in_the_same_words(tmp_path: Path, capsys) -> None:
+    cpus = os.cpu_count() or 1
+    assert main([*BASE, "--nproc-per-node", str(cpus + 1), "--device", "cpu"]) == 2
+    worker = capsys.readouterr().err
+    assert main(["simulate", "--devices", ",".join(["cpu"] * (cpus + 1)), "--out-dir", str(tmp_path / "out")]) == 2
+    simulate = capsys.readouterr().err
+
+    words = f"{cpus + 1} training processes, one per device: more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}\n"
+    assert worker.endswith(words) and simulate.endswith(words), (worker, simulate)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 2, reason="this host has the GPU the third rank would take")
+def test_more_cuda_ranks_than_the_host_has_gpus_are_refused_naming_the_missing_one(capsys) -> None:
+    from fedcore.model import training
+
+    training_problem = training.device_problem
+    gpus = torch.cuda.device_count()
+    with pytest.MonkeyPatch.context() as mp:  # a host that shows CUDA (a rank's device need not exist to be checked)
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "device_count", lambda: gpus)
+        mp.setattr(training, "device_problem", lambda name: None if name in ("auto", "cuda", "cpu") else training_problem(name))
+        assert main([*BASE, "--nproc-per-node", "3", "--device", "cuda"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"feddiff worker: error: --nproc-per-node 3 on CUDA GPUs, rank r on cuda:r (--device cuda): device 'cuda:{gpus}': no such device here"
+    ), err
 
 
 def test_several_cpu_ranks_are_a_setting_and_the_collective_timeout_a_number_of_seconds() -> None:
     cfg = from_args(build_parser().parse_args([*BASE, "--nproc-per-node", "2", "--device", "cpu", "--collective-timeout", "20"]))
 
     assert cfg.ranks_per_node == 2 and cfg.collective_timeout == 20.0
+
+
+@pytest.mark.parametrize(
+    ("ranks", "env", "threads", "set_to"),
+    [
+        (1, {}, 0, None),  # one process: torch's default
+        (1, {}, 3, 3),
+        (4, {"LOCAL_WORLD_SIZE": "4"}, 0, 2),  # 8 threads shared out between 4 ranks, as simulate shares them
+        (4, {"LOCAL_WORLD_SIZE": "4"}, 5, 5),
+        (4, {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "3"}, 0, None),  # torchrun's convention: each rank its own
+    ],
+)
+def test_a_rank_takes_its_share_of_the_hosts_threads_as_simulates_processes_do(
+    ranks: int, env: dict[str, str], threads: int, set_to: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedcore.model import training
+    from fedcore.model.ranks import Ranks
+    from worker import launch
+
+    for name in ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 8)
+    calls: list[int] = []
+    monkeypatch.setattr(launch.torch, "set_num_threads", calls.append)
+
+    launch._set_threads(SpeedConfig(threads=threads), Ranks(rank=0, world_size=ranks))
+
+    assert calls == ([] if set_to is None else [set_to])

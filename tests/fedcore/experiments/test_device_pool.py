@@ -15,11 +15,12 @@ import pytest
 from fedcore.data.shards import SplitConfig
 from fedcore.errors import TrainingProcessFailed
 from fedcore.experiments import devices
-from fedcore.experiments.devices import DevicePool, parse_devices, threads_per_process
+from fedcore.experiments.devices import DevicePool, parse_devices
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation.server import FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy
-from fedcore.model.training import SpeedConfig, TrainConfig
+from fedcore.model import training
+from fedcore.model.training import SpeedConfig, TrainConfig, threads_per_process
 from feddiff.cli import main
 
 SIM = ["--model", "tiny", "--rounds", "2", "--num-clients", "3", "--max-images", "150", "--epochs", "1", "--batch-size", "32", "--seed", "3", "--threads", "1"]
@@ -43,8 +44,8 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
     sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
     run = [*SIM, "--strategy", strategy, "--compression", compression]
 
-    assert main(["simulate", *run, "--device", "cpu", "--out", str(sequential)]) == 0
-    assert main(["simulate", *run, "--devices", "cpu,cpu", "--out", str(parallel)]) == 0
+    assert main(["simulate", *run, "--device", "cpu", "--out-dir", str(sequential)]) == 0
+    assert main(["simulate", *run, "--devices", "cpu,cpu", "--out-dir", str(parallel)]) == 0
 
     files = _files(sequential)
     assert any(name.startswith("global-r0002") for name in files)
@@ -58,8 +59,8 @@ def test_simulate_on_two_cpu_processes_writes_the_sequential_runs_files(strategy
 def test_reproduce_of_a_cell_on_two_cpu_processes_equals_the_sequential_one(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     common = ["reproduce", "--protocol", "mini", "--only", "udec:iid", "--num-clients", "2", "--no-docs", "--threads", "1", "--device", "cpu"]
 
-    assert main([*common, "--out", str(tmp_path / "sequential")]) == 0
-    assert main([*common, "--devices", "cpu,cpu", "--out", str(tmp_path / "parallel")]) == 0
+    assert main([*common, "--out-dir", str(tmp_path / "sequential")]) == 0
+    assert main([*common, "--devices", "cpu,cpu", "--out-dir", str(tmp_path / "parallel")]) == 0
 
     cells = {run: _files(tmp_path / run / "udec-iid") for run in ("sequential", "parallel")}
     rows = {run: json.loads((tmp_path / run / "results.jsonl").read_text()) for run in cells}
@@ -96,7 +97,7 @@ def test_a_process_that_raises_ends_simulate_with_its_error(
 
     monkeypatch.setattr(Simulation, "_job", corrupt)
 
-    code = main(["simulate", *SIM, "--devices", "cpu,cpu", "--out", str(tmp_path / "run")])
+    code = main(["simulate", *SIM, "--devices", "cpu,cpu", "--out-dir", str(tmp_path / "run")])
 
     err = capsys.readouterr().err.splitlines()
     assert code == 1
@@ -151,7 +152,7 @@ def test_devices_may_repeat_and_are_checked_against_this_machine() -> None:
 
 
 def test_devices_of_two_kinds_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "device_problem", lambda name: None)  # as on a machine with a GPU
+    monkeypatch.setattr(training, "device_problem", lambda name: None)  # as on a machine with a GPU
 
     assert parse_devices("cuda,cuda:1") == ("cuda:0", "cuda:1")
     with pytest.raises(ValueError, match="devices of kinds cpu, cuda"):
@@ -159,17 +160,17 @@ def test_devices_of_two_kinds_are_refused(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_threads_are_shared_out_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 8)
 
-    assert threads_per_process(["cpu", "cpu"], SpeedConfig()) == 4
-    assert threads_per_process(["cpu"] * 3, SpeedConfig()) == 2
-    assert threads_per_process(["cpu"] * 16, SpeedConfig()) == 1
-    assert threads_per_process(["cpu", "cpu"], SpeedConfig(threads=1)) == 1
+    assert threads_per_process(2) == 4
+    assert threads_per_process(3) == 2
+    assert threads_per_process(16) == 1
+    assert threads_per_process(2, threads=1) == 1
 
 
 @pytest.mark.parametrize("command", ["simulate", "reproduce"])
 def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main([command, "--devices", "cpu,cuda:5", "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+    code = main([command, "--devices", "cpu,cuda:5", "--out-dir", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
 
     err = capsys.readouterr().err
     assert code == 2
@@ -181,17 +182,17 @@ def test_a_missing_device_is_refused_at_start_naming_it(command: str, tmp_path: 
 def test_more_devices_than_cpus_are_refused_at_start_naming_them_and_the_cap(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cpus = os.cpu_count() or 1
     given = ",".join(["cpu"] * (cpus + 1))
-    code = main([command, "--devices", given, "--out", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
+    code = main([command, "--devices", given, "--out-dir", str(tmp_path / "out"), *(["--no-docs"] if command == "reproduce" else [])])
 
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"feddiff {command}: error: --devices = {given!r}: expected a comma list of devices"), err
-    assert f"{cpus + 1} devices, one training process each: more than this machine's {cpus} CPUs; name at most {cpus}" in err, err
+    assert f"{cpus + 1} training processes, one per device: more than this machine's {cpus} CPUs (each takes one at least); give at most {cpus}" in err, err
     assert not (tmp_path / "out").exists()
     assert len(parse_devices(["cpu"] * cpus)) == cpus
 
 
 def test_simulate_takes_devices_or_a_device_not_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--devices", "cpu,cpu", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    assert main(["simulate", "--devices", "cpu,cpu", "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 2
 
     assert "--device cpu and --devices cpu,cpu: give one" in capsys.readouterr().err

@@ -25,7 +25,7 @@ K = 5
 
 
 def _reproduce(tmp: Path, *extra: str) -> int:
-    argv = ["reproduce", "--protocol", "mini", "--out", str(tmp / "run"), "--docs", str(tmp / "docs"), "--device", "cpu", "--threads", "1", *extra]
+    argv = ["reproduce", "--protocol", "mini", "--out-dir", str(tmp / "run"), "--docs", str(tmp / "docs"), "--device", "cpu", "--threads", "1", *extra]
     return main(argv)
 
 

@@ -257,7 +257,7 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused(runs) -> None:
     folder, _, _ = runs[Strategy.USPLIT]
     before = {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
-    with pytest.raises(ExistingRun, match=rf"--out {folder} holds a run \(2 rounds completed \(state.json\)\): pass --resume"):
+    with pytest.raises(ExistingRun, match=rf"--out-dir {folder} holds a run \(2 rounds completed \(state.json\)\): pass --resume"):
         Simulation.create(_config(Strategy.USPLIT), folder, log=lambda _: None)
     assert {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()} == before
 
@@ -273,10 +273,10 @@ def test_a_resume_with_nothing_to_resume_is_refused(folder: str, tmp_path: Path,
         out.mkdir()
     where = "holds no checkpoint (no state.json)" if folder == "empty" else "does not exist"
 
-    assert main(["simulate", "--model", "tiny", "--rounds", "1", "--max-images", "64", "--device", "cpu", "--resume", "--out", str(out)]) == 2
+    assert main(["simulate", "--model", "tiny", "--rounds", "1", "--max-images", "64", "--device", "cpu", "--resume", "--out-dir", str(out)]) == 2
 
     assert (
         capsys.readouterr().err
-        == f"feddiff simulate: error: --resume: --out {out} {where}: there is nothing to resume; drop --resume to start a new run there\n"
+        == f"feddiff simulate: error: --resume: --out-dir {out} {where}: there is nothing to resume; drop --resume to start a new run there\n"
     )
     assert sorted(tmp_path.rglob("*")) == ([out] if folder == "empty" else [])
