@@ -46,7 +46,7 @@ py=${PYTHON:-python3}
 
 protocol=${REPRO_PROTOCOL:-quick} device=${REPRO_DEVICE:-cuda}
 runs=${REPRO_DIR:-runs/reproduce/$protocol}
-repro=(-m feddiff reproduce --protocol "$protocol" --splits iid --device "$device" --data-root "$data" --out "$runs" --no-docs)
+repro=(-m feddiff reproduce --protocol "$protocol" --splits iid --device "$device" --data-root "$data" --out-dir "$runs" --no-docs)
 
 run_step() {
     local step=$1 seconds limit_var="STEP_SECONDS_${1//-/_}"
