@@ -30,7 +30,7 @@ import torch
 
 from bench.common import MB, emit, log, machine, median
 from fedcore.data.datasets import load_fashion_mnist, to_model_range
-from fedcore.federation.server import Federation, FederationConfig
+from fedcore.federation.engine import Federation, FederationConfig
 from fedcore.federation.strategies import Strategy
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS

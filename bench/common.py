@@ -160,12 +160,12 @@ class CoordinatorProcess:
 
 
 class LightWorker:
-    """One worker session over its own channel, using the worker's own client code (worker.client)."""
+    """One worker session over its own channel, using the worker's own client code (worker.rpc)."""
 
     def __init__(self, address: str, worker_id: str, num_examples: int = 1000, digests: Sequence[str] | None = None):
         """`digests`: what the worker says it checks besides SHA-256 (default: what this version checks; ()
         plays a worker that predates BLAKE3)."""
-        from worker.client import CHANNEL_OPTIONS, CoordinatorClient, worker_info
+        from worker.rpc import CHANNEL_OPTIONS, CoordinatorClient, worker_info
 
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.client = CoordinatorClient(self.channel)

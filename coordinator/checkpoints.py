@@ -17,8 +17,8 @@ import torch
 from coordinator.metrics import Metrics
 from fedcore.atomic import append_json_line, naming
 from fedcore.federation import checkpoint
+from fedcore.federation.engine import SHARED_STEM, Federation
 from fedcore.federation.roundlog import LogRecord
-from fedcore.federation.server import SHARED_STEM, Federation
 from fedcore.payload.serialization import save_file
 
 log = logging.getLogger("feddiff.coordinator")

@@ -12,8 +12,8 @@ from pydantic import AfterValidator, BeforeValidator
 
 from fedcore import settings
 from fedcore.federation.checkpoint import ResumableSettings
+from fedcore.federation.engine import FederationConfig
 from fedcore.federation.robust import RobustConfig
-from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import StrategyName
 from fedcore.model.diffusion import LossKind, SamplerKind
 from fedcore.model.training import Device

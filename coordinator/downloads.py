@@ -15,7 +15,7 @@ import grpc
 
 from coordinator.uploads import ENDS_PER_TURN
 from fedcore.errors import DownloadEnded, DownloadInProgress, DownloadStalled, DownloadSuperseded, TaskClosed
-from fedcore.wire import codec
+from fedcore.wire import frames
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 STATUS_GRACE = 1.0  # seconds an ended download's last message may take to go out before its status
@@ -91,8 +91,8 @@ class OpenDownloads:
         with self.open(worker_id, session_id, task_id, context) as download:
             await download.write(context, header)
             sent = header.ByteSize()
-            for frame in codec.data_frames(payload, self.chunk_size):
-                await download.write(context, frame)  # serialized already: the method's serializer (codec.serialize) takes both
+            for frame in frames.data_frames(payload, self.chunk_size):
+                await download.write(context, frame)  # serialized already: the method's serializer (frames.serialize) takes both
                 sent += len(frame)
         return sent
 

@@ -25,8 +25,8 @@ from fedcore.evaluation.extractors import FeatureExtractor, load_extractor, load
 from fedcore.evaluation.fid import ReferenceStats, curve_point_due, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import save_grid
 from fedcore.federation.client import EvalTask
+from fedcore.federation.engine import Federation
 from fedcore.federation.roundlog import EvaluationRecord, format_evaluation
-from fedcore.federation.server import Federation
 from fedcore.federation.strategies import private_parts, shared_parts
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.training import resolve_device

@@ -23,7 +23,7 @@ from coordinator.uploads import OpenUploads, UploadReceiver
 from fedcore.errors import BadWorkerInfo, FeddiffError, HeaderError, UploadAborted, UploadStalled
 from fedcore.federation.client import EvalTask
 from fedcore.wire import bounds, convert
-from fedcore.wire.codec import DataChunk
+from fedcore.wire.frames import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, StreamHeader
 

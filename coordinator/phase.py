@@ -20,7 +20,7 @@ from coordinator.refusals import Refusal
 from coordinator.registry import WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, MissingSharedState, NotAssigned, WrongRound
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.federation.server import AcceptedUpdate, Federation, OpenRound
+from fedcore.federation.engine import AcceptedUpdate, Federation, OpenRound
 from fedcore.federation.totals import Ledger
 from fedcore.model.parts import PART_ORDER, Part
 from fedcore.payload import coded

@@ -20,8 +20,8 @@ from coordinator.metrics import Metrics
 from coordinator.phase import IssuedTask, Phase, State
 from coordinator.registry import WorkerRecord, WorkerRegistry
 from fedcore.errors import NonFiniteAggregate, UploadAborted
+from fedcore.federation.engine import Federation, OpenRound, RoundOutcome
 from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, latest_in_log, round_record
-from fedcore.federation.server import Federation, OpenRound, RoundOutcome
 from fedcore.wire.stream import StreamHeader, digest_for
 from service import flags
 

@@ -27,8 +27,8 @@ from fedcore import settings
 from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
 from fedcore.errors import CannotListen, ExistingRun
 from fedcore.federation import checkpoint
+from fedcore.federation.engine import Federation, FederationConfig
 from fedcore.federation.roundlog import ROUNDS_LOG, truncate_log
-from fedcore.federation.server import Federation, FederationConfig
 from fedcore.payload.pretrained import initial_weights
 from fedcore.wire.bounds import MAX_LABEL
 from fedcore.wire.stream import MAX_MESSAGE_BYTES, request_limit

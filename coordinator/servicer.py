@@ -28,8 +28,8 @@ from coordinator.rounds import RoundDriver
 from coordinator.security import Authenticator
 from coordinator.status import abort
 from fedcore.errors import FeddiffError, FieldOutOfRange, UploadAborted
-from fedcore.wire import bounds, codec
-from fedcore.wire.codec import DataChunk
+from fedcore.wire import bounds, frames
+from fedcore.wire.frames import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 
@@ -97,8 +97,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.handlers.worker_of(request.session_id)  # UnknownWorker when the session ended meanwhile (a restart)
         return self.handlers.task_response(outcome)
 
-    # Besides the header message it writes data messages serialized already (codec.data_frames), which the
-    # generated base class cannot say; its serializer, codec.serialize (`register`), takes both.
+    # Besides the header message it writes data messages serialized already (frames.data_frames), which the
+    # generated base class cannot say; its serializer, frames.serialize (`register`), takes both.
     async def DownloadWeights(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         """The payload of the worker's task: its header, then the payload in chunks (coordinator/downloads.py);
         counted once drained. One that cannot end with a status ends without (`mapped`)."""
@@ -144,9 +144,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
 # Calls that check their own request at the edge: a join's WorkerInfo, an update's header.
 SELF_CHECKED = frozenset({"Join", "UploadUpdate"})
-# The weights streams read and write their data messages with the chunk codec (no protobuf copies).
-_DESERIALIZERS = {"UploadUpdate": codec.parser(pb.UpdateChunk)}
-_SERIALIZERS = {"DownloadWeights": codec.serialize}
+# The weights streams read and write their data messages with the chunk frames (no protobuf copies).
+_DESERIALIZERS = {"UploadUpdate": frames.parser(pb.UpdateChunk)}
+_SERIALIZERS = {"DownloadWeights": frames.serialize}
 _HANDLERS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -224,7 +224,7 @@ def _mapped_stream(handler: Callable, check: Callable[[Message], None], refuse: 
 
 def register(servicer: CoordinatorServicer, server: grpc.aio.Server) -> None:
     """Serve the Coordinator service's methods as the generated `add_CoordinatorServicer_to_server` does,
-    with the chunk codec on the weights streams, every request checked at the edge and every method's domain
+    with the chunk frames on the weights streams, every request checked at the edge and every method's domain
     errors refused in one way (`mapped`, `refusal`)."""
     handlers = {}
     for method in SERVICE.methods:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 from fedcore.errors import FeddiffError, HeaderError, LateUpdate, UploadAborted, UploadInProgress, UploadStalled
 from fedcore.wire import convert
-from fedcore.wire.codec import ChunkMessage
+from fedcore.wire.frames import ChunkMessage
 from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
 
 ENDS_PER_TURN = 16  # uploads ended in one turn of the event loop when their round closes

@@ -13,7 +13,7 @@ from fedcore.data.shards import SplitConfig
 from fedcore.experiments.devices import DeviceList
 from fedcore.experiments.simulation import SimulationConfig
 from fedcore.federation.checkpoint import STATE_FILE
-from fedcore.federation.server import FederationConfig
+from fedcore.federation.engine import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName

@@ -15,7 +15,7 @@ from fedcore.model.parts import FLOAT32_BYTES, PART_ORDER
 from service import ports
 
 if TYPE_CHECKING:
-    from fedcore.federation.server import Direction
+    from fedcore.federation.engine import Direction
     from fedcore.federation.totals import Ledger
 
 
@@ -56,7 +56,7 @@ class ProcessMetrics:
             self.joins.labels(outcome)
 
     def count_transfer(self, direction: Direction, transfer: Ledger) -> None:
-        """Count one payload sent or received, as `fedcore.federation.server.transfer_ledger` accounts it."""
+        """Count one payload sent or received, as `fedcore.federation.engine.transfer_ledger` accounts it."""
         down = direction == "down"
         parameters = transfer.traffic.down if down else transfer.traffic.up
         payload_bytes = transfer.bytes_down if down else transfer.bytes_up

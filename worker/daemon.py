@@ -20,7 +20,7 @@ from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
 from fedcore.evaluation.fid import GeneratorScore, ReferenceStats, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import png_within, save_grid
 from fedcore.federation.client import ClientRuntime, EvalTask, TrainTask
-from fedcore.federation.server import Direction, payload_bytes_by_part, transfer_ledger
+from fedcore.federation.engine import Direction, payload_bytes_by_part, transfer_ledger
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import Part, PartLayout
 from fedcore.model.ranks import Ranks
@@ -31,10 +31,10 @@ from fedcore.payload.serialization import max_payload_bytes
 from fedcore.wire.bounds import MAX_GRID_BYTES
 from fedcore.wire.convert import any_task_from_proto
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
-from worker.client import CoordinatorClient, open_channel, worker_info
 from worker.config import WorkerConfig
 from worker.metrics import Metrics
 from worker.progress import TrainingProgress
+from worker.rpc import CoordinatorClient, open_channel, worker_info
 from worker.state_dir import StateDir
 from worker.status import Action, Call, Reaction, reaction
 from worker.team import Team

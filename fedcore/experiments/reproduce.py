@@ -35,8 +35,8 @@ from fedcore.experiments.devices import DevicePool, device_pool
 from fedcore.experiments.results import CellResult, CurvePoint, ModelFd, ReferenceSet, append_result, load_curve, load_results, result_key
 from fedcore.experiments.simulation import Simulation, SimulationConfig
 from fedcore.federation import checkpoint
+from fedcore.federation.engine import FederationConfig
 from fedcore.federation.roundlog import ROUNDS_LOG, round_records
-from fedcore.federation.server import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName, private_parts
 from fedcore.model.denoiser import Denoiser
 from fedcore.model.diffusion import SamplerKind, Schedule, sample

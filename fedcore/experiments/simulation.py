@@ -17,8 +17,8 @@ from fedcore.data.shards import SplitConfig, load_training_pool, shard_indices
 from fedcore.errors import ExistingRun
 from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining, KeptState
 from fedcore.federation import checkpoint
+from fedcore.federation.engine import Federation, FederationConfig, OpenRound, RoundOutcome
 from fedcore.federation.roundlog import ROUNDS_LOG, RoundRecord, format_round, round_record, truncate_log
-from fedcore.federation.server import Federation, FederationConfig, OpenRound, RoundOutcome
 from fedcore.federation.strategies import private_parts
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.pretrained import initial_weights

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from fedcore.atomic import read_json_lines, read_records
 from fedcore.federation.checkpoint import ROUNDS_LOG
-from fedcore.federation.server import RoundOutcome
+from fedcore.federation.engine import RoundOutcome
 from fedcore.federation.totals import Ledger
 from fedcore.model.parts import FLOAT32_BYTES, Part
 

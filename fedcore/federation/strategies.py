@@ -237,7 +237,7 @@ class CodedTraffic:
 def coded_bytes(summary: AccountingSummary, layout: PartLayout, codec: Codec, seed: int = 0) -> CodedTraffic:
     """The bytes of a summary's transfers (`account`, every client in every round) with `codec`: the updates coded,
     and with a lossy codec the downloads too, as the coordinator sends them in a fresh run
-    (fedcore.federation.server): nothing in round 1 (every client builds the initial model from the run's seed,
+    (fedcore.federation.engine): nothing in round 1 (every client builds the initial model from the run's seed,
     fedcore.payload.initial), then the coded change of the parts a client received in the round before or
     built from the seed, the values (float32) of the others (a part it did not hold). The coded tensors' bytes
     (`Codec.encoded_bytes`, in closed form), without the payloads' safetensors headers; and how many times fewer

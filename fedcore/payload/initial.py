@@ -3,7 +3,7 @@
 In a fresh run with coded downloads, version 0 of the shared model is `build_model(preset, seed=seed)`: a client
 builds it itself instead of downloading it (the whole model in float32), and checks its build against the
 digest the coordinator sends. Another torch version or platform may initialise differently: the digests then
-differ, and that client downloads the values (fedcore.federation.server)."""
+differ, and that client downloads the values (fedcore.federation.engine)."""
 
 from __future__ import annotations
 

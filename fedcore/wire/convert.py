@@ -13,7 +13,7 @@ from fedcore.model.parts import Part, parse_parts, sorted_parts
 from fedcore.model.training import TrainConfig
 from fedcore.payload.codecs import Codec, Identity
 from fedcore.wire.bounds import WORKER_ID
-from fedcore.wire.codec import ChunkMessage, data_message_size
+from fedcore.wire.frames import ChunkMessage, data_message_size
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.stream import Reassembler, ReceiveBuffer, StreamHeader
 
@@ -153,7 +153,7 @@ def header_from_proto(msg: pb.StreamHeader) -> StreamHeader:
 
 def data_in(msg: ChunkMessage, *, on_wire: Callable[[int], None], refusal: Exception) -> bytes | memoryview:
     """The data of one message of a stream after its header (a protobuf message or a
-    `codec.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
+    `frames.DataChunk`), its serialized size given to `on_wire`; a message that is not data raises
     `refusal`."""
     if msg.WhichOneof("msg") != "data":
         on_wire(msg.ByteSize())

@@ -201,7 +201,7 @@ def test_a_resume_takes_the_settings_that_define_the_run_from_its_checkpoint_whe
     (a start without them compared the defaults with it and was refused: "model (saved 'tiny', given
     'paper-fmnist')"), and a finished run is not extended to the default 15 rounds. Settings given still win."""
     from coordinator.server import build_federation, with_saved_settings
-    from fedcore.federation.server import Federation, FederationConfig
+    from fedcore.federation.engine import Federation, FederationConfig
 
     made = {"strategy": "full", "model": "tiny", "rounds": 2, "seed": 7, "epochs": 1, "batch_size": 8, "lr": 1e-3, "loss": "mse", "compression": "int8"}
     Federation(FederationConfig.from_settings(clients_per_round=0, **made)).save(tmp_path)  # type: ignore[arg-type]

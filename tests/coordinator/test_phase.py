@@ -15,7 +15,7 @@ from coordinator.phase import IssuedTask, Phase, PollEnd
 from coordinator.registry import WorkerRegistry
 from fedcore.errors import DuplicateUpdate, LateUpdate, NotAssigned, WrongRound
 from fedcore.federation.client import EvalTask
-from fedcore.federation.server import Federation, FederationConfig, OpenRound
+from fedcore.federation.engine import Federation, FederationConfig, OpenRound
 from fedcore.model.diffusion import SamplingSpec
 from fedcore.model.parts import Part
 from fedcore.payload.serialization import PayloadMeta, encode

@@ -14,7 +14,7 @@ from annotated_types import Interval
 from coordinator.config import CoordinatorConfig
 from fedcore import settings
 from fedcore.errors import SettingOutOfRange, SettingsError
-from fedcore.federation.server import FederationConfig
+from fedcore.federation.engine import FederationConfig
 from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import PRESETS, ModelName

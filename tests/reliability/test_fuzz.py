@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fedcore.errors import FeddiffError, HashMismatch, HeaderError, SizeMismatch, StreamTooLong, TaskRefused
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.federation.server import payload_bytes_by_part
+from fedcore.federation.engine import payload_bytes_by_part
 from fedcore.model.parts import Part, PartLayout, TensorSpec
 from fedcore.payload import serialization
 from fedcore.payload.serialization import FORMAT_VERSION, PayloadMeta

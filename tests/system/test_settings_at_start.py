@@ -410,7 +410,7 @@ def _finished_run(folder: Path) -> dict[str, bytes]:
     from fedcore.data.shards import SplitConfig
     from fedcore.experiments.simulation import Simulation, SimulationConfig
     from fedcore.federation.checkpoint import FINAL_MODEL, load_run
-    from fedcore.federation.server import FederationConfig
+    from fedcore.federation.engine import FederationConfig
     from fedcore.payload.serialization import save_file
 
     federation = FederationConfig.from_settings(

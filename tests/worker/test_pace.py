@@ -6,8 +6,8 @@ import pytest
 
 from fedcore.errors import SettingsError
 from fedcore.settings import build
-from worker.client import Pace
 from worker.config import WorkerConfig
+from worker.rpc import Pace
 
 
 class FakeClock:

@@ -19,9 +19,9 @@ from fedcore.model.parts import Part
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.reliability.support import image_folder
-from worker.client import CoordinatorClient
 from worker.config import WorkerConfig
 from worker.daemon import SessionOver, WorkerDaemon
+from worker.rpc import CoordinatorClient
 from worker.status import TABLE, Action, reaction
 
 Code = grpc.StatusCode

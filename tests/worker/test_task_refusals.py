@@ -16,9 +16,9 @@ from fedcore.errors import MissingPrivateState
 from fedcore.model.training import SpeedConfig
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from tests.reliability.support import image_folder
-from worker.client import CoordinatorClient
 from worker.config import WorkerConfig
 from worker.daemon import WorkerDaemon
+from worker.rpc import CoordinatorClient
 from worker.status import Action
 
 

@@ -17,7 +17,7 @@ from fedcore.errors import TrainingProcessFailed
 from fedcore.experiments import devices
 from fedcore.experiments.devices import DevicePool, parse_devices
 from fedcore.experiments.simulation import Simulation, SimulationConfig
-from fedcore.federation.server import FederationConfig, OpenRound
+from fedcore.federation.engine import FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy
 from fedcore.model import training
 from fedcore.model.training import SpeedConfig, TrainConfig, threads_per_process

@@ -16,8 +16,8 @@ from fedcore.data.splits import split_indices
 from fedcore.errors import DifferentRun, ExistingRun
 from fedcore.experiments.simulation import Simulation, SimulationConfig, client_ids
 from fedcore.federation.checkpoint import global_file_name, load_private, load_run
+from fedcore.federation.engine import FederationConfig, task_seed
 from fedcore.federation.roundlog import ROUNDS_LOG, round_records
-from fedcore.federation.server import FederationConfig, task_seed
 from fedcore.federation.strategies import Strategy, account
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import PART_ORDER, Part

@@ -1,4 +1,4 @@
-"""Tests for fedcore.federation.server and fedcore.federation.client: one round driven by hand, payloads, refusals, the ledger."""
+"""Tests for fedcore.federation.engine and fedcore.federation.client: one round driven by hand, payloads, refusals, the ledger."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from fedcore.errors import (
 )
 from fedcore.federation.aggregate import delta
 from fedcore.federation.client import ClientRuntime, TrainTask
+from fedcore.federation.engine import Federation, FederationConfig, payload_bytes_by_part, task_seed
 from fedcore.federation.robust import NormHistory, RobustConfig
 from fedcore.federation.roundlog import round_record
-from fedcore.federation.server import Federation, FederationConfig, payload_bytes_by_part, task_seed
 from fedcore.federation.strategies import Strategy, plan_traffic
 from fedcore.federation.totals import Ledger, Tally
 from fedcore.model.diffusion import Schedule

@@ -262,7 +262,7 @@ def test_the_paper_unet_starts_from_a_feddiff_file_not_a_diffusers_folder(tmp_pa
 def test_a_simulation_starts_from_init_from(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     from fedcore.data.shards import SplitConfig
     from fedcore.experiments.simulation import Simulation, SimulationConfig
-    from fedcore.federation.server import FederationConfig
+    from fedcore.federation.engine import FederationConfig
     from fedcore.model.training import SpeedConfig
 
     saved = saved_unet(tmp_path / "unet")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.federation.server import Federation, FederationConfig
+from fedcore.federation.engine import Federation, FederationConfig
 from fedcore.federation.strategies import Strategy
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS

@@ -15,7 +15,7 @@ from fedcore.experiments.simulation import RESIDUALS, Simulation, SimulationConf
 from fedcore.federation import checkpoint
 from fedcore.federation.aggregate import delta
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.federation.server import Federation, FederationConfig
+from fedcore.federation.engine import Federation, FederationConfig
 from fedcore.federation.strategies import Strategy, account, coded_bytes
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part

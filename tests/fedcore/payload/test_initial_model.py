@@ -12,7 +12,7 @@ import torch
 
 from fedcore.errors import MissingSharedState, NotSafetensors, SchemaError
 from fedcore.federation.client import ClientRuntime, TrainTask
-from fedcore.federation.server import Federation, FederationConfig, OpenRound
+from fedcore.federation.engine import Federation, FederationConfig, OpenRound
 from fedcore.federation.strategies import Strategy
 from fedcore.model.diffusion import Schedule
 from fedcore.model.parts import ALL_PARTS, PART_ORDER, Part

@@ -6,7 +6,7 @@ import pytest
 
 from fedcore.errors import SizeMismatch
 from fedcore.wire import convert
-from fedcore.wire.codec import ChunkMessage, DataChunk
+from fedcore.wire.frames import ChunkMessage, DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 

@@ -3,7 +3,7 @@
 WeightsChunk and UpdateChunk are both `oneof msg { <header> header = 1; bytes data = 2; }`, and all but the
 first message of a stream are data: the tag byte 0x12, the length as a varint, the bytes. Protobuf's Python
 messages copy those bytes twice each way (sending: into the message, then into its serialization;
-receiving: into the message, then into a new bytes object at every read of `.data`). The codec writes a
+receiving: into the message, then into a new bytes object at every read of `.data`). This module writes a
 data message with one copy and reads it as a view of the bytes gRPC hands over. A header, or any message
 that is not exactly one data field, goes through protobuf. The bytes on the wire are protobuf's, so peers
 built from the generated code interoperate (tested both ways).

@@ -12,7 +12,7 @@ import grpc
 import fedcore
 from fedcore.errors import HeaderError
 from fedcore.federation.client import EvalTask, TrainTask
-from fedcore.wire import bounds, codec, convert
+from fedcore.wire import bounds, convert, frames
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2_grpc as pb_grpc
 from fedcore.wire.stream import DIGESTS, LEGACY_DIGEST, MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES, MIN_CHUNK_SIZE, ReceiveBuffer, StreamHeader, digest_for
@@ -74,15 +74,15 @@ class CoordinatorClient:
         download_rate_limit: int = 0,
     ):
         self.stub = pb_grpc.CoordinatorStub(channel)
-        # The weights streams read and write their data messages with the chunk codec (no protobuf copies).
-        self._download_weights: grpc.UnaryStreamMultiCallable[pb.DownloadRequest, pb.WeightsChunk | codec.DataChunk] = channel.unary_stream(
+        # The weights streams read and write their data messages with the chunk frames (no protobuf copies).
+        self._download_weights: grpc.UnaryStreamMultiCallable[pb.DownloadRequest, pb.WeightsChunk | frames.DataChunk] = channel.unary_stream(
             "/feddiff.v1.Coordinator/DownloadWeights",
             request_serializer=pb.DownloadRequest.SerializeToString,
-            response_deserializer=codec.parser(pb.WeightsChunk),
+            response_deserializer=frames.parser(pb.WeightsChunk),
         )
         self._upload_update: grpc.StreamUnaryMultiCallable[pb.UpdateChunk | bytes, pb.UploadResponse] = channel.stream_unary(
             "/feddiff.v1.Coordinator/UploadUpdate",
-            request_serializer=codec.serialize,
+            request_serializer=frames.serialize,
             response_deserializer=pb.UploadResponse.FromString,
         )
         self.metadata = metadata
@@ -175,7 +175,7 @@ class CoordinatorClient:
             )
             on_wire(first.ByteSize())
             yield first
-            for frame in codec.data_frames(payload, chunk_size):
+            for frame in frames.data_frames(payload, chunk_size):
                 on_wire(len(frame))
                 yield frame
                 pace.spent(len(frame))

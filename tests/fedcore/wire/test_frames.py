@@ -1,4 +1,4 @@
-"""Tests for fedcore.wire.codec: the same bytes as protobuf on the wire, the same messages read back."""
+"""Tests for fedcore.wire.frames: the same bytes as protobuf on the wire, the same messages read back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore.wire import codec
-from fedcore.wire.codec import DataChunk
+from fedcore.wire import frames
+from fedcore.wire.frames import DataChunk
 from fedcore.wire.proto.feddiff.v1 import feddiff_pb2 as pb
 
 SIZES = [0, 1, 127, 128, 16_383, 16_384, 65_536, (1 << 20) - 1, 1 << 20, 2_097_151, 2_097_152, 4 << 20]
@@ -20,32 +20,32 @@ SIZES = [0, 1, 127, 128, 16_383, 16_384, 65_536, (1 << 20) - 1, 1 << 20, 2_097_1
 @pytest.mark.parametrize("kind", [pb.WeightsChunk, pb.UpdateChunk])
 def test_a_data_message_is_what_protobuf_writes(n: int, kind) -> None:
     data = os.urandom(n)
-    (frame,) = codec.data_frames(data, n)
+    (frame,) = frames.data_frames(data, n)
 
     assert frame == kind(data=data).SerializeToString()
-    assert codec.data_message_size(n) == kind(data=data).ByteSize() == len(frame)
+    assert frames.data_message_size(n) == kind(data=data).ByteSize() == len(frame)
 
 
 def test_an_empty_data_message_has_its_size_and_an_empty_payload_no_message() -> None:
-    assert codec.data_message_size(0) == pb.WeightsChunk(data=b"").ByteSize() == 2
-    assert list(codec.data_frames(b"", 16)) == []
+    assert frames.data_message_size(0) == pb.WeightsChunk(data=b"").ByteSize() == 2
+    assert list(frames.data_frames(b"", 16)) == []
 
 
 def test_data_frames_cover_the_payload_in_bounded_chunks() -> None:
     payload = os.urandom(5 * 1000 + 17)
 
-    frames = list(codec.data_frames(payload, 1000))
+    written = list(frames.data_frames(payload, 1000))
 
-    messages = [pb.WeightsChunk.FromString(f) for f in frames]
-    assert b"".join(m.data for m in messages) == payload and len(frames) == 6
-    assert all(f == m.SerializeToString() for f, m in zip(frames, messages, strict=True))
+    messages = [pb.WeightsChunk.FromString(f) for f in written]
+    assert b"".join(m.data for m in messages) == payload and len(written) == 6
+    assert all(f == m.SerializeToString() for f, m in zip(written, messages, strict=True))
 
 
 @pytest.mark.parametrize("n", SIZES)
 def test_a_data_message_is_read_as_a_view_without_a_copy(n: int) -> None:
     raw = pb.UpdateChunk(data=os.urandom(n)).SerializeToString()
 
-    msg = codec.parser(pb.UpdateChunk)(raw)
+    msg = frames.parser(pb.UpdateChunk)(raw)
 
     assert isinstance(msg, DataChunk) and msg.data.obj is raw  # a view of gRPC's bytes
     assert bytes(msg.data) == pb.UpdateChunk.FromString(raw).data
@@ -56,23 +56,23 @@ def test_a_data_message_is_read_as_a_view_without_a_copy(n: int) -> None:
 def test_a_header_goes_through_protobuf() -> None:
     header = pb.WeightsChunk(header=pb.StreamHeader(round=3, task_id="t", parts=["decoder"], total_bytes=9, blake3="ab" * 32))
 
-    msg = codec.parser(pb.WeightsChunk)(header.SerializeToString())
+    msg = frames.parser(pb.WeightsChunk)(header.SerializeToString())
 
     assert isinstance(msg, pb.WeightsChunk) and msg == header
 
 
 def test_the_serializer_sends_frames_as_they_are_and_messages_through_protobuf() -> None:
-    frame = next(codec.data_frames(b"abc", 16))
+    frame = next(frames.data_frames(b"abc", 16))
     header = pb.UpdateChunk(header=pb.UpdateHeader(session_id="s"))
 
-    assert codec.serialize(frame) is frame
-    assert codec.serialize(header) == header.SerializeToString()
+    assert frames.serialize(frame) is frame
+    assert frames.serialize(header) == header.SerializeToString()
 
 
 def test_what_is_not_protobuf_is_refused_as_protobuf_refuses_it() -> None:
     for raw in (b"\x12\x05abc", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x12"):
         with pytest.raises(DecodeError):
-            codec.parser(pb.UpdateChunk)(raw)
+            frames.parser(pb.UpdateChunk)(raw)
 
 
 fields = st.lists(
@@ -90,7 +90,7 @@ fields = st.lists(
 def test_any_sequence_of_fields_reads_as_protobuf_reads_it(parts: list[bytes]) -> None:
     raw = b"".join(parts)  # protobuf concatenation: for a oneof, the last field read wins
 
-    got = codec.parser(pb.UpdateChunk)(raw)
+    got = frames.parser(pb.UpdateChunk)(raw)
     want = pb.UpdateChunk.FromString(raw)
 
     assert got.WhichOneof("msg") == want.WhichOneof("msg")
