@@ -19,6 +19,9 @@ from feddiff.cli import main
 pytestmark = pytest.mark.e2e
 
 SAMPLING = ["--samples", "200", "--steps", "10", "--reference-images", "2000", "--threads", "1", "--device", "cpu"]
+# Enough to tell a trained model from an untrained one; the tests of seeds, exports, folders and personalised
+# models compare FDs of the same sampling, so they sample a few images in a few steps.
+FEW = ["--samples", "32", "--steps", "4", *SAMPLING[4:]]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +41,14 @@ def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _evaluate(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
-    assert main(["evaluate", *argv, *SAMPLING, "--json"]) == 0
+def _evaluate(capsys: pytest.CaptureFixture[str], *argv: str, sampling: list[str] = FEW) -> dict:
+    assert main(["evaluate", *argv, *sampling, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 def test_trained_checkpoint_scores_lower_than_untrained_model(trained: Path, untrained: Path, capsys) -> None:
-    after = _evaluate(capsys, "--checkpoint", str(trained))
-    before = _evaluate(capsys, "--checkpoint", str(untrained), "--model", "tiny")
+    after = _evaluate(capsys, "--checkpoint", str(trained), sampling=SAMPLING)
+    before = _evaluate(capsys, "--checkpoint", str(untrained), "--model", "tiny", sampling=SAMPLING)
 
     assert 0 < after["fd"] < 0.85 * before["fd"]
     assert after["samples"] == 200 and after["sampler"] == "ddim" and after["steps"] == 10
@@ -78,7 +81,7 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
         Image.fromarray(np.asarray(image)).save(folder / f"{i:03d}.png")
     grid = tmp_path / "grid.png"
 
-    code = main(["evaluate", "--checkpoint", str(trained), "--reference-dir", str(folder), "--grid", str(grid), *SAMPLING[:4], "--threads", "1"])
+    code = main(["evaluate", "--checkpoint", str(trained), "--reference-dir", str(folder), "--grid", str(grid), *FEW[:4], "--threads", "1"])
 
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("FD ") and f"300 images of folder:{folder}" in out

@@ -20,6 +20,9 @@ from fedcore.model.unet import build_model
 FP32_EAGER: dict[str, Any] = {"bf16": "off", "channels_last": "off", "fused_adam": "off", "compile": "off"}
 BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits
 STEPS = 200
+# On CPU, 100 steps at lr 2e-3 learn what 200 at 1e-3 do (the last losses a third of the first) in half the time,
+# and a fast path whose Adam steps 5% too far still fails the bf16 bounds.
+CPU_STEPS, CPU_LR = 100, 2e-3
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -37,9 +40,9 @@ def _run(speed: SpeedConfig, images: torch.Tensor, cfg: TrainConfig) -> tuple[to
     return torch.tensor(result.losses), after - before, result.images_seen
 
 
-def _assert_same_function(fast: tuple, ref: tuple, bf16: bool) -> None:
+def _assert_same_function(fast: tuple, ref: tuple, bf16: bool, steps: int = STEPS) -> None:
     (fast_losses, fast_change, fast_seen), (ref_losses, ref_change, ref_seen) = fast, ref
-    assert fast_seen == ref_seen and len(fast_losses) == len(ref_losses) == STEPS
+    assert fast_seen == ref_seen and len(fast_losses) == len(ref_losses) == steps
     rel = (fast_losses - ref_losses).abs() / ref_losses
     if bf16:
         assert rel.max() <= 4 * BF16_EPS, f"step {int(rel.argmax())} differs by {float(rel.max()):.2%}"
@@ -53,13 +56,13 @@ def _assert_same_function(fast: tuple, ref: tuple, bf16: bool) -> None:
 @pytest.mark.slow
 def test_cpu_fast_path_loss_curve_stays_within_bf16_tolerance_of_fp32_eager() -> None:
     images = _images(320)
-    cfg = TrainConfig(epochs=STEPS * 16 // 320, batch_size=16, lr=1e-3)
+    cfg = TrainConfig(epochs=CPU_STEPS * 16 // 320, batch_size=16, lr=CPU_LR)
     fast_speed = SpeedConfig(device="cpu")  # auto: what measured fastest on this CPU
 
     fast = _run(fast_speed, images, cfg)
     ref = _run(SpeedConfig(device="cpu", **FP32_EAGER), images, cfg)
 
-    _assert_same_function(fast, ref, bf16=ResolvedSpeed.of(fast_speed).bf16)
+    _assert_same_function(fast, ref, bf16=ResolvedSpeed.of(fast_speed).bf16, steps=CPU_STEPS)
 
 
 def test_every_toggle_can_be_turned_off() -> None:
