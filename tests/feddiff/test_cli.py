@@ -333,6 +333,16 @@ def test_split_with_a_missing_dataset_is_an_error(capsys, tmp_path) -> None:
     assert "not found" in capsys.readouterr().err
 
 
+def test_split_with_a_missing_dataset_names_the_flag_the_folder_and_the_files(capsys, tmp_path) -> None:
+    code = main(["split", "--data-root", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff split: error: Fashion-MNIST: train-images-idx3-ubyte.gz not found in {str(tmp_path)!r} (the data root: --data-root or FEDDIFF_FASHION_MNIST_DIR)")
+    assert "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" in err
+    assert "root=" not in err and err.count("\n") == 1
+
+
 def test_python_dash_m_feddiff_runs(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "feddiff", "model-info", "--model", "tiny", "--json"],
