@@ -129,7 +129,10 @@ def test_a_file_where_the_state_dir_would_be_made_is_an_error_naming_it(tmp_path
     with pytest.raises(StateDirError) as info:
         _open(tmp_path / "notes" / "state")
 
-    assert str(info.value) == f"--state-dir '{tmp_path / 'notes' / 'state'}' cannot be made: '{tmp_path / 'notes'}' is a file, not a folder: give a folder (created if missing)"
+    assert (
+        str(info.value)
+        == f"--state-dir '{tmp_path / 'notes' / 'state'}' cannot be made: '{tmp_path / 'notes'}' is a file, not a folder: give a folder (created if missing)"
+    )
 
 
 def test_a_read_only_state_dir_is_an_error_naming_it(tmp_path: Path) -> None:
