@@ -115,7 +115,10 @@ def test_describe_split_counts() -> None:
         ({"num_clients": 0}, "num_clients is 0"),
         ({"beta": 0.0}, "beta is 0.0"),
         ({"beta": -1.0}, "beta is -1.0"),
-        ({"num_clients": 3, "min_size": 40}, r"100 images cannot give 3 clients at least 40 images each \(needs 120\): lower the number of clients \(--num-clients\)"),
+        (
+            {"num_clients": 3, "min_size": 40},
+            r"100 images cannot give 3 clients at least 40 images each \(needs 120\): lower the number of clients \(--num-clients\)",
+        ),
         ({"kind": "feature"}, "'feature'"),
     ],
 )
@@ -138,16 +141,24 @@ def test_redraw_cap_raises() -> None:
 
 
 @pytest.mark.parametrize("beta", [1e-300, 1e-30, 1e-3])
-def test_a_label_split_at_a_tiny_beta_gives_each_class_to_one_client_without_a_warning(beta: float) -> None:
-    # At such a beta the Dirichlet draw is one-hot: the open clients' shares underflow to 0 whenever the one
-    # client holding all the mass is full, and must be drawn again over the open clients, not divided by 0.
+def test_a_label_split_at_a_tiny_beta_has_no_zero_division(beta: float) -> None:
+    # At such a beta the Dirichlet draw is (all but) one-hot: the open clients' shares underflow to 0 whenever
+    # the clients holding the mass are full, and must be drawn again over the open clients, not divided by 0.
     labels = np.arange(1000) % 10
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a NaN from 0 / 0, or its cast to int, fails the test
-        shards = split_indices(labels, 3, "label", beta=beta, seed=1)
+        shards = split_indices(labels, 3, "label", beta=beta, seed=4)  # a seed at which each beta underflows
 
     np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(1000))
+    assert min(len(shard) for shard in shards) >= 10
+
+
+@pytest.mark.parametrize("beta", [1e-300, 1e-30])
+def test_a_label_split_at_a_vanishing_beta_gives_each_class_to_one_client(beta: float) -> None:
+    labels = np.arange(1000) % 10
+
+    shards = split_indices(labels, 3, "label", beta=beta, seed=4)
+
     owners = [{client for client, shard in enumerate(shards) if np.any(labels[shard] == c)} for c in range(10)]
     assert all(len(owner) == 1 for owner in owners)  # every class wholly in one client's shard
-    assert min(len(shard) for shard in shards) >= 10
