@@ -207,7 +207,7 @@ def check_evaluation_data(cfg: CoordinatorConfig) -> None:
     if not cfg.eval_samples or private_parts(cfg.federation.strategy):
         return
     try:
-        fashion_mnist_files(train=False, root=cfg.eval_data_root or None)
+        fashion_mnist_files(train=False, root=cfg.eval_data_root or None, flag="--eval-data-root")
     except DatasetError as e:
         raise DatasetError(
             f"--eval-samples {cfg.eval_samples}: the global model is scored against the Fashion-MNIST test set (--eval-data-root): {e}"

@@ -23,6 +23,7 @@ DEFAULT_FASHION_MNIST_DIR: Final = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV: Final = "FEDDIFF_FASHION_MNIST_DIR"  # overrides DEFAULT_FASHION_MNIST_DIR
 FASHION_MNIST_PACKAGE: Final = "dataset-fashion-mnist"  # the Debian package that installs the IDX files
 FASHION_MNIST_NUM_CLASSES: Final = 10
+FASHION_MNIST_FILES: Final = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"); data is big-endian.
 _IDX_DTYPES: Final[MappingProxyType[int, np.dtype[Any]]] = MappingProxyType(
@@ -170,23 +171,26 @@ def fashion_mnist_dir(root: Path | str | None = None) -> Path:
     return Path(from_env) if from_env else DEFAULT_FASHION_MNIST_DIR
 
 
-def _find_idx(directory: Path, stem: str) -> Path:
+def _find_idx(directory: Path, stem: str, flag: str) -> Path:
+    """directory/stem.gz, else directory/stem; DatasetError naming the folder, the files expected there and the
+    two ways to name the data root (`flag`, the environment variable) when neither is a file."""
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
+    missing = f"{stem}.gz not found in {str(directory)!r}" if directory.is_dir() else f"{str(directory)!r} not found"
     raise DatasetError(
-        f"Fashion-MNIST file {str(directory / (stem + '.gz'))!r} not found. Install it with "
-        f"'apt-get install {FASHION_MNIST_PACKAGE}', or point {FASHION_MNIST_DIR_ENV} (or root=) at a "
-        f"directory holding the IDX files"
+        f"Fashion-MNIST: {missing} (the data root: {flag} or {FASHION_MNIST_DIR_ENV}); expected its four IDX "
+        f"files there ({', '.join(f'{name}.gz' for name in FASHION_MNIST_FILES)}, or unzipped): install them with "
+        f"'apt-get install {FASHION_MNIST_PACKAGE}', or give a folder holding them"
     )
 
 
-def fashion_mnist_files(train: bool = True, root: Path | str | None = None) -> tuple[Path, Path]:
+def fashion_mnist_files(train: bool = True, root: Path | str | None = None, *, flag: str = "--data-root") -> tuple[Path, Path]:
     """The IDX files of Fashion-MNIST's training or test images and labels (`fashion_mnist_dir`); DatasetError,
-    saying how to install them, when one is missing."""
+    saying how to install them or name their folder (`flag`, the command's flag for `root`), when one is missing."""
     directory = fashion_mnist_dir(root)
     prefix = "train" if train else "t10k"
-    return _find_idx(directory, f"{prefix}-images-idx3-ubyte"), _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    return _find_idx(directory, f"{prefix}-images-idx3-ubyte", flag), _find_idx(directory, f"{prefix}-labels-idx1-ubyte", flag)
 
 
 def load_fashion_mnist(train: bool = True, root: Path | str | None = None) -> ImageDataset:

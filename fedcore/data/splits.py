@@ -64,7 +64,10 @@ def _check_split_settings(n: int, num_clients: int, kind: SplitKind, beta: float
     if min_size < 0:
         raise ValueError(f"min_size is {min_size}, expected >= 0")
     if n < num_clients * min_size:
-        raise ValueError(f"{n} images cannot give {num_clients} clients min_size={min_size} each (needs {num_clients * min_size})")
+        raise ValueError(
+            f"{n} images cannot give {num_clients} clients at least {min_size} images each (needs {num_clients * min_size}): "
+            f"lower the number of clients (--num-clients)"
+        )
 
 
 def _draw_split(labels: np.ndarray, num_clients: int, kind: SplitKind, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -119,6 +122,11 @@ def _split_label_skew(labels: np.ndarray, num_clients: int, beta: float, min_siz
     For every class in ascending order, shares over the clients are drawn from Dir(beta); a client that
     already holds >= N/K images gets a zero share of this and all later classes (the rest renormalised).
     The whole split is redrawn until every client has >= min_size images.
+
+    With a tiny beta the draw is all but one-hot, and the open clients' shares can underflow to 0 while a full
+    client takes all the mass; the open clients' shares are then drawn again from Dir(beta) over them alone,
+    which is their renormalised shares' distribution (the Dirichlet's aggregation property). Draws whose
+    open shares do not underflow (every normal beta) take no such step, so their split stays as it was.
     """
     n = len(labels)
     capacity = n / num_clients
@@ -128,9 +136,11 @@ def _split_label_skew(labels: np.ndarray, num_clients: int, beta: float, min_siz
         num_examples = np.zeros(num_clients, dtype=np.int64)  # (K,) images per client so far
         for c in classes:
             members = rng.permutation(np.flatnonzero(labels == c))
-            proportions = rng.dirichlet(np.full(num_clients, beta))
-            proportions = proportions * (num_examples < capacity)
-            # The clients' image counts so far sum to less than N, so some client is below N/K and the sum is > 0.
+            is_open = num_examples < capacity  # the clients' image counts so far sum to less than N: some client is open
+            proportions = rng.dirichlet(np.full(num_clients, beta)) * is_open
+            if not proportions.sum() > 0:  # the open shares underflowed (a tiny beta)
+                proportions = np.zeros(num_clients)
+                proportions[is_open] = rng.dirichlet(np.full(int(is_open.sum()), beta))
             proportions = proportions / proportions.sum()
             cuts = (np.cumsum(proportions) * len(members)).astype(np.int64)[:-1]
             for client, share in enumerate(np.split(members, cuts)):
@@ -143,8 +153,8 @@ def _split_label_skew(labels: np.ndarray, num_clients: int, beta: float, min_siz
 
 def _redraws_exhausted(kind: SplitKind, num_clients: int, beta: float, min_size: int) -> ValueError:
     return ValueError(
-        f"{kind!r} split: {MAX_REDRAWS} Dirichlet draws (beta={beta}) left some of {num_clients} clients "
-        f"below min_size={min_size}; raise beta or lower num_clients or min_size"
+        f"{kind!r} split: {MAX_REDRAWS} Dirichlet draws at beta {beta} each left one of the {num_clients} clients with "
+        f"fewer than {min_size} images; raise the concentration (--beta) or lower the number of clients (--num-clients)"
     )
 
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,37 @@ def test_split_shows_the_shards_a_worker_of_the_same_flags_trains_on(capsys, fas
     assert rows[2]["size"] == len(client_shard(worker.data, 2))
 
 
+def test_split_into_more_clients_than_images_allow_names_the_flag(capsys, fashion_mnist_dir) -> None:
+    code = main(["split", "--num-clients", "70000", "--data-root", str(fashion_mnist_dir)])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "feddiff split: error: 60000 images cannot give 70000 clients at least 10 images each (needs 700000): lower the number of clients (--num-clients)\n"
+    )
+
+
+def test_a_label_split_at_a_tiny_beta_gives_each_class_to_one_client_without_a_warning(capsys, fashion_mnist_dir) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning of a 0 / 0 fails the command
+        _, rows = _run_json(
+            capsys,
+            ["split", "--split", "label", "--beta", "1e-300", "--num-clients", "3", "--max-images", "1000", "--json", "--data-root", str(fashion_mnist_dir)],
+        )
+
+    assert sum(r["size"] for r in rows) == 1000
+    assert all(sum(1 for r in rows if r["classes"][c]) == 1 for c in range(10))  # each class wholly in one shard
+
+
+def test_a_quantity_split_at_a_tiny_beta_names_the_flags_to_change(capsys, fashion_mnist_dir) -> None:
+    code = main(["split", "--split", "quantity", "--beta", "1e-300", "--num-clients", "3", "--max-images", "600", "--data-root", str(fashion_mnist_dir)])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "feddiff split: error: 'quantity' split: 1000 Dirichlet draws at beta 1e-300 each left one of the 3 clients with fewer "
+        "than 10 images; raise the concentration (--beta) or lower the number of clients (--num-clients)\n"
+    )
+
+
 def test_the_old_spelling_of_a_flag_still_works_with_a_one_line_notice(capsys) -> None:
     assert main(["strategies", "--model", "tiny", "--clients", "3", "--rounds", "2", "--json"]) == 0
 
@@ -331,6 +363,18 @@ def test_split_with_a_missing_dataset_is_an_error(capsys, tmp_path) -> None:
 
     assert code == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_split_with_a_missing_dataset_names_the_flag_the_folder_and_the_files(capsys, tmp_path) -> None:
+    code = main(["split", "--data-root", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(
+        f"feddiff split: error: Fashion-MNIST: train-images-idx3-ubyte.gz not found in {str(tmp_path)!r} (the data root: --data-root or FEDDIFF_FASHION_MNIST_DIR)"
+    )
+    assert "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" in err
+    assert "root=" not in err and err.count("\n") == 1
 
 
 def test_python_dash_m_feddiff_runs(tmp_path) -> None:

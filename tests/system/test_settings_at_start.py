@@ -266,7 +266,8 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         (["coordinator", "--tls-ca", "{file}"], "--tls-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key"),
         (
             ["coordinator", "--strategy", "full", "--eval-samples", "10", "--eval-data-root", "{tmp}"],
-            "--eval-samples 10: the global model is scored against the Fashion-MNIST test set (--eval-data-root): Fashion-MNIST file '{tmp}/t10k-images-idx3-ubyte.gz' not found",
+            "--eval-samples 10: the global model is scored against the Fashion-MNIST test set (--eval-data-root): Fashion-MNIST: "
+            "t10k-images-idx3-ubyte.gz not found in '{tmp}' (the data root: --eval-data-root or FEDDIFF_FASHION_MNIST_DIR)",
         ),
         (["coordinator", "--model", "tiny", "--init-from", "{junk_st}"], "--init-from {junk_st}: not a safetensors file (Error while deserializing header"),
         (

@@ -113,6 +113,28 @@ def test_temporary_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> 
     assert not left.exists() and kept.exists()
 
 
+def test_a_file_given_as_the_state_dir_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("not a folder")
+
+    with pytest.raises(StateDirError) as info:
+        _open(tmp_path / "notes")
+
+    assert str(info.value) == f"--state-dir '{tmp_path / 'notes'}' is a file, not a folder: give a folder (created if missing)"
+    assert (tmp_path / "notes").read_text() == "not a folder"
+
+
+def test_a_file_where_the_state_dir_would_be_made_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("not a folder")
+
+    with pytest.raises(StateDirError) as info:
+        _open(tmp_path / "notes" / "state")
+
+    assert (
+        str(info.value)
+        == f"--state-dir '{tmp_path / 'notes' / 'state'}' cannot be made: '{tmp_path / 'notes'}' is a file, not a folder: give a folder (created if missing)"
+    )
+
+
 def test_a_read_only_state_dir_is_an_error_naming_it(tmp_path: Path) -> None:
     with mounted_tmpfs(tmp_path / "state", "1m") as state:
         remount(state, "ro")

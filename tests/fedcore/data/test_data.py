@@ -21,6 +21,7 @@ from fedcore.data.datasets import (
     IMAGE_SUFFIXES,
     ImageDataset,
     fashion_mnist_dir,
+    fashion_mnist_files,
     from_model_range,
     load_fashion_mnist,
     load_image_folder,
@@ -135,6 +136,26 @@ def test_missing_directory_names_the_package(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="dataset-fashion-mnist") as info:
         load_fashion_mnist(root=tmp_path / "nowhere")
     assert FASHION_MNIST_DIR_ENV in str(info.value)
+    assert str(info.value).startswith(f"Fashion-MNIST: {str(tmp_path / 'nowhere')!r} not found (the data root: --data-root or ")
+
+
+def test_a_folder_without_the_files_is_named_with_the_files_expected_and_both_ways_to_name_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as info:
+        load_fashion_mnist(root=tmp_path)
+
+    assert str(info.value) == (
+        f"Fashion-MNIST: train-images-idx3-ubyte.gz not found in {str(tmp_path)!r} (the data root: --data-root or "
+        "FEDDIFF_FASHION_MNIST_DIR); expected its four IDX files there (train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, or unzipped): install "
+        "them with 'apt-get install dataset-fashion-mnist', or give a folder holding them"
+    )
+
+
+def test_a_missing_file_is_named_with_the_commands_flag(tmp_path: Path) -> None:
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")  # unzipped: found; the labels are not there
+
+    with pytest.raises(DatasetError, match=r"^Fashion-MNIST: t10k-labels-idx1-ubyte\.gz not found in .* \(the data root: --eval-data-root or "):
+        fashion_mnist_files(train=False, root=tmp_path, flag="--eval-data-root")
 
 
 def test_directory_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

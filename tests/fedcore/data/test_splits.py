@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -113,7 +115,10 @@ def test_describe_split_counts() -> None:
         ({"num_clients": 0}, "num_clients is 0"),
         ({"beta": 0.0}, "beta is 0.0"),
         ({"beta": -1.0}, "beta is -1.0"),
-        ({"num_clients": 3, "min_size": 40}, "100 images cannot give 3 clients min_size=40"),
+        (
+            {"num_clients": 3, "min_size": 40},
+            r"100 images cannot give 3 clients at least 40 images each \(needs 120\): lower the number of clients \(--num-clients\)",
+        ),
         ({"kind": "feature"}, "'feature'"),
     ],
 )
@@ -126,5 +131,34 @@ def test_invalid_arguments(kwargs: dict, message: str) -> None:
 
 def test_redraw_cap_raises() -> None:
     # 10 clients from 100 images at beta 0.01: min_size=10 would need exactly 10 images each.
-    with pytest.raises(ValueError, match="1000 Dirichlet draws"):
+    with pytest.raises(ValueError, match="1000 Dirichlet draws") as info:
         split_indices(np.arange(100) % 10, 10, "quantity", beta=0.01, min_size=10)
+
+    assert str(info.value) == (
+        "'quantity' split: 1000 Dirichlet draws at beta 0.01 each left one of the 10 clients with fewer than 10 images; "
+        "raise the concentration (--beta) or lower the number of clients (--num-clients)"
+    )
+
+
+@pytest.mark.parametrize("beta", [1e-300, 1e-30, 1e-3])
+def test_a_label_split_at_a_tiny_beta_has_no_zero_division(beta: float) -> None:
+    # At such a beta the Dirichlet draw is (all but) one-hot: the open clients' shares underflow to 0 whenever
+    # the clients holding the mass are full, and must be drawn again over the open clients, not divided by 0.
+    labels = np.arange(1000) % 10
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NaN from 0 / 0, or its cast to int, fails the test
+        shards = split_indices(labels, 3, "label", beta=beta, seed=4)  # a seed at which each beta underflows
+
+    np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(1000))
+    assert min(len(shard) for shard in shards) >= 10
+
+
+@pytest.mark.parametrize("beta", [1e-300, 1e-30])
+def test_a_label_split_at_a_vanishing_beta_gives_each_class_to_one_client(beta: float) -> None:
+    labels = np.arange(1000) % 10
+
+    shards = split_indices(labels, 3, "label", beta=beta, seed=4)
+
+    owners = [{client for client, shard in enumerate(shards) if np.any(labels[shard] == c)} for c in range(10)]
+    assert all(len(owner) == 1 for owner in owners)  # every class wholly in one client's shard
