@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +16,7 @@ from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
 from feddiff.args import OUT_DIR_OLD_SPELLINGS, Command, add_speed_flags
 from service import flags, tls
-from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
+from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName, TokenFile
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -127,7 +127,7 @@ def _tool_channel(cfg: ToolChannel):  # -> grpc.Channel
 class HealthConfig(ToolChannel):
     """Every setting of `feddiff health`."""
 
-    service: str = ""  # the service whose health is asked ('' = the server)
+    service: str = field(default="", metadata=flags.EMPTY_MEANS_SOMETHING)  # the service whose health is asked ('' = the server)
 
 
 def _add_health_flags(p: argparse.ArgumentParser) -> None:
@@ -159,7 +159,7 @@ class StatusConfig(ToolChannel):
     """Every setting of `feddiff status`."""
 
     json: bool = False  # one JSON object, for scripts
-    token_file: ExistingFile = ""  # the operator's status token (the coordinator's --status-token-file)
+    token_file: TokenFile = ""  # the operator's status token (the coordinator's --status-token-file)
 
 
 def _add_status_flags(p: argparse.ArgumentParser) -> None:
