@@ -83,6 +83,17 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
         (["health", *TOOL, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
         (["status", *TOOL, "--tls-ca", "{file}", "--tls-key", "{tmp}"], "--tls-key = '{tmp}': expected a readable file; not a file"),
         (["status", *TOOL, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
+        (["status", *TOOL, "--token-file", "{blank}"], "--token-file = '{blank}': expected a readable file; the file is empty or holds only blanks"),
+        (["status", *TOOL, "--token-file", ""], "--token-file = '': expected a readable file; the flag is given empty"),
+        (["health", *TOOL, "--tls-ca", ""], "--tls-ca = '': expected a readable file; the flag is given empty"),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "a" * 300],
+            f"--coordinator-host = '{'a' * 300}': expected {HOST}; 300 characters: a DNS name has at most 253",
+        ),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "a" * 64 + ".example"],
+            f"--coordinator-host = '{'a' * 64}.example': expected {HOST}; label '{'a' * 20}'... has 64 characters: a DNS label has at most 63",
+        ),
         (
             ["health", *TOOL, "--tls-ca", "{file}", "--tls-cert", "{file}"],
             "--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither",
@@ -120,7 +131,9 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
 )
 def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("not a certificate")
+    (tmp_path / "blank").write_text(" \n")
     paths = {"{missing}": str(tmp_path / "missing"), "{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path), "{out}": str(tmp_path / "out")}
+    paths["{blank}"] = str(tmp_path / "blank")
     argv = [paths.get(a, a) for a in argv]
     for placeholder, path in paths.items():
         line = line.replace(placeholder, path)
@@ -453,3 +466,46 @@ def test_the_help_lists_each_flag_by_its_spelling_of_today_only() -> None:
     assert {name: listed[name] & old[name] for name in listed if listed[name] & old[name]} == {}
     assert {"--clients", "--no-compile"} <= old["simulate"] and "--num-clients" in listed["simulate"] and "--compile" in listed["simulate"]
     assert {"--out", "--checkpoint-dir", "--n"} <= old["export"] | old["sample"] | old["certs"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["simulate", "--out-dir", ""], "--out-dir = '': expected a folder path"),
+        (["simulate", "--init-from", ""], "--init-from = '': expected a readable file or folder; the flag is given empty"),
+        (
+            ["simulate", "--out-dir", "{out}", "--clients-per-round", "9", "--num-clients", "2"],
+            "--clients-per-round 9 is more than --num-clients 2: a round samples its clients from those K; give at most K (0: every client)",
+        ),
+        (
+            ["simulate", "--out-dir", "{out}", "--clients-per-round", "6"],
+            "--clients-per-round 6 is more than --num-clients 5 (the default): a round samples its clients from those K; give at most K (0: every client)",
+        ),
+        (
+            ["reproduce", "--out-dir", "{out}", "--strategies", "udec,,full"],
+            "--strategies = 'udec,,full': expected a comma list of 'centralised', 'full', 'usplit', 'udec', 'ulatdec'; an empty item before a comma",
+        ),
+        (
+            ["reproduce", "--out-dir", "{out}", "--splits", ",iid"],
+            "--splits = ',iid': expected a comma list of 'iid', 'quantity', 'label'; an empty item before a comma",
+        ),
+    ],
+)
+def test_simulate_and_reproduce_refuse_an_empty_value_and_settings_that_cannot_go_together(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
+    argv = [str(tmp_path / "out") if a == "{out}" else a for a in argv]
+
+    code = main(argv)
+
+    assert code == 2
+    assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_health_takes_an_empty_service_its_help_says_is_the_server() -> None:
+    from feddiff.system_cli import HealthConfig
+    from service import flags
+
+    args = build_parser().parse_args(["health", "--address", "127.0.0.1:1", "--insecure", "--service", ""])
+
+    assert flags.build(HealthConfig, args).service == ""
+    assert "('' = the server)" in " ".join(subcommands(build_parser())["health"].format_help().split())
