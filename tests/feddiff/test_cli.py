@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -509,3 +510,51 @@ def test_health_takes_an_empty_service_its_help_says_is_the_server() -> None:
 
     assert flags.build(HealthConfig, args).service == ""
     assert "('' = the server)" in " ".join(subcommands(build_parser())["health"].format_help().split())
+
+
+@pytest.fixture
+def plain_text_server():
+    """A gRPC server on a free loopback port, in plain text, with the health service only: its address."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["status", "--tls-ca", "{ca}"],
+            "UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca",
+        ),
+        (
+            ["health", "--tls-ca", "{ca}"],
+            "UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca",
+        ),
+        (["health", "--insecure", "--service", "nope"], "NOT_FOUND: the server has no health service 'nope' (leave out --service for the server's own)"),
+    ],
+)
+def test_a_failed_call_of_health_or_status_is_one_line_that_says_what_to_try(argv: list[str], line: str, pki: Path, plain_text_server: str) -> None:
+    argv = [str(pki / "ca.crt") if a == "{ca}" else a for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "feddiff", *argv, "--address", plain_text_server, "--timeout", "10"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"{plain_text_server}: {line}\n"
