@@ -35,6 +35,7 @@ from fedcore.settings import (
     ProgressMode,
     SamplingSteps,
     Seconds,
+    SecondsOrZero,
     Seed,
 )
 from fedcore.wire.bounds import MAX_NUM_EXAMPLES, WORKER_ID, largest
@@ -153,7 +154,7 @@ class CoordinatorConfig:
     worker_sizes: WorkerSizes = field(default_factory=dict)
     clip_norm: FiniteNonNegative = 0.0
     clip_multiplier: FiniteNonNegative = 0.0
-    departed_retention: FiniteNonNegative = 3600.0
+    departed_retention: SecondsOrZero = 3600.0
     eval_every: NonNegative = 0
     eval_samples: EvalSamplesOrOff = 0
     eval_steps: SamplingSteps = 100
@@ -178,6 +179,12 @@ class CoordinatorConfig:
                 "every worker would count as gone between two of its heartbeats"
             )
         tls.check_tls_settings(tls.COORDINATOR, cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, insecure=self.insecure)
+        if self.resume and self.resume_or_start:
+            raise ValueError("--resume and --resume-or-start: give one (--resume refuses a folder with no run to resume, --resume-or-start starts one there)")
+        if self.worker_sizes and self.clients_per_round > len(self.worker_sizes):
+            raise ValueError(
+                f"{flags.shown(self, 'clients_per_round')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could sample that many"
+            )
         if self.worker_sizes and len(self.worker_sizes) < self.min_workers:
             raise ValueError(f"{flags.shown(self, 'min_workers')} is more than the {len(self.worker_sizes)} workers in --worker-sizes: no round could start")
 
@@ -251,7 +258,7 @@ _MEANING = {
     "worker_sizes": "most images each worker is weighed by; once given, unlisted workers are refused",
     "clip_norm": "largest L2 norm of one part of an update; a larger part is scaled down to it (0 = off)",
     "clip_multiplier": "adaptive clipping: bound each part's L2 norm at this times the last round's median norm of the part (0 = off)",
-    "departed_retention": "seconds a departed worker stays listed before it is forgotten",
+    "departed_retention": "seconds a departed worker stays listed before it is forgotten (0: forgotten as soon as it departs)",
     "eval_every": "evaluate after round 1, every N rounds and after the last (0 = after the last round only)",
     "eval_samples": "samples per evaluated model (0 = no evaluation)",
     "eval_steps": "DDIM steps of each evaluation (of the final one too with --eval-final-sampler ddim)",

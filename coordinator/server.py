@@ -240,6 +240,7 @@ class Coordinator:
     another thread."""
 
     def __init__(self, cfg: CoordinatorConfig, metrics: Metrics | None = None):
+        auth = Authenticator(cfg)  # its files read and checked before anything is logged or created
         cfg = self.cfg = with_saved_settings(cfg)
         check_ports(cfg)
         check_evaluation_data(cfg)
@@ -261,7 +262,7 @@ class Coordinator:
             self.metrics = metrics or Metrics()
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
             self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
-            self.auth = Authenticator(cfg)
+            self.auth = auth
             self.health = health.aio.HealthServicer()  # served on both ports
             self.port: int | None = None
             self.metrics_port: int | None = None

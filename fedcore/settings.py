@@ -61,6 +61,8 @@ MAX_WAIT_SECONDS = threading.TIMEOUT_MAX
 # millisecond fields hold (a week is 6.048e8 ms, a uint32 field 4.29e9).
 MAX_SECONDS = 7 * 24 * 3600
 Seconds = Annotated[float, Interval(gt=0, le=MAX_SECONDS), Described(f"more than 0 s, up to {MAX_SECONDS} s (a week)")]
+# A duration where 0 means "at once" (a departed worker forgotten as soon as it departs), within the same week.
+SecondsOrZero = Annotated[float, Interval(ge=0, le=MAX_SECONDS), Described(f"0 s up to {MAX_SECONDS} s (a week)")]
 Fraction = Annotated[float, Interval(gt=0, le=1)]
 Concentration = Annotated[float, Interval(gt=0)]  # Dirichlet's beta: how skewed the skewed splits are
 Seed = Annotated[int, Interval(ge=0, le=(1 << 64) - 1)]  # numpy's SeedSequence and torch take 0 .. 2**64-1
@@ -72,10 +74,15 @@ ProgressMode = Literal["auto", "bar", "log", "off"]  # auto: a live line on a te
 
 
 def _comma_list(value: object) -> object:
-    """A comma list given as one string ('iid,label', a flag's) as the tuple of its items, blanks dropped; any
-    other value as it is (a list from a YAML file, a tuple default)."""
+    """A comma list given as one string ('iid,label', a flag's; a closing comma taken) as the tuple of its
+    items; ValueError for an empty item ('iid,,label', ',iid'); any other value as it is (a list from a YAML
+    file, a tuple default)."""
     if isinstance(value, str):
-        return tuple(item.strip() for item in value.split(",") if item.strip())
+        items = tuple(item.strip() for item in value.split(","))
+        items = items[:-1] if len(items) > 1 and not items[-1] else items  # 'iid,label,': a list's closing comma
+        if "" in items:  # 'udec,,full': a typo, not a list of two
+            raise ValueError("an empty item before a comma")
+        return items
     return value
 
 

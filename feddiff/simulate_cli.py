@@ -18,7 +18,7 @@ from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
-from fedcore.settings import ExistingPath, NonNegative, Positive, Seed
+from fedcore.settings import ExistingPath, Folder, NonNegative, Positive, Seed
 from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
@@ -40,7 +40,7 @@ class SimulateConfig:
     compression: CompressionName = "none"  # how clients code their deltas, with error feedback (fedcore.payload.codecs)
     compression_block: CompressionBlock = 0  # int8 / int4 elements per scale; 0: the codec name's (64 unless it says)
     data: SplitConfig = SplitConfig()  # K and how the training set is split among the clients
-    out_dir: str = "runs/simulate"  # rounds.jsonl and checkpoints
+    out_dir: Folder = "runs/simulate"  # rounds.jsonl and checkpoints
     resume: bool = False  # continue the run in `out_dir` from its last checkpoint
     init_from: ExistingPath = ""  # a diffusers UNet or pipeline folder, or a feddiff .safetensors
     devices: DeviceList | None = None  # train each round's clients in parallel, one process per device
@@ -50,6 +50,11 @@ class SimulateConfig:
         if self.devices and self.speed.device != "auto":
             raise ValueError(f"--device {self.speed.device} and --devices {','.join(self.devices)}: give one (--devices trains on each device it names)")
         settle_compression(self)  # ValueError for a block the codec has no use for, or one its name gives otherwise
+        if self.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"{flags.shown(self, 'clients_per_round')} is more than {flags.shown(self, 'data.num_clients')}: "
+                "a round samples its clients from those K; give at most K (0: every client)"
+            )
 
     @property
     def simulation(self) -> SimulationConfig:

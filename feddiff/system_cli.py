@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from fedcore import settings
 from fedcore.settings import ExistingFile, Folder, Seconds
 from feddiff.args import OUT_DIR_OLD_SPELLINGS, Command, add_speed_flags
 from service import flags, tls
-from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName
+from service.process_settings import HOST_NAME_WORDS, ConnectAddress, HostName, ServerName, TokenFile
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -127,7 +128,27 @@ def _tool_channel(cfg: ToolChannel):  # -> grpc.Channel
 class HealthConfig(ToolChannel):
     """Every setting of `feddiff health`."""
 
-    service: str = ""  # the service whose health is asked ('' = the server)
+    service: str = field(default="", metadata=flags.EMPTY_MEANS_SOMETHING)  # the service whose health is asked ('' = the server)
+
+
+def _quiet_grpc() -> None:
+    """gRPC's C core logs a failed TLS handshake on stderr at its info level: a tool says what failed in its own
+    one line (`_failed_call`), so the core logs errors only, unless GRPC_VERBOSITY says otherwise. Read when
+    grpc is first imported."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _failed_call(cfg: ToolChannel, e) -> str:  # e: grpc.RpcError
+    """The one line a tool prints when its call fails: the address, the status code and what it means, with a
+    hint where the cause is likely (TLS against a plain-text port; a health service the server does not have)."""
+    import grpc
+
+    code, details = e.code(), (e.details() or "").strip()
+    if code == grpc.StatusCode.UNAVAILABLE and cfg.tls_ca and "WRONG_VERSION_NUMBER" in details:
+        return f"{cfg.address}: UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca"
+    if code == grpc.StatusCode.NOT_FOUND and isinstance(cfg, HealthConfig):
+        return f"{cfg.address}: NOT_FOUND: the server has no health service {cfg.service!r} (leave out --service for the server's own)"
+    return f"{cfg.address}: {code.name}: {details or 'no details given'}"
 
 
 def _add_health_flags(p: argparse.ArgumentParser) -> None:
@@ -137,6 +158,7 @@ def _add_health_flags(p: argparse.ArgumentParser) -> None:
 
 def health(args: argparse.Namespace) -> int:
     """0 when the coordinator's gRPC health service says SERVING, else 1."""
+    _quiet_grpc()
     import grpc
     from grpc_health.v1 import health_pb2
 
@@ -147,7 +169,7 @@ def health(args: argparse.Namespace) -> int:
         try:
             resp = health_check(channel)(health_pb2.HealthCheckRequest(service=cfg.service), timeout=cfg.timeout)
         except grpc.RpcError as e:
-            print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(_failed_call(cfg, e), file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(f"{cfg.address}: {status}")
@@ -159,7 +181,7 @@ class StatusConfig(ToolChannel):
     """Every setting of `feddiff status`."""
 
     json: bool = False  # one JSON object, for scripts
-    token_file: ExistingFile = ""  # the operator's status token (the coordinator's --status-token-file)
+    token_file: TokenFile = ""  # the operator's status token (the coordinator's --status-token-file)
 
 
 def _add_status_flags(p: argparse.ArgumentParser) -> None:
@@ -170,13 +192,14 @@ def _add_status_flags(p: argparse.ArgumentParser) -> None:
 
 def status(args: argparse.Namespace) -> int:
     """A coordinator's round, workers, bytes and reduction, as lines or (--json) one object."""
+    _quiet_grpc()
     import grpc
 
     cfg = flags.build(StatusConfig, args)
     try:
         s = ask_status(cfg)
     except grpc.RpcError as e:
-        print(f"{cfg.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(_failed_call(cfg, e), file=sys.stderr)
         return 1
     if cfg.json:
         print(json.dumps({**status_dict(s), "bytes_vs_fp32_fedavg": _bytes_vs_fp32_fedavg(s)}))

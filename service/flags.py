@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from fedcore import settings
 from fedcore.errors import SettingsError
 
 T = TypeVar("T")
 REQUIRED = MISSING  # the default of a setting without one: its flag must be given
+# A field's metadata for a string setting whose empty value means something, which its flag's help says
+# (`field(default="", metadata=EMPTY_MEANS_SOMETHING)`): `build` refuses any other flag given empty.
+EMPTY_MEANS_SOMETHING = {"flags.empty_means_something": True}
 
 
 def flag(loc: settings.Location) -> str:
@@ -267,14 +271,46 @@ def build(cls: type[T], args: argparse.Namespace, *, config_file: str | Path | N
     retired = getattr(args, _RETIRED, None)
     if retired:
         raise SettingsError("; ".join(retired))
+    if config_file == "":
+        raise SettingsError("--config = '': expected a YAML file of settings; the flag is given empty")
     from_file = read_config_file(Path(config_file)) if config_file else {}
     from_flags = given(args, cls)
+    empty = _given_empty(cls, from_flags, ())
+    if empty:
+        raise SettingsError("; ".join(f"{flag(loc)} = '': expected {settings.expected(tp)}; the flag is given empty" for loc, tp in empty))
 
     def name(loc: settings.Location) -> str:
         in_file = _holds(from_file, loc) and not _holds(from_flags, loc)
         return f"{settings.dotted(loc)} (in {config_file})" if in_file else flag(loc)
 
     return settings.build(cls, _layered(from_file, from_flags), name=name)
+
+
+def _given_empty(cls: type, values: Mapping[str, Any], loc: settings.Location) -> list[tuple[settings.Location, Any]]:
+    """(location, type) of each setting of `values` (the flags given) that is an empty string its type takes (as
+    "not used", its default): a flag given empty (`--worker-id ''`, a variable that expanded to nothing) must
+    not mean the same as no flag, silently. A field marked EMPTY_MEANS_SOMETHING takes it; a type that refuses
+    "" itself says why in its own words (`settings.build`)."""
+    hints = get_type_hints(cls, include_extras=True)
+    found: list[tuple[settings.Location, Any]] = []
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, tp = values[f.name], hints[f.name]
+        if isinstance(value, dict) and isinstance(tp, type) and is_dataclass(tp):
+            found += _given_empty(tp, value, (*loc, f.name))
+        elif value == "" and not f.metadata.get(next(iter(EMPTY_MEANS_SOMETHING))) and _takes_empty(tp):
+            found.append(((*loc, f.name), tp))
+    return found
+
+
+def _takes_empty(tp: Any) -> bool:
+    """Whether a setting of type `tp` takes the empty string."""
+    try:
+        TypeAdapter(tp, config=settings.CONFIG).validate_python("")
+    except ValidationError:
+        return False
+    return True
 
 
 def _layered(under: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from fedcore.settings import Described
+from fedcore.settings import Described, ExistingFile
 
 
 def _address(text: str, *, least_port: int) -> str:
@@ -49,6 +49,7 @@ def _ready_file(text: str) -> str:
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 MAX_HOST_NAME = 253  # characters of a DNS name (RFC 1035), its dots included
+MAX_LABEL = 63  # characters of one of its labels
 
 
 def _host_name(text: str) -> str:
@@ -63,10 +64,15 @@ def _host_name(text: str) -> str:
         raise ValueError("an empty name")
     if any(c.isspace() for c in text):
         raise ValueError("a name with a space in it")
+    if len(text) > MAX_HOST_NAME:
+        raise ValueError(f"{len(text)} characters: a DNS name has at most {MAX_HOST_NAME}")
     labels = text.removesuffix(".").split(".")
+    long = next((label for label in labels if len(label) > MAX_LABEL), None)
+    if long is not None:
+        raise ValueError(f"label {long[:20]!r}... has {len(long)} characters: a DNS label has at most {MAX_LABEL}")
     bad = next((label for i, label in enumerate(labels) if not (_LABEL.fullmatch(label) or (i == 0 and label == "*" and len(labels) > 2))), None)
-    if bad is not None or len(text) > MAX_HOST_NAME:
-        raise ValueError(f"label {bad!r} is not letters, digits and inner hyphens" if bad is not None else f"longer than {MAX_HOST_NAME} characters")
+    if bad is not None:
+        raise ValueError(f"label {bad!r} is not letters, digits and inner hyphens")
     return text
 
 
@@ -78,6 +84,23 @@ HOST_NAME_WORDS = "a DNS name (letters, digits, hyphens and dots) or an IP addre
 HostName = Annotated[str, AfterValidator(_host_name), Described(HOST_NAME_WORDS)]
 ServerName = Annotated[str, AfterValidator(_server_name), Described(HOST_NAME_WORDS)]  # "" = not given
 
+
+def _token_file(text: str) -> str:
+    """`text` when empty (not used), or a readable file that holds a token (its text, stripped, is not empty):
+    read at start, so that a wrong file stops the process rather than sending an empty bearer token."""
+    if not text:
+        return text
+    try:
+        token = Path(text).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:  # readable a moment ago (ExistingFile)
+        raise ValueError(f"cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not token:
+        raise ValueError("the file is empty or holds only blanks")
+    return text
+
+
+# A file holding a bearer token (empty = not used), read and checked at start
+TokenFile = Annotated[ExistingFile, AfterValidator(_token_file)]
 
 # A file the process writes once it serves, for scripts and tests: {"address", "metrics_port", ...}
 ReadyFile = Annotated[str, AfterValidator(_ready_file), Described("a new file in an existing folder, or an earlier ready file")]

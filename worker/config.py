@@ -25,7 +25,7 @@ from fedcore.settings import (
 )
 from fedcore.wire.bounds import WORKER_ID
 from service import flags, tls
-from service.process_settings import ConnectAddress, ReadyFile, ServerName
+from service.process_settings import ConnectAddress, ReadyFile, ServerName, TokenFile
 from service.split_flags import RETIRED_SEED, SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
 
@@ -98,7 +98,7 @@ class WorkerConfig:
     tls_ca: ExistingFile = ""
     tls_cert: ExistingFile = ""
     tls_key: ExistingFile = ""
-    token_file: ExistingFile = ""
+    token_file: TokenFile = ""
     tls_server_name: ServerName = ""
 
     def __post_init__(self) -> None:

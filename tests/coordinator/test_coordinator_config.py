@@ -69,7 +69,8 @@ def test_every_setting_refuses_a_value_of_the_wrong_type_in_the_file(name: str, 
 @pytest.mark.parametrize("name", [n for n in SETTINGS if TYPES[n] not in (bool, str)])
 def test_every_flag_is_converted_from_its_string_and_refused_by_name(name: str) -> None:
     default = getattr(CoordinatorConfig(), name)
-    assert getattr(coordinator_config(None, {name: str(default)}), name) == default
+    if default != "":  # a flag given empty is refused (below)
+        assert getattr(coordinator_config(None, {name: str(default)}), name) == default
 
     with pytest.raises(SettingsError, match=f"^--{name.replace('_', '-')} = {_wrong_value(name)!r}: expected "):
         coordinator_config(None, {name: _wrong_value(name)})
@@ -158,7 +159,9 @@ def test_worker_sizes_come_from_a_yaml_mapping_or_a_flag_and_bound_the_weights(t
         ({"worker_sizes": "hospital-1=5"}, "--min-workers 2 (the default) is more than the 1 workers in --worker-sizes: no round could start"),
         ({"clip_multiplier": "nan"}, "--clip-multiplier = 'nan': expected a finite number >= 0"),
         ({"max_delta_value": "-1"}, "--max-delta-value = '-1': expected a finite number >= 0"),
-        ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected a finite number >= 0"),
+        ({"departed_retention": "inf"}, "--departed-retention = 'inf': expected 0 s up to 604800 s (a week)"),
+        ({"departed_retention": "1e12"}, "--departed-retention = '1e12': expected 0 s up to 604800 s (a week)"),
+        ({"departed_retention": "-1"}, "--departed-retention = '-1': expected 0 s up to 604800 s (a week)"),
     ],
 )
 def test_the_hostile_worker_settings_are_refused_out_of_range(overrides: dict[str, str], line: str) -> None:
@@ -214,3 +217,59 @@ def test_a_resume_takes_the_settings_that_define_the_run_from_its_checkpoint_whe
     assert build_federation(resumed).config == resumed.federation  # accepted: nothing differs
     assert (extended.rounds, extended.model) == (3, "tiny")
     assert fresh.model == "paper-fmnist"
+
+
+def test_a_departed_retention_of_0_forgets_a_worker_as_it_departs_and_a_week_is_the_longest() -> None:
+    assert coordinator_config(None, {"departed_retention": "0"}).departed_retention == 0.0
+    assert coordinator_config(None, {"departed_retention": "604800"}).departed_retention == 604800.0
+
+
+@pytest.mark.parametrize("name", [n for n in SETTINGS if getattr(CoordinatorConfig(), n) == ""])
+def test_a_path_or_name_flag_given_empty_is_refused_not_taken_for_not_given(name: str) -> None:
+    with pytest.raises(SettingsError) as e:
+        coordinator_config(None, {name: ""})
+
+    assert str(e.value) == f"--{name.replace('_', '-')} = '': expected {settings.expected(TYPES[name])}; the flag is given empty"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--resume", "--resume-or-start"], "--resume and --resume-or-start: give one"),
+        (
+            ["--worker-sizes", "a=5,b=5,c=5", "--clients-per-round", "4"],
+            "--clients-per-round 4 is more than the 3 workers in --worker-sizes: no round could sample that many",
+        ),
+        (["--config", ""], "--config = '': expected a YAML file of settings; the flag is given empty"),
+    ],
+)
+def test_settings_that_cannot_go_together_are_refused_at_start(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
+    code = main(["coordinator", "--insecure", "--checkpoint-dir", str(tmp_path / "ckpt"), *argv])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff coordinator: error: {line}"), err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("files", "line"),
+    [
+        ({"tokens": "[1]"}, "--tokens-file {tokens}: expected a mapping of worker id to a non-empty token"),
+        ({"tokens": "a: x\n", "status": " \n"}, "--status-token-file {status}: the file is empty"),
+    ],
+)
+def test_a_bad_tokens_file_is_refused_before_the_run_is_named_or_its_folder_made(files: dict[str, str], line: str, tmp_path: Path, capsys) -> None:
+    paths = {name: tmp_path / name for name in files}
+    for name, text in files.items():
+        paths[name].write_text(text)
+    flags = ["--tokens-file", str(paths["tokens"])] + (["--status-token-file", str(paths["status"])] if "status" in paths else [])
+    ckpt = tmp_path / "ckpt"
+
+    code = main(["coordinator", "--insecure", "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--checkpoint-dir", str(ckpt), *flags])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"feddiff coordinator: error: {line.format(**{k: str(v) for k, v in paths.items()})}\n"
+    assert not ckpt.exists()

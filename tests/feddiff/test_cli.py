@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -84,6 +85,17 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
         (["health", *TOOL, "--tls-ca", "{missing}"], "--tls-ca = '{missing}': expected a readable file; no such file or folder"),
         (["status", *TOOL, "--tls-ca", "{file}", "--tls-key", "{tmp}"], "--tls-key = '{tmp}': expected a readable file; not a file"),
         (["status", *TOOL, "--token-file", "{missing}"], "--token-file = '{missing}': expected a readable file; no such file or folder"),
+        (["status", *TOOL, "--token-file", "{blank}"], "--token-file = '{blank}': expected a readable file; the file is empty or holds only blanks"),
+        (["status", *TOOL, "--token-file", ""], "--token-file = '': expected a readable file; the flag is given empty"),
+        (["health", *TOOL, "--tls-ca", ""], "--tls-ca = '': expected a readable file; the flag is given empty"),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "a" * 300],
+            f"--coordinator-host = '{'a' * 300}': expected {HOST}; 300 characters: a DNS name has at most 253",
+        ),
+        (
+            ["certs", "--out-dir", "{out}", "--coordinator-host", "a" * 64 + ".example"],
+            f"--coordinator-host = '{'a' * 64}.example': expected {HOST}; label '{'a' * 20}'... has 64 characters: a DNS label has at most 63",
+        ),
         (
             ["health", *TOOL, "--tls-ca", "{file}", "--tls-cert", "{file}"],
             "--tls-cert and --tls-key go together: give both (a client certificate and its key), or neither",
@@ -121,7 +133,9 @@ TOOL = ["--address", "127.0.0.1:1"]  # nothing listens there: a refused flag mus
 )
 def test_a_bad_value_of_health_status_or_certs_is_refused_in_one_line_with_status_2(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("not a certificate")
+    (tmp_path / "blank").write_text(" \n")
     paths = {"{missing}": str(tmp_path / "missing"), "{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path), "{out}": str(tmp_path / "out")}
+    paths["{blank}"] = str(tmp_path / "blank")
     argv = [paths.get(a, a) for a in argv]
     for placeholder, path in paths.items():
         line = line.replace(placeholder, path)
@@ -497,3 +511,94 @@ def test_the_help_lists_each_flag_by_its_spelling_of_today_only() -> None:
     assert {name: listed[name] & old[name] for name in listed if listed[name] & old[name]} == {}
     assert {"--clients", "--no-compile"} <= old["simulate"] and "--num-clients" in listed["simulate"] and "--compile" in listed["simulate"]
     assert {"--out", "--checkpoint-dir", "--n"} <= old["export"] | old["sample"] | old["certs"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["simulate", "--out-dir", ""], "--out-dir = '': expected a folder path"),
+        (["simulate", "--init-from", ""], "--init-from = '': expected a readable file or folder; the flag is given empty"),
+        (
+            ["simulate", "--out-dir", "{out}", "--clients-per-round", "9", "--num-clients", "2"],
+            "--clients-per-round 9 is more than --num-clients 2: a round samples its clients from those K; give at most K (0: every client)",
+        ),
+        (
+            ["simulate", "--out-dir", "{out}", "--clients-per-round", "6"],
+            "--clients-per-round 6 is more than --num-clients 5 (the default): a round samples its clients from those K; give at most K (0: every client)",
+        ),
+        (
+            ["reproduce", "--out-dir", "{out}", "--strategies", "udec,,full"],
+            "--strategies = 'udec,,full': expected a comma list of 'centralised', 'full', 'usplit', 'udec', 'ulatdec'; an empty item before a comma",
+        ),
+        (
+            ["reproduce", "--out-dir", "{out}", "--splits", ",iid"],
+            "--splits = ',iid': expected a comma list of 'iid', 'quantity', 'label'; an empty item before a comma",
+        ),
+    ],
+)
+def test_simulate_and_reproduce_refuse_an_empty_value_and_settings_that_cannot_go_together(argv: list[str], line: str, tmp_path: Path, capsys) -> None:
+    argv = [str(tmp_path / "out") if a == "{out}" else a for a in argv]
+
+    code = main(argv)
+
+    assert code == 2
+    assert capsys.readouterr() == ("", f"feddiff {argv[0]}: error: {line}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_health_takes_an_empty_service_its_help_says_is_the_server() -> None:
+    from feddiff.system_cli import HealthConfig
+    from service import flags
+
+    args = build_parser().parse_args(["health", "--address", "127.0.0.1:1", "--insecure", "--service", ""])
+
+    assert flags.build(HealthConfig, args).service == ""
+    assert "('' = the server)" in " ".join(subcommands(build_parser())["health"].format_help().split())
+
+
+@pytest.fixture
+def plain_text_server():
+    """A gRPC server on a free loopback port, in plain text, with the health service only: its address."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["status", "--tls-ca", "{ca}"],
+            "UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca",
+        ),
+        (
+            ["health", "--tls-ca", "{ca}"],
+            "UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca",
+        ),
+        (["health", "--insecure", "--service", "nope"], "NOT_FOUND: the server has no health service 'nope' (leave out --service for the server's own)"),
+    ],
+)
+def test_a_failed_call_of_health_or_status_is_one_line_that_says_what_to_try(argv: list[str], line: str, pki: Path, plain_text_server: str) -> None:
+    argv = [str(pki / "ca.crt") if a == "{ca}" else a for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "feddiff", *argv, "--address", plain_text_server, "--timeout", "10"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"{plain_text_server}: {line}\n"

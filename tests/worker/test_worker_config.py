@@ -99,6 +99,13 @@ def test_flags_become_typed_settings() -> None:
             ["--tls-server-name", " "],
             "--tls-server-name = ' ': expected a DNS name (letters, digits, hyphens and dots) or an IP address; an empty name",
         ),
+        (
+            ["--tls-server-name", ""],
+            "--tls-server-name = '': expected a DNS name (letters, digits, hyphens and dots) or an IP address; the flag is given empty",
+        ),
+        (["--worker-id", ""], "--worker-id = '': expected a worker id of 1..128 characters of [A-Za-z0-9._-]; the flag is given empty"),
+        (["--token-file", ""], "--token-file = '': expected a readable file; the flag is given empty"),
+        (["--ready-file", ""], "--ready-file = '': expected a new file in an existing folder, or an earlier ready file; the flag is given empty"),
     ],
 )
 def test_the_worker_command_names_the_flag_its_value_and_what_it_takes(argv: list[str], line: str, capsys) -> None:
@@ -218,3 +225,21 @@ def test_a_rank_takes_its_share_of_the_hosts_threads_as_simulates_processes_do(
     launch._set_threads(SpeedConfig(threads=threads), Ranks(rank=0, world_size=ranks))
 
     assert calls == ([] if set_to is None else [set_to])
+
+
+@pytest.mark.parametrize("text", ["", " \n\t"])
+def test_a_token_file_is_read_at_start_and_an_empty_or_blank_one_is_refused_naming_it(text: str, tmp_path: Path, capsys) -> None:
+    token = tmp_path / "token"
+    token.write_text(text)
+
+    assert main([*BASE, "--token-file", str(token)]) == 2
+    assert (
+        capsys.readouterr().err == f"feddiff worker: error: --token-file = {str(token)!r}: expected a readable file; the file is empty or holds only blanks\n"
+    )
+
+
+def test_a_token_file_that_holds_a_token_is_taken(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+
+    assert from_args(build_parser().parse_args([*BASE, "--token-file", str(token)])).token_file == str(token)
