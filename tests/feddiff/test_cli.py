@@ -300,8 +300,52 @@ def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path,
 
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("feddiff certs: error: ") and str(taken) in err and err.count("\n") == 1, err
+    assert err == f"feddiff certs: error: --out-dir {str(taken)!r} is a file, not a folder\n", err
     assert taken.read_text() == "keep me"
+
+
+def test_certs_again_keeps_every_key_pair_already_issued_and_issues_the_missing_ones(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--coordinator-host", "coord.example.org", "--worker", "h1"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    assert main(["certs", "--out-dir", str(out), "--worker", "h1", "--worker", "h2"]) == 0
+
+    printed = capsys.readouterr()
+    assert printed.out == f"{out / 'h2.crt'}\n"
+    assert printed.err == f"{out}: kept ca, coordinator, h1 (never replaced); issued h2\n"
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "h2.key").is_file()
+
+
+def test_certs_refuses_a_coordinator_host_that_the_kept_certificate_lacks(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--coordinator-host", "coord.example.org"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code = main(["certs", "--out-dir", str(out), "--coordinator-host", "other.example.org", "--worker", "h2"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("feddiff certs: error: --coordinator-host 'other.example.org': the kept coordinator certificate ") and err.count("\n") == 1, err
+    assert str(out / "coordinator.crt") in err and "--out-dir" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing is issued after a refusal"
+
+
+def test_certs_refuses_a_certificate_whose_key_is_gone(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--worker", "w1"]) == 0
+    capsys.readouterr()
+    (out / "w1.key").unlink()
+    kept = (out / "w1.crt").read_bytes()
+
+    assert main(["certs", "--out-dir", str(out), "--worker", "w1"]) == 2
+
+    err = capsys.readouterr().err
+    assert "w1.crt is there without w1.key" in err and err.count("\n") == 1, err
+    assert (out / "w1.crt").read_bytes() == kept
 
 
 @pytest.mark.parametrize(
