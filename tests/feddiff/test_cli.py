@@ -497,3 +497,43 @@ def test_the_help_lists_each_flag_by_its_spelling_of_today_only() -> None:
     assert {name: listed[name] & old[name] for name in listed if listed[name] & old[name]} == {}
     assert {"--clients", "--no-compile"} <= old["simulate"] and "--num-clients" in listed["simulate"] and "--compile" in listed["simulate"]
     assert {"--out", "--checkpoint-dir", "--n"} <= old["export"] | old["sample"] | old["certs"]
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (None, "--results '{results}': cannot read it (No such file or directory); nothing rendered"),
+        ("hello, these are my notes", "--results {results}, line 1: not a results line (not JSON: Expecting value); nothing rendered"),
+        ('{"protocol": "quick"}\n', "--results {results}, line 1: not a results line (KeyError: "),
+        ("\n[1, 2]\n", "--results {results}, line 2: not a results line (TypeError: a JSON list, not an object); nothing rendered"),
+    ],
+    ids=["missing", "text", "another-json-object", "json-list"],
+)
+def test_reproduce_render_of_a_file_that_is_no_results_file_writes_nothing(content: str | None, line: str, tmp_path: Path, capsys) -> None:
+    results, docs = tmp_path / "results.jsonl", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("the table of last week\n")
+    if content is not None:
+        results.write_text(content)
+
+    code = main(["reproduce", "--render", "--results", str(results), "--docs", str(docs)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff reproduce: error: {line.format(results=results)}") and err.count("\n") == 1, err
+    assert [p.name for p in docs.iterdir()] == ["results.md"] and (docs / "results.md").read_text() == "the table of last week\n"
+
+
+@pytest.mark.parametrize("render", [True, False])
+def test_reproduce_docs_that_is_a_file_is_refused_in_one_line(render: bool, tmp_path: Path, capsys) -> None:
+    taken = tmp_path / "docs"
+    taken.write_text("keep me")
+    (tmp_path / "results.jsonl").write_text("")
+
+    code = main(
+        ["reproduce", *(["--render"] if render else []), "--results", str(tmp_path / "results.jsonl"), "--docs", str(taken), "--out-dir", str(tmp_path / "run")]
+    )
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff reproduce: error: --docs {str(taken)!r} is a file, not a folder\n"
+    assert taken.read_text() == "keep me" and not (tmp_path / "run").exists()
