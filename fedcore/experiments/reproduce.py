@@ -529,9 +529,10 @@ def read_results_to_render(path: Path) -> list[CellResult]:
 
 
 def render(cfg: ReproduceConfig, rows: Sequence[CellResult] | None = None) -> list[Path]:
-    """docs/results.md and the two plots from the whole results file (`read_results_to_render`), or `rows` read from it."""
+    """docs/results.md and the two plots from the whole results file (`load_results`: a line that a crash cut
+    short is skipped), or from `rows` read from it (`read_results_to_render`, for a rendering on its own)."""
     assert cfg.docs is not None
-    rows = read_results_to_render(cfg.results) if rows is None else rows
+    rows = load_results(cfg.results) if rows is None else rows
     return report.render(rows, cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
 
 
