@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +45,34 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "feddiff"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def _make_folder(directory: Path) -> None:
+    """`directory` created (with its parents); ValueError naming --out-dir when a file is in the way."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--out-dir {str(directory)!r} is a file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {str(directory)!r}: cannot create the folder ({e.strerror})") from None
+
+
+def _pair(directory: Path, name: str) -> Issued | None:
+    """The key pair `name` already in `directory`, None when neither file is there; ValueError when only one
+    of them is (a certificate without its key, or a key without its certificate, is never replaced)."""
+    pair = Issued(directory / f"{name}.crt", directory / f"{name}.key")
+    there = [p for p in (pair.cert, pair.key) if p.exists()]
+    if len(there) == 1:
+        missing = pair.key if there[0] == pair.cert else pair.cert
+        raise ValueError(
+            f"--out-dir {str(directory)!r}: {there[0].name} is there without {missing.name}; delete it to issue the pair again, or use a new --out-dir"
+        )
+    return pair if there else None
+
+
 def ensure_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA in `directory` (ca.crt, ca.key), created on first use."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_folder(directory)
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    if cert_path.exists() and key_path.exists():
+    if _pair(directory, "ca") is not None:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -111,12 +135,47 @@ def issue(
     return issued
 
 
-def create_project(directory: Path, coordinator_hosts: Sequence[str], workers: Sequence[str]) -> list[Path]:
-    """CA (if missing), the coordinator's certificate for `coordinator_hosts` (plus localhost), one per worker."""
-    written = [directory / "ca.crt"]
-    ensure_ca(directory)
+def server_names(cert_path: Path) -> list[str]:
+    """The DNS names and IP addresses a server certificate holds."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*alt.get_values_for_type(x509.DNSName), *(str(ip) for ip in alt.get_values_for_type(x509.IPAddress))]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def create_project(directory: Path, coordinator_hosts: Sequence[str], workers: Sequence[str], log: Callable[[str], None] = _stderr) -> list[Path]:
+    """CA (if missing), the coordinator's certificate for `coordinator_hosts` (plus localhost) and one per
+    worker, each issued only where its key pair is missing: a pair already there is kept, never replaced (its
+    holder may be using it). ValueError, before anything is written, when the kept coordinator certificate
+    lacks a host asked for. Logs one line of what was kept and what issued; returns the certificates written."""
+    _make_folder(directory)
     hosts = list(dict.fromkeys([*coordinator_hosts, "localhost", "127.0.0.1"]))
-    written.append(issue(directory, "coordinator", server_names=hosts, server=True, client=True).cert)
-    for worker in workers:
-        written.append(issue(directory, worker, client=True, server=False).cert)
+    names = ["coordinator", *dict.fromkeys(workers)]
+    kept = {name for name in ["ca", *names] if _pair(directory, name) is not None}
+    if "coordinator" in kept:
+        cert = directory / "coordinator.crt"
+        has = server_names(cert)
+        lacking = [h for h in hosts if h not in has]
+        if lacking:
+            raise ValueError(
+                f"--coordinator-host {lacking[0]!r}: the kept coordinator certificate {str(cert)!r} does not name it "
+                f"(it names {', '.join(has) or 'no host'}); use a new --out-dir, or delete {cert.name} and coordinator.key to issue it again"
+            )
+    written = [] if "ca" in kept else [directory / "ca.crt"]
+    ensure_ca(directory)
+    for name in names:
+        if name in kept:
+            continue
+        if name == "coordinator":
+            written.append(issue(directory, name, server_names=hosts, server=True, client=True).cert)
+        else:
+            written.append(issue(directory, name, client=True, server=False).cert)
+    issued = [n for n in ["ca", *names] if n not in kept]
+    log(f"{directory}: kept {', '.join(n for n in ['ca', *names] if n in kept) or 'none'} (never replaced); issued {', '.join(issued) or 'none'}")
     return written

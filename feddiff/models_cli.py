@@ -180,7 +180,8 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     found = load_private(_run_folder(state_dir, trained.run_id), stem, trained.completed_rounds)
     if found is None:
         rounds = f" of round {trained.completed_rounds} or earlier" if trained.completed_rounds is not None else ""
-        raise FileNotFoundError(f"{state_dir}: no private parts {stem}-rNNNN.safetensors{rounds}")
+        hint = "" if stem != WORKER_PRIVATE_STEM else " (in `feddiff simulate`'s OUT_DIR/clients, name the client with --private-stem client-N)"
+        raise FileNotFoundError(f"--worker-state {str(state_dir)!r}: no private parts {stem}-rNNNN.safetensors{rounds}{hint}")
     private_tensors, private_round = found
     identity = state_dir / WORKER_IDENTITY_FILE
     worker = json.loads(identity.read_text())["worker_id"] if identity.is_file() else stem
@@ -250,11 +251,13 @@ def export(cfg: ExportConfig) -> int:
     model = build_trained(trained)  # refuse to export weights that do not make the model
     out = Path(cfg.out)
     if cfg.format == "diffusers":
-        return _export_pipeline(trained, model, out)
+        return _export_pipeline(trained, model, out, cfg.force)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
     check_not_run_file(out, "--out")
     check_not_run_file(out.with_suffix(".json"), "--out")
+    for path in (out, out.with_suffix(".json")):
+        check_not_replacing(path, cfg.force)
     config = export_config(trained, out.name)
     metadata = {EXPORT_METADATA_KEY: json.dumps(config, sort_keys=True), "model": trained.model, "kind": trained.kind}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +268,15 @@ def export(cfg: ExportConfig) -> int:
     return 0
 
 
-def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -> int:
+def check_not_replacing(path: Path, force: bool) -> None:
+    """ValueError naming --out when `path` is there and --force was not given: a file the user has is never
+    replaced unasked."""
+    if path.exists() and not force:
+        what = "a folder" if path.is_dir() else "a file"
+        raise ValueError(f"--out {str(path)!r}: {what} already there; pass --force to replace it, or give another --out")
+
+
+def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path, force: bool) -> int:
     """A diffusers-backbone model as a DDPMPipeline folder, with the export config as feddiff_export.json."""
     from fedcore.model.diffusers_unet import DiffusersUNet
     from fedcore.payload.pretrained import PIPELINE_INDEX, PIPELINE_WEIGHTS, write_pipeline
@@ -279,6 +290,8 @@ def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path) -
         raise ValueError(f"--out {str(out)!r} is a file; --format diffusers writes a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / PIPELINE_INDEX).is_file():
         raise ValueError(f"--out {str(out)!r} is a folder with other files in it; give a new or empty folder, or an earlier export")
+    if (out / PIPELINE_INDEX).is_file():
+        check_not_replacing(out, force)
     write_pipeline(model, out)
     config = export_config(trained, PIPELINE_WEIGHTS)
     (out / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -308,13 +321,35 @@ def sample(cfg: SampleConfig) -> int:
     from fedcore.model.diffusion import Schedule
     from fedcore.model.diffusion import sample as generate
 
-    check_not_run_file(cfg.out, "--out")
+    _check_grid_out(cfg.out, cfg.force)
+    _check_sampler_steps(cfg)
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
     images = generate(model, Schedule(), cfg.samples, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
     out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.samples)), scale=cfg.scale)
     steps = "1000 steps" if cfg.sampler == "ddpm" else f"{cfg.steps} steps"
     print(f"wrote {out}: {cfg.samples} samples of {trained.describe()} ({cfg.sampler}, {steps}, seed {cfg.seed}, {device})")
     return 0
+
+
+def _check_grid_out(out: str, force: bool) -> None:
+    """ValueError naming --out for a path that is no PNG file to write: empty, a folder, not .png, a file of a
+    run, or (without --force) a file already there."""
+    path = Path(out)
+    if not path.name:
+        raise ValueError(f"--out {out!r}: expected a FILE.png path; an empty name")
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a folder; expected a FILE.png path (e.g. {str(path / 'grid.png')!r})")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r} must end in .png")
+    check_not_run_file(path, "--out")
+    check_not_replacing(path, force)
+
+
+def _check_sampler_steps(cfg: SampleConfig | EvaluateConfig) -> None:
+    """ValueError when --steps is given with --sampler ddpm: ancestral sampling (fedcore.model.diffusion.sample_ddpm)
+    takes every one of the schedule's steps, so that fewer steps would be silently ignored."""
+    if cfg.sampler == "ddpm" and not settings.is_default(cfg, "steps"):
+        raise ValueError(f"--steps {cfg.steps} with --sampler ddpm: DDPM sampling always takes all 1000 steps; drop --steps, or use --sampler ddim")
 
 
 # --- evaluate -----------------------------------------------------------------------------------------------
@@ -324,11 +359,15 @@ def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tu
     """Statistics of the real images a model is compared with: Fashion-MNIST's test set, or a folder (kept in
     the user's cache of reference statistics, so the next evaluation against the same images reuses them)."""
     from fedcore.data.datasets import load_fashion_mnist, load_image_folder, to_model_range
+    from fedcore.errors import DatasetError
     from fedcore.evaluation.fid import ReferenceStatsCache
 
     channels, size = image_shape[0], image_shape[1]
     if cfg.reference_dir:
-        images = load_image_folder(cfg.reference_dir, size, channels).images
+        try:
+            images = load_image_folder(cfg.reference_dir, size, channels).images
+        except DatasetError as e:
+            raise ValueError(f"--reference-dir {cfg.reference_dir!r}: {e}") from None
         name = f"folder:{cfg.reference_dir}"
     else:
         images = load_fashion_mnist(train=False, root=cfg.data_root).images
@@ -352,8 +391,14 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
     if cfg.grid:
         check_not_run_file(cfg.grid, "--grid")
+    _check_sampler_steps(cfg)
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
-    extractor = load_extractor(cfg.inception_weights, device)
+    try:
+        extractor = load_extractor(cfg.inception_weights, device)
+    except (KeyError, ValueError, RuntimeError, OSError) as e:
+        if not cfg.inception_weights:
+            raise
+        raise ValueError(f"--inception-weights {cfg.inception_weights!r}: not pytorch-fid Inception-v3 weights ({type(e).__name__}: {e})") from None
     reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))
     score = score_generator(model, reference, extractor, cfg.sampling, device=device)
     if cfg.grid:
@@ -422,6 +467,7 @@ class ExportConfig:
     out: str  # FILE.safetensors, or a folder with format "diffusers"
     source: ModelSource = ModelSource()
     format: ExportFormat = "feddiff"
+    force: bool = False  # replace an --out that is already there
 
 
 @dataclass(frozen=True)
@@ -441,6 +487,7 @@ class SampleConfig:
     threads: Threads = 0  # CPU threads for torch (0 = torch's default)
     nrow: NonNegative = 0  # images per row (0 = a square grid)
     scale: GridScale = 2
+    force: bool = False  # replace an --out that is already there
 
 
 @dataclass(frozen=True)
@@ -489,6 +536,7 @@ MEANING = {  # what each flag means; its type, range or choices and default come
     "inception_weights": "pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)",
     "grid": "also write the first 64 samples as a grid",
     "json": "one JSON object for scripts",
+    "force": "replace --out when it is already there (without it, an existing file is never overwritten)",
 }
 OWN_MEANING = {  # the flags whose words differ between the commands
     "export": {"out": "FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers"},

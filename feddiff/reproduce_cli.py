@@ -134,21 +134,39 @@ def add_reproduce_flags(p: argparse.ArgumentParser) -> None:
 def run_reproduce(args: argparse.Namespace) -> int:
     """The selected cells that the results file lacks (or, --render, the docs alone)."""
     from fedcore.errors import TrainingProcessFailed
-    from fedcore.experiments.reproduce import render, reproduce
+    from fedcore.experiments.reproduce import read_results_to_render, render, reproduce
 
     given = flags.build(ReproduceSettings, args)
     cfg = given.reproduce
+    if cfg.docs is not None:
+        check_folder_path(cfg.docs, "--docs")
     if given.render:
-        for path in render(cfg):
+        try:
+            rows = read_results_to_render(cfg.results)
+        except OSError as e:
+            raise ValueError(f"--results {str(cfg.results)!r}: cannot read it ({e.strerror or e}); nothing rendered") from None
+        except ValueError as e:
+            raise ValueError(f"--results {e}; nothing rendered") from None
+        for path in render(cfg, rows):
             print(f"wrote {path}")
         return 0
     try:
-        rows = reproduce(cfg)
+        done = reproduce(cfg)
     except TrainingProcessFailed as e:
         print(f"feddiff reproduce: error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {len(rows)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
+    print(f"done: {len(done)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
     return 0
+
+
+def check_folder_path(folder: Path, flag: str) -> None:
+    """ValueError naming `flag` when `folder` cannot be a folder: a file is there, or in place of a parent."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == folder else f" (its parent {str(path)!r} is a file)"
+                raise ValueError(f"{flag} {str(folder)!r} cannot be a folder{where}" if where else f"{flag} {str(folder)!r} is a file, not a folder")
+            return
 
 
 COMMANDS = {"reproduce": Command(add_reproduce_flags, run_reproduce)}

@@ -500,10 +500,40 @@ def _run_cells(cfg: ReproduceConfig, todo: Sequence[Cell], evaluator: Evaluator,
     return new
 
 
-def render(cfg: ReproduceConfig) -> list[Path]:
-    """docs/results.md and the two plots from the whole results file."""
+def read_results_to_render(path: Path) -> list[CellResult]:
+    """The rows of a results file that `render` draws, read strictly: OSError when it cannot be read (missing
+    included), ValueError naming the line of one that is no results line. Only a last line that a crash cut
+    short (no newline at its end) after a results line is skipped, as `load_results` skips it; a file of another
+    kind is refused, so that rendering it never replaces the docs with an empty table."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a results file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    lines = text.splitlines()
+    rows: list[CellResult] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+            rows.append(CellResult.from_json(obj))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n") and rows:
+                break  # the line being written when a run was stopped
+            raise ValueError(f"{path}, line {number}: not a results line (not JSON: {e.msg})") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}, line {number}: not a results line ({type(e).__name__}: {e})") from None
+    return rows
+
+
+def render(cfg: ReproduceConfig, rows: Sequence[CellResult] | None = None) -> list[Path]:
+    """docs/results.md and the two plots from the whole results file (`load_results`: a line that a crash cut
+    short is skipped), or from `rows` read from it (`read_results_to_render`, for a rendering on its own)."""
     assert cfg.docs is not None
-    return report.render(load_results(cfg.results), cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
+    rows = load_results(cfg.results) if rows is None else rows
+    return report.render(rows, cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
 
 
 def with_overrides(p: ReproductionProtocol, **changes: int | None) -> ReproductionProtocol:

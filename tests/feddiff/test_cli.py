@@ -346,8 +346,52 @@ def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path,
 
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("feddiff certs: error: ") and str(taken) in err and err.count("\n") == 1, err
+    assert err == f"feddiff certs: error: --out-dir {str(taken)!r} is a file, not a folder\n", err
     assert taken.read_text() == "keep me"
+
+
+def test_certs_again_keeps_every_key_pair_already_issued_and_issues_the_missing_ones(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--coordinator-host", "coord.example.org", "--worker", "h1"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    assert main(["certs", "--out-dir", str(out), "--worker", "h1", "--worker", "h2"]) == 0
+
+    printed = capsys.readouterr()
+    assert printed.out == f"{out / 'h2.crt'}\n"
+    assert printed.err == f"{out}: kept ca, coordinator, h1 (never replaced); issued h2\n"
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "h2.key").is_file()
+
+
+def test_certs_refuses_a_coordinator_host_that_the_kept_certificate_lacks(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--coordinator-host", "coord.example.org"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code = main(["certs", "--out-dir", str(out), "--coordinator-host", "other.example.org", "--worker", "h2"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("feddiff certs: error: --coordinator-host 'other.example.org': the kept coordinator certificate ") and err.count("\n") == 1, err
+    assert str(out / "coordinator.crt") in err and "--out-dir" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing is issued after a refusal"
+
+
+def test_certs_refuses_a_certificate_whose_key_is_gone(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c3"
+    assert main(["certs", "--out-dir", str(out), "--worker", "w1"]) == 0
+    capsys.readouterr()
+    (out / "w1.key").unlink()
+    kept = (out / "w1.crt").read_bytes()
+
+    assert main(["certs", "--out-dir", str(out), "--worker", "w1"]) == 2
+
+    err = capsys.readouterr().err
+    assert "w1.crt is there without w1.key" in err and err.count("\n") == 1, err
+    assert (out / "w1.crt").read_bytes() == kept
 
 
 @pytest.mark.parametrize(
@@ -602,3 +646,43 @@ def test_a_failed_call_of_health_or_status_is_one_line_that_says_what_to_try(arg
 
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"{plain_text_server}: {line}\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (None, "--results '{results}': cannot read it (No such file or directory); nothing rendered"),
+        ("hello, these are my notes", "--results {results}, line 1: not a results line (not JSON: Expecting value); nothing rendered"),
+        ('{"protocol": "quick"}\n', "--results {results}, line 1: not a results line (KeyError: "),
+        ("\n[1, 2]\n", "--results {results}, line 2: not a results line (TypeError: a JSON list, not an object); nothing rendered"),
+    ],
+    ids=["missing", "text", "another-json-object", "json-list"],
+)
+def test_reproduce_render_of_a_file_that_is_no_results_file_writes_nothing(content: str | None, line: str, tmp_path: Path, capsys) -> None:
+    results, docs = tmp_path / "results.jsonl", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("the table of last week\n")
+    if content is not None:
+        results.write_text(content)
+
+    code = main(["reproduce", "--render", "--results", str(results), "--docs", str(docs)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff reproduce: error: {line.format(results=results)}") and err.count("\n") == 1, err
+    assert [p.name for p in docs.iterdir()] == ["results.md"] and (docs / "results.md").read_text() == "the table of last week\n"
+
+
+@pytest.mark.parametrize("render", [True, False])
+def test_reproduce_docs_that_is_a_file_is_refused_in_one_line(render: bool, tmp_path: Path, capsys) -> None:
+    taken = tmp_path / "docs"
+    taken.write_text("keep me")
+    (tmp_path / "results.jsonl").write_text("")
+
+    code = main(
+        ["reproduce", *(["--render"] if render else []), "--results", str(tmp_path / "results.jsonl"), "--docs", str(taken), "--out-dir", str(tmp_path / "run")]
+    )
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff reproduce: error: --docs {str(taken)!r} is a file, not a folder\n"
+    assert taken.read_text() == "keep me" and not (tmp_path / "run").exists()

@@ -132,3 +132,21 @@ def test_a_classifier_asset_that_is_not_the_committed_one_is_a_clear_error(untra
     weights = assets / extractors.CLASSIFIER_WEIGHTS
     assert len(err) == 1 and err[0].startswith(f"feddiff evaluate: error: {str(weights)!r} has sha256 "), err
     assert f"but {str(manifest)!r} records {'0' * 64}" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "make", "words"),
+    [
+        ("--inception-weights", lambda p: (p / "text.txt").write_text("my notes") and p / "text.txt", "not pytorch-fid Inception-v3 weights ("),
+        ("--reference-dir", lambda p: (p / "empty").mkdir() or p / "empty", "image folder "),
+    ],
+    ids=["inception-weights-text", "reference-dir-without-images"],
+)
+def test_a_weights_file_or_reference_folder_that_is_not_one_names_its_flag(untrained: Path, tmp_path: Path, capsys, flag: str, make, words: str) -> None:
+    given = make(tmp_path)
+
+    code = main(["evaluate", "--checkpoint", str(untrained), flag, str(given), "--model", "tiny", *FEW])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff evaluate: error: {flag} {str(given)!r}: {words}") and err.count("\n") == 1, err

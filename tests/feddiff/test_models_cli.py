@@ -150,7 +150,8 @@ def test_export_refuses_a_state_dir_without_private_parts(run_dir: Path, tmp_pat
     code = main(["export", "--checkpoint", str(run_dir), "--worker-state", str(empty), "--out", str(tmp_path / "x.safetensors")])
 
     assert code == 2
-    assert f"{empty}: no private parts private-rNNNN.safetensors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--worker-state {str(empty)!r}: no private parts private-rNNNN.safetensors" in err and "--private-stem client-N" in err, err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -191,3 +192,60 @@ def test_a_coordinators_final_model_is_preferred_to_the_last_round_checkpoint(ru
 
     tensors, _ = load_file(tmp_path / "m.safetensors")
     assert all(torch.equal(tensors[k], final[k]) for k in final)
+
+
+def test_sample_and_export_never_replace_a_file_unless_forced(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    precious = tmp_path / "precious.png"
+    precious.write_text("my notes")
+    exported = tmp_path / "g.safetensors"
+    common = ["--checkpoint", str(run_dir), "--samples", "1", "--steps", "1", "--device", "cpu", "--threads", "1"]
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    weights, config = exported.read_bytes(), exported.with_suffix(".json").read_text()
+    exported.with_suffix(".json").write_text("edited")
+
+    assert main(["sample", *common, "--out", str(precious)]) == 2
+    assert (
+        capsys.readouterr().err == f"feddiff sample: error: --out {str(precious)!r}: a file already there; pass --force to replace it, or give another --out\n"
+    )
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 2
+    assert (
+        capsys.readouterr().err == f"feddiff export: error: --out {str(exported)!r}: a file already there; pass --force to replace it, or give another --out\n"
+    )
+    assert precious.read_text() == "my notes" and exported.read_bytes() == weights and exported.with_suffix(".json").read_text() == "edited"
+
+    assert main(["sample", *common, "--out", str(precious), "--force"]) == 0
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported), "--force"]) == 0
+    assert read_png(precious).size > 0 and exported.with_suffix(".json").read_text() == config
+
+
+@pytest.mark.parametrize(
+    ("out", "line"),
+    [
+        ("notes.txt", "--out '{tmp}/notes.txt' must end in .png"),
+        ("", "--out '': expected a FILE.png path; an empty name"),
+        ("folder", "--out '{tmp}/folder' is a folder; expected a FILE.png path (e.g. '{tmp}/folder/grid.png')"),
+    ],
+)
+def test_sample_refuses_an_out_that_is_no_png_file_in_one_line(out: str, line: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "folder").mkdir()
+    given = str(tmp_path / out) if out else ""
+
+    code = main(["sample", "--checkpoint", str(run_dir), "--out", given, "--samples", "1", "--steps", "1", "--device", "cpu"])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff sample: error: {line.format(tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_steps_with_the_ddpm_sampler_is_refused(command: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = ["--out", str(tmp_path / "g.png")] if command == "sample" else []
+
+    code = main([command, "--checkpoint", str(run_dir), *out, "--sampler", "ddpm", "--steps", "50", "--samples", "2", "--device", "cpu"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"feddiff {command}: error: --steps 50 with --sampler ddpm: DDPM sampling always takes all 1000 steps; drop --steps, or use --sampler ddim\n"
+    )
+    assert not list(tmp_path.iterdir())

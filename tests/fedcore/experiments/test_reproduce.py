@@ -299,3 +299,16 @@ def test_the_device_label_names_the_training_processes_devices(monkeypatch: pyte
     assert reproduce.devices_label(cpu, SimpleNamespace(devices=("cpu",) * 3, threads=4)) == "cpu x3: Some CPU, 4 threads each"  # type: ignore[arg-type]
     on_gpus = reproduce.devices_label(cpu, SimpleNamespace(devices=("cuda:0", "cuda:1"), threads=1))  # type: ignore[arg-type]
     assert on_gpus.startswith("NVIDIA H100 x2; evaluation on cpu: Some CPU, "), on_gpus
+
+
+def test_a_rendering_on_its_own_reads_the_results_file_strictly_but_for_a_line_cut_short(tmp_path: Path) -> None:
+    from fedcore.experiments.reproduce import read_results_to_render
+
+    results = tmp_path / "results.jsonl"
+    line = json.dumps(_row("centralised", "all", 10.0).as_json())
+    results.write_text(f"{line}\n{line[:40]}")
+    assert [r.strategy for r in read_results_to_render(results)] == ["centralised"]
+
+    results.write_text(f"{line}\n{line[:40]}\n{line}\n")
+    with pytest.raises(ValueError, match=rf"^{results}, line 2: not a results line \(not JSON: "):
+        read_results_to_render(results)
