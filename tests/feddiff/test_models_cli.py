@@ -223,13 +223,14 @@ def test_sample_and_export_never_replace_a_file_unless_forced(run_dir: Path, tmp
     ("out", "line"),
     [
         ("notes.txt", "--out '{tmp}/notes.txt' must end in .png"),
-        ("", "--out '': expected a FILE.png path; an empty name"),
+        ("", "--out = '': expected a string; the flag is given empty"),
+        ("/", "--out '/': expected a FILE.png path; an empty name"),
         ("folder", "--out '{tmp}/folder' is a folder; expected a FILE.png path (e.g. '{tmp}/folder/grid.png')"),
     ],
 )
 def test_sample_refuses_an_out_that_is_no_png_file_in_one_line(out: str, line: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "folder").mkdir()
-    given = str(tmp_path / out) if out else ""
+    given = str(tmp_path / out) if out not in ("", "/") else out
 
     code = main(["sample", "--checkpoint", str(run_dir), "--out", given, "--samples", "1", "--steps", "1", "--device", "cpu"])
 
