@@ -77,6 +77,9 @@ class Authenticator:
         self.mutual_tls = bool(cfg.tls_ca and cfg.tls_cert)
         self.tokens = load_tokens(cfg.tokens_file) if cfg.tokens_file else {}
         self.status_token = load_status_token(cfg.status_token_file, self.tokens) if cfg.status_token_file else ""
+
+    def warn_of_gaps(self) -> None:
+        """Log what this coordinator cannot verify: called once it starts, after every check at start passed."""
         if not self.mutual_tls and not self.tokens:
             log.warning("worker identities are not verified (no mutual TLS, no --tokens-file): any caller may claim any worker id")
         if self.tokens and not self.mutual_tls and not self.status_token:

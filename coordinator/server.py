@@ -263,6 +263,7 @@ class Coordinator:
             self.registry = WorkerRegistry(cfg.heartbeat_timeout, cfg.departed_retention)
             self.driver = RoundDriver(cfg, self.federation, self.registry, self.metrics)
             self.auth = auth
+            auth.warn_of_gaps()
             self.health = health.aio.HealthServicer()  # served on both ports
             self.port: int | None = None
             self.metrics_port: int | None = None
