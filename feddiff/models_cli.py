@@ -339,9 +339,9 @@ def _check_grid_out(out: str, force: bool) -> None:
         raise ValueError(f"--out {out!r}: expected a FILE.png path; an empty name")
     if path.is_dir():
         raise ValueError(f"--out {out!r} is a folder; expected a FILE.png path (e.g. {str(path / 'grid.png')!r})")
+    check_not_run_file(path, "--out")  # first: a run's file is the one thing never to touch, whatever its name
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {out!r} must end in .png")
-    check_not_run_file(path, "--out")
     check_not_replacing(path, force)
 
 
