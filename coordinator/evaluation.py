@@ -21,7 +21,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import WorkerRecord
 from fedcore.data.datasets import fashion_mnist_files
 from fedcore.errors import BadEvaluation, DatasetError, DuplicateUpdate, NotAssigned, WrongRound
-from fedcore.evaluation.extractors import FeatureExtractor, load_extractor, load_inception
+from fedcore.evaluation.extractors import FeatureExtractor, check_inception_weights, load_extractor
 from fedcore.evaluation.fid import ReferenceStats, curve_point_due, fashion_mnist_reference, score_generator
 from fedcore.evaluation.images import save_grid
 from fedcore.federation.client import EvalTask
@@ -212,11 +212,7 @@ def check_evaluation_data(cfg: CoordinatorConfig) -> None:
         raise DatasetError(
             f"--eval-samples {cfg.eval_samples}: the global model is scored against the Fashion-MNIST test set (--eval-data-root): {e}"
         ) from None
-    if cfg.inception_weights:  # read once now: a file that is not the network's weights fails here, not after round 1
-        try:
-            load_inception(cfg.inception_weights)
-        except ValueError as e:
-            raise ValueError(f"--inception-weights: {e}") from None
+    check_inception_weights(cfg.inception_weights)  # a file that is not the network's weights fails here, not after round 1
 
 
 class GlobalEvaluator:

@@ -132,10 +132,7 @@ def build_federation(cfg: CoordinatorConfig) -> Federation:
         check_resumable(cfg, found)
     if not cfg.init_from:
         return Federation(cfg.federation, robust=cfg.robust, settings=cfg.resumable())
-    try:
-        initial = initial_weights(cfg.init_from, cfg.model)
-    except ValueError as e:
-        raise ValueError(f"--init-from {e}") from None
+    initial = initial_weights(cfg.init_from, cfg.model)
     log.info("global model of round 1: %s", cfg.init_from)
     return Federation(cfg.federation, global_state=initial, robust=cfg.robust, settings=cfg.resumable())
 

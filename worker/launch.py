@@ -21,6 +21,7 @@ import torch
 
 from fedcore import settings
 from fedcore.data.datasets import to_model_range
+from fedcore.evaluation.extractors import check_inception_weights
 from fedcore.model.diffusion import Schedule
 from fedcore.model.ranks import Ranks
 from fedcore.model.training import LocalTrainer, SpeedConfig, TrainingInterrupted, resolve_device, threads_per_process
@@ -44,6 +45,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     ranks = Ranks.from_env()
     if ranks.leader:
         check_free("--metrics-port", "0.0.0.0", cfg.metrics_port)  # before the images load: a taken port ends the start at once
+        check_inception_weights(cfg.inception_weights)  # read now, not at the first evaluate task after rounds of training
     cfg = settings.replace(cfg, speed=rank_speed(cfg.speed, ranks))
     _set_threads(cfg.speed, ranks)
     if not ranks.distributed:

@@ -179,7 +179,13 @@ def load_inception(weights_path: Path | str, device: str | torch.device = "cpu")
             f"{str(path)!r} is not a pytorch-fid Inception-v3 state dict: "
             f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    model.load_state_dict(state, strict=False)  # strict on names (checked above) and, by torch, on shapes
+    try:
+        model.load_state_dict(state, strict=False)  # strict on names (checked above) and, by torch, on shapes
+    except RuntimeError as e:
+        mismatch = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(
+            f"{str(path)!r} is not a pytorch-fid Inception-v3 state dict: {len(mismatch)} tensors of other shapes (e.g. {mismatch[0] if mismatch else e})"
+        ) from None
     device = torch.device(device)
     model.to(device).eval()
     return ModuleFeatureExtractor(
@@ -190,5 +196,19 @@ def load_inception(weights_path: Path | str, device: str | torch.device = "cpu")
 
 def load_extractor(inception_weights: Path | str | None, device: str | torch.device = "cpu") -> ModuleFeatureExtractor:
     """The features a Frechet distance is taken on: a user's pytorch-fid Inception weights (`load_inception`)
-    when a file is given, else the bundled Fashion-MNIST classifier (`load_fmnist_classifier`)."""
-    return load_inception(inception_weights, device) if inception_weights else load_fmnist_classifier(device)
+    when a file is given, else the bundled Fashion-MNIST classifier (`load_fmnist_classifier`). ValueError
+    naming --inception-weights, the flag of every command that takes the file, and why, when it is not
+    pytorch-fid's Inception-v3 weights."""
+    if not inception_weights:
+        return load_fmnist_classifier(device)
+    try:
+        return load_inception(inception_weights, device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--inception-weights: {e}") from None
+
+
+def check_inception_weights(inception_weights: Path | str) -> None:
+    """Reads a user's Inception weights once, on the CPU, so that a command that scores models only later (after
+    its training rounds) refuses a wrong file at its start; ValueError as `load_extractor`'s."""
+    if inception_weights:
+        load_extractor(inception_weights, "cpu")

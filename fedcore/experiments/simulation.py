@@ -90,7 +90,6 @@ class Simulation:
         """The run in `out_dir` (resumed from its last checkpoint, or new); its clients train on `pool`'s
         processes when one is given, else in this process on `cfg.speed`'s device."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         fcfg = cfg.federation
         federation = Federation.restore(fcfg, out) if resume else None
         existing = None if resume else checkpoint.run_in(out)
@@ -98,6 +97,7 @@ class Simulation:
             raise ExistingRun(out, existing, "--out-dir")
         if federation is None:
             initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
+            out.mkdir(parents=True, exist_ok=True)
             federation = Federation(fcfg, global_state=initial)
             (out / ROUNDS_LOG).write_text("")
         else:

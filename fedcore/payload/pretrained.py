@@ -150,8 +150,19 @@ def read_weights_file(path: str | Path, model: str) -> dict[str, torch.Tensor]:
 
 
 def initial_weights(path: str | Path, model: str) -> dict[str, torch.Tensor]:
-    """A federation's starting global model: a diffusers UNet or pipeline folder, or a feddiff .safetensors."""
+    """A federation's starting global model: a diffusers UNet or pipeline folder, or a feddiff .safetensors.
+    ValueError (FileNotFoundError when `path` is missing) naming --init-from, the flag of every command that
+    reads it, and `path`, when it is not a finite model of the `model` preset."""
     path = Path(path)
+    try:
+        return _initial_weights(path, model)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init-from {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--init-from {e}") from None
+
+
+def _initial_weights(path: Path, model: str) -> dict[str, torch.Tensor]:
     if path.is_dir():
         state = read_unet_folder(path, model)
     elif path.suffix == ".safetensors" and path.is_file():

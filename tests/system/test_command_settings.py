@@ -176,6 +176,32 @@ def test_a_value_outside_its_range_is_named_with_the_range(argv: list[str], line
     assert capsys.readouterr().err == f"feddiff {argv[0]}: error: {line}\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "name", "content", "line"),
+    [
+        (["simulate", "--model", "tiny", "--init-from"], "junk.safetensors", b"\x03\x00", "--init-from {file}: not a safetensors file"),
+        (
+            ["simulate", "--model", "tiny", "--init-from"], "model.pt", b"weights",
+            "--init-from {file}: expected a diffusers UNet or pipeline folder, or a .safetensors file",
+        ),
+        (["reproduce", "--protocol", "mini", "--inception-weights"], "notes.pth", b"my notes", "--inception-weights: '{file}' is not a torch state dict of tensors"),
+    ],
+)  # fmt: skip
+def test_a_model_file_that_is_none_is_named_with_its_flag_and_nothing_is_created(
+    argv: list[str], name: str, content: bytes, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = tmp_path / name
+    given.write_bytes(content)
+    out = tmp_path / "run"
+
+    code = cli.main([*argv, str(given), "--out-dir", str(out)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff {argv[0]}: error: {line.format(file=given)}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_help_starts_without_torch_or_pydantic_and_status_without_torch() -> None:
     script = (
         "import sys\n"

@@ -298,6 +298,7 @@ def test_upload_slots_take_memory_only_as_uploads_run(tmp_path: Path) -> None:
         ([*WORKER, "--data-dir", "{tmp}"], "--client-index 0 and --data-dir {tmp}: give one source of images"),
         ([*WORKER, "--data-root", "{file}"], "--data-root = '{file}': expected a readable folder; not a folder"),
         ([*WORKER, "--inception-weights", "{tmp}"], "--inception-weights = '{tmp}': expected a readable file; not a file"),
+        ([*WORKER, "--inception-weights", "{junk_pth}"], "--inception-weights: '{junk_pth}' is not a torch state dict of tensors (UnpicklingError)"),
     ],
 )
 def test_a_setting_that_would_fail_at_run_time_is_refused_at_start(argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from fedcore.evaluation.extractors import (
     ASSET_DIR,
     CLASSIFIER_MANIFEST,
     CLASSIFIER_WEIGHTS,
+    load_extractor,
     load_fmnist_classifier,
     load_inception,
     sha256_of_file,
@@ -337,6 +339,31 @@ def test_inception_refuses_a_foreign_state_dict(tmp_path):
 
     with pytest.raises(ValueError, match="not a pytorch-fid Inception-v3"):
         load_inception(tmp_path / "resnet.safetensors")
+
+
+def _reshaped_inception(path: Path) -> None:
+    state = {k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}
+    state["fc.weight"] = torch.zeros(10, FID_FEATURE_DIM)  # a 10-way head in place of the 1008-way one
+    save_file(state, path)
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "why"),
+    [
+        ("notes.pth", lambda p: p.write_text("my notes"), "is not a torch state dict of tensors (UnpicklingError)"),
+        ("junk.safetensors", lambda p: p.write_bytes(b"\x03\x00"), "is not a safetensors file"),
+        ("resnet.safetensors", lambda p: save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, p), "is not a pytorch-fid Inception-v3 state dict: "),
+        ("head.safetensors", _reshaped_inception, "is not a pytorch-fid Inception-v3 state dict: 1 tensors of other shapes (e.g. size mismatch for fc.weight"),
+    ],
+)
+def test_inception_weights_that_are_not_the_network_are_refused_naming_the_flag_and_the_file(tmp_path, name, write, why):
+    path = tmp_path / name
+    write(path)
+
+    with pytest.raises(ValueError) as refused:
+        load_extractor(path)
+
+    assert str(refused.value).startswith(f"--inception-weights: {str(path)!r} {why}"), refused.value
 
 
 @pytest.mark.parametrize(
