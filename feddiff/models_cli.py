@@ -268,12 +268,12 @@ def export(cfg: ExportConfig) -> int:
     return 0
 
 
-def check_not_replacing(path: Path, force: bool) -> None:
-    """ValueError naming --out when `path` is there and --force was not given: a file the user has is never
+def check_not_replacing(path: Path, force: bool, flag: str = "--out") -> None:
+    """ValueError naming `flag` when `path` is there and --force was not given: a file the user has is never
     replaced unasked."""
     if path.exists() and not force:
         what = "a folder" if path.is_dir() else "a file"
-        raise ValueError(f"--out {str(path)!r}: {what} already there; pass --force to replace it, or give another --out")
+        raise ValueError(f"{flag} {str(path)!r}: {what} already there; pass --force to replace it, or give another {flag}")
 
 
 def _export_pipeline(trained: TrainedModel, model: torch.nn.Module, out: Path, force: bool) -> int:
@@ -331,18 +331,18 @@ def sample(cfg: SampleConfig) -> int:
     return 0
 
 
-def _check_grid_out(out: str, force: bool) -> None:
-    """ValueError naming --out for a path that is no PNG file to write: empty, a folder, not .png, a file of a
-    run, or (without --force) a file already there."""
+def _check_grid_out(out: str, force: bool, flag: str = "--out") -> None:
+    """ValueError naming `flag` (sample's --out, evaluate's --grid) for a path that is no PNG file to write:
+    empty, a folder, not .png, a file of a run, or (without --force) a file already there."""
     path = Path(out)
     if not path.name:
-        raise ValueError(f"--out {out!r}: expected a FILE.png path; an empty name")
+        raise ValueError(f"{flag} {out!r}: expected a FILE.png path; an empty name")
     if path.is_dir():
-        raise ValueError(f"--out {out!r} is a folder; expected a FILE.png path (e.g. {str(path / 'grid.png')!r})")
-    check_not_run_file(path, "--out")  # first: a run's file is the one thing never to touch, whatever its name
+        raise ValueError(f"{flag} {out!r} is a folder; expected a FILE.png path (e.g. {str(path / 'grid.png')!r})")
+    check_not_run_file(path, flag)  # first: a run's file is the one thing never to touch, whatever its name
     if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {out!r} must end in .png")
-    check_not_replacing(path, force)
+        raise ValueError(f"{flag} {out!r} must end in .png")
+    check_not_replacing(path, force, flag)
 
 
 def _check_sampler_steps(cfg: SampleConfig | EvaluateConfig) -> None:
@@ -390,15 +390,10 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from fedcore.evaluation.images import save_grid
 
     if cfg.grid:
-        check_not_run_file(cfg.grid, "--grid")
+        _check_grid_out(cfg.grid, cfg.force, "--grid")
     _check_sampler_steps(cfg)
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
-    try:
-        extractor = load_extractor(cfg.inception_weights, device)
-    except (KeyError, ValueError, RuntimeError, OSError) as e:
-        if not cfg.inception_weights:
-            raise
-        raise ValueError(f"--inception-weights {cfg.inception_weights!r}: not pytorch-fid Inception-v3 weights ({type(e).__name__}: {e})") from None
+    extractor = load_extractor(cfg.inception_weights, device)
     reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))
     score = score_generator(model, reference, extractor, cfg.sampling, device=device)
     if cfg.grid:
@@ -507,6 +502,7 @@ class EvaluateConfig:
     data_root: ExistingFolder | None = None  # Fashion-MNIST folder (default: Debian's package)
     inception_weights: ExistingFile = ""  # pytorch-fid Inception-v3 weights; default: the bundled classifier
     grid: str = ""  # also write the first 64 samples as a PNG grid here
+    force: bool = False  # replace a --grid that is already there
     device: Device = "auto"
     threads: Threads = 0
     json: bool = False
@@ -541,7 +537,10 @@ MEANING = {  # what each flag means; its type, range or choices and default come
 OWN_MEANING = {  # the flags whose words differ between the commands
     "export": {"out": "FILE.safetensors (the config goes to FILE.json), or a folder with --format diffusers"},
     "sample": {"out": "the PNG grid", "samples": "images generated for the grid"},
-    "evaluate": {"samples": "images generated for the FD"},
+    "evaluate": {
+        "samples": "images generated for the FD",
+        "force": "replace --grid when it is already there (without it, an existing file is never overwritten)",
+    },
 }
 # Old spellings, each still working with a notice: export's --checkpoint-dir (it takes a file too, as sample's and
 # evaluate's --checkpoint do; the coordinator's --checkpoint-dir is a folder), sample's --n (--samples, as evaluate

@@ -80,10 +80,15 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
     for i, image in enumerate(load_fashion_mnist(train=False).images[:300, 0]):
         Image.fromarray(np.asarray(image)).save(folder / f"{i:03d}.png")
     grid = tmp_path / "grid.png"
+    grid.write_bytes(b"a grid of mine")
+    argv = ["evaluate", "--checkpoint", str(trained), "--reference-dir", str(folder), "--grid", str(grid), *FEW[:4], "--threads", "1"]
 
-    code = main(["evaluate", "--checkpoint", str(trained), "--reference-dir", str(folder), "--grid", str(grid), *FEW[:4], "--threads", "1"])
+    refused = main(argv)
+    err = capsys.readouterr().err
+    code = main([*argv, "--force"])
 
     out = capsys.readouterr().out
+    assert refused == 2 and err == f"feddiff evaluate: error: --grid {str(grid)!r}: a file already there; pass --force to replace it, or give another --grid\n"
     assert code == 0 and out.startswith("FD ") and f"300 images of folder:{folder}" in out
     assert Image.open(grid).size[0] > 100
 
@@ -137,8 +142,8 @@ def test_a_classifier_asset_that_is_not_the_committed_one_is_a_clear_error(untra
 @pytest.mark.parametrize(
     ("flag", "make", "words"),
     [
-        ("--inception-weights", lambda p: (p / "text.txt").write_text("my notes") and p / "text.txt", "not pytorch-fid Inception-v3 weights ("),
-        ("--reference-dir", lambda p: (p / "empty").mkdir() or p / "empty", "image folder "),
+        ("--inception-weights", lambda p: (p / "text.txt").write_text("my notes") and p / "text.txt", "{flag}: {given!r} is not a torch state dict of tensors"),
+        ("--reference-dir", lambda p: (p / "empty").mkdir() or p / "empty", "{flag} {given!r}: image folder "),
     ],
     ids=["inception-weights-text", "reference-dir-without-images"],
 )
@@ -149,4 +154,4 @@ def test_a_weights_file_or_reference_folder_that_is_not_one_names_its_flag(untra
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"feddiff evaluate: error: {flag} {str(given)!r}: {words}") and err.count("\n") == 1, err
+    assert err.startswith(f"feddiff evaluate: error: {words.format(flag=flag, given=str(given))}") and err.count("\n") == 1, err
