@@ -140,7 +140,8 @@ def _quiet_grpc() -> None:
 
 def _failed_call(cfg: ToolChannel, e) -> str:  # e: grpc.RpcError
     """The one line a tool prints when its call fails: the address, the status code and what it means, with a
-    hint where the cause is likely (TLS against a plain-text port; a health service the server does not have)."""
+    hint where the cause is likely (TLS against a plain-text port; a health or status service the server does not
+    have)."""
     import grpc
 
     code, details = e.code(), (e.details() or "").strip()
@@ -148,6 +149,8 @@ def _failed_call(cfg: ToolChannel, e) -> str:  # e: grpc.RpcError
         return f"{cfg.address}: UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca"
     if code == grpc.StatusCode.NOT_FOUND and isinstance(cfg, HealthConfig):
         return f"{cfg.address}: NOT_FOUND: the server has no health service {cfg.service!r} (leave out --service for the server's own)"
+    if code == grpc.StatusCode.UNIMPLEMENTED and isinstance(cfg, StatusConfig):
+        return f"{cfg.address}: UNIMPLEMENTED: the gRPC server there is not a feddiff coordinator (no status service); give the coordinator's --listen address"
     return f"{cfg.address}: {code.name}: {details or 'no details given'}"
 
 

@@ -628,6 +628,10 @@ def plain_text_server():
             "UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca",
         ),
         (["health", "--insecure", "--service", "nope"], "NOT_FOUND: the server has no health service 'nope' (leave out --service for the server's own)"),
+        (
+            ["status", "--insecure"],
+            "UNIMPLEMENTED: the gRPC server there is not a feddiff coordinator (no status service); give the coordinator's --listen address",
+        ),
     ],
 )
 def test_a_failed_call_of_health_or_status_is_one_line_that_says_what_to_try(argv: list[str], line: str, pki: Path, plain_text_server: str) -> None:
