@@ -6,6 +6,7 @@ It runs `feddiff reproduce`'s own cell runner (fedcore.experiments.reproduce.run
 only the round count changed, so every point is what a longer `cpu` row would have scored.
 
     python -m bench.fd_curve --rounds 15                 # the cpu protocol, 15 x 60,000 images (51 min on 2 CPU cores)
+    python -m bench.fd_curve --rounds 5 --batch-size 160 # as many optimizer steps as the cpu protocol's FedAvg (K = 5)
     python -m bench.fd_curve --quick                     # 2 rounds of 2,000 images, seconds
 """
 
