@@ -31,15 +31,24 @@ def metric_value(metrics: dict, name: str, **labels: str) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _wait_file(path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> dict:
+def _wait_file(name: str, path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> dict:
+    """The ready file `path` of process `name` once written; RuntimeError when the process exits first,
+    TimeoutError after `timeout` seconds, each with the end of its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             return json.loads(path.read_text())
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before it was ready; log:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready; {_log_tail(log)}")
         time.sleep(0.05)
-    raise TimeoutError(f"not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"{name} was not ready after {timeout:g} s; {_log_tail(log)}")
+
+
+def _log_tail(log: Path) -> str:
+    text = log.read_text()[-3000:]
+    if not text.strip():
+        return f"its log {log} is empty (it had not got as far as its first line: on a busy machine importing torch alone can take a minute)"
+    return f"the end of its log {log}:\n{text}"
 
 
 @dataclass
@@ -85,11 +94,11 @@ class LocalCluster:
 
     def _await_ready(self, p: Process, timeout: float) -> Process:
         """`p` once its ready file is written (its `ready` read from it)."""
-        p.ready = _wait_file(self.workdir / f"{p.name}.ready.json", p.proc, timeout, p.log)
+        p.ready = _wait_file(p.name, self.workdir / f"{p.name}.ready.json", p.proc, timeout, p.log)
         return p
 
     def _spawn(self, name: str, args: Sequence[str], launcher: Sequence[str] = ()) -> Process:
-        """Start the process and return at once; its `ready` is empty until `_wait_file` has read its ready file."""
+        """Start the process and return at once; its `ready` is empty until `_await_ready` has read its ready file."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)

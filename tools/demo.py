@@ -28,6 +28,7 @@ from fedcore.payload.serialization import load_file
 from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 FD_WORKER = "client-0"
+READY_SECONDS = 300.0  # a process's start (torch's import, the images, the model) on a busy machine
 
 
 def plan() -> dict[str, Any]:
@@ -101,10 +102,13 @@ def run_cluster(workdir: Path, p: dict[str, Any]) -> dict:
     """The coordinator and the workers as processes until the run is done; the coordinator's last /metrics."""
     data = ["--num-clients", str(p["workers"]), "--max-images", str(p["max_images"]), "--threads", str(p["threads"])]
     with LocalCluster(workdir) as cluster:
-        coord = cluster.coordinator("--insecure", *coordinator_flags(p), "--min-workers", str(p["workers"]), "--round-deadline", "900")
+        coord = cluster.coordinator(
+            "--insecure", *coordinator_flags(p), "--min-workers", str(p["workers"]), "--round-deadline", "900", ready_timeout=READY_SECONDS
+        )
         address = coord.ready["address"]
         print(f"coordinator on {address}, metrics on http://127.0.0.1:{coord.ready['metrics_port']}/metrics")
-        workers = [cluster.worker(address, f"client-{i}", "--insecure", "--client-index", str(i), *data, "--keep-running") for i in range(int(p["workers"]))]
+        flags = {f"client-{i}": ["--insecure", "--client-index", str(i), *data, "--keep-running"] for i in range(int(p["workers"]))}
+        workers = cluster.workers(address, flags, ready_timeout=READY_SECONDS)
         wait_for_state(address, "done", timeout=3600, procs=[coord, *workers])
         return scrape(coord.ready["metrics_port"])
 
@@ -141,7 +145,11 @@ def main() -> int:
     p = plan()
     print(f"feddiff demo: udec, {p['workers']} workers, {p['model']} on {p['device']}, {p['rounds']} rounds; logs in {args.workdir}")
     started = time.perf_counter()
-    metrics = run_cluster(args.workdir, p)
+    try:
+        metrics = run_cluster(args.workdir, p)
+    except (RuntimeError, TimeoutError) as e:  # a process that failed to start or to finish: what it logged
+        print(f"feddiff demo: {e}", file=sys.stderr)
+        return 1
     rounds = read_round_log(args.workdir / "checkpoints" / ROUNDS_LOG)
     print()
     print_table(rounds)

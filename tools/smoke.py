@@ -15,6 +15,7 @@ from fedcore.model.unet import build_model, layout_of
 from feddiff.local import LocalCluster, metric_value, scrape, wait_for_state
 
 K, R, SEED = 2, 2, 0
+READY_SECONDS = 300.0  # a process's start (torch's import, the images, the model) on a busy machine
 
 
 def main() -> int:
@@ -24,13 +25,11 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     started = time.perf_counter()
     run = ["--model", "tiny", "--strategy", "udec", "--rounds", str(R), "--epochs", "1", "--seed", str(SEED)]
-    with LocalCluster(args.workdir) as cluster:
-        coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90")
-        address = coord.ready["address"]
-        workers = cluster.shard_workers(address, K, "--max-images", "512")
-        wait_for_state(address, "done", timeout=100, procs=[coord, *workers])
-        sides = {"coordinator": scrape(coord.ready["metrics_port"])}
-        sides.update({w.name: scrape(w.ready["metrics_port"]) for w in workers})
+    try:
+        sides = _run(args.workdir, run)
+    except (RuntimeError, TimeoutError) as e:  # a process that failed to start or to finish: what it logged
+        print(f"smoke: FAILED: {e}", file=sys.stderr)
+        return 1
 
     acct = account(Strategy.UDEC, layout_of(build_model("tiny")).sizes, K, R, seed=SEED)
     failures = []
@@ -49,6 +48,18 @@ def main() -> int:
         failures.append("full_fedavg")
     print(f"smoke: {'FAILED ' + ', '.join(failures) if failures else 'ok'} in {time.perf_counter() - started:.1f}s")
     return 1 if failures else 0
+
+
+def _run(workdir: Path, run: list[str]) -> dict[str, dict]:
+    """The run on a coordinator and K workers as processes; each one's last /metrics, by name."""
+    with LocalCluster(workdir) as cluster:
+        coord = cluster.coordinator("--insecure", *run, "--min-workers", str(K), "--round-deadline", "90", ready_timeout=READY_SECONDS)
+        address = coord.ready["address"]
+        workers = cluster.shard_workers(address, K, "--max-images", "512", ready_timeout=READY_SECONDS)
+        wait_for_state(address, "done", timeout=100, procs=[coord, *workers])
+        sides = {"coordinator": scrape(coord.ready["metrics_port"])}
+        sides.update({w.name: scrape(w.ready["metrics_port"]) for w in workers})
+    return sides
 
 
 if __name__ == "__main__":
