@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,13 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
     flags.add_flags(p, SpeedConfig, SPEED_MEANING)
     flags.add_old_switch(p, "--no-compile", "compile", "off", "--compile off")
+
+
+def check_folder_path(folder: Path, flag: str) -> None:
+    """ValueError naming `flag` when `folder` cannot be a folder: a file is there, or in place of a parent."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == folder else f" (its parent {str(path)!r} is a file)"
+                raise ValueError(f"{flag} {str(folder)!r} cannot be a folder{where}" if where else f"{flag} {str(folder)!r} is a file, not a folder")
+            return

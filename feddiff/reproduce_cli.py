@@ -27,7 +27,7 @@ from fedcore.experiments.reproduce import (
 from fedcore.model.training import SpeedConfig
 from fedcore.payload.codecs import CompressionName, settle_compression
 from fedcore.settings import ExistingFile, FdSamples, Positive, Seed
-from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, check_folder_path
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
@@ -140,6 +140,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     cfg = given.reproduce
     if cfg.docs is not None:
         check_folder_path(cfg.docs, "--docs")
+    if not given.render:
+        check_folder_path(cfg.out, "--out-dir")
     if given.render:
         try:
             rows = read_results_to_render(cfg.results)
@@ -157,16 +159,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 1
     print(f"done: {len(done)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
     return 0
-
-
-def check_folder_path(folder: Path, flag: str) -> None:
-    """ValueError naming `flag` when `folder` cannot be a folder: a file is there, or in place of a parent."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == folder else f" (its parent {str(path)!r} is a file)"
-                raise ValueError(f"{flag} {str(folder)!r} cannot be a folder{where}" if where else f"{flag} {str(folder)!r} is a file, not a folder")
-            return
 
 
 COMMANDS = {"reproduce": Command(add_reproduce_flags, run_reproduce)}

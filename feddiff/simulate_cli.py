@@ -19,7 +19,7 @@ from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
 from fedcore.settings import ExistingPath, Folder, NonNegative, Positive, Seed
-from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags
+from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, check_folder_path
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
 
@@ -89,6 +89,7 @@ def simulate(args: argparse.Namespace) -> int:
     from fedcore.experiments.simulation import Simulation
 
     cfg = flags.build(SimulateConfig, args)
+    check_folder_path(Path(cfg.out_dir), "--out-dir")
     if cfg.resume:
         _check_resumable(Path(cfg.out_dir))
     try:

@@ -95,6 +95,8 @@ class Simulation:
         existing = None if resume else checkpoint.run_in(out)
         if existing:
             raise ExistingRun(out, existing, "--out-dir")
+        pool_images = load_training_pool(cfg.data)  # before anything is written: a refused split leaves no folder
+        shards = shard_indices(cfg.data, pool_images)
         if federation is None:
             initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
             out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +104,6 @@ class Simulation:
             (out / ROUNDS_LOG).write_text("")
         else:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
-        pool_images = load_training_pool(cfg.data)
-        shards = shard_indices(cfg.data, pool_images)
         clients = {}
         for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
             clients[cid] = SimulatedClient(cid, pool_images.images[idx])

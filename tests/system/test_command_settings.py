@@ -202,6 +202,37 @@ def test_a_model_file_that_is_none_is_named_with_its_flag_and_nothing_is_created
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["simulate", "--out-dir", "{file}"], "--out-dir '{file}' is a file, not a folder"),
+        (["simulate", "--out-dir", "{file}/run"], "--out-dir '{file}/run' cannot be a folder (its parent '{file}' is a file)"),
+        (["reproduce", "--protocol", "mini", "--out-dir", "{file}"], "--out-dir '{file}' is a file, not a folder"),
+        (
+            ["simulate", "--max-images", "3", "--num-clients", "5", "--out-dir", "{run}"],
+            "3 images cannot give 5 clients at least 10 images each (needs 50): lower the number of clients (--num-clients)",
+        ),
+    ],
+)
+def test_a_run_folder_that_cannot_be_one_or_a_refused_split_creates_nothing(
+    argv: list[str], line: str, tmp_path: Path, fashion_mnist_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = tmp_path / "notes.txt"
+    given.write_text("my notes")
+    paths = {"{file}": str(given), "{run}": str(tmp_path / "run")}
+
+    def fill(text: str) -> str:
+        for name, path in paths.items():
+            text = text.replace(name, path)
+        return text
+
+    code = cli.main([fill(a) for a in argv])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff {argv[0]}: error: {fill(line)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and given.read_text() == "my notes"
+
+
 def test_help_starts_without_torch_or_pydantic_and_status_without_torch() -> None:
     script = (
         "import sys\n"
