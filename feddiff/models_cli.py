@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export confi
 WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
 EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
+PRIVATE_FILE = re.compile(r"(private|client-\d+)-r\d{4,}\.safetensors")  # a worker's or a simulated client's private parts
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,12 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
     from fedcore.payload.serialization import load_file
 
     state = load_state(directory)
+    final = directory / FINAL_MODEL
+    if state is None and not final.is_file() and not global_versions(directory):
+        raise FileNotFoundError(f"--checkpoint {directory}: no {FINAL_MODEL}, state.json or global-rNNNN.safetensors: not a run's folder")
     name = _preset_name(model, state, directory)
     committed = state.completed_rounds if state else None
     run_id = load_run_id(directory)
-    final = directory / FINAL_MODEL
     if final.is_file():
         tensors, md = load_file(final)
         rounds = int(md["completed_rounds"]) if "completed_rounds" in md else committed
@@ -111,8 +115,6 @@ def _from_checkpoint_dir(directory: Path, model: str) -> TrainedModel:
         tensors, _ = load_file(directory / state.global_file)
         return TrainedModel(tensors, name, _strategy(state), committed, run_id=run_id)
     versions = global_versions(directory)
-    if not versions:
-        raise FileNotFoundError(f"{directory}: no {FINAL_MODEL}, state.json or global-rNNNN.safetensors")
     tensors, _ = load_file(directory / global_file_name(versions[-1]))
     return TrainedModel(tensors, name, None, versions[-1], run_id=run_id)
 
@@ -122,9 +124,19 @@ def _strategy(state: RunState | None) -> str | None:
 
 
 def _from_file(path: Path, model: str) -> TrainedModel:
+    from fedcore.errors import NotSafetensors
     from fedcore.payload.serialization import load_file
 
-    tensors, md = load_file(path)
+    try:
+        tensors, md = load_file(path)
+    except NotSafetensors as e:
+        raise ValueError(f"--checkpoint {e}") from None
+    private = PRIVATE_FILE.fullmatch(path.name)
+    if private and EXPORT_METADATA_KEY not in md and load_state(path.parent) is None:
+        raise ValueError(
+            f"--checkpoint {path}: the private parts of one client, not a whole model; give the run's folder as --checkpoint "
+            f"and {str(path.parent)!r} as --worker-state (with --private-stem {private.group(1)})"
+        )
     if EXPORT_METADATA_KEY in md:  # written by `feddiff export`
         cfg = json.loads(md[EXPORT_METADATA_KEY])
         if model and model != cfg["model"]:
@@ -173,7 +185,7 @@ def personalise(trained: TrainedModel, state_dir: str | Path, stem: str = WORKER
     from fedcore.federation.strategies import Strategy, private_parts
 
     if trained.kind == "personalised":
-        raise ValueError(f"the model is already {trained.worker}'s personalised one")
+        raise ValueError(f"--worker-state: the model is already {trained.worker}'s personalised one; leave out --worker-state")
     if trained.strategy is not None and not private_parts(Strategy(trained.strategy)):
         raise ValueError(f"strategy {trained.strategy!r} keeps no private parts: every worker's model is the global one")
     state_dir = Path(state_dir)
@@ -384,9 +396,11 @@ def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tu
 
 def evaluate(cfg: EvaluateConfig) -> int:
     """The Frechet distance of a model's samples to real images, on the committed classifier's features or
-    on a user's pytorch-fid Inception weights (fedcore.evaluation)."""
+    on a user's pytorch-fid Inception weights (fedcore.evaluation), beside that of as many images of uniform noise."""
+    import torch
+
     from fedcore.evaluation.extractors import load_extractor
-    from fedcore.evaluation.fid import score_generator
+    from fedcore.evaluation.fid import score_generator, uniform_noise_fd
     from fedcore.evaluation.images import save_grid
 
     if cfg.grid:
@@ -394,11 +408,13 @@ def evaluate(cfg: EvaluateConfig) -> int:
     _check_sampler_steps(cfg)
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
     extractor = load_extractor(cfg.inception_weights, device)
-    reference = _reference(cfg, extractor, (model.config.channels, model.config.image_size, model.config.image_size))
+    shape = (model.config.channels, model.config.image_size, model.config.image_size)
+    reference = _reference(cfg, extractor, shape)
     score = score_generator(model, reference, extractor, cfg.sampling, device=device)
+    noise = uniform_noise_fd(reference, extractor, cfg.samples, shape, torch.Generator().manual_seed(cfg.seed))
     if cfg.grid:
         save_grid(score.samples[:64], cfg.grid, nrow=8)
-    result = _evaluation(cfg, trained, score.fd, reference, extractor.name, device)
+    result = {**_evaluation(cfg, trained, score.fd, reference, extractor.name, device), "noise_fd": noise, "grid": cfg.grid or None}
     print(json.dumps(result) if cfg.json else _evaluation_line(result))
     return 0
 
@@ -426,7 +442,8 @@ def _evaluation_line(r: Mapping[str, Any]) -> str:
     ref = r["reference"]
     return (
         f"FD {r['fd']:.2f}: {r['samples']:,} {r['sampler']}-{r['steps']} samples of {r['model']} against "
-        f"{ref['count']:,} images of {ref['dataset']} on {r['feature_extractor']} features (seed {r['seed']}, {r['device']})"
+        f"{ref['count']:,} images of {ref['dataset']} on {r['feature_extractor']} features (seed {r['seed']}, {r['device']}); "
+        f"as many images of uniform noise score {r['noise_fd']:.2f}" + (f"; grid of the first 64 in {r['grid']}" if r["grid"] else "")
     )
 
 

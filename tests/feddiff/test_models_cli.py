@@ -143,6 +143,40 @@ def test_export_takes_a_simulated_clients_private_parts_by_name(run_dir: Path, t
     assert json.loads(out.with_suffix(".json").read_text())["worker"] == "client-0"
 
 
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ("{tmp}/empty", "--checkpoint {tmp}/empty: no final.safetensors, state.json or global-rNNNN.safetensors: not a run's folder"),
+        (
+            "{run}/clients/client-0-r0001.safetensors",
+            "--checkpoint {run}/clients/client-0-r0001.safetensors: the private parts of one client, not a whole model; give the run's folder "
+            "as --checkpoint and '{run}/clients' as --worker-state (with --private-stem client-0)",
+        ),
+        ("{tmp}/notes.safetensors", "--checkpoint {tmp}/notes.safetensors: not a safetensors file ("),
+        ("{tmp}/model.pt", "--checkpoint {tmp}/model.pt: not a safetensors file ("),
+    ],
+    ids=["empty-folder", "private-parts", "text", "pickle"],
+)
+@pytest.mark.parametrize("command", ["sample", "export", "evaluate"])
+def test_a_checkpoint_that_is_no_model_is_named_with_what_to_give(
+    command: str, given: str, line: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.safetensors").write_text("my notes")
+    (tmp_path / "model.pt").write_bytes(bytes(range(256)))
+    fill = {"{tmp}": str(tmp_path), "{run}": str(run_dir)}
+    for key, value in fill.items():
+        given, line = given.replace(key, value), line.replace(key, value)
+    out = {"sample": ["--out", str(tmp_path / "g.png")], "export": ["--out", str(tmp_path / "m.safetensors")], "evaluate": []}[command]
+
+    code = main([command, "--checkpoint", given, "--model", "tiny", *out])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"feddiff {command}: error: {line}") and err.count("\n") == 1, err
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 def test_export_refuses_a_state_dir_without_private_parts(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty-state"
     empty.mkdir()
