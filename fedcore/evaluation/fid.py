@@ -228,6 +228,14 @@ def score_generator(
     return GeneratorScore(fd=fd, samples=samples, extractor=extractor.name, spec=spec)
 
 
+def uniform_noise_fd(reference: ReferenceStats, extractor: FeatureExtractor, n: int, shape: tuple[int, ...], generator: torch.Generator) -> float:
+    """The FD of n images of uniform noise in [-1, 1], each of `shape` (C, H, W), to `reference`: the top of the
+    scale, where a model that learned nothing scores, for as many images as the samples it is set beside (FD
+    falls as the sample count grows, so only counts that are equal compare)."""
+    noise = torch.rand((n, *shape), generator=generator) * 2 - 1
+    return reference.frechet_distance_to(extractor, noise)
+
+
 def fashion_mnist_reference(extractor: FeatureExtractor, *, root: str | Path | None = None, cache: ReferenceStatsCache | None = None) -> ReferenceStats:
     """Statistics of the 10,000 Fashion-MNIST test images (the real images every model is compared with), from
     `cache` (default: the user's, `ReferenceStatsCache.default()`), computed there on its first use."""

@@ -28,7 +28,7 @@ from fedcore.data.datasets import load_fashion_mnist, to_model_range
 from fedcore.data.shards import SplitConfig
 from fedcore.data.splits import SplitKind, is_split_kind
 from fedcore.evaluation.extractors import FeatureExtractor, load_extractor
-from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due
+from fedcore.evaluation.fid import ReferenceStats, ReferenceStatsCache, curve_point_due, uniform_noise_fd
 from fedcore.evaluation.images import save_grid
 from fedcore.experiments import report
 from fedcore.experiments.devices import DevicePool, device_pool
@@ -258,8 +258,8 @@ def reference_baselines(extractor: FeatureExtractor, reference: ReferenceStats, 
     generator = torch.Generator().manual_seed(seed)
     train = load_fashion_mnist(train=True, root=data_root).images
     real = to_model_range(train[torch.randperm(len(train), generator=generator)[:n].sort().values.numpy()])
-    noise = torch.rand((n, *real.shape[1:]), generator=generator) * 2 - 1
-    return FdBaselines(floor=reference.frechet_distance_to(extractor, real), noise=reference.frechet_distance_to(extractor, noise))
+    floor = reference.frechet_distance_to(extractor, real)
+    return FdBaselines(floor=floor, noise=uniform_noise_fd(reference, extractor, n, tuple(real.shape[1:]), generator))
 
 
 def cell_models(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
@@ -471,7 +471,7 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
     p = cfg.protocol
     todo = [c for c in cfg.cells if result_key(p.name, c.key, c.num_clients(cfg.data.num_clients), p.max_images, cfg.seed) not in done]
     skipped = len(cfg.cells) - len(todo)
-    log(f"reproduce {cfg.protocol.name}: {len(todo)} cells to run, {skipped} already in {cfg.results}")
+    log(f"reproduce {cfg.protocol.name}: {len(todo)} cell{'' if len(todo) == 1 else 's'} to run, {skipped} already in {cfg.results}")
     if not todo:
         if cfg.docs is not None:
             render(cfg)

@@ -51,6 +51,8 @@ def test_trained_checkpoint_scores_lower_than_untrained_model(trained: Path, unt
     before = _evaluate(capsys, "--checkpoint", str(untrained), "--model", "tiny", sampling=SAMPLING)
 
     assert 0 < after["fd"] < 0.85 * before["fd"]
+    assert after["noise_fd"] == before["noise_fd"] and after["fd"] < after["noise_fd"]  # the same 200 noise images (seed 0)
+    assert after["grid"] is None
     assert after["samples"] == 200 and after["sampler"] == "ddim" and after["steps"] == 10
     assert after["reference"] == {"dataset": "fashion-mnist/test[:2000]", "count": 2000}
     assert after["feature_extractor"].startswith("fmnist-cnn:") and after["completed_rounds"] == 1
@@ -90,6 +92,7 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
     out = capsys.readouterr().out
     assert refused == 2 and err == f"feddiff evaluate: error: --grid {str(grid)!r}: a file already there; pass --force to replace it, or give another --grid\n"
     assert code == 0 and out.startswith("FD ") and f"300 images of folder:{folder}" in out
+    assert "; as many images of uniform noise score " in out and out.endswith(f"; grid of the first 64 in {grid}\n")
     assert Image.open(grid).size[0] > 100
 
 
