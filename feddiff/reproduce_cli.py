@@ -157,7 +157,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     except TrainingProcessFailed as e:
         print(f"feddiff reproduce: error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {len(done)} cells run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
+    print(f"done: {len(done)} cell{'' if len(done) == 1 else 's'} run, results in {cfg.results}" + ("" if cfg.docs is None else f", docs in {cfg.docs}"))
     return 0
 
 

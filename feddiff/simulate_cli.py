@@ -101,7 +101,8 @@ def simulate(args: argparse.Namespace) -> int:
     except TrainingProcessFailed as e:
         print(f"feddiff simulate: error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {sim.federation.completed_rounds} rounds, checkpoints in {cfg.out_dir}")
+    rounds = sim.federation.completed_rounds
+    print(f"done: {rounds} round{'' if rounds == 1 else 's'}, checkpoints in {cfg.out_dir}")
     return 0
 
 

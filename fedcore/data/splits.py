@@ -65,7 +65,7 @@ def _check_split_settings(n: int, num_clients: int, kind: SplitKind, beta: float
         raise ValueError(f"min_size is {min_size}, expected >= 0")
     if n < num_clients * min_size:
         raise ValueError(
-            f"{n} images cannot give {num_clients} clients at least {min_size} images each (needs {num_clients * min_size}): "
+            f"{n} images cannot give {num_clients} client{'' if num_clients == 1 else 's'} at least {min_size} images each (needs {num_clients * min_size}): "
             f"lower the number of clients (--num-clients)"
         )
 
