@@ -147,6 +147,8 @@ def _failed_call(cfg: ToolChannel, e) -> str:  # e: grpc.RpcError
     code, details = e.code(), (e.details() or "").strip()
     if code == grpc.StatusCode.UNAVAILABLE and cfg.tls_ca and "WRONG_VERSION_NUMBER" in details:
         return f"{cfg.address}: UNAVAILABLE: the TLS handshake failed (the server did not answer in TLS): if it serves plain text, give --insecure instead of --tls-ca"
+    if code == grpc.StatusCode.UNAVAILABLE and "Failed parsing HTTP/2" in details:
+        return f"{cfg.address}: UNAVAILABLE: the server there does not speak gRPC (an HTTP/1 server, such as a /metrics port?); give the coordinator's --listen address"
     if code == grpc.StatusCode.NOT_FOUND and isinstance(cfg, HealthConfig):
         return f"{cfg.address}: NOT_FOUND: the server has no health service {cfg.service!r} (leave out --service for the server's own)"
     if code == grpc.StatusCode.UNIMPLEMENTED and isinstance(cfg, StatusConfig):

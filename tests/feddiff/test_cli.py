@@ -652,6 +652,30 @@ def test_a_failed_call_of_health_or_status_is_one_line_that_says_what_to_try(arg
     assert done.stderr == f"{plain_text_server}: {line}\n"
 
 
+@pytest.mark.parametrize("command", ["status", "health"])
+def test_a_call_to_an_http_server_says_it_does_not_speak_grpc(command: str) -> None:
+    """The coordinator's metrics port given as its gRPC address, the likeliest slip of the two ports it opens."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "feddiff", command, "--insecure", "--address", address, "--timeout", "10"],
+            check=False, capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"{address}: UNAVAILABLE: the server there does not speak gRPC (an HTTP/1 server, such as a /metrics port?); give the coordinator's --listen address\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("content", "line"),
     [
