@@ -96,8 +96,8 @@ def simulate(args: argparse.Namespace) -> int:
         with device_pool(cfg.devices or (), cfg.speed) as pool:
             if pool is not None:
                 print(f"training on {pool}")
-            sim = Simulation.create(cfg.simulation, cfg.out_dir, resume=cfg.resume, pool=pool)
-            sim.run()
+            with Simulation.create(cfg.simulation, cfg.out_dir, resume=cfg.resume, pool=pool) as sim:
+                sim.run()
     except TrainingProcessFailed as e:
         print(f"feddiff simulate: error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ this process, or in parallel in one process per device (fedcore.experiments.devi
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcore.atomic import FolderInUse, lock_folder
 from fedcore.data.shards import SplitConfig, load_training_pool, shard_indices
 from fedcore.errors import ExistingRun
 from fedcore.experiments.devices import ClientJob, ClientTraining, DevicePool, InProcessTraining, KeptState
@@ -76,6 +78,7 @@ class Simulation:
     training: ClientTraining
     log: Callable[[str], None] = print
     records: list[RoundRecord] = field(default_factory=list)  # the rounds this process ran, as logged
+    lock_fd: int | None = None  # this process's lock on out_dir (`close` releases it)
 
     @classmethod
     def create(
@@ -88,7 +91,9 @@ class Simulation:
         pool: DevicePool | None = None,
     ) -> Simulation:
         """The run in `out_dir` (resumed from its last checkpoint, or new); its clients train on `pool`'s
-        processes when one is given, else in this process on `cfg.speed`'s device."""
+        processes when one is given, else in this process on `cfg.speed`'s device. The folder is locked for this
+        process until `close` (or the process's end): ValueError naming --out-dir when another one holds it.
+        Nothing is written before every check has passed."""
         out = Path(out_dir)
         fcfg = cfg.federation
         federation = Federation.restore(fcfg, out) if resume else None
@@ -97,16 +102,38 @@ class Simulation:
             raise ExistingRun(out, existing, "--out-dir")
         pool_images = load_training_pool(cfg.data)  # before anything is written: a refused split leaves no folder
         shards = shard_indices(cfg.data, pool_images)
+        initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from and federation is None else None
+        out.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock_run(out)
+        try:
+            sim = cls._open(cfg, out, federation, initial, [pool_images.images[idx] for idx in shards], pool, log)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        sim.lock_fd = lock_fd
+        return sim
+
+    @classmethod
+    def _open(
+        cls,
+        cfg: SimulationConfig,
+        out: Path,
+        federation: Federation | None,
+        initial: dict[str, torch.Tensor] | None,
+        shard_images: list[np.ndarray],
+        pool: DevicePool | None,
+        log: Callable[[str], None],
+    ) -> Simulation:
+        """The run once its folder is locked: a new federation and round log, or the restored one's clients."""
+        fcfg = cfg.federation
         if federation is None:
-            initial = initial_weights(cfg.init_from, fcfg.model) if cfg.init_from else None
-            out.mkdir(parents=True, exist_ok=True)
             federation = Federation(fcfg, global_state=initial)
             (out / ROUNDS_LOG).write_text("")
         else:
             truncate_log(out / ROUNDS_LOG, federation.completed_rounds)
         clients = {}
-        for cid, idx in zip(client_ids(cfg.data.num_clients), shards, strict=True):
-            clients[cid] = SimulatedClient(cid, pool_images.images[idx])
+        for cid, shard in zip(client_ids(cfg.data.num_clients), shard_images, strict=True):
+            clients[cid] = SimulatedClient(cid, shard)
             if federation.completed_rounds and private_parts(fcfg.strategy):
                 found = checkpoint.load_private(out / CLIENTS, cid, federation.completed_rounds)
                 clients[cid].private_tensors = found[0] if found else {}
@@ -152,3 +179,25 @@ class Simulation:
         while not self.federation.finished:
             self.run_round()
         return self.records
+
+    def close(self) -> None:
+        """Release the run folder's lock (another process may then go on with the run)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _lock_run(out: Path) -> int:
+    """This process's lock on a run folder (`lock_folder`); ValueError naming --out-dir when another holds it."""
+    try:
+        return lock_folder(out)
+    except FolderInUse as e:
+        raise ValueError(
+            f"--out-dir {str(out)!r} is in use by another process (pid {e.holder}): one process per run; wait for it, or give another folder"
+        ) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcore.atomic import LOCK_FILE
 from fedcore.data.shards import SplitConfig
 from fedcore.errors import TrainingProcessFailed
 from fedcore.experiments import devices
@@ -27,8 +28,9 @@ SIM = ["--model", "tiny", "--rounds", "2", "--num-clients", "3", "--max-images",
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    """Every file of a run folder by relative path; the round log without its wall times."""
-    found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file of a run folder by relative path but its lock (which names the process); the round log without
+    its wall times."""
+    found = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
     for name, data in found.items():
         if name.endswith(".jsonl") and name != "results.jsonl":
             rows = [json.loads(line) for line in data.decode().splitlines()]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from fedcore.payload.serialization import load_file
 ENC, MID, DEC = Part.ENCODER, Part.BOTTLENECK, Part.DECODER
 K, R, SEED = 3, 2, 7
 SPEED = SpeedConfig(device="cpu", threads=1)
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _config(strategy: Strategy, rounds: int = R) -> SimulationConfig:
@@ -223,7 +227,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, run
     # A log line of a round that never committed (the crash came between the log and the checkpoint).
     with open(tmp_path / ROUNDS_LOG, "a") as f:
         f.write(json.dumps({"round": 2, "uncommitted": True}) + "\n")
-    del first
+    first.close()  # as the end of its process would
 
     resumed = Simulation.create(cfg, tmp_path, resume=True, log=lambda _: None)
     assert resumed.federation.completed_rounds == 1
@@ -239,6 +243,25 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, run
     records = [json.loads(line) for line in (tmp_path / ROUNDS_LOG).read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2] and "uncommitted" not in records[1]
     assert resumed.federation.ledger.as_json() == reference.federation.ledger.as_json()
+
+
+def test_a_second_process_on_a_run_folder_is_refused_until_the_first_lets_go(tmp_path: Path, fashion_mnist_dir: Path) -> None:
+    cfg = _config(Strategy.FULL)
+    first = Simulation.create(cfg, tmp_path, log=lambda _: None)
+    first.run_round()
+    child = subprocess.run(
+        [sys.executable, "-c", f"from fedcore.atomic import lock_folder; lock_folder({str(tmp_path)!r})"],
+        capture_output=True, text=True, check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+    with pytest.raises(ValueError, match=rf"--out-dir '{tmp_path}' is in use by another process \(pid {os.getpid()}\): one process per run"):
+        Simulation.create(cfg, tmp_path, resume=True, log=lambda _: None)
+    first.close()
+    with Simulation.create(cfg, tmp_path, resume=True, log=lambda _: None) as resumed:
+        resumed.run()
+
+    assert child.returncode == 1 and f"FolderInUse: {tmp_path} is in use by another process (pid {os.getpid()})" in child.stderr, child.stderr
+    assert resumed.federation.completed_rounds == 2
 
 
 def test_resume_with_another_configuration_is_refused(runs) -> None:

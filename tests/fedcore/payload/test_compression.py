@@ -144,9 +144,12 @@ def _config(rounds: int) -> SimulationConfig:
 
 
 def test_a_compressed_simulation_resumes_with_its_residuals(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    Simulation.create(_config(2), tmp_path / "straight", log=lambda _: None).run()
-    Simulation.create(_config(2), tmp_path / "resumed", log=lambda _: None).run_round()
-    Simulation.create(_config(2), tmp_path / "resumed", resume=True, log=lambda _: None).run()
+    with Simulation.create(_config(2), tmp_path / "straight", log=lambda _: None) as straight_run:
+        straight_run.run()
+    with Simulation.create(_config(2), tmp_path / "resumed", log=lambda _: None) as interrupted:
+        interrupted.run_round()
+    with Simulation.create(_config(2), tmp_path / "resumed", resume=True, log=lambda _: None) as resumed_run:
+        resumed_run.run()
 
     straight, resumed = (serialization.load_file(tmp_path / d / "global-r0002.safetensors")[0] for d in ("straight", "resumed"))
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
