@@ -63,6 +63,13 @@ class Subcommands(argparse._SubParsersAction):
             chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
+# What a command that saves its progress says when Ctrl-C stops it: how to go on.
+ON_INTERRUPT = {
+    "simulate": "; its finished rounds are checkpointed: the same command with --resume goes on from the last one",
+    "reproduce": "; its finished rounds and cells are saved: the same command goes on from the last one",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """feddiff's parser: every command by name, each command's flags added when it is chosen."""
     # No abbreviations: a prefix of one flag must never become another (--clients as --clients-per-round).
@@ -83,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args.command).run(args)
     except KeyboardInterrupt:
+        print(f"feddiff {args.command}: interrupted{ON_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return 130
     except CannotListen as e:
         print(f"feddiff {args.command}: error: {e}", file=sys.stderr)

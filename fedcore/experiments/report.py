@@ -52,6 +52,13 @@ The paper protocol (`--protocol paper`: E = 5, 1,000 ancestral DDPM steps, 1,000
 about 5x the training and 3.3x the sampling (13 M forwards for the IID row); run it one cell per call with
 `--only`, e.g. `--protocol paper --only udec:iid --device cuda`."""
 
+RENDER_NOTE = f"""\
+A rendering never drops a measurement: where this folder's {RESULTS_COPY} holds lines that the results file lacks
+(a fresh checkout's run, rows measured on another machine), `feddiff reproduce` leaves these files as they are and
+says so. To add rows, append their lines to a copy of [{RESULTS_COPY}]({RESULTS_COPY}) and render that copy:
+`feddiff reproduce --render --results COPY`.
+"""
+
 _STRATEGY_ORDER = ("centralised", "full", "usplit", "ulatdec", "udec")
 _SPLIT_ORDER = ("all", "iid", "label", "quantity")
 _COLOURS = {"centralised": "black", "full": "tab:blue", "usplit": "tab:green", "ulatdec": "tab:orange", "udec": "tab:red"}
@@ -311,6 +318,7 @@ def markdown(rows: Sequence[CellResult], results_path: str = "", plots: bool = T
             f"Source: `{results_path}`, copied to [{RESULTS_COPY}]({RESULTS_COPY}) beside this file (one JSON line per "
             "finished cell and seed, with per-round losses and FD curve points).\n"
         )
+        parts.append(RENDER_NOTE)
     if not rows:
         parts.append(table([]))
     for protocol, group in _by_protocol(rows).items():

@@ -383,14 +383,14 @@ def run_cell(cfg: ReproduceConfig, cell: Cell, evaluator: Evaluator, log: Callab
     """Train (or resume) one cell, its clients on `pool`'s processes or in this process, score its models, and
     return its results line."""
     p = cfg.protocol
-    sim = _open_cell(cfg, cell, log, pool)
-    points = _train_with_curve(sim, p, cfg.seed, evaluator, lambda s: log(f"[{cell.key}] {s}"))
-    final = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
-    points[final.point.round_number] = final.point
-    save_grid(next(iter(final.images.values()))[:64], sim.out_dir / "samples.png")
-    if not all(math.isfinite(f) for f in final.fds.values()):
-        log(f"[{cell.key}] warning: non-finite FD {final.fds}")
-    return _cell_result(cfg, cell, sim, evaluator, final, points, devices_label(evaluator.device, pool))
+    with _open_cell(cfg, cell, log, pool) as sim:
+        points = _train_with_curve(sim, p, cfg.seed, evaluator, lambda s: log(f"[{cell.key}] {s}"))
+        final = evaluate_round(sim, evaluator, p, p.samples, cfg.seed, p.curve_samples)
+        points[final.point.round_number] = final.point
+        save_grid(next(iter(final.images.values()))[:64], sim.out_dir / "samples.png")
+        if not all(math.isfinite(f) for f in final.fds.values()):
+            log(f"[{cell.key}] warning: non-finite FD {final.fds}")
+        return _cell_result(cfg, cell, sim, evaluator, final, points, devices_label(evaluator.device, pool))
 
 
 def _open_cell(cfg: ReproduceConfig, cell: Cell, log: Callable[[str], None], pool: DevicePool | None) -> Simulation:
@@ -474,7 +474,7 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> list[
     log(f"reproduce {cfg.protocol.name}: {len(todo)} cell{'' if len(todo) == 1 else 's'} to run, {skipped} already in {cfg.results}")
     if not todo:
         if cfg.docs is not None:
-            render(cfg)
+            _render_after_cells(cfg, log)
         return []
     with device_pool(cfg.devices, cfg.speed) as pool:
         if pool is not None:
@@ -496,8 +496,17 @@ def _run_cells(cfg: ReproduceConfig, todo: Sequence[Cell], evaluator: Evaluator,
         )
         _release_memory()
         if cfg.docs is not None:
-            render(cfg)
+            _render_after_cells(cfg, log)
     return new
+
+
+def _render_after_cells(cfg: ReproduceConfig, log: Callable[[str], None]) -> None:
+    """The docs rendered from the results file, or a warning that they were left as they are (their results
+    copy holds measurements the results file lacks): the cells' results are in the results file either way."""
+    try:
+        render(cfg)
+    except ResultsWouldBeLost as e:
+        log(f"warning: the docs were not rendered: {e}; the results are in {cfg.results}")
 
 
 def read_results_to_render(path: Path) -> list[CellResult]:
@@ -530,10 +539,33 @@ def read_results_to_render(path: Path) -> list[CellResult]:
 
 def render(cfg: ReproduceConfig, rows: Sequence[CellResult] | None = None) -> list[Path]:
     """docs/results.md and the two plots from the whole results file (`load_results`: a line that a crash cut
-    short is skipped), or from `rows` read from it (`read_results_to_render`, for a rendering on its own)."""
+    short is skipped), or from `rows` read from it (`read_results_to_render`, for a rendering on its own).
+    ResultsWouldBeLost, writing nothing, when the docs' copy of the results holds measurements that `rows` lacks."""
     assert cfg.docs is not None
     rows = load_results(cfg.results) if rows is None else rows
+    check_nothing_dropped(cfg.docs, cfg.results, rows)
     return report.render(rows, cfg.docs, results_path=str(cfg.results), run_dir=cfg.out)
+
+
+class ResultsWouldBeLost(ValueError):
+    """A rendering would replace the docs' copy of the results with rows that lack some of its measurements."""
+
+
+def check_nothing_dropped(docs: Path, results: Path, rows: Sequence[CellResult]) -> None:
+    """ResultsWouldBeLost, naming --docs, --results and a measurement of each kind, when DOCS/results.jsonl (the
+    copy an earlier rendering left) holds a measurement (`CellResult.key`) that `rows`, read from `results`, lacks."""
+    copy = docs / report.RESULTS_COPY
+    if not copy.is_file() or copy.resolve() == Path(results).resolve():
+        return
+    have = {r.key for r in rows}
+    lost = [r for r in load_results(copy) if r.key not in have]
+    if lost:
+        first = lost[0]
+        raise ResultsWouldBeLost(
+            f"--docs {str(docs)!r}: its {report.RESULTS_COPY} holds {len(lost)} measurement{'' if len(lost) == 1 else 's'} that --results "
+            f"{str(results)!r} lacks (e.g. {first.protocol} {first.cell}, seed {first.seed}): rendering would drop them; add their lines "
+            f"to {str(results)!r} (or render from {str(copy)!r} with --results), or give another --docs"
+        )
 
 
 def with_overrides(p: ReproductionProtocol, **changes: int | None) -> ReproductionProtocol:

@@ -701,6 +701,63 @@ def test_reproduce_render_of_a_file_that_is_no_results_file_writes_nothing(conte
     assert [p.name for p in docs.iterdir()] == ["results.md"] and (docs / "results.md").read_text() == "the table of last week\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "target", "line"),
+    [
+        (
+            ["reproduce", "--protocol", "mini"],
+            "fedcore.experiments.reproduce.reproduce",
+            "; its finished rounds and cells are saved: the same command goes on from the last one",
+        ),
+        (
+            ["simulate", "--model", "tiny"],
+            "fedcore.experiments.simulation.Simulation.create",
+            "; its finished rounds are checkpointed: the same command with --resume goes on from the last one",
+        ),
+        (["split"], "fedcore.data.shards.load_training_pool", ""),
+    ],
+    ids=["reproduce", "simulate", "split"],
+)
+def test_ctrl_c_ends_a_command_with_one_line_saying_how_to_go_on(argv: list[str], target: str, line: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    out = ["--out-dir", str(tmp_path / "run")] if argv[0] != "split" else []
+
+    code = main([*argv, *out])
+
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err == f"feddiff {argv[0]}: interrupted{line}\n"
+
+
+def test_reproduce_render_never_drops_a_measurement_the_docs_hold(tmp_path: Path, capsys) -> None:
+    """The committed results as the docs' copy; a results file with only its first line would replace them."""
+    committed = (REPO / "docs" / "results.jsonl").read_text().splitlines(keepends=True)
+    docs, results = tmp_path / "docs", tmp_path / "results.jsonl"
+    docs.mkdir()
+    (docs / "results.jsonl").write_text("".join(committed))
+    (docs / "results.md").write_text("the table of last week\n")
+    results.write_text(committed[0])
+    second = json.loads(committed[1])
+
+    refused = main(["reproduce", "--render", "--results", str(results), "--docs", str(docs)])
+    err = capsys.readouterr().err
+    kept = sorted((f.name, f.read_text()) for f in docs.iterdir())
+    results.write_text("".join(reversed(committed)))  # every measurement, in another order
+    rendered = main(["reproduce", "--render", "--results", str(results), "--docs", str(docs)])
+
+    assert refused == 2 and err.count("\n") == 1
+    assert kept == [("results.jsonl", "".join(committed)), ("results.md", "the table of last week\n")]
+    assert err.startswith(
+        f"feddiff reproduce: error: --docs {str(docs)!r}: its results.jsonl holds {len(committed) - 1} measurements that --results "
+        f"{str(results)!r} lacks (e.g. {second['protocol']} {second['cell']}, seed {second['seed']}): rendering would drop them"
+    ), err
+    assert rendered == 0 and len((docs / "results.jsonl").read_text().splitlines()) == len(committed)
+    assert "the table of last week" not in (docs / "results.md").read_text()
+
+
 @pytest.mark.parametrize("render", [True, False])
 def test_reproduce_docs_that_is_a_file_is_refused_in_one_line(render: bool, tmp_path: Path, capsys) -> None:
     taken = tmp_path / "docs"

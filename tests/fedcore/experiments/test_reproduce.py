@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -133,6 +134,23 @@ def test_second_invocation_trains_nothing(mini: Path) -> None:
     assert time.perf_counter() - started < 10
     assert (mini / "run" / "results.jsonl").read_bytes() == results
     assert {c: (mini / "run" / c / ROUNDS_LOG).read_bytes() for c in logs} == logs
+
+
+def test_a_run_whose_results_lack_the_docs_measurements_leaves_the_docs_as_they_are(mini: Path, tmp_path: Path, capsys) -> None:
+    """A fresh checkout's reproduction: its results file holds its own cells, the docs the committed table."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(mini / "run" / "results.jsonl", tmp_path / "run" / "results.jsonl")
+    (tmp_path / "docs").mkdir()
+    committed = Path(__file__).resolve().parents[3] / "docs" / "results.jsonl"
+    shutil.copy(committed, tmp_path / "docs" / "results.jsonl")
+    (tmp_path / "docs" / "results.md").write_text("the committed table\n")
+
+    assert _reproduce(tmp_path, "--only", CELLS, "--num-clients", str(K)) == 0
+
+    out = capsys.readouterr().out
+    assert "warning: the docs were not rendered: --docs " in out and "rendering would drop them" in out, out
+    assert (tmp_path / "docs" / "results.jsonl").read_bytes() == committed.read_bytes()
+    assert (tmp_path / "docs" / "results.md").read_text() == "the committed table\n"
 
 
 def test_trained_cell_without_result_is_scored_from_its_checkpoint(mini: Path, tmp_path: Path) -> None:
