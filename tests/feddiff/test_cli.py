@@ -335,7 +335,7 @@ def test_a_checkpoint_that_is_not_safetensors_is_refused_in_one_line_naming_it(c
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"feddiff {command}: error: {bad}: not a safetensors file (") and err.count("\n") == 1, err
+    assert err.startswith(f"feddiff {command}: error: --checkpoint {bad}: not a safetensors file (") and err.count("\n") == 1, err
 
 
 def test_certs_into_a_path_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys) -> None:

@@ -419,7 +419,8 @@ def _finished_run(folder: Path) -> dict[str, bytes]:
         strategy="udec", model="tiny", rounds=1, clients_per_round=0, seed=0, epochs=1, batch_size=32, lr=1e-3, loss="huber"
     )
     cfg = SimulationConfig(federation=federation, data=SplitConfig(num_clients=2, max_images=64), speed=SpeedConfig(device="cpu", threads=1))
-    Simulation.create(cfg, folder, log=lambda _: None).run()
+    with Simulation.create(cfg, folder, log=lambda _: None) as sim:
+        sim.run()
     loaded = load_run(folder)
     assert loaded is not None
     save_file(folder / FINAL_MODEL, loaded[0], {"completed_rounds": "1"})
