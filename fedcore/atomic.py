@@ -54,6 +54,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def file_in_the_way(path: str | os.PathLike[str]) -> Path | None:
+    """`path` or the nearest of its parents that exists, when that is not a folder (a file, a socket); None
+    when it is a folder (the folder itself, or one it can be made in)."""
+    path = Path(path)
+    for at in (path, *path.parents):
+        if at.exists():
+            return None if at.is_dir() else at
+    return None
+
+
 def writable_folder(path: str | os.PathLike[str]) -> Path:
     """`path`, created if missing, once a file has been created in it and removed again; OSError when either
     fails (a file in the way, a read-only or foreign folder). A full disk passes: an empty file needs no

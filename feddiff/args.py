@@ -66,9 +66,10 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 def check_folder_path(folder: Path, flag: str) -> None:
     """ValueError naming `flag` when `folder` cannot be a folder: a file is there, or in place of a parent."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == folder else f" (its parent {str(path)!r} is a file)"
-                raise ValueError(f"{flag} {str(folder)!r} cannot be a folder{where}" if where else f"{flag} {str(folder)!r} is a file, not a folder")
-            return
+    from fedcore.atomic import file_in_the_way
+
+    in_the_way = file_in_the_way(folder)
+    if in_the_way == folder:
+        raise ValueError(f"{flag} {str(folder)!r} is a file, not a folder")
+    if in_the_way is not None:
+        raise ValueError(f"{flag} {str(folder)!r} cannot be a folder (its parent {str(in_the_way)!r} is a file)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedcore.atomic import FolderInUse, atomic_write_json, lock_folder, writable_folder
+from fedcore.atomic import FolderInUse, atomic_write_json, file_in_the_way, lock_folder, writable_folder
 from fedcore.errors import FeddiffError
 from fedcore.federation import checkpoint
 from fedcore.wire.bounds import RUN_ID, WORKER_ID
@@ -82,7 +82,7 @@ class StateDir:
         not given, and the message says so)."""
         path = Path(path)
         named = f"--state-dir {str(path)!r}{' (the default)' if default else ''}"
-        in_the_way = _file_in_the_way(path)
+        in_the_way = file_in_the_way(path)
         if in_the_way is not None:
             what = "is a file" if in_the_way == path else f"cannot be made: {str(in_the_way)!r} is a file"
             raise StateDirError(f"{named} {what}, not a folder: give a folder (created if missing)")
@@ -260,15 +260,6 @@ def _new_folder(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise OSError(f"{parent}: no free name for {name}")
-
-
-def _file_in_the_way(path: Path) -> Path | None:
-    """`path` or the nearest of its parents that exists, when that is not a folder (a file, a socket); None
-    when it is a folder (the state dir, or one it can be made in)."""
-    for at in (path, *path.parents):
-        if at.exists():
-            return None if at.is_dir() else at
-    return None
 
 
 def _lock(path: Path, named: str) -> int:
