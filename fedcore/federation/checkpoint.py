@@ -139,7 +139,7 @@ def _versioned(stem: str, round_count: int) -> str:
 
 def _version(name: str, stem: str) -> int | None:
     """The round count of a file named as `_versioned(stem, n)`, else None."""
-    m = re.fullmatch(rf"{re.escape(stem)}-r(\d{{4}})\.safetensors", name)
+    m = re.fullmatch(rf"{re.escape(stem)}-r(\d{{4,}})\.safetensors", name)  # five digits from round 10,000
     return int(m.group(1)) if m else None
 
 

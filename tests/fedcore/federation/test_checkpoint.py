@@ -275,6 +275,20 @@ def test_private_parts_roundtrip_and_pruning(tmp_path: Path) -> None:
     ]
 
 
+def test_versions_past_four_digits_are_found_and_pruned(tmp_path: Path) -> None:
+    # Round 10,000 is the first whose file name has five digits: it is the newest, and the older ones go.
+    for r in (9998, 9999, 10_000, 10_001):
+        save_run(tmp_path, _weights(float(r)), _state(r))
+        save_private(tmp_path / "clients", "client-0", r, _weights(-float(r)))
+
+    newest = load_private(tmp_path / "clients", "client-0")
+
+    assert newest is not None and newest[1] == 10_001 and _equal(newest[0], _weights(-10_001.0))
+    assert checkpoint.global_versions(tmp_path) == [10_000, 10_001]
+    assert _globals(tmp_path) == ["global-r10000.safetensors", "global-r10001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["client-0-r10000.safetensors", "client-0-r10001.safetensors"]
+
+
 def test_client_names_do_not_collide_when_pruning(tmp_path: Path) -> None:
     folder = tmp_path / "clients"
     save_private(folder, "client-1", 1, _weights(1.0))
