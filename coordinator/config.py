@@ -33,6 +33,7 @@ from fedcore.settings import (
     Port,
     Positive,
     ProgressMode,
+    Rounds,
     SamplingSteps,
     Seconds,
     SecondsOrZero,
@@ -54,7 +55,6 @@ def _fd_samples_or_off(n: int) -> int:
 
 
 EvalSamplesOrOff = Annotated[int, Interval(ge=0, le=largest("EvalSpec.num_samples")), AfterValidator(_fd_samples_or_off)]  # 0 = no evaluation
-Rounds = Annotated[int, Interval(ge=1, le=largest("JoinResponse.rounds"))]
 CallCount = Annotated[int, Interval(ge=1, le=(1 << 31) - 1)]  # gRPC takes it as a C int
 HeartbeatInterval = Seconds  # sent in ms: at most a week's, within JoinResponse.heartbeat_interval_ms
 

@@ -42,6 +42,7 @@ MAX_EPOCHS = 10_000
 MAX_BATCH = 1 << 16
 MAX_EVAL_SAMPLES = 100_000
 MAX_SAMPLING_STEPS = 1000  # DDPM's T: DDIM takes at most every step
+MAX_ROUNDS = (1 << 32) - 1  # a run's rounds: the wire counts them in a uint32 (JoinResponse.rounds)
 
 Epochs = Annotated[int, Interval(ge=1, le=MAX_EPOCHS)]  # local epochs per round
 BatchSize = Annotated[int, Interval(ge=1, le=MAX_BATCH)]
@@ -49,6 +50,7 @@ LearningRate = Annotated[float, Interval(gt=0, lt=1)]  # Adam's step size; NaN a
 EvalSamples = Annotated[int, Interval(ge=1, le=MAX_EVAL_SAMPLES)]  # images sampled per evaluated model
 FdSamples = Annotated[int, Interval(ge=2, le=MAX_EVAL_SAMPLES)]  # images sampled for an FD: a covariance needs two
 SamplingSteps = Annotated[int, Interval(ge=1, le=MAX_SAMPLING_STEPS)]  # DDIM steps
+Rounds = Annotated[int, Interval(ge=1, le=MAX_ROUNDS)]  # R, the same for a simulated run as for one over gRPC
 
 # --- common shapes of settings ------------------------------------------------------------------------------
 Positive = Annotated[int, Interval(ge=1)]

@@ -18,7 +18,7 @@ from fedcore.federation.strategies import Strategy, StrategyName
 from fedcore.model.training import SpeedConfig, TrainConfig
 from fedcore.model.unet import ModelName
 from fedcore.payload.codecs import CompressionBlock, CompressionName, compression_codec, settle_compression
-from fedcore.settings import ExistingPath, Folder, NonNegative, Positive, Seed
+from fedcore.settings import ExistingPath, Folder, NonNegative, Rounds, Seed
 from feddiff.args import DEVICES_MEANING, OUT_DIR_OLD_SPELLINGS, RUN_MEANING, SPEED_MEANING, Command, add_speed_flags, check_folder_path
 from service import flags
 from service.split_flags import SPLIT_MEANING, SPLIT_OLD_SPELLINGS
@@ -33,7 +33,7 @@ class SimulateConfig:
 
     strategy: StrategyName = "udec"
     model: ModelName = "paper-fmnist"  # model preset
-    rounds: Positive = 15  # R
+    rounds: Rounds = 15  # R
     clients_per_round: NonNegative = 0  # 0 = every client, else a seeded sample
     train: TrainConfig = TrainConfig()  # epochs, batch size, learning rate, loss
     seed: Seed = 0  # initial model, plans, client samples, training seeds

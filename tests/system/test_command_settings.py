@@ -137,7 +137,8 @@ def test_every_typed_setting_refuses_a_bad_value_in_one_line(command: str, flag:
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["simulate", "--rounds", "0"], "--rounds = '0': expected an integer >= 1"),
+        (["simulate", "--rounds", "0"], "--rounds = '0': expected an integer in 1..4294967295"),
+        (["simulate", "--rounds", "99999999999999999999"], "--rounds = '99999999999999999999': expected an integer in 1..4294967295"),
         (["simulate", "--epochs", "10001"], "--epochs = '10001': expected an integer in 1..10000"),
         (["simulate", "--lr", "1"], "--lr = '1': expected a number in (0, 1)"),
         (["simulate", "--beta", "0"], "--beta = '0': expected a finite number > 0"),
