@@ -37,6 +37,7 @@ from fedcore.federation.checkpoint import (
     load_run_id,
     load_state,
     personalised_state,
+    run_in,
 )
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
@@ -62,6 +63,7 @@ WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
 EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
 PRIVATE_FILE = re.compile(r"(private|client-\d+)-r\d{4,}\.safetensors")  # a worker's or a simulated client's private parts
+PARTS_FILE = re.compile(r"(private|residual|client-\d+)-r\d{4,}\.safetensors")  # the same, or their error-feedback residuals
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ def export(cfg: ExportConfig) -> int:
     trained = cfg.source.load(cfg.checkpoint)
     model = build_trained(trained)  # refuse to export weights that do not make the model
     out = Path(cfg.out)
+    _check_not_parts_file(out)
     if cfg.format == "diffusers":
         return _export_pipeline(trained, model, out, cfg.force)
     if out.suffix != ".safetensors":
@@ -278,6 +281,29 @@ def export(cfg: ExportConfig) -> int:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     print(f"exported {trained.describe()}: {out} and {config_path}")
     return 0
+
+
+def _check_not_parts_file(out: Path) -> None:
+    """ValueError for an --out named as a client's versioned parts (PARTS_FILE) in a folder where a run or a
+    worker reads them: a simulated run's clients/ or residuals/, or a worker's --state-dir. There the newest
+    such file is taken as the client's own parts when the run goes on, so a whole model saved under that name
+    would replace them, with --force or without."""
+    from fedcore.experiments.simulation import CLIENTS, RESIDUALS
+
+    folder = out.parent
+    parts = PARTS_FILE.fullmatch(out.name)
+    if parts is None:
+        return
+    if (folder / WORKER_IDENTITY_FILE).is_file():
+        where = f"a worker's --state-dir ({WORKER_IDENTITY_FILE})"
+    elif folder.name in (CLIENTS, RESIDUALS) and (found := run_in(folder.parent)):
+        where = f"the {folder.name} folder of the run in {str(folder.parent)!r} ({found})"
+    else:
+        return
+    raise ValueError(
+        f"--out {str(out)!r}: {parts.group(1)}-rNNNN.safetensors in {where} names a client's own parts, which the run "
+        "loads when it goes on; write the export under another name or elsewhere"
+    )
 
 
 def check_not_replacing(path: Path, force: bool, flag: str = "--out") -> None:

@@ -253,6 +253,41 @@ def test_sample_and_export_never_replace_a_file_unless_forced(run_dir: Path, tmp
     assert read_png(precious).size > 0 and exported.with_suffix(".json").read_text() == config
 
 
+@pytest.mark.parametrize("name", ["client-0-r0009.safetensors", "client-1-r0001.safetensors"])
+def test_export_never_lands_among_a_runs_private_parts(name: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = {p.name: p.read_bytes() for p in (run / "clients").iterdir()}
+    out = run / "clients" / name
+
+    code = main(["export", "--checkpoint", str(run), "--out", str(out), "--force"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"feddiff export: error: --out {str(out)!r}: {name.rsplit('-r', 1)[0]}-rNNNN.safetensors in the clients folder of the run in "
+        f"{str(run)!r} (1 round completed (state.json)) names a client's own parts, which the run loads when it goes on; "
+        "write the export under another name or elsewhere\n"
+    )
+    assert {p.name: p.read_bytes() for p in (run / "clients").iterdir()} == before
+
+
+def test_export_never_lands_among_a_workers_private_parts(run_dir: Path, worker_state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = worker_state / "private-r0002.safetensors"
+
+    code = main(["export", "--checkpoint", str(run_dir), "--out", str(out)])
+
+    assert code == 2
+    assert "in a worker's --state-dir (identity.json) names a client's own parts" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_takes_a_parts_like_name_anywhere_else(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clients" / "client-0-r0009.safetensors"  # a folder named clients, but of no run
+
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
 @pytest.mark.parametrize(
     ("out", "line"),
     [
