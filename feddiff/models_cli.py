@@ -412,6 +412,9 @@ def _reference(cfg: EvaluateConfig, extractor: FeatureExtractor, image_shape: tu
         name = "fashion-mnist/test"
         if tuple(images.shape[1:]) != image_shape:
             raise ValueError(f"the model makes {image_shape} images, Fashion-MNIST's are {tuple(images.shape[1:])}; pass --reference-dir")
+    if cfg.reference_images > len(images):
+        where = cfg.reference_dir or "Fashion-MNIST's test set"
+        raise ValueError(f"--reference-images {cfg.reference_images:,}: {where} has {len(images):,} images; give at most {len(images):,} (0 = all)")
     if cfg.reference_images:
         images = images[: cfg.reference_images]
         name += f"[:{len(images)}]"

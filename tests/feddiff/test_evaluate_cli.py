@@ -102,9 +102,10 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
         (["--samples", "1"], "--samples = '1': expected an integer in 2..100000"),
         (["--steps", "0"], "--steps = '0': expected an integer in 1..1000"),
         (["--reference-images", "-5"], "--reference-images = '-5': expected an integer >= 0"),
+        (["--reference-images", "10001"], "--reference-images 10,001: Fashion-MNIST's test set has 10,000 images; give at most 10,000 (0 = all)"),
     ],
 )
-def test_bad_flags_name_the_value(trained: Path, capsys, argv: list[str], message: str) -> None:
+def test_bad_flags_name_the_value(trained: Path, fashion_mnist_dir: Path, capsys, argv: list[str], message: str) -> None:
     assert main(["evaluate", "--checkpoint", str(trained), *argv]) == 2
     assert message in capsys.readouterr().err
 
