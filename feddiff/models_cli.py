@@ -42,8 +42,9 @@ from fedcore.federation.checkpoint import (
 from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
-from fedcore.settings import EvalSamples, ExistingFile, ExistingFolder, ExistingPath, NonNegative, SamplingSteps, Seed, Threads
+from fedcore.settings import EvalSamples, ExistingFile, ExistingFolder, ExistingPath, NonNegative, ProgressMode, SamplingSteps, Seed, Threads
 from feddiff.args import Command
+from feddiff.progress import SamplingBar
 from service import flags
 
 if TYPE_CHECKING:
@@ -362,7 +363,8 @@ def sample(cfg: SampleConfig) -> int:
     _check_grid_out(cfg.out, cfg.force)
     _check_sampler_steps(cfg)
     trained, model, device = _model_to_run(cfg.checkpoint, cfg.source, cfg.device, cfg.threads)
-    images = generate(model, Schedule(), cfg.samples, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device)
+    with SamplingBar(f"sampling {cfg.samples:,} images", cfg.progress) as bar:
+        images = generate(model, Schedule(), cfg.samples, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, device=device, on_step=bar.step)
     out = save_grid(images, cfg.out, nrow=cfg.nrow or math.ceil(math.sqrt(cfg.samples)), scale=cfg.scale)
     steps = "1000 steps" if cfg.sampler == "ddpm" else f"{cfg.steps} steps"
     print(f"wrote {out}: {cfg.samples} samples of {trained.describe()} ({cfg.sampler}, {steps}, seed {cfg.seed}, {device})")
@@ -439,7 +441,8 @@ def evaluate(cfg: EvaluateConfig) -> int:
     extractor = load_extractor(cfg.inception_weights, device)
     shape = (model.config.channels, model.config.image_size, model.config.image_size)
     reference = _reference(cfg, extractor, shape)
-    score = score_generator(model, reference, extractor, cfg.sampling, device=device)
+    with SamplingBar(f"sampling {cfg.samples:,} images", cfg.progress) as bar:
+        score = score_generator(model, reference, extractor, cfg.sampling, device=device, on_step=bar.step)
     noise = uniform_noise_fd(reference, extractor, cfg.samples, shape, torch.Generator().manual_seed(cfg.seed))
     if cfg.grid:
         save_grid(score.samples[:64], cfg.grid, nrow=8)
@@ -529,6 +532,7 @@ class SampleConfig:
     nrow: NonNegative = 0  # images per row (0 = a square grid)
     scale: GridScale = 2
     force: bool = False  # replace an --out that is already there
+    progress: ProgressMode = "auto"  # of the sampling, on stderr
 
 
 @dataclass(frozen=True)
@@ -552,6 +556,7 @@ class EvaluateConfig:
     device: Device = "auto"
     threads: Threads = 0
     json: bool = False
+    progress: ProgressMode = "auto"  # of the sampling, on stderr
 
     @property
     def sampling(self) -> SamplingSpec:
@@ -578,6 +583,7 @@ MEANING = {  # what each flag means; its type, range or choices and default come
     "inception_weights": "pytorch-fid Inception-v3 weights: FD on its pool3 features (default: the bundled classifier)",
     "grid": "also write the first 64 samples as a grid",
     "json": "one JSON object for scripts",
+    "progress": "of the sampling, on stderr: a bar on a terminal (auto), bar, a line every 10 s (log), or nothing",
     "force": "replace --out when it is already there (without it, an existing file is never overwritten)",
 }
 OWN_MEANING = {  # the flags whose words differ between the commands

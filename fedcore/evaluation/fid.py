@@ -21,7 +21,7 @@ import torch
 from fedcore.atomic import atomic_write
 from fedcore.evaluation.extractors import FeatureExtractor
 from fedcore.model.denoiser import Denoiser
-from fedcore.model.diffusion import SamplingSpec, Schedule
+from fedcore.model.diffusion import SamplingProgress, SamplingSpec, Schedule
 from fedcore.model.diffusion import sample as generate
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,11 @@ def score_generator(
     *,
     device: torch.device | str = "cpu",
     schedule: Schedule | None = None,
+    on_step: SamplingProgress | None = None,
 ) -> GeneratorScore:
-    """Sample `spec.num_samples` images from `model` and measure their FD to `reference`."""
-    samples = generate(model, schedule or Schedule(), spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed, device=device)
+    """Sample `spec.num_samples` images from `model` and measure their FD to `reference`; `on_step` as in
+    fedcore.model.diffusion.sample."""
+    samples = generate(model, schedule or Schedule(), spec.num_samples, sampler=spec.sampler, steps=spec.steps, seed=spec.seed, device=device, on_step=on_step)
     fd = reference.frechet_distance_to(extractor, samples)
     return GeneratorScore(fd=fd, samples=samples, extractor=extractor.name, spec=spec)
 

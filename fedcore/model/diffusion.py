@@ -3,6 +3,8 @@ sampling spec of an evaluation."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +18,8 @@ from fedcore.settings import CONFIG, EvalSamples, SamplingSteps, Seed
 LossKind = Literal["huber", "mse"]
 # eps_theta(x_t, t) -> predicted noise: a Denoiser, or its torch.compile wrapper.
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# on_step(done, total) of `sample`: denoising steps taken so far, out of all its batches' steps.
+SamplingProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -132,15 +136,19 @@ def sample_ddpm(
     *,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2, with sigma_t^2 = beta-tilde_t). The
-    noise is drawn as diffusers' DDPMPipeline draws it: x_T, then each step's z after the model's call."""
+    noise is drawn as diffusers' DDPMPipeline draws it: x_T, then each step's z after the model's call.
+    `on_step` is called after each step (it must not read x: that would wait for the device)."""
     x = torch.randn(shape, generator=generator, device=device)
     for i in reversed(range(schedule.timesteps)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         eps = model(x, t).float()
         noise = torch.randn(shape, generator=generator, device=device) if i > 0 else None
         x = ddpm_step(schedule, x, eps, i, noise)
+        if on_step is not None:
+            on_step()
     return x.clamp(-1.0, 1.0)
 
 
@@ -153,8 +161,10 @@ def sample_ddim(
     steps: int,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) on `steps` evenly spaced timesteps."""
+    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) on `steps` evenly spaced timesteps;
+    `on_step` is called after each (it must not read x: that would wait for the device)."""
     if not 1 <= steps <= schedule.timesteps:
         raise ValueError(f"DDIM steps must be in 1..{schedule.timesteps}, got {steps}")
     stride = schedule.timesteps // steps
@@ -170,6 +180,8 @@ def sample_ddim(
         x0 = ((x - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5).clamp(-1.0, 1.0)
         eps = (x - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5  # re-derived from the clipped x0
         x = abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+        if on_step is not None:
+            on_step()
     return x.clamp(-1.0, 1.0)
 
 
@@ -183,20 +195,26 @@ def sample(
     seed: int = 0,
     device: torch.device | str = "cpu",
     batch_size: int = 500,
+    on_step: SamplingProgress | None = None,
 ) -> torch.Tensor:
-    """n images in [-1, 1], (n, C, H, W), generated in batches; seeded so the same model gives the same images."""
+    """n images in [-1, 1], (n, C, H, W), generated in batches; seeded so the same model gives the same images.
+    `on_step(done, total)` is called after each denoising step of each batch: `total` = batches x steps (T for
+    DDPM), `done` counts from 1 to it."""
     cfg = model.config
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     out = []
+    total = math.ceil(n / batch_size) * (schedule.timesteps if sampler == "ddpm" else steps)
+    done = itertools.count(1)
+    tick = None if on_step is None else lambda: on_step(next(done), total)
     try:
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), cfg.channels, cfg.image_size, cfg.image_size)
             if sampler == "ddpm":
-                out.append(sample_ddpm(model, schedule, shape, generator=generator, device=device).cpu())
+                out.append(sample_ddpm(model, schedule, shape, generator=generator, device=device, on_step=tick).cpu())
             else:
-                out.append(sample_ddim(model, schedule, shape, steps=steps, generator=generator, device=device).cpu())
+                out.append(sample_ddim(model, schedule, shape, steps=steps, generator=generator, device=device, on_step=tick).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

@@ -288,6 +288,22 @@ def test_export_takes_a_parts_like_name_anywhere_else(run_dir: Path, tmp_path: P
     assert out.is_file()
 
 
+def test_sample_shows_its_progress_on_stderr_only(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from feddiff import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    argv = ["sample", "--checkpoint", str(run_dir), "--samples", "2", "--steps", "3", "--device", "cpu", "--threads", "1"]
+
+    assert main([*argv, "--out", str(tmp_path / "a.png"), "--progress", "log"]) == 0
+    shown = capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "b.png"), "--progress", "off"]) == 0
+    silent = capsys.readouterr()
+
+    assert [line.split(",")[0] for line in shown.err.splitlines()] == [f"sampling 2 images: {d}/3 steps ({p}%)" for d, p in ((1, 33), (2, 67), (3, 100))]
+    assert shown.out.startswith("wrote ") and shown.out.count("\n") == 1
+    assert silent.err == "" and silent.out.startswith("wrote ")
+
+
 @pytest.mark.parametrize(
     ("out", "line"),
     [

@@ -182,6 +182,17 @@ def test_sample_batches_seeds_and_restores_train_mode(sampler: SamplerKind, shor
     assert model.training
 
 
+@pytest.mark.parametrize(("sampler", "total"), [("ddpm", 2 * 20), ("ddim", 2 * 4)])
+def test_sample_reports_each_denoising_step_of_each_batch(sampler: SamplerKind, total: int, tiny_model: torch.nn.Module, short_schedule: Schedule) -> None:
+    calls: list[tuple[int, int]] = []
+
+    seen = sample(tiny_model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2, on_step=lambda done, of: calls.append((done, of)))
+    unseen = sample(tiny_model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2)
+
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert torch.equal(seen, unseen)
+
+
 @pytest.mark.parametrize("steps", [0, -1, 21])
 def test_ddim_refuses_step_counts_outside_the_schedule(steps: int, tiny_model: torch.nn.Module, short_schedule: Schedule) -> None:
     with pytest.raises(ValueError, match=r"DDIM steps must be in 1\.\.20"):
