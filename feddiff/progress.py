@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
 LOG_EVERY_SECONDS = 10.0
 
@@ -23,7 +23,7 @@ class SamplingBar:
         self.stream = stream or sys.stderr
         self.mode = ("bar" if self.stream.isatty() else "log") if mode == "auto" else mode
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._start = self._shown = 0.0
 
     def __enter__(self) -> SamplingBar:

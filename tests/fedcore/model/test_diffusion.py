@@ -183,7 +183,8 @@ def test_sample_batches_seeds_and_restores_train_mode(sampler: SamplerKind, shor
 
 
 @pytest.mark.parametrize(("sampler", "total"), [("ddpm", 2 * 20), ("ddim", 2 * 4)])
-def test_sample_reports_each_denoising_step_of_each_batch(sampler: SamplerKind, total: int, tiny_model: torch.nn.Module, short_schedule: Schedule) -> None:
+def test_sample_reports_each_denoising_step_of_each_batch(sampler: SamplerKind, total: int, short_schedule: Schedule) -> None:
+    tiny_model = build_model("tiny", seed=0)
     calls: list[tuple[int, int]] = []
 
     seen = sample(tiny_model, short_schedule, 3, sampler=sampler, steps=4, seed=9, batch_size=2, on_step=lambda done, of: calls.append((done, of)))
