@@ -63,12 +63,8 @@ UNIT_TESTS := not slow and not e2e and not faults and not network and not promet
 test-unit: install dataset
 	$(PY) -m pytest -q -m "$(UNIT_TESTS)"
 
-# The suite on TEST_PROCESSES processes (pytest-xdist), one test file to each at a time, so that a file's servers
-# and fixtures stay in one process; the tests that time this machine's speed run after them, alone.
-TEST_PROCESSES ?= 2
 test: install dataset system-packages
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not alone"
-	$(PY) -m pytest -q -m alone
+	$(PY) -m pytest -q
 
 # Endurance: 50 rounds, 4 workers; fails when the coordinator's RSS grows by 10% or more from round 5 to 50.
 soak: install dataset

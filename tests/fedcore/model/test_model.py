@@ -43,7 +43,6 @@ def test_tiny_is_small_and_has_every_part() -> None:
     assert all(layout.numel(p) > 0 for p in PART_ORDER)
 
 
-@pytest.mark.alone
 def test_tiny_training_step_is_under_a_second_on_cpu() -> None:
     model = build_model("tiny", seed=0)
     schedule = Schedule()
