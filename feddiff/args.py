@@ -64,6 +64,15 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     flags.add_old_switch(p, "--no-compile", "compile", "off", "--compile off")
 
 
+def check_file_path(path: Path, flag: str) -> None:
+    """ValueError naming `flag` when no file can be made at `path`: a file is in place of one of its folders."""
+    from fedcore.atomic import file_in_the_way
+
+    in_the_way = file_in_the_way(path.parent)
+    if in_the_way is not None:
+        raise ValueError(f"{flag} {str(path)!r}: {str(in_the_way)!r} is a file, not a folder")
+
+
 def check_folder_path(folder: Path, flag: str) -> None:
     """ValueError naming `flag` when `folder` cannot be a folder: a file is there, or in place of a parent."""
     from fedcore.atomic import file_in_the_way

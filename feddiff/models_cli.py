@@ -43,7 +43,7 @@ from fedcore.model.diffusion import SamplerKind, SamplingSpec
 from fedcore.model.training import Device
 from fedcore.model.unet import ModelName
 from fedcore.settings import EvalSamples, ExistingFile, ExistingFolder, ExistingPath, NonNegative, ProgressMode, SamplingSteps, Seed, Threads
-from feddiff.args import Command
+from feddiff.args import Command, check_file_path, check_folder_path
 from feddiff.progress import SamplingBar
 from service import flags
 
@@ -63,6 +63,8 @@ EXPORT_METADATA_KEY = "feddiff_export"  # safetensors metadata: the export confi
 WORKER_PRIVATE_STEM = "private"  # a worker daemon's private parts: <state-dir>/private-rNNNN.safetensors
 WORKER_IDENTITY_FILE = "identity.json"  # {"worker_id": ...} in a worker's --state-dir
 EXPORT_CONFIG_FILE = "feddiff_export.json"  # the export config in a `--format diffusers` folder
+GRID_IMAGES = 64  # evaluate --grid: the first samples, 8 to a row
+FEW_SAMPLES = 1000  # an FD from fewer samples is biased upward (Heusel et al. 2017 use 50,000; the paper about 1,000)
 PRIVATE_FILE = re.compile(r"(private|client-\d+)-r\d{4,}\.safetensors")  # a worker's or a simulated client's private parts
 PARTS_FILE = re.compile(r"(private|residual|client-\d+)-r\d{4,}\.safetensors")  # the same, or their error-feedback residuals
 
@@ -267,9 +269,11 @@ def export(cfg: ExportConfig) -> int:
     out = Path(cfg.out)
     _check_not_parts_file(out)
     if cfg.format == "diffusers":
+        check_folder_path(out, "--out")
         return _export_pipeline(trained, model, out, cfg.force)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r} must end in .safetensors")
+    check_file_path(out, "--out")
     check_not_run_file(out, "--out")
     check_not_run_file(out.with_suffix(".json"), "--out")
     for path in (out, out.with_suffix(".json")):
@@ -382,6 +386,7 @@ def _check_grid_out(out: str, force: bool, flag: str = "--out") -> None:
     check_not_run_file(path, flag)  # first: a run's file is the one thing never to touch, whatever its name
     if path.suffix.lower() != ".png":
         raise ValueError(f"{flag} {out!r} must end in .png")
+    check_file_path(path, flag)
     check_not_replacing(path, force, flag)
 
 
@@ -445,7 +450,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
         score = score_generator(model, reference, extractor, cfg.sampling, device=device, on_step=bar.step)
     noise = uniform_noise_fd(reference, extractor, cfg.samples, shape, torch.Generator().manual_seed(cfg.seed))
     if cfg.grid:
-        save_grid(score.samples[:64], cfg.grid, nrow=8)
+        save_grid(score.samples[:GRID_IMAGES], cfg.grid, nrow=8)
     result = {**_evaluation(cfg, trained, score.fd, reference, extractor.name, device), "noise_fd": noise, "grid": cfg.grid or None}
     print(json.dumps(result) if cfg.json else _evaluation_line(result))
     return 0
@@ -472,10 +477,13 @@ def _evaluation(cfg: EvaluateConfig, trained: TrainedModel, fd: float, reference
 def _evaluation_line(r: Mapping[str, Any]) -> str:
     """An evaluation (`_evaluation`) in one line for a person."""
     ref = r["reference"]
+    worse = " (this model is no better than noise)" if r["fd"] >= r["noise_fd"] else ""
+    few = f"; from fewer than {FEW_SAMPLES:,} samples an FD comes out higher: compare it only with FDs of as many samples" if r["samples"] < FEW_SAMPLES else ""
+    grid = f"; grid of the first {min(r['samples'], GRID_IMAGES)} in {r['grid']}" if r["grid"] else ""
     return (
-        f"FD {r['fd']:.2f}: {r['samples']:,} {r['sampler']}-{r['steps']} samples of {r['model']} against "
+        f"FD {r['fd']:.2f} (lower is better): {r['samples']:,} {r['sampler']}-{r['steps']} samples of {r['model']} against "
         f"{ref['count']:,} images of {ref['dataset']} on {r['feature_extractor']} features (seed {r['seed']}, {r['device']}); "
-        f"as many images of uniform noise score {r['noise_fd']:.2f}" + (f"; grid of the first 64 in {r['grid']}" if r["grid"] else "")
+        f"as many images of uniform noise score {r['noise_fd']:.2f}{worse}{few}{grid}"
     )
 
 

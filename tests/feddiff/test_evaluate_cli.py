@@ -91,8 +91,10 @@ def test_reference_folder_and_text_output(trained: Path, tmp_path: Path, fashion
 
     out = capsys.readouterr().out
     assert refused == 2 and err == f"feddiff evaluate: error: --grid {str(grid)!r}: a file already there; pass --force to replace it, or give another --grid\n"
-    assert code == 0 and out.startswith("FD ") and f"300 images of folder:{folder}" in out
-    assert "; as many images of uniform noise score " in out and out.endswith(f"; grid of the first 64 in {grid}\n")
+    assert code == 0 and out.startswith("FD ") and " (lower is better): 32 ddim-4 samples of " in out and f"300 images of folder:{folder}" in out
+    assert "; as many images of uniform noise score " in out and out.endswith(
+        f"; from fewer than 1,000 samples an FD comes out higher: compare it only with FDs of as many samples; grid of the first 32 in {grid}\n"
+    )
     assert Image.open(grid).size[0] > 100
 
 
@@ -159,3 +161,19 @@ def test_a_weights_file_or_reference_folder_that_is_not_one_names_its_flag(untra
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"feddiff evaluate: error: {words.format(flag=flag, given=str(given))}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("fd", "samples", "says_noise", "says_few"), [(5000.0, 64, True, True), (900.0, 1000, False, False), (4259.61, 2000, True, False)])
+def test_the_line_says_when_a_model_is_no_better_than_noise_and_when_samples_are_few(fd: float, samples: int, says_noise: bool, says_few: bool) -> None:
+    from feddiff.models_cli import _evaluation_line
+
+    result = {
+        "fd": fd, "noise_fd": 4259.61, "samples": samples, "sampler": "ddim", "steps": 20, "model": "the global model of 'run'",
+        "reference": {"dataset": "fashion-mnist/test", "count": 10000}, "feature_extractor": "fmnist-cnn:x", "seed": 0, "device": "cpu", "grid": None,
+    }  # fmt: skip
+
+    line = _evaluation_line(result)
+
+    assert line.startswith(f"FD {fd:.2f} (lower is better): {samples:,} ddim-20 samples of the global model of 'run' against 10,000 images")
+    assert ("(this model is no better than noise)" in line) is says_noise
+    assert ("from fewer than 1,000 samples an FD comes out higher" in line) is says_few

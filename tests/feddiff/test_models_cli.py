@@ -281,6 +281,18 @@ def test_export_never_lands_among_a_workers_private_parts(run_dir: Path, worker_
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("command", "name"), [("export", "x.safetensors"), ("sample", "x.png")])
+def test_an_out_under_a_file_names_the_file(command: str, name: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.log").write_text("mine")
+    out = tmp_path / "notes.log" / name
+
+    code = main([command, "--checkpoint", str(run_dir), "--out", str(out), "--samples", "1", "--steps", "1"][: 5 if command == "export" else None])
+
+    assert code == 2
+    assert capsys.readouterr().err == f"feddiff {command}: error: --out {str(out)!r}: {str(tmp_path / 'notes.log')!r} is a file, not a folder\n"
+    assert (tmp_path / "notes.log").read_text() == "mine"
+
+
 def test_export_takes_a_parts_like_name_anywhere_else(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "clients" / "client-0-r0009.safetensors"  # a folder named clients, but of no run
 

@@ -234,8 +234,24 @@ def test_report_ratios_and_goal_against_centralised() -> None:
     assert md.index("| centralised |") < md.index("| full |") < md.index("| udec |")
     assert "| 1.10x |" in md and "| 1.05x |" in md and "| 1.00x |" in md
     assert "Measured on NVIDIA H100 80GB HBM3, 2025-01-01" in md and "CPU miniature" not in md
-    assert "centralised FD: met" in md
-    assert "not met (udec 1.20x)" in report.goal_line([*rows[1:], _row("udec", "iid", 12.0)])
+    assert "centralised FD: met by the 2 rows measured; not measured yet: usplit, ulatdec (" in md
+    assert "not met (udec 1.20x); not measured yet: usplit, ulatdec" in report.goal_line([*rows[1:], _row("udec", "iid", 12.0)])
+
+
+def test_the_goal_is_met_only_with_every_federated_row() -> None:
+    rows = [_row("centralised", "all", 10.0), *(_row(s, "iid", 10.5) for s in ("full", "usplit", "ulatdec", "udec"))]
+
+    assert "centralised FD: met (the paper" in report.goal_line(rows)
+    assert "centralised FD: met by the 3 rows measured; not measured yet: usplit (" in report.goal_line([r for r in rows if r.strategy != "usplit"])
+
+
+def test_no_verdict_when_the_centralised_model_is_no_better_than_noise() -> None:
+    rows = [replace(_row("centralised", "all", 5133.0), noise_fd=4302.0), replace(_row("full", "iid", 5013.0), noise_fd=4302.0)]
+
+    line = report.goal_line(rows)
+
+    assert "centralised FD: not measurable here: the centralised model scores 5133.00, no better than uniform noise (4302.00)" in line
+    assert " met" not in line
 
 
 def test_render_without_results_says_so_and_draws_nothing(tmp_path: Path) -> None:
