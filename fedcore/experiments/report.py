@@ -219,7 +219,7 @@ def goal_line(rows: Sequence[CellResult]) -> str:
         verdict += f"; not measured yet: {', '.join(unmeasured)}"
     spreads = [f"{c.strategy} +-{c.seed_spread:.1%}" for c in (central, *federated) if c.seed_spread is not None]
     spread = f"; run-to-run spread over seeds: {', '.join(spreads)}" if spreads else ""
-    return f"Goal, every federated IID row within {GOAL_RATIO:.2f}x of the centralised FD: {verdict} ({paper}{spread})."
+    return f"{goal}: {verdict} ({paper}{spread})."
 
 
 def per_model_lines(cells: Sequence[CellSummary]) -> str:
